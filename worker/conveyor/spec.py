@@ -1,0 +1,351 @@
+"""The PipelineJob API (``conveyor.dev/v1alpha1``): the one contract shared by the operator, the worker
+and ``conveyor run``.
+
+The CRD in ``crds/`` is generated from these models (``conveyor crd``), so a field, its bounds, its
+default and its description are written once, here. Field names are camelCase on the wire (Kubernetes
+style) and snake_case in Python. Unknown fields are refused everywhere, never silently dropped.
+
+Cross-field rules live in ``model_validator``s below and, as CEL, in ``CEL_RULES`` (the API server
+checks those at admission, before any pod exists); both name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "conveyor.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "PipelineJob"
+PLURAL = "pipelinejobs"
+SHORT_NAMES = ["plj"]
+DEFAULT_IMAGE = "ghcr.io/conveyor-dev/conveyor-worker:0.1.0"
+
+# Free-form Kubernetes objects (tolerations, affinity, volumes, ...) are validated by the API server
+# against core/v1 when the pod is created; we pass them through untouched.
+KubeObject = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+
+class Mode(StrEnum):
+    INFERENCE = "inference"
+    SERVE = "serve"
+    TRAIN = "train"
+
+
+class ModelSpec(_Spec):
+    """Where the model's weights are and how to load them."""
+
+    path: str = Field(
+        min_length=1,
+        description="Directory of a HuggingFace checkpoint (config.json + safetensors), as the worker sees it.",
+    )
+    format: Literal["hf"] = Field("hf", description="Checkpoint format; only HuggingFace (`hf`) today.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Compute dtype of weights and activations."
+    )
+    volume: str | None = Field(
+        None,
+        description="PersistentVolumeClaim holding the model, mounted read-only at `mountPath` (optional: "
+        "the model may also come through template.volumes).",
+    )
+    mount_path: str = Field("/models", description="Where `volume` is mounted in the worker.")
+
+
+class ParallelismSpec(_Spec):
+    """The layout: replicas x stages x tensorParallel ranks (see docs/design.md)."""
+
+    stages: int = Field(1, ge=1, le=64, description="Pipeline stages (P): one pod per stage.")
+    tensor_parallel: int = Field(
+        1, ge=1, le=16, description="Tensor-parallel ranks inside a stage (T): GPUs and processes per pod."
+    )
+    replicas: int = Field(
+        1, ge=0, le=1024, description="Data-parallel replicas (R): independent groups for inference and serve."
+    )
+    micro_batches: int | None = Field(
+        None, ge=1, le=1024, description="Micro-batches in flight through the pipeline; default: as many as stages."
+    )
+    partition_method: str = Field(
+        "parameters",
+        pattern=r"^(parameters|uniform|type:.+)$",
+        description="How layers are split over stages: `parameters`, `uniform` or `type:REGEX`.",
+    )
+
+    @property
+    def group_size(self) -> int:
+        return self.stages * self.tensor_parallel
+
+    @property
+    def effective_micro_batches(self) -> int:
+        return self.micro_batches or self.stages
+
+
+class ResourcesSpec(_Spec):
+    gpus: int | None = Field(
+        None, ge=0, le=16, description="GPUs per pod; default: tensorParallel. 0 runs on the CPU."
+    )
+    requests: dict[str, str] = Field(default_factory=dict, description="Extra container resource requests.")
+    limits: dict[str, str] = Field(default_factory=dict, description="Extra container resource limits.")
+
+
+class TemplateSpec(_Spec):
+    """Pod-level overrides, passed through to every worker pod."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[KubeObject] = Field(default_factory=list)
+    affinity: KubeObject | None = None
+    priority_class_name: str | None = None
+    scheduler_name: str | None = None
+    service_account_name: str | None = None
+    env: list[KubeObject] = Field(default_factory=list)
+    volumes: list[KubeObject] = Field(default_factory=list)
+    volume_mounts: list[KubeObject] = Field(default_factory=list)
+    image_pull_secrets: list[KubeObject] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on worker pods.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on worker pods.")
+
+
+class CheckpointSpec(_Spec):
+    volume: str | None = Field(
+        None, description="PersistentVolumeClaim shared by all ranks for checkpoints and inference progress."
+    )
+    path: str = Field("/checkpoints", min_length=1, description="Checkpoint directory inside the worker.")
+    every: int = Field(100, ge=1, description="Steps (train) or completed prompts (inference) between commits.")
+    keep: int = Field(3, ge=1, le=100, description="Committed checkpoints kept; older ones are deleted.")
+
+
+class RestartPolicySpec(_Spec):
+    backoff_limit: int = Field(3, ge=0, le=1000, description="Group restarts before the job is Failed.")
+    backoff_seconds: int = Field(10, ge=0, description="Delay before the first restart; doubles each time.")
+    max_backoff_seconds: int = Field(300, ge=0, description="Upper bound of the restart delay.")
+    startup_timeout_seconds: int = Field(
+        1800, ge=10, description="A group not ready within this long after (re)start is restarted."
+    )
+
+
+class SamplingSpec(_Spec):
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 means greedy.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 turns it off.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 turns it off.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="HF-style penalty on seen tokens; 1 is none.")
+    seed: int = Field(0, ge=0, description="Seed of the sampler; the same tokens for any layout.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end a sequence.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a sequence.")
+
+
+class InferenceSpec(_Spec):
+    input: str = Field(min_length=1, description="JSONL of prompts: {id, prompt} or {id, input_ids}.")
+    output: str = Field(min_length=1, description="JSONL of results: {id, output_ids, text, finish_reason}.")
+    max_new_tokens: int = Field(128, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences decoded together per replica.")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+
+
+class TrainSpec(_Spec):
+    """Training. Today: a user's DeepSpeed-style script run on every rank (it calls
+    ``conveyor.initialize``). Kept open for built-in HF causal-LM training (``model`` + ``data``)."""
+
+    script: str | None = Field(None, description="Python script run by every rank, DeepSpeed style.")
+    args: list[str] = Field(default_factory=list, description="Arguments passed to the script.")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps (exported as CONVEYOR_TRAIN_STEPS).")
+    config: KubeObject = Field(
+        default_factory=dict, description="DeepSpeed-style engine config, passed as CONVEYOR_TRAIN_CONFIG."
+    )
+
+
+class ServeSpec(_Spec):
+    port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Sequences decoded together.")
+
+
+class PipelineJobSpec(_Spec):
+    mode: Mode = Field(description="What the job does: batch `inference`, `serve` an endpoint, or `train`.")
+    model: ModelSpec | None = Field(None, description="Required for inference and serve.")
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
+    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Worker image (runs `conveyor worker`).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="`auto`: CUDA when GPUs are given.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    template: TemplateSpec = Field(default_factory=TemplateSpec)
+    checkpoint: CheckpointSpec | None = None
+    restart_policy: RestartPolicySpec = Field(default_factory=RestartPolicySpec)
+    suspend: bool = Field(False, description="Stop the pods and keep state; resuming continues (Kueue).")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the job's pods and Service this long after it finished."
+    )
+    master_port: int = Field(29500, ge=1024, le=65535, description="Rendezvous port (torch.distributed).")
+    metrics_port: int = Field(9400, ge=1024, le=65535, description="Worker Prometheus port.")
+    inference: InferenceSpec | None = None
+    train: TrainSpec | None = None
+    serve: ServeSpec | None = None
+
+    @model_validator(mode="after")
+    def _mode_sections(self) -> PipelineJobSpec:
+        needed = {Mode.INFERENCE: "inference", Mode.SERVE: "serve", Mode.TRAIN: "train"}[Mode(self.mode)]
+        if getattr(self, needed) is None:
+            raise ValueError(f"spec.{needed} is required when spec.mode is {self.mode!r}: add a `{needed}:` section")
+        for other in {"inference", "serve", "train"} - {needed}:
+            if getattr(self, other) is not None:
+                raise ValueError(
+                    f"spec.{other} is set but spec.mode is {self.mode!r}: remove spec.{other} or set mode: {other}"
+                )
+        if self.mode in (Mode.INFERENCE, Mode.SERVE) and self.model is None:
+            raise ValueError(f"spec.model is required when spec.mode is {self.mode!r}: add model.path")
+        if self.mode == Mode.TRAIN:
+            assert self.train is not None
+            if self.train.script is None:
+                raise ValueError("spec.train.script is required: the DeepSpeed-style script every rank runs")
+            if self.checkpoint is None:
+                raise ValueError("spec.checkpoint is required when spec.mode is 'train': add checkpoint.path")
+        if self.mode != Mode.SERVE and self.parallelism.replicas == 0:
+            raise ValueError("spec.parallelism.replicas is 0: only serve jobs scale to zero; use replicas >= 1")
+        return self
+
+    @property
+    def gpus_per_pod(self) -> int:
+        if self.resources.gpus is not None:
+            return self.resources.gpus
+        return 0 if self.device == "cpu" else self.parallelism.tensor_parallel
+
+
+# CEL rules checked by the API server at admission (x-kubernetes-validations on the spec). They mirror
+# the model validators above so that `kubectl apply` fails before any object is created.
+CEL_RULES: list[dict[str, str]] = [
+    {
+        "rule": "self.mode != 'inference' || has(self.inference)",
+        "message": "spec.inference is required when spec.mode is 'inference'",
+    },
+    {"rule": "self.mode != 'serve' || has(self.serve)", "message": "spec.serve is required when spec.mode is 'serve'"},
+    {"rule": "self.mode != 'train' || has(self.train)", "message": "spec.train is required when spec.mode is 'train'"},
+    {
+        "rule": "self.mode == 'train' || has(self.model)",
+        "message": "spec.model is required when spec.mode is 'inference' or 'serve'",
+    },
+    {
+        "rule": "self.mode != 'train' || (has(self.checkpoint) && has(self.checkpoint.volume))",
+        "message": "a train job needs spec.checkpoint.volume (a PersistentVolumeClaim) to resume after restarts",
+    },
+    {
+        "rule": "(self.mode == 'inference') == has(self.inference) && (self.mode == 'serve') == has(self.serve)"
+        " && (self.mode == 'train') == has(self.train)",
+        "message": "only the section of spec.mode may be set (inference, serve or train)",
+    },
+    {
+        "rule": "self.mode == 'serve' || !has(self.parallelism) || !has(self.parallelism.replicas)"
+        " || self.parallelism.replicas >= 1",
+        "message": "spec.parallelism.replicas is 0: only serve jobs scale to zero",
+    },
+    {"rule": "self.mode == oldSelf.mode", "message": "spec.mode is immutable: create a new PipelineJob"},
+]
+
+# Layout fields may not change while pods run: the stages' weights and ranks would not match.
+IMMUTABLE_PARALLELISM_RULES: list[dict[str, str]] = [
+    {
+        "rule": "!has(oldSelf.stages) || !has(self.stages) || self.stages == oldSelf.stages",
+        "message": "spec.parallelism.stages is immutable: the layout is fixed once created (create a new job)",
+    },
+    {
+        "rule": "!has(oldSelf.tensorParallel) || !has(self.tensorParallel)"
+        " || self.tensorParallel == oldSelf.tensorParallel",
+        "message": "spec.parallelism.tensorParallel is immutable: the layout is fixed once created (create a new job)",
+    },
+]
+
+
+class ObjectMeta(_Spec):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+    name: str = Field(min_length=1, max_length=52, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class PipelineJob(_Spec):
+    """A whole PipelineJob document, as `kubectl apply` or `conveyor run` reads it."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+    api_version: Literal["conveyor.dev/v1alpha1"] = API_VERSION
+    kind: Literal["PipelineJob"] = KIND
+    metadata: ObjectMeta
+    spec: PipelineJobSpec
+
+
+class SpecError(ValueError):
+    """A PipelineJob that does not validate; ``str()`` is a user-facing message, one line per problem."""
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("function-after", "function-before") or str(item).startswith("function-"):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        where = _format_location(tuple(e["loc"]))
+        where = f"{prefix}.{where}" if prefix and where else (prefix or where)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; remove it (check its spelling against `kubectl explain pipelinejob.spec`)"
+        elif e["type"] == "missing":
+            msg = "required field is missing; add it"
+        elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
+            msg = f"{msg} (got {json.dumps(e['input'], default=str)})"
+        lines.append(f"{where}: {msg}" if where else msg)
+    return "\n".join(lines)
+
+
+def parse_job(doc: dict[str, Any]) -> PipelineJob:
+    """Validate a PipelineJob document; raises SpecError with every problem, each naming its field."""
+    try:
+        return PipelineJob.model_validate(doc)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def parse_spec(spec: dict[str, Any]) -> PipelineJobSpec:
+    try:
+        return PipelineJobSpec.model_validate(spec)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, prefix="spec")) from None
+
+
+def load_job(path: str | Path) -> PipelineJob:
+    text = Path(path).read_text()
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(jobs) != 1:
+        raise SpecError(f"{path}: expected exactly one document of kind {KIND}, found {len(jobs)}")
+    return parse_job(jobs[0])
+
+
+def spec_to_json(spec: PipelineJobSpec) -> str:
+    """The wire form carried in CONVEYOR_SPEC: camelCase, defaults included, so the worker sees what
+    the operator resolved."""
+    return spec.model_dump_json(by_alias=True)
