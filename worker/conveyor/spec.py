@@ -432,8 +432,8 @@ class PipelineJob(_Spec):
     """A whole PipelineJob document, as `kubectl apply` or `conveyor run` reads it."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
-    api_version: Literal["conveyor.dev/v1alpha1"] = API_VERSION
-    kind: Literal["PipelineJob"] = KIND
+    api_version: Literal["conveyor.dev/v1alpha1"] = "conveyor.dev/v1alpha1"
+    kind: Literal["PipelineJob"] = "PipelineJob"
     metadata: ObjectMeta
     spec: PipelineJobSpec
 
