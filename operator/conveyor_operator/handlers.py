@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,7 +100,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def on_job_event(type: str | None, name: str, namespace: str, **_: Any) -> None:
+def on_job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
+    assert namespace is not None  # PipelineJobs are namespaced
     if type == "DELETED":
         metrics.record_phase(namespace, name, None)
         return
@@ -107,11 +109,13 @@ def on_job_event(type: str | None, name: str, namespace: str, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
-def on_pod_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+def on_pod_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    assert namespace is not None
     reconcile(namespace, labels[JOB_LABEL])
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS)
-def resync(name: str, namespace: str, **_: Any) -> None:
+def resync(name: str, namespace: str | None, **_: Any) -> None:
+    assert namespace is not None
     # Time-driven decisions (backoff ends, startup timeouts, TTL) need a clock as well as events.
     reconcile(namespace, name)

@@ -62,7 +62,8 @@ class KubeClient:
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+            job: Any = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            return dict(job)
         except Exception as err:
             if self._missing(err):
                 return None

@@ -42,9 +42,7 @@ def main(args: argparse.Namespace) -> int:
     options = kopf_options(args)
     k8s.load_config()
     if not options["standalone"]:
-        k8s.ensure_peering(
-            str(options["peering_name"]), list(options["namespaces"]), bool(options["clusterwide"])
-        )  # type: ignore[call-overload]
+        k8s.ensure_peering(args.peering, list(args.namespace or []), not args.namespace)
     metrics.serve(args.metrics_port)
     logging.getLogger(__name__).info(
         "starting",

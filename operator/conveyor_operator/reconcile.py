@@ -299,9 +299,10 @@ def _plan_active(
         if st.phase == Phase.SUCCEEDED:
             st.reason, st.message = "Completed", "every group finished its work"
         elif st.phase == Phase.RESTARTING:
-            failing = [g for g in new_groups if g.failure is not None]
-            st.reason = failing[0].failure.reason if failing and failing[0].failure else "GroupRestart"
-            st.message = f"{len(failing) or 1} group(s) restarting"
+            failed = [g.failure for g in new_groups if g.failure is not None]
+            st.reason = failed[0].reason if failed else "GroupRestart"
+            restarting = sum(g.phase == Phase.RESTARTING for g in new_groups)
+            st.message = f"{restarting} of {len(new_groups)} groups restarting"
         else:
             st.message = f"{ready} of {len(new_groups)} groups ready"
     finished = st.phase in (Phase.SUCCEEDED, Phase.FAILED)
