@@ -300,7 +300,7 @@ def _plan_active(
             st.reason, st.message = "Completed", "every group finished its work"
         elif st.phase == Phase.RESTARTING:
             failed = [g.failure for g in new_groups if g.failure is not None]
-            st.reason = failed[0].reason if failed else "GroupRestart"
+            st.reason = failed[0].reason if failed else "GroupRestarted"
             restarting = sum(g.phase == Phase.RESTARTING for g in new_groups)
             st.message = f"{restarting} of {len(new_groups)} groups restarting"
         else:
