@@ -58,8 +58,14 @@ def serve_spec(stages: int = 2, tp: int = 2, replicas: int = 2, **extra: Any) ->
     return spec
 
 
-def job_body(spec: dict[str, Any], *, name: str = "llm", namespace: str = "ml", status: dict[str, Any] | None = None,
-             generation: int = 1) -> dict[str, Any]:
+def job_body(
+    spec: dict[str, Any],
+    *,
+    name: str = "llm",
+    namespace: str = "ml",
+    status: dict[str, Any] | None = None,
+    generation: int = 1,
+) -> dict[str, Any]:
     return {
         "apiVersion": "conveyor.dev/v1alpha1",
         "kind": "PipelineJob",
@@ -114,7 +120,9 @@ def group_pods(
     return pods
 
 
-def fail(pod: dict[str, Any], exit_code: int = 1, *, restarted: bool = True, message: str = "") -> dict[str, Any]:
+def fail(
+    pod: dict[str, Any], exit_code: int = 1, *, restarted: bool = True, message: str = ""
+) -> dict[str, Any]:
     """The worker container crashed; with ``restarted`` the kubelet already restarted it (lastState)."""
     cs = pod["status"]["containerStatuses"][0]
     terminated = {"exitCode": exit_code, "reason": "Error", "message": message}
@@ -136,8 +144,11 @@ def complete(pod: dict[str, Any], step: int | None = None) -> dict[str, Any]:
     if step is not None:
         msg["lastCheckpoint"] = {"step": step, "time": stamp(0)}
     cs = pod["status"]["containerStatuses"][0]
-    cs.update(restartCount=1, lastState={"terminated": {"exitCode": 0, "message": json.dumps(msg)}},
-              state={"running": {}})
+    cs.update(
+        restartCount=1,
+        lastState={"terminated": {"exitCode": 0, "message": json.dumps(msg)}},
+        state={"running": {}},
+    )
     pod["status"]["conditions"][1]["status"] = "False"
     return pod
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from conveyor_operator import k8s
 from conveyor_operator.observe import observe_pod
 from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
+
 from tests.operator.builders import (
     at,
     complete,
@@ -70,8 +70,12 @@ def test_ready_pods_make_the_job_running_and_get_stage_labels() -> None:
     body, pods = running_inference()
     assert body["status"]["ready"] == "2/2" and body["status"]["readyGroups"] == 2
     assert condition(body, "Ready") | {"lastTransitionTime": None} == {
-        "type": "Ready", "status": "True", "reason": "Running", "message": "2 of 2 groups ready",
-        "observedGeneration": 1, "lastTransitionTime": None,
+        "type": "Ready",
+        "status": "True",
+        "reason": "Running",
+        "message": "2 of 2 groups ready",
+        "observedGeneration": 1,
+        "lastTransitionTime": None,
     }
     plan = step(body, pods, 6)
     assert plan.events == []  # no transition, no Event
@@ -113,9 +117,13 @@ def test_a_failure_restarts_only_that_replicas_group_after_the_backoff(breaks: A
     assert body["status"]["groups"][1]["restarts"] == 0  # the other replica keeps running
     assert "GroupRestarted" in reasons(plan)
     sts = {o["metadata"]["name"]: o for o in plan.apply if o["kind"] == "StatefulSet"}
-    env = {e["name"]: e.get("value") for e in sts["llm-r0"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e.get("value") for e in sts["llm-r0"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["CONVEYOR_RESTART"] == "1"
-    env1 = {e["name"]: e.get("value") for e in sts["llm-r1"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env1 = {
+        e["name"]: e.get("value") for e in sts["llm-r1"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env1["CONVEYOR_RESTART"] == "0"
 
     # The StatefulSet recreates the group with restart 1; it comes up and the job runs again.
@@ -244,7 +252,9 @@ def test_suspend_stops_pods_keeps_restarts_and_resume_starts_again() -> None:
     plan = step(body, [], 50)
     assert sts_replicas(plan) == {"llm-r0": 2} and body["status"]["phase"] == "Pending"
     assert body["status"]["groups"][0]["startTime"] == "2026-11-23T12:00:50Z"
-    env = {e["name"]: e.get("value") for e in plan.apply[-1]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e.get("value") for e in plan.apply[-1]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["CONVEYOR_RESTART"] == "1"  # the workers resume from the checkpoint
 
 
