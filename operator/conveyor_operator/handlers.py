@@ -52,6 +52,8 @@ def execute(client: k8s.Client, body: dict[str, Any], plan: Plan) -> None:
         client.label_pod(ns, pod, labels)
     for pod in sorted(set(plan.delete_pods)):
         client.delete_pod(ns, pod)
+    for sts in plan.delete_statefulsets:
+        client.delete_statefulset(ns, sts)
     if plan.delete_children:
         client.delete_children(ns, name)
     for ev in plan.events:

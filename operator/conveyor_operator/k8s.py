@@ -33,6 +33,7 @@ class Client(Protocol):
     def event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> None: ...
     def children_exist(self, namespace: str, job: str) -> bool: ...
     def delete_children(self, namespace: str, job: str) -> None: ...
+    def delete_statefulset(self, namespace: str, name: str) -> None: ...
 
 
 def status_patch(status: PipelineJobStatus) -> dict[str, Any]:
@@ -129,6 +130,14 @@ class KubeClient:
         except Exception as err:  # an Event lost must never fail a reconcile
             log.warning("event not posted", extra={"reason": reason, "error": str(err)})
 
+    def delete_statefulset(self, namespace: str, name: str) -> None:
+        resource = self.dynamic.resources.get(api_version="apps/v1", kind="StatefulSet")
+        try:
+            resource.delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"})
+        except Exception as err:
+            if not self._missing(err):
+                raise
+
     def _children(self, namespace: str, job: str) -> list[tuple[Any, str]]:
         out = []
         for api_version, kind in CHILD_KINDS:
@@ -193,5 +202,11 @@ def ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:
             else:
                 custom.create_namespaced_custom_object("kopf.dev", "v1", ns, plural, body)
         except Exception as err:
-            if getattr(err, "status", None) != 409:  # 409: exists already
+            code = getattr(err, "status", None)
+            if code == 404:
+                raise SystemExit(
+                    f"conveyor operator: the {kind} CRD is missing, so leader election cannot work: "
+                    "`kubectl apply --server-side -f crds/kopf-peering.yaml`, or run with --standalone"
+                ) from None
+            if code != 409:  # 409: exists already
                 raise

@@ -146,12 +146,14 @@ def conditions(
     generation: int | None,
     previous: Sequence[Condition],
     now: datetime,
+    stalled: bool = False,
 ) -> list[Condition]:
     """``Ready`` (positive polarity) plus ``Reconciling`` and ``Stalled``, as Argo CD and Flux read them;
-    ``lastTransitionTime`` moves only when a condition's status does."""
-    healthy = phase in (Phase.RUNNING, Phase.SUCCEEDED)
+    ``lastTransitionTime`` moves only when a condition's status does. ``stalled`` marks a job that needs
+    a person (a refused change) even though its phase is not Failed."""
+    healthy = phase in (Phase.RUNNING, Phase.SUCCEEDED) and not stalled
     progressing = phase in (Phase.PENDING, Phase.STARTING, Phase.RESTARTING)
-    stalled = phase == Phase.FAILED
+    stalled = stalled or phase == Phase.FAILED
     fresh = [
         _condition("Ready", healthy, reason, message, generation),
         _condition(

@@ -46,6 +46,8 @@ from conveyor_operator.phase import (
 )
 
 TERMINAL_REASONS = {"BackoffLimitExceeded", "Completed"}
+# Reasons that need a person to act, whatever the phase: Stalled=True.
+STALLED_REASONS = {"BackoffLimitExceeded", "InvalidSpec", "LayoutChangeRefused"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Plan:
     apply: list[dict[str, Any]] = field(default_factory=list)
     delete_pods: list[str] = field(default_factory=list)
     delete_children: bool = False  # TTL after finishing: StatefulSets, Services, PDB
+    delete_statefulsets: list[str] = field(default_factory=list)  # groups scaled away
     label_pods: dict[str, dict[str, str]] = field(default_factory=dict)
     status: PipelineJobStatus = field(default_factory=PipelineJobStatus)
     events: list[Event] = field(default_factory=list)
@@ -120,6 +123,7 @@ def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
         generation=job.generation,
         previous=old.conditions,
         now=now,
+        stalled=st.reason in STALLED_REASONS,
     )
     if old.phase != st.phase or not job.status:
         kind = "Warning" if st.phase == Phase.FAILED else "Normal"
@@ -286,6 +290,8 @@ def _plan_active(
         new_groups.append(gs)
 
     _roll_one_group(plan, new_groups, split, now)
+    desired = {g.name for g in group_refs}
+    plan.delete_statefulsets = [g.name for g in old.groups if g.name not in desired]
     st.groups = new_groups
     ready = sum(g.phase in (Phase.RUNNING, Phase.SUCCEEDED) for g in new_groups)
     st.ready, st.ready_groups = f"{ready}/{len(new_groups)}", ready

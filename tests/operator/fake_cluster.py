@@ -77,6 +77,15 @@ class FakeCluster:
         ]:
             del self.pods[key]
 
+    def delete_statefulset(self, namespace: str, name: str) -> None:
+        self.objects.pop(("StatefulSet", namespace, name), None)
+        for key in [
+            k
+            for k, p in self.pods.items()
+            if k[0] == namespace and p["metadata"]["labels"].get(render.GROUP_LABEL) == name
+        ]:
+            del self.pods[key]
+
     # ---- what the StatefulSet controller and kubelet would do ----
     def _sync_statefulset(self, sts: dict[str, Any]) -> None:
         """OnDelete: create missing ordinals from the current template; delete ordinals beyond replicas."""

@@ -265,6 +265,10 @@ def test_layout_change_is_refused_while_running() -> None:
     assert plan.apply == [] and plan.delete_pods == []
     assert body["status"]["reason"] == "LayoutChangeRefused" and body["status"]["layout"] == "2x1x1"
     assert "suspend: true" in body["status"]["message"] and "LayoutChangeRefused" in reasons(plan)
+    assert condition(body, "Stalled")["status"] == "True" and condition(body, "Ready")["status"] == "False"
+    body["spec"]["parallelism"]["stages"] = 2  # reverted: healthy again
+    step(body, pods, 20)
+    assert condition(body, "Stalled")["status"] == "False" and body["status"]["phase"] == "Running"
 
 
 def test_layout_change_while_suspended_is_allowed() -> None:
@@ -323,3 +327,12 @@ def test_conditions_keep_their_transition_time_while_unchanged() -> None:
     first = condition(body, "Ready")["lastTransitionTime"]
     step(body, pods, 50)
     assert condition(body, "Ready")["lastTransitionTime"] == first
+
+
+def test_scaling_down_deletes_the_groups_scaled_away() -> None:
+    body = job_body(serve_spec(replicas=3))
+    step(body, [], 0)
+    body["spec"]["parallelism"]["replicas"] = 1
+    plan = step(body, [], 10)
+    assert plan.delete_statefulsets == ["llm-r1", "llm-r2"] and sts_replicas(plan) == {"llm-r0": 2}
+    assert step(body, [], 20).delete_statefulsets == []
