@@ -159,3 +159,24 @@ def test_metrics_endpoint_text() -> None:
     text = generate_latest(metrics.REGISTRY).decode()
     assert 'conveyor_operator_jobs{phase="Suspended"}' in text
     assert "conveyor_operator_reconcile_duration_seconds_bucket" in text
+
+
+def test_kopf_entry_points_route_to_the_jobs_reconcile(cluster: FakeCluster) -> None:
+    cluster.jobs[(NS, "llm")] = job_body(inference_spec(replicas=1), namespace=NS)
+    handlers.on_job_event(type="ADDED", name="llm", namespace=NS)
+    assert ("StatefulSet", NS, "llm-r0") in cluster.objects
+    cluster.set_ready(NS)
+    handlers.on_pod_event(labels={"conveyor.dev/job": "llm"}, namespace=NS)
+    assert status(cluster)["phase"] == "Running"
+    handlers.on_job_event(type="DELETED", name="llm", namespace=NS)  # forgotten, no API call needed
+    handlers.resync(name="llm", namespace=NS)
+    assert status(cluster)["phase"] == "Running"
+
+
+def test_kopf_settings_keep_objects_small() -> None:
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    handlers.configure(settings=settings)
+    assert settings.persistence.finalizer == "conveyor.dev/operator"
+    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)

@@ -19,9 +19,8 @@ def _pods(restart: int = 0, ready: bool = True, created: float = 0):  # type: ig
 
 
 def _split(raw, restart: int = 0):  # type: ignore[no-untyped-def]
-    body = job_body(inference_spec(stages=3))
-    thash = raw[0]["metadata"]["annotations"]["conveyor.dev/template-hash"] if raw else ""
-    del body
+    """Group llm-r0 (3 stages) as the phase machine sees it, against the template hash of the spec."""
+    thash = _pods()[0]["metadata"]["annotations"]["conveyor.dev/template-hash"]
     return split_pods([observe_pod(p) for p in raw], "llm-r0", 3, restart, thash)
 
 
