@@ -10,7 +10,8 @@ Failures of a group, in the order they are checked:
   in ``state`` or, once the kubelet restarted it, in ``lastState``);
 - PodDeleted: a group that was running lost a pod, or has a pod created after it started running (the
   StatefulSet replaced a deleted pod, alone, so the other ranks wait on a peer that lost its state);
-- StartupTimeout: not every pod ready within ``startupTimeoutSeconds`` of the group's (re)start.
+- StartupTimeout: every pod scheduled, but not every pod ready within ``startupTimeoutSeconds`` of the
+  group's (re)start.
 Any of them restarts the whole group after the backoff, until the job's ``backoffLimit`` is spent.
 """
 
@@ -65,6 +66,7 @@ def detect_failure(
     *,
     start_time: datetime | None,
     running_since: datetime | None,
+    members_since: datetime | None = None,
     policy: RestartPolicySpec,
     now: datetime,
 ) -> GroupFailure | None:
@@ -80,15 +82,21 @@ def detect_failure(
             return GroupFailure(
                 reason="PodDeleted", message=f"{size - present} of {size} pods gone while running", time=stamp
             )
-        replaced = [p.name for p in live if p.created is not None and p.created > running_since]
+        # Compared with the newest pod's creationTimestamp when the group became ready: both come from
+        # the API server's clock, so an operator's clock skew cannot fake a replacement.
+        newest = members_since or running_since
+        replaced = [p.name for p in live if p.created is not None and p.created > newest]
         if replaced:
             return GroupFailure(
                 reason="PodDeleted",
                 message=f"pod {replaced[0]} was replaced while the group was running",
                 time=stamp,
             )
-    if start_time is not None and running_since is None:
-        done = len(live) == size and all(p.ready or p.completed for p in live)
+    # A group waiting for capacity (a pod not scheduled) is Pending, not failing: restarting it frees
+    # nothing. The startup budget covers model loading.
+    scheduled = len(live) == size and all(p.scheduled for p in live)
+    if start_time is not None and running_since is None and scheduled:
+        done = all(p.ready or p.completed for p in live)
         deadline = start_time + timedelta(seconds=policy.startup_timeout_seconds)
         if not done and now >= deadline:
             ready = sum(p.ready for p in live)

@@ -254,6 +254,7 @@ def _plan_active(
                 g.pods,
                 start_time=parse_time(gs.start_time),
                 running_since=parse_time(gs.running_since),
+                members_since=parse_time(gs.members_since),
                 policy=policy,
                 now=now,
             )
@@ -281,6 +282,8 @@ def _plan_active(
         gs.phase = Phase.RESTARTING if failing else group_phase(gp, g.pods, failing=False)
         if gs.phase == Phase.RUNNING and gs.running_since is None:
             gs.running_since = format_time(now)
+            created = [p.created for p in gp.live if p.created is not None]
+            gs.members_since = format_time(max(created)) if created else None
         gs.pods = len(gp.live)
         gs.ready_pods = sum(p.ready for p in gp.live)
         for pod in gp.live:
@@ -331,7 +334,7 @@ def _restart_group(
     gs.restarts += 1
     st.restarts += 1
     gs.failure = None
-    gs.start_time, gs.running_since = format_time(now), None
+    gs.start_time, gs.running_since, gs.members_since = format_time(now), None, None
     gs.resumed_from = st.last_checkpoint
     plan.delete_pods += [p.name for p in gp.current + gp.previous + gp.outdated]
     plan.restarts.append(gs.name)
@@ -365,7 +368,7 @@ def _roll_one_group(plan: Plan, groups: list[GroupStatus], split: dict[str, Any]
         return
     target = candidates[0]
     plan.delete_pods += [p.name for p in split[target.name].outdated]
-    target.start_time, target.running_since = format_time(now), None
+    target.start_time, target.running_since, target.members_since = format_time(now), None, None
     target.phase = Phase.STARTING
     plan.events.append(
         Event("Normal", "GroupRolled", f"group {target.name}: rolling to the new pod template")

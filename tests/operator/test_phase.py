@@ -208,3 +208,24 @@ def test_budget() -> None:
     policy = RestartPolicySpec.model_validate({"backoffLimit": 2})
     assert [budget_left(policy, n) for n in range(4)] == [True, True, False, False]
     assert not budget_left(RestartPolicySpec.model_validate({"backoffLimit": 0}), 0)
+
+
+def test_no_startup_timeout_while_waiting_for_capacity() -> None:
+    pods = _pods(ready=False)
+    pods[2]["spec"] = {}
+    pods[2]["status"]["conditions"][0]["status"] = "False"
+    assert (
+        detect_failure(_split(pods), 3, start_time=at(0), running_since=None, policy=POLICY, now=at(10_000))
+        is None
+    )
+
+
+def test_replacement_is_judged_on_the_api_servers_clock() -> None:
+    # The operator's clock runs 5 s behind: running_since (operator) is before the pods' creation
+    # (API server), but the newest member's creationTimestamp recorded at readiness tells the truth.
+    pods = _pods(created=10)
+    kwargs = {"start_time": at(0), "policy": POLICY, "now": at(20)}
+    assert detect_failure(_split(pods), 3, running_since=at(5), members_since=at(10), **kwargs) is None  # type: ignore[arg-type]
+    pods[0]["metadata"]["creationTimestamp"] = "2026-11-23T12:00:15Z"
+    failure = detect_failure(_split(pods), 3, running_since=at(5), members_since=at(10), **kwargs)  # type: ignore[arg-type]
+    assert failure is not None and failure.reason == "PodDeleted" and "llm-r0-0" in failure.message

@@ -384,6 +384,9 @@ class GroupStatus(_Status):
     restarts: int = Field(0, description="Times the operator restarted this group (its CONVEYOR_RESTART).")
     start_time: str | None = Field(None, description="When the current generation was started.")
     running_since: str | None = Field(None, description="When every pod of the group was first seen ready.")
+    members_since: str | None = Field(
+        None, description="Newest pod creation time when the group became ready; a later pod replaced one."
+    )
     failure: GroupFailure | None = Field(None, description="A failure waiting for its backoff to end.")
     resumed_from: CheckpointRef | None = Field(None, description="Checkpoint the last restart resumed from.")
 
