@@ -15,22 +15,21 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 BAD_VALUES = sorted((Path(__file__).parent / "bad-values").glob("*.yaml"))
 CI = {p.name.removesuffix("-values.yaml"): p for p in CI_VALUES}
 
-ALL_WRITE = ["get", "list", "watch", "create", "patch", "update", "delete"]
-# What the operator calls on a job's namespaced objects (docs/operator.md); nothing else is granted.
+CHILDREN = ["list", "create", "patch", "delete"]  # server-side apply: patch, and create for new objects
+# What the operator calls on a job's namespaced objects (operator/conveyor_operator/k8s.py and kopf's
+# watches); nothing else is granted.
 JOB_RULES = {
     ("conveyor.dev", "pipelinejobs"): ["get", "list", "watch", "patch"],
-    ("conveyor.dev", "pipelinejobs/status"): ["get", "patch", "update"],
-    ("conveyor.dev", "pipelinejobs/scale"): ["get"],
-    ("apps", "statefulsets"): ALL_WRITE,
-    ("", "services"): ALL_WRITE,
-    ("policy", "poddisruptionbudgets"): ALL_WRITE,
-    ("", "pods"): ["get", "list", "watch", "patch", "delete"],
-    ("", "events"): ["create", "patch"],
+    ("conveyor.dev", "pipelinejobs/status"): ["patch"],
+    ("apps", "statefulsets"): CHILDREN,
+    ("", "services"): CHILDREN,
+    ("policy", "poddisruptionbudgets"): CHILDREN,
+    ("", "pods"): ["list", "watch", "patch", "delete"],
+    ("", "events"): ["create"],
 }
-DISCOVERY_RULES = {
-    ("apiextensions.k8s.io", "customresourcedefinitions"): ["get", "list", "watch"],
-    ("", "namespaces"): ["list", "watch"],
-}
+CRD_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"]}
+NAMESPACE_RULES = {("", "namespaces"): ["list", "watch"]}
+PEERING_VERBS = ["list", "watch", "patch", "create"]
 
 
 def rule_table(role: dict) -> dict[tuple[str, str], list[str]]:
@@ -92,11 +91,8 @@ def test_cluster_wide_mode_gets_one_least_privilege_cluster_role(render):
     assert "--all-namespaces" in operator_container(manifests)["args"]
     assert not of_kind(manifests, "Role")
     role = one(manifests, "ClusterRole")
-    expected = {
-        **JOB_RULES,
-        **DISCOVERY_RULES,
-        ("kopf.dev", "clusterkopfpeerings"): ["get", "list", "watch", "patch"],
-    }
+    # No namespaces rule: kopf lists namespaces only when it watches a list of them.
+    expected = {**JOB_RULES, **CRD_RULES, ("kopf.dev", "clusterkopfpeerings"): PEERING_VERBS}
     assert rule_table(role) == expected
     binding = one(manifests, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -113,17 +109,18 @@ def test_namespaced_mode_gets_a_role_per_namespace_and_only_reads_cluster_wide(r
     args = operator_container(manifests)["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--all-namespaces" not in args and "--standalone" not in args
+    assert "--peering=conveyor" in args
     roles = of_kind(manifests, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
-        assert rule_table(role) == {
-            **JOB_RULES,
-            ("kopf.dev", "kopfpeerings"): ["get", "list", "watch", "patch"],
-        }
+        assert rule_table(role) == {**JOB_RULES, ("kopf.dev", "kopfpeerings"): PEERING_VERBS}
     bindings = of_kind(manifests, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     (cluster_role,) = of_kind(manifests, "ClusterRole")
-    assert rule_table(cluster_role) == DISCOVERY_RULES  # read-only, nothing about jobs or pods
+    assert rule_table(cluster_role) == {
+        **CRD_RULES,
+        **NAMESPACE_RULES,
+    }  # read-only, nothing about jobs or pods
     peerings = of_kind(manifests, "KopfPeering")
     assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
     assert not of_kind(manifests, "ClusterKopfPeering")

@@ -59,7 +59,9 @@ app.kubernetes.io/part-of: conveyor
 {{- end -}}
 
 {{/*
-RBAC rules on the namespaced objects of a PipelineJob: exactly what the operator calls (see docs/operator.md).
+RBAC: exactly what the operator calls (operator/conveyor_operator/k8s.py and its kopf handlers), nothing
+more. Children are written with server-side apply, which the API server authorizes as `patch`, and as
+`create` as well when the object does not exist yet.
 Used by the ClusterRole (all namespaces) or by one Role per watched namespace.
 */}}
 {{- define "conveyor.jobRules" -}}
@@ -68,45 +70,47 @@ Used by the ClusterRole (all namespaces) or by one Role per watched namespace.
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["conveyor.dev"]
   resources: ["pipelinejobs/status"]
-  verbs: ["get", "patch", "update"]
-- apiGroups: ["conveyor.dev"]
-  resources: ["pipelinejobs/scale"]
-  verbs: ["get"]
+  verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["list", "watch", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end -}}
 
-{{/* Cluster-scoped reads kopf makes: CRDs (to find resources) and namespaces (to match the watched ones). */}}
-{{- define "conveyor.discoveryRules" -}}
+{{/* kopf's cluster-scoped scans: CRDs always (to find the resources it serves); namespaces only when it
+watches a list of namespaces (to match them), never in cluster-wide mode. */}}
+{{- define "conveyor.crdRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
+{{- end -}}
+
+{{- define "conveyor.namespaceRules" -}}
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
 {{- end -}}
 
+{{/* kopf watches and keeps alive its peering object; the operator creates it when missing. */}}
 {{- define "conveyor.clusterPeeringRules" -}}
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch", "create"]
 {{- end -}}
 
 {{- define "conveyor.namespacedPeeringRules" -}}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch", "create"]
 {{- end -}}
