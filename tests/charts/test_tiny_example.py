@@ -21,7 +21,11 @@ MAX_NEW_TOKENS = 8
 @pytest.mark.integration
 def test_tiny_cpu_inference_example_matches_hf_generate(tmp_path):
     for module in ("conveyor.launcher", "conveyor.inference.job"):
-        if importlib.util.find_spec(module) is None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            found = False
+        if not found:
             pytest.skip(
                 f"{module} is not in this checkout yet (the launcher and inference engine land separately)"
             )
