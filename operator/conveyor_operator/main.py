@@ -40,7 +40,14 @@ def main(args: argparse.Namespace) -> int:
 
     conveyor_log.configure("DEBUG" if args.verbose else "INFO", component="conveyor-operator")
     options = kopf_options(args)
-    k8s.load_config()
+    try:
+        k8s.load_config()
+    except Exception as err:  # no in-cluster account and no usable kubeconfig
+        print(
+            f"conveyor operator: no Kubernetes configuration ({err}); set KUBECONFIG or run in a pod",
+            file=sys.stderr,
+        )
+        return 2
     if not options["standalone"]:
         k8s.ensure_peering(args.peering, list(args.namespace or []), not args.namespace)
     metrics.serve(args.metrics_port)

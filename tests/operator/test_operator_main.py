@@ -60,3 +60,18 @@ def test_handlers_are_registered_with_kopf() -> None:
     }
     for fn in (handlers.on_job_event, handlers.on_pod_event, handlers.resync):
         assert any(fn.__name__ in i for i in ids), ids
+
+
+def test_without_a_cluster_it_says_so_without_a_traceback(tmp_path: object) -> None:
+    from tests.conftest import conveyor_cmd
+
+    env = subprocess_env(KUBECONFIG=str(tmp_path) + "/missing", KUBERNETES_SERVICE_HOST="")
+    proc = subprocess.run(
+        conveyor_cmd("operator", "--standalone", "--metrics-port", "0", "--health-port", "0"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "no Kubernetes configuration" in proc.stderr
+    assert "Traceback" not in proc.stderr
