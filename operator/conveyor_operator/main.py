@@ -33,12 +33,30 @@ def kopf_options(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+class _DropKopfSettings(logging.Filter):
+    """kopf attaches its whole OperatorSettings to each object log record; as a JSON field that is a
+    kilobyte of noise per line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("settings", None)
+        return True
+
+
+def _quiet_kopf(verbose: bool) -> None:
+    # Our own log lines and Events cover every transition; kopf's per-handler "succeeded" lines are
+    # only worth seeing with --verbose.
+    logging.getLogger("kopf").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropKopfSettings())
+
+
 def main(args: argparse.Namespace) -> int:
     import kopf
 
     from conveyor_operator import handlers, k8s, metrics
 
     conveyor_log.configure("DEBUG" if args.verbose else "INFO", component="conveyor-operator")
+    _quiet_kopf(args.verbose)
     options = kopf_options(args)
     try:
         k8s.load_config()

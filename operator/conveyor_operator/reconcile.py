@@ -280,6 +280,12 @@ def _plan_active(
 
         failing = restarted or gs.failure is not None
         gs.phase = Phase.RESTARTING if failing else group_phase(gp, g.pods, failing=False)
+        if (
+            prev is not None
+            and prev.phase == Phase.RESTARTING
+            and gs.phase in (Phase.PENDING, Phase.STARTING)
+        ):
+            gs.phase = Phase.RESTARTING  # a restarted group is Restarting until it runs again
         if gs.phase == Phase.RUNNING and gs.running_since is None:
             gs.running_since = format_time(now)
             created = [p.created for p in gp.live if p.created is not None]

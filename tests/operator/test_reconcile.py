@@ -126,7 +126,10 @@ def test_a_failure_restarts_only_that_replicas_group_after_the_backoff(breaks: A
     }
     assert env1["CONVEYOR_RESTART"] == "0"
 
-    # The StatefulSet recreates the group with restart 1; it comes up and the job runs again.
+    # The StatefulSet recreates the group with restart 1; it stays Restarting until it runs again.
+    loading = group_pods(body, 0, restart=1, created=40, ready=False) + pods[2:]
+    step(body, loading, 41)
+    assert body["status"]["phase"] == "Restarting" and body["status"]["groups"][0]["phase"] == "Restarting"
     fresh = group_pods(body, 0, restart=1, created=40) + pods[2:]
     step(body, fresh, 45)
     assert body["status"]["phase"] == "Running"
