@@ -9,8 +9,11 @@ restored only when the layout is unchanged (they belong to ranks, not layers).
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +52,14 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns that it runs in one process when there is no process group: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _rng_state() -> bytes:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -79,7 +90,8 @@ def save(engine: PipelineEngine, root: Path, tag: str | None, client_state: Any,
     started = time.perf_counter()
     name = tag or commit_protocol.step_name(engine.global_steps)
     tmp = commit_protocol.prepare(root, name, _is_writer(), _barrier)
-    dcp.save(_state_dict(engine, client_state), checkpoint_id=tmp)
+    with _quiet():
+        dcp.save(_state_dict(engine, client_state), checkpoint_id=tmp)
     committed = commit_protocol.commit(root, name, keep, _is_writer(), _barrier)
     seconds = time.perf_counter() - started
     metrics.CHECKPOINT_SECONDS.labels(engine.job).observe(seconds)
@@ -115,7 +127,8 @@ def load(engine: PipelineEngine, root: Path, tag: str | None) -> tuple[Path | No
     if rng_key not in saved:
         state.pop(rng_key)
     # partial: other ranks' RNG entries and (with fewer stages now) other stages' layers stay unread
-    dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    with _quiet():
+        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
     engine.module.load_state_dict(state["model"])
     set_optimizer_state_dict(engine.module, engine.optimizer, state["optimizer"], options=_OPTIM)
     trainer = pickle.loads(state["trainer"])
