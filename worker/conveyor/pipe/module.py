@@ -218,13 +218,13 @@ def _default_topology(num_stages: int | None) -> Topology:
     stages = 1 if num_stages is None and not initialized else num_stages
     if stages is None:
         raise LayoutError("PipelineModule needs num_stages (or a topology)")
-    if world % stages:
-        raise LayoutError(
-            f"num_stages={stages} does not divide the world size {world}: launch replicas x stages processes"
-        )
     if stages > 1 and not initialized:
         raise LayoutError(
             f"num_stages={stages} needs a process group of {stages} ranks or more: call "
             "conveyor.init_distributed() first (launch with `conveyor run` or torchrun)"
+        )
+    if world % stages:
+        raise LayoutError(
+            f"num_stages={stages} does not divide the world size {world}: launch replicas x stages processes"
         )
     return Topology(Layout(replicas=world // stages, stages=stages))
