@@ -51,6 +51,17 @@ def manifest(name: str, namespace: str, spec: dict[str, Any]) -> str:
     return yaml.safe_dump({**doc, "spec": spec})
 
 
+def delete_jobs(cluster: Any, namespace: str) -> None:
+    """Delete the namespace's PipelineJobs while the operator still runs: it removes its finalizer (the
+    resync timer's), so the namespace can go afterwards."""
+    cluster.kubectl("delete", PLURAL, "--all", "-n", namespace, "--wait=false", check=False)
+    eventually(
+        lambda: not cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"],
+        timeout=60,
+        what="the PipelineJobs to be deleted",
+    )
+
+
 REJECTED = [
     ({"mode": "train", "train": {"script": "/t.py"}}, "a train job needs spec.checkpoint.volume"),
     ({**inference_spec(), "serve": {}}, "only the section of spec.mode may be set"),
@@ -109,6 +120,7 @@ def operator(k8s_cluster: Any, k8s_namespace: str, tmp_path: Path) -> Iterator[s
     try:
         yield proc
     finally:
+        delete_jobs(k8s_cluster, k8s_namespace)
         proc.terminate()
         try:
             proc.wait(timeout=30)
@@ -190,3 +202,58 @@ def test_operator_creates_objects_and_restarts_a_failed_group(
     assert conditions["Ready"]["status"] == "False" or job()["status"]["phase"] == "Running"
     assert all(c["observedGeneration"] == 1 for c in conditions.values())
     print(json.dumps(job()["status"], indent=1))
+
+
+def test_two_operator_replicas_never_act_at_once(
+    k8s_cluster: Any, k8s_namespace: str, tmp_path: Path
+) -> None:
+    """Leader election through kopf peering: the higher priority acts, the other pauses."""
+    env = subprocess_env(**{k: v for k, v in k8s_cluster.env().items() if k in ("KUBECONFIG", "PATH")})
+    logs = {name: tmp_path / f"{name}.log" for name in ("leader", "standby")}
+    procs = []
+    try:
+        for name, priority in (("leader", "20"), ("standby", "10")):
+            cmd = conveyor_cmd(
+                "operator",
+                "-n",
+                k8s_namespace,
+                "--peering",
+                "conveyor-test",
+                "--priority",
+                priority,
+                "--metrics-port",
+                "0",
+                "--health-port",
+                "0",
+                "--verbose",
+            )
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=logs[name].open("w"), stderr=subprocess.STDOUT)
+            )
+            time.sleep(3 if name == "leader" else 0)
+        # kopf starts the standby's watch streams paused and never resumes them while the leader lives.
+        paused = "Pausing the watch-stream for pipelinejobs"
+        eventually(lambda: paused in logs["standby"].read_text(), what="the standby to pause")
+        k8s_cluster.kubectl(
+            "apply", "-f", "-", input=manifest("one", k8s_namespace, inference_spec(replicas=1))
+        )
+        eventually(
+            lambda: (
+                '"job": "one"' in logs["leader"].read_text()
+                and '"reason": "Pending"' in logs["leader"].read_text()
+            ),
+            what="the leader to reconcile",
+        )
+        time.sleep(2)
+        standby = logs["standby"].read_text()
+        assert '"logger": "conveyor_operator.handlers"' not in standby  # it never reconciled
+        assert "Resuming the watch-stream for pipelinejobs" not in standby
+    finally:
+        delete_jobs(k8s_cluster, k8s_namespace)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
