@@ -22,7 +22,7 @@ k8s_cluster = fixtures.k8s_cluster
 k8s_namespace = fixtures.k8s_namespace
 
 from tests.conftest import conveyor_cmd, subprocess_env  # noqa: E402
-from tests.operator.builders import inference_spec, train_spec  # noqa: E402
+from tests.operator.builders import inference_spec, serve_spec, train_spec  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 GROUP, VERSION, PLURAL = "conveyor.dev", "v1alpha1", "pipelinejobs"
@@ -102,6 +102,11 @@ def test_admission_refuses_malformed_jobs_with_the_rules_message(
     stored = k8s_cluster.custom.get_namespaced_custom_object(GROUP, VERSION, k8s_namespace, PLURAL, "good")
     assert stored["spec"]["parallelism"]["stages"] == 4
     assert stored["spec"]["restartPolicy"]["backoffLimit"] == 3  # defaults filled at admission
+    # The scale subresource owns spec.parallelism.replicas (an HPA or `kubectl scale` on serve jobs).
+    k8s_cluster.kubectl("apply", "-f", "-", input=manifest("chat", k8s_namespace, serve_spec(replicas=1)))
+    k8s_cluster.kubectl("scale", f"{PLURAL}/chat", "-n", k8s_namespace, "--replicas=3")
+    scaled = k8s_cluster.custom.get_namespaced_custom_object(GROUP, VERSION, k8s_namespace, PLURAL, "chat")
+    assert scaled["spec"]["parallelism"]["replicas"] == 3
 
 
 @pytest.fixture
