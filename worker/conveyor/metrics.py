@@ -15,22 +15,37 @@ TOKENS_GENERATED = Counter("conveyor_tokens_generated", "Tokens generated (outpu
 PROMPT_TOKENS = Counter("conveyor_prompt_tokens", "Prompt tokens processed by prefill.", ["job"])
 PROMPTS_COMPLETED = Counter("conveyor_prompts_completed", "Prompts whose results were committed.", ["job"])
 TIME_TO_FIRST_TOKEN = Histogram(
-    "conveyor_time_to_first_token_seconds", "Time from a batch's start to its first token.", ["job"],
+    "conveyor_time_to_first_token_seconds",
+    "Time from a batch's start to its first token.",
+    ["job"],
     buckets=_LATENCY_BUCKETS,
 )
 TOKEN_LATENCY = Histogram(
-    "conveyor_token_latency_seconds", "Time per decode step (one token for every sequence).", ["job"],
+    "conveyor_token_latency_seconds",
+    "Time per decode step (one token for every sequence).",
+    ["job"],
     buckets=_LATENCY_BUCKETS,
 )
-BUBBLE_SECONDS = Counter("conveyor_pipeline_bubble_seconds", "Time a stage waited on its neighbours.", ["job", "stage"])
-STEP_SECONDS = Histogram("conveyor_step_seconds", "Training step (one batch) time.", ["job"], buckets=_STEP_BUCKETS)
+BUBBLE_SECONDS = Counter(
+    "conveyor_pipeline_bubble_seconds", "Time a stage waited on its neighbours.", ["job", "stage"]
+)
+STEP_SECONDS = Histogram(
+    "conveyor_step_seconds", "Training step (one batch) time.", ["job"], buckets=_STEP_BUCKETS
+)
 LOSS = Gauge("conveyor_loss", "Mean loss of the last training batch.", ["job"])
 TRAIN_STEP = Gauge("conveyor_train_step", "Optimizer steps completed.", ["job"])
-GPU_MEMORY_BYTES = Gauge("conveyor_gpu_memory_bytes", "GPU memory allocated by this process.", ["job", "rank"])
-CHECKPOINT_SECONDS = Histogram(
-    "conveyor_checkpoint_duration_seconds", "Time to write and commit a checkpoint.", ["job"], buckets=_STEP_BUCKETS
+GPU_MEMORY_BYTES = Gauge(
+    "conveyor_gpu_memory_bytes", "GPU memory allocated by this process.", ["job", "rank"]
 )
-LAST_CHECKPOINT_STEP = Gauge("conveyor_last_checkpoint_step", "Step of the last committed checkpoint.", ["job"])
+CHECKPOINT_SECONDS = Histogram(
+    "conveyor_checkpoint_duration_seconds",
+    "Time to write and commit a checkpoint.",
+    ["job"],
+    buckets=_STEP_BUCKETS,
+)
+LAST_CHECKPOINT_STEP = Gauge(
+    "conveyor_last_checkpoint_step", "Step of the last committed checkpoint.", ["job"]
+)
 LAST_CHECKPOINT_TIME = Gauge(
     "conveyor_last_checkpoint_timestamp_seconds", "Unix time of the last committed checkpoint.", ["job"]
 )

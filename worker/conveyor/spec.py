@@ -30,7 +30,9 @@ DEFAULT_IMAGE = "ghcr.io/conveyor-dev/conveyor-worker:0.1.0"
 
 # Free-form Kubernetes objects (tolerations, affinity, volumes, ...) are validated by the API server
 # against core/v1 when the pod is created; we pass them through untouched.
-KubeObject = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+KubeObject = Annotated[
+    dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+]
 
 
 class _Spec(BaseModel):
@@ -76,10 +78,16 @@ class ParallelismSpec(_Spec):
         1, ge=1, le=16, description="Tensor-parallel ranks inside a stage (T): GPUs and processes per pod."
     )
     replicas: int = Field(
-        1, ge=0, le=1024, description="Data-parallel replicas (R): independent groups for inference and serve."
+        1,
+        ge=0,
+        le=1024,
+        description="Data-parallel replicas (R): independent groups for inference and serve.",
     )
     micro_batches: int | None = Field(
-        None, ge=1, le=1024, description="Micro-batches in flight through the pipeline; default: as many as stages."
+        None,
+        ge=1,
+        le=1024,
+        description="Micro-batches in flight through the pipeline; default: as many as stages.",
     )
     partition_method: str = Field(
         "parameters",
@@ -126,7 +134,9 @@ class CheckpointSpec(_Spec):
         None, description="PersistentVolumeClaim shared by all ranks for checkpoints and inference progress."
     )
     path: str = Field("/checkpoints", min_length=1, description="Checkpoint directory inside the worker.")
-    every: int = Field(100, ge=1, description="Steps (train) or completed prompts (inference) between commits.")
+    every: int = Field(
+        100, ge=1, description="Steps (train) or completed prompts (inference) between commits."
+    )
     keep: int = Field(3, ge=1, le=100, description="Committed checkpoints kept; older ones are deleted.")
 
 
@@ -199,7 +209,9 @@ class PipelineJobSpec(_Spec):
     def _mode_sections(self) -> PipelineJobSpec:
         needed = {Mode.INFERENCE: "inference", Mode.SERVE: "serve", Mode.TRAIN: "train"}[Mode(self.mode)]
         if getattr(self, needed) is None:
-            raise ValueError(f"spec.{needed} is required when spec.mode is {self.mode!r}: add a `{needed}:` section")
+            raise ValueError(
+                f"spec.{needed} is required when spec.mode is {self.mode!r}: add a `{needed}:` section"
+            )
         for other in {"inference", "serve", "train"} - {needed}:
             if getattr(self, other) is not None:
                 raise ValueError(
@@ -214,7 +226,9 @@ class PipelineJobSpec(_Spec):
             if self.checkpoint is None:
                 raise ValueError("spec.checkpoint is required when spec.mode is 'train': add checkpoint.path")
         if self.mode != Mode.SERVE and self.parallelism.replicas == 0:
-            raise ValueError("spec.parallelism.replicas is 0: only serve jobs scale to zero; use replicas >= 1")
+            raise ValueError(
+                "spec.parallelism.replicas is 0: only serve jobs scale to zero; use replicas >= 1"
+            )
         return self
 
     @property
@@ -231,8 +245,14 @@ CEL_RULES: list[dict[str, str]] = [
         "rule": "self.mode != 'inference' || has(self.inference)",
         "message": "spec.inference is required when spec.mode is 'inference'",
     },
-    {"rule": "self.mode != 'serve' || has(self.serve)", "message": "spec.serve is required when spec.mode is 'serve'"},
-    {"rule": "self.mode != 'train' || has(self.train)", "message": "spec.train is required when spec.mode is 'train'"},
+    {
+        "rule": "self.mode != 'serve' || has(self.serve)",
+        "message": "spec.serve is required when spec.mode is 'serve'",
+    },
+    {
+        "rule": "self.mode != 'train' || has(self.train)",
+        "message": "spec.train is required when spec.mode is 'train'",
+    },
     {
         "rule": "self.mode == 'train' || has(self.model)",
         "message": "spec.model is required when spec.mode is 'inference' or 'serve'",
@@ -280,8 +300,8 @@ class PipelineJob(_Spec):
     """A whole PipelineJob document, as `kubectl apply` or `conveyor run` reads it."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
-    api_version: Literal["conveyor.dev/v1alpha1"] = API_VERSION
-    kind: Literal["PipelineJob"] = KIND
+    api_version: Literal["conveyor.dev/v1alpha1"] = "conveyor.dev/v1alpha1"
+    kind: Literal["PipelineJob"] = "PipelineJob"
     metadata: ObjectMeta
     spec: PipelineJobSpec
 

@@ -1,0 +1,76 @@
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conveyor.distributed import DistributedInitError, init_distributed
+
+from tests.conftest import subprocess_env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_missing_variables_are_named():
+    with pytest.raises(DistributedInitError, match="MASTER_ADDR, MASTER_PORT"):
+        init_distributed(environ={"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_inconsistent_rank_is_rejected():
+    with pytest.raises(DistributedInitError, match=r"RANK=2 must be in \[0, WORLD_SIZE=2\)"):
+        init_distributed(
+            environ={"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+        )
+
+
+_CHILD = textwrap.dedent(
+    """
+    import torch, torch.distributed as dist
+    from conveyor.distributed import init_distributed, DistributedInitError
+    from conveyor.topology import Layout, Topology
+    try:
+        info = init_distributed(timeout_seconds={timeout})
+    except DistributedInitError as err:
+        print("TIMEOUT", err)
+        raise SystemExit(3)
+    topo = Topology(Layout(stages=2))
+    t = torch.tensor([info.rank + 1.0])
+    dist.all_reduce(t, group=topo.pipe_group)
+    print("SUM", int(t.item()), "STAGE", topo.stage)
+    """
+)
+
+
+@pytest.mark.integration
+def test_two_ranks_rendezvous_and_reduce():
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD.format(timeout=60)],
+            env=subprocess_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "SUM 3 STAGE 0" in outs[0] and "SUM 3 STAGE 1" in outs[1]
+
+
+@pytest.mark.integration
+def test_missing_peer_times_out_instead_of_hanging():
+    port = _free_port()
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(timeout=3)],
+        env=subprocess_env(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stdout and "within 3s" in proc.stdout

@@ -1,0 +1,103 @@
+"""Process-group start-up: env:// rendezvous with clear errors and a timeout instead of a hang."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_SECONDS = 300.0
+_REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedInitError(RuntimeError):
+    """The rendezvous variables are missing or inconsistent, or a peer never arrived."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+
+def _read_env(environ: Mapping[str, str]) -> tuple[int, int, int]:
+    missing = [name for name in _REQUIRED if not environ.get(name)]
+    if missing:
+        raise DistributedInitError(
+            f"torch.distributed env:// rendezvous needs {', '.join(missing)}: launch with `conveyor run` "
+            "(or torchrun), or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+        )
+    try:
+        rank, world = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+        local_rank = int(environ.get("LOCAL_RANK", "0"))
+        int(environ["MASTER_PORT"])
+    except ValueError as err:
+        raise DistributedInitError(f"rendezvous variable is not an integer: {err}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise DistributedInitError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
+    if local_rank < 0:
+        raise DistributedInitError(f"LOCAL_RANK={local_rank} must be >= 0")
+    return rank, world, local_rank
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` -> the process's CUDA device when CUDA is present, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DistributedInitError("device 'cuda' was requested but CUDA is not available on this machine")
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_distributed(
+    backend: str | None = None,
+    device: str = "auto",
+    timeout_seconds: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> DistInfo:
+    """Join the job's process group through env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK).
+
+    NCCL on GPUs, gloo on the CPU. A peer that never arrives fails after ``timeout_seconds`` (default
+    300, or CONVEYOR_DIST_TIMEOUT) with the rendezvous address in the message. Idempotent.
+    """
+    env = os.environ if environ is None else environ
+    rank, world, local_rank = _read_env(env)
+    dev = pick_device(device, local_rank)
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), dev)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    if timeout_seconds is None:
+        timeout_seconds = float(env.get("CONVEYOR_DIST_TIMEOUT", DEFAULT_TIMEOUT_SECONDS))
+    where = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    # init_method="env://" reads os.environ; mirror an explicit mapping there.
+    if environ is not None:
+        os.environ.update({k: environ[k] for k in (*_REQUIRED, "LOCAL_RANK") if k in environ})
+    try:
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_seconds),
+            device_id=dev if backend == "nccl" else None,
+        )
+    except (RuntimeError, dist.DistStoreError) as err:
+        raise DistributedInitError(
+            f"rank {rank}/{world} could not join the process group at {where} within {timeout_seconds:.0f}s "
+            f"({type(err).__name__}: {err}); check that every rank started and MASTER_ADDR resolves"
+        ) from err
+    return DistInfo(rank, world, local_rank, backend, dev)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
