@@ -54,7 +54,7 @@ helm_ldflags() {
 
 # build MODULE_DIR LDFLAGS NAME=PACKAGE...: one `go build` per module, so shared packages compile once.
 build() {
-    local dir="$HERE/tools/$1" ldflags="$2"; shift 2
+    local module="$1" dir="$HERE/tools/$1" ldflags="$2"; shift 2
     local stamp want names=() pkgs=() todo=0
     want="$(cat "$dir/go.mod" "$dir/go.sum" <(echo "$ldflags") <(go version) | sha256sum | cut -c1-16)"
     for pair in "$@"; do
@@ -63,7 +63,7 @@ build() {
         if [[ ! -x "$BIN/${pair%%=*}" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then todo=1; fi
     done
     if (( todo == 0 )); then return 0; fi
-    echo "build.sh: building ${names[*]} (module tools/$1)" >&2
+    echo "build.sh: building ${names[*]} (module tools/$module)" >&2
     local out; out="$(mktemp -d "$BIN/.build.XXXXXX")"
     local start=$SECONDS
     (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$out/" "${pkgs[@]}")

@@ -113,10 +113,11 @@ class NetnsNetwork:
         address = self.address(namespace, pod)
         with self._lock:
             self._counter += 1
-            name = f"cv{self.id}-{self._counter}"
+            number = self._counter
+            name = f"cv{self.id}-{number}"
             self._namespaces[(namespace, pod)] = name
-        self._remember(name)
-        host_side = f"v{self.id}{self._counter}"
+            self._remember(name)
+        host_side = f"v{self.id}{number}"
         _ip("netns", "add", name)
         _ip("-n", self.hub, "link", "add", host_side, "type", "veth", "peer", "name", "eth0", "netns", name)
         _ip("-n", self.hub, "link", "set", host_side, "master", "br0", "up")

@@ -83,8 +83,13 @@ class PodRunner(threading.Thread):
             self.pod_ip = self.agent.network.address(self.ns, self.name)
             self._prefix = self.agent.network.setup(self.ns, self.name)
             self._loop()
-        except Exception:
+        except Exception as err:
             log.exception("pod %s/%s: runner failed", self.ns, self.name)
+            for c in self.containers:  # make the failure visible through the API, not only in our log
+                if c.proc is None and not c.done:
+                    c.state = {"waiting": {"reason": "AgentError", "message": f"local agent: {err}"}}
+            with contextlib.suppress(Exception):
+                self._report()
         finally:
             self._kill_all(self._grace if self._stop.is_set() else 0.0)
             self.agent.network.teardown(self.ns, self.name)

@@ -11,7 +11,9 @@ def test_headless_service_pod_names_resolve_to_the_pods_addresses():
     addresses = {("ns1", "job-r0-0"): "10.244.0.2", ("ns1", "job-r1-0"): "10.244.0.5"}
     resolve = lambda ns, pod: addresses[(ns, pod)]  # noqa: E731
     assert resolve_names("job-r0-0.job.ns1.svc", resolve) == "10.244.0.2"
-    assert resolve_names("tcp://job-r1-0.job.ns1.svc.cluster.local:29500", resolve) == "tcp://10.244.0.5:29500"
+    assert (
+        resolve_names("tcp://job-r1-0.job.ns1.svc.cluster.local:29500", resolve) == "tcp://10.244.0.5:29500"
+    )
     assert resolve_names("example.com", resolve) == "example.com"
 
 
@@ -26,7 +28,9 @@ def test_paths_under_a_mount_are_rewritten_to_the_volume_directory():
 
 def test_downward_api_field_refs():
     pod = client.V1Pod(
-        metadata=client.V1ObjectMeta(name="p-1", namespace="ns", labels={"apps.kubernetes.io/pod-index": "1"}),
+        metadata=client.V1ObjectMeta(
+            name="p-1", namespace="ns", labels={"apps.kubernetes.io/pod-index": "1"}
+        ),
         spec=client.V1PodSpec(containers=[], node_name="n"),
     )
     assert field_ref(pod, "metadata.labels['apps.kubernetes.io/pod-index']", "10.244.0.3") == "1"
