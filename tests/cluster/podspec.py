@@ -28,6 +28,7 @@ SERVICE_NAME = re.compile(
 VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 FIELD_LABEL = re.compile(r"metadata\.(labels|annotations)\['([^']+)'\]")
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+CONVEYOR_ENTRYPOINT = ("conveyor",)
 
 
 class PodSpecError(Exception):
@@ -171,12 +172,15 @@ class ContainerProcess:
         return env
 
     def argv(self, env: dict[str, str]) -> list[str]:
-        words = [*(self.container.command or []), *(self.container.args or [])]
-        if not self.container.command:
+        command = self.container.command
+        if not command and "conveyor" in (self.container.image or ""):
+            command = list(CONVEYOR_ENTRYPOINT)  # what deploy/Dockerfile.* declare as ENTRYPOINT
+        if not command or not (command[1:] or self.container.args or command[0] != "conveyor"):
             raise PodSpecError(
-                f"container {self.container.name!r} has no command: the local agent ignores images, so it "
-                "cannot know their entrypoint; set `command`"
+                f"container {self.container.name!r} has no command (and args): the local agent ignores "
+                "images, so it knows no entrypoint but conveyor images' `conveyor`; set `command`"
             )
+        words = [*command, *(self.container.args or [])]
         words = [self._translate(VAR_REF.sub(lambda m: env.get(m[1], m[0]), w)) for w in words]
         if words[0] == "conveyor":
             return [self.python, "-m", "conveyor", *words[1:]]
