@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ class Agent:
         self.state_dir, self.checkout, self.python = state_dir, checkout, python
         state_dir.mkdir(parents=True, exist_ok=True)
         self.network = make_network(state_dir, network)
+        configuration = api.api_client.configuration
+        url = urllib.parse.urlsplit(configuration.host)
+        self.api_address = (url.hostname or "127.0.0.1", url.port or 443)  # for pods' in-cluster access
+        self.ca_pem = Path(configuration.ssl_ca_cert).read_bytes() if configuration.ssl_ca_cert else b""
         self.runners: dict[str, PodRunner] = {}  # pod uid -> runner
         self.deleting: set[str] = set()
         self.stopping = threading.Event()

@@ -35,10 +35,14 @@ NODE_NAME = "conveyor-local"
 SERVICE_CIDR = "10.0.0.0/24"
 CONTROLLERS = (
     "statefulset-controller",
+    "deployment-controller",  # with the ReplicaSet controller: the Helm chart's operator Deployment
+    "replicaset-controller",
     "garbage-collector-controller",
     "namespace-controller",
     "serviceaccount-controller",
     "serviceaccount-token-controller",
+    # Removes the pvc-protection finalizer once no pod uses a claim; without it namespaces with PVCs never go.
+    "persistentvolumeclaim-protection-controller",
 )
 STATE_FILE = "cluster.json"
 

@@ -22,6 +22,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+from tests.cluster.apiaccess import SERVICE_IP, TOKEN_DIR
+
 log = logging.getLogger("agent.network")
 POD_CIDR = ipaddress.ip_network("10.244.0.0/16")
 HOSTS_DIR = Path("/etc/netns")
@@ -41,9 +43,12 @@ class LoopbackNetwork:
     def address(self, namespace: str, pod: str) -> str:
         return "127.0.0.1"
 
-    def setup(self, namespace: str, pod: str) -> list[str]:
+    def setup(self, namespace: str, pod: str, service_account: Path | None = None) -> list[str]:
         """Create the pod's network; returns the argv prefix that runs a command inside it."""
         return []
+
+    def netns(self, namespace: str, pod: str) -> str | None:
+        return None
 
     def teardown(self, namespace: str, pod: str) -> None:
         pass
@@ -109,7 +114,10 @@ class NetnsNetwork:
                 self._addresses[key] = str(next(self._hosts))
             return self._addresses[key]
 
-    def setup(self, namespace: str, pod: str) -> list[str]:
+    def netns(self, namespace: str, pod: str) -> str | None:
+        return self._namespaces.get((namespace, pod))
+
+    def setup(self, namespace: str, pod: str, service_account: Path | None = None) -> list[str]:
         address = self.address(namespace, pod)
         with self._lock:
             self._counter += 1
@@ -127,20 +135,18 @@ class NetnsNetwork:
         hosts = HOSTS_DIR / name
         hosts.mkdir(parents=True, exist_ok=True)
         (hosts / "hosts").write_text(f"127.0.0.1 localhost\n::1 localhost\n{address} {pod}\n")
-        # Run inside the namespace, with the pod's name as hostname (its own UTS namespace).
+        # The `kubernetes` Service's ClusterIP, served by apiaccess.ServiceForwarder inside this namespace.
+        _ip("-n", name, "addr", "add", f"{SERVICE_IP}/32", "dev", "lo")
+        # Run inside the namespace, with the pod's name as hostname (its own UTS namespace) and, in its own
+        # mount namespace, the service-account files where in-cluster clients look for them.
+        script = 'hostname "$0"'
+        if service_account is not None:
+            script += f' && mkdir -p {TOKEN_DIR} && mount --bind "$1" {TOKEN_DIR}'
+        script += ' && shift && exec "$@"'
         return [
-            "ip",
-            "netns",
-            "exec",
-            name,
-            "unshare",
-            "--uts",
-            "--",
-            "sh",
-            "-c",
-            'hostname "$0" && exec "$@"',
-            pod,
-        ]
+            "ip", "netns", "exec", name, "unshare", "--uts", "--mount", "--", "sh", "-c", script, pod,
+            str(service_account or ""),
+        ]  # fmt: skip
 
     def teardown(self, namespace: str, pod: str) -> None:
         with self._lock:

@@ -25,6 +25,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from tests.cluster.apiaccess import ServiceForwarder, write_service_account
 from tests.cluster.podspec import ContainerProcess, PodSpecError, summary
 
 log = logging.getLogger("agent.pod")
@@ -70,6 +71,7 @@ class PodRunner(threading.Thread):
         self._last_status: dict[str, Any] | None = None
         self.pod_ip = ""
         self._prefix: list[str] = []
+        self._forwarder: ServiceForwarder | None = None
         self.start_time = now()
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -80,8 +82,17 @@ class PodRunner(threading.Thread):
     def run(self) -> None:
         try:
             self.pod_dir.mkdir(parents=True, exist_ok=True)
-            self.pod_ip = self.agent.network.address(self.ns, self.name)
-            self._prefix = self.agent.network.setup(self.ns, self.name)
+            network = self.agent.network
+            self.pod_ip = network.address(self.ns, self.name)
+            service_account = None
+            if network.kind == "netns" and self.pod.spec.automount_service_account_token is not False:
+                service_account = write_service_account(
+                    self.agent.api, self.pod, self.agent.ca_pem, self.pod_dir / "serviceaccount"
+                )
+            self._prefix = network.setup(self.ns, self.name, service_account)
+            netns = network.netns(self.ns, self.name)
+            if netns is not None:
+                self._forwarder = ServiceForwarder(netns, *self.agent.api_address)
             self._loop()
         except Exception as err:
             log.exception("pod %s/%s: runner failed", self.ns, self.name)
@@ -92,6 +103,8 @@ class PodRunner(threading.Thread):
                 self._report()
         finally:
             self._kill_all(self._grace if self._stop.is_set() else 0.0)
+            if self._forwarder is not None:
+                self._forwarder.close()
             self.agent.network.teardown(self.ns, self.name)
             self.finished.set()
 
@@ -128,6 +141,7 @@ class PodRunner(threading.Thread):
             python=self.agent.python,
             pod_ip=self.pod_ip,
             address_of=self.agent.network.address,
+            in_cluster=self._forwarder is not None,
         )
         try:
             env = proc.environ()

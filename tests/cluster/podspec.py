@@ -82,10 +82,11 @@ class ContainerProcess:
         python: str,
         pod_ip: str,
         address_of: Callable[[str, str], str],
+        in_cluster: bool = False,
     ) -> None:
         self.api, self.pod, self.container = api, pod, container
         self.pod_dir, self.pvc_dir, self.checkout, self.python = pod_dir, pvc_dir, checkout, python
-        self.pod_ip, self.address_of = pod_ip, address_of
+        self.pod_ip, self.address_of, self.in_cluster = pod_ip, address_of, in_cluster
         self.dir = pod_dir / container.name
         self.termination_log = self.dir / "termination-log"
         self.mounts = self._mounts()
@@ -143,6 +144,8 @@ class ContainerProcess:
             # Pods have no CPU isolation here; one thread per process keeps a 2-core machine usable.
             "OMP_NUM_THREADS": "1",
         }
+        if self.in_cluster:  # as the kubelet sets them for the `kubernetes` Service
+            env |= {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"}
         ns = self.pod.metadata.namespace
         termination_path = self.container.termination_message_path or DEFAULT_TERMINATION_PATH
         for item in self.container.env or []:

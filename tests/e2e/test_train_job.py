@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,53 +20,13 @@ import pytest
 import yaml
 
 from tests.cluster.waiting import wait_for
-from tests.conftest import conveyor_cmd, subprocess_env
+from tests.e2e.conftest import Operator
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
 HERE = Path(__file__).resolve().parent
 GROUP, VERSION, PLURAL = "conveyor.dev", "v1alpha1", "pipelinejobs"
 STEPS, STAGES, TP = 6, 2, 2
-
-
-class Operator:
-    """`conveyor operator` for one namespace, as a child process logging to a file."""
-
-    def __init__(self, cluster, namespace: str, log: Path) -> None:
-        self.cluster, self.namespace, self.log = cluster, namespace, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = subprocess_env(**{k: v for k, v in self.cluster.env().items() if k in ("KUBECONFIG", "PATH")})
-        argv = conveyor_cmd("operator", "--namespace", self.namespace, "--standalone")
-        argv += ["--metrics-port", "0", "--health-port", "0"]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture
-def operator(k8s_cluster, k8s_namespace, tmp_path):
-    op = Operator(k8s_cluster, k8s_namespace, tmp_path / "operator.log")
-    op.start()
-    yield op
-    # Jobs carry the operator's finalizer: delete them while it still runs, or the namespace never goes.
-    k8s_cluster.kubectl("delete", "pipelinejobs", "--all", "-n", k8s_namespace, "--timeout=60s", check=False)
-    op.stop()
 
 
 def job_manifest(name: str, work: Path) -> dict:
@@ -114,11 +73,22 @@ def job_status(cluster, namespace: str, name: str) -> dict:
     )
 
 
-def wait_succeeded(cluster, namespace: str, name: str, op: Operator, timeout: float = 240) -> dict:
+def wait_succeeded(cluster, namespace: str, name: str, op: Operator | None, timeout: float = 240) -> dict:
+    def operator_log() -> str:
+        if op is None:  # the operator runs as a pod of the Helm chart
+            return "".join(
+                cluster.pod_logs(namespace, p.metadata.name)
+                for p in cluster.core.list_namespaced_pod(
+                    namespace,
+                    label_selector="app.kubernetes.io/name=conveyor,app.kubernetes.io/component=operator",
+                ).items
+            )[-3000:]
+        return op.log.read_text()[-3000:]
+
     def done():
         status = job_status(cluster, namespace, name)
         if status.get("phase") == "Failed":
-            raise AssertionError(f"job failed: {json.dumps(status, indent=1)}\n{op.log.read_text()[-3000:]}")
+            raise AssertionError(f"job failed: {json.dumps(status, indent=1)}\n{operator_log()}")
         return status if status.get("phase") == "Succeeded" else None
 
     try:
@@ -128,24 +98,36 @@ def wait_succeeded(cluster, namespace: str, name: str, op: Operator, timeout: fl
         logs = {p: cluster.pod_logs(namespace, p)[-2000:] for p in (f"{name}-0", f"{name}-1")}
         raise AssertionError(
             f"status: {json.dumps(job_status(cluster, namespace, name), indent=1)}\npods:\n{pods}\n"
-            f"pod logs: {json.dumps(logs, indent=1)}\noperator log tail:\n{op.log.read_text()[-3000:]}"
+            f"pod logs: {json.dumps(logs, indent=1)}\noperator log tail:\n{operator_log()}"
         ) from None
 
 
-def assert_clean_children(cluster, namespace: str, name: str) -> None:
-    """Exactly one StatefulSet and one Service for the job, both owned by it: no duplicates, no orphans."""
+def assert_clean_children(cluster, namespace: str, name: str, ignore_pods: str | None = None) -> None:
+    """Exactly one StatefulSet and one Service for the job, both owned by it, and every pod owned by that
+    StatefulSet: no duplicates, no orphans. `ignore_pods` selects pods that are not the job's (an operator)."""
     uid = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)["metadata"][
         "uid"
     ]
     sets = cluster.apps.list_namespaced_stateful_set(namespace).items
-    services = cluster.core.list_namespaced_service(namespace).items
+    services = [
+        s
+        for s in cluster.core.list_namespaced_service(namespace).items
+        if not s.metadata.name.startswith("conveyor")
+    ]
     assert [s.metadata.name for s in sets] == [name]
     assert [s.metadata.name for s in services] == [name]
     for obj in [*sets, *services]:
         assert [o.uid for o in obj.metadata.owner_references or []] == [uid], obj.metadata.name
+    ignored = set()
+    if ignore_pods:
+        ignored = {
+            p.metadata.uid
+            for p in cluster.core.list_namespaced_pod(namespace, label_selector=ignore_pods).items
+        }
     for pod in cluster.core.list_namespaced_pod(namespace).items:
-        owners = [o.name for o in pod.metadata.owner_references or []]
-        assert owners == [name], (pod.metadata.name, owners)
+        if pod.metadata.uid not in ignored:
+            owners = [o.name for o in pod.metadata.owner_references or []]
+            assert owners == [name], (pod.metadata.name, owners)
 
 
 def committed_steps(results: Path) -> int:
