@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.inference.encoder import load_encoder, sentence_embeddings
 from conveyor.inference.loader import Shard
@@ -30,7 +29,9 @@ def batch(model_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
 def main(model_dir: str, out: str) -> None:
     info = init_distributed(device="cpu")
     topo = Topology(Layout(1, 1, info.world_size))
-    model = load_encoder(model_dir, shard=Shard(topo.tp_rank, info.world_size), tensor_group=topo.tensor_group)
+    model = load_encoder(
+        model_dir, shard=Shard(topo.tp_rank, info.world_size), tensor_group=topo.tensor_group
+    )
     emb = sentence_embeddings(model, *batch(model_dir))
     if info.rank == 0:
         torch.save(emb, out)

@@ -16,7 +16,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_ranks(world: int, argv: list[str], extra_env: list[dict[str, str]] | None = None) -> list[subprocess.Popen]:
+def start_ranks(
+    world: int, argv: list[str], extra_env: list[dict[str, str]] | None = None
+) -> list[subprocess.Popen]:
     """Start ``python ARGV`` once per rank with RANK/WORLD_SIZE/MASTER_* set; returns the processes."""
     port = free_port()
     procs = []
@@ -32,7 +34,9 @@ def start_ranks(world: int, argv: list[str], extra_env: list[dict[str, str]] | N
             **(extra_env[rank] if extra_env else {}),
         )
         procs.append(
-            subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                [sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
         )
     return procs
 
@@ -49,7 +53,9 @@ def wait_ranks(procs: list[subprocess.Popen], timeout: float = 240) -> None:
         outputs.append(out.decode(errors="replace"))
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
-        details = "\n".join(f"--- rank {i} (exit {procs[i].returncode}):\n{outputs[i][-4000:]}" for i in failed)
+        details = "\n".join(
+            f"--- rank {i} (exit {procs[i].returncode}):\n{outputs[i][-4000:]}" for i in failed
+        )
         raise AssertionError(f"ranks {failed} failed:\n{details}")
 
 

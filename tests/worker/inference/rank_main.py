@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
-
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
 from conveyor.inference.sampling import SamplingParams
@@ -19,7 +19,7 @@ from conveyor.topology import Layout, Topology
 
 
 def main(path: str) -> None:
-    case = json.loads(open(path).read())
+    case = json.loads(Path(path).read_text())
     info = init_distributed(device="cpu")
     topo = Topology(Layout(1, case["stages"], case["tensor_parallel"]))
     results: dict[str, dict[str, list[list[int]]]] = {}

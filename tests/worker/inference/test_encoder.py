@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conveyor.inference.encoder import load_encoder, sentence_embeddings
+
 from tests.worker.inference.encoder_main import batch
 from tests.worker.inference.launch import run_ranks
 
@@ -27,7 +27,11 @@ def test_single_process_matches_hf(single: torch.Tensor) -> None:
 
     tokens, mask = batch(MODEL_DIR)
     with torch.no_grad():
-        hidden = AutoModel.from_pretrained(MODEL_DIR).eval()(input_ids=tokens, attention_mask=mask).last_hidden_state
+        hidden = (
+            AutoModel.from_pretrained(MODEL_DIR)
+            .eval()(input_ids=tokens, attention_mask=mask)
+            .last_hidden_state
+        )
     w = mask.unsqueeze(-1).float()
     reference = F.normalize((hidden * w).sum(1) / w.sum(1), dim=1)
     torch.testing.assert_close(single, reference, atol=1e-5, rtol=0)

@@ -8,15 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
 from conveyor.inference.sampling import SamplingParams
 from conveyor.testing.tiny import FAMILIES, save_tiny
 from conveyor.topology import Layout, Topology
+
 from tests.worker.inference.launch import run_ranks
 
 # Prompts of different lengths in one batch; more prompts than lanes, so sequences join mid-run.
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36], [40] * 5, [50, 60]]
+PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+    [20, 21, 22],
+    [30, 31, 32, 33, 34, 35, 36],
+    [40] * 5,
+    [50, 60],
+]
 NEW_TOKENS = 8
 SAMPLINGS = {
     "greedy": {"stop_token_ids": [2]},
@@ -43,9 +49,9 @@ def hf_greedy(models: dict[str, str]) -> dict[str, list[list[int]]]:
     for family, d in models.items():
         hf = T.AutoModelForCausalLM.from_pretrained(d).eval()
         refs[family] = [
-            hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=2, pad_token_id=0)[
-                0, len(p) :
-            ].tolist()
+            hf.generate(
+                torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=2, pad_token_id=0
+            )[0, len(p) :].tolist()
             for p in PROMPTS
         ]
     return refs
@@ -98,10 +104,14 @@ def test_layouts_match_hf_and_single_process_sampling(
         "out": str(tmp_path / "out.json"),
     }
     (tmp_path / "case.json").write_text(json.dumps(case))
-    run_ranks(stages * tensor_parallel, ["-m", "tests.worker.inference.rank_main", str(tmp_path / "case.json")])
+    run_ranks(
+        stages * tensor_parallel, ["-m", "tests.worker.inference.rank_main", str(tmp_path / "case.json")]
+    )
     results = json.loads((tmp_path / "out.json").read_text())
     for family in families:
-        assert results[family]["greedy"] == hf_greedy[family], f"{family} greedy at {stages}x{tensor_parallel}"
+        assert results[family]["greedy"] == hf_greedy[family], (
+            f"{family} greedy at {stages}x{tensor_parallel}"
+        )
         sampled = single_sampled[family]
         assert results[family]["sampled"] == sampled, f"{family} sampled at {stages}x{tensor_parallel}"
         assert sampled != hf_greedy[family]

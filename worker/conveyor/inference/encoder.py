@@ -18,15 +18,18 @@ from conveyor.inference.tensor_parallel import Policy, add_all_reduce_hooks
 def load_encoder(
     model_dir: str | Path,
     *,
-    shard: Shard = Shard(),
+    shard: Shard | None = None,
     tensor_group: Any = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     policy: Policy | None = None,
 ) -> StageModel:
+    shard = shard or Shard()
     arch = load_arch(model_dir)
     if arch.family not in ENCODER_FAMILIES:
-        raise ValueError(f"{model_dir} is a {arch.family} model; encoders supported: {', '.join(ENCODER_FAMILIES)}")
+        raise ValueError(
+            f"{model_dir} is a {arch.family} model; encoders supported: {', '.join(ENCODER_FAMILIES)}"
+        )
     model = load_stage(model_dir, arch, shard=shard, dtype=dtype, device=device, policy=policy)
     if shard.tensor_parallel > 1:
         add_all_reduce_hooks(model, tensor_group)
@@ -34,7 +37,9 @@ def load_encoder(
 
 
 @torch.inference_mode()
-def sentence_embeddings(model: StageModel, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sentence_embeddings(
+    model: StageModel, tokens: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """tokens, attention_mask [n, S] -> unit-length embeddings [n, hidden] (mean over real tokens)."""
     hidden = model.encode(tokens, attention_mask)  # [n, S, hidden]
     weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [n, S, 1]

@@ -102,11 +102,18 @@ class StageWorker:
         self.scratch = model.cache.scratch_position
         self.seen: torch.Tensor | None = None
         if peers.is_last and params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(model.cache.lanes_total, model.arch.vocab_size, dtype=torch.bool, device=device)
+            self.seen = torch.zeros(
+                model.cache.lanes_total, model.arch.vocab_size, dtype=torch.bool, device=device
+            )
 
     @staticmethod
     def pack(
-        kind: int, lane_start: int, positions: torch.Tensor, keys: list[int], steps: list[int], tokens: torch.Tensor
+        kind: int,
+        lane_start: int,
+        positions: torch.Tensor,
+        keys: list[int],
+        steps: list[int],
+        tokens: torch.Tensor,
     ) -> torch.Tensor:
         """meta [4 + n*S + n + n + n*S]: kind, lane_start, n, S, positions, keys, steps, tokens."""
         n, s = positions.shape
@@ -265,8 +272,10 @@ class Scheduler:
         if not req.prompt_ids:
             raise ValueError(f"request {req.id!r} has an empty prompt")
         if len(req.prompt_ids) >= self.max_len:
-            raise ValueError(f"request {req.id!r}: prompt of {len(req.prompt_ids)} tokens leaves no room in a "
-                             f"KV cache of {self.max_len} positions")
+            raise ValueError(
+                f"request {req.id!r}: prompt of {len(req.prompt_ids)} tokens leaves no room in a "
+                f"KV cache of {self.max_len} positions"
+            )
         self.lanes[index] = _Lane(request=req, position=len(req.prompt_ids), started=time.perf_counter())
         s = len(req.prompt_ids)
         positions = torch.arange(s, dtype=torch.int64)[None]  # [1, S]

@@ -24,7 +24,14 @@ import torch.distributed as dist
 from conveyor import metrics
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
-from conveyor.inference.generate import Request, Result, SchedulerHooks, micro_batch_layout, prepare_rank, run_generation
+from conveyor.inference.generate import (
+    Request,
+    Result,
+    SchedulerHooks,
+    micro_batch_layout,
+    prepare_rank,
+    run_generation,
+)
 from conveyor.inference.progress import ResultLog, merge_parts, rfc3339
 from conveyor.inference.sampling import SamplingParams
 from conveyor.log import get_logger
@@ -61,7 +68,9 @@ def read_requests(
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}:{number + 1}: not JSON ({err})") from None
             if "id" not in row:
-                raise InputError(f"{path}:{number + 1}: missing \"id\" (each line is {{\"id\", \"prompt\" or \"input_ids\"}})")
+                raise InputError(
+                    f'{path}:{number + 1}: missing "id" (each line is {{"id", "prompt" or "input_ids"}})'
+                )
             key = json.dumps(row["id"])
             if key in seen:
                 raise InputError(f"{path}:{number + 1}: duplicate id {row['id']!r}; ids must be unique")
@@ -73,12 +82,12 @@ def read_requests(
             elif "prompt" in row:
                 if tokenizer is None:
                     raise InputError(
-                        f"{path}:{number + 1}: a text \"prompt\" needs a tokenizer in the model directory; "
-                        "add tokenizer.json or give \"input_ids\""
+                        f'{path}:{number + 1}: a text "prompt" needs a tokenizer in the model directory; '
+                        'add tokenizer.json or give "input_ids"'
                     )
                 ids = tokenizer(row["prompt"])["input_ids"]
             else:
-                raise InputError(f"{path}:{number + 1}: needs \"prompt\" (text) or \"input_ids\" (token ids)")
+                raise InputError(f'{path}:{number + 1}: needs "prompt" (text) or "input_ids" (token ids)')
             if not ids:
                 raise InputError(f"{path}:{number + 1}: empty prompt")
             requests.append(Request(row["id"], ids, max_new_tokens))
@@ -145,10 +154,16 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
     longest = max((len(r.prompt_ids) for r in todo), default=1)
     max_len = min(longest + inf.max_new_tokens, arch.max_positions)
     if longest >= max_len:
-        raise InputError(f"a prompt of {longest} tokens does not fit the model's {arch.max_positions} positions")
+        raise InputError(
+            f"a prompt of {longest} tokens does not fit the model's {arch.max_positions} positions"
+        )
     model, peers = prepare_rank(
-        spec.model.path, topo, dtype=DTYPES[spec.model.dtype], device=info.device,
-        lanes=lanes_m * lanes_b, max_len=max_len,
+        spec.model.path,
+        topo,
+        dtype=DTYPES[spec.model.dtype],
+        device=info.device,
+        lanes=lanes_m * lanes_b,
+        max_len=max_len,
     )
     params = sampling_params(spec, arch.eos_token_ids)
     every = spec.checkpoint.every if spec.checkpoint else 1
@@ -158,41 +173,61 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
     def on_result(r: Result) -> None:
         if not is_writer:
             return
-        results.append({"id": r.id, "output_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason})
+        results.append(
+            {"id": r.id, "output_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason}
+        )
         if results.uncommitted >= every or time.monotonic() - last_commit[0] > COMMIT_SECONDS:
-            committed = results.uncommitted
+            pending = results.uncommitted
             results.commit()
             last_commit[0] = time.monotonic()
-            metrics.PROMPTS_COMPLETED.labels(job).inc(committed)
+            metrics.PROMPTS_COMPLETED.labels(job).inc(pending)
             log.info("progress", extra={"completed": results.completed, "total": total})
 
-    hooks = SchedulerHooks(
-        on_result=on_result,
-        on_first_token=lambda dt: (metrics.TIME_TO_FIRST_TOKEN.labels(job).observe(dt),
-                                   metrics.TOKENS_GENERATED.labels(job).inc()),
-        on_decode_step=lambda dt, n: (metrics.TOKEN_LATENCY.labels(job).observe(dt),
-                                      metrics.TOKENS_GENERATED.labels(job).inc(n)),
-        on_wait=lambda dt: metrics.BUBBLE_SECONDS.labels(job, str(topo.stage)).inc(dt),
-    )
-    if topo.stage == 0:
+    def on_first_token(dt: float) -> None:
+        if is_writer:  # one rank counts, so summing the job's endpoints counts each token once
+            metrics.TIME_TO_FIRST_TOKEN.labels(job).observe(dt)
+            metrics.TOKENS_GENERATED.labels(job).inc()
+
+    def on_decode_step(dt: float, tokens: int) -> None:
+        if is_writer:
+            metrics.TOKEN_LATENCY.labels(job).observe(dt)
+            metrics.TOKENS_GENERATED.labels(job).inc(tokens)
+
+    def on_wait(dt: float) -> None:
+        metrics.BUBBLE_SECONDS.labels(job, str(topo.stage)).inc(dt)
+
+    hooks = SchedulerHooks(on_result, on_first_token, on_decode_step, on_wait)
+    if is_writer:
         metrics.PROMPT_TOKENS.labels(job).inc(sum(len(r.prompt_ids) for r in todo))
     log.info(
         "inference starting",
-        extra={"prompts": len(todo), "skipped": done_before, "micro_batches": lanes_m, "lanes": lanes_m * lanes_b},
+        extra={
+            "prompts": len(todo),
+            "skipped": done_before,
+            "micro_batches": lanes_m,
+            "lanes": lanes_m * lanes_b,
+        },
     )
     if is_writer:
         results.open()
     run_generation(
-        model, peers, params, todo, micro_batches=lanes_m, lanes_per_micro_batch=lanes_b,
-        device=info.device, tokenizer=tokenizer, hooks=hooks,
+        model,
+        peers,
+        params,
+        todo,
+        micro_batches=lanes_m,
+        lanes_per_micro_batch=lanes_b,
+        device=info.device,
+        tokenizer=tokenizer,
+        hooks=hooks,
     )
     if info.device.type == "cuda":
         metrics.GPU_MEMORY_BYTES.labels(job, str(info.rank)).set(torch.cuda.memory_allocated())
     if is_writer:
-        committed = results.uncommitted
+        pending = results.uncommitted
         results.commit(done=True)
         results.close()
-        metrics.PROMPTS_COMPLETED.labels(job).inc(committed)
+        metrics.PROMPTS_COMPLETED.labels(job).inc(pending)
         if replicas > 1:
             parts = [ResultLog(output.with_name(f"{output.name}.r{r}")) for r in range(replicas)]
             if merge_parts(parts, output):

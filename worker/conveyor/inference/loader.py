@@ -138,7 +138,9 @@ def verify_checkpoint(ckpt: Checkpoint, arch: Arch, names: NameMap) -> None:
         problems.append(f"unexpected tensors (not in a {arch.family} model of this config): {unexpected[:6]}")
     for name in sorted(present & set(expected)):
         if ckpt.shape(name) != expected[name]:
-            problems.append(f"{name} has shape {list(ckpt.shape(name))}, config implies {list(expected[name])}")
+            problems.append(
+                f"{name} has shape {list(ckpt.shape(name))}, config implies {list(expected[name])}"
+            )
     if problems:
         raise CheckpointError(f"checkpoint {ckpt.dir} does not match its config.json: " + "; ".join(problems))
 
@@ -221,7 +223,10 @@ class _LayerReader:
                 yield "attn.wo" + suffix, self.row_parallel(by_kind["o"], suffix, a.heads * a.head_dim)
             if suffix == ".weight" or a.mlp_bias:
                 ins = [by_kind["gate"], by_kind["up"]] if a.gated_mlp else [by_kind["up"]]
-                yield "mlp.w_in" + suffix, torch.cat([self._rows(x.name + suffix, mlp_lo, mlp_hi) for x in ins])
+                yield (
+                    "mlp.w_in" + suffix,
+                    torch.cat([self._rows(x.name + suffix, mlp_lo, mlp_hi) for x in ins]),
+                )
                 yield "mlp.w_out" + suffix, self.row_parallel(by_kind["down"], suffix, a.intermediate)
         for norm in self.names.norms:
             yield f"{norm.ours}.weight", self.ckpt.read(f"{self.prefix}{norm.name}.weight")
@@ -239,7 +244,9 @@ def _global(ckpt: Checkpoint, names: NameMap, ours: str) -> torch.Tensor | None:
 def stage_layers(num_layers: int, stages: int, stage: int) -> range:
     """Layers of ``stage``: contiguous, as even as possible (the first stages take one more)."""
     if stages > num_layers:
-        raise ValueError(f"{stages} pipeline stages but the model has only {num_layers} layers: use fewer stages")
+        raise ValueError(
+            f"{stages} pipeline stages but the model has only {num_layers} layers: use fewer stages"
+        )
     base, extra = divmod(num_layers, stages)
     start = stage * base + min(stage, extra)
     return range(start, start + base + (1 if stage < extra else 0))
@@ -251,12 +258,13 @@ def load_stage(
     *,
     stages: int = 1,
     stage: int = 0,
-    shard: Shard = Shard(),
+    shard: Shard | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     policy: Policy | None = None,
 ) -> StageModel:
     """Build this rank's ``StageModel`` and fill it with its (sharded) tensors from ``model_dir``."""
+    shard = shard or Shard()
     check_divisible(arch, shard.tensor_parallel)
     names = name_map(arch)
     plan_layer(arch, names, policy)  # refuses an inconsistent policy before reading weights
@@ -274,7 +282,9 @@ def load_stage(
         def put(ours: str, tensor: torch.Tensor) -> None:
             p = params[ours]
             if tuple(tensor.shape) != tuple(p.shape):
-                raise CheckpointError(f"{ours}: read shape {list(tensor.shape)}, model expects {list(p.shape)}")
+                raise CheckpointError(
+                    f"{ours}: read shape {list(tensor.shape)}, model expects {list(p.shape)}"
+                )
             with torch.no_grad():
                 p.copy_(tensor.to(dtype))
             loaded.add(ours)
@@ -285,7 +295,11 @@ def load_stage(
                 put(f"layers.{local}.{ours}", tensor)
         wanted: list[tuple[str, str]] = []
         if first:
-            wanted += [("embed.weight", "embed"), ("pos_embed.weight", "pos_embed"), ("project_in.weight", "project_in")]
+            wanted += [
+                ("embed.weight", "embed"),
+                ("pos_embed.weight", "pos_embed"),
+                ("project_in.weight", "project_in"),
+            ]
             wanted += [("type_embed.weight", "type_embed"), ("embed_norm.weight", "embed_norm.weight")]
             wanted += [("embed_norm.bias", "embed_norm.bias")]
         if last and arch.causal:
@@ -294,12 +308,12 @@ def load_stage(
         for ours, key in wanted:
             if ours not in params:
                 continue
-            tensor = _global(ckpt, names, key)
-            if tensor is None and key == "lm_head" and arch.tie_embeddings:
-                tensor = _global(ckpt, names, "embed")  # tied: the LM head is the input embedding
-            if tensor is None:
+            found = _global(ckpt, names, key)
+            if found is None and key == "lm_head" and arch.tie_embeddings:
+                found = _global(ckpt, names, "embed")  # tied: the LM head is the input embedding
+            if found is None:
                 raise CheckpointError(f"{model_dir}: no tensor for {ours} ({names.globals_.get(key)})")
-            put(ours, tensor)
+            put(ours, found)
         if first and last and arch.tie_embeddings and arch.causal:
             model.lm_head.weight = model.embed.weight  # one tensor, as in HF
             loaded.add("lm_head.weight")

@@ -96,7 +96,12 @@ class Attention(nn.Module):
             v_cache[lane, :, positions] = v.transpose(1, 2)
             k, v = k_cache, v_cache
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim), enable_gqa=self.kv_heads != self.heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            scale=1.0 / math.sqrt(self.head_dim),
+            enable_gqa=self.kv_heads != self.heads,
         )
         return self.wo(y.transpose(1, 2).reshape(n, s, q_size))  # [n, S, heads * head_dim] -> hidden
 

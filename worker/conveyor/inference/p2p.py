@@ -10,6 +10,8 @@ stage 0 -> ... -> last -> stage 0 that generation forms. Pending sends are kept 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -23,7 +25,7 @@ class Channel:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._pending: list[tuple[Any, torch.Tensor]] = []
 
     def send(self, tensors: list[torch.Tensor], dst: int) -> None:
         self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]

@@ -67,7 +67,9 @@ class ResultLog:
         size = int(self.record["committedBytes"])
         if not self.path.exists():
             if size:
-                raise RuntimeError(f"{self.path} is gone but {self.record_path} records {size} committed bytes")
+                raise RuntimeError(
+                    f"{self.path} is gone but {self.record_path} records {size} committed bytes"
+                )
             return set()
         with open(self.path, "r+b") as f:
             f.truncate(size)
@@ -77,7 +79,7 @@ class ResultLog:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab")
+        self._file = open(self.path, "ab")  # noqa: SIM115 (held open across appends; close())
 
     def append(self, result: dict[str, Any]) -> None:
         self._file.write((json.dumps(result) + "\n").encode())

@@ -109,7 +109,9 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     return model.float().eval()
 
 
-def save_tiny(family: str, directory: str | Path, seed: int = 0, tokenizer: bool = True, **overrides: Any) -> Path:
+def save_tiny(
+    family: str, directory: str | Path, seed: int = 0, tokenizer: bool = True, **overrides: Any
+) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` (and a tokenizer) to ``directory``."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
