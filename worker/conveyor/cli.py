@@ -50,11 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     crd.add_argument("--check", action="store_true", help="exit 1 when the checked-in CRD files differ")
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (wraps `kopf run`)")
-    op.add_argument("--namespace", "-n", action="append", default=[], help="watch only this namespace")
-    op.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    op.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable; glob allowed)",
+    )
+    op.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
     op.add_argument("--standalone", action="store_true", help="no peering (no leader election)")
-    op.add_argument("--metrics-port", type=int, default=8080)
-    op.add_argument("--health-port", type=int, default=8081)
+    op.add_argument("--peering", default="conveyor", help="kopf peering object used for leader election")
+    op.add_argument(
+        "--priority", type=int, default=None, help="peering priority; default: random per replica"
+    )
+    op.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics; 0 turns it off")
+    op.add_argument(
+        "--health-port", type=int, default=8081, help="liveness endpoint /healthz; 0 turns it off"
+    )
     op.add_argument("--verbose", action="store_true")
     return parser
 

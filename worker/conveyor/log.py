@@ -30,16 +30,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure(level: str = "INFO", **context: Any) -> None:
-    """Configure the root logger once per process; ``context`` (job, rank, stage...) goes on every line."""
+class TextFormatter(logging.Formatter):
+    """For a person at a terminal (`conveyor run`): `12:00:01 info  message  key=value ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = {k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")}
+        fields = " ".join(f"{k}={v}" for k, v in extras.items())
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = f"{stamp} {record.levelname.lower():5} {record.getMessage()}" + (
+            f"  {fields}" if fields else ""
+        )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure(level: str = "INFO", fmt: str | None = None, **context: Any) -> None:
+    """Configure the root logger of this process; ``context`` (job, rank, stage...) goes on every JSON line.
+
+    ``fmt``: `json` (default; what log collectors in a cluster want) or `text`; None reads
+    CONVEYOR_LOG_FORMAT, which `conveyor run` sets to `text` for its local processes.
+    """
+    import os
+
     _context.update(context)
+    fmt = fmt or os.environ.get("CONVEYOR_LOG_FORMAT", "json")
     root = logging.getLogger()
-    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        root.handlers[:] = [handler]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
+    root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.Formatter.converter = time.gmtime
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -148,6 +148,15 @@ class RestartPolicySpec(_Spec):
         1800, ge=10, description="A group not ready within this long after (re)start is restarted."
     )
 
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> RestartPolicySpec:
+        if self.max_backoff_seconds < self.backoff_seconds:
+            raise ValueError(
+                f"maxBackoffSeconds ({self.max_backoff_seconds}) is below backoffSeconds ({self.backoff_seconds}): "
+                "raise maxBackoffSeconds or lower backoffSeconds"
+            )
+        return self
+
 
 class SamplingSpec(_Spec):
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 means greedy.")
@@ -225,6 +234,13 @@ class PipelineJobSpec(_Spec):
                 raise ValueError("spec.train.script is required: the DeepSpeed-style script every rank runs")
             if self.checkpoint is None:
                 raise ValueError("spec.checkpoint is required when spec.mode is 'train': add checkpoint.path")
+        gpus = self.resources.gpus
+        if gpus is not None and 0 < gpus < self.parallelism.tensor_parallel:
+            raise ValueError(
+                f"spec.resources.gpus ({gpus}) is below spec.parallelism.tensorParallel "
+                f"({self.parallelism.tensor_parallel}): each tensor-parallel rank needs its own GPU; "
+                "set gpus >= tensorParallel, or 0 to run on the CPU"
+            )
         if self.mode != Mode.SERVE and self.parallelism.replicas == 0:
             raise ValueError(
                 "spec.parallelism.replicas is 0: only serve jobs scale to zero; use replicas >= 1"
@@ -271,26 +287,145 @@ CEL_RULES: list[dict[str, str]] = [
         " || self.parallelism.replicas >= 1",
         "message": "spec.parallelism.replicas is 0: only serve jobs scale to zero",
     },
+    {
+        "rule": "!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus == 0"
+        " || !has(self.parallelism) || !has(self.parallelism.tensorParallel)"
+        " || self.resources.gpus >= self.parallelism.tensorParallel",
+        "message": "spec.resources.gpus is below spec.parallelism.tensorParallel: each tensor-parallel rank needs "
+        "its own GPU (set gpus >= tensorParallel, or 0 for the CPU)",
+    },
+    {
+        "rule": "!has(self.restartPolicy) || !has(self.restartPolicy.maxBackoffSeconds)"
+        " || !has(self.restartPolicy.backoffSeconds)"
+        " || self.restartPolicy.maxBackoffSeconds >= self.restartPolicy.backoffSeconds",
+        "message": "spec.restartPolicy.maxBackoffSeconds must be >= backoffSeconds",
+    },
     {"rule": "self.mode == oldSelf.mode", "message": "spec.mode is immutable: create a new PipelineJob"},
 ]
 
-# Layout fields may not change while pods run: the stages' weights and ranks would not match.
+# The longest StatefulSet name is NAME-r1023 and its pods' controller-revision-hash label adds 11
+# characters; label values stop at 63, so NAME stops at 46.
+MAX_NAME_LENGTH = 46
+
+# Layout fields may not change while pods run: the stages' weights and ranks would not match. They are
+# rules on `spec` (transition rules: `oldSelf` is the stored spec) so that a suspended job may change its
+# layout: checkpoints are keyed by layer index, so it resumes with the new stages or tensorParallel.
 IMMUTABLE_PARALLELISM_RULES: list[dict[str, str]] = [
     {
-        "rule": "!has(oldSelf.stages) || !has(self.stages) || self.stages == oldSelf.stages",
-        "message": "spec.parallelism.stages is immutable: the layout is fixed once created (create a new job)",
+        "rule": "(has(oldSelf.suspend) && oldSelf.suspend && has(self.suspend) && self.suspend)"
+        " || self.parallelism.stages == oldSelf.parallelism.stages",
+        "message": "spec.parallelism.stages cannot change while the job runs: set suspend: true first "
+        "(it resumes from the checkpoint with the new layout) or create a new job",
     },
     {
-        "rule": "!has(oldSelf.tensorParallel) || !has(self.tensorParallel)"
-        " || self.tensorParallel == oldSelf.tensorParallel",
-        "message": "spec.parallelism.tensorParallel is immutable: the layout is fixed once created (create a new job)",
+        "rule": "(has(oldSelf.suspend) && oldSelf.suspend && has(self.suspend) && self.suspend)"
+        " || self.parallelism.tensorParallel == oldSelf.parallelism.tensorParallel",
+        "message": "spec.parallelism.tensorParallel cannot change while the job runs: set suspend: true first "
+        "(it resumes from the checkpoint with the new layout) or create a new job",
     },
 ]
+
+
+# ---- status (written by the operator only; the CRD's status schema is generated from these too) ----
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class _Status(BaseModel):
+    # Status is written by the operator; unknown keys are ignored, not refused, so an older operator can
+    # read a newer status during an upgrade.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, use_enum_values=True)
+
+
+class CheckpointRef(_Status):
+    step: int = Field(ge=0, description="Step (train) or committed prompt offset (inference).")
+    time: str | None = Field(None, description="When it was committed (RFC 3339).")
+
+
+class Condition(_Status):
+    """A Kubernetes-style condition (metav1.Condition)."""
+
+    type: str = Field(description="`Ready`, `Reconciling` or `Stalled`.")
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(description="CamelCase reason, e.g. `BackoffLimitExceeded`.")
+    message: str = ""
+    observed_generation: int | None = None
+    last_transition_time: str | None = None
+
+
+class GroupFailure(_Status):
+    reason: str = Field(
+        description="PodFailed, ContainerRestarted, PodEvicted, PodDeleted or StartupTimeout."
+    )
+    message: str = ""
+    time: str = Field(
+        description="When the operator saw it (RFC 3339); the restart waits the backoff from here."
+    )
+
+
+class GroupStatus(_Status):
+    """One restart unit: a replica's group (inference, serve) or the whole job (train)."""
+
+    name: str = Field(description="The group's StatefulSet.")
+    replica: int | None = Field(
+        None, description="The replica it serves; absent for a train job's one group."
+    )
+    phase: Phase = Phase.PENDING
+    pods: int = Field(0, description="Pods of the current generation that exist.")
+    ready_pods: int = 0
+    restarts: int = Field(0, description="Times the operator restarted this group (its CONVEYOR_RESTART).")
+    start_time: str | None = Field(None, description="When the current generation was started.")
+    running_since: str | None = Field(None, description="When every pod of the group was first seen ready.")
+    members_since: str | None = Field(
+        None, description="Newest pod creation time when the group became ready; a later pod replaced one."
+    )
+    failure: GroupFailure | None = Field(None, description="A failure waiting for its backoff to end.")
+    resumed_from: CheckpointRef | None = Field(None, description="Checkpoint the last restart resumed from.")
+
+
+class ResolvedSpec(_Status):
+    """Values the operator resolved from defaults (never written back into the spec, for GitOps)."""
+
+    gpus_per_pod: int = 0
+    micro_batches: int = 1
+    pods_per_group: int = 1
+    template_hash: str = ""
+
+
+class PipelineJobStatus(_Status):
+    phase: Phase = Phase.PENDING
+    reason: str | None = Field(
+        None, description="Why the job is in its phase (CamelCase), e.g. BackoffLimitExceeded."
+    )
+    message: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    layout: str | None = Field(None, description="stages x tensorParallel x replicas, e.g. `4x2x1`.")
+    replicas: int = Field(0, description="Replica groups that exist (scale subresource).")
+    selector: str | None = Field(None, description="Label selector of the job's pods (scale subresource).")
+    ready: str | None = Field(None, description="Ready groups / groups, e.g. `1/2`.")
+    ready_groups: int = 0
+    groups: list[GroupStatus] = Field(default_factory=list)
+    restarts: int = Field(
+        0, description="Group restarts so far, all groups together (compared to backoffLimit)."
+    )
+    last_checkpoint: CheckpointRef | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    resolved: ResolvedSpec | None = None
 
 
 class ObjectMeta(_Spec):
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
-    name: str = Field(min_length=1, max_length=52, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
@@ -300,8 +435,8 @@ class PipelineJob(_Spec):
     """A whole PipelineJob document, as `kubectl apply` or `conveyor run` reads it."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
-    api_version: Literal["conveyor.dev/v1alpha1"] = API_VERSION
-    kind: Literal["PipelineJob"] = KIND
+    api_version: Literal["conveyor.dev/v1alpha1"] = "conveyor.dev/v1alpha1"
+    kind: Literal["PipelineJob"] = "PipelineJob"
     metadata: ObjectMeta
     spec: PipelineJobSpec
 

@@ -1,0 +1,123 @@
+"""kopf handlers: a few lines each. Every trigger (the job changed, one of its pods changed, the resync
+timer) runs the same level-based ``reconcile``: read the job and its pods, plan (pure), carry the plan
+out. Status is written once per reconcile, and only when it changed.
+
+No create/update handlers are registered, so kopf keeps no last-handled-configuration annotation on
+the objects (their size stays the user's), and the user's spec is never patched (GitOps).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from conveyor.spec import GROUP, PLURAL, VERSION, PipelineJobStatus
+
+from conveyor_operator import k8s, metrics
+from conveyor_operator.observe import observe_pod
+from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
+from conveyor_operator.render import JOB_LABEL
+
+RESYNC_SECONDS = 10.0
+FINALIZER = "conveyor.dev/operator"
+log = logging.getLogger(__name__)
+
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock(namespace: str, name: str) -> threading.Lock:
+    # Triggers for one job arrive from several kopf workers; one reconcile at a time per job.
+    with _locks_guard:
+        return _locks.setdefault((namespace, name), threading.Lock())
+
+
+def execute(client: k8s.Client, body: dict[str, Any], plan: Plan) -> None:
+    """Carry a plan out. Status first: a restart's new count is recorded before any pod goes, so a crash
+    half way leaves pods of an 'earlier restart' that the next reconcile replaces."""
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    new_status = k8s.status_patch(plan.status)
+    old_status = k8s.status_patch(PipelineJobStatus.model_validate(body.get("status") or {}))
+    if new_status != old_status or not body.get("status"):
+        client.patch_status(ns, name, new_status)
+    for obj in plan.apply:
+        client.apply(obj)
+    for pod, labels in sorted(plan.label_pods.items()):
+        client.label_pod(ns, pod, labels)
+    for pod in sorted(set(plan.delete_pods)):
+        client.delete_pod(ns, pod)
+    for sts in plan.delete_statefulsets:
+        client.delete_statefulset(ns, sts)
+    if plan.delete_children:
+        client.delete_children(ns, name)
+    for ev in plan.events:
+        client.event(body, ev.type, ev.reason, ev.message)
+
+
+def reconcile(namespace: str, name: str, now: datetime | None = None) -> Plan | None:
+    """Reconcile one PipelineJob; returns the plan carried out (None: the job is gone or going)."""
+    started = time.monotonic()
+    try:
+        with _lock(namespace, name):
+            client = k8s.get_client()
+            body = client.get_job(namespace, name)
+            if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+                metrics.record_phase(namespace, name, None)
+                return None
+            pods = [observe_pod(p) for p in client.list_pods(namespace, name)]
+            plan = plan_reconcile(JobView.from_body(body), pods, now or datetime.now(UTC))
+            if plan.delete_children and not client.children_exist(namespace, name):
+                plan.delete_children, plan.events = False, [e for e in plan.events if e.reason != "Cleaned"]
+            execute(client, body, plan)
+    except Exception:
+        metrics.RECONCILES.labels(result="error").inc()
+        log.exception("reconcile failed", extra={"namespace": namespace, "job": name})
+        raise
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    metrics.RECONCILES.labels(result="ok").inc()
+    metrics.record_phase(namespace, name, str(plan.status.phase))
+    for _ in plan.restarts:
+        metrics.GROUP_RESTARTS.labels(namespace=namespace, job=name).inc()
+    for ev in plan.events:
+        log.info(
+            ev.message,
+            extra={"namespace": namespace, "job": name, "reason": ev.reason, "phase": plan.status.phase},
+        )
+    return plan
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="conveyor.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="conveyor.dev")
+    settings.posting.level = logging.WARNING  # our own Events cover transitions; kopf's only its errors
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def on_job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
+    assert namespace is not None  # PipelineJobs are namespaced
+    if type == "DELETED":
+        metrics.record_phase(namespace, name, None)
+        return
+    reconcile(namespace, name)
+
+
+@kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
+def on_pod_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    assert namespace is not None
+    reconcile(namespace, labels[JOB_LABEL])
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS)
+def resync(name: str, namespace: str | None, **_: Any) -> None:
+    assert namespace is not None
+    # Time-driven decisions (backoff ends, startup timeouts, TTL) need a clock as well as events.
+    reconcile(namespace, name)

@@ -1,0 +1,182 @@
+"""The handlers' reconcile loop against an in-memory API (k8s.Client faked; any raw HTTP fails loudly).
+The same flows run against a real API server in tests/operator/test_cluster.py when it is available."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conveyor_operator import handlers, k8s, metrics
+
+from tests.operator.builders import at, complete, fail, inference_spec, job_body, train_spec
+from tests.operator.fake_cluster import FakeCluster
+
+NS = "ml"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("Must not be called: a unit test reached for the network")
+
+    import aiohttp
+    import urllib3
+
+    monkeypatch.setattr(urllib3.PoolManager, "urlopen", refuse)
+    monkeypatch.setattr(urllib3.connectionpool.HTTPConnectionPool, "urlopen", refuse)
+    monkeypatch.setattr(aiohttp.ClientSession, "_request", refuse)
+
+
+@pytest.fixture
+def cluster() -> Iterator[FakeCluster]:
+    fake = FakeCluster()
+    k8s.set_client(fake)
+    yield fake
+    k8s.set_client(None)
+
+
+def run(cluster: FakeCluster, name: str, seconds: float) -> Any:
+    cluster.clock = seconds
+    return handlers.reconcile(NS, name, now=at(seconds))
+
+
+def status(cluster: FakeCluster, name: str = "llm") -> dict[str, Any]:
+    return cluster.jobs[(NS, name)]["status"]
+
+
+def test_create_see_objects_fail_a_pod_and_see_the_group_restarted(cluster: FakeCluster) -> None:
+    cluster.jobs[(NS, "llm")] = job_body(
+        inference_spec(replicas=2, restartPolicy={"backoffSeconds": 0}), namespace=NS
+    )
+    run(cluster, "llm", 0)
+    assert {k[0] + "/" + k[2] for k in cluster.objects} == {
+        "Service/llm",
+        "StatefulSet/llm-r0",
+        "StatefulSet/llm-r1",
+    }
+    assert sorted(n for _, n in cluster.pods) == ["llm-r0-0", "llm-r0-1", "llm-r1-0", "llm-r1-1"]
+    assert status(cluster)["phase"] == "Pending"
+
+    cluster.set_ready(NS)
+    run(cluster, "llm", 5)
+    assert status(cluster)["phase"] == "Running" and status(cluster)["ready"] == "2/2"
+    assert cluster.pod(NS, "llm-r1-1")["metadata"]["labels"]["conveyor.dev/stage"] == "1"
+
+    writes = cluster.status_writes
+    run(cluster, "llm", 6)
+    assert cluster.status_writes == writes  # nothing changed: no write
+
+    fail(cluster.pod(NS, "llm-r1-0"))
+    restarts_before = metrics.GROUP_RESTARTS.labels(namespace=NS, job="llm")._value.get()
+    run(cluster, "llm", 10)
+    assert sorted(cluster.deleted_pods) == ["llm-r1-0", "llm-r1-1"]
+    st = status(cluster)
+    assert st["phase"] == "Restarting" and st["restarts"] == 1
+    assert [g["restarts"] for g in st["groups"]] == [0, 1]
+    recreated = cluster.pod(NS, "llm-r1-0")["metadata"]["annotations"]["conveyor.dev/restart"]
+    assert recreated == "1"
+    sts_env = cluster.objects[("StatefulSet", NS, "llm-r1")]["spec"]["template"]["spec"]["containers"][0][
+        "env"
+    ]
+    assert {"name": "CONVEYOR_RESTART", "value": "1"} in sts_env
+    reasons = [e[1] for e in cluster.events]
+    assert reasons[:4] == ["Pending", "Running", "ContainerRestarted", "GroupRestarted"]
+    assert metrics.GROUP_RESTARTS.labels(namespace=NS, job="llm")._value.get() == restarts_before + 1
+
+    cluster.set_ready(NS, "llm-r1")
+    run(cluster, "llm", 20)
+    assert status(cluster)["phase"] == "Running"
+    assert {c["type"]: c["status"] for c in status(cluster)["conditions"]} == {
+        "Ready": "True",
+        "Reconciling": "False",
+        "Stalled": "False",
+    }
+
+
+def test_train_job_completes_and_its_pods_stop(cluster: FakeCluster) -> None:
+    cluster.jobs[(NS, "t")] = job_body(train_spec(stages=2, replicas=1), name="t", namespace=NS)
+    run(cluster, "t", 0)
+    cluster.set_ready(NS)
+    run(cluster, "t", 5)
+    for name in ("t-0", "t-1"):
+        complete(cluster.pod(NS, name), step=100)
+    run(cluster, "t", 10)
+    st = status(cluster, "t")
+    assert st["phase"] == "Succeeded" and st["lastCheckpoint"]["step"] == 100
+    assert cluster.objects[("StatefulSet", NS, "t")]["spec"]["replicas"] == 0
+    assert cluster.pods == {}  # the fake controller scaled the StatefulSet down
+
+
+def test_ttl_deletes_children_once(cluster: FakeCluster) -> None:
+    cluster.jobs[(NS, "t")] = job_body(
+        train_spec(stages=1, replicas=1, ttlSecondsAfterFinished=30), name="t", namespace=NS
+    )
+    run(cluster, "t", 0)
+    cluster.set_ready(NS)
+    run(cluster, "t", 1)
+    complete(cluster.pod(NS, "t-0"))
+    run(cluster, "t", 2)
+    run(cluster, "t", 40)
+    assert cluster.objects == {} and ("Normal", "Cleaned") in [(e[0], e[1]) for e in cluster.events]
+    events = len(cluster.events)
+    run(cluster, "t", 50)
+    assert len(cluster.events) == events and status(cluster, "t")["phase"] == "Succeeded"
+
+
+def test_a_deleted_job_is_forgotten(cluster: FakeCluster) -> None:
+    assert handlers.reconcile(NS, "gone", now=at(0)) is None
+
+
+def test_errors_are_counted_and_raised(cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster.jobs[(NS, "llm")] = job_body(inference_spec(), namespace=NS)
+
+    def broken(obj: dict[str, Any]) -> None:
+        raise RuntimeError("apply refused")
+
+    monkeypatch.setattr(cluster, "apply", broken)
+    before = metrics.RECONCILES.labels(result="error")._value.get()
+    with pytest.raises(RuntimeError, match="apply refused"):
+        run(cluster, "llm", 0)
+    assert metrics.RECONCILES.labels(result="error")._value.get() == before + 1
+
+
+def test_status_patch_clears_fields_that_became_empty(cluster: FakeCluster) -> None:
+    from conveyor.spec import PipelineJobStatus
+
+    patch = k8s.status_patch(PipelineJobStatus())
+    assert patch["lastCheckpoint"] is None and patch["completionTime"] is None and patch["phase"] == "Pending"
+
+
+def test_metrics_endpoint_text() -> None:
+    from prometheus_client import generate_latest
+
+    before = metrics.JOBS.labels(phase="Suspended")._value.get()
+    metrics.record_phase("m", "a", "Suspended")
+    metrics.record_phase("m", "b", "Suspended")
+    metrics.record_phase("m", "b", None)
+    assert metrics.JOBS.labels(phase="Suspended")._value.get() == before + 1
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert 'conveyor_operator_jobs{phase="Suspended"}' in text
+    assert "conveyor_operator_reconcile_duration_seconds_bucket" in text
+
+
+def test_kopf_entry_points_route_to_the_jobs_reconcile(cluster: FakeCluster) -> None:
+    cluster.jobs[(NS, "llm")] = job_body(inference_spec(replicas=1), namespace=NS)
+    handlers.on_job_event(type="ADDED", name="llm", namespace=NS)
+    assert ("StatefulSet", NS, "llm-r0") in cluster.objects
+    cluster.set_ready(NS)
+    handlers.on_pod_event(labels={"conveyor.dev/job": "llm"}, namespace=NS)
+    assert status(cluster)["phase"] == "Running"
+    handlers.on_job_event(type="DELETED", name="llm", namespace=NS)  # forgotten, no API call needed
+    handlers.resync(name="llm", namespace=NS)
+    assert status(cluster)["phase"] == "Running"
+
+
+def test_kopf_settings_keep_objects_small() -> None:
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    handlers.configure(settings=settings)
+    assert settings.persistence.finalizer == "conveyor.dev/operator"
+    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)

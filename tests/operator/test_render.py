@@ -1,0 +1,156 @@
+"""Rendering: golden manifests per mode and layout, and the worker environment contract checked
+end to end (operator's env -> conveyor.env.PodEnv -> ranks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conveyor.env import PodEnv
+from conveyor.spec import parse_spec
+from conveyor_operator import render
+
+from tests.operator import golden_cases
+from tests.operator.builders import inference_spec, serve_spec, train_spec
+
+JOB = golden_cases.JOB
+
+
+@pytest.mark.parametrize("case", sorted(golden_cases.CASES))
+def test_matches_golden(case: str) -> None:
+    path = golden_cases.GOLDEN / f"{case}.yaml"
+    assert path.exists(), "run `python tests/operator/golden_cases.py` to create it"
+    assert golden_cases.dump(golden_cases.render_case(case)) == path.read_text(), (
+        f"{path.name} differs from the rendering; if intended, regenerate with "
+        "`python tests/operator/golden_cases.py` and review the diff"
+    )
+
+
+def _environ(sts: dict[str, Any], pod_index: int) -> dict[str, str]:
+    """What the kubelet would give pod `pod_index` of this StatefulSet (downward API resolved)."""
+    out = {}
+    for var in sts["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "valueFrom" in var:
+            assert var["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.labels['{render.POD_INDEX_LABEL}']"
+            out[var["name"]] = str(pod_index)
+        else:
+            out[var["name"]] = var["value"]
+    return out
+
+
+@pytest.mark.parametrize(
+    "spec_doc",
+    [
+        inference_spec(stages=3, tp=2, replicas=2),
+        train_spec(stages=2, tp=2, replicas=3),
+        serve_spec(stages=2, tp=1),
+    ],
+    ids=["inference", "train", "serve"],
+)
+def test_every_rank_gets_a_distinct_rank_and_rendezvous_of_its_group(spec_doc: dict[str, Any]) -> None:
+    spec = parse_spec(spec_doc)
+    p = spec.parallelism
+    seen: dict[tuple[str, int], tuple[int, int]] = {}
+    for sts in render.build_statefulsets(JOB, spec, {}, running=True):
+        group = sts["metadata"]["name"]
+        for index in range(sts["spec"]["replicas"]):
+            pod = PodEnv.from_environ(_environ(sts, index))
+            assert pod.master_addr == f"{group}-0.llm.ml.svc"
+            labels = render.pod_stage_labels(
+                spec, render.groups("llm", spec)[0 if spec.mode == "train" else pod.replica], index
+            )
+            assert labels == {render.REPLICA_LABEL: str(pod.replica), render.STAGE_LABEL: str(pod.stage)}
+            for local in range(p.tensor_parallel):
+                env = pod.rank_environ(local)
+                key = (group if spec.mode != "train" else "job", int(env["RANK"]))
+                assert key not in seen, f"rank {key} twice"
+                seen[key] = (pod.replica, pod.stage)
+                assert int(env["WORLD_SIZE"]) == pod.world_size
+    per_world = p.stages * p.tensor_parallel * (p.replicas if spec.mode == "train" else 1)
+    worlds = 1 if spec.mode == "train" else p.replicas
+    assert len(seen) == per_world * worlds
+
+
+def test_gpus_default_to_tensor_parallel_and_can_be_overridden() -> None:
+    def gpus(spec_doc: dict[str, Any]) -> str | None:
+        sts = render.build_statefulsets(JOB, parse_spec(spec_doc), {}, running=True)[0]
+        limits = sts["spec"]["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        return limits.get("nvidia.com/gpu")
+
+    assert gpus(inference_spec(tp=4)) == "4"
+    assert gpus(inference_spec(tp=2, resources={"gpus": 8})) == "8"
+    assert gpus(inference_spec(tp=2, device="cpu")) is None
+
+
+def test_checkpoint_and_model_volumes_are_mounted_and_announced() -> None:
+    sts = render.build_statefulsets(JOB, parse_spec(inference_spec()), {}, running=True)[0]
+    pod = sts["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"checkpoint": "ckpt", "model": "models"}
+    assert mounts["checkpoint"]["mountPath"] == "/ckpt" and mounts["model"]["readOnly"] is True
+    env = _environ(sts, 0)
+    assert (
+        env["CONVEYOR_CHECKPOINT_DIR"] == "/ckpt"
+        and env["CONVEYOR_TERMINATION_LOG"] == "/dev/termination-log"
+    )
+    assert pod["containers"][0]["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_statefulsets_are_replaced_by_the_operator_not_rolled_by_kubernetes() -> None:
+    for sts in render.build_statefulsets(JOB, parse_spec(train_spec()), {}, running=True):
+        assert sts["spec"]["updateStrategy"] == {"type": "OnDelete"}
+        assert sts["spec"]["podManagementPolicy"] == "Parallel"
+        assert sts["metadata"]["ownerReferences"][0]["controller"] is True
+
+
+def test_template_hash_ignores_operator_only_fields() -> None:
+    base = parse_spec(inference_spec())
+    same = [
+        inference_spec(suspend=True),
+        inference_spec(ttlSecondsAfterFinished=60),
+        inference_spec(restartPolicy={"backoffLimit": 9}),
+    ]
+    for doc in same:
+        assert render.template_hash(parse_spec(doc)) == render.template_hash(base)
+    assert render.template_hash(parse_spec(inference_spec(image="other:1"))) != render.template_hash(base)
+    assert render.template_hash(parse_spec(inference_spec(replicas=3))) != render.template_hash(base)
+    # Serve replicas are independent endpoints: scaling does not roll the others.
+    assert render.template_hash(parse_spec(serve_spec(replicas=1))) == render.template_hash(
+        parse_spec(serve_spec(replicas=5))
+    )
+
+
+def test_restart_changes_env_and_annotation_but_not_the_hash() -> None:
+    spec = parse_spec(inference_spec())
+    g = render.groups("llm", spec)[0]
+    a = render.build_statefulset(JOB, spec, g, restart=0, running=True)["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    b = render.build_statefulset(JOB, spec, g, restart=2, running=True)["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert a[render.RESTART_ANNOTATION] == "0" and b[render.RESTART_ANNOTATION] == "2"
+    assert a[render.TEMPLATE_HASH_ANNOTATION] == b[render.TEMPLATE_HASH_ANNOTATION]
+
+
+def test_startup_probe_budget_follows_the_restart_policy() -> None:
+    spec = parse_spec(inference_spec(restartPolicy={"startupTimeoutSeconds": 95}))
+    sts = render.build_statefulsets(JOB, spec, {}, running=True)[0]
+    probe = sts["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 95
+    assert "livenessProbe" not in sts["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_pdb_and_serve_service_only_for_serve() -> None:
+    kinds = [
+        o["kind"] for o in render.build_all(JOB, parse_spec(inference_spec(replicas=3)), {}, running=True)
+    ]
+    assert "PodDisruptionBudget" not in kinds and kinds.count("Service") == 1
+    serve = render.build_all(JOB, parse_spec(serve_spec(replicas=3)), {}, running=True)
+    assert [o["kind"] for o in serve][:3] == ["Service", "Service", "PodDisruptionBudget"]
+    assert render.build_pdb(JOB, parse_spec(serve_spec(replicas=1))) is None

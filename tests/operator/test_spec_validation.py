@@ -1,0 +1,304 @@
+"""Malformed PipelineJobs: each is refused with a message that names the field and the fix (the
+pydantic path, shared by the operator, the worker and `conveyor run`)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+from conveyor.spec import SpecError, parse_job
+
+from tests.conftest import conveyor_cmd, subprocess_env
+from tests.operator.builders import inference_spec, serve_spec, train_spec
+
+Doc = dict[str, Any]
+
+
+def doc(spec: Doc, name: str = "llm") -> Doc:
+    return {
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "PipelineJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def inf(**changes: Any) -> Doc:
+    return doc(inference_spec(**changes))
+
+
+def edit(base: Doc, path: str, value: Any) -> Doc:
+    """Set (or, with value=DELETE, remove) a dotted path in a copy of the document."""
+    out = copy.deepcopy(base)
+    node = out
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    if value is DELETE:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+    return out
+
+
+DELETE = object()
+BASE = inf()
+
+CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
+    ("mode missing", lambda: edit(BASE, "spec.mode", DELETE), ["spec.mode: required field is missing"]),
+    (
+        "mode unknown",
+        lambda: edit(BASE, "spec.mode", "batch"),
+        ["spec.mode:", "'inference', 'serve' or 'train'"],
+    ),
+    (
+        "unknown spec field",
+        lambda: edit(BASE, "spec.stagess", 2),
+        ["spec.stagess: unknown field", "kubectl explain"],
+    ),
+    (
+        "unknown nested field",
+        lambda: edit(BASE, "spec.parallelism.stage", 2),
+        ["spec.parallelism.stage: unknown field; remove it"],
+    ),
+    (
+        "stages 0",
+        lambda: edit(BASE, "spec.parallelism.stages", 0),
+        ["spec.parallelism.stages:", "greater than or equal to 1", "(got 0)"],
+    ),
+    (
+        "stages 65",
+        lambda: edit(BASE, "spec.parallelism.stages", 65),
+        ["spec.parallelism.stages:", "less than or equal to 64"],
+    ),
+    (
+        "stages text",
+        lambda: edit(BASE, "spec.parallelism.stages", "two"),
+        ["spec.parallelism.stages:", "integer"],
+    ),
+    (
+        "tp 0",
+        lambda: edit(BASE, "spec.parallelism.tensorParallel", 0),
+        ["spec.parallelism.tensorParallel:", "greater than or equal to 1"],
+    ),
+    (
+        "tp 17",
+        lambda: edit(BASE, "spec.parallelism.tensorParallel", 17),
+        ["spec.parallelism.tensorParallel:", "less than or equal to 16"],
+    ),
+    (
+        "replicas -1",
+        lambda: edit(BASE, "spec.parallelism.replicas", -1),
+        ["spec.parallelism.replicas:", "greater than or equal to 0"],
+    ),
+    (
+        "replicas 0 for batch",
+        lambda: edit(BASE, "spec.parallelism.replicas", 0),
+        ["spec.parallelism.replicas is 0", "only serve jobs scale to zero", "replicas >= 1"],
+    ),
+    (
+        "microBatches 0",
+        lambda: edit(BASE, "spec.parallelism.microBatches", 0),
+        ["spec.parallelism.microBatches:"],
+    ),
+    (
+        "partition method",
+        lambda: edit(BASE, "spec.parallelism.partitionMethod", "random"),
+        ["spec.parallelism.partitionMethod:", "parameters|uniform|type:"],
+    ),
+    (
+        "inference section missing",
+        lambda: edit(BASE, "spec.inference", DELETE),
+        ["spec.inference is required when spec.mode is 'inference'", "add a `inference:` section"],
+    ),
+    (
+        "other mode's section",
+        lambda: edit(BASE, "spec.train", {"script": "t.py"}),
+        ["spec.train is set but spec.mode is 'inference'", "remove spec.train or set mode: train"],
+    ),
+    ("model missing", lambda: edit(BASE, "spec.model", DELETE), ["spec.model is required", "add model.path"]),
+    (
+        "model path empty",
+        lambda: edit(BASE, "spec.model.path", ""),
+        ["spec.model.path:", "at least 1 character"],
+    ),
+    ("model format", lambda: edit(BASE, "spec.model.format", "gguf"), ["spec.model.format:", "'hf'"]),
+    ("model dtype", lambda: edit(BASE, "spec.model.dtype", "int8"), ["spec.model.dtype:", "'bfloat16'"]),
+    (
+        "input missing",
+        lambda: edit(BASE, "spec.inference.input", DELETE),
+        ["spec.inference.input: required field"],
+    ),
+    (
+        "maxNewTokens 0",
+        lambda: edit(BASE, "spec.inference.maxNewTokens", 0),
+        ["spec.inference.maxNewTokens:", "greater than or equal to 1"],
+    ),
+    (
+        "batchSize huge",
+        lambda: edit(BASE, "spec.inference.batchSize", 5000),
+        ["spec.inference.batchSize:", "less than or equal to 4096"],
+    ),
+    (
+        "temperature negative",
+        lambda: edit(BASE, "spec.inference.sampling", {"temperature": -1}),
+        ["spec.inference.sampling.temperature:", "greater than or equal to 0"],
+    ),
+    (
+        "topP zero",
+        lambda: edit(BASE, "spec.inference.sampling", {"topP": 0}),
+        ["spec.inference.sampling.topP:", "greater than 0"],
+    ),
+    (
+        "topK negative",
+        lambda: edit(BASE, "spec.inference.sampling", {"topK": -1}),
+        ["spec.inference.sampling.topK:"],
+    ),
+    (
+        "train without script",
+        lambda: edit(doc(train_spec()), "spec.train.script", DELETE),
+        ["spec.train.script is required"],
+    ),
+    (
+        "train without checkpoint",
+        lambda: edit(doc(train_spec()), "spec.checkpoint", DELETE),
+        ["spec.checkpoint is required when spec.mode is 'train'"],
+    ),
+    (
+        "checkpoint keep 0",
+        lambda: edit(BASE, "spec.checkpoint.keep", 0),
+        ["spec.checkpoint.keep:", "greater than or equal to 1"],
+    ),
+    (
+        "checkpoint every 0",
+        lambda: edit(BASE, "spec.checkpoint.every", 0),
+        ["spec.checkpoint.every:", "greater than or equal to 1"],
+    ),
+    (
+        "backoffLimit negative",
+        lambda: edit(BASE, "spec.restartPolicy.backoffLimit", -1),
+        ["spec.restartPolicy.backoffLimit:", "greater than or equal to 0"],
+    ),
+    (
+        "backoff above its cap",
+        lambda: edit(BASE, "spec.restartPolicy", {"backoffSeconds": 50, "maxBackoffSeconds": 5}),
+        [
+            "spec.restartPolicy:",
+            "maxBackoffSeconds (5) is below backoffSeconds (50)",
+            "raise maxBackoffSeconds",
+        ],
+    ),
+    (
+        "startup timeout tiny",
+        lambda: edit(BASE, "spec.restartPolicy.startupTimeoutSeconds", 5),
+        ["spec.restartPolicy.startupTimeoutSeconds:", "greater than or equal to 10"],
+    ),
+    (
+        "fewer GPUs than TP",
+        lambda: edit(edit(BASE, "spec.parallelism.tensorParallel", 4), "spec.resources", {"gpus": 2}),
+        [
+            "spec.resources.gpus (2) is below spec.parallelism.tensorParallel (4)",
+            "set gpus >= tensorParallel",
+        ],
+    ),
+    (
+        "gpus 17",
+        lambda: edit(BASE, "spec.resources", {"gpus": 17}),
+        ["spec.resources.gpus:", "less than or equal to 16"],
+    ),
+    (
+        "pull policy",
+        lambda: edit(BASE, "spec.imagePullPolicy", "Sometimes"),
+        ["spec.imagePullPolicy:", "'Always'"],
+    ),
+    ("device", lambda: edit(BASE, "spec.device", "tpu"), ["spec.device:", "'auto', 'cuda' or 'cpu'"]),
+    ("image empty", lambda: edit(BASE, "spec.image", ""), ["spec.image:", "at least 1 character"]),
+    (
+        "master port low",
+        lambda: edit(BASE, "spec.masterPort", 80),
+        ["spec.masterPort:", "greater than or equal to 1024"],
+    ),
+    (
+        "metrics port high",
+        lambda: edit(BASE, "spec.metricsPort", 70000),
+        ["spec.metricsPort:", "less than or equal to 65535"],
+    ),
+    (
+        "ttl negative",
+        lambda: edit(BASE, "spec.ttlSecondsAfterFinished", -5),
+        ["spec.ttlSecondsAfterFinished:", "greater than or equal to 0"],
+    ),
+    ("suspend text", lambda: edit(BASE, "spec.suspend", "maybe"), ["spec.suspend:", "boolean"]),
+    (
+        "serve port 0",
+        lambda: edit(doc(serve_spec()), "spec.serve.port", 0),
+        ["spec.serve.port:", "greater than or equal to 1"],
+    ),
+    (
+        "template typo",
+        lambda: edit(BASE, "spec.template.nodeSelectorr", {"a": "b"}),
+        ["spec.template.nodeSelectorr: unknown field"],
+    ),
+    (
+        "nodeSelector values",
+        lambda: edit(BASE, "spec.template.nodeSelector", {"gpu": 1}),
+        ["spec.template.nodeSelector.gpu:", "string"],
+    ),
+    ("name pattern", lambda: edit(BASE, "metadata.name", "LLM_Job"), ["metadata.name:", "[a-z0-9]"]),
+    (
+        "name too long",
+        lambda: edit(BASE, "metadata.name", "a" * 47),
+        ["metadata.name:", "at most 46 characters"],
+    ),
+    (
+        "apiVersion",
+        lambda: edit(BASE, "apiVersion", "conveyor.dev/v2"),
+        ["apiVersion:", "conveyor.dev/v1alpha1"],
+    ),
+    ("spec missing", lambda: edit(BASE, "spec", DELETE), ["spec: required field is missing"]),
+]
+
+
+def test_there_are_at_least_thirty_cases() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize(("name", "make", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_malformed_spec_is_refused_with_its_field_and_fix(
+    name: str, make: Callable[[], Doc], expected: list[str]
+) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_job(make())
+    message = str(err.value)
+    for part in expected:
+        assert part in message, f"{name}: {part!r} not in:\n{message}"
+    assert "Traceback" not in message and "pydantic" not in message.lower()
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    bad = edit(edit(BASE, "spec.parallelism.stages", 0), "spec.masterPort", 1)
+    lines = str(pytest.raises(SpecError, parse_job, bad).value).splitlines()
+    assert (
+        len(lines) == 2
+        and lines[0].startswith("spec.parallelism.stages")
+        and lines[1].startswith("spec.masterPort")
+    )
+
+
+def test_valid_examples_pass() -> None:
+    for spec in (inference_spec(), train_spec(), serve_spec(), serve_spec(replicas=0)):
+        parse_job(doc(spec))
+
+
+def test_conveyor_run_refuses_a_bad_job_before_starting_anything(tmp_path: Any) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(edit(BASE, "spec.parallelism.stages", 0)))
+    proc = subprocess.run(
+        conveyor_cmd("run", str(path)), env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "spec.parallelism.stages" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,140 @@
+"""Partitioning, memory-efficient construction, config validation and error messages (one process)."""
+
+from __future__ import annotations
+
+import conveyor
+import pytest
+import torch
+from conveyor.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from conveyor.pipe.config import ConfigError, load_config
+from conveyor.pipe.engine import DataExhaustedError
+from conveyor.pipe.partition import PartitionError, partition
+from conveyor.topology import Layout, Topology
+from conveyor.utils import RepeatingLoader
+from torch import nn
+
+from tests.worker.pipe.models import config, lm_loss, make_data, tied_layers
+
+
+def test_parameters_method_balances_weights():
+    assert partition("parameters", 2, [100, 10, 10, 10, 100], ["a"] * 5) == [0, 2, 5]
+    assert partition("parameters", 3, [1, 1, 1, 1, 1, 1], ["a"] * 6) == [0, 2, 4, 6]
+
+
+def test_uniform_type_and_explicit_methods():
+    names = ["Embed", "Block", "Block", "Norm", "Block", "Block", "Head"]
+    assert partition("uniform", 2, [0] * 7, names) == [0, 3, 7]
+    # stage 1 starts at the third Block; non-matching layers stay with the stage before them
+    assert partition("type:block", 2, [0] * 7, names) == [0, 4, 7]
+    assert partition([0, 1, 7], 2, [0] * 7, names) == [0, 1, 7]
+
+
+def test_empty_stage_is_a_clear_error():
+    with pytest.raises(PartitionError, match="leaves stage 1 of 3 empty"):
+        partition([0, 2, 2, 4], 3, [1] * 4, ["L"] * 4)
+    with pytest.raises(PartitionError, match="3 layers cannot fill 4 stages"):
+        partition("uniform", 4, [1] * 3, ["L"] * 3)
+    with pytest.raises(PartitionError, match="matches 1 layers"):
+        partition("type:Head", 2, [1] * 3, ["Block", "Block", "Head"])
+    with pytest.raises(PartitionError, match="unknown partition_method 'size'"):
+        partition("size", 2, [1] * 3, ["L"] * 3)
+
+
+class Counted(nn.Linear):
+    built = 0
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        if self.weight.device.type != "meta":
+            Counted.built += 1
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_stage_builds_only_its_own_layers(stage):
+    Counted.built = 0
+    layers = [LayerSpec(Counted, 4, 4) for _ in range(6)]
+    net = PipelineModule(layers, topology=Topology(Layout(stages=2), rank=stage, world_size=2))
+    assert Counted.built == 3 and (net.start, net.stop) == (3 * stage, 3 * stage + 3)
+    assert sorted(net.state_dict()) == sorted(
+        f"layers.{i}.{p}" for i in range(net.start, net.stop) for p in ("weight", "bias")
+    )
+
+
+def test_seeded_layers_are_the_same_for_every_layout():
+    whole = PipelineModule(tied_layers()).state_dict()
+    for stage in range(3):
+        part = PipelineModule(tied_layers(), topology=Topology(Layout(stages=3), rank=stage, world_size=3))
+        for name, value in part.state_dict().items():
+            assert torch.equal(value, whole[name]), name
+
+
+def test_tied_layer_spec_shares_one_module_and_knows_its_stages():
+    net = PipelineModule(tied_layers(), topology=Topology(Layout(stages=2), rank=1, world_size=2))
+    assert net.tied_stages == {"embed": [0, 1]} and not net.tied_owner("embed")
+    with pytest.raises(ValueError, match="without dots"):
+        TiedLayerSpec("a.b", nn.Embedding, 2, 2)
+
+
+def test_more_stages_than_processes_is_a_clear_error():
+    with pytest.raises(Exception, match="num_stages=2 needs a process group"):
+        PipelineModule(tied_layers(), num_stages=2)
+
+
+def test_batch_sizes_resolve_like_deepspeed():
+    assert load_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}).resolve_batch(2) == (
+        32,
+        4,
+        4,
+    )
+    assert load_config({"train_batch_size": 16}).resolve_batch(2) == (16, 8, 1)
+    assert load_config({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}).resolve_batch(
+        2
+    ) == (12, 2, 3)
+    cfg = {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4}
+    with pytest.raises(
+        ConfigError, match=r"train_batch_size 30 != train_micro_batch_size_per_gpu 4 x .* = 32"
+    ):
+        load_config(cfg).resolve_batch(2)
+
+
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        ({"train_batch_size": 8, "optimzer": {}}, r"config.optimzer: unknown key"),
+        ({"train_batch_size": 8, "pipeline": {"schedule": "zb"}}, r"config.pipeline.schedule"),
+        ({"train_batch_size": 8, "bf16": {"enabled": True}, "fp16": {"enabled": True}}, "enable at most one"),
+        ({"train_batch_size": 8, "zero_optimization": {"stage": 2}}, "ZeRO stage 2 is not supported"),
+        ({"gradient_clipping": 1.0}, "set train_batch_size or train_micro_batch_size_per_gpu"),
+    ],
+)
+def test_bad_configs_name_the_key(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg).resolve_batch(1)
+
+
+def test_unknown_optimizer_is_named():
+    net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+    with pytest.raises(ConfigError, match="optimizer.type 'Lion' is not supported"):
+        conveyor.initialize(model=net, config={"train_batch_size": 2, "optimizer": {"type": "Lion"}})
+
+
+def test_iterator_running_dry_mid_batch_is_a_clear_error():
+    net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+    engine, _, _, _ = conveyor.initialize(model=net, config=config(4, 1))
+    with pytest.raises(
+        DataExhaustedError, match="ran dry after 3 of 4 micro-batches of step 0.*RepeatingLoader"
+    ):
+        engine.train_batch(iter(make_data(1, 3)[0]))
+    loader = RepeatingLoader(make_data(1, 3)[0])
+    assert torch.isfinite(engine.train_batch(loader)) and loader.epoch == 1
+    assert torch.isfinite(engine.eval_batch(loader))
+
+
+def test_training_data_builds_a_repeating_loader():
+    net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+    data = [(ids[0], labels[0]) for ids, labels in make_data(1, 3)[0]]  # 3 samples, micro-batch 2
+    engine, _, loader, _ = conveyor.initialize(model=net, config=config(2, 1), training_data=data)
+    assert loader is not None
+    for _ in range(3):  # crosses epoch boundaries
+        assert torch.isfinite(engine.train_batch())
+    assert engine.global_steps == 3 and engine.global_samples == 12

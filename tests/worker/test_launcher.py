@@ -1,0 +1,164 @@
+"""`conveyor run` and `conveyor worker`: the environment contract, failure handling, bad input."""
+
+import json
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import conveyor_cmd, subprocess_env
+
+# A training "script" that needs no torch: it records what the launcher gave it.
+RECORD_ENV = textwrap.dedent(
+    """
+    import json, os, sys
+    keys = [k for k in os.environ if k.startswith(("CONVEYOR_", "MASTER_")) or k in
+            ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")]
+    out = os.path.join(os.path.dirname(__file__), "rank-%s.json" % os.environ["RANK"])
+    json.dump({"env": {k: os.environ[k] for k in keys}, "argv": sys.argv[1:]}, open(out, "w"))
+    fail = os.environ.get("FAIL_RANK")
+    if fail == os.environ["RANK"]:
+        sys.exit(7)
+    if fail is not None:
+        import time
+        time.sleep(600)  # the launcher must stop us
+    """
+)
+
+
+def _job(tmp: Path, **parallelism) -> Path:
+    (tmp / "record.py").write_text(RECORD_ENV)
+    doc = {
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "PipelineJob",
+        "metadata": {"name": "envcheck"},
+        "spec": {
+            "mode": "train",
+            "device": "cpu",
+            "parallelism": parallelism,
+            "checkpoint": {"path": "ckpt"},
+            "train": {
+                "script": "record.py",
+                "args": ["--lr", "0.1"],
+                "steps": 5,
+                "config": {"train_batch_size": 4},
+            },
+        },
+    }
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _run(*args, env=None, timeout=120):
+    return subprocess.run(
+        conveyor_cmd(*args),
+        env=subprocess_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_every_rank_gets_the_design_environment(tmp_path):
+    job = _job(tmp_path, stages=2, tensorParallel=2, replicas=2)
+    result = _run("run", str(job))
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in tmp_path.glob("rank-*.json")}
+    assert sorted(records) == list(range(8))  # 2 replicas x 2 stages x 2 TP, one world for training
+    for rank, rec in records.items():
+        env = rec["env"]
+        replica, rem = divmod(rank, 4)
+        stage, local = divmod(rem, 2)
+        assert env["WORLD_SIZE"] == "8" and env["LOCAL_RANK"] == str(local)
+        assert env["CONVEYOR_POD_INDEX"] == str(replica * 2 + stage)  # train: ordinal = replica * P + stage
+        assert env["CONVEYOR_STAGES"] == "2" and env["CONVEYOR_TENSOR_PARALLEL"] == "2"
+        assert env["CONVEYOR_MODE"] == "train" and env["CONVEYOR_JOB"] == "envcheck"
+        assert env["CONVEYOR_CHECKPOINT_DIR"] == str(tmp_path / "ckpt")  # relative to the job file
+        assert env["CONVEYOR_TRAIN_STEPS"] == "5"
+        assert json.loads(env["CONVEYOR_TRAIN_CONFIG"]) == {"train_batch_size": 4}
+        assert json.loads(env["CONVEYOR_SPEC"])["parallelism"]["tensorParallel"] == 2
+        assert rec["argv"] == ["--lr", "0.1"]
+    assert len({r["env"]["MASTER_PORT"] for r in records.values()}) == 1  # one world
+    assert "[r1 s0 rank 5] " in result.stdout  # logs prefixed by rank in local runs
+
+
+def test_first_failure_stops_every_rank_and_sets_the_exit_code(tmp_path):
+    job = _job(tmp_path, stages=2, tensorParallel=2)
+    started = time.monotonic()
+    result = _run("run", str(job), "--grace-seconds", "2", env={"FAIL_RANK": "3"})
+    assert result.returncode == 7, result.stdout + result.stderr
+    assert time.monotonic() - started < 60  # the sleeping ranks were stopped, not waited for
+    assert "failed" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            {"mode": "inference", "model": {"path": "m"}},
+            "spec.inference is required when spec.mode is 'inference'",
+        ),
+        (
+            {"mode": "train", "train": {"script": "x.py"}, "checkpoint": {}, "parallelism": {"stages": 0}},
+            "spec.parallelism.stages: Input should be greater than or equal to 1",
+        ),
+        (
+            {"mode": "train", "train": {"script": "x.py"}, "checkpoint": {}, "parallelizm": {}},
+            "spec.parallelizm: unknown field",
+        ),
+    ],
+)
+def test_bad_job_is_refused_before_any_process_starts(tmp_path, spec, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "conveyor.dev/v1alpha1",
+                "kind": "PipelineJob",
+                "metadata": {"name": "bad"},
+                "spec": spec,
+            }
+        )
+    )
+    result = _run("run", str(path))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_input_file_is_named(tmp_path):
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "conveyor.dev/v1alpha1",
+                "kind": "PipelineJob",
+                "metadata": {"name": "x"},
+                "spec": {
+                    "mode": "inference",
+                    "model": {"path": "model"},
+                    "inference": {"input": "nope.jsonl", "output": "out.jsonl"},
+                },
+            }
+        )
+    )
+    result = _run("run", str(path))
+    assert (
+        result.returncode == 2 and "spec.inference.input" in result.stderr and "nope.jsonl" in result.stderr
+    )
+
+
+def test_worker_refuses_a_missing_environment():
+    result = subprocess.run(
+        conveyor_cmd("worker"),
+        env=subprocess_env(CONVEYOR_SPEC=""),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "CONVEYOR_SPEC is not set" in result.stderr

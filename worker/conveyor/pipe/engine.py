@@ -1,0 +1,557 @@
+"""``PipelineEngine``: runs a batch of micro-batches through the stages on a schedule, then one optimizer
+step. DeepSpeed's API: ``engine, optimizer, _, _ = conveyor.initialize(model=net, config=cfg)`` then
+``loss = engine.train_batch(data_iter)``.
+
+Per batch: the first and last stage pull ``micro_batches`` (inputs, labels) pairs from the iterator; the
+stage executes its step list from schedule.py (p2p.py moves the tensors); then gradients are summed over
+the stages holding a tied weight, averaged over data-parallel replicas, clipped by the norm of the
+*whole* model's gradient (every stage, tied weights once), and the optimizer steps. The returned loss is
+the mean over all micro-batches and replicas, on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from conveyor import metrics
+from conveyor.log import get_logger
+from conveyor.pipe import checkpoint as pipe_checkpoint
+from conveyor.pipe.config import EngineConfig, load_config
+from conveyor.pipe.module import PipelineModule
+from conveyor.pipe.optim import build_optimizer, build_scheduler
+from conveyor.pipe.p2p import P2P, BoundaryError, BoundaryMeta, describe, flatten, unflatten
+from conveyor.pipe.schedule import Kind, Schedule, Step, build_schedule, format_grid
+
+log = get_logger("conveyor.pipe")
+_serial = itertools.count()  # engines are created in the same order on every rank
+
+
+class DataExhaustedError(RuntimeError):
+    pass
+
+
+class PipelineCommError(RuntimeError):
+    """A send or receive failed or timed out; the message holds the schedule grid and where ranks were."""
+
+
+@dataclass
+class _Batch:
+    """Per-batch state, keyed by micro-batch; entries are dropped as soon as they are used."""
+
+    data: list[Any]
+    received: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # inputs from stage - 1
+    outputs: dict[int, tuple[tuple[torch.Tensor, ...], bool]] = field(default_factory=dict)  # to stage + 1
+    grads_in: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # d loss / d outputs
+    grads_out: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # d loss / d inputs
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    compute_seconds: float = 0.0
+    live: int = 0
+    peak_live: int = 0
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+class PipelineEngine:
+    def __init__(
+        self,
+        model: PipelineModule,
+        config: EngineConfig | dict[str, Any] | str | Path,
+        optimizer: torch.optim.Optimizer | None = None,
+        model_parameters: Iterable[torch.nn.Parameter] | None = None,
+        lr_scheduler: Any = None,
+        training_data: Any = None,
+        collate_fn: Any = None,
+        job: str | None = None,
+        device: torch.device | str | None = None,
+    ):
+        if not isinstance(model, PipelineModule):
+            raise TypeError(
+                f"conveyor.initialize needs a conveyor.pipe.PipelineModule, got {type(model).__name__}: wrap the "
+                "model's layers in PipelineModule(layers=[...], num_stages=...)"
+            )
+        self.config = load_config(config)
+        self.module = model
+        self.topology = model.topology
+        self.layout = self.topology.layout
+        self.stage_id, self.num_stages = model.stage_id, model.num_stages
+        self.dp_world_size = self.layout.replicas
+        self.job = job or "conveyor"
+        self._dist = dist.is_available() and dist.is_initialized()
+        self._serial = next(_serial)
+        self._train_batch_size, self.micro_batch_size, self.micro_batches = self.config.resolve_batch(
+            self.dp_world_size
+        )
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        model.to(self.device)
+        self._sync_initial_weights()
+
+        params = [p for p in (model_parameters or model.parameters()) if p.requires_grad]
+        if optimizer is None:
+            if self.config.optimizer is None:
+                raise ValueError("no optimizer: add an `optimizer` section to the config or pass optimizer=")
+            if not params:
+                raise ValueError(
+                    f"stage {self.stage_id} holds no trainable parameters (layers {model.start}..{model.stop - 1}): "
+                    "choose a partition_method that gives every stage a layer with weights"
+                )
+            optimizer = build_optimizer(self.config.optimizer, params)
+        self.optimizer = optimizer
+        if lr_scheduler is None and self.config.scheduler is not None:
+            lr_scheduler = build_scheduler(self.config.scheduler, optimizer)
+        self.lr_scheduler = lr_scheduler
+
+        self.p2p = P2P({s: self.topology.stage_rank(s) for s in range(self.num_stages)}, self.device)
+        self._meta: dict[tuple[str, str], BoundaryMeta] = {}  # (train|eval, in|out) -> boundary metadata
+        self._schedules: dict[tuple[str, int], Schedule] = {}
+        self.global_steps = 0
+        self.global_samples = 0
+        self._calls = 0
+        self.last_grad_norm: float | None = None
+        self.last_stats: dict[str, float] = {}
+        precision = self.config.fp16 if self.config.fp16.enabled else None
+        self.loss_scale = (precision.loss_scale or 2.0**precision.initial_scale_power) if precision else 1.0
+        self._good_steps = 0
+        self.skipped_steps = 0
+
+        self.training_dataloader = None
+        self._data_iterator: Iterator[Any] | None = None
+        if training_data is not None:
+            self.training_dataloader = self._make_loader(training_data, collate_fn)
+
+    def _sync_initial_weights(self) -> None:
+        """Replicas start from replica 0's weights and tied copies from their first stage's (seeded
+        construction already makes them equal; this makes it true for any user-built module too)."""
+        if not self._dist:
+            return
+        with torch.no_grad():
+            if self.dp_world_size > 1:
+                src = self.layout.rank(0, self.stage_id)
+                for tensor in itertools.chain(self.module.parameters(), self.module.buffers()):
+                    dist.broadcast(tensor.data, src=src, group=self.topology.data_group)
+            for key, (group, ranks) in self.module.tied_groups.items():
+                for param in self.module.tied_parameters(key):
+                    dist.broadcast(param.data, src=ranks[0], group=group)
+
+    # ---- DeepSpeed-compatible accessors -------------------------------------------------------------
+    def train_batch_size(self) -> int:
+        return self._train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.micro_batch_size
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.micro_batches
+
+    def is_first_stage(self) -> bool:
+        return self.stage_id == 0
+
+    def is_last_stage(self) -> bool:
+        return self.stage_id == self.num_stages - 1
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _make_loader(self, dataset: Any, collate_fn: Any) -> Any:
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        from conveyor.utils import RepeatingLoader
+
+        sampler: Any = None
+        if self.dp_world_size > 1:
+            sampler = DistributedSampler(dataset, self.dp_world_size, self.topology.replica, shuffle=False)
+        loader = DataLoader(dataset, batch_size=self.micro_batch_size, sampler=sampler, collate_fn=collate_fn)
+        if self.is_first_stage() or self.is_last_stage():
+            self._data_iterator = iter(RepeatingLoader(loader))
+        return loader
+
+    # ---- one batch ------------------------------------------------------------------------------------
+    def train_batch(self, data_iter: Iterator[Any] | None = None) -> torch.Tensor:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean loss of
+        all micro-batches and data-parallel replicas, on every rank."""
+        started = time.perf_counter()
+        self.module.train()
+        waited = self.p2p.wait_seconds
+        batch = self._run(self.config.pipeline.schedule, data_iter, training=True)
+        self._reduce_tied_gradients()
+        self._reduce_data_parallel_gradients()
+        if self._finish_precision():
+            self.last_grad_norm = self._clip_gradients()
+            self.optimizer.step()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._mean_loss(batch)
+        self.global_steps += 1
+        self.global_samples += self._train_batch_size
+        self._publish(batch, loss, time.perf_counter() - started, self.p2p.wait_seconds - waited)
+        return loss
+
+    def eval_batch(self, data_iter: Iterator[Any] | None = None) -> torch.Tensor:
+        """Forward only over one batch; the mean loss of all micro-batches and replicas, on every rank."""
+        self.module.eval()
+        with torch.no_grad():
+            batch = self._run("forward", data_iter, training=False)
+        return self._mean_loss(batch)
+
+    def _schedule(self, name: str) -> list[Step]:
+        key = (name, self.micro_batches)
+        if key not in self._schedules:
+            self._schedules[key] = build_schedule(name, self.num_stages, self.micro_batches)
+        return self._schedules[key][self.stage_id]
+
+    def _run(self, name: str, data_iter: Iterator[Any] | None, training: bool) -> _Batch:
+        self._calls += 1
+        steps = self._schedule(name)
+        batch = _Batch(self._load(data_iter))
+        for position, step in enumerate(steps):
+            act = step[0]
+            if act.kind == Kind.FORWARD:
+                self._forward(act.micro_batch, batch, training)
+            elif act.kind == Kind.BACKWARD:
+                self._backward(act.micro_batch, batch)
+            else:
+                try:
+                    self._communicate(step, batch, training)
+                except (RuntimeError, dist.DistError) as err:
+                    raise self._comm_failure(name, position, err) from err
+        return batch
+
+    def _load(self, data_iter: Iterator[Any] | None) -> list[Any]:
+        """The batch's (inputs, labels) pairs on the first and last stage; every rank learns if any
+        rank's iterator failed, so all of them stop with an error instead of waiting on a dead peer."""
+        items: list[Any] = []
+        error = ""
+        if self.is_first_stage() or self.is_last_stage():
+            source = data_iter if data_iter is not None else self._data_iterator
+            if source is None:
+                error = (
+                    "train_batch/eval_batch need data_iter on the first and last stage (or training_data=)"
+                )
+            else:
+                for i in range(self.micro_batches):
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        error = (
+                            f"the data iterator ran dry after {i} of {self.micro_batches} micro-batches of step "
+                            f"{self.global_steps}: wrap the loader in conveyor.utils.RepeatingLoader or stop earlier"
+                        )
+                        break
+                    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                        error = "the data iterator must yield (inputs, labels) pairs, as DeepSpeed's pipeline does"
+                        break
+                    items.append(_to_device(item, self.device))
+        failed = torch.tensor([1.0 if error else 0.0], device=self.device)
+        if self._dist:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # one scalar per batch: all ranks stop together
+        if failed.item():
+            raise DataExhaustedError(error or "a peer stage's data iterator failed (see that rank's error)")
+        return items
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.config.bf16.enabled:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.config.fp16.enabled:
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _forward(self, mb: int, batch: _Batch, training: bool) -> None:
+        started = time.perf_counter()
+        if self.is_first_stage():
+            x = batch.data[mb][0]
+        else:
+            x = unflatten(batch.received[mb], self._meta[(self._mode(training), "in")].is_tuple)
+        with self._autocast():
+            out = self.module(x)
+            if self.is_last_stage():
+                labels = batch.data[mb][1]
+                loss = out if self.module.loss_fn is None else self.module.loss_fn(out, labels)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise TypeError(
+                        "the last stage must produce a scalar loss (set loss_fn= on PipelineModule)"
+                    )
+                batch.losses[mb] = loss.float()
+        if not self.is_last_stage():
+            batch.outputs[mb] = flatten(out, f"stage {self.stage_id} output")  # kept with its graph
+        if not training:
+            batch.received.pop(mb, None)
+        batch.live += 1
+        batch.peak_live = max(batch.peak_live, batch.live)
+        batch.compute_seconds += time.perf_counter() - started
+
+    def _backward(self, mb: int, batch: _Batch) -> None:
+        started = time.perf_counter()
+        if self.is_last_stage():
+            # mean over the batch's micro-batches; fp16 scales the loss so small gradients survive
+            (batch.losses[mb] * (self.loss_scale / self.micro_batches)).backward()
+        else:
+            meta = self._meta[("train", "out")]
+            outputs = batch.outputs.pop(mb)[0]
+            torch.autograd.backward([outputs[i] for i in meta.grad_indices], batch.grads_in.pop(mb))
+        if not self.is_first_stage():
+            inputs = batch.received.pop(mb)
+            grads = []
+            for i in self._meta[("train", "in")].grad_indices:
+                grad = inputs[i].grad
+                grads.append(torch.zeros_like(inputs[i]) if grad is None else grad)
+            batch.grads_out[mb] = grads
+        batch.live -= 1
+        batch.compute_seconds += time.perf_counter() - started
+
+    @staticmethod
+    def _mode(training: bool) -> str:
+        return "train" if training else "eval"
+
+    def _communicate(self, step: Step, batch: _Batch, training: bool) -> None:
+        mode = self._mode(training)
+        ops: list[dist.P2POp] = []
+        received: list[tuple[int, BoundaryMeta]] = []
+        for act in step:
+            mb = act.micro_batch
+            if act.kind == Kind.SEND_F:
+                tensors, is_tuple = batch.outputs[mb] if training else batch.outputs.pop(mb)
+                meta = describe(tensors, is_tuple)
+                cached = self._meta.get((mode, "out"))
+                if cached is None:
+                    self.p2p.send_meta(self.stage_id + 1, meta)
+                    self._meta[(mode, "out")] = meta
+                elif cached != meta:
+                    raise BoundaryError(
+                        f"stage {self.stage_id} output changed from {cached} to {meta}: every micro-batch must "
+                        "produce the same shapes and dtypes (metadata is exchanged once)"
+                    )
+                ops += self.p2p.isend(self.stage_id + 1, [t.detach() for t in tensors])
+            elif act.kind == Kind.RECV_F:
+                if (mode, "in") not in self._meta:
+                    self._meta[(mode, "in")] = self.p2p.recv_meta(self.stage_id - 1)
+                meta = self._meta[(mode, "in")]
+                buffers = [t.empty(self.device) for t in meta.tensors]
+                batch.received[mb] = buffers
+                received.append((mb, meta))
+                ops += self.p2p.irecv(self.stage_id - 1, buffers)
+            elif act.kind == Kind.RECV_B:
+                meta = self._meta[("train", "out")]
+                buffers = [meta.tensors[i].empty(self.device) for i in meta.grad_indices]
+                batch.grads_in[mb] = buffers
+                ops += self.p2p.irecv(self.stage_id + 1, buffers)
+            elif act.kind == Kind.SEND_B:
+                ops += self.p2p.isend(self.stage_id - 1, batch.grads_out.pop(mb))
+        self.p2p.run(ops)
+        if training:
+            for mb, meta in received:
+                for i in meta.grad_indices:
+                    batch.received[mb][i].requires_grad_()
+
+    def _comm_failure(self, name: str, position: int, err: BaseException) -> PipelineCommError:
+        """Gather where every stage of this pipeline stopped (through the rendezvous store, which still
+        works when a collective has hung) and print the grid."""
+        positions: dict[int, int | None] = {s: None for s in range(self.num_stages)}
+        positions[self.stage_id] = position
+        prefix = f"conveyor/pipe/{self._serial}/{self.topology.replica}/{self._calls}/"
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set(prefix + str(self.stage_id), str(position))
+            deadline = time.monotonic() + 5.0
+            for stage in range(self.num_stages):
+                if stage == self.stage_id:
+                    continue
+                try:
+                    store.wait(
+                        [prefix + str(stage)], timedelta(seconds=max(0.1, deadline - time.monotonic()))
+                    )
+                    positions[stage] = int(store.get(prefix + str(stage)))
+                except Exception:  # that stage died or is stuck elsewhere: stays "?"
+                    pass
+        except Exception:
+            pass
+        grid = format_grid(self._schedules[(name, self.micro_batches)], positions)
+        message = (
+            f"pipeline {name} step {self.global_steps}: stage {self.stage_id} failed at schedule step {position} "
+            f"({type(err).__name__}: {err}); '>' marks where each stage was, '?' a stage that did not answer:\n{grid}"
+        )
+        log.error(
+            "pipeline communication failed",
+            extra={"stage": self.stage_id, "position": position, "grid": grid},
+        )
+        return PipelineCommError(message)
+
+    # ---- after the schedule -------------------------------------------------------------------------
+    def _reduce_tied_gradients(self) -> None:
+        # Each stage holding a tied weight saw only its own uses; the sum is the true gradient.
+        for key, (group, _) in self.module.tied_groups.items():
+            for param in self.module.tied_parameters(key):
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                dist.all_reduce(param.grad, group=group)
+
+    def _reduce_data_parallel_gradients(self) -> None:
+        if self.dp_world_size == 1 or not self._dist:
+            return
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            assert p.grad is not None
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = _flatten_dense_tensors(grads)  # one all-reduce per dtype instead of one per tensor
+            dist.all_reduce(flat, group=self.topology.data_group)
+            flat /= self.dp_world_size
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(reduced)
+
+    def _finish_precision(self) -> bool:
+        """fp16: unscale, and skip the step on any overflow anywhere (all ranks agree). True to step."""
+        if not self.config.fp16.enabled:
+            return True
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        for grad in grads:
+            grad.mul_(1.0 / self.loss_scale)
+        overflow = torch.tensor(
+            [0.0 if all(torch.isfinite(g).all() for g in grads) else 1.0], device=self.device
+        )
+        if self._dist:
+            dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
+        cfg = self.config.fp16
+        if overflow.item():
+            self.skipped_steps += 1
+            self._good_steps = 0
+            if not cfg.loss_scale:
+                self.loss_scale = max(cfg.min_loss_scale, self.loss_scale / 2)
+            log.warning(
+                "fp16 overflow: step skipped",
+                extra={"step": self.global_steps, "loss_scale": self.loss_scale},
+            )
+            return False
+        self._good_steps += 1
+        if not cfg.loss_scale and self._good_steps % cfg.loss_scale_window == 0:
+            self.loss_scale *= 2
+        return True
+
+    def _clip_gradients(self) -> float | None:
+        """Clip by the global norm: squares summed over this stage (a tied weight only on its first stage),
+        then over the pipeline. Replicas hold the same averaged gradients, so one pipeline suffices."""
+        max_norm = self.config.gradient_clipping
+        if max_norm <= 0:
+            return None
+        skip = {
+            id(p)
+            for key in self.module.tied_groups
+            if not self.module.tied_owner(key)
+            for p in self.module.tied_parameters(key)
+        }
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        square = torch.zeros(1, dtype=torch.float32, device=self.device)
+        for p in self.module.parameters():
+            if p.grad is not None and id(p) not in skip:
+                square += p.grad.detach().float().pow(2).sum()
+        if self._dist and self.num_stages > 1:
+            dist.all_reduce(square, group=self.topology.pipe_group)
+        norm = square.sqrt()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # the formula of torch's clip_grad_norm_
+        for grad in grads:
+            grad.mul_(coef.to(grad.dtype))
+        return float(norm.item())
+
+    def _mean_loss(self, batch: _Batch) -> torch.Tensor:
+        loss = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if self.is_last_stage():
+            loss += torch.stack([batch.losses[mb].detach() for mb in sorted(batch.losses)]).mean()
+            if self._dist and self.dp_world_size > 1:
+                dist.all_reduce(loss, group=self.topology.data_group)
+                loss /= self.dp_world_size
+        if self._dist and self.num_stages > 1:
+            # every rank returns the loss, as DeepSpeed does
+            dist.broadcast(
+                loss, src=self.topology.stage_rank(self.num_stages - 1), group=self.topology.pipe_group
+            )
+        return loss[0]
+
+    def _publish(self, batch: _Batch, loss: torch.Tensor, seconds: float, waited: float) -> None:
+        value = float(loss.item())
+        self.last_stats = {
+            "step_seconds": seconds,
+            "compute_seconds": batch.compute_seconds,
+            "wait_seconds": waited,
+            "peak_live_micro_batches": batch.peak_live,
+        }
+        metrics.STEP_SECONDS.labels(self.job).observe(seconds)
+        metrics.LOSS.labels(self.job).set(value)
+        metrics.TRAIN_STEP.labels(self.job).set(self.global_steps)
+        metrics.BUBBLE_SECONDS.labels(self.job, str(self.stage_id)).inc(waited)
+        if self.global_steps % self.config.steps_per_print == 0 and self.topology.rank == 0:
+            log.info(
+                "train step",
+                extra={
+                    "step": self.global_steps,
+                    "loss": value,
+                    "lr": self.get_lr()[0],
+                    "grad_norm": self.last_grad_norm,
+                    "step_seconds": round(seconds, 4),
+                    "samples_per_second": round(self._train_batch_size / seconds, 2),
+                    "bubble_seconds": round(waited, 4),
+                },
+            )
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def save_checkpoint(
+        self, save_dir: str | Path, tag: str | None = None, client_state: Any = None, keep: int | None = None
+    ) -> Path:
+        """Write and commit a checkpoint of model, optimizer, scheduler, step and RNG (see checkpoint.py)."""
+        return pipe_checkpoint.save(self, Path(save_dir), tag, client_state, keep)
+
+    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> tuple[Path | None, Any]:
+        """Resume from ``tag`` or the committed ``latest``; returns (path, client_state), (None, None) if none."""
+        return pipe_checkpoint.load(self, Path(load_dir), tag)
+
+
+def initialize(
+    args: Any = None,
+    model: PipelineModule | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    model_parameters: Iterable[torch.nn.Parameter] | None = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    config: EngineConfig | dict[str, Any] | str | Path | None = None,
+    config_params: dict[str, Any] | None = None,
+    collate_fn: Any = None,
+    job: str | None = None,
+) -> tuple[PipelineEngine, torch.optim.Optimizer, Any, Any]:
+    """DeepSpeed's ``initialize``: (engine, optimizer, training_dataloader, lr_scheduler)."""
+    if model is None:
+        raise ValueError("conveyor.initialize needs model= (a conveyor.pipe.PipelineModule)")
+    config = config if config is not None else config_params
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None)
+    engine = PipelineEngine(
+        model,
+        load_config(config),
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        lr_scheduler=lr_scheduler,
+        training_data=training_data,
+        collate_fn=collate_fn,
+        job=job,
+    )
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -1,0 +1,95 @@
+"""Optimizers and learning-rate schedules named in the config, as DeepSpeed names them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from conveyor.pipe.config import ConfigError, OptimizerConfig, SchedulerConfig
+
+_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+def build_optimizer(config: OptimizerConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    kind = config.type.lower()
+    if kind not in _OPTIMIZERS:
+        raise ConfigError(
+            f"config.optimizer.type {config.type!r} is not supported: use one of "
+            f"{', '.join(sorted(_OPTIMIZERS))}, or pass optimizer= to conveyor.initialize"
+        )
+    kwargs = dict(config.params)
+    if kind == "adam":
+        # DeepSpeed's "Adam" decouples weight decay (AdamW) unless adam_w_mode is false.
+        if kwargs.pop("adam_w_mode", True) and kwargs.get("weight_decay", 0):
+            kind = "adamw"
+        kwargs.pop("torch_adam", None)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    try:
+        return _OPTIMIZERS[kind](params, **kwargs)
+    except TypeError as err:
+        raise ConfigError(
+            f"config.optimizer.params: {err} (parameters of torch.optim.{_OPTIMIZERS[kind].__name__})"
+        ) from None
+
+
+class WarmupLR(torch.optim.lr_scheduler.LRScheduler):
+    """DeepSpeed's WarmupLR (and WarmupDecayLR with ``total_num_steps``): the learning rate rises from
+    ``warmup_min_lr`` to ``warmup_max_lr`` over ``warmup_num_steps`` (log or linear), then stays, or
+    decays linearly to 0 at ``total_num_steps``."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_min_lr: float = 0.0,
+        warmup_max_lr: float = 0.001,
+        warmup_num_steps: int = 1000,
+        warmup_type: str = "log",
+        total_num_steps: int | None = None,
+        last_epoch: int = -1,
+    ):
+        if warmup_type not in ("log", "linear"):
+            raise ConfigError(f"config.scheduler.params.warmup_type {warmup_type!r}: use 'log' or 'linear'")
+        if total_num_steps is not None and total_num_steps < warmup_num_steps:
+            raise ConfigError(
+                f"config.scheduler.params.total_num_steps {total_num_steps} < warmup_num_steps {warmup_num_steps}"
+            )
+        self.min_lr, self.max_lr = warmup_min_lr, warmup_max_lr
+        self.warmup_num_steps = max(2, warmup_num_steps)
+        self.warmup_type, self.total_num_steps = warmup_type, total_num_steps
+        super().__init__(optimizer, last_epoch)
+
+    def _gamma(self, step: int) -> float:
+        if step < self.warmup_num_steps:
+            if self.warmup_type == "log":
+                return math.log(step + 1) / math.log(self.warmup_num_steps)
+            return step / self.warmup_num_steps
+        if self.total_num_steps is None:
+            return 1.0
+        span = max(1, self.total_num_steps - self.warmup_num_steps)
+        return max(0.0, (self.total_num_steps - step) / span)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        lr = self.min_lr + (self.max_lr - self.min_lr) * self._gamma(max(0, self.last_epoch))
+        return [lr for _ in self.optimizer.param_groups]
+
+
+def build_scheduler(config: SchedulerConfig, optimizer: torch.optim.Optimizer) -> WarmupLR:
+    params: dict[str, Any] = dict(config.params)
+    if config.type == "WarmupDecayLR" and "total_num_steps" not in params:
+        raise ConfigError("config.scheduler.params.total_num_steps is required for WarmupDecayLR")
+    if config.type == "WarmupLR":
+        params.pop("total_num_steps", None)
+    try:
+        return WarmupLR(optimizer, **params)
+    except TypeError as err:
+        raise ConfigError(f"config.scheduler.params: {err}") from None

@@ -1,0 +1,77 @@
+"""One rank process: ``python -m conveyor.rank LOCAL_RANK`` (started by ``conveyor worker``).
+
+Sets up logging and metrics for this rank, then hands over to the mode's entry: the batch inference
+job, or the user's DeepSpeed-style training script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+from conveyor import metrics
+from conveyor.env import EnvError, PodEnv
+from conveyor.log import configure, get_logger
+from conveyor.spec import Mode
+
+log = get_logger("conveyor.rank")
+
+
+def run_train_script(pod: PodEnv) -> int:
+    """Run spec.train.script as ``__main__``, as ``deepspeed script.py`` would, with the job's settings
+    in the environment (the script is an entry point; it reads them)."""
+    train = pod.spec.train
+    assert train is not None and train.script is not None
+    script = Path(train.script)
+    if not script.is_file():
+        log.error("training script not found", extra={"field": "spec.train.script", "path": str(script)})
+        return 2
+    checkpoint_dir = pod.checkpoint_dir or (pod.spec.checkpoint.path if pod.spec.checkpoint else None)
+    os.environ.update(
+        {
+            "CONVEYOR_TRAIN_CONFIG": json.dumps(train.config),
+            "CONVEYOR_TRAIN_STEPS": str(train.steps or 0),
+            "CONVEYOR_CHECKPOINT_DIR": checkpoint_dir or "",
+            "CONVEYOR_CHECKPOINT_EVERY": str(pod.spec.checkpoint.every if pod.spec.checkpoint else 0),
+            "CONVEYOR_CHECKPOINT_KEEP": str(pod.spec.checkpoint.keep if pod.spec.checkpoint else 0),
+        }
+    )
+    sys.argv = [str(script), *train.args]
+    sys.path.insert(0, str(script.parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    local_rank = int(argv[0]) if argv else int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        pod = PodEnv.from_environ()
+    except EnvError as err:
+        print(f"conveyor rank: {err}", file=sys.stderr)
+        return 2
+    rank = pod.global_rank(local_rank)
+    configure(job=pod.job, replica=pod.replica, stage=pod.stage, rank=rank)
+    port = int(os.environ.get("CONVEYOR_METRICS_PORT", pod.spec.metrics_port))
+    metrics.serve(port + local_rank if port else 0)
+    log.info("rank starting", extra={"local_rank": local_rank, "world_size": pod.world_size})
+    if pod.mode == Mode.INFERENCE:
+        from conveyor.inference.job import run_rank
+
+        return run_rank(pod, local_rank)
+    if pod.mode == Mode.TRAIN:
+        return run_train_script(pod)
+    log.error(
+        "serve mode is not available in this worker version",
+        extra={"field": "spec.mode", "fix": "use mode: inference for batch generation"},
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

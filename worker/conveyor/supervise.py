@@ -1,0 +1,134 @@
+"""Run a set of child processes as one unit: if one fails, stop the rest and report the first failure.
+
+Used twice with the same semantics: ``conveyor worker`` supervises the T rank processes of a pod, and
+``conveyor run`` supervises the pods of a local job. Children start in their own process groups so
+that stopping one also stops whatever it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+
+@dataclass
+class Child:
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    prefix: str | None = None  # prefix each output line (local runs); None: inherit stdout/stderr
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _pump: threading.Thread | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int  # 0, or the exit code of the first child that failed (128 + signal for a signal)
+    failed: str | None  # the name of that child
+
+
+def _pump_lines(stream: IO[bytes], prefix: str, sink: IO[bytes]) -> None:
+    for line in iter(stream.readline, b""):
+        sink.write(prefix.encode() + line)
+        sink.flush()
+    stream.close()
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Group:
+    def __init__(self, children: Sequence[Child], grace_seconds: float = 10.0):
+        self.children = list(children)
+        self.grace_seconds = grace_seconds
+        self._stopping = False
+
+    def start(self) -> None:
+        import sys
+
+        for child in self.children:
+            piped = child.prefix is not None
+            child.proc = subprocess.Popen(
+                list(child.argv),
+                env=dict(child.env),
+                stdout=subprocess.PIPE if piped else None,
+                stderr=subprocess.STDOUT if piped else None,
+                start_new_session=True,
+            )
+            if piped:
+                assert child.proc.stdout is not None and child.prefix is not None
+                child._pump = threading.Thread(
+                    target=_pump_lines, args=(child.proc.stdout, child.prefix, sys.stdout.buffer), daemon=True
+                )
+                child._pump.start()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM every live child's process group, then SIGKILL after the grace period."""
+        self._stopping = True
+        live = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for proc in live:
+            _signal_group(proc, sig)
+        deadline = time.monotonic() + self.grace_seconds
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+
+    def wait(self, poll_seconds: float = 0.2) -> Outcome:
+        """Block until every child exited 0, or one failed (then stop the others)."""
+        pending = {id(c): c for c in self.children}
+        while pending:
+            for key, child in list(pending.items()):
+                assert child.proc is not None
+                code = child.proc.poll()
+                if code is None:
+                    continue
+                del pending[key]
+                if code != 0:
+                    self.stop()
+                    self._join_pumps()
+                    return Outcome(_exit_code(code), child.name)
+            time.sleep(poll_seconds)
+        self._join_pumps()
+        return Outcome(0, None)
+
+    def _join_pumps(self) -> None:
+        for child in self.children:
+            if child._pump is not None:
+                child._pump.join(timeout=5)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def run_group(children: Sequence[Child], grace_seconds: float = 10.0) -> Outcome:
+    """Start children, forward SIGTERM/SIGINT to them, and wait (see Group.wait)."""
+    group = Group(children, grace_seconds)
+    received: list[int] = []
+
+    def _forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        threading.Thread(target=group.stop, daemon=True).start()
+
+    previous = {s: signal.signal(s, _forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        group.start()
+        outcome = group.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received and outcome.code == 0:
+        return Outcome(128 + received[0], "signal")
+    return outcome
