@@ -23,12 +23,16 @@ def _free_port() -> int:
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    from conveyor.inference.families import load_arch
-    from conveyor.inference.tensor_parallel import check_divisible
+    from conveyor.inference.families import UnsupportedModelError, load_arch
+    from conveyor.inference.tensor_parallel import TensorParallelError, check_divisible
 
     # Refuse a bad model or layout here, before any process starts.
-    arch = load_arch(args.model)
-    check_divisible(arch, args.tensor_parallel)
+    try:
+        arch = load_arch(args.model)
+        check_divisible(arch, args.tensor_parallel)
+    except (UnsupportedModelError, TensorParallelError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.stages > arch.layers:
         print(f"error: --stages {args.stages} exceeds the model's {arch.layers} layers", file=sys.stderr)
         return 2
