@@ -115,3 +115,44 @@ def test_layouts_match_hf_and_single_process_sampling(
         sampled = single_sampled[family]
         assert results[family]["sampled"] == sampled, f"{family} sampled at {stages}x{tensor_parallel}"
         assert sampled != hf_greedy[family]
+
+
+def test_stop_strings_cut_text_and_bf16_runs(tmp_path: Path) -> None:
+    from conveyor.inference.job import load_tokenizer
+
+    d = save_tiny("llama", tmp_path / "m")
+    tok = load_tokenizer(str(d))
+
+    def run(stop: tuple[str, ...], dtype: torch.dtype) -> dict:
+        model, peers = prepare_rank(
+            str(d), Topology(Layout()), dtype=dtype, device=torch.device("cpu"), lanes=2, max_len=40
+        )
+        got: dict = {}
+        run_generation(
+            model,
+            peers,
+            SamplingParams(stop=stop),
+            [Request(0, tok("hello world")["input_ids"], 12)],
+            micro_batches=1,
+            lanes_per_micro_batch=2,
+            device=torch.device("cpu"),
+            tokenizer=tok,
+            hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r)),
+        )
+        return got
+
+    full = run((), torch.float32)[0]
+    assert full.finish_reason == "length" and len(full.output_ids) == 12
+    # A stop string: the text of a later token that does not occur before it.
+    k, stop = next(
+        (k, piece)
+        for k in range(1, 11)
+        if (piece := tok.decode(full.output_ids[k : k + 1])).strip()
+        and "\ufffd" not in piece
+        and piece not in tok.decode(full.output_ids[:k])
+    )
+    stopped = run((stop,), torch.float32)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.output_ids == full.output_ids[: k + 1]  # the tokens are kept, up to the stop string
+    assert stop not in stopped.text and full.text.startswith(stopped.text)
+    assert len(run((), torch.bfloat16)[0].output_ids) == 12
