@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
 from conveyor.inference.sampling import SamplingParams
 from conveyor.testing.tiny import save_tiny
