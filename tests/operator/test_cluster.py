@@ -1,6 +1,7 @@
 """The operator against a real API server (the local control plane of tests/cluster/): the CRD's
 admission rules, and `conveyor operator` creating a job's objects and restarting a group whose pod
-failed, with status and Events to match."""
+failed, with status and Events to match. Fixtures (`k8s_cluster`, `k8s_namespace`) come from
+tests/cluster/fixtures.py through tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -15,14 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-fixtures = pytest.importorskip(
-    "tests.cluster.fixtures", reason="the local control plane fixtures are not here yet"
-)
-k8s_cluster = fixtures.k8s_cluster
-k8s_namespace = fixtures.k8s_namespace
-
-from tests.conftest import conveyor_cmd, subprocess_env  # noqa: E402
-from tests.operator.builders import inference_spec, serve_spec, train_spec  # noqa: E402
+from tests.conftest import conveyor_cmd, subprocess_env
+from tests.operator.builders import inference_spec, serve_spec, train_spec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 GROUP, VERSION, PLURAL = "conveyor.dev", "v1alpha1", "pipelinejobs"
