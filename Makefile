@@ -25,3 +25,11 @@ crds: bootstrap
 
 test: lint typecheck
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# A local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager and a pod agent) built from
+# pinned Go modules, once per machine (tests/cluster/build.sh). Use: eval "$$(make -s cluster)".
+cluster: bootstrap
+	@$(PY) -m tests.cluster.controlplane up
+
+cluster-down:
+	@$(PY) -m tests.cluster.controlplane down

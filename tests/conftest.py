@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.cluster.fixtures"]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

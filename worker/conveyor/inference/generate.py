@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from conveyor.inference.cuda_graphs import GraphedDecode
 from conveyor.inference.model import StageModel
 from conveyor.inference.p2p import Channel
 from conveyor.inference.sampling import SamplingParams, sample, sequence_key
@@ -98,6 +99,7 @@ class StageWorker:
     def __init__(self, model: StageModel, peers: PipelinePeers, params: SamplingParams, device: torch.device):
         self.model, self.peers, self.params, self.device = model, peers, params, device
         self.channel = Channel(device)
+        self.forward = GraphedDecode(model)  # CUDA graphs for decode steps; eager on the CPU
         assert model.cache is not None, "setup_cache() before generating"
         self.scratch = model.cache.scratch_position
         self.seen: torch.Tensor | None = None
@@ -135,7 +137,8 @@ class StageWorker:
         kind, lane_start, positions, keys, steps, tokens = self.unpack(meta)
         positions, tokens = positions.to(self.device), tokens.to(self.device)
         inputs = tokens if self.peers.is_first else hidden
-        out = self.model(inputs, positions, lane_start)
+        assert inputs is not None, "a later stage needs the previous stage's hidden state"
+        out = self.forward(inputs, positions, lane_start)
         if not self.peers.is_last:
             return out
         n = out.shape[0]

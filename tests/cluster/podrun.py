@@ -1,0 +1,265 @@
+"""One pod on the local agent: its containers as local processes, restarted like the kubelet does, and its
+status written back through the API.
+
+A PodRunner is a thread per pod. It starts every container (see podspec.py for how a container becomes a
+process), polls them, restarts exited ones as restartPolicy says (with a short doubling backoff) and patches
+the pod's status whenever it changes: phase, podIP, conditions and containerStatuses with restartCount,
+state, lastState and, on exit, exitCode, reason and the termination message. stop() ends the processes the
+way the kubelet does on deletion: SIGTERM to the process group, SIGKILL after the grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.cluster.apiaccess import ServiceForwarder, write_service_account
+from tests.cluster.podspec import ContainerProcess, PodSpecError, summary
+
+log = logging.getLogger("agent.pod")
+BACKOFF_START, BACKOFF_MAX = 0.5, 8.0  # seconds; the kubelet's are 10 s and 5 min
+MESSAGE_LIMIT = 4096  # bytes of termination message kept, as the kubelet does
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _one_of(state: dict[str, Any]) -> dict[str, Any]:
+    """A container state for a merge patch: the other two of waiting/running/terminated set to null, so the
+    patch replaces the previous state instead of merging into it."""
+    return {key: state.get(key) for key in ("waiting", "running", "terminated")}
+
+
+@dataclass
+class Container:
+    spec: client.V1Container
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: str = ""
+    next_start: float = 0.0  # monotonic time of the next allowed start
+    backoff: float = BACKOFF_START
+    done: bool = False  # exited and will not restart
+    state: dict[str, Any] = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    last_state: dict[str, Any] = field(default_factory=dict)
+
+
+class PodRunner(threading.Thread):
+    def __init__(self, agent: Any, pod: client.V1Pod) -> None:
+        super().__init__(name=f"pod-{summary(pod)}", daemon=True)
+        self.agent, self.pod = agent, pod
+        self.uid = pod.metadata.uid
+        self.ns, self.name = pod.metadata.namespace, pod.metadata.name
+        self.pod_dir = agent.state_dir / "pods" / f"{self.ns}_{self.name}_{self.uid}"
+        self.containers = [Container(c) for c in pod.spec.containers]
+        self.policy = pod.spec.restart_policy or "Always"
+        self._stop = threading.Event()
+        self._grace = 30.0
+        self.finished = threading.Event()  # processes gone and network torn down
+        self._last_status: dict[str, Any] | None = None
+        self.pod_ip = ""
+        self._prefix: list[str] = []
+        self._forwarder: ServiceForwarder | None = None
+        self.start_time = now()
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def stop(self, grace: float) -> None:
+        self._grace = max(0.0, grace)
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            self.pod_dir.mkdir(parents=True, exist_ok=True)
+            network = self.agent.network
+            self.pod_ip = network.address(self.ns, self.name)
+            service_account = None
+            if network.kind == "netns" and self.pod.spec.automount_service_account_token is not False:
+                service_account = write_service_account(
+                    self.agent.api, self.pod, self.agent.ca_pem, self.pod_dir / "serviceaccount"
+                )
+            self._prefix = network.setup(self.ns, self.name, service_account)
+            netns = network.netns(self.ns, self.name)
+            if netns is not None:
+                self._forwarder = ServiceForwarder(netns, *self.agent.api_address)
+            self._loop()
+        except Exception as err:
+            log.exception("pod %s/%s: runner failed", self.ns, self.name)
+            for c in self.containers:  # make the failure visible through the API, not only in our log
+                if c.proc is None and not c.done:
+                    c.state = {"waiting": {"reason": "AgentError", "message": f"local agent: {err}"}}
+            with contextlib.suppress(Exception):
+                self._report()
+        finally:
+            self._kill_all(self._grace if self._stop.is_set() else 0.0)
+            if self._forwarder is not None:
+                self._forwarder.close()
+            self.agent.network.teardown(self.ns, self.name)
+            self.finished.set()
+
+    def _loop(self) -> None:
+        self._report()
+        while not self._stop.is_set():
+            for c in self.containers:
+                self._step(c)
+            self._report()
+            if all(c.done for c in self.containers):
+                return
+            self._stop.wait(0.1)
+
+    def _step(self, c: Container) -> None:
+        if c.proc is None:
+            if not c.done and time.monotonic() >= c.next_start:
+                self._start(c)
+            return
+        code = c.proc.poll()
+        if code is None:
+            if time.monotonic() - c.next_start > 10 * BACKOFF_MAX:
+                c.backoff = BACKOFF_START  # ran long enough: the next crash starts over, like the kubelet
+            return
+        self._exited(c, code)
+
+    def _start(self, c: Container) -> None:
+        proc = ContainerProcess(
+            self.agent.api,
+            self.pod,
+            c.spec,
+            pod_dir=self.pod_dir,
+            pvc_dir=self.agent.state_dir / "pvc",
+            checkout=self.agent.checkout,
+            python=self.agent.python,
+            pod_ip=self.pod_ip,
+            address_of=self.agent.network.address,
+            in_cluster=self._forwarder is not None,
+        )
+        try:
+            env = proc.environ()
+            argv = [*self._prefix, *proc.argv(env)]
+            cwd = proc.cwd()
+        except (PodSpecError, ApiException) as err:
+            message = err.args[0] if isinstance(err, PodSpecError) else f"reading the pod's references: {err}"
+            self._terminated(c, 128, "CreateContainerConfigError", message, now())
+            return
+        proc.dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            proc.termination_log.unlink()
+        log_path = proc.dir / f"{c.restarts}.log"
+        with open(log_path, "ab") as out:
+            # Own session = own process group: the kill on deletion reaches every process the command forks.
+            c.proc = subprocess.Popen(
+                argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        c.proc.termination_log = proc.termination_log  # type: ignore[attr-defined]
+        c.started_at = now()
+        c.next_start = time.monotonic()
+        c.state = {"running": {"startedAt": c.started_at}}
+        log.info("pod %s/%s: started %s (pid %d, restart %d): %s", self.ns, self.name, c.spec.name,
+                 c.proc.pid, c.restarts, " ".join(argv))  # fmt: skip
+
+    def _exited(self, c: Container, code: int) -> None:
+        assert c.proc is not None
+        message = ""
+        path: Path = c.proc.termination_log  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError):
+            message = path.read_bytes()[-MESSAGE_LIMIT:].decode(errors="replace")
+        exit_code = code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as the runtime reports
+        self._terminated(c, exit_code, "Completed" if exit_code == 0 else "Error", message, c.started_at)
+        c.proc = None
+
+    def _terminated(self, c: Container, exit_code: int, reason: str, message: str, started: str) -> None:
+        terminated = {"exitCode": exit_code, "reason": reason, "startedAt": started, "finishedAt": now()}
+        if message:
+            terminated["message"] = message
+        log.info("pod %s/%s: %s exited %d (%s)", self.ns, self.name, c.spec.name, exit_code, reason)
+        restart = self.policy == "Always" or (self.policy == "OnFailure" and exit_code != 0)
+        if restart and not self._stop.is_set():
+            c.last_state = {"terminated": terminated}
+            c.state = {"waiting": {"reason": "CrashLoopBackOff" if exit_code else "Completed"}}
+            c.restarts += 1
+            c.next_start = time.monotonic() + c.backoff
+            c.backoff = min(c.backoff * 2, BACKOFF_MAX)
+        else:
+            c.state = {"terminated": terminated}
+            c.done = True
+
+    def _kill_all(self, grace: float) -> None:
+        running = [c.proc for c in self.containers if c.proc is not None and c.proc.poll() is None]
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # also any children left in the group
+            proc.wait()
+
+    # -- status -----------------------------------------------------------------------------------------
+    def _phase(self) -> str:
+        if not all(c.done for c in self.containers):
+            return "Running" if any(c.proc is not None or c.restarts for c in self.containers) else "Pending"
+        codes = [c.state["terminated"]["exitCode"] for c in self.containers]
+        return "Succeeded" if all(code == 0 for code in codes) else "Failed"
+
+    def _report(self) -> None:
+        phase = self._phase()
+        statuses = []
+        for c in self.containers:
+            running = "running" in c.state
+            status = {
+                "name": c.spec.name,
+                "image": c.spec.image or "",
+                "imageID": "",
+                "containerID": f"local://{self.uid}/{c.spec.name}/{c.restarts}",
+                "ready": running,
+                "started": running,
+                "restartCount": c.restarts,
+                "state": _one_of(c.state),
+                "lastState": _one_of(c.last_state),
+            }
+            statuses.append(status)
+        ready = "True" if phase == "Running" and all(s["ready"] for s in statuses) else "False"
+        conditions = [
+            {"type": t, "status": s, "lastTransitionTime": self.start_time}
+            for t, s in (
+                ("PodScheduled", "True"),
+                ("Initialized", "True"),
+                ("ContainersReady", ready),
+                ("Ready", ready),
+            )
+        ]
+        status = {
+            "phase": phase,
+            "hostIP": self.pod_ip,
+            "podIP": self.pod_ip,
+            "podIPs": [{"ip": self.pod_ip}],
+            "startTime": self.start_time,
+            "conditions": conditions,
+            "containerStatuses": statuses,
+        }
+        if status == self._last_status:
+            return
+        try:
+            self.agent.api.patch_namespaced_pod_status(self.name, self.ns, {"status": status})
+            self._last_status = status
+        except ApiException as err:
+            if err.status == 404:
+                self._stop.set()  # the pod is gone (force-deleted): stop its processes now
+                self._grace = 0.0
+            else:
+                log.warning(
+                    "pod %s/%s: status update failed (%s); will retry", self.ns, self.name, err.reason
+                )
