@@ -28,10 +28,15 @@ SAMPLINGS = {
     "greedy": {"stop_token_ids": [2]},
     "sampled": {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.3, "seed": 7},
 }
-# Every family at a layout with stages and tensor parallelism together (2, 2) and at pure tensor
-# parallelism (1, 2); the pure-pipeline layouts with two families (rotary + untied, learned + tied),
-# to keep the test quick on a shared 2-core machine.
-LAYOUTS = {(2, 1): ("llama", "gpt2"), (3, 1): ("llama", "gpt2"), (1, 2): FAMILIES, (2, 2): FAMILIES}
+# Every family at stages and tensor parallelism together (2, 2); the fused-qkv layouts under pure tensor
+# parallelism (1, 2); Llama at every layout of the matrix; GPT-2 (learned positions, tied head)
+# under pure pipelining. Kept small for a shared 2-core machine: each launch costs process start-up.
+LAYOUTS = {
+    (2, 1): ("llama", "gpt2"),
+    (3, 1): ("llama", "gpt2"),
+    (1, 2): ("llama", "gpt_neox", "gpt2"),
+    (2, 2): FAMILIES,
+}
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ LAYER_CLASSES: dict[str, str] = {
 CAUSAL_FAMILIES = ("llama", "mistral", "qwen2", "gpt_neox", "opt", "gpt2")
 ENCODER_FAMILIES = ("bert",)
 SUPPORTED = CAUSAL_FAMILIES + ENCODER_FAMILIES
+ACTIVATION_NAMES = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
 class UnsupportedModelError(ValueError):
@@ -135,6 +136,15 @@ def _rope(config: PretrainedConfig, head_dim: int) -> tuple[int, dict[str, Any]]
 
 
 def arch_from_config(config: PretrainedConfig) -> Arch:
+    arch = _arch_from_config(config)
+    if arch.activation not in ACTIVATION_NAMES:
+        raise UnsupportedModelError(
+            f"{arch.family} activation {arch.activation!r} is not supported; supported: {', '.join(ACTIVATION_NAMES)}"
+        )
+    return arch
+
+
+def _arch_from_config(config: PretrainedConfig) -> Arch:
     family = config.model_type
     if family not in SUPPORTED:
         raise UnsupportedModelError(

@@ -39,7 +39,8 @@ from conveyor.topology import Layout, Topology
 
 log = get_logger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-COMMIT_SECONDS = 10.0
+COMMIT_SECONDS = 10.0  # commit at least this often, even between `checkpoint.every` results
+LOG_SECONDS = 5.0
 
 
 class InputError(ValueError):
@@ -168,7 +169,16 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
     params = sampling_params(spec, arch.eos_token_ids)
     every = spec.checkpoint.every if spec.checkpoint else 1
     total, done_before = len(todo) + state[0]["completed"], state[0]["completed"]
-    last_commit = [time.monotonic()]
+    last_commit, last_log = [time.monotonic()], [0.0]
+
+    def commit(done: bool = False) -> None:
+        t0, pending = time.monotonic(), results.uncommitted
+        results.commit(done=done)
+        last_commit[0] = time.monotonic()
+        metrics.CHECKPOINT_SECONDS.labels(job).observe(last_commit[0] - t0)
+        metrics.PROMPTS_COMPLETED.labels(job).inc(pending)
+        metrics.LAST_CHECKPOINT_STEP.labels(job).set(results.completed)
+        metrics.LAST_CHECKPOINT_TIME.labels(job).set(time.time())
 
     def on_result(r: Result) -> None:
         if not is_writer:
@@ -177,11 +187,10 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
             {"id": r.id, "output_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason}
         )
         if results.uncommitted >= every or time.monotonic() - last_commit[0] > COMMIT_SECONDS:
-            pending = results.uncommitted
-            results.commit()
-            last_commit[0] = time.monotonic()
-            metrics.PROMPTS_COMPLETED.labels(job).inc(pending)
-            log.info("progress", extra={"completed": results.completed, "total": total})
+            commit()
+            if time.monotonic() - last_log[0] > LOG_SECONDS:
+                last_log[0] = time.monotonic()
+                log.info("progress", extra={"completed": results.completed, "total": total})
 
     def on_first_token(dt: float) -> None:
         if is_writer:  # one rank counts, so summing the job's endpoints counts each token once
@@ -224,10 +233,8 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
     if info.device.type == "cuda":
         metrics.GPU_MEMORY_BYTES.labels(job, str(info.rank)).set(torch.cuda.memory_allocated())
     if is_writer:
-        pending = results.uncommitted
-        results.commit(done=True)
+        commit(done=True)
         results.close()
-        metrics.PROMPTS_COMPLETED.labels(job).inc(pending)
         if replicas > 1:
             parts = [ResultLog(output.with_name(f"{output.name}.r{r}")) for r in range(replicas)]
             if merge_parts(parts, output):

@@ -16,14 +16,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from conveyor.inference.families import Arch
 from conveyor.inference.kv_cache import KVCache
+
+# HF activation names -> functions (the tanh form is HF's gelu_new / gelu_pytorch_tanh / gelu_fast).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu_fast": partial(F.gelu, approximate="tanh"),
+}
 
 
 def local_arch(arch: Arch, tensor_parallel: int) -> Arch:
@@ -113,7 +125,7 @@ class MLP(nn.Module):
         width = arch.intermediate * (2 if self.gated else 1)  # gated: rows are gate | up
         self.w_in = nn.Linear(arch.hidden, width, bias=arch.mlp_bias)
         self.w_out = nn.Linear(arch.intermediate, arch.hidden, bias=arch.mlp_bias)
-        self.act = ACT2FN[arch.activation]
+        self.act = ACTIVATIONS[arch.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w_in(x)
