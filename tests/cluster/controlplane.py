@@ -45,6 +45,8 @@ CONTROLLERS = (
     "persistentvolumeclaim-protection-controller",
 )
 STATE_FILE = "cluster.json"
+# Children started by this process, kept so that they are reaped (not warned about) when stopped here.
+_CHILDREN: dict[int, subprocess.Popen] = {}
 
 
 @dataclass
@@ -98,6 +100,7 @@ def _start(name: str, argv: list[str], directory: Path, env: dict[str, str] | No
         argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
     )
     log.close()
+    _CHILDREN[proc.pid] = proc
     return proc.pid
 
 
@@ -262,6 +265,9 @@ def down(directory: Path, grace: float = 15.0) -> None:
             )
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+        child = _CHILDREN.pop(pid, None)
+        if child is not None:
+            child.wait()
     (directory / STATE_FILE).unlink(missing_ok=True)
     subprocess.run(["rm", "-rf", str(directory / "etcd")], check=False)
 

@@ -136,18 +136,17 @@ def committed_steps(results: Path) -> int:
     return 0
 
 
-def rank_pids(job: str) -> list[int]:
-    """Processes of the job's rank entry (`python -m conveyor.rank`), found by their environment."""
+def rank_pids(namespace: str, job: str) -> list[int]:
+    """Processes of the job's rank entry (`python -m conveyor.rank`), found by their environment (the agent's
+    termination-log path names the pod's namespace, unique per test)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             environ = (proc / "environ").read_bytes().split(b"\0")
-            if (
-                b"conveyor.rank" in (proc / "cmdline").read_bytes()
-                and f"CONVEYOR_JOB={job}".encode() in environ
-            ):
+            mine = f"CONVEYOR_JOB={job}".encode() in environ and namespace.encode() in b"\0".join(environ)
+            if mine and b"conveyor.rank" in (proc / "cmdline").read_bytes():
                 pids.append(int(proc.name))
     return pids
 
@@ -165,20 +164,25 @@ def test_train_job_survives_a_lost_worker(k8s_cluster, k8s_namespace, operator, 
     results = submit(k8s_cluster, k8s_namespace, "faulty", tmp_path)
     wait_for(lambda: committed_steps(results) >= 2, "two committed steps", timeout=180, interval=0.2)
     if fault == "kill-worker-process":
-        pids = wait_for(lambda: rank_pids("faulty"), "the job's rank processes")
+        pids = wait_for(lambda: rank_pids(k8s_namespace, "faulty"), "the job's rank processes")
         os.kill(pids[-1], signal.SIGKILL)
     else:
         k8s_cluster.core.delete_namespaced_pod("faulty-1", k8s_namespace)
     status = wait_succeeded(k8s_cluster, k8s_namespace, "faulty", operator)
     assert json.loads(results.read_text()) == reference_results(STAGES * TP)
     assert_clean_children(k8s_cluster, k8s_namespace, "faulty")
-    restarts = sum(g.get("restarts", 0) for g in status.get("groups", []))
+    # The pods' own restart counts (the kubelet's view, kept by the agent) show the lost worker...
     pod_restarts = sum(
         c.restart_count
         for p in k8s_cluster.core.list_namespaced_pod(k8s_namespace).items
         for c in p.status.container_statuses or []
     )
-    assert restarts + pod_restarts >= 1, f"no restart counted in status: {status}"
+    # ...and the operator counts a group restart in the job's status.
+    restarts = sum(g.get("restarts", 0) for g in status.get("groups", []))
+    if fault == "kill-worker-process" and restarts == 0 and pod_restarts >= 1:
+        # Outputs are right, but a worker restarted in place by the kubelet is not counted by the operator.
+        pytest.xfail("operator: in-place container restarts are not counted in status.groups[].restarts")
+    assert restarts >= 1, f"no group restart counted in the job's status: {json.dumps(status, indent=1)}"
 
 
 def test_train_job_survives_the_operator_killed_mid_reconcile(k8s_cluster, k8s_namespace, operator, tmp_path):
