@@ -36,7 +36,7 @@ class Channel:
             header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
             header[2 : 2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
             header = header.to(self.device)
-            payload = tensor.contiguous()
+            payload = tensor.to(self.device).contiguous()  # NCCL sends device tensors only
             self._pending.append((dist.isend(header, dst), header))
             self._pending.append((dist.isend(payload, dst), payload))
 
