@@ -8,10 +8,11 @@ the objects (their size stays the user's), and the user's spec is never patched 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ import kopf
 from conveyor.spec import GROUP, PLURAL, VERSION, PipelineJobStatus
 
 from conveyor_operator import k8s, metrics
-from conveyor_operator.observe import observe_pod
+from conveyor_operator.observe import PodObservation, observe_pod
 from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
 from conveyor_operator.render import JOB_LABEL
 
@@ -60,8 +61,13 @@ def execute(client: k8s.Client, body: dict[str, Any], plan: Plan) -> None:
         client.event(body, ev.type, ev.reason, ev.message)
 
 
-def reconcile(namespace: str, name: str, now: datetime | None = None) -> Plan | None:
-    """Reconcile one PipelineJob; returns the plan carried out (None: the job is gone or going)."""
+def reconcile(
+    namespace: str, name: str, now: datetime | None = None, witnesses: Sequence[PodObservation] = ()
+) -> Plan | None:
+    """Reconcile one PipelineJob; returns the plan carried out (None: the job is gone or going).
+
+    ``witnesses`` are pods seen in watch events: a Failed pod may already be gone from the listing (the
+    StatefulSet controller replaces Failed pods at once), and its failure must still restart the group."""
     started = time.monotonic()
     try:
         with _lock(namespace, name):
@@ -71,6 +77,8 @@ def reconcile(namespace: str, name: str, now: datetime | None = None) -> Plan | 
                 metrics.record_phase(namespace, name, None)
                 return None
             pods = [observe_pod(p) for p in client.list_pods(namespace, name)]
+            listed = {p.uid for p in pods}
+            pods += [w for w in witnesses if w.uid not in listed]
             plan = plan_reconcile(JobView.from_body(body), pods, now or datetime.now(UTC))
             if plan.delete_children and not client.children_exist(namespace, name):
                 plan.delete_children, plan.events = False, [e for e in plan.events if e.reason != "Cleaned"]
@@ -111,9 +119,13 @@ def on_job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
-def on_pod_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+def on_pod_event(body: Mapping[str, Any], labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
     assert namespace is not None
-    reconcile(namespace, labels[JOB_LABEL])
+    seen = observe_pod(body)  # type: ignore[arg-type]
+    # The StatefulSet controller deletes a Failed pod at once, and kopf may hand us only the last event
+    # (DELETED, carrying the Failed state): the failure still counts, deletion or not.
+    witnesses = [dataclasses.replace(seen, deleting=False)] if seen.failure is not None else []
+    reconcile(namespace, labels[JOB_LABEL], witnesses=witnesses)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS)

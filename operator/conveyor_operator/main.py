@@ -46,6 +46,7 @@ def _quiet_kopf(verbose: bool) -> None:
     # Our own log lines and Events cover every transition; kopf's per-handler "succeeded" lines are
     # only worth seeing with --verbose.
     logging.getLogger("kopf").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.DEBUG if verbose else logging.WARNING)  # probes
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropKopfSettings())
 

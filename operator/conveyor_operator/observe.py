@@ -31,6 +31,7 @@ class PodFailure:
 @dataclass(frozen=True)
 class PodObservation:
     name: str
+    uid: str
     group: str
     index: int
     restart: int  # the CONVEYOR_RESTART it was created with
@@ -106,6 +107,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
     index_raw = labels.get(POD_INDEX_LABEL) or meta.get("name", "-0").rsplit("-", 1)[-1]
     return PodObservation(
         name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
         group=labels.get(GROUP_LABEL, ""),
         index=int(index_raw) if str(index_raw).isdigit() else 0,
         restart=int(annotations.get(RESTART_ANNOTATION, "0") or 0),

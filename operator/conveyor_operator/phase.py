@@ -37,6 +37,7 @@ class GroupPods:
     current: list[PodObservation]  # this restart, this template: the group's ranks now
     previous: list[PodObservation]  # an earlier restart: replace at once
     outdated: list[PodObservation]  # this restart, older template: replace in a rolling update
+    group: str = ""  # the StatefulSet: pod `{group}-{index}`
 
     @property
     def live(self) -> list[PodObservation]:
@@ -57,7 +58,7 @@ def split_pods(
             outdated.append(pod)
         else:
             current.append(pod)
-    return GroupPods(current, previous, outdated)
+    return GroupPods(current, previous, outdated, group)
 
 
 def detect_failure(
@@ -77,10 +78,13 @@ def detect_failure(
         if pod.failure is not None:
             return GroupFailure(reason=pod.failure.reason, message=pod.failure.message, time=stamp)
     if running_since is not None and not pods.previous:
-        present = len(live)
-        if present < size:
+        missing = sorted(set(range(size)) - {p.index for p in live})
+        if missing:
+            names = ", ".join(f"{pods.group}-{i}" for i in missing)
             return GroupFailure(
-                reason="PodDeleted", message=f"{size - present} of {size} pods gone while running", time=stamp
+                reason="PodDeleted",
+                message=f"pod {names} gone while the group was running ({len(missing)} of {size})",
+                time=stamp,
             )
         # Compared with the newest pod's creationTimestamp when the group became ready: both come from
         # the API server's clock, so an operator's clock skew cannot fake a replacement.

@@ -247,6 +247,9 @@ def _plan_active(
         gs.start_time = gs.start_time or format_time(now)
         gp = split_pods(pods, g.name, g.pods, gs.restarts, thash)
         split[g.name] = gp
+        if prev is not None and prev.phase == Phase.SUCCEEDED:
+            new_groups.append(gs)  # its work is committed: later noise from its pods changes nothing
+            continue
 
         if gs.failure is None:
             gs.failure = detect_failure(

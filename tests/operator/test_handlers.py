@@ -166,7 +166,7 @@ def test_kopf_entry_points_route_to_the_jobs_reconcile(cluster: FakeCluster) -> 
     handlers.on_job_event(type="ADDED", name="llm", namespace=NS)
     assert ("StatefulSet", NS, "llm-r0") in cluster.objects
     cluster.set_ready(NS)
-    handlers.on_pod_event(labels={"conveyor.dev/job": "llm"}, namespace=NS)
+    handlers.on_pod_event(body=cluster.pod(NS, "llm-r0-0"), labels={"conveyor.dev/job": "llm"}, namespace=NS)
     assert status(cluster)["phase"] == "Running"
     handlers.on_job_event(type="DELETED", name="llm", namespace=NS)  # forgotten, no API call needed
     handlers.resync(name="llm", namespace=NS)
@@ -180,3 +180,26 @@ def test_kopf_settings_keep_objects_small() -> None:
     handlers.configure(settings=settings)
     assert settings.persistence.finalizer == "conveyor.dev/operator"
     assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+
+
+def test_a_failed_pod_already_replaced_by_the_statefulset_still_restarts_its_group(
+    cluster: FakeCluster,
+) -> None:
+    from tests.operator.builders import evict
+
+    cluster.jobs[(NS, "llm")] = job_body(
+        inference_spec(replicas=1, restartPolicy={"backoffSeconds": 0}), namespace=NS
+    )
+    run(cluster, "llm", 0)
+    for i, pod in enumerate(cluster.pods.values()):
+        pod["metadata"]["uid"] = f"uid-{i}"
+    # The watch event shows llm-r0-1 Failed; the StatefulSet controller has already replaced it.
+    failed = evict(cluster.pod(NS, "llm-r0-1"))
+    failed["metadata"]["deletionTimestamp"] = "2026-11-23T12:00:01Z"  # the DELETED event's last state
+    cluster.pods.pop((NS, "llm-r0-1"))
+    cluster.clock = 1
+    cluster._sync_statefulset(cluster.objects[("StatefulSet", NS, "llm-r0")])
+    handlers.on_pod_event(body=failed, labels={"conveyor.dev/job": "llm"}, namespace=NS)
+    st = status(cluster)
+    assert st["restarts"] == 1 and "PodEvicted" in [e[1] for e in cluster.events]
+    assert cluster.pod(NS, "llm-r0-0")["metadata"]["annotations"]["conveyor.dev/restart"] == "1"

@@ -94,6 +94,7 @@ def test_detect_each_failure_kind(mutate, running_since, now, reason) -> None:  
         and failure.reason == reason
         and failure.time == at(now).strftime("%Y-%m-%dT%H:%M:%SZ")
     )
+    assert reason == "StartupTimeout" or "llm-r0-" in failure.message  # the message names the pod
 
 
 def test_no_failure_for_a_healthy_or_still_loading_group() -> None:

@@ -339,3 +339,13 @@ def test_scaling_down_deletes_the_groups_scaled_away() -> None:
     plan = step(body, [], 10)
     assert plan.delete_statefulsets == ["llm-r1", "llm-r2"] and sts_replicas(plan) == {"llm-r0": 2}
     assert step(body, [], 20).delete_statefulsets == []
+
+
+def test_a_finished_group_is_not_restarted_while_the_others_work() -> None:
+    body, pods = running_inference(replicas=2)
+    done = [complete(p) for p in pods[:2]]
+    step(body, done + pods[2:], 10)
+    assert body["status"]["groups"][0]["phase"] == "Succeeded"
+    plan = step(body, [evict(done[0]), done[1]] + pods[2:], 20)
+    assert plan.delete_pods == [] and body["status"]["restarts"] == 0
+    assert body["status"]["groups"][0]["phase"] == "Succeeded" and body["status"]["phase"] == "Running"

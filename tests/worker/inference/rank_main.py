@@ -1,0 +1,53 @@
+"""One rank of a multi-process generation test: ``python -m tests.worker.inference.rank_main CASE.json``.
+
+CASE: {"stages", "tensor_parallel", "models": {family: dir}, "prompts": [[ids]], "max_new_tokens",
+"samplings": {name: SamplingParams fields}, "micro_batches", "lanes", "out": path}. Stage 0 / tp 0
+writes {family: {sampling name: [output ids per prompt]}} to ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from conveyor.distributed import destroy_distributed, init_distributed
+from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
+from conveyor.inference.sampling import SamplingParams
+from conveyor.topology import Layout, Topology
+
+
+def main(path: str) -> None:
+    case = json.loads(Path(path).read_text())
+    info = init_distributed(device="cpu")
+    topo = Topology(Layout(1, case["stages"], case["tensor_parallel"]))
+    results: dict[str, dict[str, list[list[int]]]] = {}
+    for family, model_dir in case["models"].items():
+        model, peers = prepare_rank(
+            model_dir, topo, dtype=torch.float32, device=info.device, lanes=case["lanes"], max_len=48
+        )
+        for name, fields in case["samplings"].items():
+            params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+            got: dict[int, list[int]] = {}
+            requests = [Request(i, p, case["max_new_tokens"]) for i, p in enumerate(case["prompts"])]
+            run_generation(
+                model,
+                peers,
+                params,
+                requests,
+                micro_batches=case["micro_batches"],
+                lanes_per_micro_batch=case["lanes"] // case["micro_batches"],
+                device=info.device,
+                hooks=SchedulerHooks(on_result=lambda r, got=got: got.__setitem__(r.id, r.output_ids)),
+            )
+            if peers.is_first:
+                results.setdefault(family, {})[name] = [got[i] for i in range(len(case["prompts"]))]
+    if topo.stage == 0 and topo.tp_rank == 0:
+        with open(case["out"], "w") as f:
+            json.dump(results, f)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,60 @@
+"""``conveyor generate``: text in, the same tokens as HF generate out, with the ranks it starts itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conveyor.testing.tiny import save_tiny
+
+from tests.conftest import conveyor_cmd, subprocess_env
+
+
+@pytest.mark.integration
+def test_generate_two_stages_matches_hf(tmp_path: Path) -> None:
+    import transformers as T
+
+    d = save_tiny("qwen2", tmp_path / "m")
+    prompts = ["hello world", "the quick brown fox jumps over"]
+    proc = subprocess.run(
+        conveyor_cmd(
+            "generate",
+            "--model",
+            str(d),
+            "--stages",
+            "2",
+            "--max-new-tokens",
+            "6",
+            *[a for p in prompts for a in ("--prompt", p)],
+        ),
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["prompt"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert "tokens/s" in proc.stderr
+    tok = T.AutoTokenizer.from_pretrained(d)
+    hf = T.AutoModelForCausalLM.from_pretrained(d).eval()
+    for p in prompts:
+        ids = torch.tensor([tok(p)["input_ids"]])
+        want = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1] :].tolist()
+        assert rows[p]["output_ids"] == want
+        assert rows[p]["text"] == tok.decode(want, skip_special_tokens=True)
+
+
+def test_generate_refuses_an_unsupported_family(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    proc = subprocess.run(
+        conveyor_cmd("generate", "--model", str(tmp_path), "--prompt", "hi"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "model family 't5'" in proc.stderr and "supported families: llama" in proc.stderr

@@ -1,0 +1,53 @@
+"""On a CUDA device: greedy tokens equal HF's (fp32), and bf16/fp16 generation runs (skipped without a GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
+from conveyor.inference.sampling import SamplingParams
+from conveyor.testing.tiny import save_tiny
+from conveyor.topology import Layout, Topology
+
+pytestmark = pytest.mark.gpu
+PROMPTS = [[5, 6, 7, 8, 9, 10], [20, 21, 22], [30]]
+
+
+def generate(d: Path, dtype: torch.dtype) -> list[list[int]]:
+    dev = torch.device("cuda")
+    model, peers = prepare_rank(str(d), Topology(Layout()), dtype=dtype, device=dev, lanes=4, max_len=32)
+    got: dict[int, list[int]] = {}
+    run_generation(
+        model,
+        peers,
+        SamplingParams(stop_token_ids=(2,)),
+        [Request(i, p, 8) for i, p in enumerate(PROMPTS)],
+        micro_batches=2,
+        lanes_per_micro_batch=2,
+        device=dev,
+        hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r.output_ids)),
+    )
+    return [got[i] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_cuda_greedy_matches_hf(tmp_path: Path, family: str) -> None:
+    import transformers as T
+
+    d = save_tiny(family, tmp_path, tokenizer=False)
+    hf = T.AutoModelForCausalLM.from_pretrained(d).cuda().eval()
+    want = [
+        hf.generate(
+            torch.tensor([p], device="cuda"),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
+        for p in PROMPTS
+    ]
+    assert generate(d, torch.float32) == want
+    for dtype in (torch.bfloat16, torch.float16):
+        assert all(1 <= len(o) <= 8 for o in generate(d, dtype))

@@ -1,0 +1,149 @@
+"""The batch inference job: results as JSONL, a restart after a killed rank repeats nothing and drops
+nothing, a restart after completion exits at once, and R > 1 replicas merge into one output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conveyor.env import PodEnv, pod_environ
+from conveyor.spec import parse_spec
+from conveyor.testing.tiny import save_tiny
+
+from tests.conftest import subprocess_env
+from tests.worker.inference.launch import free_port, wait_ranks
+
+pytestmark = pytest.mark.integration
+
+
+def make_spec(
+    tmp: Path, model: Path, stages: int, tp: int, replicas: int = 1, prompts: int = 12, new: int = 6
+):
+    lines = []
+    for i in range(prompts):
+        row = (
+            {"id": f"p{i}", "prompt": f"the quick brown fox {i}"}
+            if i % 2
+            else {"id": i, "input_ids": [5 + i, 9, 11]}
+        )
+        lines.append(json.dumps(row))
+    (tmp / "in.jsonl").write_text("\n".join(lines) + "\n")
+    return parse_spec(
+        {
+            "mode": "inference",
+            "device": "cpu",
+            "model": {"path": str(model), "dtype": "float32"},
+            "parallelism": {"stages": stages, "tensorParallel": tp, "replicas": replicas},
+            "checkpoint": {"path": str(tmp / "ckpt"), "every": 1},
+            "inference": {
+                "input": str(tmp / "in.jsonl"),
+                "output": str(tmp / "out.jsonl"),
+                "maxNewTokens": new,
+                "batchSize": 2,
+                "sampling": {"temperature": 0.7, "seed": 3},
+            },
+        }
+    )
+
+
+def start_replica(spec, replica: int, tmp: Path) -> list[subprocess.Popen]:
+    port, procs = free_port(), []
+    p = spec.parallelism
+    for stage in range(p.stages):
+        env = pod_environ(
+            job="t", spec=spec, replica=replica, stage=stage, master_addr="127.0.0.1", master_port=port
+        )
+        pod = PodEnv.from_environ(env)
+        for local in range(p.tensor_parallel):
+            full = subprocess_env(
+                **{**env, **pod.rank_environ(local)},
+                OMP_NUM_THREADS="1",
+                CONVEYOR_TERMINATION_LOG=str(tmp / f"term-r{replica}-s{stage}-t{local}"),
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tests.worker.inference.job_main", str(local)],
+                    env=full,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return procs
+
+
+def output_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny("llama", tmp_path_factory.mktemp("m") / "llama")
+
+
+def test_kill_a_rank_then_restart_completes_each_prompt_once(model: Path, tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, model, stages=2, tp=1, prompts=30, new=10)
+    out = tmp_path / "out.jsonl"
+    procs = start_replica(spec, 0, tmp_path)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 5):
+        assert all(p.poll() is None for p in procs), "job ended before it could be killed"
+        time.sleep(0.05)
+    procs[1].kill()  # the last stage dies mid-run; the group fails as a whole (as the operator sees it)
+    time.sleep(0.5)
+    for p in procs:
+        p.kill()
+        p.wait()
+    partial = output_rows(out) if out.exists() else []
+    record = json.loads((tmp_path / "out.jsonl.progress.json").read_text())
+    assert 0 < record["completed"] < 30 and not record["done"], record
+
+    wait_ranks(start_replica(spec, 0, tmp_path))
+    rows = output_rows(out)
+    ids = [json.dumps(r["id"]) for r in rows]
+    assert len(ids) == len(set(ids)) == 30
+    assert set(ids) == {json.dumps(i if i % 2 == 0 else f"p{i}") for i in range(30)}
+    assert {json.dumps(r["id"]) for r in partial} <= set(ids)
+    for r in rows:
+        assert 1 <= len(r["output_ids"]) <= 10 and r["finish_reason"] in ("stop", "length")
+        assert isinstance(r["text"], str)
+    assert json.loads((tmp_path / "term-r0-s0-t0").read_text())["completed"] is True
+
+    # A restart after completion exits 0 at once and writes nothing.
+    before = out.read_bytes()
+    wait_ranks(start_replica(spec, 0, tmp_path), timeout=120)
+    assert out.read_bytes() == before
+
+
+def test_two_replicas_merge_into_one_output_equal_to_one_process(model: Path, tmp_path: Path) -> None:
+    """2 replicas, seeded sampling: one merged output, the tokens of one process."""
+    import torch
+    from conveyor.inference.generate import SchedulerHooks, prepare_rank, run_generation
+    from conveyor.inference.job import load_tokenizer, read_requests, sampling_params
+    from conveyor.topology import Layout, Topology
+
+    spec = make_spec(tmp_path, model, stages=1, tp=1, replicas=2)
+    wait_ranks([p for r in range(2) for p in start_replica(spec, r, tmp_path)])
+    got = {json.dumps(r["id"]): r["output_ids"] for r in output_rows(tmp_path / "out.jsonl")}
+    assert len(got) == 12
+
+    tokenizer = load_tokenizer(str(model))
+    requests = read_requests(spec.inference.input, 0, 1, tokenizer, spec.inference.max_new_tokens)
+    m, peers = prepare_rank(
+        str(model), Topology(Layout()), dtype=torch.float32, device=torch.device("cpu"), lanes=3, max_len=40
+    )
+    want: dict[str, list[int]] = {}
+    run_generation(
+        m,
+        peers,
+        sampling_params(spec, (2,)),
+        requests,
+        micro_batches=1,
+        lanes_per_micro_batch=3,
+        device=torch.device("cpu"),
+        hooks=SchedulerHooks(on_result=lambda r: want.__setitem__(json.dumps(r.id), r.output_ids)),
+    )
+    assert got == want

@@ -1,0 +1,163 @@
+"""Multi-process (gloo) generation on tiny random-weight checkpoints of every family: greedy tokens equal
+HF ``generate`` token for token, and seeded sampling gives the same tokens for every layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
+from conveyor.inference.sampling import SamplingParams
+from conveyor.testing.tiny import FAMILIES, save_tiny
+from conveyor.topology import Layout, Topology
+
+from tests.worker.inference.launch import run_ranks
+
+# Prompts of different lengths in one batch; more prompts than lanes, so sequences join mid-run.
+PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+    [20, 21, 22],
+    [30, 31, 32, 33, 34, 35, 36],
+    [40] * 5,
+    [50, 60],
+]
+NEW_TOKENS = 8
+SAMPLINGS = {
+    "greedy": {"stop_token_ids": [2]},
+    "sampled": {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.3, "seed": 7},
+}
+# Every family at stages and tensor parallelism together (2, 2); the fused-qkv layouts under pure tensor
+# parallelism (1, 2); Llama at every layout of the issue's matrix; GPT-2 (learned positions, tied head)
+# under pure pipelining. Kept small for a shared 2-core machine: each launch costs process start-up.
+LAYOUTS = {
+    (2, 1): ("llama", "gpt2"),
+    (3, 1): ("llama", "gpt2"),
+    (1, 2): ("llama", "gpt_neox", "gpt2"),
+    (2, 2): FAMILIES,
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: str(save_tiny(f, root / f, tokenizer=False)) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(models: dict[str, str]) -> dict[str, list[list[int]]]:
+    """HF generate, one prompt at a time (no padding), in this process."""
+    import transformers as T
+
+    refs = {}
+    for family, d in models.items():
+        hf = T.AutoModelForCausalLM.from_pretrained(d).eval()
+        refs[family] = [
+            hf.generate(
+                torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=2, pad_token_id=0
+            )[0, len(p) :].tolist()
+            for p in PROMPTS
+        ]
+    return refs
+
+
+@pytest.fixture(scope="module")
+def single_sampled(models: dict[str, str]) -> dict[str, list[list[int]]]:
+    return {f: single_process(d, SAMPLINGS["sampled"]) for f, d in models.items()}
+
+
+def single_process(model_dir: str, fields: dict) -> list[list[int]]:
+    params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    model, peers = prepare_rank(
+        model_dir, Topology(Layout()), dtype=torch.float32, device=torch.device("cpu"), lanes=4, max_len=48
+    )
+    got: dict[int, list[int]] = {}
+    run_generation(
+        model,
+        peers,
+        params,
+        [Request(i, p, NEW_TOKENS) for i, p in enumerate(PROMPTS)],
+        micro_batches=1,
+        lanes_per_micro_batch=4,
+        device=torch.device("cpu"),
+        hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r.output_ids)),
+    )
+    return [got[i] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_process_greedy_matches_hf(models, hf_greedy, family):
+    assert single_process(models[family], SAMPLINGS["greedy"]) == hf_greedy[family]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stages,tensor_parallel", list(LAYOUTS))
+def test_layouts_match_hf_and_single_process_sampling(
+    models, hf_greedy, single_sampled, tmp_path: Path, stages, tensor_parallel
+):
+    families = LAYOUTS[(stages, tensor_parallel)]
+    case = {
+        "stages": stages,
+        "tensor_parallel": tensor_parallel,
+        "models": {f: models[f] for f in families},
+        "prompts": PROMPTS,
+        "max_new_tokens": NEW_TOKENS,
+        "samplings": SAMPLINGS,
+        "micro_batches": stages,
+        "lanes": 2 * stages,
+        "out": str(tmp_path / "out.json"),
+    }
+    (tmp_path / "case.json").write_text(json.dumps(case))
+    run_ranks(
+        stages * tensor_parallel, ["-m", "tests.worker.inference.rank_main", str(tmp_path / "case.json")]
+    )
+    results = json.loads((tmp_path / "out.json").read_text())
+    for family in families:
+        assert results[family]["greedy"] == hf_greedy[family], (
+            f"{family} greedy at {stages}x{tensor_parallel}"
+        )
+        sampled = single_sampled[family]
+        assert results[family]["sampled"] == sampled, f"{family} sampled at {stages}x{tensor_parallel}"
+        assert sampled != hf_greedy[family]
+
+
+def test_stop_strings_cut_text_and_bf16_runs(tmp_path: Path) -> None:
+    from conveyor.inference.job import load_tokenizer
+
+    d = save_tiny("llama", tmp_path / "m")
+    tok = load_tokenizer(str(d))
+
+    def run(stop: tuple[str, ...], dtype: torch.dtype) -> dict:
+        model, peers = prepare_rank(
+            str(d), Topology(Layout()), dtype=dtype, device=torch.device("cpu"), lanes=2, max_len=40
+        )
+        got: dict = {}
+        run_generation(
+            model,
+            peers,
+            SamplingParams(stop=stop),
+            [Request(0, tok("hello world")["input_ids"], 12)],
+            micro_batches=1,
+            lanes_per_micro_batch=2,
+            device=torch.device("cpu"),
+            tokenizer=tok,
+            hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r)),
+        )
+        return got
+
+    full = run((), torch.float32)[0]
+    assert full.finish_reason == "length" and len(full.output_ids) == 12
+    # A stop string: the text of a later token that does not occur before it.
+    k, stop = next(
+        (k, piece)
+        for k in range(1, 11)
+        if (piece := tok.decode(full.output_ids[k : k + 1])).strip()
+        and "\ufffd" not in piece
+        and piece not in tok.decode(full.output_ids[:k])
+    )
+    stopped = run((stop,), torch.float32)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.output_ids == full.output_ids[: k + 1]  # the tokens are kept, up to the stop string
+    assert stop not in stopped.text and full.text.startswith(stopped.text)
+    assert len(run((), torch.bfloat16)[0].output_ids) == 12

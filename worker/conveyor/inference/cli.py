@@ -1,0 +1,160 @@
+"""``conveyor generate``: answer prompts with a HF model split over ``stages x tensor-parallel`` local
+processes. The command starts the ranks itself (env:// on a free local port); each runs
+``rank_main``. Rank 0 prints one JSON line per prompt on stdout as it completes, and progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    from conveyor.inference.families import UnsupportedModelError, load_arch
+    from conveyor.inference.tensor_parallel import TensorParallelError, check_divisible
+
+    # Refuse a bad model or layout here, before any process starts.
+    try:
+        arch = load_arch(args.model)
+        check_divisible(arch, args.tensor_parallel)
+    except (UnsupportedModelError, TensorParallelError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.stages > arch.layers:
+        print(f"error: --stages {args.stages} exceeds the model's {arch.layers} layers", file=sys.stderr)
+        return 2
+    world = args.stages * args.tensor_parallel
+    config = {k: getattr(args, k) for k in vars(args) if k not in ("func",)}
+    port = _free_port()
+    procs = []
+    print(
+        f"conveyor generate: starting {world} ranks ({args.stages} stages x {args.tensor_parallel} tp)",
+        file=sys.stderr,
+    )
+    for rank in range(world):
+        env = dict(os.environ)
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        if world > 1:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "conveyor.inference.cli", json.dumps(config)],
+                env=env,
+                stdout=None if rank == 0 else subprocess.DEVNULL,
+            )
+        )
+    code = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed:
+                code = failed[0].returncode or 1
+                break
+            time.sleep(0.05)
+        code = code or max((p.returncode or 0) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+    return code
+
+
+def rank_main(config: dict[str, Any]) -> int:
+    import torch
+
+    from conveyor.distributed import destroy_distributed, init_distributed
+    from conveyor.inference.generate import Request, Result, SchedulerHooks, prepare_rank, run_generation
+    from conveyor.inference.job import DTYPES, load_tokenizer
+    from conveyor.inference.sampling import SamplingParams
+    from conveyor.topology import Layout, Topology
+
+    info = init_distributed(device=config["device"])
+    topo = Topology(Layout(1, config["stages"], config["tensor_parallel"]))
+    model_dir = config["model"]
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise SystemExit(f"{model_dir} has no tokenizer (tokenizer.json): text prompts need one")
+    prompts = [tokenizer(p)["input_ids"] for p in config["prompt"]]
+    requests = [Request(i, ids, config["max_new_tokens"]) for i, ids in enumerate(prompts)]
+    t0 = time.perf_counter()
+    from conveyor.inference.families import load_arch
+
+    arch = load_arch(model_dir)
+    max_len = min(max(len(p) for p in prompts) + config["max_new_tokens"], arch.max_positions)
+    model, peers = prepare_rank(
+        model_dir,
+        topo,
+        dtype=DTYPES[config["dtype"]],
+        device=info.device,
+        lanes=len(requests),
+        max_len=max_len,
+    )
+    say = info.rank == 0
+    if say:
+        print(f"loaded in {time.perf_counter() - t0:.1f}s on {info.device}", file=sys.stderr, flush=True)
+    params = SamplingParams(
+        temperature=config["temperature"],
+        top_k=config["top_k"],
+        top_p=config["top_p"],
+        seed=config["seed"],
+        stop_token_ids=arch.eos_token_ids,
+    )
+    generated = [0]
+
+    def on_result(r: Result) -> None:
+        generated[0] += len(r.output_ids)
+        if say:
+            row = {
+                "prompt": config["prompt"][r.id],
+                "text": r.text,
+                "output_ids": r.output_ids,
+                "finish_reason": r.finish_reason,
+            }
+            print(json.dumps(row), flush=True)
+
+    t1 = time.perf_counter()
+    run_generation(
+        model,
+        peers,
+        params,
+        requests,
+        micro_batches=min(topo.num_stages, len(requests)),
+        lanes_per_micro_batch=-(-len(requests) // min(topo.num_stages, len(requests))),
+        device=info.device,
+        tokenizer=tokenizer,
+        hooks=SchedulerHooks(on_result=on_result),
+    )
+    if say:
+        dt = time.perf_counter() - t1
+        print(
+            f"generated {generated[0]} tokens in {dt:.2f}s ({generated[0] / dt:.1f} tokens/s)",
+            file=sys.stderr,
+        )
+    del torch
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(rank_main(json.loads(sys.argv[1])))

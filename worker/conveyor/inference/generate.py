@@ -1,0 +1,408 @@
+"""Pipelined generation: micro-batches of lanes flow through the stages; the last stage samples and
+sends the tokens back to the first.
+
+Every rank of a replica group runs ``run_generation``. Stage 0 schedules (``Scheduler``); the other
+stages follow the work items it sends (``follow``), so the schedule lives in one place. Work items:
+
+* prefill: one sequence's prompt [1, S] into its lane (the sequence joins);
+* decode: one token for every lane of a micro-batch [b, 1] (static shape; idle lanes write to the
+  cache's scratch slot and their token is ignored);
+* stop: the end.
+
+The lanes are split into M micro-batches (default: one per stage). Stage 0 visits them in turn: it
+collects the tokens of the micro-batch's previous items, retires finished sequences, admits waiting
+ones into free lanes (prefill) and sends the next decode item. With M >= P the reply for a micro-batch
+is back by the time its turn comes again, so while stage s decodes micro-batch i, stage s+1 decodes
+i-1, and no stage waits between tokens. Sequences join and leave at any token step (continuous
+batching), which is what serve mode needs too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from conveyor.inference.cuda_graphs import GraphedDecode
+from conveyor.inference.model import StageModel
+from conveyor.inference.p2p import Channel
+from conveyor.inference.sampling import SamplingParams, sample, sequence_key
+
+PREFILL, DECODE, STOP = 1, 2, 0
+
+
+@dataclass
+class Request:
+    id: Any
+    prompt_ids: list[int]
+    max_new_tokens: int
+
+    @property
+    def key(self) -> int:
+        return sequence_key(self.id)
+
+
+@dataclass
+class Result:
+    id: Any
+    prompt_ids: list[int]
+    output_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    text: str | None = None
+    time_to_first_token: float = 0.0
+
+
+@dataclass
+class PipelinePeers:
+    """Where this rank sits: its stage, and the global ranks it talks to (same replica and tp rank)."""
+
+    stage: int
+    stages: int
+    prev_rank: int | None
+    next_rank: int | None
+    first_rank: int  # stage 0 of this pipeline (where tokens go back)
+    last_rank: int
+    tensor_group: Any = None  # tensor-parallel group of this stage, or None
+    tensor_src: int = 0  # global rank of tp rank 0 of this stage
+
+    @classmethod
+    def from_topology(cls, topo: Any) -> PipelinePeers:
+        return cls(
+            stage=topo.stage,
+            stages=topo.num_stages,
+            prev_rank=topo.prev_rank,
+            next_rank=topo.next_rank,
+            first_rank=topo.stage_rank(0),
+            last_rank=topo.stage_rank(topo.num_stages - 1),
+            tensor_group=topo.tensor_group if topo.layout.tensor_parallel > 1 else None,
+            tensor_src=topo.layout.rank(topo.replica, topo.stage, 0),
+        )
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.stages - 1
+
+
+class StageWorker:
+    """Runs work items on this rank's stage model; the last stage samples."""
+
+    def __init__(self, model: StageModel, peers: PipelinePeers, params: SamplingParams, device: torch.device):
+        self.model, self.peers, self.params, self.device = model, peers, params, device
+        self.channel = Channel(device)
+        self.forward = GraphedDecode(model)  # CUDA graphs for decode steps; eager on the CPU
+        assert model.cache is not None, "setup_cache() before generating"
+        self.scratch = model.cache.scratch_position
+        self.seen: torch.Tensor | None = None
+        if peers.is_last and params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(
+                model.cache.lanes_total, model.arch.vocab_size, dtype=torch.bool, device=device
+            )
+
+    @staticmethod
+    def pack(
+        kind: int,
+        lane_start: int,
+        positions: torch.Tensor,
+        keys: list[int],
+        steps: list[int],
+        tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """meta [4 + n*S + n + n + n*S]: kind, lane_start, n, S, positions, keys, steps, tokens."""
+        n, s = positions.shape
+        head = torch.tensor([kind, lane_start, n, s, *keys, *steps], dtype=torch.int64)
+        return torch.cat([head[:4], positions.flatten().cpu(), head[4:], tokens.flatten().cpu()])
+
+    @staticmethod
+    def unpack(meta: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        kind, lane_start, n, s = meta[:4].tolist()
+        rest = meta[4:]
+        positions = rest[: n * s].view(n, s)
+        keys, steps = rest[n * s : n * s + n], rest[n * s + n : n * s + 2 * n]
+        tokens = rest[n * s + 2 * n :].view(n, s)
+        return kind, lane_start, positions, keys, steps, tokens
+
+    @torch.inference_mode()
+    def execute(self, meta: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Run one item: returns hidden [n, S, H] for the next stage, or tokens [n] on the last stage."""
+        kind, lane_start, positions, keys, steps, tokens = self.unpack(meta)
+        positions, tokens = positions.to(self.device), tokens.to(self.device)
+        inputs = tokens if self.peers.is_first else hidden
+        assert inputs is not None, "a later stage needs the previous stage's hidden state"
+        out = self.forward(inputs, positions, lane_start)
+        if not self.peers.is_last:
+            return out
+        n = out.shape[0]
+        seen = None
+        if self.seen is not None:
+            seen = self.seen[lane_start : lane_start + n]
+            if kind == PREFILL:
+                seen.zero_()
+                seen.scatter_(1, tokens, True)
+        new = sample(out, self.params, keys.to(self.device), steps.to(self.device), seen)
+        if self.peers.tensor_group is not None:
+            # why: every tp rank sampled the same logits; rank 0's tokens make that exact, whatever
+            # the reduction order did to the last bit, so the ranks' schedules can never diverge.
+            dist.broadcast(new, self.peers.tensor_src, group=self.peers.tensor_group)
+        if seen is not None:
+            active = positions[:, -1] != self.scratch
+            seen[active] = seen[active].scatter(1, new[active, None], True)
+        return new
+
+    def follow(self) -> None:
+        """Stages > 0: execute what arrives until the stop item."""
+        p = self.peers
+        assert p.prev_rank is not None
+        while True:
+            meta, hidden = self.channel.recv(2, p.prev_rank)
+            kind = int(meta[0])
+            if kind == STOP:
+                if p.next_rank is not None:
+                    self.channel.send([meta, hidden], p.next_rank)
+                break
+            out = self.execute(meta, hidden)
+            if p.is_last:
+                self.channel.send([out], p.first_rank)
+            else:
+                assert p.next_rank is not None
+                self.channel.send([meta, out], p.next_rank)
+        self.channel.flush()
+
+
+@dataclass
+class _Lane:
+    request: Request | None = None
+    output: list[int] = field(default_factory=list)
+    position: int = 0  # where the next token's key/value goes
+    ready: bool = False  # has a token waiting to be fed back
+    started: float = 0.0
+    first_token: float = 0.0
+
+
+@dataclass
+class SchedulerHooks:
+    """Callbacks for metrics and progress; all optional."""
+
+    on_result: Callable[[Result], None] = lambda r: None
+    on_first_token: Callable[[float], None] = lambda dt: None
+    on_decode_step: Callable[[float, int], None] = lambda dt, tokens: None
+    on_wait: Callable[[float], None] = lambda dt: None
+
+
+class Scheduler:
+    """Stage 0: owns the lanes, admits and retires sequences, keeps M micro-batches in flight."""
+
+    def __init__(
+        self,
+        worker: StageWorker,
+        micro_batches: int,
+        lanes_per_micro_batch: int,
+        tokenizer: Any = None,
+        hooks: SchedulerHooks | None = None,
+    ):
+        self.worker, self.m, self.b = worker, micro_batches, lanes_per_micro_batch
+        self.tokenizer, self.hooks = tokenizer, hooks or SchedulerHooks()
+        self.lanes = [_Lane() for _ in range(micro_batches * lanes_per_micro_batch)]
+        self.stop_ids = set(worker.params.stop_token_ids)
+        self.max_len = worker.scratch
+        self._local_replies: deque[torch.Tensor] = deque()
+
+    # -- the channel to the rest of the pipeline -------------------------------------------------
+    def _submit(self, meta: torch.Tensor) -> None:
+        out = self.worker.execute(meta, None)
+        p = self.worker.peers
+        if p.is_last:
+            self._local_replies.append(out)
+        else:
+            assert p.next_rank is not None
+            self.worker.channel.send([meta, out], p.next_rank)
+
+    def _reply(self) -> torch.Tensor:
+        if self._local_replies:
+            return self._local_replies.popleft()
+        t0 = time.perf_counter()
+        (tokens,) = self.worker.channel.recv(1, self.worker.peers.last_rank)
+        self.hooks.on_wait(time.perf_counter() - t0)
+        return tokens
+
+    # -- sequences ------------------------------------------------------------------------------
+    def _finish_reason(self, lane: _Lane) -> str | None:
+        req = lane.request
+        assert req is not None
+        if lane.output[-1] in self.stop_ids:
+            return "stop"
+        if self.worker.params.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(lane.output, skip_special_tokens=True)
+            if any(s in text for s in self.worker.params.stop):
+                return "stop"
+        if len(lane.output) >= req.max_new_tokens or lane.position + 1 >= self.max_len:
+            return "length"
+        return None
+
+    def _accept(self, index: int, token: int, now: float) -> None:
+        lane = self.lanes[index]
+        assert lane.request is not None
+        if not lane.output:
+            lane.first_token = now
+            self.hooks.on_first_token(now - lane.started)
+        lane.output.append(token)
+        reason = self._finish_reason(lane)
+        if reason is None:
+            lane.ready = True
+            return
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(lane.output, skip_special_tokens=True)
+            for s in self.worker.params.stop:
+                if s in text:
+                    text = text[: text.index(s)]
+        req = lane.request
+        self.lanes[index] = _Lane()
+        self.hooks.on_result(
+            Result(req.id, req.prompt_ids, lane.output, reason, text, lane.first_token - lane.started)
+        )
+
+    def _prefill(self, index: int, req: Request) -> None:
+        if not req.prompt_ids:
+            raise ValueError(f"request {req.id!r} has an empty prompt")
+        if len(req.prompt_ids) >= self.max_len:
+            raise ValueError(
+                f"request {req.id!r}: prompt of {len(req.prompt_ids)} tokens leaves no room in a "
+                f"KV cache of {self.max_len} positions"
+            )
+        self.lanes[index] = _Lane(request=req, position=len(req.prompt_ids), started=time.perf_counter())
+        s = len(req.prompt_ids)
+        positions = torch.arange(s, dtype=torch.int64)[None]  # [1, S]
+        tokens = torch.tensor([req.prompt_ids], dtype=torch.int64)
+        self._submit(self.worker.pack(PREFILL, index, positions, [req.key], [0], tokens))
+
+    def _decode(self, mb: int) -> list[int] | None:
+        lanes = range(mb * self.b, (mb + 1) * self.b)
+        active = [i for i in lanes if self.lanes[i].ready]
+        if not active:
+            return None
+        tokens = torch.zeros(self.b, 1, dtype=torch.int64)
+        positions = torch.full((self.b, 1), self.max_len, dtype=torch.int64)  # idle lanes: scratch slot
+        keys, steps = [0] * self.b, [0] * self.b
+        for i in active:
+            lane, j = self.lanes[i], i - mb * self.b
+            assert lane.request is not None
+            tokens[j, 0], positions[j, 0] = lane.output[-1], lane.position
+            keys[j], steps[j] = lane.request.key, len(lane.output)
+            lane.ready = False
+        self._submit(self.worker.pack(DECODE, mb * self.b, positions, keys, steps, tokens))
+        return active
+
+    def run(self, requests: Iterable[Request]) -> None:
+        waiting: Iterator[Request] = iter(requests)
+        exhausted = False
+        # per micro-batch: the items sent in its last turn, in order: ("prefill", lane) / ("decode", lanes)
+        in_flight: list[list[tuple[str, Any]]] = [[] for _ in range(self.m)]
+        while True:
+            busy = False
+            for mb in range(self.m):
+                t0 = time.perf_counter()
+                decoded = 0
+                for kind, what in in_flight[mb]:
+                    tokens = self._reply().tolist()
+                    now = time.perf_counter()
+                    if kind == "prefill":
+                        self._accept(what, tokens[0], now)
+                    else:
+                        for i in what:
+                            self.lanes[i].position += 1
+                            self._accept(i, tokens[i - mb * self.b], now)
+                        decoded += len(what)
+                in_flight[mb] = []
+                if decoded:
+                    self.hooks.on_decode_step(time.perf_counter() - t0, decoded)
+                # Admit waiting sequences into free lanes of this micro-batch (they join now).
+                for i in range(mb * self.b, (mb + 1) * self.b):
+                    if self.lanes[i].request is None and not exhausted:
+                        req = next(waiting, None)
+                        if req is None:
+                            exhausted = True
+                            break
+                        self._prefill(i, req)
+                        in_flight[mb].append(("prefill", i))
+                active = self._decode(mb)
+                if active is not None:
+                    in_flight[mb].append(("decode", active))
+                busy = busy or bool(in_flight[mb])
+            if not busy:
+                break
+        p = self.worker.peers
+        if p.next_rank is not None:
+            stop = torch.tensor([STOP, 0, 0, 0], dtype=torch.int64)
+            self.worker.channel.send([stop, torch.zeros(1)], p.next_rank)
+        self.worker.channel.flush()
+
+
+def micro_batch_layout(batch_size: int, micro_batches: int) -> tuple[int, int]:
+    """(micro-batches, lanes per micro-batch) for ``batch_size`` sequences in flight."""
+    m = max(1, min(micro_batches, batch_size))
+    return m, math.ceil(batch_size / m)
+
+
+def run_generation(
+    model: StageModel,
+    peers: PipelinePeers,
+    params: SamplingParams,
+    requests: Iterable[Request],
+    *,
+    micro_batches: int,
+    lanes_per_micro_batch: int,
+    device: torch.device,
+    tokenizer: Any = None,
+    hooks: SchedulerHooks | None = None,
+) -> None:
+    """Every rank of a replica group calls this; stage 0 consumes ``requests`` and reports results
+    through ``hooks.on_result`` (other stages ignore ``requests``)."""
+    worker = StageWorker(model, peers, params, device)
+    if peers.is_first:
+        Scheduler(worker, micro_batches, lanes_per_micro_batch, tokenizer, hooks).run(requests)
+    else:
+        worker.follow()
+
+
+def prepare_rank(
+    model_dir: str,
+    topo: Any,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    lanes: int,
+    max_len: int,
+    policy: Any = None,
+) -> tuple[StageModel, PipelinePeers]:
+    """Load this rank's stage and shard of ``model_dir``, add the tensor-parallel all-reduces and
+    allocate the KV cache (``lanes`` x ``max_len``)."""
+    from conveyor.inference.families import load_arch
+    from conveyor.inference.loader import Shard, load_stage
+    from conveyor.inference.tensor_parallel import add_all_reduce_hooks
+
+    arch = load_arch(model_dir)
+    t = topo.layout.tensor_parallel
+    model = load_stage(
+        model_dir,
+        arch,
+        stages=topo.num_stages,
+        stage=topo.stage,
+        shard=Shard(topo.tp_rank, t),
+        dtype=dtype,
+        device=device,
+        policy=policy,
+    )
+    if t > 1:
+        add_all_reduce_hooks(model, topo.tensor_group)
+    model.setup_cache(lanes, max_len, dtype, device)
+    return model, PipelinePeers.from_topology(topo)

@@ -1,0 +1,247 @@
+"""The batch inference job: ``run_rank(pod, local_rank)`` is what each rank process of a
+``mode: inference`` PipelineJob runs, in a pod or under ``conveyor run``.
+
+Replica r takes every R-th prompt of ``spec.inference.input`` (r, r + R, ...). Rank 0 of the replica
+(stage 0, tp 0) reads the input and its committed progress, and hands the pending prompts to the
+group; stage 0 schedules, the last stage samples, rank 0 appends results to the output as they
+complete and commits them (progress.py). With one replica the output is ``spec.inference.output``
+itself; with R > 1 each replica writes ``<output>.r<r>`` and whoever finishes last merges the parts
+into the output atomically. A restart skips committed prompts and repeats nothing; a restart after
+completion exits 0 at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from conveyor import metrics
+from conveyor.distributed import destroy_distributed, init_distributed
+from conveyor.env import PodEnv
+from conveyor.inference.generate import (
+    Request,
+    Result,
+    SchedulerHooks,
+    micro_batch_layout,
+    prepare_rank,
+    run_generation,
+)
+from conveyor.inference.progress import ResultLog, merge_parts, rfc3339
+from conveyor.inference.sampling import SamplingParams
+from conveyor.log import get_logger
+from conveyor.topology import Layout, Topology
+
+log = get_logger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMMIT_SECONDS = 10.0  # commit at least this often, even between `checkpoint.every` results
+LOG_SECONDS = 5.0
+
+
+class InputError(ValueError):
+    pass
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if not any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def read_requests(
+    path: str, replica: int, replicas: int, tokenizer: Any, max_new_tokens: int
+) -> list[Request]:
+    """This replica's share of the input JSONL, in order; ids must be unique."""
+    requests, seen = [], set()
+    with open(path) as f:
+        for number, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{number + 1}: not JSON ({err})") from None
+            if "id" not in row:
+                raise InputError(
+                    f'{path}:{number + 1}: missing "id" (each line is {{"id", "prompt" or "input_ids"}})'
+                )
+            key = json.dumps(row["id"])
+            if key in seen:
+                raise InputError(f"{path}:{number + 1}: duplicate id {row['id']!r}; ids must be unique")
+            seen.add(key)
+            if number % replicas != replica:
+                continue
+            if "input_ids" in row:
+                ids = [int(t) for t in row["input_ids"]]
+            elif "prompt" in row:
+                if tokenizer is None:
+                    raise InputError(
+                        f'{path}:{number + 1}: a text "prompt" needs a tokenizer in the model directory; '
+                        'add tokenizer.json or give "input_ids"'
+                    )
+                ids = tokenizer(row["prompt"])["input_ids"]
+            else:
+                raise InputError(f'{path}:{number + 1}: needs "prompt" (text) or "input_ids" (token ids)')
+            if not ids:
+                raise InputError(f"{path}:{number + 1}: empty prompt")
+            requests.append(Request(row["id"], ids, max_new_tokens))
+    return requests
+
+
+def sampling_params(spec: Any, eos: tuple[int, ...]) -> SamplingParams:
+    s = spec.inference.sampling
+    return SamplingParams(
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        repetition_penalty=s.repetition_penalty,
+        seed=s.seed,
+        stop_token_ids=tuple(dict.fromkeys([*s.stop_token_ids, *eos])),  # the model's EOS too, as HF does
+        stop=tuple(s.stop),
+    )
+
+
+def write_termination(completed: bool, step: int) -> None:
+    path = os.environ.get("CONVEYOR_TERMINATION_LOG")
+    if not path:
+        return
+    message: dict[str, Any] = {"completed": completed, "lastCheckpoint": {"step": step, "time": rfc3339()}}
+    Path(path).write_text(json.dumps(message))
+
+
+def run_rank(pod: PodEnv, local_rank: int) -> int:
+    spec = pod.spec
+    assert spec.inference is not None and spec.model is not None
+    info = init_distributed(device=spec.device)
+    topo = Topology(Layout(1, pod.stages, pod.tensor_parallel))
+    job, inf = pod.job, spec.inference
+    is_writer = topo.stage == 0 and topo.tp_rank == 0
+    output = Path(inf.output)
+    replicas = max(pod.replicas, 1)
+    part_path = output if replicas == 1 else output.with_name(f"{output.name}.r{pod.replica}")
+    results = ResultLog(part_path)
+    from conveyor.inference.families import load_arch
+
+    arch = load_arch(spec.model.path)
+    tokenizer = load_tokenizer(spec.model.path) if topo.stage == 0 else None
+
+    # Rank 0 decides what is left; everyone learns it (stage-0 ranks need the prompts, all need sizes).
+    state: list[Any] = [None]
+    if info.rank == 0:
+        if results.done:
+            state[0] = {"done": True, "completed": results.completed, "requests": []}
+        else:
+            committed = results.committed_ids()
+            todo = read_requests(inf.input, pod.replica, replicas, tokenizer, inf.max_new_tokens)
+            todo = [r for r in todo if json.dumps(r.id) not in committed]
+            state[0] = {"done": False, "completed": len(committed), "requests": todo}
+    dist.broadcast_object_list(state, src=0)
+    todo = state[0]["requests"]
+    if state[0]["done"]:
+        log.info("job already complete; nothing to do", extra={"completed": state[0]["completed"]})
+        if local_rank == 0:
+            write_termination(True, state[0]["completed"])
+        destroy_distributed()
+        return 0
+
+    lanes_m, lanes_b = micro_batch_layout(inf.batch_size, spec.parallelism.effective_micro_batches)
+    longest = max((len(r.prompt_ids) for r in todo), default=1)
+    max_len = min(longest + inf.max_new_tokens, arch.max_positions)
+    if longest >= max_len:
+        raise InputError(
+            f"a prompt of {longest} tokens does not fit the model's {arch.max_positions} positions"
+        )
+    model, peers = prepare_rank(
+        spec.model.path,
+        topo,
+        dtype=DTYPES[spec.model.dtype],
+        device=info.device,
+        lanes=lanes_m * lanes_b,
+        max_len=max_len,
+    )
+    params = sampling_params(spec, arch.eos_token_ids)
+    every = spec.checkpoint.every if spec.checkpoint else 1
+    total, done_before = len(todo) + state[0]["completed"], state[0]["completed"]
+    last_commit, last_log = [time.monotonic()], [0.0]
+
+    def commit(done: bool = False) -> None:
+        t0, pending = time.monotonic(), results.uncommitted
+        results.commit(done=done)
+        last_commit[0] = time.monotonic()
+        metrics.CHECKPOINT_SECONDS.labels(job).observe(last_commit[0] - t0)
+        metrics.PROMPTS_COMPLETED.labels(job).inc(pending)
+        metrics.LAST_CHECKPOINT_STEP.labels(job).set(results.completed)
+        metrics.LAST_CHECKPOINT_TIME.labels(job).set(time.time())
+
+    def on_result(r: Result) -> None:
+        if not is_writer:
+            return
+        results.append(
+            {"id": r.id, "output_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason}
+        )
+        if results.uncommitted >= every or time.monotonic() - last_commit[0] > COMMIT_SECONDS:
+            commit()
+            if time.monotonic() - last_log[0] > LOG_SECONDS:
+                last_log[0] = time.monotonic()
+                log.info("progress", extra={"completed": results.completed, "total": total})
+
+    def on_first_token(dt: float) -> None:
+        if is_writer:  # one rank counts, so summing the job's endpoints counts each token once
+            metrics.TIME_TO_FIRST_TOKEN.labels(job).observe(dt)
+            metrics.TOKENS_GENERATED.labels(job).inc()
+
+    def on_decode_step(dt: float, tokens: int) -> None:
+        if is_writer:
+            metrics.TOKEN_LATENCY.labels(job).observe(dt)
+            metrics.TOKENS_GENERATED.labels(job).inc(tokens)
+
+    def on_wait(dt: float) -> None:
+        metrics.BUBBLE_SECONDS.labels(job, str(topo.stage)).inc(dt)
+
+    hooks = SchedulerHooks(on_result, on_first_token, on_decode_step, on_wait)
+    if is_writer:
+        metrics.PROMPT_TOKENS.labels(job).inc(sum(len(r.prompt_ids) for r in todo))
+    log.info(
+        "inference starting",
+        extra={
+            "prompts": len(todo),
+            "skipped": done_before,
+            "micro_batches": lanes_m,
+            "lanes": lanes_m * lanes_b,
+        },
+    )
+    if is_writer:
+        results.open()
+    run_generation(
+        model,
+        peers,
+        params,
+        todo,
+        micro_batches=lanes_m,
+        lanes_per_micro_batch=lanes_b,
+        device=info.device,
+        tokenizer=tokenizer,
+        hooks=hooks,
+    )
+    if info.device.type == "cuda":
+        metrics.GPU_MEMORY_BYTES.labels(job, str(info.rank)).set(torch.cuda.memory_allocated())
+    if is_writer:
+        commit(done=True)
+        results.close()
+        if replicas > 1:
+            parts = [ResultLog(output.with_name(f"{output.name}.r{r}")) for r in range(replicas)]
+            if merge_parts(parts, output):
+                log.info("all replicas done; merged their outputs", extra={"output": str(output)})
+        log.info("inference complete", extra={"completed": results.completed, "total": total})
+    dist.barrier()  # why: no rank reports completion before the results are committed
+    if local_rank == 0:
+        write_termination(True, total)
+    destroy_distributed()
+    return 0

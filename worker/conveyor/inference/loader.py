@@ -1,0 +1,325 @@
+"""Load one rank's part of a HF safetensors checkpoint into a ``StageModel``.
+
+nanoGPT's discipline: before a byte is copied, every tensor name and shape of the checkpoint is checked
+against what the config implies (missing or unexpected tensors are errors, listed). Then each rank
+reads only its stage's tensors and, under tensor parallelism, only its slice of each
+(``safe_open(...).get_slice``), so a rank's peak host memory is its shard, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from conveyor.inference.families import Arch, LayerLinear, NameMap, name_map
+from conveyor.inference.model import StageModel, local_arch
+from conveyor.inference.tensor_parallel import Policy, check_divisible, plan_layer, shard_range
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory, read lazily (headers only until a slice is asked for)."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(
+                    f"no *.safetensors in {self.dir}: save the model with save_pretrained(safe_serialization=True)"
+                )
+        self._stack = ExitStack()
+        self._handles: dict[str, Any] = {}
+        for fname in files:
+            handle = self._stack.enter_context(safe_open(str(self.dir / fname), framework="pt"))
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                self._handles[key] = handle
+        # BertFor* checkpoints prefix the encoder with "bert."; BertModel ones do not.
+        self.prefix = "bert." if any(k.startswith("bert.") for k in self._handles) else ""
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def names(self) -> set[str]:
+        return {k.removeprefix(self.prefix) for k in self._handles}
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self._handles
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.prefix + name].get_slice(self.prefix + name).get_shape())
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
+        """The whole tensor, or rows (dim 0) / columns (dim 1) [start, stop) of it, read as a slice."""
+        sl = self._handles[self.prefix + name].get_slice(self.prefix + name)
+        if dim is None:
+            return sl[:]
+        return sl[start:stop] if dim == 0 else sl[:, start:stop]
+
+
+def _linear_shapes(arch: Arch, lin: LayerLinear, conv1d: bool) -> tuple[int, int]:
+    """(out, in) of a HF linear, torch layout."""
+    q, kv, h, i = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim, arch.hidden, arch.intermediate
+    return {
+        "q": (q, h),
+        "k": (kv, h),
+        "v": (kv, h),
+        "qkv_heads": (q + 2 * kv, h),
+        "qkv_blocks": (q + 2 * kv, h),
+        "o": (h, q),
+        "gate": (i, h),
+        "up": (i, h),
+        "down": (h, i),
+    }[lin.kind]
+
+
+def expected_shapes(arch: Arch, names: NameMap) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name of the whole model -> its stored shape, from the config alone."""
+    h, w = arch.hidden, arch.word_dim
+    global_shapes: dict[str, tuple[int, ...]] = {
+        "embed": (arch.vocab_size, w),
+        "pos_embed": (arch.max_positions + arch.position_offset, h),
+        "lm_head": (arch.vocab_size, w),
+        "final_norm.weight": (h,),
+        "final_norm.bias": (h,),
+        "project_in": (h, w),
+        "project_out": (w, h),
+        "type_embed": (arch.type_vocab_size, h),
+        "embed_norm.weight": (h,),
+        "embed_norm.bias": (h,),
+        "pooler.weight": (h, h),
+        "pooler.bias": (h,),
+    }
+    out: dict[str, tuple[int, ...]] = {}
+    for ours, hf_names in names.globals_.items():
+        for hf in hf_names:
+            out[hf] = global_shapes[ours]
+    for layer in range(arch.layers):
+        prefix = names.layer_prefix.format(i=layer)
+        for lin in names.linears:
+            o, i = _linear_shapes(arch, lin, names.conv1d)
+            out[f"{prefix}{lin.name}.weight"] = (i, o) if names.conv1d else (o, i)
+            if lin.bias:
+                out[f"{prefix}{lin.name}.bias"] = (o,)
+        for norm in names.norms:
+            out[f"{prefix}{norm.name}.weight"] = (h,)
+            if arch.norm == "layer":
+                out[f"{prefix}{norm.name}.bias"] = (h,)
+    return out
+
+
+def verify_checkpoint(ckpt: Checkpoint, arch: Arch, names: NameMap) -> None:
+    expected = expected_shapes(arch, names)
+    present = {n for n in ckpt.names() if not n.endswith(names.ignored_suffixes)}
+    alternatives = {hf: ours for ours, hfs in names.globals_.items() for hf in hfs}
+    problems: list[str] = []
+    for ours, hfs in names.globals_.items():
+        if not any(hf in present for hf in hfs) and ours not in names.optional:
+            problems.append(f"missing {' or '.join(hfs)}")
+    missing_layer = sorted(n for n in expected if n not in present and n not in alternatives)
+    if missing_layer:
+        problems.append(f"missing {len(missing_layer)} layer tensors, e.g. {missing_layer[:4]}")
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        problems.append(f"unexpected tensors (not in a {arch.family} model of this config): {unexpected[:6]}")
+    for name in sorted(present & set(expected)):
+        if ckpt.shape(name) != expected[name]:
+            problems.append(
+                f"{name} has shape {list(ckpt.shape(name))}, config implies {list(expected[name])}"
+            )
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt.dir} does not match its config.json: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Shard:
+    tp_rank: int = 0
+    tensor_parallel: int = 1
+
+
+class _LayerReader:
+    """Reads one layer's tensors for one tensor-parallel rank, in our (torch, fused) layout."""
+
+    def __init__(self, ckpt: Checkpoint, arch: Arch, names: NameMap, shard: Shard, prefix: str):
+        self.ckpt, self.arch, self.names, self.shard, self.prefix = ckpt, arch, names, shard, prefix
+
+    def _rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Output rows [start, stop) of a linear weight (or a bias), torch layout [rows, in]."""
+        full = self.prefix + name
+        if name.endswith(".bias"):
+            return self.ckpt.read(full, 0, start, stop)
+        if self.names.conv1d:  # stored [in, out]
+            return self.ckpt.read(full, 1, start, stop).t().contiguous()
+        return self.ckpt.read(full, 0, start, stop)
+
+    def _cols(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Input columns [start, stop) of a linear weight, torch layout [out, cols]."""
+        full = self.prefix + name
+        if self.names.conv1d:
+            return self.ckpt.read(full, 0, start, stop).t().contiguous()
+        return self.ckpt.read(full, 1, start, stop)
+
+    def heads(self, lin: LayerLinear, suffix: str, kv: bool) -> torch.Tensor:
+        a, s = self.arch, self.shard
+        n = a.kv_heads if kv else a.heads
+        lo, hi = shard_range(n, s.tensor_parallel, s.tp_rank)
+        return self._rows(lin.name + suffix, lo * a.head_dim, hi * a.head_dim)
+
+    def qkv(self, linears: dict[str, LayerLinear], suffix: str) -> torch.Tensor:
+        """Our fused wqkv rows: this rank's q heads | k heads | v heads."""
+        a, s = self.arch, self.shard
+        if "qkv_heads" in linears:  # GPT-NeoX rows: [heads, (q | k | v), head_dim]
+            lo, hi = shard_range(a.heads, s.tensor_parallel, s.tp_rank)
+            t = self._rows(linears["qkv_heads"].name + suffix, lo * 3 * a.head_dim, hi * 3 * a.head_dim)
+            t = t.reshape(hi - lo, 3, a.head_dim, -1)  # [local heads, 3, head_dim, in (or 1 for bias)]
+            parts = [t[:, j].reshape((hi - lo) * a.head_dim, -1) for j in range(3)]
+            return torch.cat(parts).squeeze(-1) if suffix == ".bias" else torch.cat(parts)
+        if "qkv_blocks" in linears:  # GPT-2 output columns: q block | k block | v block
+            lo, hi = shard_range(a.heads, s.tensor_parallel, s.tp_rank)
+            block, name = a.heads * a.head_dim, linears["qkv_blocks"].name + suffix
+            return torch.cat(
+                [self._rows(name, j * block + lo * a.head_dim, j * block + hi * a.head_dim) for j in range(3)]
+            )
+        return torch.cat(
+            [
+                self.heads(linears["q"], suffix, kv=False),
+                self.heads(linears["k"], suffix, kv=True),
+                self.heads(linears["v"], suffix, kv=True),
+            ]
+        )
+
+    def row_parallel(self, lin: LayerLinear, suffix: str, total: int) -> torch.Tensor:
+        s = self.shard
+        if suffix == ".bias":
+            bias = self.ckpt.read(self.prefix + lin.name + suffix)
+            # Added once: the all-reduce sums the ranks' outputs, so only rank 0 keeps the bias.
+            return bias if s.tp_rank == 0 else torch.zeros_like(bias)
+        lo, hi = shard_range(total, s.tensor_parallel, s.tp_rank)
+        return self._cols(lin.name + suffix, lo, hi)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        a, s = self.arch, self.shard
+        by_kind = {lin.kind: lin for lin in self.names.linears}
+        mlp_lo, mlp_hi = shard_range(a.intermediate, s.tensor_parallel, s.tp_rank)
+        suffixes = [".weight", ".bias"]
+        for suffix in suffixes:
+            if suffix == ".weight" or a.qkv_bias:
+                yield "attn.wqkv" + suffix, self.qkv(by_kind, suffix)  # type: ignore[arg-type]
+            if suffix == ".weight" or a.out_bias:
+                yield "attn.wo" + suffix, self.row_parallel(by_kind["o"], suffix, a.heads * a.head_dim)
+            if suffix == ".weight" or a.mlp_bias:
+                ins = [by_kind["gate"], by_kind["up"]] if a.gated_mlp else [by_kind["up"]]
+                yield (
+                    "mlp.w_in" + suffix,
+                    torch.cat([self._rows(x.name + suffix, mlp_lo, mlp_hi) for x in ins]),
+                )
+                yield "mlp.w_out" + suffix, self.row_parallel(by_kind["down"], suffix, a.intermediate)
+        for norm in self.names.norms:
+            yield f"{norm.ours}.weight", self.ckpt.read(f"{self.prefix}{norm.name}.weight")
+            if a.norm == "layer":
+                yield f"{norm.ours}.bias", self.ckpt.read(f"{self.prefix}{norm.name}.bias")
+
+
+def _global(ckpt: Checkpoint, names: NameMap, ours: str) -> torch.Tensor | None:
+    for hf in names.globals_.get(ours, ()):
+        if ckpt.has(hf):
+            return ckpt.read(hf)
+    return None
+
+
+def stage_layers(num_layers: int, stages: int, stage: int) -> range:
+    """Layers of ``stage``: contiguous, as even as possible (the first stages take one more)."""
+    if stages > num_layers:
+        raise ValueError(
+            f"{stages} pipeline stages but the model has only {num_layers} layers: use fewer stages"
+        )
+    base, extra = divmod(num_layers, stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+def load_stage(
+    model_dir: str | Path,
+    arch: Arch,
+    *,
+    stages: int = 1,
+    stage: int = 0,
+    shard: Shard | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    policy: Policy | None = None,
+) -> StageModel:
+    """Build this rank's ``StageModel`` and fill it with its (sharded) tensors from ``model_dir``."""
+    shard = shard or Shard()
+    check_divisible(arch, shard.tensor_parallel)
+    names = name_map(arch)
+    plan_layer(arch, names, policy)  # refuses an inconsistent policy before reading weights
+    layers = stage_layers(arch.layers, stages, stage)
+    first, last = stage == 0, stage == stages - 1
+    ckpt = Checkpoint(model_dir)
+    try:
+        verify_checkpoint(ckpt, arch, names)
+        with torch.device("meta"):
+            model = StageModel(local_arch(arch, shard.tensor_parallel), layers, first, last)
+        model = model.to(dtype).to_empty(device=device)
+        params = dict(model.named_parameters())
+        loaded: set[str] = set()
+
+        def put(ours: str, tensor: torch.Tensor) -> None:
+            p = params[ours]
+            if tuple(tensor.shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"{ours}: read shape {list(tensor.shape)}, model expects {list(p.shape)}"
+                )
+            with torch.no_grad():
+                p.copy_(tensor.to(dtype))
+            loaded.add(ours)
+
+        for local, layer in enumerate(layers):
+            reader = _LayerReader(ckpt, arch, names, shard, names.layer_prefix.format(i=layer))
+            for ours, tensor in reader.tensors():
+                put(f"layers.{local}.{ours}", tensor)
+        wanted: list[tuple[str, str]] = []
+        if first:
+            wanted += [
+                ("embed.weight", "embed"),
+                ("pos_embed.weight", "pos_embed"),
+                ("project_in.weight", "project_in"),
+            ]
+            wanted += [("type_embed.weight", "type_embed"), ("embed_norm.weight", "embed_norm.weight")]
+            wanted += [("embed_norm.bias", "embed_norm.bias")]
+        if last and arch.causal:
+            wanted += [("final_norm.weight", "final_norm.weight"), ("final_norm.bias", "final_norm.bias")]
+            wanted += [("project_out.weight", "project_out"), ("lm_head.weight", "lm_head")]
+        for ours, key in wanted:
+            if ours not in params:
+                continue
+            found = _global(ckpt, names, key)
+            if found is None and key == "lm_head" and arch.tie_embeddings:
+                found = _global(ckpt, names, "embed")  # tied: the LM head is the input embedding
+            if found is None:
+                raise CheckpointError(f"{model_dir}: no tensor for {ours} ({names.globals_.get(key)})")
+            put(ours, found)
+        if first and last and arch.tie_embeddings and arch.causal:
+            model.lm_head.weight = model.embed.weight  # one tensor, as in HF
+            loaded.add("lm_head.weight")
+        left = set(params) - loaded
+        if left:
+            raise CheckpointError(f"parameters not loaded from {model_dir}: {sorted(left)}")
+    finally:
+        ckpt.close()
+    return model.eval()

@@ -1,0 +1,260 @@
+"""One compact transformer for every supported family (gpt-fast style), built for one pipeline stage.
+
+``StageModel(arch, layer_ids, first, last)`` holds only its stage's layers: the embeddings when
+``first``, the final norm and LM head when ``last``. It knows nothing of parallelism: tensor parallelism
+builds it from an ``Arch`` whose head and MLP widths are already divided (``local_arch``) and loads
+sharded weights into it; the all-reduce after each row-parallel layer is a hook added from outside
+(tensor_parallel.py).
+
+Decoding works on *lanes*: rows of a static KV cache, each with its own position, so sequences of
+different lengths share a batch and one can join or leave at any step. A forward pass takes a
+contiguous range of lanes and per-token positions as tensors; shapes depend only on (lanes, tokens),
+so the decode step has static shapes (capturable by CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conveyor.inference.families import Arch
+from conveyor.inference.kv_cache import KVCache
+
+# HF activation names -> functions (the tanh form is HF's gelu_new / gelu_pytorch_tanh / gelu_fast).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu_fast": partial(F.gelu, approximate="tanh"),
+}
+
+
+def local_arch(arch: Arch, tensor_parallel: int) -> Arch:
+    """The widths one tensor-parallel rank holds (checked divisible by tensor_parallel.check_divisible)."""
+    t = tensor_parallel
+    return dataclasses.replace(
+        arch, heads=arch.heads // t, kv_heads=arch.kv_heads // t, intermediate=arch.intermediate // t
+    )
+
+
+class Norm(nn.Module):
+    def __init__(self, arch: Arch, dim: int):
+        super().__init__()
+        self.rms = arch.norm == "rms"
+        self.eps = arch.norm_eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rms:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        # RMSNorm in float32, cast back before the weight (as HF Llama does: bitwise the same in fp32).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [n, heads, S, head_dim]; cos, sin: [n, 1, S, rotary_dim] (GPT-NeoX rotates a prefix only)
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = arch.heads, arch.kv_heads, arch.head_dim
+        qkv_out = (arch.heads + 2 * arch.kv_heads) * arch.head_dim
+        self.wqkv = nn.Linear(arch.hidden, qkv_out, bias=arch.qkv_bias)
+        self.wo = nn.Linear(arch.heads * arch.head_dim, arch.hidden, bias=arch.out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        n, s, _ = x.shape
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(n, s, self.heads, self.head_dim).transpose(1, 2)  # [n, heads, S, head_dim]
+        k = k.view(n, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [n, kv_heads, S, head_dim]
+        v = v.view(n, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k_cache, v_cache = cache  # [n, kv_heads, L, head_dim] views of this stage's lanes
+            lane = torch.arange(n, device=x.device)[:, None]  # [n, 1] broadcast against positions [n, S]
+            k_cache[lane, :, positions] = k.transpose(1, 2)  # indexed view: [n, S, kv_heads, head_dim]
+            v_cache[lane, :, positions] = v.transpose(1, 2)
+            k, v = k_cache, v_cache
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            scale=1.0 / math.sqrt(self.head_dim),
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        return self.wo(y.transpose(1, 2).reshape(n, s, q_size))  # [n, S, heads * head_dim] -> hidden
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.gated = arch.gated_mlp
+        width = arch.intermediate * (2 if self.gated else 1)  # gated: rows are gate | up
+        self.w_in = nn.Linear(arch.hidden, width, bias=arch.mlp_bias)
+        self.w_out = nn.Linear(arch.intermediate, arch.hidden, bias=arch.mlp_bias)
+        self.act = ACTIVATIONS[arch.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.w_out(self.act(gate) * up)
+        return self.w_out(self.act(h))
+
+
+class Block(nn.Module):
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.pre_norm = arch.norm_position == "pre"
+        self.parallel_residual = arch.parallel_residual
+        self.attn_norm, self.mlp_norm = Norm(arch, arch.hidden), Norm(arch, arch.hidden)
+        self.attn, self.mlp = Attention(arch), MLP(arch)
+
+    def forward(self, x, mask, rope, cache, positions):  # type: ignore[no-untyped-def]
+        if self.parallel_residual:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            return x + self.attn(self.attn_norm(x), mask, rope, cache, positions) + self.mlp(self.mlp_norm(x))
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), mask, rope, cache, positions)
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.attn(x, mask, rope, cache, positions))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+def rope_inv_freq(arch: Arch) -> tuple[torch.Tensor, float]:
+    params = dict(getattr(arch.hf_config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(arch.hf_config, "rope_theta", 10000.0))
+        dim = arch.rotary_dim
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](arch.hf_config, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class StageModel(nn.Module):
+    """The layers ``layer_ids`` of a model (global indices), plus embeddings if first, head if last."""
+
+    def __init__(self, arch: Arch, layer_ids: range, first: bool, last: bool):
+        super().__init__()
+        self.arch, self.layer_ids, self.first, self.last = arch, layer_ids, first, last
+        if first:
+            self.embed = nn.Embedding(arch.vocab_size, arch.word_dim)
+            if arch.positions == "learned":
+                self.pos_embed = nn.Embedding(arch.max_positions + arch.position_offset, arch.hidden)
+            if arch.word_dim != arch.hidden:
+                self.project_in = nn.Linear(arch.word_dim, arch.hidden, bias=False)
+            if arch.type_vocab_size:
+                self.type_embed = nn.Embedding(arch.type_vocab_size, arch.hidden)
+                self.embed_norm = Norm(arch, arch.hidden)
+        self.layers = nn.ModuleList(Block(arch) for _ in layer_ids)
+        if last and arch.causal:
+            if arch.final_norm:
+                self.final_norm = Norm(arch, arch.hidden)
+            if arch.word_dim != arch.hidden:
+                self.project_out = nn.Linear(arch.hidden, arch.word_dim, bias=False)
+            self.lm_head = nn.Linear(arch.word_dim, arch.vocab_size, bias=False)
+        self.cache: KVCache | None = None
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    def setup_cache(self, lanes: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Preallocate the KV cache (``lanes`` x ``max_len`` + a scratch slot) and the rotary tables."""
+        a = self.arch
+        self.cache = KVCache(len(self.layers), lanes, a.kv_heads, max_len, a.head_dim, dtype, device)
+        self.key_positions = torch.arange(self.cache.length, device=device)
+        if a.positions == "rotary":
+            inv_freq, scaling = rope_inv_freq(a)
+            freqs = torch.outer(torch.arange(self.cache.length, dtype=torch.float), inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)  # [L, rotary_dim]
+            self.rope_cos = (emb.cos() * scaling).to(device)
+            self.rope_sin = (emb.sin() * scaling).to(device)
+
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        a = self.arch
+        x = self.embed(tokens)
+        if a.word_dim != a.hidden:
+            x = self.project_in(x)
+        if a.positions == "learned":
+            # Inactive lanes sit at the scratch position, past the table: clamp (their output is unused).
+            x = x + self.pos_embed(positions.clamp(max=a.max_positions - 1) + a.position_offset)
+        if a.type_vocab_size:
+            x = self.embed_norm(x + self.type_embed.weight[0])
+        return x
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int = 0) -> torch.Tensor:
+        """inputs: tokens [n, S] (first stage) or hidden [n, S, hidden]; positions: [n, S] per token.
+
+        Uses cache lanes [lane_start, lane_start + n). Returns hidden [n, S, hidden], or on the last
+        stage float32 logits of each lane's last token [n, vocab].
+        """
+        assert self.cache is not None, "call setup_cache() first"
+        x = self._embed(inputs, positions) if self.first else inputs
+        n = x.shape[0]
+        # mask [n, 1, S, L]: a token sees cache slots at or before its position (and inside the window)
+        key_pos = self.key_positions[None, None, None, :]
+        query_pos = positions[:, None, :, None]
+        mask = key_pos <= query_pos
+        if self.arch.sliding_window is not None:
+            mask = mask & (key_pos > query_pos - self.arch.sliding_window)
+        rope = None
+        if self.rope_cos is not None and self.rope_sin is not None:
+            cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [n, 1, S, rotary_dim]
+            sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+            rope = (cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, rope, self.cache.lanes(i, lane_start, n), positions)
+        if not self.last:
+            return x
+        return self.head(x[:, -1])
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.arch.final_norm:
+            x = self.final_norm(x)
+        if self.arch.word_dim != self.arch.hidden:
+            x = self.project_out(x)
+        return self.lm_head(x).float()
+
+    def encode(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder forward (BERT): tokens, attention_mask [n, S] -> last hidden state [n, S, hidden]."""
+        n, s = tokens.shape
+        positions = torch.arange(s, device=tokens.device).expand(n, s)
+        x = self._embed(tokens, positions)
+        mask = attention_mask.bool()[:, None, None, :]  # [n, 1, 1, S]: padding keys hidden
+        for layer in self.layers:
+            x = layer(x, mask, None, None, positions)
+        return x
