@@ -94,10 +94,29 @@ def _reusable() -> controlplane.ClusterState | None:
     return state
 
 
+_build_error: list[str] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the binaries (minutes, once per machine) before any test starts, so that the cold build does
+    not count against the first cluster test's timeout."""
+    if session.config.option.collectonly or not binaries.go_available():
+        return
+    if any("k8s_cluster" in getattr(item, "fixturenames", ()) for item in session.items):
+        try:
+            binaries.build()
+        except subprocess.CalledProcessError as err:
+            _build_error.append(
+                f"building the control plane failed ({err}); see tests/cluster/build.sh output"
+            )
+
+
 @pytest.fixture(scope="session")
 def k8s_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if not binaries.go_available():
         pytest.skip("the local Kubernetes control plane is built from Go modules and `go` is not on PATH")
+    if _build_error:
+        pytest.fail(_build_error[0])
     state = _reusable()
     started = state is None
     if state is None:
