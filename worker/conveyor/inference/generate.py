@@ -99,7 +99,7 @@ class StageWorker:
     def __init__(self, model: StageModel, peers: PipelinePeers, params: SamplingParams, device: torch.device):
         self.model, self.peers, self.params, self.device = model, peers, params, device
         self.channel = Channel(device)
-        self.forward = GraphedDecode(model)  # CUDA graphs for decode steps; eager on the CPU
+        self.forward = GraphedDecode(model)  # compiled CUDA graphs for decode steps; eager on the CPU
         assert model.cache is not None, "setup_cache() before generating"
         self.scratch = model.cache.scratch_position
         self.seen: torch.Tensor | None = None
@@ -115,40 +115,71 @@ class StageWorker:
         positions: torch.Tensor,
         keys: list[int],
         steps: list[int],
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """meta [4 + n*S + n + n + n*S]: kind, lane_start, n, S, positions, keys, steps, tokens."""
+        """meta [4 + n*S + n + n (+ n*S)]: kind, lane_start, n, S, positions, keys, steps (, tokens).
+
+        Prefill items carry their prompt tokens (the last stage needs them for the repetition penalty);
+        decode items do not: stage 0 feeds each lane the token sampled last, which stays on the device."""
         n, s = positions.shape
         head = torch.tensor([kind, lane_start, n, s, *keys, *steps], dtype=torch.int64)
-        return torch.cat([head[:4], positions.flatten().cpu(), head[4:], tokens.flatten().cpu()])
+        parts = [head[:4], positions.flatten().cpu(), head[4:]]
+        if tokens is not None:
+            parts.append(tokens.flatten().cpu())
+        return torch.cat(parts)
 
     @staticmethod
-    def unpack(meta: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def header(meta: torch.Tensor) -> tuple[int, int, int, int]:
+        """kind, lane_start, n, S (host ints: on a device meta this waits for it)."""
         kind, lane_start, n, s = meta[:4].tolist()
+        return kind, lane_start, n, s
+
+    @staticmethod
+    def fields(
+        meta: torch.Tensor, n: int, s: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """positions [n, S], keys [n], steps [n], tokens [n, S] or None (views of ``meta``)."""
         rest = meta[4:]
         positions = rest[: n * s].view(n, s)
         keys, steps = rest[n * s : n * s + n], rest[n * s + n : n * s + 2 * n]
-        tokens = rest[n * s + 2 * n :].view(n, s)
-        return kind, lane_start, positions, keys, steps, tokens
+        tokens = rest[n * s + 2 * n :]
+        return positions, keys, steps, (tokens.view(n, s) if tokens.numel() else None)
+
+    def to_device(self, meta: torch.Tensor) -> torch.Tensor:
+        """One host-to-device copy of an item's metadata; pinned, so the host does not wait for the GPU."""
+        if self.device.type != "cuda" or meta.device.type == "cuda":
+            return meta.to(self.device)
+        return meta.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, meta: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-        """Run one item: returns hidden [n, S, H] for the next stage, or tokens [n] on the last stage."""
-        kind, lane_start, positions, keys, steps, tokens = self.unpack(meta)
-        positions, tokens = positions.to(self.device), tokens.to(self.device)
+    def execute(
+        self, meta: torch.Tensor, hidden: torch.Tensor | None, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run one item: returns hidden [n, S, H] for the next stage, or tokens [n] on the last stage.
+
+        Stage 0 passes the decode item's input ``tokens`` [n, 1] (on the device); a prefill item's come
+        from the meta."""
+        kind, lane_start, n, s = self.header(meta)  # stage 0's meta is on the host: no wait
+        positions, keys, steps, prompt = self.fields(self.to_device(meta), n, s)
+        if kind == PREFILL:
+            tokens = prompt
         inputs = tokens if self.peers.is_first else hidden
-        assert inputs is not None, "a later stage needs the previous stage's hidden state"
-        out = self.forward(inputs, positions, lane_start)
+        assert inputs is not None, "stage 0 needs tokens, a later stage the previous stage's hidden state"
+        if kind == PREFILL:
+            out = self.model(inputs, positions, lane_start, prefill=True)
+        else:
+            out = self.forward(inputs, positions, lane_start)
         if not self.peers.is_last:
-            return out
-        n = out.shape[0]
+            # why clone: a replayed graph's output is overwritten by the next step while a send may read it
+            return out.clone() if kind == DECODE else out
         seen = None
         if self.seen is not None:
             seen = self.seen[lane_start : lane_start + n]
             if kind == PREFILL:
+                assert prompt is not None
                 seen.zero_()
-                seen.scatter_(1, tokens, True)
-        new = sample(out, self.params, keys.to(self.device), steps.to(self.device), seen)
+                seen.scatter_(1, prompt, True)
+        new = sample(out, self.params, keys, steps, seen)
         if self.peers.tensor_group is not None:
             # why: every tp rank sampled the same logits; rank 0's tokens make that exact, whatever
             # the reduction order did to the last bit, so the ranks' schedules can never diverge.
@@ -178,14 +209,44 @@ class StageWorker:
         self.channel.flush()
 
 
+class TokenReadback:
+    """Tokens [n] on the device, copied to the host without stopping the device's queue: the copy is
+    queued behind the step that samples them, and only ``get()`` waits, for that step alone."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.event: torch.cuda.Event | None = None
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tokens
+
+    def get(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return list(self.host.tolist())
+
+
 @dataclass
 class _Lane:
     request: Request | None = None
-    output: list[int] = field(default_factory=list)
-    position: int = 0  # where the next token's key/value goes
-    ready: bool = False  # has a token waiting to be fed back
+    output: list[int] = field(default_factory=list)  # tokens read back so far
+    scheduled: int = 0  # tokens whose sampling is queued (the step of the next one)
+    has_token: bool = False  # its last sampled token is in next_token (on the device)
     started: float = 0.0
     first_token: float = 0.0
+
+
+@dataclass
+class _Item:
+    """A work item stage 0 sent and whose tokens have not been read back."""
+
+    kind: int
+    lane_start: int
+    lanes: list[tuple[int, Request]]  # the lanes it samples for, and their requests when it was sent
+    readback: TokenReadback | None = None
 
 
 @dataclass
@@ -199,7 +260,15 @@ class SchedulerHooks:
 
 
 class Scheduler:
-    """Stage 0: owns the lanes, admits and retires sequences, keeps M micro-batches in flight."""
+    """Stage 0: owns the lanes, admits and retires sequences, keeps M micro-batches in flight.
+
+    The host never waits for the step it has just queued. A micro-batch's turn: (1) take the replies of
+    the items it sent last turn (tokens, on the device) into ``next_token`` and queue their copy to the
+    host; (2) queue the next decode step, which reads its input tokens from ``next_token``; (3) read
+    back the tokens of (1), which waits only for the previous step while the new one runs; retire
+    finished sequences; (4) admit waiting ones into free lanes. So the host decides step t knowing the
+    tokens of step t-2: a sequence that stops at t-1 (stop token or string) runs one extra step, whose
+    token is dropped. Length limits are known ahead and never cost a step."""
 
     def __init__(
         self,
@@ -212,13 +281,14 @@ class Scheduler:
         self.worker, self.m, self.b = worker, micro_batches, lanes_per_micro_batch
         self.tokenizer, self.hooks = tokenizer, hooks or SchedulerHooks()
         self.lanes = [_Lane() for _ in range(micro_batches * lanes_per_micro_batch)]
+        self.next_token = torch.zeros(len(self.lanes), dtype=torch.int64, device=worker.device)
         self.stop_ids = set(worker.params.stop_token_ids)
         self.max_len = worker.scratch
         self._local_replies: deque[torch.Tensor] = deque()
 
     # -- the channel to the rest of the pipeline -------------------------------------------------
-    def _submit(self, meta: torch.Tensor) -> None:
-        out = self.worker.execute(meta, None)
+    def _submit(self, meta: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        out = self.worker.execute(meta, None, tokens)
         p = self.worker.peers
         if p.is_last:
             self._local_replies.append(out)
@@ -232,9 +302,18 @@ class Scheduler:
         t0 = time.perf_counter()
         (tokens,) = self.worker.channel.recv(1, self.worker.peers.last_rank)
         self.hooks.on_wait(time.perf_counter() - t0)
-        return tokens
+        return tokens.to(self.next_token.device)
 
     # -- sequences ------------------------------------------------------------------------------
+    def _may_decode(self, lane: _Lane) -> bool:
+        req = lane.request
+        return (
+            req is not None
+            and lane.has_token
+            and lane.scheduled < req.max_new_tokens
+            and len(req.prompt_ids) + lane.scheduled < self.max_len
+        )
+
     def _finish_reason(self, lane: _Lane) -> str | None:
         req = lane.request
         assert req is not None
@@ -244,7 +323,7 @@ class Scheduler:
             text = self.tokenizer.decode(lane.output, skip_special_tokens=True)
             if any(s in text for s in self.worker.params.stop):
                 return "stop"
-        if len(lane.output) >= req.max_new_tokens or lane.position + 1 >= self.max_len:
+        if len(lane.output) >= req.max_new_tokens or len(req.prompt_ids) + len(lane.output) >= self.max_len:
             return "length"
         return None
 
@@ -257,7 +336,6 @@ class Scheduler:
         lane.output.append(token)
         reason = self._finish_reason(lane)
         if reason is None:
-            lane.ready = True
             return
         text = None
         if self.tokenizer is not None:
@@ -271,7 +349,7 @@ class Scheduler:
             Result(req.id, req.prompt_ids, lane.output, reason, text, lane.first_token - lane.started)
         )
 
-    def _prefill(self, index: int, req: Request) -> None:
+    def _prefill(self, index: int, req: Request) -> _Item:
         if not req.prompt_ids:
             raise ValueError(f"request {req.id!r} has an empty prompt")
         if len(req.prompt_ids) >= self.max_len:
@@ -279,52 +357,77 @@ class Scheduler:
                 f"request {req.id!r}: prompt of {len(req.prompt_ids)} tokens leaves no room in a "
                 f"KV cache of {self.max_len} positions"
             )
-        self.lanes[index] = _Lane(request=req, position=len(req.prompt_ids), started=time.perf_counter())
+        self.lanes[index] = _Lane(request=req, scheduled=1, started=time.perf_counter())
         s = len(req.prompt_ids)
         positions = torch.arange(s, dtype=torch.int64)[None]  # [1, S]
         tokens = torch.tensor([req.prompt_ids], dtype=torch.int64)
         self._submit(self.worker.pack(PREFILL, index, positions, [req.key], [0], tokens))
+        return _Item(PREFILL, index, [(index, req)])
 
-    def _decode(self, mb: int) -> list[int] | None:
-        lanes = range(mb * self.b, (mb + 1) * self.b)
-        active = [i for i in lanes if self.lanes[i].ready]
+    def _decode(self, mb: int) -> _Item | None:
+        start = mb * self.b
+        active = [i for i in range(start, start + self.b) if self._may_decode(self.lanes[i])]
         if not active:
             return None
-        tokens = torch.zeros(self.b, 1, dtype=torch.int64)
         positions = torch.full((self.b, 1), self.max_len, dtype=torch.int64)  # idle lanes: scratch slot
         keys, steps = [0] * self.b, [0] * self.b
         for i in active:
-            lane, j = self.lanes[i], i - mb * self.b
+            lane, j = self.lanes[i], i - start
             assert lane.request is not None
-            tokens[j, 0], positions[j, 0] = lane.output[-1], lane.position
-            keys[j], steps[j] = lane.request.key, len(lane.output)
-            lane.ready = False
-        self._submit(self.worker.pack(DECODE, mb * self.b, positions, keys, steps, tokens))
-        return active
+            # the token sampled at step k - 1 goes in at position len(prompt) + k - 1
+            positions[j, 0] = len(lane.request.prompt_ids) + lane.scheduled - 1
+            keys[j], steps[j] = lane.request.key, lane.scheduled
+            lane.scheduled += 1
+        meta = self.worker.pack(DECODE, start, positions, keys, steps)
+        self._submit(meta, self.next_token[start : start + self.b, None])
+        return _Item(DECODE, start, [(i, self.lanes[i].request) for i in active])  # type: ignore[misc]
+
+    def _receive(self, item: _Item) -> None:
+        """The item's tokens into ``next_token`` (device order: the replies come in the order sent, so a
+        lane's newest token lands last), and their copy to the host queued."""
+        tokens = self._reply()
+        if item.kind == PREFILL:
+            self.next_token[item.lane_start] = tokens[0]
+            self.lanes[item.lane_start].has_token = True
+        else:
+            # The whole micro-batch, idle lanes included: an idle lane is free or finished (its token is
+            # never read), and a lane admitted this turn gets its first token from its prefill, later.
+            self.next_token[item.lane_start : item.lane_start + tokens.shape[0]] = tokens
+        item.readback = TokenReadback(tokens)
+
+    def _read(self, item: _Item) -> int:
+        """Accept the item's tokens read back on the host; returns how many were taken."""
+        assert item.readback is not None
+        tokens, now, taken = item.readback.get(), time.perf_counter(), 0
+        for index, req in item.lanes:
+            if self.lanes[index].request is not req:  # it finished before this (extra) step was read
+                continue
+            self._accept(index, tokens[index - item.lane_start], now)
+            taken += 1
+        return taken
 
     def run(self, requests: Iterable[Request]) -> None:
         waiting: Iterator[Request] = iter(requests)
         exhausted = False
-        # per micro-batch: the items sent in its last turn, in order: ("prefill", lane) / ("decode", lanes)
-        in_flight: list[list[tuple[str, Any]]] = [[] for _ in range(self.m)]
+        in_flight: list[list[_Item]] = [[] for _ in range(self.m)]  # per micro-batch, in the order sent
+        last_turn = [time.perf_counter()] * self.m
         while True:
             busy = False
             for mb in range(self.m):
-                t0 = time.perf_counter()
-                decoded = 0
-                for kind, what in in_flight[mb]:
-                    tokens = self._reply().tolist()
-                    now = time.perf_counter()
-                    if kind == "prefill":
-                        self._accept(what, tokens[0], now)
-                    else:
-                        for i in what:
-                            self.lanes[i].position += 1
-                            self._accept(i, tokens[i - mb * self.b], now)
-                        decoded += len(what)
-                in_flight[mb] = []
+                received, in_flight[mb] = in_flight[mb], []
+                for item in received:
+                    self._receive(item)
+                step = self._decode(mb)
+                if step is not None:
+                    in_flight[mb].append(step)
+                decoded = sum(self._read(item) for item in received if item.kind == DECODE)
+                for item in received:
+                    if item.kind == PREFILL:
+                        self._read(item)
                 if decoded:
-                    self.hooks.on_decode_step(time.perf_counter() - t0, decoded)
+                    now = time.perf_counter()
+                    self.hooks.on_decode_step(now - last_turn[mb], decoded)
+                    last_turn[mb] = now
                 # Admit waiting sequences into free lanes of this micro-batch (they join now).
                 for i in range(mb * self.b, (mb + 1) * self.b):
                     if self.lanes[i].request is None and not exhausted:
@@ -332,11 +435,7 @@ class Scheduler:
                         if req is None:
                             exhausted = True
                             break
-                        self._prefill(i, req)
-                        in_flight[mb].append(("prefill", i))
-                active = self._decode(mb)
-                if active is not None:
-                    in_flight[mb].append(("decode", active))
+                        in_flight[mb].append(self._prefill(i, req))
                 busy = busy or bool(in_flight[mb])
             if not busy:
                 break

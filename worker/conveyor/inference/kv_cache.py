@@ -13,6 +13,10 @@ import torch
 
 
 class KVCache:
+    """One tensor per layer (not one stacked tensor): under torch.compile each layer's cache is then a graph
+    input that the decode step writes in place; a write into a view of a larger input is functionalised
+    into a copy of the whole input (measured: 5 ms per layer on a 7B model)."""
+
     def __init__(
         self,
         layers: int,
@@ -25,19 +29,21 @@ class KVCache:
     ):
         self.lanes_total, self.max_len = lanes, max_len
         self.length = max_len + 1
-        shape = (layers, lanes, kv_heads, self.length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (lanes, kv_heads, self.length, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
     @property
     def scratch_position(self) -> int:
         return self.max_len
 
-    def lanes(self, layer: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views [n, kv_heads, length, head_dim] of lanes [start, start + n) of one layer (no copy)."""
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole layer [lanes, kv_heads, length, head_dim] (keys, values)."""
+        return self.k[layer], self.v[layer]
+
+    def check_lanes(self, start: int, n: int) -> None:
         if start < 0 or start + n > self.lanes_total:
             raise IndexError(f"lanes [{start}, {start + n}) outside the cache's {self.lanes_total} lanes")
-        return self.k[layer, start : start + n], self.v[layer, start : start + n]
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
