@@ -151,6 +151,25 @@ def test_int8_on_gpu_compiled_matches_eager_and_fp32(models: dict[str, Path]) ->
     assert compare_logits(eager, fused)["rel_logit_error_mean"] < 0.02
 
 
+def test_spec_quantization_is_checked() -> None:
+    from conveyor.spec import SpecError, parse_spec
+
+    base = {"mode": "inference", "model": {"path": "/m"}, "inference": {"input": "a", "output": "b"}}
+    assert parse_spec(base).inference.quantization == "none"  # type: ignore[union-attr]
+    with pytest.raises(SpecError, match=r"spec.inference.quantization: Input should be 'none' or 'int8'"):
+        parse_spec({**base, "inference": {"input": "a", "output": "b", "quantization": "int4"}})
+    with pytest.raises(ValueError, match=r"quantization 'int4' is not one of \['none', 'int8'\]"):
+        prepare_rank_quantized(
+            "/nowhere",
+            Topology(Layout()),
+            dtype=torch.float32,
+            device=CPU,
+            lanes=1,
+            max_len=2,
+            quantization="int4",  # type: ignore[arg-type]
+        )
+
+
 def greedy(model_dir: Path, quantization: str, params: SamplingParams | None = None) -> list[list[int]]:
     model, peers = prepare_rank_quantized(
         str(model_dir),
