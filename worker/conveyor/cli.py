@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    gen.add_argument(
+        "--quantize", default="none", choices=["none", "int8"], help="int8: weight-only int8 block linears"
+    )
 
     crd = sub.add_parser("crd", help="print (or --write) the PipelineJob CRD generated from conveyor.spec")
     crd.add_argument("--write", action="store_true", help="write crds/ and the chart's copy")

@@ -174,6 +174,9 @@ class InferenceSpec(_Spec):
     max_new_tokens: int = Field(128, ge=1, le=1_000_000)
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences decoded together per replica.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="`int8`: weight-only int8 block linears (per-channel scales); head stays full."
+    )
 
 
 class TrainSpec(_Spec):

@@ -84,8 +84,9 @@ def rank_main(config: dict[str, Any]) -> int:
     import torch
 
     from conveyor.distributed import destroy_distributed, init_distributed
-    from conveyor.inference.generate import Request, Result, SchedulerHooks, prepare_rank, run_generation
+    from conveyor.inference.generate import Request, Result, SchedulerHooks, run_generation
     from conveyor.inference.job import DTYPES, load_tokenizer
+    from conveyor.inference.quantize import prepare_rank_quantized
     from conveyor.inference.sampling import SamplingParams
     from conveyor.topology import Layout, Topology
 
@@ -102,17 +103,23 @@ def rank_main(config: dict[str, Any]) -> int:
 
     arch = load_arch(model_dir)
     max_len = min(max(len(p) for p in prompts) + config["max_new_tokens"], arch.max_positions)
-    model, peers = prepare_rank(
+    model, peers = prepare_rank_quantized(
         model_dir,
         topo,
         dtype=DTYPES[config["dtype"]],
         device=info.device,
         lanes=len(requests),
         max_len=max_len,
+        quantization=config.get("quantize", "none"),
     )
     say = info.rank == 0
     if say:
-        print(f"loaded in {time.perf_counter() - t0:.1f}s on {info.device}", file=sys.stderr, flush=True)
+        quantized = f", {config['quantize']} weights" if config.get("quantize", "none") != "none" else ""
+        print(
+            f"loaded in {time.perf_counter() - t0:.1f}s on {info.device}{quantized}",
+            file=sys.stderr,
+            flush=True,
+        )
     params = SamplingParams(
         temperature=config["temperature"],
         top_k=config["top_k"],

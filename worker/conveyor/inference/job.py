@@ -29,10 +29,10 @@ from conveyor.inference.generate import (
     Result,
     SchedulerHooks,
     micro_batch_layout,
-    prepare_rank,
     run_generation,
 )
 from conveyor.inference.progress import ResultLog, merge_parts, rfc3339
+from conveyor.inference.quantize import prepare_rank_quantized
 from conveyor.inference.sampling import SamplingParams
 from conveyor.log import get_logger
 from conveyor.topology import Layout, Topology
@@ -158,13 +158,14 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         raise InputError(
             f"a prompt of {longest} tokens does not fit the model's {arch.max_positions} positions"
         )
-    model, peers = prepare_rank(
+    model, peers = prepare_rank_quantized(
         spec.model.path,
         topo,
         dtype=DTYPES[spec.model.dtype],
         device=info.device,
         lanes=lanes_m * lanes_b,
         max_len=max_len,
+        quantization=inf.quantization,
     )
     params = sampling_params(spec, arch.eos_token_ids)
     every = spec.checkpoint.every if spec.checkpoint else 1
@@ -215,6 +216,7 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
             "skipped": done_before,
             "micro_batches": lanes_m,
             "lanes": lanes_m * lanes_b,
+            "quantization": inf.quantization,
         },
     )
     if is_writer:
