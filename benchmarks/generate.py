@@ -98,7 +98,13 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
 
 
 def bench_hf(
-    model_dir: Path, dtype: torch.dtype, device: str, batches: list[int], plen: int, new: int
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: str,
+    batches: list[int],
+    plen: int,
+    new: int,
+    ttft_len: int = 0,
 ) -> dict:
     import transformers as T
 
@@ -120,6 +126,16 @@ def bench_hf(
         t1, tn = run(1), run(new)
         step = (tn - t1) / (new - 1)
         out[str(b)] = {"ms_per_token": step * 1e3, "tokens_per_s": b / step, "prefill_ms": t1 * 1e3}
+    if ttft_len:
+        ids = torch.tensor(prompts(1, ttft_len, model.config.vocab_size), device=device)
+        times = []
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out["ttft_ms"] = min(times[1:]) * 1e3
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -149,16 +165,21 @@ def rank_worker(cfg: dict[str, Any]) -> None:
         dtype=dtype,
         device=info.device,
         lanes=max(batches) + cfg["stages"],
-        max_len=plen + new,
+        max_len=max(plen + new, cfg.get("ttft_len", 0) + 1),
     )
-    results = {}
+    results: dict[str, Any] = {}
+    waited = [0.0]
     for b in batches:
         m, lanes = micro_batch_layout(b, cfg["stages"])
 
         def run(n: int, b: int = b, m: int = m, lanes: int = lanes) -> tuple[float, float]:
             first: list[float] = []
+            waited[0] = 0.0
             reqs = [Request(i, p, n) for i, p in enumerate(prompts(b, plen, model.arch.vocab_size))]
-            hooks = SchedulerHooks(on_first_token=lambda dt: first.append(time.perf_counter()))
+            hooks = SchedulerHooks(
+                on_first_token=lambda dt: first.append(time.perf_counter()),
+                on_wait=lambda dt: waited.__setitem__(0, waited[0] + dt),
+            )
             sync(cfg["device"])
             t0 = time.perf_counter()
             run_generation(
@@ -183,7 +204,27 @@ def rank_worker(cfg: dict[str, Any]) -> None:
             "tokens_per_s": b / step,
             "prefill_ms": prefill * 1e3,
             "micro_batches": m,
+            # stage 0 waiting for the last stage's tokens, over the decode time (0 on one stage)
+            "stage0_wait_fraction": waited[0] / (prefill + decode),
         }
+    if cfg.get("ttft_len"):
+        times = []
+        for _ in range(3):
+            req = Request("ttft", prompts(1, cfg["ttft_len"], model.arch.vocab_size)[0], 1)
+            sync(cfg["device"])
+            t0 = time.perf_counter()
+            run_generation(
+                model,
+                peers,
+                SamplingParams(),
+                [req],
+                micro_batches=1,
+                lanes_per_micro_batch=1,
+                device=info.device,
+            )
+            sync(cfg["device"])
+            times.append(time.perf_counter() - t0)
+        results["ttft_ms"] = min(times[1:]) * 1e3
     if info.rank == 0:
         Path(cfg["out"]).write_text(json.dumps(results))
     destroy_distributed()
@@ -248,6 +289,9 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/conveyor-bench")
     p.add_argument("--out", default="benchmarks/results/generate.json")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument(
+        "--ttft-prompt-len", type=int, default=0, help="also time the first token of one such prompt"
+    )
     p.add_argument("--rank-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rank_worker:
@@ -278,7 +322,11 @@ def main() -> None:
         "rows": [],
     }
     if not args.skip_hf:
-        hf = bench_hf(model_dir, dtype, device, batches, args.prompt_len, args.new_tokens)
+        hf = bench_hf(
+            model_dir, dtype, device, batches, args.prompt_len, args.new_tokens, args.ttft_prompt_len
+        )
+        if "ttft_ms" in hf:
+            report["ttft"] = {"prompt_len": args.ttft_prompt_len, "HF generate (eager)": hf["ttft_ms"]}
         for b in batches:
             report["rows"].append(
                 {"system": "HF generate (eager)", "layout": "1x1", "batch": b, **hf[str(b)]}
@@ -297,8 +345,13 @@ def main() -> None:
             "dtype": args.dtype,
             "device": device,
             "out": str(workdir / f"ours-{stages}x{tp}.json"),
+            "ttft_len": args.ttft_prompt_len,
         }
         ours = launch(cfg)
+        if "ttft_ms" in ours:
+            report.setdefault("ttft", {"prompt_len": args.ttft_prompt_len})[f"Conveyor {stages}x{tp}"] = ours[
+                "ttft_ms"
+            ]
         for b in batches:
             report["rows"].append(
                 {"system": "Conveyor", "layout": f"{stages}x{tp}", "batch": b, **ours[str(b)]}
@@ -327,6 +380,15 @@ def main() -> None:
             f"| {r['system']} | {r['layout']} | {r['batch']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['roofline_ms']:.2f} | {100 * r['fraction_of_roofline']:.0f}% |"
         )
+    for r in report["rows"]:
+        if r.get("stage0_wait_fraction"):
+            lines.append(
+                f"{r['layout']} batch {r['batch']}: stage 0 waits {100 * r['stage0_wait_fraction']:.1f}% of the run"
+            )
+    if "ttft" in report:
+        ttft = report["ttft"]
+        lines.append(f"\ntime to first token, one {ttft['prompt_len']}-token prompt:")
+        lines += [f"  {k}: {v:.1f} ms" for k, v in ttft.items() if k != "prompt_len"]
     print("\n".join(lines))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,10 @@ from benchmarks.generate import (  # noqa: E402 (after the path setup)
 def load(
     model_dir: Path, quantization: str, dtype: torch.dtype, device: torch.device, lanes: int, max_len: int
 ):
-    from conveyor.inference.quantize import prepare_rank_quantized
+    from conveyor.inference.generate import prepare_rank
     from conveyor.topology import Layout, Topology
 
-    return prepare_rank_quantized(
+    return prepare_rank(
         str(model_dir),
         Topology(Layout()),
         dtype=dtype,

@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conveyor.inference.generate import Request, SchedulerHooks, run_generation
+from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
 from conveyor.inference.loader import load_stage
 from conveyor.inference.quantize import (
     Int8Linear,
     all_logits,
     compare_logits,
     int8_weight_bytes,
-    prepare_rank_quantized,
     quantize_int8,
     quantize_weight,
     row_absmax,
@@ -129,10 +128,10 @@ def test_int8_on_gpu_compiled_matches_eager_and_fp32(models: dict[str, Path]) ->
     CPU model's (bf16 against fp32 on this large-init tiny model measures 3.5% mean on a CPU)."""
     d, cuda = models["llama"], torch.device("cuda")
     tokens = torch.randint(3, 300, (4, 12), generator=torch.Generator().manual_seed(0))
-    cpu_model, _ = prepare_rank_quantized(
+    cpu_model, _ = prepare_rank(
         str(d), Topology(Layout()), dtype=torch.float32, device=CPU, lanes=4, max_len=16, quantization="int8"
     )
-    gpu_model, _ = prepare_rank_quantized(
+    gpu_model, _ = prepare_rank(
         str(d),
         Topology(Layout()),
         dtype=torch.bfloat16,
@@ -159,7 +158,7 @@ def test_spec_quantization_is_checked() -> None:
     with pytest.raises(SpecError, match=r"spec.inference.quantization: Input should be 'none' or 'int8'"):
         parse_spec({**base, "inference": {"input": "a", "output": "b", "quantization": "int4"}})
     with pytest.raises(ValueError, match=r"quantization 'int4' is not one of \['none', 'int8'\]"):
-        prepare_rank_quantized(
+        prepare_rank(
             "/nowhere",
             Topology(Layout()),
             dtype=torch.float32,
@@ -171,7 +170,7 @@ def test_spec_quantization_is_checked() -> None:
 
 
 def greedy(model_dir: Path, quantization: str, params: SamplingParams | None = None) -> list[list[int]]:
-    model, peers = prepare_rank_quantized(
+    model, peers = prepare_rank(
         str(model_dir),
         Topology(Layout()),
         dtype=torch.float32,
@@ -277,7 +276,7 @@ def test_job_int8_at_tensor_parallel_2_equals_one_process(models: dict[str, Path
     requests = read_requests(
         spec.inference.input, 0, 1, load_tokenizer(str(d)), spec.inference.max_new_tokens
     )
-    model, peers = prepare_rank_quantized(
+    model, peers = prepare_rank(
         str(d), Topology(Layout()), dtype=torch.float32, device=CPU, lanes=3, max_len=40, quantization="int8"
     )
     want: dict[str, list[int]] = {}
@@ -324,7 +323,7 @@ def test_generate_cli_int8_two_stages_equals_one_process(models: dict[str, Path]
     assert "int8 weights" in proc.stderr
     rows = {r["prompt"]: r["output_ids"] for r in map(json.loads, proc.stdout.splitlines())}
     tok = load_tokenizer(str(d))
-    model, peers = prepare_rank_quantized(
+    model, peers = prepare_rank(
         str(d), Topology(Layout()), dtype=torch.float32, device=CPU, lanes=2, max_len=32, quantization="int8"
     )
     want: dict[Any, list[int]] = {}

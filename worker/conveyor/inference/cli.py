@@ -84,9 +84,8 @@ def rank_main(config: dict[str, Any]) -> int:
     import torch
 
     from conveyor.distributed import destroy_distributed, init_distributed
-    from conveyor.inference.generate import Request, Result, SchedulerHooks, run_generation
+    from conveyor.inference.generate import Request, Result, SchedulerHooks, prepare_rank, run_generation
     from conveyor.inference.job import DTYPES, load_tokenizer
-    from conveyor.inference.quantize import prepare_rank_quantized
     from conveyor.inference.sampling import SamplingParams
     from conveyor.topology import Layout, Topology
 
@@ -103,7 +102,7 @@ def rank_main(config: dict[str, Any]) -> int:
 
     arch = load_arch(model_dir)
     max_len = min(max(len(p) for p in prompts) + config["max_new_tokens"], arch.max_positions)
-    model, peers = prepare_rank_quantized(
+    model, peers = prepare_rank(
         model_dir,
         topo,
         dtype=DTYPES[config["dtype"]],

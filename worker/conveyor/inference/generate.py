@@ -482,15 +482,20 @@ def prepare_rank(
     lanes: int,
     max_len: int,
     policy: Any = None,
+    quantization: str = "none",
 ) -> tuple[StageModel, PipelinePeers]:
-    """Load this rank's stage and shard of ``model_dir``, add the tensor-parallel all-reduces and
-    allocate the KV cache (``lanes`` x ``max_len``)."""
+    """Load this rank's stage and shard of ``model_dir`` (``quantization`` "int8": weight-only, see
+    quantize.py), add the tensor-parallel all-reduces and allocate the KV cache (``lanes`` x ``max_len``)."""
     from conveyor.inference.families import load_arch
     from conveyor.inference.loader import Shard, load_stage
+    from conveyor.inference.quantize import QUANTIZATIONS, quantize_int8
     from conveyor.inference.tensor_parallel import add_all_reduce_hooks
 
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one of {list(QUANTIZATIONS)}")
     arch = load_arch(model_dir)
     t = topo.layout.tensor_parallel
+    group = topo.tensor_group if t > 1 else None
     model = load_stage(
         model_dir,
         arch,
@@ -498,10 +503,15 @@ def prepare_rank(
         stage=topo.stage,
         shard=Shard(topo.tp_rank, t),
         dtype=dtype,
-        device=device,
+        # int8: the shard is loaded on the host and quantized onto the device linear by linear, so the
+        # device never holds the full-precision weights
+        device=torch.device("cpu") if quantization == "int8" else device,
         policy=policy,
     )
-    if t > 1:
-        add_all_reduce_hooks(model, topo.tensor_group)
+    if quantization == "int8":
+        quantize_int8(model, tensor_group=group, device=device)
+        model.to(device)  # embeddings, norms, head (in place: a tied head stays tied)
+    if t > 1:  # after quantizing: the hooks belong on the modules that run
+        add_all_reduce_hooks(model, group)
     model.setup_cache(lanes, max_len, dtype, device)
     return model, PipelinePeers.from_topology(topo)

@@ -29,10 +29,10 @@ from conveyor.inference.generate import (
     Result,
     SchedulerHooks,
     micro_batch_layout,
+    prepare_rank,
     run_generation,
 )
 from conveyor.inference.progress import ResultLog, merge_parts, rfc3339
-from conveyor.inference.quantize import prepare_rank_quantized
 from conveyor.inference.sampling import SamplingParams
 from conveyor.log import get_logger
 from conveyor.topology import Layout, Topology
@@ -158,7 +158,7 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         raise InputError(
             f"a prompt of {longest} tokens does not fit the model's {arch.max_positions} positions"
         )
-    model, peers = prepare_rank_quantized(
+    model, peers = prepare_rank(
         spec.model.path,
         topo,
         dtype=DTYPES[spec.model.dtype],

@@ -18,7 +18,7 @@ every output channel but only part of the inputs, so its local absmax would diff
 load), so every layout computes the same quantized weights as one process.
 
 Quantize *before* ``add_all_reduce_hooks``: the hooks live on the modules this replaces (refused
-otherwise). ``prepare_rank_quantized`` orders it.
+otherwise). ``generate.prepare_rank`` orders it.
 """
 
 from __future__ import annotations
@@ -137,51 +137,6 @@ def quantize_int8(
         setattr(parent, attr, Int8Linear.from_linear(linear, absmax=absmax, device=dev))
         del linear  # the last reference: the full-precision weight is freed here
     return model
-
-
-def prepare_rank_quantized(
-    model_dir: str,
-    topo: Any,
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    lanes: int,
-    max_len: int,
-    policy: Any = None,
-    quantization: Quantization = "none",
-) -> tuple[StageModel, Any]:
-    """``generate.prepare_rank`` with ``quantization``: for int8, load the rank's shard on the host,
-    quantize it linear by linear onto ``device``, move the rest, then add the all-reduce hooks and
-    the KV cache (in ``dtype``)."""
-    from conveyor.inference.families import load_arch
-    from conveyor.inference.generate import PipelinePeers, prepare_rank
-    from conveyor.inference.loader import Shard, load_stage
-    from conveyor.inference.tensor_parallel import add_all_reduce_hooks
-
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization {quantization!r} is not one of {list(QUANTIZATIONS)}")
-    if quantization == "none":
-        return prepare_rank(
-            model_dir, topo, dtype=dtype, device=device, lanes=lanes, max_len=max_len, policy=policy
-        )
-    t = topo.layout.tensor_parallel
-    model = load_stage(
-        model_dir,
-        load_arch(model_dir),
-        stages=topo.num_stages,
-        stage=topo.stage,
-        shard=Shard(topo.tp_rank, t),
-        dtype=dtype,
-        device="cpu",
-        policy=policy,
-    )
-    group = topo.tensor_group if t > 1 else None
-    quantize_int8(model, tensor_group=group, device=device)
-    model.to(device)  # embeddings, norms, head (in place: a tied head stays tied)
-    if t > 1:
-        add_all_reduce_hooks(model, group)
-    model.setup_cache(lanes, max_len, dtype, device)
-    return model, PipelinePeers.from_topology(topo)
 
 
 def int8_weight_bytes(model: nn.Module) -> tuple[int, int]:
