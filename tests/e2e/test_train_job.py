@@ -180,7 +180,9 @@ def test_train_job_survives_a_lost_worker(k8s_cluster, k8s_namespace, operator, 
     # ...and the operator counts a group restart in the job's status: a worker restarted in place is a
     # group failure like a deleted pod. One lost worker is one restart, not one per pod it took down.
     restarts = sum(g.get("restarts", 0) for g in status.get("groups", []))
-    assert restarts == 1, f"expected one group restart: {json.dumps(status, indent=1)} (pod restarts {pod_restarts})"
+    assert restarts == 1, (
+        f"expected one group restart: {json.dumps(status, indent=1)} (pod restarts {pod_restarts})"
+    )
 
 
 def test_train_job_survives_the_operator_killed_mid_reconcile(k8s_cluster, k8s_namespace, operator, tmp_path):
