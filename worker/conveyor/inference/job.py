@@ -166,6 +166,7 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         lanes=lanes_m * lanes_b,
         max_len=max_len,
     )
+    metrics.READINESS.loaded()  # the pod's readiness probe (/ready) turns 200
     params = sampling_params(spec, arch.eos_token_ids)
     every = spec.checkpoint.every if spec.checkpoint else 1
     total, done_before = len(todo) + state[0]["completed"], state[0]["completed"]
