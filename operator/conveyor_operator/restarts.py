@@ -75,11 +75,12 @@ def account_group(
 ) -> tuple[PodFailure | None, list[ContainerRestarts]]:
     """Account every pod of a group's current generation: the first new failure (by pod index) and the new
     watermarks. Marks of pods that are gone are dropped: their exits belong to a pod that no longer runs."""
-    by_name = {m.pod: m for m in marks}
+    # By uid: a pod already gone (seen in a watch event) and its replacement may share a name.
+    by_uid = {m.uid or m.pod: m for m in marks}
     first: PodFailure | None = None
     moved: list[ContainerRestarts] = []
     for pod in sorted(pods, key=lambda p: p.index):
-        failure, mark = account_pod(pod, by_name.get(pod.name))
+        failure, mark = account_pod(pod, by_uid.get(pod.uid or pod.name))
         first = first or failure
         if mark is not None:
             moved.append(mark)

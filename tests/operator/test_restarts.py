@@ -129,6 +129,15 @@ def test_a_group_crash_counts_once_for_all_its_pods() -> None:
     assert account_group(pods, marks) == (None, marks)
     # A pod that is gone takes its mark with it.
     assert account_group(pods[1:], marks) == (None, marks[1:])
+    # Its replacement under the same name (new uid) counts from 0; a watch event's view of the old one,
+    # still carrying its exit, does not move the new pod's watermark.
+    replacement = observe_pod(dict(raws[0], metadata={**raws[0]["metadata"], "uid": "u9"}))
+    replacement = dataclasses.replace(replacement, exits=0, terminations=())
+    failure, moved = account_group([pods[0], replacement, pods[1]], marks)
+    assert failure is None and [(m.pod, m.uid, m.terminations) for m in moved] == [
+        ("llm-r0-0", "u0", 1),
+        ("llm-r0-1", "u1", 1),
+    ]
 
 
 def test_watch_evidence_overwritten_in_the_listing_is_kept() -> None:
