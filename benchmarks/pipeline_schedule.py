@@ -18,20 +18,15 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import sys
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
+from conveyor.utils import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build(forward_s: float, activation_numel: int) -> Any:
@@ -150,7 +145,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) 
 def run(p: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, p, port, args, out)) for r in range(p)]
     for proc in procs:
         proc.start()

@@ -2,6 +2,9 @@
 tiny-cpu-inference.yaml runs on a laptop CPU in seconds. Offline: no hub download.
 
     python deploy/examples/make-tiny-llama.py [OUTPUT_DIR]
+
+It is the checkpoint `conveyor run` builds for its built-in job (conveyor.testing.tiny.save_tiny): 4 layers
+(two stages x two layers), seeded random weights, and a small tokenizer.
 """
 
 from __future__ import annotations
@@ -9,25 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conveyor.testing.tiny import save_tiny
 
 
 def main() -> int:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "tiny-llama"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,  # two stages x two layers
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    print(out)
+    print(save_tiny("llama", out, seed=0, num_hidden_layers=4))
     return 0
 
 

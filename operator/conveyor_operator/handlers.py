@@ -20,7 +20,7 @@ import kopf
 from conveyor.spec import GROUP, PLURAL, VERSION, PipelineJobStatus
 
 from conveyor_operator import k8s, metrics
-from conveyor_operator.observe import PodObservation, observe_pod
+from conveyor_operator.observe import PodObservation, merge_witness, observe_pod
 from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
 from conveyor_operator.render import JOB_LABEL
 
@@ -52,7 +52,7 @@ def execute(client: k8s.Client, body: dict[str, Any], plan: Plan) -> None:
     for pod, labels in sorted(plan.label_pods.items()):
         client.label_pod(ns, pod, labels)
     for pod in sorted(set(plan.delete_pods)):
-        client.delete_pod(ns, pod)
+        client.delete_pod(ns, pod, plan.pod_uids.get(pod))
     for sts in plan.delete_statefulsets:
         client.delete_statefulset(ns, sts)
     if plan.delete_children:
@@ -61,13 +61,27 @@ def execute(client: k8s.Client, body: dict[str, Any], plan: Plan) -> None:
         client.event(body, ev.type, ev.reason, ev.message)
 
 
+def with_witnesses(pods: list[PodObservation], witnesses: Sequence[PodObservation]) -> list[PodObservation]:
+    """The listing plus what watch events showed: a Failed pod may already be gone from the listing (the
+    StatefulSet controller replaces Failed pods at once) and its failure must still restart the group; a
+    listed pod may have exited again since the event, overwriting the exit the event showed."""
+    seen = {w.uid: w for w in witnesses}
+    merged = [merge_witness(p, seen[p.uid]) if p.uid in seen else p for p in pods]
+    listed = {p.uid for p in pods}
+    gone = [
+        dataclasses.replace(w, deleting=False, listed=False)
+        for w in witnesses
+        if w.uid not in listed and w.failure is not None
+    ]
+    return merged + gone
+
+
 def reconcile(
     namespace: str, name: str, now: datetime | None = None, witnesses: Sequence[PodObservation] = ()
 ) -> Plan | None:
     """Reconcile one PipelineJob; returns the plan carried out (None: the job is gone or going).
 
-    ``witnesses`` are pods seen in watch events: a Failed pod may already be gone from the listing (the
-    StatefulSet controller replaces Failed pods at once), and its failure must still restart the group."""
+    ``witnesses`` are pods seen in watch events (see ``with_witnesses``)."""
     started = time.monotonic()
     try:
         with _lock(namespace, name):
@@ -77,8 +91,7 @@ def reconcile(
                 metrics.record_phase(namespace, name, None)
                 return None
             pods = [observe_pod(p) for p in client.list_pods(namespace, name)]
-            listed = {p.uid for p in pods}
-            pods += [w for w in witnesses if w.uid not in listed]
+            pods = with_witnesses(pods, witnesses)
             plan = plan_reconcile(JobView.from_body(body), pods, now or datetime.now(UTC))
             if plan.delete_children and not client.children_exist(namespace, name):
                 plan.delete_children, plan.events = False, [e for e in plan.events if e.reason != "Cleaned"]
@@ -121,11 +134,9 @@ def on_job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
 @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
 def on_pod_event(body: Mapping[str, Any], labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
     assert namespace is not None
-    seen = observe_pod(body)  # type: ignore[arg-type]
     # The StatefulSet controller deletes a Failed pod at once, and kopf may hand us only the last event
     # (DELETED, carrying the Failed state): the failure still counts, deletion or not.
-    witnesses = [dataclasses.replace(seen, deleting=False)] if seen.failure is not None else []
-    reconcile(namespace, labels[JOB_LABEL], witnesses=witnesses)
+    reconcile(namespace, labels[JOB_LABEL], witnesses=[observe_pod(body)])  # type: ignore[arg-type]
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS)

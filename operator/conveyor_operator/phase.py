@@ -5,9 +5,9 @@ pods of the *current generation* carry the group's restart count and the spec's 
 an earlier restart are being replaced, pods with another hash are waiting for a rolling update.
 
 Failures of a group, in the order they are checked:
-- PodFailed / PodEvicted: a current pod's phase is Failed (eviction included);
-- ContainerRestarted / PodFailed: the worker container terminated with a non-zero exit code (it is
-  in ``state`` or, once the kubelet restarted it, in ``lastState``);
+- PodFailed / PodEvicted: a current pod's phase is Failed (eviction included), not by its deletion;
+- ContainerRestarted: the worker container exited non-zero and the kubelet restarted it in place, or it
+  restarted and the exit is no longer visible (accounted once per exit by ``restarts.py``);
 - PodDeleted: a group that was running lost a pod, or has a pod created after it started running (the
   StatefulSet replaced a deleted pod, alone, so the other ranks wait on a peer that lost its state);
 - StartupTimeout: every pod scheduled, but not every pod ready within ``startupTimeoutSeconds`` of the
@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 
 from conveyor.spec import Condition, GroupFailure, Phase, RestartPolicySpec
 
-from conveyor_operator.observe import PodObservation, parse_time
+from conveyor_operator.observe import PodFailure, PodObservation, parse_time
 
 
 def format_time(t: datetime) -> str:
@@ -52,6 +52,8 @@ def split_pods(
     for pod in pods:
         if pod.group != group or pod.deleting or pod.index >= size:
             continue  # another group's, already going, or beyond a scale-down
+        if not pod.listed and (pod.restart != restart or pod.failure is None):
+            continue  # seen only in a watch event and gone: only a failure of this generation matters
         if pod.restart != restart:
             previous.append(pod)
         elif pod.template_hash != template_hash:
@@ -70,13 +72,19 @@ def detect_failure(
     members_since: datetime | None = None,
     policy: RestartPolicySpec,
     now: datetime,
+    container_failure: PodFailure | None = None,
 ) -> GroupFailure | None:
-    """The first failure of the group's current generation, or None (see the module doc for the order)."""
+    """The first failure of the group's current generation, or None (see the module doc for the order).
+    ``container_failure`` is the first exit past the group's watermarks (``restarts.account_group``)."""
     stamp = format_time(now)
     live = pods.live
     for pod in sorted(live, key=lambda p: p.index):
-        if pod.failure is not None:
-            return GroupFailure(reason=pod.failure.reason, message=pod.failure.message, time=stamp)
+        if pod.phase_failure is not None:
+            return GroupFailure(
+                reason=pod.phase_failure.reason, message=pod.phase_failure.message, time=stamp
+            )
+    if container_failure is not None:
+        return GroupFailure(reason=container_failure.reason, message=container_failure.message, time=stamp)
     if running_since is not None and not pods.previous:
         missing = sorted(set(range(size)) - {p.index for p in live})
         if missing:

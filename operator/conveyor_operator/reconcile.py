@@ -44,6 +44,7 @@ from conveyor_operator.phase import (
     job_phase,
     split_pods,
 )
+from conveyor_operator.restarts import account_group
 
 TERMINAL_REASONS = {"BackoffLimitExceeded", "Completed"}
 # Reasons that need a person to act, whatever the phase: Stalled=True.
@@ -61,6 +62,9 @@ class Event:
 class Plan:
     apply: list[dict[str, Any]] = field(default_factory=list)
     delete_pods: list[str] = field(default_factory=list)
+    # Preconditions for delete_pods: a pod is deleted only if it still has the uid that was observed, so a
+    # stale observation never deletes the pod the StatefulSet has since recreated under the same name.
+    pod_uids: dict[str, str] = field(default_factory=dict)
     delete_children: bool = False  # TTL after finishing: StatefulSets, Services, PDB
     delete_statefulsets: list[str] = field(default_factory=list)  # groups scaled away
     label_pods: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -251,6 +255,8 @@ def _plan_active(
             new_groups.append(gs)  # its work is committed: later noise from its pods changes nothing
             continue
 
+        # The watermarks move on every reconcile, failure pending or not: an exit is accounted once.
+        container_failure, gs.container_restarts = account_group(gp.live, gs.container_restarts)
         if gs.failure is None:
             gs.failure = detect_failure(
                 gp,
@@ -260,6 +266,7 @@ def _plan_active(
                 members_since=parse_time(gs.members_since),
                 policy=policy,
                 now=now,
+                container_failure=container_failure,
             )
             if gs.failure is not None:
                 plan.events.append(
@@ -279,7 +286,7 @@ def _plan_active(
                     wait = delay - (now - due).total_seconds() if due else delay
                     plan.requeue_after = min(plan.requeue_after or wait, wait)
         else:
-            plan.delete_pods += [p.name for p in gp.previous]
+            _delete(plan, gp.previous)
 
         failing = restarted or gs.failure is not None
         gs.phase = Phase.RESTARTING if failing else group_phase(gp, g.pods, failing=False)
@@ -333,6 +340,13 @@ def _plan_active(
     return plan
 
 
+def _delete(plan: Plan, pods: list[PodObservation]) -> None:
+    for pod in pods:
+        plan.delete_pods.append(pod.name)
+        if pod.uid:
+            plan.pod_uids[pod.name] = pod.uid
+
+
 def _restart_group(
     plan: Plan, gs: GroupStatus, gp: Any, st: PipelineJobStatus, limit: int, now: datetime
 ) -> None:
@@ -345,7 +359,8 @@ def _restart_group(
     gs.failure = None
     gs.start_time, gs.running_since, gs.members_since = format_time(now), None, None
     gs.resumed_from = st.last_checkpoint
-    plan.delete_pods += [p.name for p in gp.current + gp.previous + gp.outdated]
+    gs.container_restarts = []  # the new generation's pods start counting from 0
+    _delete(plan, gp.current + gp.previous + gp.outdated)
     plan.restarts.append(gs.name)
     resume = (
         f"checkpoint step {st.last_checkpoint.step}"
@@ -376,7 +391,7 @@ def _roll_one_group(plan: Plan, groups: list[GroupStatus], split: dict[str, Any]
     if not others_ready:
         return
     target = candidates[0]
-    plan.delete_pods += [p.name for p in split[target.name].outdated]
+    _delete(plan, split[target.name].outdated)
     target.start_time, target.running_since, target.members_since = format_time(now), None, None
     target.phase = Phase.STARTING
     plan.events.append(

@@ -202,7 +202,12 @@ def _container(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int
             "periodSeconds": PROBE_PERIOD_SECONDS,
             "failureThreshold": max(1, -(-startup_budget // PROBE_PERIOD_SECONDS)),
         },
-        "readinessProbe": {"tcpSocket": {"port": "metrics"}, "periodSeconds": PROBE_PERIOD_SECONDS},
+        # Ready = local rank 0 joined the world (all ranks connected) and loaded its shard: the worker's
+        # /ready, not the metrics port, which is open from the start.
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "metrics"},
+            "periodSeconds": PROBE_PERIOD_SECONDS,
+        },
     }
     resources = _resources(spec)
     if resources:

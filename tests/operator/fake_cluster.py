@@ -39,7 +39,10 @@ class FakeCluster:
         if obj["kind"] == "StatefulSet":
             self._sync_statefulset(obj)
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def delete_pod(self, namespace: str, name: str, uid: str | None = None) -> None:
+        current = self.pods.get((namespace, name))
+        if current is not None and uid and current["metadata"].get("uid") != uid:
+            return  # the precondition fails (409): that incarnation is gone already
         pod = self.pods.pop((namespace, name), None)
         if pod is not None:
             self.deleted_pods.append(name)

@@ -8,6 +8,7 @@ from conveyor.spec import Condition, Phase, RestartPolicySpec
 from conveyor_operator.backoff import budget_left, restart_delay
 from conveyor_operator.observe import observe_pod
 from conveyor_operator.phase import conditions, detect_failure, group_phase, job_phase, split_pods
+from conveyor_operator.restarts import account_group
 
 from tests.operator.builders import at, complete, evict, fail, group_pods, inference_spec, job_body
 
@@ -81,13 +82,16 @@ def test_split_sorts_pods_by_generation() -> None:
 def test_detect_each_failure_kind(mutate, running_since, now, reason) -> None:  # type: ignore[no-untyped-def]
     pods = _pods()
     mutate(pods)
+    split = _split(pods)
+    container_failure, _ = account_group(split.live, [])
     failure = detect_failure(
-        _split(pods),
+        split,
         3,
         start_time=at(0),
         running_since=at(running_since) if running_since is not None else None,
         policy=POLICY,
         now=at(now),
+        container_failure=container_failure,
     )
     assert (
         failure is not None

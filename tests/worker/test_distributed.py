@@ -1,18 +1,12 @@
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 from conveyor.distributed import DistributedInitError, init_distributed
+from conveyor.utils import free_port
 
 from tests.conftest import subprocess_env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_missing_variables_are_named():
@@ -47,7 +41,7 @@ _CHILD = textwrap.dedent(
 
 @pytest.mark.integration
 def test_two_ranks_rendezvous_and_reduce():
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _CHILD.format(timeout=60)],
@@ -64,7 +58,7 @@ def test_two_ranks_rendezvous_and_reduce():
 
 @pytest.mark.integration
 def test_missing_peer_times_out_instead_of_hanging():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD.format(timeout=3)],
         env=subprocess_env(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),

@@ -74,6 +74,8 @@ def init_distributed(
     dev = pick_device(device, local_rank)
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), dev)
+    from conveyor import metrics  # the rank's readiness (/ready on the metrics port)
+
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if timeout_seconds is None:
         timeout_seconds = float(env.get("CONVEYOR_DIST_TIMEOUT", DEFAULT_TIMEOUT_SECONDS))
@@ -95,6 +97,7 @@ def init_distributed(
             f"rank {rank}/{world} could not join the process group at {where} within {timeout_seconds:.0f}s "
             f"({type(err).__name__}: {err}); check that every rank started and MASTER_ADDR resolves"
         ) from err
+    metrics.READINESS.joined()
     return DistInfo(rank, world, local_rank, backend, dev)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -21,14 +20,9 @@ from conveyor.env import pod_environ
 from conveyor.log import configure, get_logger
 from conveyor.spec import Mode, PipelineJob, PipelineJobSpec, SpecError, load_job
 from conveyor.supervise import Child, run_group
+from conveyor.utils import free_port
 
 log = get_logger("conveyor.run")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def resolve_paths(spec: PipelineJobSpec, base: Path) -> PipelineJobSpec:
@@ -78,7 +72,7 @@ def plan_pods(job: PipelineJob, spec: PipelineJobSpec, restart: int, workdir: Pa
     p = spec.parallelism
     train = spec.mode == Mode.TRAIN
     # Training replicas share one world; inference replicas are independent worlds (one port each).
-    ports = [_free_port()] * p.replicas if train else [_free_port() for _ in range(p.replicas)]
+    ports = [free_port()] * p.replicas if train else [free_port() for _ in range(p.replicas)]
     checkpoint_dir = spec.checkpoint.path if spec.checkpoint else None
     metrics_base = int(os.environ.get("CONVEYOR_METRICS_PORT", "0"))
     children = []

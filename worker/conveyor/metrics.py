@@ -1,12 +1,20 @@
-"""Worker metrics (Prometheus, prefix ``conveyor_``), names as in docs/design.md.
+"""Worker metrics (Prometheus, prefix ``conveyor_``), names as in docs/design.md, and readiness.
 
 Every worker process serves them on ``metrics_port + local_rank`` (one port per process, so T ranks in a
-pod never collide); ``conveyor run`` offsets ports per pod the same way.
+pod never collide); ``conveyor run`` offsets ports per pod the same way. The same server answers
+``/ready``: 503 until the rank can do its work (it joined its process group and, in a mode that loads a
+model, loaded its shard), 200 after; the pod's readiness probe asks local rank 0's. The port is open long
+before that (a model takes minutes to load), which is why a TCP probe cannot tell.
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -51,15 +59,70 @@ LAST_CHECKPOINT_TIME = Gauge(
 )
 
 
-def serve(port: int, registry: CollectorRegistry = REGISTRY) -> bool:
-    """Start the /metrics endpoint; a taken port is logged, never fatal (metrics must not kill a job)."""
+class Readiness:
+    """Whether this rank can do its work: it joined its process group (``joined``, set by
+    ``conveyor.distributed.init_distributed``) and, when the mode loads a model (``expect_model``), loaded
+    its shard (``loaded``). Joining returns only once every rank of the world has connected."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._joined = self._needs_model = self._loaded = False
+
+    def expect_model(self) -> None:
+        with self._lock:
+            self._needs_model = True
+
+    def joined(self) -> None:
+        with self._lock:
+            self._joined = True
+
+    def loaded(self) -> None:
+        with self._lock:
+            self._loaded = True
+
+    def is_ready(self) -> bool:
+        with self._lock:
+            return self._joined and (self._loaded or not self._needs_model)
+
+
+READINESS = Readiness()
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        pass  # probes every few seconds would flood the JSON log
+
+
+def _app(registry: CollectorRegistry, readiness: Readiness) -> Any:
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == "/ready":
+            ok = readiness.is_ready()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ready\n" if ok else b"not ready\n"]
+        return metrics_app(environ, start_response)
+
+    return app
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY, readiness: Readiness = READINESS) -> bool:
+    """Start the /metrics and /ready endpoints in a daemon thread; a taken port is logged, never fatal
+    (metrics must not kill a job)."""
     if port <= 0:
         return False
     try:
-        start_http_server(port, registry=registry)
+        server = make_server(
+            "", port, _app(registry, readiness), _ThreadingServer, handler_class=_QuietHandler
+        )
     except OSError as err:
         from conveyor.log import get_logger
 
         get_logger(__name__).warning("metrics endpoint not started", extra={"port": port, "error": str(err)})
         return False
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     return True

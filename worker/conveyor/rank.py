@@ -58,6 +58,8 @@ def main(argv: list[str]) -> int:
     rank = pod.global_rank(local_rank)
     configure(job=pod.job, replica=pod.replica, stage=pod.stage, rank=rank)
     port = int(os.environ.get("CONVEYOR_METRICS_PORT", pod.spec.metrics_port))
+    if pod.mode == Mode.INFERENCE:
+        metrics.READINESS.expect_model()  # ready once the shard is loaded, not at the rendezvous
     metrics.serve(port + local_rank if port else 0)
     log.info("rank starting", extra={"local_rank": local_rank, "world_size": pod.world_size})
     if pod.mode == Mode.INFERENCE:

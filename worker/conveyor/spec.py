@@ -374,6 +374,19 @@ class GroupFailure(_Status):
     )
 
 
+class ContainerRestarts(_Status):
+    """How far the operator has accounted one pod's in-place container restarts (its watermark)."""
+
+    pod: str = Field(description="The pod's name.")
+    uid: str = Field("", description="The pod's uid: a pod recreated under the same name starts from 0.")
+    terminations: int = Field(
+        0, ge=0, description="Worker container exits already accounted (restartCount, +1 while terminated)."
+    )
+    completed: bool = Field(
+        False, description="The worker reported completion: later exits are a finished worker's re-exits."
+    )
+
+
 class GroupStatus(_Status):
     """One restart unit: a replica's group (inference, serve) or the whole job (train)."""
 
@@ -392,6 +405,10 @@ class GroupStatus(_Status):
     )
     failure: GroupFailure | None = Field(None, description="A failure waiting for its backoff to end.")
     resumed_from: CheckpointRef | None = Field(None, description="Checkpoint the last restart resumed from.")
+    container_restarts: list[ContainerRestarts] = Field(
+        default_factory=list,
+        description="Pods of the current generation whose worker exited in place, and how far each is accounted.",
+    )
 
 
 class ResolvedSpec(_Status):

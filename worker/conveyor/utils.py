@@ -1,9 +1,18 @@
-"""Small helpers that DeepSpeed scripts import from ``deepspeed.utils``."""
+"""Small helpers: those that DeepSpeed scripts import from ``deepspeed.utils``, and ``free_port``."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a local rendezvous (MASTER_PORT) or server. Another process
+    may take it before it is bound again: use it at once, for local runs and tests."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 class RepeatingLoader:

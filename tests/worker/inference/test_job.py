@@ -13,9 +13,10 @@ import pytest
 from conveyor.env import PodEnv, pod_environ
 from conveyor.spec import parse_spec
 from conveyor.testing.tiny import save_tiny
+from conveyor.utils import free_port
 
 from tests.conftest import subprocess_env
-from tests.worker.inference.launch import free_port, wait_ranks
+from tests.worker.inference.launch import wait_ranks
 
 pytestmark = pytest.mark.integration
 

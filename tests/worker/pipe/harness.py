@@ -7,16 +7,11 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conveyor.utils import free_port
 
 
 def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:

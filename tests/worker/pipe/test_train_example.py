@@ -9,9 +9,9 @@ import sys
 
 import pytest
 from conveyor.spec import load_job, spec_to_json
+from conveyor.utils import free_port
 
 from tests.conftest import ROOT, subprocess_env
-from tests.worker.pipe.harness import free_port
 
 EXAMPLE = ROOT / "deploy" / "examples" / "train-tiny-transformer.yaml"
 

@@ -9,17 +9,12 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from conveyor.utils import free_port
 
 
 def generate_main(args: argparse.Namespace) -> int:
@@ -38,7 +33,7 @@ def generate_main(args: argparse.Namespace) -> int:
         return 2
     world = args.stages * args.tensor_parallel
     config = {k: getattr(args, k) for k in vars(args) if k not in ("func",)}
-    port = _free_port()
+    port = free_port()
     procs = []
     print(
         f"conveyor generate: starting {world} ranks ({args.stages} stages x {args.tensor_parallel} tp)",

@@ -167,6 +167,7 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         max_len=max_len,
         quantization=inf.quantization,
     )
+    metrics.READINESS.loaded()  # the pod's readiness probe (/ready) turns 200
     params = sampling_params(spec, arch.eos_token_ids)
     every = spec.checkpoint.every if spec.checkpoint else 1
     total, done_before = len(todo) + state[0]["completed"], state[0]["completed"]
