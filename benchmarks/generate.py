@@ -165,7 +165,7 @@ def rank_worker(cfg: dict[str, Any]) -> None:
         dtype=dtype,
         device=info.device,
         lanes=max(batches) + cfg["stages"],
-        max_len=max(plen + new, cfg.get("ttft_len", 0) + 1),
+        max_len=plen + new,
     )
     results: dict[str, Any] = {}
     waited = [0.0]
@@ -208,6 +208,9 @@ def rank_worker(cfg: dict[str, Any]) -> None:
             "stage0_wait_fraction": waited[0] / (prefill + decode),
         }
     if cfg.get("ttft_len"):
+        # A cache of its own: decode reads up to the longest sequence only, but a separate allocation
+        # keeps the decode rows above independent of this prompt's length.
+        model.setup_cache(1, cfg["ttft_len"] + 1, dtype, info.device)
         times = []
         for _ in range(3):
             req = Request("ttft", prompts(1, cfg["ttft_len"], model.arch.vocab_size)[0], 1)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch._dynamo
+import torch._inductor.config
 
 from conveyor.inference.model import StageModel
 
@@ -40,8 +41,8 @@ class _Captured:
 
 
 class GraphedDecode:
-    """Call like the model: ``(inputs, positions, lane_start) -> output``; the output of a replayed step
-    is a static buffer, valid until the next call with the same shape."""
+    """Call like the model: ``(inputs, positions, lane_start, kv_len) -> output``; the output of a replayed
+    step is a static buffer, valid until the next call with the same shape."""
 
     def __init__(self, model: StageModel, enabled: bool | None = None, compile: bool | None = None):
         self.model = model
@@ -49,53 +50,65 @@ class GraphedDecode:
             _flag("CONVEYOR_CUDA_GRAPHS") if enabled is None else enabled
         ) and torch.cuda.is_available()
         self.compile = self.enabled and (_flag("CONVEYOR_TORCH_COMPILE") if compile is None else compile)
-        self._graphs: dict[tuple[int, tuple[int, ...], torch.dtype], _Captured] = {}
+        self._graphs: dict[tuple[int, int, tuple[int, ...], torch.dtype], _Captured] = {}
         self._pool: Any = None  # one memory pool shared by every graph of this stage
         self._forward: Any = model
         if self.compile:
-            # Each (lane range, shape) is its own compiled graph (lane_start is a constant in it); the
-            # default limit of 8 would silently fall back to eager past 8 micro-batches.
+            # Shapes are marked static (the batch of a micro-batch never changes); an int that changes
+            # between calls (kv_len as sequences grow, lane_start across micro-batches) is recompiled
+            # once as a symbol (automatic dynamic shapes), so a long generation compiles twice, not once
+            # per KV block. The default limit of 8 would silently fall back to eager.
+            # Round where eager rounds (bf16 after each op), so compiled decode gives eager's tokens;
+            # the kernels are memory-bound, the extra conversions cost nothing measurable.
+            torch._inductor.config.emulate_precision_casts = True
             dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
             dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
-            self._forward = torch.compile(model.forward, dynamic=False)
+            self._forward = torch.compile(model.forward)
 
-    def __call__(self, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int) -> torch.Tensor:
+    def __call__(
+        self, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int, kv_len: int
+    ) -> torch.Tensor:
         if not self.enabled or inputs.device.type != "cuda" or positions.shape[1] != 1:
-            return self.model(inputs, positions, lane_start)
-        key = (lane_start, tuple(inputs.shape), inputs.dtype)
+            return self.model(inputs, positions, lane_start, kv_len=kv_len)
+        key = (lane_start, kv_len, tuple(inputs.shape), inputs.dtype)
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._graphs[key] = self._capture(inputs, positions, lane_start)
+            captured = self._graphs[key] = self._capture(inputs, positions, lane_start, kv_len)
         captured.inputs.copy_(inputs)
         captured.positions.copy_(positions)
         captured.graph.replay()
         return captured.output
 
-    def _capture(self, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int) -> _Captured:
+    def _capture(
+        self, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int, kv_len: int
+    ) -> _Captured:
         static_inputs, static_positions = inputs.clone(), positions.clone()
+        for t in (static_inputs, static_positions):
+            torch._dynamo.mark_static(t)
+        args = (static_inputs, static_positions, lane_start, False, kv_len)
         forward = self._forward
         try:
-            self._warm_up(forward, static_inputs, static_positions, lane_start)
+            self._warm_up(forward, args)
         except Exception as e:  # a model or build inductor cannot compile still runs, uncompiled
             if forward is self.model:
                 raise
             log.warning("torch.compile failed (%s: %s); the decode step runs uncompiled", type(e).__name__, e)
             self._forward = forward = self.model
-            self._warm_up(forward, static_inputs, static_positions, lane_start)
+            self._warm_up(forward, args)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            output = forward(static_inputs, static_positions, lane_start)
+            output = forward(*args)
         self._pool = graph.pool()
         return _Captured(static_inputs, static_positions, output, graph)
 
     @staticmethod
-    def _warm_up(forward: Any, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int) -> None:
+    def _warm_up(forward: Any, args: tuple[Any, ...]) -> None:
         # Warm up on a side stream (compilation, allocator, cuBLAS handles, NCCL) before capture, as CUDA
         # graphs need. Re-running a decode step writes the same K/V at the same positions: idempotent.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                forward(inputs, positions, lane_start)
+                forward(*args)
         torch.cuda.current_stream().wait_stream(side)

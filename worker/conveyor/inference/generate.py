@@ -35,6 +35,10 @@ from conveyor.inference.p2p import Channel
 from conveyor.inference.sampling import SamplingParams, sample, sequence_key
 
 PREFILL, DECODE, STOP = 1, 2, 0
+HEADER = 5  # kind, lane_start, n, S, kv_len
+# Decode reads the keys of [0, kv_len), kv_len the longest sequence's length rounded up to a block: each
+# block size is one CUDA graph (and, past the first, no new compile: its length is symbolic).
+KV_BLOCK = 64
 
 
 @dataclass
@@ -116,30 +120,31 @@ class StageWorker:
         keys: list[int],
         steps: list[int],
         tokens: torch.Tensor | None = None,
+        kv_len: int = 0,
     ) -> torch.Tensor:
-        """meta [4 + n*S + n + n (+ n*S)]: kind, lane_start, n, S, positions, keys, steps (, tokens).
+        """meta [5 + n*S + n + n (+ n*S)]: kind, lane_start, n, S, kv_len, positions, keys, steps (, tokens).
 
         Prefill items carry their prompt tokens (the last stage needs them for the repetition penalty);
         decode items do not: stage 0 feeds each lane the token sampled last, which stays on the device."""
         n, s = positions.shape
-        head = torch.tensor([kind, lane_start, n, s, *keys, *steps], dtype=torch.int64)
-        parts = [head[:4], positions.flatten().cpu(), head[4:]]
+        head = torch.tensor([kind, lane_start, n, s, kv_len, *keys, *steps], dtype=torch.int64)
+        parts = [head[:HEADER], positions.flatten().cpu(), head[HEADER:]]
         if tokens is not None:
             parts.append(tokens.flatten().cpu())
         return torch.cat(parts)
 
     @staticmethod
-    def header(meta: torch.Tensor) -> tuple[int, int, int, int]:
-        """kind, lane_start, n, S (host ints: on a device meta this waits for it)."""
-        kind, lane_start, n, s = meta[:4].tolist()
-        return kind, lane_start, n, s
+    def header(meta: torch.Tensor) -> tuple[int, int, int, int, int]:
+        """kind, lane_start, n, S, kv_len (host ints: on a device meta this waits for it)."""
+        kind, lane_start, n, s, kv_len = meta[:HEADER].tolist()
+        return kind, lane_start, n, s, kv_len
 
     @staticmethod
     def fields(
         meta: torch.Tensor, n: int, s: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """positions [n, S], keys [n], steps [n], tokens [n, S] or None (views of ``meta``)."""
-        rest = meta[4:]
+        rest = meta[HEADER:]
         positions = rest[: n * s].view(n, s)
         keys, steps = rest[n * s : n * s + n], rest[n * s + n : n * s + 2 * n]
         tokens = rest[n * s + 2 * n :]
@@ -159,7 +164,7 @@ class StageWorker:
 
         Stage 0 passes the decode item's input ``tokens`` [n, 1] (on the device); a prefill item's come
         from the meta."""
-        kind, lane_start, n, s = self.header(meta)  # stage 0's meta is on the host: no wait
+        kind, lane_start, n, s, kv_len = self.header(meta)  # stage 0's meta is on the host: no wait
         positions, keys, steps, prompt = self.fields(self.to_device(meta), n, s)
         if kind == PREFILL:
             tokens = prompt
@@ -168,7 +173,7 @@ class StageWorker:
         if kind == PREFILL:
             out = self.model(inputs, positions, lane_start, prefill=True)
         else:
-            out = self.forward(inputs, positions, lane_start)
+            out = self.forward(inputs, positions, lane_start, kv_len)
         if not self.peers.is_last:
             # why clone: a replayed graph's output is overwritten by the next step while a send may read it
             return out.clone() if kind == DECODE else out
@@ -370,15 +375,17 @@ class Scheduler:
         if not active:
             return None
         positions = torch.full((self.b, 1), self.max_len, dtype=torch.int64)  # idle lanes: scratch slot
-        keys, steps = [0] * self.b, [0] * self.b
+        keys, steps, longest = [0] * self.b, [0] * self.b, 0
         for i in active:
             lane, j = self.lanes[i], i - start
             assert lane.request is not None
             # the token sampled at step k - 1 goes in at position len(prompt) + k - 1
             positions[j, 0] = len(lane.request.prompt_ids) + lane.scheduled - 1
             keys[j], steps[j] = lane.request.key, lane.scheduled
+            longest = max(longest, int(positions[j, 0]) + 1)
             lane.scheduled += 1
-        meta = self.worker.pack(DECODE, start, positions, keys, steps)
+        kv_len = min(-(-longest // KV_BLOCK) * KV_BLOCK, self.max_len + 1)
+        meta = self.worker.pack(DECODE, start, positions, keys, steps, kv_len=kv_len)
         self._submit(meta, self.next_token[start : start + self.b, None])
         return _Item(DECODE, start, [(i, self.lanes[i].request) for i in active])  # type: ignore[misc]
 
@@ -441,7 +448,7 @@ class Scheduler:
                 break
         p = self.worker.peers
         if p.next_rank is not None:
-            stop = torch.tensor([STOP, 0, 0, 0], dtype=torch.int64)
+            stop = torch.zeros(HEADER, dtype=torch.int64)  # kind STOP
             self.worker.channel.send([stop, torch.zeros(1)], p.next_rank)
         self.worker.channel.flush()
 

@@ -84,34 +84,36 @@ class Step:
     positions: torch.Tensor  # [n, S]
     lanes: torch.Tensor  # [n, 1] cache lane of each sequence (absolute)
     lane_start: int
-    mask: torch.Tensor | None  # [n, 1, S, L] key visible to query; None for a causal prefill from 0
+    kv_len: int  # cache slots read: [0, kv_len)
+    mask: torch.Tensor | None  # [n, 1, S, kv_len] key visible to query; None for a causal prefill from 0
     rope: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):  # type: ignore[no-untyped-def]
     """q [n, heads, S, D], k/v [n, kv_heads, L, D], mask [n, 1, S, L] -> [n, heads, S, D].
 
-    For decode, where each query row meets a few MB of keys: a fused attention kernel with an explicit
-    mask measured 7 us a layer at batch 1 and 80 us at batch 64 on an H200, and cuBLAS's batched GEMV
-    for q.k and p.v 45 us at batch 64, against 6 us to read the keys once. Under torch.compile the
+    For decode, where each query row meets a few MB of keys. A fused attention kernel with an explicit
+    mask measured 7 us a layer at batch 1 and 80 us at batch 64 on an H200, cuBLAS's batched GEMV for
+    q.k and p.v 45 us at batch 64, against 6 us to read the keys once. So under torch.compile the
     products are written as broadcast-multiply-sum, which inductor turns into reductions that read K
-    and V once (fp32 accumulation); eager runs keep the matmuls (the broadcast would be materialised).
-    The heads sharing a KV head (GQA) are folded into the query rows, so K and V are never repeated."""
+    and V once; eager runs (CPU, graphs off) use SDPA, where the broadcast would be materialised.
+    Rounding follows flash attention's: q.k and the softmax in fp32, p rounded to the value dtype, p.v
+    accumulated in fp32. The heads sharing a KV head (GQA) are folded into the query rows, so K and V
+    are never repeated."""
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
     n, heads, s, d = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = heads // kv_heads
     qg = q.reshape(n, kv_heads, group * s, d)  # HF's repeat_kv order: the heads of one KV head are adjacent
-    fused = torch.compiler.is_compiling()
-    if fused:  # [n, kv, group*S, 1, D] * [n, kv, 1, L, D] summed over D
-        scores = (qg[:, :, :, None, :].float() * k[:, :, None, :, :].float()).sum(-1) * scale
-    else:
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [n, kv_heads, group * S, L]
+    # [n, kv, group*S, 1, D] * [n, kv, 1, L, D] summed over D -> scores [n, kv, group*S, L]
+    scores = (qg[:, :, :, None, :].float() * k[:, :, None, :, :].float()).sum(-1) * scale
     scores = scores.view(n, kv_heads, group, s, length).masked_fill(~mask[:, :, None], float("-inf"))
-    probs = scores.softmax(dim=-1).view(n, kv_heads, group * s, length)
-    if fused:  # [n, kv, group*S, L, 1] * [n, kv, 1, L, D] summed over L
-        y = (probs[..., None] * v[:, :, None, :, :].float()).sum(-2).to(v.dtype)
-    else:
-        y = torch.matmul(probs.to(v.dtype), v)
+    probs = scores.softmax(dim=-1).to(v.dtype).view(n, kv_heads, group * s, length)
+    # [n, kv, group*S, L, 1] * [n, kv, 1, L, D] summed over L
+    y = (probs[..., None].float() * v[:, :, None, :, :].float()).sum(-2).to(v.dtype)
     return y.view(n, heads, s, d)
 
 
@@ -142,8 +144,9 @@ class Attention(nn.Module):
             k_layer[step.lanes, :, step.positions] = k.transpose(1, 2)  # indexed: [n, S, kv_heads, head_dim]
             v_layer[step.lanes, :, step.positions] = v.transpose(1, 2)
             if step.mask is not None:
-                k = k_layer[step.lane_start : step.lane_start + n]  # [n, kv_heads, L, head_dim]
-                v = v_layer[step.lane_start : step.lane_start + n]
+                lanes = slice(step.lane_start, step.lane_start + n)
+                k = k_layer[lanes, :, : step.kv_len]  # [n, kv_heads, kv_len, head_dim]
+                v = v_layer[lanes, :, : step.kv_len]
         if step.mask is None:  # prefill from position 0: only this pass's keys, causal (flash attention)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=scale, enable_gqa=gqa)
         elif s == 1:
@@ -254,23 +257,31 @@ class StageModel(nn.Module):
         return x
 
     def forward(
-        self, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int = 0, prefill: bool = False
+        self,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        lane_start: int = 0,
+        prefill: bool = False,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """inputs: tokens [n, S] (first stage) or hidden [n, S, hidden]; positions: [n, S] per token.
 
         Uses cache lanes [lane_start, lane_start + n). ``prefill``: every lane's positions are 0..S-1 (a
-        whole prompt into empty lanes), so attention needs no cache reads and no mask. Returns hidden
-        [n, S, hidden], or on the last stage float32 logits of each lane's last token [n, vocab].
+        whole prompt into empty lanes), so attention needs no cache reads and no mask. ``kv_len``: the
+        cache slots attention reads, more than every position (default: all); decode reads as many
+        keys as the longest sequence has, not the cache's length. Returns hidden [n, S, hidden], or on
+        the last stage float32 logits of each lane's last token [n, vocab].
         """
         assert self.cache is not None, "call setup_cache() first"
         x = self._embed(inputs, positions) if self.first else inputs
         n, s = positions.shape
         self.cache.check_lanes(lane_start, n)
+        kv_len = self.cache.length if kv_len is None else kv_len
         window = self.arch.sliding_window
         mask = None
         if not prefill or (window is not None and s > window):
-            # mask [n, 1, S, L]: a token sees cache slots at or before its position (and inside the window)
-            key_pos = self.key_positions[None, None, None, :]
+            # mask [n, 1, S, kv_len]: a token sees cache slots at or before its position (and in the window)
+            key_pos = self.key_positions[None, None, None, :kv_len]
             query_pos = positions[:, None, :, None]
             mask = key_pos <= query_pos
             if window is not None:
@@ -281,7 +292,7 @@ class StageModel(nn.Module):
             sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
             rope = (cos, sin)
         lanes = (torch.arange(n, device=positions.device) + lane_start)[:, None]  # [n, 1]
-        step = Step(positions, lanes, lane_start, mask, rope)
+        step = Step(positions, lanes, lane_start, kv_len, mask, rope)
         for i, layer in enumerate(self.layers):
             x = layer(x, step, self.cache.layer(i))
         if not self.last:
@@ -301,7 +312,7 @@ class StageModel(nn.Module):
         positions = torch.arange(s, device=tokens.device).expand(n, s)
         x = self._embed(tokens, positions)
         mask = attention_mask.bool()[:, None, None, :]  # [n, 1, 1, S]: padding keys hidden
-        step = Step(positions, positions[:, :1], 0, mask, None)
+        step = Step(positions, positions[:, :1], 0, s, mask, None)
         for layer in self.layers:
             x = layer(x, step, None)
         return x
