@@ -1,37 +1,29 @@
-"""On a GPU: bf16 greedy tokens of the pipelined generator, with CUDA-graph decode, equal HF `generate`."""
+"""On a GPU: bf16 greedy tokens of the pipelined generator equal HF `generate`.
+
+Eager decode (CUDA graphs of the eager kernels) must give HF's tokens exactly. The compiled decode step
+(inductor's fused kernels, fused decode attention) rounds differently from HF's eager kernels, so on a
+random-weight model it may pick the other token where HF's two best logits are within bf16 noise: it must
+give HF's tokens up to a first divergence, and there HF's own logits must show a near-tie (the check
+vLLM uses against HF). A wrong kernel diverges early and by a wide margin.
+"""
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.gpu
+PROMPTS = [[5, 9, 13, 2, 7], [11, 4], [3, 8, 8, 21, 30, 31, 6]]
+NEW = 12
+# HF's logit of its own token minus its logit of ours, over its largest |logit|: bf16 keeps 8 bits, and
+# the residual stream of a random-weight model adds many rounded terms.
+NEAR_TIE = 0.03
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_bf16_greedy_matches_hf_on_one_gpu(tmp_path, family):
+def run_ours(model_dir, device):  # type: ignore[no-untyped-def]
     from conveyor.inference.families import load_arch
     from conveyor.inference.generate import PipelinePeers, Request, SchedulerHooks, run_generation
     from conveyor.inference.loader import Shard, load_stage
     from conveyor.inference.sampling import SamplingParams
-    from conveyor.testing.tiny import save_tiny
-
-    model_dir = save_tiny(family, tmp_path / family)
-    device = torch.device("cuda")
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
-    prompts = [[5, 9, 13, 2, 7], [11, 4], [3, 8, 8, 21, 30, 31, 6]]
-    new = 12
-    expected = []
-    for p in prompts:
-        out = hf.generate(
-            torch.tensor([p], device=device),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        expected.append(out[0, len(p) :].tolist())
+    from conveyor.topology import Layout, Topology
 
     arch = load_arch(str(model_dir))
     stage = load_stage(
@@ -39,18 +31,50 @@ def test_bf16_greedy_matches_hf_on_one_gpu(tmp_path, family):
     )
     stage.setup_cache(4, 64, torch.bfloat16, device)
     got: dict[int, list[int]] = {}
-    hooks = SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r.output_ids))
-    from conveyor.topology import Layout, Topology
-
     peers = PipelinePeers.from_topology(Topology(Layout(), rank=0, world_size=1))
     run_generation(
         stage,
         peers,
         SamplingParams(),
-        [Request(i, p, new) for i, p in enumerate(prompts)],
+        [Request(i, p, NEW) for i, p in enumerate(PROMPTS)],
         micro_batches=1,
         lanes_per_micro_batch=3,
         device=device,
-        hooks=hooks,
+        hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r.output_ids)),
     )
-    assert [got[i] for i in range(len(prompts))] == expected
+    return [got[i] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_bf16_greedy_matches_hf_on_one_gpu(tmp_path, monkeypatch, family, compiled):  # type: ignore[no-untyped-def]
+    from conveyor.testing.tiny import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("CONVEYOR_TORCH_COMPILE", "1" if compiled else "0")
+    model_dir = save_tiny(family, tmp_path / family)
+    device = torch.device("cuda")
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    expected = []
+    for p in PROMPTS:
+        out = hf.generate(
+            torch.tensor([p], device=device),
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        expected.append(out[0, len(p) :].tolist())
+    got = run_ours(model_dir, device)
+    if not compiled:
+        assert got == expected
+        return
+    for prompt, want, ours in zip(PROMPTS, expected, got, strict=True):
+        if ours == want:
+            continue
+        i = next(j for j, (a, b) in enumerate(zip(want, ours, strict=True)) if a != b)
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + want[:i]], device=device)).logits[0, -1].float()
+        margin = (logits[want[i]] - logits[ours[i]]).item() / logits.abs().max().item()
+        assert margin <= NEAR_TIE, f"token {i}: HF {want[i]}, ours {ours[i]}, relative margin {margin:.4f}"
