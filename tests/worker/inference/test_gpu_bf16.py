@@ -1,10 +1,11 @@
 """On a GPU: bf16 greedy tokens of the pipelined generator equal HF `generate`.
 
-Eager decode (CUDA graphs of the eager kernels) must give HF's tokens exactly. The compiled decode step
-(inductor's fused kernels, fused decode attention) rounds differently from HF's eager kernels, so on a
-random-weight model it may pick the other token where HF's two best logits are within bf16 noise: it must
-give HF's tokens up to a first divergence, and there HF's own logits must show a near-tie (the check
-vLLM uses against HF). A wrong kernel diverges early and by a wide margin.
+Both decode paths: compiled (inductor's fused kernels, fused decode attention) and eager (CUDA graphs of
+the eager kernels; flash attention for the prompt, SDPA over the live keys). Neither runs HF's kernels,
+so each rounds differently, and on a random-weight model either may pick the other token where HF's two
+best logits lie within bf16 noise (seen on an H200, 2026-11-23: GPT-2, both paths, token 7 of 12). So
+each must give HF's tokens up to a first divergence, and there HF's own logits must show a near-tie:
+the check vLLM makes against HF. A wrong kernel diverges early and by a wide margin.
 """
 
 import pytest
@@ -67,9 +68,6 @@ def test_bf16_greedy_matches_hf_on_one_gpu(tmp_path, monkeypatch, family, compil
         )
         expected.append(out[0, len(p) :].tolist())
     got = run_ours(model_dir, device)
-    if not compiled:
-        assert got == expected
-        return
     for prompt, want, ours in zip(PROMPTS, expected, got, strict=True):
         if ours == want:
             continue
