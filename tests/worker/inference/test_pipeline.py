@@ -161,3 +161,40 @@ def test_stop_strings_cut_text_and_bf16_runs(tmp_path: Path) -> None:
     assert stopped.output_ids == full.output_ids[: k + 1]  # the tokens are kept, up to the stop string
     assert stop not in stopped.text and full.text.startswith(stopped.text)
     assert len(run((), torch.bfloat16)[0].output_ids) == 12
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_sequences_leave_at_stop_tokens_and_others_join_their_lanes(
+    tmp_path: Path, micro_batches: int
+) -> None:
+    """The host reads tokens one step late, so a sequence that stops runs one extra step: that step's
+    token must be dropped, and a sequence admitted into the freed lane must be unaffected by it."""
+    d = save_tiny("llama", tmp_path / "m")
+    model, peers = prepare_rank(
+        str(d), Topology(Layout()), dtype=torch.float32, device=torch.device("cpu"), lanes=2, max_len=40
+    )
+
+    def run(prompts: list[list[int]], stop: tuple[int, ...]) -> dict:
+        got: dict = {}
+        run_generation(
+            model,
+            peers,
+            SamplingParams(stop_token_ids=stop),
+            [Request(i, p, 10) for i, p in enumerate(prompts)],
+            micro_batches=micro_batches,
+            lanes_per_micro_batch=2 // micro_batches,
+            device=torch.device("cpu"),
+            hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r)),
+        )
+        return got
+
+    solo = [run([p], ())[0].output_ids for p in PROMPTS]
+    # Stop at the third token of the first prompt's output: it leaves early, the others may or may not.
+    stop = solo[0][2]
+    want = [o[: o.index(stop) + 1] if stop in o else o for o in solo]
+    got = run(PROMPTS, (stop,))
+    assert [got[i].output_ids for i in range(len(PROMPTS))] == want
+    assert [got[i].finish_reason for i in range(len(PROMPTS))] == [
+        "stop" if stop in o else "length" for o in solo
+    ]
+    assert got[0].finish_reason == "stop" and len(got[0].output_ids) <= 3
