@@ -4,7 +4,8 @@ sends the tokens back to the first.
 Every rank of a replica group runs ``run_generation``. Stage 0 schedules (``Scheduler``); the other
 stages follow the work items it sends (``follow``), so the schedule lives in one place. Work items:
 
-* prefill: one sequence's prompt [1, S] into its lane (the sequence joins);
+* prefill: the prompts of the sequences joining in a turn [k, S] into their lanes (padded on the right
+  to the longest, the padding at the scratch position);
 * decode: one token for every lane of a micro-batch [b, 1] (static shape; idle lanes write to the
   cache's scratch slot and their token is ignored);
 * stop: the end.
@@ -39,6 +40,8 @@ HEADER = 5  # kind, lane_start, n, S, kv_len
 # Decode reads the keys of [0, kv_len), kv_len the longest sequence's length rounded up to a block: each
 # block size is one CUDA graph (and, past the first, no new compile: its length is symbolic).
 KV_BLOCK = 64
+# Prompts admitted in one turn are prefilled together, up to this many (padded) tokens per item.
+PREFILL_TOKENS = 8192
 
 
 @dataclass
@@ -121,13 +124,18 @@ class StageWorker:
         steps: list[int],
         tokens: torch.Tensor | None = None,
         kv_len: int = 0,
+        lanes: list[int] | None = None,
     ) -> torch.Tensor:
-        """meta [5 + n*S + n + n (+ n*S)]: kind, lane_start, n, S, kv_len, positions, keys, steps (, tokens).
+        """meta [5 + n*S + 3n (+ n*S)]: kind, lane_start, n, S, kv_len, positions, keys, steps, lanes
+        (, tokens).
 
-        Prefill items carry their prompt tokens (the last stage needs them for the repetition penalty);
-        decode items do not: stage 0 feeds each lane the token sampled last, which stays on the device."""
+        A decode item's lanes are [lane_start, lane_start + n); a prefill item's are listed in ``lanes``
+        (the free lanes of a micro-batch need not be contiguous). Prefill items carry their prompt
+        tokens (the last stage needs them for the repetition penalty); decode items do not: stage 0
+        feeds each lane the token sampled last, which stays on the device."""
         n, s = positions.shape
-        head = torch.tensor([kind, lane_start, n, s, kv_len, *keys, *steps], dtype=torch.int64)
+        lanes = lanes if lanes is not None else list(range(lane_start, lane_start + n))
+        head = torch.tensor([kind, lane_start, n, s, kv_len, *keys, *steps, *lanes], dtype=torch.int64)
         parts = [head[:HEADER], positions.flatten().cpu(), head[HEADER:]]
         if tokens is not None:
             parts.append(tokens.flatten().cpu())
@@ -142,13 +150,13 @@ class StageWorker:
     @staticmethod
     def fields(
         meta: torch.Tensor, n: int, s: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """positions [n, S], keys [n], steps [n], tokens [n, S] or None (views of ``meta``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """positions [n, S], keys [n], steps [n], lanes [n], tokens [n, S] or None (views of ``meta``)."""
         rest = meta[HEADER:]
         positions = rest[: n * s].view(n, s)
-        keys, steps = rest[n * s : n * s + n], rest[n * s + n : n * s + 2 * n]
-        tokens = rest[n * s + 2 * n :]
-        return positions, keys, steps, (tokens.view(n, s) if tokens.numel() else None)
+        keys, steps, lanes = (rest[n * s + i * n : n * s + (i + 1) * n] for i in range(3))
+        tokens = rest[n * s + 3 * n :]
+        return positions, keys, steps, lanes, (tokens.view(n, s) if tokens.numel() else None)
 
     def to_device(self, meta: torch.Tensor) -> torch.Tensor:
         """One host-to-device copy of an item's metadata; pinned, so the host does not wait for the GPU."""
@@ -165,13 +173,13 @@ class StageWorker:
         Stage 0 passes the decode item's input ``tokens`` [n, 1] (on the device); a prefill item's come
         from the meta."""
         kind, lane_start, n, s, kv_len = self.header(meta)  # stage 0's meta is on the host: no wait
-        positions, keys, steps, prompt = self.fields(self.to_device(meta), n, s)
+        positions, keys, steps, lanes, prompt = self.fields(self.to_device(meta), n, s)
         if kind == PREFILL:
             tokens = prompt
         inputs = tokens if self.peers.is_first else hidden
         assert inputs is not None, "stage 0 needs tokens, a later stage the previous stage's hidden state"
         if kind == PREFILL:
-            out = self.model(inputs, positions, lane_start, prefill=True)
+            out = self.model(inputs, positions, prefill=True, lanes=lanes)
         else:
             out = self.forward(inputs, positions, lane_start, kv_len)
         if not self.peers.is_last:
@@ -179,19 +187,24 @@ class StageWorker:
             return out.clone() if kind == DECODE else out
         seen = None
         if self.seen is not None:
-            seen = self.seen[lane_start : lane_start + n]
             if kind == PREFILL:
                 assert prompt is not None
-                seen.zero_()
-                seen.scatter_(1, prompt, True)
+                seen = torch.zeros_like(self.seen[:n])
+                # padding (at the scratch position) counts as the first prompt token, already seen
+                seen.scatter_(1, torch.where(positions != self.scratch, prompt, prompt[:, :1]), True)
+            else:
+                seen = self.seen[lane_start : lane_start + n]
         new = sample(out, self.params, keys, steps, seen)
         if self.peers.tensor_group is not None:
             # why: every tp rank sampled the same logits; rank 0's tokens make that exact, whatever
             # the reduction order did to the last bit, so the ranks' schedules can never diverge.
             dist.broadcast(new, self.peers.tensor_src, group=self.peers.tensor_group)
         if seen is not None:
-            active = positions[:, -1] != self.scratch
+            active = positions[:, 0] != self.scratch
             seen[active] = seen[active].scatter(1, new[active, None], True)
+            if kind == PREFILL:
+                assert self.seen is not None
+                self.seen[lanes] = seen
         return new
 
     def follow(self) -> None:
@@ -354,7 +367,7 @@ class Scheduler:
             Result(req.id, req.prompt_ids, lane.output, reason, text, lane.first_token - lane.started)
         )
 
-    def _prefill(self, index: int, req: Request) -> _Item:
+    def _admit(self, index: int, req: Request) -> None:
         if not req.prompt_ids:
             raise ValueError(f"request {req.id!r} has an empty prompt")
         if len(req.prompt_ids) >= self.max_len:
@@ -363,11 +376,23 @@ class Scheduler:
                 f"KV cache of {self.max_len} positions"
             )
         self.lanes[index] = _Lane(request=req, scheduled=1, started=time.perf_counter())
-        s = len(req.prompt_ids)
-        positions = torch.arange(s, dtype=torch.int64)[None]  # [1, S]
-        tokens = torch.tensor([req.prompt_ids], dtype=torch.int64)
-        self._submit(self.worker.pack(PREFILL, index, positions, [req.key], [0], tokens))
-        return _Item(PREFILL, index, [(index, req)])
+
+    def _prefill(self, joining: list[tuple[int, Request]]) -> _Item:
+        """One item for the prompts of ``joining`` (lane, request), right-padded to the longest: the
+        padding sits at the scratch position, so it writes only the scratch slot, and causal attention
+        keeps it out of every real token's view."""
+        s = max(len(req.prompt_ids) for _, req in joining)
+        positions = torch.full((len(joining), s), self.max_len, dtype=torch.int64)  # [k, S]
+        tokens = torch.zeros(len(joining), s, dtype=torch.int64)
+        for j, (_, req) in enumerate(joining):
+            positions[j, : len(req.prompt_ids)] = torch.arange(len(req.prompt_ids))
+            tokens[j, : len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
+        lanes = [i for i, _ in joining]
+        keys = [req.key for _, req in joining]
+        self._submit(
+            self.worker.pack(PREFILL, lanes[0], positions, keys, [0] * len(joining), tokens, lanes=lanes)
+        )
+        return _Item(PREFILL, lanes[0], joining)
 
     def _decode(self, mb: int) -> _Item | None:
         start = mb * self.b
@@ -394,8 +419,10 @@ class Scheduler:
         lane's newest token lands last), and their copy to the host queued."""
         tokens = self._reply()
         if item.kind == PREFILL:
-            self.next_token[item.lane_start] = tokens[0]
-            self.lanes[item.lane_start].has_token = True
+            lanes = [i for i, _ in item.lanes]
+            self.next_token[torch.tensor(lanes, device=self.next_token.device)] = tokens
+            for i in lanes:
+                self.lanes[i].has_token = True
         else:
             # The whole micro-batch, idle lanes included: an idle lane is free or finished (its token is
             # never read), and a lane admitted this turn gets its first token from its prefill, later.
@@ -406,10 +433,10 @@ class Scheduler:
         """Accept the item's tokens read back on the host; returns how many were taken."""
         assert item.readback is not None
         tokens, now, taken = item.readback.get(), time.perf_counter(), 0
-        for index, req in item.lanes:
+        for j, (index, req) in enumerate(item.lanes):
             if self.lanes[index].request is not req:  # it finished before this (extra) step was read
                 continue
-            self._accept(index, tokens[index - item.lane_start], now)
+            self._accept(index, tokens[j if item.kind == PREFILL else index - item.lane_start], now)
             taken += 1
         return taken
 
@@ -435,14 +462,23 @@ class Scheduler:
                     now = time.perf_counter()
                     self.hooks.on_decode_step(now - last_turn[mb], decoded)
                     last_turn[mb] = now
-                # Admit waiting sequences into free lanes of this micro-batch (they join now).
+                # Admit waiting sequences into free lanes of this micro-batch (they join now), their
+                # prompts prefilled together up to PREFILL_TOKENS padded tokens an item.
+                joining: list[tuple[int, Request]] = []
                 for i in range(mb * self.b, (mb + 1) * self.b):
                     if self.lanes[i].request is None and not exhausted:
                         req = next(waiting, None)
                         if req is None:
                             exhausted = True
                             break
-                        in_flight[mb].append(self._prefill(i, req))
+                        self._admit(i, req)
+                        longest = max([len(req.prompt_ids), *(len(r.prompt_ids) for _, r in joining)])
+                        if joining and longest * (len(joining) + 1) > PREFILL_TOKENS:
+                            in_flight[mb].append(self._prefill(joining))
+                            joining = []
+                        joining.append((i, req))
+                if joining:
+                    in_flight[mb].append(self._prefill(joining))
                 busy = busy or bool(in_flight[mb])
             if not busy:
                 break

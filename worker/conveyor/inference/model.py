@@ -83,7 +83,7 @@ class Step:
 
     positions: torch.Tensor  # [n, S]
     lanes: torch.Tensor  # [n, 1] cache lane of each sequence (absolute)
-    lane_start: int
+    lane_start: int | None  # the lanes are [lane_start, lane_start + n); None: any lanes, gathered
     kv_len: int  # cache slots read: [0, kv_len)
     mask: torch.Tensor | None  # [n, 1, S, kv_len] key visible to query; None for a causal prefill from 0
     rope: tuple[torch.Tensor, torch.Tensor] | None
@@ -144,7 +144,11 @@ class Attention(nn.Module):
             k_layer[step.lanes, :, step.positions] = k.transpose(1, 2)  # indexed: [n, S, kv_heads, head_dim]
             v_layer[step.lanes, :, step.positions] = v.transpose(1, 2)
             if step.mask is not None:
-                lanes = slice(step.lane_start, step.lane_start + n)
+                lanes = (
+                    step.lanes[:, 0]
+                    if step.lane_start is None
+                    else slice(step.lane_start, step.lane_start + n)
+                )
                 k = k_layer[lanes, :, : step.kv_len]  # [n, kv_heads, kv_len, head_dim]
                 v = v_layer[lanes, :, : step.kv_len]
         if step.mask is None:  # prefill from position 0: only this pass's keys, causal (flash attention)
@@ -263,11 +267,14 @@ class StageModel(nn.Module):
         lane_start: int = 0,
         prefill: bool = False,
         kv_len: int | None = None,
+        lanes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs: tokens [n, S] (first stage) or hidden [n, S, hidden]; positions: [n, S] per token.
 
-        Uses cache lanes [lane_start, lane_start + n). ``prefill``: every lane's positions are 0..S-1 (a
-        whole prompt into empty lanes), so attention needs no cache reads and no mask. ``kv_len``: the
+        Uses cache lanes [lane_start, lane_start + n), or ``lanes`` [n] (any lanes; prefill only).
+        ``prefill``: each lane's prompt from position 0 (a whole prompt into an empty lane), right-padded
+        with tokens at the cache's scratch position, so attention needs no cache reads and no mask, and
+        each lane's logits are its last real token's. ``kv_len``: the
         cache slots attention reads, more than every position (default: all); decode reads as many
         keys as the longest sequence has, not the cache's length. Returns hidden [n, S, hidden], or on
         the last stage float32 logits of each lane's last token [n, vocab].
@@ -275,7 +282,14 @@ class StageModel(nn.Module):
         assert self.cache is not None, "call setup_cache() first"
         x = self._embed(inputs, positions) if self.first else inputs
         n, s = positions.shape
-        self.cache.check_lanes(lane_start, n)
+        start: int | None = lane_start
+        if lanes is None:
+            self.cache.check_lanes(lane_start, n)
+            lanes = torch.arange(n, device=positions.device) + lane_start
+        elif prefill:
+            start = None
+        else:
+            raise ValueError("lanes (a list of cache lanes) is for prefill; decode uses a lane range")
         kv_len = self.cache.length if kv_len is None else kv_len
         window = self.arch.sliding_window
         mask = None
@@ -291,12 +305,14 @@ class StageModel(nn.Module):
             cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [n, 1, S, rotary_dim]
             sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
             rope = (cos, sin)
-        lanes = (torch.arange(n, device=positions.device) + lane_start)[:, None]  # [n, 1]
-        step = Step(positions, lanes, lane_start, kv_len, mask, rope)
+        step = Step(positions, lanes[:, None], start, kv_len, mask, rope)  # lanes [n, 1]
         for i, layer in enumerate(self.layers):
             x = layer(x, step, self.cache.layer(i))
         if not self.last:
             return x
+        if prefill and s > 1:  # each lane's last real token (the padding sits at the scratch position)
+            last = (positions < self.cache.scratch_position).sum(dim=1) - 1  # [n]
+            return self.head(x[torch.arange(n, device=x.device), last])
         return self.head(x[:, -1])
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
