@@ -234,6 +234,7 @@ def _plan_active(
     st = plan.status
     policy = spec.restart_policy
     thash = render.template_hash(spec)
+    legacy = {render.legacy_template_hash(spec)}
     before = {g.name: g for g in old.groups}
     st.last_checkpoint = _latest_checkpoint(old.last_checkpoint, pods)
     st.reason = st.message = None
@@ -249,7 +250,7 @@ def _plan_active(
         elif prev is not None:
             gs.restarts = prev.restarts  # resuming: a fresh start with the same restart count
         gs.start_time = gs.start_time or format_time(now)
-        gp = split_pods(pods, g.name, g.pods, gs.restarts, thash)
+        gp = split_pods(pods, g.name, g.pods, gs.restarts, thash, same_template=legacy)
         split[g.name] = gp
         if prev is not None and prev.phase == Phase.SUCCEEDED:
             new_groups.append(gs)  # its work is committed: later noise from its pods changes nothing

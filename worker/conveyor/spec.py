@@ -521,6 +521,12 @@ def load_job(path: str | Path) -> PipelineJob:
 
 
 def spec_to_json(spec: PipelineJobSpec) -> str:
-    """The wire form carried in CONVEYOR_SPEC: camelCase, defaults included, so the worker sees what
-    the operator resolved."""
-    return spec.model_dump_json(by_alias=True)
+    """The wire form carried in CONVEYOR_SPEC: camelCase, only the values that differ from their defaults
+    (``parse_spec`` of it gives back an equal spec; the worker fills the defaults).
+
+    The operator renders this into every pod template, so it must not change when a release adds a field
+    with a default: dumping every field would roll every running job on an operator upgrade, and would
+    hand an older worker image a field it refuses. A value set equal to its default is left out too (the
+    API server's schema defaulting writes defaults into stored objects, so "set" and "defaulted" cannot
+    be told apart anyway). docs/operator.md, "Upgrading the operator"."""
+    return spec.model_dump_json(by_alias=True, exclude_defaults=True)
