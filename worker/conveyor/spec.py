@@ -404,6 +404,9 @@ class GroupStatus(_Status):
         None, description="Newest pod creation time when the group became ready; a later pod replaced one."
     )
     failure: GroupFailure | None = Field(None, description="A failure waiting for its backoff to end.")
+    last_checkpoint: CheckpointRef | None = Field(
+        None, description="Newest checkpoint this group's workers reported (in their termination messages)."
+    )
     resumed_from: CheckpointRef | None = Field(None, description="Checkpoint the last restart resumed from.")
     container_restarts: list[ContainerRestarts] = Field(
         default_factory=list,
