@@ -250,3 +250,12 @@ def test_an_operator_upgrade_that_adds_a_field_rolls_no_running_job(monkeypatch:
         plan = step(body, pods, t)
         assert plan.delete_pods == [] and "GroupRolled" not in reasons(plan)
     assert body["status"]["phase"] == "Running"
+
+
+def test_a_template_revision_bump_is_the_deliberate_way_to_roll_on_upgrade(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = parse_spec(SPECS["serve-every-block"])
+    before = render.template_hash(spec)
+    monkeypatch.setattr(render, "TEMPLATE_REVISION", render.TEMPLATE_REVISION + 1)
+    assert render.template_hash(spec) != before
