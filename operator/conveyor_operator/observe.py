@@ -40,6 +40,7 @@ class Termination:
     completed: bool  # exit 0 after reporting {"completed": true}
     stopped: bool = False  # ended by the pod's deletion (SIGTERM on delete), not by the worker
     restarted: bool = True  # the kubelet restarted the container after it (lastState), or not yet (state)
+    last_checkpoint: dict[str, Any] | None = None  # its message's lastCheckpoint: kept in merge_witness
 
     @property
     def failed(self) -> bool:
@@ -127,6 +128,9 @@ def _terminations(cs: dict[str, Any], deletion: datetime | None) -> list[Termina
                 completed=code == 0 and msg.get("completed") is True,
                 stopped=stopped,
                 restarted=index <= restarts,
+                last_checkpoint=msg["lastCheckpoint"]
+                if isinstance(msg.get("lastCheckpoint"), dict)
+                else None,
             )
         )
     return found
@@ -201,4 +205,10 @@ def merge_witness(listed: PodObservation, seen: PodObservation) -> PodObservatio
     if not extra:
         return listed
     merged = tuple(sorted((*extra, *listed.terminations), key=lambda t: t.index))
-    return replace(listed, terminations=merged, exits=max(listed.exits, seen.exits))
+    # The checkpoint of an exit seen only in the event counts too (the newest reported wins).
+    reports = [c for c in (listed.last_checkpoint, *(t.last_checkpoint for t in extra)) if c]
+    steps = [c for c in reports if isinstance(c.get("step"), int)]
+    last_checkpoint = max(steps, key=lambda c: c["step"]) if steps else listed.last_checkpoint
+    return replace(
+        listed, terminations=merged, exits=max(listed.exits, seen.exits), last_checkpoint=last_checkpoint
+    )

@@ -21,7 +21,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from conveyor.spec import (
-    CheckpointRef,
     GroupStatus,
     Mode,
     Phase,
@@ -44,6 +43,7 @@ from conveyor_operator.phase import (
     job_phase,
     split_pods,
 )
+from conveyor_operator.progress import describe_resume, group_checkpoint, job_checkpoint
 from conveyor_operator.restarts import account_group
 
 TERMINAL_REASONS = {"BackoffLimitExceeded", "Completed"}
@@ -105,15 +105,6 @@ def _old_status(raw: dict[str, Any]) -> PipelineJobStatus:
         return PipelineJobStatus()  # an unreadable status is rebuilt, not fatal
 
 
-def _latest_checkpoint(old: CheckpointRef | None, pods: list[PodObservation]) -> CheckpointRef | None:
-    best = old
-    for pod in pods:
-        ck = pod.last_checkpoint
-        if ck and isinstance(ck.get("step"), int) and (best is None or ck["step"] > best.step):
-            best = CheckpointRef(step=ck["step"], time=ck.get("time"))
-    return best
-
-
 def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
     """Shared tail: conditions, a transition Event, observedGeneration."""
     st = plan.status
@@ -152,6 +143,7 @@ def plan_reconcile(
     ref = render.JobRef(job.name, job.namespace, job.uid)
     group_refs = render.groups(job.name, spec)
     restarts = {g.name: g.restarts for g in old.groups}
+    checkpoints = {g.name: g.last_checkpoint for g in old.groups}
     _describe(st, spec, job.name, render.template_hash(spec))
 
     if st.phase in (Phase.SUCCEEDED, Phase.FAILED) and st.reason in TERMINAL_REASONS:
@@ -174,7 +166,11 @@ def plan_reconcile(
         st.phase, st.reason, st.message = Phase.SUSPENDED, "Suspended", "spec.suspend is true: pods stopped"
         st.groups = [
             GroupStatus(
-                name=g.name, replica=g.replica, phase=Phase.SUSPENDED, restarts=restarts.get(g.name, 0)
+                name=g.name,
+                replica=g.replica,
+                phase=Phase.SUSPENDED,
+                restarts=restarts.get(g.name, 0),
+                last_checkpoint=checkpoints.get(g.name),
             )
             for g in group_refs
         ]
@@ -234,8 +230,9 @@ def _plan_active(
     st = plan.status
     policy = spec.restart_policy
     thash = render.template_hash(spec)
+    legacy = {render.legacy_template_hash(spec)}
     before = {g.name: g for g in old.groups}
-    st.last_checkpoint = _latest_checkpoint(old.last_checkpoint, pods)
+    st.last_checkpoint = job_checkpoint(old.last_checkpoint, pods)
     st.reason = st.message = None
     exhausted: str | None = None
 
@@ -247,9 +244,13 @@ def _plan_active(
         if prev is not None and prev.phase != Phase.SUSPENDED:
             gs = prev.model_copy(deep=True)
         elif prev is not None:
-            gs.restarts = prev.restarts  # resuming: a fresh start with the same restart count
+            # Resuming: a fresh start with the same restart count and the progress known so far.
+            gs.restarts, gs.last_checkpoint = prev.restarts, prev.last_checkpoint
         gs.start_time = gs.start_time or format_time(now)
-        gp = split_pods(pods, g.name, g.pods, gs.restarts, thash)
+        gp = split_pods(pods, g.name, g.pods, gs.restarts, thash, same_template=legacy)
+        # A train job's one group is the job: the job's record (from an older status, too) is its own.
+        whole_job = st.last_checkpoint if g.replica is None else None
+        gs.last_checkpoint = group_checkpoint(g.name, [gs.last_checkpoint, gs.resumed_from, whole_job], pods)
         split[g.name] = gp
         if prev is not None and prev.phase == Phase.SUCCEEDED:
             new_groups.append(gs)  # its work is committed: later noise from its pods changes nothing
@@ -358,21 +359,16 @@ def _restart_group(
     st.restarts += 1
     gs.failure = None
     gs.start_time, gs.running_since, gs.members_since = format_time(now), None, None
-    gs.resumed_from = st.last_checkpoint
+    gs.resumed_from = gs.last_checkpoint
     gs.container_restarts = []  # the new generation's pods start counting from 0
     _delete(plan, gp.current + gp.previous + gp.outdated)
     plan.restarts.append(gs.name)
-    resume = (
-        f"checkpoint step {st.last_checkpoint.step}"
-        if st.last_checkpoint
-        else "the start (no checkpoint yet)"
-    )
     plan.events.append(
         Event(
             "Warning",
             "GroupRestarted",
             f"group {gs.name} restart {gs.restarts} (job restarts {st.restarts}/{limit}) after {failure.reason}: "
-            f"{failure.message}; resuming from {resume}",
+            f"{failure.message}; resuming from {describe_resume(gs.last_checkpoint)}",
         )
     )
 

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.env import pod_environ
-from conveyor.spec import API_VERSION, KIND, Mode, PipelineJobSpec, RestartPolicySpec
+from conveyor.spec import (
+    API_VERSION,
+    KIND,
+    Mode,
+    ParallelismSpec,
+    PipelineJobSpec,
+    RestartPolicySpec,
+    spec_to_json,
+)
 
 JOB_LABEL = "conveyor.dev/job"
 GROUP_LABEL = "conveyor.dev/group"
@@ -101,16 +109,49 @@ def _metadata(job: JobRef, name: str, labels: dict[str, str] | None = None) -> d
 
 def worker_spec(spec: PipelineJobSpec) -> PipelineJobSpec:
     """The spec the workers see (CONVEYOR_SPEC): fields only the operator acts on are reset, so that
-    suspending, a new TTL or restart policy never changes the pods."""
+    suspending, a new TTL or restart policy never changes the pods. The image is the container's, not
+    the worker's business: it is reset too, so that a release's new default image never shows up in
+    CONVEYOR_SPEC (the template hash covers the container image itself)."""
+    defaults = PipelineJobSpec.model_fields
     return spec.model_copy(
-        update={"suspend": False, "ttl_seconds_after_finished": None, "restart_policy": RestartPolicySpec()}
+        update={
+            "suspend": False,
+            "ttl_seconds_after_finished": None,
+            "restart_policy": RestartPolicySpec(),
+            "image": defaults["image"].default,
+        }
     )
+
+
+# Bump when a change of the rendered pod template must replace running pods at the operator's upgrade
+# (one group at a time per job). Any other change of the rendering reaches pods at their group's next
+# restart, and an upgrade rolls nothing (docs/operator.md, "Upgrading the operator").
+TEMPLATE_REVISION = 1
 
 
 def template_hash(spec: PipelineJobSpec) -> str:
     """Identity of the pod template, apart from the restart count: pods with another hash are outdated and
-    rolled. Serve replicas are independent endpoints, so scaling them never rolls the others."""
-    worker = worker_spec(spec).model_dump(mode="json", by_alias=True)
+    rolled. It covers what the user set (the worker spec without its defaults, so a release that adds a
+    field with a default keeps it), the container image and ``TEMPLATE_REVISION``; not the operator's
+    rendering. Serve replicas are independent endpoints, so scaling them never rolls the others."""
+    worker = worker_spec(spec)
+    if spec.mode == Mode.SERVE:
+        replicas = ParallelismSpec.model_fields["replicas"].default
+        worker = worker.model_copy(
+            update={"parallelism": worker.parallelism.model_copy(update={"replicas": replicas})}
+        )
+    identity = {"revision": TEMPLATE_REVISION, "image": spec.image, "spec": json.loads(spec_to_json(worker))}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def legacy_template_hash(spec: PipelineJobSpec) -> str:
+    """The hash operators up to 0.1 put on pods (every field, defaults included). Pods that carry it for
+    the current spec run exactly this spec, so the first upgrade to revision hashes does not roll them.
+    Remove once no 0.1 operator's pods can remain (they are replaced at each group's next restart)."""
+    old_worker = spec.model_copy(
+        update={"suspend": False, "ttl_seconds_after_finished": None, "restart_policy": RestartPolicySpec()}
+    )
+    worker = old_worker.model_dump(mode="json", by_alias=True)
     if spec.mode == Mode.SERVE:
         worker["parallelism"].pop("replicas")
     return hashlib.sha256(json.dumps(worker, sort_keys=True).encode()).hexdigest()[:12]

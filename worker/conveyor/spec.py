@@ -404,6 +404,9 @@ class GroupStatus(_Status):
         None, description="Newest pod creation time when the group became ready; a later pod replaced one."
     )
     failure: GroupFailure | None = Field(None, description="A failure waiting for its backoff to end.")
+    last_checkpoint: CheckpointRef | None = Field(
+        None, description="Newest checkpoint this group's workers reported (in their termination messages)."
+    )
     resumed_from: CheckpointRef | None = Field(None, description="Checkpoint the last restart resumed from.")
     container_restarts: list[ContainerRestarts] = Field(
         default_factory=list,
@@ -521,6 +524,12 @@ def load_job(path: str | Path) -> PipelineJob:
 
 
 def spec_to_json(spec: PipelineJobSpec) -> str:
-    """The wire form carried in CONVEYOR_SPEC: camelCase, defaults included, so the worker sees what
-    the operator resolved."""
-    return spec.model_dump_json(by_alias=True)
+    """The wire form carried in CONVEYOR_SPEC: camelCase, only the values that differ from their defaults
+    (``parse_spec`` of it gives back an equal spec; the worker fills the defaults).
+
+    The operator renders this into every pod template, so it must not change when a release adds a field
+    with a default: dumping every field would roll every running job on an operator upgrade, and would
+    hand an older worker image a field it refuses. A value set equal to its default is left out too (the
+    API server's schema defaulting writes defaults into stored objects, so "set" and "defaulted" cannot
+    be told apart anyway). docs/operator.md, "Upgrading the operator"."""
+    return spec.model_dump_json(by_alias=True, exclude_defaults=True)

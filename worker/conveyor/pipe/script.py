@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from conveyor.checkpoint import latest, write_termination_message
+from conveyor.spec import CheckpointSpec, format_validation_error
 
 
 class SettingsError(ValueError):
@@ -67,8 +70,15 @@ class TrainSettings:
                 config = json.loads(env["CONVEYOR_TRAIN_CONFIG"]) or config
             except json.JSONDecodeError as err:
                 raise SettingsError(f"CONVEYOR_TRAIN_CONFIG is not valid JSON: {err}") from None
-        checkpoint = spec.get("checkpoint") or {}
-        directory = env.get("CONVEYOR_CHECKPOINT_DIR") or checkpoint.get("path")
+        # CONVEYOR_SPEC leaves out values equal to their defaults (`checkpoint: {}` is all defaults): the
+        # model fills them in.
+        has_checkpoint = spec.get("checkpoint") is not None
+        try:
+            checkpoint = CheckpointSpec.model_validate(spec.get("checkpoint") or {})
+        except ValidationError as err:
+            problems = format_validation_error(err, "spec.checkpoint")
+            raise SettingsError(f"CONVEYOR_SPEC does not validate:\n{problems}") from None
+        directory = env.get("CONVEYOR_CHECKPOINT_DIR") or (checkpoint.path if has_checkpoint else None)
         return cls(
             steps=_int(env, "CONVEYOR_TRAIN_STEPS", default_steps),
             config=config,
@@ -77,8 +87,8 @@ class TrainSettings:
             ),
             job=env.get("CONVEYOR_JOB", "local"),
             checkpoint_dir=Path(directory) if directory else None,
-            checkpoint_every=int(checkpoint.get("every", 100)),
-            checkpoint_keep=int(checkpoint.get("keep", 3)),
+            checkpoint_every=checkpoint.every,
+            checkpoint_keep=checkpoint.keep,
             restart=_int(env, "CONVEYOR_RESTART", 0),
             local_rank=_int(env, "LOCAL_RANK", 0),
             termination_log=Path(env["CONVEYOR_TERMINATION_LOG"])

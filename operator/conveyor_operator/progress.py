@@ -1,0 +1,61 @@
+"""What the operator knows of a job's committed progress (pure).
+
+Workers report their last committed checkpoint only in their termination message
+(``{"lastCheckpoint": {"step": N, "time": ...}}``), which stays visible only while the container's
+``state``/``lastState`` shows that exit, and is gone with the pod. So every report seen is kept in status:
+per group (``groups[].lastCheckpoint``: inference replicas each commit their own share of the prompts)
+and for the job (``status.lastCheckpoint``, the newest of all). A group restart names the best of what is
+known; the workers themselves always resume from their ``latest`` checkpoint, reported or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from conveyor.spec import CheckpointRef
+
+from conveyor_operator.observe import PodObservation
+
+
+def reported(pod: PodObservation) -> CheckpointRef | None:
+    """The checkpoint a pod's termination message announced, if it is well-formed."""
+    ck = pod.last_checkpoint
+    if not ck or not isinstance(ck.get("step"), int) or isinstance(ck.get("step"), bool) or ck["step"] < 0:
+        return None
+    time = ck.get("time")
+    return CheckpointRef(step=ck["step"], time=time if isinstance(time, str) else None)
+
+
+def newest(refs: Iterable[CheckpointRef | None]) -> CheckpointRef | None:
+    """The highest step (the first of equal steps: an earlier record keeps its commit time)."""
+    best: CheckpointRef | None = None
+    for ref in refs:
+        if ref is not None and (best is None or ref.step > best.step):
+            best = ref
+    return best
+
+
+def job_checkpoint(known: CheckpointRef | None, pods: Iterable[PodObservation]) -> CheckpointRef | None:
+    """``status.lastCheckpoint``: the newest checkpoint any pod of the job has reported so far."""
+    return newest([known, *(reported(p) for p in pods)])
+
+
+def group_checkpoint(
+    group: str,
+    known: Iterable[CheckpointRef | None],
+    pods: Iterable[PodObservation],
+) -> CheckpointRef | None:
+    """A group's last checkpoint: what its status already holds (its last report, what its last restart
+    resumed from; for a train job's one group, the job's) and what any pod of the group reports now, of
+    any generation, listed or seen only in a watch event."""
+    return newest([*known, *(reported(p) for p in pods if p.group == group)])
+
+
+def describe_resume(checkpoint: CheckpointRef | None) -> str:
+    """What follows "resuming from" in the restart Event. The operator does not choose the checkpoint
+    (the workers read their ``latest``, which may be newer than any report), so without a report it
+    says that none was reported, not that the job starts over."""
+    if checkpoint is None:
+        return "the latest committed checkpoint (none reported yet: workers report theirs when they exit)"
+    when = f", committed {checkpoint.time}" if checkpoint.time else ""
+    return f"checkpoint step {checkpoint.step} or later (the last one reported{when})"
