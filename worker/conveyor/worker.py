@@ -8,11 +8,15 @@ the operator sees one failed container and restarts the whole group.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from conveyor.env import EnvError, PodEnv
 from conveyor.log import configure, get_logger
+from conveyor.spec import Mode
 from conveyor.supervise import Child, run_group
 
 log = get_logger("conveyor.worker")
@@ -48,6 +52,45 @@ def main(args: argparse.Namespace | None = None) -> int:
     outcome = run_group(children, grace_seconds=float(os.environ.get("CONVEYOR_GRACE_SECONDS", "10")))
     if outcome.code:
         log.error("worker failed", extra={"failed": outcome.failed, "exit_code": outcome.code})
+        report_failure(pod, f"{outcome.failed} exited with code {outcome.code}")
     else:
         log.info("worker finished")
     return outcome.code
+
+
+def committed_progress(pod: PodEnv) -> dict[str, Any] | None:
+    """The newest committed progress on the job's volumes, as a termination message's lastCheckpoint:
+    train, the checkpoint ``latest`` names; inference, the committed results of this pod's replica."""
+    from conveyor.checkpoint import latest, rfc3339
+
+    if pod.mode == Mode.TRAIN and pod.checkpoint_dir:
+        committed = latest(pod.checkpoint_dir)
+        return committed.as_status() if committed else None
+    inference = pod.spec.inference
+    if pod.mode == Mode.INFERENCE and inference is not None:
+        from conveyor.inference.progress import ResultLog
+
+        output = Path(inference.output)
+        if pod.replicas > 1:
+            output = output.with_name(f"{output.name}.r{pod.replica}")
+        log_ = ResultLog(output)
+        if log_.record_path.is_file():
+            return {"step": log_.completed, "time": rfc3339(log_.record_path.stat().st_mtime)}
+    return None
+
+
+def report_failure(pod: PodEnv, message: str) -> None:
+    """A failed pod's termination message: what failed, and what is committed (so the operator's
+    restart says where the group resumes). Reading the volumes must never hide the failure."""
+    path = os.environ.get("CONVEYOR_TERMINATION_LOG")
+    if not path:
+        return
+    body: dict[str, Any] = {"completed": False, "message": message[-3000:]}  # Kubernetes keeps 4 KiB
+    try:
+        progress = committed_progress(pod)
+    except Exception as err:  # a broken volume: report the failure without progress
+        log.warning("could not read the committed progress", extra={"error": str(err)})
+        progress = None
+    if progress is not None:
+        body["lastCheckpoint"] = progress
+    Path(path).write_text(json.dumps(body))

@@ -1,0 +1,77 @@
+"""`conveyor worker` on failure: the termination message says what failed and what is committed, so the
+operator's restart can say where the group resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conveyor.env import PodEnv, pod_environ
+from conveyor.spec import parse_spec
+from conveyor.worker import report_failure
+
+from tests.conftest import subprocess_env
+
+
+def _pod(spec: dict, **kw: object) -> PodEnv:
+    env = pod_environ(
+        job="j", spec=parse_spec(spec), replica=0, stage=0, master_addr="127.0.0.1", master_port=29500, **kw
+    )
+    return PodEnv.from_environ(env)
+
+
+def test_a_failed_train_pod_reports_the_committed_checkpoint(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step-12").mkdir(parents=True)
+    (ckpt / "latest").write_text("step-12\n")
+    pod = _pod(
+        {"mode": "train", "train": {"script": "/t.py"}, "checkpoint": {"path": str(ckpt)}},
+        checkpoint_dir=str(ckpt),
+    )
+    log = tmp_path / "termination"
+    monkeypatch.setenv("CONVEYOR_TERMINATION_LOG", str(log))
+    report_failure(pod, "rank 1 exited with code 3")
+    body = json.loads(log.read_text())
+    assert body["completed"] is False and body["message"] == "rank 1 exited with code 3"
+    assert body["lastCheckpoint"]["step"] == 12
+
+
+def test_a_failed_inference_pod_reports_its_replicas_committed_results(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    spec = {
+        "mode": "inference",
+        "model": {"path": "/m"},
+        "parallelism": {"replicas": 2},
+        "inference": {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "out.jsonl")},
+    }
+    (tmp_path / "out.jsonl.r0.progress.json").write_text(json.dumps({"committedBytes": 9, "completed": 4}))
+    log = tmp_path / "termination"
+    monkeypatch.setenv("CONVEYOR_TERMINATION_LOG", str(log))
+    report_failure(_pod(spec), "rank 0 exited with code 1")
+    assert json.loads(log.read_text())["lastCheckpoint"]["step"] == 4
+    # Nothing committed yet: the failure is reported without progress.
+    (tmp_path / "out.jsonl.r0.progress.json").unlink()
+    report_failure(_pod(spec), "rank 0 exited with code 1")
+    assert "lastCheckpoint" not in json.loads(log.read_text())
+
+
+def test_the_worker_writes_the_message_when_a_rank_fails(tmp_path: Path) -> None:
+    script = tmp_path / "fail.py"
+    script.write_text("raise SystemExit(3)\n")
+    ckpt = str(tmp_path / "c")
+    spec = parse_spec({"mode": "train", "train": {"script": str(script)}, "checkpoint": {"path": ckpt}})
+    env = pod_environ(job="j", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=29500)
+    log = tmp_path / "termination"
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor", "worker"],
+        env=subprocess_env(
+            **env, CONVEYOR_TERMINATION_LOG=str(log), CONVEYOR_CHECKPOINT_DIR=str(tmp_path / "c")
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    body = json.loads(log.read_text())
+    assert body["completed"] is False and "code 3" in body["message"]
