@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from conveyor.inference.cuda_graphs import GraphedDecode
 from conveyor.inference.model import StageModel
-from conveyor.inference.p2p import Channel
+from conveyor.inference.p2p import Channel, meta_group
 from conveyor.inference.sampling import SamplingParams, sample, sequence_key
 
 PREFILL, DECODE, STOP = 1, 2, 0
@@ -77,9 +77,11 @@ class PipelinePeers:
     last_rank: int
     tensor_group: Any = None  # tensor-parallel group of this stage, or None
     tensor_src: int = 0  # global rank of tp rank 0 of this stage
+    meta_group: Any = None  # gloo group for item metadata (p2p.py); None: the default group
 
     @classmethod
     def from_topology(cls, topo: Any) -> PipelinePeers:
+        """Every rank calls this (it creates the metadata group when there is more than one stage)."""
         return cls(
             stage=topo.stage,
             stages=topo.num_stages,
@@ -89,6 +91,7 @@ class PipelinePeers:
             last_rank=topo.stage_rank(topo.num_stages - 1),
             tensor_group=topo.tensor_group if topo.layout.tensor_parallel > 1 else None,
             tensor_src=topo.layout.rank(topo.replica, topo.stage, 0),
+            meta_group=meta_group() if dist.is_initialized() and dist.get_world_size() > 1 else None,
         )
 
     @property
@@ -105,9 +108,9 @@ class StageWorker:
 
     def __init__(self, model: StageModel, peers: PipelinePeers, params: SamplingParams, device: torch.device):
         self.model, self.peers, self.params, self.device = model, peers, params, device
-        self.channel = Channel(device)
-        self.forward = GraphedDecode(model)  # compiled CUDA graphs for decode steps; eager on the CPU
         assert model.cache is not None, "setup_cache() before generating"
+        self.channel = Channel(device, model.cache.k[0].dtype, peers.meta_group)
+        self.forward = GraphedDecode(model)  # compiled CUDA graphs for decode steps; eager on the CPU
         self.scratch = model.cache.scratch_position
         self.seen: torch.Tensor | None = None
         if peers.is_last and params.repetition_penalty != 1.0:
@@ -211,19 +214,21 @@ class StageWorker:
         """Stages > 0: execute what arrives until the stop item."""
         p = self.peers
         assert p.prev_rank is not None
+        hidden_size = self.model.arch.hidden
         while True:
-            meta, hidden = self.channel.recv(2, p.prev_rank)
-            kind = int(meta[0])
+            meta = self.channel.recv_meta(p.prev_rank)  # on the host
+            kind, _, n, s, _ = self.header(meta)
             if kind == STOP:
                 if p.next_rank is not None:
-                    self.channel.send([meta, hidden], p.next_rank)
+                    self.channel.send_meta(meta, p.next_rank)
                 break
+            hidden = self.channel.recv_payload((n, s, hidden_size), p.prev_rank)
             out = self.execute(meta, hidden)
             if p.is_last:
-                self.channel.send([out], p.first_rank)
+                self.channel.send_payload(out, p.first_rank)
             else:
                 assert p.next_rank is not None
-                self.channel.send([meta, out], p.next_rank)
+                self.channel.send_item(meta, out, p.next_rank)
         self.channel.flush()
 
 
@@ -312,13 +317,14 @@ class Scheduler:
             self._local_replies.append(out)
         else:
             assert p.next_rank is not None
-            self.worker.channel.send([meta, out], p.next_rank)
+            self.worker.channel.send_item(meta, out, p.next_rank)
 
-    def _reply(self) -> torch.Tensor:
+    def _reply(self, n: int) -> torch.Tensor:
+        """The tokens [n] of the oldest item not yet taken (a receive from the last stage, queued)."""
         if self._local_replies:
             return self._local_replies.popleft()
         t0 = time.perf_counter()
-        (tokens,) = self.worker.channel.recv(1, self.worker.peers.last_rank)
+        tokens = self.worker.channel.recv_payload((n,), self.worker.peers.last_rank, torch.int64)
         self.hooks.on_wait(time.perf_counter() - t0)
         return tokens.to(self.next_token.device)
 
@@ -417,7 +423,7 @@ class Scheduler:
     def _receive(self, item: _Item) -> None:
         """The item's tokens into ``next_token`` (device order: the replies come in the order sent, so a
         lane's newest token lands last), and their copy to the host queued."""
-        tokens = self._reply()
+        tokens = self._reply(len(item.lanes) if item.kind == PREFILL else self.b)
         if item.kind == PREFILL:
             lanes = [i for i, _ in item.lanes]
             self.next_token[torch.tensor(lanes, device=self.next_token.device)] = tokens
@@ -432,7 +438,10 @@ class Scheduler:
     def _read(self, item: _Item) -> int:
         """Accept the item's tokens read back on the host; returns how many were taken."""
         assert item.readback is not None
+        t0 = time.perf_counter()
         tokens, now, taken = item.readback.get(), time.perf_counter(), 0
+        if self.worker.peers.stages > 1:  # on NCCL the receive is queued: the wait shows here
+            self.hooks.on_wait(now - t0)
         for j, (index, req) in enumerate(item.lanes):
             if self.lanes[index].request is not req:  # it finished before this (extra) step was read
                 continue
@@ -485,7 +494,7 @@ class Scheduler:
         p = self.worker.peers
         if p.next_rank is not None:
             stop = torch.zeros(HEADER, dtype=torch.int64)  # kind STOP
-            self.worker.channel.send([stop, torch.zeros(1)], p.next_rank)
+            self.worker.channel.send_meta(stop, p.next_rank)
         self.worker.channel.flush()
 
 
