@@ -75,3 +75,44 @@ def test_the_worker_writes_the_message_when_a_rank_fails(tmp_path: Path) -> None
     assert proc.returncode == 3, proc.stderr[-2000:]
     body = json.loads(log.read_text())
     assert body["completed"] is False and "code 3" in body["message"]
+
+
+def test_ranks_die_with_a_killed_worker(tmp_path: Path) -> None:
+    """A SIGKILL of `conveyor worker` cannot stop its ranks (each runs in its own process group): the
+    kernel must (die_with_parent), or they would hold their GPUs and ports forever."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "rank.pid"
+    script = tmp_path / "sleep.py"
+    script.write_text(
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(300)\n"
+    )
+    ckpt = str(tmp_path / "c")
+    spec = parse_spec({"mode": "train", "train": {"script": str(script)}, "checkpoint": {"path": ckpt}})
+    env = pod_environ(job="j", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=29500)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "worker"],
+        env=subprocess_env(**env, CONVEYOR_CHECKPOINT_DIR=ckpt),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rank = int(pid_file.read_text())
+        worker.kill()
+        worker.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(rank, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.kill(rank, signal.SIGKILL)
+        raise AssertionError(f"rank {rank} outlived its killed worker")
+    finally:
+        worker.kill()

@@ -16,6 +16,7 @@ from conveyor import metrics
 from conveyor.env import EnvError, PodEnv
 from conveyor.log import configure, get_logger
 from conveyor.spec import Mode
+from conveyor.utils import die_with_parent
 
 log = get_logger("conveyor.rank")
 
@@ -49,6 +50,7 @@ def run_train_script(pod: PodEnv) -> int:
 
 
 def main(argv: list[str]) -> int:
+    die_with_parent()  # a rank never outlives its `conveyor worker`
     local_rank = int(argv[0]) if argv else int(os.environ.get("LOCAL_RANK", "0"))
     try:
         pod = PodEnv.from_environ()

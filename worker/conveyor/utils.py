@@ -1,8 +1,13 @@
-"""Small helpers: those that DeepSpeed scripts import from ``deepspeed.utils``, and ``free_port``."""
+"""Small helpers: those that DeepSpeed scripts import from ``deepspeed.utils``, ``free_port`` and
+``die_with_parent``."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import socket
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -13,6 +18,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies. A rank runs in its own process group (so
+    its supervisor can signal it and whatever it forks), which a SIGKILL of the supervisor (the OOM
+    killer, a force-deleted pod outside a container runtime, a killed ``conveyor run``) does not reach:
+    without this the rank would live on, holding its GPU and its port. Linux only; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(128 + signal.SIGKILL)
 
 
 class RepeatingLoader:

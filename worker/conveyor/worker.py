@@ -18,11 +18,13 @@ from conveyor.env import EnvError, PodEnv
 from conveyor.log import configure, get_logger
 from conveyor.spec import Mode
 from conveyor.supervise import Child, run_group
+from conveyor.utils import die_with_parent
 
 log = get_logger("conveyor.worker")
 
 
 def main(args: argparse.Namespace | None = None) -> int:
+    die_with_parent()  # under `conveyor run`: never outlive the launcher (in a pod the runtime reaps us)
     configure()
     try:
         pod = PodEnv.from_environ()

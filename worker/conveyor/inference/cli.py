@@ -78,6 +78,10 @@ def generate_main(args: argparse.Namespace) -> int:
 def rank_main(config: dict[str, Any]) -> int:
     import torch
 
+    from conveyor.utils import die_with_parent
+
+    die_with_parent()  # a rank never outlives `conveyor generate`
+
     from conveyor.distributed import destroy_distributed, init_distributed
     from conveyor.inference.generate import Request, Result, SchedulerHooks, prepare_rank, run_generation
     from conveyor.inference.job import DTYPES, load_tokenizer
