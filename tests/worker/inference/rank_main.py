@@ -1,7 +1,8 @@
 """One rank of a multi-process generation test: ``python -m tests.worker.inference.rank_main CASE.json``.
 
 CASE: {"stages", "tensor_parallel", "models": {family: dir}, "prompts": [[ids]], "max_new_tokens",
-"samplings": {name: SamplingParams fields}, "micro_batches", "lanes", "out": path}. Stage 0 / tp 0
+"samplings": {name: SamplingParams fields}, "micro_batches", "lanes", "prefill_chunk" (optional),
+"out": path}. Stage 0 / tp 0
 writes {family: {sampling name: [output ids per prompt]}} to ``out``.
 """
 
@@ -40,6 +41,7 @@ def main(path: str) -> None:
                 lanes_per_micro_batch=case["lanes"] // case["micro_batches"],
                 device=info.device,
                 hooks=SchedulerHooks(on_result=lambda r, got=got: got.__setitem__(r.id, r.output_ids)),
+                prefill_chunk=case.get("prefill_chunk", 2048),
             )
             if peers.is_first:
                 results.setdefault(family, {})[name] = [got[i] for i in range(len(case["prompts"]))]

@@ -5,7 +5,9 @@ Every rank of a replica group runs ``run_generation``. Stage 0 schedules (``Sche
 stages follow the work items it sends (``follow``), so the schedule lives in one place. Work items:
 
 * prefill: the prompts of the sequences joining in a turn [k, S] into their lanes (padded on the right
-  to the longest, the padding at the scratch position);
+  to the longest, the padding at the scratch position); a prompt longer than ``prefill_chunk`` goes
+  alone, in chunks, one a turn, so decode steps of the other lanes run between its chunks;
+* extend: a later chunk of such a prompt [1, C], attending to the lane's cache;
 * decode: one token for every lane of a micro-batch [b, 1] (static shape; idle lanes write to the
   cache's scratch slot and their token is ignored);
 * stop: the end.
@@ -35,13 +37,15 @@ from conveyor.inference.model import StageModel
 from conveyor.inference.p2p import Channel, meta_group
 from conveyor.inference.sampling import SamplingParams, sample, sequence_key
 
-PREFILL, DECODE, STOP = 1, 2, 0
+PREFILL, DECODE, STOP, EXTEND = 1, 2, 0, 3
 HEADER = 5  # kind, lane_start, n, S, kv_len
 # Decode reads the keys of [0, kv_len), kv_len the longest sequence's length rounded up to a block: each
 # block size is one CUDA graph (and, past the first, no new compile: its length is symbolic).
 KV_BLOCK = 64
 # Prompts admitted in one turn are prefilled together, up to this many (padded) tokens per item.
 PREFILL_TOKENS = 8192
+# A longer prompt is prefilled in chunks of this many tokens, one chunk a turn.
+PREFILL_CHUNK = 2048
 
 
 @dataclass
@@ -177,12 +181,14 @@ class StageWorker:
         from the meta."""
         kind, lane_start, n, s, kv_len = self.header(meta)  # stage 0's meta is on the host: no wait
         positions, keys, steps, lanes, prompt = self.fields(self.to_device(meta), n, s)
-        if kind == PREFILL:
+        if kind in (PREFILL, EXTEND):
             tokens = prompt
         inputs = tokens if self.peers.is_first else hidden
         assert inputs is not None, "stage 0 needs tokens, a later stage the previous stage's hidden state"
         if kind == PREFILL:
             out = self.model(inputs, positions, prefill=True, lanes=lanes)
+        elif kind == EXTEND:  # a later chunk of one prompt: its keys join those already in the cache
+            out = self.model(inputs, positions, lane_start, kv_len=kv_len)
         else:
             out = self.forward(inputs, positions, lane_start, kv_len)
         if not self.peers.is_last:
@@ -197,13 +203,17 @@ class StageWorker:
                 seen.scatter_(1, torch.where(positions != self.scratch, prompt, prompt[:, :1]), True)
             else:
                 seen = self.seen[lane_start : lane_start + n]
+                if kind == EXTEND:
+                    assert prompt is not None
+                    seen.scatter_(1, prompt, True)
         new = sample(out, self.params, keys, steps, seen)
         if self.peers.tensor_group is not None:
             # why: every tp rank sampled the same logits; rank 0's tokens make that exact, whatever
             # the reduction order did to the last bit, so the ranks' schedules can never diverge.
             dist.broadcast(new, self.peers.tensor_src, group=self.peers.tensor_group)
         if seen is not None:
-            active = positions[:, 0] != self.scratch
+            # a lane samples a token it keeps: not idle (scratch), not a prompt chunk before the last (-1)
+            active = (positions[:, 0] != self.scratch) & (steps >= 0)
             seen[active] = seen[active].scatter(1, new[active, None], True)
             if kind == PREFILL:
                 assert self.seen is not None
@@ -256,6 +266,7 @@ class TokenReadback:
 class _Lane:
     request: Request | None = None
     output: list[int] = field(default_factory=list)  # tokens read back so far
+    prefilled: int = 0  # prompt tokens sent into the cache
     scheduled: int = 0  # tokens whose sampling is queued (the step of the next one)
     has_token: bool = False  # its last sampled token is in next_token (on the device)
     started: float = 0.0
@@ -270,6 +281,7 @@ class _Item:
     lane_start: int
     lanes: list[tuple[int, Request]]  # the lanes it samples for, and their requests when it was sent
     readback: TokenReadback | None = None
+    final: bool = True  # False: a prompt chunk before the last (its token is not wanted)
 
 
 @dataclass
@@ -300,8 +312,11 @@ class Scheduler:
         lanes_per_micro_batch: int,
         tokenizer: Any = None,
         hooks: SchedulerHooks | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ):
-        self.worker, self.m, self.b = worker, micro_batches, lanes_per_micro_batch
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.worker, self.m, self.b, self.chunk = worker, micro_batches, lanes_per_micro_batch, prefill_chunk
         self.tokenizer, self.hooks = tokenizer, hooks or SchedulerHooks()
         self.lanes = [_Lane() for _ in range(micro_batches * lanes_per_micro_batch)]
         self.next_token = torch.zeros(len(self.lanes), dtype=torch.int64, device=worker.device)
@@ -394,11 +409,30 @@ class Scheduler:
             positions[j, : len(req.prompt_ids)] = torch.arange(len(req.prompt_ids))
             tokens[j, : len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
         lanes = [i for i, _ in joining]
+        for i in lanes:
+            self.lanes[i].prefilled = len(self.lanes[i].request.prompt_ids)  # type: ignore[union-attr]
         keys = [req.key for _, req in joining]
         self._submit(
             self.worker.pack(PREFILL, lanes[0], positions, keys, [0] * len(joining), tokens, lanes=lanes)
         )
         return _Item(PREFILL, lanes[0], joining)
+
+    def _chunk(self, index: int) -> _Item:
+        """The next chunk of a long prompt: the first as a prefill, later ones extend the lane's cache."""
+        lane = self.lanes[index]
+        req = lane.request
+        assert req is not None
+        c0 = lane.prefilled
+        c1 = min(c0 + self.chunk, len(req.prompt_ids))
+        final = c1 == len(req.prompt_ids)
+        kind = PREFILL if c0 == 0 else EXTEND
+        positions = torch.arange(c0, c1, dtype=torch.int64)[None]  # [1, C]
+        tokens = torch.tensor([req.prompt_ids[c0:c1]], dtype=torch.int64)
+        kv_len = min(-(-c1 // KV_BLOCK) * KV_BLOCK, self.max_len + 1)
+        step = 0 if final else -1  # -1: the last stage keeps no token for it
+        self._submit(self.worker.pack(kind, index, positions, [req.key], [step], tokens, kv_len, [index]))
+        lane.prefilled = c1
+        return _Item(kind, index, [(index, req)], final=final)
 
     def _decode(self, mb: int) -> _Item | None:
         start = mb * self.b
@@ -423,8 +457,10 @@ class Scheduler:
     def _receive(self, item: _Item) -> None:
         """The item's tokens into ``next_token`` (device order: the replies come in the order sent, so a
         lane's newest token lands last), and their copy to the host queued."""
-        tokens = self._reply(len(item.lanes) if item.kind == PREFILL else self.b)
-        if item.kind == PREFILL:
+        tokens = self._reply(self.b if item.kind == DECODE else len(item.lanes))
+        if not item.final:
+            return  # a prompt chunk before the last: nothing to keep
+        if item.kind != DECODE:
             lanes = [i for i, _ in item.lanes]
             self.next_token[torch.tensor(lanes, device=self.next_token.device)] = tokens
             for i in lanes:
@@ -437,6 +473,8 @@ class Scheduler:
 
     def _read(self, item: _Item) -> int:
         """Accept the item's tokens read back on the host; returns how many were taken."""
+        if not item.final:
+            return 0
         assert item.readback is not None
         t0 = time.perf_counter()
         tokens, now, taken = item.readback.get(), time.perf_counter(), 0
@@ -445,7 +483,7 @@ class Scheduler:
         for j, (index, req) in enumerate(item.lanes):
             if self.lanes[index].request is not req:  # it finished before this (extra) step was read
                 continue
-            self._accept(index, tokens[j if item.kind == PREFILL else index - item.lane_start], now)
+            self._accept(index, tokens[index - item.lane_start if item.kind == DECODE else j], now)
             taken += 1
         return taken
 
@@ -465,12 +503,17 @@ class Scheduler:
                     in_flight[mb].append(step)
                 decoded = sum(self._read(item) for item in received if item.kind == DECODE)
                 for item in received:
-                    if item.kind == PREFILL:
+                    if item.kind != DECODE:
                         self._read(item)
                 if decoded:
                     now = time.perf_counter()
                     self.hooks.on_decode_step(now - last_turn[mb], decoded)
                     last_turn[mb] = now
+                # The next chunk of each long prompt in progress (one a turn: decode runs between).
+                for i in range(mb * self.b, (mb + 1) * self.b):
+                    lane = self.lanes[i]
+                    if lane.request is not None and 0 < lane.prefilled < len(lane.request.prompt_ids):
+                        in_flight[mb].append(self._chunk(i))
                 # Admit waiting sequences into free lanes of this micro-batch (they join now), their
                 # prompts prefilled together up to PREFILL_TOKENS padded tokens an item.
                 joining: list[tuple[int, Request]] = []
@@ -481,6 +524,9 @@ class Scheduler:
                             exhausted = True
                             break
                         self._admit(i, req)
+                        if len(req.prompt_ids) > self.chunk:
+                            in_flight[mb].append(self._chunk(i))
+                            continue
                         longest = max([len(req.prompt_ids), *(len(r.prompt_ids) for _, r in joining)])
                         if joining and longest * (len(joining) + 1) > PREFILL_TOKENS:
                             in_flight[mb].append(self._prefill(joining))
@@ -515,12 +561,13 @@ def run_generation(
     device: torch.device,
     tokenizer: Any = None,
     hooks: SchedulerHooks | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> None:
     """Every rank of a replica group calls this; stage 0 consumes ``requests`` and reports results
     through ``hooks.on_result`` (other stages ignore ``requests``)."""
     worker = StageWorker(model, peers, params, device)
     if peers.is_first:
-        Scheduler(worker, micro_batches, lanes_per_micro_batch, tokenizer, hooks).run(requests)
+        Scheduler(worker, micro_batches, lanes_per_micro_batch, tokenizer, hooks, prefill_chunk).run(requests)
     else:
         worker.follow()
 
