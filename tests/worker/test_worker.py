@@ -105,14 +105,52 @@ def test_ranks_die_with_a_killed_worker(tmp_path: Path) -> None:
         rank = int(pid_file.read_text())
         worker.kill()
         worker.wait()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(rank, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        os.kill(rank, signal.SIGKILL)
-        raise AssertionError(f"rank {rank} outlived its killed worker")
+        if not _exits_within(rank, 10):
+            os.kill(rank, signal.SIGKILL)
+            raise AssertionError(f"rank {rank} outlived its killed worker")
     finally:
         worker.kill()
+
+
+def _exits_within(pid: int, seconds: float) -> bool:
+    """The process is gone (or a zombie: dead, waiting for a reaper that may never come) in time."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            state = next(line for line in lines if line.startswith("State"))
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if "Z" in state.split()[1]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_rank_whose_parent_died_before_it_started_exits(tmp_path: Path) -> None:
+    """The supervisor can die while a rank is still importing (seconds): the rank must notice at once."""
+    import os
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    child = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(1.0)\n"
+        "from conveyor.utils import die_with_parent\ndie_with_parent()\ntime.sleep(60)\n"
+    )
+    parent = (
+        "import os, subprocess, sys\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}], env={{**os.environ, 'CONVEYOR_PARENT_PID': str(os.getpid())}})\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", parent], env=subprocess_env(), check=True, timeout=60)
+    import time
+
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    if not _exits_within(pid, 15):
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("a rank started by a parent that died already kept running")

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
+from conveyor.utils import PARENT_PID_ENV
+
 
 @dataclass
 class Child:
@@ -58,7 +60,7 @@ class Group:
             piped = child.prefix is not None
             child.proc = subprocess.Popen(
                 list(child.argv),
-                env=dict(child.env),
+                env={**child.env, PARENT_PID_ENV: str(os.getpid())},  # see utils.die_with_parent
                 stdout=subprocess.PIPE if piped else None,
                 stderr=subprocess.STDOUT if piped else None,
                 start_new_session=True,

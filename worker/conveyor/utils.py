@@ -20,17 +20,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+PARENT_PID_ENV = "CONVEYOR_PARENT_PID"
+
+
 def die_with_parent() -> None:
     """Have the kernel kill this process when its parent dies. A rank runs in its own process group (so
     its supervisor can signal it and whatever it forks), which a SIGKILL of the supervisor (the OOM
     killer, a force-deleted pod outside a container runtime, a killed ``conveyor run``) does not reach:
-    without this the rank would live on, holding its GPU and its port. Linux only; a no-op elsewhere."""
+    without this the rank would live on, holding its GPU and its port. The supervisor passes its pid in
+    CONVEYOR_PARENT_PID: a parent that died before this call (imports take seconds) is caught too. Linux
+    only; a no-op elsewhere."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    expected = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the request took effect
+    if os.getppid() != expected:  # the parent died before the request took effect
         os._exit(128 + signal.SIGKILL)
 
 

@@ -47,6 +47,7 @@ def generate_main(args: argparse.Namespace) -> int:
             WORLD_SIZE=str(world),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
+            CONVEYOR_PARENT_PID=str(os.getpid()),  # the ranks die with this process (utils.die_with_parent)
         )
         if world > 1:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
