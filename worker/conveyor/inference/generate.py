@@ -1,8 +1,9 @@
 """Pipelined generation: micro-batches of lanes flow through the stages; the last stage samples and
 sends the tokens back to the first.
 
-Every rank of a replica group runs ``run_generation``. Stage 0 schedules (``Scheduler``); the other
-stages follow the work items it sends (``follow``), so the schedule lives in one place. Work items:
+Every rank of a replica group runs ``run_generation``. Stage 0 schedules (``Scheduler``, here); the
+other stages follow the work items it sends (``StageWorker.follow``, stage.py), so the schedule lives
+in one place. Work items:
 
 * prefill: the prompts of the sequences joining in a turn [k, S] into their lanes (padded on the right
   to the longest, the padding at the scratch position); a prompt longer than ``prefill_chunk`` goes
@@ -30,15 +31,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from conveyor.inference.cuda_graphs import GraphedDecode
 from conveyor.inference.model import StageModel
-from conveyor.inference.p2p import Channel, meta_group
-from conveyor.inference.sampling import SamplingParams, sample, sequence_key
+from conveyor.inference.sampling import SamplingParams, sequence_key
+from conveyor.inference.stage import DECODE, EXTEND, HEADER, PREFILL, PipelinePeers, StageWorker
 
-PREFILL, DECODE, STOP, EXTEND = 1, 2, 0, 3
-HEADER = 5  # kind, lane_start, n, S, kv_len
+__all__ = [
+    "PipelinePeers",
+    "Request",
+    "Result",
+    "SchedulerHooks",
+    "StageWorker",
+    "prepare_rank",
+    "run_generation",
+]
+
 # Decode reads the keys of [0, kv_len), kv_len the longest sequence's length rounded up to a block: each
 # block size is one CUDA graph (and, past the first, no new compile: its length is symbolic).
 KV_BLOCK = 64
@@ -67,179 +74,6 @@ class Result:
     finish_reason: str  # "stop" or "length"
     text: str | None = None
     time_to_first_token: float = 0.0
-
-
-@dataclass
-class PipelinePeers:
-    """Where this rank sits: its stage, and the global ranks it talks to (same replica and tp rank)."""
-
-    stage: int
-    stages: int
-    prev_rank: int | None
-    next_rank: int | None
-    first_rank: int  # stage 0 of this pipeline (where tokens go back)
-    last_rank: int
-    tensor_group: Any = None  # tensor-parallel group of this stage, or None
-    tensor_src: int = 0  # global rank of tp rank 0 of this stage
-    meta_group: Any = None  # gloo group for item metadata (p2p.py); None: the default group
-
-    @classmethod
-    def from_topology(cls, topo: Any) -> PipelinePeers:
-        """Every rank calls this (it creates the metadata group when there is more than one stage)."""
-        return cls(
-            stage=topo.stage,
-            stages=topo.num_stages,
-            prev_rank=topo.prev_rank,
-            next_rank=topo.next_rank,
-            first_rank=topo.stage_rank(0),
-            last_rank=topo.stage_rank(topo.num_stages - 1),
-            tensor_group=topo.tensor_group if topo.layout.tensor_parallel > 1 else None,
-            tensor_src=topo.layout.rank(topo.replica, topo.stage, 0),
-            meta_group=meta_group() if dist.is_initialized() and dist.get_world_size() > 1 else None,
-        )
-
-    @property
-    def is_first(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.stage == self.stages - 1
-
-
-class StageWorker:
-    """Runs work items on this rank's stage model; the last stage samples."""
-
-    def __init__(self, model: StageModel, peers: PipelinePeers, params: SamplingParams, device: torch.device):
-        self.model, self.peers, self.params, self.device = model, peers, params, device
-        assert model.cache is not None, "setup_cache() before generating"
-        self.channel = Channel(device, model.cache.k[0].dtype, peers.meta_group)
-        self.forward = GraphedDecode(model)  # compiled CUDA graphs for decode steps; eager on the CPU
-        self.scratch = model.cache.scratch_position
-        self.seen: torch.Tensor | None = None
-        if peers.is_last and params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(
-                model.cache.lanes_total, model.arch.vocab_size, dtype=torch.bool, device=device
-            )
-
-    @staticmethod
-    def pack(
-        kind: int,
-        lane_start: int,
-        positions: torch.Tensor,
-        keys: list[int],
-        steps: list[int],
-        tokens: torch.Tensor | None = None,
-        kv_len: int = 0,
-        lanes: list[int] | None = None,
-    ) -> torch.Tensor:
-        """meta [5 + n*S + 3n (+ n*S)]: kind, lane_start, n, S, kv_len, positions, keys, steps, lanes
-        (, tokens).
-
-        A decode item's lanes are [lane_start, lane_start + n); a prefill item's are listed in ``lanes``
-        (the free lanes of a micro-batch need not be contiguous). Prefill items carry their prompt
-        tokens (the last stage needs them for the repetition penalty); decode items do not: stage 0
-        feeds each lane the token sampled last, which stays on the device."""
-        n, s = positions.shape
-        lanes = lanes if lanes is not None else list(range(lane_start, lane_start + n))
-        head = torch.tensor([kind, lane_start, n, s, kv_len, *keys, *steps, *lanes], dtype=torch.int64)
-        parts = [head[:HEADER], positions.flatten().cpu(), head[HEADER:]]
-        if tokens is not None:
-            parts.append(tokens.flatten().cpu())
-        return torch.cat(parts)
-
-    @staticmethod
-    def header(meta: torch.Tensor) -> tuple[int, int, int, int, int]:
-        """kind, lane_start, n, S, kv_len (host ints: on a device meta this waits for it)."""
-        kind, lane_start, n, s, kv_len = meta[:HEADER].tolist()
-        return kind, lane_start, n, s, kv_len
-
-    @staticmethod
-    def fields(
-        meta: torch.Tensor, n: int, s: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """positions [n, S], keys [n], steps [n], lanes [n], tokens [n, S] or None (views of ``meta``)."""
-        rest = meta[HEADER:]
-        positions = rest[: n * s].view(n, s)
-        keys, steps, lanes = (rest[n * s + i * n : n * s + (i + 1) * n] for i in range(3))
-        tokens = rest[n * s + 3 * n :]
-        return positions, keys, steps, lanes, (tokens.view(n, s) if tokens.numel() else None)
-
-    def to_device(self, meta: torch.Tensor) -> torch.Tensor:
-        """One host-to-device copy of an item's metadata; pinned, so the host does not wait for the GPU."""
-        if self.device.type != "cuda" or meta.device.type == "cuda":
-            return meta.to(self.device)
-        return meta.pin_memory().to(self.device, non_blocking=True)
-
-    @torch.inference_mode()
-    def execute(
-        self, meta: torch.Tensor, hidden: torch.Tensor | None, tokens: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Run one item: returns hidden [n, S, H] for the next stage, or tokens [n] on the last stage.
-
-        Stage 0 passes the decode item's input ``tokens`` [n, 1] (on the device); a prefill item's come
-        from the meta."""
-        kind, lane_start, n, s, kv_len = self.header(meta)  # stage 0's meta is on the host: no wait
-        positions, keys, steps, lanes, prompt = self.fields(self.to_device(meta), n, s)
-        if kind in (PREFILL, EXTEND):
-            tokens = prompt
-        inputs = tokens if self.peers.is_first else hidden
-        assert inputs is not None, "stage 0 needs tokens, a later stage the previous stage's hidden state"
-        if kind == PREFILL:
-            out = self.model(inputs, positions, prefill=True, lanes=lanes)
-        elif kind == EXTEND:  # a later chunk of one prompt: its keys join those already in the cache
-            out = self.model(inputs, positions, lane_start, kv_len=kv_len)
-        else:
-            out = self.forward(inputs, positions, lane_start, kv_len)
-        if not self.peers.is_last:
-            # why clone: a replayed graph's output is overwritten by the next step while a send may read it
-            return out.clone() if kind == DECODE else out
-        seen = None
-        if self.seen is not None:
-            if kind == PREFILL:
-                assert prompt is not None
-                seen = torch.zeros_like(self.seen[:n])
-                # padding (at the scratch position) counts as the first prompt token, already seen
-                seen.scatter_(1, torch.where(positions != self.scratch, prompt, prompt[:, :1]), True)
-            else:
-                seen = self.seen[lane_start : lane_start + n]
-                if kind == EXTEND:
-                    assert prompt is not None
-                    seen.scatter_(1, prompt, True)
-        new = sample(out, self.params, keys, steps, seen)
-        if self.peers.tensor_group is not None:
-            # why: every tp rank sampled the same logits; rank 0's tokens make that exact, whatever
-            # the reduction order did to the last bit, so the ranks' schedules can never diverge.
-            dist.broadcast(new, self.peers.tensor_src, group=self.peers.tensor_group)
-        if seen is not None:
-            # a lane samples a token it keeps: not idle (scratch), not a prompt chunk before the last (-1)
-            active = (positions[:, 0] != self.scratch) & (steps >= 0)
-            seen[active] = seen[active].scatter(1, new[active, None], True)
-            if kind == PREFILL:
-                assert self.seen is not None
-                self.seen[lanes] = seen
-        return new
-
-    def follow(self) -> None:
-        """Stages > 0: execute what arrives until the stop item."""
-        p = self.peers
-        assert p.prev_rank is not None
-        hidden_size = self.model.arch.hidden
-        while True:
-            meta = self.channel.recv_meta(p.prev_rank)  # on the host
-            kind, _, n, s, _ = self.header(meta)
-            if kind == STOP:
-                if p.next_rank is not None:
-                    self.channel.send_meta(meta, p.next_rank)
-                break
-            hidden = self.channel.recv_payload((n, s, hidden_size), p.prev_rank)
-            out = self.execute(meta, hidden)
-            if p.is_last:
-                self.channel.send_payload(out, p.first_rank)
-            else:
-                assert p.next_rank is not None
-                self.channel.send_item(meta, out, p.next_rank)
-        self.channel.flush()
 
 
 class TokenReadback:
