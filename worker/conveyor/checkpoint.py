@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,8 +41,11 @@ class Committed:
         return {"step": self.step, "time": rfc3339(self.time)}
 
 
-def rfc3339(unix_seconds: float) -> str:
-    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def rfc3339(unix_seconds: float | None = None) -> str:
+    """A Unix time (default: now) as Kubernetes writes times."""
+    return datetime.fromtimestamp(time.time() if unix_seconds is None else unix_seconds, UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
 
 
 def step_name(step: int) -> str:
@@ -52,7 +56,8 @@ def staging_dir(root: Path, name: str) -> Path:
     return root / f"{name}.tmp"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (the directory entry is data too)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -107,7 +112,7 @@ def commit(
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer_tmp, root / LATEST)  # the commit point
-        _fsync_dir(root)
+        fsync_dir(root)
         if keep:
             prune(root, keep)
     barrier()  # nobody reads `latest` before it is written
@@ -135,14 +140,17 @@ def prune(root: Path, keep: int) -> None:
 def write_termination_message(
     path: str | Path | None,
     completed: bool,
-    last_checkpoint: Committed | None = None,
+    last_checkpoint: Committed | dict[str, Any] | None = None,
     message: str | None = None,
 ) -> dict[str, Any]:
     """The JSON a worker leaves in CONVEYOR_TERMINATION_LOG (the operator reads it as the pod's
-    termination message): ``{"completed": true, "lastCheckpoint": {"step": N, "time": ...}}``."""
+    termination message): ``{"completed": true, "lastCheckpoint": {"step": N, "time": ...}}``;
+    ``last_checkpoint`` is a committed checkpoint or such a status object already."""
     body: dict[str, Any] = {"completed": completed}
     if last_checkpoint is not None:
-        body["lastCheckpoint"] = last_checkpoint.as_status()
+        if isinstance(last_checkpoint, Committed):
+            last_checkpoint = last_checkpoint.as_status()
+        body["lastCheckpoint"] = last_checkpoint
     if message:
         body["message"] = message[-3000:]  # Kubernetes keeps at most 4096 bytes
     if path:

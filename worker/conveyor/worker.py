@@ -8,7 +8,6 @@ the operator sees one failed container and restarts the whole group.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -84,15 +83,14 @@ def committed_progress(pod: PodEnv) -> dict[str, Any] | None:
 def report_failure(pod: PodEnv, message: str) -> None:
     """A failed pod's termination message: what failed, and what is committed (so the operator's
     restart says where the group resumes). Reading the volumes must never hide the failure."""
+    from conveyor.checkpoint import write_termination_message
+
     path = os.environ.get("CONVEYOR_TERMINATION_LOG")
     if not path:
         return
-    body: dict[str, Any] = {"completed": False, "message": message[-3000:]}  # Kubernetes keeps 4 KiB
     try:
         progress = committed_progress(pod)
     except Exception as err:  # a broken volume: report the failure without progress
         log.warning("could not read the committed progress", extra={"error": str(err)})
         progress = None
-    if progress is not None:
-        body["lastCheckpoint"] = progress
-    Path(path).write_text(json.dumps(body))
+    write_termination_message(path, False, progress, message)

@@ -251,6 +251,10 @@ class Scheduler:
         )
         return _Item(PREFILL, lanes[0], joining)
 
+    def _kv_len(self, longest: int) -> int:
+        """The cache slots an item reads: ``longest`` rounded up to a KV block, at most the cache."""
+        return min(-(-longest // KV_BLOCK) * KV_BLOCK, self.max_len + 1)
+
     def _chunk(self, index: int) -> _Item:
         """The next chunk of a long prompt: the first as a prefill, later ones extend the lane's cache."""
         lane = self.lanes[index]
@@ -262,7 +266,7 @@ class Scheduler:
         kind = PREFILL if c0 == 0 else EXTEND
         positions = torch.arange(c0, c1, dtype=torch.int64)[None]  # [1, C]
         tokens = torch.tensor([req.prompt_ids[c0:c1]], dtype=torch.int64)
-        kv_len = min(-(-c1 // KV_BLOCK) * KV_BLOCK, self.max_len + 1)
+        kv_len = self._kv_len(c1)
         step = 0 if final else -1  # -1: the last stage keeps no token for it
         self._submit(self.worker.pack(kind, index, positions, [req.key], [step], tokens, kv_len, [index]))
         lane.prefilled = c1
@@ -283,7 +287,7 @@ class Scheduler:
             keys[j], steps[j] = lane.request.key, lane.scheduled
             longest = max(longest, int(positions[j, 0]) + 1)
             lane.scheduled += 1
-        kv_len = min(-(-longest // KV_BLOCK) * KV_BLOCK, self.max_len + 1)
+        kv_len = self._kv_len(longest)
         meta = self.worker.pack(DECODE, start, positions, keys, steps, kv_len=kv_len)
         self._submit(meta, self.next_token[start : start + self.b, None])
         return _Item(DECODE, start, [(i, self.lanes[i].request) for i in active])  # type: ignore[misc]

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from conveyor import metrics
+from conveyor.checkpoint import rfc3339, write_termination_message
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
 from conveyor.inference.generate import (
@@ -32,7 +33,7 @@ from conveyor.inference.generate import (
     prepare_rank,
     run_generation,
 )
-from conveyor.inference.progress import ResultLog, merge_parts, rfc3339
+from conveyor.inference.progress import ResultLog, merge_parts
 from conveyor.inference.sampling import SamplingParams
 from conveyor.log import get_logger
 from conveyor.topology import Layout, Topology
@@ -112,8 +113,7 @@ def write_termination(completed: bool, step: int) -> None:
     path = os.environ.get("CONVEYOR_TERMINATION_LOG")
     if not path:
         return
-    message: dict[str, Any] = {"completed": completed, "lastCheckpoint": {"step": step, "time": rfc3339()}}
-    Path(path).write_text(json.dumps(message))
+    write_termination_message(path, completed, {"step": step, "time": rfc3339()})
 
 
 def run_rank(pod: PodEnv, local_rank: int) -> int:

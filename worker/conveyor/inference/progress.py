@@ -11,18 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from conveyor.checkpoint import fsync_dir, rfc3339
 
 
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
@@ -32,11 +24,7 @@ def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def rfc3339(ts: float | None = None) -> str:
-    return datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    fsync_dir(path.parent)
 
 
 class ResultLog:
@@ -126,5 +114,5 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, output)
-    _fsync_dir(output.parent)
+    fsync_dir(output.parent)
     return True
