@@ -101,6 +101,7 @@ def main() -> int:
     if engine.global_steps >= settings.steps:
         log.info("job already complete", extra={"step": engine.global_steps})
         settings.finish(completed=True)
+        destroy_distributed()
         return 0
 
     data = None

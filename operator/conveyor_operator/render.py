@@ -220,6 +220,9 @@ def _env(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int) -> l
         else:
             env.append({"name": key, "value": value})
     env.append({"name": "CONVEYOR_TERMINATION_LOG", "value": TERMINATION_LOG})
+    # The pod's generation beyond its restart count (a new image keeps the workers' spec): ranks of an
+    # outdated template never rendezvous with the current one.
+    env.append({"name": "CONVEYOR_TEMPLATE_HASH", "value": template_hash(spec)})
     return env + list(spec.template.env)
 
 

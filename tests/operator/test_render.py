@@ -71,6 +71,24 @@ def test_every_rank_gets_a_distinct_rank_and_rendezvous_of_its_group(spec_doc: d
     assert len(seen) == per_world * worlds
 
 
+def test_a_restart_or_a_new_spec_is_a_new_rendezvous() -> None:
+    """Ranks of one generation share a rendezvous; another restart count or spec never meets them."""
+
+    def rendezvous(spec_doc: dict[str, Any], restart: int) -> set[str]:
+        spec = parse_spec(spec_doc)
+        sts = render.build_statefulsets(
+            JOB, spec, {render.groups("llm", spec)[0].name: restart}, running=True
+        )[0]
+        pods = [PodEnv.from_environ(_environ(sts, i)) for i in range(sts["spec"]["replicas"])]
+        return {pod.rank_environ(local)["CONVEYOR_RENDEZVOUS"] for pod in pods for local in range(2)}
+
+    first = rendezvous(inference_spec(stages=2, tp=2), 0)
+    assert len(first) == 1
+    assert rendezvous(inference_spec(stages=2, tp=2), 0) == first
+    assert rendezvous(inference_spec(stages=2, tp=2), 1).isdisjoint(first)
+    assert rendezvous(inference_spec(stages=2, tp=2, image="conveyor:next"), 0).isdisjoint(first)
+
+
 def test_gpus_default_to_tensor_parallel_and_can_be_overridden() -> None:
     def gpus(spec_doc: dict[str, Any]) -> str | None:
         sts = render.build_statefulsets(JOB, parse_spec(spec_doc), {}, running=True)[0]

@@ -207,9 +207,14 @@ def test_the_default_image_is_not_in_the_worker_spec_but_the_container_image_is_
         render.build_statefulsets(JOB, a, {}, running=True),
         render.build_statefulsets(JOB, b, {}, running=True),
     )
-    assert "image" not in json.loads(_environ(sts_a, 0)["CONVEYOR_SPEC"])
-    assert _environ(sts_a, 0) == _environ(sts_b, 0)
+    env_a, env_b = _environ(sts_a, 0), _environ(sts_b, 0)
+    assert "image" not in json.loads(env_a["CONVEYOR_SPEC"])
+    assert env_a["CONVEYOR_SPEC"] == env_b["CONVEYOR_SPEC"]
     assert render.template_hash(a) != render.template_hash(b)
+    # Ranks of the two images never meet in one rendezvous.
+    assert env_a.pop("CONVEYOR_TEMPLATE_HASH") == render.template_hash(a)
+    assert env_b.pop("CONVEYOR_TEMPLATE_HASH") == render.template_hash(b)
+    assert env_a == env_b
 
 
 # ---- the first upgrade to revision hashes: pods of the older operator are current ----

@@ -68,3 +68,30 @@ def test_missing_peer_times_out_instead_of_hanging():
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert f"127.0.0.1:{port}" in proc.stdout and "within 3s" in proc.stdout
+
+
+@pytest.mark.integration
+def test_a_rank_of_an_earlier_generation_never_joins_the_new_one():
+    """A pod recreated from the old template (restart 0) reaches the new rank 0 (restart 1) first: the
+    new generation forms without it, and it only times out apart."""
+    port = free_port()
+
+    def start(rank: int, generation: str, timeout: int) -> subprocess.Popen:
+        env = subprocess_env(
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            CONVEYOR_RENDEZVOUS=generation,
+        )
+        code = _CHILD.format(timeout=timeout)
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+
+    new_master = start(0, "restart-1-abc", 60)
+    stale = start(1, "restart-0-abc", 8)
+    stale_out = stale.communicate(timeout=120)[0]
+    new_peer = start(1, "restart-1-abc", 60)
+    outs = [p.communicate(timeout=120)[0] for p in (new_master, new_peer)]
+    assert stale.returncode == 3 and "TIMEOUT" in stale_out, stale_out
+    assert [new_master.returncode, new_peer.returncode] == [0, 0], outs
+    assert "SUM 3 STAGE 0" in outs[0] and "SUM 3 STAGE 1" in outs[1]

@@ -1,7 +1,16 @@
-"""Process-group start-up: env:// rendezvous with clear errors and a timeout instead of a hang."""
+"""Process-group start-up: env:// rendezvous with clear errors and a timeout instead of a hang.
+
+A group's pods are replaced together on a restart, but a pod the StatefulSet controller recreated from
+the old template just before the operator's restart can outlive it for a moment, and it reaches the new
+rank 0 at the same address. Left alone it would take a rank's place in the new generation and, deleted a
+moment later, fail the generation it was never part of. So when the environment names a rendezvous
+(CONVEYOR_RENDEZVOUS: the restart count and the spec's digest, set by ``PodEnv.rank_environ``), every
+key of the rendezvous is prefixed with it: ranks of another generation wait apart, never with this one.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -83,13 +92,16 @@ def init_distributed(
     # init_method="env://" reads os.environ; mirror an explicit mapping there.
     if environ is not None:
         os.environ.update({k: environ[k] for k in (*_REQUIRED, "LOCAL_RANK") if k in environ})
+    timeout = timedelta(seconds=timeout_seconds)
     try:
+        store = _generation_store(env, rank, timeout)
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
+            init_method=None if store is not None else "env://",
+            store=store,
             rank=rank,
             world_size=world,
-            timeout=timedelta(seconds=timeout_seconds),
+            timeout=timeout,
             device_id=dev if backend == "nccl" else None,
         )
     except (RuntimeError, dist.DistStoreError) as err:
@@ -97,8 +109,25 @@ def init_distributed(
             f"rank {rank}/{world} could not join the process group at {where} within {timeout_seconds:.0f}s "
             f"({type(err).__name__}: {err}); check that every rank started and MASTER_ADDR resolves"
         ) from err
+    # A process that exits with its gloo group alive can abort in the group's teardown ("terminate called
+    # without an active exception", exit 134) when a peer closed first: tear it down before the
+    # interpreter does, for scripts that return without destroy_distributed() too.
+    atexit.register(destroy_distributed)
     metrics.READINESS.joined()
     return DistInfo(rank, world, local_rank, backend, dev)
+
+
+def _generation_store(env: Mapping[str, str], rank: int, timeout: timedelta) -> dist.Store | None:
+    """The rendezvous store scoped to CONVEYOR_RENDEZVOUS, or None (plain env://) when it is not set."""
+    generation = env.get("CONVEYOR_RENDEZVOUS")
+    if not generation:
+        return None
+    # wait_for_workers=False: rank 0 does not count connections, which a stale rank would inflate; the
+    # prefixed barrier inside init_process_group is what waits for this generation's ranks.
+    server = dist.TCPStore(
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), None, rank == 0, timeout, wait_for_workers=False
+    )
+    return dist.PrefixStore(f"conveyor/{generation}/", server)
 
 
 def destroy_distributed() -> None:

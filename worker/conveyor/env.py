@@ -50,6 +50,7 @@ class PodEnv:
     restart: int
     checkpoint_dir: str | None
     spec: PipelineJobSpec
+    template_hash: str | None = None  # the operator's hash of the pod template (CONVEYOR_TEMPLATE_HASH)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> PodEnv:
@@ -105,6 +106,7 @@ class PodEnv:
             restart=_int(env, "CONVEYOR_RESTART", 0),
             checkpoint_dir=env.get("CONVEYOR_CHECKPOINT_DIR") or None,
             spec=spec,
+            template_hash=env.get("CONVEYOR_TEMPLATE_HASH") or None,
         )
 
     @property
@@ -127,7 +129,19 @@ class PodEnv:
             "LOCAL_WORLD_SIZE": str(self.tensor_parallel),
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(self.master_port),
+            "CONVEYOR_RENDEZVOUS": self.rendezvous,
         }
+
+    @property
+    def rendezvous(self) -> str:
+        """This generation of the group: ranks of another restart or pod template never join it
+        (distributed.py). Without the operator's template hash (``conveyor run``), the spec's digest."""
+        import hashlib
+
+        from conveyor.spec import spec_to_json
+
+        digest = self.template_hash or hashlib.sha256(spec_to_json(self.spec).encode()).hexdigest()[:12]
+        return f"restart-{self.restart}-{digest}"
 
 
 def pod_environ(
