@@ -13,7 +13,8 @@ decode path it takes: CUDA graphs / compile when the engine uses them) at each -
 its roofline (bytes one decode step reads: the weights as stored, int8 + scales for the quantized
 linears, without the embedding table, plus the KV cache at the average context / copy bandwidth).
 
-Model building, prompts, bandwidth and the KV-cache size come from benchmarks/generate.py.
+Model shapes come from benchmarks/common.py; model building, prompts, bandwidth and the KV-cache size
+from benchmarks/generate.py.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker"))
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.generate import (  # noqa: E402 (after the path setup)
+from benchmarks.common import SHAPES, save_report  # noqa: E402 (after the path setup)
+from benchmarks.generate import (  # noqa: E402
     DTYPES,
-    SHAPES,
     build_checkpoint,
     measure_bandwidth,
     prompts,
@@ -211,9 +212,7 @@ def main() -> None:
                 f"{r['roofline_ms']:.2f} | {100 * r['fraction_of_roofline']:.0f}% |"
             )
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":
