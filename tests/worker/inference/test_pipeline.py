@@ -13,6 +13,7 @@ from conveyor.inference.sampling import SamplingParams
 from conveyor.testing.tiny import FAMILIES, save_tiny
 from conveyor.topology import Layout, Topology
 
+from tests.worker.inference.generation import one_process_rank, output_ids
 from tests.worker.inference.launch import run_ranks
 
 # Prompts of different lengths in one batch; more prompts than lanes, so sequences join mid-run.
@@ -69,21 +70,9 @@ def single_sampled(models: dict[str, str]) -> dict[str, list[list[int]]]:
 
 def single_process(model_dir: str, fields: dict, prefill_chunk: int = 2048) -> list[list[int]]:
     params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    model, peers = prepare_rank(
-        model_dir, Topology(Layout()), dtype=torch.float32, device=torch.device("cpu"), lanes=4, max_len=48
-    )
-    got: dict[int, list[int]] = {}
-    run_generation(
-        model,
-        peers,
-        params,
-        [Request(i, p, NEW_TOKENS) for i, p in enumerate(PROMPTS)],
-        micro_batches=1,
-        lanes_per_micro_batch=4,
-        device=torch.device("cpu"),
-        hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r.output_ids)),
-        prefill_chunk=prefill_chunk,
-    )
+    model, peers = one_process_rank(model_dir, lanes=4, max_len=48)
+    requests = [Request(i, p, NEW_TOKENS) for i, p in enumerate(PROMPTS)]
+    got = output_ids(model, peers, params, requests, lanes_per_micro_batch=4, prefill_chunk=prefill_chunk)
     return [got[i] for i in range(len(PROMPTS))]
 
 
