@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker"))
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import SHAPES, save_report  # noqa: E402 (after the path setup)
+from conveyor.testing.reference import one_process_rank  # noqa: E402 (after the path setup)
+
+from benchmarks.common import SHAPES, save_report  # noqa: E402
 from benchmarks.generate import (  # noqa: E402
     DTYPES,
     build_checkpoint,
@@ -40,23 +42,6 @@ from benchmarks.generate import (  # noqa: E402
     prompts,
     sync,
 )
-
-
-def load(
-    model_dir: Path, quantization: str, dtype: torch.dtype, device: torch.device, lanes: int, max_len: int
-):
-    from conveyor.inference.generate import prepare_rank
-    from conveyor.topology import Layout, Topology
-
-    return prepare_rank(
-        str(model_dir),
-        Topology(Layout()),
-        dtype=dtype,
-        device=device,
-        lanes=lanes,
-        max_len=max_len,
-        quantization=quantization,  # type: ignore[arg-type]
-    )
 
 
 def generate(
@@ -145,7 +130,12 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
     plen, new = args.prompt_len, args.new_tokens
     lanes = max([args.prompts, *batches])
-    models = {q: load(model_dir, q, dtype, device, lanes, plen + new) for q in ("none", "int8")}
+    models = {
+        q: one_process_rank(
+            model_dir, dtype=dtype, device=device, lanes=lanes, max_len=plen + new, quantization=q
+        )
+        for q in ("none", "int8")
+    }
 
     ids = prompts(args.prompts, plen, vocab)
     logits = {q: all_logits(m, torch.tensor(ids, device=device)) for q, (m, _) in models.items()}

@@ -1,5 +1,5 @@
-"""Generation as the inference tests run it: a one-process rank (the reference parallel runs are compared
-with), the output ids of a ``run_generation``, and ``conveyor generate`` as a child process."""
+"""Generation as the inference tests run it: the output ids of a ``run_generation``, and ``conveyor generate``
+as a child process. (The one-process reference rank is ``conveyor.testing.reference.one_process_rank``.)"""
 
 from __future__ import annotations
 
@@ -10,35 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conveyor.inference.generate import PipelinePeers, Request, SchedulerHooks, prepare_rank, run_generation
+from conveyor.inference.generate import PipelinePeers, Request, SchedulerHooks, run_generation
 from conveyor.inference.model import StageModel
 from conveyor.inference.sampling import SamplingParams
-from conveyor.topology import Layout, Topology
 
 from tests.conftest import conveyor_cmd, subprocess_env
 
 CPU = torch.device("cpu")
-
-
-def one_process_rank(
-    model_dir: str | Path,
-    *,
-    lanes: int,
-    max_len: int,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device = CPU,
-    quantization: str = "none",
-) -> tuple[StageModel, PipelinePeers]:
-    """``prepare_rank`` of the whole model in this process (one stage, no tensor parallelism)."""
-    return prepare_rank(
-        str(model_dir),
-        Topology(Layout()),
-        dtype=dtype,
-        device=device,
-        lanes=lanes,
-        max_len=max_len,
-        quantization=quantization,
-    )
 
 
 def output_ids(

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conveyor.inference.generate import Request
 from conveyor.inference.sampling import SamplingParams
+from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import save_tiny
 
-from tests.worker.inference.generation import one_process_rank, output_ids
+from tests.worker.inference.generation import output_ids
 
 pytestmark = pytest.mark.gpu
 PROMPTS = [[5, 6, 7, 8, 9, 10], [20, 21, 22], [30]]

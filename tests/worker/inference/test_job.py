@@ -122,8 +122,9 @@ def test_kill_a_rank_then_restart_completes_each_prompt_once(model: Path, tmp_pa
 def test_two_replicas_merge_into_one_output_equal_to_one_process(model: Path, tmp_path: Path) -> None:
     """2 replicas, seeded sampling: one merged output, the tokens of one process."""
     from conveyor.inference.job import load_tokenizer, read_requests, sampling_params
+    from conveyor.testing.reference import one_process_rank
 
-    from tests.worker.inference.generation import one_process_rank, output_ids
+    from tests.worker.inference.generation import output_ids
 
     spec = make_spec(tmp_path, model, stages=1, tp=1, replicas=2)
     wait_ranks([p for r in range(2) for p in start_replica(spec, r, tmp_path)])

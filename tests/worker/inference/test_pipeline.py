@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
+from conveyor.inference.generate import Request, SchedulerHooks, run_generation
 from conveyor.inference.sampling import SamplingParams
+from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import FAMILIES, save_tiny
-from conveyor.topology import Layout, Topology
 
-from tests.worker.inference.generation import one_process_rank, output_ids
+from tests.worker.inference.generation import output_ids
 from tests.worker.inference.launch import run_ranks
 
 # Prompts of different lengths in one batch; more prompts than lanes, so sequences join mid-run.
@@ -130,9 +130,7 @@ def test_stop_strings_cut_text_and_bf16_runs(tmp_path: Path) -> None:
     tok = load_tokenizer(str(d))
 
     def run(stop: tuple[str, ...], dtype: torch.dtype) -> dict:
-        model, peers = prepare_rank(
-            str(d), Topology(Layout()), dtype=dtype, device=torch.device("cpu"), lanes=2, max_len=40
-        )
+        model, peers = one_process_rank(d, dtype=dtype, lanes=2, max_len=40)
         got: dict = {}
         run_generation(
             model,
@@ -171,9 +169,7 @@ def test_sequences_leave_at_stop_tokens_and_others_join_their_lanes(
     """The host reads tokens one step late, so a sequence that stops runs one extra step: that step's
     token must be dropped, and a sequence admitted into the freed lane must be unaffected by it."""
     d = save_tiny("llama", tmp_path / "m")
-    model, peers = prepare_rank(
-        str(d), Topology(Layout()), dtype=torch.float32, device=torch.device("cpu"), lanes=2, max_len=40
-    )
+    model, peers = one_process_rank(d, lanes=2, max_len=40)
 
     def run(prompts: list[list[int]], stop: tuple[int, ...]) -> dict:
         got: dict = {}

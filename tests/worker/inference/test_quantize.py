@@ -25,12 +25,13 @@ from conveyor.inference.quantize import (
 )
 from conveyor.inference.sampling import SamplingParams
 from conveyor.inference.tensor_parallel import add_all_reduce_hooks
+from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import FAMILIES, save_tiny
 from conveyor.topology import Layout, Topology
 from torch import nn
 
 from tests.conftest import subprocess_env
-from tests.worker.inference.generation import conveyor_generate, one_process_rank, output_ids, rows_by_prompt
+from tests.worker.inference.generation import conveyor_generate, output_ids, rows_by_prompt
 
 CPU = torch.device("cpu")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34], [40] * 5, [50, 60], [70, 3, 90, 4]]
