@@ -19,7 +19,6 @@ copy bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,15 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker"))
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.generate import SHAPES, measure_bandwidth  # noqa: E402
+from benchmarks.common import SHAPES, llama_config, save_report  # noqa: E402
+from benchmarks.generate import measure_bandwidth  # noqa: E402
 
 
 def build(shape: str, dtype: torch.dtype, lanes: int, max_len: int):  # type: ignore[no-untyped-def]
-    import transformers as T
     from conveyor.inference.families import arch_from_config
     from conveyor.inference.model import StageModel
 
-    arch = arch_from_config(T.LlamaConfig(**SHAPES[shape]))
+    arch = arch_from_config(llama_config(shape))
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = StageModel(arch, range(arch.layers), first=True, last=True).to(dtype).eval()
@@ -186,9 +185,7 @@ def main() -> None:
             print(f"batch {b} {v} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         report["rows"].append(row)
         del tokens, positions
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    save_report(report, args.out)
     print(f"{args.model_shape} bf16 on {report['device']}, torch {torch.__version__}, {bw / 1e12:.2f} TB/s")
     print("| batch | roofline ms | " + " | ".join(f"{v} ms" for v in variants) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in variants) + " |")

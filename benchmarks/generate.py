@@ -29,27 +29,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker"))
+sys.path.insert(0, str(ROOT))
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama2-7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=512,
-    ),
-}
+from benchmarks.common import SHAPES, llama_config, save_report  # noqa: E402 (after the path setup)
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -59,7 +42,7 @@ def build_checkpoint(shape: str, dtype: torch.dtype, device: str, workdir: Path)
     out = workdir / f"{shape}-{str(dtype).removeprefix('torch.')}"
     if (out / "config.json").exists():
         return out
-    config = T.LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2)
+    config = llama_config(shape)
     torch.manual_seed(0)
     with torch.device(device):
         model = T.LlamaForCausalLM(config).to(dtype)
@@ -167,6 +150,26 @@ def rank_worker(cfg: dict[str, Any]) -> None:
         lanes=max(batches) + cfg["stages"],
         max_len=plen + new,
     )
+
+    def timed(
+        reqs: list[Request], m: int, lanes: int, hooks: SchedulerHooks | None = None
+    ) -> tuple[float, float]:
+        """perf_counter at the start and the end (device synchronized) of one greedy generation."""
+        sync(cfg["device"])
+        t0 = time.perf_counter()
+        run_generation(
+            model,
+            peers,
+            SamplingParams(),
+            reqs,
+            micro_batches=m,
+            lanes_per_micro_batch=lanes,
+            device=info.device,
+            hooks=hooks,
+        )
+        sync(cfg["device"])
+        return t0, time.perf_counter()
+
     results: dict[str, Any] = {}
     waited = [0.0]
     for b in batches:
@@ -180,20 +183,7 @@ def rank_worker(cfg: dict[str, Any]) -> None:
                 on_first_token=lambda dt: first.append(time.perf_counter()),
                 on_wait=lambda dt: waited.__setitem__(0, waited[0] + dt),
             )
-            sync(cfg["device"])
-            t0 = time.perf_counter()
-            run_generation(
-                model,
-                peers,
-                SamplingParams(),
-                reqs,
-                micro_batches=m,
-                lanes_per_micro_batch=lanes,
-                device=info.device,
-                hooks=hooks,
-            )
-            sync(cfg["device"])
-            end = time.perf_counter()
+            t0, end = timed(reqs, m, lanes, hooks)
             return (max(first) - t0 if first else 0.0), end - (max(first) if first else t0)
 
         run(4)  # warm-up
@@ -214,19 +204,8 @@ def rank_worker(cfg: dict[str, Any]) -> None:
         times = []
         for _ in range(3):
             req = Request("ttft", prompts(1, cfg["ttft_len"], model.arch.vocab_size)[0], 1)
-            sync(cfg["device"])
-            t0 = time.perf_counter()
-            run_generation(
-                model,
-                peers,
-                SamplingParams(),
-                [req],
-                micro_batches=1,
-                lanes_per_micro_batch=1,
-                device=info.device,
-            )
-            sync(cfg["device"])
-            times.append(time.perf_counter() - t0)
+            t0, end = timed([req], 1, 1)
+            times.append(end - t0)
         results["ttft_ms"] = min(times[1:]) * 1e3
     if info.rank == 0:
         Path(cfg["out"]).write_text(json.dumps(results))
@@ -393,9 +372,7 @@ def main() -> None:
         lines.append(f"\ntime to first token, one {ttft['prompt_len']}-token prompt:")
         lines += [f"  {k}: {v:.1f} ms" for k, v in ttft.items() if k != "prompt_len"]
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":

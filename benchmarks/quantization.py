@@ -13,7 +13,8 @@ decode path it takes: CUDA graphs / compile when the engine uses them) at each -
 its roofline (bytes one decode step reads: the weights as stored, int8 + scales for the quantized
 linears, without the embedding table, plus the KV cache at the average context / copy bandwidth).
 
-Model building, prompts, bandwidth and the KV-cache size come from benchmarks/generate.py.
+Model shapes come from benchmarks/common.py; model building, prompts, bandwidth and the KV-cache size
+from benchmarks/generate.py.
 """
 
 from __future__ import annotations
@@ -31,31 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker"))
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.generate import (  # noqa: E402 (after the path setup)
+from conveyor.testing.reference import one_process_rank  # noqa: E402 (after the path setup)
+
+from benchmarks.common import SHAPES, save_report  # noqa: E402
+from benchmarks.generate import (  # noqa: E402
     DTYPES,
-    SHAPES,
     build_checkpoint,
     measure_bandwidth,
     prompts,
     sync,
 )
-
-
-def load(
-    model_dir: Path, quantization: str, dtype: torch.dtype, device: torch.device, lanes: int, max_len: int
-):
-    from conveyor.inference.generate import prepare_rank
-    from conveyor.topology import Layout, Topology
-
-    return prepare_rank(
-        str(model_dir),
-        Topology(Layout()),
-        dtype=dtype,
-        device=device,
-        lanes=lanes,
-        max_len=max_len,
-        quantization=quantization,  # type: ignore[arg-type]
-    )
 
 
 def generate(
@@ -144,7 +130,12 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
     plen, new = args.prompt_len, args.new_tokens
     lanes = max([args.prompts, *batches])
-    models = {q: load(model_dir, q, dtype, device, lanes, plen + new) for q in ("none", "int8")}
+    models = {
+        q: one_process_rank(
+            model_dir, dtype=dtype, device=device, lanes=lanes, max_len=plen + new, quantization=q
+        )
+        for q in ("none", "int8")
+    }
 
     ids = prompts(args.prompts, plen, vocab)
     logits = {q: all_logits(m, torch.tensor(ids, device=device)) for q, (m, _) in models.items()}
@@ -211,9 +202,7 @@ def main() -> None:
                 f"{r['roofline_ms']:.2f} | {100 * r['fraction_of_roofline']:.0f}% |"
             )
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -29,28 +29,33 @@ RECORD_ENV = textwrap.dedent(
 )
 
 
-def _job(tmp: Path, **parallelism) -> Path:
-    (tmp / "record.py").write_text(RECORD_ENV)
+def _write_job(path: Path, name: str, spec: dict) -> Path:
+    """A PipelineJob document named ``name`` with ``spec``, as YAML at ``path``."""
     doc = {
         "apiVersion": "conveyor.dev/v1alpha1",
         "kind": "PipelineJob",
-        "metadata": {"name": "envcheck"},
-        "spec": {
-            "mode": "train",
-            "device": "cpu",
-            "parallelism": parallelism,
-            "checkpoint": {"path": "ckpt"},
-            "train": {
-                "script": "record.py",
-                "args": ["--lr", "0.1"],
-                "steps": 5,
-                "config": {"train_batch_size": 4},
-            },
-        },
+        "metadata": {"name": name},
+        "spec": spec,
     }
-    path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def _job(tmp: Path, **parallelism) -> Path:
+    (tmp / "record.py").write_text(RECORD_ENV)
+    spec = {
+        "mode": "train",
+        "device": "cpu",
+        "parallelism": parallelism,
+        "checkpoint": {"path": "ckpt"},
+        "train": {
+            "script": "record.py",
+            "args": ["--lr", "0.1"],
+            "steps": 5,
+            "config": {"train_batch_size": 4},
+        },
+    }
+    return _write_job(tmp / "job.yaml", "envcheck", spec)
 
 
 def _run(*args, env=None, timeout=120):
@@ -113,17 +118,7 @@ def test_first_failure_stops_every_rank_and_sets_the_exit_code(tmp_path):
     ],
 )
 def test_bad_job_is_refused_before_any_process_starts(tmp_path, spec, message):
-    path = tmp_path / "bad.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "conveyor.dev/v1alpha1",
-                "kind": "PipelineJob",
-                "metadata": {"name": "bad"},
-                "spec": spec,
-            }
-        )
-    )
+    path = _write_job(tmp_path / "bad.yaml", "bad", spec)
     result = _run("run", str(path))
     assert result.returncode == 2
     assert message in result.stderr
@@ -132,22 +127,12 @@ def test_bad_job_is_refused_before_any_process_starts(tmp_path, spec, message):
 
 def test_missing_input_file_is_named(tmp_path):
     (tmp_path / "model").mkdir()
-    path = tmp_path / "job.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "conveyor.dev/v1alpha1",
-                "kind": "PipelineJob",
-                "metadata": {"name": "x"},
-                "spec": {
-                    "mode": "inference",
-                    "model": {"path": "model"},
-                    "inference": {"input": "nope.jsonl", "output": "out.jsonl"},
-                },
-            }
-        )
-    )
-    result = _run("run", str(path))
+    spec = {
+        "mode": "inference",
+        "model": {"path": "model"},
+        "inference": {"input": "nope.jsonl", "output": "out.jsonl"},
+    }
+    result = _run("run", str(_write_job(tmp_path / "job.yaml", "x", spec)))
     assert (
         result.returncode == 2 and "spec.inference.input" in result.stderr and "nope.jsonl" in result.stderr
     )

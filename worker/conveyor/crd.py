@@ -38,24 +38,21 @@ _NAME_RULE = {
     "revision names add suffixes to it and Kubernetes label values stop at 63",
 }
 
+
+def _column(name: str, type_: str, json_path: str, description: str = "") -> dict[str, Any]:
+    """One ``additionalPrinterColumns`` entry (a column of ``kubectl get pipelinejobs``)."""
+    column = {"name": name, "type": type_, "jsonPath": json_path}
+    return column | {"description": description} if description else column
+
+
 PRINTER_COLUMNS: list[dict[str, Any]] = [
-    {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
-    {
-        "name": "Layout",
-        "type": "string",
-        "jsonPath": ".status.layout",
-        "description": "stages x TP x replicas",
-    },
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Ready", "type": "string", "jsonPath": ".status.ready", "description": "ready groups / groups"},
-    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
-    {
-        "name": "Checkpoint",
-        "type": "integer",
-        "jsonPath": ".status.lastCheckpoint.step",
-        "description": "step of the last committed checkpoint",
-    },
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    _column("Mode", "string", ".spec.mode"),
+    _column("Layout", "string", ".status.layout", "stages x TP x replicas"),
+    _column("Phase", "string", ".status.phase"),
+    _column("Ready", "string", ".status.ready", "ready groups / groups"),
+    _column("Restarts", "integer", ".status.restarts"),
+    _column("Checkpoint", "integer", ".status.lastCheckpoint.step", "step of the last committed checkpoint"),
+    _column("Age", "date", ".metadata.creationTimestamp"),
 ]
 
 

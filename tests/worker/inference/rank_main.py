@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 from conveyor.distributed import destroy_distributed, init_distributed
-from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
+from conveyor.inference.generate import Request, prepare_rank
 from conveyor.inference.sampling import SamplingParams
 from conveyor.topology import Layout, Topology
+
+from tests.worker.inference.generation import output_ids
 
 
 def main(path: str) -> None:
@@ -30,9 +32,8 @@ def main(path: str) -> None:
         )
         for name, fields in case["samplings"].items():
             params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-            got: dict[int, list[int]] = {}
             requests = [Request(i, p, case["max_new_tokens"]) for i, p in enumerate(case["prompts"])]
-            run_generation(
+            got = output_ids(
                 model,
                 peers,
                 params,
@@ -40,7 +41,6 @@ def main(path: str) -> None:
                 micro_batches=case["micro_batches"],
                 lanes_per_micro_batch=case["lanes"] // case["micro_batches"],
                 device=info.device,
-                hooks=SchedulerHooks(on_result=lambda r, got=got: got.__setitem__(r.id, r.output_ids)),
                 prefill_chunk=case.get("prefill_chunk", 2048),
             )
             if peers.is_first:

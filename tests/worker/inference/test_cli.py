@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from conveyor.testing.tiny import save_tiny
 
-from tests.conftest import conveyor_cmd, subprocess_env
+from tests.worker.inference.generation import conveyor_generate, rows_by_prompt
 
 
 @pytest.mark.integration
@@ -19,24 +18,8 @@ def test_generate_two_stages_matches_hf(tmp_path: Path) -> None:
 
     d = save_tiny("qwen2", tmp_path / "m")
     prompts = ["hello world", "the quick brown fox jumps over"]
-    proc = subprocess.run(
-        conveyor_cmd(
-            "generate",
-            "--model",
-            str(d),
-            "--stages",
-            "2",
-            "--max-new-tokens",
-            "6",
-            *[a for p in prompts for a in ("--prompt", p)],
-        ),
-        env=subprocess_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["prompt"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    proc = conveyor_generate(d, prompts, "--stages", "2", "--max-new-tokens", "6", OMP_NUM_THREADS="1")
+    rows = rows_by_prompt(proc)
     assert "tokens/s" in proc.stderr
     tok = T.AutoTokenizer.from_pretrained(d)
     hf = T.AutoModelForCausalLM.from_pretrained(d).eval()
@@ -49,12 +32,6 @@ def test_generate_two_stages_matches_hf(tmp_path: Path) -> None:
 
 def test_generate_refuses_an_unsupported_family(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    proc = subprocess.run(
-        conveyor_cmd("generate", "--model", str(tmp_path), "--prompt", "hi"),
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = conveyor_generate(tmp_path, ["hi"], timeout=120)
     assert proc.returncode != 0
     assert "model family 't5'" in proc.stderr and "supported families: llama" in proc.stderr

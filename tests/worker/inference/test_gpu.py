@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
+from conveyor.inference.generate import Request
 from conveyor.inference.sampling import SamplingParams
+from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import save_tiny
-from conveyor.topology import Layout, Topology
+
+from tests.worker.inference.generation import output_ids
 
 pytestmark = pytest.mark.gpu
 PROMPTS = [[5, 6, 7, 8, 9, 10], [20, 21, 22], [30]]
@@ -17,17 +19,16 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [20, 21, 22], [30]]
 
 def generate(d: Path, dtype: torch.dtype) -> list[list[int]]:
     dev = torch.device("cuda")
-    model, peers = prepare_rank(str(d), Topology(Layout()), dtype=dtype, device=dev, lanes=4, max_len=32)
-    got: dict[int, list[int]] = {}
-    run_generation(
+    model, peers = one_process_rank(d, dtype=dtype, device=dev, lanes=4, max_len=32)
+    requests = [Request(i, p, 8) for i, p in enumerate(PROMPTS)]
+    got = output_ids(
         model,
         peers,
         SamplingParams(stop_token_ids=(2,)),
-        [Request(i, p, 8) for i, p in enumerate(PROMPTS)],
+        requests,
         micro_batches=2,
         lanes_per_micro_batch=2,
         device=dev,
-        hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r.output_ids)),
     )
     return [got[i] for i in range(len(PROMPTS))]
 

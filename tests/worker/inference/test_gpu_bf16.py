@@ -21,28 +21,21 @@ NEAR_TIE = 0.03
 
 def run_ours(model_dir, device):  # type: ignore[no-untyped-def]
     from conveyor.inference.families import load_arch
-    from conveyor.inference.generate import PipelinePeers, Request, SchedulerHooks, run_generation
+    from conveyor.inference.generate import PipelinePeers, Request
     from conveyor.inference.loader import Shard, load_stage
     from conveyor.inference.sampling import SamplingParams
     from conveyor.topology import Layout, Topology
+
+    from tests.worker.inference.generation import output_ids
 
     arch = load_arch(str(model_dir))
     stage = load_stage(
         str(model_dir), arch, stages=1, stage=0, shard=Shard(0, 1), dtype=torch.bfloat16, device=device
     )
     stage.setup_cache(4, 64, torch.bfloat16, device)
-    got: dict[int, list[int]] = {}
     peers = PipelinePeers.from_topology(Topology(Layout(), rank=0, world_size=1))
-    run_generation(
-        stage,
-        peers,
-        SamplingParams(),
-        [Request(i, p, NEW) for i, p in enumerate(PROMPTS)],
-        micro_batches=1,
-        lanes_per_micro_batch=3,
-        device=device,
-        hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r.output_ids)),
-    )
+    requests = [Request(i, p, NEW) for i, p in enumerate(PROMPTS)]
+    got = output_ids(stage, peers, SamplingParams(), requests, lanes_per_micro_batch=3, device=device)
     return [got[i] for i in range(len(PROMPTS))]
 
 

@@ -3,15 +3,13 @@ process. Skipped without two GPUs."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from conveyor.testing.tiny import save_tiny
 
-from tests.conftest import conveyor_cmd, subprocess_env
+from tests.worker.inference.generation import conveyor_generate, rows_by_prompt
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,30 +24,17 @@ def test_bf16_greedy_matches_hf_on_two_gpus(tmp_path: Path, stages: int, tensor_
 
     d = save_tiny("llama", tmp_path / "m")
     new = 10
-    proc = subprocess.run(
-        conveyor_cmd(
-            "generate",
-            "--model",
-            str(d),
-            "--stages",
-            str(stages),
-            "--tensor-parallel",
-            str(tensor_parallel),
-            "--device",
-            "cuda",
-            "--dtype",
-            "bfloat16",
-            "--max-new-tokens",
-            str(new),
-            *[a for p in PROMPTS for a in ("--prompt", p)],
-        ),
-        env=subprocess_env(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    rows = rows_by_prompt(
+        conveyor_generate(
+            d,
+            PROMPTS,
+            *("--stages", str(stages), "--tensor-parallel", str(tensor_parallel), "--device", "cuda"),
+            *("--dtype", "bfloat16", "--max-new-tokens", str(new)),
+            timeout=300,
+            NCCL_NVLS_ENABLE="0",
+            TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+        )
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = {r["prompt"]: r for r in map(json.loads, proc.stdout.splitlines())}
     tok = T.AutoTokenizer.from_pretrained(d)
     hf = T.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
     for p in PROMPTS:

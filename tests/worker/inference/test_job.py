@@ -121,10 +121,10 @@ def test_kill_a_rank_then_restart_completes_each_prompt_once(model: Path, tmp_pa
 
 def test_two_replicas_merge_into_one_output_equal_to_one_process(model: Path, tmp_path: Path) -> None:
     """2 replicas, seeded sampling: one merged output, the tokens of one process."""
-    import torch
-    from conveyor.inference.generate import SchedulerHooks, prepare_rank, run_generation
     from conveyor.inference.job import load_tokenizer, read_requests, sampling_params
-    from conveyor.topology import Layout, Topology
+    from conveyor.testing.reference import one_process_rank
+
+    from tests.worker.inference.generation import output_ids
 
     spec = make_spec(tmp_path, model, stages=1, tp=1, replicas=2)
     wait_ranks([p for r in range(2) for p in start_replica(spec, r, tmp_path)])
@@ -133,18 +133,8 @@ def test_two_replicas_merge_into_one_output_equal_to_one_process(model: Path, tm
 
     tokenizer = load_tokenizer(str(model))
     requests = read_requests(spec.inference.input, 0, 1, tokenizer, spec.inference.max_new_tokens)
-    m, peers = prepare_rank(
-        str(model), Topology(Layout()), dtype=torch.float32, device=torch.device("cpu"), lanes=3, max_len=40
-    )
-    want: dict[str, list[int]] = {}
-    run_generation(
-        m,
-        peers,
-        sampling_params(spec, (2,)),
-        requests,
-        micro_batches=1,
-        lanes_per_micro_batch=3,
-        device=torch.device("cpu"),
-        hooks=SchedulerHooks(on_result=lambda r: want.__setitem__(json.dumps(r.id), r.output_ids)),
+    m, peers = one_process_rank(model, lanes=3, max_len=40)
+    want = output_ids(
+        m, peers, sampling_params(spec, (2,)), requests, lanes_per_micro_batch=3, key=json.dumps
     )
     assert got == want

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
+from conveyor.inference.generate import Request, SchedulerHooks, run_generation
 from conveyor.inference.sampling import SamplingParams
+from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import FAMILIES, save_tiny
-from conveyor.topology import Layout, Topology
 
+from tests.worker.inference.generation import output_ids
 from tests.worker.inference.launch import run_ranks
 
 # Prompts of different lengths in one batch; more prompts than lanes, so sequences join mid-run.
@@ -69,21 +70,9 @@ def single_sampled(models: dict[str, str]) -> dict[str, list[list[int]]]:
 
 def single_process(model_dir: str, fields: dict, prefill_chunk: int = 2048) -> list[list[int]]:
     params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    model, peers = prepare_rank(
-        model_dir, Topology(Layout()), dtype=torch.float32, device=torch.device("cpu"), lanes=4, max_len=48
-    )
-    got: dict[int, list[int]] = {}
-    run_generation(
-        model,
-        peers,
-        params,
-        [Request(i, p, NEW_TOKENS) for i, p in enumerate(PROMPTS)],
-        micro_batches=1,
-        lanes_per_micro_batch=4,
-        device=torch.device("cpu"),
-        hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r.output_ids)),
-        prefill_chunk=prefill_chunk,
-    )
+    model, peers = one_process_rank(model_dir, lanes=4, max_len=48)
+    requests = [Request(i, p, NEW_TOKENS) for i, p in enumerate(PROMPTS)]
+    got = output_ids(model, peers, params, requests, lanes_per_micro_batch=4, prefill_chunk=prefill_chunk)
     return [got[i] for i in range(len(PROMPTS))]
 
 
@@ -141,9 +130,7 @@ def test_stop_strings_cut_text_and_bf16_runs(tmp_path: Path) -> None:
     tok = load_tokenizer(str(d))
 
     def run(stop: tuple[str, ...], dtype: torch.dtype) -> dict:
-        model, peers = prepare_rank(
-            str(d), Topology(Layout()), dtype=dtype, device=torch.device("cpu"), lanes=2, max_len=40
-        )
+        model, peers = one_process_rank(d, dtype=dtype, lanes=2, max_len=40)
         got: dict = {}
         run_generation(
             model,
@@ -182,9 +169,7 @@ def test_sequences_leave_at_stop_tokens_and_others_join_their_lanes(
     """The host reads tokens one step late, so a sequence that stops runs one extra step: that step's
     token must be dropped, and a sequence admitted into the freed lane must be unaffected by it."""
     d = save_tiny("llama", tmp_path / "m")
-    model, peers = prepare_rank(
-        str(d), Topology(Layout()), dtype=torch.float32, device=torch.device("cpu"), lanes=2, max_len=40
-    )
+    model, peers = one_process_rank(d, lanes=2, max_len=40)
 
     def run(prompts: list[list[int]], stop: tuple[int, ...]) -> dict:
         got: dict = {}

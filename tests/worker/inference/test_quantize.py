@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conveyor.inference.generate import Request, SchedulerHooks, prepare_rank, run_generation
+from conveyor.inference.generate import Request, prepare_rank
 from conveyor.inference.loader import load_stage
 from conveyor.inference.quantize import (
     Int8Linear,
@@ -26,11 +25,13 @@ from conveyor.inference.quantize import (
 )
 from conveyor.inference.sampling import SamplingParams
 from conveyor.inference.tensor_parallel import add_all_reduce_hooks
+from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import FAMILIES, save_tiny
 from conveyor.topology import Layout, Topology
 from torch import nn
 
-from tests.conftest import conveyor_cmd, subprocess_env
+from tests.conftest import subprocess_env
+from tests.worker.inference.generation import conveyor_generate, output_ids, rows_by_prompt
 
 CPU = torch.device("cpu")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34], [40] * 5, [50, 60], [70, 3, 90, 4]]
@@ -128,17 +129,9 @@ def test_int8_on_gpu_compiled_matches_eager_and_fp32(models: dict[str, Path]) ->
     CPU model's (bf16 against fp32 on this large-init tiny model measures 3.5% mean on a CPU)."""
     d, cuda = models["llama"], torch.device("cuda")
     tokens = torch.randint(3, 300, (4, 12), generator=torch.Generator().manual_seed(0))
-    cpu_model, _ = prepare_rank(
-        str(d), Topology(Layout()), dtype=torch.float32, device=CPU, lanes=4, max_len=16, quantization="int8"
-    )
-    gpu_model, _ = prepare_rank(
-        str(d),
-        Topology(Layout()),
-        dtype=torch.bfloat16,
-        device=cuda,
-        lanes=4,
-        max_len=16,
-        quantization="int8",
+    cpu_model, _ = one_process_rank(d, lanes=4, max_len=16, quantization="int8")
+    gpu_model, _ = one_process_rank(
+        d, dtype=torch.bfloat16, device=cuda, lanes=4, max_len=16, quantization="int8"
     )
     assert all(b.device.type == "cuda" for b in gpu_model.buffers())
     report = compare_logits(all_logits(cpu_model, tokens), all_logits(gpu_model, tokens.to(cuda)).cpu())
@@ -171,26 +164,9 @@ def test_spec_quantization_is_checked() -> None:
 
 
 def greedy(model_dir: Path, quantization: str, params: SamplingParams | None = None) -> list[list[int]]:
-    model, peers = prepare_rank(
-        str(model_dir),
-        Topology(Layout()),
-        dtype=torch.float32,
-        device=CPU,
-        lanes=3,
-        max_len=32,
-        quantization=quantization,  # type: ignore[arg-type]
-    )
-    got: dict[Any, list[int]] = {}
-    run_generation(
-        model,
-        peers,
-        params or SamplingParams(),
-        [Request(i, p, 8) for i, p in enumerate(PROMPTS)],
-        micro_batches=1,
-        lanes_per_micro_batch=3,
-        device=CPU,
-        hooks=SchedulerHooks(on_result=lambda r: got.__setitem__(r.id, r.output_ids)),
-    )
+    model, peers = one_process_rank(model_dir, lanes=3, max_len=32, quantization=quantization)
+    requests = [Request(i, p, 8) for i, p in enumerate(PROMPTS)]
+    got = output_ids(model, peers, params or SamplingParams(), requests, lanes_per_micro_batch=3)
     return [got[i] for i in range(len(PROMPTS))]
 
 
@@ -277,19 +253,9 @@ def test_job_int8_at_tensor_parallel_2_equals_one_process(models: dict[str, Path
     requests = read_requests(
         spec.inference.input, 0, 1, load_tokenizer(str(d)), spec.inference.max_new_tokens
     )
-    model, peers = prepare_rank(
-        str(d), Topology(Layout()), dtype=torch.float32, device=CPU, lanes=3, max_len=40, quantization="int8"
-    )
-    want: dict[str, list[int]] = {}
-    run_generation(
-        model,
-        peers,
-        sampling_params(spec, (2,)),
-        requests,
-        micro_batches=1,
-        lanes_per_micro_batch=3,
-        device=CPU,
-        hooks=SchedulerHooks(on_result=lambda r: want.__setitem__(json.dumps(r.id), r.output_ids)),
+    model, peers = one_process_rank(d, lanes=3, max_len=40, quantization="int8")
+    want = output_ids(
+        model, peers, sampling_params(spec, (2,)), requests, lanes_per_micro_batch=3, key=json.dumps
     )
     assert len(got) == 6 and got == want
 
@@ -302,43 +268,16 @@ def test_generate_cli_int8_two_stages_equals_one_process(models: dict[str, Path]
 
     d = models["qwen2"]
     prompts = ["hello world", "the quick brown fox jumps over"]
-    proc = subprocess.run(
-        conveyor_cmd(
-            "generate",
-            "--model",
-            str(d),
-            "--stages",
-            "2",
-            "--quantize",
-            "int8",
-            "--max-new-tokens",
-            "8",
-            *[a for p in prompts for a in ("--prompt", p)],
-        ),
-        env=subprocess_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    options = ("--stages", "2", "--quantize", "int8", "--max-new-tokens", "8")
+    proc = conveyor_generate(d, prompts, *options, OMP_NUM_THREADS="1")
+    rows = {p: r["output_ids"] for p, r in rows_by_prompt(proc).items()}
     assert "int8 weights" in proc.stderr
-    rows = {r["prompt"]: r["output_ids"] for r in map(json.loads, proc.stdout.splitlines())}
     tok = load_tokenizer(str(d))
-    model, peers = prepare_rank(
-        str(d), Topology(Layout()), dtype=torch.float32, device=CPU, lanes=2, max_len=32, quantization="int8"
+    model, peers = one_process_rank(d, lanes=2, max_len=32, quantization="int8")
+    requests = [Request(p, tok(p)["input_ids"], 8) for p in prompts]
+    assert rows == output_ids(
+        model, peers, SamplingParams(stop_token_ids=(2,)), requests, lanes_per_micro_batch=2
     )
-    want: dict[Any, list[int]] = {}
-    run_generation(
-        model,
-        peers,
-        SamplingParams(stop_token_ids=(2,)),
-        [Request(p, tok(p)["input_ids"], 8) for p in prompts],
-        micro_batches=1,
-        lanes_per_micro_batch=2,
-        device=CPU,
-        hooks=SchedulerHooks(on_result=lambda r: want.__setitem__(r.id, r.output_ids)),
-    )
-    assert rows == want
 
 
 @pytest.mark.integration

@@ -144,6 +144,23 @@ def arch_from_config(config: PretrainedConfig) -> Arch:
     return arch
 
 
+def _sizes(
+    config: PretrainedConfig, intermediate: int, head_dim: int = 0, kv_heads: int = 0
+) -> dict[str, Any]:
+    """The sizes every family has, read through HF's generic config names (GPT-2's config maps them to
+    n_embd, n_layer, n_head, n_positions). ``head_dim`` / ``kv_heads`` 0: hidden // heads / heads."""
+    heads = config.num_attention_heads
+    return {
+        "hidden": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "heads": heads,
+        "kv_heads": kv_heads or heads,
+        "head_dim": head_dim or config.hidden_size // heads,
+        "intermediate": intermediate,
+        "max_positions": config.max_position_embeddings,
+    }
+
+
 def _arch_from_config(config: PretrainedConfig) -> Arch:
     family = config.model_type
     if family not in SUPPORTED:
@@ -152,89 +169,68 @@ def _arch_from_config(config: PretrainedConfig) -> Arch:
             f"supported; supported families: {', '.join(SUPPORTED)}"
         )
     common: dict[str, Any] = {"family": family, "vocab_size": config.vocab_size, "hf_config": config}
+    if family in CAUSAL_FAMILIES:
+        common.update(tie_embeddings=bool(config.tie_word_embeddings), eos_token_ids=_eos(config))
     if family in ("llama", "mistral", "qwen2"):
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        rotary_dim, _ = _rope(config, head_dim)
+        sizes = _sizes(
+            config,
+            config.intermediate_size,
+            head_dim=getattr(config, "head_dim", None) or 0,
+            kv_heads=getattr(config, "num_key_value_heads", None) or 0,
+        )
         window = getattr(config, "sliding_window", None)
         if family == "qwen2" and not getattr(config, "use_sliding_window", False):
             window = None
         return Arch(
             **common,
-            hidden=config.hidden_size,
-            layers=config.num_hidden_layers,
-            heads=heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            intermediate=config.intermediate_size,
+            **sizes,
             norm="rms",
             norm_eps=config.rms_norm_eps,
             norm_position="pre",
             positions="rotary",
-            rotary_dim=rotary_dim,
-            max_positions=config.max_position_embeddings,
+            rotary_dim=_rope(config, sizes["head_dim"])[0],
             activation=config.hidden_act,
             gated_mlp=True,
             qkv_bias=family == "qwen2" or bool(getattr(config, "attention_bias", False)),
             out_bias=bool(getattr(config, "attention_bias", False)) and family != "qwen2",
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            tie_embeddings=bool(config.tie_word_embeddings),
             sliding_window=window,
-            eos_token_ids=_eos(config),
         )
     if family == "gpt_neox":
-        heads = config.num_attention_heads
-        head_dim = config.hidden_size // heads
-        rotary_dim, _ = _rope(config, head_dim)
+        sizes = _sizes(config, config.intermediate_size)
         return Arch(
             **common,
-            hidden=config.hidden_size,
-            layers=config.num_hidden_layers,
-            heads=heads,
-            kv_heads=heads,
-            head_dim=head_dim,
-            intermediate=config.intermediate_size,
+            **sizes,
             norm="layer",
             norm_eps=config.layer_norm_eps,
             norm_position="pre",
             positions="rotary",
-            rotary_dim=rotary_dim,
-            max_positions=config.max_position_embeddings,
+            rotary_dim=_rope(config, sizes["head_dim"])[0],
             activation=config.hidden_act,
             gated_mlp=False,
             qkv_bias=bool(config.attention_bias),
             out_bias=bool(config.attention_bias),
             mlp_bias=True,
-            tie_embeddings=bool(config.tie_word_embeddings),
             parallel_residual=bool(config.use_parallel_residual),
-            eos_token_ids=_eos(config),
         )
     if family == "opt":
         if not config.layer_norm_elementwise_affine:
             raise UnsupportedModelError("OPT with layer_norm_elementwise_affine=false is not supported")
         return Arch(
             **common,
-            hidden=config.hidden_size,
-            layers=config.num_hidden_layers,
-            heads=config.num_attention_heads,
-            kv_heads=config.num_attention_heads,
-            head_dim=config.hidden_size // config.num_attention_heads,
-            intermediate=config.ffn_dim,
+            **_sizes(config, config.ffn_dim),
             norm="layer",
             norm_eps=1e-5,
             norm_position="pre" if config.do_layer_norm_before else "post",
             positions="learned",
             position_offset=2,
-            max_positions=config.max_position_embeddings,
             activation=config.activation_function,
             gated_mlp=False,
             qkv_bias=bool(config.enable_bias),
             out_bias=bool(config.enable_bias),
             mlp_bias=bool(config.enable_bias),
-            tie_embeddings=bool(config.tie_word_embeddings),
             embed_dim=config.word_embed_proj_dim,
             final_norm=bool(config.do_layer_norm_before and not config._remove_final_layer_norm),
-            eos_token_ids=_eos(config),
         )
     if family == "gpt2":
         if config.scale_attn_by_inverse_layer_idx or config.reorder_and_upcast_attn:
@@ -243,41 +239,27 @@ def _arch_from_config(config: PretrainedConfig) -> Arch:
             )
         return Arch(
             **common,
-            hidden=config.n_embd,
-            layers=config.n_layer,
-            heads=config.n_head,
-            kv_heads=config.n_head,
-            head_dim=config.n_embd // config.n_head,
-            intermediate=config.n_inner or 4 * config.n_embd,
+            **_sizes(config, config.n_inner or 4 * config.n_embd),
             norm="layer",
             norm_eps=config.layer_norm_epsilon,
             norm_position="pre",
             positions="learned",
-            max_positions=config.n_positions,
             activation=config.activation_function,
             gated_mlp=False,
             qkv_bias=True,
             out_bias=True,
             mlp_bias=True,
-            tie_embeddings=bool(config.tie_word_embeddings),
-            eos_token_ids=_eos(config),
         )
     # bert
     if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
         raise UnsupportedModelError("BERT with relative position embeddings is not supported")
     return Arch(
         **common,
-        hidden=config.hidden_size,
-        layers=config.num_hidden_layers,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_attention_heads,
-        head_dim=config.hidden_size // config.num_attention_heads,
-        intermediate=config.intermediate_size,
+        **_sizes(config, config.intermediate_size),
         norm="layer",
         norm_eps=config.layer_norm_eps,
         norm_position="post",
         positions="learned",
-        max_positions=config.max_position_embeddings,
         activation=config.hidden_act,
         gated_mlp=False,
         qkv_bias=True,
@@ -304,119 +286,114 @@ def load_arch(model_dir: str | Path) -> Arch:
     return arch_from_config(AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
 
 
-def name_map(arch: Arch) -> NameMap:
-    f = arch.family
-    if f in ("llama", "mistral", "qwen2"):
-        return NameMap(
-            layer_prefix="model.layers.{i}.",
-            linears=(
-                LayerLinear("self_attn.q_proj", "q", arch.qkv_bias),
-                LayerLinear("self_attn.k_proj", "k", arch.qkv_bias),
-                LayerLinear("self_attn.v_proj", "v", arch.qkv_bias),
-                LayerLinear("self_attn.o_proj", "o", arch.out_bias),
-                LayerLinear("mlp.gate_proj", "gate", arch.mlp_bias),
-                LayerLinear("mlp.up_proj", "up", arch.mlp_bias),
-                LayerLinear("mlp.down_proj", "down", arch.mlp_bias),
-            ),
-            norms=(
-                LayerNormWeights("input_layernorm", "attn_norm"),
-                LayerNormWeights("post_attention_layernorm", "mlp_norm"),
-            ),
-            globals_={
-                "embed": ("model.embed_tokens.weight",),
-                "final_norm.weight": ("model.norm.weight",),
-                "lm_head": ("lm_head.weight",),
-            },
-            ignored_suffixes=("rotary_emb.inv_freq",),
-            optional=("lm_head",) if arch.tie_embeddings else (),
-        )
-    if f == "gpt_neox":
-        return NameMap(
-            layer_prefix="gpt_neox.layers.{i}.",
-            linears=(
-                LayerLinear("attention.query_key_value", "qkv_heads", arch.qkv_bias),
-                LayerLinear("attention.dense", "o", arch.out_bias),
-                LayerLinear("mlp.dense_h_to_4h", "up", True),
-                LayerLinear("mlp.dense_4h_to_h", "down", True),
-            ),
-            norms=(
-                LayerNormWeights("input_layernorm", "attn_norm"),
-                LayerNormWeights("post_attention_layernorm", "mlp_norm"),
-            ),
-            globals_={
-                "embed": ("gpt_neox.embed_in.weight",),
-                "final_norm.weight": ("gpt_neox.final_layer_norm.weight",),
-                "final_norm.bias": ("gpt_neox.final_layer_norm.bias",),
-                "lm_head": ("lm_head.weight", "embed_out.weight"),
-            },
-            ignored_suffixes=("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias"),
-            optional=("lm_head",) if arch.tie_embeddings else (),
-        )
-    if f == "opt":
-        g: dict[str, tuple[str, ...]] = {
+@dataclass(frozen=True)
+class _FamilyNames:
+    """The HF names of a family, before the ``Arch`` decides biases and which globals exist."""
+
+    layer_prefix: str
+    linears: tuple[tuple[str, LinearKind], ...]  # (name, kind); the bias follows the Arch
+    norms: tuple[str, str]  # the attention's and the MLP's norm
+    globals_: dict[str, tuple[str, ...]]
+    conv1d: bool = False
+    ignored_suffixes: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()  # besides lm_head, which is optional wherever the embeddings are tied
+
+
+_LLAMA_NAMES = _FamilyNames(
+    layer_prefix="model.layers.{i}.",
+    linears=(
+        ("self_attn.q_proj", "q"),
+        ("self_attn.k_proj", "k"),
+        ("self_attn.v_proj", "v"),
+        ("self_attn.o_proj", "o"),
+        ("mlp.gate_proj", "gate"),
+        ("mlp.up_proj", "up"),
+        ("mlp.down_proj", "down"),
+    ),
+    norms=("input_layernorm", "post_attention_layernorm"),
+    globals_={
+        "embed": ("model.embed_tokens.weight",),
+        "final_norm.weight": ("model.norm.weight",),
+        "lm_head": ("lm_head.weight",),
+    },
+    ignored_suffixes=("rotary_emb.inv_freq",),
+)
+
+# model_type -> its names. Globals a config leaves out are dropped by ``name_map`` (OPT-350m has no final
+# norm and projects its embeddings in and out).
+_FAMILY_NAMES: dict[str, _FamilyNames] = {
+    "llama": _LLAMA_NAMES,
+    "mistral": _LLAMA_NAMES,
+    "qwen2": _LLAMA_NAMES,
+    "gpt_neox": _FamilyNames(
+        layer_prefix="gpt_neox.layers.{i}.",
+        linears=(
+            ("attention.query_key_value", "qkv_heads"),
+            ("attention.dense", "o"),
+            ("mlp.dense_h_to_4h", "up"),
+            ("mlp.dense_4h_to_h", "down"),
+        ),
+        norms=("input_layernorm", "post_attention_layernorm"),
+        globals_={
+            "embed": ("gpt_neox.embed_in.weight",),
+            "final_norm.weight": ("gpt_neox.final_layer_norm.weight",),
+            "final_norm.bias": ("gpt_neox.final_layer_norm.bias",),
+            "lm_head": ("lm_head.weight", "embed_out.weight"),
+        },
+        ignored_suffixes=("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias"),
+    ),
+    "opt": _FamilyNames(
+        layer_prefix="model.decoder.layers.{i}.",
+        linears=(
+            ("self_attn.q_proj", "q"),
+            ("self_attn.k_proj", "k"),
+            ("self_attn.v_proj", "v"),
+            ("self_attn.out_proj", "o"),
+            ("fc1", "up"),
+            ("fc2", "down"),
+        ),
+        norms=("self_attn_layer_norm", "final_layer_norm"),
+        globals_={
             "embed": ("model.decoder.embed_tokens.weight",),
             "pos_embed": ("model.decoder.embed_positions.weight",),
             "lm_head": ("lm_head.weight",),
-        }
-        if arch.final_norm:
-            g["final_norm.weight"] = ("model.decoder.final_layer_norm.weight",)
-            g["final_norm.bias"] = ("model.decoder.final_layer_norm.bias",)
-        if arch.word_dim != arch.hidden:
-            g["project_in"] = ("model.decoder.project_in.weight",)
-            g["project_out"] = ("model.decoder.project_out.weight",)
-        return NameMap(
-            layer_prefix="model.decoder.layers.{i}.",
-            linears=(
-                LayerLinear("self_attn.q_proj", "q", arch.qkv_bias),
-                LayerLinear("self_attn.k_proj", "k", arch.qkv_bias),
-                LayerLinear("self_attn.v_proj", "v", arch.qkv_bias),
-                LayerLinear("self_attn.out_proj", "o", arch.out_bias),
-                LayerLinear("fc1", "up", arch.mlp_bias),
-                LayerLinear("fc2", "down", arch.mlp_bias),
-            ),
-            norms=(
-                LayerNormWeights("self_attn_layer_norm", "attn_norm"),
-                LayerNormWeights("final_layer_norm", "mlp_norm"),
-            ),
-            globals_=g,
-            optional=("lm_head",) if arch.tie_embeddings else (),
-        )
-    if f == "gpt2":
-        return NameMap(
-            layer_prefix="transformer.h.{i}.",
-            linears=(
-                LayerLinear("attn.c_attn", "qkv_blocks", True),
-                LayerLinear("attn.c_proj", "o", True),
-                LayerLinear("mlp.c_fc", "up", True),
-                LayerLinear("mlp.c_proj", "down", True),
-            ),
-            norms=(LayerNormWeights("ln_1", "attn_norm"), LayerNormWeights("ln_2", "mlp_norm")),
-            globals_={
-                "embed": ("transformer.wte.weight",),
-                "pos_embed": ("transformer.wpe.weight",),
-                "final_norm.weight": ("transformer.ln_f.weight",),
-                "final_norm.bias": ("transformer.ln_f.bias",),
-                "lm_head": ("lm_head.weight",),
-            },
-            conv1d=True,
-            ignored_suffixes=(".attn.bias", ".attn.masked_bias"),
-            optional=("lm_head",) if arch.tie_embeddings else (),
-        )
-    # bert: BertModel checkpoints have no prefix; BertFor* ones prefix "bert." (the loader tries both).
-    return NameMap(
+            "final_norm.weight": ("model.decoder.final_layer_norm.weight",),
+            "final_norm.bias": ("model.decoder.final_layer_norm.bias",),
+            "project_in": ("model.decoder.project_in.weight",),
+            "project_out": ("model.decoder.project_out.weight",),
+        },
+    ),
+    "gpt2": _FamilyNames(
+        layer_prefix="transformer.h.{i}.",
+        linears=(
+            ("attn.c_attn", "qkv_blocks"),
+            ("attn.c_proj", "o"),
+            ("mlp.c_fc", "up"),
+            ("mlp.c_proj", "down"),
+        ),
+        norms=("ln_1", "ln_2"),
+        globals_={
+            "embed": ("transformer.wte.weight",),
+            "pos_embed": ("transformer.wpe.weight",),
+            "final_norm.weight": ("transformer.ln_f.weight",),
+            "final_norm.bias": ("transformer.ln_f.bias",),
+            "lm_head": ("lm_head.weight",),
+        },
+        conv1d=True,
+        ignored_suffixes=(".attn.bias", ".attn.masked_bias"),
+    ),
+    # BertModel checkpoints have no prefix; BertFor* ones prefix "bert." (the loader tries both).
+    "bert": _FamilyNames(
         layer_prefix="encoder.layer.{i}.",
         linears=(
-            LayerLinear("attention.self.query", "q", True),
-            LayerLinear("attention.self.key", "k", True),
-            LayerLinear("attention.self.value", "v", True),
-            LayerLinear("attention.output.dense", "o", True),
-            LayerLinear("intermediate.dense", "up", True),
-            LayerLinear("output.dense", "down", True),
+            ("attention.self.query", "q"),
+            ("attention.self.key", "k"),
+            ("attention.self.value", "v"),
+            ("attention.output.dense", "o"),
+            ("intermediate.dense", "up"),
+            ("output.dense", "down"),
         ),
-        norms=(
-            LayerNormWeights("attention.output.LayerNorm", "attn_norm"),
-            LayerNormWeights("output.LayerNorm", "mlp_norm"),
-        ),
+        norms=("attention.output.LayerNorm", "output.LayerNorm"),
         globals_={
             "embed": ("embeddings.word_embeddings.weight",),
             "pos_embed": ("embeddings.position_embeddings.weight",),
@@ -428,4 +405,31 @@ def name_map(arch: Arch) -> NameMap:
         },
         ignored_suffixes=("embeddings.position_ids",),
         optional=("pooler.weight", "pooler.bias"),
+    ),
+}
+
+
+def _has_bias(arch: Arch, kind: LinearKind) -> bool:
+    if kind == "o":
+        return arch.out_bias
+    if kind in ("gate", "up", "down"):
+        return arch.mlp_bias
+    return arch.qkv_bias  # q, k, v and the fused qkv layouts
+
+
+def name_map(arch: Arch) -> NameMap:
+    names = _FAMILY_NAMES[arch.family]
+    absent: set[str] = set()
+    if not arch.final_norm:
+        absent |= {"final_norm.weight", "final_norm.bias"}
+    if arch.word_dim == arch.hidden:
+        absent |= {"project_in", "project_out"}
+    return NameMap(
+        layer_prefix=names.layer_prefix,
+        linears=tuple(LayerLinear(name, kind, _has_bias(arch, kind)) for name, kind in names.linears),
+        norms=(LayerNormWeights(names.norms[0], "attn_norm"), LayerNormWeights(names.norms[1], "mlp_norm")),
+        globals_={ours: hf for ours, hf in names.globals_.items() if ours not in absent},
+        conv1d=names.conv1d,
+        ignored_suffixes=names.ignored_suffixes,
+        optional=names.optional + (("lm_head",) if arch.tie_embeddings else ()),
     )
