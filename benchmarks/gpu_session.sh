@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work, by part, in the order the open figures need them. Device calls
+# are capped at 600 s and sessions at 30 min of device time, so each part fits one call:
+#
+#   bash benchmarks/gpu_session.sh check    # GPU tests: bf16/fp32 vs HF, int8 compiled vs eager, 2 GPUs (~3 min)
+#   bash benchmarks/gpu_session.sh decode   # 1 GPU, batch 1/16/64 + TTFT 2048, HF beside (~5 min)
+#   bash benchmarks/gpu_session.sh multi    # 2 GPUs: 2 stages and TP 2 at batch 1/16/64 (1 GPU: decode) (~5 min)
+#   bash benchmarks/gpu_session.sh int8     # int8 vs bf16 accuracy and decode speed (~4 min)
+#
+# On the GPU machine the checkout runs with pydantic carried as wheels in the ignored .whl/ folder
+# (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+part="${1:?usage: gpu_session.sh check|decode|multi|int8}"
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD/worker:$PWD"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+
+case "$part" in
+  check)
+    python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+      tests/worker/inference/test_gpu.py tests/worker/inference/test_gpu_bf16.py \
+      tests/worker/inference/test_gpu_multi.py tests/worker/inference/test_quantize.py 2>&1 | tee "$out/gpu_tests.txt"
+    ;;
+  decode)
+    python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16,64 --layouts 1x1 \
+      --ttft-prompt-len 2048 --out "$out/generate_1gpu.json"
+    ;;
+  multi)
+    if [ "$gpus" -lt 2 ]; then echo "multi needs 2 GPUs, this machine has $gpus" >&2; exit 2; fi
+    python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16,64 --layouts 2x1,1x2 \
+      --skip-hf --out "$out/generate_2gpu.json"
+    ;;
+  int8)
+    python3 -u benchmarks/quantization.py --model-shape llama2-7b --batch-sizes 1,16 \
+      --out "$out/quantization.json"
+    ;;
+  *)
+    echo "unknown part $part: check|decode|multi|int8" >&2
+    exit 2
+    ;;
+esac
