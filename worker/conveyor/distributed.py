@@ -111,8 +111,10 @@ def init_distributed(
         ) from err
     # A process that exits with its gloo group alive can abort in the group's teardown ("terminate called
     # without an active exception", exit 134) when a peer closed first: tear it down before the
-    # interpreter does, for scripts that return without destroy_distributed() too.
-    atexit.register(destroy_distributed)
+    # interpreter does, for scripts that return without destroy_distributed() too. Not NCCL: destroying
+    # a communicator with work left on a dead peer can block, and a failing rank must exit, not hang.
+    if backend == "gloo":
+        atexit.register(destroy_distributed)
     metrics.READINESS.joined()
     return DistInfo(rank, world, local_rank, backend, dev)
 
