@@ -50,7 +50,7 @@ class LoopbackNetwork:
     def netns(self, namespace: str, pod: str) -> str | None:
         return None
 
-    def teardown(self, namespace: str, pod: str) -> None:
+    def teardown(self, namespace: str, pod: str, netns: str | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -148,9 +148,15 @@ class NetnsNetwork:
             str(service_account or ""),
         ]  # fmt: skip
 
-    def teardown(self, namespace: str, pod: str) -> None:
+    def teardown(self, namespace: str, pod: str, netns: str | None = None) -> None:
+        """Remove the pod's namespace: ``netns``, the one its runner set up, when given. A pod replaced
+        under the same name (a force-deleted StatefulSet pod is recreated at once) has its own namespace
+        by then, which the old runner's teardown must leave alone."""
         with self._lock:
-            name = self._namespaces.pop((namespace, pod), None)
+            current = self._namespaces.get((namespace, pod))
+            name = netns or current
+            if name is not None and name == current:
+                del self._namespaces[(namespace, pod)]
         if name is None:
             return
         _ip("netns", "del", name, check=False)  # deleting it removes its veth pair from the bridge too

@@ -72,6 +72,7 @@ class PodRunner(threading.Thread):
         self.pod_ip = ""
         self._prefix: list[str] = []
         self._forwarder: ServiceForwarder | None = None
+        self._netns: str | None = None  # this runner's own network namespace (not the name's newest)
         self.start_time = now()
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -90,9 +91,9 @@ class PodRunner(threading.Thread):
                     self.agent.api, self.pod, self.agent.ca_pem, self.pod_dir / "serviceaccount"
                 )
             self._prefix = network.setup(self.ns, self.name, service_account)
-            netns = network.netns(self.ns, self.name)
-            if netns is not None:
-                self._forwarder = ServiceForwarder(netns, *self.agent.api_address)
+            self._netns = network.netns(self.ns, self.name)
+            if self._netns is not None:
+                self._forwarder = ServiceForwarder(self._netns, *self.agent.api_address)
             self._loop()
         except Exception as err:
             log.exception("pod %s/%s: runner failed", self.ns, self.name)
@@ -105,7 +106,7 @@ class PodRunner(threading.Thread):
             self._kill_all(self._grace if self._stop.is_set() else 0.0)
             if self._forwarder is not None:
                 self._forwarder.close()
-            self.agent.network.teardown(self.ns, self.name)
+            self.agent.network.teardown(self.ns, self.name, self._netns)
             self.finished.set()
 
     def _loop(self) -> None:

@@ -92,6 +92,6 @@ def test_a_rank_of_an_earlier_generation_never_joins_the_new_one():
     stale_out = stale.communicate(timeout=120)[0]
     new_peer = start(1, "restart-1-abc", 60)
     outs = [p.communicate(timeout=120)[0] for p in (new_master, new_peer)]
-    assert stale.returncode == 3 and "TIMEOUT" in stale_out, stale_out
+    assert stale.returncode == 3 and "(rendezvous restart-0-abc)" in stale_out, stale_out
     assert [new_master.returncode, new_peer.returncode] == [0, 0], outs
     assert "SUM 3 STAGE 0" in outs[0] and "SUM 3 STAGE 1" in outs[1]

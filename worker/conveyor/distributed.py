@@ -89,6 +89,9 @@ def init_distributed(
     if timeout_seconds is None:
         timeout_seconds = float(env.get("CONVEYOR_DIST_TIMEOUT", DEFAULT_TIMEOUT_SECONDS))
     where = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    if env.get("CONVEYOR_RENDEZVOUS"):
+        # A rank of a replaced generation waits here until it is deleted: say which one it is.
+        where += f" (rendezvous {env['CONVEYOR_RENDEZVOUS']})"
     # init_method="env://" reads os.environ; mirror an explicit mapping there.
     if environ is not None:
         os.environ.update({k: environ[k] for k in (*_REQUIRED, "LOCAL_RANK") if k in environ})
