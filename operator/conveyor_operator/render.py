@@ -221,8 +221,10 @@ def _env(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int) -> l
             env.append({"name": key, "value": value})
     env.append({"name": "CONVEYOR_TERMINATION_LOG", "value": TERMINATION_LOG})
     # The pod's generation beyond its restart count (a new image keeps the workers' spec): ranks of an
-    # outdated template never rendezvous with the current one.
-    env.append({"name": "CONVEYOR_TEMPLATE_HASH", "value": template_hash(spec)})
+    # outdated template never rendezvous with the current one. Read from the pod's own annotation, the one
+    # the operator judges it by.
+    ref = {"fieldRef": {"fieldPath": f"metadata.annotations['{TEMPLATE_HASH_ANNOTATION}']"}}
+    env.append({"name": "CONVEYOR_TEMPLATE_HASH", "valueFrom": ref})
     return env + list(spec.template.env)
 
 

@@ -28,13 +28,16 @@ def test_matches_golden(case: str) -> None:
 
 def _environ(sts: dict[str, Any], pod_index: int) -> dict[str, str]:
     """What the kubelet would give pod `pod_index` of this StatefulSet (downward API resolved)."""
+    template = sts["spec"]["template"]
+    fields = {  # the downward API fields the worker's env refers to
+        f"metadata.labels['{render.POD_INDEX_LABEL}']": str(pod_index),
+        **{f"metadata.annotations['{k}']": v for k, v in template["metadata"]["annotations"].items()},
+    }
     out = {}
-    for var in sts["spec"]["template"]["spec"]["containers"][0]["env"]:
-        if "valueFrom" in var:
-            assert var["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.labels['{render.POD_INDEX_LABEL}']"
-            out[var["name"]] = str(pod_index)
-        else:
-            out[var["name"]] = var["value"]
+    for var in template["spec"]["containers"][0]["env"]:
+        out[var["name"]] = (
+            fields[var["valueFrom"]["fieldRef"]["fieldPath"]] if "valueFrom" in var else var["value"]
+        )
     return out
 
 

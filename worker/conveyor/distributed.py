@@ -1,11 +1,12 @@
 """Process-group start-up: env:// rendezvous with clear errors and a timeout instead of a hang.
 
-A group's pods are replaced together on a restart, but a pod the StatefulSet controller recreated from
-the old template just before the operator's restart can outlive it for a moment, and it reaches the new
-rank 0 at the same address. Left alone it would take a rank's place in the new generation and, deleted a
-moment later, fail the generation it was never part of. So when the environment names a rendezvous
-(CONVEYOR_RENDEZVOUS: the restart count and the spec's digest, set by ``PodEnv.rank_environ``), every
-key of the rendezvous is prefixed with it: ranks of another generation wait apart, never with this one.
+A group's pods are replaced together on a restart, and deleted at once, so a pod of the old generation
+(or one the StatefulSet controller recreated from the old template just before the restart) can still
+run for a moment and reach the new rank 0. Left alone it would take a rank's place in the new generation
+and, deleted a moment later, fail the generation it was never part of. So when the environment names a
+rendezvous (CONVEYOR_RENDEZVOUS: the restart count and the pod template's hash, set by
+``PodEnv.rank_environ``), every key of the rendezvous is prefixed with it: ranks of another generation
+wait apart, never with this one.
 """
 
 from __future__ import annotations
