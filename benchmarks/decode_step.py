@@ -8,6 +8,9 @@ the KV cache with a prompt, then times decode steps with CUDA events (median of 
 * eager     the model's forward, launched from Python;
 * graph     the forward captured in a CUDA graph (what GraphedDecode does without compiling);
 * compiled  torch.compile'd forward (inductor fuses the elementwise work), captured in a CUDA graph;
+* product   the decode step as generation runs it (cuda_graphs.GraphedDecode: compiled, captured, and
+            each linear layer on cuBLAS or the Triton skinny kernel, whichever skinny_matmul.tune
+            measured faster);
 * linears   only the matrix products of a step (every weight read once), in a CUDA graph: what cuBLAS
             gives for the bytes that set the roofline.
 
@@ -167,6 +170,20 @@ def main() -> None:
                     row["compile_s"] = time.perf_counter() - t0
                     row["compiled_ms"] = time_steps(g.replay, set_positions, args.steps)
                     row["compiled_profile"] = kernel_summary(cforward, args.profile_top)
+                elif v == "product":
+                    from conveyor.inference.cuda_graphs import GraphedDecode
+
+                    graphed = GraphedDecode(model)
+                    kv_len = args.prompt_len + args.steps + 1
+
+                    def pforward(st=step_tokens, sp=step_positions, g=graphed, kv_len=kv_len):  # type: ignore[no-untyped-def]
+                        with torch.inference_mode():
+                            return g(st, sp, 0, kv_len)
+
+                    pforward()
+                    row["compile_s"] = time.perf_counter() - t0
+                    row["product_ms"] = time_steps(pforward, set_positions, args.steps)
+                    row["product_profile"] = kernel_summary(pforward, args.profile_top)
                 elif v == "linears":
                     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
                     widest = max(m.in_features for m in linears)
@@ -193,13 +210,13 @@ def main() -> None:
         cells = [f"{r[f'{v}_ms']:.3f}" if f"{v}_ms" in r else "err" for v in variants]
         print(f"| {r['batch']} | {r['roofline_ms']:.3f} | " + " | ".join(cells) + " |")
     for r in report["rows"]:
-        for key in ("eager_profile", "compiled_profile"):
+        for key in ("eager_profile", "compiled_profile", "product_profile"):
             if key in r:
                 prof = r[key]
                 print(
                     f"batch {r['batch']} {key}: {prof['kernels']} kernels, {prof['kernel_ms']:.3f} ms of kernels"
                 )
-                for t in prof["top"][:8]:
+                for t in prof["top"][: args.profile_top]:
                     print(f"   {t['ms']:.3f} ms  x{t['count']}  {t['name']}")
 
 

@@ -6,7 +6,9 @@ CUDA graph, 5.7 ms of it kernels, against a 3.1 ms roofline). torch.compile fuse
 (norms, rotary, residuals, softmax) into a few kernels per layer; the graph removes the launch gaps.
 The stage model's decode forward has static shapes (fixed lanes, static KV cache, positions as a
 tensor: see model.py), so it is compiled and captured once per (lane range, shape) and replayed.
-Prefill (S > 1) and CPU runs stay eager.
+Prefill (S > 1) and CPU runs stay eager. Before the first capture of a micro-batch size, the plain
+linear layers are routed through skinny_matmul.py, which measures cuBLAS against its Triton kernel for
+each weight shape at that size and keeps the faster.
 
 ``CONVEYOR_TORCH_COMPILE=0`` turns compiling off (graphs only), ``CONVEYOR_CUDA_GRAPHS=0`` both. The
 first decode step of each shape compiles (about 30 s for a 7B model, cached by inductor on disk after).
@@ -23,6 +25,7 @@ import torch
 import torch._dynamo
 import torch._inductor.config
 
+from conveyor.inference import skinny_matmul
 from conveyor.inference.model import StageModel
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class GraphedDecode:
         self._graphs: dict[tuple[int, int, tuple[int, ...], torch.dtype], _Captured] = {}
         self._pool: Any = None  # one memory pool shared by every graph of this stage
         self._forward: Any = model
+        self._linear_weights: list[torch.Tensor] | None = None
         if self.compile:
             # Shapes are marked static (the batch of a micro-batch never changes); an int that changes
             # between calls (kv_len as sequences grow, lane_start across micro-batches) is recompiled
@@ -83,6 +87,9 @@ class GraphedDecode:
     def _capture(
         self, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int, kv_len: int
     ) -> _Captured:
+        if self._linear_weights is None:
+            self._linear_weights = skinny_matmul.route_linears(self.model)
+        skinny_matmul.tune(self._linear_weights, inputs.shape[0])
         static_inputs, static_positions = inputs.clone(), positions.clone()
         for t in (static_inputs, static_positions):
             torch._dynamo.mark_static(t)

@@ -1,0 +1,88 @@
+"""The decode kernels against torch on shapes that exercise their edges (uneven tiles, grouped-query
+heads, a sliding window, several key splits). Run as a script under ``TRITON_INTERPRET=1`` on the CPU
+(float32: the interpreter has no bfloat16 dot) and imported by the GPU tests (bfloat16)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def skinny_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
+    """(case, max error, tolerance) of skinny_matmul against a float64 product."""
+    from conveyor.inference.skinny_matmul import Tiles, skinny_matmul
+
+    torch.manual_seed(0)
+    out = []
+    for m, n, k, tiles in [
+        (1, 64, 256, Tiles(16, 64)),
+        (1, 48, 320, Tiles(32, 128)),  # N and K not multiples of the tile: masked loads
+        (3, 64, 256, Tiles(16, 64)),
+        (16, 80, 200, Tiles(32, 64)),
+        (40, 64, 256, Tiles(16, 128)),
+    ]:
+        x = torch.randn(m, k, dtype=dtype, device=device)
+        w = torch.randn(n, k, dtype=dtype, device=device)
+        ref = x.double() @ w.double().T
+        got = skinny_matmul(x, w, tiles).double()
+        tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
+        out.append((f"M={m} N={n} K={k} {tiles}", (got - ref).abs().max().item(), tol))
+    return out
+
+
+def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
+    """(case, max error, tolerance) of decode_attention against SDPA on the same cache slice."""
+    from conveyor.inference import decode_attention as da
+
+    torch.manual_seed(0)
+    out = []
+    d = 64
+    for n, heads, kv_heads, kv_len, start, window, programs in [
+        (2, 4, 2, 100, 1, None, 40),  # GQA, two splits
+        (1, 8, 8, 300, 0, None, 40),  # five splits, the last one short
+        (3, 6, 2, 70, 2, 16, 40),  # sliding window: whole blocks masked out
+        (2, 8, 8, 129, 0, None, 1024),  # one split (no combine weights but one)
+    ]:
+        q = torch.randn(n, heads, 1, d, dtype=dtype, device=device)
+        k_cache = torch.randn(start + n + 1, kv_heads, kv_len + 20, d, dtype=dtype, device=device)
+        v_cache = torch.randn_like(k_cache)
+        positions = torch.randint(kv_len // 2, kv_len, (n,), device=device)
+        positions[0] = kv_len - 1
+        keys = torch.arange(kv_len, device=device)
+        mask = keys[None, :] <= positions[:, None]
+        if window:
+            mask &= keys[None, :] > positions[:, None] - window
+        mask = mask[:, None, None, :]
+        scale = 1 / math.sqrt(d)
+        k = k_cache[start : start + n, :, :kv_len].double()
+        v = v_cache[start : start + n, :, :kv_len].double()
+        ref = F.scaled_dot_product_attention(
+            q.double(), k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
+        )
+        saved, da.TARGET_PROGRAMS = da.TARGET_PROGRAMS, programs
+        try:
+            got = da.decode_attention(q, k_cache, v_cache, mask, start, scale).double()
+        finally:
+            da.TARGET_PROGRAMS = saved
+        splits = da.splits_for(n, kv_heads, kv_len)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        out.append(
+            (
+                f"n={n} heads={heads}/{kv_heads} kv_len={kv_len} window={window} splits={splits}",
+                (got - ref).abs().max().item(),
+                tol,
+            )
+        )
+    return out
+
+
+if __name__ == "__main__":
+    failed = 0
+    for case, err, tol in skinny_errors(torch.float32, "cpu") + attention_errors(torch.float32, "cpu"):
+        ok = err <= tol
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {case}: error {err:.2e} (tolerance {tol:.2e})")
+    sys.exit(1 if failed else 0)
