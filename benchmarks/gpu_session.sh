@@ -6,12 +6,13 @@
 #   bash benchmarks/gpu_session.sh decode   # 1 GPU, batch 1/16/64 + TTFT 2048, HF beside (~5 min)
 #   bash benchmarks/gpu_session.sh multi    # 2 GPUs: 2 stages and TP 2 at batch 1/16/64 (1 GPU: decode) (~5 min)
 #   bash benchmarks/gpu_session.sh int8     # int8 vs bf16 accuracy and decode speed (~4 min)
+#   bash benchmarks/gpu_session.sh kernels  # the step's kernels, and cuBLAS vs the skinny matmul (~6 min)
 #
 # On the GPU machine the checkout runs with pydantic carried as wheels in the ignored .whl/ folder
 # (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh check|decode|multi|int8}"
+part="${1:?usage: gpu_session.sh check|decode|multi|int8|kernels}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 
@@ -42,8 +43,13 @@ case "$part" in
     python3 -u benchmarks/quantization.py --model-shape llama2-7b --batch-sizes 1,16 \
       --out "$out/quantization.json"
     ;;
+  kernels)
+    python3 -u benchmarks/decode_step.py --batch-sizes 1,16,64 --variants product --profile-top 12 \
+      --out "$out/decode_step.json"
+    python3 -u benchmarks/skinny_matmul.py --batch-sizes 1,16,64 --budget-s 240 --out "$out/skinny_matmul.json"
+    ;;
   *)
-    echo "unknown part $part: check|decode|multi|int8" >&2
+    echo "unknown part $part: check|decode|multi|int8|kernels" >&2
     exit 2
     ;;
 esac

@@ -30,6 +30,13 @@ def skinny_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, flo
         got = skinny_matmul(x, w, tiles).double()
         tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
         out.append((f"M={m} N={n} K={k} {tiles}", (got - ref).abs().max().item(), tol))
+        # int8 weights, one scale per output channel: dequantized after the product
+        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        scale = torch.rand(n, dtype=dtype, device=device) / 100
+        ref = (x.double() @ w8.double().T) * scale.double()
+        got = skinny_matmul(x, w8, tiles, scale).double()
+        tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
+        out.append((f"int8 M={m} N={n} K={k} {tiles}", (got - ref).abs().max().item(), tol))
     return out
 
 
@@ -44,7 +51,7 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         (2, 4, 2, 100, 1, None, 40),  # GQA, two splits
         (1, 8, 8, 300, 0, None, 40),  # five splits, the last one short
         (3, 6, 2, 70, 2, 16, 40),  # sliding window: whole blocks masked out
-        (2, 8, 8, 129, 0, None, 1024),  # one split (no combine weights but one)
+        (2, 8, 8, 129, 0, None, 1),  # one split: the combine passes it through
     ]:
         q = torch.randn(n, heads, 1, d, dtype=dtype, device=device)
         k_cache = torch.randn(start + n + 1, kv_heads, kv_len + 20, d, dtype=dtype, device=device)
@@ -65,9 +72,9 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         saved, da.TARGET_PROGRAMS = da.TARGET_PROGRAMS, programs
         try:
             got = da.decode_attention(q, k_cache, v_cache, mask, start, scale).double()
+            splits = da.splits_for(n, kv_heads, kv_len)
         finally:
             da.TARGET_PROGRAMS = saved
-        splits = da.splits_for(n, kv_heads, kv_len)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         out.append(
             (

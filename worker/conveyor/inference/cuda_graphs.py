@@ -56,7 +56,7 @@ class GraphedDecode:
         self._graphs: dict[tuple[int, int, tuple[int, ...], torch.dtype], _Captured] = {}
         self._pool: Any = None  # one memory pool shared by every graph of this stage
         self._forward: Any = model
-        self._linear_weights: list[torch.Tensor] | None = None
+        self._products: list[skinny_matmul.Product] | None = None
         if self.compile:
             # Shapes are marked static (the batch of a micro-batch never changes); an int that changes
             # between calls (kv_len as sequences grow, lane_start across micro-batches) is recompiled
@@ -87,9 +87,9 @@ class GraphedDecode:
     def _capture(
         self, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int, kv_len: int
     ) -> _Captured:
-        if self._linear_weights is None:
-            self._linear_weights = skinny_matmul.route_linears(self.model)
-        skinny_matmul.tune(self._linear_weights, inputs.shape[0])
+        if self._products is None:
+            self._products = skinny_matmul.route_linears(self.model)
+        skinny_matmul.tune(self._products, inputs.shape[0])
         static_inputs, static_positions = inputs.clone(), positions.clone()
         for t in (static_inputs, static_positions):
             torch._dynamo.mark_static(t)

@@ -56,8 +56,11 @@ def block_m(m: int) -> int:
     return 1 if m == 1 else max(16, 1 << (m - 1).bit_length())
 
 
-def candidates(m: int) -> tuple[Tiles, ...]:
-    return CANDIDATES[1 if m == 1 else 16 if m <= 16 else 64]
+def candidates(m: int, weight_dtype: torch.dtype) -> tuple[Tiles, ...]:
+    base = CANDIDATES[1 if m == 1 else 16 if m <= 16 else 64]
+    if weight_dtype.itemsize == 1:  # int8: the same bytes per tile at twice the columns, and the same tiles
+        return tuple(dataclasses.replace(t, block_k=2 * t.block_k) for t in base) + base
+    return base
 
 
 if triton is not None:
@@ -66,6 +69,7 @@ if triton is not None:
     def _skinny_kernel(
         x_ptr,
         w_ptr,
+        scale_ptr,  # [N] per output channel (int8 weights), unused otherwise
         out_ptr,
         M,
         N,
@@ -78,6 +82,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         K_TILES: tl.constexpr,
         EVEN: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
     ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -110,19 +115,24 @@ if triton is not None:
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
                     other=0.0,
                 )
-                acc = tl.dot(x, tl.trans(w), acc)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         if BLOCK_M == 1:
-            tl.store(out_ptr + offs_n, acc1.to(out_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(
-                out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-                acc.to(out_ptr.dtype.element_ty),
-                mask=(offs_m[:, None] < M) & n_ok[None, :],
-            )
+            acc = acc1[None, :]
+        if HAS_SCALE:  # as F.linear(x, w.to(dtype)) * scale rounds: the product first, then the scaled
+            scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) * scale[None, :]
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=(offs_m[:, None] < M) & n_ok[None, :],
+        )
 
 
-def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles) -> torch.Tensor:
-    """``x [M, K] @ weight [N, K]^T`` -> ``[M, N]`` in x's dtype, accumulated in float32."""
+def skinny_matmul(
+    x: torch.Tensor, weight: torch.Tensor, tiles: Tiles, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [M, K] @ weight [N, K]^T`` -> ``[M, N]`` in x's dtype, accumulated in float32. An int8
+    ``weight`` comes with ``scale`` [N] (one per output channel), applied after the product."""
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
@@ -133,6 +143,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles) -> torch.
     _skinny_kernel[(triton.cdiv(n, tiles.block_n),)](
         x,
         weight,
+        out if scale is None else scale,
         out,
         m,
         n,
@@ -145,35 +156,42 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles) -> torch.
         BLOCK_K=tiles.block_k,
         K_TILES=triton.cdiv(k, tiles.block_k),
         EVEN=k % tiles.block_k == 0 and n % tiles.block_n == 0,
+        HAS_SCALE=scale is not None,
         num_warps=tiles.warps,
         num_stages=tiles.stages,
     )
     return out
 
 
-# (N, K, M, dtype, device index) -> the tiles that won, or None where cuBLAS did.
-_CHOICES: dict[tuple[int, int, int, torch.dtype, int], Tiles | None] = {}
+Key = tuple[int, int, int, torch.dtype, torch.dtype, int]
+# (N, K, M, activation dtype, weight dtype, device index) -> the tiles that won, or None where cuBLAS did.
+_CHOICES: dict[Key, Tiles | None] = {}
 
 
-def _key(
-    n: int, k: int, m: int, dtype: torch.dtype, device: torch.device
-) -> tuple[int, int, int, torch.dtype, int]:
-    return (n, k, m, dtype, device.index or 0)
+def _key(n: int, k: int, m: int, dtype: torch.dtype, weight: torch.Tensor) -> Key:
+    return (n, k, m, dtype, weight.dtype, weight.device.index or 0)
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if scale is None:
+        return F.linear(x, weight)
+    return F.linear(x, weight.to(x.dtype)) * scale
 
 
 @torch.library.custom_op("conveyor::decode_linear", mutates_args=())
-def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` (no bias) by whichever ``tune`` measured faster for this shape."""
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias; an int8 weight dequantized by ``scale`` per output channel) by
+    whichever ``tune`` measured faster for this shape."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
-    tiles = _CHOICES.get(_key(weight.shape[0], k, rows.shape[0], x.dtype, x.device))
+    tiles = _CHOICES.get(_key(weight.shape[0], k, rows.shape[0], x.dtype, weight))
     if tiles is None:
-        return F.linear(x, weight)
-    return skinny_matmul(rows.contiguous(), weight, tiles).view(*x.shape[:-1], weight.shape[0])
+        return _torch_linear(x, weight, scale)
+    return skinny_matmul(rows.contiguous(), weight, tiles, scale).view(*x.shape[:-1], weight.shape[0])
 
 
 @decode_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -199,33 +217,37 @@ def _time_us(fn, calls: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
-def _time_product(x: torch.Tensor, weights: list[torch.Tensor], tiles: Tiles | None) -> float:
+Product = tuple[torch.Tensor, torch.Tensor | None]  # a layer's weight, and its int8 scale
+
+
+def _time_product(x: torch.Tensor, group: list[Product], tiles: Tiles | None) -> float:
     def product(i: int) -> torch.Tensor:
-        w = weights[i % len(weights)]
-        return F.linear(x, w) if tiles is None else skinny_matmul(x, w, tiles)
+        w, scale = group[i % len(group)]
+        return _torch_linear(x, w, scale) if tiles is None else skinny_matmul(x, w, tiles, scale)
 
     with torch.inference_mode():
-        return _time_us(product, max(len(weights), 8))
+        return _time_us(product, max(len(group), 8))
 
 
-def tune(weights: Iterable[torch.Tensor], m: int) -> None:
-    """Choose cuBLAS or a tile shape for ``x [m, K] @ W^T`` for every weight shape among ``weights``,
+def tune(products: Iterable[Product], m: int) -> None:
+    """Choose cuBLAS or a tile shape for ``x [m, K] @ W^T`` for every weight shape among ``products``,
     timing each over the weights of that shape in turn (a model's layers: enough bytes that L2 holds
     none of them). Shapes chosen before are kept."""
     if triton is None or not kernels_enabled() or m > MAX_ROWS:
         return
-    groups: dict[tuple[int, int, int, torch.dtype, int], list[torch.Tensor]] = {}
-    for w in weights:
-        if w.is_cuda and w.dim() == 2 and w.stride(1) == 1 and w.dtype in (torch.bfloat16, torch.float16):
-            key = _key(w.shape[0], w.shape[1], m, w.dtype, w.device)
+    groups: dict[Key, list[Product]] = {}
+    for w, scale in products:
+        dtype = w.dtype if scale is None else scale.dtype
+        if w.is_cuda and w.dim() == 2 and w.stride(1) == 1 and dtype in (torch.bfloat16, torch.float16):
+            key = _key(w.shape[0], w.shape[1], m, dtype, w)
             if key not in _CHOICES:
-                groups.setdefault(key, []).append(w)
+                groups.setdefault(key, []).append((w, scale))
     for key, group in groups.items():
-        n, k = key[0], key[1]
-        x = torch.randn(m, k, device=group[0].device, dtype=group[0].dtype)
+        n, k, _, dtype = key[:4]
+        x = torch.randn(m, k, device=group[0][0].device, dtype=dtype)
         cublas_us = _time_product(x, group, None)
         best: tuple[float, Tiles | None] = (cublas_us, None)
-        for tiles in candidates(m):
+        for tiles in candidates(m, group[0][0].dtype):
             try:
                 us = _time_product(x, group, tiles)
             except Exception as e:  # a tile shape this GPU cannot run (shared memory) is skipped
@@ -235,11 +257,12 @@ def tune(weights: Iterable[torch.Tensor], m: int) -> None:
                 best = (us, tiles)
         _CHOICES[key] = best[1]
         log.info(
-            "decode matmul [%d x %d] @ [%d x %d]^T: %s (%.1f us; cuBLAS %.1f us)",
+            "decode matmul [%d x %d] @ [%d x %d]^T (%s weights): %s (%.1f us; cuBLAS %.1f us)",
             m,
             k,
             n,
             k,
+            str(group[0][0].dtype).removeprefix("torch."),
             best[1] or "cuBLAS",
             best[0],
             cublas_us,
@@ -251,22 +274,31 @@ def kernels_enabled() -> bool:
     return os.environ.get("CONVEYOR_TRITON_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def is_decode_product(x: torch.Tensor) -> bool:
+    """Whether ``x @ W^T`` goes through ``decode_linear``: a few rows on a GPU (prefill stays on cuBLAS)."""
+    return triton is not None and x.is_cuda and x.numel() // x.shape[-1] <= MAX_ROWS and kernels_enabled()
+
+
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() // x.shape[-1] > MAX_ROWS:  # prefill: not a decode product
+    if not is_decode_product(x):
         return F.linear(x, module.weight, module.bias)
     y = decode_linear(x, module.weight)
     return y if module.bias is None else y + module.bias
 
 
-def route_linears(model: nn.Module) -> list[torch.Tensor]:
+def route_linears(model: nn.Module) -> list[Product]:
     """Send the plain ``nn.Linear`` layers of ``model`` through ``decode_linear`` (forward hooks, such as
-    tensor parallelism's all-reduce, still run around them); return their weights, for ``tune``.
-    Quantized and other linear classes are left alone."""
-    weights: list[torch.Tensor] = []
+    tensor parallelism's all-reduce, still run around them) and return every product ``tune`` should
+    time: theirs, and those of the int8 layers (quantize.py), which call ``decode_linear`` themselves."""
+    products: list[Product] = []
     if triton is None or not kernels_enabled():
-        return weights
+        return products
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.is_cuda:
             module.forward = _linear_forward.__get__(module)  # type: ignore[method-assign]
-            weights.append(module.weight)
-    return weights
+            products.append((module.weight, None))
+        elif isinstance(scale := getattr(module, "scale", None), torch.Tensor):
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dtype == torch.int8:
+                products.append((weight, scale))
+    return products
