@@ -53,6 +53,8 @@ def execute(client: k8s.Client, body: dict[str, Any], plan: Plan) -> None:
         client.label_pod(ns, pod, labels)
     for pod in sorted(set(plan.delete_pods)):
         client.delete_pod(ns, pod, plan.pod_uids.get(pod))
+    for pod in sorted(set(plan.force_delete_pods)):
+        client.delete_pod(ns, pod, plan.pod_uids.get(pod), force=True)
     for sts in plan.delete_statefulsets:
         client.delete_statefulset(ns, sts)
     if plan.delete_children:

@@ -27,7 +27,7 @@ class Client(Protocol):
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def list_pods(self, namespace: str, job: str) -> list[dict[str, Any]]: ...
     def apply(self, obj: dict[str, Any]) -> None: ...
-    def delete_pod(self, namespace: str, name: str, uid: str | None = None) -> None: ...
+    def delete_pod(self, namespace: str, name: str, uid: str | None = None, force: bool = False) -> None: ...
     def label_pod(self, namespace: str, name: str, labels: dict[str, str]) -> None: ...
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
     def event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> None: ...
@@ -84,15 +84,17 @@ class KubeClient:
             force_conflicts=True,
         )
 
-    def delete_pod(self, namespace: str, name: str, uid: str | None = None) -> None:
-        """Delete a pod at once; with ``uid``, only that incarnation (409 Conflict: it was replaced already)."""
+    def delete_pod(self, namespace: str, name: str, uid: str | None = None, force: bool = False) -> None:
+        """Delete a pod within its own grace period (``force``: at once, without waiting for its node);
+        with ``uid``, only that incarnation (409 Conflict: it was replaced already)."""
         from kubernetes import client
 
+        grace = 0 if force else None
         body = client.V1DeleteOptions(
-            grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid) if uid else None
+            grace_period_seconds=grace, preconditions=client.V1Preconditions(uid=uid) if uid else None
         )
         try:
-            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0, body=body)
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace, body=body)
         except Exception as err:
             if not (self._missing(err) or (uid and getattr(err, "status", None) == 409)):
                 raise

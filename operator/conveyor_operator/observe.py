@@ -71,6 +71,7 @@ class PodObservation:
     terminations: tuple[Termination, ...] = ()  # the (at most two) exits still visible, oldest first
     exits: int = 0  # exits of the worker container so far: restartCount, + 1 while it is terminated
     listed: bool = True  # False: seen only in a watch event (the pod may be gone already)
+    deletion_deadline: datetime | None = None  # deletionTimestamp: the kubelet should be done by then
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -191,6 +192,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
         phase_failure=phase_failure,
         terminations=tuple(terminations),
         exits=int(cs.get("restartCount") or 0) + (1 if (cs.get("state") or {}).get("terminated") else 0),
+        deletion_deadline=parse_time(meta.get("deletionTimestamp")),
     )
 
 

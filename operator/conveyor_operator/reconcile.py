@@ -47,6 +47,11 @@ from conveyor_operator.progress import describe_resume, group_checkpoint, job_ch
 from conveyor_operator.restarts import account_group
 
 TERMINAL_REASONS = {"BackoffLimitExceeded", "Completed"}
+# A pod still terminating this long after its deletion deadline (deletionTimestamp: the request plus its
+# grace period) is on a node that does not answer; the StatefulSet would wait for it forever. Forcing it
+# lets the group restart on another node; should the node come back with its containers still running,
+# they belong to an earlier generation and cannot join the new one's rendezvous (CONVEYOR_RENDEZVOUS).
+STUCK_TERMINATING = timedelta(seconds=30)
 # Reasons that need a person to act, whatever the phase: Stalled=True.
 STALLED_REASONS = {"BackoffLimitExceeded", "InvalidSpec", "LayoutChangeRefused"}
 
@@ -61,7 +66,11 @@ class Event:
 @dataclass
 class Plan:
     apply: list[dict[str, Any]] = field(default_factory=list)
+    # Pod deletions: graceful (the kubelet stops the containers within the pod's grace period, and only
+    # then does the StatefulSet create the pod's successor, so two generations of a rank never run at
+    # once), and forced for pods stuck terminating (a lost node never confirms; see STUCK_TERMINATING).
     delete_pods: list[str] = field(default_factory=list)
+    force_delete_pods: list[str] = field(default_factory=list)
     # Preconditions for delete_pods: a pod is deleted only if it still has the uid that was observed, so a
     # stale observation never deletes the pod the StatefulSet has since recreated under the same name.
     pod_uids: dict[str, str] = field(default_factory=dict)
@@ -129,6 +138,35 @@ def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
 def plan_reconcile(
     job: JobView, pods: list[PodObservation], now: datetime, *, children_exist: bool = True
 ) -> Plan:
+    plan = _plan(job, pods, now, children_exist)
+    _release_stuck(plan, pods, now)
+    return plan
+
+
+def _release_stuck(plan: Plan, pods: list[PodObservation], now: datetime) -> None:
+    """Force-delete the job's pods still terminating STUCK_TERMINATING past their deletion deadline, and
+    come back when the next one would be."""
+    for pod in pods:
+        if not (pod.deleting and pod.listed and pod.deletion_deadline is not None):
+            continue
+        wait = (pod.deletion_deadline + STUCK_TERMINATING - now).total_seconds()
+        if wait <= 0:
+            plan.force_delete_pods.append(pod.name)
+            if pod.uid:
+                plan.pod_uids[pod.name] = pod.uid
+            plan.events.append(
+                Event(
+                    "Warning",
+                    "PodForceDeleted",
+                    f"pod {pod.name} still terminating {STUCK_TERMINATING.total_seconds():.0f}s after its grace "
+                    "period (its node does not answer): deleted without waiting, so its StatefulSet can replace it",
+                )
+            )
+        else:
+            plan.requeue_after = min(plan.requeue_after or wait, wait)
+
+
+def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exist: bool) -> Plan:
     old = _old_status(job.status)
     plan = Plan(status=old.model_copy(deep=True))
     st = plan.status
@@ -343,6 +381,8 @@ def _plan_active(
 
 def _delete(plan: Plan, pods: list[PodObservation]) -> None:
     for pod in pods:
+        if pod.deleting:  # asked already: the kubelet is stopping it (or _release_stuck will)
+            continue
         plan.delete_pods.append(pod.name)
         if pod.uid:
             plan.pod_uids[pod.name] = pod.uid

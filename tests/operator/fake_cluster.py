@@ -19,6 +19,7 @@ class FakeCluster:
         self.events: list[tuple[str, str, str]] = []
         self.status_writes = 0
         self.deleted_pods: list[str] = []
+        self.forced_pods: list[str] = []  # deleted without waiting for the kubelet
         self.clock = 0.0
 
     # ---- k8s.Client ----
@@ -39,7 +40,9 @@ class FakeCluster:
         if obj["kind"] == "StatefulSet":
             self._sync_statefulset(obj)
 
-    def delete_pod(self, namespace: str, name: str, uid: str | None = None) -> None:
+    def delete_pod(self, namespace: str, name: str, uid: str | None = None, force: bool = False) -> None:
+        if force:
+            self.forced_pods.append(name)
         current = self.pods.get((namespace, name))
         if current is not None and uid and current["metadata"].get("uid") != uid:
             return  # the precondition fails (409): that incarnation is gone already

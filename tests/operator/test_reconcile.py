@@ -19,6 +19,7 @@ from tests.operator.builders import (
     inference_spec,
     job_body,
     serve_spec,
+    stamp,
     train_spec,
 )
 
@@ -349,3 +350,33 @@ def test_a_finished_group_is_not_restarted_while_the_others_work() -> None:
     plan = step(body, [evict(done[0]), done[1]] + pods[2:], 20)
     assert plan.delete_pods == [] and body["status"]["restarts"] == 0
     assert body["status"]["groups"][0]["phase"] == "Succeeded" and body["status"]["phase"] == "Running"
+
+
+def terminating(pod: dict[str, Any], asked_at: float, grace: int = 30) -> dict[str, Any]:
+    """The pod after a graceful delete asked at ``asked_at``: the kubelet should be done by the deadline."""
+    pod["metadata"].update(deletionTimestamp=stamp(asked_at + grace), deletionGracePeriodSeconds=grace)
+    return pod
+
+
+def test_a_restart_deletes_pods_gracefully_and_asks_once() -> None:
+    body, pods = running_inference(replicas=1)
+    fail(pods[0])
+    step(body, pods, 20)
+    plan = step(body, pods, 30)
+    assert "GroupRestarted" in reasons(plan)
+    assert sorted(plan.delete_pods) == ["llm-r0-0", "llm-r0-1"] and plan.force_delete_pods == []
+    for pod in pods:
+        terminating(pod, asked_at=30)
+    plan = step(body, pods, 35)  # still stopping within their grace period: nothing more to ask
+    assert plan.delete_pods == [] and plan.force_delete_pods == []
+    assert plan.requeue_after == pytest.approx(30 + 30 + 30 - 35)  # back when they would be stuck
+
+
+def test_a_pod_stuck_terminating_past_its_grace_is_force_deleted() -> None:
+    body, pods = running_inference(replicas=1)
+    terminating(pods[1], asked_at=10)  # e.g. the node went away and its pods were evicted
+    plan = step(body, pods, 10 + 30 + 29)
+    assert plan.force_delete_pods == []
+    plan = step(body, pods, 10 + 30 + 31)
+    assert plan.force_delete_pods == ["llm-r0-1"] and "PodForceDeleted" in reasons(plan)
+    assert plan.pod_uids.get("llm-r0-1") == pods[1]["metadata"].get("uid")
