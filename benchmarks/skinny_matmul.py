@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,26 +39,9 @@ SHAPES = [
 
 def time_graph(fn, copies: int, reps: int = 24) -> float:  # type: ignore[no-untyped-def]
     """Microseconds per call of ``fn(i)`` (i: which weight copy), calls back to back in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(2):
-            fn(i % copies)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(reps):
-            fn(i % copies)
-    graph.replay()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / reps)
-    return statistics.median(times)
+    from conveyor.inference.skinny_matmul import time_in_graph
+
+    return time_in_graph(lambda i: fn(i % copies), reps)
 
 
 def candidates(m: int):  # type: ignore[no-untyped-def]

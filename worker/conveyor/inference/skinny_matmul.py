@@ -195,7 +195,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) 
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _time_us(fn, calls: int) -> float:  # type: ignore[no-untyped-def]
+def time_in_graph(fn, calls: int) -> float:  # type: ignore[no-untyped-def]
     """Microseconds per call of ``fn(i)``, ``calls`` of them back to back in one CUDA graph."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -226,7 +226,7 @@ def _time_product(x: torch.Tensor, group: list[Product], tiles: Tiles | None) ->
         return _torch_linear(x, w, scale) if tiles is None else skinny_matmul(x, w, tiles, scale)
 
     with torch.inference_mode():
-        return _time_us(product, max(len(group), 8))
+        return time_in_graph(product, max(len(group), 8))
 
 
 def tune(products: Iterable[Product], m: int) -> None:
