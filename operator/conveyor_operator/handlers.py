@@ -122,6 +122,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="conveyor.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="conveyor.dev")
     settings.posting.level = logging.WARNING  # our own Events cover transitions; kopf's only its errors
+    # A job deleted while its resync timer runs keeps kopf's finalizer until kopf sees the timer gone, and
+    # kopf looks again only after this long (default 60 s: a `kubectl delete` hung that long in e2e).
+    settings.background.cancellation_polling = 1.0
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -180,6 +180,8 @@ def test_kopf_settings_keep_objects_small() -> None:
     handlers.configure(settings=settings)
     assert settings.persistence.finalizer == "conveyor.dev/operator"
     assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    # a deletion that meets a running resync timer waits for it about a second, not kopf's default minute
+    assert settings.background.cancellation_polling <= 2
 
 
 def test_a_failed_pod_already_replaced_by_the_statefulset_still_restarts_its_group(
