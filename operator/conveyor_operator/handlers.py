@@ -71,7 +71,7 @@ def with_witnesses(pods: list[PodObservation], witnesses: Sequence[PodObservatio
     merged = [merge_witness(p, seen[p.uid]) if p.uid in seen else p for p in pods]
     listed = {p.uid for p in pods}
     gone = [
-        dataclasses.replace(w, deleting=False, listed=False)
+        dataclasses.replace(w, deletion_deadline=None, listed=False)
         for w in witnesses
         if w.uid not in listed and w.failure is not None
     ]

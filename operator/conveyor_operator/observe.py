@@ -60,7 +60,7 @@ class PodObservation:
     restart: int  # the CONVEYOR_RESTART it was created with
     template_hash: str
     created: datetime | None
-    deleting: bool
+    deletion_deadline: datetime | None  # deletionTimestamp: the kubelet should be done by then
     scheduled: bool
     ready: bool
     completed: bool
@@ -71,7 +71,10 @@ class PodObservation:
     terminations: tuple[Termination, ...] = ()  # the (at most two) exits still visible, oldest first
     exits: int = 0  # exits of the worker container so far: restartCount, + 1 while it is terminated
     listed: bool = True  # False: seen only in a watch event (the pod may be gone already)
-    deletion_deadline: datetime | None = None  # deletionTimestamp: the kubelet should be done by then
+
+    @property
+    def deleting(self) -> bool:
+        return self.deletion_deadline is not None
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -95,9 +98,8 @@ def _worker_status(pod: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _deletion_requested(meta: dict[str, Any]) -> datetime | None:
-    """When the pod's deletion was asked for: deletionTimestamp is that moment plus the grace period."""
-    deadline = parse_time(meta.get("deletionTimestamp"))
+def _deletion_requested(meta: dict[str, Any], deadline: datetime | None) -> datetime | None:
+    """When the pod's deletion was asked for: its deadline (deletionTimestamp) less the grace period."""
     if deadline is None:
         return None
     return deadline - timedelta(seconds=int(meta.get("deletionGracePeriodSeconds") or 0))
@@ -145,7 +147,8 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
     status = pod.get("status") or {}
     conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
     cs = _worker_status(pod)
-    deletion = _deletion_requested(meta)
+    deadline = parse_time(meta.get("deletionTimestamp"))
+    deletion = _deletion_requested(meta, deadline)
     terminations = _terminations(cs, deletion)
 
     last_checkpoint: dict[str, Any] | None = None
@@ -182,7 +185,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
         restart=int(annotations.get(RESTART_ANNOTATION, "0") or 0),
         template_hash=annotations.get(TEMPLATE_HASH_ANNOTATION, ""),
         created=parse_time(meta.get("creationTimestamp")),
-        deleting=bool(meta.get("deletionTimestamp")),
+        deletion_deadline=deadline,
         scheduled=conditions.get("PodScheduled") == "True" or bool(pod.get("spec", {}).get("nodeName")),
         ready=conditions.get("Ready") == "True",
         completed=completed and failure is None,
@@ -192,7 +195,6 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
         phase_failure=phase_failure,
         terminations=tuple(terminations),
         exits=int(cs.get("restartCount") or 0) + (1 if (cs.get("state") or {}).get("terminated") else 0),
-        deletion_deadline=parse_time(meta.get("deletionTimestamp")),
     )
 
 

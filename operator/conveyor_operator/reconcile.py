@@ -147,7 +147,7 @@ def _release_stuck(plan: Plan, pods: list[PodObservation], now: datetime) -> Non
     """Force-delete the job's pods still terminating STUCK_TERMINATING past their deletion deadline, and
     come back when the next one would be."""
     for pod in pods:
-        if not (pod.deleting and pod.listed and pod.deletion_deadline is not None):
+        if not pod.listed or pod.deletion_deadline is None:
             continue
         wait = (pod.deletion_deadline + STUCK_TERMINATING - now).total_seconds()
         if wait <= 0:
@@ -381,8 +381,6 @@ def _plan_active(
 
 def _delete(plan: Plan, pods: list[PodObservation]) -> None:
     for pod in pods:
-        if pod.deleting:  # asked already: the kubelet is stopping it (or _release_stuck will)
-            continue
         plan.delete_pods.append(pod.name)
         if pod.uid:
             plan.pod_uids[pod.name] = pod.uid
