@@ -41,10 +41,11 @@ def available(q: torch.Tensor) -> bool:
     )
 
 
-def splits_for(n: int, kv_heads: int, kv_len: int) -> int:
-    """Key splits: enough programs for the GPU, never a split without a key block."""
+def split_keys(n: int, kv_heads: int, kv_len: int) -> tuple[int, int]:
+    """(splits, key blocks per split): enough programs for the GPU, and no split without a key block."""
     blocks = triton.cdiv(kv_len, BLOCK_L)
-    return max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, n * kv_heads)))
+    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, n * kv_heads))))
+    return triton.cdiv(blocks, per_split), per_split
 
 
 if triton is not None:
@@ -150,8 +151,7 @@ def decode_attention(
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     kv_len = mask.shape[-1]
-    splits = splits_for(n, kv_heads, kv_len)
-    blocks_per_split = triton.cdiv(triton.cdiv(kv_len, BLOCK_L), splits)
+    splits, blocks_per_split = split_keys(n, kv_heads, kv_len)
     q3 = q.reshape(n, heads, d)
     if q3.stride(2) != 1:
         q3 = q3.contiguous()

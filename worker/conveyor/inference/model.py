@@ -93,14 +93,14 @@ class Step:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):  # type: ignore[no-untyped-def]
     """q [n, heads, S, D], k/v [n, kv_heads, L, D], mask [n, 1, S, L] -> [n, heads, S, D].
 
-    For decode where decode_attention.py's kernel does not serve (no Triton, an odd head size). A fused attention kernel with an explicit
-    mask measured 7 us a layer at batch 1 and 80 us at batch 64 on an H200, cuBLAS's batched GEMV for
-    q.k and p.v 45 us at batch 64, against 6 us to read the keys once. So under torch.compile the
-    products are written as broadcast-multiply-sum, which inductor turns into reductions that read K
-    and V once; eager runs (CPU, graphs off) use SDPA, where the broadcast would be materialised.
-    Rounding follows flash attention's: q.k and the softmax in fp32, p rounded to the value dtype, p.v
-    accumulated in fp32. The heads sharing a KV head (GQA) are folded into the query rows, so K and V
-    are never repeated."""
+    For decode where decode_attention.py's kernel does not serve (no Triton, float32, an odd head size).
+    A fused attention kernel with an explicit mask measured 7 us a layer at batch 1 and 80 us at batch
+    64 on an H200, cuBLAS's batched GEMV for q.k and p.v 45 us at batch 64, against 6 us to read the
+    keys once. So under torch.compile the products are written as broadcast-multiply-sum, which
+    inductor turns into reductions that read K and V once; eager runs (CPU, graphs off) use SDPA,
+    where the broadcast would be materialised. Rounding follows flash attention's: q.k and the softmax
+    in fp32, p rounded to the value dtype, p.v accumulated in fp32. The heads sharing a KV head (GQA)
+    are folded into the query rows, so K and V are never repeated."""
     if not torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]

@@ -4,7 +4,8 @@ Every linear of a block (attention ``wqkv``/``wo``, MLP ``w_in``/``w_out``) beco
 int8 weights ``[out, in]`` and one scale per output channel, symmetric absmax (``scale = absmax / 127``).
 Its forward is ``F.linear(x, w.to(x.dtype)) * scale``; at decode on a GPU the same product runs through
 skinny_matmul.py's kernel, which reads the int8 bytes once and converts them in registers, so decode
-reads 1 byte per weight instead of 2 (inductor's own lowering of the form was 13x slower than bf16). Activations, the KV cache, embeddings, norms and the LM head stay in the compute dtype.
+reads 1 byte per weight instead of 2 (inductor's own lowering of the form was 13x slower than bf16).
+Activations, the KV cache, embeddings, norms and the LM head stay in the compute dtype.
 
 Why the head stays in full precision by default: its outputs *are* the logits, and a vocabulary-wide
 matmul is where a per-channel error shows up directly in the token choice (each row's rounding error
@@ -27,7 +28,6 @@ from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from conveyor.inference import skinny_matmul
@@ -70,10 +70,7 @@ class Int8Linear(nn.Module):
         return cls(weight, scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if skinny_matmul.is_decode_product(x):  # reads the int8 bytes once (the kernel converts in registers)
-            y = skinny_matmul.decode_linear(x, self.weight, self.scale)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
+        y = skinny_matmul.linear(x, self.weight, self.scale)  # at decode, reads the int8 bytes once
         return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:

@@ -173,6 +173,7 @@ def _key(n: int, k: int, m: int, dtype: torch.dtype, weight: torch.Tensor) -> Ke
 
 
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The product as torch computes it: what the kernel matches, and what runs where it does not."""
     if scale is None:
         return F.linear(x, weight)
     return F.linear(x, weight.to(x.dtype)) * scale
@@ -277,6 +278,12 @@ def kernels_enabled() -> bool:
 def is_decode_product(x: torch.Tensor) -> bool:
     """Whether ``x @ W^T`` goes through ``decode_linear``: a few rows on a GPU (prefill stays on cuBLAS)."""
     return triton is not None and x.is_cuda and x.numel() // x.shape[-1] <= MAX_ROWS and kernels_enabled()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T`` (an int8 weight dequantized by ``scale``): a decode product through
+    ``decode_linear``, anything else through torch."""
+    return decode_linear(x, weight, scale) if is_decode_product(x) else _torch_linear(x, weight, scale)
 
 
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
