@@ -51,7 +51,7 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         (2, 4, 2, 100, 1, None, 40),  # GQA, two splits
         (1, 8, 8, 300, 0, None, 40),  # five splits, the last one short
         (3, 6, 2, 70, 2, 16, 40),  # sliding window: whole blocks masked out
-        (2, 8, 8, 129, 0, None, 1),  # one split: the combine passes it through
+        (2, 8, 8, 129, 0, None, 1),  # one split: written directly, no combine
     ]:
         q = torch.randn(n, heads, 1, d, dtype=dtype, device=device)
         k_cache = torch.randn(start + n + 1, kv_heads, kv_len + 20, d, dtype=dtype, device=device)
@@ -69,6 +69,12 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         ref = F.scaled_dot_product_attention(
             q.double(), k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
         )
+        # Slots a query does not see may hold anything (a lane's earlier sequence): poisoned here, so a
+        # kernel that reads them (and multiplies by a zero probability) returns NaN.
+        hidden = ~mask[:, 0, 0, :, None]  # [n, kv_len, 1]
+        for cache in (k_cache, v_cache):
+            lanes = cache[start : start + n, :, :kv_len]  # [n, kv_heads, kv_len, d]
+            lanes.masked_fill_(hidden[:, None], float("nan"))
         saved, da.TARGET_PROGRAMS = da.TARGET_PROGRAMS, programs
         try:
             got = da.decode_attention(q, k_cache, v_cache, mask, start, scale).double()

@@ -58,6 +58,7 @@ if triton is not None:
         mask_ptr,  # [n, kv_len] bool: key visible to the sequence's query
         acc_ptr,  # [n, heads, SPLITS, D] float32, normalised within the split
         stats_ptr,  # [n, heads, SPLITS, 2] float32: the split's max score and its sum of exp
+        out_ptr,  # [n, heads, D] in q's dtype: written here when SPLITS == 1 (nothing to combine)
         lane_start,
         kv_len,
         scale,
@@ -100,8 +101,10 @@ if triton is not None:
         for b in tl.range(0, BLOCKS_PER_SPLIT):
             keys = first + b * BLOCK_L + tl.arange(0, BLOCK_L)
             key_ok = keys < kv_len
-            k = tl.load(k_base + keys[:, None] * stride_kp + dims[None, :], mask=key_ok[:, None], other=0.0)
+            # Only visible keys are read: a masked-off row of K or V costs no HBM traffic, so a block
+            # past the sequence's position (kv_len is the longest sequence's, rounded up) is nearly free.
             visible = tl.load(mask_ptr + seq * stride_mn + keys, mask=key_ok, other=0) != 0
+            k = tl.load(k_base + keys[:, None] * stride_kp + dims[None, :], mask=visible[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_L] in float32
             scores = tl.where(visible[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -109,9 +112,14 @@ if triton is not None:
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(scores - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + keys[:, None] * stride_vp + dims[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vp + dims[None, :], mask=visible[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
+        if SPLITS == 1:  # the combine of one split is a division: done here, one kernel fewer per layer
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            out_ptrs = out_ptr + (seq * KV_HEADS * GROUP + heads)[:, None] * D + dims[None, :]
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            return
         out_rows = (seq * KV_HEADS * GROUP + heads) * SPLITS + split
         tl.store(acc_ptr + out_rows[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
         tl.store(stats_ptr + out_rows * 2, m_i, mask=row_ok)
@@ -156,8 +164,12 @@ def decode_attention(
     if q3.stride(2) != 1:
         q3 = q3.contiguous()
     visible = mask.reshape(n, kv_len)
-    acc = torch.empty((n, heads, splits, d), device=q.device, dtype=torch.float32)
-    stats = torch.empty((n, heads, splits, 2), device=q.device, dtype=torch.float32)
+    out = torch.empty((n, heads, 1, d), device=q.device, dtype=q.dtype)
+    if splits == 1:
+        acc = stats = out  # unused
+    else:
+        acc = torch.empty((n, heads, splits, d), device=q.device, dtype=torch.float32)
+        stats = torch.empty((n, heads, splits, 2), device=q.device, dtype=torch.float32)
     _split_kernel[(n * kv_heads, splits)](
         q3,
         k_cache,
@@ -165,6 +177,7 @@ def decode_attention(
         visible,
         acc,
         stats,
+        out,
         lane_start,
         kv_len,
         scale,
@@ -187,8 +200,10 @@ def decode_attention(
         num_warps=WARPS,
         num_stages=STAGES,
     )
-    out = torch.empty((n, heads, 1, d), device=q.device, dtype=q.dtype)
-    _combine_kernel[(n * heads,)](acc, stats, out, D=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
+    if splits > 1:
+        _combine_kernel[(n * heads,)](
+            acc, stats, out, D=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits)
+        )
     return out
 
 
