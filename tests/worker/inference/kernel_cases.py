@@ -37,6 +37,26 @@ def skinny_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, flo
         got = skinny_matmul(x, w8, tiles, scale).double()
         tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
         out.append((f"int8 M={m} N={n} K={k} {tiles}", (got - ref).abs().max().item(), tol))
+    for m, n, k, tiles in [
+        (1, 64, 256, Tiles(16, 64)),
+        (1, 48, 200, Tiles(16, 64)),
+        (6, 40, 200, Tiles(32, 64)),
+    ]:
+        # a gated MLP's gate | up weight [2n, k]: the kernel returns silu(x @ gate^T) * (x @ up^T)
+        x = torch.randn(m, k, dtype=dtype, device=device)
+        w = torch.randn(2 * n, k, dtype=dtype, device=device)
+        gate, up = (x.double() @ w.double().T).chunk(2, dim=-1)
+        ref = F.silu(gate) * up
+        got = skinny_matmul(x, w, tiles, gate_up=True).double()
+        tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
+        out.append((f"gate|up M={m} N={n} K={k} {tiles}", (got - ref).abs().max().item(), tol))
+        w8 = torch.randint(-127, 128, (2 * n, k), dtype=torch.int8, device=device)
+        scale = torch.rand(2 * n, dtype=dtype, device=device) / 100
+        gate, up = ((x.double() @ w8.double().T) * scale.double()).chunk(2, dim=-1)
+        ref = F.silu(gate) * up
+        got = skinny_matmul(x, w8, tiles, scale, gate_up=True).double()
+        tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
+        out.append((f"int8 gate|up M={m} N={n} K={k} {tiles}", (got - ref).abs().max().item(), tol))
     return out
 
 

@@ -29,7 +29,7 @@ def test_kernels_match_torch_in_the_interpreter() -> None:
         timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok  ") == 14, run.stdout
+    assert run.stdout.count("ok  ") == 20, run.stdout
 
 
 def test_decode_linear_without_a_choice_is_torch_linear() -> None:
@@ -59,6 +59,48 @@ def test_routed_linears_give_cublas_results_on_the_gpu() -> None:
         weights = skinny_matmul.route_linears(model)
         assert len(weights) == 8
         skinny_matmul.tune(weights, 4)
-        chosen = skinny_matmul._CHOICES[(1024, 1024, 4, torch.bfloat16, torch.bfloat16, 0)]
+        chosen = skinny_matmul._CHOICES[(1024, 1024, 4, torch.bfloat16, torch.bfloat16, 0, False)]
         got = model(x)
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2, msg=f"choice {chosen}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_gate_up_applies_the_gate_on_the_gpu(int8: bool, fused: bool) -> None:
+    """Routed, a silu-gated MLP's gate | up layer returns silu(gate) * up itself, fused in the kernel or
+    after the product as tune chose, eager and compiled: the unrouted MLP's output, at decode and at
+    prefill."""
+    from conveyor.inference import skinny_matmul
+    from conveyor.inference.families import arch_from_config
+    from conveyor.inference.model import MLP
+    from conveyor.inference.quantize import Int8Linear
+    from transformers import LlamaConfig
+
+    arch = arch_from_config(
+        LlamaConfig(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=1)
+    )
+    torch.manual_seed(0)
+    mlps = torch.nn.Sequential(*(MLP(arch) for _ in range(4))).to("cuda", torch.bfloat16)
+    if int8:
+        for mlp in mlps:
+            mlp.w_in = Int8Linear.from_linear(mlp.w_in)
+    decode = torch.randn(3, 1, 512, device="cuda", dtype=torch.bfloat16)
+    prefill = torch.randn(2, 100, 512, device="cuda", dtype=torch.bfloat16)
+    weight = mlps[0].w_in.weight
+    key = (2 * 1376, 512, 3, torch.bfloat16, weight.dtype, 0, True)
+    with torch.inference_mode():
+        ref_decode, ref_prefill = mlps(decode), mlps(prefill)
+        products = skinny_matmul.route_linears(mlps)
+        assert [p.gate_up for p in products].count(True) == 4 and all(m.up_applies_gate for m in mlps)
+        skinny_matmul.tune(products, 3)
+        saved = skinny_matmul._CHOICES[key]
+        skinny_matmul._CHOICES[key] = skinny_matmul.Tiles(16, 128) if fused else None
+        torch._dynamo.reset()
+        try:
+            torch.testing.assert_close(mlps(decode), ref_decode, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(torch.compile(mlps)(decode), ref_decode, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(mlps(prefill), ref_prefill, rtol=0, atol=0)
+        finally:
+            skinny_matmul._CHOICES[key] = saved
+            torch._dynamo.reset()

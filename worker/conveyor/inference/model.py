@@ -37,6 +37,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
     "gelu_fast": partial(F.gelu, approximate="tanh"),
 }
+ACTIVATION_NAMES = {"silu": "silu", "swish": "silu"}  # the gates skinny_matmul's kernel applies
 
 
 def local_arch(arch: Arch, tensor_parallel: int) -> Arch:
@@ -172,8 +173,14 @@ class MLP(nn.Module):
         self.w_in = nn.Linear(arch.hidden, width, bias=arch.mlp_bias)
         self.w_out = nn.Linear(arch.intermediate, arch.hidden, bias=arch.mlp_bias)
         self.act = ACTIVATIONS[arch.activation]
+        self.gated_activation = ACTIVATION_NAMES.get(arch.activation) if self.gated else None
+        # Set by skinny_matmul.route_linears: w_in returns act(gate) * up itself (at decode, from the
+        # kernel that reads its weight: no kernel writes or reads gate and up).
+        self.up_applies_gate = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up_applies_gate:
+            return self.w_out(self.w_in(x))
         h = self.w_in(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)

@@ -8,7 +8,11 @@ latency, and beats it by 5-14% at M=1 (benchmarks/skinny_matmul.py). Neither win
 choice is measured, not assumed: ``tune`` times cuBLAS and a few tile shapes per (N, K, M) on the
 model's own weights (rotating over its layers, so no timing reads from L2) when a decode step is first
 captured, and ``decode_linear`` (a custom op, opaque to torch.compile and captured in the step's CUDA
-graph) runs the winner. ``CONVEYOR_TRITON_KERNELS=0`` keeps cuBLAS everywhere.
+graph) runs the winner. A silu-gated MLP's gate | up product can also return ``F.silu(gate) * up``
+from the same kernel (``decode_gate_up``: one program holds the gate and up rows of the same columns),
+which saves the step a kernel per layer; ``tune`` keeps it where it beats the product followed by a
+separate silu-multiply (at batch 1 and 16 on an H200, not at 64). ``CONVEYOR_TRITON_KERNELS=0`` keeps
+cuBLAS everywhere.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import dataclasses
 import logging
 import os
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +54,8 @@ class Tiles:
 CANDIDATES: dict[int, tuple[Tiles, ...]] = {
     1: (Tiles(8, 256), Tiles(8, 512), Tiles(16, 256), Tiles(32, 256), Tiles(16, 512, stages=3)),
     16: (Tiles(32, 128), Tiles(32, 256), Tiles(16, 256), Tiles(32, 128, stages=3)),
-    64: (Tiles(32, 128, stages=3), Tiles(32, 256), Tiles(32, 128)),
+    # 16-row tiles give a 4096-row weight 256 programs, where 32-row tiles leave 132 SMs one each
+    64: (Tiles(32, 128, stages=3), Tiles(32, 256), Tiles(32, 128), Tiles(16, 256), Tiles(16, 128, stages=3)),
 }
 
 
@@ -66,10 +73,35 @@ def candidates(m: int, weight_dtype: torch.dtype) -> tuple[Tiles, ...]:
 if triton is not None:
 
     @triton.jit
+    def _silu_times(gate, up):
+        # Rounded where torch rounds F.silu(gate) * up in gate's dtype: after the silu, after the product.
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+        return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+    @triton.jit
+    def _w_tile(w_ptr, offs_n, offs_k, n_ok, N, K, stride_wn, EVEN: tl.constexpr):
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+        if EVEN:  # every tile whole: unmasked loads vectorise fully
+            return tl.load(w_ptrs, eviction_policy="evict_first")
+        return tl.load(
+            w_ptrs, mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0, eviction_policy="evict_first"
+        )
+
+    @triton.jit
+    def _rounded(acc, scale_ptr, offs_n, n_ok, dtype: tl.constexpr, HAS_SCALE: tl.constexpr):
+        # As F.linear(x, w.to(dtype)) * scale rounds: the product first, then the scaled
+        y = acc.to(dtype)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            y = (y.to(tl.float32) * scale[None, :]).to(dtype)
+        return y
+
+    @triton.jit
     def _skinny_kernel(
         x_ptr,
         w_ptr,
-        scale_ptr,  # [N] per output channel (int8 weights), unused otherwise
+        scale_ptr,  # [N] per output channel (int8 weights; [2N] with GATE_UP), unused otherwise
         out_ptr,
         M,
         N,
@@ -83,32 +115,30 @@ if triton is not None:
         K_TILES: tl.constexpr,
         EVEN: tl.constexpr,
         HAS_SCALE: tl.constexpr,
+        GATE_UP: tl.constexpr,  # weight rows are gate | up (2N): out = silu(x @ gate^T) * (x @ up^T)
     ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         n_ok = offs_n < N
         if BLOCK_M == 1:
             acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            acc1_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for i in tl.range(0, K_TILES):
             offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
-            w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
-            if EVEN:  # every tile whole: unmasked loads vectorise fully
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-            else:
-                w = tl.load(
-                    w_ptrs,
-                    mask=n_ok[:, None] & (offs_k[None, :] < K),
-                    other=0.0,
-                    eviction_policy="evict_first",
-                )
-            if BLOCK_M == 1:
+            w = _w_tile(w_ptr, offs_n, offs_k, n_ok, N, K, stride_wn, EVEN)
+            if GATE_UP:
+                w_up = _w_tile(w_ptr + N * stride_wn, offs_n, offs_k, n_ok, N, K, stride_wn, EVEN)
+            if BLOCK_M == 1:  # a multiply-sum on CUDA cores
                 if EVEN:
-                    x = tl.load(x_ptr + offs_k)
+                    x = tl.load(x_ptr + offs_k).to(tl.float32)
                 else:
-                    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
-                acc1 += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+                    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                acc1 += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+                if GATE_UP:
+                    acc1_up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
             else:
                 x = tl.load(
                     x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -116,25 +146,35 @@ if triton is not None:
                     other=0.0,
                 )
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+                if GATE_UP:
+                    acc_up = tl.dot(x, tl.trans(w_up.to(x.dtype)), acc_up)
         if BLOCK_M == 1:
             acc = acc1[None, :]
-        if HAS_SCALE:  # as F.linear(x, w.to(dtype)) * scale rounds: the product first, then the scaled
-            scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) * scale[None, :]
+            acc_up = acc1_up[None, :]
+        dtype = out_ptr.dtype.element_ty
+        y = _rounded(acc, scale_ptr, offs_n, n_ok, dtype, HAS_SCALE)
+        if GATE_UP:
+            y = _silu_times(y, _rounded(acc_up, scale_ptr + N, offs_n, n_ok, dtype, HAS_SCALE))
         tl.store(
             out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-            acc.to(out_ptr.dtype.element_ty),
+            y,
             mask=(offs_m[:, None] < M) & n_ok[None, :],
         )
 
 
 def skinny_matmul(
-    x: torch.Tensor, weight: torch.Tensor, tiles: Tiles, scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    tiles: Tiles,
+    scale: torch.Tensor | None = None,
+    gate_up: bool = False,
 ) -> torch.Tensor:
     """``x [M, K] @ weight [N, K]^T`` -> ``[M, N]`` in x's dtype, accumulated in float32. An int8
-    ``weight`` comes with ``scale`` [N] (one per output channel), applied after the product."""
+    ``weight`` comes with ``scale`` [N] (one per output channel), applied after the product.
+    ``gate_up``: weight is a gated MLP's gate | up ([2N, K]) and the result ``F.silu(gate) * up``
+    ([M, N]), computed where the products are, so no kernel writes or reads the products."""
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if gate_up else weight.shape[0]
     if weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(
             f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be row-major"
@@ -157,19 +197,21 @@ def skinny_matmul(
         K_TILES=triton.cdiv(k, tiles.block_k),
         EVEN=k % tiles.block_k == 0 and n % tiles.block_n == 0,
         HAS_SCALE=scale is not None,
+        GATE_UP=gate_up,
         num_warps=tiles.warps,
         num_stages=tiles.stages,
     )
     return out
 
 
-Key = tuple[int, int, int, torch.dtype, torch.dtype, int]
-# (N, K, M, activation dtype, weight dtype, device index) -> the tiles that won, or None where cuBLAS did.
+Key = tuple[int, int, int, torch.dtype, torch.dtype, int, bool]
+# (N, K, M, activation dtype, weight dtype, device index, gate | up with silu) -> the tiles that won, or
+# None where cuBLAS did.
 _CHOICES: dict[Key, Tiles | None] = {}
 
 
-def _key(n: int, k: int, m: int, dtype: torch.dtype, weight: torch.Tensor) -> Key:
-    return (n, k, m, dtype, weight.dtype, weight.device.index or 0)
+def _key(n: int, k: int, m: int, dtype: torch.dtype, weight: torch.Tensor, gate_up: bool = False) -> Key:
+    return (n, k, m, dtype, weight.dtype, weight.device.index or 0, gate_up)
 
 
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -196,6 +238,29 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) 
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _torch_gate_up(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    gate, up = _torch_linear(x, weight, scale).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@torch.library.custom_op("conveyor::decode_gate_up", mutates_args=())
+def decode_gate_up(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A silu-gated MLP's ``F.silu(gate) * up`` from its input and its gate | up weight ([2I, K]; an
+    int8 weight dequantized by ``scale``) by the Triton tiles ``tune`` chose (torch where it chose none)."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    tiles = _CHOICES.get(_key(weight.shape[0], k, rows.shape[0], x.dtype, weight, gate_up=True))
+    if tiles is None:
+        return _torch_gate_up(x, weight, scale)
+    y = skinny_matmul(rows.contiguous(), weight, tiles, scale, gate_up=True)
+    return y.view(*x.shape[:-1], weight.shape[0] // 2)
+
+
+@decode_gate_up.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+
 def time_in_graph(fn, calls: int) -> float:  # type: ignore[no-untyped-def]
     """Microseconds per call of ``fn(i)``, ``calls`` of them back to back in one CUDA graph."""
     side = torch.cuda.Stream()
@@ -218,13 +283,31 @@ def time_in_graph(fn, calls: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
-Product = tuple[torch.Tensor, torch.Tensor | None]  # a layer's weight, and its int8 scale
+class Product(NamedTuple):
+    """A layer's weight, its int8 scale, and whether it is a silu-gated MLP's gate | up (the product
+    ``F.silu(gate) * up``)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None
+    gate_up: bool = False
 
 
-def _time_product(x: torch.Tensor, group: list[Product], tiles: Tiles | None) -> float:
+def _time_product(
+    x: torch.Tensor, group: list[Product], tiles: Tiles | None, gate_up: bool = False, fused: bool = False
+) -> float:
+    """Microseconds per product over ``group``: cuBLAS (``tiles`` None) or the Triton kernel. ``gate_up``:
+    the product, then one kernel that reads both halves and writes their product (inductor's fused
+    silu-multiply, timed as torch.mul); with ``fused``, the kernel computing the gate itself."""
+
     def product(i: int) -> torch.Tensor:
-        w, scale = group[i % len(group)]
-        return _torch_linear(x, w, scale) if tiles is None else skinny_matmul(x, w, tiles, scale)
+        w, scale, _ = group[i % len(group)]
+        if fused:
+            return skinny_matmul(x, w, tiles, scale, gate_up=True)  # type: ignore[arg-type]
+        y = _torch_linear(x, w, scale) if tiles is None else skinny_matmul(x, w, tiles, scale)
+        if gate_up:
+            gate, up = y.chunk(2, dim=-1)
+            return torch.mul(gate, up)
+        return y
 
     with torch.inference_mode():
         return time_in_graph(product, max(len(group), 8))
@@ -233,24 +316,28 @@ def _time_product(x: torch.Tensor, group: list[Product], tiles: Tiles | None) ->
 def tune(products: Iterable[Product], m: int) -> None:
     """Choose cuBLAS or a tile shape for ``x [m, K] @ W^T`` for every weight shape among ``products``,
     timing each over the weights of that shape in turn (a model's layers: enough bytes that L2 holds
-    none of them). Shapes chosen before are kept."""
+    none of them), then for each gate | up shape whether the fused kernel beats that choice followed by
+    the separate silu-multiply. Shapes chosen before are kept."""
     if triton is None or not kernels_enabled() or m > MAX_ROWS:
         return
     groups: dict[Key, list[Product]] = {}
-    for w, scale in products:
+    for product in products:
+        w, scale, gate_up = product
         dtype = w.dtype if scale is None else scale.dtype
         if w.is_cuda and w.dim() == 2 and w.stride(1) == 1 and dtype in (torch.bfloat16, torch.float16):
-            key = _key(w.shape[0], w.shape[1], m, dtype, w)
+            key = _key(w.shape[0], w.shape[1], m, dtype, w, gate_up)
             if key not in _CHOICES:
-                groups.setdefault(key, []).append((w, scale))
-    for key, group in groups.items():
-        n, k, _, dtype = key[:4]
-        x = torch.randn(m, k, device=group[0][0].device, dtype=dtype)
-        cublas_us = _time_product(x, group, None)
-        best: tuple[float, Tiles | None] = (cublas_us, None)
-        for tiles in candidates(m, group[0][0].dtype):
+                groups.setdefault(key, []).append(product)
+    for key, group in sorted(groups.items(), key=lambda item: item[0][6]):  # plain products first
+        n, k, _, dtype, weight_dtype, _, gate_up = key
+        x = torch.randn(m, k, device=group[0].weight.device, dtype=dtype)
+        # the rival: cuBLAS; for gate | up, the plain product as chosen, then the silu-multiply
+        rival = _CHOICES[(*key[:6], False)] if gate_up else None
+        rival_us = _time_product(x, group, rival, gate_up)
+        best: tuple[float, Tiles | None] = (rival_us, None)
+        for tiles in candidates(m, weight_dtype):
             try:
-                us = _time_product(x, group, tiles)
+                us = _time_product(x, group, tiles, gate_up, fused=gate_up)
             except Exception as e:  # a tile shape this GPU cannot run (shared memory) is skipped
                 log.debug("skinny_matmul %s on %sx%s: %s", tiles, n, k, e)
                 continue
@@ -258,15 +345,17 @@ def tune(products: Iterable[Product], m: int) -> None:
                 best = (us, tiles)
         _CHOICES[key] = best[1]
         log.info(
-            "decode matmul [%d x %d] @ [%d x %d]^T (%s weights): %s (%.1f us; cuBLAS %.1f us)",
+            "decode %s [%d x %d] @ [%d x %d]^T (%s weights): %s (%.1f us; %s %.1f us)",
+            "gate|up + silu" if gate_up else "matmul",
             m,
             k,
             n,
             k,
-            str(group[0][0].dtype).removeprefix("torch."),
-            best[1] or "cuBLAS",
+            str(weight_dtype).removeprefix("torch."),
+            best[1] or ("unfused" if gate_up else "cuBLAS"),
             best[0],
-            cublas_us,
+            "unfused" if gate_up else "cuBLAS",
+            rival_us,
         )
 
 
@@ -293,19 +382,59 @@ def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return y if module.bias is None else y + module.bias
 
 
+def _int8(module: nn.Module) -> torch.Tensor | None:
+    """The scale of an int8 layer (quantize.Int8Linear: int8 weight, a scale per output channel)."""
+    scale, weight = getattr(module, "scale", None), getattr(module, "weight", None)
+    int8 = isinstance(weight, torch.Tensor) and weight.dtype == torch.int8
+    return scale if int8 and isinstance(scale, torch.Tensor) else None
+
+
+@torch.compiler.assume_constant_result
+def _fused(n: int, k: int, m: int, dtype: str, weight_dtype: str, device: int) -> bool:
+    # Whether tune chose the fused gate | up kernel for this shape: a constant to torch.compile (the
+    # choice is made before the step that uses it is traced, and never changes after).
+    key = (n, k, m, getattr(torch, dtype), getattr(torch, weight_dtype), device, True)
+    return _CHOICES.get(key) is not None  # type: ignore[arg-type]
+
+
+def _gate_up_forward(
+    module: nn.Module, product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """A silu-gated MLP's ``F.silu(gate) * up`` from its gate | up layer ``module`` (whose own forward is
+    ``product``): one fused kernel at decode where tune chose it, else the product and torch's gate
+    (which inductor fuses into one kernel)."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    n, k = weight.shape
+    name = str(x.dtype).removeprefix("torch."), str(weight.dtype).removeprefix("torch.")
+    if is_decode_product(x) and _fused(n, k, x.numel() // k, *name, weight.device.index or 0):
+        return decode_gate_up(x, weight, _int8(module))
+    gate, up = product(x).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def route_linears(model: nn.Module) -> list[Product]:
-    """Send the plain ``nn.Linear`` layers of ``model`` through ``decode_linear`` (forward hooks, such as
-    tensor parallelism's all-reduce, still run around them) and return every product ``tune`` should
-    time: theirs, and those of the int8 layers (quantize.py), which call ``decode_linear`` themselves."""
+    """Send the plain ``nn.Linear`` layers of ``model`` through ``decode_linear``, and have the gate | up
+    layer of each silu-gated MLP (model.MLP, without bias) return ``F.silu(gate) * up`` itself, through
+    ``decode_gate_up`` where that is faster (forward hooks, such as tensor parallelism's all-reduce, still
+    run around them). Returns every product ``tune`` should time: theirs, and those of the int8 layers
+    (quantize.py), which call ``decode_linear`` themselves."""
     products: list[Product] = []
     if triton is None or not kernels_enabled():
         return products
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.is_cuda:
             module.forward = _linear_forward.__get__(module)  # type: ignore[method-assign]
-            products.append((module.weight, None))
-        elif isinstance(scale := getattr(module, "scale", None), torch.Tensor):
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.dtype == torch.int8:
-                products.append((weight, scale))
+            products.append(Product(module.weight))
+        elif (scale := _int8(module)) is not None:
+            products.append(Product(module.weight, scale))  # type: ignore[arg-type]
+    for mlp in model.modules():
+        gate_up = getattr(mlp, "w_in", None)
+        if getattr(mlp, "gated_activation", None) != "silu" or not isinstance(gate_up, nn.Module):
+            continue
+        weight = gate_up.weight
+        if isinstance(weight, torch.Tensor) and weight.is_cuda and gate_up.bias is None:
+            gate_up.forward = partial(_gate_up_forward, gate_up, gate_up.forward)  # type: ignore[method-assign]
+            setattr(mlp, "up_applies_gate", True)  # noqa: B010 (any module with the attribute)
+            products.append(Product(weight, _int8(gate_up), gate_up=True))
     return products
