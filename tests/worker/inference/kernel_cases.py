@@ -23,6 +23,9 @@ def skinny_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, flo
         (3, 64, 256, Tiles(16, 64)),
         (16, 80, 200, Tiles(32, 64)),
         (40, 64, 256, Tiles(16, 128)),
+        (1, 64, 512, Tiles(16, 64, splits=4)),  # split along K: the last split of a tile adds the sums
+        (16, 48, 256, Tiles(32, 64, splits=2)),
+        (5, 64, 320, Tiles(16, 64, splits=2)),  # K tiles not a multiple of the splits: the last one short
     ]:
         x = torch.randn(m, k, dtype=dtype, device=device)
         w = torch.randn(n, k, dtype=dtype, device=device)
@@ -30,6 +33,9 @@ def skinny_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, flo
         got = skinny_matmul(x, w, tiles).double()
         tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
         out.append((f"M={m} N={n} K={k} {tiles}", (got - ref).abs().max().item(), tol))
+        if tiles.splits > 1:  # the arrival counters are left at zero: a second call sums the same way
+            again = skinny_matmul(x, w, tiles).double()
+            out.append((f"again M={m} N={n} K={k} {tiles}", (again - got).abs().max().item(), 0.0))
         # int8 weights, one scale per output channel: dequantized after the product
         w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
         scale = torch.rand(n, dtype=dtype, device=device) / 100

@@ -46,6 +46,7 @@ class Tiles:
     block_k: int
     warps: int = 4
     stages: int = 4
+    splits: int = 1  # programs along K per column tile; the last to finish adds up the others' sums
 
 
 # The tile shapes worth timing, by rows: the best of the sweep on an H200 (Llama-2-7B's five shapes)
@@ -63,11 +64,29 @@ def block_m(m: int) -> int:
     return 1 if m == 1 else max(16, 1 << (m - 1).bit_length())
 
 
-def candidates(m: int, weight_dtype: torch.dtype) -> tuple[Tiles, ...]:
+# A weight of few rows (4096: attention output, down projection) gives few column tiles; split along K,
+# it keeps every SM streaming to the end (cuBLAS does the same, with a reduce kernel after).
+SPLITS = (2, 4)
+SPLIT_BELOW_TILES = 520
+
+
+def candidates(
+    m: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, gate_up: bool = False
+) -> tuple[Tiles, ...]:
+    """The tiles worth timing for ``x [m, k] @ W [n, k]^T``: the sweep's, and their K splits where the
+    column tiles are few."""
     base = CANDIDATES[1 if m == 1 else 16 if m <= 16 else 64]
     if weight_dtype.itemsize == 1:  # int8: the same bytes per tile at twice the columns, and the same tiles
-        return tuple(dataclasses.replace(t, block_k=2 * t.block_k) for t in base) + base
-    return base
+        base = tuple(dataclasses.replace(t, block_k=2 * t.block_k) for t in base) + base
+    if gate_up:
+        return base
+    split = tuple(
+        dataclasses.replace(t, splits=s)
+        for t in base
+        for s in SPLITS
+        if -(-n // t.block_n) < SPLIT_BELOW_TILES and k >= 2 * s * t.block_k
+    )
+    return base + split
 
 
 if triton is not None:
@@ -103,6 +122,8 @@ if triton is not None:
         w_ptr,
         scale_ptr,  # [N] per output channel (int8 weights; [2N] with GATE_UP), unused otherwise
         out_ptr,
+        partial_ptr,  # [SPLITS, M, N] float32: each K split's sums (SPLITS > 1)
+        arrivals_ptr,  # [column tiles] int32, zero between calls: how many splits of a tile are done
         M,
         N,
         K,
@@ -112,10 +133,11 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        K_TILES: tl.constexpr,
+        K_TILES: tl.constexpr,  # per split
         EVEN: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         GATE_UP: tl.constexpr,  # weight rows are gate | up (2N): out = silu(x @ gate^T) * (x @ up^T)
+        SPLITS: tl.constexpr,
     ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -126,8 +148,9 @@ if triton is not None:
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        first_tile = tl.program_id(1) * K_TILES
         for i in tl.range(0, K_TILES):
-            offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
+            offs_k = (first_tile + i) * BLOCK_K + tl.arange(0, BLOCK_K)
             w = _w_tile(w_ptr, offs_n, offs_k, n_ok, N, K, stride_wn, EVEN)
             if GATE_UP:
                 w_up = _w_tile(w_ptr + N * stride_wn, offs_n, offs_k, n_ok, N, K, stride_wn, EVEN)
@@ -151,15 +174,54 @@ if triton is not None:
         if BLOCK_M == 1:
             acc = acc1[None, :]
             acc_up = acc1_up[None, :]
-        dtype = out_ptr.dtype.element_ty
+        out_ok = (offs_m[:, None] < M) & n_ok[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        if SPLITS == 1:
+            _finish(acc, acc_up, out_ptrs, out_ok, scale_ptr, offs_n, n_ok, N, HAS_SCALE, GATE_UP)
+        else:  # (not with GATE_UP) the split's sums out; the last split of the tile to finish adds them up
+            sums = offs_m[:, None] * N + offs_n[None, :]
+            tl.store(partial_ptr + tl.program_id(1) * M * N + sums, acc, mask=out_ok)
+            tl.debug_barrier()  # every thread's sums are written before the arrival is counted (release)
+            if tl.atomic_add(arrivals_ptr + tl.program_id(0), 1) == SPLITS - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for split in tl.static_range(SPLITS):  # in split order: the same sum whoever arrives last
+                    total += tl.load(
+                        partial_ptr + split * M * N + sums, mask=out_ok, other=0.0, cache_modifier=".cg"
+                    )
+                tl.atomic_xchg(arrivals_ptr + tl.program_id(0), 0)  # zero again for the next call
+                _finish(total, acc_up, out_ptrs, out_ok, scale_ptr, offs_n, n_ok, N, HAS_SCALE, GATE_UP)
+
+    @triton.jit
+    def _finish(
+        acc,
+        acc_up,
+        out_ptrs,
+        out_ok,
+        scale_ptr,
+        offs_n,
+        n_ok,
+        N,
+        HAS_SCALE: tl.constexpr,
+        GATE_UP: tl.constexpr,
+    ):
+        dtype = out_ptrs.dtype.element_ty
         y = _rounded(acc, scale_ptr, offs_n, n_ok, dtype, HAS_SCALE)
         if GATE_UP:
             y = _silu_times(y, _rounded(acc_up, scale_ptr + N, offs_n, n_ok, dtype, HAS_SCALE))
-        tl.store(
-            out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-            y,
-            mask=(offs_m[:, None] < M) & n_ok[None, :],
-        )
+        tl.store(out_ptrs, y, mask=out_ok)
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrivals(device: torch.device, tiles: int) -> torch.Tensor:
+    """The split-K arrival counters of a device: zeros, left zero by every call (the last split of a
+    tile resets its counter), so a captured step needs no memset. Shared by the calls on a device, which
+    run one after another on its stream."""
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = _ARRIVALS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return counters
 
 
 def skinny_matmul(
@@ -179,12 +241,21 @@ def skinny_matmul(
         raise ValueError(
             f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be row-major"
         )
+    if gate_up and tiles.splits > 1:
+        raise ValueError("skinny_matmul: gate_up products are not split along K")
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    _skinny_kernel[(triton.cdiv(n, tiles.block_n),)](
+    column_tiles = triton.cdiv(n, tiles.block_n)
+    k_tiles = triton.cdiv(triton.cdiv(k, tiles.block_k), tiles.splits)
+    partials = out
+    if tiles.splits > 1:
+        partials = torch.empty((tiles.splits, m, n), device=x.device, dtype=torch.float32)
+    _skinny_kernel[(column_tiles, tiles.splits)](
         x,
         weight,
         out if scale is None else scale,
         out,
+        partials,
+        _arrivals(x.device, column_tiles),
         m,
         n,
         k,
@@ -194,10 +265,11 @@ def skinny_matmul(
         BLOCK_M=block_m(m),
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
-        K_TILES=triton.cdiv(k, tiles.block_k),
-        EVEN=k % tiles.block_k == 0 and n % tiles.block_n == 0,
+        K_TILES=k_tiles,
+        EVEN=k == k_tiles * tiles.splits * tiles.block_k and n % tiles.block_n == 0,
         HAS_SCALE=scale is not None,
         GATE_UP=gate_up,
+        SPLITS=tiles.splits,
         num_warps=tiles.warps,
         num_stages=tiles.stages,
     )
@@ -335,7 +407,7 @@ def tune(products: Iterable[Product], m: int) -> None:
         rival = _CHOICES[(*key[:6], False)] if gate_up else None
         rival_us = _time_product(x, group, rival, gate_up)
         best: tuple[float, Tiles | None] = (rival_us, None)
-        for tiles in candidates(m, weight_dtype):
+        for tiles in candidates(m, weight_dtype, n // 2 if gate_up else n, k, gate_up):
             try:
                 us = _time_product(x, group, tiles, gate_up, fused=gate_up)
             except Exception as e:  # a tile shape this GPU cannot run (shared memory) is skipped
