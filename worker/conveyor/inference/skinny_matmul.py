@@ -4,7 +4,10 @@ At decode a linear layer is ``x [M, K] @ W[N, K]^T`` with M (the micro-batch) be
 tens of MB: its time is the time to read W. cuBLAS reaches 82-88% of the copy bandwidth on a 7B
 model's shapes on an H200; this Triton kernel streams W once in tiles of ``block_n`` rows by
 ``block_k`` columns, software-pipelined (``stages``) so that enough bytes are in flight to cover HBM
-latency, and beats it by 5-14% at M=1 (benchmarks/skinny_matmul.py). Neither wins every shape, so the
+latency, and beats it by 5-14% at M=1 (benchmarks/skinny_matmul.py). A weight of few rows (4096: the
+attention output, the down projection) is also split along K, so that every SM streams to the end; the
+last split of a column tile to finish adds up the others' float32 sums (13% faster than cuBLAS's own
+split-K and its reduce kernel on the down projection at M=1). Neither wins every shape, so the
 choice is measured, not assumed: ``tune`` times cuBLAS and a few tile shapes per (N, K, M) on the
 model's own weights (rotating over its layers, so no timing reads from L2) when a decode step is first
 captured, and ``decode_linear`` (a custom op, opaque to torch.compile and captured in the step's CUDA
@@ -54,9 +57,8 @@ class Tiles:
 # the SMs); more rows are a tensor-core dot, whose smallest tile is 16.
 CANDIDATES: dict[int, tuple[Tiles, ...]] = {
     1: (Tiles(8, 256), Tiles(8, 512), Tiles(16, 256), Tiles(32, 256), Tiles(16, 512, stages=3)),
-    16: (Tiles(32, 128), Tiles(32, 256), Tiles(16, 256), Tiles(32, 128, stages=3)),
-    # 16-row tiles give a 4096-row weight 256 programs, where 32-row tiles leave 132 SMs one each
-    64: (Tiles(32, 128, stages=3), Tiles(32, 256), Tiles(32, 128), Tiles(16, 256), Tiles(16, 128, stages=3)),
+    16: (Tiles(32, 128), Tiles(32, 256), Tiles(16, 256), Tiles(32, 128, stages=3), Tiles(64, 128, stages=3)),
+    64: (Tiles(32, 128, stages=3), Tiles(32, 256), Tiles(32, 128), Tiles(64, 64)),
 }
 
 
