@@ -222,7 +222,9 @@ def _arrivals(device: torch.device, tiles: int) -> torch.Tensor:
     run one after another on its stream."""
     counters = _ARRIVALS.get(device)
     if counters is None or counters.numel() < tiles:
-        counters = _ARRIVALS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        counters = _ARRIVALS[device] = torch.zeros(
+            max(tiles, SPLIT_BELOW_TILES), dtype=torch.int32, device=device
+        )
     return counters
 
 
@@ -248,16 +250,17 @@ def skinny_matmul(
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     column_tiles = triton.cdiv(n, tiles.block_n)
     k_tiles = triton.cdiv(triton.cdiv(k, tiles.block_k), tiles.splits)
-    partials = out
+    partials = arrivals = out  # unused unless split
     if tiles.splits > 1:
         partials = torch.empty((tiles.splits, m, n), device=x.device, dtype=torch.float32)
+        arrivals = _arrivals(x.device, column_tiles)
     _skinny_kernel[(column_tiles, tiles.splits)](
         x,
         weight,
         out if scale is None else scale,
         out,
         partials,
-        _arrivals(x.device, column_tiles),
+        arrivals,
         m,
         n,
         k,
