@@ -511,7 +511,9 @@ def route_linears(model: nn.Module) -> list[Product]:
             continue
         weight = gate_up.weight
         if isinstance(weight, torch.Tensor) and weight.is_cuda and gate_up.bias is None:
-            gate_up.forward = partial(_gate_up_forward, gate_up, gate_up.forward)  # type: ignore[method-assign]
+            # the layer's own product, not its current forward: routing a model twice gates once
+            plain = _linear_forward if type(gate_up) is nn.Linear else type(gate_up).forward
+            gate_up.forward = partial(_gate_up_forward, gate_up, plain.__get__(gate_up))  # type: ignore[method-assign]
             setattr(mlp, "up_applies_gate", True)  # noqa: B010 (any module with the attribute)
             products.append(Product(weight, _int8(gate_up), gate_up=True))
     return products
