@@ -65,12 +65,9 @@ def time_steps(step, set_positions, steps: int) -> float:  # type: ignore[no-unt
 
 
 def capture(fn):  # type: ignore[no-untyped-def]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
+    from conveyor.inference.cuda_graphs import warm_up
+
+    warm_up(fn, times=3)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,27 +96,28 @@ class GraphedDecode:
             torch._dynamo.mark_static(t)
         args = (static_inputs, static_positions, lane_start, False, kv_len)
         forward = self._forward
+        # Re-running a decode step writes the same K/V at the same positions: warming up is idempotent.
         try:
-            self._warm_up(forward, args)
+            warm_up(lambda: forward(*args), times=2)
         except Exception as e:  # a model or build inductor cannot compile still runs, uncompiled
             if forward is self.model:
                 raise
             log.warning("torch.compile failed (%s: %s); the decode step runs uncompiled", type(e).__name__, e)
             self._forward = forward = self.model
-            self._warm_up(forward, args)
+            warm_up(lambda: forward(*args), times=2)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             output = forward(*args)
         self._pool = graph.pool()
         return _Captured(static_inputs, static_positions, output, graph)
 
-    @staticmethod
-    def _warm_up(forward: Any, args: tuple[Any, ...]) -> None:
-        # Warm up on a side stream (compilation, allocator, cuBLAS handles, NCCL) before capture, as CUDA
-        # graphs need. Re-running a decode step writes the same K/V at the same positions: idempotent.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                forward(*args)
-        torch.cuda.current_stream().wait_stream(side)
+
+def warm_up(fn: Callable[[], object], times: int = 1) -> None:
+    """Run ``fn`` ``times`` on a side stream, then join it: what a function needs before it is captured
+    in a CUDA graph (compilation, the allocator, cuBLAS handles, NCCL communicators)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)

@@ -340,11 +340,9 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) 
 
 def time_in_graph(fn, calls: int) -> float:  # type: ignore[no-untyped-def]
     """Microseconds per call of ``fn(i)``, ``calls`` of them back to back in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(0)
-    torch.cuda.current_stream().wait_stream(side)
+    from conveyor.inference.cuda_graphs import warm_up  # (cuda_graphs imports this module)
+
+    warm_up(lambda: fn(0))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(calls):
