@@ -198,6 +198,12 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
     )
 
 
+def checkpoint_step(report: dict[str, Any] | None) -> int | None:
+    """The step of a worker's ``lastCheckpoint`` report, if the report is well-formed (a step >= 0)."""
+    step = (report or {}).get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+
+
 def merge_witness(listed: PodObservation, seen: PodObservation) -> PodObservation:
     """The listing of a pod plus what a watch event showed of the same pod (same uid) earlier: a container
     may have exited twice since that event, and ``lastState`` keeps only the newest exit, so an exit seen
@@ -209,10 +215,15 @@ def merge_witness(listed: PodObservation, seen: PodObservation) -> PodObservatio
     if not extra:
         return listed
     merged = tuple(sorted((*extra, *listed.terminations), key=lambda t: t.index))
-    # The checkpoint of an exit seen only in the event counts too (the newest reported wins).
-    reports = [c for c in (listed.last_checkpoint, *(t.last_checkpoint for t in extra)) if c]
-    steps = [c for c in reports if isinstance(c.get("step"), int)]
-    last_checkpoint = max(steps, key=lambda c: c["step"]) if steps else listed.last_checkpoint
+    # The checkpoint of an exit seen only in the event counts too (the newest well-formed report wins).
+    reports = [
+        c
+        for c in (listed.last_checkpoint, *(t.last_checkpoint for t in extra))
+        if checkpoint_step(c) is not None
+    ]
+    last_checkpoint = (
+        max(reports, key=lambda c: checkpoint_step(c) or 0) if reports else listed.last_checkpoint
+    )
     return replace(
         listed, terminations=merged, exits=max(listed.exits, seen.exits), last_checkpoint=last_checkpoint
     )

@@ -14,16 +14,16 @@ from collections.abc import Iterable
 
 from conveyor.spec import CheckpointRef
 
-from conveyor_operator.observe import PodObservation
+from conveyor_operator.observe import PodObservation, checkpoint_step
 
 
 def reported(pod: PodObservation) -> CheckpointRef | None:
     """The checkpoint a pod's termination message announced, if it is well-formed."""
-    ck = pod.last_checkpoint
-    if not ck or not isinstance(ck.get("step"), int) or isinstance(ck.get("step"), bool) or ck["step"] < 0:
+    step = checkpoint_step(pod.last_checkpoint)
+    if step is None:
         return None
-    time = ck.get("time")
-    return CheckpointRef(step=ck["step"], time=time if isinstance(time, str) else None)
+    time = (pod.last_checkpoint or {}).get("time")
+    return CheckpointRef(step=step, time=time if isinstance(time, str) else None)
 
 
 def newest(refs: Iterable[CheckpointRef | None]) -> CheckpointRef | None:

@@ -74,6 +74,18 @@ def test_a_checkpoint_seen_only_in_a_watch_event_is_kept() -> None:
     assert merged.last_checkpoint is not None and merged.last_checkpoint["step"] == 30
 
 
+def test_a_malformed_report_seen_in_a_watch_event_does_not_win() -> None:
+    """merge_witness keeps the newest well-formed report (the rule progress.reported applies): a
+    malformed step seen in an event does not hide the listing's step 0."""
+    pod = group_pods(job_body(train_spec()), 0)[0]
+    seen = fail(copy.deepcopy(pod), message=json.dumps({"lastCheckpoint": {"step": True}}))
+    listed = fail(copy.deepcopy(pod), message=_report(0))
+    listed["status"]["containerStatuses"][0]["restartCount"] = 2  # a later exit, which reported step 0
+    merged = merge_witness(observe_pod(listed), observe_pod(seen))
+    assert len(merged.terminations) == 2
+    assert progress.reported(merged) == CheckpointRef(step=0, time=stamp(0))
+
+
 # ---- through the reconcile ----
 
 
