@@ -66,6 +66,35 @@ def skinny_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, flo
     return out
 
 
+def op_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
+    """(case, max error, tolerance) of the custom ops (decode_linear, decode_gate_up) with a tile choice
+    in place against torch's form of the same product: the ops run the chosen kernel and shape its
+    output as their input."""
+    from conveyor.inference import skinny_matmul as sm
+
+    torch.manual_seed(0)
+    out = []
+    x = torch.randn(3, 1, 256, dtype=dtype, device=device)
+    for gate_up, tiles in [
+        (False, sm.Tiles(16, 64)),
+        (False, sm.Tiles(16, 64, splits=2)),
+        (True, sm.Tiles(16, 64)),
+    ]:
+        w = torch.randn(96, 256, dtype=dtype, device=device)
+        key = sm._key(96, 256, 3, dtype, w, gate_up)
+        ref = (sm._torch_gate_up if gate_up else sm._torch_linear)(x, w, None)
+        sm._CHOICES[key] = tiles
+        try:
+            got = (sm.decode_gate_up if gate_up else sm.decode_linear)(x, w)
+        finally:
+            del sm._CHOICES[key]
+        name = f"op {'decode_gate_up' if gate_up else 'decode_linear'} {tiles}"
+        error = (got.double() - ref.double()).abs().max().item() if got.shape == ref.shape else float("inf")
+        tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
+        out.append((name, error, tol))
+    return out
+
+
 def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
     """(case, max error, tolerance) of decode_attention against SDPA on the same cache slice."""
     from conveyor.inference import decode_attention as da
@@ -120,7 +149,8 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
 
 if __name__ == "__main__":
     failed = 0
-    for case, err, tol in skinny_errors(torch.float32, "cpu") + attention_errors(torch.float32, "cpu"):
+    cases = skinny_errors(torch.float32, "cpu") + op_errors(torch.float32, "cpu")
+    for case, err, tol in cases + attention_errors(torch.float32, "cpu"):
         ok = err <= tol
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {case}: error {err:.2e} (tolerance {tol:.2e})")

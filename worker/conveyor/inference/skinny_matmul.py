@@ -298,16 +298,30 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     return F.linear(x, weight.to(x.dtype)) * scale
 
 
+def _torch_gate_up(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    gate, up = _torch_linear(x, weight, scale).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _chosen_product(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, gate_up: bool
+) -> torch.Tensor:
+    """The product (``gate_up``: ``F.silu(gate) * up``) by the tiles ``tune`` chose for its shape, or in
+    torch's form where it chose none."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    tiles = _CHOICES.get(_key(weight.shape[0], k, rows.shape[0], x.dtype, weight, gate_up))
+    if tiles is None:
+        return (_torch_gate_up if gate_up else _torch_linear)(x, weight, scale)
+    y = skinny_matmul(rows.contiguous(), weight, tiles, scale, gate_up)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 @torch.library.custom_op("conveyor::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias; an int8 weight dequantized by ``scale`` per output channel) by
     whichever ``tune`` measured faster for this shape."""
-    k = x.shape[-1]
-    rows = x.reshape(-1, k)
-    tiles = _CHOICES.get(_key(weight.shape[0], k, rows.shape[0], x.dtype, weight))
-    if tiles is None:
-        return _torch_linear(x, weight, scale)
-    return skinny_matmul(rows.contiguous(), weight, tiles, scale).view(*x.shape[:-1], weight.shape[0])
+    return _chosen_product(x, weight, scale, gate_up=False)
 
 
 @decode_linear.register_fake
@@ -315,22 +329,11 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) 
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _torch_gate_up(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    gate, up = _torch_linear(x, weight, scale).chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 @torch.library.custom_op("conveyor::decode_gate_up", mutates_args=())
 def decode_gate_up(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """A silu-gated MLP's ``F.silu(gate) * up`` from its input and its gate | up weight ([2I, K]; an
     int8 weight dequantized by ``scale``) by the Triton tiles ``tune`` chose (torch where it chose none)."""
-    k = x.shape[-1]
-    rows = x.reshape(-1, k)
-    tiles = _CHOICES.get(_key(weight.shape[0], k, rows.shape[0], x.dtype, weight, gate_up=True))
-    if tiles is None:
-        return _torch_gate_up(x, weight, scale)
-    y = skinny_matmul(rows.contiguous(), weight, tiles, scale, gate_up=True)
-    return y.view(*x.shape[:-1], weight.shape[0] // 2)
+    return _chosen_product(x, weight, scale, gate_up=True)
 
 
 @decode_gate_up.register_fake
