@@ -102,17 +102,19 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
     torch.manual_seed(0)
     out = []
     d = 64
-    for n, heads, kv_heads, kv_len, start, window, programs in [
-        (2, 4, 2, 100, 1, None, 40),  # GQA, two splits
-        (1, 8, 8, 300, 0, None, 40),  # five splits, the last one short
-        (3, 6, 2, 70, 2, 16, 40),  # sliding window: whole blocks masked out
-        (2, 8, 8, 129, 0, None, 1),  # one split: written directly, no combine
+    for n, heads, kv_heads, kv_len, start, window, programs, idle in [
+        (2, 4, 2, 100, 1, None, 40, False),  # GQA, two splits
+        (1, 8, 8, 300, 0, None, 40, False),  # five splits, the last one short
+        (3, 6, 2, 70, 2, 16, 40, False),  # sliding window: whole blocks masked out
+        (2, 8, 8, 129, 0, None, 1, True),  # one split: written directly, no combine
     ]:
         q = torch.randn(n, heads, 1, d, dtype=dtype, device=device)
         k_cache = torch.randn(start + n + 1, kv_heads, kv_len + 20, d, dtype=dtype, device=device)
         v_cache = torch.randn_like(k_cache)
         positions = torch.randint(kv_len // 2, kv_len, (n,), device=device)
         positions[0] = kv_len - 1
+        if idle:  # an idle lane sits at the scratch slot, past kv_len: it sees all of [0, kv_len)
+            positions[-1] = kv_len + 10
         keys = torch.arange(kv_len, device=device)
         mask = keys[None, :] <= positions[:, None]
         if window:
@@ -132,7 +134,9 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
             lanes.masked_fill_(hidden[:, None], float("nan"))
         saved, da.TARGET_PROGRAMS = da.TARGET_PROGRAMS, programs
         try:
-            got = da.decode_attention(q, k_cache, v_cache, mask, start, scale).double()
+            got = da.decode_attention(
+                q, k_cache, v_cache, positions[:, None], start, kv_len, window or 0, scale
+            ).double()
             splits, _ = da.split_keys(n, kv_heads, kv_len)
         finally:
             da.TARGET_PROGRAMS = saved

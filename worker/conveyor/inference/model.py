@@ -146,7 +146,16 @@ class Attention(nn.Module):
             k_layer[step.lanes, :, step.positions] = k.transpose(1, 2)  # indexed: [n, S, kv_heads, head_dim]
             v_layer[step.lanes, :, step.positions] = v.transpose(1, 2)
             if s == 1 and step.mask is not None and step.lane_start is not None and kernels.available(q):
-                y = kernels.decode_attention(q, k_layer, v_layer, step.mask, step.lane_start, scale)
+                y = kernels.decode_attention(
+                    q,
+                    k_layer,
+                    v_layer,
+                    step.positions,
+                    step.lane_start,
+                    step.kv_len,
+                    self.sliding_window or 0,
+                    scale,
+                )
                 return self.wo(y.transpose(1, 2).reshape(n, s, q_size))
             if step.mask is not None:
                 lanes = (
