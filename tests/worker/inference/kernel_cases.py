@@ -107,6 +107,7 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         (1, 8, 8, 300, 0, None, 40, False),  # five splits, the last one short
         (3, 6, 2, 70, 2, 16, 40, False),  # sliding window: whole blocks masked out
         (2, 8, 8, 129, 0, None, 1, True),  # one split: written directly, no combine
+        (2, 4, 4, 300, 0, None, 1, False),  # one split of five blocks: the three-stage pipeline
     ]:
         q = torch.randn(n, heads, 1, d, dtype=dtype, device=device)
         k_cache = torch.randn(start + n + 1, kv_heads, kv_len + 20, d, dtype=dtype, device=device)
@@ -137,13 +138,13 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
             got = da.decode_attention(
                 q, k_cache, v_cache, positions[:, None], start, kv_len, window or 0, scale
             ).double()
-            splits, _ = da.split_keys(n, kv_heads, kv_len)
+            splits, blocks_per_split = da.split_keys(n, kv_heads, kv_len)
         finally:
             da.TARGET_PROGRAMS = saved
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         out.append(
             (
-                f"n={n} heads={heads}/{kv_heads} kv_len={kv_len} window={window} splits={splits}",
+                f"n={n} heads={heads}/{kv_heads} kv_len={kv_len} window={window} splits={splits} stages={da.stages(blocks_per_split)}",
                 (got - ref).abs().max().item(),
                 tol,
             )
