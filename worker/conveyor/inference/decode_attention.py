@@ -117,6 +117,7 @@ if triton is not None:
             keys = first + b * BLOCK_L + tl.arange(0, BLOCK_L)
             # Only visible keys are read: a masked-off row of K or V costs no HBM traffic, so a block
             # past the sequence's position (kv_len is the longest sequence's, rounded up) is nearly free.
+            # The rule of StageModel.forward's mask (which the other attention paths read): change both.
             visible = (keys < kv_len) & (keys <= pos)
             if WINDOW > 0:
                 visible &= keys > pos - WINDOW
