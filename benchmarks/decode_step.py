@@ -6,9 +6,9 @@ Builds a Llama-2-7B-shaped StageModel with random weights directly on the GPU (n
 the KV cache with a prompt, then times decode steps with CUDA events (median of --steps):
 
 * eager     the model's forward, launched from Python;
-* graph     the forward captured in a CUDA graph (what GraphedDecode does without compiling);
+* graph     the forward captured in a CUDA graph (what CompiledStage does without compiling);
 * compiled  torch.compile'd forward (inductor fuses the elementwise work), captured in a CUDA graph;
-* product   the decode step as generation runs it (cuda_graphs.GraphedDecode: compiled, captured, and
+* product   the decode step as generation runs it (cuda_graphs.CompiledStage: compiled, captured, and
             each linear layer on cuBLAS or the Triton skinny kernel, whichever skinny_matmul.tune
             measured faster);
 * linears   only the matrix products of a step (every weight read once), in a CUDA graph: what cuBLAS
@@ -169,14 +169,14 @@ def main() -> None:
                     row["compiled_ms"] = time_steps(g.replay, set_positions, args.steps)
                     row["compiled_profile"] = kernel_summary(cforward, args.profile_top)
                 elif v == "product":
-                    from conveyor.inference.cuda_graphs import GraphedDecode
+                    from conveyor.inference.cuda_graphs import CompiledStage
 
-                    graphed = GraphedDecode(model)
+                    graphed = CompiledStage(model)
                     kv_len = args.prompt_len + args.steps + 1
 
                     def pforward(st=step_tokens, sp=step_positions, g=graphed, kv_len=kv_len):  # type: ignore[no-untyped-def]
                         with torch.inference_mode():
-                            return g(st, sp, 0, kv_len)
+                            return g.decode(st, sp, 0, kv_len)
 
                     pforward()
                     row["compile_s"] = time.perf_counter() - t0

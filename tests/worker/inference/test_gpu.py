@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conveyor.inference.cuda_graphs import CompiledStage
 from conveyor.inference.generate import Request
 from conveyor.inference.sampling import SamplingParams
 from conveyor.testing.reference import one_process_rank
@@ -52,3 +53,29 @@ def test_cuda_greedy_matches_hf(tmp_path: Path, family: str) -> None:
     assert generate(d, torch.float32) == want
     for dtype in (torch.bfloat16, torch.float16):
         assert all(1 <= len(o) <= 8 for o in generate(d, dtype))
+
+
+def test_compiled_prompt_passes_give_eager_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts through the compiled prompt pass (prompts of 1, 5 and 77 tokens prefilled together, one of
+    300 in chunks of 128: a prefill, then extends) give eager's greedy tokens, in two generations on one
+    model and after its cache is replaced (the captured decode graphs wrote the old one)."""
+    d = save_tiny("llama", tmp_path, tokenizer=False)
+    dev = torch.device("cuda")
+    prompts = [[7], [5, 6, 7, 8, 9], list(range(3, 80)), [(i * 7) % 90 + 3 for i in range(300)]]
+
+    def tokens(model: object, peers: object) -> list[list[int]]:
+        requests = [Request(i, p, 6) for i, p in enumerate(prompts)]
+        got = output_ids(
+            model, peers, SamplingParams(), requests, lanes_per_micro_batch=4, device=dev, prefill_chunk=128
+        )  # type: ignore[arg-type]
+        return [got[i] for i in range(len(prompts))]
+
+    monkeypatch.setenv("CONVEYOR_TORCH_COMPILE", "0")
+    eager = tokens(*one_process_rank(d, device=dev, lanes=4, max_len=320))
+    monkeypatch.setenv("CONVEYOR_TORCH_COMPILE", "1")
+    model, peers = one_process_rank(d, device=dev, lanes=4, max_len=320)
+    assert tokens(model, peers) == eager
+    assert tokens(model, peers) == eager
+    model.setup_cache(4, 320, torch.float32, dev)
+    assert tokens(model, peers) == eager
+    assert not CompiledStage.of(model).uncompiled, "a pass fell back to eager: see the warning logged"

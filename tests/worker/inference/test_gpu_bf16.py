@@ -20,6 +20,7 @@ NEAR_TIE = 0.03
 
 
 def run_ours(model_dir, device):  # type: ignore[no-untyped-def]
+    from conveyor.inference.cuda_graphs import CompiledStage
     from conveyor.inference.families import load_arch
     from conveyor.inference.generate import PipelinePeers, Request
     from conveyor.inference.loader import Shard, load_stage
@@ -36,6 +37,7 @@ def run_ours(model_dir, device):  # type: ignore[no-untyped-def]
     peers = PipelinePeers.from_topology(Topology(Layout(), rank=0, world_size=1))
     requests = [Request(i, p, NEW) for i, p in enumerate(PROMPTS)]
     got = output_ids(stage, peers, SamplingParams(), requests, lanes_per_micro_batch=3, device=device)
+    assert not CompiledStage.of(stage).uncompiled, "a pass fell back to eager: see the warning logged"
     return [got[i] for i in range(len(PROMPTS))]
 
 

@@ -166,7 +166,8 @@ class Attention(nn.Module):
                 k = k_layer[lanes, :, : step.kv_len]  # [n, kv_heads, kv_len, head_dim]
                 v = v_layer[lanes, :, : step.kv_len]
         if step.mask is None:  # prefill from position 0: only this pass's keys, causal (flash attention)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=scale, enable_gqa=gqa)
+            # causal even for a prompt of one token (one key: the same); ``s > 1`` is a symbol when compiled
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         elif s == 1:
             y = decode_attention(q, k, v, step.mask, scale)
         else:

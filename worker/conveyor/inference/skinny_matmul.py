@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:
     import triton
@@ -453,8 +454,12 @@ def kernels_enabled() -> bool:
 
 
 def is_decode_product(x: torch.Tensor) -> bool:
-    """Whether ``x @ W^T`` goes through ``decode_linear``: a few rows on a GPU (prefill stays on cuBLAS)."""
-    return triton is not None and x.is_cuda and x.numel() // x.shape[-1] <= MAX_ROWS and kernels_enabled()
+    """Whether ``x @ W^T`` goes through ``decode_linear``: a few rows on a GPU (prefill stays on cuBLAS).
+    Rows that are a symbol (a prompt pass compiled once for every length) stay on cuBLAS too: tiles are
+    chosen per row count, and asking for one would pin the compiled pass to a single length (a symbol is
+    never statically known, and asking adds no guard)."""
+    few_rows = statically_known_true(x.numel() // x.shape[-1] <= MAX_ROWS)
+    return triton is not None and x.is_cuda and few_rows and kernels_enabled()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from conveyor.inference.cuda_graphs import GraphedDecode
+from conveyor.inference.cuda_graphs import CompiledStage
 from conveyor.inference.model import StageModel
 from conveyor.inference.p2p import Channel, meta_group
 from conveyor.inference.sampling import SamplingParams, sample
@@ -68,7 +68,7 @@ class StageWorker:
         self.model, self.peers, self.params, self.device = model, peers, params, device
         assert model.cache is not None, "setup_cache() before generating"
         self.channel = Channel(device, model.cache.k[0].dtype, peers.meta_group)
-        self.forward = GraphedDecode(model)  # compiled CUDA graphs for decode steps; eager on the CPU
+        self.compiled = CompiledStage.of(model)  # compiled passes, decode in CUDA graphs; eager on the CPU
         self.scratch = model.cache.scratch_position
         self.seen: torch.Tensor | None = None
         if peers.is_last and params.repetition_penalty != 1.0:
@@ -140,11 +140,11 @@ class StageWorker:
         inputs = tokens if self.peers.is_first else hidden
         assert inputs is not None, "stage 0 needs tokens, a later stage the previous stage's hidden state"
         if kind == PREFILL:
-            out = self.model(inputs, positions, prefill=True, lanes=lanes)
+            out = self.compiled.prompt(inputs, positions, prefill=True, lanes=lanes)
         elif kind == EXTEND:  # a later chunk of one prompt: its keys join those already in the cache
-            out = self.model(inputs, positions, lane_start, kv_len=kv_len)
+            out = self.compiled.prompt(inputs, positions, lane_start, kv_len=kv_len)
         else:
-            out = self.forward(inputs, positions, lane_start, kv_len)
+            out = self.compiled.decode(inputs, positions, lane_start, kv_len)
         if not self.peers.is_last:
             # why clone: a replayed graph's output is overwritten by the next step while a send may read it
             return out.clone() if kind == DECODE else out
