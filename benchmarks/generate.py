@@ -10,7 +10,9 @@ token per step); tokens/s = B / step. Roofline per step = max(micro-batches, sta
 GPU reads per micro-batch (its weight share and its share of the micro-batch's KV cache at the average
 context) / bandwidth. Prints a markdown table and writes JSON (--out).
 
-``--model-shape tiny --device cpu`` runs the same code on a CPU in seconds (a smoke test).
+``--gpt-fast PATH`` also times gpt-fast from a checkout at PATH (``benchmarks/gpt_fast.py``: fetched for
+the run, never committed). ``--model-shape tiny --device cpu`` runs the same code on a CPU in seconds (a
+smoke test).
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def rank_worker(cfg: dict[str, Any]) -> None:
         topo,
         dtype=dtype,
         device=info.device,
-        lanes=max(batches) + cfg["stages"],
+        lanes=max(batches) * (cfg["stages"] if cfg.get("fill_stages") else 1) + cfg["stages"],
         max_len=plen + new,
     )
 
@@ -176,12 +178,15 @@ def rank_worker(cfg: dict[str, Any]) -> None:
     results: dict[str, Any] = {}
     waited = [0.0]
     for b in batches:
-        m, lanes = micro_batch_layout(b, cfg["stages"])
+        # fill_stages: b lanes in each of P micro-batches (a batch per stage in flight, as vLLM keeps);
+        # otherwise the b sequences split over the micro-batches
+        m, lanes = (cfg["stages"], b) if cfg.get("fill_stages") else micro_batch_layout(b, cfg["stages"])
+        in_flight = m * lanes if cfg.get("fill_stages") else b
 
-        def run(n: int, b: int = b, m: int = m, lanes: int = lanes) -> tuple[float, float]:
+        def run(n: int, k: int = in_flight, m: int = m, lanes: int = lanes) -> tuple[float, float]:
             first: list[float] = []
             waited[0] = 0.0
-            reqs = [Request(i, p, n) for i, p in enumerate(prompts(b, plen, model.arch.vocab_size))]
+            reqs = [Request(i, p, n) for i, p in enumerate(prompts(k, plen, model.arch.vocab_size))]
             hooks = SchedulerHooks(
                 on_first_token=lambda dt: first.append(time.perf_counter()),
                 on_wait=lambda dt: waited.__setitem__(0, waited[0] + dt),
@@ -194,9 +199,10 @@ def rank_worker(cfg: dict[str, Any]) -> None:
         step = decode / (new - 1)
         results[str(b)] = {
             "ms_per_token": step * 1e3,
-            "tokens_per_s": b / step,
+            "tokens_per_s": in_flight / step,
             "prefill_ms": prefill * 1e3,
             "micro_batches": m,
+            "in_flight": in_flight,
             # stage 0 waiting for the last stage's tokens, over the decode time (0 on one stage)
             "stage0_wait_fraction": waited[0] / (prefill + decode),
         }
@@ -277,6 +283,14 @@ def main() -> None:
     p.add_argument(
         "--ttft-prompt-len", type=int, default=0, help="also time the first token of one such prompt"
     )
+    p.add_argument(
+        "--fill-stages",
+        action="store_true",
+        help="P stages keep P micro-batches of --batch-sizes lanes each in flight (else the batch is split)",
+    )
+    p.add_argument(
+        "--gpt-fast", default=None, help="a gpt-fast checkout: time it too (benchmarks/gpt_fast.py)"
+    )
     p.add_argument("--rank-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rank_worker:
@@ -316,6 +330,22 @@ def main() -> None:
             report["rows"].append(
                 {"system": "HF generate (eager)", "layout": "1x1", "batch": b, **hf[str(b)]}
             )
+    if args.gpt_fast:
+        for b in batches:
+            peer = [sys.executable, str(ROOT / "benchmarks" / "gpt_fast.py"), "--gpt-fast", args.gpt_fast]
+            peer += [
+                "--batch",
+                str(b),
+                "--prompt-len",
+                str(args.prompt_len),
+                "--new-tokens",
+                str(args.new_tokens),
+            ]
+            out = subprocess.run(peer, check=True, stdout=subprocess.PIPE, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            report["rows"].append(
+                {"system": "gpt-fast (reduce-overhead)", "layout": "1x1", "batch": b, **row}
+            )
     for stages, tp in layouts:
         if stages * tp > gpus:
             print(f"skipping {stages}x{tp}: needs {stages * tp} GPUs, have {gpus}", file=sys.stderr)
@@ -331,6 +361,7 @@ def main() -> None:
             "device": device,
             "out": str(workdir / f"ours-{stages}x{tp}.json"),
             "ttft_len": args.ttft_prompt_len,
+            "fill_stages": args.fill_stages,
         }
         ours = launch(cfg)
         if "ttft_ms" in ours:
@@ -343,7 +374,8 @@ def main() -> None:
             )
     for row in report["rows"]:
         stages, tp = (int(v) for v in row["layout"].split("x"))
-        weights, kv = weight_and_kv_bytes(model_dir, dtype, row["batch"], args.prompt_len, args.new_tokens)
+        in_flight = row.get("in_flight", row["batch"])
+        weights, kv = weight_and_kv_bytes(model_dir, dtype, in_flight, args.prompt_len, args.new_tokens)
         m = row.get("micro_batches", 1)
         # A GPU reads its weight share once per micro-batch and its share of that micro-batch's KV cache;
         # a step (every sequence advances one token) takes max(m, P) such stage times: m micro-batches
@@ -351,18 +383,19 @@ def main() -> None:
         per_stage = (weights + kv / m) / (stages * tp)
         step = max(m, stages) * per_stage / bw
         row["roofline_ms"] = step * 1e3
-        row["roofline_tokens_per_s"] = row["batch"] / step
+        row["roofline_tokens_per_s"] = in_flight / step
         row["fraction_of_roofline"] = step * 1e3 / row["ms_per_token"]
     lines = [
         f"{args.model_shape}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; "
         f"copy bandwidth {bw / 1e12:.2f} TB/s on {report['device']}",
         "",
-        "| system | layout (PxT) | batch | decode ms/token | tokens/s | roofline ms | % of roofline |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| system | layout (PxT) | batch | in flight | decode ms/token | tokens/s | roofline ms | % of roofline |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['system']} | {r['layout']} | {r['batch']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"| {r['system']} | {r['layout']} | {r['batch']} | {r.get('in_flight', r['batch'])} | "
+            f"{r['ms_per_token']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['roofline_ms']:.2f} | {100 * r['fraction_of_roofline']:.0f}% |"
         )
     for r in report["rows"]:

@@ -3,7 +3,8 @@
 # are capped at 600 s and sessions at 30 min of device time, so each part fits one call:
 #
 #   bash benchmarks/gpu_session.sh check    # GPU tests: bf16/fp32 vs HF, int8 compiled vs eager, 2 GPUs (~3 min)
-#   bash benchmarks/gpu_session.sh decode   # 1 GPU, batch 1/16/64 + TTFT 2048, HF beside (~5 min)
+#   bash benchmarks/gpu_session.sh decode   # 1 GPU, batch 1/16/64 + TTFT 2048, HF beside (~5 min;
+#                                           # GPT_FAST=<gpt-fast checkout>: it too, ~3 min more)
 #   bash benchmarks/gpu_session.sh multi    # 2 GPUs: 2 stages and TP 2 at batch 1/16/64 (1 GPU: decode) (~5 min)
 #   bash benchmarks/gpu_session.sh int8     # int8 vs bf16 accuracy and decode speed (~4 min)
 #   bash benchmarks/gpu_session.sh kernels  # the step's kernels, and cuBLAS vs the skinny matmul (~6 min)
@@ -32,7 +33,7 @@ case "$part" in
     ;;
   decode)
     python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16,64 --layouts 1x1 \
-      --ttft-prompt-len 2048 --out "$out/generate_1gpu.json"
+      --ttft-prompt-len 2048 ${GPT_FAST:+--gpt-fast "$GPT_FAST"} --out "$out/generate_1gpu.json"
     ;;
   multi)
     if [ "$gpus" -lt 2 ]; then echo "multi needs 2 GPUs, this machine has $gpus" >&2; exit 2; fi
