@@ -17,7 +17,7 @@ def test_generate_two_stages_matches_hf(tmp_path: Path) -> None:
     import transformers as T
 
     d = save_tiny("qwen2", tmp_path / "m")
-    prompts = ["hello world", "the quick brown fox jumps over"]
+    prompts = ["hello world", "the quick brown fox jumps over", "a"]  # 3 on 2 stages: a lane unused
     proc = conveyor_generate(d, prompts, "--stages", "2", "--max-new-tokens", "6", OMP_NUM_THREADS="1")
     rows = rows_by_prompt(proc)
     assert "tokens/s" in proc.stderr

@@ -195,3 +195,10 @@ def test_sequences_leave_at_stop_tokens_and_others_join_their_lanes(
         "stop" if stop in o else "length" for o in solo
     ]
     assert got[0].finish_reason == "stop" and len(got[0].output_ids) <= 3
+
+
+def test_a_cache_with_fewer_lanes_than_the_micro_batches_is_refused(models: dict[str, str]) -> None:
+    model, peers = one_process_rank(models["llama"], lanes=3, max_len=48)
+    requests = [Request(i, p, 2) for i, p in enumerate(PROMPTS[:3])]
+    with pytest.raises(ValueError, match="need a KV cache of 4 lanes; this stage's has 3"):
+        output_ids(model, peers, SamplingParams(), requests, micro_batches=2, lanes_per_micro_batch=2)

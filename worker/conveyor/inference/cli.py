@@ -84,7 +84,14 @@ def rank_main(config: dict[str, Any]) -> int:
     die_with_parent()  # a rank never outlives `conveyor generate`
 
     from conveyor.distributed import destroy_distributed, init_distributed
-    from conveyor.inference.generate import Request, Result, SchedulerHooks, prepare_rank, run_generation
+    from conveyor.inference.generate import (
+        Request,
+        Result,
+        SchedulerHooks,
+        micro_batch_layout,
+        prepare_rank,
+        run_generation,
+    )
     from conveyor.inference.job import DTYPES, load_tokenizer
     from conveyor.inference.sampling import SamplingParams
     from conveyor.topology import Layout, Topology
@@ -102,12 +109,15 @@ def rank_main(config: dict[str, Any]) -> int:
 
     arch = load_arch(model_dir)
     max_len = min(max(len(p) for p in prompts) + config["max_new_tokens"], arch.max_positions)
+    # a micro-batch per stage (so no stage waits), the prompts spread over them: their lanes may be more
+    # than the prompts (3 prompts on 2 stages: 2 micro-batches of 2 lanes)
+    micro_batches, lanes_per_micro_batch = micro_batch_layout(len(requests), topo.num_stages)
     model, peers = prepare_rank(
         model_dir,
         topo,
         dtype=DTYPES[config["dtype"]],
         device=info.device,
-        lanes=len(requests),
+        lanes=micro_batches * lanes_per_micro_batch,
         max_len=max_len,
         quantization=config.get("quantize", "none"),
     )
@@ -145,8 +155,8 @@ def rank_main(config: dict[str, Any]) -> int:
         peers,
         params,
         requests,
-        micro_batches=min(topo.num_stages, len(requests)),
-        lanes_per_micro_batch=-(-len(requests) // min(topo.num_stages, len(requests))),
+        micro_batches=micro_batches,
+        lanes_per_micro_batch=lanes_per_micro_batch,
         device=info.device,
         tokenizer=tokenizer,
         hooks=SchedulerHooks(on_result=on_result),

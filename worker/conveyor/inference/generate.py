@@ -403,6 +403,12 @@ def run_generation(
 ) -> None:
     """Every rank of a replica group calls this; stage 0 consumes ``requests`` and reports results
     through ``hooks.on_result`` (other stages ignore ``requests``)."""
+    lanes = micro_batches * lanes_per_micro_batch
+    if model.cache is not None and model.cache.lanes_total < lanes:
+        raise ValueError(
+            f"{micro_batches} micro-batches of {lanes_per_micro_batch} lanes need a KV cache of {lanes} lanes; "
+            f"this stage's has {model.cache.lanes_total}: pass lanes={lanes} to prepare_rank or setup_cache"
+        )
     worker = StageWorker(model, peers, params, device)
     if peers.is_first:
         Scheduler(worker, micro_batches, lanes_per_micro_batch, tokenizer, hooks, prefill_chunk).run(requests)
