@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh check    # GPU tests: bf16/fp32 vs HF, int8 compiled vs eager, 2 GPUs (~3 min)
 #   bash benchmarks/gpu_session.sh decode   # 1 GPU, batch 1/16/64 + TTFT 2048, HF beside (~5 min;
 #                                           # GPT_FAST=<gpt-fast checkout>: it too, ~3 min more)
-#   bash benchmarks/gpu_session.sh multi    # 2 GPUs: 2 stages and TP 2 at batch 1/16/64 (1 GPU: decode) (~5 min)
+#   bash benchmarks/gpu_session.sh multi    # 2 GPUs: TP 2 at batch 1 and 16 (~5 min)
+#   bash benchmarks/gpu_session.sh pipeline # 2 GPUs: 1 GPU and 2 stages at batch 16 and 64 per stage (~6 min)
 #   bash benchmarks/gpu_session.sh int8     # int8 vs bf16 accuracy and decode speed (~4 min)
 #   bash benchmarks/gpu_session.sh kernels  # the step's kernels, and cuBLAS vs the skinny matmul (~6 min)
 #
@@ -13,7 +14,7 @@
 # (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh check|decode|multi|int8|kernels}"
+part="${1:?usage: gpu_session.sh check|decode|multi|pipeline|int8|kernels}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 
@@ -37,8 +38,14 @@ case "$part" in
     ;;
   multi)
     if [ "$gpus" -lt 2 ]; then echo "multi needs 2 GPUs, this machine has $gpus" >&2; exit 2; fi
-    python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16,64 --layouts 2x1,1x2 \
-      --skip-hf --out "$out/generate_2gpu.json"
+    python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16 --layouts 1x2 \
+      --skip-hf --out "$out/generate_tp2.json"
+    ;;
+  pipeline)
+    if [ "$gpus" -lt 2 ]; then echo "pipeline needs 2 GPUs, this machine has $gpus" >&2; exit 2; fi
+    # one GPU and two stages in the same run; two stages keep a batch per stage in flight
+    python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 16,64 --layouts 1x1,2x1 \
+      --fill-stages --skip-hf --out "$out/generate_pp2.json"
     ;;
   int8)
     python3 -u benchmarks/quantization.py --model-shape llama2-7b --batch-sizes 1,16 \
