@@ -70,6 +70,7 @@ class CompiledStage:
         self.compile = self.enabled and (_flag("CONVEYOR_TORCH_COMPILE") if compile is None else compile)
         self._graphs: dict[tuple[int, int, tuple[int, ...], torch.dtype], _Captured] = {}
         self._cache: KVCache | None = None  # the cache the graphs write (setup_cache replaces it)
+        self._weights = _weight_storage(model)  # where the graphs read the weights (.to() moves them)
         self._pool: Any = None  # one memory pool shared by every graph of this stage
         self._forward: Any = model
         self._prompt: Any = model
@@ -97,6 +98,9 @@ class CompiledStage:
         stage = model.__dict__.get("_compiled_stage")
         if stage is None:
             stage = model.__dict__["_compiled_stage"] = cls(model)
+        weights = _weight_storage(model)
+        if weights != stage._weights:  # moved or cast since the graphs were captured: they read freed memory
+            stage._graphs, stage._pool, stage._products, stage._weights = {}, None, None, weights
         return stage
 
     def prompt(
@@ -161,6 +165,10 @@ class CompiledStage:
             output = forward(*args)
         self._pool = graph.pool()
         return _Captured(static_inputs, static_positions, output, graph)
+
+
+def _weight_storage(model: StageModel) -> list[tuple[int, torch.dtype]]:
+    return [(t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers())]
 
 
 def _prompt_pass(
