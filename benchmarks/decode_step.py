@@ -22,7 +22,6 @@ copy bandwidth.
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import time
@@ -106,8 +105,6 @@ def main() -> None:
     p.add_argument("--profile-top", type=int, default=12)
     p.add_argument("--out", default="benchmarks/results/decode_step.json")
     args = p.parse_args()
-    # the product variant's tile choices (skinny_matmul, fused_norm) are logged at INFO
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     dtype = torch.bfloat16
     batches = [int(b) for b in args.batch_sizes.split(",")]
     # product routes the model's linear layers through skinny_matmul for the rest of the run: time it last

@@ -95,114 +95,6 @@ def op_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]
     return out
 
 
-def norm_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
-    """(case, max error, tolerance) of the fused norm and residual products (fused_norm.py) against
-    torch: the product of an RMSNorm'd input, and a residual added with its rows' sums of squares."""
-    from conveyor.inference.skinny_matmul import Norming, Tiles, column_tiles, skinny_matmul
-
-    torch.manual_seed(0)
-    out = []
-    for m, n, k, tiles, gate_up in [
-        (1, 64, 256, Tiles(16, 64), False),
-        (3, 48, 200, Tiles(16, 64), False),  # uneven K: the norm weight's load is masked too
-        (16, 64, 256, Tiles(32, 64, splits=2), False),
-        (5, 40, 320, Tiles(16, 64), True),  # gate | up of the normalised input
-    ]:
-        x = torch.randn(m, k, dtype=dtype, device=device) * 3
-        w = torch.randn(2 * n if gate_up else n, k, dtype=dtype, device=device)
-        g = torch.rand(k, dtype=dtype, device=device) + 0.5
-        # the sums of squares in 3 parts, as 3 column tiles of the producer would write them
-        parts = torch.stack([c.float().pow(2).sum(-1) for c in x.chunk(3, dim=-1)])
-        x32 = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
-        ref = (g.double() * x32) @ w.double().T
-        if gate_up:
-            gate, up = ref.chunk(2, dim=-1)
-            ref = F.silu(gate) * up
-        got = skinny_matmul(x, w, tiles, gate_up=gate_up, norm=Norming(g, 1e-5, parts)).double()
-        tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
-        out.append((f"norm M={m} N={n} K={k} {tiles} gate_up={gate_up}", (got - ref).abs().max().item(), tol))
-        if gate_up:
-            continue
-        residual = torch.randn(m, n, dtype=dtype, device=device)
-        sumsq = torch.full((column_tiles(n, tiles), m), float("nan"), device=device)
-        ref = residual.double() + x.double() @ w.double().T
-        got = skinny_matmul(x, w, tiles, residual=residual, sumsq=sumsq)
-        tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
-        out.append((f"residual M={m} N={n} K={k} {tiles}", (got.double() - ref).abs().max().item(), tol))
-        squares = got.double().pow(2).sum(-1)  # every column tile wrote its share: no NaN left
-        out.append(
-            (
-                f"sums of squares M={m} N={n} {tiles}",
-                (sumsq.double().sum(0) - squares).abs().max().item(),
-                1e-6 * squares.max().item(),
-            )
-        )
-    return out
-
-
-def fused_layer_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
-    """(case, max error, tolerance) of a decode step whose layers apply their norms inside their products
-    (fused_norm.route_blocks, a tile for each product) against the same model's plain step: logits of a
-    3-layer Llama (grouped-query attention) with an int8 variant."""
-    from conveyor.inference import fused_norm
-    from conveyor.inference import skinny_matmul as sm
-    from conveyor.inference.families import arch_from_config
-    from conveyor.inference.model import StageModel
-    from conveyor.inference.quantize import Int8Linear
-    from conveyor.testing.tiny import hf_config
-
-    out = []
-    for int8 in (False, True):
-        torch.manual_seed(0)
-        arch = arch_from_config(hf_config("llama", intermediate_size=96))
-        model = StageModel(arch, range(arch.layers), first=True, last=True).to(device, dtype).eval()
-        for layer in model.layers:  # norm weights that are not all ones
-            for norm in (layer.attn_norm, layer.mlp_norm):
-                norm.weight.data = torch.rand_like(norm.weight) + 0.5
-            if int8:
-                layer.attn.wqkv = Int8Linear.from_linear(layer.attn.wqkv)
-                layer.mlp.w_out = Int8Linear.from_linear(layer.mlp.w_out)
-        lanes = 3
-        model.setup_cache(lanes, 32, dtype, torch.device(device))
-        with torch.inference_mode():
-            prompt = torch.randint(0, arch.vocab_size, (lanes, 5), device=device)
-            model(prompt, torch.arange(5, device=device).expand(lanes, 5), prefill=True)
-            tokens = torch.randint(0, arch.vocab_size, (lanes, 1), device=device)
-            positions = torch.tensor([[5], [5], [5]], device=device)
-            ref = model(tokens, positions, kv_len=8)
-            layers = fused_norm.route_blocks(list(model.layers))
-            saved, product = sm.is_decode_product, sm.skinny_matmul
-            sm.is_decode_product = lambda x: True  # type: ignore[assignment]  (CPU tensors, interpreted)
-            fused_calls = []
-
-            def counted(*args, fused_calls=fused_calls, product=product, **kwargs):  # type: ignore[no-untyped-def]
-                fused_calls.append(kwargs.get("norm") is not None or kwargs.get("residual") is not None)
-                return product(*args, **kwargs)
-
-            sm.skinny_matmul = counted  # type: ignore[assignment]
-            fused_norm._PAYS[(lanes, layers[0].key(dtype))] = True
-            for kind, field in (
-                ("norm", "qkv"),
-                ("residual", "out"),
-                ("norm", "gate_up"),
-                ("residual", "down"),
-            ):
-                w, _, gate_up = getattr(layers[0], field)
-                key = sm._key(w.shape[0], w.shape[1], lanes, dtype, w, gate_up)
-                fused_norm._TILES[(kind, key)] = sm.Tiles(16, 32, splits=2 if field == "down" else 1)
-            try:
-                got = model(tokens, positions, kv_len=8)
-            finally:
-                sm.is_decode_product, sm.skinny_matmul = saved, product  # type: ignore[assignment]
-                fused_norm._PAYS.clear()
-                fused_norm._TILES.clear()
-        tol = (1e-4 if dtype == torch.float32 else 3e-2) * ref.abs().max().item()
-        # every product of every layer ran fused (a layer that fell back would match trivially)
-        error = (got - ref).abs().max().item() if fused_calls == [True] * 4 * arch.layers else float("inf")
-        out.append((f"fused layers int8={int8} ({sum(fused_calls)} fused products)", error, tol))
-    return out
-
-
 def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
     """(case, max error, tolerance) of decode_attention against SDPA on the same cache slice."""
     from conveyor.inference import decode_attention as da
@@ -263,7 +155,6 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
 if __name__ == "__main__":
     failed = 0
     cases = skinny_errors(torch.float32, "cpu") + op_errors(torch.float32, "cpu")
-    cases += norm_errors(torch.float32, "cpu") + fused_layer_errors(torch.float32, "cpu")
     for case, err, tol in cases + attention_errors(torch.float32, "cpu"):
         ok = err <= tol
         failed += not ok

@@ -8,8 +8,7 @@ The stage model's decode forward has static shapes (fixed lanes, static KV cache
 tensor: see model.py), so it is compiled and captured once per (lane range, shape) and replayed.
 Before the first capture of a micro-batch size, the plain linear layers are routed through
 skinny_matmul.py, which measures cuBLAS against its Triton kernel for each weight shape at that size
-and keeps the faster, and the layers' norms move into their products where fused_norm.py measures that
-faster.
+and keeps the faster.
 
 Prompt passes (prefill and the chunks of a long prompt) are compiled too, with dynamic shapes, so one
 compile serves every prompt length: inductor fuses their norms, rotary and gated activations, which
@@ -38,7 +37,7 @@ import torch
 import torch._dynamo
 import torch._inductor.config
 
-from conveyor.inference import fused_norm, skinny_matmul
+from conveyor.inference import skinny_matmul
 from conveyor.inference.kv_cache import KVCache
 from conveyor.inference.model import StageModel
 
@@ -76,7 +75,6 @@ class CompiledStage:
         self._forward: Any = model
         self._prompt: Any = model
         self._products: list[skinny_matmul.Product] | None = None
-        self._layers: list[fused_norm.Layer] = []
         self.uncompiled: set[str] = set()  # "prompt", "decode": what fell back to eager, compile failing
         if self.compile:
             # Shapes are marked static (the batch of a micro-batch never changes); an int that changes
@@ -146,9 +144,7 @@ class CompiledStage:
     ) -> _Captured:
         if self._products is None:
             self._products = skinny_matmul.route_linears(self.model)
-            self._layers = fused_norm.route_norms(self.model)
         skinny_matmul.tune(self._products, inputs.shape[0])
-        fused_norm.tune(self._layers, inputs.shape[0])  # after the plain products' choices: it beats them
         static_inputs, static_positions = inputs.clone(), positions.clone()
         for t in (static_inputs, static_positions):
             torch._dynamo.mark_static(t)

@@ -89,9 +89,6 @@ class Step:
     kv_len: int  # cache slots read: [0, kv_len)
     mask: torch.Tensor | None  # [n, 1, S, kv_len] key visible to query; None for a causal prefill from 0
     rope: tuple[torch.Tensor, torch.Tensor] | None
-    # Set by a layer whose output projection also summed its output's squares (fused_norm.py): the next
-    # layer's norm is applied inside its product, from these [parts, n * S] float32 partial sums.
-    sumsq: torch.Tensor | None = None
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):  # type: ignore[no-untyped-def]
@@ -134,16 +131,9 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
-        return self.wo(self.attend(self.wqkv(x), step, cache))
-
-    def attend(
-        self, qkv: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> torch.Tensor:
-        """The attention of the projected q | k | v [n, S, (heads + 2 kv_heads) * head_dim], before the
-        output projection: [n, S, heads * head_dim]."""
-        n, s, _ = qkv.shape
+        n, s, _ = x.shape
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(n, s, self.heads, self.head_dim).transpose(1, 2)  # [n, heads, S, head_dim]
         k = k.view(n, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [n, kv_heads, S, head_dim]
         v = v.view(n, s, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -166,7 +156,7 @@ class Attention(nn.Module):
                     self.sliding_window or 0,
                     scale,
                 )
-                return y.transpose(1, 2).reshape(n, s, q_size)
+                return self.wo(y.transpose(1, 2).reshape(n, s, q_size))
             if step.mask is not None:
                 lanes = (
                     step.lanes[:, 0]
@@ -182,7 +172,7 @@ class Attention(nn.Module):
             y = decode_attention(q, k, v, step.mask, scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=gqa)
-        return y.transpose(1, 2).reshape(n, s, q_size)  # [n, S, heads * head_dim]
+        return self.wo(y.transpose(1, 2).reshape(n, s, q_size))  # [n, S, heads * head_dim] -> hidden
 
 
 class MLP(nn.Module):

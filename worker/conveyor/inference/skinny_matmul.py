@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from conveyor.inference.skinny_kernel import triton
-
-if triton is not None:
-    from conveyor.inference.skinny_kernel import _skinny_kernel
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the kernel is for CUDA devices
+    triton = None
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,128 @@ def candidates(
     return base + split
 
 
+if triton is not None:
+
+    @triton.jit
+    def _silu_times(gate, up):
+        # Rounded where torch rounds F.silu(gate) * up in gate's dtype: after the silu, after the product.
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+        return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+    @triton.jit
+    def _w_tile(w_ptr, offs_n, offs_k, n_ok, N, K, stride_wn, EVEN: tl.constexpr):
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+        if EVEN:  # every tile whole: unmasked loads vectorise fully
+            return tl.load(w_ptrs, eviction_policy="evict_first")
+        return tl.load(
+            w_ptrs, mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0, eviction_policy="evict_first"
+        )
+
+    @triton.jit
+    def _rounded(acc, scale_ptr, offs_n, n_ok, dtype: tl.constexpr, HAS_SCALE: tl.constexpr):
+        # As F.linear(x, w.to(dtype)) * scale rounds: the product first, then the scaled
+        y = acc.to(dtype)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            y = (y.to(tl.float32) * scale[None, :]).to(dtype)
+        return y
+
+    @triton.jit
+    def _skinny_kernel(
+        x_ptr,
+        w_ptr,
+        scale_ptr,  # [N] per output channel (int8 weights; [2N] with GATE_UP), unused otherwise
+        out_ptr,
+        partial_ptr,  # [SPLITS, M, N] float32: each K split's sums (SPLITS > 1)
+        arrivals_ptr,  # [column tiles] int32, zero between calls: how many splits of a tile are done
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        K_TILES: tl.constexpr,  # per split
+        EVEN: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        GATE_UP: tl.constexpr,  # weight rows are gate | up (2N): out = silu(x @ gate^T) * (x @ up^T)
+        SPLITS: tl.constexpr,
+    ):
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        n_ok = offs_n < N
+        if BLOCK_M == 1:
+            acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            acc1_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        first_tile = tl.program_id(1) * K_TILES
+        for i in tl.range(0, K_TILES):
+            offs_k = (first_tile + i) * BLOCK_K + tl.arange(0, BLOCK_K)
+            w = _w_tile(w_ptr, offs_n, offs_k, n_ok, N, K, stride_wn, EVEN)
+            if GATE_UP:
+                w_up = _w_tile(w_ptr + N * stride_wn, offs_n, offs_k, n_ok, N, K, stride_wn, EVEN)
+            if BLOCK_M == 1:  # a multiply-sum on CUDA cores
+                if EVEN:
+                    x = tl.load(x_ptr + offs_k).to(tl.float32)
+                else:
+                    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                acc1 += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+                if GATE_UP:
+                    acc1_up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
+            else:
+                x = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                    other=0.0,
+                )
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+                if GATE_UP:
+                    acc_up = tl.dot(x, tl.trans(w_up.to(x.dtype)), acc_up)
+        if BLOCK_M == 1:
+            acc = acc1[None, :]
+            acc_up = acc1_up[None, :]
+        out_ok = (offs_m[:, None] < M) & n_ok[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        if SPLITS == 1:
+            _finish(acc, acc_up, out_ptrs, out_ok, scale_ptr, offs_n, n_ok, N, HAS_SCALE, GATE_UP)
+        else:  # (not with GATE_UP) the split's sums out; the last split of the tile to finish adds them up
+            sums = offs_m[:, None] * N + offs_n[None, :]
+            tl.store(partial_ptr + tl.program_id(1) * M * N + sums, acc, mask=out_ok)
+            tl.debug_barrier()  # every thread's sums are written before the arrival is counted (release)
+            if tl.atomic_add(arrivals_ptr + tl.program_id(0), 1) == SPLITS - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for split in tl.static_range(SPLITS):  # in split order: the same sum whoever arrives last
+                    total += tl.load(
+                        partial_ptr + split * M * N + sums, mask=out_ok, other=0.0, cache_modifier=".cg"
+                    )
+                tl.atomic_xchg(arrivals_ptr + tl.program_id(0), 0)  # zero again for the next call
+                _finish(total, acc_up, out_ptrs, out_ok, scale_ptr, offs_n, n_ok, N, HAS_SCALE, GATE_UP)
+
+    @triton.jit
+    def _finish(
+        acc,
+        acc_up,
+        out_ptrs,
+        out_ok,
+        scale_ptr,
+        offs_n,
+        n_ok,
+        N,
+        HAS_SCALE: tl.constexpr,
+        GATE_UP: tl.constexpr,
+    ):
+        dtype = out_ptrs.dtype.element_ty
+        y = _rounded(acc, scale_ptr, offs_n, n_ok, dtype, HAS_SCALE)
+        if GATE_UP:
+            y = _silu_times(y, _rounded(acc_up, scale_ptr + N, offs_n, n_ok, dtype, HAS_SCALE))
+        tl.store(out_ptrs, y, mask=out_ok)
+
+
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -116,37 +239,17 @@ def _arrivals(device: torch.device, tiles: int) -> torch.Tensor:
     return counters
 
 
-class Norming(NamedTuple):
-    """An RMSNorm applied to a product's input inside the product: its weight [K], its epsilon, and the
-    partial sums of squares of each input row [parts, M] (float32) that the input's producer wrote."""
-
-    weight: torch.Tensor
-    eps: float
-    sumsq: torch.Tensor
-
-
-def column_tiles(n: int, tiles: Tiles) -> int:
-    return triton.cdiv(n, tiles.block_n)
-
-
 def skinny_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
     tiles: Tiles,
     scale: torch.Tensor | None = None,
     gate_up: bool = False,
-    norm: Norming | None = None,
-    residual: torch.Tensor | None = None,
-    sumsq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ weight [N, K]^T`` -> ``[M, N]`` in x's dtype, accumulated in float32. An int8
     ``weight`` comes with ``scale`` [N] (one per output channel), applied after the product.
     ``gate_up``: weight is a gated MLP's gate | up ([2N, K]) and the result ``F.silu(gate) * up``
-    ([M, N]), computed where the products are, so no kernel writes or reads the products.
-    ``norm``: the product is of ``RMSNorm(x)`` (model.Norm's rounding), x being the residual stream.
-    ``residual`` [M, N]: the result is ``residual + product``, and each column tile writes its share of
-    each result row's sum of squares into ``sumsq`` [column_tiles(N, tiles), M] (float32), the
-    ``Norming.sumsq`` of the next product."""
+    ([M, N]), computed where the products are, so no kernel writes or reads the products."""
     m, k = x.shape
     n = weight.shape[0] // 2 if gate_up else weight.shape[0]
     if weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
@@ -156,41 +259,25 @@ def skinny_matmul(
     if gate_up and tiles.splits > 1:
         raise ValueError("skinny_matmul: gate_up products are not split along K")
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if residual is not None:
-        want = (column_tiles(n, tiles), m)
-        if residual.shape != out.shape or residual.stride() != out.stride():
-            raise ValueError(
-                f"skinny_matmul: residual {tuple(residual.shape)} must be a contiguous [{m}, {n}]"
-            )
-        if sumsq is None or tuple(sumsq.shape) != want or sumsq.dtype != torch.float32:
-            raise ValueError(f"skinny_matmul: a residual needs sumsq, a float32 {list(want)}")
-    if norm is not None and residual is not None:
-        raise ValueError("skinny_matmul: a product takes a norm or a residual, not both")
-    if norm is not None and (norm.weight.shape != (k,) or norm.sumsq.shape[1:] != (m,)):
-        raise ValueError(f"skinny_matmul: norm weight [{k}] and sums of squares [parts, {m}] expected")
+    column_tiles = triton.cdiv(n, tiles.block_n)
     k_tiles = triton.cdiv(triton.cdiv(k, tiles.block_k), tiles.splits)
     partials = arrivals = out  # unused unless split
     if tiles.splits > 1:
         partials = torch.empty((tiles.splits, m, n), device=x.device, dtype=torch.float32)
-        arrivals = _arrivals(x.device, column_tiles(n, tiles))
-    parts = 1 if norm is None else norm.sumsq.shape[0]
-    _skinny_kernel[(column_tiles(n, tiles), tiles.splits)](
+        arrivals = _arrivals(x.device, column_tiles)
+    _skinny_kernel[(column_tiles, tiles.splits)](
         x,
         weight,
         out if scale is None else scale,
         out,
         partials,
         arrivals,
-        out if norm is None else norm.weight,
-        (norm.sumsq if norm is not None else sumsq if sumsq is not None else out),
-        out if residual is None else residual,
         m,
         n,
         k,
         x.stride(0),
         weight.stride(0),
         out.stride(0),
-        0.0 if norm is None else norm.eps,
         BLOCK_M=block_m(m),
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
@@ -199,10 +286,6 @@ def skinny_matmul(
         HAS_SCALE=scale is not None,
         GATE_UP=gate_up,
         SPLITS=tiles.splits,
-        NORM=norm is not None,
-        PARTS=parts,
-        PARTS_P2=triton.next_power_of_2(parts),
-        RESIDUAL=residual is not None,
         num_warps=tiles.warps,
         num_stages=tiles.stages,
     )
@@ -213,7 +296,6 @@ Key = tuple[int, int, int, torch.dtype, torch.dtype, int, bool]
 # (N, K, M, activation dtype, weight dtype, device index, gate | up with silu) -> the tiles that won, or
 # None where cuBLAS did.
 _CHOICES: dict[Key, Tiles | None] = {}
-_TIMES: dict[Key, float] = {}  # the chosen product's microseconds, as tune measured it
 
 
 def _key(n: int, k: int, m: int, dtype: torch.dtype, weight: torch.Tensor, gate_up: bool = False) -> Key:
@@ -350,7 +432,7 @@ def tune(products: Iterable[Product], m: int) -> None:
                 continue
             if us < best[0]:
                 best = (us, tiles)
-        _CHOICES[key], _TIMES[key] = best[1], best[0]
+        _CHOICES[key] = best[1]
         log.info(
             "decode %s [%d x %d] @ [%d x %d]^T (%s weights): %s (%.1f us; %s %.1f us)",
             "gate|up + silu" if gate_up else "matmul",
