@@ -51,6 +51,8 @@ class PodEnv:
     checkpoint_dir: str | None
     spec: PipelineJobSpec
     template_hash: str | None = None  # the operator's hash of the pod template (CONVEYOR_TEMPLATE_HASH)
+    # the persistent compile cache (CONVEYOR_COMPILE_CACHE: spec.cache's mount); None: ~/.cache/conveyor
+    compile_cache: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> PodEnv:
@@ -107,6 +109,7 @@ class PodEnv:
             checkpoint_dir=env.get("CONVEYOR_CHECKPOINT_DIR") or None,
             spec=spec,
             template_hash=env.get("CONVEYOR_TEMPLATE_HASH") or None,
+            compile_cache=env.get("CONVEYOR_COMPILE_CACHE") or None,
         )
 
     @property

@@ -25,21 +25,23 @@ from conveyor import metrics
 from conveyor.checkpoint import rfc3339, write_termination_message
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
+from conveyor.inference import compile_cache
+from conveyor.inference.cuda_graphs import CompileOptions
 from conveyor.inference.generate import (
     Request,
     Result,
     SchedulerHooks,
     micro_batch_layout,
-    prepare_rank,
     run_generation,
 )
 from conveyor.inference.progress import ResultLog, merge_parts
+from conveyor.inference.rank_builder import DTYPES, PromptTooLongError, build_generation_rank, cache_length
+from conveyor.inference.run_progress import RunProgress
 from conveyor.inference.sampling import SamplingParams
 from conveyor.log import get_logger
 from conveyor.topology import Layout, Topology
 
 log = get_logger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMMIT_SECONDS = 10.0  # commit at least this often, even between `checkpoint.every` results
 LOG_SECONDS = 5.0
 
@@ -151,27 +153,36 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         destroy_distributed()
         return 0
 
-    lanes_m, lanes_b = micro_batch_layout(inf.batch_size, spec.parallelism.effective_micro_batches)
+    micro_batches, lanes_per_micro_batch = micro_batch_layout(
+        inf.batch_size, spec.parallelism.effective_micro_batches
+    )
     longest = max((len(r.prompt_ids) for r in todo), default=1)
-    max_len = min(longest + inf.max_new_tokens, arch.max_positions)
-    if longest >= max_len:
-        raise InputError(
-            f"a prompt of {longest} tokens does not fit the model's {arch.max_positions} positions"
-        )
-    model, peers = prepare_rank(
+    try:
+        max_len = cache_length(longest, inf.max_new_tokens, arch.max_positions)
+    except PromptTooLongError as err:
+        raise InputError(f"{inf.input}: {err}") from None
+    rank = build_generation_rank(
         spec.model.path,
         topo,
         dtype=DTYPES[spec.model.dtype],
         device=info.device,
-        lanes=lanes_m * lanes_b,
+        micro_batches=micro_batches,
+        lanes_per_micro_batch=lanes_per_micro_batch,
         max_len=max_len,
+        options=CompileOptions.from_env(info.device),
+        cache_dir=Path(pod.compile_cache) if pod.compile_cache else compile_cache.DEFAULT_DIR,
         quantization=inf.quantization,
+        on_phase=lambda name, seconds: metrics.WARMUP_SECONDS.labels(job, name).set(seconds),
     )
-    metrics.READINESS.loaded()  # the pod's readiness probe (/ready) turns 200
+    for what in ("compiles", "captures"):
+        metrics.COMPILES.labels(job, what, "warm_up").inc(rank.compiled.counts[what])
+    model, peers = rank.model, rank.peers
+    metrics.READINESS.loaded()  # the pod's readiness probe (/ready) turns 200: loaded and warm
     params = sampling_params(spec, arch.eos_token_ids)
     every = spec.checkpoint.every if spec.checkpoint else 1
     total, done_before = len(todo) + state[0]["completed"], state[0]["completed"]
-    last_commit, last_log = [time.monotonic()], [0.0]
+    last_commit = [time.monotonic()]
+    progress = RunProgress(total, done_before, every=LOG_SECONDS)
 
     def commit(done: bool = False) -> None:
         t0, pending = time.monotonic(), results.uncommitted
@@ -190,9 +201,9 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         )
         if results.uncommitted >= every or time.monotonic() - last_commit[0] > COMMIT_SECONDS:
             commit()
-            if time.monotonic() - last_log[0] > LOG_SECONDS:
-                last_log[0] = time.monotonic()
-                log.info("progress", extra={"completed": results.completed, "total": total})
+        line = progress.result(len(r.output_ids))
+        if line is not None:
+            log.info("progress", extra=line)
 
     def on_first_token(dt: float) -> None:
         if is_writer:  # one rank counts, so summing the job's endpoints counts each token once
@@ -215,8 +226,9 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         extra={
             "prompts": len(todo),
             "skipped": done_before,
-            "micro_batches": lanes_m,
-            "lanes": lanes_m * lanes_b,
+            "micro_batches": micro_batches,
+            "lanes": micro_batches * lanes_per_micro_batch,
+            "warm_up_seconds": {k: round(v, 2) for k, v in rank.seconds.items()},
             "quantization": inf.quantization,
         },
     )
@@ -227,12 +239,15 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         peers,
         params,
         todo,
-        micro_batches=lanes_m,
-        lanes_per_micro_batch=lanes_b,
+        micro_batches=micro_batches,
+        lanes_per_micro_batch=lanes_per_micro_batch,
         device=info.device,
         tokenizer=tokenizer,
         hooks=hooks,
     )
+    for what in ("compiles", "captures"):
+        if late := rank.compiled.counts[f"late_{what}"]:
+            metrics.COMPILES.labels(job, what, "late").inc(late)
     if info.device.type == "cuda":
         metrics.GPU_MEMORY_BYTES.labels(job, str(info.rank)).set(torch.cuda.memory_allocated())
     if is_writer:
