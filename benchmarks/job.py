@@ -93,7 +93,9 @@ def run_job(job: Path, output: Path, cache: Path, label: str) -> dict[str, Any]:
     if proc.returncode:
         sys.stderr.write(proc.stderr[-6000:])
         raise SystemExit(f"{label}: conveyor run exited {proc.returncode}")
-    logs = json_lines(proc.stderr)
+    logs = json_lines(proc.stdout + "\n" + proc.stderr)
+    if os.environ.get("OUT"):  # the device tool's folder that comes back
+        Path(os.environ["OUT"], f"job-{label}.log").write_text(proc.stdout + proc.stderr)
 
     def first(msg: str) -> dict[str, Any]:
         return next((r for r in logs if r.get("msg") == msg), {})
