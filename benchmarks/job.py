@@ -107,7 +107,8 @@ def run_job(job: Path, output: Path, cache: Path, label: str) -> dict[str, Any]:
     row = {
         "run": label,
         "wall_s": wall,
-        "warm_up_s": start.get("warm_up_seconds", {}),
+        "startup_s": start.get("startup_seconds", {}),
+        "exit_s": logs[-1]["ts"] - done["ts"],  # generation done to the end of conveyor run
         "start_to_first_decode_s": start["ts"] - t0,  # process start to the generation loop
         "generation_s": generation,
         "output_tokens": tokens,

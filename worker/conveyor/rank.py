@@ -10,6 +10,9 @@ import json
 import os
 import runpy
 import sys
+import time
+
+STARTED = time.monotonic()  # before the heavy imports: start-up is timed from here
 from pathlib import Path
 
 from conveyor import metrics
@@ -67,7 +70,7 @@ def main(argv: list[str]) -> int:
     if pod.mode == Mode.INFERENCE:
         from conveyor.inference.job import run_rank
 
-        return run_rank(pod, local_rank)
+        return run_rank(pod, local_rank, started=STARTED)
     if pod.mode == Mode.TRAIN:
         return run_train_script(pod)
     log.error(

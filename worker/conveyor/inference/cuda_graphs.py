@@ -239,7 +239,8 @@ class CompiledStage:
         """Make everything a run needs before its first request: the linear layers' tile choices for
         ``micro_batch`` rows (``tile_choices``: a compile_cache.TileChoices that loads and saves them),
         the compiled prompt layer (one and several prompts; first passes and later chunks), the compiled
-        decode step and its CUDA graph. Writes only the cache's scratch slots."""
+        decode step and its CUDA graph. Writes only the cache's scratch slots. ``on_phase(name, seconds)``
+        as each phase ends (a phase may end more than once: its seconds add up)."""
         from conveyor.inference import skinny_matmul
 
         model, cache = self.model, self.model.cache
@@ -254,9 +255,10 @@ class CompiledStage:
         tuned = 0
 
         def phase(name: str, t0: float) -> None:
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            seconds[name] = seconds.get(name, 0.0) + elapsed
             if on_phase is not None:
-                on_phase(name, seconds[name])
+                on_phase(name, elapsed)
 
         t0 = time.perf_counter()
         if self.options.triton_kernels and self.graphs:

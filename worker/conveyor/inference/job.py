@@ -118,10 +118,22 @@ def write_termination(completed: bool, step: int) -> None:
     write_termination_message(path, completed, {"step": step, "time": rfc3339()})
 
 
-def run_rank(pod: PodEnv, local_rank: int) -> int:
+def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
+    """``started``: the process's start (time.monotonic): start-up is timed from there."""
     spec = pod.spec
     assert spec.inference is not None and spec.model is not None
+    startup: dict[str, float] = {}
+    mark = [time.monotonic()]
+    if started is not None:
+        startup["import"] = mark[0] - started
+
+    def lap(name: str) -> None:
+        now = time.monotonic()
+        startup[name] = now - mark[0]
+        mark[0] = now
+
     info = init_distributed(device=spec.device)
+    lap("rendezvous")
     topo = Topology(Layout(1, pod.stages, pod.tensor_parallel))
     job, inf = pod.job, spec.inference
     is_writer = topo.stage == 0 and topo.tp_rank == 0
@@ -153,6 +165,7 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         destroy_distributed()
         return 0
 
+    lap("input")
     micro_batches, lanes_per_micro_batch = micro_batch_layout(
         inf.batch_size, spec.parallelism.effective_micro_batches
     )
@@ -177,6 +190,8 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
     for what in ("compiles", "captures"):
         metrics.COMPILES.labels(job, what, "warm_up").inc(rank.compiled.counts[what])
     model, peers = rank.model, rank.peers
+    mark[0] = time.monotonic()
+    startup.update(rank.seconds)
     metrics.READINESS.loaded()  # the pod's readiness probe (/ready) turns 200: loaded and warm
     params = sampling_params(spec, arch.eos_token_ids)
     every = spec.checkpoint.every if spec.checkpoint else 1
@@ -228,7 +243,7 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
             "skipped": done_before,
             "micro_batches": micro_batches,
             "lanes": micro_batches * lanes_per_micro_batch,
-            "warm_up_seconds": {k: round(v, 2) for k, v in rank.seconds.items()},
+            "startup_seconds": {k: round(v, 2) for k, v in startup.items()},
             "quantization": inf.quantization,
         },
     )
@@ -261,5 +276,7 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
     dist.barrier()  # why: no rank reports completion before the results are committed
     if local_rank == 0:
         write_termination(True, total)
+    t0 = time.monotonic()
     destroy_distributed()
+    log.info("rank done", extra={"teardown_seconds": round(time.monotonic() - t0, 2)})
     return 0

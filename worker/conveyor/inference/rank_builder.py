@@ -124,15 +124,17 @@ def build_generation_rank(
     seconds)`` is called as each phase ends."""
     from conveyor.inference import compile_cache
 
-    if options.compile or options.cuda_graphs:
-        compile_cache.configure(cache_dir)
     seconds: dict[str, float] = {}
 
     def phase(name: str, value: float) -> None:
-        seconds[name] = value
+        seconds[name] = seconds.get(name, 0.0) + value
         if on_phase is not None:
-            on_phase(name, value)
+            on_phase(name, seconds[name])
 
+    t0 = time.perf_counter()
+    if options.compile or options.cuda_graphs:
+        compile_cache.configure(cache_dir)  # imports inductor: counted as setup
+    phase("setup", time.perf_counter() - t0)
     t0 = time.perf_counter()
     model, peers = prepare_rank(
         model_dir,
@@ -147,7 +149,9 @@ def build_generation_rank(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     phase("load", time.perf_counter() - t0)
+    t0 = time.perf_counter()
     stage = CompiledStage.attach(model, options)
+    phase("setup", time.perf_counter() - t0)
     tiles = None
     if cache_dir is not None and device.type == "cuda" and options.triton_kernels:
         tiles = compile_cache.TileChoices(cache_dir, device)
