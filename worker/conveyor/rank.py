@@ -11,8 +11,6 @@ import os
 import runpy
 import sys
 import time
-
-STARTED = time.monotonic()  # before the heavy imports: start-up is timed from here
 from pathlib import Path
 
 from conveyor import metrics
@@ -21,6 +19,7 @@ from conveyor.log import configure, get_logger
 from conveyor.spec import Mode
 from conveyor.utils import die_with_parent
 
+STARTED = time.monotonic()  # torch and the engine are imported later, in main: start-up counts them
 log = get_logger("conveyor.rank")
 
 
