@@ -189,18 +189,11 @@ def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exis
     if status.phase in (Phase.SUCCEEDED, Phase.FAILED) and status.reason in TERMINAL_REASONS:
         return _finish(_plan_finished(plan, ref, spec, restarts, now, children_exist), job, now)
 
-    if old.layout and old.phase != Phase.SUSPENDED and not spec.suspend:
-        before = old.layout.split("x")[:2]
-        after = [str(spec.parallelism.stages), str(spec.parallelism.tensor_parallel)]
-        if before != after:
-            status.layout = old.layout
-            status.reason = "LayoutChangeRefused"
-            status.message = (
-                f"stages x tensorParallel changed from {'x'.join(before)} to {'x'.join(after)} while running: "
-                "set suspend: true first (the job resumes from its checkpoint with the new layout) or revert"
-            )
-            plan.events.append(Event("Warning", "LayoutChangeRefused", status.message))
-            return _finish(plan, job, now)
+    refused = _layout_change_refused(old, spec)
+    if refused is not None:
+        status.layout, status.reason, status.message = old.layout, "LayoutChangeRefused", refused
+        plan.events.append(Event("Warning", "LayoutChangeRefused", refused))
+        return _finish(plan, job, now)
 
     if spec.suspend:
         status.phase, status.reason = Phase.SUSPENDED, "Suspended"
@@ -220,6 +213,21 @@ def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exis
         return _finish(plan, job, now)
 
     return _finish(_plan_active(plan, old, ref, spec, group_refs, pods, now), job, now)
+
+
+def _layout_change_refused(old: PipelineJobStatus, spec: PipelineJobSpec) -> str | None:
+    """Why a running job's new stages x tensorParallel is refused, or None: ranks of one layout cannot
+    resume another's pipeline while they run (a suspended job may change it)."""
+    if not old.layout or old.phase == Phase.SUSPENDED or spec.suspend:
+        return None
+    before = old.layout.split("x")[:2]
+    after = [str(spec.parallelism.stages), str(spec.parallelism.tensor_parallel)]
+    if before == after:
+        return None
+    return (
+        f"stages x tensorParallel changed from {'x'.join(before)} to {'x'.join(after)} while running: "
+        "set suspend: true first (the job resumes from its checkpoint with the new layout) or revert"
+    )
 
 
 def _describe(status: PipelineJobStatus, spec: PipelineJobSpec, name: str, template_hash: str) -> None:
