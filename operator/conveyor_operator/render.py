@@ -144,19 +144,6 @@ def template_hash(spec: PipelineJobSpec) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def legacy_template_hash(spec: PipelineJobSpec) -> str:
-    """The hash operators up to 0.1 put on pods (every field, defaults included). Pods that carry it for
-    the current spec run exactly this spec, so the first upgrade to revision hashes does not roll them.
-    Remove once no 0.1 operator's pods can remain (they are replaced at each group's next restart)."""
-    old_worker = spec.model_copy(
-        update={"suspend": False, "ttl_seconds_after_finished": None, "restart_policy": RestartPolicySpec()}
-    )
-    worker = old_worker.model_dump(mode="json", by_alias=True)
-    if spec.mode == Mode.SERVE:
-        worker["parallelism"].pop("replicas")
-    return hashlib.sha256(json.dumps(worker, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def master_addr(job: JobRef, group: GroupRef) -> str:
     """Rendezvous: ordinal 0 of the group, through the headless Service."""
     return f"{group.name}-0.{job.name}.{job.namespace}.svc"
