@@ -171,6 +171,14 @@ def _volumes(spec: PipelineJobSpec) -> tuple[list[dict[str, Any]], list[dict[str
             {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.volume, "readOnly": True}}
         )
         mounts.append({"name": "model", "mountPath": spec.model.mount_path, "readOnly": True})
+    if spec.cache is not None:
+        source = (
+            {"persistentVolumeClaim": {"claimName": spec.cache.volume}}
+            if spec.cache.volume
+            else {"emptyDir": {}}
+        )
+        volumes.append({"name": "compile-cache", **source})
+        mounts.append({"name": "compile-cache", "mountPath": spec.cache.path})
     return volumes + list(spec.template.volumes), mounts + list(spec.template.volume_mounts)
 
 
@@ -197,6 +205,7 @@ def _env(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int) -> l
         master_port=spec.master_port,
         restart=restart,
         checkpoint_dir=spec.checkpoint.path if spec.checkpoint is not None else None,
+        compile_cache=spec.cache.path if spec.cache is not None else None,
     )
     env: list[dict[str, Any]] = []
     for key, value in values.items():

@@ -157,6 +157,7 @@ def pod_environ(
     master_port: int,
     restart: int = 0,
     checkpoint_dir: str | None = None,
+    compile_cache: str | None = None,
 ) -> dict[str, str]:
     """The CONVEYOR_* variables of one pod, as the operator sets them (``conveyor run`` uses this too).
 
@@ -181,4 +182,6 @@ def pod_environ(
     }
     if checkpoint_dir:
         env["CONVEYOR_CHECKPOINT_DIR"] = checkpoint_dir
+    if compile_cache:
+        env["CONVEYOR_COMPILE_CACHE"] = compile_cache
     return env
