@@ -168,6 +168,11 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hf-passes", type=int, default=2, help="0: no HF; 1: cold only; 2: cold and warm")
+    p.add_argument(
+        "--runs",
+        default="cold,warm",
+        help="cold: start from an empty compile cache; warm: the cache as it is",
+    )
     p.add_argument("--workdir", default="/tmp/conveyor-bench")
     p.add_argument("--out", default="benchmarks/results/job.json")
     args = p.parse_args()
@@ -197,8 +202,10 @@ def main() -> None:
             batch=args.batch_size,
         )
     )
-    cache = run_dir / "compile-cache"
-    shutil.rmtree(cache, ignore_errors=True)
+    cache = workdir / "compile-cache"  # shared by the jobs of one workdir, as a fleet's volume is
+    runs = args.runs.split(",")
+    if "cold" in runs:
+        shutil.rmtree(cache, ignore_errors=True)
     report: dict[str, Any] = {
         "shape": args.model_shape,
         "device": torch.cuda.get_device_name(),
@@ -206,7 +213,7 @@ def main() -> None:
         "prompt_lens": [low, high],
         "new_tokens": args.new_tokens,
         "batch_size": args.batch_size,
-        "runs": [run_job(job, output, cache, "cold"), run_job(job, output, cache, "warm")],
+        "runs": [run_job(job, output, cache, label) for label in runs],
     }
     if args.hf_passes:
         hf = run_hf(model_dir, dtype, prompts, args.new_tokens, args.batch_size, args.hf_passes)

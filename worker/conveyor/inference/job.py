@@ -277,6 +277,9 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     if local_rank == 0:
         write_termination(True, total)
     t0 = time.monotonic()
-    destroy_distributed()
+    if info.backend == "gloo":
+        # gloo's group must go before the interpreter's teardown (distributed.py); NCCL's destroy took
+        # 2 s on an H200 after every rank passed the barrier above, and the process exits next
+        destroy_distributed()
     log.info("rank done", extra={"teardown_seconds": round(time.monotonic() - t0, 2)})
     return 0
