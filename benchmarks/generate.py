@@ -197,7 +197,7 @@ def rank_worker(cfg: dict[str, Any]) -> None:
 
         CompiledStage.of(model).warm_up(
             lanes,
-            compile_cache.TileChoices(compile_cache.DEFAULT_DIR, info.device)
+            compile_cache.TileChoices.for_device(compile_cache.DEFAULT_DIR, info.device)
             if info.device.type == "cuda" and options.triton_kernels
             else None,
         )

@@ -60,14 +60,17 @@ def _slug(text: str) -> str:
 class TileChoices:
     """skinny_matmul's tile choices for this GPU model, torch and Triton, in ``cache_dir``."""
 
-    def __init__(self, cache_dir: Path, device: torch.device):
+    def __init__(self, cache_dir: Path, device_name: str, device_index: int = 0, triton_version: str = ""):
+        self.device_index = device_index
+        self.path = cache_dir / (
+            f"tiles-{_slug(device_name)}-torch{_slug(torch.__version__)}-triton{_slug(triton_version)}.json"
+        )
+
+    @classmethod
+    def for_device(cls, cache_dir: Path, device: torch.device) -> TileChoices:
         import triton
 
-        name = torch.cuda.get_device_name(device)
-        self.device_index = device.index or 0
-        self.path = cache_dir / (
-            f"tiles-{_slug(name)}-torch{_slug(torch.__version__)}-triton{_slug(triton.__version__)}.json"
-        )
+        return cls(cache_dir, torch.cuda.get_device_name(device), device.index or 0, triton.__version__)
 
     def _read(self) -> list[dict[str, Any]]:
         try:

@@ -154,6 +154,6 @@ def build_generation_rank(
     phase("setup", time.perf_counter() - t0)
     tiles = None
     if cache_dir is not None and device.type == "cuda" and options.triton_kernels:
-        tiles = compile_cache.TileChoices(cache_dir, device)
+        tiles = compile_cache.TileChoices.for_device(cache_dir, device)
     report = stage.warm_up(lanes_per_micro_batch, tiles, phase)
     return GenerationRank(model, peers, micro_batches, lanes_per_micro_batch, max_len, seconds, report)
