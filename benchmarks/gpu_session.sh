@@ -3,6 +3,7 @@
 # are capped at 600 s and sessions at 30 min of device time, so each part fits one call:
 #
 #   bash benchmarks/gpu_session.sh check    # GPU tests: bf16/fp32 vs HF, int8 compiled vs eager, 2 GPUs (~3 min)
+#   bash benchmarks/gpu_session.sh job      # a batch job through conveyor run, cold and warm, HF beside (~6 min)
 #   bash benchmarks/gpu_session.sh decode   # 1 GPU, batch 1/16/64 + TTFT 2048, HF beside (~5 min;
 #                                           # GPT_FAST=<gpt-fast checkout>: it too, ~3 min more)
 #   bash benchmarks/gpu_session.sh multi    # 2 GPUs: TP 2 at batch 1 and 16 (~5 min)
@@ -14,7 +15,7 @@
 # (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh check|decode|multi|pipeline|int8|kernels}"
+part="${1:?usage: gpu_session.sh check|job|decode|multi|pipeline|int8|kernels}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 
@@ -31,6 +32,12 @@ case "$part" in
     python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
       tests/worker/inference/test_gpu.py tests/worker/inference/test_gpu_bf16.py \
       tests/worker/inference/test_gpu_multi.py tests/worker/inference/test_quantize.py 2>&1 | tee "$out/gpu_tests.txt"
+    ;;
+  job)
+    python3 -u benchmarks/job.py --prompts 256 --prompt-lens 32,255 --new-tokens 128 --batch-size 64 \
+      --out "$out/job_b64.json"
+    python3 -u benchmarks/job.py --prompts 64 --prompt-lens 1000,2000 --new-tokens 256 --batch-size 64 \
+      --runs warm --out "$out/job_long.json"
     ;;
   decode)
     python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16,64 --layouts 1x1 \
