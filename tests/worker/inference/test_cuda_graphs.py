@@ -30,12 +30,13 @@ def test_one_compiled_stage_per_model_whose_graphs_go_when_the_weights_move(tmp_
 
 
 @pytest.mark.integration
-def test_after_warm_up_nothing_compiles_whatever_the_prompt_lengths(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 8 positions
+def test_after_warm_up_nothing_compiles_whatever_the_prompt_lengths(tmp_path: Path, family: str) -> None:
     """Warm-up compiles the decode step and the prompt layer; then a run whose prompts are 1 to 40
     tokens long (some in chunks, one and several joining at once) and whose context sweeps the whole
     cache compiles nothing more (the stance makes a recompile an error), and gives eager's tokens."""
     compile_cache.configure(tmp_path / "cache")
-    model_dir = save_tiny("llama", tmp_path / "model", tokenizer=False)
+    model_dir = save_tiny(family, tmp_path / "model", tokenizer=False)
     lanes, max_len = 4, 48
     rng = random.Random(0)
     lengths = [1, 2, 40, 3, 17, 1, 33, 9, 25, 2]

@@ -281,12 +281,15 @@ class CompiledStage:
         t0 = time.perf_counter()
         with torch.inference_mode():
             if self._layer is not None:
-                # prefill and later chunks, of one and of several prompts, all tokens at the scratch slot
+                # prefills of one and of several prompts, and a later chunk of a long prompt (always one:
+                # generate.py chunks one prompt at a time), all tokens at the scratch slot. A sliding
+                # window also masks a prefill longer than the window, as a chunk is masked: several then.
                 for n in (1, min(2, cache.lanes_total)):
                     positions = torch.full((n, 2), scratch, dtype=torch.int64, device=device)
                     lanes = torch.arange(n, device=device)
                     self.prompt(inputs(n, 2), positions, lanes, prefill=True)
-                    self.prompt(inputs(n, 2), positions, lanes, kv_len=min(64, cache.length))
+                    if n == 1 or model.arch.sliding_window:
+                        self.prompt(inputs(n, 2), positions, lanes, kv_len=min(64, cache.length))
             phase("compile", t0)
             t0 = time.perf_counter()
             positions = torch.full((micro_batch, 1), scratch, dtype=torch.int64, device=device)
