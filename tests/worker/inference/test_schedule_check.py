@@ -178,3 +178,28 @@ def test_the_fake_pipeline_sends_the_compute_dtype():
     trace = check_generation(2, 1, 1, _requests([2], [2]))
     payloads = {(e.op, e.dtype) for e in trace.events[1] if e.what == "payload"}
     assert payloads == {("recv", torch.float32), ("send", torch.int64)}
+
+
+class _DecodeOnePositionAhead(Scheduler):
+    """A scheduler whose decode items write one position past where each lane's cache ends (a hole)."""
+
+    def run(self, requests):
+        pack = self.worker.pack
+
+        def shifted(kind, lane_start, positions, *args, **kwargs):
+            if kind == generate.DECODE:  # idle lanes stay at the scratch position
+                positions = torch.where(positions == self.max_len, positions, positions + 1)
+            return pack(kind, lane_start, positions, *args, **kwargs)
+
+        self.worker.pack = shifted
+        super().run(requests)
+
+
+def test_a_decode_that_leaves_a_hole_in_the_cache_is_named():
+    # 3 prompt tokens fill positions 0-2: the first decode belongs at 3
+    with pytest.raises(
+        ScheduleError,
+        match=r"rank 0 step 4: failed: AssertionError: lane 0: a decode of 'r0' from position 4, but its "
+        r"cache holds 3 positions of 'r0'",
+    ):
+        check_generation(2, 1, 1, _requests([3], [3]), scheduler=_DecodeOnePositionAhead)

@@ -211,6 +211,7 @@ class FakeStageWorker(StageWorker):
         lanes_total: int,
         max_len: int,
         stop_at: dict[int, int],
+        names: dict[int, Any] | None = None,
         dtype: torch.dtype = torch.float32,
     ):
         # No StageWorker.__init__: it builds a CUDA-graph runner and a p2p.Channel from a real model.
@@ -220,6 +221,8 @@ class FakeStageWorker(StageWorker):
         self.scratch, self.seen = max_len, None
         self.net, self.hidden, self.dtype = net, hidden, dtype
         self.lanes_total, self.stop_at = lanes_total, stop_at
+        self.cache: dict[int, tuple[int, int]] = {}  # lane -> (sequence key, positions written)
+        self.names = names or {}  # sequence key -> request id, for messages
 
     def execute(
         self, meta: torch.Tensor, hidden: torch.Tensor | None, tokens: torch.Tensor | None = None
@@ -262,10 +265,9 @@ class FakeStageWorker(StageWorker):
         assert bool((positions[real] < self.scratch).all()), "a position beyond the cache"
         if kind == DECODE:
             assert s == 1 and lanes.tolist() == list(range(lane_start, lane_start + n)), "decode lanes"
-            if bool(real.any()):  # an eager pass reads the keys [0, kv_len): the newest must be in it
-                assert kv_len > int(positions[real].max()), f"kv_len {kv_len} hides a lane's own position"
         else:
             assert prompt is not None and prompt.shape == (n, s), "a prompt item without its tokens"
+        self._check_cache(kind, kv_len, positions, keys, lanes, real)
         if not self.peers.is_first:
             assert hidden is not None and hidden.shape == (n, s, self.hidden)
         elif kind == DECODE:
@@ -276,6 +278,41 @@ class FakeStageWorker(StageWorker):
                 want = STOP_TOKEN if self.stop_at.get(key) == step - 1 else fake_token(key, step - 1)
                 got = int(tokens[j, 0])
                 assert got == want, f"lane {lane_start + j} fed token {got} at step {step}, not {want}"
+
+    def _check_cache(
+        self,
+        kind: int,
+        kv_len: int,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        lanes: torch.Tensor,
+        real: torch.Tensor,
+    ) -> None:
+        """The lanes' caches as this stage holds them: which sequence wrote a lane, and how far. A prefill
+        writes a lane from position 0, an extend or decode goes on from where the lane's cache ends and
+        for the sequence that wrote it; otherwise a real stage attends to holes or to another sequence's
+        keys, and no shape check notices."""
+        for j, lane in enumerate(lanes.tolist()):
+            k = int(real[j].sum())
+            if k == 0:
+                continue  # an idle decode lane: it writes the scratch slot only
+            row = positions[j, :k].tolist()  # [k] real positions; the padding must come after them
+            assert bool(real[j, :k].all()), (
+                f"lane {lane}: padding before real positions {positions[j].tolist()}"
+            )
+            assert row == list(range(row[0], row[0] + k)), f"lane {lane}: positions {row} not contiguous"
+            key = int(keys[j])
+            if kind == PREFILL:
+                assert row[0] == 0, f"lane {lane}: a prefill from position {row[0]}"
+            else:
+                owner, written = self.cache.get(lane, (-1, 0))  # -1: no sequence wrote it yet
+                name = {EXTEND: "an extend", DECODE: "a decode"}[kind]
+                assert (owner, written) == (key, row[0]), (
+                    f"lane {lane}: {name} of {self.names.get(key, key)!r} from position {row[0]}, but its "
+                    f"cache holds {written} positions of {self.names.get(owner, 'none')!r}"
+                )
+                assert kv_len > row[-1], f"lane {lane}: kv_len {kv_len} hides position {row[-1]}"
+            self.cache[lane] = (key, row[-1] + 1)
 
 
 @dataclass
@@ -332,6 +369,7 @@ def run_pipeline(
     ``hidden`` per stage (a list) lets a test make the stages disagree."""
     requests = list(requests)
     keyed_stops = {sequence_key(rid): k for rid, k in (stop_at or {}).items()}
+    names = {r.key: r.id for r in requests}
     params = SamplingParams(stop_token_ids=(STOP_TOKEN,))
     widths = hidden if isinstance(hidden, list) else [hidden] * stages
     lanes = micro_batches * lanes_per_micro_batch
@@ -347,7 +385,7 @@ def run_pipeline(
             first_rank=0,
             last_rank=stages - 1,
         )
-        workers.append(FakeStageWorker(net, peers, params, widths[s], lanes, max_len, keyed_stops))
+        workers.append(FakeStageWorker(net, peers, params, widths[s], lanes, max_len, keyed_stops, names))
 
     def body(rank: int) -> None:
         if rank == 0:
