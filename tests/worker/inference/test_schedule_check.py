@@ -11,6 +11,7 @@ from conveyor.inference.schedule_check import (
     check_generation,
     expected_output,
     fake_token,
+    main,
     run_pipeline,
 )
 from conveyor.pipe.schedule import ScheduleError
@@ -203,3 +204,27 @@ def test_a_decode_that_leaves_a_hole_in_the_cache_is_named():
         r"cache holds 3 positions of 'r0'",
     ):
         check_generation(2, 1, 1, _requests([3], [3]), scheduler=_DecodeOnePositionAhead)
+
+
+def test_the_command_prints_the_grid_of_a_layout(capsys):
+    assert main(["--stages", "2", "--micro-batches", "1", "--lanes", "1", "--prompts", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # 3 tokens: the prefill samples the first, two decodes the others (the length limit is known ahead:
+    # no extra step), then the stop item. Stage 1 runs each item and replies its token to stage 0.
+    want = """
+       0 |  P[1,2]       <0 P[1,2]
+       1 |  >1 P[1,2]    <0 h[1,2,8]
+       2 |  >1 h[1,2,8]  P[1,2]
+       3 |  <1 t[1]      >0 t[1]
+       4 |  D[1,1]       <0 D[1,1]
+       5 |  >1 D[1,1]    <0 h[1,1,8]
+       6 |  >1 h[1,1,8]  D[1,1]
+       7 |  <1 t[1]      >0 t[1]
+       8 |  D[1,1]       <0 D[1,1]
+       9 |  >1 D[1,1]    <0 h[1,1,8]
+      10 |  >1 h[1,1,8]  D[1,1]
+      11 |  <1 t[1]      >0 t[1]
+      12 |  >1 X         <0 X
+    """
+    assert [line.split() for line in out[2:-1]] == [line.split() for line in want.strip().splitlines()]
+    assert out[-1] == "ok: 1 requests, 26 events"

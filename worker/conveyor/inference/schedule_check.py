@@ -546,3 +546,40 @@ def check_generation(
     )
     validate(trace, requests, max_len, stop_at)
     return trace
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m conveyor.inference.schedule_check --stages 2 --prompts 3,9,2``: check one layout and
+    print its grid (what each rank sends, receives and runs, in order)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--micro-batches", type=int, default=2)
+    p.add_argument("--lanes", type=int, default=1, help="lanes per micro-batch")
+    p.add_argument("--prompts", default="3,5,2", help="prompt lengths, comma-separated")
+    p.add_argument("--max-new-tokens", type=int, default=3)
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
+    p.add_argument("--max-len", type=int, default=64, help="KV cache positions")
+    args = p.parse_args(argv)
+    lengths = [int(n) for n in args.prompts.split(",") if n]
+    requests = [Request(f"r{i}", [1] * n, args.max_new_tokens) for i, n in enumerate(lengths)]
+    try:
+        trace = check_generation(
+            args.stages,
+            args.micro_batches,
+            args.lanes,
+            requests,
+            prefill_chunk=args.prefill_chunk,
+            max_len=args.max_len,
+        )
+    except ScheduleError as err:
+        print(err)
+        return 1
+    print(trace.format_grid())
+    print(f"ok: {len(requests)} requests, {sum(len(e) for e in trace.events)} events")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
