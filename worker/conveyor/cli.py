@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--quantize", default="none", choices=["none", "int8"], help="int8: weight-only int8 block linears"
     )
+    gen.add_argument("--grace-seconds", type=float, default=10.0, help="SIGTERM -> SIGKILL delay on failure")
 
     crd = sub.add_parser("crd", help="print (or --write) the PipelineJob CRD generated from conveyor.spec")
     crd.add_argument("--write", action="store_true", help="write crds/ and the chart's copy")

