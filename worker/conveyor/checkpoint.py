@@ -142,6 +142,7 @@ def write_termination_message(
     completed: bool,
     last_checkpoint: Committed | dict[str, Any] | None = None,
     message: str | None = None,
+    cause: str | None = None,
 ) -> dict[str, Any]:
     """The JSON a worker leaves in CONVEYOR_TERMINATION_LOG (the operator reads it as the pod's
     termination message): ``{"completed": true, "lastCheckpoint": {"step": N, "time": ...}}``;
@@ -153,6 +154,8 @@ def write_termination_message(
         body["lastCheckpoint"] = last_checkpoint
     if message:
         body["message"] = message[-3000:]  # Kubernetes keeps at most 4096 bytes
+    if cause:
+        body["cause"] = cause[-800:]  # the failed rank's one line (failure.py), for `conveyor run` to print
     if path:
         Path(path).write_text(json.dumps(body))
     return body
