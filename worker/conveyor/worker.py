@@ -98,10 +98,10 @@ def preflight(pod: PodEnv) -> str | None:
 def committed_progress(pod: PodEnv) -> dict[str, Any] | None:
     """The newest committed progress on the job's volumes, as a termination message's lastCheckpoint:
     train, the checkpoint ``latest`` names; inference, the committed results of this pod's replica."""
-    from conveyor.checkpoint import latest, rfc3339
+    from conveyor.checkpoint import resume_point, rfc3339
 
     if pod.mode == Mode.TRAIN and pod.checkpoint_dir:
-        committed = latest(pod.checkpoint_dir)
+        committed = resume_point(pod.checkpoint_dir)  # where the restart will resume
         return committed.as_status() if committed else None
     inference = pod.spec.inference
     if pod.mode == Mode.INFERENCE and inference is not None:
