@@ -23,6 +23,8 @@ RECORD_ENV = textwrap.dedent(
     if int(os.environ["CONVEYOR_RESTART"]) >= int(os.environ.get("FAIL_RESTARTS", "1000")):
         fail = None  # this restart succeeds
     if fail == os.environ["RANK"]:
+        if os.environ.get("FAIL_RAISE"):
+            raise RuntimeError("boom on rank " + fail)
         sys.exit(7)
     if fail is not None:
         import time
@@ -101,6 +103,16 @@ def test_first_failure_stops_every_rank_and_sets_the_exit_code(tmp_path):
     assert result.returncode == 7, result.stdout + result.stderr
     assert time.monotonic() - started < 60  # the sleeping ranks were stopped, not waited for
     assert "failed" in result.stderr
+
+
+def test_a_failed_rank_s_cause_is_printed_once(tmp_path):
+    job = _job(tmp_path, stages=2, tensorParallel=2)
+    result = _run("run", str(job), "--grace-seconds", "2", env={"FAIL_RANK": "2", "FAIL_RAISE": "1"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    failures = [line for line in result.stderr.splitlines() if "PipelineJob envcheck failed" in line]
+    assert len(failures) == 1, result.stderr
+    assert failures[0].endswith("replica 0 stage 1 exited with 1: RuntimeError: boom on rank 2")
+    assert (result.stdout + result.stderr).count("Traceback") == 1  # the failed rank's own, no other
 
 
 def test_a_failed_group_restarts_as_the_operator_would(tmp_path):
