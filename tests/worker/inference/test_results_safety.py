@@ -134,6 +134,12 @@ def test_one_writer_at_a_time_and_a_killed_writer_leaves_no_lock(tmp_path: Path)
     ResultLog(out).lock()  # the kernel released it with the process
 
 
+def test_an_output_that_cannot_be_created_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")  # the rank's own check, whatever the pre-flight said
+    with pytest.raises(ResultsError, match="spec.inference.output: cannot create .* choose a writable path"):
+        ResultLog(tmp_path / "afile" / "sub" / "out.jsonl").lock()
+
+
 def _run(tmp: Path, spec: dict) -> subprocess.CompletedProcess[str]:
     doc = {
         "apiVersion": "conveyor.dev/v1alpha1",

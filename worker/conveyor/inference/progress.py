@@ -150,8 +150,13 @@ class ResultLog:
 
     def lock(self) -> None:
         """Take the output's exclusive lock for this process's lifetime, or refuse: another run writes it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.lock_path, "a+")  # noqa: SIM115 (held until the process ends or unlock())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.lock_path, "a+")  # noqa: SIM115 (held until the process ends or unlock())
+        except OSError as err:
+            raise ResultsError(
+                f"spec.inference.output: cannot create {self.lock_path} ({err.strerror}): choose a writable path"
+            ) from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
