@@ -133,13 +133,10 @@ def bench_hf(
 def rank_worker(cfg: dict[str, Any]) -> None:
     """One rank of our pipeline: time each batch size; rank 0 writes the numbers to cfg['out']."""
     from conveyor.distributed import destroy_distributed, init_distributed
-    from conveyor.inference.generate import (
-        Request,
-        SchedulerHooks,
-        micro_batch_layout,
-        prepare_rank,
-        run_generation,
-    )
+    from conveyor.inference import compile_cache
+    from conveyor.inference.cuda_graphs import CompiledStage, CompileOptions
+    from conveyor.inference.generate import Request, SchedulerHooks, micro_batch_layout, run_generation
+    from conveyor.inference.rank_builder import prepare_rank
     from conveyor.inference.sampling import SamplingParams
     from conveyor.topology import Layout, Topology
 
@@ -155,6 +152,10 @@ def rank_worker(cfg: dict[str, Any]) -> None:
         lanes=max(batches) * (cfg["stages"] if cfg.get("fill_stages") else 1) + cfg["stages"],
         max_len=plen + new,
     )
+    # each batch size below warms up with a short run of its own (the rank builder warms one size)
+    options = CompileOptions.from_env(info.device)
+    compile_cache.configure(compile_cache.DEFAULT_DIR)
+    CompiledStage.attach(model, options)
 
     def timed(
         reqs: list[Request], m: int, lanes: int, hooks: SchedulerHooks | None = None
@@ -194,6 +195,12 @@ def rank_worker(cfg: dict[str, Any]) -> None:
             t0, end = timed(reqs, m, lanes, hooks)
             return (max(first) - t0 if first else 0.0), end - (max(first) if first else t0)
 
+        CompiledStage.of(model).warm_up(
+            lanes,
+            compile_cache.TileChoices(compile_cache.DEFAULT_DIR, info.device)
+            if info.device.type == "cuda" and options.triton_kernels
+            else None,
+        )
         run(4)  # warm-up
         prefill, decode = run(new)
         step = decode / (new - 1)

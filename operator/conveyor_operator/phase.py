@@ -17,7 +17,7 @@ Any of them restarts the whole group after the backoff, until the job's ``backof
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -51,10 +51,7 @@ def split_pods(
     size: int,
     restart: int,
     template_hash: str,
-    same_template: Collection[str] = (),
 ) -> GroupPods:
-    """``same_template``: other hashes that name the same template (an earlier operator's hashing of this
-    spec), so an operator upgrade does not count its own pods as outdated."""
     current, previous, outdated = [], [], []
     for pod in pods:
         if pod.group != group or pod.deleting or pod.index >= size:
@@ -63,7 +60,7 @@ def split_pods(
             continue  # seen only in a watch event and gone: only a failure of this generation matters
         if pod.restart != restart:
             previous.append(pod)
-        elif pod.template_hash != template_hash and pod.template_hash not in same_template:
+        elif pod.template_hash != template_hash:
             outdated.append(pod)
         else:
             current.append(pod)

@@ -27,6 +27,7 @@ from conveyor.spec import (
     PipelineJobSpec,
     PipelineJobStatus,
     ResolvedSpec,
+    RestartPolicySpec,
     SpecError,
     parse_spec,
 )
@@ -35,6 +36,7 @@ from conveyor_operator import render
 from conveyor_operator.backoff import budget_left, restart_delay
 from conveyor_operator.observe import PodObservation, parse_time
 from conveyor_operator.phase import (
+    GroupPods,
     backoff_due,
     conditions,
     detect_failure,
@@ -116,22 +118,22 @@ def _old_status(raw: dict[str, Any]) -> PipelineJobStatus:
 
 def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
     """Shared tail: conditions, a transition Event, observedGeneration."""
-    st = plan.status
-    st.observed_generation = job.generation
+    status = plan.status
+    status.observed_generation = job.generation
     old = _old_status(job.status)
-    reason = st.reason or st.phase
-    st.conditions = conditions(
-        Phase(st.phase),
+    reason = status.reason or status.phase
+    status.conditions = conditions(
+        Phase(status.phase),
         reason=reason,
-        message=st.message or "",
+        message=status.message or "",
         generation=job.generation,
         previous=old.conditions,
         now=now,
-        stalled=st.reason in STALLED_REASONS,
+        stalled=status.reason in STALLED_REASONS,
     )
-    if old.phase != st.phase or not job.status:
-        kind = "Warning" if st.phase == Phase.FAILED else "Normal"
-        plan.events.append(Event(kind, str(st.phase), st.message or f"phase {st.phase}"))
+    if old.phase != status.phase or not job.status:
+        kind = "Warning" if status.phase == Phase.FAILED else "Normal"
+        plan.events.append(Event(kind, str(status.phase), status.message or f"phase {status.phase}"))
     return plan
 
 
@@ -169,40 +171,34 @@ def _release_stuck(plan: Plan, pods: list[PodObservation], now: datetime) -> Non
 def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exist: bool) -> Plan:
     old = _old_status(job.status)
     plan = Plan(status=old.model_copy(deep=True))
-    st = plan.status
-    st.start_time = st.start_time or format_time(now)
+    status = plan.status
+    status.start_time = status.start_time or format_time(now)
 
     try:
         spec = parse_spec(job.spec)
     except SpecError as err:
-        st.phase, st.reason, st.message = Phase.FAILED, "InvalidSpec", str(err)
+        status.phase, status.reason, status.message = Phase.FAILED, "InvalidSpec", str(err)
         return _finish(plan, job, now)
 
     ref = render.JobRef(job.name, job.namespace, job.uid)
     group_refs = render.groups(job.name, spec)
     restarts = {g.name: g.restarts for g in old.groups}
     checkpoints = {g.name: g.last_checkpoint for g in old.groups}
-    _describe(st, spec, job.name, render.template_hash(spec))
+    _describe(status, spec, job.name, render.template_hash(spec))
 
-    if st.phase in (Phase.SUCCEEDED, Phase.FAILED) and st.reason in TERMINAL_REASONS:
+    if status.phase in (Phase.SUCCEEDED, Phase.FAILED) and status.reason in TERMINAL_REASONS:
         return _finish(_plan_finished(plan, ref, spec, restarts, now, children_exist), job, now)
 
-    if old.layout and old.phase != Phase.SUSPENDED and not spec.suspend:
-        before = old.layout.split("x")[:2]
-        after = [str(spec.parallelism.stages), str(spec.parallelism.tensor_parallel)]
-        if before != after:
-            st.layout = old.layout
-            st.reason = "LayoutChangeRefused"
-            st.message = (
-                f"stages x tensorParallel changed from {'x'.join(before)} to {'x'.join(after)} while running: "
-                "set suspend: true first (the job resumes from its checkpoint with the new layout) or revert"
-            )
-            plan.events.append(Event("Warning", "LayoutChangeRefused", st.message))
-            return _finish(plan, job, now)
+    refused = _layout_change_refused(old, spec)
+    if refused is not None:
+        status.layout, status.reason, status.message = old.layout, "LayoutChangeRefused", refused
+        plan.events.append(Event("Warning", "LayoutChangeRefused", refused))
+        return _finish(plan, job, now)
 
     if spec.suspend:
-        st.phase, st.reason, st.message = Phase.SUSPENDED, "Suspended", "spec.suspend is true: pods stopped"
-        st.groups = [
+        status.phase, status.reason = Phase.SUSPENDED, "Suspended"
+        status.message = "spec.suspend is true: pods stopped"
+        status.groups = [
             GroupStatus(
                 name=g.name,
                 replica=g.replica,
@@ -212,19 +208,34 @@ def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exis
             )
             for g in group_refs
         ]
-        st.ready, st.ready_groups = f"0/{len(group_refs)}", 0
+        status.ready, status.ready_groups = f"0/{len(group_refs)}", 0
         plan.apply = render.build_all(ref, spec, restarts, running=False)
         return _finish(plan, job, now)
 
     return _finish(_plan_active(plan, old, ref, spec, group_refs, pods, now), job, now)
 
 
-def _describe(st: PipelineJobStatus, spec: PipelineJobSpec, name: str, template_hash: str) -> None:
-    st.layout = render.layout(spec)
-    st.replicas = spec.parallelism.replicas
-    st.selector = render.selector(name)
+def _layout_change_refused(old: PipelineJobStatus, spec: PipelineJobSpec) -> str | None:
+    """Why a running job's new stages x tensorParallel is refused, or None: ranks of one layout cannot
+    resume another's pipeline while they run (a suspended job may change it)."""
+    if not old.layout or old.phase == Phase.SUSPENDED or spec.suspend:
+        return None
+    before = old.layout.split("x")[:2]
+    after = [str(spec.parallelism.stages), str(spec.parallelism.tensor_parallel)]
+    if before == after:
+        return None
+    return (
+        f"stages x tensorParallel changed from {'x'.join(before)} to {'x'.join(after)} while running: "
+        "set suspend: true first (the job resumes from its checkpoint with the new layout) or revert"
+    )
+
+
+def _describe(status: PipelineJobStatus, spec: PipelineJobSpec, name: str, template_hash: str) -> None:
+    status.layout = render.layout(spec)
+    status.replicas = spec.parallelism.replicas
+    status.selector = render.selector(name)
     groups = render.groups(name, spec)
-    st.resolved = ResolvedSpec(
+    status.resolved = ResolvedSpec(
         gpus_per_pod=spec.gpus_per_pod,
         micro_batches=spec.parallelism.effective_micro_batches,
         pods_per_group=groups[0].pods if groups else spec.parallelism.stages,
@@ -240,8 +251,7 @@ def _plan_finished(
     now: datetime,
     children_exist: bool,
 ) -> Plan:
-    st = plan.status
-    done = parse_time(st.completion_time) or now
+    done = parse_time(plan.status.completion_time) or now
     ttl = spec.ttl_seconds_after_finished
     if ttl is not None and now >= done + timedelta(seconds=ttl):
         if children_exist:
@@ -265,118 +275,164 @@ def _plan_active(
     pods: list[PodObservation],
     now: datetime,
 ) -> Plan:
-    st = plan.status
-    policy = spec.restart_policy
-    thash = render.template_hash(spec)
-    legacy = {render.legacy_template_hash(spec)}
+    """Each group through failure, restart and its pods' state; one group rolled to a new template; then
+    the job's phase from its groups'."""
+    status = plan.status
+    template_hash = render.template_hash(spec)
     before = {g.name: g for g in old.groups}
-    st.last_checkpoint = job_checkpoint(old.last_checkpoint, pods)
-    st.reason = st.message = None
-    exhausted: str | None = None
+    status.last_checkpoint = job_checkpoint(old.last_checkpoint, pods)
+    status.reason = status.message = None
+    exhausted: str | None = None  # the last failure that found the backoffLimit spent
 
-    new_groups: list[GroupStatus] = []
-    split = {}
-    for g in group_refs:
-        prev = before.get(g.name)
-        gs = GroupStatus(name=g.name, replica=g.replica)
-        if prev is not None and prev.phase != Phase.SUSPENDED:
-            gs = prev.model_copy(deep=True)
-        elif prev is not None:
-            # Resuming: a fresh start with the same restart count and the progress known so far.
-            gs.restarts, gs.last_checkpoint = prev.restarts, prev.last_checkpoint
-        gs.start_time = gs.start_time or format_time(now)
-        gp = split_pods(pods, g.name, g.pods, gs.restarts, thash, same_template=legacy)
+    groups: list[GroupStatus] = []
+    members_of: dict[str, GroupPods] = {}
+    for group in group_refs:
+        previous = before.get(group.name)
+        group_status = _carried_over(previous, group, now)
+        members = split_pods(pods, group.name, group.pods, group_status.restarts, template_hash)
+        members_of[group.name] = members
         # A train job's one group is the job: the job's record (from an older status, too) is its own.
-        whole_job = st.last_checkpoint if g.replica is None else None
-        gs.last_checkpoint = group_checkpoint(g.name, [gs.last_checkpoint, gs.resumed_from, whole_job], pods)
-        split[g.name] = gp
-        if prev is not None and prev.phase == Phase.SUCCEEDED:
-            new_groups.append(gs)  # its work is committed: later noise from its pods changes nothing
-            continue
+        whole_job = status.last_checkpoint if group.replica is None else None
+        group_status.last_checkpoint = group_checkpoint(
+            group.name, [group_status.last_checkpoint, group_status.resumed_from, whole_job], pods
+        )
+        groups.append(group_status)
+        if previous is not None and previous.phase == Phase.SUCCEEDED:
+            continue  # its work is committed: later noise from its pods changes nothing
+        restarted, spent = _handle_failure(plan, group_status, members, group, spec.restart_policy, now)
+        exhausted = spent or exhausted
+        _observe_members(plan, group_status, members, group, spec, previous, restarted, now)
 
-        # The watermarks move on every reconcile, failure pending or not: an exit is accounted once.
-        container_failure, gs.container_restarts = account_group(gp.live, gs.container_restarts)
-        if gs.failure is None:
-            gs.failure = detect_failure(
-                gp,
-                g.pods,
-                start_time=parse_time(gs.start_time),
-                running_since=parse_time(gs.running_since),
-                members_since=parse_time(gs.members_since),
-                policy=policy,
-                now=now,
-                container_failure=container_failure,
-            )
-            if gs.failure is not None:
-                plan.events.append(
-                    Event("Warning", gs.failure.reason, f"group {g.name}: {gs.failure.message}")
-                )
-        restarted = False
-        if gs.failure is not None:
-            if not budget_left(policy, st.restarts):
-                exhausted = f"group {g.name}: {gs.failure.reason}: {gs.failure.message}"
-            else:
-                delay = restart_delay(policy, gs.restarts)
-                if backoff_due(gs.failure, delay, now):
-                    _restart_group(plan, gs, gp, st, policy.backoff_limit, now)
-                    restarted = True
-                else:
-                    due = parse_time(gs.failure.time)
-                    wait = delay - (now - due).total_seconds() if due else delay
-                    plan.requeue_after = min(plan.requeue_after or wait, wait)
-        else:
-            _delete(plan, gp.previous)
-
-        failing = restarted or gs.failure is not None
-        gs.phase = Phase.RESTARTING if failing else group_phase(gp, g.pods, failing=False)
-        if (
-            prev is not None
-            and prev.phase == Phase.RESTARTING
-            and gs.phase in (Phase.PENDING, Phase.STARTING)
-        ):
-            gs.phase = Phase.RESTARTING  # a restarted group is Restarting until it runs again
-        if gs.phase == Phase.RUNNING and gs.running_since is None:
-            gs.running_since = format_time(now)
-            created = [p.created for p in gp.live if p.created is not None]
-            gs.members_since = format_time(max(created)) if created else None
-        gs.pods = len(gp.live)
-        gs.ready_pods = sum(p.ready for p in gp.live)
-        for pod in gp.live:
-            wanted = render.pod_stage_labels(spec, g, pod.index)
-            if any(pod.labels.get(k) != v for k, v in wanted.items()):
-                plan.label_pods[pod.name] = wanted
-        new_groups.append(gs)
-
-    _roll_one_group(plan, new_groups, split, now)
+    _roll_one_group(plan, groups, members_of, now)
     desired = {g.name for g in group_refs}
     plan.delete_statefulsets = [g.name for g in old.groups if g.name not in desired]
-    st.groups = new_groups
-    ready = sum(g.phase in (Phase.RUNNING, Phase.SUCCEEDED) for g in new_groups)
-    st.ready, st.ready_groups = f"{ready}/{len(new_groups)}", ready
-    restarts = {g.name: g.restarts for g in new_groups}
+    status.groups = groups
+    _job_outcome(plan, spec, exhausted, now)
+    restarts = {g.name: g.restarts for g in groups}
+    finished = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
+    plan.apply = render.build_all(ref, spec, restarts, running=not finished)
+    return plan
 
+
+def _carried_over(previous: GroupStatus | None, group: render.GroupRef, now: datetime) -> GroupStatus:
+    """The group's status as the last reconcile left it; after a suspension a fresh start that keeps the
+    restart count and the progress known so far."""
+    group_status = GroupStatus(name=group.name, replica=group.replica)
+    if previous is not None and previous.phase != Phase.SUSPENDED:
+        group_status = previous.model_copy(deep=True)
+    elif previous is not None:
+        group_status.restarts, group_status.last_checkpoint = previous.restarts, previous.last_checkpoint
+    group_status.start_time = group_status.start_time or format_time(now)
+    return group_status
+
+
+def _handle_failure(
+    plan: Plan,
+    group_status: GroupStatus,
+    members: GroupPods,
+    group: render.GroupRef,
+    policy: RestartPolicySpec,
+    now: datetime,
+) -> tuple[bool, str | None]:
+    """Account the group's container exits, detect a failure, and restart the group once its backoff is
+    due. Returns (restarted by this plan, the failure if the backoffLimit is spent)."""
+    # The watermarks move on every reconcile, failure pending or not: an exit is accounted once.
+    container_failure, group_status.container_restarts = account_group(
+        members.live, group_status.container_restarts
+    )
+    if group_status.failure is None:
+        group_status.failure = detect_failure(
+            members,
+            group.pods,
+            start_time=parse_time(group_status.start_time),
+            running_since=parse_time(group_status.running_since),
+            members_since=parse_time(group_status.members_since),
+            policy=policy,
+            now=now,
+            container_failure=container_failure,
+        )
+        if group_status.failure is not None:
+            plan.events.append(
+                Event(
+                    "Warning",
+                    group_status.failure.reason,
+                    f"group {group.name}: {group_status.failure.message}",
+                )
+            )
+    failure = group_status.failure
+    if failure is None:
+        _delete(plan, members.previous)
+        return False, None
+    if not budget_left(policy, plan.status.restarts):
+        return False, f"group {group.name}: {failure.reason}: {failure.message}"
+    delay = restart_delay(policy, group_status.restarts)
+    if backoff_due(failure, delay, now):
+        _restart_group(plan, group_status, members, policy.backoff_limit, now)
+        return True, None
+    due = parse_time(failure.time)
+    wait = delay - (now - due).total_seconds() if due else delay
+    plan.requeue_after = min(plan.requeue_after or wait, wait)
+    return False, None
+
+
+def _observe_members(
+    plan: Plan,
+    group_status: GroupStatus,
+    members: GroupPods,
+    group: render.GroupRef,
+    spec: PipelineJobSpec,
+    previous: GroupStatus | None,
+    restarted: bool,
+    now: datetime,
+) -> None:
+    """The group's phase and pod counts from its members, and the stage labels they lack."""
+    failing = restarted or group_status.failure is not None
+    group_status.phase = Phase.RESTARTING if failing else group_phase(members, group.pods, failing=False)
+    if (
+        previous is not None
+        and previous.phase == Phase.RESTARTING
+        and group_status.phase in (Phase.PENDING, Phase.STARTING)
+    ):
+        group_status.phase = Phase.RESTARTING  # a restarted group is Restarting until it runs again
+    if group_status.phase == Phase.RUNNING and group_status.running_since is None:
+        group_status.running_since = format_time(now)
+        created = [p.created for p in members.live if p.created is not None]
+        group_status.members_since = format_time(max(created)) if created else None
+    group_status.pods = len(members.live)
+    group_status.ready_pods = sum(p.ready for p in members.live)
+    for pod in members.live:
+        wanted = render.pod_stage_labels(spec, group, pod.index)
+        if any(pod.labels.get(k) != v for k, v in wanted.items()):
+            plan.label_pods[pod.name] = wanted
+
+
+def _job_outcome(plan: Plan, spec: PipelineJobSpec, exhausted: str | None, now: datetime) -> None:
+    """The job's phase, reason and message from its groups' (status.groups), and what finishing means."""
+    status = plan.status
+    groups = status.groups
+    ready = sum(g.phase in (Phase.RUNNING, Phase.SUCCEEDED) for g in groups)
+    status.ready, status.ready_groups = f"{ready}/{len(groups)}", ready
     if exhausted is not None:
-        st.phase, st.reason = Phase.FAILED, "BackoffLimitExceeded"
-        st.message = f"backoffLimit ({policy.backoff_limit}) restarts spent; last failure: {exhausted}"
+        status.phase, status.reason = Phase.FAILED, "BackoffLimitExceeded"
+        status.message = (
+            f"backoffLimit ({spec.restart_policy.backoff_limit}) restarts spent; last failure: {exhausted}"
+        )
     else:
-        st.phase = job_phase([Phase(g.phase) for g in new_groups], completes=spec.mode != Mode.SERVE)
-        if st.phase == Phase.SUCCEEDED:
-            st.reason, st.message = "Completed", "every group finished its work"
-        elif st.phase == Phase.RESTARTING:
-            failed = [g.failure for g in new_groups if g.failure is not None]
-            st.reason = failed[0].reason if failed else "GroupRestarted"
-            restarting = sum(g.phase == Phase.RESTARTING for g in new_groups)
-            st.message = f"{restarting} of {len(new_groups)} groups restarting"
+        status.phase = job_phase([Phase(g.phase) for g in groups], completes=spec.mode != Mode.SERVE)
+        if status.phase == Phase.SUCCEEDED:
+            status.reason, status.message = "Completed", "every group finished its work"
+        elif status.phase == Phase.RESTARTING:
+            failed = [g.failure for g in groups if g.failure is not None]
+            status.reason = failed[0].reason if failed else "GroupRestarted"
+            restarting = sum(g.phase == Phase.RESTARTING for g in groups)
+            status.message = f"{restarting} of {len(groups)} groups restarting"
         else:
-            st.message = f"{ready} of {len(new_groups)} groups ready"
-    finished = st.phase in (Phase.SUCCEEDED, Phase.FAILED)
-    if finished:
-        st.completion_time = format_time(now)
+            status.message = f"{ready} of {len(groups)} groups ready"
+    if status.phase in (Phase.SUCCEEDED, Phase.FAILED):
+        status.completion_time = format_time(now)
         plan.delete_pods = []
         if spec.ttl_seconds_after_finished is not None:
             plan.requeue_after = float(max(1, spec.ttl_seconds_after_finished))
-    plan.apply = render.build_all(ref, spec, restarts, running=not finished)
-    return plan
 
 
 def _delete(plan: Plan, pods: list[PodObservation]) -> None:
@@ -387,35 +443,43 @@ def _delete(plan: Plan, pods: list[PodObservation]) -> None:
 
 
 def _restart_group(
-    plan: Plan, gs: GroupStatus, gp: Any, st: PipelineJobStatus, limit: int, now: datetime
+    plan: Plan, group_status: GroupStatus, members: GroupPods, limit: int, now: datetime
 ) -> None:
     """Replace every pod of the group at once with CONVEYOR_RESTART + 1: all ranks rendezvous again and
     resume from the latest committed checkpoint."""
-    failure = gs.failure
+    failure = group_status.failure
     assert failure is not None
-    gs.restarts += 1
-    st.restarts += 1
-    gs.failure = None
-    gs.start_time, gs.running_since, gs.members_since = format_time(now), None, None
-    gs.resumed_from = gs.last_checkpoint
-    gs.container_restarts = []  # the new generation's pods start counting from 0
-    _delete(plan, gp.current + gp.previous + gp.outdated)
-    plan.restarts.append(gs.name)
+    job_status = plan.status
+    group_status.restarts += 1
+    job_status.restarts += 1
+    group_status.failure = None
+    group_status.start_time, group_status.running_since, group_status.members_since = (
+        format_time(now),
+        None,
+        None,
+    )
+    group_status.resumed_from = group_status.last_checkpoint
+    group_status.container_restarts = []  # the new generation's pods start counting from 0
+    _delete(plan, members.current + members.previous + members.outdated)
+    plan.restarts.append(group_status.name)
     plan.events.append(
         Event(
             "Warning",
             "GroupRestarted",
-            f"group {gs.name} restart {gs.restarts} (job restarts {st.restarts}/{limit}) after {failure.reason}: "
-            f"{failure.message}; resuming from {describe_resume(gs.last_checkpoint)}",
+            f"group {group_status.name} restart {group_status.restarts} (job restarts "
+            f"{job_status.restarts}/{limit}) after {failure.reason}: {failure.message}; "
+            f"resuming from {describe_resume(group_status.last_checkpoint)}",
         )
     )
 
 
-def _roll_one_group(plan: Plan, groups: list[GroupStatus], split: dict[str, Any], now: datetime) -> None:
+def _roll_one_group(
+    plan: Plan, groups: list[GroupStatus], members_of: dict[str, GroupPods], now: datetime
+) -> None:
     """A spec change that keeps the layout: replace one group's outdated pods, and only while every other
     group is ready, so a serve job keeps serving."""
     candidates = [
-        g for g in groups if split[g.name].outdated and g.failure is None and g.phase != Phase.RESTARTING
+        g for g in groups if members_of[g.name].outdated and g.failure is None and g.phase != Phase.RESTARTING
     ]
     if not candidates:
         return
@@ -425,7 +489,7 @@ def _roll_one_group(plan: Plan, groups: list[GroupStatus], split: dict[str, Any]
     if not others_ready:
         return
     target = candidates[0]
-    _delete(plan, split[target.name].outdated)
+    _delete(plan, members_of[target.name].outdated)
     target.start_time, target.running_since, target.members_since = format_time(now), None, None
     target.phase = Phase.STARTING
     plan.events.append(

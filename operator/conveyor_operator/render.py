@@ -144,19 +144,6 @@ def template_hash(spec: PipelineJobSpec) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def legacy_template_hash(spec: PipelineJobSpec) -> str:
-    """The hash operators up to 0.1 put on pods (every field, defaults included). Pods that carry it for
-    the current spec run exactly this spec, so the first upgrade to revision hashes does not roll them.
-    Remove once no 0.1 operator's pods can remain (they are replaced at each group's next restart)."""
-    old_worker = spec.model_copy(
-        update={"suspend": False, "ttl_seconds_after_finished": None, "restart_policy": RestartPolicySpec()}
-    )
-    worker = old_worker.model_dump(mode="json", by_alias=True)
-    if spec.mode == Mode.SERVE:
-        worker["parallelism"].pop("replicas")
-    return hashlib.sha256(json.dumps(worker, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def master_addr(job: JobRef, group: GroupRef) -> str:
     """Rendezvous: ordinal 0 of the group, through the headless Service."""
     return f"{group.name}-0.{job.name}.{job.namespace}.svc"
@@ -184,6 +171,14 @@ def _volumes(spec: PipelineJobSpec) -> tuple[list[dict[str, Any]], list[dict[str
             {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.volume, "readOnly": True}}
         )
         mounts.append({"name": "model", "mountPath": spec.model.mount_path, "readOnly": True})
+    if spec.cache is not None:
+        source = (
+            {"persistentVolumeClaim": {"claimName": spec.cache.volume}}
+            if spec.cache.volume
+            else {"emptyDir": {}}
+        )
+        volumes.append({"name": "compile-cache", **source})
+        mounts.append({"name": "compile-cache", "mountPath": spec.cache.path})
     return volumes + list(spec.template.volumes), mounts + list(spec.template.volume_mounts)
 
 
@@ -210,6 +205,7 @@ def _env(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int) -> l
         master_port=spec.master_port,
         restart=restart,
         checkpoint_dir=spec.checkpoint.path if spec.checkpoint is not None else None,
+        compile_cache=spec.cache.path if spec.cache is not None else None,
     )
     env: list[dict[str, Any]] = []
     for key, value in values.items():

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.charts.helm import CACHE, CHART, ROOT, helm
+from tests.charts.conftest import of_kind, one
+from tests.charts.helm import CACHE, CHART, ROOT
 
 GITOPS = ROOT / "deploy" / "gitops"
 HEALTH_LUA = GITOPS / "argocd" / "pipelinejob-health.lua"
@@ -38,10 +39,14 @@ def test_argocd_and_flux_point_at_the_chart():
 
 
 @pytest.mark.parametrize("tool", ["argocd", "flux"])
-def test_gitops_values_render(helm_bin, tool, tmp_path):
+def test_gitops_values_reach_the_rendered_chart(render, tool, tmp_path):
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump(_release_values()[tool]))
-    helm(helm_bin, "template", "conveyor", str(CHART), "--values", str(values))
+    manifests = render(values)
+    # The releases run two operator pods (leader election) and scrape both the operator and the workers.
+    assert one(manifests, "Deployment")["spec"]["replicas"] == 2
+    assert len(of_kind(manifests, "ServiceMonitor")) == 1 and len(of_kind(manifests, "PodMonitor")) == 1
+    assert of_kind(render(), "ServiceMonitor") == [], "the default values must differ from the releases'"
 
 
 def test_argocd_cm_patch_carries_the_same_lua():

@@ -3,7 +3,6 @@ its greedy tokens equal single-process HF `generate` on the same tiny random Lla
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -20,15 +19,6 @@ MAX_NEW_TOKENS = 8
 
 @pytest.mark.integration
 def test_tiny_cpu_inference_example_matches_hf_generate(tmp_path):
-    for module in ("conveyor.launcher", "conveyor.inference.job"):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:  # its parent package is missing
-            found = False
-        if not found:
-            pytest.skip(
-                f"{module} is not in this checkout yet (the launcher and inference engine land separately)"
-            )
     import torch
     from transformers import AutoModelForCausalLM
 

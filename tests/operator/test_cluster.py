@@ -169,8 +169,8 @@ def test_operator_creates_objects_and_restarts_a_failed_group(
         "tr-1", ns, {"status": {"phase": "Failed", "reason": "Evicted", "message": "test: node pressure"}}
     )
     eventually(lambda: job()["status"].get("restarts") == 1, what="restarts == 1")
-    st = job()["status"]
-    assert st["groups"][0]["restarts"] == 1
+    status = job()["status"]
+    assert status["groups"][0]["restarts"] == 1
     eventually(
         lambda: (
             len(pods()) == 2

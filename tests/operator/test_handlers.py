@@ -15,6 +15,11 @@ from tests.operator.fake_cluster import FakeCluster
 NS = "ml"
 
 
+def sample(name: str, **labels: str) -> float:
+    """A metric's value as the operator's /metrics endpoint reports it (0 before its first change)."""
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: Any, **__: Any) -> None:
@@ -68,12 +73,12 @@ def test_create_see_objects_fail_a_pod_and_see_the_group_restarted(cluster: Fake
     assert cluster.status_writes == writes  # nothing changed: no write
 
     fail(cluster.pod(NS, "llm-r1-0"))
-    restarts_before = metrics.GROUP_RESTARTS.labels(namespace=NS, job="llm")._value.get()
+    restarts_before = sample("conveyor_operator_group_restarts_total", namespace=NS, job="llm")
     run(cluster, "llm", 10)
     assert sorted(cluster.deleted_pods) == ["llm-r1-0", "llm-r1-1"]
-    st = status(cluster)
-    assert st["phase"] == "Restarting" and st["restarts"] == 1
-    assert [g["restarts"] for g in st["groups"]] == [0, 1]
+    job_status = status(cluster)
+    assert job_status["phase"] == "Restarting" and job_status["restarts"] == 1
+    assert [g["restarts"] for g in job_status["groups"]] == [0, 1]
     recreated = cluster.pod(NS, "llm-r1-0")["metadata"]["annotations"]["conveyor.dev/restart"]
     assert recreated == "1"
     sts_env = cluster.objects[("StatefulSet", NS, "llm-r1")]["spec"]["template"]["spec"]["containers"][0][
@@ -82,7 +87,7 @@ def test_create_see_objects_fail_a_pod_and_see_the_group_restarted(cluster: Fake
     assert {"name": "CONVEYOR_RESTART", "value": "1"} in sts_env
     reasons = [e[1] for e in cluster.events]
     assert reasons[:4] == ["Pending", "Running", "ContainerRestarted", "GroupRestarted"]
-    assert metrics.GROUP_RESTARTS.labels(namespace=NS, job="llm")._value.get() == restarts_before + 1
+    assert sample("conveyor_operator_group_restarts_total", namespace=NS, job="llm") == restarts_before + 1
 
     cluster.set_ready(NS, "llm-r1")
     run(cluster, "llm", 20)
@@ -102,8 +107,8 @@ def test_train_job_completes_and_its_pods_stop(cluster: FakeCluster) -> None:
     for name in ("t-0", "t-1"):
         complete(cluster.pod(NS, name), step=100)
     run(cluster, "t", 10)
-    st = status(cluster, "t")
-    assert st["phase"] == "Succeeded" and st["lastCheckpoint"]["step"] == 100
+    job_status = status(cluster, "t")
+    assert job_status["phase"] == "Succeeded" and job_status["lastCheckpoint"]["step"] == 100
     assert cluster.objects[("StatefulSet", NS, "t")]["spec"]["replicas"] == 0
     assert cluster.pods == {}  # the fake controller scaled the StatefulSet down
 
@@ -135,10 +140,10 @@ def test_errors_are_counted_and_raised(cluster: FakeCluster, monkeypatch: pytest
         raise RuntimeError("apply refused")
 
     monkeypatch.setattr(cluster, "apply", broken)
-    before = metrics.RECONCILES.labels(result="error")._value.get()
+    before = sample("conveyor_operator_reconciles_total", result="error")
     with pytest.raises(RuntimeError, match="apply refused"):
         run(cluster, "llm", 0)
-    assert metrics.RECONCILES.labels(result="error")._value.get() == before + 1
+    assert sample("conveyor_operator_reconciles_total", result="error") == before + 1
 
 
 def test_status_patch_clears_fields_that_became_empty(cluster: FakeCluster) -> None:
@@ -151,11 +156,11 @@ def test_status_patch_clears_fields_that_became_empty(cluster: FakeCluster) -> N
 def test_metrics_endpoint_text() -> None:
     from prometheus_client import generate_latest
 
-    before = metrics.JOBS.labels(phase="Suspended")._value.get()
+    before = sample("conveyor_operator_jobs", phase="Suspended")
     metrics.record_phase("m", "a", "Suspended")
     metrics.record_phase("m", "b", "Suspended")
     metrics.record_phase("m", "b", None)
-    assert metrics.JOBS.labels(phase="Suspended")._value.get() == before + 1
+    assert sample("conveyor_operator_jobs", phase="Suspended") == before + 1
     text = generate_latest(metrics.REGISTRY).decode()
     assert 'conveyor_operator_jobs{phase="Suspended"}' in text
     assert "conveyor_operator_reconcile_duration_seconds_bucket" in text
@@ -202,6 +207,6 @@ def test_a_failed_pod_already_replaced_by_the_statefulset_still_restarts_its_gro
     cluster.clock = 1
     cluster._sync_statefulset(cluster.objects[("StatefulSet", NS, "llm-r0")])
     handlers.on_pod_event(body=failed, labels={"conveyor.dev/job": "llm"}, namespace=NS)
-    st = status(cluster)
-    assert st["restarts"] == 1 and "PodEvicted" in [e[1] for e in cluster.events]
+    job_status = status(cluster)
+    assert job_status["restarts"] == 1 and "PodEvicted" in [e[1] for e in cluster.events]
     assert cluster.pod(NS, "llm-r0-0")["metadata"]["annotations"]["conveyor.dev/restart"] == "1"

@@ -21,8 +21,8 @@ def _pods(restart: int = 0, ready: bool = True, created: float = 0):  # type: ig
 
 def _split(raw, restart: int = 0):  # type: ignore[no-untyped-def]
     """Group llm-r0 (3 stages) as the phase machine sees it, against the template hash of the spec."""
-    thash = _pods()[0]["metadata"]["annotations"]["conveyor.dev/template-hash"]
-    return split_pods([observe_pod(p) for p in raw], "llm-r0", 3, restart, thash)
+    template_hash = _pods()[0]["metadata"]["annotations"]["conveyor.dev/template-hash"]
+    return split_pods([observe_pod(p) for p in raw], "llm-r0", 3, restart, template_hash)
 
 
 def test_observe_reads_completion_and_checkpoint_from_the_termination_message() -> None:
@@ -55,12 +55,12 @@ def test_split_sorts_pods_by_generation() -> None:
     pods = _pods()
     old = _pods(restart=0)[0]
     old["metadata"]["annotations"]["conveyor.dev/template-hash"] = "stale"
-    gp = _split(pods[1:] + [old])
-    assert [p.name for p in gp.current] == ["llm-r0-1", "llm-r0-2"] and [p.name for p in gp.outdated] == [
-        "llm-r0-0"
-    ]
-    gp = _split(pods, restart=1)
-    assert len(gp.previous) == 3 and gp.current == []
+    members = _split(pods[1:] + [old])
+    assert [p.name for p in members.current] == ["llm-r0-1", "llm-r0-2"] and [
+        p.name for p in members.outdated
+    ] == ["llm-r0-0"]
+    members = _split(pods, restart=1)
+    assert len(members.previous) == 3 and members.current == []
 
 
 @pytest.mark.parametrize(

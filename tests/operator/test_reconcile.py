@@ -58,10 +58,10 @@ def test_create_applies_children_and_sets_status_at_once() -> None:
     kinds = [(o["kind"], o["metadata"]["name"]) for o in plan.apply]
     assert kinds == [("Service", "llm"), ("StatefulSet", "llm-r0"), ("StatefulSet", "llm-r1")]
     assert sts_replicas(plan) == {"llm-r0": 2, "llm-r1": 2}
-    st = body["status"]
-    assert st["phase"] == "Pending" and st["layout"] == "2x1x2" and st["ready"] == "0/2"
-    assert st["observedGeneration"] == 1 and st["selector"] == "conveyor.dev/job=llm"
-    assert st["resolved"]["gpusPerPod"] == 1 and st["resolved"]["microBatches"] == 2
+    status = body["status"]
+    assert status["phase"] == "Pending" and status["layout"] == "2x1x2" and status["ready"] == "0/2"
+    assert status["observedGeneration"] == 1 and status["selector"] == "conveyor.dev/job=llm"
+    assert status["resolved"]["gpusPerPod"] == 1 and status["resolved"]["microBatches"] == 2
     assert condition(body, "Ready")["status"] == "False"
     assert condition(body, "Reconciling")["status"] == "True"
     assert reasons(plan) == ["Pending"]
@@ -171,9 +171,9 @@ def test_backoff_limit_fails_the_job_and_stops_pods() -> None:
     fresh = group_pods(body, 0, restart=1, created=3)
     step(body, fresh, 4)
     plan = step(body, [evict(fresh[0]), fresh[1]], 5)
-    st = body["status"]
-    assert st["phase"] == "Failed" and st["reason"] == "BackoffLimitExceeded"
-    assert "PodEvicted" in st["message"] and st["completionTime"]
+    status = body["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "BackoffLimitExceeded"
+    assert "PodEvicted" in status["message"] and status["completionTime"]
     assert condition(body, "Stalled")["status"] == "True" and condition(body, "Ready")["status"] == "False"
     assert sts_replicas(plan) == {"llm-r0": 0} and plan.delete_pods == []
     assert any(e.type == "Warning" and e.reason == "Failed" for e in plan.events)
@@ -199,8 +199,8 @@ def test_completion_succeeds_stops_pods_and_cleans_after_ttl() -> None:
     assert body["status"]["phase"] == "Running"  # replica 1 still works
     assert body["status"]["lastCheckpoint"]["step"] == 40
     plan = step(body, [complete(p, step=40) for p in pods], 60)
-    st = body["status"]
-    assert st["phase"] == "Succeeded" and st["reason"] == "Completed" and st["completionTime"]
+    status = body["status"]
+    assert status["phase"] == "Succeeded" and status["reason"] == "Completed" and status["completionTime"]
     assert sts_replicas(plan) == {"llm-r0": 0, "llm-r1": 0}
     assert condition(body, "Ready")["status"] == "True"
     assert not step(body, [], 300).delete_children
@@ -318,9 +318,9 @@ def test_serve_scaling_does_not_roll_existing_groups() -> None:
 def test_invalid_spec_is_reported_not_applied_and_recovers() -> None:
     body = job_body(inference_spec(parallelism={"stages": 0}))
     plan = step(body, [], 0)
-    st = body["status"]
-    assert plan.apply == [] and st["phase"] == "Failed" and st["reason"] == "InvalidSpec"
-    assert "spec.parallelism.stages" in st["message"]
+    status = body["status"]
+    assert plan.apply == [] and status["phase"] == "Failed" and status["reason"] == "InvalidSpec"
+    assert "spec.parallelism.stages" in status["message"]
     body["spec"]["parallelism"]["stages"] = 2
     step(body, [], 10)
     assert body["status"]["phase"] == "Pending"

@@ -175,3 +175,32 @@ def test_pdb_and_serve_service_only_for_serve() -> None:
     serve = render.build_all(JOB, parse_spec(serve_spec(replicas=3)), {}, running=True)
     assert [o["kind"] for o in serve][:3] == ["Service", "Service", "PodDisruptionBudget"]
     assert render.build_pdb(JOB, parse_spec(serve_spec(replicas=1))) is None
+
+
+@pytest.mark.parametrize(
+    ("cache", "source"),
+    [
+        ({"volume": "compile-cache-pvc"}, {"persistentVolumeClaim": {"claimName": "compile-cache-pvc"}}),
+        ({"path": "/cache"}, {"emptyDir": {}}),
+    ],
+    ids=["shared-volume", "empty-dir"],
+)
+def test_the_compile_cache_is_mounted_and_named_to_the_worker(
+    cache: dict[str, Any], source: dict[str, Any]
+) -> None:
+    """spec.cache: every pod of every replica mounts the same cache and its worker is told where it is,
+    so a second replica or a restarted group finds the first one's compiled kernels."""
+    spec = parse_spec(inference_spec(stages=2, replicas=2, cache=cache))
+    path = spec.cache.path if spec.cache is not None else ""
+    for sts in render.build_statefulsets(JOB, spec, {}, running=True):
+        pod = sts["spec"]["template"]["spec"]
+        assert {"name": "compile-cache", **source} in pod["volumes"]
+        assert {"name": "compile-cache", "mountPath": path} in pod["containers"][0]["volumeMounts"]
+        assert PodEnv.from_environ(_environ(sts, 1)).compile_cache == path
+
+
+def test_without_a_cache_spec_no_cache_volume_and_the_worker_uses_its_own_disk() -> None:
+    spec = parse_spec(inference_spec())
+    sts = render.build_statefulsets(JOB, spec, {}, running=True)[0]
+    assert all(v["name"] != "compile-cache" for v in sts["spec"]["template"]["spec"]["volumes"])
+    assert PodEnv.from_environ(_environ(sts, 0)).compile_cache is None

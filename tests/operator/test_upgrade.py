@@ -5,8 +5,7 @@
 - a release that adds a field with a default (simulated by subclassing the models) renders the same
   pods, and its pods' spec still parses with the older worker's models (image skew);
 - a value set equal to its default renders like an omitted one, which is what keeps templates stable
-  under the API server's schema defaulting (it writes every default into the stored object);
-- pods rendered by the operator before revision hashes are current, not outdated.
+  under the API server's schema defaulting (it writes every default into the stored object).
 """
 
 from __future__ import annotations
@@ -215,32 +214,6 @@ def test_the_default_image_is_not_in_the_worker_spec_but_the_container_image_is_
     assert env_a.pop("CONVEYOR_TEMPLATE_HASH") == render.template_hash(a)
     assert env_b.pop("CONVEYOR_TEMPLATE_HASH") == render.template_hash(b)
     assert env_a == env_b
-
-
-# ---- the first upgrade to revision hashes: pods of the older operator are current ----
-
-
-def _with_hash(pods: list[dict[str, Any]], value: str) -> list[dict[str, Any]]:
-    for pod in pods:
-        pod["metadata"]["annotations"][render.TEMPLATE_HASH_ANNOTATION] = value
-    return pods
-
-
-def test_pods_of_the_previous_operator_are_not_rolled() -> None:
-    body = job_body(serve_spec(replicas=2))
-    step(body, [], 0)
-    spec = parse_spec(body["spec"])
-    legacy = render.legacy_template_hash(spec)
-    assert legacy != render.template_hash(spec)
-    pods = _with_hash(group_pods(body, 0) + group_pods(body, 1), legacy)
-    for t in (5, 10, 60):
-        plan = step(body, pods, t)
-        assert plan.delete_pods == [] and "GroupRolled" not in reasons(plan)
-    assert body["status"]["phase"] == "Running"
-    # A real change still rolls them (one group at a time).
-    body["spec"] = serve_spec(replicas=2, image="registry.local/conveyor:2")
-    plan = step(body, pods, 70)
-    assert sorted(plan.delete_pods) == ["llm-r0-0", "llm-r0-1"] and "GroupRolled" in reasons(plan)
 
 
 def test_an_operator_upgrade_that_adds_a_field_rolls_no_running_job(monkeypatch: pytest.MonkeyPatch) -> None:

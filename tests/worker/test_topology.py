@@ -23,8 +23,6 @@ def test_neighbours_without_process_group():
     topo = Topology(Layout(replicas=2, stages=3, tensor_parallel=2), rank=9, world_size=12)
     assert (topo.replica, topo.stage, topo.tp_rank) == (1, 1, 1)
     assert (topo.prev_rank, topo.next_rank) == (7, 11)
-    assert topo.data_peers == [3, 9]
-    assert topo.tensor_peers == [8, 9]
     assert not topo.is_first_stage and not topo.is_last_stage
 
 

@@ -51,6 +51,8 @@ class PodEnv:
     checkpoint_dir: str | None
     spec: PipelineJobSpec
     template_hash: str | None = None  # the operator's hash of the pod template (CONVEYOR_TEMPLATE_HASH)
+    # the persistent compile cache (CONVEYOR_COMPILE_CACHE: spec.cache's mount); None: ~/.cache/conveyor
+    compile_cache: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> PodEnv:
@@ -107,6 +109,7 @@ class PodEnv:
             checkpoint_dir=env.get("CONVEYOR_CHECKPOINT_DIR") or None,
             spec=spec,
             template_hash=env.get("CONVEYOR_TEMPLATE_HASH") or None,
+            compile_cache=env.get("CONVEYOR_COMPILE_CACHE") or None,
         )
 
     @property
@@ -154,6 +157,7 @@ def pod_environ(
     master_port: int,
     restart: int = 0,
     checkpoint_dir: str | None = None,
+    compile_cache: str | None = None,
 ) -> dict[str, str]:
     """The CONVEYOR_* variables of one pod, as the operator sets them (``conveyor run`` uses this too).
 
@@ -178,4 +182,6 @@ def pod_environ(
     }
     if checkpoint_dir:
         env["CONVEYOR_CHECKPOINT_DIR"] = checkpoint_dir
+    if compile_cache:
+        env["CONVEYOR_COMPILE_CACHE"] = compile_cache
     return env

@@ -57,6 +57,16 @@ LAST_CHECKPOINT_STEP = Gauge(
 LAST_CHECKPOINT_TIME = Gauge(
     "conveyor_last_checkpoint_timestamp_seconds", "Unix time of the last committed checkpoint.", ["job"]
 )
+WARMUP_SECONDS = Gauge(
+    "conveyor_warmup_seconds",
+    "Start-up time by phase (load, tune, compile, capture), until the rank is ready.",
+    ["job", "phase"],
+)
+COMPILES = Counter(
+    "conveyor_compiles",
+    "Graphs compiled and CUDA graphs captured (when: warm_up, or late: after warm-up, which should be 0).",
+    ["job", "what", "when"],
+)
 
 
 class Readiness:

@@ -140,6 +140,17 @@ class CheckpointSpec(_Spec):
     keep: int = Field(3, ge=1, le=100, description="Committed checkpoints kept; older ones are deleted.")
 
 
+class CacheSpec(_Spec):
+    """The compile cache (inductor's and Triton's kernels, the matmul tile choices): what warm-up makes,
+    kept so that a restarted group, another replica or the next job starts warm."""
+
+    volume: str | None = Field(
+        None,
+        description="PersistentVolumeClaim shared by the job's replicas (ReadWriteMany); none: an emptyDir per pod.",
+    )
+    path: str = Field("/var/cache/conveyor", min_length=1, description="Cache directory inside the worker.")
+
+
 class RestartPolicySpec(_Spec):
     backoff_limit: int = Field(3, ge=0, le=1000, description="Group restarts before the job is Failed.")
     backoff_seconds: int = Field(10, ge=0, description="Delay before the first restart; doubles each time.")
@@ -206,6 +217,9 @@ class PipelineJobSpec(_Spec):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     template: TemplateSpec = Field(default_factory=TemplateSpec)
     checkpoint: CheckpointSpec | None = None
+    cache: CacheSpec | None = Field(
+        None, description="The compile cache volume; none: the worker's own disk."
+    )
     restart_policy: RestartPolicySpec = Field(default_factory=RestartPolicySpec)
     suspend: bool = Field(False, description="Stop the pods and keep state; resuming continues (Kueue).")
     ttl_seconds_after_finished: int | None = Field(

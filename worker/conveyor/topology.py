@@ -9,7 +9,6 @@ creates the groups.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch.distributed as dist
 
@@ -144,14 +143,6 @@ class Topology:
     @property
     def next_rank(self) -> int | None:
         return None if self.is_last_stage else self.stage_rank(self.stage + 1)
-
-    @cached_property
-    def data_peers(self) -> list[int]:
-        return [self.layout.rank(r, self.stage, self.tp_rank) for r in range(self.layout.replicas)]
-
-    @cached_property
-    def tensor_peers(self) -> list[int]:
-        return [self.layout.rank(self.replica, self.stage, t) for t in range(self.layout.tensor_parallel)]
 
     def __repr__(self) -> str:
         c = self.coord

@@ -102,18 +102,25 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
     torch.manual_seed(0)
     out = []
     d = 64
-    for n, heads, kv_heads, kv_len, start, window, programs, idle in [
-        (2, 4, 2, 100, 1, None, 40, False),  # GQA, two splits
-        (1, 8, 8, 300, 0, None, 40, False),  # five splits, the last one short
-        (3, 6, 2, 70, 2, 16, 40, False),  # sliding window: whole blocks masked out
-        (2, 8, 8, 129, 0, None, 1, True),  # one split: written directly, no combine
-        (2, 4, 4, 300, 0, None, 1, False),  # one split of five blocks: the three-stage pipeline
+    for n, heads, kv_heads, kv_len, start, window, programs, idle, short in [
+        (2, 4, 2, 100, 1, None, 40, False, False),  # GQA, two splits
+        (1, 8, 8, 300, 0, None, 40, False, False),  # five splits, the last one short
+        (3, 6, 2, 70, 2, 16, 40, False, False),  # sliding window: whole blocks masked out
+        (2, 8, 8, 129, 0, None, 1, True, False),  # one split: written directly, no combine
+        (2, 4, 4, 300, 0, None, 1, False, False),  # one split of five blocks: the three-stage pipeline
+        # contexts far below kv_len (a captured step reads the whole cache's length): the splits past
+        # a query's position end at once, and lanes in any order
+        (3, 4, 2, 300, 1, None, 40, False, True),
     ]:
         q = torch.randn(n, heads, 1, d, dtype=dtype, device=device)
         k_cache = torch.randn(start + n + 1, kv_heads, kv_len + 20, d, dtype=dtype, device=device)
         v_cache = torch.randn_like(k_cache)
         positions = torch.randint(kv_len // 2, kv_len, (n,), device=device)
         positions[0] = kv_len - 1
+        lanes = torch.arange(start, start + n, device=device)
+        if short:
+            positions = torch.tensor([0, 40, 70][:n], device=device)
+            lanes = lanes.flip(0)
         if idle:  # an idle lane sits at the scratch slot, past kv_len: it sees all of [0, kv_len)
             positions[-1] = kv_len + 10
         keys = torch.arange(kv_len, device=device)
@@ -122,8 +129,8 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
             mask &= keys[None, :] > positions[:, None] - window
         mask = mask[:, None, None, :]
         scale = 1 / math.sqrt(d)
-        k = k_cache[start : start + n, :, :kv_len].double()
-        v = v_cache[start : start + n, :, :kv_len].double()
+        k = k_cache[lanes, :, :kv_len].double()
+        v = v_cache[lanes, :, :kv_len].double()
         ref = F.scaled_dot_product_attention(
             q.double(), k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
         )
@@ -131,12 +138,12 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         # kernel that reads them (and multiplies by a zero probability) returns NaN.
         hidden = ~mask[:, 0, 0, :, None]  # [n, kv_len, 1]
         for cache in (k_cache, v_cache):
-            lanes = cache[start : start + n, :, :kv_len]  # [n, kv_heads, kv_len, d]
-            lanes.masked_fill_(hidden[:, None], float("nan"))
+            seen = cache[lanes, :, :kv_len]  # [n, kv_heads, kv_len, d]
+            cache[lanes, :, :kv_len] = seen.masked_fill(hidden[:, None], float("nan"))
         saved, da.TARGET_PROGRAMS = da.TARGET_PROGRAMS, programs
         try:
             got = da.decode_attention(
-                q, k_cache, v_cache, positions[:, None], start, kv_len, window or 0, scale
+                q, k_cache, v_cache, positions[:, None], lanes, kv_len, window or 0, scale
             ).double()
             splits, blocks_per_split = da.split_keys(n, kv_heads, kv_len)
         finally:

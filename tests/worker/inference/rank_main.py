@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 from conveyor.distributed import destroy_distributed, init_distributed
-from conveyor.inference.generate import Request, prepare_rank
+from conveyor.inference.cuda_graphs import EAGER
+from conveyor.inference.generate import Request
+from conveyor.inference.rank_builder import build_generation_rank
 from conveyor.inference.sampling import SamplingParams
 from conveyor.topology import Layout, Topology
 
@@ -27,9 +29,17 @@ def main(path: str) -> None:
     topo = Topology(Layout(1, case["stages"], case["tensor_parallel"]))
     results: dict[str, dict[str, list[list[int]]]] = {}
     for family, model_dir in case["models"].items():
-        model, peers = prepare_rank(
-            model_dir, topo, dtype=torch.float32, device=info.device, lanes=case["lanes"], max_len=48
+        rank = build_generation_rank(
+            model_dir,
+            topo,
+            dtype=torch.float32,
+            device=info.device,
+            micro_batches=case["micro_batches"],
+            lanes_per_micro_batch=case["lanes"] // case["micro_batches"],
+            max_len=48,
+            options=EAGER,
         )
+        model, peers = rank.model, rank.peers
         for name, fields in case["samplings"].items():
             params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
             requests = [Request(i, p, case["max_new_tokens"]) for i, p in enumerate(case["prompts"])]

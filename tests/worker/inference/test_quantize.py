@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conveyor.inference.generate import Request, prepare_rank
+from conveyor.inference.generate import Request
 from conveyor.inference.loader import load_stage
 from conveyor.inference.quantize import (
     Int8Linear,
@@ -23,6 +23,7 @@ from conveyor.inference.quantize import (
     quantize_weight,
     row_absmax,
 )
+from conveyor.inference.rank_builder import prepare_rank
 from conveyor.inference.sampling import SamplingParams
 from conveyor.inference.tensor_parallel import add_all_reduce_hooks
 from conveyor.testing.reference import one_process_rank

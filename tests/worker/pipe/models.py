@@ -1,4 +1,7 @@
-"""Tiny pipeline models for the tests, their data, and the single-process reference trainer."""
+"""Tiny pipeline models for the tests, their data, and the single-process reference trainer.
+
+Each model exists twice: as the list of layers ``PipelineModule`` (the code under test) splits, and as a
+plain ``nn.Sequential`` built here without any of conveyor.pipe, which the reference trains."""
 
 from __future__ import annotations
 
@@ -7,13 +10,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from conveyor.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from conveyor.pipe.config import load_config
-from conveyor.pipe.optim import build_optimizer
-from conveyor.topology import Layout, Topology
+from conveyor.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
 VOCAB, HIDDEN, SEQ, MICRO = 16, 8, 4, 2
+# PipelineModule's documented initialisation: layer i from torch.manual_seed(BASE_SEED + i), a tied module
+# from the seed of its first index. The plain models follow it, so both start from the same weights.
+BASE_SEED = 1234
 
 
 class Block(nn.Module):
@@ -93,6 +96,47 @@ MODELS = {
 }
 
 
+def seeded(index: int, build: Any) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BASE_SEED + index)
+        return build()
+
+
+class TiedOutput(nn.Module):
+    """The output projection of the plain tied model: the embedding module itself, so one weight."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return embed_to_logits(self.embedding, x)
+
+
+def plain_model(model: str) -> nn.Sequential:
+    """The unsplit model in plain torch; module i of the Sequential is layer i of ``MODELS[model]``."""
+    if model == "tied":
+        embedding = seeded(0, lambda: nn.Embedding(VOCAB, HIDDEN))
+        blocks = [seeded(i, lambda: Block(HIDDEN)) for i in range(1, 5)]
+        return nn.Sequential(embedding, *blocks, TiedOutput(embedding))
+    dtype = {"tuple": torch.float32, "tuple_bf16": torch.bfloat16}[model]
+    return nn.Sequential(
+        seeded(0, lambda: EmbedWithMask(dtype)),
+        *[seeded(i, MaskedBlock) for i in range(1, 5)],
+        seeded(5, MaskedHead),
+    )
+
+
+# Tied modules are named by key in PipelineModule and by their first index in the plain model.
+TIED_FIRST_INDEX = {"embed": 0}
+
+
+def plain_name(pipeline_name: str) -> str:
+    """``layers.3.fc.weight`` -> ``3.fc.weight``; ``tied.embed.weight`` -> ``0.weight``."""
+    scope, key, rest = pipeline_name.split(".", 2)
+    return f"{TIED_FIRST_INDEX[key] if scope == 'tied' else key}.{rest}"
+
+
 def make_data(steps: int, micro_batches: int, seed: int = 0) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """data[step][k] = (ids, labels) of micro-batch k of that step (all replicas' micro-batches)."""
     g = torch.Generator().manual_seed(seed)
@@ -120,17 +164,15 @@ def config(
     }
 
 
-def single_stage(model: str) -> PipelineModule:
-    return PipelineModule(MODELS[model](), loss_fn=lm_loss, topology=Topology(Layout(), rank=0, world_size=1))
-
-
 def reference_run(
     model: str, cfg: dict[str, Any], data: list[list[Any]]
 ) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
-    """Plain torch on the unsplit model: each step averages the loss over all of its micro-batches
-    (every replica's), clips with torch's clip_grad_norm_, steps. Returns (losses, weights, grad norms)."""
-    net = copy.deepcopy(single_stage(model))
-    optimizer = build_optimizer(load_config(cfg).optimizer, net.parameters())  # type: ignore[arg-type]
+    """Plain torch on a deep copy of the unsplit ``nn.Sequential``: each step averages the loss over all
+    of its micro-batches (every replica's), clips with torch's clip_grad_norm_, takes a torch.optim.Adam
+    step. Returns (losses, weights by plain name, grad norms)."""
+    net = copy.deepcopy(plain_model(model))
+    assert cfg["optimizer"]["type"] == "Adam", "the reference knows only the Adam of config()"
+    optimizer = torch.optim.Adam(net.parameters(), **cfg["optimizer"]["params"])
     losses, norms = [], []
     for step in data:
         total = torch.zeros(())
@@ -144,4 +186,5 @@ def reference_run(
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(total / len(step)))
-    return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}, norms
+    # named_parameters names the tied weight once (0.weight), as the pipeline's tied.embed.weight
+    return losses, {k: v.detach().clone() for k, v in net.named_parameters()}, norms

@@ -62,7 +62,7 @@ def test_validator_rejects_mismatched_order():
     schedule = add_communication(compute, 2)
     # swap the receive order on stage 1: its receives no longer meet stage 0's sends in order
     steps = schedule[1]
-    i = [k for k, st in enumerate(steps) if st[0].kind == Kind.RECV_F]
+    i = [k for k, step in enumerate(steps) if step[0].kind == Kind.RECV_F]
     steps[i[0]], steps[i[1]] = (Action(1, Kind.RECV_F, 1),), (Action(1, Kind.RECV_F, 0),)
     with pytest.raises(ScheduleError, match=r"sends \[0, 1\] do not meet receives \[1, 0\]"):
         validate(schedule, 2)

@@ -77,22 +77,27 @@ def generate_main(args: argparse.Namespace) -> int:
 
 
 def rank_main(config: dict[str, Any]) -> int:
-    import torch
-
     from conveyor.utils import die_with_parent
 
     die_with_parent()  # a rank never outlives `conveyor generate`
 
     from conveyor.distributed import destroy_distributed, init_distributed
+    from conveyor.inference import compile_cache
+    from conveyor.inference.cuda_graphs import CompileOptions
     from conveyor.inference.generate import (
         Request,
         Result,
         SchedulerHooks,
         micro_batch_layout,
-        prepare_rank,
         run_generation,
     )
-    from conveyor.inference.job import DTYPES, load_tokenizer
+    from conveyor.inference.job import load_tokenizer
+    from conveyor.inference.rank_builder import (
+        DTYPES,
+        PromptTooLongError,
+        build_generation_rank,
+        cache_length,
+    )
     from conveyor.inference.sampling import SamplingParams
     from conveyor.topology import Layout, Topology
 
@@ -108,24 +113,32 @@ def rank_main(config: dict[str, Any]) -> int:
     from conveyor.inference.families import load_arch
 
     arch = load_arch(model_dir)
-    max_len = min(max(len(p) for p in prompts) + config["max_new_tokens"], arch.max_positions)
+    try:
+        max_len = cache_length(max(len(p) for p in prompts), config["max_new_tokens"], arch.max_positions)
+    except PromptTooLongError as err:
+        raise SystemExit(f"error: {err}") from None
     # a micro-batch per stage (so no stage waits), the prompts spread over them: their lanes may be more
     # than the prompts (3 prompts on 2 stages: 2 micro-batches of 2 lanes)
     micro_batches, lanes_per_micro_batch = micro_batch_layout(len(requests), topo.num_stages)
-    model, peers = prepare_rank(
+    rank = build_generation_rank(
         model_dir,
         topo,
         dtype=DTYPES[config["dtype"]],
         device=info.device,
-        lanes=micro_batches * lanes_per_micro_batch,
+        micro_batches=micro_batches,
+        lanes_per_micro_batch=lanes_per_micro_batch,
         max_len=max_len,
+        options=CompileOptions.from_env(info.device),
+        cache_dir=compile_cache.DEFAULT_DIR,
         quantization=config.get("quantize", "none"),
     )
+    model, peers = rank.model, rank.peers
     say = info.rank == 0
     if say:
         quantized = f", {config['quantize']} weights" if config.get("quantize", "none") != "none" else ""
         print(
-            f"loaded in {time.perf_counter() - t0:.1f}s on {info.device}{quantized}",
+            f"loaded and warmed up in {time.perf_counter() - t0:.1f}s on {info.device}{quantized} "
+            f"({', '.join(f'{k} {v:.1f}s' for k, v in rank.seconds.items())})",
             file=sys.stderr,
             flush=True,
         )
@@ -167,7 +180,6 @@ def rank_main(config: dict[str, Any]) -> int:
             f"generated {generated[0]} tokens in {dt:.2f}s ({generated[0] / dt:.1f} tokens/s)",
             file=sys.stderr,
         )
-    del torch
     destroy_distributed()
     return 0
 

@@ -1,194 +1,336 @@
-"""A stage's forward on a GPU: prompt passes compiled, decode steps compiled and captured in CUDA graphs.
+"""A stage's forward on a GPU: warmed up once, then nothing compiles, tunes or captures.
 
 Decode on a 7B model is about 1,400 small kernels per token when run eagerly; launched from Python
 they cost more than the HBM reads they do (measured on an H200 at batch 1: 16.9 ms eager, 6.5 ms as a
 CUDA graph, 5.7 ms of it kernels, against a 3.1 ms roofline). torch.compile fuses the elementwise work
 (norms, rotary, residuals, softmax) into a few kernels per layer; the graph removes the launch gaps.
-The stage model's decode forward has static shapes (fixed lanes, static KV cache, positions as a
-tensor: see model.py), so it is compiled and captured once per (lane range, shape) and replayed.
-Before the first capture of a micro-batch size, the plain linear layers are routed through
-skinny_matmul.py, which measures cuBLAS against its Triton kernel for each weight shape at that size
-and keeps the faster.
 
-Prompt passes (prefill and the chunks of a long prompt) are compiled too, with dynamic shapes, so one
-compile serves every prompt length: inductor fuses their norms, rotary and gated activations, which
-eager runs as separate full-size passes over [S, hidden] (measured on an H200, Llama-2-7B shape, a
-2,048-token prompt: 49.5 ms compiled against 64 eager). Their compile has its own top-level function
-(``_prompt_pass``), so its dynamic shapes never leak into the decode step's: dynamo keeps its shape
-history per code object, and sharing ``model.forward`` made decode recompile with symbolic batch sizes
-(batch 64 went from 5.6 to 8.2 ms a token).
+Warm start (docs/inference.md): every shape a run will see is made at ``warm_up``, before the first
+request, and a job never stalls mid-run to compile (issue: a batch job spent minutes compiling and
+capturing as its context grew, one CUDA graph per 64 positions and 31 recompiles).
 
-``CONVEYOR_TORCH_COMPILE=0`` turns compiling off (graphs only), ``CONVEYOR_CUDA_GRAPHS=0`` both. The
-first pass of each kind compiles (about 30 s for a 7B model, cached by inductor on disk after). One
-``CompiledStage`` is kept per model (``CompiledStage.of``), so compiled code, tile choices and graphs
-serve every later generation on that model.
+* Decode: the step's shapes are the micro-batch's alone. Which cache lanes it uses and how far each
+  query reads are device data (``lanes`` [n], ``positions`` [n, 1]): the attention kernel sizes its
+  key splits for the whole cache and ends each query's loop at its own position. So one compile
+  (static shapes, ``dynamic=False``) and one CUDA graph per micro-batch size serve every micro-batch
+  and every context length.
+* Prompt passes (prefills and the chunks of a long prompt) are compute-bound, so one transformer layer
+  is compiled with dynamic shapes and reused for every layer (regional compilation: seconds instead of
+  a whole-model compile). Only sizes 0 and 1 get their own graphs in dynamo, so the passes are padded
+  to at least two tokens (generate.py) and warm-up compiles one and several prompts.
+* Before decode is compiled, the plain linear layers are routed through skinny_matmul.py, which
+  measures cuBLAS against its Triton tiles for each weight shape at the micro-batch size and keeps the
+  faster (the choices persist in the compile cache: compile_cache.py).
+
+After warm-up, prompt passes run under ``torch.compiler.set_stance("eager_on_recompile")``: a shape
+that warm-up missed runs uncompiled rather than stalling the run for a compile, and ``late`` counts
+it (compiles and captures after warm-up; a test asserts zero).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch._dynamo
-import torch._inductor.config
 
-from conveyor.inference import skinny_matmul
 from conveyor.inference.kv_cache import KVCache
-from conveyor.inference.model import StageModel
+from conveyor.inference.model import Block, StageModel, Step
+from conveyor.inference.side_stream import warm_up
 
 log = logging.getLogger(__name__)
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-@dataclass
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """How a stage's passes run; read once at an entry point (``from_env``) and passed down."""
+
+    cuda_graphs: bool = True  # decode replayed from CUDA graphs (CUDA only)
+    compile: bool = True  # torch.compile the decode step and the prompt passes' layer
+    triton_kernels: bool = True  # skinny_matmul's products and the decode attention kernel (CUDA only)
+    after_warm_up: str = "eager_on_recompile"  # torch.compiler stance for prompt passes after warm-up
+
+    @classmethod
+    def from_env(cls, device: torch.device, environ: Mapping[str, str] = os.environ) -> CompileOptions:
+        """``CONVEYOR_CUDA_GRAPHS=0`` (graphs and compiling off), ``CONVEYOR_TORCH_COMPILE=0``,
+        ``CONVEYOR_TRITON_KERNELS=0``; on the CPU everything runs eagerly."""
+        if device.type != "cuda":
+            return EAGER
+        graphs = _flag(environ, "CONVEYOR_CUDA_GRAPHS")
+        return cls(
+            cuda_graphs=graphs,
+            compile=graphs and _flag(environ, "CONVEYOR_TORCH_COMPILE"),
+            triton_kernels=_flag(environ, "CONVEYOR_TRITON_KERNELS"),
+        )
+
+
+EAGER = CompileOptions(cuda_graphs=False, compile=False, triton_kernels=False)
+
+
+@dataclasses.dataclass
 class _Captured:
     inputs: torch.Tensor
     positions: torch.Tensor
+    lanes: torch.Tensor
     output: torch.Tensor
     graph: torch.cuda.CUDAGraph
 
 
-class CompiledStage:
-    """Runs a stage model's passes on a GPU. ``decode(inputs, positions, lane_start, kv_len)``: one token per
-    lane, replayed from a CUDA graph; its output is a static buffer, valid until the next call with the
-    same shape. ``prompt(...)``: a prefill or a prompt chunk, compiled. Both take the model's arguments
-    and run it eagerly where they do not apply (the CPU, graphs or compiling off)."""
+@dataclasses.dataclass
+class WarmUpReport:
+    """Seconds per phase, and what was made."""
 
-    def __init__(self, model: StageModel, enabled: bool | None = None, compile: bool | None = None):
-        self.model = model
-        self.enabled = (
-            _flag("CONVEYOR_CUDA_GRAPHS") if enabled is None else enabled
-        ) and torch.cuda.is_available()
-        self.compile = self.enabled and (_flag("CONVEYOR_TORCH_COMPILE") if compile is None else compile)
-        self._graphs: dict[tuple[int, int, tuple[int, ...], torch.dtype], _Captured] = {}
+    seconds: dict[str, float]
+    compiles: int
+    captures: int
+    tuned_shapes: int
+
+
+class CompiledStage:
+    """Runs a stage model's passes. ``decode(inputs, positions, lanes, kv_len)``: one token per lane,
+    replayed from a CUDA graph where graphs are on; its output is a static buffer, valid until the
+    next decode of the same shape. ``prompt(...)``: a prefill or a prompt chunk, its layers compiled.
+    Both run the model eagerly where compiling and graphs are off (the CPU)."""
+
+    def __init__(self, model: StageModel, options: CompileOptions = EAGER):
+        self.model, self.options = model, options
+        cuda = any(p.is_cuda for p in model.parameters())
+        self.graphs = options.cuda_graphs and cuda and torch.cuda.is_available()
+        self.compiling = options.compile
+        self.counts: Counter[str] = Counter()  # compiles, captures (all) and late_* (after warm-up)
+        self.warm = False
+        self.uncompiled: set[str] = set()  # "prompt", "decode": what fell back to eager, compile failing
+        self._graphs: dict[tuple[tuple[int, ...], torch.dtype], _Captured] = {}
         self._cache: KVCache | None = None  # the cache the graphs write (setup_cache replaces it)
         self._weights = _weight_storage(model)  # where the graphs read the weights (.to() moves them)
         self._pool: Any = None  # one memory pool shared by every graph of this stage
-        self._forward: Any = model
-        self._prompt: Any = model
-        self._products: list[skinny_matmul.Product] | None = None
-        self.uncompiled: set[str] = set()  # "prompt", "decode": what fell back to eager, compile failing
-        if self.compile:
-            # Shapes are marked static (the batch of a micro-batch never changes); an int that changes
-            # between calls (kv_len as sequences grow, lane_start across micro-batches) is recompiled
-            # once as a symbol (automatic dynamic shapes), so a long generation compiles twice, not once
-            # per KV block. The default limit of 8 would silently fall back to eager.
-            # Round where eager rounds (bf16 after each op), so compiled decode gives eager's tokens;
-            # the kernels are memory-bound, the extra conversions cost nothing measurable.
-            torch._inductor.config.emulate_precision_casts = True
-            dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
-            self._forward = torch.compile(model.forward)
+        self._decode: Callable[..., torch.Tensor] = _decode_step
+        self._layer: Callable[..., torch.Tensor] | None = None
+        if options.triton_kernels and cuda:
+            from conveyor.inference import decode_attention
+
+            model.decode_kernel = decode_attention.attend
+        if self.compiling:
+            # static: a decode step's shapes never change (kv_len is not an argument: see the docstring)
+            self._decode = torch.compile(_decode_step, dynamic=False, backend=self._backend)
             # fullgraph: a graph break would start a frame of the model's own code, whose shape history
             # decode shares
-            self._prompt = partial(torch.compile(_prompt_pass, dynamic=True, fullgraph=True), model)
+            self._layer = torch.compile(_layer_pass, dynamic=True, fullgraph=True, backend=self._backend)
 
     @classmethod
     def of(cls, model: StageModel) -> CompiledStage:
-        """The model's own: made on first use and kept on the model (a server generates again and again)."""
+        """The model's own (``attach``ed by the rank builder; eager if none was). A server generates
+        again and again: compiled code and graphs serve every later generation on the model."""
         stage = model.__dict__.get("_compiled_stage")
         if stage is None:
-            stage = model.__dict__["_compiled_stage"] = cls(model)
+            stage = cls.attach(model, EAGER)
         weights = _weight_storage(model)
         if weights != stage._weights:  # moved or cast since the graphs were captured: they read freed memory
-            stage._graphs, stage._pool, stage._products, stage._weights = {}, None, None, weights
+            stage._graphs, stage._pool, stage._weights = {}, None, weights
+            stage.warm = False
         return stage
 
+    @classmethod
+    def attach(cls, model: StageModel, options: CompileOptions) -> CompiledStage:
+        stage = model.__dict__["_compiled_stage"] = cls(model, options)
+        return stage
+
+    def _backend(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        from torch._inductor.compile_fx import compile_fx
+
+        self._count("compiles")
+        return compile_fx(graph, example_inputs)
+
+    def _count(self, what: str) -> None:
+        self.counts[what] += 1
+        if self.warm:
+            self.counts[f"late_{what}"] += 1
+            log.warning("%s after warm-up: a shape warm-up did not make (counted as late_%s)", what, what)
+
+    # -- the passes -----------------------------------------------------------------------------
     def prompt(
         self,
         inputs: torch.Tensor,
         positions: torch.Tensor,
-        lane_start: int = 0,
+        lanes: torch.Tensor,
         prefill: bool = False,
         kv_len: int | None = None,
-        lanes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self._prompt is self.model or inputs.device.type != "cuda":
-            return self.model(inputs, positions, lane_start, prefill, kv_len, lanes)
+        if self._layer is None:
+            return self.model(inputs, positions, prefill=prefill, kv_len=kv_len, lanes=lanes)
+        self._check_cache()
+        inputs, positions, lanes = _inference_tensors(inputs, positions, lanes)
         try:
-            return self._prompt(inputs, positions, lane_start, prefill, kv_len, lanes)
-        except Exception as e:  # as for decode: what inductor cannot compile still runs, uncompiled
-            out = self.model(inputs, positions, lane_start, prefill, kv_len, lanes)  # bad input raises here
+            with torch.compiler.set_stance(self.options.after_warm_up if self.warm else "default"):
+                return self.model(
+                    inputs, positions, prefill=prefill, kv_len=kv_len, lanes=lanes, run_layer=self._layer
+                )
+        except Exception as e:  # what inductor cannot compile still runs, uncompiled
+            out = self.model(
+                inputs, positions, prefill=prefill, kv_len=kv_len, lanes=lanes
+            )  # bad input raises
             log.warning("torch.compile failed (%s: %s); prompts run uncompiled", type(e).__name__, e)
-            self._prompt = self.model
+            self._layer = None
             self.uncompiled.add("prompt")
             return out
 
     def decode(
-        self, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int, kv_len: int
+        self, inputs: torch.Tensor, positions: torch.Tensor, lanes: torch.Tensor, kv_len: int
     ) -> torch.Tensor:
-        if not self.enabled or inputs.device.type != "cuda" or positions.shape[1] != 1:
-            return self.model(inputs, positions, lane_start, kv_len=kv_len)
-        if self._cache is not self.model.cache:  # a new cache: the graphs write the old one
-            self._graphs, self._pool, self._cache = {}, None, self.model.cache
-        key = (lane_start, kv_len, tuple(inputs.shape), inputs.dtype)
+        if not self.graphs or inputs.device.type != "cuda" or positions.shape[1] != 1:
+            if self._decode is _decode_step:  # eager: read only the keys in use
+                return self.model(inputs, positions, kv_len=kv_len, lanes=lanes)
+            return self._decode(self.model, *_inference_tensors(inputs, positions, lanes))
+        self._check_cache()
+        key = (tuple(inputs.shape), inputs.dtype)
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._graphs[key] = self._capture(inputs, positions, lane_start, kv_len)
+            captured = self._graphs[key] = self._capture(inputs, positions, lanes)
         captured.inputs.copy_(inputs)
         captured.positions.copy_(positions)
+        captured.lanes.copy_(lanes)
         captured.graph.replay()
         return captured.output
 
-    def _capture(
-        self, inputs: torch.Tensor, positions: torch.Tensor, lane_start: int, kv_len: int
-    ) -> _Captured:
-        if self._products is None:
-            self._products = skinny_matmul.route_linears(self.model)
-        skinny_matmul.tune(self._products, inputs.shape[0])
-        static_inputs, static_positions = inputs.clone(), positions.clone()
-        for t in (static_inputs, static_positions):
+    def _check_cache(self) -> None:
+        cache = self.model.cache
+        if self._cache is cache or cache is None:
+            return
+        # a new cache: the graphs write the old one; its shape is fixed, so kept out of dynamic shapes
+        self._graphs, self._pool, self._cache = {}, None, cache
+        for t in (*cache.k, *cache.v):
             torch._dynamo.mark_static(t)
-        args = (static_inputs, static_positions, lane_start, False, kv_len)
-        forward = self._forward
+
+    def _capture(self, inputs: torch.Tensor, positions: torch.Tensor, lanes: torch.Tensor) -> _Captured:
+        self._count("captures")
+        static = [inputs.clone(), positions.clone(), lanes.clone()]
+        for t in static:
+            torch._dynamo.mark_static(t)
+        model, forward = self.model, self._decode
         # Re-running a decode step writes the same K/V at the same positions: warming up is idempotent.
         try:
-            warm_up(lambda: forward(*args), times=2)
+            warm_up(lambda: forward(model, *static), times=2)
         except Exception as e:  # a model or build inductor cannot compile still runs, uncompiled
-            if forward is self.model:
+            if forward is _decode_step:
                 raise
             log.warning("torch.compile failed (%s: %s); the decode step runs uncompiled", type(e).__name__, e)
-            self._forward = forward = self.model
+            self._decode = forward = _decode_step
             self.uncompiled.add("decode")
-            warm_up(lambda: forward(*args), times=2)
+            warm_up(lambda: forward(model, *static), times=2)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            output = forward(*args)
+            output = forward(model, *static)
         self._pool = graph.pool()
-        return _Captured(static_inputs, static_positions, output, graph)
+        return _Captured(static[0], static[1], static[2], output, graph)
+
+    # -- warm-up --------------------------------------------------------------------------------
+    def warm_up(
+        self, micro_batch: int, tile_choices: Any = None, on_phase: Callable[[str, float], None] | None = None
+    ) -> WarmUpReport:
+        """Make everything a run needs before its first request: the linear layers' tile choices for
+        ``micro_batch`` rows (``tile_choices``: a compile_cache.TileChoices that loads and saves them),
+        the compiled prompt layer (one and several prompts; first passes and later chunks), the compiled
+        decode step and its CUDA graph. Writes only the cache's scratch slots. ``on_phase(name, seconds)``
+        as each phase ends (a phase may end more than once: its seconds add up)."""
+        from conveyor.inference import skinny_matmul
+
+        model, cache = self.model, self.model.cache
+        assert cache is not None, "setup_cache() before warm_up()"
+        if micro_batch > cache.lanes_total:
+            raise ValueError(
+                f"a micro-batch of {micro_batch} lanes needs a cache of as many (has {cache.lanes_total})"
+            )
+        self.warm = False  # (again, for another micro-batch size: what it makes is not late)
+        seconds: dict[str, float] = {}
+        counts_before = Counter(self.counts)
+        tuned = 0
+
+        def phase(name: str, t0: float) -> None:
+            elapsed = time.perf_counter() - t0
+            seconds[name] = seconds.get(name, 0.0) + elapsed
+            if on_phase is not None:
+                on_phase(name, elapsed)
+
+        t0 = time.perf_counter()
+        if self.options.triton_kernels and self.graphs:
+            products = skinny_matmul.route_linears(model)
+            if tile_choices is not None:
+                tile_choices.load()
+            tuned = skinny_matmul.tune(products, micro_batch)
+            if tile_choices is not None and tuned:
+                tile_choices.save()
+        phase("tune", t0)
+
+        device = cache.k[0].device if cache.k else torch.device("cpu")
+        scratch = cache.scratch_position
+
+        def inputs(n: int, s: int) -> torch.Tensor:
+            if model.first:
+                return torch.zeros(n, s, dtype=torch.int64, device=device)
+            return torch.zeros(n, s, model.arch.hidden, dtype=cache.k[0].dtype, device=device)
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if self._layer is not None:
+                # prefill and later chunks, of one and of several prompts, all tokens at the scratch slot
+                for n in (1, min(2, cache.lanes_total)):
+                    positions = torch.full((n, 2), scratch, dtype=torch.int64, device=device)
+                    lanes = torch.arange(n, device=device)
+                    self.prompt(inputs(n, 2), positions, lanes, prefill=True)
+                    self.prompt(inputs(n, 2), positions, lanes, kv_len=min(64, cache.length))
+            phase("compile", t0)
+            t0 = time.perf_counter()
+            positions = torch.full((micro_batch, 1), scratch, dtype=torch.int64, device=device)
+            self.decode(inputs(micro_batch, 1), positions, torch.arange(micro_batch, device=device), 1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        # the decode compile happens inside its first capture (or first call): counted as capture time
+        phase("capture" if self.graphs else "compile", t0)
+        self.warm = True
+        made = self.counts - counts_before
+        report = WarmUpReport(seconds, made["compiles"], made["captures"], tuned)
+        log.info(
+            "warm-up done",
+            extra={
+                "seconds": {k: round(v, 2) for k, v in seconds.items()},
+                "compiles": report.compiles,
+                "captures": report.captures,
+                "tuned_shapes": tuned,
+            },
+        )
+        return report
+
+
+def _inference_tensors(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors as inference tensors (a copy of those that are not): dynamo guards on a tensor's
+    dispatch keys, and a pass's inputs come from a receive buffer or the host as often as from a
+    pass under inference mode; one kind keeps them to the graphs warm-up made."""
+    with torch.inference_mode():
+        return [t if t.is_inference() else t.clone() for t in tensors]
 
 
 def _weight_storage(model: StageModel) -> list[tuple[int, torch.dtype]]:
     return [(t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers())]
 
 
-def _prompt_pass(
-    model: StageModel,
-    inputs: torch.Tensor,
-    positions: torch.Tensor,
-    lane_start: int,
-    prefill: bool,
-    kv_len: int | None,
-    lanes: torch.Tensor | None,
+def _decode_step(
+    model: StageModel, inputs: torch.Tensor, positions: torch.Tensor, lanes: torch.Tensor
 ) -> torch.Tensor:
-    return model(inputs, positions, lane_start, prefill, kv_len, lanes)
+    # its own top-level function: dynamo keeps shape history per code object, so the prompt layer's
+    # dynamic shapes never reach the decode step
+    return model(inputs, positions, lanes=lanes)
 
 
-def warm_up(fn: Callable[[], object], times: int = 1) -> None:
-    """Run ``fn`` ``times`` on a side stream, then join it: what a function needs before it is captured
-    in a CUDA graph (compilation, the allocator, cuBLAS handles, NCCL communicators)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(times):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
+def _layer_pass(
+    layer: Block, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    return layer(x, step, cache)

@@ -18,9 +18,9 @@ block: 1.60 -> 1.51 ms a step for the 32 layers at batch 64 (context 161), 0.51 
 
 from __future__ import annotations
 
-import torch
+import os
 
-from conveyor.inference.skinny_matmul import kernels_enabled
+import torch
 
 try:
     import triton
@@ -48,7 +48,6 @@ def available(q: torch.Tensor) -> bool:
         triton is not None
         and q.is_cuda
         and q.dtype in (torch.bfloat16, torch.float16)  # float32 stays exact (no TF32 dots)
-        and kernels_enabled()
         and d >= 16
         and d & (d - 1) == 0
     )
@@ -69,10 +68,10 @@ if triton is not None:
         k_ptr,  # [lanes, kv_heads, Lmax, D]: a layer's whole cache
         v_ptr,
         pos_ptr,  # [n] the query's position: it sees cache slots [0, pos] (and > pos - WINDOW)
+        lanes_ptr,  # [n] the cache lane of each query
         acc_ptr,  # [n, heads, SPLITS, D] float32, normalised within the split
         stats_ptr,  # [n, heads, SPLITS, 2] float32: the split's max score and its sum of exp
         out_ptr,  # [n, heads, D] in q's dtype: written here when SPLITS == 1 (nothing to combine)
-        lane_start,
         kv_len,
         scale,
         stride_qn,
@@ -84,6 +83,7 @@ if triton is not None:
         stride_vh,
         stride_vp,
         stride_pn,
+        stride_ln,
         KV_HEADS: tl.constexpr,
         GROUP: tl.constexpr,
         BLOCK_G: tl.constexpr,
@@ -92,6 +92,7 @@ if triton is not None:
         SPLITS: tl.constexpr,
         BLOCKS_PER_SPLIT: tl.constexpr,
         WINDOW: tl.constexpr,  # 0: no sliding window
+        STATIC_LOOP: tl.constexpr,
     ):
         seq = tl.program_id(0) // KV_HEADS
         kv_head = tl.program_id(0) % KV_HEADS
@@ -105,7 +106,7 @@ if triton is not None:
             mask=row_ok[:, None],
             other=0.0,
         )
-        lane = lane_start + seq
+        lane = tl.load(lanes_ptr + seq * stride_ln)
         pos = tl.load(pos_ptr + seq * stride_pn)
         k_base = k_ptr + lane * stride_kl + kv_head * stride_kh
         v_base = v_ptr + lane * stride_vl + kv_head * stride_vh
@@ -113,10 +114,14 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
         first = split * BLOCKS_PER_SPLIT * BLOCK_L
-        for b in tl.range(0, BLOCKS_PER_SPLIT):
+        # The loop ends at the query's own last block: splits are sized for the whole cache (kv_len is
+        # fixed when a step is captured), and a split past the position costs a program that exits.
+        last = tl.minimum(pos + 1, kv_len)
+        blocks = tl.minimum(tl.maximum(tl.cdiv(last - first, BLOCK_L), 0), BLOCKS_PER_SPLIT)
+        # Triton's interpreter takes only static bounds; the masks give the same result
+        for b in tl.range(0, BLOCKS_PER_SPLIT if STATIC_LOOP else blocks):
             keys = first + b * BLOCK_L + tl.arange(0, BLOCK_L)
-            # Only visible keys are read: a masked-off row of K or V costs no HBM traffic, so a block
-            # past the sequence's position (kv_len is the longest sequence's, rounded up) is nearly free.
+            # Only visible keys are read: a masked-off row of K or V costs no HBM traffic.
             # The rule of StageModel.forward's mask (which the other attention paths read): change both.
             visible = (keys < kv_len) & (keys <= pos)
             if WINDOW > 0:
@@ -167,14 +172,16 @@ def decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     positions: torch.Tensor,
-    lane_start: int,
+    lanes: torch.Tensor,
     kv_len: int,
     window: int,
     scale: float,
 ) -> torch.Tensor:
-    """q [n, heads, 1, D] at ``positions`` [n, 1] against cache lanes [lane_start, lane_start + n) of
-    k_cache/v_cache [lanes, kv_heads, L, D] -> [n, heads, 1, D]. A query sees the slots of [0, kv_len) at
-    or before its position, and after ``position - window`` where ``window`` is not 0."""
+    """q [n, heads, 1, D] at ``positions`` [n, 1] against cache lanes ``lanes`` [n] of k_cache/v_cache
+    [lanes, kv_heads, L, D] -> [n, heads, 1, D]. A query sees the slots of [0, kv_len) at or before its
+    position, and after ``position - window`` where ``window`` is not 0. Which lanes, and how far each
+    query reads, are device data: a captured step serves every micro-batch and every context length
+    up to ``kv_len`` (the cache's whole length, in a captured step)."""
     n, heads, _, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -193,10 +200,10 @@ def decode_attention(
         k_cache,
         v_cache,
         positions,
+        lanes,
         acc,
         stats,
         out,
-        lane_start,
         kv_len,
         scale,
         q3.stride(0),
@@ -208,6 +215,7 @@ def decode_attention(
         v_cache.stride(1),
         v_cache.stride(2),
         positions.stride(0),
+        lanes.stride(0),
         KV_HEADS=kv_heads,
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
@@ -216,6 +224,7 @@ def decode_attention(
         SPLITS=splits,
         BLOCKS_PER_SPLIT=blocks_per_split,
         WINDOW=window,
+        STATIC_LOOP=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=WARPS,
         num_stages=stages(blocks_per_split),
     )
@@ -232,9 +241,26 @@ def _(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     positions: torch.Tensor,
-    lane_start: int,
+    lanes: torch.Tensor,
     kv_len: int,
     window: int,
     scale: float,
 ) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+def attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    lanes: torch.Tensor,
+    kv_len: int,
+    window: int,
+    scale: float,
+) -> torch.Tensor | None:
+    """``decode_attention`` where the kernel serves ``q`` (``available``), else None: the model's
+    decode kernel (``StageModel.decode_kernel``), which falls back to its own attention on None."""
+    if not available(q):
+        return None
+    return decode_attention(q, k_cache, v_cache, positions, lanes, kv_len, window, scale)

@@ -42,13 +42,15 @@ __all__ = [
     "Result",
     "SchedulerHooks",
     "StageWorker",
-    "prepare_rank",
     "run_generation",
 ]
 
-# Decode reads the keys of [0, kv_len), kv_len the longest sequence's length rounded up to a block: each
-# block size is one CUDA graph (and, past the first, no new compile: its length is symbolic).
+# An item reads the keys of [0, kv_len), kv_len the longest sequence's length rounded up to a block, where
+# the pass runs eagerly (a compiled or captured decode step reads up to each query's own position).
 KV_BLOCK = 64
+# Prompt passes are at least this many tokens wide (padded at the scratch position): dynamo gives sizes
+# 0 and 1 graphs of their own, so a one-token prompt or last chunk would compile mid-run.
+MIN_PROMPT_WIDTH = 2
 # Prompts admitted in one turn are prefilled together, up to this many (padded) tokens per item.
 PREFILL_TOKENS = 8192
 # A longer prompt is prefilled in chunks of this many tokens, one chunk a turn.
@@ -236,7 +238,7 @@ class Scheduler:
         """One item for the prompts of ``joining`` (lane, request), right-padded to the longest: the
         padding sits at the scratch position, so it writes only the scratch slot, and causal attention
         keeps it out of every real token's view."""
-        s = max(len(req.prompt_ids) for _, req in joining)
+        s = max(MIN_PROMPT_WIDTH, *(len(req.prompt_ids) for _, req in joining))
         positions = torch.full((len(joining), s), self.max_len, dtype=torch.int64)  # [k, S]
         tokens = torch.zeros(len(joining), s, dtype=torch.int64)
         for j, (_, req) in enumerate(joining):
@@ -264,8 +266,11 @@ class Scheduler:
         c1 = min(c0 + self.chunk, len(req.prompt_ids))
         final = c1 == len(req.prompt_ids)
         kind = PREFILL if c0 == 0 else EXTEND
-        positions = torch.arange(c0, c1, dtype=torch.int64)[None]  # [1, C]
-        tokens = torch.tensor([req.prompt_ids[c0:c1]], dtype=torch.int64)
+        width = max(MIN_PROMPT_WIDTH, c1 - c0)  # padded at the scratch position, as prefills are
+        positions = torch.full((1, width), self.max_len, dtype=torch.int64)  # [1, C]
+        positions[0, : c1 - c0] = torch.arange(c0, c1)
+        tokens = torch.zeros(1, width, dtype=torch.int64)
+        tokens[0, : c1 - c0] = torch.tensor(req.prompt_ids[c0:c1])
         kv_len = self._kv_len(c1)
         step = 0 if final else -1  # -1: the last stage keeps no token for it
         self._submit(self.worker.pack(kind, index, positions, [req.key], [step], tokens, kv_len, [index]))
@@ -414,47 +419,3 @@ def run_generation(
         Scheduler(worker, micro_batches, lanes_per_micro_batch, tokenizer, hooks, prefill_chunk).run(requests)
     else:
         worker.follow()
-
-
-def prepare_rank(
-    model_dir: str,
-    topo: Any,
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    lanes: int,
-    max_len: int,
-    policy: Any = None,
-    quantization: str = "none",
-) -> tuple[StageModel, PipelinePeers]:
-    """Load this rank's stage and shard of ``model_dir`` (``quantization`` "int8": weight-only, see
-    quantize.py), add the tensor-parallel all-reduces and allocate the KV cache (``lanes`` x ``max_len``)."""
-    from conveyor.inference.families import load_arch
-    from conveyor.inference.loader import Shard, load_stage
-    from conveyor.inference.quantize import QUANTIZATIONS, quantize_int8
-    from conveyor.inference.tensor_parallel import add_all_reduce_hooks
-
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization {quantization!r} is not one of {list(QUANTIZATIONS)}")
-    arch = load_arch(model_dir)
-    t = topo.layout.tensor_parallel
-    group = topo.tensor_group if t > 1 else None
-    model = load_stage(
-        model_dir,
-        arch,
-        stages=topo.num_stages,
-        stage=topo.stage,
-        shard=Shard(topo.tp_rank, t),
-        dtype=dtype,
-        # int8: the shard is loaded on the host and quantized onto the device linear by linear, so the
-        # device never holds the full-precision weights
-        device=torch.device("cpu") if quantization == "int8" else device,
-        policy=policy,
-    )
-    if quantization == "int8":
-        quantize_int8(model, tensor_group=group, device=device)
-        model.to(device)  # embeddings, norms, head (in place: a tied head stays tied)
-    if t > 1:  # after quantizing: the hooks belong on the modules that run
-        add_all_reduce_hooks(model, group)
-    model.setup_cache(lanes, max_len, dtype, device)
-    return model, PipelinePeers.from_topology(topo)

@@ -25,15 +25,18 @@ from conveyor import metrics
 from conveyor.checkpoint import rfc3339, write_termination_message
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
+from conveyor.inference import compile_cache
+from conveyor.inference.cuda_graphs import CompileOptions
 from conveyor.inference.generate import (
     Request,
     Result,
     SchedulerHooks,
     micro_batch_layout,
-    prepare_rank,
     run_generation,
 )
 from conveyor.inference.progress import ResultLog, job_identity, merge_parts
+from conveyor.inference.rank_builder import DTYPES, PromptTooLongError, build_generation_rank, cache_length
+from conveyor.inference.run_progress import RunProgress
 from conveyor.inference.sampling import SamplingParams
 from conveyor.inference.validate import InputError, check_fits, read_rows, tokens
 from conveyor.log import get_logger
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
 
 __all__ = ["InputError", "load_tokenizer", "read_requests", "run_rank", "sampling_params"]
 log = get_logger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMMIT_SECONDS = 10.0  # commit at least this often, even between `checkpoint.every` results
 LOG_SECONDS = 5.0
 
@@ -92,10 +94,22 @@ def write_termination(completed: bool, step: int) -> None:
     write_termination_message(path, completed, {"step": step, "time": rfc3339()})
 
 
-def run_rank(pod: PodEnv, local_rank: int) -> int:
+def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
+    """``started``: the process's start (time.monotonic): start-up is timed from there."""
     spec = pod.spec
     assert spec.inference is not None and spec.model is not None
+    startup: dict[str, float] = {}
+    mark = [time.monotonic()]
+    if started is not None:
+        startup["import"] = mark[0] - started
+
+    def lap(name: str) -> None:
+        now = time.monotonic()
+        startup[name] = now - mark[0]
+        mark[0] = now
+
     info = init_distributed(device=spec.device)
+    lap("rendezvous")
     topo = Topology(Layout(1, pod.stages, pod.tensor_parallel))
     job, inf = pod.job, spec.inference
     is_writer = topo.stage == 0 and topo.tp_rank == 0
@@ -135,27 +149,39 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         destroy_distributed()
         return 0
 
-    lanes_m, lanes_b = micro_batch_layout(inf.batch_size, spec.parallelism.effective_micro_batches)
+    lap("input")
+    micro_batches, lanes_per_micro_batch = micro_batch_layout(
+        inf.batch_size, spec.parallelism.effective_micro_batches
+    )
     longest = max((len(r.prompt_ids) for r in todo), default=1)
-    max_len = min(longest + inf.max_new_tokens, arch.max_positions)
-    if longest >= max_len:
-        raise InputError(
-            f"a prompt of {longest} tokens does not fit the model's {arch.max_positions} positions"
-        )
-    model, peers = prepare_rank(
+    try:
+        max_len = cache_length(longest, inf.max_new_tokens, arch.max_positions)
+    except PromptTooLongError as err:
+        raise InputError(f"{inf.input}: {err}") from None
+    rank = build_generation_rank(
         spec.model.path,
         topo,
         dtype=DTYPES[spec.model.dtype],
         device=info.device,
-        lanes=lanes_m * lanes_b,
+        micro_batches=micro_batches,
+        lanes_per_micro_batch=lanes_per_micro_batch,
         max_len=max_len,
+        options=CompileOptions.from_env(info.device),
+        cache_dir=Path(pod.compile_cache) if pod.compile_cache else compile_cache.DEFAULT_DIR,
         quantization=inf.quantization,
+        on_phase=lambda name, seconds: metrics.WARMUP_SECONDS.labels(job, name).set(seconds),
     )
-    metrics.READINESS.loaded()  # the pod's readiness probe (/ready) turns 200
+    for what in ("compiles", "captures"):
+        metrics.COMPILES.labels(job, what, "warm_up").inc(rank.compiled.counts[what])
+    model, peers = rank.model, rank.peers
+    mark[0] = time.monotonic()
+    startup.update(rank.seconds)
+    metrics.READINESS.loaded()  # the pod's readiness probe (/ready) turns 200: loaded and warm
     params = sampling_params(spec, arch.eos_token_ids)
     every = spec.checkpoint.every if spec.checkpoint else 1
     total, done_before = len(todo) + state[0]["completed"], state[0]["completed"]
-    last_commit, last_log = [time.monotonic()], [0.0]
+    last_commit = [time.monotonic()]
+    progress = RunProgress(total, done_before, every=LOG_SECONDS)
 
     def commit(done: bool = False) -> None:
         t0, pending = time.monotonic(), results.uncommitted
@@ -174,9 +200,9 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         )
         if results.uncommitted >= every or time.monotonic() - last_commit[0] > COMMIT_SECONDS:
             commit()
-            if time.monotonic() - last_log[0] > LOG_SECONDS:
-                last_log[0] = time.monotonic()
-                log.info("progress", extra={"completed": results.completed, "total": total})
+        line = progress.result(len(r.output_ids))
+        if line is not None:
+            log.info("progress", extra=line)
 
     def on_first_token(dt: float) -> None:
         if is_writer:  # one rank counts, so summing the job's endpoints counts each token once
@@ -199,8 +225,9 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         extra={
             "prompts": len(todo),
             "skipped": done_before,
-            "micro_batches": lanes_m,
-            "lanes": lanes_m * lanes_b,
+            "micro_batches": micro_batches,
+            "lanes": micro_batches * lanes_per_micro_batch,
+            "startup_seconds": {k: round(v, 2) for k, v in startup.items()},
             "quantization": inf.quantization,
         },
     )
@@ -211,12 +238,15 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
         peers,
         params,
         todo,
-        micro_batches=lanes_m,
-        lanes_per_micro_batch=lanes_b,
+        micro_batches=micro_batches,
+        lanes_per_micro_batch=lanes_per_micro_batch,
         device=info.device,
         tokenizer=tokenizer,
         hooks=hooks,
     )
+    for what in ("compiles", "captures"):
+        if late := rank.compiled.counts[f"late_{what}"]:
+            metrics.COMPILES.labels(job, what, "late").inc(late)
     if info.device.type == "cuda":
         metrics.GPU_MEMORY_BYTES.labels(job, str(info.rank)).set(torch.cuda.memory_allocated())
     if is_writer:
@@ -230,5 +260,10 @@ def run_rank(pod: PodEnv, local_rank: int) -> int:
     dist.barrier()  # why: no rank reports completion before the results are committed
     if local_rank == 0:
         write_termination(True, total)
-    destroy_distributed()
+    t0 = time.monotonic()
+    if info.backend == "gloo":
+        # gloo's group must go before the interpreter's teardown (distributed.py); NCCL's destroy took
+        # 2 s on an H200 after every rank passed the barrier above, and the process exits next
+        destroy_distributed()
+    log.info("rank done", extra={"teardown_seconds": round(time.monotonic() - t0, 2)})
     return 0

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conveyor.inference import decode_attention as kernels
 from conveyor.inference.families import Arch
 from conveyor.inference.kv_cache import KVCache
 
@@ -79,16 +78,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+# A fused decode attention kernel (decode_attention.attend's signature): q, the layer's K and V cache,
+# positions [n, 1], lanes [n], kv_len, sliding window (0: none), scale -> [n, heads, 1, D], or None
+# where it does not serve these inputs. Set on a model from outside (StageModel.decode_kernel), so the
+# model imports no kernel.
+DecodeKernel = Callable[..., "torch.Tensor | None"]
+# How a forward pass runs one layer: layer(x, step, cache) by default; a compiled function in prompt
+# passes (cuda_graphs.py compiles one layer and reuses it for all).
+RunLayer = Callable[["Block", torch.Tensor, "Step", "tuple[torch.Tensor, torch.Tensor] | None"], torch.Tensor]
+
+
 @dataclasses.dataclass
 class Step:
     """What every layer of one forward pass shares: computed once per pass, not once per layer."""
 
     positions: torch.Tensor  # [n, S]
-    lanes: torch.Tensor  # [n, 1] cache lane of each sequence (absolute)
-    lane_start: int | None  # the lanes are [lane_start, lane_start + n); None: any lanes, gathered
+    lanes: torch.Tensor  # [n, 1] cache lane of each sequence
     kv_len: int  # cache slots read: [0, kv_len)
     mask: torch.Tensor | None  # [n, 1, S, kv_len] key visible to query; None for a causal prefill from 0
     rope: tuple[torch.Tensor, torch.Tensor] | None
+    decode_kernel: DecodeKernel | None = None
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):  # type: ignore[no-untyped-def]
@@ -145,26 +154,22 @@ class Attention(nn.Module):
             k_layer, v_layer = cache  # [lanes, kv_heads, L, head_dim]: the whole layer, written in place
             k_layer[step.lanes, :, step.positions] = k.transpose(1, 2)  # indexed: [n, S, kv_heads, head_dim]
             v_layer[step.lanes, :, step.positions] = v.transpose(1, 2)
-            if s == 1 and step.mask is not None and step.lane_start is not None and kernels.available(q):
-                y = kernels.decode_attention(
+            if s == 1 and step.mask is not None and step.decode_kernel is not None:
+                y = step.decode_kernel(
                     q,
                     k_layer,
                     v_layer,
                     step.positions,
-                    step.lane_start,
+                    step.lanes[:, 0],
                     step.kv_len,
                     self.sliding_window or 0,
                     scale,
                 )
-                return self.wo(y.transpose(1, 2).reshape(n, s, q_size))
+                if y is not None:
+                    return self.wo(y.transpose(1, 2).reshape(n, s, q_size))
             if step.mask is not None:
-                lanes = (
-                    step.lanes[:, 0]
-                    if step.lane_start is None
-                    else slice(step.lane_start, step.lane_start + n)
-                )
-                k = k_layer[lanes, :, : step.kv_len]  # [n, kv_heads, kv_len, head_dim]
-                v = v_layer[lanes, :, : step.kv_len]
+                k = k_layer[step.lanes[:, 0], :, : step.kv_len]  # [n, kv_heads, kv_len, head_dim]
+                v = v_layer[step.lanes[:, 0], :, : step.kv_len]
         if step.mask is None:  # prefill from position 0: only this pass's keys, causal (flash attention)
             # causal even for a prompt of one token (one key: the same); ``s > 1`` is a symbol when compiled
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -256,6 +261,7 @@ class StageModel(nn.Module):
         self.cache: KVCache | None = None
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
+        self.decode_kernel: DecodeKernel | None = None
 
     def setup_cache(self, lanes: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         """Preallocate the KV cache (``lanes`` x ``max_len`` + a scratch slot) and the rotary tables."""
@@ -289,28 +295,24 @@ class StageModel(nn.Module):
         prefill: bool = False,
         kv_len: int | None = None,
         lanes: torch.Tensor | None = None,
+        run_layer: RunLayer | None = None,
     ) -> torch.Tensor:
         """inputs: tokens [n, S] (first stage) or hidden [n, S, hidden]; positions: [n, S] per token.
 
-        Uses cache lanes [lane_start, lane_start + n), or ``lanes`` [n] (any lanes; prefill only).
-        ``prefill``: each lane's prompt from position 0 (a whole prompt into an empty lane), right-padded
-        with tokens at the cache's scratch position, so attention needs no cache reads and no mask, and
-        each lane's logits are its last real token's. ``kv_len``: the
-        cache slots attention reads, more than every position (default: all); decode reads as many
-        keys as the longest sequence has, not the cache's length. Returns hidden [n, S, hidden], or on
-        the last stage float32 logits of each lane's last token [n, vocab].
+        Uses cache lanes ``lanes`` [n] (any lanes, as device data: one compiled or captured step serves
+        every micro-batch), or [lane_start, lane_start + n). ``prefill``: each lane's prompt from
+        position 0 (a whole prompt into an empty lane), so attention needs no cache reads and no mask.
+        A pass of several tokens may be right-padded with tokens at the cache's scratch position: they
+        write only the scratch slot, and the logits are each lane's last real token's. ``kv_len``: the
+        cache slots attention reads, more than every position (default: all). Returns hidden
+        [n, S, hidden], or on the last stage float32 logits of each lane's last token [n, vocab].
         """
         assert self.cache is not None, "call setup_cache() first"
         x = self._embed(inputs, positions) if self.first else inputs
         n, s = positions.shape
-        start: int | None = lane_start
         if lanes is None:
             self.cache.check_lanes(lane_start, n)
             lanes = torch.arange(n, device=positions.device) + lane_start
-        elif prefill:
-            start = None
-        else:
-            raise ValueError("lanes (a list of cache lanes) is for prefill; decode uses a lane range")
         kv_len = self.cache.length if kv_len is None else kv_len
         window = self.arch.sliding_window
         mask = None
@@ -326,12 +328,13 @@ class StageModel(nn.Module):
             cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [n, 1, S, rotary_dim]
             sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
             rope = (cos, sin)
-        step = Step(positions, lanes[:, None], start, kv_len, mask, rope)  # lanes [n, 1]
+        step = Step(positions, lanes[:, None], kv_len, mask, rope, self.decode_kernel)  # lanes [n, 1]
         for i, layer in enumerate(self.layers):
-            x = layer(x, step, self.cache.layer(i))
+            cache = self.cache.layer(i)
+            x = layer(x, step, cache) if run_layer is None else run_layer(layer, x, step, cache)  # type: ignore[arg-type]
         if not self.last:
             return x
-        if prefill and s > 1:  # each lane's last real token (the padding sits at the scratch position)
+        if s > 1:  # each lane's last real token (the padding sits at the scratch position)
             last = (positions < self.cache.scratch_position).sum(dim=1) - 1  # [n]
             return self.head(x[torch.arange(n, device=x.device), last])
         return self.head(x[:, -1])
@@ -349,7 +352,7 @@ class StageModel(nn.Module):
         positions = torch.arange(s, device=tokens.device).expand(n, s)
         x = self._embed(tokens, positions)
         mask = attention_mask.bool()[:, None, None, :]  # [n, 1, 1, S]: padding keys hidden
-        step = Step(positions, positions[:, :1], 0, s, mask, None)
+        step = Step(positions, positions[:, :1], s, mask, None)
         for layer in self.layers:
             x = layer(x, step, None)
         return x

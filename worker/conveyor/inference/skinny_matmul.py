@@ -24,14 +24,15 @@ import dataclasses
 import logging
 import os
 import statistics
-from collections.abc import Callable, Iterable
-from functools import partial
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from conveyor.inference.side_stream import warm_up
 
 try:
     import triton
@@ -354,8 +355,6 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) 
 
 def time_in_graph(fn, calls: int) -> float:  # type: ignore[no-untyped-def]
     """Microseconds per call of ``fn(i)``, ``calls`` of them back to back in one CUDA graph."""
-    from conveyor.inference.cuda_graphs import warm_up  # (cuda_graphs imports this module)
-
     warm_up(lambda: fn(0))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -402,13 +401,13 @@ def _time_product(
         return time_in_graph(product, max(len(group), 8))
 
 
-def tune(products: Iterable[Product], m: int) -> None:
+def tune(products: Iterable[Product], m: int) -> int:
     """Choose cuBLAS or a tile shape for ``x [m, K] @ W^T`` for every weight shape among ``products``,
     timing each over the weights of that shape in turn (a model's layers: enough bytes that L2 holds
     none of them), then for each gate | up shape whether the fused kernel beats that choice followed by
-    the separate silu-multiply. Shapes chosen before are kept."""
-    if triton is None or not kernels_enabled() or m > MAX_ROWS:
-        return
+    the separate silu-multiply. Shapes chosen before are kept. Returns how many shapes it timed."""
+    if triton is None or m > MAX_ROWS:
+        return 0
     groups: dict[Key, list[Product]] = {}
     for product in products:
         w, scale, gate_up = product
@@ -446,10 +445,12 @@ def tune(products: Iterable[Product], m: int) -> None:
             "unfused" if gate_up else "cuBLAS",
             rival_us,
         )
+    return len(groups)
 
 
 def kernels_enabled() -> bool:
-    """``CONVEYOR_TRITON_KERNELS=0`` keeps the decode step on cuBLAS and inductor's attention."""
+    """``CONVEYOR_TRITON_KERNELS=0`` keeps the decode step on cuBLAS and inductor's attention (read once,
+    at an entry point: GenerationOptions.from_env)."""
     return os.environ.get("CONVEYOR_TRITON_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -459,7 +460,7 @@ def is_decode_product(x: torch.Tensor) -> bool:
     chosen per row count, and asking for one would pin the compiled pass to a single length (a symbol is
     never statically known, and asking adds no guard)."""
     few_rows = statically_known_true(x.numel() // x.shape[-1] <= MAX_ROWS)
-    return triton is not None and x.is_cuda and few_rows and kernels_enabled()
+    return triton is not None and x.is_cuda and few_rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -490,19 +491,18 @@ def _fused(n: int, k: int, m: int, dtype: str, weight_dtype: str, device: int) -
     return _CHOICES.get(key) is not None  # type: ignore[arg-type]
 
 
-def _gate_up_forward(
-    module: nn.Module, product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
-) -> torch.Tensor:
-    """A silu-gated MLP's ``F.silu(gate) * up`` from its gate | up layer ``module`` (whose own forward is
-    ``product``): one fused kernel at decode where tune chose it, else the product and torch's gate
-    (which inductor fuses into one kernel)."""
+def _gate_up_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A silu-gated MLP's ``F.silu(gate) * up`` from its gate | up layer ``module``: one fused kernel at
+    decode where tune chose it, else the layer's own product (its class's, not its current forward:
+    routing a model twice gates once) and torch's gate (which inductor fuses into one kernel)."""
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     n, k = weight.shape
     name = str(x.dtype).removeprefix("torch."), str(weight.dtype).removeprefix("torch.")
     if is_decode_product(x) and _fused(n, k, x.numel() // k, *name, weight.device.index or 0):
         return decode_gate_up(x, weight, _int8(module))
-    gate, up = product(x).chunk(2, dim=-1)
+    plain = _linear_forward if type(module) is nn.Linear else type(module).forward
+    gate, up = plain(module, x).chunk(2, dim=-1)  # type: ignore[arg-type]
     return F.silu(gate) * up
 
 
@@ -513,7 +513,7 @@ def route_linears(model: nn.Module) -> list[Product]:
     run around them). Returns every product ``tune`` should time: theirs, and those of the int8 layers
     (quantize.py), which call ``decode_linear`` themselves."""
     products: list[Product] = []
-    if triton is None or not kernels_enabled():
+    if triton is None:
         return products
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.is_cuda:
@@ -527,9 +527,9 @@ def route_linears(model: nn.Module) -> list[Product]:
             continue
         weight = gate_up.weight
         if isinstance(weight, torch.Tensor) and weight.is_cuda and gate_up.bias is None:
-            # the layer's own product, not its current forward: routing a model twice gates once
-            plain = _linear_forward if type(gate_up) is nn.Linear else type(gate_up).forward
-            gate_up.forward = partial(_gate_up_forward, gate_up, plain.__get__(gate_up))  # type: ignore[method-assign]
+            # a method like the plain layers' (no partial holding the module: a compiled layer is reused
+            # for every layer only where nothing per-layer sits in what dynamo guards)
+            gate_up.forward = _gate_up_forward.__get__(gate_up)  # type: ignore[method-assign]
             setattr(mlp, "up_applies_gate", True)  # noqa: B010 (any module with the attribute)
             products.append(Product(weight, _int8(gate_up), gate_up=True))
     return products

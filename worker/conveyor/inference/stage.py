@@ -68,7 +68,7 @@ class StageWorker:
         self.model, self.peers, self.params, self.device = model, peers, params, device
         assert model.cache is not None, "setup_cache() before generating"
         self.channel = Channel(device, model.cache.k[0].dtype, peers.meta_group)
-        self.compiled = CompiledStage.of(model)  # compiled passes, decode in CUDA graphs; eager on the CPU
+        self.compiled = CompiledStage.of(model)  # as the rank builder warmed it up (eager if it did not)
         self.scratch = model.cache.scratch_position
         self.seen: torch.Tensor | None = None
         if peers.is_last and params.repetition_penalty != 1.0:
@@ -140,11 +140,11 @@ class StageWorker:
         inputs = tokens if self.peers.is_first else hidden
         assert inputs is not None, "stage 0 needs tokens, a later stage the previous stage's hidden state"
         if kind == PREFILL:
-            out = self.compiled.prompt(inputs, positions, prefill=True, lanes=lanes)
+            out = self.compiled.prompt(inputs, positions, lanes, prefill=True)
         elif kind == EXTEND:  # a later chunk of one prompt: its keys join those already in the cache
-            out = self.compiled.prompt(inputs, positions, lane_start, kv_len=kv_len)
+            out = self.compiled.prompt(inputs, positions, lanes, kv_len=kv_len)
         else:
-            out = self.compiled.decode(inputs, positions, lane_start, kv_len)
+            out = self.compiled.decode(inputs, positions, lanes, kv_len)
         if not self.peers.is_last:
             # why clone: a replayed graph's output is overwritten by the next step while a send may read it
             return out.clone() if kind == DECODE else out
@@ -157,9 +157,9 @@ class StageWorker:
                 seen.scatter_(1, torch.where(positions != self.scratch, prompt, prompt[:, :1]), True)
             else:
                 seen = self.seen[lane_start : lane_start + n]
-                if kind == EXTEND:
+                if kind == EXTEND:  # padding, as for a prefill, repeats the chunk's first token
                     assert prompt is not None
-                    seen.scatter_(1, prompt, True)
+                    seen.scatter_(1, torch.where(positions != self.scratch, prompt, prompt[:, :1]), True)
         new = sample(out, self.params, keys, steps, seen)
         if self.peers.tensor_group is not None:
             # why: every tp rank sampled the same logits; rank 0's tokens make that exact, whatever

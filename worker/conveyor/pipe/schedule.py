@@ -160,50 +160,14 @@ def validate(schedule: Schedule, micro_batches: int, training: bool = True) -> N
     """Raise ScheduleError unless the schedule computes every micro-batch once, in a valid order, and
     runs to the end when every communication step waits for all of its partners (the strictest
     semantics: a send completes only once the matching receive is posted)."""
-    stages = len(schedule)
-    problems: list[str] = []
-    channels: dict[tuple[int, int, str], dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
-    for stage, steps in enumerate(schedule):
-        done: set[tuple[Kind, int]] = set()
-        for i, step in enumerate(steps):
-            kinds = {a.kind in COMPUTE for a in step}
-            if len(kinds) != 1 or (True in kinds and len(step) != 1):
-                problems.append(f"stage {stage} step {i}: a step is one compute action or only communication")
-            for act in step:
-                if act.stage != stage:
-                    problems.append(f"stage {stage} step {i}: {act} belongs to stage {act.stage}")
-                if act.kind not in COMPUTE:
-                    if not 0 <= (act.peer or 0) < stages or act.peer is None:
-                        problems.append(f"stage {stage} step {i}: {act} has no peer stage")
-                        continue
-                    channels[act.channel][act.is_send].append(act.micro_batch)
-                needs = {
-                    Kind.FORWARD: [(Kind.RECV_F, stage > 0)],
-                    Kind.BACKWARD: [(Kind.FORWARD, True), (Kind.RECV_B, stage < stages - 1)],
-                    Kind.SEND_F: [(Kind.FORWARD, True)],
-                    Kind.SEND_B: [(Kind.BACKWARD, True)],
-                    Kind.RECV_F: [],
-                    Kind.RECV_B: [(Kind.FORWARD, True)],
-                }[act.kind]
-                for need, applies in needs:
-                    if applies and (need, act.micro_batch) not in done:
-                        problems.append(
-                            f"stage {stage} step {i}: {act} before {stage}{need.value}{act.micro_batch}"
-                        )
-                if (act.kind, act.micro_batch) in done:
-                    problems.append(f"stage {stage} step {i}: {act} appears twice")
-                done.add((act.kind, act.micro_batch))
-        wanted = {(Kind.FORWARD, mb) for mb in range(micro_batches)}
-        if training:
-            wanted |= {(Kind.BACKWARD, mb) for mb in range(micro_batches)}
-        missing = sorted(f"{stage}{k.value}{mb}" for k, mb in wanted - done)
-        if missing:
-            problems.append(f"stage {stage}: never runs {', '.join(missing)}")
-    for (src, dst, what), sides in sorted(channels.items()):
-        if sides[True] != sides[False]:
-            problems.append(
-                f"{what} channel {src}->{dst}: sends {sides[True]} do not meet receives {sides[False]} in order"
-            )
+    problems = [
+        *(
+            p
+            for stage in range(len(schedule))
+            for p in _stage_problems(schedule, stage, micro_batches, training)
+        ),
+        *_channel_problems(schedule),
+    ]
     if problems:
         raise ScheduleError(
             "invalid pipeline schedule:\n  " + "\n  ".join(problems) + "\n" + format_grid(schedule)
@@ -214,6 +178,72 @@ def validate(schedule: Schedule, micro_batches: int, training: bool = True) -> N
             "pipeline schedule deadlocks: no rank can make progress at the marked steps\n"
             + format_grid(schedule, positions)
         )
+
+
+# What must have run on the same stage before an action of each kind, and whether it applies there
+# (a first stage receives no activations, a last stage no gradients).
+def _prerequisites(kind: Kind, stage: int, stages: int) -> list[Kind]:
+    needs = {
+        Kind.FORWARD: [(Kind.RECV_F, stage > 0)],
+        Kind.BACKWARD: [(Kind.FORWARD, True), (Kind.RECV_B, stage < stages - 1)],
+        Kind.SEND_F: [(Kind.FORWARD, True)],
+        Kind.SEND_B: [(Kind.BACKWARD, True)],
+        Kind.RECV_F: [],
+        Kind.RECV_B: [(Kind.FORWARD, True)],
+    }[kind]
+    return [need for need, applies in needs if applies]
+
+
+def _stage_problems(schedule: Schedule, stage: int, micro_batches: int, training: bool) -> list[str]:
+    """One stage's own mistakes: malformed steps, foreign or peerless actions, an action before what it
+    needs or twice, and work never done."""
+    stages = len(schedule)
+    problems: list[str] = []
+    done: set[tuple[Kind, int]] = set()
+    for i, step in enumerate(schedule[stage]):
+        kinds = {a.kind in COMPUTE for a in step}
+        if len(kinds) != 1 or (True in kinds and len(step) != 1):
+            problems.append(f"stage {stage} step {i}: a step is one compute action or only communication")
+        for act in step:
+            if act.stage != stage:
+                problems.append(f"stage {stage} step {i}: {act} belongs to stage {act.stage}")
+            if act.kind not in COMPUTE and not _has_peer(act, stages):
+                problems.append(f"stage {stage} step {i}: {act} has no peer stage")
+                continue
+            for need in _prerequisites(act.kind, stage, stages):
+                if (need, act.micro_batch) not in done:
+                    problems.append(
+                        f"stage {stage} step {i}: {act} before {stage}{need.value}{act.micro_batch}"
+                    )
+            if (act.kind, act.micro_batch) in done:
+                problems.append(f"stage {stage} step {i}: {act} appears twice")
+            done.add((act.kind, act.micro_batch))
+    wanted = {(Kind.FORWARD, mb) for mb in range(micro_batches)}
+    if training:
+        wanted |= {(Kind.BACKWARD, mb) for mb in range(micro_batches)}
+    missing = sorted(f"{stage}{k.value}{mb}" for k, mb in wanted - done)
+    if missing:
+        problems.append(f"stage {stage}: never runs {', '.join(missing)}")
+    return problems
+
+
+def _has_peer(act: Action, stages: int) -> bool:
+    return act.peer is not None and 0 <= act.peer < stages
+
+
+def _channel_problems(schedule: Schedule) -> list[str]:
+    """Each channel's sends and receives must name the same micro-batches in the same order."""
+    channels: dict[tuple[int, int, str], dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
+    for steps in schedule:
+        for step in steps:
+            for act in step:
+                if act.kind not in COMPUTE and _has_peer(act, len(schedule)):
+                    channels[act.channel][act.is_send].append(act.micro_batch)
+    return [
+        f"{what} channel {src}->{dst}: sends {sides[True]} do not meet receives {sides[False]} in order"
+        for (src, dst, what), sides in sorted(channels.items())
+        if sides[True] != sides[False]
+    ]
 
 
 def simulate(schedule: Schedule) -> dict[int, int | None]:

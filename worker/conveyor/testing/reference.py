@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from conveyor.inference.generate import PipelinePeers, prepare_rank
 from conveyor.inference.model import StageModel
+from conveyor.inference.rank_builder import prepare_rank
+from conveyor.inference.stage import PipelinePeers
 from conveyor.topology import Layout, Topology
 
 

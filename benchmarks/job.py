@@ -1,0 +1,231 @@
+"""What a user runs, end to end: a batch inference job through ``conveyor run``, against HF ``generate``
+on the same prompts in the same run.
+
+The job is written as a user writes it (mixed prompt lengths as ``input_ids``, more prompts than lanes,
+greedy) and run twice: cold (an empty compile cache) and warm (the cache the cold run left). Each run
+is timed end to end (the ``conveyor run`` process) and by phase from the ranks' JSON logs: load, tune,
+compile, capture (warm-up), worker start to the first decode, and generation; compiles and captures
+after warm-up are counted from the warnings CompiledStage logs (must be 0). HF: the model loaded, then
+left-padded batches of ``--batch-size`` in input order, timed once after load (cold) and again (warm).
+
+    python3 benchmarks/job.py --model-shape llama2-7b --prompts 256 --prompt-lens 32,255 \
+        --new-tokens 128 --batch-size 64 --out benchmarks/results/job.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "worker"), str(ROOT)]
+
+import torch  # noqa: E402
+
+from benchmarks.common import SHAPES, save_report  # noqa: E402
+from benchmarks.generate import DTYPES, build_checkpoint, sync  # noqa: E402
+
+JOB = """apiVersion: conveyor.dev/v1alpha1
+kind: PipelineJob
+metadata:
+  name: bench-job
+spec:
+  mode: inference
+  device: {device}
+  model:
+    path: {model}
+    dtype: {dtype}
+  parallelism:
+    stages: 1
+    tensorParallel: 1
+  inference:
+    input: {input}
+    output: {output}
+    maxNewTokens: {new}
+    batchSize: {batch}
+    sampling:
+      temperature: 0.0
+"""
+
+
+def make_prompts(n: int, low: int, high: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(low, high))] for _ in range(n)]
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    rows = []
+    for line in text.splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            rows.append(json.loads(line[start:]))
+        except ValueError:
+            continue
+    return rows
+
+
+def run_job(job: Path, output: Path, cache: Path, label: str) -> dict[str, Any]:
+    for stale in output.parent.glob(output.name + "*"):
+        stale.unlink()
+    env = {
+        **os.environ,
+        "CONVEYOR_COMPILE_CACHE": str(cache),
+        "CONVEYOR_LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        env.pop(name, None)  # the job's cache directory decides
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor", "run", str(job)], env=env, capture_output=True, text=True
+    )
+    wall = time.time() - t0
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-6000:])
+        raise SystemExit(f"{label}: conveyor run exited {proc.returncode}")
+    logs = json_lines(proc.stdout + "\n" + proc.stderr)
+    if os.environ.get("OUT"):  # the device tool's folder that comes back
+        Path(os.environ["OUT"], f"job-{label}.log").write_text(proc.stdout + proc.stderr)
+
+    def first(msg: str) -> dict[str, Any]:
+        return next((r for r in logs if r.get("msg") == msg), {})
+
+    warm, start, done = first("warm-up done"), first("inference starting"), first("inference complete")
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    tokens = sum(len(r["output_ids"]) for r in results)
+    generation = done["ts"] - start["ts"]
+    row = {
+        "run": label,
+        "wall_s": wall,
+        "startup_s": start.get("startup_seconds", {}),
+        "exit_s": logs[-1]["ts"] - done["ts"],  # generation done to the end of conveyor run
+        "start_to_first_decode_s": start["ts"] - t0,  # process start to the generation loop
+        "generation_s": generation,
+        "output_tokens": tokens,
+        "prompts": len(results),
+        "tokens_per_s": tokens / generation,
+        "job_tokens_per_s": tokens / wall,
+        "compiles": warm.get("compiles"),
+        "captures": warm.get("captures"),
+        "late_compiles_or_captures": sum("after warm-up" in str(r.get("msg", "")) for r in logs),
+    }
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def run_hf(
+    model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], new: int, batch: int, passes: int
+) -> dict[str, Any]:
+    import transformers as T
+
+    t0 = time.perf_counter()
+    model = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda").eval()
+    sync("cuda")
+    load = time.perf_counter() - t0
+    eos = model.config.eos_token_id
+    times, tokens = [], 0
+    for _ in range(passes):
+        sync("cuda")
+        t1 = time.perf_counter()
+        tokens = 0
+        for i in range(0, len(prompts), batch):
+            part = prompts[i : i + batch]
+            width = max(len(p) for p in part)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in part], device="cuda")
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device="cuda")
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=eos,
+            )
+            tokens += out[:, width:].numel()  # rows that stopped early are padded: an upper bound
+        sync("cuda")
+        times.append(time.perf_counter() - t1)
+    del model
+    torch.cuda.empty_cache()
+    return {"load_s": load, "pass_s": times, "output_tokens": tokens}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-shape", default="llama2-7b", choices=list(SHAPES))
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--prompts", type=int, default=256)
+    p.add_argument("--prompt-lens", default="32,255", help="low,high: lengths drawn uniformly")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--hf-passes", type=int, default=2, help="0: no HF; 1: cold only; 2: cold and warm")
+    p.add_argument(
+        "--runs",
+        default="cold,warm",
+        help="cold: start from an empty compile cache; warm: the cache as it is",
+    )
+    p.add_argument("--workdir", default="/tmp/conveyor-bench")
+    p.add_argument("--out", default="benchmarks/results/job.json")
+    args = p.parse_args()
+    dtype = DTYPES[args.dtype]
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model_dir = build_checkpoint(args.model_shape, dtype, "cuda", workdir)
+    print(f"checkpoint {model_dir} ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    low, high = (int(v) for v in args.prompt_lens.split(","))
+    prompts = make_prompts(args.prompts, low, high, SHAPES[args.model_shape].vocab)
+    run_dir = workdir / "job"
+    run_dir.mkdir(exist_ok=True)
+    data = run_dir / "input.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "input_ids": ids}) + "\n" for i, ids in enumerate(prompts)))
+    output = run_dir / "out" / "results.jsonl"
+    output.parent.mkdir(exist_ok=True)
+    job = run_dir / "job.yaml"
+    job.write_text(
+        JOB.format(
+            device="cuda",
+            model=model_dir,
+            dtype=args.dtype,
+            input=data,
+            output=output,
+            new=args.new_tokens,
+            batch=args.batch_size,
+        )
+    )
+    cache = workdir / "compile-cache"  # shared by the jobs of one workdir, as a fleet's volume is
+    runs = args.runs.split(",")
+    if "cold" in runs:
+        shutil.rmtree(cache, ignore_errors=True)
+    report: dict[str, Any] = {
+        "shape": args.model_shape,
+        "device": torch.cuda.get_device_name(),
+        "prompts": args.prompts,
+        "prompt_lens": [low, high],
+        "new_tokens": args.new_tokens,
+        "batch_size": args.batch_size,
+        "runs": [run_job(job, output, cache, label) for label in runs],
+    }
+    if args.hf_passes:
+        hf = run_hf(model_dir, dtype, prompts, args.new_tokens, args.batch_size, args.hf_passes)
+        report["hf"] = hf
+        cold_hf = hf["load_s"] + hf["pass_s"][0]
+        warm_hf = hf["pass_s"][-1]
+        for row in report["runs"]:
+            row["speedup_vs_hf_cold"] = cold_hf / row["wall_s"]
+            row["speedup_vs_hf_warm"] = warm_hf / row["wall_s"]
+    save_report(report, args.out)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The persistent compile cache: what warm-up makes, kept on disk so a restarted group, a second replica
+or the next job starts warm.
+
+One directory (``spec.cache``: a volume shared by a job's or a fleet's replicas; ``conveyor run``
+uses ``~/.cache/conveyor/compile``) holds inductor's caches (FX graphs, AOT autograd, autotuning),
+Triton's compiled kernels and skinny_matmul's tile choices. Each is keyed by what makes it valid and
+nothing per pod: inductor and Triton key theirs by source, torch/Triton versions and device; the
+tile choices file is named by GPU model and torch/Triton versions, and its rows by shape and dtype
+(not device index: a tensor-parallel rank on cuda:1 reads what cuda:0 measured). Writers replace
+files atomically, so replicas can share the directory while they write it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conveyor.inference.progress import write_json_atomic
+
+DEFAULT_DIR = Path.home() / ".cache" / "conveyor" / "compile"
+
+
+def configure(cache_dir: Path | None) -> None:
+    """Process-wide compiler settings, made once at an entry point before anything compiles."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # an explicit setting by the user wins
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir / "triton"))
+        try:
+            import triton
+
+            knobs = getattr(triton, "knobs", None)
+            if knobs is not None:
+                knobs.cache.dir = os.environ["TRITON_CACHE_DIR"]
+        except ImportError:
+            pass
+    # Round where eager rounds (bf16 after each op), so compiled decode gives eager's tokens; the
+    # kernels are memory-bound, the extra conversions cost nothing measurable.
+    torch._inductor.config.emulate_precision_casts = True
+    torch._inductor.config.fx_graph_cache = True
+    # Warm-up compiles a handful of graphs; a limit reached would silently fall back to eager.
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+class TileChoices:
+    """skinny_matmul's tile choices for this GPU model, torch and Triton, in ``cache_dir``."""
+
+    def __init__(self, cache_dir: Path, device: torch.device):
+        import triton
+
+        name = torch.cuda.get_device_name(device)
+        self.device_index = device.index or 0
+        self.path = cache_dir / (
+            f"tiles-{_slug(name)}-torch{_slug(torch.__version__)}-triton{_slug(triton.__version__)}.json"
+        )
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            return list(json.loads(self.path.read_text())["choices"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return []  # none yet, or unreadable: measured again (never trusted half-written)
+
+    def load(self) -> int:
+        """Add the saved choices to skinny_matmul's; returns how many."""
+        from conveyor.inference import skinny_matmul
+
+        rows = self._read()
+        for row in rows:
+            key = (
+                row["n"],
+                row["k"],
+                row["m"],
+                getattr(torch, row["dtype"]),
+                getattr(torch, row["weight_dtype"]),
+                self.device_index,
+                row["gate_up"],
+            )
+            skinny_matmul._CHOICES.setdefault(
+                key, skinny_matmul.Tiles(**row["tiles"]) if row["tiles"] else None
+            )
+        return len(rows)
+
+    def save(self) -> None:
+        """This device's choices, merged with what the file holds (another replica may have added some)."""
+        from conveyor.inference import skinny_matmul
+
+        rows = {
+            json.dumps({k: v for k, v in r.items() if k != "tiles"}, sort_keys=True): r for r in self._read()
+        }
+        for (n, k, m, dtype, weight_dtype, index, gate_up), tiles in skinny_matmul._CHOICES.items():
+            if index != self.device_index:
+                continue
+            row = {
+                "n": n,
+                "k": k,
+                "m": m,
+                "dtype": str(dtype).removeprefix("torch."),
+                "weight_dtype": str(weight_dtype).removeprefix("torch."),
+                "gate_up": gate_up,
+            }
+            rows[json.dumps(row, sort_keys=True)] = {**row, "tiles": None if tiles is None else vars(tiles)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            self.path, {"choices": sorted(rows.values(), key=lambda r: json.dumps(r, sort_keys=True))}
+        )
