@@ -20,7 +20,11 @@ RECORD_ENV = textwrap.dedent(
     out = os.path.join(os.path.dirname(__file__), "rank-%s.json" % os.environ["RANK"])
     json.dump({"env": {k: os.environ[k] for k in keys}, "argv": sys.argv[1:]}, open(out, "w"))
     fail = os.environ.get("FAIL_RANK")
+    if int(os.environ["CONVEYOR_RESTART"]) >= int(os.environ.get("FAIL_RESTARTS", "1000")):
+        fail = None  # this restart succeeds
     if fail == os.environ["RANK"]:
+        if os.environ.get("FAIL_RAISE"):
+            raise RuntimeError("boom on rank " + fail)
         sys.exit(7)
     if fail is not None:
         import time
@@ -41,9 +45,10 @@ def _write_job(path: Path, name: str, spec: dict) -> Path:
     return path
 
 
-def _job(tmp: Path, **parallelism) -> Path:
+def _job(tmp: Path, restart_policy: dict | None = None, **parallelism) -> Path:
     (tmp / "record.py").write_text(RECORD_ENV)
     spec = {
+        "restartPolicy": restart_policy or {"backoffLimit": 0},
         "mode": "train",
         "device": "cpu",
         "parallelism": parallelism,
@@ -98,6 +103,51 @@ def test_first_failure_stops_every_rank_and_sets_the_exit_code(tmp_path):
     assert result.returncode == 7, result.stdout + result.stderr
     assert time.monotonic() - started < 60  # the sleeping ranks were stopped, not waited for
     assert "failed" in result.stderr
+
+
+def test_a_failed_rank_s_cause_is_printed_once(tmp_path):
+    job = _job(tmp_path, stages=2, tensorParallel=2)
+    result = _run("run", str(job), "--grace-seconds", "2", env={"FAIL_RANK": "2", "FAIL_RAISE": "1"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    failures = [line for line in result.stderr.splitlines() if "PipelineJob envcheck failed" in line]
+    assert len(failures) == 1, result.stderr
+    assert failures[0].endswith("replica 0 stage 1 exited with 1: RuntimeError: boom on rank 2")
+    assert (result.stdout + result.stderr).count("Traceback") == 1  # the failed rank's own, no other
+
+
+def test_a_failed_group_restarts_as_the_operator_would(tmp_path):
+    """restartPolicy locally: the group restarts after the backoff with CONVEYOR_RESTART raised, and the
+    job fails once backoffLimit restarts are spent."""
+    job = _job(tmp_path, {"backoffLimit": 2, "backoffSeconds": 1}, stages=2)
+    result = _run("run", str(job), "--grace-seconds", "2", env={"FAIL_RANK": "1", "FAIL_RESTARTS": "2"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.count("restarting PipelineJob envcheck in") == 2
+    assert "in 1s (restart 1 of 2, CONVEYOR_RESTART=1)" in result.stderr
+    assert "in 2s (restart 2 of 2, CONVEYOR_RESTART=2)" in result.stderr  # backoff doubles
+    assert json.loads((tmp_path / "rank-1.json").read_text())["env"]["CONVEYOR_RESTART"] == "2"
+
+    spent = _run("run", str(job), "--grace-seconds", "2", env={"FAIL_RANK": "1", "FAIL_RESTARTS": "3"})
+    assert spent.returncode == 7 and "backoffLimit (2) restarts spent" in spent.stderr
+
+
+def test_ctrl_c_stops_the_job_with_130_and_no_failure(tmp_path):
+    import signal
+
+    job = _job(tmp_path, stages=2)
+    proc = subprocess.Popen(
+        conveyor_cmd("run", str(job), "--grace-seconds", "2"),
+        env=subprocess_env(FAIL_RANK="9"),  # no rank fails: every rank sleeps until stopped
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("rank-*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "stopped by a signal" in err and "failed" not in err
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,9 @@ def _pod(spec: dict, **kw: object) -> PodEnv:
 
 def test_a_failed_train_pod_reports_the_committed_checkpoint(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     ckpt = tmp_path / "ckpt"
-    (ckpt / "step-12").mkdir(parents=True)
+    for step in (8, 12):
+        (ckpt / f"step-{step}").mkdir(parents=True)
+        (ckpt / f"step-{step}" / ".metadata").write_bytes(b"")  # DCP's index: what a resume checks
     (ckpt / "latest").write_text("step-12\n")
     pod = _pod(
         {"mode": "train", "train": {"script": "/t.py"}, "checkpoint": {"path": str(ckpt)}},
@@ -36,6 +38,11 @@ def test_a_failed_train_pod_reports_the_committed_checkpoint(tmp_path: Path, mon
     body = json.loads(log.read_text())
     assert body["completed"] is False and body["message"] == "rank 1 exited with code 3"
     assert body["lastCheckpoint"]["step"] == 12
+    # `latest` names a checkpoint that is gone: the restart resumes from step-8, and says so.
+    (ckpt / "step-12" / ".metadata").unlink()
+    (ckpt / "step-12").rmdir()
+    report_failure(pod, "rank 1 exited with code 3")
+    assert json.loads(log.read_text())["lastCheckpoint"]["step"] == 8
 
 
 def test_a_failed_inference_pod_reports_its_replicas_committed_results(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

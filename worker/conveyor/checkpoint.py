@@ -4,10 +4,16 @@ Every rank writes into ``step-{N}.tmp/``; after a barrier rank 0 renames it to `
 atomically replaces ``latest`` (write ``latest.tmp``, fsync, rename). A directory that ``latest`` does not
 name never counts, so a crash at any moment leaves the previous checkpoint in force. The last ``keep``
 committed ``step-*`` directories are kept.
+
+Before the rename rank 0 writes ``MANIFEST.json`` into the directory: every file the ranks wrote, with its
+size. A resume (``resume_point``) trusts a checkpoint only when every file is there at its size: when
+``latest`` names a missing or damaged directory it falls back to the newest complete ``step-*``, with a
+warning naming what it skipped, and refuses in one line when there are checkpoints but none is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 LATEST = "latest"
+MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -105,6 +112,7 @@ def commit(
             if current is not None and current.name == name:
                 raise CheckpointError(f"{final} is already the committed checkpoint; save under another tag")
             shutil.rmtree(final)  # an uncommitted leftover of the same name
+        write_manifest(tmp)
         os.rename(tmp, final)
         pointer_tmp = root / (LATEST + ".tmp")
         with open(pointer_tmp, "w") as f:
@@ -122,6 +130,77 @@ def commit(
             f"checkpoint {name} in {root} was not committed (is {root} shared by all ranks?)"
         )
     return committed
+
+
+def write_manifest(directory: Path) -> None:
+    """Record every file of a checkpoint and its size (after the barrier: every rank has written)."""
+    files = {
+        str(f.relative_to(directory)): f.stat().st_size
+        for f in sorted(directory.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
+    tmp = directory / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+
+
+def verify(directory: Path) -> str | None:
+    """None when the checkpoint is complete, else what is wrong with it, in words. A checkpoint from before
+    manifests counts when torch.distributed.checkpoint's ``.metadata`` is there (all that can be checked)."""
+    if not directory.is_dir():
+        return "missing"
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return None if (directory / ".metadata").is_file() else f"no {MANIFEST} (never committed)"
+    try:
+        files: dict[str, int] = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} unreadable ({err})"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} at commit"
+    return None
+
+
+def resume_point(root: str | Path, warn: Callable[[str], None] | None = None) -> Committed | None:
+    """The checkpoint to resume from: the one ``latest`` names if it is complete, else the newest complete
+    ``step-*`` (``warn`` is told what was skipped). None when there is no checkpoint at all; raises
+    CheckpointError (one line) when there are some but none is complete."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    named = latest(root)
+    pointed = None
+    with contextlib.suppress(FileNotFoundError):
+        pointed = (root / LATEST).read_text().strip() or None
+    steps = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))),
+        reverse=True,
+    )
+    candidates = ([root / pointed] if pointed else []) + [p for _, p in steps if p.name != pointed]
+    skipped: list[str] = []
+    for path in candidates:
+        problem = verify(path)
+        if problem is None:
+            if skipped and warn is not None:
+                warn(f"resuming from {path.name} in {root}; skipped {'; '.join(skipped)}")
+            if named is not None and named.path == path:
+                return named
+            match = _STEP_DIR.match(path.name)
+            return Committed(path.name, path, int(match.group(1)) if match else None, path.stat().st_mtime)
+        skipped.append(f"{path.name} ({'named by latest, ' if path.name == pointed else ''}{problem})")
+    if skipped:
+        raise CheckpointError(
+            f"no complete checkpoint in {root}: {'; '.join(skipped)}; restore one, or move them away to "
+            "start from step 0"
+        )
+    return None
 
 
 def prune(root: Path, keep: int) -> None:
@@ -142,6 +221,7 @@ def write_termination_message(
     completed: bool,
     last_checkpoint: Committed | dict[str, Any] | None = None,
     message: str | None = None,
+    cause: str | None = None,
 ) -> dict[str, Any]:
     """The JSON a worker leaves in CONVEYOR_TERMINATION_LOG (the operator reads it as the pod's
     termination message): ``{"completed": true, "lastCheckpoint": {"step": N, "time": ...}}``;
@@ -153,6 +233,8 @@ def write_termination_message(
         body["lastCheckpoint"] = last_checkpoint
     if message:
         body["message"] = message[-3000:]  # Kubernetes keeps at most 4096 bytes
+    if cause:
+        body["cause"] = cause[-800:]  # the failed rank's one line (failure.py), for `conveyor run` to print
     if path:
         Path(path).write_text(json.dumps(body))
     return body

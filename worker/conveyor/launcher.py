@@ -2,8 +2,13 @@
 
 Each pod the operator would create becomes a local ``conveyor worker`` process with the same
 environment (``conveyor.env.pod_environ``), rendezvous on 127.0.0.1 with a free port per group. A bad
-job is refused before any process starts; when one pod fails, all are stopped and the first failure's
-exit code is returned.
+job, and a batch inference job's bad input, model, layout or output (inference/validate.py), are
+refused in one line with exit code 2 before any process starts. When one pod fails, all are stopped,
+the failed rank's one-line cause is printed once, and the group restarts as the operator would restart
+it (``spec.restartPolicy``: the same backoff, CONVEYOR_RESTART raised) until ``backoffLimit`` is spent;
+a refusal (exit 2) is not restarted, since it would only be refused again. Locally every pod restarts,
+where the operator restarts only the failed replica's group; a replica that is done exits 0 at once.
+Ctrl-C (or SIGTERM) stops the pods, keeps what they committed and exits 130 (143).
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from conveyor.backoff import budget_left, restart_delay
 from conveyor.env import pod_environ
+from conveyor.failure import EXIT_REFUSED
 from conveyor.log import configure, get_logger
 from conveyor.spec import Mode, PipelineJob, PipelineJobSpec, SpecError, load_job
-from conveyor.supervise import Child, run_group
+from conveyor.supervise import Child, Outcome, run_group
 from conveyor.utils import free_port
 
 log = get_logger("conveyor.run")
@@ -100,6 +109,7 @@ def plan_pods(job: PipelineJob, spec: PipelineJobSpec, restart: int, workdir: Pa
                     env={
                         **os.environ,
                         "CONVEYOR_LOG_FORMAT": os.environ.get("CONVEYOR_LOG_FORMAT", "text"),
+                        "CONVEYOR_PREFLIGHT_DONE": "1",  # run_job checked it; the workers need not again
                         **env,
                     },
                 )
@@ -107,33 +117,82 @@ def plan_pods(job: PipelineJob, spec: PipelineJobSpec, restart: int, workdir: Pa
     return children
 
 
-def run_job(job: PipelineJob, restart: int = 0, grace_seconds: float = 10.0) -> int:
+def run_job(
+    job: PipelineJob,
+    restart: int = 0,
+    grace_seconds: float = 10.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
     spec = job.spec
     check_local(spec)
+    if spec.mode == Mode.INFERENCE:
+        from conveyor.inference.validate import preflight
+
+        preflight(spec)  # raises InputError: one line, exit 2
+    p, name, policy = spec.parallelism, job.metadata.name, spec.restart_policy
+    log.info(
+        f"running PipelineJob {name}: mode {spec.mode}, {p.replicas} replica(s) x "
+        f"{p.stages} stage(s) x {p.tensor_parallel} tensor-parallel rank(s) = "
+        f"{p.replicas * p.group_size} process(es)"
+    )
+    restarts, started = 0, time.monotonic()
+    while True:
+        outcome, messages = run_once(job, restart + restarts, grace_seconds)
+        if outcome.failed == "signal":  # Ctrl-C or SIGTERM: a stop asked for, not a failure
+            log.info(
+                f"PipelineJob {name} stopped by a signal; committed progress is kept (run again to resume)"
+            )
+            return outcome.code
+        if not outcome.code:
+            summary = next(iter(messages.values()), {})
+            log.info(
+                f"PipelineJob {name} succeeded in {time.monotonic() - started:.1f}s",
+                extra={"result": summary},
+            )
+            return 0
+        failed = messages.get(outcome.failed or "", {})
+        cause = failed.get("cause") or failed.get("message")
+        log.error(
+            f"PipelineJob {name} failed: {outcome.failed} exited with {outcome.code}"
+            + (f": {cause}" if cause else "")
+        )
+        if outcome.code == EXIT_REFUSED:
+            return outcome.code
+        if not budget_left(policy, restarts):
+            log.error(f"PipelineJob {name}: backoffLimit ({policy.backoff_limit}) restarts spent")
+            return outcome.code
+        delay = restart_delay(policy, restarts)
+        restarts += 1
+        log.warning(
+            f"restarting PipelineJob {name} in {delay:.0f}s (restart {restarts} of {policy.backoff_limit}, "
+            f"CONVEYOR_RESTART={restart + restarts})"
+        )
+        try:
+            sleep(delay)
+        except KeyboardInterrupt:
+            log.info(f"PipelineJob {name} stopped during the restart backoff")
+            return 130
+
+
+def run_once(
+    job: PipelineJob, restart: int, grace_seconds: float
+) -> tuple[Outcome, dict[str, dict[str, Any]]]:
+    """One start of every pod; the outcome and each pod's termination message, by pod name."""
     with tempfile.TemporaryDirectory(prefix="conveyor-run-") as tmp:
         workdir = Path(tmp)
-        children = plan_pods(job, spec, restart, workdir)
-        p = spec.parallelism
-        log.info(
-            f"running PipelineJob {job.metadata.name}: mode {spec.mode}, {p.replicas} replica(s) x "
-            f"{p.stages} stage(s) x {p.tensor_parallel} tensor-parallel rank(s) = "
-            f"{p.replicas * p.group_size} process(es)"
-        )
-        started = time.monotonic()
+        children = plan_pods(job, job.spec, restart, workdir)
         outcome = run_group(children, grace_seconds=grace_seconds)
-        elapsed = time.monotonic() - started
-        messages = [
-            json.loads(f.read_text()) for f in sorted(workdir.glob("termination-*.json")) if f.stat().st_size
-        ]
-    if outcome.code:
-        log.error(f"PipelineJob {job.metadata.name} failed: {outcome.failed} exited with {outcome.code}")
-        return outcome.code
-    summary = messages[0] if messages else {}
-    log.info(f"PipelineJob {job.metadata.name} succeeded in {elapsed:.1f}s", extra={"result": summary})
-    return 0
+        messages = {}
+        for child in children:
+            path = Path(child.env["CONVEYOR_TERMINATION_LOG"])
+            if path.is_file() and path.stat().st_size:
+                messages[child.name] = json.loads(path.read_text())
+    return outcome, messages
 
 
 def main(args: argparse.Namespace) -> int:
+    from conveyor.inference.validate import InputError  # no torch: validate imports it lazily
+
     configure(fmt=os.environ.get("CONVEYOR_LOG_FORMAT", "text"))
     try:
         if args.job is None:
@@ -153,3 +212,6 @@ def main(args: argparse.Namespace) -> int:
         where = args.job or "the built-in job"
         print(f"conveyor run: {where} is not a valid PipelineJob:\n{err}", file=sys.stderr)
         return 2
+    except InputError as err:
+        print(f"conveyor run: refused: {err}", file=sys.stderr)
+        return EXIT_REFUSED

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from conveyor import metrics
 from conveyor.env import EnvError, PodEnv
+from conveyor.failure import CAUSE_ENV, EXIT_REFUSED, is_refusal, one_line, write_cause
 from conveyor.log import configure, get_logger
 from conveyor.spec import Mode
 from conveyor.utils import die_with_parent
@@ -53,6 +54,22 @@ def run_train_script(pod: PodEnv) -> int:
 
 
 def main(argv: list[str]) -> int:
+    """Run the rank; a failure leaves one cause for the supervisor (failure.py): a refusal exits 2
+    without a traceback, anything else logs its traceback here and exits 1."""
+    try:
+        return _main(argv)
+    except Exception as err:
+        cause = one_line(err)
+        write_cause(cause)
+        if is_refusal(err):
+            if not os.environ.get(CAUSE_ENV):  # no supervisor to say it: say it here, once
+                print(f"conveyor rank: {cause}", file=sys.stderr)
+            return EXIT_REFUSED
+        log.exception("rank failed", extra={"cause": cause})
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     die_with_parent()  # a rank never outlives its `conveyor worker`
     local_rank = int(argv[0]) if argv else int(os.environ.get("LOCAL_RANK", "0"))
     try:

@@ -526,7 +526,10 @@ def parse_spec(spec: dict[str, Any]) -> PipelineJobSpec:
 
 
 def load_job(path: str | Path) -> PipelineJob:
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: byte {err.start + 1} is not UTF-8: save the file as UTF-8") from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as err:

@@ -132,6 +132,6 @@ def run_group(children: Sequence[Child], grace_seconds: float = 10.0) -> Outcome
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if received and outcome.code == 0:
+    if received:  # the children's own exits (143 after our SIGTERM) are the stop we asked for
         return Outcome(128 + received[0], "signal")
     return outcome

@@ -1,8 +1,10 @@
 """``conveyor worker``: the pod entry point.
 
-Reads the pod's CONVEYOR_* environment once, starts one process per tensor-parallel rank (each runs
-``conveyor.rank``), and stops them all when one fails, exiting with the first failure's code, so that
-the operator sees one failed container and restarts the whole group.
+Reads the pod's CONVEYOR_* environment once, checks a batch inference job's input, model, layout and
+output before any rank starts (inference/validate.py; a refusal is one line and exit 2), starts one
+process per tensor-parallel rank (each runs ``conveyor.rank``), and stops them all when one fails,
+exiting with the first failure's code, so that the operator sees one failed container and restarts
+the whole group. The failed rank's one-line cause (failure.py) goes to the termination message.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from conveyor.env import EnvError, PodEnv
+from conveyor.failure import CAUSE_ENV, EXIT_REFUSED, read_cause
 from conveyor.log import configure, get_logger
 from conveyor.spec import Mode
 from conveyor.supervise import Child, run_group
@@ -40,32 +44,64 @@ def main(args: argparse.Namespace | None = None) -> int:
             "mode": pod.mode,
         },
     )
+    refusal = preflight(pod)
+    if refusal:
+        log.error(refusal)
+        report_failure(pod, refusal, refusal)
+        return EXIT_REFUSED
     prefix_logs = os.environ.get("CONVEYOR_LOG_PREFIX") == "1"
-    children = [
-        Child(
-            name=f"rank {pod.global_rank(local)}",
-            argv=[sys.executable, "-m", "conveyor.rank", str(local)],
-            env={**os.environ, **pod.rank_environ(local)},
-            prefix=f"[r{pod.replica} s{pod.stage} rank {pod.global_rank(local)}] " if prefix_logs else None,
+    with tempfile.TemporaryDirectory(prefix="conveyor-worker-") as causes:
+        children = [
+            Child(
+                name=f"rank {pod.global_rank(local)}",
+                argv=[sys.executable, "-m", "conveyor.rank", str(local)],
+                env={**os.environ, **pod.rank_environ(local), CAUSE_ENV: f"{causes}/rank-{local}"},
+                prefix=f"[r{pod.replica} s{pod.stage} rank {pod.global_rank(local)}] "
+                if prefix_logs
+                else None,
+            )
+            for local in range(pod.tensor_parallel)
+        ]
+        outcome = run_group(children, grace_seconds=float(os.environ.get("CONVEYOR_GRACE_SECONDS", "10")))
+        failed = next((c for c in children if c.name == outcome.failed), None)
+        cause = read_cause(failed.env[CAUSE_ENV]) if failed is not None else None
+    if outcome.failed == "signal":  # stopped (pod deleted, Ctrl-C): not a failure of ours
+        log.info("worker stopped by a signal", extra={"exit_code": outcome.code})
+        report_failure(pod, f"stopped by signal {outcome.code - 128}")
+    elif outcome.code:
+        message = f"{outcome.failed} exited with code {outcome.code}" + (f": {cause}" if cause else "")
+        log.error(
+            "worker failed", extra={"failed": outcome.failed, "exit_code": outcome.code, "cause": cause}
         )
-        for local in range(pod.tensor_parallel)
-    ]
-    outcome = run_group(children, grace_seconds=float(os.environ.get("CONVEYOR_GRACE_SECONDS", "10")))
-    if outcome.code:
-        log.error("worker failed", extra={"failed": outcome.failed, "exit_code": outcome.code})
-        report_failure(pod, f"{outcome.failed} exited with code {outcome.code}")
+        report_failure(pod, message, cause)
     else:
         log.info("worker finished")
     return outcome.code
 
 
+def preflight(pod: PodEnv) -> str | None:
+    """A batch inference job's checks before any rank starts (all pods: the model and layout; stage 0,
+    which reads and writes them: the input and output too). ``conveyor run`` has made them already
+    when it sets CONVEYOR_PREFLIGHT_DONE. Returns the refusal, one line, or None."""
+    if pod.mode != Mode.INFERENCE or os.environ.get("CONVEYOR_PREFLIGHT_DONE") == "1":
+        return None
+    from conveyor.inference.validate import InputError
+    from conveyor.inference.validate import preflight as check
+
+    try:
+        check(pod.spec, input_and_output=pod.stage == 0)
+    except InputError as err:
+        return str(err)
+    return None
+
+
 def committed_progress(pod: PodEnv) -> dict[str, Any] | None:
     """The newest committed progress on the job's volumes, as a termination message's lastCheckpoint:
     train, the checkpoint ``latest`` names; inference, the committed results of this pod's replica."""
-    from conveyor.checkpoint import latest, rfc3339
+    from conveyor.checkpoint import resume_point, rfc3339
 
     if pod.mode == Mode.TRAIN and pod.checkpoint_dir:
-        committed = latest(pod.checkpoint_dir)
+        committed = resume_point(pod.checkpoint_dir)  # where the restart will resume
         return committed.as_status() if committed else None
     inference = pod.spec.inference
     if pod.mode == Mode.INFERENCE and inference is not None:
@@ -80,7 +116,7 @@ def committed_progress(pod: PodEnv) -> dict[str, Any] | None:
     return None
 
 
-def report_failure(pod: PodEnv, message: str) -> None:
+def report_failure(pod: PodEnv, message: str, cause: str | None = None) -> None:
     """A failed pod's termination message: what failed, and what is committed (so the operator's
     restart says where the group resumes). Reading the volumes must never hide the failure."""
     from conveyor.checkpoint import write_termination_message
@@ -93,4 +129,4 @@ def report_failure(pod: PodEnv, message: str) -> None:
     except Exception as err:  # a broken volume: report the failure without progress
         log.warning("could not read the committed progress", extra={"error": str(err)})
         progress = None
-    write_termination_message(path, False, progress, message)
+    write_termination_message(path, False, progress, message, cause=cause)

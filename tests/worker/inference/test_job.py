@@ -121,6 +121,7 @@ def test_kill_a_rank_then_restart_completes_each_prompt_once(model: Path, tmp_pa
 
 def test_two_replicas_merge_into_one_output_equal_to_one_process(model: Path, tmp_path: Path) -> None:
     """2 replicas, seeded sampling: one merged output, the tokens of one process."""
+    from conveyor.inference.families import load_arch
     from conveyor.inference.job import load_tokenizer, read_requests, sampling_params
     from conveyor.testing.reference import one_process_rank
 
@@ -132,7 +133,9 @@ def test_two_replicas_merge_into_one_output_equal_to_one_process(model: Path, tm
     assert len(got) == 12
 
     tokenizer = load_tokenizer(str(model))
-    requests = read_requests(spec.inference.input, 0, 1, tokenizer, spec.inference.max_new_tokens)
+    requests = read_requests(
+        spec.inference.input, 0, 1, tokenizer, spec.inference.max_new_tokens, load_arch(model)
+    )
     m, peers = one_process_rank(model, lanes=3, max_len=40)
     want = output_ids(
         m, peers, sampling_params(spec, (2,)), requests, lanes_per_micro_batch=3, key=json.dumps

@@ -247,6 +247,7 @@ def test_real_bert_int8_embeddings_match_fp32() -> None:
 def test_job_int8_at_tensor_parallel_2_equals_one_process(models: dict[str, Path], tmp_path: Path) -> None:
     """The batch job with ``quantization: int8`` over 2 tensor-parallel ranks: seeded-sampled tokens of
     the single-process int8 model (the ranks agree on the row-parallel scales)."""
+    from conveyor.inference.families import load_arch
     from conveyor.inference.job import load_tokenizer, read_requests, sampling_params
 
     from tests.worker.inference.launch import wait_ranks
@@ -260,7 +261,7 @@ def test_job_int8_at_tensor_parallel_2_equals_one_process(models: dict[str, Path
     got = {json.dumps(r["id"]): r["output_ids"] for r in output_rows(tmp_path / "out.jsonl")}
 
     requests = read_requests(
-        spec.inference.input, 0, 1, load_tokenizer(str(d)), spec.inference.max_new_tokens
+        spec.inference.input, 0, 1, load_tokenizer(str(d)), spec.inference.max_new_tokens, load_arch(d)
     )
     model, peers = one_process_rank(d, lanes=3, max_len=40, quantization="int8")
     want = output_ids(

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -34,20 +34,21 @@ from conveyor.inference.generate import (
     micro_batch_layout,
     run_generation,
 )
-from conveyor.inference.progress import ResultLog, merge_parts
+from conveyor.inference.progress import ResultLog, job_identity, merge_parts
 from conveyor.inference.rank_builder import DTYPES, PromptTooLongError, build_generation_rank, cache_length
 from conveyor.inference.run_progress import RunProgress
 from conveyor.inference.sampling import SamplingParams
+from conveyor.inference.validate import InputError, check_fits, read_rows, tokens
 from conveyor.log import get_logger
 from conveyor.topology import Layout, Topology
 
+if TYPE_CHECKING:
+    from conveyor.inference.families import Arch
+
+__all__ = ["InputError", "load_tokenizer", "read_requests", "run_rank", "sampling_params"]
 log = get_logger(__name__)
 COMMIT_SECONDS = 10.0  # commit at least this often, even between `checkpoint.every` results
 LOG_SECONDS = 5.0
-
-
-class InputError(ValueError):
-    pass
 
 
 def load_tokenizer(model_dir: str) -> Any:
@@ -59,42 +60,17 @@ def load_tokenizer(model_dir: str) -> Any:
 
 
 def read_requests(
-    path: str, replica: int, replicas: int, tokenizer: Any, max_new_tokens: int
+    path: str, replica: int, replicas: int, tokenizer: Any, max_new_tokens: int, arch: Arch
 ) -> list[Request]:
-    """This replica's share of the input JSONL, in order; ids must be unique."""
-    requests, seen = [], set()
-    with open(path) as f:
-        for number, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number + 1}: not JSON ({err})") from None
-            if "id" not in row:
-                raise InputError(
-                    f'{path}:{number + 1}: missing "id" (each line is {{"id", "prompt" or "input_ids"}})'
-                )
-            key = json.dumps(row["id"])
-            if key in seen:
-                raise InputError(f"{path}:{number + 1}: duplicate id {row['id']!r}; ids must be unique")
-            seen.add(key)
-            if number % replicas != replica:
-                continue
-            if "input_ids" in row:
-                ids = [int(t) for t in row["input_ids"]]
-            elif "prompt" in row:
-                if tokenizer is None:
-                    raise InputError(
-                        f'{path}:{number + 1}: a text "prompt" needs a tokenizer in the model directory; '
-                        'add tokenizer.json or give "input_ids"'
-                    )
-                ids = tokenizer(row["prompt"])["input_ids"]
-            else:
-                raise InputError(f'{path}:{number + 1}: needs "prompt" (text) or "input_ids" (token ids)')
-            if not ids:
-                raise InputError(f"{path}:{number + 1}: empty prompt")
-            requests.append(Request(row["id"], ids, max_new_tokens))
+    """This replica's share of the input JSONL (every R-th prompt), in order, checked as the pre-flight
+    checks it (validate.py: ids unique, token ids integers inside the vocabulary, prompts that fit)."""
+    requests = []
+    for index, (number, row) in enumerate(read_rows(path, arch)):
+        if index % replicas != replica:
+            continue
+        ids = tokens(path, number, row, tokenizer)
+        check_fits(path, number, row, len(ids), arch.max_positions)
+        requests.append(Request(row.id, ids, max_new_tokens))
     return requests
 
 
@@ -140,7 +116,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     output = Path(inf.output)
     replicas = max(pod.replicas, 1)
     part_path = output if replicas == 1 else output.with_name(f"{output.name}.r{pod.replica}")
-    results = ResultLog(part_path)
+    results = ResultLog(part_path, job_identity(spec) if is_writer else None)
     from conveyor.inference.families import load_arch
 
     arch = load_arch(spec.model.path)
@@ -149,14 +125,22 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     # Rank 0 decides what is left; everyone learns it (stage-0 ranks need the prompts, all need sizes).
     state: list[Any] = [None]
     if info.rank == 0:
-        if results.done:
-            state[0] = {"done": True, "completed": results.completed, "requests": []}
-        else:
-            committed = results.committed_ids()
-            todo = read_requests(inf.input, pod.replica, replicas, tokenizer, inf.max_new_tokens)
-            todo = [r for r in todo if json.dumps(r.id) not in committed]
-            state[0] = {"done": False, "completed": len(committed), "requests": todo}
+        try:
+            results.lock()  # held until this process ends: a second run of the output is refused
+            results.check(merged=output if replicas > 1 else None)
+            if results.done:
+                state[0] = {"done": True, "completed": results.completed, "requests": []}
+            else:
+                committed = results.committed_ids()
+                todo = read_requests(inf.input, pod.replica, replicas, tokenizer, inf.max_new_tokens, arch)
+                todo = [r for r in todo if json.dumps(r.id) not in committed]
+                state[0] = {"done": False, "completed": len(committed), "requests": todo}
+        except InputError as err:
+            state[0] = {"error": str(err)}
     dist.broadcast_object_list(state, src=0)
+    if "error" in state[0]:  # every rank stops with rank 0's one-line cause (exit 2: bad input)
+        destroy_distributed()
+        raise InputError(state[0]["error"])
     todo = state[0]["requests"]
     if state[0]["done"]:
         log.info("job already complete; nothing to do", extra={"completed": state[0]["completed"]})

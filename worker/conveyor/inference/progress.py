@@ -5,16 +5,92 @@ replace a small progress record (write a temporary file, fsync, ``os.replace``, 
 holding the committed byte length of the output. A line past that length was never committed: a
 restarted job truncates it and computes that prompt again, so the output holds every prompt exactly
 once whatever moment a rank died.
+
+Whose results these are: the record carries the job's identity (``job_identity``: digests of the
+input file and the model, and the settings that decide the tokens), and a run refuses an output whose
+record names another job, or an output that holds bytes but has no record at all: neither is ever
+appended to, truncated or overwritten. One run at a time writes an output: the writer holds an
+exclusive ``flock`` on ``<output>.lock`` (released by the kernel when the process dies, so a killed
+run leaves no stale lock).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conveyor.checkpoint import fsync_dir, rfc3339
+from conveyor.inference.validate import InputError
+
+if TYPE_CHECKING:
+    from conveyor.spec import PipelineJobSpec
+
+_EDGE_BYTES = 1 << 20  # of each weight file, hashed at both ends (hashing whole models takes minutes)
+
+
+class ResultsError(InputError):
+    """An output that is not this job's, or that another run is writing: refused, never touched."""
+
+
+def _file_digest(path: Path, whole: bool = True) -> str:
+    """sha256 of a file, streamed; ``whole=False``: of its size and first and last MiB only."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if whole or size <= 2 * _EDGE_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode() + f.read(_EDGE_BYTES))
+            f.seek(size - _EDGE_BYTES)
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def model_digest(model_dir: str | Path) -> str:
+    """The model's config and weights, cheaply: config.json whole, each weight file by size and ends
+    (a fine-tune of the same shape differs in its first MiB of tensor data)."""
+    root, h = Path(model_dir), hashlib.sha256()
+    for path in sorted(root.iterdir()):
+        if path.name == "config.json" or path.suffix in (".safetensors", ".bin"):
+            whole = path.suffix == ".json"
+            h.update(f"{path.name}:{_file_digest(path, whole)}\n".encode())
+    return h.hexdigest()
+
+
+def job_identity(spec: PipelineJobSpec) -> dict[str, Any]:
+    """What makes results this job's: the input's bytes, the model, and every setting that decides the
+    tokens or which prompts a replica's part holds. ``digest`` sums them up."""
+    inf, model = spec.inference, spec.model
+    assert inf is not None and model is not None
+    identity: dict[str, Any] = {
+        "input": _file_digest(Path(inf.input)),
+        "model": model_digest(model.path),
+        "settings": {
+            "dtype": model.dtype,
+            "quantization": inf.quantization,
+            "maxNewTokens": inf.max_new_tokens,
+            "sampling": inf.sampling.model_dump(mode="json", by_alias=True),
+            "replicas": spec.parallelism.replicas,
+        },
+    }
+    identity["digest"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return identity
+
+
+def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    """Which part of two job identities differs, in words."""
+    what = {"input": "another input file", "model": "another model"}
+    parts = [words for key, words in what.items() if theirs.get(key) != ours.get(key)]
+    mine, other = ours.get("settings", {}), theirs.get("settings") or {}
+    parts += [f"{key} {other.get(key)!r}" for key in mine if other.get(key) != mine[key]]
+    return ", ".join(parts) or "another job"
 
 
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
@@ -30,17 +106,78 @@ def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
 class ResultLog:
     """One writer's output file and its progress record (``<output>.progress.json``)."""
 
-    def __init__(self, output: str | Path):
+    def __init__(self, output: str | Path, identity: dict[str, Any] | None = None):
         self.path = Path(output)
         self.record_path = self.path.with_name(self.path.name + ".progress.json")
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.identity = identity  # None: read only (status, merging), no identity check
         self.record = self._read_record()
         self._file: Any = None
+        self._lock: Any = None
         self._uncommitted = 0
 
     def _read_record(self) -> dict[str, Any]:
         if self.record_path.is_file():
-            return dict(json.loads(self.record_path.read_text()))
+            try:
+                return dict(json.loads(self.record_path.read_text()))
+            except (ValueError, UnicodeDecodeError) as err:  # never written so (atomic replace)
+                raise ResultsError(
+                    f"{self.record_path}: unreadable progress record ({err}); {self.path} cannot be trusted: "
+                    "move both away to start again"
+                ) from None
         return {"committedBytes": 0, "completed": 0, "done": False}
+
+    def check(self, merged: Path | None = None) -> None:
+        """Refuse results that are not this job's (see the module's docstring). ``merged``: the merged
+        output of R > 1 replicas, which must not predate this job's parts either."""
+        assert self.identity is not None, "check() needs the job's identity"
+        fix = "move it away or set spec.inference.output to a new file"
+        if not self.record_path.is_file():
+            for path in (self.path, merged):
+                if path is not None and path.is_file() and path.stat().st_size:
+                    raise ResultsError(
+                        f"{path} already holds {path.stat().st_size} bytes but has no progress record "
+                        f"({self.record_path.name}), so they are not this job's results: {fix}"
+                    )
+            return
+        theirs = self.record.get("job")
+        if not isinstance(theirs, dict) or theirs.get("digest") != self.identity["digest"]:
+            why = _difference(theirs, self.identity) if isinstance(theirs, dict) else "no job identity"
+            raise ResultsError(
+                f"{self.path} holds results of another job (its progress record {self.record_path.name} "
+                f"differs: {why}): {fix}, or restore that job's input, model and settings"
+            )
+
+    def lock(self) -> None:
+        """Take the output's exclusive lock for this process's lifetime, or refuse: another run writes it."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.lock_path, "a+")  # noqa: SIM115 (held until the process ends or unlock())
+        except OSError as err:
+            raise ResultsError(
+                f"spec.inference.output: cannot create {self.lock_path} ({err.strerror}): choose a writable path"
+            ) from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ResultsError(
+                f"{self.path} is being written by another run ({holder} holds {self.lock_path.name}): "
+                "wait for it to finish or set spec.inference.output to another file"
+            ) from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._lock = f
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                self._lock.truncate(0)
+            self._lock.close()  # closing releases the flock
+            self._lock = None
 
     @property
     def done(self) -> bool:
@@ -55,10 +192,16 @@ class ResultLog:
         size = int(self.record["committedBytes"])
         if not self.path.exists():
             if size:
-                raise RuntimeError(
-                    f"{self.path} is gone but {self.record_path} records {size} committed bytes"
+                raise ResultsError(
+                    f"{self.path} is gone but {self.record_path} records {size} committed bytes: restore "
+                    f"it, or remove {self.record_path.name} to compute every prompt again"
                 )
             return set()
+        if self.path.stat().st_size < size:
+            raise ResultsError(
+                f"{self.path} has {self.path.stat().st_size} bytes but {self.record_path.name} records {size} "
+                f"committed: it was cut or replaced; restore it, or move both away to start again"
+            )
         with open(self.path, "r+b") as f:
             f.truncate(size)
             f.seek(0)
@@ -90,6 +233,7 @@ class ResultLog:
             "completed": self.completed + self._uncommitted,
             "done": done,
             "time": rfc3339(),
+            "job": self.identity if self.identity is not None else self.record.get("job"),
         }
         write_json_atomic(self.record_path, self.record)
         self._uncommitted = 0

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -58,6 +59,12 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+def _first_line(err: BaseException) -> str:
+    """DCP wraps a rank's failure in a multi-line report; its first meaningful line is the cause."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "Error" in line), lines[0] if lines else type(err).__name__)
 
 
 def _rng_state() -> bytes:
@@ -107,15 +114,20 @@ def save(engine: PipelineEngine, root: Path, tag: str | None, client_state: Any,
 
 def load(engine: PipelineEngine, root: Path, tag: str | None) -> tuple[Path | None, Any]:
     if tag is None:
-        committed = commit_protocol.latest(root)
+        warn = log.warning if _rank() == 0 else None  # every rank decides the same; one says so
+        committed = commit_protocol.resume_point(root, warn)
         if committed is None:
             return None, None
         path = committed.path
     else:
         path = root / tag
-        if not path.is_dir():
-            raise CheckpointError(f"no checkpoint {tag!r} in {root}")
-    saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        problem = commit_protocol.verify(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {tag!r} in {root} is not complete: {problem}")
+    try:
+        saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    except Exception as err:  # DCP's reader raises many kinds; the checkpoint is what matters
+        raise CheckpointError(f"checkpoint {path} does not load: {_first_line(err)}") from None
     state = _state_dict(engine, None)
     missing = sorted(f"model.{k}" for k in state["model"] if f"model.{k}" not in saved)
     if missing:
@@ -127,8 +139,11 @@ def load(engine: PipelineEngine, root: Path, tag: str | None) -> tuple[Path | No
     if rng_key not in saved:
         state.pop(rng_key)
     # partial: other ranks' RNG entries and (with fewer stages now) other stages' layers stay unread
-    with _quiet():
-        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    except (Exception, CheckpointException) as err:  # a shard damaged at its size (a BaseException: DCP's)
+        raise CheckpointError(f"checkpoint {path} does not load: {_first_line(err)}") from None
     engine.module.load_state_dict(state["model"])
     set_optimizer_state_dict(engine.module, engine.optimizer, state["optimizer"], options=_OPTIM)
     trainer = pickle.loads(state["trainer"])

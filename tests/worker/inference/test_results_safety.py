@@ -1,0 +1,198 @@
+"""Results are never destroyed, mixed or duplicated (inference/progress.py): an output without a progress
+record, or whose record is another job's, is refused and left as it was; one run at a time writes an
+output (its lock); the record carries the job's identity."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conveyor.inference.progress import ResultLog, ResultsError, job_identity
+from conveyor.spec import parse_spec
+from conveyor.testing.tiny import save_tiny
+
+from tests.conftest import conveyor_cmd, subprocess_env
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny("llama", tmp_path_factory.mktemp("m") / "llama")
+
+
+def spec_dict(tmp: Path, model: Path, prompts: int = 4) -> dict:
+    (tmp / "in.jsonl").write_text(
+        "".join(json.dumps({"id": i, "input_ids": [5 + i, 9, 11]}) + "\n" for i in range(prompts))
+    )
+    return {
+        "mode": "inference",
+        "device": "cpu",
+        "model": {"path": str(model), "dtype": "float32"},
+        "parallelism": {"stages": 2},
+        "checkpoint": {"path": str(tmp / "ckpt"), "every": 1},
+        "inference": {"input": str(tmp / "in.jsonl"), "output": str(tmp / "out.jsonl"), "maxNewTokens": 4},
+    }
+
+
+def committed_log(tmp: Path, identity: dict, rows: int = 3) -> ResultLog:
+    results = ResultLog(tmp / "out.jsonl", identity)
+    results.open()
+    for i in range(rows):
+        results.append({"id": i, "output_ids": [1], "text": "", "finish_reason": "length"})
+    results.commit()
+    results.close()
+    return results
+
+
+def test_output_without_a_record_is_refused_and_kept(model: Path, tmp_path: Path) -> None:
+    spec = parse_spec(spec_dict(tmp_path, model))
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps({"id": i}) + "\n" for i in range(30)))
+    before = out.read_bytes()
+    with pytest.raises(ResultsError, match=r"out.jsonl already holds \d+ bytes but has no progress record"):
+        ResultLog(out, job_identity(spec)).check()
+    assert out.read_bytes() == before
+    out.write_text("")  # an empty file holds no results: nothing to protect
+    ResultLog(out, job_identity(spec)).check()
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (
+            lambda s, tmp: (tmp / "in.jsonl").write_text('{"id": "other", "input_ids": [3]}\n'),
+            "another input file",
+        ),
+        (lambda s, tmp: s["inference"].update(maxNewTokens=9), "maxNewTokens 4"),
+        (lambda s, tmp: s["inference"].update(sampling={"temperature": 0.5, "seed": 1}), "sampling"),
+        (lambda s, tmp: s["model"].update(dtype="bfloat16"), "dtype 'float32'"),
+    ],
+    ids=["input", "max-new-tokens", "sampling", "dtype"],
+)
+def test_a_record_of_another_job_is_refused(model: Path, tmp_path: Path, change, why: str) -> None:
+    first = spec_dict(tmp_path, model)
+    identity = job_identity(parse_spec(first))
+    committed_log(tmp_path, identity)
+    before = (tmp_path / "out.jsonl").read_bytes()
+    second = json.loads(json.dumps(first))
+    change(second, tmp_path)
+    with pytest.raises(ResultsError, match="holds results of another job") as err:
+        ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(second))).check()
+    assert why in str(err.value)
+    assert (tmp_path / "out.jsonl").read_bytes() == before
+    ResultLog(tmp_path / "out.jsonl", identity).check()  # its own job resumes
+
+
+def test_another_model_is_another_job(model: Path, tmp_path: Path) -> None:
+    other = save_tiny("llama", tmp_path / "other", seed=1)  # same shape, other weights
+    spec = spec_dict(tmp_path, model)
+    committed_log(tmp_path, job_identity(parse_spec(spec)))
+    spec["model"]["path"] = str(other)
+    with pytest.raises(ResultsError, match="another model"):
+        ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(spec))).check()
+
+
+def test_a_cut_output_is_refused_not_truncated_further(model: Path, tmp_path: Path) -> None:
+    identity = job_identity(parse_spec(spec_dict(tmp_path, model)))
+    committed_log(tmp_path, identity)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(out.read_bytes()[:10])
+    with pytest.raises(ResultsError, match="was cut or replaced"):
+        ResultLog(out, identity).committed_ids()
+    assert len(out.read_bytes()) == 10
+
+
+def test_one_writer_at_a_time_and_a_killed_writer_leaves_no_lock(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    first = ResultLog(out)
+    first.lock()
+    with pytest.raises(ResultsError, match="being written by another run"):
+        ResultLog(out).lock()
+    first.unlock()
+    ResultLog(out).lock()  # free again (released at garbage collection of this one)
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from conveyor.inference.progress import ResultLog as R; r = R({str(out)!r}); "
+            "r.lock(); print('locked', flush=True); import time; time.sleep(60)",
+        ],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ResultsError, match=f"pid {holder.pid}"):
+        ResultLog(out).lock()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    ResultLog(out).lock()  # the kernel released it with the process
+
+
+def test_an_output_that_cannot_be_created_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")  # the rank's own check, whatever the pre-flight said
+    with pytest.raises(ResultsError, match="spec.inference.output: cannot create .* choose a writable path"):
+        ResultLog(tmp_path / "afile" / "sub" / "out.jsonl").lock()
+
+
+def _run(tmp: Path, spec: dict) -> subprocess.CompletedProcess[str]:
+    doc = {
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "PipelineJob",
+        "metadata": {"name": "s"},
+        "spec": spec,
+    }
+    (tmp / "job.yaml").write_text(yaml.safe_dump(doc))
+    return subprocess.run(
+        conveyor_cmd("run", str(tmp / "job.yaml")),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.integration
+def test_conveyor_run_keeps_another_jobs_results(model: Path, tmp_path: Path) -> None:
+    """A finished job, then a job with other prompts on the same output: refused, nothing run or
+    written (before: "already complete" with none of the new prompts run); the first job still
+    resumes as complete; a job on an unrecorded output is refused too."""
+    spec = spec_dict(tmp_path, model)
+    done = _run(tmp_path, spec)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "out.jsonl"
+    before = out.read_bytes()
+    assert len(before.splitlines()) == 4
+    record = json.loads((tmp_path / "out.jsonl.progress.json").read_text())
+    assert record["done"] and record["job"]["digest"] == job_identity(parse_spec(spec))["digest"]
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "new", "input_ids": [7, 8]}) + "\n")
+    other = _run(tmp_path, spec)
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert "Traceback" not in other.stdout + other.stderr
+    assert f"{out} holds results of another job" in other.stderr and "another input file" in other.stderr
+    assert out.read_bytes() == before
+
+    (tmp_path / "out.jsonl.progress.json").unlink()
+    unrecorded = _run(tmp_path, spec)
+    assert unrecorded.returncode == 2 and "has no progress record" in unrecorded.stderr
+    assert out.read_bytes() == before
+
+
+@pytest.mark.integration
+def test_conveyor_run_refuses_an_output_another_run_writes(model: Path, tmp_path: Path) -> None:
+    spec = spec_dict(tmp_path, model)
+    holder = ResultLog(tmp_path / "out.jsonl")
+    holder.lock()  # as a running job's rank 0 holds it
+    try:
+        result = _run(tmp_path, spec)
+    finally:
+        holder.unlock()
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "being written by another run" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()

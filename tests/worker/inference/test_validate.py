@@ -1,0 +1,237 @@
+"""Pre-flight of a batch inference job (inference/validate.py): every bad input, model, layout or output
+is refused in one line that names the file and line or the field, before any rank starts; `conveyor run`
+and `conveyor worker` exit 2 and print no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from conveyor.env import pod_environ
+from conveyor.inference.validate import InputError, preflight
+from conveyor.spec import PipelineJobSpec, parse_spec
+from conveyor.testing.tiny import save_tiny
+
+from tests.conftest import conveyor_cmd, subprocess_env
+
+GOOD = [{"id": 0, "input_ids": [5, 9, 11]}, {"id": "a", "prompt": "the quick brown fox"}]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny("llama", tmp_path_factory.mktemp("m") / "llama")  # 3 layers, 4 heads, 256 positions
+
+
+def spec_dict(tmp: Path, model: Path, **parallelism: int) -> dict:
+    return {
+        "mode": "inference",
+        "device": "cpu",
+        "model": {"path": str(model), "dtype": "float32"},
+        "parallelism": {"stages": 2, **parallelism},
+        "inference": {"input": str(tmp / "in.jsonl"), "output": str(tmp / "out" / "out.jsonl")},
+    }
+
+
+def write_lines(tmp: Path, rows: list) -> None:
+    (tmp / "in.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def copy_model(tmp: Path, model: Path) -> Path:
+    copy = tmp / "model"
+    shutil.copytree(model, copy)
+    return copy
+
+
+# Each case: (name, how to spoil a good job in tmp, what the one-line refusal must say). A case gets
+# (tmp, spec dict, model dir) and returns the spec dict to check.
+Spoil = Callable[[Path, dict, Path], dict]
+
+
+def lines(*rows: object) -> Spoil:
+    def spoil(tmp: Path, spec: dict, model: Path) -> dict:
+        write_lines(tmp, list(rows))
+        return spec
+
+    return spoil
+
+
+def bytes_input(data: bytes) -> Spoil:
+    def spoil(tmp: Path, spec: dict, model: Path) -> dict:
+        (tmp / "in.jsonl").write_bytes(data)
+        return spec
+
+    return spoil
+
+
+def model_edit(edit: Callable[[Path], None]) -> Spoil:
+    def spoil(tmp: Path, spec: dict, model: Path) -> dict:
+        copy = copy_model(tmp, model)
+        edit(copy)
+        spec["model"]["path"] = str(copy)
+        return spec
+
+    return spoil
+
+
+def parallel(**kw: int) -> Spoil:
+    def spoil(tmp: Path, spec: dict, model: Path) -> dict:
+        spec["parallelism"].update(kw)
+        return spec
+
+    return spoil
+
+
+def output_under_a_file(tmp: Path, spec: dict, model: Path) -> dict:
+    (tmp / "afile").write_text("x")
+    spec["inference"]["output"] = str(tmp / "afile" / "out.jsonl")
+    return spec
+
+
+def truncate_weights(d: Path) -> None:
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def set_config(**kw: object) -> Callable[[Path], None]:
+    def edit(d: Path) -> None:
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, **kw}))
+
+    return edit
+
+
+CASES: list[tuple[str, Spoil, str]] = [
+    ("malformed JSON line", lines(GOOD[0], '{"id": 1, "input_ids": [1, 2'), "in.jsonl:2: not JSON"),
+    ("not an object", lines(GOOD[0], "[1, 2]"), "in.jsonl:2: a JSON list, not an object"),
+    ("duplicate id", lines(GOOD[0], {"id": 0, "input_ids": [1]}), "in.jsonl:2: duplicate id 0"),
+    ("missing id", lines(GOOD[0], {"input_ids": [1]}), 'in.jsonl:2: missing "id"'),
+    ("float id", lines({"id": 1.5, "input_ids": [1]}), 'in.jsonl:1: "id" is 1.5'),
+    ("empty input", lines(), "in.jsonl: no prompts"),
+    ("blank lines only", bytes_input(b"\n  \n"), "in.jsonl: no prompts"),
+    ("neither prompt nor ids", lines({"id": 1}), 'in.jsonl:1: give exactly one of "prompt"'),
+    (
+        "prompt too long (ids)",
+        lines(GOOD[0], {"id": "long", "input_ids": [7] * 256}),
+        'prompt "long" has 256 tokens',
+    ),
+    ("prompt too long (text)", lines({"id": "t", "prompt": "fox " * 300}), 'in.jsonl:1: prompt "t" has'),
+    ("negative token id", lines({"id": 1, "input_ids": [3, -1]}), '"input_ids"[1] is -1, outside'),
+    ("token id past vocab", lines({"id": 1, "input_ids": [320]}), '"input_ids"[0] is 320, outside'),
+    ("float token id", lines({"id": 1, "input_ids": [2.7]}), '"input_ids"[0] is 2.7; token ids are integers'),
+    ("string token id", lines({"id": 1, "input_ids": ["5"]}), '"input_ids"[0] is "5"'),
+    ("empty input_ids", lines({"id": 1, "input_ids": []}), '"input_ids" must be a non-empty list'),
+    ("prompt not a string", lines({"id": 1, "prompt": ["a"]}), '"prompt" is a JSON list'),
+    ("empty prompt", lines({"id": 1, "prompt": ""}), '"prompt" is empty'),
+    (
+        "not UTF-8",
+        bytes_input(b'{"id": 1, "prompt": "caf\xe9"}\n'),
+        "in.jsonl:1: byte 25 of the line is not UTF-8",
+    ),
+    (
+        "huge line",
+        bytes_input(b'{"id": 1, "prompt": "' + b"x" * (3 << 20) + b'"}\n'),
+        "in.jsonl:1: line longer than",
+    ),
+    ("no config.json", model_edit(lambda d: (d / "config.json").unlink()), "config.json not found"),
+    ("config not JSON", model_edit(lambda d: (d / "config.json").write_text("{")), "config.json: Expecting"),
+    ("unknown model_type", model_edit(set_config(model_type="mamba9")), "model family 'mamba9'"),
+    ("truncated safetensors", model_edit(truncate_weights), "model.safetensors: truncated"),
+    (
+        "text prompt, no tokenizer",
+        model_edit(lambda d: (d / "tokenizer.json").unlink() or (d / "tokenizer_config.json").unlink()),
+        'a text "prompt" needs a tokenizer',
+    ),
+    (
+        "more stages than layers",
+        parallel(stages=4),
+        "spec.parallelism.stages: 4 pipeline stages but the model has only 3",
+    ),
+    (
+        "TP does not divide heads",
+        parallel(tensorParallel=3),
+        "num_attention_heads 4 is not divisible by tensorParallel 3",
+    ),
+    ("output under a file", output_under_a_file, "afile is a file"),
+]
+
+
+@pytest.mark.parametrize("spoil, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_in_one_line(model: Path, tmp_path: Path, spoil: Spoil, message: str) -> None:
+    write_lines(tmp_path, GOOD)
+    spec = parse_spec(spoil(tmp_path, spec_dict(tmp_path, model), model))
+    started = time.monotonic()
+    with pytest.raises(InputError) as err:
+        preflight(spec)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    assert time.monotonic() - started < 10  # the 3 MB line is refused without tokenizing it
+    assert not (tmp_path / "out" / "out.jsonl").exists()
+
+
+def test_good_input_passes(model: Path, tmp_path: Path) -> None:
+    write_lines(tmp_path, [*GOOD, "", {"id": 2, "input_ids": [7] * 255}])  # 255 tokens + 1 new fit
+    preflight(parse_spec(spec_dict(tmp_path, model)))
+
+
+def _job_file(tmp: Path, spec: dict) -> Path:
+    doc = {
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "PipelineJob",
+        "metadata": {"name": "v"},
+        "spec": spec,
+    }
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["float token id", "truncated safetensors", "TP does not divide heads"])
+def test_conveyor_run_refuses_with_exit_2_and_no_traceback(model: Path, tmp_path: Path, case: str) -> None:
+    _, spoil, message = next(c for c in CASES if c[0] == case)
+    write_lines(tmp_path, GOOD)
+    job = _job_file(tmp_path, spoil(tmp_path, spec_dict(tmp_path, model), model))
+    result = subprocess.run(
+        conveyor_cmd("run", str(job)), env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    refusals = [line for line in result.stderr.splitlines() if "refused" in line]
+    assert len(refusals) == 1 and message in refusals[0], result.stderr
+    assert "worker starting" not in result.stdout + result.stderr  # no process was started
+
+
+@pytest.mark.integration
+def test_conveyor_run_refuses_yaml_that_is_not_utf8(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_bytes(b"apiVersion: conveyor.dev/v1alpha1\nkind: PipelineJob\nmetadata: {name: caf\xe9}\n")
+    result = subprocess.run(
+        conveyor_cmd("run", str(job)), env=subprocess_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "byte 73 is not UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_conveyor_worker_refuses_before_starting_ranks(model: Path, tmp_path: Path) -> None:
+    write_lines(tmp_path, [{"id": 1, "input_ids": [3, -1]}])
+    spec: PipelineJobSpec = parse_spec(spec_dict(tmp_path, model))
+    env = pod_environ(job="v", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=1)
+    term = tmp_path / "termination"
+    result = subprocess.run(
+        conveyor_cmd("worker"),
+        env=subprocess_env(**env, CONVEYOR_TERMINATION_LOG=str(term), CONVEYOR_LOG_FORMAT="text"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "rank starting" not in result.stderr
+    message = json.loads(term.read_text())
+    assert message["completed"] is False and '"input_ids"[1] is -1' in message["cause"]

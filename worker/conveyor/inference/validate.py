@@ -1,0 +1,266 @@
+"""Pre-flight of a batch inference job: the input file, the model directory, the layout and the output,
+checked in one process before any rank starts (``conveyor run`` and ``conveyor worker``).
+
+Every refusal is one ``InputError`` line that names the file and line, or the spec field, and says the
+fix; the entry points print it and exit 2. The input is streamed and a line's size is bounded before it
+is parsed or tokenized, so a 50 MB line is refused at once instead of after minutes of tokenizing. The
+ranks parse rows with the same ``parse_row``, so what passes here is what they run.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from conveyor.inference.families import Arch
+    from conveyor.spec import PipelineJobSpec
+
+ROW_FORM = 'each line is one JSON object: {"id": ..., "prompt": "text"} or {"id": ..., "input_ids": [ints]}'
+# Bytes per position a line may take: token ids as JSON ("12345, ") or text (a byte-level token is at
+# least one byte; a long one rarely more than a few dozen). Past that the prompt cannot fit the model.
+BYTES_PER_POSITION = 64
+MIN_LINE_BYTES = 1 << 20
+# A byte-level or byte-fallback tokenizer makes at most one token per byte, plus a few special tokens:
+# a text of fewer bytes than this margin below the positions need not be tokenized to know it fits.
+SPECIAL_TOKENS_MARGIN = 8
+
+
+class InputError(ValueError):
+    """Bad input (file, model, layout or output): one line naming where and the fix; exit code 2."""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: Any  # str or int, as given
+    key: str  # json.dumps(id): how ids are compared (1 and "1" differ)
+    prompt: str | None
+    input_ids: list[int] | None
+
+
+def line_limit(max_positions: int) -> int:
+    return max(MIN_LINE_BYTES, BYTES_PER_POSITION * max_positions)
+
+
+def input_lines(path: str | Path, limit: int) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the non-blank lines, streamed; refuses a line over ``limit`` bytes before
+    reading the rest of it, and bytes that are not UTF-8."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(iter(lambda: f.readline(limit + 1), b""), start=1):
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                raise InputError(
+                    f"{path}:{number}: line longer than {limit} bytes, more than any prompt that fits the "
+                    "model's positions: shorten or split it"
+                )
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(
+                    f"{path}:{number}: byte {err.start + 1} of the line is not UTF-8: save the file as UTF-8"
+                ) from None
+            if text.strip():
+                yield number, text
+
+
+def parse_row(path: str | Path, number: int, text: str, vocab_size: int) -> Row:
+    where = f"{path}:{number}"
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: not JSON ({err.msg} at column {err.colno}); {ROW_FORM}") from None
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: a JSON {type(row).__name__}, not an object; {ROW_FORM}")
+    if "id" not in row:
+        raise InputError(f'{where}: missing "id"; {ROW_FORM}')
+    rid = row["id"]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise InputError(f'{where}: "id" is {json.dumps(rid)}; use a string or an integer')
+    has_prompt, has_ids = "prompt" in row, "input_ids" in row
+    if has_prompt == has_ids:
+        raise InputError(f'{where}: give exactly one of "prompt" (text) or "input_ids" (token ids)')
+    if has_prompt:
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):
+            raise InputError(f'{where}: "prompt" is a JSON {type(prompt).__name__}; give text in a string')
+        if not prompt:
+            raise InputError(f'{where}: "prompt" is empty; give text or remove the line')
+        return Row(rid, json.dumps(rid), prompt, None)
+    ids = row["input_ids"]
+    if not isinstance(ids, list) or not ids:
+        raise InputError(f'{where}: "input_ids" must be a non-empty list of token ids')
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise InputError(
+                f'{where}: "input_ids"[{i}] is {json.dumps(t)}; token ids are integers (no floats, no strings)'
+            )
+        if not 0 <= t < vocab_size:
+            raise InputError(
+                f'{where}: "input_ids"[{i}] is {t}, outside the model\'s vocabulary [0, {vocab_size})'
+            )
+    return Row(rid, json.dumps(rid), None, ids)
+
+
+def read_rows(path: str | Path, arch: Arch) -> Iterator[tuple[int, Row]]:
+    """Every row of the input in order, checked (ids unique); refuses an input with no prompt."""
+    seen: set[str] = set()
+    for number, text in input_lines(path, line_limit(arch.max_positions)):
+        row = parse_row(path, number, text, arch.vocab_size)
+        if row.key in seen:
+            raise InputError(f"{path}:{number}: duplicate id {row.key}; ids must be unique")
+        seen.add(row.key)
+        yield number, row
+    if not seen:
+        raise InputError(f"{path}: no prompts; {ROW_FORM}")
+
+
+def tokens(path: str | Path, number: int, row: Row, tokenizer: Any) -> list[int]:
+    if row.input_ids is not None:
+        return row.input_ids
+    if tokenizer is None:
+        raise InputError(
+            f'{path}:{number}: a text "prompt" needs a tokenizer in the model directory; add '
+            'tokenizer.json or give "input_ids"'
+        )
+    ids: list[int] = tokenizer(row.prompt)["input_ids"]
+    if not ids:
+        raise InputError(f"{path}:{number}: the prompt tokenizes to nothing; give text or remove the line")
+    return ids
+
+
+def check_fits(path: str | Path, number: int, row: Row, length: int, max_positions: int) -> None:
+    if length >= max_positions:
+        raise InputError(
+            f"{path}:{number}: prompt {row.key} has {length} tokens; the model has {max_positions} positions "
+            "and at least one new token must fit: shorten it"
+        )
+
+
+def check_input(path: str | Path, arch: Arch, tokenizer: Any) -> int:
+    """Every line of the input, as the ranks will read it; returns the number of prompts."""
+    count = 0
+    for number, row in read_rows(path, arch):
+        count += 1
+        if row.prompt is not None and len(row.prompt.encode()) + SPECIAL_TOKENS_MARGIN < arch.max_positions:
+            if tokenizer is None:
+                tokens(path, number, row, tokenizer)  # refuses
+            continue  # fits whatever it tokenizes to (see SPECIAL_TOKENS_MARGIN)
+        check_fits(path, number, row, len(tokens(path, number, row, tokenizer)), arch.max_positions)
+    return count
+
+
+def _check_safetensors(path: Path) -> None:
+    """A truncated or damaged file named before any rank reads it: the header must parse and the
+    tensors it lists must lie inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        try:
+            if not 0 < n <= size - 8:
+                raise ValueError("header length past the end")
+            header = json.loads(f.read(n))
+            end = max(
+                (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0
+            )
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise InputError(f"{path}: not a readable safetensors file ({err}): copy it again") from None
+    if 8 + n + end > size:
+        raise InputError(
+            f"{path}: truncated ({size} bytes; its header lists tensors up to byte {8 + n + end}): copy it again"
+        )
+
+
+def check_model(model_dir: str | Path, stages: int, tensor_parallel: int) -> Arch:
+    """config.json, the weight files' names, shapes and sizes, and the layout against the model."""
+    from conveyor.inference.families import load_arch, name_map
+    from conveyor.inference.loader import Checkpoint, stage_layers, verify_checkpoint
+    from conveyor.inference.tensor_parallel import check_divisible
+
+    root = Path(model_dir)
+    config = root / "config.json"
+    if not root.is_dir():
+        raise InputError(f"spec.model.path: {root} is not a directory; point it at a HF checkpoint")
+    if not config.is_file():
+        raise InputError(
+            f"spec.model.path: {config} not found; point model.path at a HF checkpoint directory"
+        )
+    try:
+        json.loads(config.read_bytes().decode("utf-8"))
+        arch = load_arch(root)
+    except (ValueError, OSError, KeyError, AttributeError) as err:  # JSON, unsupported family, HF's own
+        raise InputError(
+            f"{config}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+    for weights in sorted(root.glob("*.safetensors")):
+        _check_safetensors(weights)
+    try:
+        ckpt = Checkpoint(root)
+    except Exception as err:  # safetensors' own errors have no common base class
+        raise InputError(f"{root}: {err}") from None
+    try:
+        verify_checkpoint(ckpt, arch, name_map(arch))
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    finally:
+        ckpt.close()
+    try:
+        stage_layers(arch.layers, stages, 0)
+    except ValueError as err:
+        raise InputError(f"spec.parallelism.stages: {err}") from None
+    try:
+        check_divisible(arch, tensor_parallel)
+    except ValueError as err:
+        raise InputError(f"spec.parallelism.tensorParallel: {' '.join(str(err).split())}") from None
+    return arch
+
+
+def check_output_path(output: Path) -> None:
+    """The output (and its progress record and lock beside it) can be created where it is asked for."""
+    if output.is_dir():
+        raise InputError(f"spec.inference.output: {output} is a directory; name a file")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(
+                    f"spec.inference.output: {parent} is a file, so {output} cannot be created: "
+                    "choose another path"
+                )
+            break
+
+
+def load_tokenizer_checked(model_dir: str) -> Any:
+    from conveyor.inference.job import load_tokenizer
+
+    try:
+        return load_tokenizer(model_dir)
+    except Exception as err:  # tokenizers raise many kinds; the file is what matters
+        raise InputError(f"{model_dir}: the tokenizer does not load ({err})") from None
+
+
+def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True) -> None:
+    """Everything a batch inference job can check before a rank starts. ``input_and_output``: also the
+    input and the output (the stage-0 pods, which read and write them)."""
+    from conveyor.inference.progress import ResultLog, job_identity
+
+    inf, model = spec.inference, spec.model
+    assert inf is not None and model is not None
+    p = spec.parallelism
+    arch = check_model(model.path, p.stages, p.tensor_parallel)
+    if not input_and_output:
+        return
+    if not Path(inf.input).is_file():
+        raise InputError(f"spec.inference.input: {inf.input} does not exist; give a JSONL file of prompts")
+    check_input(inf.input, arch, load_tokenizer_checked(model.path))
+    output = Path(inf.output)
+    check_output_path(output)
+    identity = job_identity(spec)
+    for replica in range(max(p.replicas, 1)):
+        part = output if p.replicas <= 1 else output.with_name(f"{output.name}.r{replica}")
+        results = ResultLog(part, identity)
+        results.check(merged=output if p.replicas > 1 else None)
+        results.lock()  # a probe: another run writing it now is refused before we start
+        results.unlock()
