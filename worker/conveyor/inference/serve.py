@@ -73,6 +73,17 @@ class ServeEngine:
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._tokens, self._rate_since, self._rate_tokens = 0, time.perf_counter(), 0
+        for series in (  # exported from the start (at 0), so an autoscaler never finds them missing
+            metrics.SERVE_QUEUE_DEPTH,
+            metrics.SERVE_RUNNING,
+            metrics.SERVE_KV_CACHE_USAGE,
+            metrics.SERVE_TOKENS_PER_SECOND,
+            metrics.SERVE_TIME_TO_FIRST_TOKEN,
+            metrics.SERVE_INTER_TOKEN_LATENCY,
+            metrics.TOKENS_GENERATED,
+            metrics.PROMPTS_COMPLETED,
+        ):
+            series.labels(job)
 
     # -- the HTTP side ------------------------------------------------------------------------------
     def ready(self) -> bool:
