@@ -193,7 +193,7 @@ def metric(server: str, name: str) -> float:
 
 def test_a_client_that_goes_away_frees_its_lane(server: str, client: Any, hf: tuple[Any, Any]) -> None:
     completed = metric(server, "conveyor_prompts_completed_total")
-    body = {"model": JOB, "prompt": PROMPTS[2], "max_tokens": 200, "stream": True}
+    body = {"model": JOB, "prompt": PROMPTS[2], "max_tokens": 240, "stream": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # the first event: it runs; then we hang up
@@ -203,9 +203,21 @@ def test_a_client_that_goes_away_frees_its_lane(server: str, client: Any, hf: tu
     assert metric(server, "conveyor_serve_running_sequences") == 0
     # freed, not finished (unless the model stopped on its own before we hung up: then it completed)
     tok = hf[0]
-    if "</s>" not in tok.decode(
-        hf[1].generate(torch.tensor([tok(PROMPTS[2])["input_ids"]]), max_new_tokens=200)[0]
-    ):
+    ids = tok(PROMPTS[2])["input_ids"]
+    out = hf[1].generate(torch.tensor([ids]), max_new_tokens=250, do_sample=False, pad_token_id=0)[
+        0, len(ids) :
+    ]
+    stopped_early = len(out) < 250
+    if not stopped_early:
+        assert metric(server, "conveyor_prompts_completed_total") == completed
+    # a plain (non-streamed) request whose client gives up: cancelled too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/completions", json={**body, "stream": False}, timeout=0.1)
+    deadline = time.monotonic() + 10
+    while metric(server, "conveyor_serve_running_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "conveyor_serve_running_sequences") == 0
+    if not stopped_early:
         assert metric(server, "conveyor_prompts_completed_total") == completed
     r2 = client.completions.create(model=JOB, prompt=PROMPTS[3], max_tokens=8)
     assert r2.choices[0].text == hf_greedy(hf, tok(PROMPTS[3])["input_ids"], 8)

@@ -12,6 +12,7 @@ sends, as in the batch job. SIGTERM closes the queue: what is in flight finishes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 import time
@@ -51,7 +52,8 @@ class _Stream:
         return await self._items.get()
 
     def push(self, item: int | Result) -> None:  # from the generation thread
-        self.loop.call_soon_threadsafe(self._items.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # the server's loop closed (stopping): nobody listens
+            self.loop.call_soon_threadsafe(self._items.put_nowait, item)
 
 
 class ServeEngine:
