@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from conveyor.inference.generate import Request, RequestQueue
 from conveyor.inference.openai_api import IncrementalText, build_app
-from conveyor.inference.serve import ServeEngine
+from conveyor.inference.serve import ServeEngine, start_http
 from conveyor.testing.tiny import build_tokenizer
 from starlette.testclient import TestClient
 
@@ -78,3 +78,16 @@ def test_streamed_pieces_concatenate_to_the_final_text(tokenizer) -> None:
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == final  # held back: nothing past the stop string was sent
     assert "".join(pieces) + stream.finish(final) == final
+
+
+def test_a_port_it_cannot_bind_is_an_error(tokenizer) -> None:
+    import socket
+
+    engine, _ = client(tokenizer)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match="spec.serve.port"):
+            start_http(build_app(engine), taken.getsockname()[1], host="127.0.0.1")
+    server = start_http(build_app(engine), 0, host="127.0.0.1")  # a free port: listening on return
+    server.should_exit = True

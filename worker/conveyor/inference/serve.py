@@ -161,16 +161,27 @@ class ServeEngine:
         )
 
 
-def start_http(app: Any, port: int) -> Any:
-    """uvicorn in a daemon thread (it installs no signal handlers off the main thread); returns the
-    server (``should_exit = True`` stops it)."""
+def start_http(app: Any, port: int, host: str = "0.0.0.0") -> Any:
+    """uvicorn in a daemon thread (it installs no signal handlers off the main thread), once it listens;
+    returns the server (``should_exit = True`` stops it). A port it cannot bind is an error: a replica
+    whose endpoint is not there must not turn ready."""
     import uvicorn
 
-    config = uvicorn.Config(
-        app, host="0.0.0.0", port=port, log_level="warning", access_log=False, lifespan="off"
-    )
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
-    threading.Thread(target=server.run, name="openai-api", daemon=True).start()
+
+    def run() -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits (its thread) when it cannot bind: see below
+            server.run()
+
+    thread = threading.Thread(target=run, name="openai-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        server.should_exit = True
+        raise OSError(f"spec.serve.port: the endpoint could not listen on port {port} (taken?)")
     return server
 
 
@@ -213,7 +224,11 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
         engine = ServeEngine(pod.job, pod.job, tokenizer, max_len, lanes, queue, timeout)
         from conveyor.inference.openai_api import build_app
 
-        server = start_http(build_app(engine), port)
+        try:
+            server = start_http(build_app(engine), port)
+        except OSError as err:
+            log.error("serve endpoint not started", extra={"field": "spec.serve.port", "error": str(err)})
+            return 2
     rank = build_generation_rank(
         spec.model.path,
         topo,
