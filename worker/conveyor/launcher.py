@@ -102,6 +102,8 @@ def plan_pods(job: PipelineJob, spec: PipelineJobSpec, restart: int, workdir: Pa
                     metrics_base + pod_number * p.tensor_parallel if metrics_base else 0
                 ),
             )
+            if spec.serve is not None:  # local replicas share one host: one endpoint port each
+                env["CONVEYOR_SERVE_PORT"] = str(spec.serve.port + replica)
             children.append(
                 Child(
                     name=f"replica {replica} stage {stage}",

@@ -68,6 +68,33 @@ COMPILES = Counter(
     ["job", "what", "when"],
 )
 
+# Serve mode (the entry rank of a replica), named for an autoscaler to read as they are.
+SERVE_QUEUE_DEPTH = Gauge("conveyor_serve_queue_depth", "Requests waiting for a lane.", ["job"])
+SERVE_RUNNING = Gauge("conveyor_serve_running_sequences", "Sequences in lanes (being generated).", ["job"])
+SERVE_KV_CACHE_USAGE = Gauge(
+    "conveyor_serve_kv_cache_usage_ratio",
+    "KV cache positions held by running sequences / all positions.",
+    ["job"],
+)
+SERVE_TOKENS_PER_SECOND = Gauge(
+    "conveyor_serve_tokens_per_second", "Output tokens per second over the last second or more.", ["job"]
+)
+SERVE_TIME_TO_FIRST_TOKEN = Histogram(
+    "conveyor_serve_time_to_first_token_seconds",
+    "Time from a request's arrival to its first token (queueing included).",
+    ["job"],
+    buckets=_LATENCY_BUCKETS,
+)
+SERVE_INTER_TOKEN_LATENCY = Histogram(
+    "conveyor_serve_inter_token_latency_seconds",
+    "Time between consecutive tokens of one request.",
+    ["job"],
+    buckets=_LATENCY_BUCKETS,
+)
+SERVE_REQUESTS = Counter(
+    "conveyor_serve_requests", "HTTP generation requests by status code (429: queue full).", ["job", "code"]
+)
+
 
 class Readiness:
     """Whether this rank can do its work: it joined its process group (``joined``, set by

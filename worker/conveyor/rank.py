@@ -1,7 +1,7 @@
 """One rank process: ``python -m conveyor.rank LOCAL_RANK`` (started by ``conveyor worker``).
 
 Sets up logging and metrics for this rank, then hands over to the mode's entry: the batch inference
-job, or the user's DeepSpeed-style training script.
+job, a serve replica's rank (the OpenAI-compatible endpoint), or the user's DeepSpeed-style training script.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _main(argv: list[str]) -> int:
     rank = pod.global_rank(local_rank)
     configure(job=pod.job, replica=pod.replica, stage=pod.stage, rank=rank)
     port = int(os.environ.get("CONVEYOR_METRICS_PORT", pod.spec.metrics_port))
-    if pod.mode == Mode.INFERENCE:
+    if pod.mode in (Mode.INFERENCE, Mode.SERVE):
         metrics.READINESS.expect_model()  # ready once the shard is loaded, not at the rendezvous
     metrics.serve(port + local_rank if port else 0)
     log.info("rank starting", extra={"local_rank": local_rank, "world_size": pod.world_size})
@@ -88,13 +88,15 @@ def _main(argv: list[str]) -> int:
         from conveyor.inference.job import run_rank
 
         return run_rank(pod, local_rank, started=STARTED)
-    if pod.mode == Mode.TRAIN:
-        return run_train_script(pod)
-    log.error(
-        "serve mode is not available in this worker version",
-        extra={"field": "spec.mode", "fix": "use mode: inference for batch generation"},
-    )
-    return 2
+    if pod.mode == Mode.SERVE:
+        from conveyor.inference import serve
+
+        assert pod.spec.serve is not None
+        # `conveyor run` gives each local replica its own port; a pod serves on the spec's
+        http_port = int(os.environ.get("CONVEYOR_SERVE_PORT", pod.spec.serve.port))
+        timeout = float(os.environ.get("CONVEYOR_SERVE_TIMEOUT", serve.REQUEST_TIMEOUT_SECONDS))
+        return serve.run_rank(pod, local_rank, port=http_port, timeout=timeout)
+    return run_train_script(pod)
 
 
 def exit_now(code: int) -> None:

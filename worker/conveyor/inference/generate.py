@@ -18,12 +18,15 @@ collects the tokens of the micro-batch's previous items, retires finished sequen
 ones into free lanes (prefill) and sends the next decode item. With M >= P the reply for a micro-batch
 is back by the time its turn comes again, so while stage s decodes micro-batch i, stage s+1 decodes
 i-1, and no stage waits between tokens. Sequences join and leave at any token step (continuous
-batching), which is what serve mode needs too.
+batching), which is what serve mode needs too: there the requests come from a ``RequestQueue`` that
+the HTTP server feeds while the loop runs (the loop blocks on it when it has nothing to do), and a
+cancelled request's lane is freed at its micro-batch's next turn.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -34,11 +37,12 @@ import torch
 
 from conveyor.inference.model import StageModel
 from conveyor.inference.sampling import SamplingParams, sequence_key
-from conveyor.inference.stage import DECODE, EXTEND, HEADER, PREFILL, PipelinePeers, StageWorker
+from conveyor.inference.stage import DECODE, EXTEND, HEADER, IDLE, PREFILL, PipelinePeers, StageWorker
 
 __all__ = [
     "PipelinePeers",
     "Request",
+    "RequestQueue",
     "Result",
     "SchedulerHooks",
     "StageWorker",
@@ -55,6 +59,9 @@ MIN_PROMPT_WIDTH = 2
 PREFILL_TOKENS = 8192
 # A longer prompt is prefilled in chunks of this many tokens, one chunk a turn.
 PREFILL_CHUNK = 2048
+# An idle scheduler (serve mode, no requests) wakes this often and tells the other stages it is alive:
+# their blocking receive would otherwise hit the process group's timeout.
+KEEPALIVE_SECONDS = 30.0
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Request:
     id: Any
     prompt_ids: list[int]
     max_new_tokens: int
+    stop: tuple[str, ...] = ()  # stop strings of this request, besides the sampling parameters' own
 
     @property
     def key(self) -> int:
@@ -73,7 +81,7 @@ class Result:
     id: Any
     prompt_ids: list[int]
     output_ids: list[int]
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "cancelled" (RequestQueue.cancel)
     text: str | None = None
     time_to_first_token: float = 0.0
 
@@ -128,6 +136,95 @@ class SchedulerHooks:
     on_first_token: Callable[[float], None] = lambda dt: None
     on_decode_step: Callable[[float, int], None] = lambda dt, tokens: None
     on_wait: Callable[[float], None] = lambda dt: None
+    on_token: Callable[[Request, int], None] = lambda request, token: None  # each token accepted, in order
+    # once a pass over the micro-batches: sequences in lanes, KV cache positions they hold
+    on_occupancy: Callable[[int, int], None] = lambda running, positions: None
+
+
+class RequestQueue:
+    """Requests that arrive while the scheduler runs (serve mode); thread-safe. ``put`` from any thread
+    (``QueueFull`` past ``max_waiting``), ``cancel`` a request by id (dropped if still waiting, else its
+    lane is freed at its next turn, reported with finish_reason "cancelled"), ``close`` to end the run
+    once what is in flight has finished."""
+
+    class QueueFull(Exception):
+        pass
+
+    def __init__(self, max_waiting: int):
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._cancelled: set[Any] = set()
+        self._closed = False
+
+    def put(self, request: Request) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the request queue is closed")
+            if len(self._waiting) >= self.max_waiting:
+                raise RequestQueue.QueueFull(f"{len(self._waiting)} requests already waiting")
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def cancel(self, request_id: Any) -> None:
+        with self._cond:
+            kept = deque(r for r in self._waiting if r.id != request_id)
+            if len(kept) == len(self._waiting):
+                self._cancelled.add(request_id)  # admitted already (or finished: then ignored)
+            self._waiting = kept
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    # -- the scheduler's side ---------------------------------------------------------------------
+    def poll(self) -> Request | None:
+        with self._cond:
+            return self._waiting.popleft() if self._waiting else None
+
+    def take_cancelled(self) -> set[Any]:
+        with self._cond:
+            taken, self._cancelled = self._cancelled, set()
+            return taken
+
+    @property
+    def finished(self) -> bool:
+        """Closed, and nothing left waiting."""
+        with self._cond:
+            return self._closed and not self._waiting
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a request or a cancellation arrives or the queue closes (True), or ``timeout``
+        passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: bool(self._waiting or self._cancelled or self._closed), timeout
+            )
+
+
+class _Iterated:
+    """A plain iterable of requests as a ``RequestQueue``'s scheduler side (the batch job's case)."""
+
+    def __init__(self, requests: Iterable[Request]):
+        self._it: Iterator[Request] = iter(requests)
+        self.finished = False
+
+    def poll(self) -> Request | None:
+        req = None if self.finished else next(self._it, None)
+        self.finished = req is None
+        return req
+
+    def take_cancelled(self) -> set[Any]:
+        return set()
+
+    def wait(self, timeout: float) -> bool:
+        return True
 
 
 class Scheduler:
@@ -194,9 +291,10 @@ class Scheduler:
         assert req is not None
         if lane.output[-1] in self.stop_ids:
             return "stop"
-        if self.worker.params.stop and self.tokenizer is not None:
+        stops = (*self.worker.params.stop, *req.stop)
+        if stops and self.tokenizer is not None:
             text = self.tokenizer.decode(lane.output, skip_special_tokens=True)
-            if any(s in text for s in self.worker.params.stop):
+            if any(s in text for s in stops):
                 return "stop"
         if len(lane.output) >= req.max_new_tokens or len(req.prompt_ids) + len(lane.output) >= self.max_len:
             return "length"
@@ -209,16 +307,17 @@ class Scheduler:
             lane.first_token = now
             self.hooks.on_first_token(now - lane.started)
         lane.output.append(token)
+        self.hooks.on_token(lane.request, token)
         reason = self._finish_reason(lane)
         if reason is None:
             return
+        req = lane.request
         text = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(lane.output, skip_special_tokens=True)
-            for s in self.worker.params.stop:
+            for s in (*self.worker.params.stop, *req.stop):
                 if s in text:
                     text = text[: text.index(s)]
-        req = lane.request
         self.lanes[index] = _Lane()
         self.hooks.on_result(
             Result(req.id, req.prompt_ids, lane.output, reason, text, lane.first_token - lane.started)
@@ -330,13 +429,43 @@ class Scheduler:
             taken += 1
         return taken
 
-    def run(self, requests: Iterable[Request]) -> None:
-        waiting: Iterator[Request] = iter(requests)
-        exhausted = False
+    def _cancel(self, request_ids: set[Any]) -> None:
+        """Free the lanes of cancelled requests. Their items still in flight are harmless, as a finished
+        sequence's extra step is: a reply is read only for the request its item was sent for, and a
+        lane's next prefill is sent (so received) after them."""
+        for i, lane in enumerate(self.lanes):
+            req = lane.request
+            if req is not None and req.id in request_ids:
+                self.lanes[i] = _Lane()
+                self.hooks.on_result(
+                    Result(
+                        req.id,
+                        req.prompt_ids,
+                        lane.output,
+                        "cancelled",
+                        None,
+                        lane.first_token - lane.started,
+                    )
+                )
+
+    def _occupancy(self) -> None:
+        running, positions = 0, 0
+        for lane in self.lanes:
+            if lane.request is not None:
+                running += 1
+                positions += len(lane.request.prompt_ids) + len(lane.output)
+        self.hooks.on_occupancy(running, positions)
+
+    def run(self, requests: Iterable[Request] | RequestQueue) -> None:
+        """Generate for ``requests`` until they are exhausted (an iterable) or the queue is closed and
+        everything admitted has finished (a ``RequestQueue``: an empty queue is waited on, not the end)."""
+        waiting = requests if isinstance(requests, RequestQueue) else _Iterated(requests)
         in_flight: list[list[_Item]] = [[] for _ in range(self.m)]  # per micro-batch, in the order sent
         last_turn = [time.perf_counter()] * self.m
         while True:
             busy = False
+            if cancelled := waiting.take_cancelled():
+                self._cancel(cancelled)
             for mb in range(self.m):
                 received, in_flight[mb] = in_flight[mb], []
                 for item in received:
@@ -361,10 +490,9 @@ class Scheduler:
                 # prompts prefilled together up to PREFILL_TOKENS padded tokens an item.
                 joining: list[tuple[int, Request]] = []
                 for i in range(mb * self.b, (mb + 1) * self.b):
-                    if self.lanes[i].request is None and not exhausted:
-                        req = next(waiting, None)
+                    if self.lanes[i].request is None:
+                        req = waiting.poll()
                         if req is None:
-                            exhausted = True
                             break
                         self._admit(i, req)
                         if len(req.prompt_ids) > self.chunk:
@@ -378,8 +506,15 @@ class Scheduler:
                 if joining:
                     in_flight[mb].append(self._prefill(joining))
                 busy = busy or bool(in_flight[mb])
+            self._occupancy()
             if not busy:
-                break
+                if waiting.finished:
+                    break
+                # idle: sleep until a request (or close) arrives; on a timeout tell the other stages
+                if not waiting.wait(KEEPALIVE_SECONDS) and self.worker.peers.next_rank is not None:
+                    keepalive = torch.zeros(HEADER, dtype=torch.int64)
+                    keepalive[0] = IDLE
+                    self.worker.channel.send_meta(keepalive, self.worker.peers.next_rank)
         p = self.worker.peers
         if p.next_rank is not None:
             stop = torch.zeros(HEADER, dtype=torch.int64)  # kind STOP
@@ -397,7 +532,7 @@ def run_generation(
     model: StageModel,
     peers: PipelinePeers,
     params: SamplingParams,
-    requests: Iterable[Request],
+    requests: Iterable[Request] | RequestQueue,
     *,
     micro_batches: int,
     lanes_per_micro_batch: int,

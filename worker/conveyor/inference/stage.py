@@ -3,7 +3,7 @@
 A work item is metadata (``StageWorker.pack``: kind, lanes, positions, sampling keys and steps, prompt
 tokens) plus, past stage 0, the previous stage's hidden states. The kinds: prefill (prompts into their
 lanes from position 0), extend (a later chunk of a long prompt), decode (one token for every lane of a
-micro-batch) and stop. Stage 0's scheduler is in generate.py; stages > 0 run ``StageWorker.follow``.
+micro-batch), idle (stage 0 is alive with nothing to do: passed on, so no receive times out) and stop. Stage 0's scheduler is in generate.py; stages > 0 run ``StageWorker.follow``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from conveyor.inference.model import StageModel
 from conveyor.inference.p2p import Channel, meta_group
 from conveyor.inference.sampling import SamplingParams, sample
 
-PREFILL, DECODE, STOP, EXTEND = 1, 2, 0, 3
+PREFILL, DECODE, STOP, EXTEND, IDLE = 1, 2, 0, 3, 4
 HEADER = 5  # kind, lane_start, n, S, kv_len
 
 
@@ -182,10 +182,12 @@ class StageWorker:
         while True:
             meta = self.channel.recv_meta(p.prev_rank)  # on the host
             kind, _, n, s, _ = self.header(meta)
-            if kind == STOP:
+            if kind in (STOP, IDLE):
                 if p.next_rank is not None:
                     self.channel.send_meta(meta, p.next_rank)
-                break
+                if kind == STOP:
+                    break
+                continue
             hidden = self.channel.recv_payload((n, s, hidden_size), p.prev_rank)
             out = self.execute(meta, hidden)
             if p.is_last:

@@ -1,0 +1,93 @@
+"""The HTTP app without a model: a full queue answers 429, a request past its timeout 504 (and leaves
+the queue), 503 before ready; streamed pieces concatenate to the final text (stop strings, multi-byte
+characters). The whole path, model included, is in test_serve.py."""
+
+from __future__ import annotations
+
+import pytest
+from conveyor.inference.generate import Request, RequestQueue
+from conveyor.inference.openai_api import IncrementalText, build_app
+from conveyor.inference.serve import ServeEngine, start_http
+from conveyor.testing.tiny import build_tokenizer
+from starlette.testclient import TestClient
+
+BODY = {"model": "m", "prompt": "hello world", "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def client(tokenizer, max_waiting: int = 1, timeout: float = 5.0, ready: bool = True):
+    """An app whose queue nobody consumes."""
+    engine = ServeEngine(
+        "job", "m", tokenizer, max_len=64, lanes=1, queue=RequestQueue(max_waiting), timeout=timeout
+    )
+    engine.set_ready(ready)
+    return engine, TestClient(build_app(engine))
+
+
+def test_a_full_queue_answers_429_and_a_timeout_504(tokenizer) -> None:
+    engine, http = client(tokenizer, max_waiting=2, timeout=0.3)
+    engine.queue.put(Request("a", [1, 2], 4))
+    r = http.post("/v1/completions", json=BODY)  # waits in the queue, never served
+    assert r.status_code == 504 and "0.3s" in r.json()["error"]["message"]
+    assert len(engine.queue) == 1  # the timed-out request left the queue
+    engine.queue.put(Request("b", [1, 2], 4))
+    r = http.post("/v1/completions", json=BODY)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    assert http.get("/health").status_code == 200
+    assert b"conveyor_serve_requests_total" in http.get("/metrics").content
+
+
+def test_not_ready_answers_503(tokenizer) -> None:
+    _, http = client(tokenizer, ready=False)
+    assert http.get("/ready").status_code == 503
+    assert http.post("/v1/completions", json=BODY).status_code == 503
+    assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({**BODY, "model": "other"}, 404, "model"),
+        ({"model": "m"}, 400, "prompt"),
+        ({**BODY, "prompt": ""}, 400, "prompt"),
+        ({**BODY, "prompt": [1, 99999]}, 400, "prompt"),
+        ({**BODY, "max_tokens": 0}, 400, "max_tokens"),
+        ({**BODY, "max_tokens": 1000}, 400, "max_tokens"),
+        ({**BODY, "temperature": 0.7}, 400, "temperature"),
+        ({**BODY, "n": 2}, 400, "n"),
+    ],
+)
+def test_bad_requests_name_the_field(tokenizer, body, status, param) -> None:
+    _, http = client(tokenizer)
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_streamed_pieces_concatenate_to_the_final_text(tokenizer) -> None:
+    text = "hello wörld, the quick brown fox STOP and more"
+    ids = tokenizer(text)["input_ids"]
+    final = tokenizer.decode(ids, skip_special_tokens=True)
+    final = final[: final.index(" STOP")]
+    stream = IncrementalText(tokenizer, (" STOP",))
+    pieces = [stream.add(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == final  # held back: nothing past the stop string was sent
+    assert "".join(pieces) + stream.finish(final) == final
+
+
+def test_a_port_it_cannot_bind_is_an_error(tokenizer) -> None:
+    import socket
+
+    engine, _ = client(tokenizer)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match="spec.serve.port"):
+            start_http(build_app(engine), taken.getsockname()[1], host="127.0.0.1")
+    server = start_http(build_app(engine), 0, host="127.0.0.1")  # a free port: listening on return
+    server.should_exit = True

@@ -1,0 +1,255 @@
+"""``conveyor run`` of a serve job (2 stages, CPU) and the official ``openai`` client against it:
+completions and chat completions equal HF's greedy output, streamed text equals the non-streamed,
+concurrent requests, a cancelled stream frees its lane, every bad request is answered and the server
+stays up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from conveyor.testing.tiny import save_tiny
+from conveyor.utils import free_port
+
+from tests.conftest import conveyor_cmd, subprocess_env
+
+pytestmark = pytest.mark.integration
+openai = pytest.importorskip("openai")
+
+JOB = "tiny-serve"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+PROMPTS = ["hello world", "the quick brown fox jumps over", "a pipeline moves", "tensor parallel ranks"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import transformers as T
+
+    d = save_tiny("llama", tmp_path_factory.mktemp("m"))
+    tok = T.AutoTokenizer.from_pretrained(d)
+    tok.chat_template = CHAT_TEMPLATE  # the tiny tokenizer has none
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``conveyor run`` of the serve job; yields the base URL once /ready answers 200."""
+    port = free_port()
+    job = {
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "PipelineJob",
+        "metadata": {"name": JOB},
+        "spec": {
+            "mode": "serve",
+            "device": "cpu",
+            "model": {"path": str(model_dir), "dtype": "float32"},
+            "parallelism": {"stages": 2, "tensorParallel": 1, "replicas": 1},
+            "resources": {"gpus": 0},
+            "serve": {"port": port, "maxBatchSize": 4},
+        },
+    }
+    path = tmp_path_factory.mktemp("job") / "serve.yaml"
+    path.write_text(json.dumps(job))  # YAML is a superset of JSON
+    log = (path.parent / "run.log").open("w")
+    proc = subprocess.Popen(
+        conveyor_cmd("run", str(path)),
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (path.parent / "run.log").read_text()
+            assert time.monotonic() < deadline, (
+                "not ready in 240 s:\n" + (path.parent / "run.log").read_text()
+            )
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)  # our own child (`conveyor run`), which stops its pods
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Any:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir: Path) -> tuple[Any, Any]:
+    import transformers as T
+
+    return T.AutoTokenizer.from_pretrained(model_dir), T.AutoModelForCausalLM.from_pretrained(
+        model_dir
+    ).eval()
+
+
+def hf_greedy(hf: tuple[Any, Any], ids: list[int], max_new_tokens: int) -> str:
+    tok, model = hf
+    x = torch.tensor([ids])
+    out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)[0, len(ids) :]
+    return tok.decode(out.tolist(), skip_special_tokens=True)
+
+
+def chat_ids(hf: tuple[Any, Any], messages: list[dict[str, str]]) -> list[int]:
+    tok = hf[0]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_models_health_and_metrics(server: str, client: Any) -> None:
+    assert [m.id for m in client.models.list()] == [JOB]
+    assert httpx.get(f"{server}/health").status_code == 200
+    body = httpx.get(f"{server}/metrics").text
+    for name in (
+        "conveyor_serve_queue_depth",
+        "conveyor_serve_running_sequences",
+        "conveyor_serve_kv_cache_usage_ratio",
+        "conveyor_serve_tokens_per_second",
+        "conveyor_serve_time_to_first_token_seconds_bucket",
+        "conveyor_serve_inter_token_latency_seconds_bucket",
+    ):
+        assert name in body
+
+
+def test_completions_and_chat_equal_hf_greedy_and_streams_equal_them(
+    client: Any, hf: tuple[Any, Any]
+) -> None:
+    tok = hf[0]
+    for prompt in PROMPTS[:2]:
+        r = client.completions.create(model=JOB, prompt=prompt, max_tokens=12)
+        assert r.choices[0].text == hf_greedy(hf, tok(prompt)["input_ids"], 12)
+        assert r.usage.prompt_tokens == len(tok(prompt)["input_ids"])
+        pieces = client.completions.create(model=JOB, prompt=prompt, max_tokens=12, stream=True)
+        assert "".join(c.choices[0].text for c in pieces) == r.choices[0].text
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    r = client.chat.completions.create(model=JOB, messages=messages, max_tokens=12)
+    assert r.choices[0].message.content == hf_greedy(hf, chat_ids(hf, messages), 12)
+    assert r.choices[0].message.role == "assistant"
+    chunks = client.chat.completions.create(model=JOB, messages=messages, max_tokens=12, stream=True)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    )
+
+
+def test_a_stop_string_cuts_streamed_and_plain_text_alike(client: Any) -> None:
+    full = client.completions.create(model=JOB, prompt=PROMPTS[0], max_tokens=16).choices[0].text
+    if len(full) < 4:
+        pytest.skip(f"the tiny model's text is too short for a stop string: {full!r}")
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    plain = client.completions.create(model=JOB, prompt=PROMPTS[0], max_tokens=16, stop=[stop])
+    assert plain.choices[0].text == full[: full.index(stop)]
+    assert plain.choices[0].finish_reason == "stop"
+    pieces = client.completions.create(model=JOB, prompt=PROMPTS[0], max_tokens=16, stop=[stop], stream=True)
+    assert "".join(c.choices[0].text for c in pieces) == plain.choices[0].text
+
+
+def test_concurrent_requests_each_get_their_own_greedy_text(client: Any, hf: tuple[Any, Any]) -> None:
+    tok = hf[0]
+    want = {p: hf_greedy(hf, tok(p)["input_ids"], 10) for p in PROMPTS}
+    jobs = PROMPTS * 2  # more than the 4 lanes: some wait, then join
+
+    def ask(prompt: str) -> str:
+        return client.completions.create(model=JOB, prompt=prompt, max_tokens=10).choices[0].text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(ask, jobs))
+    assert got == [want[p] for p in jobs]
+
+
+def metric(server: str, name: str) -> float:
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_goes_away_frees_its_lane(server: str, client: Any, hf: tuple[Any, Any]) -> None:
+    completed = metric(server, "conveyor_prompts_completed_total")
+    body = {"model": JOB, "prompt": PROMPTS[2], "max_tokens": 240, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first event: it runs; then we hang up
+    deadline = time.monotonic() + 10
+    while metric(server, "conveyor_serve_running_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "conveyor_serve_running_sequences") == 0
+    # freed, not finished (unless the model stopped on its own before we hung up: then it completed)
+    tok = hf[0]
+    ids = tok(PROMPTS[2])["input_ids"]
+    out = hf[1].generate(torch.tensor([ids]), max_new_tokens=250, do_sample=False, pad_token_id=0)[
+        0, len(ids) :
+    ]
+    stopped_early = len(out) < 250
+    if not stopped_early:
+        assert metric(server, "conveyor_prompts_completed_total") == completed
+    # a plain (non-streamed) request whose client gives up: cancelled too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/completions", json={**body, "stream": False}, timeout=0.1)
+    deadline = time.monotonic() + 10
+    while metric(server, "conveyor_serve_running_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "conveyor_serve_running_sequences") == 0
+    if not stopped_early:
+        assert metric(server, "conveyor_prompts_completed_total") == completed
+    r2 = client.completions.create(model=JOB, prompt=PROMPTS[3], max_tokens=8)
+    assert r2.choices[0].text == hf_greedy(hf, tok(PROMPTS[3])["input_ids"], 8)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+        ("completions", {"model": JOB}, 400, "prompt"),
+        ("completions", {"model": JOB, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+        ("completions", {"model": JOB, "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+        ("completions", {"model": JOB, "prompt": "hi", "temperature": 1.0}, 400, "temperature"),
+        ("chat/completions", {"model": JOB}, 400, "messages"),
+        ("chat/completions", {"model": JOB, "messages": []}, 400, "messages"),
+        (
+            "chat/completions",
+            {"model": JOB, "messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "messages.0.role",
+        ),
+        ("chat/completions", {"model": JOB, "messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    ],
+)
+def test_bad_requests_are_answered_and_the_server_stays_up(
+    server: str, client: Any, path: str, body: dict, status: int, param: str
+) -> None:
+    r = httpx.post(f"{server}/v1/{path}", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+    assert param in r.json()["error"]["message"] or status == 404
+    assert httpx.post(f"{server}/v1/completions", content=b"{not json", timeout=30).status_code == 400
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi")
+    assert client.completions.create(model=JOB, prompt="hi", max_tokens=2).choices[0].text is not None

@@ -1,0 +1,361 @@
+"""The OpenAI-compatible HTTP API of a serve replica (Starlette, run by uvicorn on the entry rank).
+
+``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template), both streamed as
+server-sent events when asked; ``/v1/models``; ``/health`` (the process is alive), ``/ready`` (every
+rank of the group loaded and warmed up), ``/metrics`` (Prometheus). A bad request gets 400 naming the
+field (404 for an unknown model); a full queue 429; a request past its timeout 504. The app only
+talks to an ``Engine`` (serve.py): submit token ids, read a stream of tokens and one result, cancel.
+
+Streamed text is decoded incrementally (``IncrementalText``): a piece is sent once it can no longer
+change (not the start of a multi-byte character, not possibly the start of a stop string), and the last
+piece completes the final text, so the pieces concatenate to exactly the text a non-streamed request gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from conveyor.inference.generate import RequestQueue, Result
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# -- requests ------------------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logit_bias, ...)
+
+    model: str
+    stream: bool = False
+    stop: str | list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1)
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def check_sampling(self) -> None:
+        """This version decodes greedily: say so rather than silently ignore a sampling request."""
+        if self.temperature not in (None, 0.0):
+            raise ApiError(
+                400, "only greedy decoding (temperature 0) is served by this version", "temperature"
+            )
+        if self.top_p not in (None, 1.0):
+            raise ApiError(400, "only greedy decoding (top_p 1) is served by this version", "top_p")
+        if self.n != 1:
+            raise ApiError(400, "only one choice per request (n = 1) is served by this version", "n")
+
+
+class CompletionBody(_Body):
+    prompt: str | list[int] = Field(min_length=1)
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def parse(model: type[BaseModel], raw: bytes) -> Any:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the body is not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        # a union's member name sits in loc (prompt.str); keep the field's own path
+        field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in _TYPE_NAMES))
+        raise ApiError(400, f"{field}: {first['msg']}", field) from None
+
+
+_TYPE_NAMES = {"str", "list[int]", "list[str]", "int", "float", "bool"}
+
+
+# -- the engine the app talks to -----------------------------------------------------------------
+class Stream(Protocol):
+    request_id: str
+    prompt_ids: list[int]
+
+    async def next(self) -> int | Result: ...
+
+
+class Engine(Protocol):
+    model_name: str
+    max_len: int  # KV positions of a sequence: prompt + new tokens
+    tokenizer: Any
+    timeout: float  # seconds a request may take
+
+    def ready(self) -> bool: ...
+    def submit(self, prompt_ids: list[int], max_tokens: int, stop: tuple[str, ...]) -> Stream: ...
+    def cancel(self, stream: Stream) -> None: ...
+    def metrics(self) -> tuple[bytes, str]: ...  # body, content type
+    def count(self, status: int) -> None: ...
+
+
+class IncrementalText:
+    """Text of a growing list of tokens, in pieces that concatenate to the final text."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def _held(self, text: str) -> int:
+        """Characters at the end of ``text`` that may be the start of a stop string."""
+        return max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
+            return ""
+        for s in self.stops:
+            if s in text:
+                text = text[: text.index(s)]
+        text = text[: len(text) - self._held(text)]
+        if not text.startswith(self.sent):  # the tokenizer revised earlier text: wait for the end
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+    def finish(self, final: str) -> str:
+        piece = final[len(self.sent) :] if final.startswith(self.sent) else ""
+        self.sent += piece
+        return piece
+
+
+# -- the app ------------------------------------------------------------------------------------
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+async def _disconnected(http: HttpRequest) -> None:
+    """Returns when the client goes away (after the body is read, receive() waits for that)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(engine: Engine) -> Starlette:
+    async def prepare(http: HttpRequest, chat: bool) -> tuple[_Body, list[int], int]:
+        if not engine.ready():
+            raise ApiError(
+                503, "the model is still loading; retry when /ready answers 200", kind="unavailable"
+            )
+        body: Any = parse(ChatBody if chat else CompletionBody, await http.body())
+        if body.model != engine.model_name:
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served here; this endpoint serves {engine.model_name!r}",
+                "model",
+            )
+        body.check_sampling()
+        where = "messages" if chat else "prompt"
+        if chat:
+            if getattr(engine.tokenizer, "chat_template", None) is None:
+                raise ApiError(
+                    400, "this model's tokenizer has no chat template; use /v1/completions", "messages"
+                )
+            messages = [m.model_dump() for m in body.messages]
+            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif isinstance(body.prompt, str):
+            ids = engine.tokenizer(body.prompt)["input_ids"]
+        else:
+            ids = list(body.prompt)
+            vocab = len(engine.tokenizer)
+            if any(not 0 <= t < vocab for t in ids):
+                raise ApiError(400, f"token ids must be in [0, {vocab})", "prompt")
+        if not ids:
+            raise ApiError(400, "the prompt is empty once tokenized", where)
+        if len(ids) >= engine.max_len:
+            raise ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens; the context is {engine.max_len} (leave room for one)",
+                where,
+            )
+        limit = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+        field = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
+        if limit is None:
+            limit = engine.max_len - len(ids)
+        elif len(ids) + limit > engine.max_len:
+            raise ApiError(
+                400,
+                f"{field} {limit} + the prompt's {len(ids)} tokens exceed the context of {engine.max_len} tokens",
+                field,
+            )
+        return body, ids, limit
+
+    async def generate(http: HttpRequest, chat: bool) -> Response:
+        try:
+            body, ids, limit = await prepare(http, chat)
+            try:
+                stream = engine.submit(ids, limit, body.stops())
+            except RequestQueue.QueueFull:
+                raise ApiError(
+                    429, "too many requests waiting; retry later", kind="rate_limit_error"
+                ) from None
+        except ApiError as err:
+            engine.count(err.status)
+            return err.response()
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}", int(time.time())
+        head = {"id": rid, "created": created, "model": engine.model_name}
+        text = IncrementalText(engine.tokenizer, body.stops())
+        if body.stream:
+            engine.count(200)
+            return StreamingResponse(
+                _events(engine, stream, text, head, chat), media_type="text/event-stream"
+            )
+        return await _complete(http, engine, stream, text, head, chat)
+
+    async def completions(http: HttpRequest) -> Response:
+        return await generate(http, chat=False)
+
+    async def chat_completions(http: HttpRequest) -> Response:
+        return await generate(http, chat=True)
+
+    async def models(_: HttpRequest) -> Response:
+        card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "conveyor"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(_: HttpRequest) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def ready(_: HttpRequest) -> Response:
+        ok = engine.ready()
+        return PlainTextResponse("ready\n" if ok else "not ready\n", status_code=200 if ok else 503)
+
+    async def metrics(_: HttpRequest) -> Response:
+        body, content_type = engine.metrics()
+        return Response(body, media_type=content_type)
+
+    return Starlette(
+        routes=[
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", models),
+            Route("/health", health),
+            Route("/ready", ready),
+            Route("/metrics", metrics),
+        ]
+    )
+
+
+def _choice(
+    chat: bool, text: str | None, finish: str | None, delta: bool, first: bool = False
+) -> dict[str, Any]:
+    if not chat:
+        return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+    if not delta:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    content: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+    if text:
+        content["content"] = text
+    return {"index": 0, "delta": content, "finish_reason": finish}
+
+
+async def _complete(
+    http: HttpRequest, engine: Engine, stream: Stream, text: IncrementalText, head: dict[str, Any], chat: bool
+) -> Response:
+    """A non-streamed request: wait for its result, the client's leaving or the timeout."""
+
+    async def result() -> Result:
+        while not isinstance(item := await stream.next(), Result):
+            pass  # a token: only the final text is sent
+        return item
+
+    done, gone = asyncio.ensure_future(result()), asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait({done, gone}, timeout=engine.timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not done.done():
+        done.cancel()
+        engine.cancel(stream)
+        status = 499 if gone.done() and not gone.cancelled() else 504
+        engine.count(status)
+        return ApiError(
+            status, f"the request did not finish within {engine.timeout:g}s", kind="timeout"
+        ).response()
+    r = done.result()
+    engine.count(200)
+    obj = "chat.completion" if chat else "text_completion"
+    return JSONResponse(
+        {
+            **head,
+            "object": obj,
+            "choices": [_choice(chat, r.text or "", r.finish_reason, delta=False)],
+            "usage": _usage(len(r.prompt_ids), len(r.output_ids)),
+        }
+    )
+
+
+async def _events(
+    engine: Engine, stream: Stream, text: IncrementalText, head: dict[str, Any], chat: bool
+) -> AsyncIterator[bytes]:
+    """Server-sent events, one per piece of text; the client's leaving (this generator cancelled by
+    Starlette) or the timeout cancels the request."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    deadline = time.monotonic() + engine.timeout
+    finished = False
+    try:
+        if chat:
+            yield _sse({**head, "object": obj, "choices": [_choice(chat, "", None, delta=True, first=True)]})
+        while True:
+            try:
+                item = await asyncio.wait_for(stream.next(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                error = {
+                    "message": f"the request did not finish within {engine.timeout:g}s",
+                    "type": "timeout",
+                }
+                yield _sse({"error": error})
+                return
+            if isinstance(item, Result):
+                finished = True
+                last = text.finish(item.text or "")
+                choice = _choice(chat, last, item.finish_reason, delta=True)
+                usage = _usage(len(item.prompt_ids), len(item.output_ids))
+                yield _sse({**head, "object": obj, "choices": [choice], "usage": usage})
+                yield _sse("[DONE]")
+                return
+            if piece := text.add(item):
+                yield _sse({**head, "object": obj, "choices": [_choice(chat, piece, None, delta=True)]})
+    finally:
+        if not finished:
+            engine.cancel(stream)
