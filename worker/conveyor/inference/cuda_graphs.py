@@ -13,7 +13,10 @@ capturing as its context grew, one CUDA graph per 64 positions and 31 recompiles
   query reads are device data (``lanes`` [n], ``positions`` [n, 1]): the attention kernel sizes its
   key splits for the whole cache and ends each query's loop at its own position. So one compile
   (static shapes, ``dynamic=False``) and one CUDA graph per micro-batch size serve every micro-batch
-  and every context length.
+  and every context length. The compile is regional too: one layer, reused for every layer, with the
+  embedding and head around it left eager inside the same graph (a whole 32-layer step took dynamo
+  seconds to trace at every start and inductor most of a cold start to lower; the layers are the
+  same code, and the graph replays eager and compiled kernels alike).
 * Prompt passes (prefills and the chunks of a long prompt) are compute-bound, so one transformer layer
   is compiled with dynamic shapes and reused for every layer (regional compilation: seconds instead of
   a whole-model compile). Only sizes 0 and 1 get their own graphs in dynamo, so the passes are padded
@@ -113,7 +116,7 @@ class CompiledStage:
         self._cache: KVCache | None = None  # the cache the graphs write (setup_cache replaces it)
         self._weights = _weight_storage(model)  # where the graphs read the weights (.to() moves them)
         self._pool: Any = None  # one memory pool shared by every graph of this stage
-        self._decode: Callable[..., torch.Tensor] = _decode_step
+        self._decode_layer: Callable[..., torch.Tensor] | None = None
         self._layer: Callable[..., torch.Tensor] | None = None
         if options.triton_kernels and cuda:
             from conveyor.inference import decode_attention
@@ -121,7 +124,9 @@ class CompiledStage:
             model.decode_kernel = decode_attention.attend
         if self.compiling:
             # static: a decode step's shapes never change (kv_len is not an argument: see the docstring)
-            self._decode = torch.compile(_decode_step, dynamic=False, backend=self._backend)
+            self._decode_layer = torch.compile(
+                _decode_layer_pass, dynamic=False, fullgraph=True, backend=self._backend
+            )
             # fullgraph: a graph break would start a frame of the model's own code, whose shape history
             # decode shares
             self._layer = torch.compile(_layer_pass, dynamic=True, fullgraph=True, backend=self._backend)
@@ -187,9 +192,9 @@ class CompiledStage:
         self, inputs: torch.Tensor, positions: torch.Tensor, lanes: torch.Tensor, kv_len: int
     ) -> torch.Tensor:
         if not self.graphs or inputs.device.type != "cuda" or positions.shape[1] != 1:
-            if self._decode is _decode_step:  # eager: read only the keys in use
+            if self._decode_layer is None:  # eager: read only the keys in use
                 return self.model(inputs, positions, kv_len=kv_len, lanes=lanes)
-            return self._decode(self.model, *_inference_tensors(inputs, positions, lanes))
+            return self._decode_step(*_inference_tensors(inputs, positions, lanes))
         self._check_cache()
         key = (tuple(inputs.shape), inputs.dtype)
         captured = self._graphs.get(key)
@@ -200,6 +205,11 @@ class CompiledStage:
         captured.lanes.copy_(lanes)
         captured.graph.replay()
         return captured.output
+
+    def _decode_step(
+        self, inputs: torch.Tensor, positions: torch.Tensor, lanes: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model(inputs, positions, lanes=lanes, run_layer=self._decode_layer)
 
     def _check_cache(self) -> None:
         cache = self.model.cache
@@ -215,20 +225,19 @@ class CompiledStage:
         static = [inputs.clone(), positions.clone(), lanes.clone()]
         for t in static:
             torch._dynamo.mark_static(t)
-        model, forward = self.model, self._decode
         # Re-running a decode step writes the same K/V at the same positions: warming up is idempotent.
         try:
-            warm_up(lambda: forward(model, *static), times=2)
+            warm_up(lambda: self._decode_step(*static), times=2)
         except Exception as e:  # a model or build inductor cannot compile still runs, uncompiled
-            if forward is _decode_step:
+            if self._decode_layer is None:
                 raise
             log.warning("torch.compile failed (%s: %s); the decode step runs uncompiled", type(e).__name__, e)
-            self._decode = forward = _decode_step
+            self._decode_layer = None
             self.uncompiled.add("decode")
-            warm_up(lambda: forward(model, *static), times=2)
+            warm_up(lambda: self._decode_step(*static), times=2)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            output = forward(model, *static)
+            output = self._decode_step(*static)
         self._pool = graph.pool()
         return _Captured(static[0], static[1], static[2], output, graph)
 
@@ -325,12 +334,12 @@ def _weight_storage(model: StageModel) -> list[tuple[int, torch.dtype]]:
     return [(t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers())]
 
 
-def _decode_step(
-    model: StageModel, inputs: torch.Tensor, positions: torch.Tensor, lanes: torch.Tensor
+def _decode_layer_pass(
+    layer: Block, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None
 ) -> torch.Tensor:
-    # its own top-level function: dynamo keeps shape history per code object, so the prompt layer's
-    # dynamic shapes never reach the decode step
-    return model(inputs, positions, lanes=lanes)
+    # its own code object, the same as _layer_pass: dynamo keeps shape history per code object, so the
+    # prompt layer's dynamic shapes never reach the decode step's static ones
+    return layer(x, step, cache)
 
 
 def _layer_pass(

@@ -25,7 +25,8 @@ import logging
 import os
 import statistics
 from collections.abc import Iterable
-from typing import NamedTuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -251,6 +252,15 @@ def skinny_matmul(
     ``weight`` comes with ``scale`` [N] (one per output channel), applied after the product.
     ``gate_up``: weight is a gated MLP's gate | up ([2N, K]) and the result ``F.silu(gate) * up``
     ([M, N]), computed where the products are, so no kernel writes or reads the products."""
+    grid, args, options = _launch(x, weight, tiles, scale, gate_up)
+    _skinny_kernel[grid](*args, **options)
+    return args[3]
+
+
+def _launch(
+    x: torch.Tensor, weight: torch.Tensor, tiles: Tiles, scale: torch.Tensor | None, gate_up: bool
+) -> tuple[tuple[int, int], tuple[Any, ...], dict[str, Any]]:
+    """The kernel's grid, arguments (the output is the fourth) and compile-time options."""
     m, k = x.shape
     n = weight.shape[0] // 2 if gate_up else weight.shape[0]
     if weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
@@ -266,7 +276,7 @@ def skinny_matmul(
     if tiles.splits > 1:
         partials = torch.empty((tiles.splits, m, n), device=x.device, dtype=torch.float32)
         arrivals = _arrivals(x.device, column_tiles)
-    _skinny_kernel[(column_tiles, tiles.splits)](
+    args = (
         x,
         weight,
         out if scale is None else scale,
@@ -279,18 +289,40 @@ def skinny_matmul(
         x.stride(0),
         weight.stride(0),
         out.stride(0),
-        BLOCK_M=block_m(m),
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
-        K_TILES=k_tiles,
-        EVEN=k == k_tiles * tiles.splits * tiles.block_k and n % tiles.block_n == 0,
-        HAS_SCALE=scale is not None,
-        GATE_UP=gate_up,
-        SPLITS=tiles.splits,
-        num_warps=tiles.warps,
-        num_stages=tiles.stages,
     )
-    return out
+    options = {
+        "BLOCK_M": block_m(m),
+        "BLOCK_N": tiles.block_n,
+        "BLOCK_K": tiles.block_k,
+        "K_TILES": k_tiles,
+        "EVEN": k == k_tiles * tiles.splits * tiles.block_k and n % tiles.block_n == 0,
+        "HAS_SCALE": scale is not None,
+        "GATE_UP": gate_up,
+        "SPLITS": tiles.splits,
+        "num_warps": tiles.warps,
+        "num_stages": tiles.stages,
+    }
+    return (column_tiles, tiles.splits), args, options
+
+
+def precompile(jobs: Iterable[tuple[torch.Tensor, torch.Tensor, Tiles, torch.Tensor | None, bool]]) -> None:
+    """Compile the kernels of ``jobs`` (``skinny_matmul``'s arguments) without running them, in
+    parallel (Triton's AsyncCompileMode on a thread pool: its compiler passes release the GIL and ptxas
+    is a process of its own), so a cold tune's compiles (about 90 for a 7B model at M=64: a kernel per
+    tile shape, K split and weight shape) overlap instead of queueing one by one. A job that does not
+    compile is left to the timing, which skips it."""
+    jobs = list(jobs)
+    mode = getattr(triton, "AsyncCompileMode", None)
+    if not jobs or mode is None:  # older Triton: each compiles when first timed
+        return
+    pool = ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1, 32))
+    with pool, mode(pool, ignore_errors=True):  # (the mode's exit waits for the compiles: pool's after)
+        for job in jobs:
+            try:
+                grid, args, options = _launch(*job)
+                _skinny_kernel.warmup(*args, grid=grid, **options)
+            except Exception as e:  # e.g. a tile shape needing more shared memory than this GPU has
+                log.debug("skinny_matmul precompile %s: %s", job[2], e)
 
 
 Key = tuple[int, int, int, torch.dtype, torch.dtype, int, bool]
@@ -416,9 +448,19 @@ def tune(products: Iterable[Product], m: int) -> int:
             key = _key(w.shape[0], w.shape[1], m, dtype, w, gate_up)
             if key not in _CHOICES:
                 groups.setdefault(key, []).append(product)
+    inputs = {
+        key: torch.randn(m, key[1], device=group[0].weight.device, dtype=key[3])
+        for key, group in groups.items()
+    }
+    precompile(
+        (inputs[key], group[0].weight, tiles, group[0].scale, gate_up)
+        for key, group in groups.items()
+        for gate_up in [key[6]]
+        for tiles in candidates(m, key[4], key[0] // 2 if gate_up else key[0], key[1], gate_up)
+    )
     for key, group in sorted(groups.items(), key=lambda item: item[0][6]):  # plain products first
         n, k, _, dtype, weight_dtype, _, gate_up = key
-        x = torch.randn(m, k, device=group[0].weight.device, dtype=dtype)
+        x = inputs[key]
         # the rival: cuBLAS; for gate | up, the plain product as chosen, then the silu-multiply
         rival = _CHOICES[(*key[:6], False)] if gate_up else None
         rival_us = _time_product(x, group, rival, gate_up)
