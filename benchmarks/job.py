@@ -74,11 +74,15 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def run_job(job: Path, output: Path, cache: Path, label: str) -> dict[str, Any]:
+def run_job(job: Path, output: Path, cache: Path, label: str, log_name: str = "job") -> dict[str, Any]:
+    """``label``: cold or warm, then optionally ``:NAME=VALUE,...`` set in the job's environment (a
+    variant of the same run, e.g. ``warm:CONVEYOR_COMPILE_PROMPTS=0``)."""
     for stale in output.parent.glob(output.name + "*"):
         stale.unlink()
+    _, _, variant = label.partition(":")
     env = {
         **os.environ,
+        **dict(item.split("=", 1) for item in variant.split("+") if item),
         "CONVEYOR_COMPILE_CACHE": str(cache),
         "CONVEYOR_LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
@@ -95,7 +99,8 @@ def run_job(job: Path, output: Path, cache: Path, label: str) -> dict[str, Any]:
         raise SystemExit(f"{label}: conveyor run exited {proc.returncode}")
     logs = json_lines(proc.stdout + "\n" + proc.stderr)
     if os.environ.get("OUT"):  # the device tool's folder that comes back
-        Path(os.environ["OUT"], f"job-{label}.log").write_text(proc.stdout + proc.stderr)
+        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in label)
+        Path(os.environ["OUT"], f"{log_name}-{safe}.log").write_text(proc.stdout + proc.stderr)
 
     def first(msg: str) -> dict[str, Any]:
         return next((r for r in logs if r.get("msg") == msg), {})
@@ -171,7 +176,8 @@ def main() -> None:
     p.add_argument(
         "--runs",
         default="cold,warm",
-        help="cold: start from an empty compile cache; warm: the cache as it is",
+        help="cold: start from an empty compile cache; warm: the cache as it is; either followed by "
+        "':NAME=VALUE+NAME=VALUE' runs with those set in the job's environment",
     )
     p.add_argument("--workdir", default="/tmp/conveyor-bench")
     p.add_argument("--out", default="benchmarks/results/job.json")
@@ -204,7 +210,7 @@ def main() -> None:
     )
     cache = workdir / "compile-cache"  # shared by the jobs of one workdir, as a fleet's volume is
     runs = args.runs.split(",")
-    if "cold" in runs:
+    if any(run.partition(":")[0] == "cold" for run in runs):
         shutil.rmtree(cache, ignore_errors=True)
     report: dict[str, Any] = {
         "shape": args.model_shape,
@@ -213,7 +219,7 @@ def main() -> None:
         "prompt_lens": [low, high],
         "new_tokens": args.new_tokens,
         "batch_size": args.batch_size,
-        "runs": [run_job(job, output, cache, label) for label in runs],
+        "runs": [run_job(job, output, cache, label, Path(args.out).stem) for label in runs],
     }
     if args.hf_passes:
         hf = run_hf(model_dir, dtype, prompts, args.new_tokens, args.batch_size, args.hf_passes)

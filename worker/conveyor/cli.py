@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -80,8 +81,18 @@ def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
 
 
+# Conveyor reads models from local directories only (no downloads at run time). Left online, the
+# HF hub's clients may look for a network before reading a local file: on a host that cannot reach
+# one, that cost seconds per process in the pre-flight and again in every rank. The worker image sets
+# the same (deploy/Dockerfile.worker); a user's own setting wins.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "worker", "generate"):
+        for name, value in OFFLINE.items():  # before anything imports huggingface_hub (read at import)
+            os.environ.setdefault(name, value)
     return int(_resolve(_COMMANDS[args.command])(args) or 0)
 
 

@@ -130,7 +130,9 @@ def run_job(
     if spec.mode == Mode.INFERENCE:
         from conveyor.inference.validate import preflight
 
+        t0 = time.monotonic()
         preflight(spec)  # raises InputError: one line, exit 2
+        log.info("pre-flight checks passed", extra={"seconds": round(time.monotonic() - t0, 2)})
     p, name, policy = spec.parallelism, job.metadata.name, spec.restart_policy
     log.info(
         f"running PipelineJob {name}: mode {spec.mode}, {p.replicas} replica(s) x "

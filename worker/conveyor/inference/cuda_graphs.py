@@ -58,25 +58,28 @@ class CompileOptions:
     """How a stage's passes run; read once at an entry point (``from_env``) and passed down."""
 
     cuda_graphs: bool = True  # decode replayed from CUDA graphs (CUDA only)
-    compile: bool = True  # torch.compile the decode step and the prompt passes' layer
+    compile: bool = True  # torch.compile the decode step's layer
+    compile_prompts: bool = True  # and the prompt passes' (compute-bound: cuBLAS's either way)
     triton_kernels: bool = True  # skinny_matmul's products and the decode attention kernel (CUDA only)
     after_warm_up: str = "eager_on_recompile"  # torch.compiler stance for prompt passes after warm-up
 
     @classmethod
     def from_env(cls, device: torch.device, environ: Mapping[str, str] = os.environ) -> CompileOptions:
         """``CONVEYOR_CUDA_GRAPHS=0`` (graphs and compiling off), ``CONVEYOR_TORCH_COMPILE=0``,
-        ``CONVEYOR_TRITON_KERNELS=0``; on the CPU everything runs eagerly."""
+        ``CONVEYOR_COMPILE_PROMPTS=0``, ``CONVEYOR_TRITON_KERNELS=0``; on the CPU everything runs
+        eagerly."""
         if device.type != "cuda":
             return EAGER
         graphs = _flag(environ, "CONVEYOR_CUDA_GRAPHS")
         return cls(
             cuda_graphs=graphs,
             compile=graphs and _flag(environ, "CONVEYOR_TORCH_COMPILE"),
+            compile_prompts=_flag(environ, "CONVEYOR_COMPILE_PROMPTS"),
             triton_kernels=_flag(environ, "CONVEYOR_TRITON_KERNELS"),
         )
 
 
-EAGER = CompileOptions(cuda_graphs=False, compile=False, triton_kernels=False)
+EAGER = CompileOptions(cuda_graphs=False, compile=False, compile_prompts=False, triton_kernels=False)
 
 
 @dataclasses.dataclass
@@ -127,6 +130,7 @@ class CompiledStage:
             self._decode_layer = torch.compile(
                 _decode_layer_pass, dynamic=False, fullgraph=True, backend=self._backend
             )
+        if self.compiling and options.compile_prompts:
             # fullgraph: a graph break would start a frame of the model's own code, whose shape history
             # decode shares
             self._layer = torch.compile(_layer_pass, dynamic=True, fullgraph=True, backend=self._backend)
