@@ -90,15 +90,26 @@ def _wait_for_ranks(run: subprocess.Popen[bytes], marker: str) -> None:
         time.sleep(0.05)
 
 
-def kill_loop(job: Path, marker: str, kills: int, seed: int, window: tuple[float, float]) -> list[str]:
+def reference_run(job: Path, marker: str) -> float:
+    """Runs ``job`` uninterrupted; returns the seconds from its ranks' start to its end, which scale the
+    kill loop's moments (a fixed window missed every run on a fast machine, or landed after it)."""
+    run = _start(job, marker)
+    _wait_for_ranks(run, marker)
+    started = time.monotonic()
+    assert run.wait(timeout=600) == 0
+    return time.monotonic() - started
+
+
+def kill_loop(job: Path, marker: str, kills: int, seed: int, length: float) -> list[str]:
     """``kills`` SIGKILLs, each at a seeded random moment after the ranks have started (loading, the
     rendezvous, generating or training, committing): of `conveyor run` itself (then started again) or of
     one rank (then `conveyor run` restarts the group, per restartPolicy). Then a run to the end.
-    Returns what was killed; a job that finished before its next kill ends the loop early."""
+    ``length`` is the uninterrupted run's: the first kill lands within its first 60 %, so at least one
+    always does. Returns what was killed; a job that finished before its next kill ends the loop early."""
     rng, done, run = random.Random(seed), [], _start(job, marker)
     while len(done) < kills:
         _wait_for_ranks(run, marker)
-        time.sleep(rng.uniform(*window))
+        time.sleep(rng.uniform(0.1, 0.6) * length)
         ranks = _ranks(marker)
         if run.poll() is not None or not ranks:
             break  # finished: nothing left to interrupt
@@ -158,15 +169,11 @@ def test_inference_kill_loop_loses_and_repeats_nothing(model: Path, tmp_path: Pa
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     for d in (reference, killed):
         d.mkdir()
-    job = _job_file(reference, _inference_spec(reference, model))
-    assert (
-        subprocess.run(conveyor_cmd("run", str(job)), env=_env(), capture_output=True, timeout=600).returncode
-        == 0
-    )
+    length = reference_run(_job_file(reference, _inference_spec(reference, model)), str(reference))
     want = sorted((reference / "out.jsonl").read_bytes().splitlines())
 
     done = kill_loop(
-        _job_file(killed, _inference_spec(killed, model)), str(killed), KILLS, seed=26, window=(2.0, 9.0)
+        _job_file(killed, _inference_spec(killed, model)), str(killed), KILLS, seed=26, length=length
     )
     got = sorted((killed / "out.jsonl").read_bytes().splitlines())
     print(f"inference kill loop: {len(done)} kills landed: {done}")
@@ -211,14 +218,10 @@ def test_train_kill_loop_ends_with_the_uninterrupted_weights(tmp_path: Path) -> 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     for d in (reference, killed):
         d.mkdir()
-    job = _job_file(reference, _train_spec(reference))
-    result = subprocess.run(
-        conveyor_cmd("run", str(job)), env=_env(), capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    length = reference_run(_job_file(reference, _train_spec(reference)), str(reference))
     want = _final_state(reference / "ckpt")
 
-    done = kill_loop(_job_file(killed, _train_spec(killed)), str(killed), KILLS, seed=27, window=(0.5, 5.0))
+    done = kill_loop(_job_file(killed, _train_spec(killed)), str(killed), KILLS, seed=27, length=length)
     print(f"train kill loop: {len(done)} kills landed: {done}")
     assert done
     got = _final_state(killed / "ckpt")
