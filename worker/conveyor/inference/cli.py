@@ -119,7 +119,7 @@ def rank_main(config: dict[str, Any]) -> int:
         micro_batches=micro_batches,
         lanes_per_micro_batch=lanes_per_micro_batch,
         max_len=max_len,
-        options=CompileOptions.from_env(info.device),
+        options=CompileOptions.from_env(info.device, compile_prompts=False),  # one-shot: see job.py
         cache_dir=compile_cache.DEFAULT_DIR,
         quantization=config.get("quantize", "none"),
     )

@@ -49,8 +49,10 @@ from conveyor.inference.side_stream import warm_up
 log = logging.getLogger(__name__)
 
 
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    return environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+def _flag(environ: Mapping[str, str], name: str, default: bool = True) -> bool:
+    if name not in environ:
+        return default
+    return environ[name].strip().lower() not in ("0", "false", "no", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +66,19 @@ class CompileOptions:
     after_warm_up: str = "eager_on_recompile"  # torch.compiler stance for prompt passes after warm-up
 
     @classmethod
-    def from_env(cls, device: torch.device, environ: Mapping[str, str] = os.environ) -> CompileOptions:
+    def from_env(
+        cls, device: torch.device, environ: Mapping[str, str] = os.environ, *, compile_prompts: bool = True
+    ) -> CompileOptions:
         """``CONVEYOR_CUDA_GRAPHS=0`` (graphs and compiling off), ``CONVEYOR_TORCH_COMPILE=0``,
-        ``CONVEYOR_COMPILE_PROMPTS=0``, ``CONVEYOR_TRITON_KERNELS=0``; on the CPU everything runs
-        eagerly."""
+        ``CONVEYOR_COMPILE_PROMPTS=0|1`` (default ``compile_prompts``), ``CONVEYOR_TRITON_KERNELS=0``;
+        on the CPU everything runs eagerly."""
         if device.type != "cuda":
             return EAGER
         graphs = _flag(environ, "CONVEYOR_CUDA_GRAPHS")
         return cls(
             cuda_graphs=graphs,
             compile=graphs and _flag(environ, "CONVEYOR_TORCH_COMPILE"),
-            compile_prompts=_flag(environ, "CONVEYOR_COMPILE_PROMPTS"),
+            compile_prompts=_flag(environ, "CONVEYOR_COMPILE_PROMPTS", compile_prompts),
             triton_kernels=_flag(environ, "CONVEYOR_TRITON_KERNELS"),
         )
 
