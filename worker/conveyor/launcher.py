@@ -8,7 +8,8 @@ the failed rank's one-line cause is printed once, and the group restarts as the 
 it (``spec.restartPolicy``: the same backoff, CONVEYOR_RESTART raised) until ``backoffLimit`` is spent;
 a refusal (exit 2) is not restarted, since it would only be refused again. Locally every pod restarts,
 where the operator restarts only the failed replica's group; a replica that is done exits 0 at once.
-Ctrl-C (or SIGTERM) stops the pods, keeps what they committed and exits 130 (143).
+Ctrl-C (or SIGTERM) stops the pods, keeps what they committed and exits 130 (143); a serve job whose
+ranks all drained their requests and exited 0 exits 0.
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ def run_job(
     restarts, started = 0, time.monotonic()
     while True:
         outcome, messages = run_once(job, restart + restarts, grace_seconds)
+        if outcome.failed == "signal" and outcome.drained and spec.mode == Mode.SERVE:
+            # a serve job's ranks drain their requests on SIGTERM and exit 0: a clean stop, not 143
+            log.info(f"PipelineJob {name} stopped by a signal after draining its requests")
+            return 0
         if outcome.failed == "signal":  # Ctrl-C or SIGTERM: a stop asked for, not a failure
             log.info(
                 f"PipelineJob {name} stopped by a signal; committed progress is kept (run again to resume)"

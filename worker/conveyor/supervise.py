@@ -35,6 +35,7 @@ class Child:
 class Outcome:
     code: int  # 0, or the exit code of the first child that failed (128 + signal for a signal)
     failed: str | None  # the name of that child
+    drained: bool = False  # stopped by a signal, and every child then exited 0 (finished its work)
 
 
 def _pump_lines(stream: IO[bytes], prefix: str, sink: IO[bytes]) -> None:
@@ -133,5 +134,5 @@ def run_group(children: Sequence[Child], grace_seconds: float = 10.0) -> Outcome
         for s, handler in previous.items():
             signal.signal(s, handler)
     if received:  # the children's own exits (143 after our SIGTERM) are the stop we asked for
-        return Outcome(128 + received[0], "signal")
+        return Outcome(128 + received[0], "signal", drained=outcome.code == 0)
     return outcome

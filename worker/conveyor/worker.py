@@ -65,6 +65,10 @@ def main(args: argparse.Namespace | None = None) -> int:
         outcome = run_group(children, grace_seconds=float(os.environ.get("CONVEYOR_GRACE_SECONDS", "10")))
         failed = next((c for c in children if c.name == outcome.failed), None)
         cause = read_cause(failed.env[CAUSE_ENV]) if failed is not None else None
+    if outcome.failed == "signal" and outcome.drained and pod.mode == "serve":
+        # a serve rank drains its requests on SIGTERM and exits 0: the pod stops cleanly too
+        log.info("worker stopped by a signal after draining its requests")
+        return 0
     if outcome.failed == "signal":  # stopped (pod deleted, Ctrl-C): not a failure of ours
         log.info("worker stopped by a signal", extra={"exit_code": outcome.code})
         report_failure(pod, f"stopped by signal {outcome.code - 128}")
