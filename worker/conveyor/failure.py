@@ -16,7 +16,7 @@ EXIT_REFUSED = 2
 
 
 def is_refusal(err: BaseException) -> bool:
-    from conveyor.checkpoint import CheckpointError
+    from conveyor.commit_protocol import CheckpointError
     from conveyor.inference.validate import InputError
 
     return isinstance(err, (InputError, CheckpointError))

@@ -515,6 +515,23 @@ class PipelineEngine:
             )
 
     # ---- checkpoints -----------------------------------------------------------------------------------
+    def train_parts(self) -> pipe_checkpoint.TrainParts:
+        layout = self.layout
+        return pipe_checkpoint.TrainParts(
+            self.module,
+            self.optimizer,
+            self.lr_scheduler,
+            (layout.replicas, layout.stages, layout.tensor_parallel),
+        )
+
+    def counters(self) -> dict[str, Any]:
+        return {"step": self.global_steps, "samples": self.global_samples, "loss_scale": self.loss_scale}
+
+    def restore_counters(self, counters: dict[str, Any]) -> None:
+        self.global_steps = counters["step"]
+        self.global_samples = counters["samples"]
+        self.loss_scale = counters["loss_scale"]
+
     def save_checkpoint(
         self, save_dir: str | Path, tag: str | None = None, client_state: Any = None, keep: int | None = None
     ) -> Path:
