@@ -96,6 +96,11 @@ def _main(argv: list[str]) -> int:
         http_port = int(os.environ.get("CONVEYOR_SERVE_PORT", pod.spec.serve.port))
         timeout = float(os.environ.get("CONVEYOR_SERVE_TIMEOUT", serve.REQUEST_TIMEOUT_SECONDS))
         return serve.run_rank(pod, local_rank, port=http_port, timeout=timeout)
+    assert pod.spec.train is not None
+    if pod.spec.train.fine_tunes:
+        from conveyor.train.finetune import run_rank as fine_tune_rank
+
+        return fine_tune_rank(pod, local_rank, os.environ.get("CONVEYOR_TERMINATION_LOG"))
     return run_train_script(pod)
 
 

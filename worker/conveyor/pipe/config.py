@@ -29,7 +29,7 @@ class OptimizerConfig(_Section):
 
 
 class SchedulerConfig(_Section):
-    type: Literal["WarmupLR", "WarmupDecayLR"]
+    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"]
     params: dict[str, Any] = Field(default_factory=dict)
 
 
