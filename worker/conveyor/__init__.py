@@ -20,6 +20,7 @@ _LAZY = {
     "init_distributed": "conveyor.distributed",
     "initialize": "conveyor.pipe.engine",
     "PipelineEngine": "conveyor.pipe.engine",
+    "DataParallelEngine": "conveyor.pipe.data_parallel_engine",
     "pipe": "conveyor.pipe",
     "utils": "conveyor.utils",
 }

@@ -545,7 +545,7 @@ class PipelineEngine:
 
 def initialize(
     args: Any = None,
-    model: PipelineModule | None = None,
+    model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     model_parameters: Iterable[torch.nn.Parameter] | None = None,
     training_data: Any = None,
@@ -554,14 +554,19 @@ def initialize(
     config_params: dict[str, Any] | None = None,
     collate_fn: Any = None,
     job: str | None = None,
-) -> tuple[PipelineEngine, torch.optim.Optimizer, Any, Any]:
-    """DeepSpeed's ``initialize``: (engine, optimizer, training_dataloader, lr_scheduler)."""
+) -> tuple[Any, torch.optim.Optimizer, Any, Any]:
+    """DeepSpeed's ``initialize``: (engine, optimizer, training_dataloader, lr_scheduler). A
+    ``PipelineModule`` gets the pipeline engine (``train_batch``); any other module the data-parallel
+    engine (``engine(x)``, ``engine.backward(loss)``, ``engine.step()``)."""
+    from conveyor.pipe.data_parallel_engine import DataParallelEngine
+
     if model is None:
-        raise ValueError("conveyor.initialize needs model= (a conveyor.pipe.PipelineModule)")
+        raise ValueError("conveyor.initialize needs model= (an nn.Module, or a conveyor.pipe.PipelineModule)")
     config = config if config is not None else config_params
     if config is None and args is not None:
         config = getattr(args, "deepspeed_config", None)
-    engine = PipelineEngine(
+    engine_type: Any = PipelineEngine if isinstance(model, PipelineModule) else DataParallelEngine
+    engine = engine_type(
         model,
         load_config(config),
         optimizer=optimizer,
