@@ -43,3 +43,34 @@ def test_an_encoder_is_refused(tmp_path):
     model_dir = save_tiny("bert", tmp_path / "bert", tokenizer=False)
     with pytest.raises(ValueError, match="not a causal LM"):
         pipeline_layers(load_arch(model_dir))
+
+
+def test_a_checkpoint_exports_on_demand_equal_to_the_runs_export(tmp_path):
+    """One process, no process group: 3 steps with a checkpoint at step 3; exporting that checkpoint
+    later gives the tensors of the run's own export."""
+    from conveyor.spec import parse_spec
+    from conveyor.topology import Layout, Topology
+    from conveyor.train.export_checkpoint import export_checkpoint, main
+    from conveyor.train.finetune import fine_tune
+
+    from tests.worker.train.reference import spec_dict, write_dataset
+
+    model_dir = save_tiny("qwen2", tmp_path / "model")  # tied embeddings
+    data = write_dataset(tmp_path / "data.jsonl")
+    doc = spec_dict(model_dir, data, tmp_path / "ckpt", 1, 1, steps=3)
+    doc["train"]["scheduler"] = None
+    spec = parse_spec(doc)
+    fine_tune(spec, Topology(Layout()), torch.device("cpu"), tmp_path / "ckpt")
+    assert main([str(model_dir), str(tmp_path / "ckpt"), str(tmp_path / "again")]) == 0
+    run, again = (
+        load_file(str(tmp_path / "ckpt/export/model.safetensors")),
+        load_file(str(tmp_path / "again/model.safetensors")),
+    )
+    assert set(run) == set(again) and all(torch.equal(run[k], again[k]) for k in run)
+    assert not torch.equal(
+        run["model.embed_tokens.weight"],
+        load_file(str(model_dir / "model.safetensors"))["model.embed_tokens.weight"],
+    )
+    assert main([str(model_dir), str(tmp_path / "ckpt"), str(tmp_path / "x"), "--tag", "step-9"]) == 2
+    export_checkpoint(model_dir, tmp_path / "ckpt", tmp_path / "bf16", dtype=torch.bfloat16)
+    assert load_file(str(tmp_path / "bf16/model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16
