@@ -10,7 +10,7 @@ from conveyor.inference.families import load_arch
 from conveyor.pipe.module import PipelineModule
 from conveyor.testing.tiny import FAMILIES, save_tiny
 from conveyor.train.export import hf_state
-from conveyor.train.hf_layers import causal_lm_loss, load_weights, pipeline_layers
+from conveyor.train.hf_layers import causal_lm_loss, load_weights, parameter_count, pipeline_layers
 from safetensors.torch import load_file
 
 
@@ -31,6 +31,7 @@ def test_loss_equals_hf_and_export_round_trips(tmp_path, family):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     got.backward()
     assert all(p.grad is not None for p in module.parameters())
+    assert parameter_count(arch) == sum(p.numel() for p in hf.parameters())  # MFU's N (tied once)
 
     original = load_file(str(model_dir / "model.safetensors"))
     exported = hf_state(module, roles, arch, torch.float32, set(original))

@@ -238,18 +238,15 @@ def load_weights(module: PipelineModule, roles: list[Role], model_dir: str | Pat
 
 
 def parameter_count(arch: Arch) -> int:
-    """Parameters of the whole model (tied weights once), from the config: MFU's 6 x N."""
-    from conveyor.inference.loader import expected_shapes
-
+    """Parameters of the whole model (a tied weight once), counted on the meta device: MFU's N."""
+    layers, _ = pipeline_layers(arch)
+    tied: set[str] = set()
     total = 0
-    for name, shape in expected_shapes(arch, name_map(arch)).items():
-        names = name_map(arch)
-        if arch.tie_embeddings and name in names.globals_.get("lm_head", ()):
-            continue
-        if name in names.globals_.get("pos_embed", ()) and arch.positions != "learned":
-            continue
-        count = 1
-        for dim in shape:
-            count *= dim
-        total += count
+    for spec in layers:
+        if isinstance(spec, TiedLayerSpec):
+            if spec.key in tied:
+                continue
+            tied.add(spec.key)
+        with torch.device("meta"):
+            total += sum(p.numel() for p in spec.build().parameters())
     return total
