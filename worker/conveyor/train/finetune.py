@@ -113,13 +113,16 @@ def fine_tune(
     assert train is not None and model_spec is not None and train.steps is not None
     arch = load_arch(model_spec.path)
     layers, roles = pipeline_layers(arch)
-    module = PipelineModule(
-        layers,
-        topology=topology,
-        loss_fn=causal_lm_loss,
-        partition_method=spec.parallelism.partition_method,
-        activation_checkpoint_interval=1 if train.activation_checkpointing else 0,
-    )
+    with torch.device("meta"):  # no random init to throw away: the checkpoint fills every parameter
+        module = PipelineModule(
+            layers,
+            topology=topology,
+            loss_fn=causal_lm_loss,
+            seed_layers=False,
+            partition_method=spec.parallelism.partition_method,
+            activation_checkpoint_interval=1 if train.activation_checkpointing else 0,
+        )
+    module.to_empty(device=device)
     load_weights(module, roles, model_spec.path, arch)
     bf16 = uses_bf16(train, device)
     replicas = topology.layout.replicas
