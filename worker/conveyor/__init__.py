@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "init_distributed": "conveyor.distributed",
     "initialize": "conveyor.pipe.engine",
+    "add_config_arguments": "conveyor.pipe.config",
     "PipelineEngine": "conveyor.pipe.engine",
     "DataParallelEngine": "conveyor.pipe.data_parallel_engine",
     "pipe": "conveyor.pipe",

@@ -44,7 +44,7 @@ def tutorial_loop(engine: Any, loader: Any, steps: int) -> list[float]:
         x, y = next(data)
         loss = criterion(engine(x.to(engine.device)), y.to(engine.device))
         engine.backward(loss)
-        micro.append(float(loss))
+        micro.append(float(loss.detach()))
         boundary = engine.is_gradient_accumulation_boundary()
         engine.step()
         if boundary:

@@ -40,3 +40,56 @@ def test_one_process_without_a_process_group(tmp_path):
     losses = tutorial_loop(engine, loader, STEPS)
     assert losses == pytest.approx(reference(world=1)[0], rel=1e-5, abs=1e-6)
     assert engine.load_checkpoint(tmp_path / "none") == (None, None)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_deepspeed_tutorial_script_runs_as_a_train_command(tmp_path):
+    """The tutorial script, changed only in its import, run by `conveyor worker` pods through
+    spec.train.command with --deepspeed --deepspeed_config: the one-process reference's losses."""
+    import json
+    import subprocess
+    import sys
+
+    from conveyor.env import pod_environ
+    from conveyor.spec import parse_spec
+    from conveyor.utils import free_port
+
+    from tests.conftest import ROOT, conveyor_cmd, subprocess_env
+    from tests.worker.pipe.data_parallel_ranks import CONFIG
+
+    (tmp_path / "ds_config.json").write_text(json.dumps(CONFIG))
+    script = ROOT / "tests" / "worker" / "pipe" / "deepspeed_tutorial.py"
+    spec = parse_spec(
+        {
+            "mode": "train",
+            "device": "cpu",
+            "parallelism": {"stages": 1, "replicas": 2},
+            "checkpoint": {"path": str(tmp_path / "ckpt")},
+            "train": {
+                "command": [sys.executable, str(script)],
+                "args": [
+                    "--deepspeed",
+                    "--deepspeed_config",
+                    str(tmp_path / "ds_config.json"),
+                    "--out",
+                    str(tmp_path / "out.json"),
+                ],
+            },
+        }
+    )
+    port, procs = free_port(), []
+    for replica in range(2):
+        env = pod_environ(
+            job="ds", spec=spec, replica=replica, stage=0, master_addr="127.0.0.1", master_port=port
+        )
+        procs.append(
+            subprocess.Popen(
+                conveyor_cmd("worker"),
+                env=subprocess_env(**env, CONVEYOR_METRICS_PORT="0", OMP_NUM_THREADS="1"),
+            )
+        )
+    assert [p.wait(timeout=200) for p in procs] == [0, 0]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["world"] == 2 and result["local_rank"] == 0
+    assert result["losses"] == pytest.approx(reference(world=2)[0], rel=1e-5, abs=1e-6)

@@ -59,6 +59,7 @@ class DataParallelEngine:
         self._dist = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size() if self._dist else 1
         self.global_rank = dist.get_rank() if self._dist else 0
+        self.local_rank = 0  # set by initialize from LOCAL_RANK, as DeepSpeed's engine has it
         self.dp_world_size = self.world_size
         self.job = job or "conveyor"
         self._train_batch_size, self.micro_batch_size, self.accumulation = self.config.resolve_batch(
