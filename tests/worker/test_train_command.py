@@ -18,7 +18,7 @@ from tests.conftest import conveyor_cmd, subprocess_env
 
 pytestmark = pytest.mark.integration
 NAMES = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
-NAMES += ["CONVEYOR_TRAIN_STEPS", "CONVEYOR_CHECKPOINT_DIR", "CONVEYOR_TRAIN_CONFIG"]
+NAMES += ["CONVEYOR_TRAIN_STEPS", "CONVEYOR_CHECKPOINT_DIR", "CONVEYOR_TRAIN_CONFIG", "CONVEYOR_RESTART"]
 PROGRAM = (
     "import json, os, sys; "
     "open(os.path.join(sys.argv[1], 'env-' + os.environ['RANK']), 'w').write("
@@ -64,6 +64,7 @@ def test_every_rank_gets_the_rendezvous_environment(tmp_path):
         assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == str(port)
         assert env["CONVEYOR_TRAIN_STEPS"] == "7" and env["CONVEYOR_CHECKPOINT_DIR"] == str(tmp_path / "ckpt")
         assert json.loads(env["CONVEYOR_TRAIN_CONFIG"]) == {"train_batch_size": 8}
+        assert env["CONVEYOR_RESTART"] == "0"  # the group's restart count, as scripts see it
 
 
 @pytest.mark.timeout(300)
