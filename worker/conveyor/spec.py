@@ -341,6 +341,20 @@ class PipelineJobSpec(_Spec):
                 f"spec.train: set exactly one of script (a DeepSpeed-style script), command (a program every "
                 f"rank runs) or dataset (fine-tune spec.model); got {', '.join(ways) or 'none'}"
             )
+        # Fields of the other way of training are refused, not ignored: they would do nothing.
+        fine_tuning = {
+            "seq_length", "packing", "micro_batch_size", "global_batch_size", "optimizer", "scheduler",
+            "gradient_clipping", "precision", "activation_checkpointing", "seed", "export",
+        }  # fmt: skip
+        misplaced = sorted(
+            (train.model_fields_set & fine_tuning)
+            if not train.fine_tunes
+            else (train.model_fields_set & {"config", "args"})
+        )
+        if misplaced:
+            names = ", ".join(f"spec.train.{to_camel(name)}" for name in misplaced)
+            use = "a script or command" if train.fine_tunes else "spec.train.dataset (fine-tuning)"
+            raise ValueError(f"{names} only applies to {use}: remove it")
         if not train.fine_tunes:
             return
         if self.model is None:

@@ -37,6 +37,14 @@ def spec(train=None, model=True, **extra):
         (spec({"dataset": "d", "steps": 2, "optimizer": {"type": "Lamb"}}), "spec.train.optimizer.type"),
         (spec({"dataset": "d", "steps": 2, "precision": "fp16"}), "spec.train.precision"),
         (spec({"command": []}), "spec.train.command"),
+        (
+            spec({"script": "a.py", "seqLength": 64, "seed": 1}),
+            "spec.train.seed, spec.train.seqLength only applies to spec.train.dataset",
+        ),
+        (
+            spec({"dataset": "d", "steps": 2, "config": {"a": 1}}),
+            "spec.train.config only applies to a script or command",
+        ),
     ],
 )
 def test_bad_train_specs_name_the_field(doc, match):
