@@ -155,8 +155,9 @@ def export(
             if stages == 1
             else f"model-{topology.stage + 1:05d}-of-{stages:05d}.safetensors"
         )
-        save_file(state, str(tmp / shard), metadata={"format": "pt"})
-        weight_map = dict.fromkeys(state, shard)
+        if state:  # a stage holding only the tied head has nothing of its own to write
+            save_file(state, str(tmp / shard), metadata={"format": "pt"})
+            weight_map = dict.fromkeys(state, shard)
     maps: list[dict[str, str]] = [weight_map]
     if initialized:
         maps = [{} for _ in range(dist.get_world_size())]
