@@ -68,12 +68,13 @@ def lr_ratio(step: int) -> float:
 
 
 def hf_train(
-    model_dir: Path, data: Path, steps: int = STEPS, schedule: bool = True
+    model_dir: Path, data: Path, steps: int = STEPS, schedule: bool = True, dropout: bool = True
 ) -> tuple[list[float], Any]:
-    """Per-step mean losses and the trained HF model (``schedule`` False: a constant learning rate)."""
+    """Per-step mean losses and the trained HF model (``schedule`` False: a constant learning rate;
+    ``dropout`` False: the model's dropout off, as conveyor fine-tunes)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).train(dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_ratio if schedule else lambda _: 1.0)
     order = DataOrder(read_samples(data, SEQ, True, eos_id=2), SEED, GLOBAL, 1, MICRO)

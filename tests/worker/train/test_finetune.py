@@ -1,6 +1,6 @@
 """Fine-tuning a tiny random Llama from the spec equals HF's own single-process training (same data
 order, AdamW, clipping, warm-up + cosine schedule): per-step losses for (stages, replicas) in (1, 1),
-(2, 1), (2, 2), and a tied-embedding model over 2 stages; the export loads in HF as is and gives the
+(2, 1), (2, 2), a tied-embedding model over 2 stages and GPT-2 over 2 stages; the export loads in HF as is and gives the
 trained reference's logits."""
 
 from __future__ import annotations
@@ -76,3 +76,15 @@ def test_tied_embeddings_over_two_stages_equal_hf(tmp_path):
     torch.testing.assert_close(
         loaded.model.embed_tokens.weight, trained.model.embed_tokens.weight, rtol=1e-3, atol=1e-4
     )
+
+
+@pytest.mark.timeout(600)
+def test_gpt2_over_two_stages_equals_hf_without_dropout(tmp_path):
+    # Conv1D weights, learned positions and tied embeddings; GPT-2's dropout is not applied (a warning).
+    model = save_tiny("gpt2", tmp_path / "model")
+    data = write_dataset(tmp_path / "data.jsonl")
+    ref_losses, _ = hf_train(model, data, steps=6, schedule=False, dropout=False)
+    spec = spec_dict(model, data, tmp_path / "ckpt", 2, 1, steps=6)
+    spec["train"]["scheduler"] = None
+    for losses in run_ranks(fine_tune_rank, 2, spec, str(tmp_path / "ckpt"), timeout=500):
+        assert [losses[s] for s in range(1, 7)] == pytest.approx(ref_losses, rel=TOL, abs=TOL)

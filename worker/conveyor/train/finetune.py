@@ -32,6 +32,16 @@ from conveyor.train.progress import Progress, flops_per_token, peak_flops
 
 log = get_logger("conveyor.train")
 EXPORT_DIR = "export"
+# HF config fields of dropout probabilities (GPT-2, OPT, GPT-NeoX, Llama-style): the layers have no dropout
+DROPOUT_FIELDS = (
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "hidden_dropout",
+)
 
 
 @dataclass
@@ -112,6 +122,9 @@ def fine_tune(
     train, model_spec = spec.train, spec.model
     assert train is not None and model_spec is not None and train.steps is not None
     arch = load_arch(model_spec.path)
+    dropout = {k: v for k in DROPOUT_FIELDS if (v := getattr(arch.hf_config, k, 0) or 0) > 0}
+    if dropout and topology.rank == 0:
+        log.warning("the model's dropout is not applied in fine-tuning (it trains without)", extra=dropout)
     layers, roles = pipeline_layers(arch)
     with torch.device("meta"):  # no random init to throw away: the checkpoint fills every parameter
         module = PipelineModule(
