@@ -341,15 +341,17 @@ class PipelineJobSpec(_Spec):
                 f"spec.train: set exactly one of script (a DeepSpeed-style script), command (a program every "
                 f"rank runs) or dataset (fine-tune spec.model); got {', '.join(ways) or 'none'}"
             )
-        # Fields of the other way of training are refused, not ignored: they would do nothing.
+        # Fields of the other way of training are refused, not ignored: they would do nothing. Compared
+        # with their defaults, not by whether they were given: the API server writes defaults in.
         fine_tuning = {
             "seq_length", "packing", "micro_batch_size", "global_batch_size", "optimizer", "scheduler",
             "gradient_clipping", "precision", "activation_checkpointing", "seed", "export",
         }  # fmt: skip
+        other = {"config", "args"} if train.fine_tunes else fine_tuning
         misplaced = sorted(
-            (train.model_fields_set & fine_tuning)
-            if not train.fine_tunes
-            else (train.model_fields_set & {"config", "args"})
+            name
+            for name in other
+            if getattr(train, name) != TrainSpec.model_fields[name].get_default(call_default_factory=True)
         )
         if misplaced:
             names = ", ".join(f"spec.train.{to_camel(name)}" for name in misplaced)
