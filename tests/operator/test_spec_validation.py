@@ -161,7 +161,7 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
     (
         "train without script",
         lambda: edit(doc(train_spec()), "spec.train.script", DELETE),
-        ["spec.train.script is required"],
+        ["spec.train: set exactly one of script"],
     ),
     (
         "train without checkpoint",

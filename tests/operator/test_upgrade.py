@@ -78,6 +78,12 @@ SPECS: dict[str, dict[str, Any]] = {
     "train-every-block": train_spec(
         stages=2, tp=2, replicas=2, train={"script": "/t.py", "args": ["-x"], "steps": 3, "config": {"a": 1}}
     ),
+    "finetune-minimal": {
+        "mode": "train",
+        "model": {"path": "/m"},
+        "checkpoint": {"volume": "ckpt"},
+        "train": {"dataset": "/d.jsonl", "steps": 5, "optimizer": {}, "scheduler": {}},
+    },
     "serve-minimal": {"mode": "serve", "model": {"path": "/m"}, "serve": {}},
     "serve-every-block": serve_spec(
         replicas=3, serve={"port": 9000, "maxBatchSize": 16}, template=FULL_TEMPLATE

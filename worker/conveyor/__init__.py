@@ -19,7 +19,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "init_distributed": "conveyor.distributed",
     "initialize": "conveyor.pipe.engine",
+    "add_config_arguments": "conveyor.pipe.config",
     "PipelineEngine": "conveyor.pipe.engine",
+    "DataParallelEngine": "conveyor.pipe.data_parallel_engine",
     "pipe": "conveyor.pipe",
     "utils": "conveyor.utils",
 }

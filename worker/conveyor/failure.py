@@ -16,10 +16,12 @@ EXIT_REFUSED = 2
 
 
 def is_refusal(err: BaseException) -> bool:
-    from conveyor.checkpoint import CheckpointError
+    from conveyor.commit_protocol import CheckpointError
     from conveyor.inference.validate import InputError
+    from conveyor.pipe.config import ConfigError
+    from conveyor.train.data import DatasetError
 
-    return isinstance(err, (InputError, CheckpointError))
+    return isinstance(err, (InputError, CheckpointError, DatasetError, ConfigError))
 
 
 def one_line(err: BaseException) -> str:

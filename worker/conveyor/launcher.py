@@ -48,8 +48,11 @@ def resolve_paths(spec: PipelineJobSpec, base: Path) -> PipelineJobSpec:
         update["inference"] = spec.inference.model_copy(
             update={"input": absolute(spec.inference.input), "output": absolute(spec.inference.output)}
         )
-    if spec.train is not None and spec.train.script is not None:
-        update["train"] = spec.train.model_copy(update={"script": absolute(spec.train.script)})
+    if spec.train is not None:
+        paths = {k: getattr(spec.train, k) for k in ("script", "dataset", "export")}
+        update["train"] = spec.train.model_copy(
+            update={k: absolute(v) for k, v in paths.items() if v is not None}
+        )
     if spec.checkpoint is not None:
         update["checkpoint"] = spec.checkpoint.model_copy(update={"path": absolute(spec.checkpoint.path)})
     return spec.model_copy(update=update)

@@ -42,6 +42,16 @@ STEP_SECONDS = Histogram(
 )
 LOSS = Gauge("conveyor_loss", "Mean loss of the last training batch.", ["job"])
 TRAIN_STEP = Gauge("conveyor_train_step", "Optimizer steps completed.", ["job"])
+TRAIN_TOKENS_PER_SECOND = Gauge(
+    "conveyor_train_tokens_per_second",
+    "Tokens trained per second over the last step (all replicas).",
+    ["job"],
+)
+TRAIN_MFU = Gauge(
+    "conveyor_train_mfu_ratio",
+    "Model FLOPs utilisation of the last step: 6N + attention FLOPs per token / the GPUs' peak (GPUs only).",
+    ["job"],
+)
 GPU_MEMORY_BYTES = Gauge(
     "conveyor_gpu_memory_bytes", "GPU memory allocated by this process.", ["job", "rank"]
 )

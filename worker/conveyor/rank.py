@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import runpy
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,31 +20,38 @@ from conveyor.env import EnvError, PodEnv
 from conveyor.failure import CAUSE_ENV, EXIT_REFUSED, is_refusal, one_line, write_cause
 from conveyor.log import configure, get_logger
 from conveyor.spec import Mode
-from conveyor.utils import die_with_parent
+from conveyor.utils import die_with_parent, parent_death_signal
 
 STARTED = time.monotonic()  # torch and the engine are imported later, in main: start-up counts them
 log = get_logger("conveyor.rank")
 
 
+def train_environ(pod: PodEnv) -> dict[str, str]:
+    """The job's training settings for a user's script or command (it is an entry point; it reads them).
+    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun and
+    DeepSpeed's launcher set them, are already in this process's environment (``conveyor worker``)."""
+    train = pod.spec.train
+    assert train is not None
+    checkpoint_dir = pod.checkpoint_dir or (pod.spec.checkpoint.path if pod.spec.checkpoint else None)
+    return {
+        "CONVEYOR_TRAIN_CONFIG": json.dumps(train.config),
+        "CONVEYOR_TRAIN_STEPS": str(train.steps or 0),
+        "CONVEYOR_CHECKPOINT_DIR": checkpoint_dir or "",
+        "CONVEYOR_CHECKPOINT_EVERY": str(pod.spec.checkpoint.every if pod.spec.checkpoint else 0),
+        "CONVEYOR_CHECKPOINT_KEEP": str(pod.spec.checkpoint.keep if pod.spec.checkpoint else 0),
+    }
+
+
 def run_train_script(pod: PodEnv) -> int:
     """Run spec.train.script as ``__main__``, as ``deepspeed script.py`` would, with the job's settings
-    in the environment (the script is an entry point; it reads them)."""
+    in the environment."""
     train = pod.spec.train
     assert train is not None and train.script is not None
     script = Path(train.script)
     if not script.is_file():
         log.error("training script not found", extra={"field": "spec.train.script", "path": str(script)})
         return 2
-    checkpoint_dir = pod.checkpoint_dir or (pod.spec.checkpoint.path if pod.spec.checkpoint else None)
-    os.environ.update(
-        {
-            "CONVEYOR_TRAIN_CONFIG": json.dumps(train.config),
-            "CONVEYOR_TRAIN_STEPS": str(train.steps or 0),
-            "CONVEYOR_CHECKPOINT_DIR": checkpoint_dir or "",
-            "CONVEYOR_CHECKPOINT_EVERY": str(pod.spec.checkpoint.every if pod.spec.checkpoint else 0),
-            "CONVEYOR_CHECKPOINT_KEEP": str(pod.spec.checkpoint.keep if pod.spec.checkpoint else 0),
-        }
-    )
+    os.environ.update(train_environ(pod))
     sys.argv = [str(script), *train.args]
     sys.path.insert(0, str(script.parent))
     try:
@@ -51,6 +59,21 @@ def run_train_script(pod: PodEnv) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
+
+
+def run_train_command(pod: PodEnv) -> int:
+    """Run spec.train.command (+ args) as this rank's program and return its exit code. It joins the
+    process group itself (its own rendezvous): this rank counts as ready once the program runs."""
+    train = pod.spec.train
+    assert train is not None and train.command is not None
+    argv = [*train.command, *train.args]
+    metrics.READINESS.joined()
+    try:
+        child = subprocess.run(argv, env={**os.environ, **train_environ(pod)}, preexec_fn=parent_death_signal)
+    except OSError as err:  # not found, not executable: a restart would not help
+        log.error("training command cannot be run", extra={"field": "spec.train.command", "error": str(err)})
+        return EXIT_REFUSED
+    return child.returncode if child.returncode >= 0 else 128 - child.returncode
 
 
 def main(argv: list[str]) -> int:
@@ -96,6 +119,13 @@ def _main(argv: list[str]) -> int:
         http_port = int(os.environ.get("CONVEYOR_SERVE_PORT", pod.spec.serve.port))
         timeout = float(os.environ.get("CONVEYOR_SERVE_TIMEOUT", serve.REQUEST_TIMEOUT_SECONDS))
         return serve.run_rank(pod, local_rank, port=http_port, timeout=timeout)
+    assert pod.spec.train is not None
+    if pod.spec.train.fine_tunes:
+        from conveyor.train.finetune import run_rank as fine_tune_rank
+
+        return fine_tune_rank(pod, local_rank, os.environ.get("CONVEYOR_TERMINATION_LOG"))
+    if pod.spec.train.command is not None:
+        return run_train_command(pod)
     return run_train_script(pod)
 
 

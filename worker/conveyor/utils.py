@@ -33,10 +33,17 @@ def die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
     expected = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    parent_death_signal()
     if os.getppid() != expected:  # the parent died before the request took effect
         os._exit(128 + signal.SIGKILL)
+
+
+def parent_death_signal() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; a no-op elsewhere). Also a
+    ``preexec_fn`` for a program a rank starts (spec.train.command)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 class RepeatingLoader:

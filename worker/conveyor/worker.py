@@ -102,7 +102,7 @@ def preflight(pod: PodEnv) -> str | None:
 def committed_progress(pod: PodEnv) -> dict[str, Any] | None:
     """The newest committed progress on the job's volumes, as a termination message's lastCheckpoint:
     train, the checkpoint ``latest`` names; inference, the committed results of this pod's replica."""
-    from conveyor.checkpoint import resume_point, rfc3339
+    from conveyor.commit_protocol import resume_point, rfc3339
 
     if pod.mode == Mode.TRAIN and pod.checkpoint_dir:
         committed = resume_point(pod.checkpoint_dir)  # where the restart will resume
@@ -123,7 +123,7 @@ def committed_progress(pod: PodEnv) -> dict[str, Any] | None:
 def report_failure(pod: PodEnv, message: str, cause: str | None = None) -> None:
     """A failed pod's termination message: what failed, and what is committed (so the operator's
     restart says where the group resumes). Reading the volumes must never hide the failure."""
-    from conveyor.checkpoint import write_termination_message
+    from conveyor.commit_protocol import write_termination_message
 
     path = os.environ.get("CONVEYOR_TERMINATION_LOG")
     if not path:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conveyor import checkpoint as ckpt
+from conveyor import commit_protocol as ckpt
 
 from tests.worker.pipe.scenarios import RESUME_AT, RESUME_STEPS, train_resumable
 

@@ -1,4 +1,4 @@
-"""Checkpoints are verified before a resume (conveyor.checkpoint.resume_point): a missing or truncated
+"""Checkpoints are verified before a resume (conveyor.commit_protocol.resume_point): a missing or truncated
 latest falls back to the newest complete one with a warning that names what was skipped; none complete
 is refused in one line; a damaged checkpoint never loads silently or as a traceback."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import conveyor
 import pytest
-from conveyor import checkpoint as ckpt
-from conveyor.checkpoint import CheckpointError
+from conveyor import commit_protocol as ckpt
+from conveyor.commit_protocol import CheckpointError
 from conveyor.pipe import PipelineModule
 
 from tests.worker.pipe.models import MODELS, lm_loss, make_data

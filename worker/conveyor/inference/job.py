@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from conveyor import metrics
-from conveyor.checkpoint import rfc3339, write_termination_message
+from conveyor.commit_protocol import rfc3339, write_termination_message
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
 from conveyor.inference import compile_cache

@@ -25,7 +25,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conveyor.checkpoint import fsync_dir, rfc3339
+from conveyor.commit_protocol import fsync_dir, rfc3339
 from conveyor.inference.validate import InputError
 
 if TYPE_CHECKING:

@@ -5,6 +5,9 @@ Every rank saves its stage's ``layers.{i}.*`` / ``tied.{key}.*`` weights and the
 its own RNG state. Replicas and tied copies hold identical entries, which DCP writes once. A checkpoint
 saved with P stages loads with any other P: each rank reads the names its stage holds. RNG states are
 restored only when the layout is unchanged (they belong to ranks, not layers).
+
+An engine is seen through ``TrainState`` (its parts and its counters), so the pipeline engine and the
+data-parallel engine save and load the same way.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import pickle
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,13 +32,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from conveyor import checkpoint as commit_protocol
-from conveyor import metrics
-from conveyor.checkpoint import CheckpointError
+from conveyor import commit_protocol, metrics
+from conveyor.commit_protocol import CheckpointError
 from conveyor.log import get_logger
-
-if TYPE_CHECKING:
-    from conveyor.pipe.engine import PipelineEngine
 
 log = get_logger("conveyor.pipe.checkpoint")
 _OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -74,45 +74,68 @@ def _rng_state() -> bytes:
     return pickle.dumps(state)
 
 
-def _state_dict(engine: PipelineEngine, client_state: Any) -> dict[str, Any]:
-    layout = engine.layout
+@dataclass(frozen=True)
+class TrainParts:
+    """What holds tensors: the model (this rank's part), its optimizer and scheduler, and the layout
+    (replicas, stages, tensor_parallel) the RNG states belong to."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    layout: tuple[int, int, int]
+
+
+class TrainState(Protocol):
+    """An engine as a checkpoint sees it. ``counters()`` holds ``step`` (the checkpoint's name) and
+    whatever else the engine counts (samples, loss scale); ``restore_counters`` gets them back."""
+
+    job: str
+
+    def train_parts(self) -> TrainParts: ...
+
+    def counters(self) -> dict[str, Any]: ...
+
+    def restore_counters(self, counters: dict[str, Any]) -> None: ...
+
+
+def _state_dict(parts: TrainParts, counters: dict[str, Any], client_state: Any) -> dict[str, Any]:
     trainer = {
-        "step": engine.global_steps,
-        "samples": engine.global_samples,
-        "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-        "loss_scale": engine.loss_scale,
+        **counters,
+        "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
         "client_state": client_state,
-        "layout": (layout.replicas, layout.stages, layout.tensor_parallel),
+        "layout": parts.layout,
     }
     return {
-        "model": engine.module.state_dict(),
-        "optimizer": get_optimizer_state_dict(engine.module, engine.optimizer, options=_OPTIM),
+        "model": parts.model.state_dict(),
+        "optimizer": get_optimizer_state_dict(parts.model, parts.optimizer, options=_OPTIM),
         # non-tensor leaves are pickled by DCP; one blob keeps their structure whole
         "trainer": pickle.dumps(trainer),
         f"rng_rank{_rank()}": _rng_state(),
     }
 
 
-def save(engine: PipelineEngine, root: Path, tag: str | None, client_state: Any, keep: int | None) -> Path:
+def save(engine: TrainState, root: Path, tag: str | None, client_state: Any, keep: int | None) -> Path:
     started = time.perf_counter()
-    name = tag or commit_protocol.step_name(engine.global_steps)
+    counters = engine.counters()
+    step = counters["step"]
+    name = tag or commit_protocol.step_name(step)
     tmp = commit_protocol.prepare(root, name, _is_writer(), _barrier)
     with _quiet():
-        dcp.save(_state_dict(engine, client_state), checkpoint_id=tmp)
+        dcp.save(_state_dict(engine.train_parts(), counters, client_state), checkpoint_id=tmp)
     committed = commit_protocol.commit(root, name, keep, _is_writer(), _barrier)
     seconds = time.perf_counter() - started
     metrics.CHECKPOINT_SECONDS.labels(engine.job).observe(seconds)
-    metrics.LAST_CHECKPOINT_STEP.labels(engine.job).set(engine.global_steps)
+    metrics.LAST_CHECKPOINT_STEP.labels(engine.job).set(step)
     metrics.LAST_CHECKPOINT_TIME.labels(engine.job).set(committed.time)
     if _rank() == 0:
         log.info(
             "checkpoint committed",
-            extra={"path": str(committed.path), "step": engine.global_steps, "seconds": round(seconds, 3)},
+            extra={"path": str(committed.path), "step": step, "seconds": round(seconds, 3)},
         )
     return committed.path
 
 
-def load(engine: PipelineEngine, root: Path, tag: str | None) -> tuple[Path | None, Any]:
+def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, Any]:
     if tag is None:
         warn = log.warning if _rank() == 0 else None  # every rank decides the same; one says so
         committed = commit_protocol.resume_point(root, warn)
@@ -128,7 +151,8 @@ def load(engine: PipelineEngine, root: Path, tag: str | None) -> tuple[Path | No
         saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     except Exception as err:  # DCP's reader raises many kinds; the checkpoint is what matters
         raise CheckpointError(f"checkpoint {path} does not load: {_first_line(err)}") from None
-    state = _state_dict(engine, None)
+    parts = engine.train_parts()
+    state = _state_dict(parts, engine.counters(), None)
     missing = sorted(f"model.{k}" for k in state["model"] if f"model.{k}" not in saved)
     if missing:
         raise CheckpointError(
@@ -144,21 +168,20 @@ def load(engine: PipelineEngine, root: Path, tag: str | None) -> tuple[Path | No
             dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
     except (Exception, CheckpointException) as err:  # a shard damaged at its size (a BaseException: DCP's)
         raise CheckpointError(f"checkpoint {path} does not load: {_first_line(err)}") from None
-    engine.module.load_state_dict(state["model"])
-    set_optimizer_state_dict(engine.module, engine.optimizer, state["optimizer"], options=_OPTIM)
+    parts.model.load_state_dict(state["model"])
+    set_optimizer_state_dict(parts.model, parts.optimizer, state["optimizer"], options=_OPTIM)
     trainer = pickle.loads(state["trainer"])
-    if engine.lr_scheduler is not None and trainer["scheduler"] is not None:
-        engine.lr_scheduler.load_state_dict(trainer["scheduler"])
-    engine.global_steps = trainer["step"]
-    engine.global_samples = trainer["samples"]
-    engine.loss_scale = trainer["loss_scale"]
-    layout = engine.layout
-    if trainer["layout"] == (layout.replicas, layout.stages, layout.tensor_parallel) and rng_key in state:
+    if parts.scheduler is not None and trainer["scheduler"] is not None:
+        parts.scheduler.load_state_dict(trainer["scheduler"])
+    engine.restore_counters(
+        {k: v for k, v in trainer.items() if k not in ("scheduler", "client_state", "layout")}
+    )
+    if tuple(trainer["layout"]) == parts.layout and rng_key in state:
         rng = pickle.loads(state[rng_key])
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    metrics.LAST_CHECKPOINT_STEP.labels(engine.job).set(engine.global_steps)
+    metrics.LAST_CHECKPOINT_STEP.labels(engine.job).set(trainer["step"])
     if _rank() == 0:
-        log.info("checkpoint loaded", extra={"path": str(path), "step": engine.global_steps})
+        log.info("checkpoint loaded", extra={"path": str(path), "step": trainer["step"]})
     return path, trainer["client_state"]

@@ -8,6 +8,7 @@ number of micro-batches per batch.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,7 @@ class OptimizerConfig(_Section):
 
 
 class SchedulerConfig(_Section):
-    type: Literal["WarmupLR", "WarmupDecayLR"]
+    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"]
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -150,3 +151,14 @@ def _format(err: ValidationError) -> str:
         else:
             lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def add_config_arguments(parser: Any) -> Any:
+    """DeepSpeed's ``add_config_arguments``: ``--deepspeed`` and ``--deepspeed_config PATH`` on an
+    argparse parser (``initialize(args=args)`` reads the config from ``args.deepspeed_config``)."""
+    group = parser.add_argument_group("conveyor", "DeepSpeed-style engine configuration")
+    group.add_argument("--deepspeed", default=False, action="store_true", help="accepted, as DeepSpeed's")
+    group.add_argument("--deepspeed_config", default=None, type=str, help="the engine config (JSON)")
+    group.add_argument("--deepscale", default=False, action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--deepscale_config", default=None, type=str, help=argparse.SUPPRESS)
+    return parser

@@ -93,6 +93,7 @@ class PipelineEngine:
         self.stage_id, self.num_stages = model.stage_id, model.num_stages
         self.dp_world_size = self.layout.replicas
         self.job = job or "conveyor"
+        self.local_rank = 0  # set by initialize from LOCAL_RANK, as DeepSpeed's engine has it
         self._dist = dist.is_available() and dist.is_initialized()
         self._serial = next(_serial)
         self._train_batch_size, self.micro_batch_size, self.micro_batches = self.config.resolve_batch(
@@ -515,6 +516,23 @@ class PipelineEngine:
             )
 
     # ---- checkpoints -----------------------------------------------------------------------------------
+    def train_parts(self) -> pipe_checkpoint.TrainParts:
+        layout = self.layout
+        return pipe_checkpoint.TrainParts(
+            self.module,
+            self.optimizer,
+            self.lr_scheduler,
+            (layout.replicas, layout.stages, layout.tensor_parallel),
+        )
+
+    def counters(self) -> dict[str, Any]:
+        return {"step": self.global_steps, "samples": self.global_samples, "loss_scale": self.loss_scale}
+
+    def restore_counters(self, counters: dict[str, Any]) -> None:
+        self.global_steps = counters["step"]
+        self.global_samples = counters["samples"]
+        self.loss_scale = counters["loss_scale"]
+
     def save_checkpoint(
         self, save_dir: str | Path, tag: str | None = None, client_state: Any = None, keep: int | None = None
     ) -> Path:
@@ -528,7 +546,7 @@ class PipelineEngine:
 
 def initialize(
     args: Any = None,
-    model: PipelineModule | None = None,
+    model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     model_parameters: Iterable[torch.nn.Parameter] | None = None,
     training_data: Any = None,
@@ -537,14 +555,29 @@ def initialize(
     config_params: dict[str, Any] | None = None,
     collate_fn: Any = None,
     job: str | None = None,
-) -> tuple[PipelineEngine, torch.optim.Optimizer, Any, Any]:
-    """DeepSpeed's ``initialize``: (engine, optimizer, training_dataloader, lr_scheduler)."""
+    dist_init_required: bool | None = None,
+) -> tuple[Any, torch.optim.Optimizer, Any, Any]:
+    """DeepSpeed's ``initialize``: (engine, optimizer, training_dataloader, lr_scheduler). A
+    ``PipelineModule`` gets the pipeline engine (``train_batch``); any other module the data-parallel
+    engine (``engine(x)``, ``engine.backward(loss)``, ``engine.step()``). As DeepSpeed does, it joins
+    the process group itself when the launcher's RANK/WORLD_SIZE are set and none exists yet (or when
+    ``dist_init_required``)."""
+    import os
+
+    from conveyor.pipe.data_parallel_engine import DataParallelEngine
+
+    joined = dist.is_available() and dist.is_initialized()
+    if not joined and (dist_init_required or (dist_init_required is None and "WORLD_SIZE" in os.environ)):
+        from conveyor.distributed import init_distributed
+
+        init_distributed()
     if model is None:
-        raise ValueError("conveyor.initialize needs model= (a conveyor.pipe.PipelineModule)")
+        raise ValueError("conveyor.initialize needs model= (an nn.Module, or a conveyor.pipe.PipelineModule)")
     config = config if config is not None else config_params
     if config is None and args is not None:
         config = getattr(args, "deepspeed_config", None)
-    engine = PipelineEngine(
+    engine_type: Any = PipelineEngine if isinstance(model, PipelineModule) else DataParallelEngine
+    engine = engine_type(
         model,
         load_config(config),
         optimizer=optimizer,
@@ -554,4 +587,5 @@ def initialize(
         collate_fn=collate_fn,
         job=job,
     )
+    engine.local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # as DeepSpeed's engine reads it
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -83,13 +83,61 @@ class WarmupLR(torch.optim.lr_scheduler.LRScheduler):
         return [lr for _ in self.optimizer.param_groups]
 
 
-def build_scheduler(config: SchedulerConfig, optimizer: torch.optim.Optimizer) -> WarmupLR:
+class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """DeepSpeed's WarmupCosineLR: each group's lr is its own (the optimizer's) lr x a ratio that rises
+    from ``warmup_min_ratio`` to 1 over ``warmup_num_steps`` (log or linear), then follows a cosine down
+    to ``cos_min_ratio`` at ``total_num_steps``."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_num_steps: int,
+        warmup_min_ratio: float = 0.0,
+        warmup_num_steps: int = 1000,
+        cos_min_ratio: float = 0.0001,
+        warmup_type: str = "log",
+        last_epoch: int = -1,
+    ):
+        if warmup_type not in ("log", "linear"):
+            raise ConfigError(f"config.scheduler.params.warmup_type {warmup_type!r}: use 'log' or 'linear'")
+        if total_num_steps <= warmup_num_steps:
+            raise ConfigError(
+                f"config.scheduler.params.total_num_steps {total_num_steps} must exceed warmup_num_steps "
+                f"{warmup_num_steps}"
+            )
+        self.total_num_steps, self.warmup_num_steps = total_num_steps, max(2, warmup_num_steps)
+        self.warmup_min_ratio, self.cos_min_ratio, self.warmup_type = (
+            warmup_min_ratio,
+            cos_min_ratio,
+            warmup_type,
+        )
+        super().__init__(optimizer, last_epoch)
+
+    def ratio(self, step: int) -> float:
+        if step < self.warmup_num_steps:
+            if self.warmup_type == "log":
+                rise = math.log(step + 1) / math.log(self.warmup_num_steps)
+            else:
+                rise = step / self.warmup_num_steps
+            return self.warmup_min_ratio + (1.0 - self.warmup_min_ratio) * rise
+        done = (step - self.warmup_num_steps + 1) / (self.total_num_steps - self.warmup_num_steps)
+        cosine = (1 + math.cos(math.pi * min(1.0, done))) / 2
+        return max(0.0, self.cos_min_ratio + (1.0 - self.cos_min_ratio) * cosine)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        ratio = self.ratio(max(0, self.last_epoch))
+        return [float(base) * ratio for base in self.base_lrs]
+
+
+def build_scheduler(config: SchedulerConfig, optimizer: torch.optim.Optimizer) -> WarmupLR | WarmupCosineLR:
     params: dict[str, Any] = dict(config.params)
-    if config.type == "WarmupDecayLR" and "total_num_steps" not in params:
-        raise ConfigError("config.scheduler.params.total_num_steps is required for WarmupDecayLR")
+    if config.type in ("WarmupDecayLR", "WarmupCosineLR") and "total_num_steps" not in params:
+        raise ConfigError(f"config.scheduler.params.total_num_steps is required for {config.type}")
     if config.type == "WarmupLR":
         params.pop("total_num_steps", None)
     try:
+        if config.type == "WarmupCosineLR":
+            return WarmupCosineLR(optimizer, **params)
         return WarmupLR(optimizer, **params)
     except TypeError as err:
         raise ConfigError(f"config.scheduler.params: {err}") from None

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from conveyor.checkpoint import latest, write_termination_message
+from conveyor.commit_protocol import latest, write_termination_message
 from conveyor.spec import CheckpointSpec, format_validation_error
 
 

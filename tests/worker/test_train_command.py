@@ -1,0 +1,73 @@
+"""spec.train.command: every rank runs the user's program with the rendezvous environment torchrun and
+DeepSpeed's launcher set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+besides Conveyor's own; its exit code is the rank's. Started as the operator starts pods (`conveyor
+worker` per pod)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conveyor.env import pod_environ
+from conveyor.spec import parse_spec
+from conveyor.utils import free_port
+
+from tests.conftest import conveyor_cmd, subprocess_env
+
+pytestmark = pytest.mark.integration
+NAMES = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
+NAMES += ["CONVEYOR_TRAIN_STEPS", "CONVEYOR_CHECKPOINT_DIR", "CONVEYOR_TRAIN_CONFIG", "CONVEYOR_RESTART"]
+PROGRAM = (
+    "import json, os, sys; "
+    "open(os.path.join(sys.argv[1], 'env-' + os.environ['RANK']), 'w').write("
+    "json.dumps({n: os.environ.get(n) for n in sys.argv[3:]})); sys.exit(int(sys.argv[2]))"
+)
+
+
+def run_pods(tmp_path, exit_code: int) -> list[int]:
+    spec = parse_spec(
+        {
+            "mode": "train",
+            "device": "cpu",
+            "parallelism": {"stages": 2, "replicas": 2},
+            "checkpoint": {"path": str(tmp_path / "ckpt")},
+            "train": {
+                "command": [sys.executable, "-c", PROGRAM],
+                "args": [str(tmp_path), str(exit_code), *NAMES],
+                "steps": 7,
+                "config": {"train_batch_size": 8},
+            },
+        }
+    )
+    port, procs = free_port(), []
+    for replica in range(2):
+        for stage in range(2):
+            env = pod_environ(
+                job="cmd", spec=spec, replica=replica, stage=stage, master_addr="127.0.0.1", master_port=port
+            )
+            procs.append(
+                subprocess.Popen(conveyor_cmd("worker"), env=subprocess_env(**env, CONVEYOR_METRICS_PORT="0"))
+            )
+    return [p.wait(timeout=120) for p in procs], port
+
+
+@pytest.mark.timeout(300)
+def test_every_rank_gets_the_rendezvous_environment(tmp_path):
+    codes, port = run_pods(tmp_path, 0)
+    assert codes == [0, 0, 0, 0]
+    for rank in range(4):
+        env = json.loads((tmp_path / f"env-{rank}").read_text())
+        assert env["RANK"] == str(rank) and env["WORLD_SIZE"] == "4"
+        assert env["LOCAL_RANK"] == "0" and env["LOCAL_WORLD_SIZE"] == "1"
+        assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == str(port)
+        assert env["CONVEYOR_TRAIN_STEPS"] == "7" and env["CONVEYOR_CHECKPOINT_DIR"] == str(tmp_path / "ckpt")
+        assert json.loads(env["CONVEYOR_TRAIN_CONFIG"]) == {"train_batch_size": 8}
+        assert env["CONVEYOR_RESTART"] == "0"  # the group's restart count, as scripts see it
+
+
+@pytest.mark.timeout(300)
+def test_the_programs_exit_code_fails_the_pod(tmp_path):
+    codes, _ = run_pods(tmp_path, 3)
+    assert all(code == 3 for code in codes), codes

@@ -1,0 +1,94 @@
+"""The single-process reference: HF's own model trained with torch's AdamW, clipping and a warm-up +
+cosine schedule written here (not conveyor's), on the micro-batches of conveyor's data order."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from conveyor.train.data import DataOrder, read_samples
+
+STEPS = 20
+LR, WEIGHT_DECAY, CLIP = 1e-2, 0.01, 1.0
+WARMUP, MIN_WARMUP, MIN_COS = 5, 0.1, 0.1
+SEQ, MICRO, GLOBAL, SEED = 16, 1, 4, 7
+
+
+def write_dataset(path: Path, docs: int = 40, vocab: int = 320) -> Path:
+    rng = random.Random(3)
+    with open(path, "w") as f:
+        for _ in range(docs):
+            f.write(
+                json.dumps({"input_ids": [rng.randrange(3, vocab) for _ in range(rng.randrange(5, 40))]})
+                + "\n"
+            )
+    return path
+
+
+def spec_dict(
+    model: Path, data: Path, ckpt: Path, stages: int, replicas: int, steps: int = STEPS
+) -> dict[str, Any]:
+    return {
+        "mode": "train",
+        "device": "cpu",
+        "model": {"path": str(model), "dtype": "float32"},
+        "parallelism": {"stages": stages, "replicas": replicas},
+        "checkpoint": {"path": str(ckpt), "every": 5, "keep": 2},
+        "train": {
+            "dataset": str(data),
+            "seqLength": SEQ,
+            "steps": steps,
+            "microBatchSize": MICRO,
+            "globalBatchSize": GLOBAL,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY}},
+            "scheduler": {
+                "type": "WarmupCosineLR",
+                "params": {
+                    "warmup_num_steps": WARMUP,
+                    "warmup_type": "linear",
+                    "warmup_min_ratio": MIN_WARMUP,
+                    "cos_min_ratio": MIN_COS,
+                },
+            },
+            "gradientClipping": CLIP,
+            "seed": SEED,
+        },
+    }
+
+
+def lr_ratio(step: int) -> float:
+    if step < WARMUP:
+        return MIN_WARMUP + (1 - MIN_WARMUP) * step / WARMUP
+    done = min(1.0, (step - WARMUP + 1) / (STEPS - WARMUP))
+    return MIN_COS + (1 - MIN_COS) * (1 + math.cos(math.pi * done)) / 2
+
+
+def hf_train(
+    model_dir: Path, data: Path, steps: int = STEPS, schedule: bool = True, dropout: bool = True
+) -> tuple[list[float], Any]:
+    """Per-step mean losses and the trained HF model (``schedule`` False: a constant learning rate;
+    ``dropout`` False: the model's dropout off, as conveyor fine-tunes)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).train(dropout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_ratio if schedule else lambda _: 1.0)
+    order = DataOrder(read_samples(data, SEQ, True, eos_id=2), SEED, GLOBAL, 1, MICRO)
+    losses = []
+    for step in range(steps):
+        batches = order.micro_batches(step * GLOBAL, 0)
+        total = 0.0
+        for inputs, labels in batches:
+            loss = model(input_ids=inputs, labels=labels).loss
+            (loss / len(batches)).backward()
+            total += float(loss.detach()) / len(batches)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses, model.eval()

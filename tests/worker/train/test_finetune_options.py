@@ -1,0 +1,63 @@
+"""Fine-tuning options in one process (no process group): activation checkpointing changes nothing but
+memory; bf16 (autocast over fp32 master weights) follows the fp32 curve; progress reaches the metrics
+registry; MFU is left out where the peak is unknown (the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conveyor.inference.families import load_arch
+from conveyor.spec import parse_spec
+from conveyor.testing.tiny import save_tiny
+from conveyor.topology import Layout, Topology
+from conveyor.train.finetune import fine_tune
+from conveyor.train.hf_layers import parameter_count
+from conveyor.train.progress import flops_per_token, peak_flops
+from prometheus_client import REGISTRY
+
+from tests.worker.train.reference import spec_dict, write_dataset
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("opts")
+    return save_tiny("llama", root / "model", tokenizer=False), write_dataset(root / "data.jsonl")
+
+
+def run(files, tmp_path, name, **train):
+    model, data = files
+    doc = spec_dict(model, data, tmp_path / name, 1, 1, steps=STEPS)
+    doc["train"]["scheduler"] = None
+    doc["train"].update(train)
+    outcome = fine_tune(parse_spec(doc), Topology(Layout()), torch.device("cpu"), tmp_path / name, job=name)
+    return [outcome.losses[s] for s in range(1, STEPS + 1)]
+
+
+def test_activation_checkpointing_gives_the_same_losses(files, tmp_path):
+    plain = run(files, tmp_path, "plain")
+    assert run(files, tmp_path, "recompute", activationCheckpointing=True) == pytest.approx(plain, rel=1e-6)
+
+
+def test_bf16_follows_the_fp32_curve(files, tmp_path):
+    fp32 = run(files, tmp_path, "fp32", precision="fp32")
+    bf16 = run(files, tmp_path, "bf16", precision="bf16")
+    assert bf16 == pytest.approx(fp32, rel=3e-2) and bf16 != fp32  # autocast did run in bf16
+
+
+def test_progress_is_in_the_metrics_and_mfu_needs_a_known_peak(files, tmp_path):
+    run(files, tmp_path, "metrics")
+    labels = {"job": "metrics"}
+    assert REGISTRY.get_sample_value("conveyor_train_tokens_per_second", labels) > 0
+    assert REGISTRY.get_sample_value("conveyor_train_step", labels) == STEPS
+    assert REGISTRY.get_sample_value("conveyor_last_checkpoint_step", labels) == STEPS
+    assert REGISTRY.get_sample_value("conveyor_train_mfu_ratio", labels) is None  # the CPU: no peak
+    assert peak_flops(torch.device("cpu"), bf16=True) is None
+
+    arch = load_arch(files[0])
+    n = parameter_count(arch)
+    from transformers import AutoModelForCausalLM
+
+    assert n == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(files[0])).parameters())
+    assert flops_per_token(arch, n, 16) == 6 * n + 12 * arch.layers * arch.heads * arch.head_dim * 16
