@@ -20,6 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from conveyor.failure_policy import FailurePolicySpec
+
 GROUP = "conveyor.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -221,6 +223,9 @@ class PipelineJobSpec(_Spec):
         None, description="The compile cache volume; none: the worker's own disk."
     )
     restart_policy: RestartPolicySpec = Field(default_factory=RestartPolicySpec)
+    failure_policy: FailurePolicySpec = Field(
+        default_factory=FailurePolicySpec, description="Which failures restart, fail or are ignored."
+    )
     suspend: bool = Field(False, description="Stop the pods and keep state; resuming continues (Kueue).")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the job's pods and Service this long after it finished."
