@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from conveyor.failure import EXIT_REFUSED
 from conveyor.failure_policy import FailureAction, FailurePolicySpec, FailureRule, parse_codes
 
+from conveyor_operator.observe import PodObservation
+
 DISRUPTION_CONDITION = "DisruptionTarget"  # set by the control plane on preemption, eviction, drain
 
 DEFAULT_RULES: tuple[FailureRule, ...] = (
@@ -41,6 +43,7 @@ class Decision:
     action: FailureAction
     rule: str  # `rules[0]`, `rules[1] (name)`, `default disruption`, or `default`
     pod: str
+    cause: str | None = None  # the worker's one-line cause, when it left one
 
     @property
     def counts(self) -> bool:
@@ -75,8 +78,8 @@ def decide(policy: FailurePolicySpec | None, facts: FailureFacts) -> Decision:
         candidates += [(f"default {rule.name}", rule) for rule in DEFAULT_RULES]
     for label, rule in candidates:
         if rule_matches(rule, facts):
-            return Decision(FailureAction(rule.action), label, facts.pod)
-    return Decision(FailureAction.RESTART_GROUP, "default", facts.pod)
+            return Decision(FailureAction(rule.action), label, facts.pod, facts.cause)
+    return Decision(FailureAction.RESTART_GROUP, "default", facts.pod, facts.cause)
 
 
 def first_decision(policy: FailurePolicySpec | None, failures: Sequence[FailureFacts]) -> Decision | None:
@@ -100,7 +103,35 @@ def budget_after(decision: Decision, used: int, limit: int) -> tuple[int, int]:
 
 def describe(decision: Decision, used: int, limit: int) -> str:
     used_after, left = budget_after(decision, used, limit)
+    why = f"; the worker says: {decision.cause}" if decision.cause else ""
     return (
         f"failure rule {decision.rule} matched pod {decision.pod}: {decision.action} "
-        f"(restarts used {used_after}/{limit}, {max(left, 0)} left)"
+        f"(restarts used {used_after}/{limit}, {max(left, 0)} left){why}"
+    )
+
+
+def pod_facts(pod: PodObservation) -> FailureFacts | None:
+    """A pod's failure as the rules see it: its newest failed exit (code and the worker's cause) and its
+    True conditions; None for a pod that shows no failure and no disruption."""
+    failed = [t for t in pod.terminations if t.failed]
+    disrupted = DISRUPTION_CONDITION in pod.conditions
+    if not failed and pod.failure is None and not disrupted:
+        return None
+    newest = failed[-1] if failed else None
+    return FailureFacts(
+        pod=pod.name,
+        exit_code=newest.exit_code if newest is not None else None,
+        conditions=pod.conditions,
+        cause=newest.cause if newest is not None else None,
+    )
+
+
+def group_decision(
+    policy: FailurePolicySpec | None, pods: Sequence[PodObservation], failed_pod: str | None = None
+) -> Decision:
+    """The decision for a group's failure from its pods' facts; with no pod showing one (a pod gone, a
+    start-up timeout) a plain counted restart."""
+    facts = [f for f in (pod_facts(p) for p in pods) if f is not None]
+    return first_decision(policy, facts) or Decision(
+        FailureAction.RESTART_GROUP, "default", failed_pod or "-"
     )

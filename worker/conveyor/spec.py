@@ -391,6 +391,8 @@ class GroupFailure(_Status):
     time: str = Field(
         description="When the operator saw it (RFC 3339); the restart waits the backoff from here."
     )
+    action: str | None = Field(None, description="What spec.failurePolicy decided for it.")
+    rule: str | None = Field(None, description="The failurePolicy rule that matched, and for which pod.")
 
 
 class ContainerRestarts(_Status):
