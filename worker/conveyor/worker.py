@@ -33,7 +33,13 @@ def main(args: argparse.Namespace | None = None) -> int:
         pod = PodEnv.from_environ()
     except EnvError as err:
         print(f"conveyor worker: {err}", file=sys.stderr)
-        return 2
+        # No PodEnv to read progress from, but the operator still gets the one-line cause (exit 2: FailJob).
+        from conveyor.checkpoint import write_termination_message
+
+        write_termination_message(
+            os.environ.get("CONVEYOR_TERMINATION_LOG"), False, None, str(err), cause=str(err)
+        )
+        return EXIT_REFUSED
     configure(job=pod.job, replica=pod.replica, stage=pod.stage)
     log.info(
         "worker starting",
