@@ -362,6 +362,8 @@ def _handle_failure(
             group_status.failure.rule = f"{decision.rule} on pod {decision.pod}"
             if decision.cause:
                 group_status.failure.message += f"; the worker says: {decision.cause}"
+            if decision.cause and decision.cause.startswith("Hung:"):  # watchdog.py, via the liveness probe
+                group_status.failure.reason = "Hung"
             ruled = failure_rules.describe(decision, plan.status.restarts, policy.backoff_limit)
             plan.events.append(
                 Event(

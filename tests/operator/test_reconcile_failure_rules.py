@@ -92,3 +92,32 @@ def test_a_plain_crash_still_counts_and_exhausts_the_budget() -> None:
     fresh = group_pods(body, 0, restart=1, created=7)
     step(body, [fail(fresh[0], 1), fresh[1]], 8)
     assert body["status"]["reason"] == "BackoffLimitExceeded"
+
+
+def test_a_hung_rank_killed_by_its_liveness_probe_restarts_the_group_as_hung() -> None:
+    body, pods = running(failurePolicy={"hangTimeoutSeconds": 60})
+    hung = json.dumps({"completed": False, "cause": "Hung: no progress for 65s (hangTimeoutSeconds 60)"})
+    plan = step(body, [pods[0], fail(pods[1], 143, message=hung)], 6)
+    assert "Hung" in reasons(plan) and "GroupRestarted" in reasons(plan)
+    assert body["status"]["restarts"] == 1
+
+
+def test_the_hang_timeout_renders_a_liveness_probe_on_live() -> None:
+    from conveyor.spec import parse_spec
+    from conveyor_operator import render
+
+    def container(spec: dict[str, Any]) -> dict[str, Any]:
+        parsed = parse_spec(spec)
+        group = render.groups("llm", parsed)[0]
+        sts = render.build_statefulset(
+            render.JobRef("llm", "ml", "uid"), parsed, group, restart=0, running=True
+        )
+        return sts["spec"]["template"]["spec"]["containers"][0]
+
+    plain = container(inference_spec())
+    assert "livenessProbe" not in plain
+    assert "CONVEYOR_HANG_TIMEOUT" not in {e["name"] for e in plain["env"]}
+    watched = container(inference_spec(failurePolicy={"hangTimeoutSeconds": 120}))
+    assert watched["livenessProbe"]["httpGet"] == {"path": "/live", "port": "metrics"}
+    assert {"name": "CONVEYOR_HANG_TIMEOUT", "value": "120"} in watched["env"]
+    assert "startupProbe" in watched  # loading is start-up, not a hang

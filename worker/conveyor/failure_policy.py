@@ -85,6 +85,12 @@ class FailurePolicySpec(_Spec):
         max_length=32,
         description="Checked in order before the defaults; the first rule that matches decides.",
     )
+    hang_timeout_seconds: int | None = Field(
+        None,
+        ge=10,
+        description="A rank of an inference or train job without progress this long is hung: its liveness "
+        "probe fails and the group restarts (reason Hung). Start-up (loading, compiling) never counts.",
+    )
     default_rules: bool = Field(
         True,
         description="Append the defaults: DisruptionTarget restarts without counting; exit 2 (the worker "
