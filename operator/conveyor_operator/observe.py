@@ -41,6 +41,7 @@ class Termination:
     stopped: bool = False  # ended by the pod's deletion (SIGTERM on delete), not by the worker
     restarted: bool = True  # the kubelet restarted the container after it (lastState), or not yet (state)
     last_checkpoint: dict[str, Any] | None = None  # its message's lastCheckpoint: kept in merge_witness
+    cause: str | None = None  # the worker's one-line cause (failure.py) from its termination message
 
     @property
     def failed(self) -> bool:
@@ -71,6 +72,7 @@ class PodObservation:
     terminations: tuple[Termination, ...] = ()  # the (at most two) exits still visible, oldest first
     exits: int = 0  # exits of the worker container so far: restartCount, + 1 while it is terminated
     listed: bool = True  # False: seen only in a watch event (the pod may be gone already)
+    conditions: frozenset[str] = frozenset()  # pod condition types that are True (DisruptionTarget, ...)
 
     @property
     def deleting(self) -> bool:
@@ -134,6 +136,7 @@ def _terminations(cs: dict[str, Any], deletion: datetime | None) -> list[Termina
                 last_checkpoint=msg["lastCheckpoint"]
                 if isinstance(msg.get("lastCheckpoint"), dict)
                 else None,
+                cause=str(msg.get("cause") or msg.get("message") or "") or None,
             )
         )
     return found
@@ -195,6 +198,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
         phase_failure=phase_failure,
         terminations=tuple(terminations),
         exits=int(cs.get("restartCount") or 0) + (1 if (cs.get("state") or {}).get("terminated") else 0),
+        conditions=frozenset(str(t) for t, v in conditions.items() if v == "True"),
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from conveyor.failure_policy import FailureAction, FailurePolicySpec
 from conveyor.spec import (
     GroupStatus,
     Mode,
@@ -32,7 +33,7 @@ from conveyor.spec import (
     parse_spec,
 )
 
-from conveyor_operator import render
+from conveyor_operator import failure_rules, render
 from conveyor_operator.backoff import budget_left, restart_delay
 from conveyor_operator.observe import PodObservation, parse_time
 from conveyor_operator.phase import (
@@ -82,6 +83,7 @@ class Plan:
     status: PipelineJobStatus = field(default_factory=PipelineJobStatus)
     events: list[Event] = field(default_factory=list)
     restarts: list[str] = field(default_factory=list)  # groups restarted by this plan (metrics)
+    fatal: str | None = None  # a failure a failurePolicy rule fails the job for (FailJob)
     requeue_after: float | None = None
 
 
@@ -299,7 +301,9 @@ def _plan_active(
         groups.append(group_status)
         if previous is not None and previous.phase == Phase.SUCCEEDED:
             continue  # its work is committed: later noise from its pods changes nothing
-        restarted, spent = _handle_failure(plan, group_status, members, group, spec.restart_policy, now)
+        restarted, spent = _handle_failure(
+            plan, group_status, members, group, spec.restart_policy, now, spec.failure_policy
+        )
         exhausted = spent or exhausted
         _observe_members(plan, group_status, members, group, spec, previous, restarted, now)
 
@@ -333,6 +337,7 @@ def _handle_failure(
     group: render.GroupRef,
     policy: RestartPolicySpec,
     now: datetime,
+    failure_policy: FailurePolicySpec | None = None,
 ) -> tuple[bool, str | None]:
     """Account the group's container exits, detect a failure, and restart the group once its backoff is
     due. Returns (restarted by this plan, the failure if the backoffLimit is spent)."""
@@ -352,18 +357,32 @@ def _handle_failure(
             container_failure=container_failure,
         )
         if group_status.failure is not None:
+            decision = failure_rules.group_decision(failure_policy, members.live)
+            group_status.failure.action = decision.action
+            group_status.failure.rule = f"{decision.rule} on pod {decision.pod}"
+            if decision.cause:
+                group_status.failure.message += f"; the worker says: {decision.cause}"
+            if decision.cause and decision.cause.startswith("Hung:"):  # watchdog.py, via the liveness probe
+                group_status.failure.reason = "Hung"
+            ruled = failure_rules.describe(decision, plan.status.restarts, policy.backoff_limit)
             plan.events.append(
                 Event(
                     "Warning",
                     group_status.failure.reason,
-                    f"group {group.name}: {group_status.failure.message}",
+                    f"group {group.name}: {group_status.failure.message}; {ruled}",
                 )
             )
     failure = group_status.failure
+    if failure is not None and failure.action == FailureAction.IGNORE:
+        group_status.failure = failure = None
     if failure is None:
         _delete(plan, members.previous)
         return False, None
-    if not budget_left(policy, plan.status.restarts):
+    if failure.action == FailureAction.FAIL_JOB:
+        plan.fatal = f"group {group.name}: {failure.reason}: {failure.message} ({failure.rule})"
+        return False, None
+    counts = failure.action != FailureAction.RESTART_GROUP_NO_COUNT
+    if counts and not budget_left(policy, plan.status.restarts):
         return False, f"group {group.name}: {failure.reason}: {failure.message}"
     delay = restart_delay(policy, group_status.restarts)
     if backoff_due(failure, delay, now):
@@ -412,7 +431,10 @@ def _job_outcome(plan: Plan, spec: PipelineJobSpec, exhausted: str | None, now: 
     groups = status.groups
     ready = sum(g.phase in (Phase.RUNNING, Phase.SUCCEEDED) for g in groups)
     status.ready, status.ready_groups = f"{ready}/{len(groups)}", ready
-    if exhausted is not None:
+    if plan.fatal is not None:
+        status.phase, status.reason = Phase.FAILED, "FailedByRule"
+        status.message = f"failurePolicy fails the job: {plan.fatal}"
+    elif exhausted is not None:
         status.phase, status.reason = Phase.FAILED, "BackoffLimitExceeded"
         status.message = (
             f"backoffLimit ({spec.restart_policy.backoff_limit}) restarts spent; last failure: {exhausted}"
@@ -451,7 +473,8 @@ def _restart_group(
     assert failure is not None
     job_status = plan.status
     group_status.restarts += 1
-    job_status.restarts += 1
+    if failure.action != FailureAction.RESTART_GROUP_NO_COUNT:  # a disruption uses no budget
+        job_status.restarts += 1
     group_status.failure = None
     group_status.start_time, group_status.running_since, group_status.members_since = (
         format_time(now),

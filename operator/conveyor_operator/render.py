@@ -259,6 +259,14 @@ def _container(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int
             "periodSeconds": PROBE_PERIOD_SECONDS,
         },
     }
+    hang = spec.failure_policy.hang_timeout_seconds
+    if hang is not None:  # the worker's /live turns 503 after `hang` seconds without progress (watchdog.py)
+        container["livenessProbe"] = {
+            "httpGet": {"path": "/live", "port": "metrics"},
+            "periodSeconds": PROBE_PERIOD_SECONDS,
+            "failureThreshold": 1,
+        }
+        container["env"].append({"name": "CONVEYOR_HANG_TIMEOUT", "value": str(hang)})
     resources = _resources(spec)
     if resources:
         container["resources"] = resources

@@ -161,3 +161,19 @@ def test_a_rank_whose_parent_died_before_it_started_exits(tmp_path: Path) -> Non
     if not _exits_within(pid, 15):
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("a rank started by a parent that died already kept running")
+
+
+def test_a_worker_without_its_environment_leaves_its_cause_and_exits_2(tmp_path: Path) -> None:
+    """A pod rendered wrong (no CONVEYOR_* environment) is a bad job: exit 2 with the cause, which the
+    operator's default failure rule turns into FailJob."""
+    log = tmp_path / "termination"
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor", "worker"],
+        env=subprocess_env(CONVEYOR_TERMINATION_LOG=str(log)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    body = json.loads(log.read_text())
+    assert body["completed"] is False and body["cause"] and body["cause"] in proc.stderr

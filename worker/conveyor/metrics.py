@@ -16,6 +16,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from conveyor.watchdog import PROGRESS, Progress
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -144,10 +146,18 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # probes every few seconds would flood the JSON log
 
 
-def _app(registry: CollectorRegistry, readiness: Readiness) -> Any:
+def _app(registry: CollectorRegistry, readiness: Readiness, progress: Progress = PROGRESS) -> Any:
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == "/live":  # the liveness probe: has this rank made progress lately?
+            live = progress.is_live()
+            if not live:  # the kubelet is about to restart us: leave the cause for the operator's reason
+                from conveyor.failure import write_cause
+
+                write_cause(progress.hung_cause())
+            start_response("200 OK" if live else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"live\n" if live else f"hung: no progress for {progress.silent_for():.0f}s\n".encode()]
         if environ.get("PATH_INFO") == "/ready":
             ok = readiness.is_ready()
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
@@ -157,14 +167,19 @@ def _app(registry: CollectorRegistry, readiness: Readiness) -> Any:
     return app
 
 
-def serve(port: int, registry: CollectorRegistry = REGISTRY, readiness: Readiness = READINESS) -> bool:
+def serve(
+    port: int,
+    registry: CollectorRegistry = REGISTRY,
+    readiness: Readiness = READINESS,
+    progress: Progress = PROGRESS,
+) -> bool:
     """Start the /metrics and /ready endpoints in a daemon thread; a taken port is logged, never fatal
     (metrics must not kill a job)."""
     if port <= 0:
         return False
     try:
         server = make_server(
-            "", port, _app(registry, readiness), _ThreadingServer, handler_class=_QuietHandler
+            "", port, _app(registry, readiness, progress), _ThreadingServer, handler_class=_QuietHandler
         )
     except OSError as err:
         from conveyor.log import get_logger

@@ -21,6 +21,7 @@ from conveyor.failure import CAUSE_ENV, EXIT_REFUSED, is_refusal, one_line, writ
 from conveyor.log import configure, get_logger
 from conveyor.spec import Mode
 from conveyor.utils import die_with_parent, parent_death_signal
+from conveyor.watchdog import PROGRESS
 
 STARTED = time.monotonic()  # torch and the engine are imported later, in main: start-up counts them
 log = get_logger("conveyor.rank")
@@ -105,6 +106,10 @@ def _main(argv: list[str]) -> int:
     port = int(os.environ.get("CONVEYOR_METRICS_PORT", pod.spec.metrics_port))
     if pod.mode in (Mode.INFERENCE, Mode.SERVE):
         metrics.READINESS.expect_model()  # ready once the shard is loaded, not at the rendezvous
+    if pod.mode in (Mode.INFERENCE, Mode.TRAIN):  # an idle serve replica is not hung: no watchdog there
+        hang = os.environ.get("CONVEYOR_HANG_TIMEOUT")
+        stall = os.environ.get("CONVEYOR_TEST_STALL_AFTER_BEATS")  # test hook: progress stops after n beats
+        PROGRESS.configure(float(hang) if hang else None, int(stall) if stall else None)
     metrics.serve(port + local_rank if port else 0)
     log.info("rank starting", extra={"local_rank": local_rank, "world_size": pod.world_size})
     if pod.mode == Mode.INFERENCE:

@@ -20,6 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from conveyor.failure_policy import FailurePolicySpec
+
 GROUP = "conveyor.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -292,6 +294,9 @@ class PipelineJobSpec(_Spec):
         None, description="The compile cache volume; none: the worker's own disk."
     )
     restart_policy: RestartPolicySpec = Field(default_factory=RestartPolicySpec)
+    failure_policy: FailurePolicySpec = Field(
+        default_factory=FailurePolicySpec, description="Which failures restart, fail or are ignored."
+    )
     suspend: bool = Field(False, description="Stop the pods and keep state; resuming continues (Kueue).")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the job's pods and Service this long after it finished."
@@ -511,6 +516,8 @@ class GroupFailure(_Status):
     time: str = Field(
         description="When the operator saw it (RFC 3339); the restart waits the backoff from here."
     )
+    action: str | None = Field(None, description="What spec.failurePolicy decided for it.")
+    rule: str | None = Field(None, description="The failurePolicy rule that matched, and for which pod.")
 
 
 class ContainerRestarts(_Status):

@@ -33,7 +33,13 @@ def main(args: argparse.Namespace | None = None) -> int:
         pod = PodEnv.from_environ()
     except EnvError as err:
         print(f"conveyor worker: {err}", file=sys.stderr)
-        return 2
+        # No PodEnv to read progress from, but the operator still gets the one-line cause (exit 2: FailJob).
+        from conveyor.checkpoint import write_termination_message
+
+        write_termination_message(
+            os.environ.get("CONVEYOR_TERMINATION_LOG"), False, None, str(err), cause=str(err)
+        )
+        return EXIT_REFUSED
     configure(job=pod.job, replica=pod.replica, stage=pod.stage)
     log.info(
         "worker starting",
@@ -65,11 +71,17 @@ def main(args: argparse.Namespace | None = None) -> int:
         outcome = run_group(children, grace_seconds=float(os.environ.get("CONVEYOR_GRACE_SECONDS", "10")))
         failed = next((c for c in children if c.name == outcome.failed), None)
         cause = read_cause(failed.env[CAUSE_ENV]) if failed is not None else None
-    if outcome.failed == "signal" and outcome.drained and pod.mode == "serve":
+        hung = [
+            c for c in (read_cause(child.env[CAUSE_ENV]) for child in children) if c and c.startswith("Hung:")
+        ]
+    if outcome.failed == "signal" and hung:  # the liveness probe found a rank without progress
+        log.error("worker stopped: a rank hung", extra={"cause": hung[0]})
+        report_failure(pod, hung[0], hung[0])
+    elif outcome.failed == "signal" and outcome.drained and pod.mode == "serve":
         # a serve rank drains its requests on SIGTERM and exits 0: the pod stops cleanly too
         log.info("worker stopped by a signal after draining its requests")
         return 0
-    if outcome.failed == "signal":  # stopped (pod deleted, Ctrl-C): not a failure of ours
+    elif outcome.failed == "signal":  # stopped (pod deleted, Ctrl-C): not a failure of ours
         log.info("worker stopped by a signal", extra={"exit_code": outcome.code})
         report_failure(pod, f"stopped by signal {outcome.code - 128}")
     elif outcome.code:

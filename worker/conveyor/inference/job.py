@@ -41,6 +41,7 @@ from conveyor.inference.sampling import SamplingParams
 from conveyor.inference.validate import InputError, check_fits, read_rows, tokens
 from conveyor.log import get_logger
 from conveyor.topology import Layout, Topology
+from conveyor.watchdog import PROGRESS
 
 if TYPE_CHECKING:
     from conveyor.inference.families import Arch
@@ -221,6 +222,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     def on_decode_step(dt: float, tokens: int) -> None:
         if is_writer:
             metrics.TOKEN_LATENCY.labels(job).observe(dt)
+            PROGRESS.beat()  # the liveness probe's evidence of progress (watchdog.py)
             metrics.TOKENS_GENERATED.labels(job).inc(tokens)
 
     def on_wait(dt: float) -> None:

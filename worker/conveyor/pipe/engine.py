@@ -32,6 +32,7 @@ from conveyor.pipe.module import PipelineModule
 from conveyor.pipe.optim import build_optimizer, build_scheduler
 from conveyor.pipe.p2p import P2P, BoundaryError, BoundaryMeta, describe, flatten, unflatten
 from conveyor.pipe.schedule import Kind, Schedule, Step, build_schedule, format_grid
+from conveyor.watchdog import PROGRESS
 
 log = get_logger("conveyor.pipe")
 _serial = itertools.count()  # engines are created in the same order on every rank
@@ -498,6 +499,7 @@ class PipelineEngine:
             "peak_live_micro_batches": batch.peak_live,
         }
         metrics.STEP_SECONDS.labels(self.job).observe(seconds)
+        PROGRESS.beat()  # the liveness probe's evidence of progress (watchdog.py)
         metrics.LOSS.labels(self.job).set(value)
         metrics.TRAIN_STEP.labels(self.job).set(self.global_steps)
         metrics.BUBBLE_SECONDS.labels(self.job, str(self.stage_id)).inc(waited)
