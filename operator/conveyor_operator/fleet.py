@@ -44,6 +44,12 @@ class FleetEvent:
     message: str
 
 
+def scale_selector(name: str) -> str:
+    """status.selector of a serve job (the scale subresource's labelSelector): its entry pods, one per
+    replica, the pods that export the serve metrics an HPA or KEDA scales on (queue depth, running)."""
+    return f"{render.selector(name)},{render.STAGE_LABEL}=0"
+
+
 def _drain_seconds(spec: PipelineJobSpec) -> int:
     return spec.serve.rollout.drain_seconds if spec.serve is not None else 0
 

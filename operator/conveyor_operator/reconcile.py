@@ -239,7 +239,7 @@ def _layout_change_refused(old: PipelineJobStatus, spec: PipelineJobSpec) -> str
 def _describe(status: PipelineJobStatus, spec: PipelineJobSpec, name: str, template_hash: str) -> None:
     status.layout = render.layout(spec)
     status.replicas = spec.parallelism.replicas
-    status.selector = render.selector(name)
+    status.selector = fleet.scale_selector(name) if spec.mode == Mode.SERVE else render.selector(name)
     groups = render.groups(name, spec)
     status.resolved = ResolvedSpec(
         gpus_per_pod=spec.gpus_per_pod,

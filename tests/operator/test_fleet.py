@@ -304,3 +304,16 @@ def test_the_grace_period_covers_the_workers_request_timeout() -> None:
     from conveyor.inference.serve import REQUEST_TIMEOUT_SECONDS
 
     assert render.SERVE_REQUEST_TIMEOUT_SECONDS == REQUEST_TIMEOUT_SECONDS
+
+
+def test_the_scale_selector_picks_one_entry_pod_per_replica() -> None:
+    cluster = running(2)
+    selector = cluster.body["status"]["selector"]
+    assert cluster.body["status"]["replicas"] == 2
+    wanted = dict(part.split("=") for part in selector.split(","))
+    picked = [
+        p
+        for p in cluster.pods.values()
+        if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+    ]
+    assert sorted(p["metadata"]["name"] for p in picked) == ["llm-r0-0", "llm-r1-0"]
