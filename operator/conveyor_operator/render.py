@@ -215,6 +215,9 @@ def _env(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int) -> l
     )
     env: list[dict[str, Any]] = []
     for key, value in values.items():
+        if key == "CONVEYOR_REPLICAS" and spec.mode == Mode.SERVE and group.replica is not None:
+            # A rollout's surge replica (fleet.py) has an index beyond spec replicas; the worker checks it.
+            value = str(max(int(value), group.replica + 1))
         if key == "CONVEYOR_POD_INDEX":
             # The ordinal differs per pod of one template: the downward API gives each pod its own.
             ref = {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}

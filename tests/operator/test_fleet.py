@@ -317,3 +317,15 @@ def test_the_scale_selector_picks_one_entry_pod_per_replica() -> None:
         if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())
     ]
     assert sorted(p["metadata"]["name"] for p in picked) == ["llm-r0-0", "llm-r1-0"]
+
+
+def test_a_surge_replica_beyond_spec_replicas_is_a_valid_worker() -> None:
+    from conveyor.env import PodEnv
+
+    from tests.operator.test_render import _environ
+
+    spec = parse_spec(fleet_spec(2))
+    surge = render.GroupRef(name="llm-r2", replica=2, pods=2)
+    sts = render.build_statefulset(render.JobRef("llm", "ml", "u"), spec, surge, restart=0, running=True)
+    pod = PodEnv.from_environ(_environ(sts, 1))
+    assert (pod.replica, pod.stage) == (2, 1)
