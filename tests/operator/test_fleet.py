@@ -24,6 +24,19 @@ def fleet_spec(replicas: int = 2, *, image: str = "conveyor:1", surge: int = 1, 
     return spec
 
 
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386, as the API server applies the operator's status patch: null deletes, objects merge."""
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_patch(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 class Cluster:
     """The job's pods as the StatefulSet controller and kubelet would keep them: a deleted pod is gone and
     comes back (created, not ready) from its StatefulSet's template; labels the operator sets stay."""
@@ -40,7 +53,7 @@ class Cluster:
         plan = plan_reconcile(
             JobView.from_body(self.body), [observe_pod(p) for p in self.pods.values()], at(self.now)
         )
-        self.body["status"] = k8s.status_patch(plan.status)
+        self.body["status"] = merge_patch(self.body.get("status") or {}, k8s.status_patch(plan.status))
         for obj in plan.apply:
             if obj["kind"] == "StatefulSet":
                 self.sets[obj["metadata"]["name"]] = obj
