@@ -214,6 +214,10 @@ def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exis
         ]
         status.ready, status.ready_groups = f"0/{len(group_refs)}", 0
         plan.apply = render.build_all(ref, spec, restarts, running=False)
+        if spec.mode == Mode.SERVE:  # a rollout's surge and draining groups go; resuming starts afresh
+            regular = {g.name for g in group_refs}
+            plan.delete_statefulsets = [g.name for g in old.groups if g.name not in regular]
+            status.fleet = None
         return _finish(plan, job, now)
 
     if spec.mode == Mode.SERVE:

@@ -342,3 +342,26 @@ def test_a_surge_replica_beyond_spec_replicas_is_a_valid_worker() -> None:
     sts = render.build_statefulset(render.JobRef("llm", "ml", "u"), spec, surge, restart=0, running=True)
     pod = PodEnv.from_environ(_environ(sts, 1))
     assert (pod.replica, pod.stage) == (2, 1)
+
+
+def test_suspending_mid_rollout_removes_the_surge_and_resuming_serves_the_new_template() -> None:
+    cluster = running(2)
+    new_spec = fleet_spec(2, image="conveyor:2")
+    cluster.body["spec"] = copy.deepcopy(new_spec)
+    cluster.step()
+    cluster.all_ready()
+    cluster.step()
+    assert "llm-r2" in cluster.sets
+    cluster.body["spec"]["suspend"] = True
+    cluster.step()
+    assert "llm-r2" in cluster.deleted_sets and "fleet" not in cluster.body["status"]
+    assert {s["spec"]["replicas"] for n, s in cluster.sets.items()} == {0}
+    cluster.pods.clear()  # the StatefulSets at 0
+    cluster.body["spec"]["suspend"] = False
+    cluster.step()
+    cluster.all_ready()
+    cluster.step()
+    cluster.step()
+    assert cluster.serving() == {"llm-r0", "llm-r1"} and fleet(cluster).get("strategy") is None
+    new_hash = render.template_hash(parse_spec(new_spec))
+    assert cluster.hashes() == {"llm-r0": {new_hash}, "llm-r1": {new_hash}}
