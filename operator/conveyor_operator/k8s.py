@@ -13,6 +13,7 @@ import logging
 from typing import Any, Protocol
 
 from conveyor.spec import GROUP, PLURAL, VERSION, PipelineJobStatus
+from pydantic import BaseModel
 
 from conveyor_operator.render import JOB_LABEL
 
@@ -40,10 +41,19 @@ def status_patch(status: PipelineJobStatus) -> dict[str, Any]:
     """A merge patch that sets the whole status: fields that are now empty are sent as null, so a cleared
     field (a failure that was handled) does not linger from the previous status."""
     body = status.model_dump(by_alias=True, mode="json", exclude_none=True)
-    for name, info in type(status).model_fields.items():
+    _null_missing(status, body)
+    return body
+
+
+def _null_missing(model: BaseModel, body: dict[str, Any]) -> None:
+    """Send every field a model leaves empty as null, in nested objects too (a merge patch merges them
+    key by key: an omitted key would keep its old value, e.g. a finished rollout's strategy)."""
+    for name, info in type(model).model_fields.items():
         key = info.alias or name
         body.setdefault(key, None)
-    return body
+        value = getattr(model, name)
+        if isinstance(value, BaseModel) and isinstance(body.get(key), dict):
+            _null_missing(value, body[key])
 
 
 class KubeClient:

@@ -33,8 +33,9 @@ from conveyor.spec import (
     parse_spec,
 )
 
-from conveyor_operator import failure_rules, render
+from conveyor_operator import failure_rules, fleet, render
 from conveyor_operator.backoff import budget_left, restart_delay
+from conveyor_operator.conditions import fleet_reconciling, mark_reconciling
 from conveyor_operator.observe import PodObservation, parse_time
 from conveyor_operator.phase import (
     GroupPods,
@@ -133,6 +134,9 @@ def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
         now=now,
         stalled=status.reason in STALLED_REASONS,
     )
+    moving = fleet_reconciling(status.fleet) if status.phase == Phase.RUNNING else None
+    if moving is not None:
+        status.conditions = mark_reconciling(status.conditions, *moving, previous=old.conditions, now=now)
     if old.phase != status.phase or not job.status:
         kind = "Warning" if status.phase == Phase.FAILED else "Normal"
         plan.events.append(Event(kind, str(status.phase), status.message or f"phase {status.phase}"))
@@ -212,8 +216,14 @@ def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exis
         ]
         status.ready, status.ready_groups = f"0/{len(group_refs)}", 0
         plan.apply = render.build_all(ref, spec, restarts, running=False)
+        if spec.mode == Mode.SERVE:  # a rollout's surge and draining groups go; resuming starts afresh
+            regular = {g.name for g in group_refs}
+            plan.delete_statefulsets = [g.name for g in old.groups if g.name not in regular]
+            status.fleet = None
         return _finish(plan, job, now)
 
+    if spec.mode == Mode.SERVE:
+        group_refs += fleet.extra_groups(job.name, spec, old, now)  # surge replicas, groups draining
     return _finish(_plan_active(plan, old, ref, spec, group_refs, pods, now), job, now)
 
 
@@ -235,7 +245,7 @@ def _layout_change_refused(old: PipelineJobStatus, spec: PipelineJobSpec) -> str
 def _describe(status: PipelineJobStatus, spec: PipelineJobSpec, name: str, template_hash: str) -> None:
     status.layout = render.layout(spec)
     status.replicas = spec.parallelism.replicas
-    status.selector = render.selector(name)
+    status.selector = fleet.scale_selector(name) if spec.mode == Mode.SERVE else render.selector(name)
     groups = render.groups(name, spec)
     status.resolved = ResolvedSpec(
         gpus_per_pod=spec.gpus_per_pod,
@@ -307,7 +317,8 @@ def _plan_active(
         exhausted = spent or exhausted
         _observe_members(plan, group_status, members, group, spec, previous, restarted, now)
 
-    _roll_one_group(plan, groups, members_of, now)
+    if spec.mode != Mode.SERVE:
+        _roll_one_group(plan, groups, members_of, now)
     desired = {g.name for g in group_refs}
     plan.delete_statefulsets = [g.name for g in old.groups if g.name not in desired]
     status.groups = groups
@@ -315,7 +326,54 @@ def _plan_active(
     restarts = {g.name: g.restarts for g in groups}
     finished = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
     plan.apply = render.build_all(ref, spec, restarts, running=not finished)
+    if spec.mode == Mode.SERVE and not finished:
+        _serve_fleet(plan, old, ref, spec, members_of, now)
     return plan
+
+
+def _serve_fleet(
+    plan: Plan,
+    old: PipelineJobStatus,
+    ref: render.JobRef,
+    spec: PipelineJobSpec,
+    members_of: dict[str, GroupPods],
+    now: datetime,
+) -> None:
+    """Merge the fleet's decisions (fleet.py) into the plan: Service labels, groups rolled, surge
+    StatefulSets, the phase from the regular replicas."""
+    status = plan.status
+    decided = fleet.plan_fleet(ref.name, spec, old.fleet, status.groups, members_of, now)
+    status.fleet = decided.fleet
+    for pod, labels in decided.labels.items():
+        plan.label_pods[pod] = {**plan.label_pods.get(pod, {}), **labels}
+    for group in status.groups:
+        outdated = members_of[group.name].outdated
+        if group.name in decided.roll and outdated:
+            _delete(plan, outdated)
+            group.start_time, group.running_since, group.members_since = format_time(now), None, None
+            group.phase = Phase.STARTING
+            plan.events.append(
+                Event("Normal", "GroupRolled", f"group {group.name}: rolling to the new pod template")
+            )
+    restarts = {g.name: g.restarts for g in status.groups}
+    plan.apply += [
+        render.build_statefulset(ref, spec, g, restart=restarts.get(g.name, 0), running=True)
+        for g in decided.surge_groups
+    ]
+    plan.delete_statefulsets.sort(key=lambda n: -int(n.rsplit("-r", 1)[-1]) if "-r" in n else 0)
+    plan.events += [Event(e.type, e.reason, e.message) for e in decided.events]
+    if decided.requeue_after is not None:
+        plan.requeue_after = min(plan.requeue_after or decided.requeue_after, decided.requeue_after)
+    if status.phase != Phase.FAILED and decided.phase is not None:
+        status.phase = (
+            decided.phase
+        )  # from the regular replicas: a surge or draining group's state is not the job's
+        if status.phase != Phase.RESTARTING:
+            status.reason = None
+    status.ready = decided.ready
+    status.ready_groups = decided.fleet.ready_replicas
+    if status.reason is None:
+        status.message = decided.fleet.message
 
 
 def _carried_over(previous: GroupStatus | None, group: render.GroupRef, now: datetime) -> GroupStatus:

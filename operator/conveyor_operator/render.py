@@ -28,6 +28,7 @@ from conveyor.spec import (
     ParallelismSpec,
     PipelineJobSpec,
     RestartPolicySpec,
+    RolloutSpec,
     spec_to_json,
 )
 
@@ -35,10 +36,14 @@ JOB_LABEL = "conveyor.dev/job"
 GROUP_LABEL = "conveyor.dev/group"
 REPLICA_LABEL = "conveyor.dev/replica"
 STAGE_LABEL = "conveyor.dev/stage"
+SERVING_LABEL = "conveyor.dev/serving"  # "true" on the entry pod of a ready, not draining serve group
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 RESTART_ANNOTATION = "conveyor.dev/restart"
 TEMPLATE_HASH_ANNOTATION = "conveyor.dev/template-hash"
 TERMINATION_LOG = "/dev/termination-log"
+# The worker's REQUEST_TIMEOUT_SECONDS (conveyor.inference.serve, not imported: it pulls in torch): a serve
+# pod stopped gracefully gets this long, after its drain, to finish the requests in flight.
+SERVE_REQUEST_TIMEOUT_SECONDS = 600
 WORKER_CONTAINER = "worker"
 PROBE_PERIOD_SECONDS = 10
 
@@ -119,6 +124,7 @@ def worker_spec(spec: PipelineJobSpec) -> PipelineJobSpec:
             "ttl_seconds_after_finished": None,
             "restart_policy": RestartPolicySpec(),
             "image": defaults["image"].default,
+            "serve": spec.serve.model_copy(update={"rollout": RolloutSpec()}) if spec.serve else None,
         }
     )
 
@@ -209,6 +215,9 @@ def _env(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int) -> l
     )
     env: list[dict[str, Any]] = []
     for key, value in values.items():
+        if key == "CONVEYOR_REPLICAS" and spec.mode == Mode.SERVE and group.replica is not None:
+            # A rollout's surge replica (fleet.py) has an index beyond spec replicas; the worker checks it.
+            value = str(max(int(value), group.replica + 1))
         if key == "CONVEYOR_POD_INDEX":
             # The ordinal differs per pod of one template: the downward API gives each pod its own.
             ref = {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}
@@ -270,6 +279,10 @@ def _container(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int
     resources = _resources(spec)
     if resources:
         container["resources"] = resources
+    if spec.serve is not None and spec.serve.rollout.drain_seconds > 0:
+        # A pod deleted by anyone (a node drain, kubectl) keeps serving while the endpoints drop it, and
+        # only then gets SIGTERM (the worker finishes its in-flight requests and stops).
+        container["lifecycle"] = {"preStop": {"sleep": {"seconds": spec.serve.rollout.drain_seconds}}}
     return container
 
 
@@ -290,6 +303,10 @@ def _pod_spec(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int)
         "imagePullSecrets": t.image_pull_secrets or None,
     }
     pod.update({k: v for k, v in optional.items() if v is not None})
+    if spec.serve is not None:
+        pod["terminationGracePeriodSeconds"] = (
+            spec.serve.rollout.drain_seconds + SERVE_REQUEST_TIMEOUT_SECONDS
+        )
     return pod
 
 
@@ -353,7 +370,8 @@ def build_service(job: JobRef, spec: PipelineJobSpec) -> dict[str, Any]:
 
 
 def build_serve_service(job: JobRef, spec: PipelineJobSpec) -> dict[str, Any] | None:
-    """Serve mode's endpoint: the entry (stage 0) pod of every ready group."""
+    """Serve mode's endpoint: the entry (stage 0) pod of every ready group that is not draining (the
+    operator sets SERVING_LABEL, see fleet.py)."""
     if spec.serve is None:
         return None
     return {
@@ -362,7 +380,7 @@ def build_serve_service(job: JobRef, spec: PipelineJobSpec) -> dict[str, Any] | 
         "metadata": _metadata(job, f"{job.name}-serve"),
         "spec": {
             "type": "ClusterIP",
-            "selector": {JOB_LABEL: job.name, STAGE_LABEL: "0"},
+            "selector": {JOB_LABEL: job.name, STAGE_LABEL: "0", SERVING_LABEL: "true"},
             "ports": [{"name": "http", "port": spec.serve.port, "targetPort": "http", "protocol": "TCP"}],
         },
     }

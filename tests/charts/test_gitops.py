@@ -69,12 +69,12 @@ def luahealth() -> Path:
     return out
 
 
-def _job(conditions=None, *, generation=2, observed=2, suspend=False) -> dict:
+def _job(conditions=None, *, generation=2, observed=2, suspend=False, mode="inference") -> dict:
     job: dict = {
         "apiVersion": "conveyor.dev/v1alpha1",
         "kind": "PipelineJob",
         "metadata": {"name": "j", "generation": generation},
-        "spec": {"mode": "inference", "suspend": suspend},
+        "spec": {"mode": mode, "suspend": suspend},
     }
     if conditions is not None:
         job["status"] = {
@@ -98,8 +98,23 @@ FAILED = [
     ("Reconciling", "False", "Idle"),
     ("Stalled", "True", "BackoffLimitExceeded"),
 ]
+# A serve fleet rolling to a new spec (or draining a scale-down) keeps serving: Ready and Reconciling.
+ROLLING = [
+    ("Ready", "True", "Running"),
+    ("Reconciling", "True", "RollingUpdate"),
+    ("Stalled", "False", "NotStalled"),
+]
+SERVE_RESTARTING = [
+    ("Ready", "False", "PodDeleted"),
+    ("Reconciling", "True", "PodDeleted"),
+    ("Stalled", "False", "NotStalled"),
+]
 CASES = {
     "no-status-yet": (_job(), "Progressing"),
+    "serve-serving": (_job(RUNNING, mode="serve"), "Healthy"),
+    "serve-rolling": (_job(ROLLING, mode="serve"), "Progressing"),
+    "serve-group-restarting": (_job(SERVE_RESTARTING, mode="serve"), "Progressing"),
+    "serve-stale-rollout": (_job(RUNNING, generation=4, observed=3, mode="serve"), "Progressing"),
     "running": (_job(RUNNING), "Healthy"),
     "starting": (_job(STARTING), "Progressing"),
     "failed": (_job(FAILED), "Degraded"),
@@ -122,3 +137,34 @@ def test_health_check_maps_conditions_to_argocd_health(luahealth, tmp_path):
     assert got == {name: expected for name, (_, expected) in CASES.items()}
     failed = results[list(CASES).index("failed")]
     assert "BackoffLimitExceeded" in failed["message"]  # the reason reaches the Argo CD UI
+    rolling = results[list(CASES).index("serve-rolling")]
+    assert rolling["message"].startswith("RollingUpdate")
+
+
+def test_health_check_follows_a_serve_rollout_as_the_operator_reports_it(luahealth, tmp_path):
+    """Statuses the planner itself wrote while a fleet rolled: Healthy, Progressing during the rollout,
+    Healthy again once it is done."""
+    from conveyor.spec import parse_spec
+    from conveyor_operator import render
+
+    from tests.operator.test_fleet import fleet_spec, roll_to_end, running
+
+    cluster = running(2)
+    snapshots = {"before": json.loads(json.dumps(cluster.body))}
+    new_spec = fleet_spec(2, image="conveyor:2")
+    cluster.body["spec"] = new_spec
+    cluster.body["metadata"]["generation"] = 2
+    cluster.step()
+    snapshots["rolling"] = json.loads(json.dumps(cluster.body))
+    roll_to_end(cluster, render.template_hash(parse_spec(new_spec)), at_least=2)
+    snapshots["done"] = json.loads(json.dumps(cluster.body))
+    files = []
+    for name, body in snapshots.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(body))
+        files.append(str(path))
+    out = subprocess.run(
+        [str(luahealth), str(HEALTH_LUA), *files], capture_output=True, text=True, timeout=60, check=True
+    )
+    got = [json.loads(line)["status"] for line in out.stdout.splitlines()]
+    assert got == ["Healthy", "Progressing", "Healthy"]

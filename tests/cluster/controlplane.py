@@ -35,6 +35,8 @@ NODE_NAME = "conveyor-local"
 SERVICE_CIDR = "10.0.0.0/24"
 CONTROLLERS = (
     "statefulset-controller",
+    # A Service's EndpointSlices (ready = the pod's Ready condition): serve tests check what a Service selects.
+    "endpointslice-controller",
     "deployment-controller",  # with the ReplicaSet controller: the Helm chart's operator Deployment
     "replicaset-controller",
     "garbage-collector-controller",

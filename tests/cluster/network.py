@@ -1,8 +1,8 @@
 """Pod networking for the local agent: one address per pod, so that pods behave like separate hosts.
 
 With root and `ip netns`, each pod gets its own network namespace (its own loopback and an `eth0` with an
-address in POD_CIDR) joined to a bridge that lives in a private "hub" namespace: pods reach each other, the
-host's network is never touched, and two groups can both listen on MASTER_PORT. The pod's hostname (UTS
+address in POD_CIDR) joined to a bridge that lives in a private "hub" namespace (the bridge holds the
+first address, so the hub reaches every pod): pods reach each other, the host's network is never touched, and two groups can both listen on MASTER_PORT. The pod's hostname (UTS
 namespace) is its name and resolves, through the namespace's hosts file (`/etc/netns/NS/hosts`, which
 `ip netns exec` mounts over /etc/hosts), to its own address, as in a real pod; that is what gloo binds to.
 
@@ -80,6 +80,9 @@ class NetnsNetwork:
         _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.hub, "link", "set", "br0", "up")
         _ip("-n", self.hub, "link", "set", "lo", "up")
+        # The bridge's own address: a process in the hub namespace reaches every pod, as a node does (tests
+        # that stand in for kube-proxy connect to a Service's endpoints from there, see probe.py).
+        _ip("-n", self.hub, "addr", "add", f"{self._gateway}/{POD_CIDR.prefixlen}", "dev", "br0")
 
     @staticmethod
     def available() -> bool:

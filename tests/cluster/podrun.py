@@ -4,14 +4,18 @@ status written back through the API.
 A PodRunner is a thread per pod. It starts every container (see podspec.py for how a container becomes a
 process), polls them, restarts exited ones as restartPolicy says (with a short doubling backoff) and patches
 the pod's status whenever it changes: phase, podIP, conditions and containerStatuses with restartCount,
-state, lastState and, on exit, exitCode, reason and the termination message. stop() ends the processes the
-way the kubelet does on deletion: SIGTERM to the process group, SIGKILL after the grace period.
+state, lastState and, on exit, exitCode, reason and the termination message. A container with an httpGet
+readinessProbe is ready only while the probe answers 2xx (probed every second, whatever periodSeconds says:
+tests wait less); without one, while it runs. stop() ends the processes the way the kubelet does on
+deletion: a preStop sleep first (within the grace period), then SIGTERM to the process group, SIGKILL after
+the rest of the grace period.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import http.client
 import logging
 import os
 import signal
@@ -25,11 +29,13 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from tests.cluster import probe
 from tests.cluster.apiaccess import ServiceForwarder, write_service_account
 from tests.cluster.podspec import ContainerProcess, PodSpecError, summary
 
 log = logging.getLogger("agent.pod")
 BACKOFF_START, BACKOFF_MAX = 0.5, 8.0  # seconds; the kubelet's are 10 s and 5 min
+PROBE_PERIOD = 1.0  # seconds between readiness probes
 MESSAGE_LIMIT = 4096  # bytes of termination message kept, as the kubelet does
 
 
@@ -54,6 +60,7 @@ class Container:
     done: bool = False  # exited and will not restart
     state: dict[str, Any] = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
     last_state: dict[str, Any] = field(default_factory=dict)
+    probed_ready: bool = False  # the readiness probe's last answer (containers with an httpGet probe)
 
 
 class PodRunner(threading.Thread):
@@ -94,6 +101,7 @@ class PodRunner(threading.Thread):
             self._netns = network.netns(self.ns, self.name)
             if self._netns is not None:
                 self._forwarder = ServiceForwarder(self._netns, *self.agent.api_address)
+            threading.Thread(target=self._probe_loop, name=f"probe-{self.name}", daemon=True).start()
             self._loop()
         except Exception as err:
             log.exception("pod %s/%s: runner failed", self.ns, self.name)
@@ -118,6 +126,37 @@ class PodRunner(threading.Thread):
             if all(c.done for c in self.containers):
                 return
             self._stop.wait(0.1)
+
+    # -- readiness --------------------------------------------------------------------------------------
+    def _http_get(self, c: Container) -> client.V1HTTPGetAction | None:
+        readiness = c.spec.readiness_probe
+        return readiness.http_get if readiness is not None else None
+
+    def _probe_port(self, c: Container, port: int | str) -> int:
+        if isinstance(port, int) or str(port).isdigit():
+            return int(port)
+        for p in c.spec.ports or []:
+            if p.name == port:
+                return int(p.container_port)
+        raise PodSpecError(f"readinessProbe port {port!r} names no port of container {c.spec.name}")
+
+    def _probe_loop(self) -> None:
+        """Readiness of each container with an httpGet probe, from inside the pod's network namespace."""
+        while not self._stop.is_set() and not self.finished.is_set():
+            for c in self.containers:
+                get = self._http_get(c)
+                if get is None:
+                    continue
+                ok = False
+                if c.proc is not None and c.proc.poll() is None:
+                    with contextlib.suppress(OSError, PodSpecError, http.client.HTTPException):
+                        port = self._probe_port(c, get.port)
+                        status, _ = probe.request(
+                            self._netns, self.pod_ip, port, "GET", get.path or "/", timeout=1.0
+                        )
+                        ok = 200 <= status < 400
+                c.probed_ready = ok
+            self._stop.wait(PROBE_PERIOD)
 
     def _step(self, c: Container) -> None:
         if c.proc is None:
@@ -195,7 +234,22 @@ class PodRunner(threading.Thread):
             c.state = {"terminated": terminated}
             c.done = True
 
+    def _pre_stop(self, grace: float) -> float:
+        """Run the containers' preStop sleeps (the only preStop handler the agent knows) within the grace
+        period; returns the grace left for SIGTERM."""
+        seconds = 0.0
+        for c in self.containers:
+            hook = c.spec.lifecycle.pre_stop if c.spec.lifecycle is not None else None
+            if hook is not None and hook.sleep is not None and c.proc is not None:
+                seconds = max(seconds, float(hook.sleep.seconds))
+        seconds = min(seconds, grace)
+        if seconds > 0:
+            log.info("pod %s/%s: preStop sleep %.0fs", self.ns, self.name, seconds)
+            time.sleep(seconds)
+        return grace - seconds
+
     def _kill_all(self, grace: float) -> None:
+        grace = self._pre_stop(grace) if grace > 0 else grace
         running = [c.proc for c in self.containers if c.proc is not None and c.proc.poll() is None]
         for proc in running:
             with contextlib.suppress(ProcessLookupError):
@@ -220,12 +274,13 @@ class PodRunner(threading.Thread):
         statuses = []
         for c in self.containers:
             running = "running" in c.state
+            ready = running and (self._http_get(c) is None or c.probed_ready)
             status = {
                 "name": c.spec.name,
                 "image": c.spec.image or "",
                 "imageID": "",
                 "containerID": f"local://{self.uid}/{c.spec.name}/{c.restarts}",
-                "ready": running,
+                "ready": ready,
                 "started": running,
                 "restartCount": c.restarts,
                 "state": _one_of(c.state),

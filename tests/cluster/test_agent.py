@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import time
 
 import pytest
 from kubernetes import client
@@ -202,3 +203,61 @@ def test_two_groups_rendezvous_through_headless_service_names_on_one_port(k8s_cl
                 timeout=120,
             )
             assert f"allreduce 3.0 group {group}" in logs, logs
+
+
+def test_readiness_probe_and_pre_stop_sleep_and_endpoints(k8s_cluster, k8s_namespace, tmp_path):
+    """An httpGet readinessProbe decides Ready (and so the Service's ready endpoints); a deletion runs the
+    preStop sleep before SIGTERM."""
+    core, ns = k8s_cluster.core, k8s_namespace
+    flag, stopped = tmp_path / "ready", tmp_path / "sigterm"
+    script = """
+        import http.server, os, signal, sys, time
+        def term(*_):
+            open(os.environ["STOPPED"], "w").write(str(time.time()))
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, term)
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if os.path.exists(os.environ["FLAG"]) else 503)
+                self.end_headers()
+        http.server.HTTPServer(("", 8080), H).serve_forever()
+    """
+    container = python_container(
+        script,
+        {"FLAG": str(flag), "STOPPED": str(stopped)},
+        ports=[{"name": "http", "containerPort": 8080}],
+        readinessProbe={"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 10},
+        lifecycle={"preStop": {"sleep": {"seconds": 2}}},
+    )
+    body = pod_body("probed", container, restart="Always")
+    body["metadata"]["labels"] = {"app": "probed"}
+    body["spec"]["terminationGracePeriodSeconds"] = 10
+    core.create_namespaced_pod(ns, body)
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "probed"},
+        "spec": {"selector": {"app": "probed"}, "ports": [{"port": 8080, "targetPort": "http"}]},
+    }
+    core.create_namespaced_service(ns, service)
+
+    def ready_endpoints() -> list[bool]:
+        slices = client.DiscoveryV1Api(k8s_cluster.api_client).list_namespaced_endpoint_slice(
+            ns, label_selector="kubernetes.io/service-name=probed"
+        )
+        return [bool(e.conditions.ready) for s in slices.items for e in s.endpoints or []]
+
+    def pod_ready() -> bool:
+        conditions = core.read_namespaced_pod("probed", ns).status.conditions or []
+        return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+    wait_for(lambda: phase(core, ns, "probed") == "Running", "the pod to run")
+    wait_for(lambda: ready_endpoints() == [False], "a not-ready endpoint", timeout=30)
+    assert not pod_ready(), "running is not ready: the probe answers 503"
+    flag.write_text("1")
+    wait_for(pod_ready, "the probe to pass", timeout=30)
+    wait_for(lambda: ready_endpoints() == [True], "a ready endpoint", timeout=30)
+    asked = time.time()
+    core.delete_namespaced_pod("probed", ns)
+    wait_for(stopped.exists, "SIGTERM after the preStop sleep", timeout=30)
+    assert float(stopped.read_text()) - asked >= 1.5

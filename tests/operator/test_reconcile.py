@@ -286,16 +286,16 @@ def test_layout_change_while_suspended_is_allowed() -> None:
 
 
 def test_spec_change_rolls_one_group_at_a_time() -> None:
-    body = job_body(serve_spec(replicas=2))
+    body = job_body(inference_spec(replicas=2))
     step(body, [], 0)
     old = group_pods(body, 0) + group_pods(body, 1)
     step(body, old, 5)
     assert body["status"]["phase"] == "Running"
-    new_spec = serve_spec(replicas=2, image="registry.local/conveyor:2")
+    new_spec = inference_spec(replicas=2, image="registry.local/conveyor:2")
     body["spec"] = new_spec
     plan = step(body, old, 10)
     assert sorted(plan.delete_pods) == ["llm-r0-0", "llm-r0-1"] and "GroupRolled" in reasons(plan)
-    # r0 comes back with the new template; r1 waits until r0 is ready.
+    # r0 comes back with the new template; r1 waits until r0 is ready (serve jobs: see test_fleet.py).
     new_r0 = group_pods(body, 0, ready=False, created=11, spec_override=new_spec)
     assert step(body, new_r0 + old[2:], 12).delete_pods == []
     new_r0 = group_pods(body, 0, created=11, spec_override=new_spec)
@@ -337,9 +337,11 @@ def test_scaling_down_deletes_the_groups_scaled_away() -> None:
     body = job_body(serve_spec(replicas=3))
     step(body, [], 0)
     body["spec"]["parallelism"]["replicas"] = 1
-    plan = step(body, [], 10)
-    assert plan.delete_statefulsets == ["llm-r1", "llm-r2"] and sts_replicas(plan) == {"llm-r0": 2}
-    assert step(body, [], 20).delete_statefulsets == []
+    plan = step(body, [], 10)  # serve: drained first (test_fleet.py), deleted after drainSeconds
+    assert plan.delete_statefulsets == [] and sts_replicas(plan) == {"llm-r0": 2}
+    plan = step(body, [], 20)
+    assert plan.delete_statefulsets == ["llm-r2", "llm-r1"] and sts_replicas(plan) == {"llm-r0": 2}
+    assert step(body, [], 30).delete_statefulsets == []
 
 
 def test_a_finished_group_is_not_restarted_while_the_others_work() -> None:

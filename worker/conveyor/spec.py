@@ -275,9 +275,33 @@ class TrainSpec(_Spec):
         )
 
 
+class RolloutSpec(_Spec):
+    """How a serve job's replicas roll to a new spec, group by group (LeaderWorkerSet's rolling update)."""
+
+    max_surge: int = Field(
+        1,
+        ge=0,
+        description="Extra replicas started with the new spec during a rollout, when the cluster has room "
+        "(else the rollout goes in place).",
+    )
+    max_unavailable: int = Field(
+        0,
+        ge=0,
+        description="Replicas that may be out of service at once during a rollout (in place: at least 1).",
+    )
+    drain_seconds: int = Field(
+        5,
+        ge=0,
+        le=3600,
+        description="Seconds between taking a replica out of the Service and stopping it (for the endpoints "
+        "to drop it); its in-flight requests then finish within the termination grace period.",
+    )
+
+
 class ServeSpec(_Spec):
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
     max_batch_size: int = Field(64, ge=1, le=4096, description="Sequences decoded together.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
 
 
 class PipelineJobSpec(_Spec):
@@ -569,6 +593,29 @@ class ResolvedSpec(_Status):
     template_hash: str = ""
 
 
+class DrainingGroup(_Status):
+    name: str = Field(description="The group's StatefulSet.")
+    since: str = Field(description="When it was taken out of the Service (RFC 3339).")
+    reason: Literal["Rollout", "ScaleDown"] = "Rollout"
+
+
+class FleetStatus(_Status):
+    """A serve job's replicas behind its Service, and its rollout (docs/operator.md, "Serve fleets")."""
+
+    ready_replicas: int = Field(0, description="Replicas whose every pod is ready.")
+    serving_replicas: int = Field(0, description="Replicas whose entry pod the Service selects.")
+    updated_replicas: int = Field(0, description="Replicas on the current template.")
+    strategy: Literal["Surge", "InPlace"] | None = Field(
+        None, description="The running rollout: extra replicas first (Surge), or one out at a time (InPlace)."
+    )
+    surge_replicas: int = Field(0, description="Extra replicas the rollout started beyond spec replicas.")
+    surge_since: str | None = Field(None, description="When the surge replicas were asked for.")
+    message: str | None = None
+    draining: list[DrainingGroup] = Field(
+        default_factory=list, description="Groups out of the Service, stopped once their drain time passed."
+    )
+
+
 class PipelineJobStatus(_Status):
     phase: Phase = Phase.PENDING
     reason: str | None = Field(
@@ -590,6 +637,7 @@ class PipelineJobStatus(_Status):
     start_time: str | None = None
     completion_time: str | None = None
     resolved: ResolvedSpec | None = None
+    fleet: FleetStatus | None = Field(None, description="Serve mode: replicas behind the Service, rollout.")
 
 
 class ObjectMeta(_Spec):
