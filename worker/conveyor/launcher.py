@@ -28,8 +28,9 @@ from conveyor.backoff import budget_left, restart_delay
 from conveyor.env import pod_environ
 from conveyor.failure import EXIT_REFUSED
 from conveyor.log import configure, get_logger
+from conveyor.preflight_gate import GATE_ENV
 from conveyor.spec import Mode, PipelineJob, PipelineJobSpec, SpecError, load_job
-from conveyor.supervise import Child, Outcome, run_group
+from conveyor.supervise import Child, Gate, Outcome, run_group
 from conveyor.utils import free_port
 
 log = get_logger("conveyor.run")
@@ -131,12 +132,7 @@ def run_job(
 ) -> int:
     spec = job.spec
     check_local(spec)
-    if spec.mode == Mode.INFERENCE:
-        from conveyor.inference.validate import preflight
-
-        t0 = time.monotonic()
-        preflight(spec)  # raises InputError: one line, exit 2
-        log.info("pre-flight checks passed", extra={"seconds": round(time.monotonic() - t0, 2)})
+    checks = _preflight(spec) if spec.mode == Mode.INFERENCE else None
     p, name, policy = spec.parallelism, job.metadata.name, spec.restart_policy
     log.info(
         f"running PipelineJob {name}: mode {spec.mode}, {p.replicas} replica(s) x "
@@ -145,7 +141,8 @@ def run_job(
     )
     restarts, started = 0, time.monotonic()
     while True:
-        outcome, messages = run_once(job, restart + restarts, grace_seconds)
+        # the first start's ranks wait at the gate while the checks run (preflight_gate.py)
+        outcome, messages = run_once(job, restart + restarts, grace_seconds, checks if not restarts else None)
         if outcome.failed == "signal" and outcome.drained and spec.mode == Mode.SERVE:
             # a serve job's ranks drain their requests on SIGTERM and exit 0: a clean stop, not 143
             log.info(f"PipelineJob {name} stopped by a signal after draining its requests")
@@ -186,14 +183,30 @@ def run_job(
             return 130
 
 
+def _preflight(spec: PipelineJobSpec) -> Callable[[], None]:
+    def check() -> None:
+        from conveyor.inference.validate import preflight
+
+        started = time.monotonic()
+        preflight(spec)  # raises InputError: one line, exit 2
+        log.info("pre-flight checks passed", extra={"seconds": round(time.monotonic() - started, 2)})
+
+    return check
+
+
 def run_once(
-    job: PipelineJob, restart: int, grace_seconds: float
+    job: PipelineJob, restart: int, grace_seconds: float, checks: Callable[[], None] | None = None
 ) -> tuple[Outcome, dict[str, dict[str, Any]]]:
-    """One start of every pod; the outcome and each pod's termination message, by pod name."""
+    """One start of every pod; the outcome and each pod's termination message, by pod name. ``checks``
+    run while the pods start, and the ranks wait for them to pass (preflight_gate.py)."""
     with tempfile.TemporaryDirectory(prefix="conveyor-run-") as tmp:
         workdir = Path(tmp)
         children = plan_pods(job, job.spec, restart, workdir)
-        outcome = run_group(children, grace_seconds=grace_seconds)
+        gate = None if checks is None else Gate(checks, workdir / "preflight-passed")
+        if gate is not None:
+            for child in children:
+                child.env = {**child.env, GATE_ENV: str(gate.path)}
+        outcome = run_group(children, grace_seconds=grace_seconds, gate=gate)
         messages = {}
         for child in children:
             path = Path(child.env["CONVEYOR_TERMINATION_LOG"])

@@ -13,10 +13,12 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
+from conveyor.preflight_gate import open_gate
 from conveyor.utils import PARENT_PID_ENV
 
 
@@ -29,6 +31,15 @@ class Child:
     stdout: int | None = None  # without a prefix: None inherits stdout; subprocess.DEVNULL drops it
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _pump: threading.Thread | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Checks run while the children start; they wait at ``path`` (preflight_gate.GATE_ENV in their
+    environment) until the checks pass."""
+
+    check: Callable[[], None]
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -117,10 +128,22 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def run_group(children: Sequence[Child], grace_seconds: float = 10.0) -> Outcome:
-    """Start children, forward SIGTERM/SIGINT to them, and wait (see Group.wait)."""
+def run_group(children: Sequence[Child], grace_seconds: float = 10.0, gate: Gate | None = None) -> Outcome:
+    """Start children, forward SIGTERM/SIGINT to them, and wait (see Group.wait). With a ``gate``, its
+    check runs while the children start (see preflight_gate.py): passed, the gate opens; raised, the
+    children are stopped and the check's exception is raised here once they have exited."""
     group = Group(children, grace_seconds)
     received: list[int] = []
+    refused: list[BaseException] = []
+
+    def _check(gate: Gate) -> None:
+        try:
+            gate.check()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread below
+            refused.append(err)
+            group.stop()
+        else:
+            open_gate(gate.path)
 
     def _forward(signum: int, _frame: object) -> None:
         received.append(signum)
@@ -129,10 +152,17 @@ def run_group(children: Sequence[Child], grace_seconds: float = 10.0) -> Outcome
     previous = {s: signal.signal(s, _forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         group.start()
+        checking = None if gate is None else threading.Thread(target=_check, args=(gate,), daemon=True)
+        if checking:
+            checking.start()
         outcome = group.wait()
+        if checking:
+            checking.join()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if refused:
+        raise refused[0]
     if received:  # the children's own exits (143 after our SIGTERM) are the stop we asked for
         return Outcome(128 + received[0], "signal", drained=outcome.code == 0)
     return outcome

@@ -19,8 +19,9 @@ from typing import Any
 from conveyor.env import EnvError, PodEnv
 from conveyor.failure import CAUSE_ENV, EXIT_REFUSED, read_cause
 from conveyor.log import configure, get_logger
+from conveyor.preflight_gate import GATE_ENV
 from conveyor.spec import Mode
-from conveyor.supervise import Child, run_group
+from conveyor.supervise import Child, Gate, run_group
 from conveyor.utils import die_with_parent
 
 log = get_logger("conveyor.worker")
@@ -34,7 +35,7 @@ def main(args: argparse.Namespace | None = None) -> int:
     except EnvError as err:
         print(f"conveyor worker: {err}", file=sys.stderr)
         # No PodEnv to read progress from, but the operator still gets the one-line cause (exit 2: FailJob).
-        from conveyor.checkpoint import write_termination_message
+        from conveyor.commit_protocol import write_termination_message
 
         write_termination_message(
             os.environ.get("CONVEYOR_TERMINATION_LOG"), False, None, str(err), cause=str(err)
@@ -50,11 +51,6 @@ def main(args: argparse.Namespace | None = None) -> int:
             "mode": pod.mode,
         },
     )
-    refusal = preflight(pod)
-    if refusal:
-        log.error(refusal)
-        report_failure(pod, refusal, refusal)
-        return EXIT_REFUSED
     prefix_logs = os.environ.get("CONVEYOR_LOG_PREFIX") == "1"
     with tempfile.TemporaryDirectory(prefix="conveyor-worker-") as causes:
         children = [
@@ -68,7 +64,20 @@ def main(args: argparse.Namespace | None = None) -> int:
             )
             for local in range(pod.tensor_parallel)
         ]
-        outcome = run_group(children, grace_seconds=float(os.environ.get("CONVEYOR_GRACE_SECONDS", "10")))
+        # the ranks start at once and wait at the gate while the checks run (preflight_gate.py)
+        gate = Gate(lambda: check_preflight(pod), Path(causes) / "preflight-passed")
+        for child in children if needs_preflight(pod) else ():
+            child.env = {**child.env, GATE_ENV: str(gate.path)}
+        try:
+            outcome = run_group(
+                children,
+                grace_seconds=float(os.environ.get("CONVEYOR_GRACE_SECONDS", "10")),
+                gate=gate if needs_preflight(pod) else None,
+            )
+        except Refused as refusal:
+            log.error(str(refusal))
+            report_failure(pod, str(refusal), str(refusal))
+            return EXIT_REFUSED
         failed = next((c for c in children if c.name == outcome.failed), None)
         cause = read_cause(failed.env[CAUSE_ENV]) if failed is not None else None
         hung = [
@@ -95,20 +104,24 @@ def main(args: argparse.Namespace | None = None) -> int:
     return outcome.code
 
 
-def preflight(pod: PodEnv) -> str | None:
-    """A batch inference job's checks before any rank starts (all pods: the model and layout; stage 0,
-    which reads and writes them: the input and output too). ``conveyor run`` has made them already
-    when it sets CONVEYOR_PREFLIGHT_DONE. Returns the refusal, one line, or None."""
-    if pod.mode != Mode.INFERENCE or os.environ.get("CONVEYOR_PREFLIGHT_DONE") == "1":
-        return None
-    from conveyor.inference.validate import InputError
-    from conveyor.inference.validate import preflight as check
+class Refused(Exception):
+    """The pre-flight checks' one-line refusal."""
+
+
+def needs_preflight(pod: PodEnv) -> bool:
+    """``conveyor run`` has made the checks already when it sets CONVEYOR_PREFLIGHT_DONE."""
+    return pod.mode == Mode.INFERENCE and os.environ.get("CONVEYOR_PREFLIGHT_DONE") != "1"
+
+
+def check_preflight(pod: PodEnv) -> None:
+    """A batch inference job's checks before any rank reads the model or the input (all pods: the model
+    and layout; stage 0, which reads and writes them: the input and output too)."""
+    from conveyor.inference.validate import InputError, preflight
 
     try:
-        check(pod.spec, input_and_output=pod.stage == 0)
+        preflight(pod.spec, input_and_output=pod.stage == 0)
     except InputError as err:
-        return str(err)
-    return None
+        raise Refused(str(err)) from None
 
 
 def committed_progress(pod: PodEnv) -> dict[str, Any] | None:

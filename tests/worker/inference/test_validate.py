@@ -204,7 +204,10 @@ def test_conveyor_run_refuses_with_exit_2_and_no_traceback(model: Path, tmp_path
     assert "Traceback" not in result.stdout + result.stderr
     refusals = [line for line in result.stderr.splitlines() if "refused" in line]
     assert len(refusals) == 1 and message in refusals[0], result.stderr
-    assert "worker starting" not in result.stdout + result.stderr  # no process was started
+    # the ranks started meanwhile (preflight_gate.py) but went no further than the gate: they read
+    # neither the model's config nor the input, and wrote nothing
+    assert "inference starting" not in result.stdout + result.stderr
+    assert not list(tmp_path.rglob("out.jsonl*"))
 
 
 @pytest.mark.integration
@@ -219,7 +222,7 @@ def test_conveyor_run_refuses_yaml_that_is_not_utf8(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_conveyor_worker_refuses_before_starting_ranks(model: Path, tmp_path: Path) -> None:
+def test_conveyor_worker_refuses_before_its_ranks_read_anything(model: Path, tmp_path: Path) -> None:
     write_lines(tmp_path, [{"id": 1, "input_ids": [3, -1]}])
     spec: PipelineJobSpec = parse_spec(spec_dict(tmp_path, model))
     env = pod_environ(job="v", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=1)
@@ -232,6 +235,8 @@ def test_conveyor_worker_refuses_before_starting_ranks(model: Path, tmp_path: Pa
         timeout=120,
     )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr and "rank starting" not in result.stderr
+    assert "Traceback" not in result.stderr
+    # its rank started meanwhile and was stopped at the gate, having read and written nothing
+    assert "inference starting" not in result.stderr and not list(tmp_path.rglob("out.jsonl*"))
     message = json.loads(term.read_text())
     assert message["completed"] is False and '"input_ids"[1] is -1' in message["cause"]

@@ -40,6 +40,7 @@ from conveyor.inference.run_progress import RunProgress
 from conveyor.inference.sampling import SamplingParams
 from conveyor.inference.validate import InputError, check_fits, read_rows, tokens
 from conveyor.log import get_logger
+from conveyor.preflight_gate import wait_at_gate
 from conveyor.topology import Layout, Topology
 from conveyor.watchdog import PROGRESS
 
@@ -111,6 +112,8 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
 
     info = init_distributed(device=spec.device)
     lap("rendezvous")
+    wait_at_gate()  # nothing of the model or the input is read before the pre-flight checks pass
+    lap("preflight")
     topo = Topology(Layout(1, pod.stages, pod.tensor_parallel))
     job, inf = pod.job, spec.inference
     is_writer = topo.stage == 0 and topo.tp_rank == 0
