@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai  # a declared test dependency: missing, it fails rather than skips
 import pytest
 import torch
 from conveyor.testing.tiny import save_tiny
@@ -24,7 +25,6 @@ from conveyor.utils import free_port
 from tests.conftest import conveyor_cmd, subprocess_env
 
 pytestmark = pytest.mark.integration
-openai = pytest.importorskip("openai")
 
 JOB = "tiny-serve"
 CHAT_TEMPLATE = (
