@@ -57,7 +57,8 @@ def test_not_ready_answers_503(tokenizer) -> None:
         ({**BODY, "prompt": [1, 99999]}, 400, "prompt"),
         ({**BODY, "max_tokens": 0}, 400, "max_tokens"),
         ({**BODY, "max_tokens": 1000}, 400, "max_tokens"),
-        ({**BODY, "temperature": 0.7}, 400, "temperature"),
+        ({**BODY, "temperature": 3}, 400, "temperature"),
+        ({**BODY, "top_p": 0}, 400, "top_p"),
         ({**BODY, "n": 2}, 400, "n"),
     ],
 )

@@ -186,6 +186,30 @@ def test_concurrent_requests_each_get_their_own_greedy_text(client: Any, hf: tup
     assert got == [want[p] for p in jobs]
 
 
+def test_a_seeded_request_repeats_its_text_among_greedy_ones(client: Any, hf: tuple[Any, Any]) -> None:
+    # each request samples with its own parameters on the last stage; the client's seed keys the draws
+    tok = hf[0]
+
+    def ask(prompt: str, **sampling: Any) -> str:
+        return client.completions.create(model=JOB, prompt=prompt, max_tokens=12, **sampling).choices[0].text
+
+    seeded = {"temperature": 1.5, "top_p": 0.95, "seed": 5}
+    jobs = [
+        (PROMPTS[0], seeded),
+        (PROMPTS[1], {}),
+        (PROMPTS[0], seeded),
+        (PROMPTS[2], {}),
+        (PROMPTS[0], {**seeded, "seed": 6}),
+    ]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda job: ask(job[0], **job[1]), jobs))
+    assert got[0] == got[2] == ask(PROMPTS[0], **seeded)  # alone or among others, the same text
+    assert got[0] != got[4]  # another seed, other draws
+    assert got[0] != hf_greedy(hf, tok(PROMPTS[0])["input_ids"], 12)  # it did sample
+    assert got[1] == hf_greedy(hf, tok(PROMPTS[1])["input_ids"], 12)  # the greedy ones stay greedy
+    assert got[3] == hf_greedy(hf, tok(PROMPTS[2])["input_ids"], 12)
+
+
 def metric(server: str, name: str) -> float:
     for line in httpx.get(f"{server}/metrics").text.splitlines():
         if line.startswith(name + "{"):
@@ -232,7 +256,8 @@ def test_a_client_that_goes_away_frees_its_lane(server: str, client: Any, hf: tu
         ("completions", {"model": JOB}, 400, "prompt"),
         ("completions", {"model": JOB, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
         ("completions", {"model": JOB, "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
-        ("completions", {"model": JOB, "prompt": "hi", "temperature": 1.0}, 400, "temperature"),
+        ("completions", {"model": JOB, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ("completions", {"model": JOB, "prompt": "hi", "seed": -3}, 400, "seed"),
         ("chat/completions", {"model": JOB}, 400, "messages"),
         ("chat/completions", {"model": JOB, "messages": []}, 400, "messages"),
         (

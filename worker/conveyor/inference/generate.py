@@ -70,10 +70,14 @@ class Request:
     prompt_ids: list[int]
     max_new_tokens: int
     stop: tuple[str, ...] = ()  # stop strings of this request, besides the sampling parameters' own
+    sampling: SamplingParams | None = None  # this request's own temperature, top_k, top_p, seed
+    # what its random draws are keyed by (default: its id): a client's seed, so that the same seed and
+    # prompt give the same text whatever else is in flight
+    sampling_key: Any = None
 
     @property
     def key(self) -> int:
-        return sequence_key(self.id)
+        return sequence_key(self.id if self.sampling_key is None else self.sampling_key)
 
 
 @dataclass
@@ -348,7 +352,18 @@ class Scheduler:
             self.lanes[i].prefilled = len(self.lanes[i].request.prompt_ids)  # type: ignore[union-attr]
         keys = [req.key for _, req in joining]
         self._submit(
-            self.worker.pack(PREFILL, lanes[0], positions, keys, [0] * len(joining), tokens, lanes=lanes)
+            self.worker.pack(
+                PREFILL,
+                lanes[0],
+                positions,
+                keys,
+                [0] * len(joining),
+                tokens,
+                lanes=lanes,
+                sampling=[req.sampling for _, req in joining]
+                if any(r.sampling for _, r in joining)
+                else None,
+            )
         )
         return _Item(PREFILL, lanes[0], joining)
 
@@ -372,7 +387,12 @@ class Scheduler:
         tokens[0, : c1 - c0] = torch.tensor(req.prompt_ids[c0:c1])
         kv_len = self._kv_len(c1)
         step = 0 if final else -1  # -1: the last stage keeps no token for it
-        self._submit(self.worker.pack(kind, index, positions, [req.key], [step], tokens, kv_len, [index]))
+        sampling: list[SamplingParams | None] | None = (
+            [req.sampling] if kind == PREFILL and req.sampling else None
+        )
+        self._submit(
+            self.worker.pack(kind, index, positions, [req.key], [step], tokens, kv_len, [index], sampling)
+        )
         lane.prefilled = c1
         return _Item(kind, index, [(index, req)], final=final)
 

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from conveyor.inference.generate import RequestQueue, Result
+from conveyor.inference.sampling import SamplingParams
 
 
 class ApiError(Exception):
@@ -49,21 +50,26 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM's and HF's, which clients send too
+    seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1)
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def check_sampling(self) -> None:
-        """This version decodes greedily: say so rather than silently ignore a sampling request."""
-        if self.temperature not in (None, 0.0):
-            raise ApiError(
-                400, "only greedy decoding (temperature 0) is served by this version", "temperature"
-            )
-        if self.top_p not in (None, 1.0):
-            raise ApiError(400, "only greedy decoding (top_p 1) is served by this version", "top_p")
+    def sampling(self) -> SamplingParams | None:
+        """This request's own parameters, or None (none given: the job's). A field given alone takes
+        OpenAI's defaults for the others (temperature 1, top_p 1); temperature 0 is greedy."""
         if self.n != 1:
             raise ApiError(400, "only one choice per request (n = 1) is served by this version", "n")
+        if (self.temperature, self.top_p, self.top_k, self.seed) == (None, None, None, None):
+            return None
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=self.top_k or 0,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed or 0,
+        )
 
 
 class CompletionBody(_Body):
@@ -118,7 +124,14 @@ class Engine(Protocol):
     timeout: float  # seconds a request may take
 
     def ready(self) -> bool: ...
-    def submit(self, prompt_ids: list[int], max_tokens: int, stop: tuple[str, ...]) -> Stream: ...
+    def submit(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        stop: tuple[str, ...],
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,  # the client's: keys the draws, so the same seed repeats a text
+    ) -> Stream: ...
     def cancel(self, stream: Stream) -> None: ...
     def metrics(self) -> tuple[bytes, str]: ...  # body, content type
     def count(self, status: int) -> None: ...
@@ -184,7 +197,7 @@ def build_app(engine: Engine) -> Starlette:
                 f"model {body.model!r} is not served here; this endpoint serves {engine.model_name!r}",
                 "model",
             )
-        body.check_sampling()
+        body.sampling()  # refuses what cannot be served before the prompt is tokenized
         where = "messages" if chat else "prompt"
         if chat:
             if getattr(engine.tokenizer, "chat_template", None) is None:
@@ -225,7 +238,7 @@ def build_app(engine: Engine) -> Starlette:
         try:
             body, ids, limit = await prepare(http, chat)
             try:
-                stream = engine.submit(ids, limit, body.stops())
+                stream = engine.submit(ids, limit, body.stops(), body.sampling(), body.seed)
             except RequestQueue.QueueFull:
                 raise ApiError(
                     429, "too many requests waiting; retry later", kind="rate_limit_error"

@@ -94,12 +94,20 @@ class ServeEngine:
     def set_ready(self, ready: bool = True) -> None:
         self._ready.set() if ready else self._ready.clear()
 
-    def submit(self, prompt_ids: list[int], max_tokens: int, stop: tuple[str, ...]) -> _Stream:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        stop: tuple[str, ...],
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+    ) -> _Stream:
         stream = _Stream(uuid.uuid4().hex, prompt_ids, asyncio.get_running_loop())
         with self._lock:
             self._streams[stream.request_id] = stream
+        key = None if seed is None else ("seed", seed)  # no seed: the request's id, drawn afresh
         try:
-            self.queue.put(Request(stream.request_id, prompt_ids, max_tokens, stop))
+            self.queue.put(Request(stream.request_id, prompt_ids, max_tokens, stop, sampling, key))
         except RequestQueue.QueueFull:
             with self._lock:
                 del self._streams[stream.request_id]

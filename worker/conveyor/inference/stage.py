@@ -8,7 +8,7 @@ micro-batch), idle (stage 0 is alive with nothing to do: passed on, so no receiv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -71,6 +71,7 @@ class StageWorker:
         self.compiled = CompiledStage.of(model)  # as the rank builder warmed it up (eager if it did not)
         self.scratch = model.cache.scratch_position
         self.seen: torch.Tensor | None = None
+        self.lane_sampling: dict[int, SamplingParams] = {}  # lanes whose request has its own
         if peers.is_last and params.repetition_penalty != 1.0:
             self.seen = torch.zeros(
                 model.cache.lanes_total, model.arch.vocab_size, dtype=torch.bool, device=device
@@ -86,20 +87,25 @@ class StageWorker:
         tokens: torch.Tensor | None = None,
         kv_len: int = 0,
         lanes: list[int] | None = None,
+        sampling: list[SamplingParams | None] | None = None,
     ) -> torch.Tensor:
-        """meta [5 + n*S + 3n (+ n*S)]: kind, lane_start, n, S, kv_len, positions, keys, steps, lanes
-        (, tokens).
+        """meta [5 + n*S + 3n (+ n*S (+ 5n))]: kind, lane_start, n, S, kv_len, positions, keys, steps,
+        lanes (, tokens (, sampling)).
 
         A decode item's lanes are [lane_start, lane_start + n); a prefill item's are listed in ``lanes``
         (the free lanes of a micro-batch need not be contiguous). Prefill items carry their prompt
-        tokens (the last stage needs them for the repetition penalty); decode items do not: stage 0
-        feeds each lane the token sampled last, which stays on the device."""
+        tokens (the last stage needs them for the repetition penalty), and may carry each request's own
+        sampling parameters, which the last stage keeps for the lane until its next prefill (None: the
+        job's); decode items do neither: stage 0 feeds each lane the token sampled last, which stays on
+        the device."""
         n, s = positions.shape
         lanes = lanes if lanes is not None else list(range(lane_start, lane_start + n))
         head = torch.tensor([kind, lane_start, n, s, kv_len, *keys, *steps, *lanes], dtype=torch.int64)
         parts = [head[:HEADER], positions.flatten().cpu(), head[HEADER:]]
         if tokens is not None:
             parts.append(tokens.flatten().cpu())
+            if sampling is not None:
+                parts.append(_pack_sampling(sampling))
         return torch.cat(parts)
 
     @staticmethod
@@ -116,8 +122,14 @@ class StageWorker:
         rest = meta[HEADER:]
         positions = rest[: n * s].view(n, s)
         keys, steps, lanes = (rest[n * s + i * n : n * s + (i + 1) * n] for i in range(3))
-        tokens = rest[n * s + 3 * n :]
+        tokens = rest[n * s + 3 * n : 2 * n * s + 3 * n]
         return positions, keys, steps, lanes, (tokens.view(n, s) if tokens.numel() else None)
+
+    @staticmethod
+    def sampling_fields(meta: torch.Tensor, n: int, s: int) -> list[SamplingParams | None] | None:
+        """A prefill item's per-request sampling parameters (``meta`` on the host), or None."""
+        tail = meta[HEADER + 2 * n * s + 3 * n :]
+        return _unpack_sampling(tail, n) if tail.numel() else None
 
     def to_device(self, meta: torch.Tensor) -> torch.Tensor:
         """One host-to-device copy of an item's metadata; pinned, so the host does not wait for the GPU."""
@@ -134,6 +146,8 @@ class StageWorker:
         Stage 0 passes the decode item's input ``tokens`` [n, 1] (on the device); a prefill item's come
         from the meta."""
         kind, lane_start, n, s, kv_len = self.header(meta)  # stage 0's meta is on the host: no wait
+        if self.peers.is_last and kind == PREFILL:
+            self.keep_sampling(meta, n, s)
         positions, keys, steps, lanes, prompt = self.fields(self.to_device(meta), n, s)
         if kind in (PREFILL, EXTEND):
             tokens = prompt
@@ -160,7 +174,7 @@ class StageWorker:
                 if kind == EXTEND:  # padding, as for a prefill, repeats the chunk's first token
                     assert prompt is not None
                     seen.scatter_(1, torch.where(positions != self.scratch, prompt, prompt[:, :1]), True)
-        new = sample(out, self.params, keys, steps, seen)
+        new = self.sample(out, kind, lane_start, lanes, keys, steps, seen)
         if self.peers.tensor_group is not None:
             # why: every tp rank sampled the same logits; rank 0's tokens make that exact, whatever
             # the reduction order did to the last bit, so the ranks' schedules can never diverge.
@@ -172,6 +186,53 @@ class StageWorker:
             if kind == PREFILL:
                 assert self.seen is not None
                 self.seen[lanes] = seen
+        return new
+
+    def keep_sampling(self, meta: torch.Tensor, n: int, s: int) -> None:
+        """A prefill names each lane's request's sampling parameters (none: the job's for every lane):
+        kept until the lane's next prefill."""
+        sampling = self.sampling_fields(meta.cpu(), n, s)
+        if sampling is None and not self.lane_sampling:
+            return  # the usual case: every request samples with the job's parameters
+        _, _, _, lanes, _ = self.fields(meta.cpu(), n, s)
+        for lane, params in zip(lanes.tolist(), sampling or [None] * n, strict=True):
+            if params is None:
+                self.lane_sampling.pop(lane, None)
+            else:  # the repetition penalty and stop tokens stay the job's
+                self.lane_sampling[lane] = replace(
+                    self.params,
+                    temperature=params.temperature,
+                    top_k=params.top_k,
+                    top_p=params.top_p,
+                    seed=params.seed,
+                )
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        kind: int,
+        lane_start: int,
+        lanes: torch.Tensor,
+        keys: torch.Tensor,
+        steps: torch.Tensor,
+        seen: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Each row with its request's parameters: one call for the job's (the usual case), one per
+        distinct set of a request's own."""
+        if not self.lane_sampling:
+            return sample(logits, self.params, keys, steps, seen)
+        rows = range(lane_start, lane_start + len(keys)) if kind == DECODE else lanes.tolist()
+        groups: dict[SamplingParams, list[int]] = {}
+        for row, lane in enumerate(rows):
+            groups.setdefault(self.lane_sampling.get(lane, self.params), []).append(row)
+        if len(groups) == 1:
+            return sample(logits, next(iter(groups)), keys, steps, seen)
+        new = torch.empty(len(keys), dtype=torch.int64, device=logits.device)
+        for params, members in groups.items():
+            index = torch.tensor(members, device=logits.device)
+            new[index] = sample(
+                logits[index], params, keys[index], steps[index], None if seen is None else seen[index]
+            )
         return new
 
     def follow(self) -> None:
@@ -196,3 +257,25 @@ class StageWorker:
                 assert p.next_rank is not None
                 self.channel.send_item(meta, out, p.next_rank)
         self.channel.flush()
+
+
+def _pack_sampling(sampling: list[SamplingParams | None]) -> torch.Tensor:
+    """[5n] int64: given (0/1), temperature, top_k, top_p, seed (the floats as their float64 bits)."""
+    rows = [
+        (0, 0.0, 0, 1.0, 0) if p is None else (1, p.temperature, p.top_k, p.top_p, p.seed) for p in sampling
+    ]
+    given, temperature, top_k, top_p, seed = (list(column) for column in zip(*rows, strict=True))
+    floats = torch.tensor([*temperature, *top_p], dtype=torch.float64).view(torch.int64)
+    return torch.cat([torch.tensor([*given, *top_k, *seed], dtype=torch.int64), floats])
+
+
+def _unpack_sampling(tail: torch.Tensor, n: int) -> list[SamplingParams | None]:
+    given, top_k, seed = (tail[i * n : (i + 1) * n].tolist() for i in range(3))
+    floats = tail[3 * n : 5 * n].contiguous().view(torch.float64).tolist()
+    temperature, top_p = floats[:n], floats[n:]
+    return [
+        SamplingParams(temperature=temperature[j], top_k=top_k[j], top_p=top_p[j], seed=seed[j])
+        if given[j]
+        else None
+        for j in range(n)
+    ]
