@@ -232,7 +232,12 @@ def main(args: argparse.Namespace) -> int:
             job = load_job(path)
             base = path.resolve().parent
         job = job.model_copy(update={"spec": resolve_paths(job.spec, base)})
-        return run_job(job, restart=args.restart, grace_seconds=args.grace_seconds)
+        code = run_job(job, restart=args.restart, grace_seconds=args.grace_seconds)
+        if args.job is None and code == 0:
+            from conveyor.examples import show_answers
+
+            show_answers(job)
+        return code
     except SpecError as err:
         where = args.job or "the built-in job"
         print(f"conveyor run: {where} is not a valid PipelineJob:\n{err}", file=sys.stderr)
