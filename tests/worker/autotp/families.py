@@ -168,12 +168,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
 }
 
 
-def build(family: str, seed: int = 0) -> tuple[torch.nn.Module, str]:
+def build(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module, str]:
     """A seeded random ``family`` model (float32, eval mode) and its kind: causal, seq2seq or encoder."""
     import transformers as T
 
     config_cls, model_cls, kwargs, kind = FAMILIES[family]
-    config = getattr(T, config_cls)(vocab_size=VOCAB, **kwargs)
+    config = getattr(T, config_cls)(vocab_size=VOCAB, **{**kwargs, **overrides})
     # larger than HF's default init: peaked logits, so greedy tokens do not hinge on rounding
     config.initializer_range = 0.2
     config.initializer_factor = 4.0  # T5's spelling

@@ -97,3 +97,22 @@ def test_tp1_leaves_the_model_whole() -> None:
         ref = model(input_ids=ids).logits
         engine = conveyor.init_inference(model, tensor_parallel={"tp_size": 1}, dtype=torch.float32)
         assert torch.equal(engine(input_ids=ids).logits, ref)
+
+
+def test_unplaceable_experts_refused() -> None:
+    # 2 x 32 (fused gate|up) == hidden 64: the 3D weights no longer show which is up and which down
+    model, _ = build("qwen2_moe", moe_intermediate_size=32)
+    with pytest.raises(AutoTPError) as err:
+        plan_model(model, 2)
+    message = str(err.value)
+    assert "Qwen2MoeForCausalLM" in message and "model.layers.0.mlp.experts" in message
+    assert "which is up and which down" in message
+
+
+def test_falcon_multi_query_refused() -> None:
+    # the old Falcon architecture with one shared key/value head: nothing to split it by
+    model, _ = build("falcon", new_decoder_architecture=False, multi_query=True, num_kv_heads=None)
+    with pytest.raises(
+        AutoTPError, match=r"self_attention.num_kv_heads = 1 is not divisible by 2.*sizes .* \[1\]"
+    ):
+        plan_model(model, 2)
