@@ -182,6 +182,17 @@ def build(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module
     return model, kind
 
 
+def tokenizer() -> Any:
+    """A word-level tokenizer over the tiny vocabulary ("w3 w17 ..."), for ``transformers.pipeline``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
 def prompt(seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (2, 7), generator=g)  # [batch, seq]

@@ -14,8 +14,9 @@ from typing import Any
 
 import conveyor
 import torch
+import transformers
 
-from tests.worker.autotp.families import build, prompt
+from tests.worker.autotp.families import build, prompt, tokenizer
 
 
 def _outputs(model: Any, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -40,9 +41,17 @@ def _outputs(model: Any, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return logits, tokens
 
 
+def _pipeline_text(model: Any) -> str:
+    """Greedy text through ``transformers.pipeline`` on the model object (the DeepSpeed usage)."""
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer(), device="cpu")
+    out = pipe("w5 w17 w42 w8", max_new_tokens=5, do_sample=False, pad_token_id=0)
+    return str(out[0]["generated_text"])
+
+
 def check(family: str, tp: int) -> dict[str, Any]:
     model, kind = build(family)
     ref_logits, ref_tokens = _outputs(model, kind)
+    ref_text = _pipeline_text(model) if kind == "causal" else None
     try:
         engine = conveyor.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=torch.float32)
     except conveyor.autotp.AutoTPError as err:
@@ -54,6 +63,7 @@ def check(family: str, tp: int) -> dict[str, Any]:
         "max_abs_diff": float((logits - ref_logits).abs().max()),
         "ref_max_abs": float(ref_logits.abs().max()),
         "tokens_equal": None if tokens is None else bool(torch.equal(tokens, ref_tokens)),
+        "pipeline_text": None if ref_text is None else [ref_text, _pipeline_text(engine.module)],
         "plan": engine.plan.describe(),
     }
 

@@ -1,6 +1,7 @@
 """``conveyor.init_inference`` against the single-process model, on CPU processes with gloo: every family
 of ``families.py`` split over TP 2 (and TP 4) gives the same logits (head outputs for encoders) within
-tolerance and, for causal and encoder-decoder families, token-identical greedy generation."""
+tolerance and, for causal and encoder-decoder families, token-identical greedy generation (causal families
+also through ``transformers.pipeline`` on ``engine.module``)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def _check(row: dict[str, Any]) -> None:
         assert row["tokens_equal"], f"greedy tokens differ from the single-process model: {row}"
     else:
         assert row["tokens_equal"] is None
+    if row["kind"] == "causal":
+        ref, split = row["pipeline_text"]
+        assert split == ref and len(ref) > len("w5 w17 w42 w8"), f"transformers.pipeline text differs: {row}"
 
 
 @pytest.mark.integration
