@@ -52,6 +52,7 @@ def check(family: str, tp: int) -> dict[str, Any]:
     model, kind = build(family)
     ref_logits, ref_tokens = _outputs(model, kind)
     ref_text = _pipeline_text(model) if kind == "causal" else None
+    full = sum(p.numel() for p in model.parameters())
     try:
         engine = conveyor.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=torch.float32)
     except conveyor.autotp.AutoTPError as err:
@@ -62,6 +63,7 @@ def check(family: str, tp: int) -> dict[str, Any]:
         "kind": kind,
         "max_abs_diff": float((logits - ref_logits).abs().max()),
         "ref_max_abs": float(ref_logits.abs().max()),
+        "param_fraction": sum(p.numel() for p in engine.module.parameters()) / full,  # this rank's share
         "tokens_equal": None if tokens is None else bool(torch.equal(tokens, ref_tokens)),
         "pipeline_text": None if ref_text is None else [ref_text, _pipeline_text(engine.module)],
         "plan": engine.plan.describe(),

@@ -116,3 +116,10 @@ def test_falcon_multi_query_refused() -> None:
         AutoTPError, match=r"self_attention.num_kv_heads = 1 is not divisible by 2.*sizes .* \[1\]"
     ):
         plan_model(model, 2)
+
+
+def test_max_out_tokens_checked() -> None:
+    model, _ = build("gpt2")
+    engine = conveyor.init_inference(model, tensor_parallel={"tp_size": 1}, max_out_tokens=10)
+    with pytest.raises(ValueError, match="exceeds max_out_tokens"):
+        engine.generate(prompt(), max_new_tokens=4)  # 7 prompt tokens + 4
