@@ -100,6 +100,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         "causal",
     ),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", _GPT2ISH, "causal"),
+    # a vocabulary no TP size divides: embeddings and LM head stay replicated (tied and untied)
+    "gpt2_odd_vocab": ("GPT2Config", "GPT2LMHeadModel", {**_GPT2ISH, "vocab_size": VOCAB + 1}, "causal"),
+    "llama_odd_vocab": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {**_D, "num_key_value_heads": 4, "vocab_size": VOCAB + 1},
+        "causal",
+    ),
     "t5": (
         "T5Config",
         "T5ForConditionalGeneration",
@@ -173,7 +181,7 @@ def build(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module
     import transformers as T
 
     config_cls, model_cls, kwargs, kind = FAMILIES[family]
-    config = getattr(T, config_cls)(vocab_size=VOCAB, **{**kwargs, **overrides})
+    config = getattr(T, config_cls)(**{"vocab_size": VOCAB, **kwargs, **overrides})
     # larger than HF's default init: peaked logits, so greedy tokens do not hinge on rounding
     config.initializer_range = 0.2
     config.initializer_factor = 4.0  # T5's spelling

@@ -123,3 +123,9 @@ def test_max_out_tokens_checked() -> None:
     engine = conveyor.init_inference(model, tensor_parallel={"tp_size": 1}, max_out_tokens=10)
     with pytest.raises(ValueError, match="exceeds max_out_tokens"):
         engine.generate(prompt(), max_new_tokens=4)  # 7 prompt tokens + 4
+
+
+def test_vocabulary_no_tp_divides_stays_replicated() -> None:
+    model, _ = build("gpt2_odd_vocab")  # 97 tokens
+    plan = plan_model(model, 2)
+    assert plan.vocab is not None and plan.vocab.tied and not plan.vocab.parallel
