@@ -24,6 +24,8 @@ _LAZY = {
     "DataParallelEngine": "conveyor.pipe.data_parallel_engine",
     "pipe": "conveyor.pipe",
     "utils": "conveyor.utils",
+    "init_inference": "conveyor.autotp",
+    "autotp": "conveyor.autotp",
 }
 
 

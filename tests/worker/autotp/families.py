@@ -1,0 +1,206 @@
+"""Tiny random HF models of every family ``init_inference`` covers, built from their configs (no
+download). Sizes are chosen so TP 2 and TP 4 divide the heads unless a family's row says otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+VOCAB = 96  # divisible by 2 and 4: the embeddings and LM heads go vocabulary-parallel
+_D = {"hidden_size": 64, "num_attention_heads": 8, "intermediate_size": 128, "num_hidden_layers": 2}
+_BART = {
+    "d_model": 64,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 8,
+    "decoder_attention_heads": 8,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+    "max_position_embeddings": 64,
+    "pad_token_id": 1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 2,
+}
+_GPT2ISH = {"n_embd": 64, "n_head": 8, "n_layer": 2, "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}
+
+# family -> (transformers config class, head class, config kwargs, kind)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {**_D, "num_key_value_heads": 4}, "causal"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**_D, "num_key_value_heads": 4}, "causal"),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {**_D, "num_key_value_heads": 4, "num_local_experts": 4, "num_experts_per_tok": 2},
+        "causal",
+    ),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {**_D, "num_key_value_heads": 4}, "causal"),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            **_D,
+            "num_key_value_heads": 4,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 48,  # 2 x 48 != hidden: gate|up and down tell apart
+            "shared_expert_intermediate_size": 64,
+        },
+        "causal",
+    ),
+    "phi": ("PhiConfig", "PhiForCausalLM", {**_D, "partial_rotary_factor": 0.5}, "causal"),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {
+            "hidden_size": 64,
+            "num_attention_heads": 8,
+            "num_kv_heads": 4,
+            "num_hidden_layers": 2,
+            "new_decoder_architecture": True,
+        },
+        "causal",
+    ),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", {**_GPT2ISH, "rotary_dim": 4}, "causal"),
+    "gpt_neo": (
+        "GPTNeoConfig",
+        "GPTNeoForCausalLM",
+        {
+            "hidden_size": 64,
+            "num_heads": 8,
+            "num_layers": 2,
+            "attention_types": [[["global", "local"], 1]],
+            "max_position_embeddings": 64,
+            "window_size": 16,
+        },
+        "causal",
+    ),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**_D, "rotary_pct": 0.5}, "causal"),
+    # CodeGen's forward splits qkv into 4 groups: heads must divide by 4 x TP
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", {**_GPT2ISH, "n_head": 16, "rotary_dim": 4}, "causal"),
+    "bloom": ("BloomConfig", "BloomForCausalLM", {"hidden_size": 64, "n_head": 8, "n_layer": 2}, "causal"),
+    "mpt": (
+        "MptConfig",
+        "MptForCausalLM",
+        {"d_model": 64, "n_heads": 8, "n_layers": 2, "expansion_ratio": 2, "max_seq_len": 64},
+        "causal",
+    ),
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        {
+            "hidden_size": 64,
+            "num_attention_heads": 8,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "word_embed_proj_dim": 64,
+            "max_position_embeddings": 64,
+        },
+        "causal",
+    ),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", _GPT2ISH, "causal"),
+    # a vocabulary no TP size divides: embeddings and LM head stay replicated (tied and untied)
+    "gpt2_odd_vocab": ("GPT2Config", "GPT2LMHeadModel", {**_GPT2ISH, "vocab_size": VOCAB + 1}, "causal"),
+    "llama_odd_vocab": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {**_D, "num_key_value_heads": 4, "vocab_size": VOCAB + 1},
+        "causal",
+    ),
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        {
+            "d_model": 64,
+            "d_kv": 8,
+            "d_ff": 128,
+            "num_layers": 2,
+            "num_heads": 8,
+            "relative_attention_num_buckets": 8,
+            "decoder_start_token_id": 0,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+        },
+        "seq2seq",
+    ),
+    "bart": ("BartConfig", "BartForConditionalGeneration", _BART, "seq2seq"),
+    "m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration", _BART, "seq2seq"),
+    "marian": ("MarianConfig", "MarianMTModel", {**_BART, "decoder_start_token_id": 1}, "seq2seq"),
+    "pegasus": (
+        "PegasusConfig",
+        "PegasusForConditionalGeneration",
+        {**_BART, "decoder_start_token_id": 1},
+        "seq2seq",
+    ),
+    "bert": ("BertConfig", "BertForMaskedLM", {**_D, "max_position_embeddings": 64}, "encoder"),
+    "bert_cls": (
+        "BertConfig",
+        "BertForSequenceClassification",
+        {**_D, "max_position_embeddings": 64, "num_labels": 3},
+        "encoder",
+    ),
+    "roberta": ("RobertaConfig", "RobertaForMaskedLM", {**_D, "max_position_embeddings": 72}, "encoder"),
+    "xlm_roberta": (
+        "XLMRobertaConfig",
+        "XLMRobertaForMaskedLM",
+        {**_D, "max_position_embeddings": 72},
+        "encoder",
+    ),
+    "electra": (
+        "ElectraConfig",
+        "ElectraForMaskedLM",
+        {**_D, "embedding_size": 32, "max_position_embeddings": 64},
+        "encoder",
+    ),
+    "albert": (
+        "AlbertConfig",
+        "AlbertForMaskedLM",
+        {**_D, "embedding_size": 32, "max_position_embeddings": 64},
+        "encoder",
+    ),
+    "deberta_v2": (
+        "DebertaV2Config",
+        "DebertaV2ForMaskedLM",
+        {
+            **_D,
+            "max_position_embeddings": 64,
+            "relative_attention": True,
+            "pos_att_type": ["p2c", "c2p"],
+            "position_buckets": 16,
+            "share_att_key": True,
+            "norm_rel_ebd": "layer_norm",
+        },
+        "encoder",
+    ),
+}
+
+
+def build(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module, str]:
+    """A seeded random ``family`` model (float32, eval mode) and its kind: causal, seq2seq or encoder."""
+    import transformers as T
+
+    config_cls, model_cls, kwargs, kind = FAMILIES[family]
+    config = getattr(T, config_cls)(**{"vocab_size": VOCAB, **kwargs, **overrides})
+    # larger than HF's default init: peaked logits, so greedy tokens do not hinge on rounding
+    config.initializer_range = 0.2
+    config.initializer_factor = 4.0  # T5's spelling
+    torch.manual_seed(seed)
+    model = getattr(T, model_cls)(config).eval()
+    return model, kind
+
+
+def tokenizer() -> Any:
+    """A word-level tokenizer over the tiny vocabulary ("w3 w17 ..."), for ``transformers.pipeline``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def prompt(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (2, 7), generator=g)  # [batch, seq]

@@ -1,0 +1,89 @@
+"""One rank of the AutoTP comparison: for each family, build the tiny model, take the single-process
+reference (logits / head outputs and greedy tokens) on the full copy, split it with
+``conveyor.init_inference`` and compare. Rank 0 writes one JSON line per family to OUT.
+
+    python -m tests.worker.autotp.rank_main OUT TP FAMILY [FAMILY ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any
+
+import conveyor
+import torch
+import transformers
+
+from tests.worker.autotp.families import build, prompt, tokenizer
+
+
+def _outputs(model: Any, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ids = prompt()
+    with torch.no_grad():
+        if kind == "seq2seq":
+            dec = ids[:, :3]
+            logits = model(input_ids=ids, decoder_input_ids=dec).logits
+            tokens = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, num_beams=1)
+        elif kind == "causal":
+            logits = model(input_ids=ids).logits
+            tokens = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=6,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=0,
+            )
+        else:
+            logits, tokens = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, None
+    return logits, tokens
+
+
+def _pipeline_text(model: Any) -> str:
+    """Greedy text through ``transformers.pipeline`` on the model object (the DeepSpeed usage)."""
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer(), device="cpu")
+    out = pipe("w5 w17 w42 w8", max_new_tokens=5, do_sample=False, pad_token_id=0)
+    return str(out[0]["generated_text"])
+
+
+def check(family: str, tp: int) -> dict[str, Any]:
+    model, kind = build(family)
+    ref_logits, ref_tokens = _outputs(model, kind)
+    ref_text = _pipeline_text(model) if kind == "causal" else None
+    full = sum(p.numel() for p in model.parameters())
+    try:
+        engine = conveyor.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=torch.float32)
+    except conveyor.autotp.AutoTPError as err:
+        return {"family": family, "refused": str(err)}
+    logits, tokens = _outputs(engine.module, kind)
+    return {
+        "family": family,
+        "kind": kind,
+        "max_abs_diff": float((logits - ref_logits).abs().max()),
+        "ref_max_abs": float(ref_logits.abs().max()),
+        "param_fraction": sum(p.numel() for p in engine.module.parameters()) / full,  # this rank's share
+        "tokens_equal": None if tokens is None else bool(torch.equal(tokens, ref_tokens)),
+        "pipeline_text": None if ref_text is None else [ref_text, _pipeline_text(engine.module)],
+        "plan": engine.plan.describe(),
+    }
+
+
+def main() -> None:
+    out, tp, families = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    torch.set_num_threads(1)
+    info = conveyor.init_distributed(backend="gloo", device="cpu")
+    rows = []
+    for family in families:
+        try:
+            rows.append(check(family, tp))
+        except Exception:  # one family's crash must not hide the others' results
+            rows.append({"family": family, "error": traceback.format_exc()[-1500:]})
+    if info.rank == 0:
+        with open(out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+    main()

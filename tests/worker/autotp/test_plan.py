@@ -1,0 +1,131 @@
+"""Detection and refusal in one process: which linears the traced dataflow makes column- or row-parallel,
+and a TP size that does not divide the heads refused (naming the family, the shape and the size) before
+any weight moves."""
+
+from __future__ import annotations
+
+import conveyor
+import pytest
+import torch
+from conveyor.autotp import AutoTPError, plan_model
+from torch import nn
+
+from tests.worker.autotp.families import build, prompt
+
+
+def _roles(family: str, tp: int = 2) -> dict[str, str]:
+    model, _ = build(family)
+    return {n: lp.role for n, lp in plan_model(model, tp).linears.items()}
+
+
+def test_llama_gqa_roles() -> None:
+    roles = _roles("llama")
+    layer = "model.layers.0"
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        assert roles[f"{layer}.{name}"] == "column", name
+    for name in ("self_attn.o_proj", "mlp.down_proj"):
+        assert roles[f"{layer}.{name}"] == "row", name
+    assert "lm_head" not in roles  # planned with the embeddings (vocabulary-parallel)
+
+
+def test_gpt2_conv1d_fused_qkv() -> None:
+    model, _ = build("gpt2")
+    plan = plan_model(model, 2)
+    attn = plan.linears["transformer.h.0.attn.c_attn"]
+    assert attn.role == "column"
+    assert attn.split is not None and attn.split.blocks == (64, 64, 64)  # q | k | v, each split by heads
+    assert plan.linears["transformer.h.0.attn.c_proj"].role == "row"
+    assert plan.linears["transformer.h.0.mlp.c_fc"].role == "column"
+    assert plan.linears["transformer.h.0.mlp.c_proj"].role == "row"
+    assert plan.vocab is not None and plan.vocab.tied and plan.vocab.parallel
+
+
+def test_t5_relative_bias_split_by_heads() -> None:
+    model, _ = build("t5")
+    plan = plan_model(model, 2)
+    embs = [e for h in plan.heads for e in h.head_embeddings]
+    assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias" in embs
+    assert plan.linears["decoder.block.0.layer.1.EncDecAttention.o"].role == "row"  # cross-attention
+
+
+def test_moe_experts_planned() -> None:
+    model, _ = build("mixtral")
+    plan = plan_model(model, 2)
+    assert [e.name for e in plan.experts] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    router = plan.linears.get("model.layers.0.mlp.gate")  # a top-k router module, or a plain Linear
+    assert router is None or router.role == "replicated"  # it reads the full stream and stays whole
+
+
+def test_refused_before_any_weight_moves() -> None:
+    model, _ = build("llama")  # 8 query heads, 4 key/value heads
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AutoTPError) as err:
+        conveyor.init_inference(model, tensor_parallel={"tp_size": 3})
+    message = str(err.value)
+    assert "LlamaForCausalLM" in message and "'llama'" in message
+    assert "tensor-parallel size 3" in message
+    assert "num_attention_heads = 8" in message and "num_key_value_heads = 4" in message
+    assert "Tensor-parallel sizes that divide this model: [1, 2, 4]" in message
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tp_size_8_refused_for_4_kv_heads() -> None:
+    model, _ = build("llama")
+    with pytest.raises(AutoTPError, match="num_key_value_heads = 4 is not divisible by 8"):
+        plan_model(model, 8)
+
+
+def test_not_an_hf_model_refused() -> None:
+    with pytest.raises(AutoTPError, match="PreTrainedModel"):
+        conveyor.init_inference(nn.Linear(4, 4), tensor_parallel={"tp_size": 2})
+
+
+def test_unsupported_options_refused() -> None:
+    model, _ = build("gpt2")
+    with pytest.raises(AutoTPError, match="replace_with_kernel_inject"):
+        conveyor.init_inference(model, tensor_parallel={"tp_size": 1}, replace_with_kernel_inject=True)
+    with pytest.raises(AutoTPError, match="unknown keys"):
+        conveyor.init_inference(model, tensor_parallel={"tp_sise": 2})
+
+
+def test_tp1_leaves_the_model_whole() -> None:
+    model, _ = build("gpt2")
+    ids = prompt()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        engine = conveyor.init_inference(model, tensor_parallel={"tp_size": 1}, dtype=torch.float32)
+        assert torch.equal(engine(input_ids=ids).logits, ref)
+
+
+def test_unplaceable_experts_refused() -> None:
+    # 2 x 32 (fused gate|up) == hidden 64: the 3D weights no longer show which is up and which down
+    model, _ = build("qwen2_moe", moe_intermediate_size=32)
+    with pytest.raises(AutoTPError) as err:
+        plan_model(model, 2)
+    message = str(err.value)
+    assert "Qwen2MoeForCausalLM" in message and "model.layers.0.mlp.experts" in message
+    assert "which is up and which down" in message
+
+
+def test_falcon_multi_query_refused() -> None:
+    # the old Falcon architecture with one shared key/value head: nothing to split it by
+    model, _ = build("falcon", new_decoder_architecture=False, multi_query=True, num_kv_heads=None)
+    with pytest.raises(
+        AutoTPError, match=r"self_attention.num_kv_heads = 1 is not divisible by 2.*sizes .* \[1\]"
+    ):
+        plan_model(model, 2)
+
+
+def test_max_out_tokens_checked() -> None:
+    model, _ = build("gpt2")
+    engine = conveyor.init_inference(model, tensor_parallel={"tp_size": 1}, max_out_tokens=10)
+    with pytest.raises(ValueError, match="exceeds max_out_tokens"):
+        engine.generate(prompt(), max_new_tokens=4)  # 7 prompt tokens + 4
+
+
+def test_vocabulary_no_tp_divides_stays_replicated() -> None:
+    model, _ = build("gpt2_odd_vocab")  # 97 tokens
+    plan = plan_model(model, 2)
+    assert plan.vocab is not None and plan.vocab.tied and not plan.vocab.parallel

@@ -1,0 +1,33 @@
+"""What the traced dataflow cannot show, as data: attribute names that hold head counts or head widths,
+and the few layouts that HF code hard-codes inside a forward.
+
+Everything else (which linear is column- or row-parallel, fused blocks split on the last dim, MoE
+experts, tied embeddings) is found from the model's structure in ``trace.py`` and ``plan.py``.
+"""
+
+from __future__ import annotations
+
+# Attributes of an attention module (or its children) that count heads: divided by the TP size.
+HEAD_COUNT_ATTRS = (
+    "num_heads",
+    "num_attention_heads",
+    "n_head",
+    "n_heads",
+    "num_key_value_heads",
+    "num_kv_heads",
+    "n_kv_heads",
+    "kv_n_heads",
+)
+# Attributes holding a width of all heads together (heads x head_dim): divided by the TP size too.
+HEAD_WIDTH_ATTRS = ("all_head_size", "embed_dim", "inner_dim", "split_size", "hidden_size")
+# The width of one head, where an attention module keeps it.
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
+
+# CodeGen's attention reshapes its fused qkv into 4 groups of (q | v | k) with ``mp_num = 4`` written in
+# its forward, so each rank takes its share of every group (and the same heads of out_proj's input).
+FUSED_GROUPS = {"CodeGenAttention": 4}
+
+# Head-wise attention biases built outside the attention module for all heads, so each rank slices its
+# heads out of the argument: class -> (argument name, how the heads sit in it).
+#   "batch_heads": [batch x heads, ...] (BLOOM's alibi)    "heads": [heads, ...] (MPT's alibi)
+HEAD_BIAS_ARGS = {"BloomAttention": ("alibi", "batch_heads"), "MptAttention": ("position_bias", "heads")}

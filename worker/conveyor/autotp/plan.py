@@ -1,0 +1,329 @@
+"""From a traced dataflow to a tensor-parallel plan, checked before any weight moves.
+
+Roles (Megatron): a *column*-parallel linear reads the full residual stream and keeps a slice of its
+outputs (heads or MLP channels); a *row*-parallel linear takes those slices and writes a partial sum into
+the residual stream, which one all-reduce completes; everything else stays *replicated* (routers, heads
+on pooled outputs, projections both read and written around a residual add). The roles are solved to a
+fixed point from the traced producers/consumers, so a plan never leaves a split tensor where a full one
+is read. Column and row linears linked by dataflow form a *group* (one attention, one MLP); a group
+inside a module that counts heads is split by whole heads, and that module's head counts are divided.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from conveyor.autotp.layouts import FUSED_GROUPS, HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS
+from conveyor.autotp.trace import LinearFlow, is_conv1d, is_experts
+
+Role = Literal["column", "row", "replicated"]
+
+
+class AutoTPError(ValueError):
+    """A model this TP size cannot split (or that detection cannot place); raised before weights move."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which indices of one dimension each rank keeps: the dimension is ``groups`` repeats of a group made
+    of ``blocks`` (fused q | k | v are three blocks), and every block is cut into TP equal contiguous
+    pieces, so rank r keeps piece r of each."""
+
+    blocks: tuple[int, ...]
+    groups: int = 1
+
+    def index(self, rank: int, tp: int) -> torch.Tensor:
+        pieces = []
+        offset = 0
+        for _ in range(self.groups):
+            for width in self.blocks:
+                size = width // tp
+                pieces.append(torch.arange(offset + rank * size, offset + (rank + 1) * size))
+                offset += width
+        return torch.cat(pieces)
+
+
+@dataclass
+class LinearPlan:
+    name: str
+    role: Role
+    split: Split | None = None  # column: of its outputs; row: of its inputs
+    group: int = -1
+
+
+@dataclass
+class ExpertsPlan:
+    """A MoE experts module with 3D weights [experts, out, in]: each expert's up (and fused gate|up)
+    projection column-parallel on dim 1, its down projection row-parallel on dim 2, one all-reduce."""
+
+    name: str
+    columns: dict[str, Split]
+    rows: dict[str, Split]
+
+
+@dataclass
+class HeadsPlan:
+    """A module that counts heads (attention): its head counts and widths divided, head-wise embeddings
+    (T5's relative position bias) split by heads."""
+
+    name: str
+    attrs: dict[str, int]  # attribute -> full value
+    head_embeddings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VocabPlan:
+    embeddings: list[str]  # modules sharing the input embedding's weight
+    lm_head: str | None
+    tied: bool
+    parallel: bool  # vocabulary-parallel (else replicated)
+    vocab: int
+
+
+@dataclass
+class Plan:
+    tp: int
+    linears: dict[str, LinearPlan]
+    experts: list[ExpertsPlan]
+    heads: list[HeadsPlan]
+    vocab: VocabPlan | None
+
+    def rows(self) -> list[str]:
+        return [n for n, lp in self.linears.items() if lp.role == "row"]
+
+    def describe(self) -> str:
+        counts = {
+            r: sum(lp.role == r for lp in self.linears.values()) for r in ("column", "row", "replicated")
+        }
+        vocab = "none" if self.vocab is None else ("vocab-parallel" if self.vocab.parallel else "replicated")
+        tied = " (tied)" if self.vocab and self.vocab.tied else ""
+        return (
+            f"TP {self.tp}: {counts['column']} column-parallel, {counts['row']} row-parallel, "
+            f"{counts['replicated']} replicated linears, {len(self.experts)} experts modules, "
+            f"{len(self.heads)} attention modules; embeddings {vocab}{tied}"
+        )
+
+
+def _solve_roles(flows: dict[str, LinearFlow], experts: set[str]) -> dict[str, Role]:
+    roles: dict[str, Role] = {}
+    for name, f in flows.items():
+        if name in experts or f.calls == 0:
+            roles[name] = "replicated"  # experts split inside themselves; an unused linear stays whole
+        elif f.consumers and not f.writes_residual:
+            roles[name] = "column"
+        elif f.producers and not f.consumers:
+            roles[name] = "row"
+        else:
+            roles[name] = "replicated"
+    changed = True
+    while changed:  # demote until every split tensor is read only by a row-parallel linear
+        changed = False
+        for name, f in flows.items():
+            role = roles[name]
+            demote = (role == "column" and any(roles[c] != "row" for c in f.consumers)) or (
+                role == "row" and any(roles[p] != "column" for p in f.producers)
+            )
+            if role != "column":  # whatever is not column-parallel reads a full input
+                for p in f.producers:
+                    if roles[p] == "column" and role != "row":
+                        roles[p] = "replicated"
+                        changed = True
+            if demote:
+                roles[name] = "replicated"
+                changed = True
+    return roles
+
+
+def _groups(flows: dict[str, LinearFlow], roles: dict[str, Role]) -> list[list[str]]:
+    parent = {n: n for n in roles}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for name, f in flows.items():
+        if roles[name] == "column":
+            for c in f.consumers:
+                parent[find(c)] = find(name)
+    groups: dict[str, list[str]] = {}
+    for name, role in roles.items():
+        if role != "replicated":
+            groups.setdefault(find(name), []).append(name)
+    return list(groups.values())
+
+
+def _prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _head_attrs(module: nn.Module) -> dict[str, int]:
+    return {
+        a: v
+        for a in HEAD_COUNT_ATTRS + HEAD_WIDTH_ATTRS
+        if isinstance(v := getattr(module, a, None), int) and v > 0
+    }
+
+
+def _is_heads_module(module: nn.Module) -> bool:
+    # Llama-style attention keeps only head_dim (its reshapes infer the head count with -1)
+    return any(isinstance(getattr(module, a, None), int) for a in HEAD_COUNT_ATTRS + HEAD_DIM_ATTRS)
+
+
+def _head_dim(module: nn.Module) -> int:
+    for a in HEAD_DIM_ATTRS:
+        if isinstance(v := getattr(module, a, None), int) and v > 0:
+            return v
+    heads = next(
+        (getattr(module, a) for a in HEAD_COUNT_ATTRS if isinstance(getattr(module, a, None), int)), 0
+    )
+    width = next(
+        (getattr(module, a) for a in HEAD_WIDTH_ATTRS if isinstance(getattr(module, a, None), int)), 0
+    )
+    return width // heads if heads and width else 1
+
+
+def _out_width(module: Any) -> int:
+    return int(module.nf) if is_conv1d(module) else int(module.out_features)
+
+
+def _in_width(module: Any) -> int:
+    return int(module.weight.shape[0]) if is_conv1d(module) else int(module.in_features)
+
+
+def _experts_plan(name: str, module: nn.Module, hidden: int) -> ExpertsPlan | None:
+    params = dict(module.named_parameters(recurse=False))
+    downs = {n: p.shape[2] for n, p in params.items() if p.shape[1] == hidden and p.shape[2] != hidden}
+    ups = {n: p.shape[1] for n, p in params.items() if p.shape[2] == hidden and p.shape[1] != hidden}
+    if not downs or not ups or len(downs) + len(ups) != len(params):
+        return None
+    inner = next(iter(downs.values()))
+    # a fused gate|up weight is twice the inner width: split each half (``.chunk(2, dim=-1)`` in forward)
+    columns = {n: Split((inner,) * (w // inner)) for n, w in ups.items() if w % inner == 0}
+    if len(columns) != len(ups):
+        return None
+    return ExpertsPlan(name, columns, {n: Split((w,)) for n, w in downs.items()})
+
+
+def _vocab_plan(model: Any, tp: int) -> VocabPlan | None:
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(inp, nn.Embedding):
+        return None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    sharing = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m.weight is inp.weight]
+    lm_head = names.get(id(out)) if isinstance(out, nn.Linear) else None
+    vocab = inp.num_embeddings
+    tied = out is not None and getattr(out, "weight", None) is inp.weight
+    parallel = vocab % tp == 0 and (lm_head is None or int(getattr(out, "out_features", 0)) % tp == 0)
+    return VocabPlan(sharing, lm_head, tied, parallel, vocab)
+
+
+def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
+    """The plan for ``tp`` ranks, or ``AutoTPError`` listing every layer that ``tp`` does not divide."""
+    modules = dict(model.named_modules())
+    hidden = int(model.config.hidden_size)
+    experts_names = {n for n in flows if is_experts(modules[n])}
+    roles = _solve_roles(flows, experts_names)
+    problems: list[str] = []
+    linears = {n: LinearPlan(n, roles[n]) for n in flows if n not in experts_names}
+    heads: list[HeadsPlan] = []
+    claimed: set[str] = set()
+    for gid, members in enumerate(_groups(flows, roles)):
+        top = _prefix(members)
+        owners = [
+            n
+            for n, m in modules.items()
+            if n.startswith(top) and _is_heads_module(m) and any(x.startswith(n + ".") for x in members)
+        ]
+        unit, groups = 1, 1
+        if owners:
+            owner = modules[owners[-1]]
+            unit = _head_dim(owner)
+            groups = FUSED_GROUPS.get(type(owner).__name__, 1)
+            for o in owners:
+                if o not in claimed:
+                    claimed.add(o)
+                    emb = [
+                        f"{o}.{n}"
+                        for n, m in modules[o].named_children()
+                        if isinstance(m, nn.Embedding) and m.embedding_dim in _head_attrs(modules[o]).values()
+                    ]
+                    heads.append(HeadsPlan(o, _head_attrs(modules[o]), emb))
+        row_width = next(_in_width(modules[m]) for m in members if roles[m] == "row") // groups
+        for m in members:
+            lp = linears[m]
+            lp.group = gid
+            width = _out_width(modules[m]) if lp.role == "column" else _in_width(modules[m])
+            if groups > 1:
+                blocks: tuple[int, ...] = (row_width,) * (width // groups // row_width)
+            else:
+                blocks = (flows[m].split_sizes or (width,)) if lp.role == "column" else (width,)
+            lp.split = Split(blocks, groups)
+            if groups * sum(blocks) != width:
+                problems.append(f"{m} ({lp.role}-parallel): width {width} is not {groups} groups of {blocks}")
+            for b in blocks:
+                if b % (tp * unit):
+                    what = f"{b // unit} heads of width {unit}" if unit > 1 else f"{b} channels"
+                    problems.append(f"{m} ({lp.role}-parallel): {what} cannot be split {tp} ways")
+    for h in heads:
+        problems += [f"{h.name}.{a} = {v} is not divisible by {tp}" for a, v in h.attrs.items() if v % tp]
+    experts = []
+    for n in sorted(experts_names):
+        ep = _experts_plan(n, modules[n], hidden)
+        if ep is None:
+            problems.append(
+                f"{n}: experts weights whose in/out widths do not show which is up and which down"
+            )
+            continue
+        problems += [
+            f"{n}.{p}: {b} channels per expert cannot be split {tp} ways"
+            for p, s in {**ep.columns, **ep.rows}.items()
+            for b in s.blocks
+            if b % tp
+        ]
+        experts.append(ep)
+    config = model.config
+    for attr in ("num_attention_heads", "num_key_value_heads"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value % tp:
+            problems.append(f"config.{attr} = {value} is not divisible by {tp}")
+    if tp > 1 and not any(lp.role == "row" for lp in linears.values()) and not experts:
+        problems.append(
+            "detection found no linear that writes into the residual stream (no row-parallel layer)"
+        )
+    if problems:
+        raise AutoTPError(
+            f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}) cannot be split "
+            f"over tensor-parallel size {tp}: " + "; ".join(sorted(set(problems)))
+        )
+    return Plan(tp, linears, experts, heads, _vocab_plan(model, tp))
+
+
+def hf_plan_mismatches(model: Any, plan: Plan) -> list[str]:
+    """Where HF's own ``base_model_tp_plan`` (when the family has one) disagrees with the detected roles."""
+    hf = getattr(model.config, "base_model_tp_plan", None) or {}
+    prefix = getattr(model, "base_model_prefix", "")
+    wanted = {"colwise": "column", "rowwise": "row"}
+    out = []
+    for pattern, style in hf.items():
+        role = wanted.get(style)
+        if role is None:
+            continue
+        rx = re.compile("^(" + re.escape(prefix) + r"\.)?" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
+        for name, lp in plan.linears.items():
+            if rx.match(name) and lp.role != role:
+                out.append(f"{name}: detected {lp.role}, HF plan says {style}")
+    return out

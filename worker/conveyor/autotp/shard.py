@@ -1,0 +1,174 @@
+"""Apply a plan on one rank: keep this rank's slices of every split weight, divide head counts, and add
+the collectives of the forward pass (the only ones: one all-reduce per row-parallel module, one
+all-reduce per vocabulary-parallel embedding, one all-gather of vocabulary-parallel logits)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from conveyor.autotp.layouts import HEAD_BIAS_ARGS
+from conveyor.autotp.plan import Plan, Split
+from conveyor.autotp.trace import is_conv1d
+
+
+def _replace_param(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
+    # a tied weight is one Parameter held by several modules: every holder gets the same slice
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is old:
+                module._parameters[name] = new
+
+
+def _slice(model: nn.Module, module: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
+    old = getattr(module, attr)
+    new = nn.Parameter(old.detach().index_select(dim, index).contiguous(), requires_grad=False)
+    _replace_param(model, old, new)
+
+
+def _all_reduce_hook(group: Any) -> Any:
+    def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        # why: a row-parallel module yields a partial sum on each rank; the residual stream needs the sum
+        dist.all_reduce(out, group=group)
+        return out
+
+    return hook
+
+
+def _shard_linears(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
+    modules = dict(model.named_modules())
+    for lp in plan.linears.values():
+        if lp.role == "replicated" or lp.split is None:
+            continue
+        m = modules[lp.name]
+        index = lp.split.index(rank, plan.tp)
+        conv = is_conv1d(m)
+        if lp.role == "column":
+            _slice(model, m, "weight", 1 if conv else 0, index)
+            if m.bias is not None:
+                _slice(model, m, "bias", 0, index)
+            if conv:
+                m.nf = len(index)
+            else:
+                m.out_features = len(index)
+        else:
+            _slice(model, m, "weight", 0 if conv else 1, index)
+            if m.bias is not None and rank != 0:
+                with torch.no_grad():
+                    m.bias.zero_()  # the bias is added once: by rank 0's partial sum
+            if not conv:
+                m.in_features = len(index)
+            m.register_forward_hook(_all_reduce_hook(group))
+
+
+def _shard_experts(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
+    modules = dict(model.named_modules())
+    for ep in plan.experts:
+        m = modules[ep.name]
+        for attr, split in ep.columns.items():
+            _slice(model, m, attr, 1, split.index(rank, plan.tp))
+        for attr, split in ep.rows.items():
+            _slice(model, m, attr, 2, split.index(rank, plan.tp))
+        if isinstance(getattr(m, "intermediate_dim", None), int):
+            m.intermediate_dim //= plan.tp
+        m.register_forward_hook(_all_reduce_hook(group))
+
+
+def _shard_heads(model: nn.Module, plan: Plan, rank: int) -> None:
+    modules = dict(model.named_modules())
+    for hp in plan.heads:
+        m = modules[hp.name]
+        for attr, value in hp.attrs.items():
+            setattr(m, attr, value // plan.tp)
+        for name in hp.head_embeddings:
+            emb = modules[name]
+            assert isinstance(emb, nn.Embedding)
+            _slice(model, emb, "weight", 1, Split((emb.embedding_dim,)).index(rank, plan.tp))
+            emb.embedding_dim //= plan.tp
+        if type(m).__name__ in HEAD_BIAS_ARGS:
+            _slice_head_bias(m, *HEAD_BIAS_ARGS[type(m).__name__], rank=rank, tp=plan.tp)
+
+
+def _slice_head_bias(module: nn.Module, arg: str, layout: str, rank: int, tp: int) -> None:
+    position = list(inspect.signature(module.forward).parameters).index(arg)
+
+    def take(bias: torch.Tensor, batch: int) -> torch.Tensor:
+        if layout == "heads":  # [heads, ...]
+            size = bias.shape[0] // tp
+            return bias[rank * size : (rank + 1) * size]
+        per = bias.view(batch, -1, *bias.shape[1:])  # [batch, heads, ...]
+        size = per.shape[1] // tp
+        return per[:, rank * size : (rank + 1) * size].reshape(-1, *bias.shape[1:])
+
+    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # why: the bias was built for all heads outside this module; this rank computes only its heads
+        batch = args[0].shape[0] if args else kwargs["hidden_states"].shape[0]
+        if arg in kwargs and kwargs[arg] is not None:
+            kwargs[arg] = take(kwargs[arg], batch)
+        elif len(args) > position and args[position] is not None:
+            args = (*args[:position], take(args[position], batch), *args[position + 1 :])
+        return args, kwargs
+
+    module.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
+    vp = plan.vocab
+    if vp is None or not vp.parallel or plan.tp == 1:
+        return
+    modules = dict(model.named_modules())
+    size = vp.vocab // plan.tp
+    start = rank * size
+    index = torch.arange(start, start + size)
+    first = modules[vp.embeddings[0]]
+    _slice(model, first, "weight", 0, index)  # every module sharing it (and a tied LM head) follows
+    for name in vp.embeddings:
+        emb = modules[name]
+        emb.num_embeddings = size
+        emb.padding_idx = None  # inference only; a global padding index means nothing in a slice
+        masks: list[torch.Tensor] = []
+
+        def pre(_m: nn.Module, args: tuple, masks: list = masks) -> tuple:
+            ids = args[0] - start
+            outside = (ids < 0) | (ids >= size)
+            masks.append(outside)
+            return (ids.masked_fill(outside, 0), *args[1:])
+
+        def post(_m: nn.Module, _args: tuple, out: torch.Tensor, masks: list = masks) -> torch.Tensor:
+            out = out.masked_fill(masks.pop().unsqueeze(-1), 0)
+            # why: each rank looked up only the tokens of its vocabulary slice; the sum holds every token
+            dist.all_reduce(out, group=group)
+            return out
+
+        emb.register_forward_pre_hook(pre)
+        emb.register_forward_hook(post)
+    if vp.lm_head is not None:
+        head = modules[vp.lm_head]
+        assert isinstance(head, nn.Linear)
+        if not vp.tied:
+            _slice(model, head, "weight", 0, index)
+        if head.bias is not None:
+            _slice(model, head, "bias", 0, index)
+        head.out_features = size
+
+        def gather(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            # why: each rank scored only its vocabulary slice; generate and sampling need every logit
+            parts = [torch.empty_like(out) for _ in range(plan.tp)]
+            dist.all_gather(parts, out.contiguous(), group=group)
+            return torch.cat(parts, dim=-1)
+
+        head.register_forward_hook(gather)
+
+
+def shard_model(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
+    """Turn the full ``model`` into rank ``rank``'s shard of ``plan``, in place."""
+    if plan.tp == 1:
+        return
+    _shard_vocab(model, plan, rank, group)
+    _shard_linears(model, plan, rank, group)
+    _shard_experts(model, plan, rank, group)
+    _shard_heads(model, plan, rank)

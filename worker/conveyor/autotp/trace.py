@@ -1,0 +1,199 @@
+"""Dataflow of a built model, read from one traced forward pass: which linear feeds which.
+
+One forward on a short input runs with autograd recording; hooks note the autograd node each linear
+(``nn.Linear``, GPT-2's ``Conv1D``, a MoE experts module with 3D weights) takes in and gives out, and the
+nodes that bound the residual stream (norm inputs and outputs, embedding outputs, the model's outputs).
+Walking the graph backwards from each linear's input to the nearest linear outputs gives its producers;
+walking back from each norm input and model output gives the linears that write into the residual
+stream. A split of a linear's output on its last dimension (GPT-2's ``c_attn(...).split``) is noted as a
+fused layout of blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+_SPLITS = ("SplitBackward0", "SplitWithSizesBackward0")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2 family): a linear whose weight is stored [in, out]
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A MoE experts module holding every expert's weights as 3D tensors [experts, out, in]."""
+    params = list(module.named_parameters(recurse=False))
+    return len(params) >= 2 and all(p.dim() == 3 for _, p in params)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return (
+        isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm))
+        or "norm" in type(module).__name__.lower()
+    )
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_experts(module)
+
+
+@dataclass
+class LinearFlow:
+    """What one traced linear reads from and writes to."""
+
+    name: str
+    producers: set[str] = field(default_factory=set)  # linears whose outputs reach its input directly
+    consumers: set[str] = field(default_factory=set)  # linears its output reaches directly
+    writes_residual: bool = False  # its output reaches a norm or a model output directly
+    split_sizes: tuple[int, ...] | None = None  # its output is split on the last dim into these blocks
+    calls: int = 0
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _split_sizes(node: Any, width: int, ndim: int) -> tuple[int, ...] | None:
+    """The block widths if ``node`` splits a [.., width] tensor on its last dim, else None."""
+    name = type(node).__name__
+    if name not in _SPLITS:
+        return None
+    dim = getattr(node, "_saved_dim", None)
+    if dim is None or dim not in (-1, ndim - 1):
+        return None
+    if name == "SplitWithSizesBackward0":
+        return tuple(int(s) for s in node._saved_split_sizes)
+    size = int(node._saved_split_size)
+    return tuple([size] * (width // size)) if width % size == 0 else None
+
+
+class Tracer:
+    def __init__(self, model: nn.Module, skip: set[str]):
+        self.model = model
+        self.flows: dict[str, LinearFlow] = {}
+        self._out_node: dict[Any, str] = {}  # autograd node of a linear's output -> linear name
+        self._out_shape: dict[str, tuple[int, int]] = {}  # name -> (width, ndim) of its output
+        self._in_nodes: list[tuple[str, Any]] = []
+        self._stops: set[Any] = set()  # norm and embedding outputs: the walk ends there
+        self._sinks: list[Any] = []  # norm inputs and model outputs
+        self._handles: list[Any] = []
+        for name, module in model.named_modules():
+            if name in skip:
+                self._hook_stop(module)
+            elif is_linear(module):
+                self.flows[name] = LinearFlow(name)
+                self._hook_linear(name, module)
+            elif is_norm(module):
+                self._hook_norm(module)
+            elif isinstance(module, nn.Embedding):
+                self._hook_stop(module)
+
+    def _hook_linear(self, name: str, module: nn.Module) -> None:
+        def pre(_m: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor) and args[0].grad_fn is not None:
+                self._in_nodes.append((name, args[0].grad_fn))
+
+        def post(_m: nn.Module, _args: tuple, out: Any) -> None:
+            self.flows[name].calls += 1
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                self._out_node[out.grad_fn] = name
+                self._out_shape[name] = (out.shape[-1], out.dim())
+
+        self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def _hook_norm(self, module: nn.Module) -> None:
+        def pre(_m: nn.Module, args: tuple) -> None:
+            self._sinks += [t.grad_fn for t in _tensors(args[:1]) if t.grad_fn is not None]
+
+        def post(_m: nn.Module, _args: tuple, out: Any) -> None:
+            self._stops.update(t.grad_fn for t in _tensors(out) if t.grad_fn is not None)
+
+        self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def _hook_stop(self, module: nn.Module) -> None:
+        def post(_m: nn.Module, _args: tuple, out: Any) -> None:
+            self._stops.update(t.grad_fn for t in _tensors(out) if t.grad_fn is not None)
+
+        self._handles.append(module.register_forward_hook(post))
+
+    def _walk(self, start: Any) -> set[tuple[str, Any]]:
+        """Linears whose outputs reach ``start`` without passing another linear, norm or embedding; each
+        with the node that consumed its output."""
+        found: set[tuple[str, Any]] = set()
+        seen: set[Any] = set()
+        stack = [(start, None)]
+        while stack:
+            node, child = stack.pop()
+            if node is None:
+                continue
+            if node in self._out_node:
+                found.add((self._out_node[node], child))
+                continue
+            if node in seen or node in self._stops:
+                continue
+            seen.add(node)
+            stack += [(nxt, node) for nxt, _ in node.next_functions]
+        return found
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, LinearFlow]:
+        params = [p for p in self.model.parameters() if not p.requires_grad and p.is_floating_point()]
+        for p in params:  # a graph exists only where something requires grad
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                out = self.model(**inputs)
+                self._sinks += [t.grad_fn for t in _tensors(dict(out)) if t.grad_fn is not None]
+                self._link()
+        finally:
+            for h in self._handles:
+                h.remove()
+            for p in params:
+                p.requires_grad_(False)
+        return self.flows
+
+    def _link(self) -> None:
+        for name, node in self._in_nodes:
+            node_start = node if node not in self._stops else None
+            for producer, _child in self._walk(node_start):
+                self.flows[name].producers.add(producer)
+                self.flows[producer].consumers.add(name)
+        for sink in self._sinks:
+            for producer, _child in self._walk(sink if sink not in self._stops else None):
+                self.flows[producer].writes_residual = True
+        # a fused output split into blocks: look at what consumed each linear's output node
+        consumers = self._consumer_map()
+        for node, name in self._out_node.items():
+            width, ndim = self._out_shape[name]
+            for consumer in consumers.get(node, ()):
+                sizes = _split_sizes(consumer, width, ndim)
+                if sizes is not None and sum(sizes) == width:
+                    self.flows[name].split_sizes = sizes
+
+    def _consumer_map(self) -> dict[Any, list[Any]]:
+        # autograd edges point backwards (node -> its inputs); invert them once for the whole graph
+        found: dict[Any, list[Any]] = {}
+        seen: set[Any] = set()
+        stack = list(self._sinks)
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for nxt, _ in node.next_functions:
+                if nxt is not None:
+                    found.setdefault(nxt, []).append(node)
+                    stack.append(nxt)
+        return found
