@@ -46,7 +46,11 @@ def with_tokenizer(model: Path, vocab: int) -> Path:
     if not (model / "tokenizer.json").exists():
         from conveyor.testing.tiny import build_tokenizer
 
-        build_tokenizer(vocab).save_pretrained(model)
+        tokenizer = build_tokenizer(vocab)
+        # BPE training on the small corpus stops short of a 32k vocabulary: the rest become added
+        # tokens, so every id a random model emits streams as text (TTFT counts the first piece)
+        tokenizer.add_tokens([f"<|{i}|>" for i in range(len(tokenizer), vocab)])
+        tokenizer.save_pretrained(model)
     return model
 
 
@@ -72,7 +76,13 @@ def start_conveyor(
     started = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "conveyor", "run", str(path)],
-        env={**os.environ, "CONVEYOR_COMPILE_CACHE": str(cache), "PYTHONPATH": f"{ROOT / 'worker'}:{ROOT}"},
+        env={
+            **os.environ,
+            "CONVEYOR_COMPILE_CACHE": str(cache),
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT / "worker"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        },
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -157,7 +167,8 @@ def one_request(url: str, prompt: list[int], max_tokens: int, model: str = "benc
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     sent, arrivals, tokens = time.monotonic(), [], 0
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
+        if response.is_error:
+            raise SystemExit(f"{response.status_code} from {url}: {response.read().decode()}")
         for line in response.iter_lines():
             data = line.removeprefix("data: ")
             if data == line or data == "[DONE]":
@@ -250,15 +261,17 @@ def main() -> None:
             proc, seconds = start_conveyor(model, args, port, cache, Path(tmp) / f"serve-{run}.log")
             report["startup_s"][run] = seconds
             print(f"conveyor replica ready ({run} cache) in {seconds:.1f}s", flush=True)
-            if run == "warm":
-                url = f"http://127.0.0.1:{port}"
-                name = served_model(url)
-                one_request(url, prompts[levels[0]][0], 4, name)  # the first request's own costs stay out
-                report["conveyor"] = []
-                for c in levels:
-                    report["conveyor"].append(load_level(url, prompts[c], c, args.max_tokens, name))
-                    print("conveyor", json.dumps(report["conveyor"][-1]), flush=True)
-            stop_conveyor(proc)
+            try:
+                if run == "warm":
+                    url = f"http://127.0.0.1:{port}"
+                    name = served_model(url)
+                    one_request(url, prompts[levels[0]][0], 4, name)  # the first request's costs stay out
+                    report["conveyor"] = []
+                    for c in levels:
+                        report["conveyor"].append(load_level(url, prompts[c], c, args.max_tokens, name))
+                        print("conveyor", json.dumps(report["conveyor"][-1]), flush=True)
+            finally:  # a failed level must not leave a replica holding the GPU
+                stop_conveyor(proc)
     if not args.skip_hf:
         port = free_port()
         server = start_hf_server(model, args, port)

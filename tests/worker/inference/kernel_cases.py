@@ -102,21 +102,28 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
     torch.manual_seed(0)
     out = []
     d = 64
-    for n, heads, kv_heads, kv_len, start, window, programs, idle, short in [
-        (2, 4, 2, 100, 1, None, 40, False, False),  # GQA, two splits
-        (1, 8, 8, 300, 0, None, 40, False, False),  # five splits, the last one short
-        (3, 6, 2, 70, 2, 16, 40, False, False),  # sliding window: whole blocks masked out
-        (2, 8, 8, 129, 0, None, 1, True, False),  # one split: written directly, no combine
-        (2, 4, 4, 300, 0, None, 1, False, False),  # one split of five blocks: the three-stage pipeline
+    for n, heads, kv_heads, kv_len, start, window, programs, idle, short, scratch in [
+        (2, 4, 2, 100, 1, None, 40, False, False, False),  # GQA, two splits
+        (1, 8, 8, 300, 0, None, 40, False, False, False),  # five splits, the last one short
+        (3, 6, 2, 70, 2, 16, 40, False, False, False),  # sliding window: whole blocks masked out
+        (2, 8, 8, 129, 0, None, 1, True, False, False),  # one split: written directly, no combine
+        (2, 4, 4, 300, 0, None, 1, False, False, False),  # one split of five blocks: three stages
         # contexts far below kv_len (a captured step reads the whole cache's length): the splits past
         # a query's position end at once, and lanes in any order
-        (3, 4, 2, 300, 1, None, 40, False, True),
+        (3, 4, 2, 300, 1, None, 40, False, True, False),
+        # an idle lane of a captured step (kv_len the whole cache) at the scratch slot reads nothing:
+        # with splits and combined, with one split, and under a sliding window
+        (3, 4, 2, 320, 0, None, 40, False, True, True),
+        (2, 8, 8, 129, 0, None, 1, False, False, True),
+        (3, 6, 2, 140, 2, 16, 40, False, False, True),
     ]:
         q = torch.randn(n, heads, 1, d, dtype=dtype, device=device)
-        k_cache = torch.randn(start + n + 1, kv_heads, kv_len + 20, d, dtype=dtype, device=device)
+        length = kv_len if scratch else kv_len + 20  # a captured step's kv_len is the whole cache
+        k_cache = torch.randn(start + n + 1, kv_heads, length, d, dtype=dtype, device=device)
         v_cache = torch.randn_like(k_cache)
-        positions = torch.randint(kv_len // 2, kv_len, (n,), device=device)
-        positions[0] = kv_len - 1
+        top = kv_len - 1 if scratch else kv_len  # the last slot is the scratch slot's
+        positions = torch.randint(kv_len // 2, top, (n,), device=device)
+        positions[0] = top - 1
         lanes = torch.arange(start, start + n, device=device)
         if short:
             positions = torch.tensor([0, 40, 70][:n], device=device)
@@ -124,9 +131,13 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         if idle:  # an idle lane sits at the scratch slot, past kv_len: it sees all of [0, kv_len)
             positions[-1] = kv_len + 10
         keys = torch.arange(kv_len, device=device)
+        if scratch:
+            positions[-1] = length - 1
         mask = keys[None, :] <= positions[:, None]
         if window:
             mask &= keys[None, :] > positions[:, None] - window
+        if scratch:
+            mask[-1] = False
         mask = mask[:, None, None, :]
         scale = 1 / math.sqrt(d)
         k = k_cache[lanes, :, :kv_len].double()
@@ -134,6 +145,8 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         ref = F.scaled_dot_product_attention(
             q.double(), k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
         )
+        if scratch:
+            ref[-1] = 0.0  # a query that sees no key gets zeros (SDPA's fully masked row is NaN)
         # Slots a query does not see may hold anything (a lane's earlier sequence): poisoned here, so a
         # kernel that reads them (and multiplies by a zero probability) returns NaN.
         hidden = ~mask[:, 0, 0, :, None]  # [n, kv_len, 1]
@@ -151,7 +164,8 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         out.append(
             (
-                f"n={n} heads={heads}/{kv_heads} kv_len={kv_len} window={window} splits={splits} stages={da.stages(blocks_per_split)}",
+                f"n={n} heads={heads}/{kv_heads} kv_len={kv_len} window={window} splits={splits} "
+                f"stages={da.stages(blocks_per_split)}{' idle lane at the scratch slot' if scratch else ''}",
                 (got - ref).abs().max().item(),
                 tol,
             )
