@@ -39,8 +39,8 @@ from benchmarks.generate import measure_bandwidth  # noqa: E402
 
 
 def build(shape: str, dtype: torch.dtype, lanes: int, max_len: int):  # type: ignore[no-untyped-def]
-    from conveyor.inference.families import arch_from_config
-    from conveyor.inference.model import StageModel
+    from conveyor.inference.model.families import arch_from_config
+    from conveyor.inference.model.stage_model import StageModel
 
     arch = arch_from_config(llama_config(shape))
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def time_steps(step, set_positions, steps: int) -> float:  # type: ignore[no-unt
 
 
 def capture(fn):  # type: ignore[no-untyped-def]
-    from conveyor.inference.cuda_graphs import warm_up
+    from conveyor.inference.kernels.cuda_graphs import warm_up
 
     warm_up(fn, times=3)
     graph = torch.cuda.CUDAGraph()
@@ -169,7 +169,7 @@ def main() -> None:
                     row["compiled_ms"] = time_steps(g.replay, set_positions, args.steps)
                     row["compiled_profile"] = kernel_summary(cforward, args.profile_top)
                 elif v == "product":
-                    from conveyor.inference.cuda_graphs import CompiledStage
+                    from conveyor.inference.kernels.cuda_graphs import CompiledStage
 
                     graphed = CompiledStage(model)
                     kv_len = args.prompt_len + args.steps + 1

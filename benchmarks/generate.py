@@ -133,11 +133,16 @@ def bench_hf(
 def rank_worker(cfg: dict[str, Any]) -> None:
     """One rank of our pipeline: time each batch size; rank 0 writes the numbers to cfg['out']."""
     from conveyor.distributed import destroy_distributed, init_distributed
-    from conveyor.inference import compile_cache
-    from conveyor.inference.cuda_graphs import CompiledStage, CompileOptions
-    from conveyor.inference.generate import Request, SchedulerHooks, micro_batch_layout, run_generation
+    from conveyor.inference.kernels import compile_cache
+    from conveyor.inference.kernels.cuda_graphs import CompiledStage, CompileOptions
+    from conveyor.inference.pipeline.generate import (
+        Request,
+        SchedulerHooks,
+        micro_batch_layout,
+        run_generation,
+    )
+    from conveyor.inference.pipeline.sampling import SamplingParams
     from conveyor.inference.rank_builder import prepare_rank
-    from conveyor.inference.sampling import SamplingParams
     from conveyor.topology import Layout, Topology
 
     info = init_distributed(device=cfg["device"])

@@ -31,7 +31,7 @@ case "$part" in
   check)
     python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
       tests/worker/inference/test_gpu.py tests/worker/inference/test_gpu_bf16.py \
-      tests/worker/inference/test_gpu_multi.py tests/worker/inference/test_quantize.py 2>&1 | tee "$out/gpu_tests.txt"
+      tests/worker/inference/test_gpu_multi.py tests/worker/inference/pipeline/test_quantize.py 2>&1 | tee "$out/gpu_tests.txt"
     ;;
   job)
     python3 -u benchmarks/job.py --prompts 256 --prompt-lens 32,255 --new-tokens 128 --batch-size 64 \

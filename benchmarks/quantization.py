@@ -48,8 +48,8 @@ def generate(
     model: Any, peers: Any, ids: list[list[int]], new: int, device: torch.device
 ) -> tuple[list[list[int]], float]:
     """Greedy tokens of every prompt (all in one micro-batch) and the decode seconds per step."""
-    from conveyor.inference.generate import Request, SchedulerHooks, run_generation
-    from conveyor.inference.sampling import SamplingParams
+    from conveyor.inference.pipeline.generate import Request, SchedulerHooks, run_generation
+    from conveyor.inference.pipeline.sampling import SamplingParams
 
     got: dict[int, list[int]] = {}
     first: list[float] = []
@@ -97,7 +97,7 @@ def kv_bytes(model: Any, dtype: torch.dtype, batch: int, context: float) -> floa
 
 
 def main() -> None:
-    from conveyor.inference.quantize import all_logits, compare_logits
+    from conveyor.inference.pipeline.quantize import all_logits, compare_logits
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF checkpoint directory (default: build --model-shape)")

@@ -3,7 +3,7 @@
     python benchmarks/skinny_matmul.py --batch-sizes 1,16,64 --budget-s 420
 
 For each weight shape of a Llama-2-7B layer (and the LM head) and each batch, times ``x @ W^T`` with
-cuBLAS (``F.linear``) and with ``conveyor.inference.skinny_matmul`` over a sweep of tile shapes, each in
+cuBLAS (``F.linear``) and with ``conveyor.inference.kernels.skinny_matmul`` over a sweep of tile shapes, each in
 a CUDA graph of back-to-back calls over enough copies of the weight that none is read from L2. Reports
 microseconds per product and the bandwidth reached (weight bytes / time), next to the copy bandwidth
 measured in the same run, and the best tiles per shape (what ``skinny_matmul.CANDIDATES`` is drawn from).
@@ -39,13 +39,13 @@ SHAPES = [
 
 def time_graph(fn, copies: int, reps: int = 24) -> float:  # type: ignore[no-untyped-def]
     """Microseconds per call of ``fn(i)`` (i: which weight copy), calls back to back in one CUDA graph."""
-    from conveyor.inference.skinny_matmul import time_in_graph
+    from conveyor.inference.kernels.skinny_matmul import time_in_graph
 
     return time_in_graph(lambda i: fn(i % copies), reps)
 
 
 def candidates(m: int):  # type: ignore[no-untyped-def]
-    from conveyor.inference.skinny_matmul import Tiles
+    from conveyor.inference.kernels.skinny_matmul import Tiles
 
     if m == 1:
         grid = itertools.product((4, 8, 16, 32), (256, 512, 1024), (2, 4, 8), (3, 4, 5))
@@ -65,7 +65,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default="benchmarks/results/skinny_matmul.json")
     args = parser.parse_args()
-    from conveyor.inference.skinny_matmul import skinny_matmul
+    from conveyor.inference.kernels.skinny_matmul import skinny_matmul
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     per_case = args.budget_s / (len(batches) * len(SHAPES))

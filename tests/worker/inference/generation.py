@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conveyor.inference.generate import PipelinePeers, Request, SchedulerHooks, run_generation
-from conveyor.inference.model import StageModel
-from conveyor.inference.sampling import SamplingParams
+from conveyor.inference.model.stage_model import StageModel
+from conveyor.inference.pipeline.generate import PipelinePeers, Request, SchedulerHooks, run_generation
+from conveyor.inference.pipeline.sampling import SamplingParams
 
 from tests.conftest import conveyor_cmd, subprocess_env
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from conveyor.distributed import destroy_distributed, init_distributed
-from conveyor.inference.cuda_graphs import EAGER
-from conveyor.inference.generate import Request
+from conveyor.inference.kernels.cuda_graphs import EAGER
+from conveyor.inference.pipeline.generate import Request
+from conveyor.inference.pipeline.sampling import SamplingParams
 from conveyor.inference.rank_builder import build_generation_rank
-from conveyor.inference.sampling import SamplingParams
 from conveyor.topology import Layout, Topology
 
 from tests.worker.inference.generation import output_ids

@@ -20,11 +20,11 @@ NEAR_TIE = 0.03
 
 
 def run_ours(model_dir, device):  # type: ignore[no-untyped-def]
-    from conveyor.inference.cuda_graphs import CompiledStage
-    from conveyor.inference.families import load_arch
-    from conveyor.inference.generate import PipelinePeers, Request
-    from conveyor.inference.loader import Shard, load_stage
-    from conveyor.inference.sampling import SamplingParams
+    from conveyor.inference.kernels.cuda_graphs import CompiledStage
+    from conveyor.inference.model.families import load_arch
+    from conveyor.inference.model.loader import Shard, load_stage
+    from conveyor.inference.pipeline.generate import PipelinePeers, Request
+    from conveyor.inference.pipeline.sampling import SamplingParams
     from conveyor.topology import Layout, Topology
 
     from tests.worker.inference.generation import output_ids

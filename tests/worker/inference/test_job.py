@@ -121,8 +121,8 @@ def test_kill_a_rank_then_restart_completes_each_prompt_once(model: Path, tmp_pa
 
 def test_two_replicas_merge_into_one_output_equal_to_one_process(model: Path, tmp_path: Path) -> None:
     """2 replicas, seeded sampling: one merged output, the tokens of one process."""
-    from conveyor.inference.families import load_arch
     from conveyor.inference.job import load_tokenizer, read_requests, sampling_params
+    from conveyor.inference.model.families import load_arch
     from conveyor.testing.reference import one_process_rank
 
     from tests.worker.inference.generation import output_ids

@@ -5,8 +5,8 @@ characters). The whole path, model included, is in test_serve.py."""
 from __future__ import annotations
 
 import pytest
-from conveyor.inference.generate import Request, RequestQueue
 from conveyor.inference.openai_api import IncrementalText, build_app
+from conveyor.inference.pipeline.generate import Request, RequestQueue
 from conveyor.inference.serve import ServeEngine, start_http
 from conveyor.testing.tiny import build_tokenizer
 from starlette.testclient import TestClient

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 import torch
-from conveyor.inference.generate import Request, RequestQueue, Result, SchedulerHooks, run_generation
-from conveyor.inference.sampling import SamplingParams
+from conveyor.inference.pipeline.generate import Request, RequestQueue, Result, SchedulerHooks, run_generation
+from conveyor.inference.pipeline.sampling import SamplingParams
 from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import save_tiny
 

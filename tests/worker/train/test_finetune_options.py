@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conveyor.inference.families import load_arch
+from conveyor.inference.model.families import load_arch
 from conveyor.spec import parse_spec
 from conveyor.testing.tiny import save_tiny
 from conveyor.topology import Layout, Topology

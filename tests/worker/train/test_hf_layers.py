@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conveyor.inference.families import load_arch
+from conveyor.inference.model.families import load_arch
 from conveyor.pipe.module import PipelineModule
 from conveyor.testing.tiny import FAMILIES, save_tiny
 from conveyor.train.export import hf_state

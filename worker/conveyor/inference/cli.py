@@ -20,8 +20,8 @@ from conveyor.utils import free_port
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    from conveyor.inference.families import UnsupportedModelError, load_arch
-    from conveyor.inference.tensor_parallel import TensorParallelError, check_divisible
+    from conveyor.inference.model.families import UnsupportedModelError, load_arch
+    from conveyor.inference.pipeline.tensor_parallel import TensorParallelError, check_divisible
 
     # Refuse a bad model or layout here, before any process starts.
     try:
@@ -73,23 +73,23 @@ def rank_main(config: dict[str, Any]) -> int:
     die_with_parent()  # a rank never outlives `conveyor generate`
 
     from conveyor.distributed import destroy_distributed, init_distributed
-    from conveyor.inference import compile_cache
-    from conveyor.inference.cuda_graphs import CompileOptions
-    from conveyor.inference.generate import (
+    from conveyor.inference.job import load_tokenizer
+    from conveyor.inference.kernels import compile_cache
+    from conveyor.inference.kernels.cuda_graphs import CompileOptions
+    from conveyor.inference.pipeline.generate import (
         Request,
         Result,
         SchedulerHooks,
         micro_batch_layout,
         run_generation,
     )
-    from conveyor.inference.job import load_tokenizer
+    from conveyor.inference.pipeline.sampling import SamplingParams
     from conveyor.inference.rank_builder import (
         DTYPES,
         PromptTooLongError,
         build_generation_rank,
         cache_length,
     )
-    from conveyor.inference.sampling import SamplingParams
     from conveyor.topology import Layout, Topology
 
     info = init_distributed(device=config["device"])
@@ -101,7 +101,7 @@ def rank_main(config: dict[str, Any]) -> int:
     prompts = [tokenizer(p)["input_ids"] for p in config["prompt"]]
     requests = [Request(i, ids, config["max_new_tokens"]) for i, ids in enumerate(prompts)]
     t0 = time.perf_counter()
-    from conveyor.inference.families import load_arch
+    from conveyor.inference.model.families import load_arch
 
     arch = load_arch(model_dir)
     try:

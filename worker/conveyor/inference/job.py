@@ -25,19 +25,19 @@ from conveyor import metrics
 from conveyor.commit_protocol import rfc3339, write_termination_message
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
-from conveyor.inference import compile_cache
-from conveyor.inference.cuda_graphs import CompileOptions
-from conveyor.inference.generate import (
+from conveyor.inference.kernels import compile_cache
+from conveyor.inference.kernels.cuda_graphs import CompileOptions
+from conveyor.inference.pipeline.generate import (
     Request,
     Result,
     SchedulerHooks,
     micro_batch_layout,
     run_generation,
 )
+from conveyor.inference.pipeline.sampling import SamplingParams
 from conveyor.inference.progress import ResultLog, job_identity, merge_parts
 from conveyor.inference.rank_builder import DTYPES, PromptTooLongError, build_generation_rank, cache_length
 from conveyor.inference.run_progress import RunProgress
-from conveyor.inference.sampling import SamplingParams
 from conveyor.inference.validate import InputError, check_fits, read_rows, tokens
 from conveyor.log import get_logger
 from conveyor.preflight_gate import wait_at_gate
@@ -45,7 +45,7 @@ from conveyor.topology import Layout, Topology
 from conveyor.watchdog import PROGRESS
 
 if TYPE_CHECKING:
-    from conveyor.inference.families import Arch
+    from conveyor.inference.model.families import Arch
 
 __all__ = ["InputError", "load_tokenizer", "read_requests", "run_rank", "sampling_params"]
 log = get_logger(__name__)
@@ -121,7 +121,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     replicas = max(pod.replicas, 1)
     part_path = output if replicas == 1 else output.with_name(f"{output.name}.r{pod.replica}")
     results = ResultLog(part_path, job_identity(spec) if is_writer else None)
-    from conveyor.inference.families import load_arch
+    from conveyor.inference.model.families import load_arch
 
     arch = load_arch(spec.model.path)
     tokenizer = load_tokenizer(spec.model.path) if topo.stage == 0 else None

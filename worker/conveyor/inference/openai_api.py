@@ -25,8 +25,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from conveyor.inference.generate import RequestQueue, Result
-from conveyor.inference.sampling import SamplingParams
+from conveyor.inference.pipeline.generate import RequestQueue, Result
+from conveyor.inference.pipeline.sampling import SamplingParams
 
 
 class ApiError(Exception):

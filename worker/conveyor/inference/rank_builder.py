@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from conveyor.inference.cuda_graphs import CompiledStage, CompileOptions, WarmUpReport
-from conveyor.inference.model import StageModel
-from conveyor.inference.stage import PipelinePeers
+from conveyor.inference.kernels.cuda_graphs import CompiledStage, CompileOptions, WarmUpReport
+from conveyor.inference.model.stage_model import StageModel
+from conveyor.inference.pipeline.stage import PipelinePeers
 from conveyor.log import get_logger
 
 log = get_logger(__name__)
@@ -72,10 +72,10 @@ def prepare_rank(
     """Load this rank's stage and shard of ``model_dir`` (``quantization`` "int8": weight-only, see
     quantize.py), add the tensor-parallel all-reduces and allocate the KV cache (``lanes`` x ``max_len``).
     No warm-up: ``build_generation_rank`` does both."""
-    from conveyor.inference.families import load_arch
-    from conveyor.inference.loader import Shard, load_stage
-    from conveyor.inference.quantize import QUANTIZATIONS, quantize_int8
-    from conveyor.inference.tensor_parallel import add_all_reduce_hooks
+    from conveyor.inference.model.families import load_arch
+    from conveyor.inference.model.loader import Shard, load_stage
+    from conveyor.inference.pipeline.quantize import QUANTIZATIONS, quantize_int8
+    from conveyor.inference.pipeline.tensor_parallel import add_all_reduce_hooks
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not one of {list(QUANTIZATIONS)}")
@@ -122,7 +122,7 @@ def build_generation_rank(
     run, whatever the prompt lengths and context up to ``max_len``. ``cache_dir``: the persistent
     compile cache (compile_cache.py; None: inductor's default, no tile choices kept). ``on_phase(name,
     seconds)`` is called as each phase ends."""
-    from conveyor.inference import compile_cache
+    from conveyor.inference.kernels import compile_cache
 
     seconds: dict[str, float] = {}
 

@@ -25,11 +25,17 @@ import torch.distributed as dist
 from conveyor import metrics
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
-from conveyor.inference import compile_cache
-from conveyor.inference.cuda_graphs import CompileOptions
-from conveyor.inference.generate import Request, RequestQueue, Result, SchedulerHooks, micro_batch_layout
+from conveyor.inference.kernels import compile_cache
+from conveyor.inference.kernels.cuda_graphs import CompileOptions
+from conveyor.inference.pipeline.generate import (
+    Request,
+    RequestQueue,
+    Result,
+    SchedulerHooks,
+    micro_batch_layout,
+)
+from conveyor.inference.pipeline.sampling import SamplingParams
 from conveyor.inference.rank_builder import DTYPES, build_generation_rank
-from conveyor.inference.sampling import SamplingParams
 from conveyor.log import get_logger
 from conveyor.topology import Layout, Topology
 
@@ -195,9 +201,9 @@ def start_http(app: Any, port: int, host: str = "0.0.0.0") -> Any:
 
 def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUEST_TIMEOUT_SECONDS) -> int:
     """``port``: the HTTP port of the entry rank; ``timeout``: seconds a request may take."""
-    from conveyor.inference.families import load_arch
-    from conveyor.inference.generate import run_generation
     from conveyor.inference.job import load_tokenizer
+    from conveyor.inference.model.families import load_arch
+    from conveyor.inference.pipeline.generate import run_generation
 
     spec = pod.spec
     assert spec.serve is not None and spec.model is not None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from conveyor.inference.families import Arch
+    from conveyor.inference.model.families import Arch
     from conveyor.spec import PipelineJobSpec
 
 ROW_FORM = 'each line is one JSON object: {"id": ..., "prompt": "text"} or {"id": ..., "input_ids": [ints]}'
@@ -176,9 +176,9 @@ def _check_safetensors(path: Path) -> None:
 
 def check_model(model_dir: str | Path, stages: int, tensor_parallel: int) -> Arch:
     """config.json, the weight files' names, shapes and sizes, and the layout against the model."""
-    from conveyor.inference.families import load_arch, name_map
-    from conveyor.inference.loader import Checkpoint, stage_layers, verify_checkpoint
-    from conveyor.inference.tensor_parallel import check_divisible
+    from conveyor.inference.model.families import load_arch, name_map
+    from conveyor.inference.model.loader import Checkpoint, stage_layers, verify_checkpoint
+    from conveyor.inference.pipeline.tensor_parallel import check_divisible
 
     root = Path(model_dir)
     config = root / "config.json"

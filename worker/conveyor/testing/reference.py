@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from conveyor.inference.model import StageModel
+from conveyor.inference.model.stage_model import StageModel
+from conveyor.inference.pipeline.stage import PipelinePeers
 from conveyor.inference.rank_builder import prepare_rank
-from conveyor.inference.stage import PipelinePeers
 from conveyor.topology import Layout, Topology
 
 

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from conveyor.commit_protocol import fsync_dir
-from conveyor.inference.families import Arch, NameMap, name_map
-from conveyor.inference.loader import Checkpoint
+from conveyor.inference.model.families import Arch, NameMap, name_map
+from conveyor.inference.model.loader import Checkpoint
 from conveyor.pipe.module import PipelineModule
 from conveyor.topology import Topology
 from conveyor.train.hf_layers import TIED_KEY, Role, layer_module

@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from conveyor.commit_protocol import CheckpointError, resume_point, verify
-from conveyor.inference.families import load_arch
+from conveyor.inference.model.families import load_arch
 from conveyor.pipe.module import PipelineModule
 from conveyor.topology import Layout, Topology
 from conveyor.train.export import export

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from conveyor.inference.families import Arch, load_arch
+from conveyor.inference.model.families import Arch, load_arch
 from conveyor.log import get_logger
 from conveyor.pipe.config import ConfigError, EngineConfig, load_config
 from conveyor.pipe.engine import PipelineEngine

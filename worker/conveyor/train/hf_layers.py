@@ -1,6 +1,6 @@
 """An HF causal LM as a ``PipelineModule`` layer list, filled from its checkpoint one rank's layers at a time.
 
-The layers are inference/model.py's (one decoder ``Block`` for every family, fused qkv and gate|up), so
+The layers are inference/model/stage_model.py's (one decoder ``Block`` for every family, fused qkv and gate|up), so
 training and generation run the same code: the token embedding first, then the family's input extras
 (OPT's ``project_in``, learned positions), one entry per decoder layer, the final norm (and OPT's
 ``project_out``), and the LM head last. Tied embeddings are one ``TiedLayerSpec`` used at both ends:
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conveyor.inference.families import Arch, name_map
-from conveyor.inference.loader import (
+from conveyor.inference.model.families import Arch, name_map
+from conveyor.inference.model.loader import (
     Checkpoint,
     CheckpointError,
     Shard,
@@ -30,7 +30,7 @@ from conveyor.inference.loader import (
     _LayerReader,
     verify_checkpoint,
 )
-from conveyor.inference.model import Block, Norm, Step, rope_inv_freq
+from conveyor.inference.model.stage_model import Block, Norm, Step, rope_inv_freq
 from conveyor.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 
 TIED_KEY = "embed"

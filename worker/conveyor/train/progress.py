@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from conveyor import metrics
-from conveyor.inference.families import Arch
+from conveyor.inference.model.families import Arch
 from conveyor.log import get_logger
 
 log = get_logger("conveyor.train")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conveyor.inference.model import decode_attention
+from conveyor.inference.model.stage_model import decode_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 def skinny_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
     """(case, max error, tolerance) of skinny_matmul against a float64 product."""
-    from conveyor.inference.skinny_matmul import Tiles, skinny_matmul
+    from conveyor.inference.kernels.skinny_matmul import Tiles, skinny_matmul
 
     torch.manual_seed(0)
     out = []
@@ -70,7 +70,7 @@ def op_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]
     """(case, max error, tolerance) of the custom ops (decode_linear, decode_gate_up) with a tile choice
     in place against torch's form of the same product: the ops run the chosen kernel and shape its
     output as their input."""
-    from conveyor.inference import skinny_matmul as sm
+    from conveyor.inference.kernels import skinny_matmul as sm
 
     torch.manual_seed(0)
     out = []
@@ -97,7 +97,7 @@ def op_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]
 
 def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
     """(case, max error, tolerance) of decode_attention against SDPA on the same cache slice."""
-    from conveyor.inference import decode_attention as da
+    from conveyor.inference.kernels import decode_attention as da
 
     torch.manual_seed(0)
     out = []

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conveyor.inference import skinny_matmul
-from conveyor.inference.model import StageModel
+from conveyor.inference.kernels import skinny_matmul
+from conveyor.inference.model.stage_model import StageModel
 
 Quantization = Literal["none", "int8"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)

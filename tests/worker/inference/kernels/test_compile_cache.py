@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conveyor.inference import compile_cache, skinny_matmul
-from conveyor.inference.cuda_graphs import EAGER, CompiledStage
+from conveyor.inference.kernels import compile_cache, skinny_matmul
+from conveyor.inference.kernels.cuda_graphs import EAGER, CompiledStage
 from conveyor.inference.rank_builder import PromptTooLongError, build_generation_rank, cache_length
 from conveyor.inference.run_progress import RunProgress
 from conveyor.testing.tiny import save_tiny

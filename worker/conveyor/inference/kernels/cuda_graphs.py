@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from conveyor.inference.kv_cache import KVCache
-from conveyor.inference.model import Block, StageModel, Step
-from conveyor.inference.side_stream import warm_up
+from conveyor.inference.kernels.side_stream import warm_up
+from conveyor.inference.model.kv_cache import KVCache
+from conveyor.inference.model.stage_model import Block, StageModel, Step
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class CompiledStage:
         self._decode_layer: Callable[..., torch.Tensor] | None = None
         self._layer: Callable[..., torch.Tensor] | None = None
         if options.triton_kernels and cuda:
-            from conveyor.inference import decode_attention
+            from conveyor.inference.kernels import decode_attention
 
             model.decode_kernel = decode_attention.attend
         if self.compiling:
@@ -258,7 +258,7 @@ class CompiledStage:
         the compiled prompt layer (one and several prompts; first passes and later chunks), the compiled
         decode step and its CUDA graph. Writes only the cache's scratch slots. ``on_phase(name, seconds)``
         as each phase ends (a phase may end more than once: its seconds add up)."""
-        from conveyor.inference import skinny_matmul
+        from conveyor.inference.kernels import skinny_matmul
 
         model, cache = self.model, self.model.cache
         assert cache is not None, "setup_cache() before warm_up()"

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conveyor.inference.generate import Request
-from conveyor.inference.sampling import SamplingParams
+from conveyor.inference.pipeline.generate import Request
+from conveyor.inference.pipeline.sampling import SamplingParams
 from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import save_tiny
 

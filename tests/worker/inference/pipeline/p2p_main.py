@@ -1,4 +1,4 @@
-"""One rank of the p2p steadiness test: ``python -m tests.worker.inference.p2p_main ITEMS OUT``.
+"""One rank of the p2p steadiness test: ``python -m tests.worker.inference.pipeline.p2p_main ITEMS OUT``.
 
 Rank 0 sends ITEMS work items (metadata + a hidden-state payload) to rank 1, which answers each with a
 token, as generation's ring does; rank 0 writes the CPU seconds of its sending thread in each tenth of the
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from conveyor.distributed import destroy_distributed, init_distributed
-from conveyor.inference.p2p import Channel, meta_group
+from conveyor.inference.pipeline.p2p import Channel, meta_group
 
 
 def main(items: int, out: str) -> None:

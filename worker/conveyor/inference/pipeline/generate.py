@@ -35,9 +35,17 @@ from typing import Any
 
 import torch
 
-from conveyor.inference.model import StageModel
-from conveyor.inference.sampling import SamplingParams, sequence_key
-from conveyor.inference.stage import DECODE, EXTEND, HEADER, IDLE, PREFILL, PipelinePeers, StageWorker
+from conveyor.inference.model.stage_model import StageModel
+from conveyor.inference.pipeline.sampling import SamplingParams, sequence_key
+from conveyor.inference.pipeline.stage import (
+    DECODE,
+    EXTEND,
+    HEADER,
+    IDLE,
+    PREFILL,
+    PipelinePeers,
+    StageWorker,
+)
 
 __all__ = [
     "PipelinePeers",

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conveyor.inference import compile_cache
-from conveyor.inference.cuda_graphs import CompiledStage, CompileOptions
-from conveyor.inference.generate import Request
-from conveyor.inference.sampling import SamplingParams
+from conveyor.inference.kernels import compile_cache
+from conveyor.inference.kernels.cuda_graphs import CompiledStage, CompileOptions
+from conveyor.inference.pipeline.generate import Request
+from conveyor.inference.pipeline.sampling import SamplingParams
 from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import save_tiny
 

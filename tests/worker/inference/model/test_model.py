@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conveyor.inference.families import UnsupportedModelError, load_arch, name_map
-from conveyor.inference.loader import CheckpointError, Shard, load_stage, stage_layers
-from conveyor.inference.sampling import SamplingParams, counter_uniform, filter_top_k_top_p, sample
-from conveyor.inference.tensor_parallel import TensorParallelError, plan_layer
+from conveyor.inference.model.families import UnsupportedModelError, load_arch, name_map
+from conveyor.inference.model.loader import CheckpointError, Shard, load_stage, stage_layers
+from conveyor.inference.pipeline.sampling import SamplingParams, counter_uniform, filter_top_k_top_p, sample
+from conveyor.inference.pipeline.tensor_parallel import TensorParallelError, plan_layer
 from conveyor.testing.tiny import save_tiny, tiny_model
 from safetensors.torch import load_file, save_file
 
@@ -129,7 +129,7 @@ def test_policy_overrides_detection_and_is_checked() -> None:
 
 
 def load_arch_of(family: str):
-    from conveyor.inference.families import arch_from_config
+    from conveyor.inference.model.families import arch_from_config
 
     return arch_from_config(tiny_model(family).config)
 

@@ -80,7 +80,7 @@ class TileChoices:
 
     def load(self) -> int:
         """Add the saved choices to skinny_matmul's; returns how many."""
-        from conveyor.inference import skinny_matmul
+        from conveyor.inference.kernels import skinny_matmul
 
         rows = self._read()
         for row in rows:
@@ -100,7 +100,7 @@ class TileChoices:
 
     def save(self) -> None:
         """This device's choices, merged with what the file holds (another replica may have added some)."""
-        from conveyor.inference import skinny_matmul
+        from conveyor.inference.kernels import skinny_matmul
 
         rows = {
             json.dumps({k: v for k, v in r.items() if k != "tiles"}, sort_keys=True): r for r in self._read()

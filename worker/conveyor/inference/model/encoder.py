@@ -9,10 +9,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from conveyor.inference.families import ENCODER_FAMILIES, load_arch
-from conveyor.inference.loader import Shard, load_stage
-from conveyor.inference.model import StageModel
-from conveyor.inference.tensor_parallel import Policy, add_all_reduce_hooks
+from conveyor.inference.model.families import ENCODER_FAMILIES, load_arch
+from conveyor.inference.model.loader import Shard, load_stage
+from conveyor.inference.model.stage_model import StageModel
+from conveyor.inference.pipeline.tensor_parallel import Policy, add_all_reduce_hooks
 
 
 def load_encoder(

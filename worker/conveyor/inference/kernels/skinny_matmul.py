@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from conveyor.inference.side_stream import warm_up
+from conveyor.inference.kernels.side_stream import warm_up
 
 try:
     import triton

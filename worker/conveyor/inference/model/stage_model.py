@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conveyor.inference.families import Arch
-from conveyor.inference.kv_cache import KVCache
+from conveyor.inference.model.families import Arch
+from conveyor.inference.model.kv_cache import KVCache
 
 # HF activation names -> functions (the tanh form is HF's gelu_new / gelu_pytorch_tanh / gelu_fast).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

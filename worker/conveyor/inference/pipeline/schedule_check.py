@@ -38,9 +38,9 @@ from typing import Any, cast
 
 import torch
 
-from conveyor.inference.generate import PREFILL_CHUNK, Request, Result, Scheduler, SchedulerHooks
-from conveyor.inference.sampling import SamplingParams, sequence_key
-from conveyor.inference.stage import DECODE, EXTEND, PREFILL, STOP, PipelinePeers, StageWorker
+from conveyor.inference.pipeline.generate import PREFILL_CHUNK, Request, Result, Scheduler, SchedulerHooks
+from conveyor.inference.pipeline.sampling import SamplingParams, sequence_key
+from conveyor.inference.pipeline.stage import DECODE, EXTEND, PREFILL, STOP, PipelinePeers, StageWorker
 from conveyor.pipe.schedule import ScheduleError
 
 KIND_LETTER = {PREFILL: "P", EXTEND: "E", DECODE: "D", STOP: "X"}
@@ -549,7 +549,7 @@ def check_generation(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m conveyor.inference.schedule_check --stages 2 --prompts 3,9,2``: check one layout and
+    """``python -m conveyor.inference.pipeline.schedule_check --stages 2 --prompts 3,9,2``: check one layout and
     print its grid (what each rank sends, receives and runs, in order)."""
     import argparse
 

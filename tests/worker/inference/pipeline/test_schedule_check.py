@@ -4,9 +4,9 @@ pattern; and deliberate mistakes, which must be reported at the rank and step wh
 
 import pytest
 import torch
-from conveyor.inference import generate
-from conveyor.inference.generate import Request, Scheduler
-from conveyor.inference.schedule_check import (
+from conveyor.inference.pipeline import generate
+from conveyor.inference.pipeline.generate import Request, Scheduler
+from conveyor.inference.pipeline.schedule_check import (
     STOP_TOKEN,
     check_generation,
     expected_output,

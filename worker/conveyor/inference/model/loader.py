@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from conveyor.inference.families import Arch, LayerLinear, NameMap, name_map
-from conveyor.inference.model import StageModel, local_arch
-from conveyor.inference.tensor_parallel import Policy, check_divisible, plan_layer, shard_range
+from conveyor.inference.model.families import Arch, LayerLinear, NameMap, name_map
+from conveyor.inference.model.stage_model import StageModel, local_arch
+from conveyor.inference.pipeline.tensor_parallel import Policy, check_divisible, plan_layer, shard_range
 
 
 class CheckpointError(ValueError):

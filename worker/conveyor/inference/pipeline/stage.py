@@ -14,10 +14,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from conveyor.inference.cuda_graphs import CompiledStage
-from conveyor.inference.model import StageModel
-from conveyor.inference.p2p import Channel, meta_group
-from conveyor.inference.sampling import SamplingParams, sample
+from conveyor.inference.kernels.cuda_graphs import CompiledStage
+from conveyor.inference.model.stage_model import StageModel
+from conveyor.inference.pipeline.p2p import Channel, meta_group
+from conveyor.inference.pipeline.sampling import SamplingParams, sample
 
 PREFILL, DECODE, STOP, EXTEND, IDLE = 1, 2, 0, 3, 4
 HEADER = 5  # kind, lane_start, n, S, kv_len

@@ -13,15 +13,15 @@ import pytest
 import torch
 import triton  # noqa: F401  (torch's Linux wheels depend on it: its absence is a broken install, not a skip)
 
-from tests.worker.inference import kernel_cases
+from tests.worker.inference.kernels import kernel_cases
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def test_kernels_match_torch_in_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT / 'worker'}{os.pathsep}{ROOT}"}
     run = subprocess.run(
-        [sys.executable, "-m", "tests.worker.inference.kernel_cases"],
+        [sys.executable, "-m", "tests.worker.inference.kernels.kernel_cases"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -33,7 +33,7 @@ def test_kernels_match_torch_in_the_interpreter() -> None:
 
 
 def test_decode_linear_without_a_choice_is_torch_linear() -> None:
-    from conveyor.inference.skinny_matmul import decode_linear
+    from conveyor.inference.kernels.skinny_matmul import decode_linear
 
     x, w = torch.randn(2, 1, 8), torch.randn(5, 8)
     torch.testing.assert_close(decode_linear(x, w), torch.nn.functional.linear(x, w), rtol=0, atol=0)
@@ -50,7 +50,7 @@ def test_kernels_match_torch_on_the_gpu(cases) -> None:  # type: ignore[no-untyp
 
 @pytest.mark.gpu
 def test_routed_linears_give_cublas_results_on_the_gpu() -> None:
-    from conveyor.inference import skinny_matmul
+    from conveyor.inference.kernels import skinny_matmul
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*(torch.nn.Linear(1024, 1024, bias=i == 0) for i in range(8)))
@@ -70,7 +70,7 @@ def test_routed_linears_give_cublas_results_on_the_gpu() -> None:
 def test_split_k_product_replays_in_a_cuda_graph_on_the_gpu() -> None:
     """A product split along K, captured in a CUDA graph and replayed: the same result every replay (the
     arrival counters are left at zero) and cuBLAS's within rounding."""
-    from conveyor.inference import skinny_matmul
+    from conveyor.inference.kernels import skinny_matmul
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(4096, 1024, bias=False).to("cuda", torch.bfloat16)
@@ -103,10 +103,10 @@ def test_gate_up_applies_the_gate_on_the_gpu(int8: bool, fused: bool) -> None:
     """Routed, a silu-gated MLP's gate | up layer returns silu(gate) * up itself, fused in the kernel or
     after the product as tune chose, eager and compiled: the unrouted MLP's output, at decode and at
     prefill."""
-    from conveyor.inference import skinny_matmul
-    from conveyor.inference.families import arch_from_config
-    from conveyor.inference.model import MLP
-    from conveyor.inference.quantize import Int8Linear
+    from conveyor.inference.kernels import skinny_matmul
+    from conveyor.inference.model.families import arch_from_config
+    from conveyor.inference.model.stage_model import MLP
+    from conveyor.inference.pipeline.quantize import Int8Linear
     from transformers import LlamaConfig
 
     arch = arch_from_config(

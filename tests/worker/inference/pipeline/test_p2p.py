@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def test_a_long_run_keeps_a_flat_time_per_item_and_a_bounded_backlog(tmp_path: Path) -> None:
     out = tmp_path / "p2p.json"
-    run_ranks(2, ["-m", "tests.worker.inference.p2p_main", "4000", str(out)], timeout=180)
+    run_ranks(2, ["-m", "tests.worker.inference.pipeline.p2p_main", "4000", str(out)], timeout=180)
     result = json.loads(out.read_text())
     chunks, backlog = result["chunks"], result["backlog"]
     # 12,000 sends: a list rescanned per send made the last tenth cost several times the second

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conveyor.inference.families import Arch, LinearKind, NameMap
+from conveyor.inference.model.families import Arch, LinearKind, NameMap
 
 Role = Literal["column", "row"]
 Policy = Mapping[str | type, Sequence[str]]

@@ -1,4 +1,4 @@
-"""One rank of the tensor-parallel encoder test: ``python -m tests.worker.inference.encoder_main DIR OUT``.
+"""One rank of the tensor-parallel encoder test: ``python -m tests.worker.inference.model.encoder_main DIR OUT``.
 Writes the embeddings of ``SENTENCES`` (rank 0) as a torch file."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import sys
 
 import torch
 from conveyor.distributed import destroy_distributed, init_distributed
-from conveyor.inference.encoder import load_encoder, sentence_embeddings
-from conveyor.inference.loader import Shard
+from conveyor.inference.model.encoder import load_encoder, sentence_embeddings
+from conveyor.inference.model.loader import Shard
 from conveyor.topology import Layout, Topology
 
 SENTENCES = [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conveyor.inference.generate import Request, SchedulerHooks, run_generation
-from conveyor.inference.sampling import SamplingParams
+from conveyor.inference.pipeline.generate import Request, SchedulerHooks, run_generation
+from conveyor.inference.pipeline.sampling import SamplingParams
 from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import FAMILIES, save_tiny
 

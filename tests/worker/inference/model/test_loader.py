@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import conveyor.inference.loader as loader
+import conveyor.inference.model.loader as loader
 import pytest
 import torch
-from conveyor.inference.families import load_arch
-from conveyor.inference.loader import Shard, load_stage
+from conveyor.inference.model.families import load_arch
+from conveyor.inference.model.loader import Shard, load_stage
 from conveyor.testing.tiny import save_tiny
 from safetensors import safe_open
 
