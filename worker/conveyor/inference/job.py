@@ -96,24 +96,105 @@ def write_termination(completed: bool, step: int) -> None:
     write_termination_message(path, completed, {"step": step, "time": rfc3339()})
 
 
+class StartupClock:
+    """Seconds per start-up phase, each timed from the end of the one before (the first from the
+    process's start, when known): logged with "inference starting"."""
+
+    def __init__(self, started: float | None) -> None:
+        self._mark = time.monotonic()
+        self.seconds: dict[str, float] = {} if started is None else {"import": self._mark - started}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = now - self._mark
+        self._mark = now
+
+
+def pending_work(pod: PodEnv, results: ResultLog, output: Path, tokenizer: Any, arch: Arch) -> dict[str, Any]:
+    """Rank 0's decision, broadcast to the group: ``{"done", "completed", "requests"}`` (this replica's
+    prompts not yet committed, longest first) or ``{"error"}`` (bad input, one line)."""
+    spec, replicas = pod.spec, max(pod.replicas, 1)
+    assert spec.inference is not None
+    try:
+        results.lock()  # held until this process ends: a second run of the output is refused
+        results.check(merged=output if replicas > 1 else None)
+        if results.done:
+            return {"done": True, "completed": results.completed, "requests": []}
+        committed = results.committed_ids()
+        inf = spec.inference
+        todo = read_requests(inf.input, pod.replica, replicas, tokenizer, inf.max_new_tokens, arch)
+        todo = [r for r in todo if json.dumps(r.id) not in committed]
+        # Longest first: prompts admitted together are prefilled as one pass padded to the longest, so
+        # neighbours of like length waste no compute on padding (prompts of 32-255 tokens in input
+        # order: 1.75 tokens computed per prompt token, sorted 1.05); results are keyed by id, so their
+        # order is free.
+        todo.sort(key=lambda r: len(r.prompt_ids), reverse=True)
+        return {"done": False, "completed": len(committed), "requests": todo}
+    except InputError as err:
+        return {"error": str(err)}
+
+
+class ResultSink:
+    """The scheduler's hooks on every rank of the group; on the writer (stage 0, tp 0) they append each
+    result, commit every ``every`` results or COMMIT_SECONDS, count tokens and log progress."""
+
+    def __init__(self, job: str, results: ResultLog, *, is_writer: bool, stage: int, every: int) -> None:
+        self.job, self.results, self.is_writer, self.stage, self.every = job, results, is_writer, stage, every
+        self.last_commit = time.monotonic()
+        self.progress: RunProgress | None = None
+
+    def start(self, total: int, done_before: int) -> None:
+        self.progress = RunProgress(total, done_before, every=LOG_SECONDS)
+
+    def commit(self, done: bool = False) -> None:
+        t0, pending = time.monotonic(), self.results.uncommitted
+        self.results.commit(done=done)
+        self.last_commit = time.monotonic()
+        metrics.CHECKPOINT_SECONDS.labels(self.job).observe(self.last_commit - t0)
+        metrics.PROMPTS_COMPLETED.labels(self.job).inc(pending)
+        metrics.LAST_CHECKPOINT_STEP.labels(self.job).set(self.results.completed)
+        metrics.LAST_CHECKPOINT_TIME.labels(self.job).set(time.time())
+
+    def on_result(self, r: Result) -> None:
+        if not self.is_writer:
+            return
+        self.results.append(
+            {"id": r.id, "output_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason}
+        )
+        if self.results.uncommitted >= self.every or time.monotonic() - self.last_commit > COMMIT_SECONDS:
+            self.commit()
+        assert self.progress is not None
+        line = self.progress.result(len(r.output_ids))
+        if line is not None:
+            log.info("progress", extra=line)
+
+    def on_first_token(self, dt: float) -> None:
+        if self.is_writer:  # one rank counts, so summing the job's endpoints counts each token once
+            metrics.TIME_TO_FIRST_TOKEN.labels(self.job).observe(dt)
+            metrics.TOKENS_GENERATED.labels(self.job).inc()
+
+    def on_decode_step(self, dt: float, tokens: int) -> None:
+        if self.is_writer:
+            metrics.TOKEN_LATENCY.labels(self.job).observe(dt)
+            PROGRESS.beat()  # the liveness probe's evidence of progress (watchdog.py)
+            metrics.TOKENS_GENERATED.labels(self.job).inc(tokens)
+
+    def on_wait(self, dt: float) -> None:
+        metrics.BUBBLE_SECONDS.labels(self.job, str(self.stage)).inc(dt)
+
+    def hooks(self) -> SchedulerHooks:
+        return SchedulerHooks(self.on_result, self.on_first_token, self.on_decode_step, self.on_wait)
+
+
 def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     """``started``: the process's start (time.monotonic): start-up is timed from there."""
     spec = pod.spec
     assert spec.inference is not None and spec.model is not None
-    startup: dict[str, float] = {}
-    mark = [time.monotonic()]
-    if started is not None:
-        startup["import"] = mark[0] - started
-
-    def lap(name: str) -> None:
-        now = time.monotonic()
-        startup[name] = now - mark[0]
-        mark[0] = now
-
+    clock = StartupClock(started)
     info = init_distributed(device=spec.device)
-    lap("rendezvous")
+    clock.lap("rendezvous")
     wait_at_gate()  # nothing of the model or the input is read before the pre-flight checks pass
-    lap("preflight")
+    clock.lap("preflight")
     topo = Topology(Layout(1, pod.stages, pod.tensor_parallel))
     job, inf = pod.job, spec.inference
     is_writer = topo.stage == 0 and topo.tp_rank == 0
@@ -125,31 +206,13 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
 
     arch = load_arch(spec.model.path)
     tokenizer = load_tokenizer(spec.model.path) if topo.stage == 0 else None
-    lap("config")
+    clock.lap("config")
 
     # Rank 0 decides what is left; everyone learns it (stage-0 ranks need the prompts, all need sizes).
-    state: list[Any] = [None]
-    if info.rank == 0:
-        try:
-            results.lock()  # held until this process ends: a second run of the output is refused
-            results.check(merged=output if replicas > 1 else None)
-            if results.done:
-                state[0] = {"done": True, "completed": results.completed, "requests": []}
-            else:
-                committed = results.committed_ids()
-                todo = read_requests(inf.input, pod.replica, replicas, tokenizer, inf.max_new_tokens, arch)
-                todo = [r for r in todo if json.dumps(r.id) not in committed]
-                # Longest first: prompts admitted together are prefilled as one pass padded to the
-                # longest, so neighbours of like length waste no compute on padding (prompts of 32-255
-                # tokens in input order: 1.75 tokens computed per prompt token, sorted 1.05); results are keyed by
-                # id, so their order is free.
-                todo.sort(key=lambda r: len(r.prompt_ids), reverse=True)
-                state[0] = {"done": False, "completed": len(committed), "requests": todo}
-        except InputError as err:
-            state[0] = {"error": str(err)}
-    lap("input")
+    state: list[Any] = [pending_work(pod, results, output, tokenizer, arch) if info.rank == 0 else None]
+    clock.lap("input")
     dist.broadcast_object_list(state, src=0)  # (the first collective: NCCL sets up its communicator)
-    lap("sync")
+    clock.lap("sync")
     if "error" in state[0]:  # every rank stops with rank 0's one-line cause (exit 2: bad input)
         destroy_distributed()
         raise InputError(state[0]["error"])
@@ -186,52 +249,17 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     )
     for what in ("compiles", "captures"):
         metrics.COMPILES.labels(job, what, "warm_up").inc(rank.compiled.counts[what])
-    model, peers = rank.model, rank.peers
-    mark[0] = time.monotonic()
-    startup.update(rank.seconds)
+    clock.seconds.update(rank.seconds)
     metrics.READINESS.loaded()  # the pod's readiness probe (/ready) turns 200: loaded and warm
-    params = sampling_params(spec, arch.eos_token_ids)
-    every = spec.checkpoint.every if spec.checkpoint else 1
+    sink = ResultSink(
+        job,
+        results,
+        is_writer=is_writer,
+        stage=topo.stage,
+        every=spec.checkpoint.every if spec.checkpoint else 1,
+    )
     total, done_before = len(todo) + state[0]["completed"], state[0]["completed"]
-    last_commit = [time.monotonic()]
-    progress = RunProgress(total, done_before, every=LOG_SECONDS)
-
-    def commit(done: bool = False) -> None:
-        t0, pending = time.monotonic(), results.uncommitted
-        results.commit(done=done)
-        last_commit[0] = time.monotonic()
-        metrics.CHECKPOINT_SECONDS.labels(job).observe(last_commit[0] - t0)
-        metrics.PROMPTS_COMPLETED.labels(job).inc(pending)
-        metrics.LAST_CHECKPOINT_STEP.labels(job).set(results.completed)
-        metrics.LAST_CHECKPOINT_TIME.labels(job).set(time.time())
-
-    def on_result(r: Result) -> None:
-        if not is_writer:
-            return
-        results.append(
-            {"id": r.id, "output_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason}
-        )
-        if results.uncommitted >= every or time.monotonic() - last_commit[0] > COMMIT_SECONDS:
-            commit()
-        line = progress.result(len(r.output_ids))
-        if line is not None:
-            log.info("progress", extra=line)
-
-    def on_first_token(dt: float) -> None:
-        if is_writer:  # one rank counts, so summing the job's endpoints counts each token once
-            metrics.TIME_TO_FIRST_TOKEN.labels(job).observe(dt)
-            metrics.TOKENS_GENERATED.labels(job).inc()
-
-    def on_decode_step(dt: float, tokens: int) -> None:
-        if is_writer:
-            metrics.TOKEN_LATENCY.labels(job).observe(dt)
-            PROGRESS.beat()  # the liveness probe's evidence of progress (watchdog.py)
-            metrics.TOKENS_GENERATED.labels(job).inc(tokens)
-
-    def on_wait(dt: float) -> None:
-        metrics.BUBBLE_SECONDS.labels(job, str(topo.stage)).inc(dt)
-
-    hooks = SchedulerHooks(on_result, on_first_token, on_decode_step, on_wait)
+    sink.start(total, done_before)
     if is_writer:
         metrics.PROMPT_TOKENS.labels(job).inc(sum(len(r.prompt_ids) for r in todo))
     log.info(
@@ -241,22 +269,22 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
             "skipped": done_before,
             "micro_batches": micro_batches,
             "lanes": micro_batches * lanes_per_micro_batch,
-            "startup_seconds": {k: round(v, 2) for k, v in startup.items()},
+            "startup_seconds": {k: round(v, 2) for k, v in clock.seconds.items()},
             "quantization": inf.quantization,
         },
     )
     if is_writer:
         results.open()
     run_generation(
-        model,
-        peers,
-        params,
+        rank.model,
+        rank.peers,
+        sampling_params(spec, arch.eos_token_ids),
         todo,
         micro_batches=micro_batches,
         lanes_per_micro_batch=lanes_per_micro_batch,
         device=info.device,
         tokenizer=tokenizer,
-        hooks=hooks,
+        hooks=sink.hooks(),
     )
     for what in ("compiles", "captures"):
         if late := rank.compiled.counts[f"late_{what}"]:
@@ -264,13 +292,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     if info.device.type == "cuda":
         metrics.GPU_MEMORY_BYTES.labels(job, str(info.rank)).set(torch.cuda.memory_allocated())
     if is_writer:
-        commit(done=True)
-        results.close()
-        if replicas > 1:
-            parts = [ResultLog(output.with_name(f"{output.name}.r{r}")) for r in range(replicas)]
-            if merge_parts(parts, output):
-                log.info("all replicas done; merged their outputs", extra={"output": str(output)})
-        log.info("inference complete", extra={"completed": results.completed, "total": total})
+        finish_output(sink, output, replicas, total)
     dist.barrier()  # why: no rank reports completion before the results are committed
     if local_rank == 0:
         write_termination(True, total)
@@ -281,3 +303,14 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
         destroy_distributed()
     log.info("rank done", extra={"teardown_seconds": round(time.monotonic() - t0, 2)})
     return 0
+
+
+def finish_output(sink: ResultSink, output: Path, replicas: int, total: int) -> None:
+    """The writer's last commit; with replicas, whoever finishes last merges the parts atomically."""
+    sink.commit(done=True)
+    sink.results.close()
+    if replicas > 1:
+        parts = [ResultLog(output.with_name(f"{output.name}.r{r}")) for r in range(replicas)]
+        if merge_parts(parts, output):
+            log.info("all replicas done; merged their outputs", extra={"output": str(output)})
+    log.info("inference complete", extra={"completed": sink.results.completed, "total": total})
