@@ -1,12 +1,15 @@
 """The HTTP app without a model: a full queue answers 429, a request past its timeout 504 (and leaves
 the queue), 503 before ready; streamed pieces concatenate to the final text (stop strings, multi-byte
-characters). The whole path, model included, is in test_serve.py."""
+characters); n choices, merged. The whole path, model included, is in test_serve.py."""
 
 from __future__ import annotations
 
+import json
+import threading
+
 import pytest
 from conveyor.inference.openai_api import IncrementalText, build_app
-from conveyor.inference.pipeline.generate import Request, RequestQueue
+from conveyor.inference.pipeline.generate import Request, RequestQueue, Result
 from conveyor.inference.serve import ServeEngine, start_http
 from conveyor.testing.tiny import build_tokenizer
 from starlette.testclient import TestClient
@@ -92,3 +95,73 @@ def test_a_port_it_cannot_bind_is_an_error(tokenizer) -> None:
             start_http(build_app(engine), taken.getsockname()[1], host="127.0.0.1")
     server = start_http(build_app(engine), 0, host="127.0.0.1")  # a free port: listening on return
     server.should_exit = True
+
+
+class KeyedLoop:
+    """A generation loop without a model: each request's tokens follow from its sampling key (as a
+    sampled sequence's draws do), one token a step, through the engine's hooks."""
+
+    def __init__(self, engine: ServeEngine):
+        self.engine, self.stop = engine, threading.Event()
+        self.letters = engine.tokenizer.convert_tokens_to_ids(list("abcdefghijklmnopqrstuvwxyz"))
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        running: list[tuple[Request, list[int]]] = []
+        while not self.stop.is_set():
+            while len(running) < self.engine.lanes and (req := self.engine.queue.poll()) is not None:
+                running.append((req, []))
+            for req, out in list(running):
+                out.append(self.letters[(req.key + 7 * len(out)) % len(self.letters)])
+                self.engine.on_token(req, out[-1])
+                if len(out) == req.max_new_tokens:
+                    running.remove((req, out))
+                    text = self.engine.tokenizer.decode(out, skip_special_tokens=True)
+                    self.engine.on_result(Result(req.id, req.prompt_ids, out, "length", text))
+            self.stop.wait(0.001)
+
+    def __enter__(self) -> KeyedLoop:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def sse_chunks(response) -> list[dict]:
+    lines = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_n_choices_are_n_sequences_merged_in_one_response(tokenizer) -> None:
+    engine = ServeEngine("job", "m", tokenizer, max_len=64, lanes=4, queue=RequestQueue(8), timeout=10)
+    engine.set_ready()
+    http = TestClient(build_app(engine))
+    seeded = {**BODY, "temperature": 1.0, "seed": 11, "max_tokens": 6}
+    with KeyedLoop(engine):
+        one = http.post("/v1/completions", json=seeded).json()
+        three = http.post("/v1/completions", json={**seeded, "n": 3}).json()
+        again = http.post("/v1/completions", json={**seeded, "n": 3}).json()
+        streamed = http.post("/v1/completions", json={**seeded, "n": 3, "stream": True})
+        too_many = http.post("/v1/completions", json={**seeded, "n": 5})
+    texts = [c["text"] for c in three["choices"]]
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    assert texts[0] == one["choices"][0]["text"]  # choice 0 draws as the same request with n = 1
+    assert len(set(texts)) == 3  # each choice its own draws
+    assert [c["text"] for c in again["choices"]] == texts  # the seed repeats all of them
+    prompt = len(tokenizer(BODY["prompt"])["input_ids"])
+    assert three["usage"] == {"prompt_tokens": prompt, "completion_tokens": 18, "total_tokens": prompt + 18}
+    chunks = sse_chunks(streamed)
+    pieces = ["", "", ""]
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            pieces[c["index"]] += c["text"]
+    assert pieces == texts  # streamed choices concatenate to the non-streamed ones
+    assert [c["finish_reason"] for ch in chunks for c in ch["choices"] if c["finish_reason"]] == [
+        "length"
+    ] * 3
+    assert [ch.get("usage") for ch in chunks if ch.get("usage")] == [three["usage"]]  # once, at the end
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"  # 4 lanes
+    assert len(engine.queue) == 0

@@ -210,6 +210,28 @@ def test_a_seeded_request_repeats_its_text_among_greedy_ones(client: Any, hf: tu
     assert got[3] == hf_greedy(hf, tok(PROMPTS[2])["input_ids"], 12)
 
 
+def test_n_choices_through_the_pipeline(client: Any, hf: tuple[Any, Any]) -> None:
+    # n sequences of one prompt, each in its own lane: greedy ones are all HF's greedy text; sampled ones
+    # differ, choice 0 being what the same request with n = 1 gets; streamed ones concatenate alike
+    messages = [{"role": "user", "content": "Name a colour."}]
+    greedy = client.chat.completions.create(model=JOB, messages=messages, max_tokens=8, n=2)
+    want = hf_greedy(hf, chat_ids(hf, messages), 8)
+    assert [c.message.content for c in greedy.choices] == [want, want]
+    seeded = {"temperature": 1.2, "seed": 3, "max_tokens": 10}
+    one = client.completions.create(model=JOB, prompt=PROMPTS[2], **seeded).choices[0].text
+    three = client.completions.create(model=JOB, prompt=PROMPTS[2], n=3, **seeded)
+    texts = [c.text for c in sorted(three.choices, key=lambda c: c.index)]
+    assert texts[0] == one and len(set(texts)) == 3
+    assert three.usage.prompt_tokens == len(hf[0](PROMPTS[2])["input_ids"])  # the prompt once
+    if all(c.finish_reason == "length" for c in three.choices):
+        assert three.usage.completion_tokens == 30  # every choice's tokens
+    pieces = ["", "", ""]
+    for chunk in client.completions.create(model=JOB, prompt=PROMPTS[2], n=3, stream=True, **seeded):
+        for c in chunk.choices:
+            pieces[c.index] += c.text
+    assert pieces == texts
+
+
 def metric(server: str, name: str) -> float:
     for line in httpx.get(f"{server}/metrics").text.splitlines():
         if line.startswith(name + "{"):

@@ -5,6 +5,8 @@ server-sent events when asked; ``/v1/models``; ``/health`` (the process is alive
 rank of the group loaded and warmed up), ``/metrics`` (Prometheus). A bad request gets 400 naming the
 field (404 for an unknown model); a full queue 429; a request past its timeout 504. The app only
 talks to an ``Engine`` (serve.py): submit token ids, read a stream of tokens and one result, cancel.
+``n`` choices are n sequences of the same prompt, each in its own lane (their draws keyed by the seed and
+the choice's index: choice 0 is what the same request with n = 1 gets), merged into one response.
 
 Streamed text is decoded incrementally (``IncrementalText``): a piece is sent once it can no longer
 change (not the start of a multi-byte character, not possibly the start of a stop string), and the last
@@ -14,9 +16,10 @@ piece completes the final text, so the pieces concatenate to exactly the text a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -52,7 +55,7 @@ class _Body(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM's and HF's, which clients send too
     seed: int | None = Field(None, ge=0, lt=2**63)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1)  # at most the replica's lanes (checked against the engine)
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -60,8 +63,6 @@ class _Body(BaseModel):
     def sampling(self) -> SamplingParams | None:
         """This request's own parameters, or None (none given: the job's). A field given alone takes
         OpenAI's defaults for the others (temperature 1, top_p 1); temperature 0 is greedy."""
-        if self.n != 1:
-            raise ApiError(400, "only one choice per request (n = 1) is served by this version", "n")
         if (self.temperature, self.top_p, self.top_k, self.seed) == (None, None, None, None):
             return None
         return SamplingParams(
@@ -120,6 +121,7 @@ class Stream(Protocol):
 class Engine(Protocol):
     model_name: str
     max_len: int  # KV positions of a sequence: prompt + new tokens
+    lanes: int  # sequences generated at once: a request's n choices at most
     tokenizer: Any
     timeout: float  # seconds a request may take
 
@@ -131,6 +133,7 @@ class Engine(Protocol):
         stop: tuple[str, ...],
         sampling: SamplingParams | None = None,
         seed: int | None = None,  # the client's: keys the draws, so the same seed repeats a text
+        choice: int = 0,  # which of the request's n choices (its draws differ from the others')
     ) -> Stream: ...
     def cancel(self, stream: Stream) -> None: ...
     def metrics(self) -> tuple[bytes, str]: ...  # body, content type
@@ -198,6 +201,10 @@ def build_app(engine: Engine) -> Starlette:
                 "model",
             )
         body.sampling()  # refuses what cannot be served before the prompt is tokenized
+        if body.n > engine.lanes:
+            raise ApiError(
+                400, f"n: at most {engine.lanes} choices (the sequences this replica generates at once)", "n"
+            )
         where = "messages" if chat else "prompt"
         if chat:
             if getattr(engine.tokenizer, "chat_template", None) is None:
@@ -237,24 +244,30 @@ def build_app(engine: Engine) -> Starlette:
     async def generate(http: HttpRequest, chat: bool) -> Response:
         try:
             body, ids, limit = await prepare(http, chat)
+            streams: list[Stream] = []
             try:
-                stream = engine.submit(ids, limit, body.stops(), body.sampling(), body.seed)
+                for choice in range(body.n):
+                    streams.append(
+                        engine.submit(ids, limit, body.stops(), body.sampling(), body.seed, choice)
+                    )
             except RequestQueue.QueueFull:
+                for stream in streams:  # all n choices or none
+                    engine.cancel(stream)
                 raise ApiError(
                     429, "too many requests waiting; retry later", kind="rate_limit_error"
                 ) from None
         except ApiError as err:
             engine.count(err.status)
             return err.response()
-        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}", int(time.time())
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{streams[0].request_id}", int(time.time())
         head = {"id": rid, "created": created, "model": engine.model_name}
-        text = IncrementalText(engine.tokenizer, body.stops())
         if body.stream:
             engine.count(200)
+            texts = [IncrementalText(engine.tokenizer, body.stops()) for _ in streams]
             return StreamingResponse(
-                _events(engine, stream, text, head, chat), media_type="text/event-stream"
+                _events(engine, streams, texts, head, chat), media_type="text/event-stream"
             )
-        return await _complete(http, engine, stream, text, head, chat)
+        return await _complete(http, engine, streams, head, chat)
 
     async def completions(http: HttpRequest) -> Response:
         return await generate(http, chat=False)
@@ -290,85 +303,120 @@ def build_app(engine: Engine) -> Starlette:
 
 
 def _choice(
-    chat: bool, text: str | None, finish: str | None, delta: bool, first: bool = False
+    chat: bool, text: str | None, finish: str | None, delta: bool, first: bool = False, index: int = 0
 ) -> dict[str, Any]:
     if not chat:
-        return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
     if not delta:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+        }
     content: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
     if text:
         content["content"] = text
-    return {"index": 0, "delta": content, "finish_reason": finish}
+    return {"index": index, "delta": content, "finish_reason": finish}
+
+
+def _total_usage(results: list[Result]) -> dict[str, int]:
+    """The prompt once, the completions of every choice (OpenAI's count for n > 1)."""
+    return _usage(len(results[0].prompt_ids), sum(len(r.output_ids) for r in results))
+
+
+async def _merged(
+    streams: list[Stream], deadline: float | None = None
+) -> AsyncGenerator[tuple[int, int | Result], None]:
+    """(choice, token or result) from every stream as they come, until each has given its result;
+    raises TimeoutError at ``deadline`` (time.monotonic), if given."""
+    pending = {asyncio.ensure_future(s.next()): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise TimeoutError
+            for future in sorted(done, key=lambda f: pending[f]):
+                i = pending.pop(future)
+                item = future.result()
+                if not isinstance(item, Result):
+                    pending[asyncio.ensure_future(streams[i].next())] = i
+                yield i, item
+    finally:
+        for future in pending:  # a cancelled get takes nothing from its queue
+            future.cancel()
 
 
 async def _complete(
-    http: HttpRequest, engine: Engine, stream: Stream, text: IncrementalText, head: dict[str, Any], chat: bool
+    http: HttpRequest, engine: Engine, streams: list[Stream], head: dict[str, Any], chat: bool
 ) -> Response:
-    """A non-streamed request: wait for its result, the client's leaving or the timeout."""
+    """A non-streamed request: wait for every choice's result, the client's leaving or the timeout."""
 
-    async def result() -> Result:
-        while not isinstance(item := await stream.next(), Result):
-            pass  # a token: only the final text is sent
-        return item
+    async def results() -> list[Result]:
+        out: list[Result | None] = [None] * len(streams)
+        async with contextlib.aclosing(_merged(streams)) as items:
+            async for i, item in items:
+                if isinstance(item, Result):  # a token: only the final text is sent
+                    out[i] = item
+        return [r for r in out if r is not None]
 
-    done, gone = asyncio.ensure_future(result()), asyncio.ensure_future(_disconnected(http))
+    done, gone = asyncio.ensure_future(results()), asyncio.ensure_future(_disconnected(http))
     try:
         await asyncio.wait({done, gone}, timeout=engine.timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
     if not done.done():
         done.cancel()
-        engine.cancel(stream)
+        for stream in streams:
+            engine.cancel(stream)
         status = 499 if gone.done() and not gone.cancelled() else 504
         engine.count(status)
         return ApiError(
             status, f"the request did not finish within {engine.timeout:g}s", kind="timeout"
         ).response()
-    r = done.result()
+    finished = done.result()
     engine.count(200)
     obj = "chat.completion" if chat else "text_completion"
-    return JSONResponse(
-        {
-            **head,
-            "object": obj,
-            "choices": [_choice(chat, r.text or "", r.finish_reason, delta=False)],
-            "usage": _usage(len(r.prompt_ids), len(r.output_ids)),
-        }
-    )
+    choices = [
+        _choice(chat, r.text or "", r.finish_reason, delta=False, index=i) for i, r in enumerate(finished)
+    ]
+    return JSONResponse({**head, "object": obj, "choices": choices, "usage": _total_usage(finished)})
 
 
 async def _events(
-    engine: Engine, stream: Stream, text: IncrementalText, head: dict[str, Any], chat: bool
+    engine: Engine, streams: list[Stream], texts: list[IncrementalText], head: dict[str, Any], chat: bool
 ) -> AsyncIterator[bytes]:
-    """Server-sent events, one per piece of text; the client's leaving (this generator cancelled by
-    Starlette) or the timeout cancels the request."""
+    """Server-sent events, one per piece of text of a choice; the last choice to finish carries the
+    usage. The client's leaving (this generator cancelled by Starlette) or the timeout cancels the
+    request."""
     obj = "chat.completion.chunk" if chat else "text_completion"
-    deadline = time.monotonic() + engine.timeout
-    finished = False
+    finished: dict[int, Result] = {}
     try:
         if chat:
-            yield _sse({**head, "object": obj, "choices": [_choice(chat, "", None, delta=True, first=True)]})
-        while True:
-            try:
-                item = await asyncio.wait_for(stream.next(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                error = {
-                    "message": f"the request did not finish within {engine.timeout:g}s",
-                    "type": "timeout",
-                }
-                yield _sse({"error": error})
-                return
-            if isinstance(item, Result):
-                finished = True
-                last = text.finish(item.text or "")
-                choice = _choice(chat, last, item.finish_reason, delta=True)
-                usage = _usage(len(item.prompt_ids), len(item.output_ids))
-                yield _sse({**head, "object": obj, "choices": [choice], "usage": usage})
-                yield _sse("[DONE]")
-                return
-            if piece := text.add(item):
-                yield _sse({**head, "object": obj, "choices": [_choice(chat, piece, None, delta=True)]})
+            for i in range(len(streams)):
+                first = _choice(chat, "", None, delta=True, first=True, index=i)
+                yield _sse({**head, "object": obj, "choices": [first]})
+        try:
+            merged = _merged(streams, time.monotonic() + engine.timeout)
+            async with contextlib.aclosing(merged) as items:
+                async for i, item in items:
+                    if isinstance(item, Result):
+                        finished[i] = item
+                        last = texts[i].finish(item.text or "")
+                        choice = _choice(chat, last, item.finish_reason, True, index=i)
+                        chunk = {**head, "object": obj, "choices": [choice]}
+                        if len(finished) == len(streams):
+                            chunk["usage"] = _total_usage([finished[k] for k in sorted(finished)])
+                        yield _sse(chunk)
+                    elif piece := texts[i].add(item):
+                        choice = _choice(chat, piece, None, True, index=i)
+                        yield _sse({**head, "object": obj, "choices": [choice]})
+        except TimeoutError:
+            error = {"message": f"the request did not finish within {engine.timeout:g}s", "type": "timeout"}
+            yield _sse({"error": error})
+            return
+        yield _sse("[DONE]")
     finally:
-        if not finished:
-            engine.cancel(stream)
+        for i, stream in enumerate(streams):
+            if i not in finished:
+                engine.cancel(stream)

@@ -107,11 +107,13 @@ class ServeEngine:
         stop: tuple[str, ...],
         sampling: SamplingParams | None = None,
         seed: int | None = None,
+        choice: int = 0,
     ) -> _Stream:
         stream = _Stream(uuid.uuid4().hex, prompt_ids, asyncio.get_running_loop())
         with self._lock:
             self._streams[stream.request_id] = stream
-        key = None if seed is None else ("seed", seed)  # no seed: the request's id, drawn afresh
+        # no seed: the request's id, drawn afresh; choice 0 draws as the same request with n = 1 does
+        key = None if seed is None else ("seed", seed) if choice == 0 else ("seed", seed, choice)
         try:
             self.queue.put(Request(stream.request_id, prompt_ids, max_tokens, stop, sampling, key))
         except RequestQueue.QueueFull:
