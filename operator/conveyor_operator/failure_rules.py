@@ -83,12 +83,14 @@ def decide(policy: FailurePolicySpec | None, facts: FailureFacts) -> Decision:
 
 
 def first_decision(policy: FailurePolicySpec | None, failures: Sequence[FailureFacts]) -> Decision | None:
-    """The decision for a group with several failed pods: FailJob beats a counted restart, which beats an
-    uncounted one, which beats Ignore (a configuration error seen on one rank is the job's error)."""
+    """The decision for a group with several failed pods: FailJob beats an uncounted restart, which beats
+    a counted one, which beats Ignore. A configuration error seen on one rank is the job's error; a
+    disruption of one rank (an eviction, a preemption) makes its peers fail on the lost connection, and
+    those exits are its consequence, not failures of their own to charge to the budget."""
     rank = {
         FailureAction.FAIL_JOB: 0,
-        FailureAction.RESTART_GROUP: 1,
-        FailureAction.RESTART_GROUP_NO_COUNT: 2,
+        FailureAction.RESTART_GROUP_NO_COUNT: 1,
+        FailureAction.RESTART_GROUP: 2,
         FailureAction.IGNORE: 3,
     }
     decisions = [decide(policy, facts) for facts in failures]

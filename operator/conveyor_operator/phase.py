@@ -6,6 +6,9 @@ an earlier restart are being replaced, pods with another hash are waiting for a 
 
 Failures of a group, in the order they are checked:
 - PodFailed / PodEvicted: a current pod's phase is Failed (eviction included), not by its deletion;
+- Disrupted: a current pod is being deleted with the DisruptionTarget condition (the Eviction API, a
+  preemption, a node drain): its peers are about to fail on the lost rank, and the failure rules must
+  see the disruption while the pod is still there, not only the peers' exits that follow;
 - ContainerRestarted: the worker container exited non-zero and the kubelet restarted it in place, or it
   restarted and the exit is no longer visible (accounted once per exit by ``restarts.py``);
 - PodDeleted: a group that was running lost a pod, or has a pod created after it started running (the
@@ -18,11 +21,12 @@ Any of them restarts the whole group after the backoff, until the job's ``backof
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from conveyor.spec import Condition, GroupFailure, Phase, RestartPolicySpec
 
+from conveyor_operator.failure_rules import DISRUPTION_CONDITION
 from conveyor_operator.observe import PodFailure, PodObservation, parse_time
 
 
@@ -38,6 +42,7 @@ class GroupPods:
     previous: list[PodObservation]  # an earlier restart: replace at once
     outdated: list[PodObservation]  # this restart, older template: replace in a rolling update
     group: str = ""  # the StatefulSet: pod `{group}-{index}`
+    leaving: list[PodObservation] = field(default_factory=list)  # this restart's, being deleted
 
     @property
     def live(self) -> list[PodObservation]:
@@ -52,10 +57,14 @@ def split_pods(
     restart: int,
     template_hash: str,
 ) -> GroupPods:
-    current, previous, outdated = [], [], []
+    current, previous, outdated, leaving = [], [], [], []
     for pod in pods:
-        if pod.group != group or pod.deleting or pod.index >= size:
-            continue  # another group's, already going, or beyond a scale-down
+        if pod.group != group or pod.index >= size:
+            continue  # another group's, or beyond a scale-down
+        if pod.deleting:
+            if pod.restart == restart:
+                leaving.append(pod)  # already going: not a rank, but its conditions say why
+            continue
         if not pod.listed and (pod.restart != restart or pod.failure is None):
             continue  # seen only in a watch event and gone: only a failure of this generation matters
         if pod.restart != restart:
@@ -64,7 +73,7 @@ def split_pods(
             outdated.append(pod)
         else:
             current.append(pod)
-    return GroupPods(current, previous, outdated, group)
+    return GroupPods(current, previous, outdated, group, leaving)
 
 
 def detect_failure(
@@ -86,6 +95,13 @@ def detect_failure(
         if pod.phase_failure is not None:
             return GroupFailure(
                 reason=pod.phase_failure.reason, message=pod.phase_failure.message, time=stamp
+            )
+    for pod in sorted(pods.leaving, key=lambda p: p.index):
+        if DISRUPTION_CONDITION in pod.conditions:
+            return GroupFailure(
+                reason="Disrupted",
+                message=f"pod {pod.name} is being evicted or preempted ({DISRUPTION_CONDITION})",
+                time=stamp,
             )
     if container_failure is not None:
         return GroupFailure(reason=container_failure.reason, message=container_failure.message, time=stamp)

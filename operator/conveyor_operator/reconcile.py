@@ -415,7 +415,8 @@ def _handle_failure(
             container_failure=container_failure,
         )
         if group_status.failure is not None:
-            decision = failure_rules.group_decision(failure_policy, members.live)
+            # the leaving pods too: an evicted rank's DisruptionTarget explains its peers' exits
+            decision = failure_rules.group_decision(failure_policy, [*members.live, *members.leaving])
             group_status.failure.action = decision.action
             group_status.failure.rule = f"{decision.rule} on pod {decision.pod}"
             if decision.cause:

@@ -106,12 +106,16 @@ def test_defaults_can_be_turned_off() -> None:
     assert decide(policy, FailureFacts("p", conditions=frozenset({"DisruptionTarget"}))).counts
 
 
-def test_group_decision_fail_beats_restart_beats_free() -> None:
+def test_group_decision_fail_beats_free_beats_counted() -> None:
+    # an evicted rank and a peer that exited 1 on the lost connection: the eviction explains the exit
     failures = [
         FailureFacts("p-0", conditions=frozenset({"DisruptionTarget"})),
         FailureFacts("p-1", exit_code=1),
     ]
-    assert first_decision(None, failures) == Decision(FailureAction.RESTART_GROUP, "default", "p-1")
+    assert first_decision(None, failures) == Decision(
+        FailureAction.RESTART_GROUP_NO_COUNT, "default disruption", "p-0"
+    )
+    assert first_decision(None, failures[1:]) == Decision(FailureAction.RESTART_GROUP, "default", "p-1")
     assert (
         first_decision(None, [*failures, FailureFacts("p-2", exit_code=2)]).action == FailureAction.FAIL_JOB
     )

@@ -63,10 +63,20 @@ def test_split_sorts_pods_by_generation() -> None:
     assert len(members.previous) == 3 and members.current == []
 
 
+def disrupt(pod: dict) -> dict:
+    """What the Eviction API (or a preemption, a drain) leaves on a pod before it goes."""
+    pod["metadata"]["deletionTimestamp"] = "2026-11-23T12:00:15Z"
+    condition = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+    pod["status"]["conditions"].append(condition)
+    return pod
+
+
 @pytest.mark.parametrize(
     ("mutate", "running_since", "now", "reason"),
     [
         (lambda p: fail(p[2]), None, 1, "ContainerRestarted"),
+        # the evicted rank is going; its peer already failed on the lost connection: the cause is named
+        (lambda p: (disrupt(p[1]), fail(p[2])), 10, 20, "Disrupted"),
         (lambda p: evict(p[1]), 10, 20, "PodEvicted"),
         (lambda p: p.pop(), 10, 20, "PodDeleted"),
         (lambda p: p[1]["metadata"].update(creationTimestamp="2026-11-23T12:00:30Z"), 10, 40, "PodDeleted"),
@@ -77,7 +87,7 @@ def test_split_sorts_pods_by_generation() -> None:
             "StartupTimeout",
         ),
     ],
-    ids=["crash", "evicted", "deleted", "replaced", "startup-timeout"],
+    ids=["crash", "disrupted", "evicted", "deleted", "replaced", "startup-timeout"],
 )
 def test_detect_each_failure_kind(mutate, running_since, now, reason) -> None:  # type: ignore[no-untyped-def]
     pods = _pods()
