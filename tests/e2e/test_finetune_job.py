@@ -1,7 +1,9 @@
 """A fine-tuning PipelineJob (a tiny random Llama, 2 stages, CPU) through the local cluster, with a rank
-process killed after its first committed checkpoint: the operator restarts the group, the job resumes
-from that checkpoint and ends Succeeded, every logged step's loss is HF's single-process loss for that
-step (the curve goes on where it left off), and the export is the model HF's own training makes."""
+process killed after a committed checkpoint: the operator restarts the group, the job resumes from that
+checkpoint and ends Succeeded, every logged step's loss is HF's single-process loss for that step (the
+curve goes on where it left off), and the export is the model HF's own training makes. Then the same with
+the latest checkpoint truncated while the group restarts (a torn write, a full disk): the group skips
+it, says so, and resumes from the one before, with the same result."""
 
 from __future__ import annotations
 
@@ -41,8 +43,17 @@ def logged_losses(log: str) -> list[tuple[int, float]]:
     return out
 
 
+def truncate_a_file(checkpoint: Path) -> str:
+    """Cut the checkpoint's largest file in half; returns its name."""
+    victim = max((f for f in checkpoint.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    return victim.name
+
+
+@pytest.mark.parametrize("latest_truncated", [False, True], ids=["killed", "killed-and-truncated"])
 def test_finetune_job_resumes_after_a_killed_rank_on_the_same_curve(
-    k8s_cluster, k8s_namespace, operator, tmp_path
+    k8s_cluster, k8s_namespace, operator, tmp_path, latest_truncated
 ):
     model = save_tiny("llama", tmp_path / "model")
     data = write_dataset(tmp_path / "data.jsonl")
@@ -63,11 +74,14 @@ def test_finetune_job_resumes_after_a_killed_rank_on_the_same_curve(
     manifest.write_text(yaml.safe_dump_all([claim, {**job, "spec": spec}]))
     k8s_cluster.kubectl("apply", "-n", k8s_namespace, "-f", str(manifest))
 
-    wait_for(lambda: committed_step(ckpt) >= 5, "the first committed checkpoint", timeout=300, interval=0.2)
+    first = 10 if latest_truncated else 5  # (checkpoints every 5 steps, the last 2 kept)
+    wait_for(lambda: committed_step(ckpt) >= first, f"checkpoint step {first}", timeout=300, interval=0.1)
+    pids = wait_for(lambda: rank_pids(k8s_namespace, NAME), "the job's rank processes")
+    os.kill(pids[-1], signal.SIGKILL)  # the others fail on the lost rank: nothing commits after this
     killed_after = committed_step(ckpt)
     assert killed_after < STEPS, "the run ended before the kill: nothing to resume"
-    pids = wait_for(lambda: rank_pids(k8s_namespace, NAME), "the job's rank processes")
-    os.kill(pids[-1], signal.SIGKILL)
+    if latest_truncated:
+        truncated = truncate_a_file(latest(ckpt).path)  # type: ignore[union-attr]
     status = wait_succeeded(k8s_cluster, k8s_namespace, NAME, operator, timeout=400)
 
     restarts = sum(g.get("restarts", 0) for g in status.get("groups", []))
@@ -79,6 +93,12 @@ def test_finetune_job_resumes_after_a_killed_rank_on_the_same_curve(
         json.loads(line[line.index("{") :]) for line in log.splitlines() if '"checkpoint loaded"' in line
     ]
     assert resumed and resumed[0]["step"] >= 5, resumed  # the new group resumed, it did not start over
+    if latest_truncated:
+        assert resumed[0]["step"] == killed_after - 5, resumed  # the one before the truncated one
+        skipped = f"skipped step-{killed_after} (named by latest, "
+        assert skipped in log and truncated in log, log[-3000:]  # it says what it skipped, and why
+    else:
+        assert resumed[0]["step"] == killed_after, resumed
     for step, loss in losses:  # the first incarnation, the repeated steps after the resume, the rest
         assert loss == pytest.approx(reference[step - 1], rel=2e-4, abs=2e-4), step
 

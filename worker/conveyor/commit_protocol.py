@@ -109,9 +109,11 @@ def commit(
         tmp, final = staging_dir(root, name), root / name
         current = latest(root)
         if final.exists():
-            if current is not None and current.name == name:
+            if current is not None and current.name == name and verify(final) is None:
                 raise CheckpointError(f"{final} is already the committed checkpoint; save under another tag")
-            shutil.rmtree(final)  # an uncommitted leftover of the same name
+            # an uncommitted leftover of the same name, or the damaged one a resume skipped (a crash
+            # before the rename below leaves `latest` naming nothing: a resume falls back, as it did)
+            shutil.rmtree(final)
         write_manifest(tmp)
         os.rename(tmp, final)
         pointer_tmp = root / (LATEST + ".tmp")

@@ -60,6 +60,19 @@ def test_a_truncated_shard_is_skipped(tmp_path: Path) -> None:
     assert "step-2 (named by latest, shard is 50 bytes, 100 at commit)" in warnings[0]
 
 
+def test_the_run_resumed_past_a_damaged_latest_commits_its_step_again(tmp_path: Path) -> None:
+    # step-2 is torn; the run resumes from step-1, reaches step 2 again and must be able to commit it
+    for step in (1, 2):
+        _save(tmp_path, step)
+    _truncate(tmp_path / "step-2" / "shard")
+    assert ckpt.resume_point(tmp_path).name == "step-1"
+    _save(tmp_path, 2, data="y" * 100)
+    assert ckpt.resume_point(tmp_path).name == "step-2"
+    assert (tmp_path / "step-2" / "shard").read_text() == "y" * 100
+    with pytest.raises(CheckpointError, match="already the committed checkpoint"):
+        _save(tmp_path, 2)  # a complete committed checkpoint is never overwritten
+
+
 def test_no_complete_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
     _save(tmp_path, 1)
     _truncate(tmp_path / "step-1" / "shard")
