@@ -6,9 +6,11 @@ process), polls them, restarts exited ones as restartPolicy says (with a short d
 the pod's status whenever it changes: phase, podIP, conditions and containerStatuses with restartCount,
 state, lastState and, on exit, exitCode, reason and the termination message. A container with an httpGet
 readinessProbe is ready only while the probe answers 2xx (probed every second, whatever periodSeconds says:
-tests wait less); without one, while it runs. stop() ends the processes the way the kubelet does on
-deletion: a preStop sleep first (within the grace period), then SIGTERM to the process group, SIGKILL after
-the rest of the grace period.
+tests wait less); without one, while it runs. An httpGet livenessProbe is probed every periodSeconds
+after initialDelaySeconds; failureThreshold failures in a row kill the container as the kubelet does
+(SIGTERM to its process group, SIGKILL after the pod's grace period) and it restarts in place. stop() ends
+the processes the way the kubelet does on deletion: a preStop sleep first (within the grace period), then
+SIGTERM to the process group, SIGKILL after the rest of the grace period.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class Container:
     state: dict[str, Any] = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
     last_state: dict[str, Any] = field(default_factory=dict)
     probed_ready: bool = False  # the readiness probe's last answer (containers with an httpGet probe)
+    live_failures: int = 0  # the liveness probe's failures in a row
+    started_up: bool = False  # its probe port answered once (the startup probe's success): liveness counts
+    next_live_probe: float = 0.0  # monotonic time of the next liveness probe
 
 
 class PodRunner(threading.Thread):
@@ -140,23 +145,66 @@ class PodRunner(threading.Thread):
                 return int(p.container_port)
         raise PodSpecError(f"readinessProbe port {port!r} names no port of container {c.spec.name}")
 
+    def _probe(self, c: Container, get: client.V1HTTPGetAction) -> bool:
+        """One httpGet probe of a running container, from inside the pod's network namespace."""
+        status = self._status(c, get)
+        return status is not None and 200 <= status < 400
+
+    def _status(self, c: Container, get: client.V1HTTPGetAction) -> int | None:
+        """The HTTP status the probe got; None when nothing answered."""
+        if c.proc is None or c.proc.poll() is not None:
+            return None
+        with contextlib.suppress(OSError, PodSpecError, http.client.HTTPException):
+            port = self._probe_port(c, get.port)
+            status, _ = probe.request(self._netns, self.pod_ip, port, "GET", get.path or "/", timeout=1.0)
+            return status
+        return None
+
     def _probe_loop(self) -> None:
-        """Readiness of each container with an httpGet probe, from inside the pod's network namespace."""
+        """Readiness and liveness of each container with httpGet probes."""
         while not self._stop.is_set() and not self.finished.is_set():
             for c in self.containers:
                 get = self._http_get(c)
-                if get is None:
-                    continue
-                ok = False
-                if c.proc is not None and c.proc.poll() is None:
-                    with contextlib.suppress(OSError, PodSpecError, http.client.HTTPException):
-                        port = self._probe_port(c, get.port)
-                        status, _ = probe.request(
-                            self._netns, self.pod_ip, port, "GET", get.path or "/", timeout=1.0
-                        )
-                        ok = 200 <= status < 400
-                c.probed_ready = ok
+                if get is not None:
+                    c.probed_ready = self._probe(c, get)
+                self._liveness(c)
             self._stop.wait(PROBE_PERIOD)
+
+    def _liveness(self, c: Container) -> None:
+        live = c.spec.liveness_probe
+        if live is None or live.http_get is None or c.proc is None or c.proc.poll() is not None:
+            c.live_failures, c.started_up = 0, False
+            return
+        if not c.started_up:
+            # the kubelet probes liveness only once the startup probe has passed (the worker's renders a
+            # tcpSocket one on the same port): until the port answers, loading is not a failure
+            c.started_up = self._status(c, live.http_get) is not None
+            c.next_live_probe = time.monotonic() + (live.initial_delay_seconds or 0)
+            return
+        if time.monotonic() < c.next_live_probe:
+            return
+        c.next_live_probe = time.monotonic() + (live.period_seconds or 10)
+        if self._probe(c, live.http_get):
+            c.live_failures = 0
+            return
+        c.live_failures += 1
+        if c.live_failures < (live.failure_threshold or 3):
+            return
+        c.live_failures = 0
+        grace = float(self.pod.spec.termination_grace_period_seconds or 30)
+        log.info("pod %s/%s: %s failed its liveness probe; killing it", self.ns, self.name, c.spec.name)
+        proc = c.proc
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+        def kill_after_grace() -> None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        threading.Thread(target=kill_after_grace, daemon=True).start()
 
     def _step(self, c: Container) -> None:
         if c.proc is None:

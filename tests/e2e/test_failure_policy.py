@@ -1,11 +1,13 @@
-"""spec.failurePolicy's defaults through the real API server: an eviction (the Eviction API sets the pod's
-DisruptionTarget condition) restarts the group without spending the restart budget, and a job the worker
+"""spec.failurePolicy through the real API server: an eviction (the Eviction API sets the pod's
+DisruptionTarget condition) restarts the group without spending the restart budget; a job the worker
 refuses (a model path that does not exist) fails at once with the worker's own message instead of
-burning its retries."""
+burning its retries; a rank that hangs is killed by its liveness probe and its group restarted (Hung),
+and the job's outputs are complete and unrepeated."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ import yaml
 from kubernetes import client
 
 from tests.cluster.waiting import wait_for
-from tests.e2e.test_inference_job import EXAMPLES
+from tests.conftest import conveyor_cmd, subprocess_env
+from tests.e2e.test_inference_job import EXAMPLES, inference_job, results
 from tests.e2e.test_train_job import (
     STAGES,
     TP,
@@ -103,3 +106,37 @@ def test_a_model_that_is_not_there_fails_the_job_at_once_with_the_workers_messag
     assert str(missing) in said, said  # the worker's one-line cause reached the job's status
     assert status.get("restarts", 0) == 0, said  # refused, not retried five times
     assert not Path(tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_a_rank_that_hangs_is_restarted_and_the_job_completes_its_outputs_once(
+    k8s_cluster, k8s_namespace, operator, tmp_path
+):
+    """The writer rank deadlocks (a test hook) after two prompts are committed: its liveness probe fails
+    once hangTimeoutSeconds pass without progress, the container is killed, the operator restarts the
+    group with reason Hung, and the restarted group finishes the rest: every prompt answered exactly once,
+    as a single process answers it."""
+    model = tmp_path / "tiny-llama"
+    env = subprocess_env()
+    subprocess.run(
+        conveyor_cmd()[:1] + [str(EXAMPLES / "make-tiny-llama.py"), str(model)], env=env, check=True
+    )
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "job.yaml").write_text(yaml.safe_dump(inference_job("reference", model, reference, 1, 1)))
+    subprocess.run(conveyor_cmd("run", str(reference / "job.yaml")), env=env, check=True, timeout=300)
+
+    name, out = "hangs", tmp_path / "cluster"
+    job = inference_job(name, model, out, 2, 1)
+    job["spec"]["failurePolicy"] = {"hangTimeoutSeconds": 10}
+    job["spec"]["template"] = {"env": [{"name": "CONVEYOR_TEST_WEDGE_AFTER_BEATS", "value": "20"}]}
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(job))
+    k8s_cluster.kubectl("apply", "-n", k8s_namespace, "-f", str(manifest))
+    status = wait_succeeded(k8s_cluster, k8s_namespace, name, operator, timeout=400)
+
+    assert results(out / "results.jsonl") == results(reference / "results.jsonl")  # each id once
+    assert status.get("restarts") == 1, json.dumps(status, indent=1)
+    # the writer's worker saw its rank hung (the liveness probe's 503) and said so; its peer's exit on the
+    # lost connection may reach the operator first and name the group's failure
+    writer_log = k8s_cluster.pod_logs(k8s_namespace, f"{name}-r0-0")
+    assert '"worker stopped: a rank hung"' in writer_log and "Hung: no progress for" in writer_log

@@ -109,7 +109,11 @@ def _main(argv: list[str]) -> int:
     if pod.mode in (Mode.INFERENCE, Mode.TRAIN):  # an idle serve replica is not hung: no watchdog there
         hang = os.environ.get("CONVEYOR_HANG_TIMEOUT")
         stall = os.environ.get("CONVEYOR_TEST_STALL_AFTER_BEATS")  # test hook: progress stops after n beats
-        PROGRESS.configure(float(hang) if hang else None, int(stall) if stall else None)
+        # test hook: the rank deadlocks after n beats, in the group's first run only (the restart recovers)
+        wedge = os.environ.get("CONVEYOR_TEST_WEDGE_AFTER_BEATS") if pod.restart == 0 else None
+        PROGRESS.configure(
+            float(hang) if hang else None, int(stall) if stall else None, int(wedge) if wedge else None
+        )
     metrics.serve(port + local_rank if port else 0)
     log.info("rank starting", extra={"local_rank": local_rank, "world_size": pod.world_size})
     if pod.mode == Mode.INFERENCE:

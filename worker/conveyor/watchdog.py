@@ -3,8 +3,9 @@ deadlocked collective, stuck storage, a wedged GPU) answers 503 on ``/live`` onc
 seconds pass without a beat, the kubelet restarts its container, and the operator restarts the group.
 
 Before the first beat the rank is loading and compiling: that is start-up (the startup probe's budget),
-never a hang. A test hook (``stall_after``) ignores beats past the n-th, so a test can make a rank hang
-without deadlocking anything.
+never a hang. Test hooks: ``stall_after`` ignores beats past the n-th, so a test can make a rank look
+hung without deadlocking anything; ``wedge_after`` blocks the beating thread for good at the beat past
+the n-th, as a stuck collective would (the rank makes no progress at all, so only the probe can end it).
 """
 
 from __future__ import annotations
@@ -25,20 +26,26 @@ class Progress:
         self._clock = clock
         self.hang_timeout = hang_timeout
         self.stall_after = stall_after
+        self.wedge_after: int | None = None
         self.beats = 0
         self._last: float | None = None
 
-    def configure(self, hang_timeout: float | None, stall_after: int | None = None) -> None:
+    def configure(
+        self, hang_timeout: float | None, stall_after: int | None = None, wedge_after: int | None = None
+    ) -> None:
         with self._lock:
-            self.hang_timeout, self.stall_after = hang_timeout, stall_after
+            self.hang_timeout, self.stall_after, self.wedge_after = hang_timeout, stall_after, wedge_after
 
     def beat(self) -> None:
         """One unit of progress (a step, a token, a committed batch)."""
         with self._lock:
             self.beats += 1
-            if self.stall_after is not None and self.beats > self.stall_after:
-                return  # the test hook: progress stops here
-            self._last = self._clock()
+            wedged = self.wedge_after is not None and self.beats > self.wedge_after
+            stalled = wedged or (self.stall_after is not None and self.beats > self.stall_after)
+            if not stalled:  # the test hooks: progress stops here
+                self._last = self._clock()
+        if wedged:
+            threading.Event().wait()  # for good: only the liveness probe's kill ends this process
 
     def silent_for(self) -> float | None:
         """Seconds since the last beat; None before the first (still starting)."""
