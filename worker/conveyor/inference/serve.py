@@ -28,6 +28,7 @@ from conveyor.env import PodEnv
 from conveyor.inference.kernels import compile_cache
 from conveyor.inference.kernels.cuda_graphs import CompileOptions
 from conveyor.inference.pipeline.generate import (
+    ReplicatedQueue,
     Request,
     RequestQueue,
     Result,
@@ -209,16 +210,6 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
 
     spec = pod.spec
     assert spec.serve is not None and spec.model is not None
-    if pod.tensor_parallel > 1:
-        # stage 0's tensor-parallel ranks would each need the same admissions in the same turn
-        log.error(
-            "serve mode runs one tensor-parallel rank per stage in this version",
-            extra={
-                "field": "spec.parallelism.tensorParallel",
-                "fix": "set tensorParallel: 1, use more stages",
-            },
-        )
-        return 2
     info = init_distributed(device=spec.device)
     topo = Topology(Layout(1, pod.stages, pod.tensor_parallel))
     arch = load_arch(spec.model.path)
@@ -228,9 +219,10 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
     )
     lanes = micro_batches * lanes_per_micro_batch
     queue = RequestQueue(max_waiting=WAITING_PER_LANE * lanes)
-    engine, server = None, None
-    if topo.stage == 0 and topo.tp_rank == 0:
+    engine, server, tokenizer = None, None, None
+    if topo.stage == 0:  # every stage-0 rank schedules: stop strings need the tokenizer on each
         tokenizer = load_tokenizer(spec.model.path)
+    if topo.stage == 0 and topo.tp_rank == 0:
         if tokenizer is None:
             log.error(
                 "serve mode needs a tokenizer in the model directory",
@@ -279,15 +271,21 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
                 "max_len": max_len,
             },
         )
+    waiting: RequestQueue | ReplicatedQueue = queue
+    if topo.stage == 0 and pod.tensor_parallel > 1:
+        # the requests arrive at the entry rank; its tensor-parallel peers schedule on its answers
+        assert topo.tensor_group is not None
+        entry = dist.get_global_rank(topo.tensor_group, 0)
+        waiting = ReplicatedQueue(queue if topo.tp_rank == 0 else None, topo.tensor_group, entry)
     run_generation(
         rank.model,
         rank.peers,
         SamplingParams(stop_token_ids=arch.eos_token_ids),  # greedy; the model's EOS stops, as HF's does
-        queue,
+        waiting,
         micro_batches=micro_batches,
         lanes_per_micro_batch=lanes_per_micro_batch,
         device=info.device,
-        tokenizer=engine.tokenizer if engine is not None else None,
+        tokenizer=tokenizer,
         hooks=engine.hooks() if engine is not None else None,
     )
     if server is not None:

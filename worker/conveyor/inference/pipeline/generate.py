@@ -220,6 +220,38 @@ class RequestQueue:
             )
 
 
+class ReplicatedQueue:
+    """The entry rank's ``RequestQueue`` as stage 0's other tensor-parallel ranks see it. Each of those
+    ranks runs the same scheduler over the same lanes, so they must get the same answer to every question
+    the scheduler asks the queue (a request or none, the cancellations, a wait's outcome, whether it is
+    finished): the entry rank (``queue`` given) answers, and the answer is broadcast over the stage's
+    tensor-parallel group (``queue`` None on the others). The calls come in the same order on every rank
+    because the scheduler's state is the same on every rank: it follows from the answers and the tokens."""
+
+    def __init__(self, queue: RequestQueue | None, group: Any, src: int):
+        self.queue, self.group, self.src = queue, group, src
+
+    def _agree(self, answer: Callable[[], Any]) -> Any:
+        import torch.distributed as dist
+
+        box = [answer() if self.queue is not None else None]
+        dist.broadcast_object_list(box, src=self.src, group=self.group)
+        return box[0]
+
+    def poll(self) -> Request | None:
+        return self._agree(lambda: self.queue.poll())  # type: ignore[union-attr]
+
+    def take_cancelled(self) -> set[Any]:
+        return self._agree(lambda: self.queue.take_cancelled())  # type: ignore[union-attr]
+
+    @property
+    def finished(self) -> bool:
+        return self._agree(lambda: self.queue.finished)  # type: ignore[union-attr]
+
+    def wait(self, timeout: float) -> bool:
+        return self._agree(lambda: self.queue.wait(timeout))  # type: ignore[union-attr]
+
+
 class _Iterated:
     """A plain iterable of requests as a ``RequestQueue``'s scheduler side (the batch job's case)."""
 
@@ -484,10 +516,12 @@ class Scheduler:
                 positions += len(lane.request.prompt_ids) + len(lane.output)
         self.hooks.on_occupancy(running, positions)
 
-    def run(self, requests: Iterable[Request] | RequestQueue) -> None:
+    def run(self, requests: Iterable[Request] | RequestQueue | ReplicatedQueue) -> None:
         """Generate for ``requests`` until they are exhausted (an iterable) or the queue is closed and
         everything admitted has finished (a ``RequestQueue``: an empty queue is waited on, not the end)."""
-        waiting = requests if isinstance(requests, RequestQueue) else _Iterated(requests)
+        waiting: RequestQueue | ReplicatedQueue | _Iterated = (
+            requests if isinstance(requests, (RequestQueue, ReplicatedQueue)) else _Iterated(requests)
+        )
         in_flight: list[list[_Item]] = [[] for _ in range(self.m)]  # per micro-batch, in the order sent
         last_turn = [time.perf_counter()] * self.m
         while True:
@@ -560,7 +594,7 @@ def run_generation(
     model: StageModel,
     peers: PipelinePeers,
     params: SamplingParams,
-    requests: Iterable[Request] | RequestQueue,
+    requests: Iterable[Request] | RequestQueue | ReplicatedQueue,
     *,
     micro_batches: int,
     lanes_per_micro_batch: int,
