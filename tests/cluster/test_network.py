@@ -46,6 +46,12 @@ def _link_macs(netns: str, *args: str) -> dict[str, str]:
     return {line.split()[0].split("@")[0]: line.split()[2] for line in out.splitlines() if line.strip()}
 
 
+def _eth0(network: NetnsNetwork, pod: str) -> str:
+    netns = network.netns("ns", pod)
+    assert netns is not None
+    return _link_macs(netns, "eth0")["eth0"]
+
+
 def test_link_addresses_stay_put_as_pods_come_and_go(tmp_path: Path) -> None:
     """The hub's MAC never changes (a bridge otherwise takes its lowest port's and changes it as ports come
     and go, leaving every pod's ARP entry for the hub wrong), and a pod's MAC follows its address, so its
@@ -57,12 +63,11 @@ def test_link_addresses_stay_put_as_pods_come_and_go(tmp_path: Path) -> None:
         for pod in ("a-0", "a-1", "b-0"):
             network.setup("ns", pod)
             seen.append(_link_macs(network.hub, "br0")["br0"])
-            mac = _link_macs(network.netns("ns", pod), "eth0")["eth0"]  # type: ignore[arg-type]
-            assert mac == mac_of(network.address("ns", pod))
+            assert _eth0(network, pod) == mac_of(network.address("ns", pod))
         network.teardown("ns", "a-0")
         seen.append(_link_macs(network.hub, "br0")["br0"])
         network.setup("ns", "a-0")  # replaced: same address, same MAC
-        assert _link_macs(network.netns("ns", "a-0"), "eth0")["eth0"] == mac_of(network.address("ns", "a-0"))  # type: ignore[arg-type]
+        assert _eth0(network, "a-0") == mac_of(network.address("ns", "a-0"))
         seen.append(_link_macs(network.hub, "br0")["br0"])
         assert set(seen) == {hub_mac}
         assert len({mac_of(network.address("ns", p)) for p in ("a-0", "a-1", "b-0")}) == 3
@@ -80,11 +85,12 @@ def test_a_lingering_namespace_leaves_the_bridge(tmp_path: Path) -> None:
         network.setup("ns", "p-0")
         name = network.netns("ns", "p-0")
         assert name is not None
-        ports_before = set(_link_macs(network.hub, "master", "br0"))
-        assert len(ports_before) == 1
+        assert len(_link_macs(network.hub, "master", "br0")) == 1
         holder = subprocess.Popen(["ip", "netns", "exec", name, "sleep", "60"])
+        inside = Path(f"/run/netns/{name}").stat().st_ino
         deadline = time.monotonic() + 10
-        while not Path(f"/proc/{holder.pid}/ns/net").exists() and time.monotonic() < deadline:
+        while Path(f"/proc/{holder.pid}/ns/net").stat().st_ino != inside:  # it entered the namespace
+            assert time.monotonic() < deadline, "the holder never entered the pod's namespace"
             time.sleep(0.05)
         network.teardown("ns", "p-0")
         assert name not in _namespaces()
