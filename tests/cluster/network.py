@@ -6,6 +6,17 @@ first address, so the hub reaches every pod): pods reach each other, the host's 
 namespace) is its name and resolves, through the namespace's hosts file (`/etc/netns/NS/hosts`, which
 `ip netns exec` mounts over /etc/hosts), to its own address, as in a real pod; that is what gloo binds to.
 
+Link-layer addresses are fixed, so that no neighbour (ARP) cache on the network is ever wrong:
+- the bridge's MAC is set explicitly. A Linux bridge otherwise takes the lowest MAC of its ports and changes
+  it whenever pods come and go; every pod's cached MAC for the hub is then wrong, without a gratuitous ARP
+  to correct it, and the pod's replies to the hub are dropped until its cache entry expires (tens of
+  seconds; a request through the test's service proxy waited 50 s for an answer sent in 30 ms);
+- a pod's MAC follows its address (02:42 and the four bytes of the IPv4 address, as Docker does), so a pod
+  replaced under its name (same address) is reached at once by peers that cached the old one's MAC;
+- teardown deletes the pod's veth pair before the namespace: a namespace outlives `ip netns del` while a
+  socket in it still holds unacknowledged data (an orphaned TCP connection retransmits for minutes), and
+  left on the bridge it would answer for the address that the pod's replacement now holds.
+
 Without root the agent falls back to the host's loopback: every pod gets 127.0.0.1, and two groups that use
 the same port on one agent collide (a limitation stated in docs/cluster.md).
 """
@@ -27,6 +38,11 @@ from tests.cluster.apiaccess import SERVICE_IP, TOKEN_DIR
 log = logging.getLogger("agent.network")
 POD_CIDR = ipaddress.ip_network("10.244.0.0/16")
 HOSTS_DIR = Path("/etc/netns")
+
+
+def mac_of(address: str) -> str:
+    """The MAC of the interface holding ``address``: locally administered, unicast, one per address."""
+    return "02:42:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(address).packed)
 
 
 def _ip(*args: str, check: bool = True) -> None:
@@ -73,11 +89,12 @@ class NetnsNetwork:
         self._hosts = POD_CIDR.hosts()
         self._gateway = str(next(self._hosts))  # the bridge's own address
         self._namespaces: dict[tuple[str, str], str] = {}
+        self._host_sides: dict[str, str] = {}  # pod namespace -> its veth's end on the bridge
         self._counter = 0
         self._cleanup_recorded()
         self._remember(self.hub)
         _ip("netns", "add", self.hub)
-        _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.hub, "link", "add", "br0", "address", mac_of(self._gateway), "type", "bridge")
         _ip("-n", self.hub, "link", "set", "br0", "up")
         _ip("-n", self.hub, "link", "set", "lo", "up")
         # The bridge's own address: a process in the hub namespace reaches every pod, as a node does (tests
@@ -127,10 +144,13 @@ class NetnsNetwork:
             number = self._counter
             name = f"cv{self.id}-{number}"
             self._namespaces[(namespace, pod)] = name
+            host_side = self._host_sides[name] = f"v{self.id}{number}"
             self._remember(name)
-        host_side = f"v{self.id}{number}"
         _ip("netns", "add", name)
-        _ip("-n", self.hub, "link", "add", host_side, "type", "veth", "peer", "name", "eth0", "netns", name)
+        _ip(
+            "-n", self.hub, "link", "add", host_side, "type", "veth",
+            "peer", "name", "eth0", "address", mac_of(address), "netns", name,
+        )  # fmt: skip
         _ip("-n", self.hub, "link", "set", host_side, "master", "br0", "up")
         _ip("-n", name, "link", "set", "lo", "up")
         _ip("-n", name, "addr", "add", f"{address}/{POD_CIDR.prefixlen}", "dev", "eth0")
@@ -160,9 +180,12 @@ class NetnsNetwork:
             name = netns or current
             if name is not None and name == current:
                 del self._namespaces[(namespace, pod)]
+            host_side = self._host_sides.pop(name, None) if name is not None else None
         if name is None:
             return
-        _ip("netns", "del", name, check=False)  # deleting it removes its veth pair from the bridge too
+        if host_side is not None:  # off the bridge now, even if the namespace lingers (module docstring)
+            _ip("-n", self.hub, "link", "del", host_side, check=False)
+        _ip("netns", "del", name, check=False)
         shutil.rmtree(HOSTS_DIR / name, ignore_errors=True)
 
     def close(self) -> None:

@@ -169,13 +169,6 @@ def settled(cluster, namespace: str, hash_: str | None = None):
     return status
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect, issue 22: in about half the runs one request sent to the surge replica during "
-    "a rolling update gets no answer within 60 s (seen 2026-12-03/04; cause not yet found: the drain of "
-    "the surge replica, or the local agent's pod teardown dropping a connection). Runs and reports "
-    "XPASS/XFAIL until fixed.",
-)
 def test_a_serving_fleet_rolls_and_loses_a_worker_without_failing_a_request(
     k8s_cluster, k8s_namespace, operator, tmp_path
 ):

@@ -1,6 +1,7 @@
 """The HTTP app without a model: a full queue answers 429, a request past its timeout 504 (and leaves
-the queue), 503 before ready; streamed pieces concatenate to the final text (stop strings, multi-byte
-characters); n choices, merged. The whole path, model included, is in test_serve.py."""
+the queue), 503 before ready and once the replica stops; a stopped server still sends the responses under
+way; streamed pieces concatenate to the final text (stop strings, multi-byte characters); n choices,
+merged. The whole path, model included, is in test_serve.py."""
 
 from __future__ import annotations
 
@@ -51,6 +52,62 @@ def test_not_ready_answers_503(tokenizer) -> None:
     assert http.get("/health").status_code == 200
 
 
+def test_a_request_arriving_as_the_replica_stops_answers_503(tokenizer) -> None:
+    """SIGTERM closes the queue while a request is being read (still ready when it came in): it is
+    refused with 503, which a client retries on another replica, not a 500 or a hang."""
+    engine, http = client(tokenizer)
+    engine.queue.close()
+    r = http.post("/v1/completions", json=BODY)
+    assert r.status_code == 503 and "stopping" in r.json()["error"]["message"]
+    assert http.get("/health").status_code == 200
+
+
+# A serve rank's last moments, in a process of its own: a request is admitted, its result comes in, the
+# server is stopped, and the process ends (run_rank returns after the generation loop's end; os._exit here,
+# which leaves no finalization time in which the daemon server thread might still send).
+_STOPPING_RANK = """
+import os
+from conveyor.inference.pipeline.generate import RequestQueue, Result
+from conveyor.inference.openai_api import build_app
+from conveyor.inference.serve import ServeEngine, start_http
+from conveyor.testing.tiny import build_tokenizer
+
+engine = ServeEngine("job", "m", build_tokenizer(), max_len=64, lanes=1, queue=RequestQueue(4), timeout=60)
+engine.set_ready()
+server = start_http(build_app(engine), 0, host="127.0.0.1")
+print(server.server.servers[0].sockets[0].getsockname()[1], flush=True)
+while not engine.queue.wait(60) or len(engine.queue) == 0:
+    pass
+request = engine.queue.poll()
+engine.queue.close()
+engine.on_result(Result(request.id, request.prompt_ids, [5, 6], "length", "the answer"))
+server.stop()
+os._exit(0)
+"""
+
+
+def test_stopping_sends_the_responses_under_way_before_the_process_exits() -> None:
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import subprocess_env
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STOPPING_RANK], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=BODY, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "the answer"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -94,7 +151,8 @@ def test_a_port_it_cannot_bind_is_an_error(tokenizer) -> None:
         with pytest.raises(OSError, match="spec.serve.port"):
             start_http(build_app(engine), taken.getsockname()[1], host="127.0.0.1")
     server = start_http(build_app(engine), 0, host="127.0.0.1")  # a free port: listening on return
-    server.should_exit = True
+    server.stop()
+    assert not server.thread.is_alive()
 
 
 class KeyedLoop:

@@ -3,10 +3,11 @@
 ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template), both streamed as
 server-sent events when asked; ``/v1/models``; ``/health`` (the process is alive), ``/ready`` (every
 rank of the group loaded and warmed up), ``/metrics`` (Prometheus). A bad request gets 400 naming the
-field (404 for an unknown model); a full queue 429; a request past its timeout 504. The app only
-talks to an ``Engine`` (serve.py): submit token ids, read a stream of tokens and one result, cancel.
-``n`` choices are n sequences of the same prompt, each in its own lane (their draws keyed by the seed and
-the choice's index: choice 0 is what the same request with n = 1 gets), merged into one response.
+field (404 for an unknown model); a full queue 429; before ready, or once the replica is stopping, 503;
+a request past its timeout 504. The app only talks to an ``Engine`` (serve.py): submit token ids, read a
+stream of tokens and one result, cancel. ``n`` choices are n sequences of the same prompt, each in its own
+lane (their draws keyed by the seed and the choice's index: choice 0 is what the same request with n = 1
+gets), merged into one response.
 
 Streamed text is decoded incrementally (``IncrementalText``): a piece is sent once it can no longer
 change (not the start of a multi-byte character, not possibly the start of a stop string), and the last
@@ -255,6 +256,12 @@ def build_app(engine: Engine) -> Starlette:
                     engine.cancel(stream)
                 raise ApiError(
                     429, "too many requests waiting; retry later", kind="rate_limit_error"
+                ) from None
+            except RequestQueue.Closed:  # SIGTERM came while this request was read: not taken, not lost
+                for stream in streams:
+                    engine.cancel(stream)
+                raise ApiError(
+                    503, "this replica is stopping; retry (another replica serves it)", kind="unavailable"
                 ) from None
         except ApiError as err:
             engine.count(err.status)

@@ -6,7 +6,8 @@ entry rank runs the OpenAI-compatible HTTP server (openai_api.py, uvicorn in a t
 start so /health answers while the model loads) and the generation loop (the main thread):
 ``ServeEngine`` is the bridge, a bounded ``RequestQueue`` the HTTP handlers feed, and per request an
 asyncio queue that the loop's hooks fill token by token. The other stages follow the items stage 0
-sends, as in the batch job. SIGTERM closes the queue: what is in flight finishes, the stages stop.
+sends, as in the batch job. SIGTERM closes the queue (a request still arriving gets 503): what is in
+flight finishes, its responses are sent, the stages stop.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,8 @@ log = get_logger(__name__)
 MAX_POSITIONS = 4096  # KV positions per lane at most, whatever the model allows (memory: lanes x this)
 WAITING_PER_LANE = 2  # the queue holds this many requests per lane; past that, 429
 REQUEST_TIMEOUT_SECONDS = 600.0
+# On stop, the HTTP server finishes sending the responses under way (their results are in) for this long.
+HTTP_STOP_SECONDS = 10.0
 
 
 class _Stream:
@@ -117,7 +121,7 @@ class ServeEngine:
         key = None if seed is None else ("seed", seed) if choice == 0 else ("seed", seed, choice)
         try:
             self.queue.put(Request(stream.request_id, prompt_ids, max_tokens, stop, sampling, key))
-        except RequestQueue.QueueFull:
+        except (RequestQueue.QueueFull, RequestQueue.Closed):
             with self._lock:
                 del self._streams[stream.request_id]
             raise
@@ -178,13 +182,34 @@ class ServeEngine:
         )
 
 
-def start_http(app: Any, port: int, host: str = "0.0.0.0") -> Any:
-    """uvicorn in a daemon thread (it installs no signal handlers off the main thread), once it listens;
-    returns the server (``should_exit = True`` stops it). A port it cannot bind is an error: a replica
-    whose endpoint is not there must not turn ready."""
+@dataclass
+class HttpServer:
+    """uvicorn serving in its thread."""
+
+    server: Any  # uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self, timeout: float = HTTP_STOP_SECONDS) -> None:
+        """Stop listening, send the responses under way, then return. Why wait: the thread is a daemon and
+        the rank's process exits next, which would cut a drained request's response off unsent."""
+        self.server.should_exit = True
+        self.thread.join(timeout + 1.0)
+
+
+def start_http(app: Any, port: int, host: str = "0.0.0.0") -> HttpServer:
+    """uvicorn in a daemon thread (it installs no signal handlers off the main thread), once it listens.
+    A port it cannot bind is an error: a replica whose endpoint is not there must not turn ready."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(HTTP_STOP_SECONDS),
+    )
     server = uvicorn.Server(config)
 
     def run() -> None:
@@ -199,7 +224,7 @@ def start_http(app: Any, port: int, host: str = "0.0.0.0") -> Any:
     if not server.started:
         server.should_exit = True
         raise OSError(f"spec.serve.port: the endpoint could not listen on port {port} (taken?)")
-    return server
+    return HttpServer(server, thread)
 
 
 def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUEST_TIMEOUT_SECONDS) -> int:
@@ -289,7 +314,7 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
         hooks=engine.hooks() if engine is not None else None,
     )
     if server is not None:
-        server.should_exit = True
+        server.stop()  # every admitted request has its result: their responses go out before the exit
     if info.backend == "gloo":
         destroy_distributed()
     log.info("serve rank done")

@@ -155,12 +155,15 @@ class SchedulerHooks:
 
 class RequestQueue:
     """Requests that arrive while the scheduler runs (serve mode); thread-safe. ``put`` from any thread
-    (``QueueFull`` past ``max_waiting``), ``cancel`` a request by id (dropped if still waiting, else its
-    lane is freed at its next turn, reported with finish_reason "cancelled"), ``close`` to end the run
-    once what is in flight has finished."""
+    (``QueueFull`` past ``max_waiting``, ``Closed`` once closed), ``cancel`` a request by id (dropped if
+    still waiting, else its lane is freed at its next turn, reported with finish_reason "cancelled"),
+    ``close`` to end the run once what is in flight has finished."""
 
     class QueueFull(Exception):
         pass
+
+    class Closed(Exception):
+        """``put`` after ``close``: the replica is stopping and takes no more requests."""
 
     def __init__(self, max_waiting: int):
         self.max_waiting = max_waiting
@@ -172,7 +175,7 @@ class RequestQueue:
     def put(self, request: Request) -> None:
         with self._cond:
             if self._closed:
-                raise RuntimeError("the request queue is closed")
+                raise RequestQueue.Closed("the request queue is closed")
             if len(self._waiting) >= self.max_waiting:
                 raise RequestQueue.QueueFull(f"{len(self._waiting)} requests already waiting")
             self._waiting.append(request)
