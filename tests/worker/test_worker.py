@@ -177,3 +177,14 @@ def test_a_worker_without_its_environment_leaves_its_cause_and_exits_2(tmp_path:
     assert proc.returncode == 2, proc.stderr[-2000:]
     body = json.loads(log.read_text())
     assert body["completed"] is False and body["cause"] and body["cause"] in proc.stderr
+
+
+def test_a_serve_rank_gets_its_request_timeout_to_drain_others_ten_seconds() -> None:
+    from conveyor.inference.serve import REQUEST_TIMEOUT_SECONDS
+    from conveyor.spec import Mode
+    from conveyor.worker import grace_seconds
+
+    # a rolling update must not cut off a request in flight: the drain may take up to its timeout
+    assert grace_seconds(Mode.SERVE, {}) == REQUEST_TIMEOUT_SECONDS
+    assert grace_seconds(Mode.INFERENCE, {}) == grace_seconds(Mode.TRAIN, {}) == 10.0
+    assert grace_seconds(Mode.SERVE, {"CONVEYOR_GRACE_SECONDS": "3"}) == 3.0

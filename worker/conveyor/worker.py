@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,19 @@ from conveyor.spec import Mode
 from conveyor.supervise import Child, Gate, run_group
 from conveyor.utils import die_with_parent
 
+GRACE_SECONDS = 10.0
+SERVE_GRACE_SECONDS = 600.0  # the serve rank's request timeout (inference/serve.py REQUEST_TIMEOUT_SECONDS)
+
 log = get_logger("conveyor.worker")
+
+
+def grace_seconds(mode: Mode, environ: Mapping[str, str] = os.environ) -> float:
+    """How long the ranks get after SIGTERM before SIGKILL. A serve rank drains: it finishes the requests
+    in flight, which may take up to their timeout (the pod's grace period covers it, render.py); a batch
+    or train rank has nothing to finish that a restart does not redo. ``CONVEYOR_GRACE_SECONDS`` wins."""
+    if "CONVEYOR_GRACE_SECONDS" in environ:
+        return float(environ["CONVEYOR_GRACE_SECONDS"])
+    return SERVE_GRACE_SECONDS if mode == Mode.SERVE else GRACE_SECONDS
 
 
 def main(args: argparse.Namespace | None = None) -> int:
@@ -71,7 +84,7 @@ def main(args: argparse.Namespace | None = None) -> int:
         try:
             outcome = run_group(
                 children,
-                grace_seconds=float(os.environ.get("CONVEYOR_GRACE_SECONDS", "10")),
+                grace_seconds=grace_seconds(pod.mode),
                 gate=gate if needs_preflight(pod) else None,
             )
         except Refused as refusal:
