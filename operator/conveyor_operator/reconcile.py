@@ -356,6 +356,7 @@ def _serve_fleet(
                 Event("Normal", "GroupRolled", f"group {group.name}: rolling to the new pod template")
             )
     restarts = {g.name: g.restarts for g in status.groups}
+    plan.apply += render.build_podgroups(ref, spec, decided.surge_groups)
     plan.apply += [
         render.build_statefulset(ref, spec, g, restart=restarts.get(g.name, 0), running=True)
         for g in decided.surge_groups

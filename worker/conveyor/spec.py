@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from conveyor.failure_policy import FailurePolicySpec
+from conveyor.placement import PlacementSpec
 
 GROUP = "conveyor.dev"
 VERSION = "v1alpha1"
@@ -321,6 +322,10 @@ class PipelineJobSpec(_Spec):
     failure_policy: FailurePolicySpec = Field(
         default_factory=FailurePolicySpec, description="Which failures restart, fail or are ignored."
     )
+    placement: PlacementSpec = Field(
+        default_factory=PlacementSpec,
+        description="Where a group's pods land: one topology domain, one group per domain, Kueue queue.",
+    )
     suspend: bool = Field(False, description="Stop the pods and keep state; resuming continues (Kueue).")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the job's pods and Service this long after it finished."
@@ -470,6 +475,11 @@ CEL_RULES: list[dict[str, str]] = [
         " || !has(self.restartPolicy.backoffSeconds)"
         " || self.restartPolicy.maxBackoffSeconds >= self.restartPolicy.backoffSeconds",
         "message": "spec.restartPolicy.maxBackoffSeconds must be >= backoffSeconds",
+    },
+    {
+        "rule": "!has(self.placement) || !has(self.placement.exclusive) || !self.placement.exclusive"
+        " || has(self.placement.topologyKey)",
+        "message": "spec.placement.exclusive needs spec.placement.topologyKey (the node label of the domain)",
     },
     {"rule": "self.mode == oldSelf.mode", "message": "spec.mode is immutable: create a new PipelineJob"},
 ]
