@@ -33,9 +33,9 @@ from conveyor.spec import (
     parse_spec,
 )
 
-from conveyor_operator import failure_rules, fleet, render
+from conveyor_operator import failure_rules, fleet, render, unschedulable
 from conveyor_operator.backoff import budget_left, restart_delay
-from conveyor_operator.conditions import fleet_reconciling, mark_reconciling
+from conveyor_operator.conditions import fleet_reconciling, mark_reconciling, problem_conditions
 from conveyor_operator.observe import PodObservation, parse_time
 from conveyor_operator.phase import (
     GroupPods,
@@ -85,6 +85,7 @@ class Plan:
     events: list[Event] = field(default_factory=list)
     restarts: list[str] = field(default_factory=list)  # groups restarted by this plan (metrics)
     fatal: str | None = None  # a failure a failurePolicy rule fails the job for (FailJob)
+    problems: dict[str, tuple[str, str] | None] = field(default_factory=dict)  # conditions.PROBLEMS found
     requeue_after: float | None = None
 
 
@@ -137,6 +138,11 @@ def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
     moving = fleet_reconciling(status.fleet) if status.phase == Phase.RUNNING else None
     if moving is not None:
         status.conditions = mark_reconciling(status.conditions, *moving, previous=old.conditions, now=now)
+    problems, started = problem_conditions(
+        plan.problems, previous=old.conditions, generation=job.generation, now=now
+    )
+    status.conditions += problems
+    plan.events += [Event("Warning", c.reason, c.message) for c in started]
     if old.phase != status.phase or not job.status:
         kind = "Warning" if status.phase == Phase.FAILED else "Normal"
         plan.events.append(Event(kind, str(status.phase), status.message or f"phase {status.phase}"))
@@ -317,6 +323,7 @@ def _plan_active(
         exhausted = spent or exhausted
         _observe_members(plan, group_status, members, group, spec, previous, restarted, now)
 
+    _report_unschedulable(plan, spec, members_of, now)
     if spec.mode != Mode.SERVE:
         _roll_one_group(plan, groups, members_of, now)
     desired = {g.name for g in group_refs}
@@ -329,6 +336,18 @@ def _plan_active(
     if spec.mode == Mode.SERVE and not finished:
         _serve_fleet(plan, old, ref, spec, members_of, now)
     return plan
+
+
+def _report_unschedulable(
+    plan: Plan, spec: PipelineJobSpec, members_of: dict[str, GroupPods], now: datetime
+) -> None:
+    found = unschedulable.find(
+        ((name, m.live) for name, m in members_of.items()), spec.placement.unschedulable_timeout_seconds, now
+    )
+    if found.message is not None:
+        plan.problems["Unschedulable"] = ("Unschedulable", found.message)
+    if found.wait_seconds is not None:
+        plan.requeue_after = min(plan.requeue_after or found.wait_seconds, found.wait_seconds)
 
 
 def _serve_fleet(
