@@ -76,6 +76,7 @@ class PodObservation:
     # PodScheduled=False with reason Unschedulable: the scheduler's message and since when it says so.
     unschedulable: str | None = None
     unschedulable_since: datetime | None = None
+    ip: str | None = None  # status.podIP: where its metrics are (scrape.py)
 
     @property
     def deleting(self) -> bool:
@@ -208,6 +209,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
         conditions=frozenset(str(t) for t, v in conditions.items() if v == "True"),
         unschedulable=str(scheduling.get("message") or "no message") if refused else None,
         unschedulable_since=parse_time(scheduling.get("lastTransitionTime")) if refused else None,
+        ip=status.get("podIP") or None,
     )
 
 

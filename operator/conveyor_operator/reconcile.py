@@ -22,6 +22,7 @@ from typing import Any
 
 from conveyor.failure_policy import FailureAction, FailurePolicySpec
 from conveyor.spec import (
+    CheckpointRef,
     GroupStatus,
     Mode,
     Phase,
@@ -33,7 +34,7 @@ from conveyor.spec import (
     parse_spec,
 )
 
-from conveyor_operator import failure_rules, fleet, render, unschedulable
+from conveyor_operator import failure_rules, fleet, problems, render
 from conveyor_operator.backoff import budget_left, restart_delay
 from conveyor_operator.conditions import fleet_reconciling, mark_reconciling, problem_conditions
 from conveyor_operator.observe import PodObservation, parse_time
@@ -47,7 +48,7 @@ from conveyor_operator.phase import (
     job_phase,
     split_pods,
 )
-from conveyor_operator.progress import describe_resume, group_checkpoint, job_checkpoint
+from conveyor_operator.progress import describe_resume, group_checkpoint, job_checkpoint, newest
 from conveyor_operator.restarts import account_group
 
 TERMINAL_REASONS = {"BackoffLimitExceeded", "Completed"}
@@ -138,10 +139,10 @@ def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
     moving = fleet_reconciling(status.fleet) if status.phase == Phase.RUNNING else None
     if moving is not None:
         status.conditions = mark_reconciling(status.conditions, *moving, previous=old.conditions, now=now)
-    problems, started = problem_conditions(
+    found, started = problem_conditions(
         plan.problems, previous=old.conditions, generation=job.generation, now=now
     )
-    status.conditions += problems
+    status.conditions += found
     plan.events += [Event("Warning", c.reason, c.message) for c in started]
     if old.phase != status.phase or not job.status:
         kind = "Warning" if status.phase == Phase.FAILED else "Normal"
@@ -150,9 +151,15 @@ def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
 
 
 def plan_reconcile(
-    job: JobView, pods: list[PodObservation], now: datetime, *, children_exist: bool = True
+    job: JobView,
+    pods: list[PodObservation],
+    now: datetime,
+    *,
+    children_exist: bool = True,
+    live_checkpoint: CheckpointRef | None = None,
 ) -> Plan:
-    plan = _plan(job, pods, now, children_exist)
+    """``live_checkpoint``: what a running rank 0 reports in its metrics (scrape.py), if anything."""
+    plan = _plan(job, pods, now, children_exist, live_checkpoint)
     _release_stuck(plan, pods, now)
     return plan
 
@@ -180,7 +187,9 @@ def _release_stuck(plan: Plan, pods: list[PodObservation], now: datetime) -> Non
             plan.requeue_after = min(plan.requeue_after or wait, wait)
 
 
-def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exist: bool) -> Plan:
+def _plan(
+    job: JobView, pods: list[PodObservation], now: datetime, children_exist: bool, live: CheckpointRef | None
+) -> Plan:
     old = _old_status(job.status)
     plan = Plan(status=old.model_copy(deep=True))
     status = plan.status
@@ -230,7 +239,7 @@ def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exis
 
     if spec.mode == Mode.SERVE:
         group_refs += fleet.extra_groups(job.name, spec, old, now)  # surge replicas, groups draining
-    return _finish(_plan_active(plan, old, ref, spec, group_refs, pods, now), job, now)
+    return _finish(_plan_active(plan, old, ref, spec, group_refs, pods, now, live), job, now)
 
 
 def _layout_change_refused(old: PipelineJobStatus, spec: PipelineJobSpec) -> str | None:
@@ -292,13 +301,14 @@ def _plan_active(
     group_refs: list[render.GroupRef],
     pods: list[PodObservation],
     now: datetime,
+    live: CheckpointRef | None = None,
 ) -> Plan:
     """Each group through failure, restart and its pods' state; one group rolled to a new template; then
     the job's phase from its groups'."""
     status = plan.status
     template_hash = render.template_hash(spec)
     before = {g.name: g for g in old.groups}
-    status.last_checkpoint = job_checkpoint(old.last_checkpoint, pods)
+    status.last_checkpoint = newest([job_checkpoint(old.last_checkpoint, pods), live])
     status.reason = status.message = None
     exhausted: str | None = None  # the last failure that found the backoffLimit spent
 
@@ -323,31 +333,21 @@ def _plan_active(
         exhausted = spent or exhausted
         _observe_members(plan, group_status, members, group, spec, previous, restarted, now)
 
-    _report_unschedulable(plan, spec, members_of, now)
     if spec.mode != Mode.SERVE:
         _roll_one_group(plan, groups, members_of, now)
     desired = {g.name for g in group_refs}
     plan.delete_statefulsets = [g.name for g in old.groups if g.name not in desired]
     status.groups = groups
     _job_outcome(plan, spec, exhausted, now)
+    plan.problems, wait = problems.report(status, old, spec, members_of, now)
+    if wait is not None:
+        plan.requeue_after = min(plan.requeue_after or wait, wait)
     restarts = {g.name: g.restarts for g in groups}
     finished = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
     plan.apply = render.build_all(ref, spec, restarts, running=not finished)
     if spec.mode == Mode.SERVE and not finished:
         _serve_fleet(plan, old, ref, spec, members_of, now)
     return plan
-
-
-def _report_unschedulable(
-    plan: Plan, spec: PipelineJobSpec, members_of: dict[str, GroupPods], now: datetime
-) -> None:
-    found = unschedulable.find(
-        ((name, m.live) for name, m in members_of.items()), spec.placement.unschedulable_timeout_seconds, now
-    )
-    if found.message is not None:
-        plan.problems["Unschedulable"] = ("Unschedulable", found.message)
-    if found.wait_seconds is not None:
-        plan.requeue_after = min(plan.requeue_after or found.wait_seconds, found.wait_seconds)
 
 
 def _serve_fleet(

@@ -127,6 +127,9 @@ def worker_spec(spec: PipelineJobSpec) -> PipelineJobSpec:
             "ttl_seconds_after_finished": None,
             "restart_policy": RestartPolicySpec(),
             "placement": PlacementSpec(),
+            "checkpoint": spec.checkpoint.model_copy(update={"stale_after_seconds": None})
+            if spec.checkpoint
+            else None,
             "image": defaults["image"].default,
             "serve": spec.serve.model_copy(update={"rollout": RolloutSpec()}) if spec.serve else None,
         }

@@ -141,6 +141,12 @@ class CheckpointSpec(_Spec):
         100, ge=1, description="Steps (train) or completed prompts (inference) between commits."
     )
     keep: int = Field(3, ge=1, le=100, description="Committed checkpoints kept; older ones are deleted.")
+    stale_after_seconds: int | None = Field(
+        None,
+        ge=60,
+        description="A running train job whose last committed checkpoint is older is CheckpointStale; none: 3 x "
+        "the observed time between checkpoints.",
+    )
 
 
 class CacheSpec(_Spec):
@@ -529,6 +535,12 @@ class _Status(BaseModel):
 class CheckpointRef(_Status):
     step: int = Field(ge=0, description="Step (train) or committed prompt offset (inference).")
     time: str | None = Field(None, description="When it was committed (RFC 3339).")
+    age_seconds: int | None = Field(
+        None, description="Its age at the last reconcile, in whole minutes (refreshed once a minute)."
+    )
+    interval_seconds: float | None = Field(
+        None, description="Observed time per checkpoint.every steps, from the last two checkpoints seen."
+    )
 
 
 class Condition(_Status):
