@@ -151,12 +151,21 @@ class KubeClient:
             log.warning("event not posted", extra={"reason": reason, "error": str(err)})
 
     def delete_statefulset(self, namespace: str, name: str) -> None:
-        resource = self.dynamic.resources.get(api_version="apps/v1", kind="StatefulSet")
-        try:
-            resource.delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"})
-        except Exception as err:
-            if not self._missing(err):
+        """A group scaled away: its StatefulSet, and its Volcano PodGroup (same name) where there is one."""
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+        for api_version, kind in [("apps/v1", "StatefulSet"), *OPTIONAL_CHILD_KINDS]:
+            try:
+                resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+            except ResourceNotFoundError:
+                if (api_version, kind) in OPTIONAL_CHILD_KINDS:
+                    continue  # not installed: there is none to delete
                 raise
+            try:
+                resource.delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"})
+            except Exception as err:
+                if not self._missing(err):
+                    raise
 
     def _children(self, namespace: str, job: str) -> list[tuple[Any, str]]:
         from kubernetes.dynamic.exceptions import ResourceNotFoundError
