@@ -17,9 +17,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from conveyor.spec import GROUP, PLURAL, VERSION, PipelineJobStatus
+from conveyor.spec import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    CheckpointRef,
+    Mode,
+    Phase,
+    PipelineJobSpec,
+    PipelineJobStatus,
+)
 
-from conveyor_operator import k8s, metrics
+from conveyor_operator import checkpoint_age, k8s, metrics, scrape
 from conveyor_operator.observe import PodObservation, merge_witness, observe_pod
 from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
 from conveyor_operator.render import JOB_LABEL
@@ -78,6 +87,16 @@ def with_witnesses(pods: list[PodObservation], witnesses: Sequence[PodObservatio
     return merged + gone
 
 
+def _live_checkpoint(body: dict[str, Any], pods: Sequence[PodObservation]) -> CheckpointRef | None:
+    """A running train job's rank 0 (pod 0) reports its last commit in its metrics: read it there."""
+    spec = body.get("spec") or {}
+    if spec.get("mode") != Mode.TRAIN:
+        return None
+    port = int(spec.get("metricsPort") or PipelineJobSpec.model_fields["metrics_port"].default)
+    rank0 = [p for p in pods if p.index == 0 and p.ready and p.listed and not p.deleting and p.ip]
+    return scrape.read_checkpoint(str(rank0[0].ip), port) if rank0 else None
+
+
 def reconcile(
     namespace: str, name: str, now: datetime | None = None, witnesses: Sequence[PodObservation] = ()
 ) -> Plan | None:
@@ -91,10 +110,13 @@ def reconcile(
             body = client.get_job(namespace, name)
             if body is None or body.get("metadata", {}).get("deletionTimestamp"):
                 metrics.record_phase(namespace, name, None)
+                metrics.record_checkpoint_age(namespace, name, None)
                 return None
             pods = [observe_pod(p) for p in client.list_pods(namespace, name)]
             pods = with_witnesses(pods, witnesses)
-            plan = plan_reconcile(JobView.from_body(body), pods, now or datetime.now(UTC))
+            now = now or datetime.now(UTC)
+            live = _live_checkpoint(body, pods)
+            plan = plan_reconcile(JobView.from_body(body), pods, now, live_checkpoint=live)
             if plan.delete_children and not client.children_exist(namespace, name):
                 plan.delete_children, plan.events = False, [e for e in plan.events if e.reason != "Cleaned"]
             execute(client, body, plan)
@@ -106,6 +128,9 @@ def reconcile(
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     metrics.RECONCILES.labels(result="ok").inc()
     metrics.record_phase(namespace, name, str(plan.status.phase))
+    running = plan.status.phase == Phase.RUNNING
+    age = checkpoint_age.age_seconds(plan.status.last_checkpoint, now) if running else None
+    metrics.record_checkpoint_age(namespace, name, age)
     for _ in plan.restarts:
         metrics.GROUP_RESTARTS.labels(namespace=namespace, job=name).inc()
     for ev in plan.events:

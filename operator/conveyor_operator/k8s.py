@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # Kinds of children, (apiVersion, kind), deleted together after the TTL.
 CHILD_KINDS = [("apps/v1", "StatefulSet"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget")]
+# Children of kinds a cluster may not serve (Volcano's PodGroup, only with schedulerName: volcano).
+OPTIONAL_CHILD_KINDS = [("scheduling.volcano.sh/v1beta1", "PodGroup")]
 
 
 class Client(Protocol):
@@ -149,17 +151,33 @@ class KubeClient:
             log.warning("event not posted", extra={"reason": reason, "error": str(err)})
 
     def delete_statefulset(self, namespace: str, name: str) -> None:
-        resource = self.dynamic.resources.get(api_version="apps/v1", kind="StatefulSet")
-        try:
-            resource.delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"})
-        except Exception as err:
-            if not self._missing(err):
+        """A group scaled away: its StatefulSet, and its Volcano PodGroup (same name) where there is one."""
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+        for api_version, kind in [("apps/v1", "StatefulSet"), *OPTIONAL_CHILD_KINDS]:
+            try:
+                resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+            except ResourceNotFoundError:
+                if (api_version, kind) in OPTIONAL_CHILD_KINDS:
+                    continue  # not installed: there is none to delete
                 raise
+            try:
+                resource.delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"})
+            except Exception as err:
+                if not self._missing(err):
+                    raise
 
     def _children(self, namespace: str, job: str) -> list[tuple[Any, str]]:
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
         out = []
-        for api_version, kind in CHILD_KINDS:
-            resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+        for api_version, kind in CHILD_KINDS + OPTIONAL_CHILD_KINDS:
+            try:
+                resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+            except ResourceNotFoundError:
+                if (api_version, kind) in OPTIONAL_CHILD_KINDS:
+                    continue  # not installed: the job cannot have any
+                raise
             items = resource.get(namespace=namespace, label_selector=f"{JOB_LABEL}={job}").items
             out += [(resource, item.metadata.name) for item in items]
         return out

@@ -3,6 +3,8 @@ operator's endpoint shows only these."""
 
 from __future__ import annotations
 
+import contextlib
+
 from conveyor.spec import Phase
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -28,7 +30,23 @@ GROUP_RESTARTS = Counter(
     registry=REGISTRY,
 )
 
+CHECKPOINT_AGE = Gauge(
+    "conveyor_operator_checkpoint_age_seconds",
+    "Age of each running job's last committed checkpoint, at its last reconcile (absent: none known).",
+    ["namespace", "job"],
+    registry=REGISTRY,
+)
+
 _phases: dict[tuple[str, str], str] = {}
+
+
+def record_checkpoint_age(namespace: str, name: str, age: float | None) -> None:
+    """Publish a job's checkpoint age; None (no checkpoint known, the job finished or is gone) drops it."""
+    if age is None:
+        with contextlib.suppress(KeyError):  # never published
+            CHECKPOINT_AGE.remove(namespace, name)
+    else:
+        CHECKPOINT_AGE.labels(namespace=namespace, job=name).set(age)
 
 
 def record_phase(namespace: str, name: str, phase: str | None) -> None:

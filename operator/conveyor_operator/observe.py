@@ -73,6 +73,10 @@ class PodObservation:
     exits: int = 0  # exits of the worker container so far: restartCount, + 1 while it is terminated
     listed: bool = True  # False: seen only in a watch event (the pod may be gone already)
     conditions: frozenset[str] = frozenset()  # pod condition types that are True (DisruptionTarget, ...)
+    # PodScheduled=False with reason Unschedulable: the scheduler's message and since when it says so.
+    unschedulable: str | None = None
+    unschedulable_since: datetime | None = None
+    ip: str | None = None  # status.podIP: where its metrics are (scrape.py)
 
     @property
     def deleting(self) -> bool:
@@ -149,6 +153,10 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
     annotations = meta.get("annotations") or {}
     status = pod.get("status") or {}
     conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    scheduling: dict[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {}
+    )
+    refused = scheduling.get("status") == "False" and scheduling.get("reason") == "Unschedulable"
     cs = _worker_status(pod)
     deadline = parse_time(meta.get("deletionTimestamp"))
     deletion = _deletion_requested(meta, deadline)
@@ -199,6 +207,9 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
         terminations=tuple(terminations),
         exits=int(cs.get("restartCount") or 0) + (1 if (cs.get("state") or {}).get("terminated") else 0),
         conditions=frozenset(str(t) for t, v in conditions.items() if v == "True"),
+        unschedulable=str(scheduling.get("message") or "no message") if refused else None,
+        unschedulable_since=parse_time(scheduling.get("lastTransitionTime")) if refused else None,
+        ip=status.get("podIP") or None,
     )
 
 

@@ -48,7 +48,9 @@ def group_checkpoint(
     """A group's last checkpoint: what its status already holds (its last report, what its last restart
     resumed from; for a train job's one group, the job's) and what any pod of the group reports now, of
     any generation, listed or seen only in a watch event."""
-    return newest([*known, *(reported(p) for p in pods if p.group == group)])
+    found = newest([*known, *(reported(p) for p in pods if p.group == group)])
+    # Age and interval are the job's (checkpoint_age.py), measured at one reconcile: not kept per group.
+    return found.model_copy(update={"age_seconds": None, "interval_seconds": None}) if found else None
 
 
 def describe_resume(checkpoint: CheckpointRef | None) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 from conveyor.failure_policy import FailureAction, FailurePolicySpec
 from conveyor.spec import (
+    CheckpointRef,
     GroupStatus,
     Mode,
     Phase,
@@ -33,9 +34,9 @@ from conveyor.spec import (
     parse_spec,
 )
 
-from conveyor_operator import failure_rules, fleet, render
+from conveyor_operator import failure_rules, fleet, problems, render
 from conveyor_operator.backoff import budget_left, restart_delay
-from conveyor_operator.conditions import fleet_reconciling, mark_reconciling
+from conveyor_operator.conditions import fleet_reconciling, mark_reconciling, problem_conditions
 from conveyor_operator.observe import PodObservation, parse_time
 from conveyor_operator.phase import (
     GroupPods,
@@ -47,7 +48,7 @@ from conveyor_operator.phase import (
     job_phase,
     split_pods,
 )
-from conveyor_operator.progress import describe_resume, group_checkpoint, job_checkpoint
+from conveyor_operator.progress import describe_resume, group_checkpoint, job_checkpoint, newest
 from conveyor_operator.restarts import account_group
 
 TERMINAL_REASONS = {"BackoffLimitExceeded", "Completed"}
@@ -85,6 +86,7 @@ class Plan:
     events: list[Event] = field(default_factory=list)
     restarts: list[str] = field(default_factory=list)  # groups restarted by this plan (metrics)
     fatal: str | None = None  # a failure a failurePolicy rule fails the job for (FailJob)
+    problems: dict[str, tuple[str, str] | None] = field(default_factory=dict)  # conditions.PROBLEMS found
     requeue_after: float | None = None
 
 
@@ -137,6 +139,11 @@ def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
     moving = fleet_reconciling(status.fleet) if status.phase == Phase.RUNNING else None
     if moving is not None:
         status.conditions = mark_reconciling(status.conditions, *moving, previous=old.conditions, now=now)
+    found, started = problem_conditions(
+        plan.problems, previous=old.conditions, generation=job.generation, now=now
+    )
+    status.conditions += found
+    plan.events += [Event("Warning", c.reason, c.message) for c in started]
     if old.phase != status.phase or not job.status:
         kind = "Warning" if status.phase == Phase.FAILED else "Normal"
         plan.events.append(Event(kind, str(status.phase), status.message or f"phase {status.phase}"))
@@ -144,9 +151,15 @@ def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
 
 
 def plan_reconcile(
-    job: JobView, pods: list[PodObservation], now: datetime, *, children_exist: bool = True
+    job: JobView,
+    pods: list[PodObservation],
+    now: datetime,
+    *,
+    children_exist: bool = True,
+    live_checkpoint: CheckpointRef | None = None,
 ) -> Plan:
-    plan = _plan(job, pods, now, children_exist)
+    """``live_checkpoint``: what a running rank 0 reports in its metrics (scrape.py), if anything."""
+    plan = _plan(job, pods, now, children_exist, live_checkpoint)
     _release_stuck(plan, pods, now)
     return plan
 
@@ -174,7 +187,9 @@ def _release_stuck(plan: Plan, pods: list[PodObservation], now: datetime) -> Non
             plan.requeue_after = min(plan.requeue_after or wait, wait)
 
 
-def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exist: bool) -> Plan:
+def _plan(
+    job: JobView, pods: list[PodObservation], now: datetime, children_exist: bool, live: CheckpointRef | None
+) -> Plan:
     old = _old_status(job.status)
     plan = Plan(status=old.model_copy(deep=True))
     status = plan.status
@@ -224,7 +239,7 @@ def _plan(job: JobView, pods: list[PodObservation], now: datetime, children_exis
 
     if spec.mode == Mode.SERVE:
         group_refs += fleet.extra_groups(job.name, spec, old, now)  # surge replicas, groups draining
-    return _finish(_plan_active(plan, old, ref, spec, group_refs, pods, now), job, now)
+    return _finish(_plan_active(plan, old, ref, spec, group_refs, pods, now, live), job, now)
 
 
 def _layout_change_refused(old: PipelineJobStatus, spec: PipelineJobSpec) -> str | None:
@@ -286,13 +301,14 @@ def _plan_active(
     group_refs: list[render.GroupRef],
     pods: list[PodObservation],
     now: datetime,
+    live: CheckpointRef | None = None,
 ) -> Plan:
     """Each group through failure, restart and its pods' state; one group rolled to a new template; then
     the job's phase from its groups'."""
     status = plan.status
     template_hash = render.template_hash(spec)
     before = {g.name: g for g in old.groups}
-    status.last_checkpoint = job_checkpoint(old.last_checkpoint, pods)
+    status.last_checkpoint = newest([job_checkpoint(old.last_checkpoint, pods), live])
     status.reason = status.message = None
     exhausted: str | None = None  # the last failure that found the backoffLimit spent
 
@@ -323,6 +339,9 @@ def _plan_active(
     plan.delete_statefulsets = [g.name for g in old.groups if g.name not in desired]
     status.groups = groups
     _job_outcome(plan, spec, exhausted, now)
+    plan.problems, wait = problems.report(status, old, spec, members_of, now)
+    if wait is not None:
+        plan.requeue_after = min(plan.requeue_after or wait, wait)
     restarts = {g.name: g.restarts for g in groups}
     finished = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
     plan.apply = render.build_all(ref, spec, restarts, running=not finished)
@@ -356,6 +375,7 @@ def _serve_fleet(
                 Event("Normal", "GroupRolled", f"group {group.name}: rolling to the new pod template")
             )
     restarts = {g.name: g.restarts for g in status.groups}
+    plan.apply += render.build_podgroups(ref, spec, decided.surge_groups)
     plan.apply += [
         render.build_statefulset(ref, spec, g, restart=restarts.get(g.name, 0), running=True)
         for g in decided.surge_groups

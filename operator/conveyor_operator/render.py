@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.env import pod_environ
+from conveyor.placement import PlacementSpec
 from conveyor.spec import (
     API_VERSION,
     KIND,
@@ -31,6 +32,8 @@ from conveyor.spec import (
     RolloutSpec,
     spec_to_json,
 )
+
+from conveyor_operator import placement
 
 JOB_LABEL = "conveyor.dev/job"
 GROUP_LABEL = "conveyor.dev/group"
@@ -114,7 +117,7 @@ def _metadata(job: JobRef, name: str, labels: dict[str, str] | None = None) -> d
 
 def worker_spec(spec: PipelineJobSpec) -> PipelineJobSpec:
     """The spec the workers see (CONVEYOR_SPEC): fields only the operator acts on are reset, so that
-    suspending, a new TTL or restart policy never changes the pods. The image is the container's, not
+    suspending, a new TTL, restart policy or placement never changes the pods' CONVEYOR_SPEC. The image is the container's, not
     the worker's business: it is reset too, so that a release's new default image never shows up in
     CONVEYOR_SPEC (the template hash covers the container image itself)."""
     defaults = PipelineJobSpec.model_fields
@@ -123,6 +126,10 @@ def worker_spec(spec: PipelineJobSpec) -> PipelineJobSpec:
             "suspend": False,
             "ttl_seconds_after_finished": None,
             "restart_policy": RestartPolicySpec(),
+            "placement": PlacementSpec(),
+            "checkpoint": spec.checkpoint.model_copy(update={"stale_after_seconds": None})
+            if spec.checkpoint
+            else None,
             "image": defaults["image"].default,
             "serve": spec.serve.model_copy(update={"rollout": RolloutSpec()}) if spec.serve else None,
         }
@@ -146,7 +153,13 @@ def template_hash(spec: PipelineJobSpec) -> str:
         worker = worker.model_copy(
             update={"parallelism": worker.parallelism.model_copy(update={"replicas": replicas})}
         )
-    identity = {"revision": TEMPLATE_REVISION, "image": spec.image, "spec": json.loads(spec_to_json(worker))}
+    identity: dict[str, Any] = {
+        "revision": TEMPLATE_REVISION,
+        "image": spec.image,
+        "spec": json.loads(spec_to_json(worker)),
+    }
+    if spec.placement != PlacementSpec():  # where pods go is part of the template (left out when unset)
+        identity["placement"] = spec.placement.model_dump(by_alias=True, mode="json", exclude_defaults=True)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -296,7 +309,7 @@ def _pod_spec(job: JobRef, spec: PipelineJobSpec, group: GroupRef, restart: int)
     optional = {
         "nodeSelector": t.node_selector or None,
         "tolerations": t.tolerations or None,
-        "affinity": t.affinity,
+        "affinity": placement.affinity(spec, job.namespace, group.name),
         "priorityClassName": t.priority_class_name,
         "schedulerName": t.scheduler_name,
         "serviceAccountName": t.service_account_name,
@@ -317,16 +330,22 @@ def build_statefulset(
     group_labels = {GROUP_LABEL: group.name}
     if group.replica is not None:
         group_labels[REPLICA_LABEL] = str(group.replica)
-    pod_labels = {**spec.template.labels, **base_labels(job.name), **group_labels}
+    pod_labels = {
+        **spec.template.labels,
+        **placement.pod_labels(spec, job.namespace, group.name),
+        **base_labels(job.name),
+        **group_labels,
+    }
     annotations = {
         **spec.template.annotations,
+        **placement.pod_annotations(spec, group.name),
         RESTART_ANNOTATION: str(restart),
         TEMPLATE_HASH_ANNOTATION: template_hash(spec),
     }
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": _metadata(job, group.name, group_labels),
+        "metadata": _metadata(job, group.name, {**placement.statefulset_labels(spec), **group_labels}),
         "spec": {
             "serviceName": job.name,
             "replicas": group.pods if running else 0,
@@ -348,6 +367,20 @@ def build_statefulsets(
         build_statefulset(job, spec, g, restart=restarts.get(g.name, 0), running=running)
         for g in groups(job.name, spec)
     ]
+
+
+def build_podgroups(
+    job: JobRef, spec: PipelineJobSpec, of: list[GroupRef] | None = None
+) -> list[dict[str, Any]]:
+    """Volcano gangs (``template.schedulerName: volcano``), one per group (``of``: the spec's groups), named
+    as its StatefulSet."""
+    out = []
+    for g in groups(job.name, spec) if of is None else of:
+        group_labels = {GROUP_LABEL: g.name}
+        podgroup = placement.build_podgroup(_metadata(job, g.name, group_labels), spec, g.pods)
+        if podgroup is not None:
+            out.append(podgroup)
+    return out
 
 
 def build_service(job: JobRef, spec: PipelineJobSpec) -> dict[str, Any]:
@@ -407,6 +440,8 @@ def build_all(
     objects = [build_service(job, spec)]
     optional = [build_serve_service(job, spec), build_pdb(job, spec)]
     objects += [o for o in optional if o is not None]
+    # A PodGroup before its pods: Volcano holds pods whose group does not exist yet.
+    objects += build_podgroups(job, spec)
     return objects + build_statefulsets(job, spec, restarts, running=running)
 
 

@@ -24,6 +24,7 @@ JOB_RULES = {
     ("apps", "statefulsets"): CHILDREN,
     ("", "services"): CHILDREN,
     ("policy", "poddisruptionbudgets"): CHILDREN,
+    ("scheduling.volcano.sh", "podgroups"): CHILDREN,
     ("", "pods"): ["list", "watch", "patch", "delete"],
     ("", "events"): ["create"],
 }

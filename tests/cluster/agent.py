@@ -27,6 +27,7 @@ from kubernetes.client.rest import ApiException
 from tests.cluster.network import make_network
 from tests.cluster.podrun import PodRunner, now
 
+DEFAULT_SCHEDULER = "default-scheduler"
 log = logging.getLogger("agent")
 NODE_CAPACITY = {
     "cpu": "32",
@@ -119,7 +120,10 @@ class Agent:
                 runner.stop(0.0)  # force-deleted: the object is gone, kill now
             return
         if not node:
-            if pod.metadata.deletion_timestamp is None:
+            # The agent stands in for the default scheduler only: a pod that names another (a test's own
+            # kube-scheduler profile) is that scheduler's to bind.
+            mine = pod.spec.scheduler_name in (None, "", DEFAULT_SCHEDULER)
+            if mine and pod.metadata.deletion_timestamp is None:
                 self.bind(pod)
             return
         if node != self.node:

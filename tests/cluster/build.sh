@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the local control plane's binaries from pinned Go modules, once; later runs reuse them.
 #
-#   tests/cluster/build.sh [NAME...]     NAME in: kube-apiserver kube-controller-manager kubectl etcd helm
+#   tests/cluster/build.sh [NAME...]     NAME in: kube-apiserver kube-controller-manager kube-scheduler kubectl etcd helm
 #
 # Pins live in tests/cluster/tools/{kubernetes,etcd,helm}/go.{mod,sum}. The Go module and build caches
 # (GOMODCACHE, GOCACHE) and the binaries live under ~/.cache/conveyor, outside any checkout, so every clone
@@ -95,7 +95,7 @@ if wants etcd; then
     build etcd "-s -w" etcd=go.etcd.io/etcd/server/v3
 fi
 k8s=()
-for n in kube-apiserver kube-controller-manager kubectl; do
+for n in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
     if wants "$n"; then k8s+=("$n=k8s.io/kubernetes/cmd/$n"); fi
 done
 if (( ${#k8s[@]} )); then

@@ -50,6 +50,20 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, int], bool]] = {
         True,
     ),
     "train-p2-t1-r2": (train_spec(stages=2, tp=1, replicas=2, resources={"gpus": 2}), {"llm": 1}, True),
+    "inference-placement-volcano-kueue": (
+        inference_spec(
+            stages=2,
+            replicas=2,
+            template={"schedulerName": "volcano"},
+            placement={
+                "topologyKey": "example.com/nvlink-domain",
+                "exclusive": True,
+                "queueName": "team-a",
+            },
+        ),
+        {},
+        True,
+    ),
 }
 
 

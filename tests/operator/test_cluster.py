@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conveyor_operator import k8s
 
 from tests.conftest import conveyor_cmd, subprocess_env
 from tests.operator.builders import inference_spec, serve_spec, train_spec
@@ -70,9 +71,20 @@ REJECTED = [
         {**inference_spec(), "restartPolicy": {"backoffSeconds": 50, "maxBackoffSeconds": 5}},
         "maxBackoffSeconds must be >= backoffSeconds",
     ),
+    (
+        {**inference_spec(), "placement": {"exclusive": True}},
+        "spec.placement.exclusive needs spec.placement.topologyKey",
+    ),
     ({"mode": "serve", "serve": {}}, "spec.model is required when spec.mode is 'inference' or 'serve'"),
     (inference_spec(stages=0), "spec.parallelism.stages"),
 ]
+
+
+def test_a_volcano_podgroup_kind_the_cluster_lacks_is_skipped(k8s_cluster: Any, k8s_namespace: str) -> None:
+    """No Volcano here: deleting a group (its StatefulSet and PodGroup) and listing the children work."""
+    kube = k8s.KubeClient(k8s_cluster.api_client)
+    kube.delete_statefulset(k8s_namespace, "llm-r9")  # neither exists: nothing to do, no error
+    assert kube.children_exist(k8s_namespace, "llm") is False
 
 
 def test_admission_refuses_malformed_jobs_with_the_rules_message(

@@ -127,14 +127,14 @@ class _FutureTrain(TrainSpec):
     gradient_checkpointing: bool = False
 
 
-class _Placement(_Spec):
-    spread: str = "zone"
+class _Preemption(_Spec):
+    policy: str = "never"
 
 
 class _FutureSpec(PipelineJobSpec):
     inference: _FutureInference | None = None
     train: _FutureTrain | None = None
-    placement: _Placement = Field(default_factory=_Placement)
+    preemption: _Preemption = Field(default_factory=_Preemption)
     drain_seconds: int = 30
 
 

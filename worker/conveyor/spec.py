@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from conveyor.failure_policy import FailurePolicySpec
+from conveyor.placement import PlacementSpec
 
 GROUP = "conveyor.dev"
 VERSION = "v1alpha1"
@@ -140,6 +141,12 @@ class CheckpointSpec(_Spec):
         100, ge=1, description="Steps (train) or completed prompts (inference) between commits."
     )
     keep: int = Field(3, ge=1, le=100, description="Committed checkpoints kept; older ones are deleted.")
+    stale_after_seconds: int | None = Field(
+        None,
+        ge=60,
+        description="A running train job whose last committed checkpoint is older is CheckpointStale; none: 3 x "
+        "the observed time between checkpoints.",
+    )
 
 
 class CacheSpec(_Spec):
@@ -321,6 +328,10 @@ class PipelineJobSpec(_Spec):
     failure_policy: FailurePolicySpec = Field(
         default_factory=FailurePolicySpec, description="Which failures restart, fail or are ignored."
     )
+    placement: PlacementSpec = Field(
+        default_factory=PlacementSpec,
+        description="Where a group's pods land: one topology domain, one group per domain, Kueue queue.",
+    )
     suspend: bool = Field(False, description="Stop the pods and keep state; resuming continues (Kueue).")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the job's pods and Service this long after it finished."
@@ -471,6 +482,11 @@ CEL_RULES: list[dict[str, str]] = [
         " || self.restartPolicy.maxBackoffSeconds >= self.restartPolicy.backoffSeconds",
         "message": "spec.restartPolicy.maxBackoffSeconds must be >= backoffSeconds",
     },
+    {
+        "rule": "!has(self.placement) || !has(self.placement.exclusive) || !self.placement.exclusive"
+        " || has(self.placement.topologyKey)",
+        "message": "spec.placement.exclusive needs spec.placement.topologyKey (the node label of the domain)",
+    },
     {"rule": "self.mode == oldSelf.mode", "message": "spec.mode is immutable: create a new PipelineJob"},
 ]
 
@@ -519,6 +535,12 @@ class _Status(BaseModel):
 class CheckpointRef(_Status):
     step: int = Field(ge=0, description="Step (train) or committed prompt offset (inference).")
     time: str | None = Field(None, description="When it was committed (RFC 3339).")
+    age_seconds: int | None = Field(
+        None, description="Its age at the last reconcile, in whole minutes (refreshed once a minute)."
+    )
+    interval_seconds: float | None = Field(
+        None, description="Observed time per checkpoint.every steps, from the last two checkpoints seen."
+    )
 
 
 class Condition(_Status):
