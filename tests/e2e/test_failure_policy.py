@@ -7,7 +7,6 @@ and the job's outputs are complete and unrepeated."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,7 @@ import yaml
 from kubernetes import client
 
 from tests.cluster.waiting import wait_for
-from tests.conftest import conveyor_cmd, subprocess_env
-from tests.e2e.test_inference_job import EXAMPLES, inference_job, results
+from tests.e2e.test_inference_job import EXAMPLES, inference_job, results, single_process_reference
 from tests.e2e.test_train_job import (
     STAGES,
     TP,
@@ -115,15 +113,7 @@ def test_a_rank_that_hangs_is_restarted_and_the_job_completes_its_outputs_once(
     once hangTimeoutSeconds pass without progress, the container is killed, the operator restarts the
     group with reason Hung, and the restarted group finishes the rest: every prompt answered exactly once,
     as a single process answers it."""
-    model = tmp_path / "tiny-llama"
-    env = subprocess_env()
-    subprocess.run(
-        conveyor_cmd()[:1] + [str(EXAMPLES / "make-tiny-llama.py"), str(model)], env=env, check=True
-    )
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    (reference / "job.yaml").write_text(yaml.safe_dump(inference_job("reference", model, reference, 1, 1)))
-    subprocess.run(conveyor_cmd("run", str(reference / "job.yaml")), env=env, check=True, timeout=300)
+    model, reference = single_process_reference(tmp_path)
 
     name, out = "hangs", tmp_path / "cluster"
     job = inference_job(name, model, out, 2, 1)

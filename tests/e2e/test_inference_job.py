@@ -50,17 +50,22 @@ def results(path: Path) -> list[dict]:
     )
 
 
-def test_inference_job_equals_a_single_process_run(k8s_cluster, k8s_namespace, operator, tmp_path):
+def single_process_reference(tmp_path: Path) -> tuple[Path, Path]:
+    """The example's tiny Llama, and the directory of a single-process `conveyor run` of the job on it."""
     model = tmp_path / "tiny-llama"
     env = subprocess_env()
     subprocess.run(
         conveyor_cmd()[:1] + [str(EXAMPLES / "make-tiny-llama.py"), str(model)], env=env, check=True
     )
-
     reference = tmp_path / "reference"
     reference.mkdir()
     (reference / "job.yaml").write_text(yaml.safe_dump(inference_job("reference", model, reference, 1, 1)))
     subprocess.run(conveyor_cmd("run", str(reference / "job.yaml")), env=env, check=True, timeout=300)
+    return model, reference
+
+
+def test_inference_job_equals_a_single_process_run(k8s_cluster, k8s_namespace, operator, tmp_path):
+    model, reference = single_process_reference(tmp_path)
 
     out = tmp_path / "cluster"
     manifest = tmp_path / "job.yaml"

@@ -5,6 +5,7 @@ lane, every bad request is answered and the server stays up."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -42,26 +43,13 @@ def model_dir() -> Path:
     return smollm2.checkpoint()  # a real chat model: readable answers, logits with clear winners
 
 
-@pytest.fixture(scope="module")
-def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``conveyor run`` of the serve job; yields the base URL once /ready answers 200."""
-    port = free_port()
-    job = {
-        "apiVersion": "conveyor.dev/v1alpha1",
-        "kind": "PipelineJob",
-        "metadata": {"name": JOB},
-        "spec": {
-            "mode": "serve",
-            "device": "cpu",
-            "model": {"path": str(model_dir), "dtype": "float32"},
-            "parallelism": {"stages": 2, "tensorParallel": 1, "replicas": 1},
-            "resources": {"gpus": 0},
-            "serve": {"port": port, "maxBatchSize": 4},
-        },
-    }
-    path = tmp_path_factory.mktemp("job") / "serve.yaml"
+@contextlib.contextmanager
+def running_serve_job(job: dict, workdir: Path) -> Iterator[str]:
+    """``conveyor run`` of a serve job; yields the base URL once /ready answers 200, then stops it with
+    SIGTERM and checks the drain was a clean stop."""
+    path = workdir / "serve.yaml"
     path.write_text(json.dumps(job))  # YAML is a superset of JSON
-    log = (path.parent / "run.log").open("w")
+    log = (workdir / "run.log").open("w")
     proc = subprocess.Popen(
         conveyor_cmd("run", str(path)),
         env=subprocess_env(OMP_NUM_THREADS="1"),
@@ -69,14 +57,12 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{job['spec']['serve']['port']}"
     try:
         deadline = time.monotonic() + 240
         while True:
-            assert proc.poll() is None, (path.parent / "run.log").read_text()
-            assert time.monotonic() < deadline, (
-                "not ready in 240 s:\n" + (path.parent / "run.log").read_text()
-            )
+            assert proc.poll() is None, (workdir / "run.log").read_text()
+            assert time.monotonic() < deadline, "not ready in 240 s:\n" + (workdir / "run.log").read_text()
             try:
                 if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                     break
@@ -93,7 +79,29 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             proc.wait()
         log.close()
         # a clean SIGTERM drain of a serve job is a clean stop: exit 0, not 143
-        assert proc.returncode == 0, (path.parent / "run.log").read_text()[-4000:]
+        assert proc.returncode == 0, (workdir / "run.log").read_text()[-4000:]
+
+
+def serve_job(name: str, model: Path, port: int, tensor_parallel: int = 1) -> dict:
+    return {
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "PipelineJob",
+        "metadata": {"name": name},
+        "spec": {
+            "mode": "serve",
+            "device": "cpu",
+            "model": {"path": str(model), "dtype": "float32"},
+            "parallelism": {"stages": 2, "tensorParallel": tensor_parallel, "replicas": 1},
+            "resources": {"gpus": 0},
+            "serve": {"port": port, "maxBatchSize": 4},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_serve_job(serve_job(JOB, model_dir, free_port()), tmp_path_factory.mktemp("job")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

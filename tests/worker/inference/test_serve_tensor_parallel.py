@@ -5,10 +5,6 @@ hangs up frees its lane on both ranks; the job drains and exits 0."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +16,7 @@ import torch
 from conveyor.testing.tiny import save_tiny
 from conveyor.utils import free_port
 
-from tests.conftest import conveyor_cmd, subprocess_env
-from tests.worker.inference.test_serve import hf_greedy, metric
+from tests.worker.inference.test_serve import hf_greedy, metric, running_serve_job, serve_job
 
 pytestmark = pytest.mark.integration
 
@@ -33,42 +28,7 @@ def test_a_tensor_parallel_serve_job_answers_like_hf(tmp_path: Path) -> None:
     import transformers as T
 
     model = save_tiny("llama", tmp_path / "model")  # 4 heads, 2 KV heads: TP 2 divides them
-    port = free_port()
-    job = {
-        "apiVersion": "conveyor.dev/v1alpha1",
-        "kind": "PipelineJob",
-        "metadata": {"name": JOB},
-        "spec": {
-            "mode": "serve",
-            "device": "cpu",
-            "model": {"path": str(model), "dtype": "float32"},
-            "parallelism": {"stages": 2, "tensorParallel": 2, "replicas": 1},
-            "resources": {"gpus": 0},
-            "serve": {"port": port, "maxBatchSize": 4},
-        },
-    }
-    (tmp_path / "serve.yaml").write_text(json.dumps(job))
-    log = tmp_path / "run.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            conveyor_cmd("run", str(tmp_path / "serve.yaml")),
-            env=subprocess_env(OMP_NUM_THREADS="1"),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, "not ready in 240 s:\n" + log.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    with running_serve_job(serve_job(JOB, model, free_port(), tensor_parallel=2), tmp_path) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         tok = T.AutoTokenizer.from_pretrained(model)
         hf = (tok, T.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval())
@@ -91,11 +51,3 @@ def test_a_tensor_parallel_serve_job_answers_like_hf(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert metric(url, "conveyor_serve_running_sequences") == 0
         assert ask(PROMPTS[3]) == want[PROMPTS[3]]  # both stage-0 ranks freed the lane alike
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, log.read_text()[-4000:]
