@@ -25,7 +25,6 @@ from conveyor import metrics
 from conveyor.commit_protocol import rfc3339, write_termination_message
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
-from conveyor.inference.kernels import compile_cache
 from conveyor.inference.kernels.cuda_graphs import CompileOptions
 from conveyor.inference.pipeline.generate import (
     Request,
@@ -53,11 +52,18 @@ COMMIT_SECONDS = 10.0  # commit at least this often, even between `checkpoint.ev
 LOG_SECONDS = 5.0
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def has_tokenizer(model_dir: str) -> bool:
+    return any((Path(model_dir) / f).exists() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(model_dir: str) -> Any:
+    if not has_tokenizer(model_dir):  # before the import: transformers' tokenizers cost seconds to import
+        return None
     from transformers import AutoTokenizer
 
-    if not any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
@@ -204,7 +210,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     results = ResultLog(part_path, job_identity(spec) if is_writer else None)
     from conveyor.inference.model.families import load_arch
 
-    arch = load_arch(spec.model.path)
+    arch = load_arch(spec.model.path, pod.compile_cache_dir)
     tokenizer = load_tokenizer(spec.model.path) if topo.stage == 0 else None
     clock.lap("config")
 
@@ -243,7 +249,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
         # A batch job prefills each prompt once: compiling the prompt passes cost 5.7 s (warm cache) to
         # 25 s (cold) and saved 1.3 s of generation at 1,024 prompts on an H200 (benchmarks/job.py).
         options=CompileOptions.from_env(info.device, compile_prompts=False),
-        cache_dir=Path(pod.compile_cache) if pod.compile_cache else compile_cache.DEFAULT_DIR,
+        cache_dir=pod.compile_cache_dir,
         quantization=inf.quantization,
         on_phase=lambda name, seconds: metrics.WARMUP_SECONDS.labels(job, name).set(seconds),
     )

@@ -174,8 +174,11 @@ def _check_safetensors(path: Path) -> None:
         )
 
 
-def check_model(model_dir: str | Path, stages: int, tensor_parallel: int) -> Arch:
-    """config.json, the weight files' names, shapes and sizes, and the layout against the model."""
+def check_model(
+    model_dir: str | Path, stages: int, tensor_parallel: int, cache_dir: Path | None = None
+) -> Arch:
+    """config.json, the weight files' names, shapes and sizes, and the layout against the model
+    (``cache_dir``: the compile cache, which keeps the resolved config)."""
     from conveyor.inference.model.families import load_arch, name_map
     from conveyor.inference.model.loader import Checkpoint, stage_layers, verify_checkpoint
     from conveyor.inference.pipeline.tensor_parallel import check_divisible
@@ -190,7 +193,7 @@ def check_model(model_dir: str | Path, stages: int, tensor_parallel: int) -> Arc
         )
     try:
         json.loads(config.read_bytes().decode("utf-8"))
-        arch = load_arch(root)
+        arch = load_arch(root, cache_dir)
     except (ValueError, OSError, KeyError, AttributeError) as err:  # JSON, unsupported family, HF's own
         raise InputError(
             f"{config}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
@@ -241,15 +244,15 @@ def load_tokenizer_checked(model_dir: str) -> Any:
         raise InputError(f"{model_dir}: the tokenizer does not load ({err})") from None
 
 
-def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True) -> None:
+def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True, cache_dir: Path | None = None) -> None:
     """Everything a batch inference job can check before a rank starts. ``input_and_output``: also the
-    input and the output (the stage-0 pods, which read and write them)."""
+    input and the output (the stage-0 pods, which read and write them); ``cache_dir``: the compile cache."""
     from conveyor.inference.progress import ResultLog, job_identity
 
     inf, model = spec.inference, spec.model
     assert inf is not None and model is not None
     p = spec.parallelism
-    arch = check_model(model.path, p.stages, p.tensor_parallel)
+    arch = check_model(model.path, p.stages, p.tensor_parallel, cache_dir)
     if not input_and_output:
         return
     if not Path(inf.input).is_file():

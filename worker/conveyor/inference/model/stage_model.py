@@ -232,7 +232,9 @@ def rope_inv_freq(arch: Arch) -> tuple[torch.Tensor, float]:
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](arch.hf_config, "cpu")
+    from conveyor.inference.model.config_cache import pretrained
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](pretrained(arch.hf_config), "cpu")
     return inv_freq.float(), float(scaling)
 
 
