@@ -1,8 +1,8 @@
 """``init_inference(..., replace_with_kernel_inject=True)`` against the single-process HF model, on CPU
 processes with gloo: for llama and gpt2 (and qwen2 at TP 2) our fast decoder, sharded TP 1 and 2 from the
 HF module's own tensors, gives HF's logits within tolerance (a full batch and a left-padded one) and
-HF's greedy tokens; sampling runs, beam search is refused by name. A family without a fast path (bloom)
-keeps AutoTP's HF-module path and matches too."""
+HF's greedy tokens; sampling runs, beam search is refused by name; two TP-2 groups in a world of 4 work
+side by side. A family without a fast path (bloom) keeps AutoTP's HF-module path and matches too."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ RTOL = 2e-5  # of the largest reference logit: float32 sums in another order
 FAST = ["llama", "gpt2", "qwen2"]
 
 
-def _results(tmp: Path, tp: int, families: list[str]) -> dict[str, dict[str, Any]]:
+def _results(tmp: Path, tp: int, families: list[str], world: int = 0) -> dict[str, dict[str, Any]]:
     out = tmp / f"tp{tp}.jsonl"
-    run_ranks(tp, ["-m", "tests.worker.autotp.kernel_main", str(out), str(tp), *families], timeout=600)
+    argv = ["-m", "tests.worker.autotp.kernel_main", str(out), str(tp), *families]
+    run_ranks(world or tp, argv, timeout=600)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     return {r["family"]: r for r in rows}
 
@@ -63,6 +64,12 @@ def test_tp1_fast_path_matches_hf(family: str, tp1: dict[str, dict[str, Any]]) -
 @pytest.mark.parametrize("family", FAST)
 def test_tp2_fast_path_matches_hf(family: str, tp2: dict[str, dict[str, Any]]) -> None:
     _check(tp2[family], injected=True)
+
+
+@pytest.mark.integration
+def test_two_tp_groups_in_a_world_of_4(tmp_path: Path) -> None:
+    """Consecutive ranks form the groups; each group's scheduler broadcasts from its own rank 0."""
+    _check(_results(tmp_path, 2, ["llama"], world=4)["llama"], injected=True)
 
 
 @pytest.mark.integration
