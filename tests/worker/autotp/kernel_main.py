@@ -1,5 +1,5 @@
 """One rank of the kernel-inject comparison: for each family, the single-process HF model's logits and
-greedy tokens (a full batch, and a left-padded one), then ``init_inference(...,
+greedy tokens (a full batch, and a left-padded one) and ``transformers.pipeline`` text, then ``init_inference(...,
 replace_with_kernel_inject=True)`` and the same calls on ``engine.module``. Rank 0 writes one JSON line
 per family to OUT.
 
@@ -17,6 +17,7 @@ import conveyor
 import torch
 
 from tests.worker.autotp.families import build, prompt
+from tests.worker.autotp.rank_main import _pipeline_text
 
 NEW = 8
 
@@ -50,10 +51,12 @@ def _run(module: Any, hf: bool) -> dict[str, torch.Tensor]:
 def check(family: str, tp: int) -> dict[str, Any]:
     model, _ = build(family)
     ref = _run(model, hf=True)
+    ref_text = _pipeline_text(model)
     engine = conveyor.init_inference(
         model, tensor_parallel={"tp_size": tp}, dtype=torch.float32, replace_with_kernel_inject=True
     )
     got = _run(engine.module, hf=False)
+    text = _pipeline_text(engine.module)
     real = _padded()[1].bool()  # logits of padding positions are meaningless in both
     sampled = engine.module.generate(prompt(), max_new_tokens=NEW, do_sample=True, top_k=20, temperature=0.7)
     # sampling from the single most likely token is greedy decoding: top_k reaches the sampler
@@ -78,6 +81,7 @@ def check(family: str, tp: int) -> dict[str, Any]:
         "sampled_prompt_kept": bool(torch.equal(sampled[:, : prompt().shape[1]], prompt())),
         "top1_is_greedy": bool(torch.equal(top1, ref["tokens"])),
         "num_beams_refusal": beams,
+        "pipeline_text": [ref_text, text],
     }
 
 

@@ -1,7 +1,7 @@
 """``init_inference(..., replace_with_kernel_inject=True)`` against the single-process HF model, on CPU
 processes with gloo: for llama and gpt2 (and qwen2 at TP 2) our fast decoder, sharded TP 1 and 2 from the
 HF module's own tensors, gives HF's logits within tolerance (a full batch and a left-padded one) and
-HF's greedy tokens; sampling runs, beam search is refused by name; two TP-2 groups in a world of 4 work
+HF's greedy tokens, and the same ``transformers.pipeline`` text; sampling runs, beam search is refused by name; two TP-2 groups in a world of 4 work
 side by side. A family without a fast path (bloom) keeps AutoTP's HF-module path and matches too."""
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def _check(row: dict[str, Any], injected: bool) -> None:
     assert row["padded_tokens_equal"], f"left-padded greedy tokens differ from HF's: {row}"
     assert row["sampled_shape"] == [2, 7 + 8] and row["sampled_prompt_kept"], row
     assert row["top1_is_greedy"], "do_sample with top_k=1 must give the greedy tokens"
+    ref, split = row["pipeline_text"]
+    assert split == ref and len(ref) > len("w5 w17 w42 w8"), f"transformers.pipeline text differs: {row}"
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@ cache, tensor-parallel all-reduce hooks) behind the two HF calls DeepSpeed users
 
     engine.module(input_ids, attention_mask=None)       -> an object with .logits [B, S, vocab]
     engine.module.generate(input_ids, max_new_tokens=16, do_sample=False, ...)  -> [B, S + new] tokens
+    transformers.pipeline("text-generation", model=engine.module, tokenizer=...)  (calls generate)
 
 ``generate`` runs our generation loop (pipeline/generate.py, one stage, continuous batching over the
 batch's rows); greedy tokens are HF's. Sampling (``do_sample=True`` with temperature, top_k, top_p,
@@ -96,6 +97,9 @@ class FastCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.stage.embed.weight.dtype
+
+    def can_generate(self) -> bool:
+        return True
 
     def _cache_for(self, lanes: int) -> None:
         cache = self.stage.cache
