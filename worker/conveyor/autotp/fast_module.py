@@ -120,12 +120,13 @@ class FastCausalLM(nn.Module):
         """Logits of every position. Rows padded on either side through ``attention_mask`` are read as
         HF's ``generate`` reads them: each row's tokens from position 0 (HF's forward gives the same
         logits with ``position_ids=attention_mask.cumsum(-1) - 1``)."""
-        bad = _unsupported({k: v for k, v in kwargs.items() if k != "return_dict"})
-        if bad or kwargs.get("return_dict", True) is not True:
+        neutral = {**NEUTRAL, "return_dict": True}
+        bad = sorted(k for k, v in kwargs.items() if v is not None and neutral.get(k, object()) != v)
+        if bad:
             raise AutoTPError(
                 f"engine.module(...) under replace_with_kernel_inject=True takes input_ids and "
-                f"attention_mask; not {bad or ['return_dict=False']} (use replace_with_kernel_inject=False "
-                "for the HF module itself)"
+                f"attention_mask; not {', '.join(f'{k}={kwargs[k]!r}' for k in bad)} (use "
+                "replace_with_kernel_inject=False for the HF module itself)"
             )
         n, s = input_ids.shape
         self._check_length(s, "the input")
