@@ -171,7 +171,8 @@ def _tp_group(tp: int) -> tuple[int, Any, int]:
 
 
 def _device(group: Any) -> torch.device:
-    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+    """The current GPU (as DeepSpeed's init_inference), unless the ranks talk over gloo (the CPU)."""
+    if torch.cuda.is_available() and (not dist.is_initialized() or dist.get_backend(group) == "nccl"):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

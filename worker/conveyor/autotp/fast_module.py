@@ -89,6 +89,8 @@ class FastCausalLM(nn.Module):
         self.generation_config = generation_config
         self.max_len = min(max_out_tokens, stage.arch.max_positions)
         self.peers = PipelinePeers(0, 1, None, None, rank, rank, tensor_group, tensor_src, None)
+        self.warmed: set[int] = set()  # batch sizes whose decode step is compiled and captured
+        self.tiles: Any = None  # the tile choices of the Triton products (compile_cache.TileChoices)
 
     @property
     def device(self) -> torch.device:
@@ -105,6 +107,27 @@ class FastCausalLM(nn.Module):
         cache = self.stage.cache
         if cache is None or cache.lanes_total < lanes:
             self.stage.setup_cache(lanes, self.max_len, self.dtype, self.device)
+            self.warmed.clear()  # the graphs wrote the old cache
+
+    def _warm_for(self, lanes: int) -> None:
+        """On a GPU, the decode step as a job runs it (compiled layer, Triton products and attention,
+        one CUDA graph) for a batch of ``lanes``, made before the first token of the first call with that
+        batch size; the compile cache (~/.cache/conveyor/compile or CONVEYOR_COMPILE_CACHE) keeps it for
+        the next process."""
+        if self.device.type != "cuda" or lanes in self.warmed:
+            return
+        from conveyor.env import compile_cache_dir
+        from conveyor.inference.kernels import compile_cache
+        from conveyor.inference.kernels.cuda_graphs import CompiledStage, CompileOptions
+
+        options = CompileOptions.from_env(self.device, compile_prompts=False)
+        if not self.warmed:
+            cache_dir = compile_cache_dir()
+            compile_cache.configure(cache_dir)
+            self.tiles = compile_cache.TileChoices.for_device(cache_dir, self.device)
+            CompiledStage.attach(self.stage, options)
+        CompiledStage.of(self.stage).warm_up(lanes, self.tiles if options.triton_kernels else None)
+        self.warmed.add(lanes)
 
     def _check_length(self, tokens: int, what: str) -> None:
         if tokens > self.max_len:
@@ -195,6 +218,7 @@ class FastCausalLM(nn.Module):
 
         self._cache_for(n)
         if new > 0:
+            self._warm_for(n)
             run_generation(
                 self.stage,
                 self.peers,
