@@ -6,7 +6,6 @@ side by side. A family without a fast path (bloom) keeps AutoTP's HF-module path
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +13,14 @@ import conveyor
 import pytest
 import torch
 
-from tests.worker.autotp.families import build, prompt
-from tests.worker.inference.launch import run_ranks
+from tests.worker.autotp.families import build, family_results, prompt
 
 RTOL = 2e-5  # of the largest reference logit: float32 sums in another order
 FAST = ["llama", "gpt2", "qwen2"]
 
 
 def _results(tmp: Path, tp: int, families: list[str], world: int = 0) -> dict[str, dict[str, Any]]:
-    out = tmp / f"tp{tp}.jsonl"
-    argv = ["-m", "tests.worker.autotp.kernel_main", str(out), str(tp), *families]
-    run_ranks(world or tp, argv, timeout=600)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    return {r["family"]: r for r in rows}
+    return family_results(tmp, "tests.worker.autotp.kernel_main", tp, families, world, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def rank_main(config: dict[str, Any]) -> int:
     info = init_distributed(device=config["device"])
     topo = Topology(Layout(1, config["stages"], config["tensor_parallel"]))
     model_dir = config["model"]
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, compile_cache_dir())
     if tokenizer is None:
         raise SystemExit(f"{model_dir} has no tokenizer (tokenizer.json): text prompts need one")
     prompts = [tokenizer(p)["input_ids"] for p in config["prompt"]]

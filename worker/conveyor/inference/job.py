@@ -26,6 +26,7 @@ from conveyor.commit_protocol import rfc3339, write_termination_message
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
 from conveyor.inference.kernels.cuda_graphs import CompileOptions
+from conveyor.inference.model.tokenizer_cache import load_tokenizer
 from conveyor.inference.pipeline.generate import (
     Request,
     Result,
@@ -50,21 +51,6 @@ __all__ = ["InputError", "load_tokenizer", "read_requests", "run_rank", "samplin
 log = get_logger(__name__)
 COMMIT_SECONDS = 10.0  # commit at least this often, even between `checkpoint.every` results
 LOG_SECONDS = 5.0
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def has_tokenizer(model_dir: str) -> bool:
-    return any((Path(model_dir) / f).exists() for f in TOKENIZER_FILES)
-
-
-def load_tokenizer(model_dir: str) -> Any:
-    if not has_tokenizer(model_dir):  # before the import: transformers' tokenizers cost seconds to import
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
 def read_requests(
@@ -211,7 +197,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     from conveyor.inference.model.families import load_arch
 
     arch = load_arch(spec.model.path, pod.compile_cache_dir)
-    tokenizer = load_tokenizer(spec.model.path) if topo.stage == 0 else None
+    tokenizer = load_tokenizer(spec.model.path, pod.compile_cache_dir) if topo.stage == 0 else None
     clock.lap("config")
 
     # Rank 0 decides what is left; everyone learns it (stage-0 ranks need the prompts, all need sizes).

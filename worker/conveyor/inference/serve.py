@@ -244,7 +244,7 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
     queue = RequestQueue(max_waiting=WAITING_PER_LANE * lanes)
     engine, server, tokenizer = None, None, None
     if topo.stage == 0:  # every stage-0 rank schedules: stop strings need the tokenizer on each
-        tokenizer = load_tokenizer(spec.model.path)
+        tokenizer = load_tokenizer(spec.model.path, pod.compile_cache_dir)
     if topo.stage == 0 and topo.tp_rank == 0:
         if tokenizer is None:
             log.error(

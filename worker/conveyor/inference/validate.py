@@ -235,11 +235,11 @@ def check_output_path(output: Path) -> None:
             break
 
 
-def load_tokenizer_checked(model_dir: str) -> Any:
-    from conveyor.inference.job import load_tokenizer
+def load_tokenizer_checked(model_dir: str, cache_dir: Path | None = None) -> Any:
+    from conveyor.inference.model.tokenizer_cache import load_tokenizer
 
     try:
-        return load_tokenizer(model_dir)
+        return load_tokenizer(model_dir, cache_dir)
     except Exception as err:  # tokenizers raise many kinds; the file is what matters
         raise InputError(f"{model_dir}: the tokenizer does not load ({err})") from None
 
@@ -257,7 +257,7 @@ def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True, cache_dir
         return
     if not Path(inf.input).is_file():
         raise InputError(f"spec.inference.input: {inf.input} does not exist; give a JSONL file of prompts")
-    check_input(inf.input, arch, load_tokenizer_checked(model.path))
+    check_input(inf.input, arch, load_tokenizer_checked(model.path, cache_dir))
     output = Path(inf.output)
     check_output_path(output)
     identity = job_identity(spec)
