@@ -27,9 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.commit_protocol import fsync_dir, rfc3339
 from conveyor.inference.validate import InputError
+from conveyor.log import get_logger
 
 if TYPE_CHECKING:
     from conveyor.spec import PipelineJobSpec
+
+log = get_logger(__name__)
 
 _EDGE_BYTES = 1 << 20  # of each weight file, hashed at both ends (hashing whole models takes minutes)
 
@@ -91,6 +94,16 @@ def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
     mine, other = ours.get("settings", {}), theirs.get("settings") or {}
     parts += [f"{key} {other.get(key)!r}" for key in mine if other.get(key) != mine[key]]
     return ", ".join(parts) or "another job"
+
+
+def keep_json(path: Path, record: dict[str, Any], what: str) -> None:
+    """Write a cache's ``record`` (``what`` it is, for the log) atomically, if the directory can be
+    written: a cache saves time, so a read-only home or volume costs that time, not the run."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, record)
+    except OSError as err:
+        log.warning(f"{what} not kept in {path.parent}: {err}")
 
 
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:

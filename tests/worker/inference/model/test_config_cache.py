@@ -105,3 +105,10 @@ def test_a_warm_process_never_imports_transformers(tmp_path):
     layers = str(load_arch(model).layers)
     assert run() == [layers, "True", "True"]  # cold: HF resolves it
     assert run() == [layers, "False", "False"]  # warm: from the cache alone
+
+
+def test_a_cache_that_cannot_be_written_costs_time_not_the_run(tmp_path):
+    model = write_config(tmp_path / "model", "llama", {})
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory would be")
+    assert load_arch(model, blocked) == arch_from_config(AutoConfig.from_pretrained(model))

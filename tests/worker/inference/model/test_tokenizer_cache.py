@@ -113,3 +113,10 @@ def test_a_warm_process_loads_config_and_tokenizer_without_transformers(tmp_path
 
     assert run()[-1] == "True"  # cold: transformers loads both
     assert run()[-3:] == ["hello", "world", "False"]  # warm: neither needs it
+
+
+def test_a_cache_that_cannot_be_written_costs_time_not_the_run(tmp_path, tiny_dir):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory would be")
+    tokenizer = load_tokenizer(str(tiny_dir), blocked)
+    assert_same(tokenizer, AutoTokenizer.from_pretrained(tiny_dir))

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from conveyor.inference.progress import write_json_atomic
+from conveyor.inference.progress import keep_json
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -63,7 +63,7 @@ def _from_record(record: dict[str, Any]) -> ResolvedConfig:
 def _read(path: Path) -> ResolvedConfig | None:
     try:
         return _from_record(json.loads(path.read_text()))
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None  # none yet, or unreadable: resolved again (never trusted half-written)
 
 
@@ -84,7 +84,6 @@ def resolved_config(model_dir: str | Path, cache_dir: Path | None = None) -> Any
                 "config": json.loads(config.to_json_string(use_diff=False)),
                 "aliases": dict(getattr(type(config), "attribute_map", {})),
             }
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, record)
+            keep_json(path, record, "resolved config")
     _resolved[key] = config
     return config

@@ -25,7 +25,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from conveyor.inference.progress import write_json_atomic
+from conveyor.inference.progress import keep_json
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -150,7 +150,7 @@ def load_tokenizer(model_dir: str, cache_dir: Path | None = None) -> Any:
     if path is not None:
         try:
             record = json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             record = None  # none yet, or unreadable: loaded through transformers again
     if record is not None and record.get("backend"):
         from tokenizers import Tokenizer
@@ -160,6 +160,5 @@ def load_tokenizer(model_dir: str, cache_dir: Path | None = None) -> Any:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if path is not None and record is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, _keepable(tokenizer, model_dir) or {"backend": None})
+        keep_json(path, _keepable(tokenizer, model_dir) or {"backend": None}, "tokenizer")
     return tokenizer
