@@ -8,7 +8,8 @@
   the same data order, AdamW and clipping; the export loads in HF and gives the trained model's logits.
 - Stopped after step 7 and restarted: it resumes from the step-5 checkpoint (each rank its shard) and
   continues the same curve; the one-process export of that TP checkpoint equals the job's export.
-- A tensorParallel that does not divide the heads, KV heads or MLP width is refused, naming the field.
+- A tensorParallel that does not divide the heads, KV heads or MLP width is refused, naming the field: by
+  the pods' pre-flight before any rank starts, and by the rank before any weight is read.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def test_stopped_and_restarted_continues_the_curve(llama, tmp_path):
     "overrides,what",
     [
         ({"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}, "num_key_value_heads 3"),
-        ({"intermediate_size": 66}, "intermediate size 66"),
+        ({"intermediate_size": 65}, "intermediate size 65"),
     ],
 )
 def test_a_tensor_parallel_that_does_not_divide_is_refused(tmp_path, overrides, what):
@@ -138,3 +139,19 @@ def test_a_tensor_parallel_that_does_not_divide_is_refused(tmp_path, overrides, 
     with pytest.raises(TensorParallelError, match=rf"spec\.parallelism\.tensorParallel: .*{what}.*Use a"):
         check_tensor_parallel(arch, 2)
     check_tensor_parallel(arch, 1)
+
+
+def test_the_pods_refuse_a_non_dividing_tensor_parallel_before_any_rank_starts(tmp_path):
+    from conveyor.inference.validate import InputError, needs_preflight, preflight
+    from conveyor.spec import parse_spec
+
+    model = save_tiny("llama", tmp_path / "model", tokenizer=False)  # 4 heads, 2 KV heads
+    doc = tp_spec(model, tmp_path / "data.jsonl", tmp_path / "ckpt", 1, 3, 1)
+    spec = parse_spec(doc)
+    assert needs_preflight(spec)
+    with pytest.raises(
+        InputError, match=r"spec\.parallelism\.tensorParallel: .*num_key_value_heads 2 is not"
+    ):
+        preflight(spec)
+    doc["parallelism"]["tensorParallel"] = 2
+    preflight(parse_spec(doc))
