@@ -219,10 +219,12 @@ def run_rank(pod: Any, local_rank: int, termination_log: str | None = None) -> i
     """``conveyor.rank``'s entry for a fine-tuning job (``pod``: its PodEnv)."""
     from conveyor.commit_protocol import resume_point, write_termination_message
     from conveyor.distributed import init_distributed
+    from conveyor.preflight_gate import wait_at_gate
     from conveyor.topology import Layout
 
     spec = pod.spec
     info = init_distributed(device=spec.device)
+    wait_at_gate()  # the model is not read before the pre-flight checks (model directory, layout) pass
     topology = Topology(
         Layout(replicas=max(pod.replicas, 1), stages=pod.stages, tensor_parallel=pod.tensor_parallel)
     )
