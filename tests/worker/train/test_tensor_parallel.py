@@ -8,6 +8,8 @@
   the same data order, AdamW and clipping; the export loads in HF and gives the trained model's logits.
 - Stopped after step 7 and restarted: it resumes from the step-5 checkpoint (each rank its shard) and
   continues the same curve; the one-process export of that TP checkpoint equals the job's export.
+- Through the pod entry point (one pod, 2 tensor ranks): SIGKILLed after step 6 and restarted, it continues
+  the same curve; a batch inference job with tensorParallel 2 on the export gives HF's greedy tokens.
 - A tensorParallel that does not divide the heads, KV heads or MLP width is refused, naming the field: by
   the pods' pre-flight before any rank starts, and by the rank before any weight is read.
 """
@@ -155,3 +157,83 @@ def test_the_pods_refuse_a_non_dividing_tensor_parallel_before_any_rank_starts(t
         preflight(spec)
     doc["parallelism"]["tensorParallel"] = 2
     preflight(parse_spec(doc))
+
+
+@pytest.mark.timeout(900)
+def test_pods_killed_resume_then_a_tensor_parallel_inference_job_on_the_export(llama, tmp_path):
+    # Through the pod entry point (`conveyor worker`, 2 tensor ranks in one pod): SIGKILL after step 6,
+    # restart, the same curve to the end; then a batch inference job with tensorParallel 2 on the export
+    # gives HF's greedy tokens of the exported model, which are the trained model's.
+    import json
+    import time
+
+    from conveyor.spec import parse_spec
+    from transformers import AutoModelForCausalLM
+
+    from tests.worker.train.test_restart_and_serve import Lines, losses, start_pods
+
+    model, data, ref_losses, _, trained = llama
+    spec = parse_spec(tp_spec(model, data, tmp_path / "ckpt", 1, 2, 1))
+    procs = start_pods(spec, tmp_path, restart=0)
+    first = Lines(procs[0])
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and max(losses(first), default=0) < 6:
+        assert procs[0].poll() is None, "".join(first.lines[-40:])
+        time.sleep(0.02)
+    procs[0].kill()  # SIGKILL: the ranks die with their worker
+    procs[0].wait()
+    first.thread.join(5)
+    killed_at = max(losses(first))
+    assert 6 <= killed_at < STEPS, killed_at
+
+    procs = start_pods(spec, tmp_path, restart=1)
+    second = Lines(procs[0])
+    assert procs[0].wait(timeout=400) == 0, "".join(second.lines[-60:])
+    second.thread.join(5)
+    resumed = second.records("checkpoint loaded")[0]["step"]
+    assert resumed in (5, 10), resumed
+    after, before = losses(second), losses(first)
+    assert sorted(after) == list(range(resumed + 1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        got = after.get(step, before.get(step))
+        assert got == pytest.approx(ref_losses[step - 1], rel=TOL, abs=TOL), step
+
+    export = tmp_path / "ckpt" / "export"
+    prompts = [[5, 17, 99, 230], [41, 8, 77]]
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"id": i, "input_ids": p}) + "\n" for i, p in enumerate(prompts))
+    )
+    job = parse_spec(
+        {
+            "mode": "inference",
+            "device": "cpu",
+            "model": {"path": str(export), "dtype": "float32"},
+            "parallelism": {"stages": 1, "tensorParallel": 2},
+            "checkpoint": {"path": str(tmp_path / "infer-ckpt")},
+            "inference": {
+                "input": str(tmp_path / "in.jsonl"),
+                "output": str(tmp_path / "out.jsonl"),
+                "maxNewTokens": 6,
+            },
+        }
+    )
+    procs = start_pods(job, tmp_path, restart=0)
+    out = procs[0].communicate(timeout=300)[0]
+    assert procs[0].returncode == 0, out[-3000:]
+    rows = {
+        r["id"]: r["output_ids"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())
+    }
+    loaded = AutoModelForCausalLM.from_pretrained(str(export)).float().eval()
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            want = loaded.generate(
+                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None
+            )
+            mine = trained.generate(
+                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None
+            )
+        assert (
+            want[0, len(prompt) :].tolist() == mine[0, len(prompt) :].tolist()
+        )  # the export is the trained model
+        assert rows[i] == want[0, len(prompt) :].tolist()[: len(rows[i])], i
+        assert len(rows[i]) == 6 or rows[i][-1] == 2
