@@ -4,8 +4,9 @@
   under HF's names) and the global gradient norm equal HF's; replicated parameters' gradients are equal
   on both tensor ranks; the shards gathered back are the original checkpoint, bit for bit.
 - A tiny random Llama (GQA: 4 heads, 2 KV heads) fine-tuned for 12 steps with (stages, tensorParallel,
-  replicas) in (1, 2, 1), (2, 2, 1), (1, 2, 2): per-step losses and gradient norms equal HF training with
-  the same data order, AdamW and clipping; the export loads in HF and gives the trained model's logits.
+  replicas) in (1, 2, 1), (2, 2, 1) (with activation checkpointing), (1, 2, 2): per-step losses and
+  gradient norms equal HF training with the same data order, AdamW and clipping; the export loads in HF
+  and gives the trained model's logits.
 - Stopped after step 7 and restarted: it resumes from the step-5 checkpoint (each rank its shard) and
   continues the same curve; the one-process export of that TP checkpoint equals the job's export.
 - Through the pod entry point (one pod, 2 tensor ranks): SIGKILLed after step 6 and restarted, it continues
@@ -81,10 +82,14 @@ def tp_spec(model, data, ckpt, stages, tensor_parallel, replicas):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("stages,tensor_parallel,replicas", [(1, 2, 1), (2, 2, 1), (1, 2, 2)])
-def test_losses_equal_hf_training(llama, tmp_path, stages, tensor_parallel, replicas):
+@pytest.mark.parametrize(
+    "stages,tensor_parallel,replicas,recompute", [(1, 2, 1, False), (2, 2, 1, True), (1, 2, 2, False)]
+)
+def test_losses_equal_hf_training(llama, tmp_path, stages, tensor_parallel, replicas, recompute):
     model, data, ref_losses, ref_norms, trained = llama
     spec = tp_spec(model, data, tmp_path / "ckpt", stages, tensor_parallel, replicas)
+    # activation checkpointing: the recomputed forward repeats its all-reduces inside the backward
+    spec["train"]["activationCheckpointing"] = recompute
     world = stages * tensor_parallel * replicas
     per_rank = run_ranks(fine_tune_outcome_rank, world, spec, str(tmp_path / "ckpt"), timeout=800)
     for rank, (losses, norms, _) in enumerate(per_rank):

@@ -129,12 +129,13 @@ def replicated_gradient_gaps(module: nn.Module, group: dist.ProcessGroup) -> dic
     sharded = {id(p) for p in sharded_parameters(module).values()}
     gaps: dict[str, float] = {}
     src = dist.get_global_rank(group, 0)
-    for name, p in module.named_parameters():
-        if id(p) in sharded or p.grad is None:
+    for name, p in module.named_parameters():  # the same order on every tensor rank
+        if id(p) in sharded:
             continue
-        first = p.grad.detach().clone()
+        grad = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        first = grad.clone()
         dist.broadcast(first, src=src, group=group)  # why: compare against one rank's copy
-        gap = float((p.grad - first).abs().max())
+        gap = float((grad - first).abs().max())
         if gap > 0:
             gaps[name] = gap
     return gaps
