@@ -133,6 +133,7 @@ def bench_hf(
 def rank_worker(cfg: dict[str, Any]) -> None:
     """One rank of our pipeline: time each batch size; rank 0 writes the numbers to cfg['out']."""
     from conveyor.distributed import destroy_distributed, init_distributed
+    from conveyor.env import compile_cache_dir
     from conveyor.inference.kernels import compile_cache
     from conveyor.inference.kernels.cuda_graphs import CompiledStage, CompileOptions
     from conveyor.inference.pipeline.generate import (
@@ -159,7 +160,7 @@ def rank_worker(cfg: dict[str, Any]) -> None:
     )
     # each batch size below warms up with a short run of its own (the rank builder warms one size)
     options = CompileOptions.from_env(info.device)
-    compile_cache.configure(compile_cache.DEFAULT_DIR)
+    compile_cache.configure(compile_cache_dir())
     CompiledStage.attach(model, options)
 
     def timed(
@@ -202,7 +203,7 @@ def rank_worker(cfg: dict[str, Any]) -> None:
 
         CompiledStage.of(model).warm_up(
             lanes,
-            compile_cache.TileChoices.for_device(compile_cache.DEFAULT_DIR, info.device)
+            compile_cache.TileChoices.for_device(compile_cache_dir(), info.device)
             if info.device.type == "cuda" and options.triton_kernels
             else None,
         )

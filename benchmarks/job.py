@@ -46,6 +46,7 @@ spec:
   parallelism:
     stages: 1
     tensorParallel: 1
+    microBatches: {micro_batches}
   inference:
     input: {input}
     output: {output}
@@ -172,6 +173,12 @@ def main() -> None:
     p.add_argument("--prompt-lens", default="32,255", help="low,high: lengths drawn uniformly")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="micro-batches of the batch: 2 lets the host's work on one overlap the GPU's on the other",
+    )
     p.add_argument("--hf-passes", type=int, default=2, help="0: no HF; 1: cold only; 2: cold and warm")
     p.add_argument(
         "--runs",
@@ -206,6 +213,7 @@ def main() -> None:
             output=output,
             new=args.new_tokens,
             batch=args.batch_size,
+            micro_batches=args.micro_batches,
         )
     )
     cache = workdir / "compile-cache"  # shared by the jobs of one workdir, as a fleet's volume is
@@ -219,6 +227,7 @@ def main() -> None:
         "prompt_lens": [low, high],
         "new_tokens": args.new_tokens,
         "batch_size": args.batch_size,
+        "micro_batches": args.micro_batches,
         "runs": [run_job(job, output, cache, label, Path(args.out).stem) for label in runs],
     }
     if args.hf_passes:

@@ -11,8 +11,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from conveyor.spec import Mode, PipelineJobSpec, SpecError, parse_spec
+
+# The persistent compile cache when no volume is given (spec.cache): `conveyor run` on one machine.
+DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "conveyor" / "compile"
+
+
+def compile_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """CONVEYOR_COMPILE_CACHE (spec.cache's mount; benchmarks set it), else ``DEFAULT_COMPILE_CACHE``."""
+    value = (os.environ if environ is None else environ).get("CONVEYOR_COMPILE_CACHE")
+    return Path(value) if value else DEFAULT_COMPILE_CACHE
 
 
 class EnvError(RuntimeError):
@@ -53,6 +63,10 @@ class PodEnv:
     template_hash: str | None = None  # the operator's hash of the pod template (CONVEYOR_TEMPLATE_HASH)
     # the persistent compile cache (CONVEYOR_COMPILE_CACHE: spec.cache's mount); None: ~/.cache/conveyor
     compile_cache: str | None = None
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        return Path(self.compile_cache) if self.compile_cache else DEFAULT_COMPILE_CACHE
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> PodEnv:

@@ -187,10 +187,11 @@ def run_job(
 
 def _preflight(spec: PipelineJobSpec) -> Callable[[], None]:
     def check() -> None:
+        from conveyor.env import compile_cache_dir
         from conveyor.inference.validate import preflight
 
         started = time.monotonic()
-        preflight(spec)  # raises InputError: one line, exit 2
+        preflight(spec, cache_dir=compile_cache_dir())  # raises InputError: one line, exit 2
         log.info("pre-flight checks passed", extra={"seconds": round(time.monotonic() - started, 2)})
 
     return check

@@ -135,7 +135,7 @@ def check_preflight(pod: PodEnv) -> None:
     from conveyor.inference.validate import InputError, preflight
 
     try:
-        preflight(pod.spec, input_and_output=pod.stage == 0)
+        preflight(pod.spec, input_and_output=pod.stage == 0, cache_dir=pod.compile_cache_dir)
     except InputError as err:
         raise Refused(str(err)) from None
 

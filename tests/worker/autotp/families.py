@@ -3,6 +3,7 @@ download). Sizes are chosen so TP 2 and TP 4 divide the heads unless a family's 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -204,3 +205,41 @@ def tokenizer() -> Any:
 def prompt(seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (2, 7), generator=g)  # [batch, seq]
+
+
+def run_family_checks(check: Any) -> None:
+    """A rank's main: ``argv`` OUT TP FAMILY...; ``check(family, tp)`` per family (a crash is that
+    family's row, not the end of the others), rank 0 writes the rows to OUT as JSON lines."""
+    import json
+    import sys
+    import traceback
+
+    import conveyor
+
+    out, tp, families = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    torch.set_num_threads(1)
+    info = conveyor.init_distributed(backend="gloo", device="cpu")
+    rows = []
+    for family in families:
+        try:
+            rows.append(check(family, tp))
+        except Exception:  # one family's crash must not hide the others' results
+            rows.append({"family": family, "error": traceback.format_exc()[-1500:]})
+    if info.rank == 0:
+        with open(out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def family_results(
+    tmp: Path, module: str, tp: int, families: list[str], world: int = 0, timeout: float = 600
+) -> dict[str, dict[str, Any]]:
+    """Run ``module`` (a ``run_family_checks`` main) on ``world`` (default ``tp``) gloo ranks; rank 0's
+    rows by family."""
+    import json
+
+    from tests.worker.inference.launch import run_ranks
+
+    out = tmp / f"tp{tp}.jsonl"
+    run_ranks(world or tp, ["-m", module, str(out), str(tp), *families], timeout=timeout)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return {r["family"]: r for r in rows}

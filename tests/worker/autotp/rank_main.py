@@ -7,16 +7,13 @@ reference (logits / head outputs and greedy tokens) on the full copy, split it w
 
 from __future__ import annotations
 
-import json
-import sys
-import traceback
 from typing import Any
 
 import conveyor
 import torch
 import transformers
 
-from tests.worker.autotp.families import build, prompt, tokenizer
+from tests.worker.autotp.families import build, prompt, run_family_checks, tokenizer
 
 
 def _outputs(model: Any, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,18 +68,7 @@ def check(family: str, tp: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    out, tp, families = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    torch.set_num_threads(1)
-    info = conveyor.init_distributed(backend="gloo", device="cpu")
-    rows = []
-    for family in families:
-        try:
-            rows.append(check(family, tp))
-        except Exception:  # one family's crash must not hide the others' results
-            rows.append({"family": family, "error": traceback.format_exc()[-1500:]})
-    if info.rank == 0:
-        with open(out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    run_family_checks(check)
 
 
 if __name__ == "__main__":

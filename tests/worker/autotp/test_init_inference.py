@@ -5,14 +5,12 @@ also through ``transformers.pipeline`` on ``engine.module``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.worker.autotp.families import FAMILIES
-from tests.worker.inference.launch import run_ranks
+from tests.worker.autotp.families import FAMILIES, family_results
 
 RTOL = 2e-5  # of the largest reference logit: float32 partial sums added in another order
 
@@ -27,11 +25,7 @@ GROUPED = ["gpt2", "llama", "mixtral", "t5"]
 
 
 def _results(tmp: Path, tp: int, families: list[str], world: int = 0) -> dict[str, dict[str, Any]]:
-    out = tmp / f"tp{tp}.jsonl"
-    argv = ["-m", "tests.worker.autotp.rank_main", str(out), str(tp), *families]
-    run_ranks(world or tp, argv, timeout=900)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    return {r["family"]: r for r in rows}
+    return family_results(tmp, "tests.worker.autotp.rank_main", tp, families, world, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -84,8 +84,10 @@ def test_not_an_hf_model_refused() -> None:
 
 def test_unsupported_options_refused() -> None:
     model, _ = build("gpt2")
-    with pytest.raises(AutoTPError, match="replace_with_kernel_inject"):
-        conveyor.init_inference(model, tensor_parallel={"tp_size": 1}, replace_with_kernel_inject=True)
+    with pytest.raises(AutoTPError, match="injection_policy"):
+        conveyor.init_inference(
+            model, tensor_parallel={"tp_size": 1}, injection_policy={"GPT2Block": ("c_proj",)}
+        )
     with pytest.raises(AutoTPError, match="unknown keys"):
         conveyor.init_inference(model, tensor_parallel={"tp_sise": 2})
 

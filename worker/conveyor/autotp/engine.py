@@ -3,17 +3,20 @@
     engine = conveyor.init_inference(model, tensor_parallel={"tp_size": 2}, dtype=torch.float16)
     engine.module.generate(...)            # or transformers.pipeline(..., model=engine.module)
 
-Each process of the tensor-parallel group calls it on its own full copy of the model (as with
-DeepSpeed); the dataflow is traced once, the plan is checked (a TP size that does not divide the heads
+Each process of the tensor-parallel group calls it on its own copy of the model (as with DeepSpeed):
+a full one, or one built on the meta device plus ``checkpoint=`` (checkpoint.py: each rank reads only
+its slices). The dataflow is traced once, the plan is checked (a TP size that does not divide the heads
 is refused before any weight moves), and each rank keeps its slices. ``.module`` stays the user's HF
-model class, so HF ``generate`` and ``pipeline`` work unchanged.
+model class, so HF ``generate`` and ``pipeline`` work unchanged; with ``replace_with_kernel_inject=True``
+a family our compact decoder covers gets that instead (kernel_inject.py), others stay on this path.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +24,9 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PretrainedConfig
 
+from conveyor.autotp.checkpoint import LoadReport, checkpoint_files, load_sharded_checkpoint
+from conveyor.autotp.fast_module import FastCausalLM
+from conveyor.autotp.kernel_inject import build_fast_module, check_kernel_inject, kernel_inject_unavailable
 from conveyor.autotp.plan import AutoTPError, Plan, hf_plan_mismatches, make_plan
 from conveyor.autotp.shard import shard_model
 from conveyor.autotp.trace import LinearFlow, Tracer
@@ -58,12 +64,30 @@ def _trace_inputs(model: Any) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
 def trace_flows(model: Any) -> dict[str, LinearFlow]:
     """Trace which linear feeds which (the LM head left out: it is planned with the embeddings)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = {n for n, m in model.named_modules() if m is out and out is not None}
     model.eval()
-    return Tracer(model, skip).run(_trace_inputs(model))
+    if not on_meta(model):
+        return Tracer(model, skip).run(_trace_inputs(model))
+    # A model built on the meta device has no values to branch on (HF's mask helpers ask whether any
+    # token is padded); under fake tensors transformers takes its tracing path, and the autograd graph
+    # (all the tracer reads) is the same.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return Tracer(model, skip).run(_trace_inputs(model))
+    except Exception as err:
+        raise AutoTPError(
+            f"tracing {type(model).__name__} on the meta device failed ({type(err).__name__}: "
+            f"{str(err)[:200]}); build the model on the CPU instead, or without checkpoint="
+        ) from err
 
 
 def plan_model(model: Any, tp: int) -> Plan:
@@ -87,13 +111,27 @@ def plan_model(model: Any, tp: int) -> Plan:
 
 
 class InferenceEngine:
-    """What ``init_inference`` returns: ``.module`` is the (sharded) HF model."""
+    """What ``init_inference`` returns: ``.module`` is the (sharded) HF model, or under kernel inject our
+    fast decoder with HF's call shapes (fast_module.py). ``plan`` is None on the fast path; ``load_report``
+    what this rank read from ``checkpoint=`` (None without one)."""
 
-    def __init__(self, module: Any, plan: Plan, rank: int, max_out_tokens: int):
+    def __init__(
+        self,
+        module: Any,
+        plan: Plan | None,
+        rank: int,
+        max_out_tokens: int,
+        load_report: LoadReport | None = None,
+    ):
         self.module = module
         self.plan = plan
         self.rank = rank
         self.max_out_tokens = max_out_tokens
+        self.load_report = load_report
+
+    @property
+    def kernel_injected(self) -> bool:
+        return isinstance(self.module, FastCausalLM)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -111,10 +149,11 @@ class InferenceEngine:
         return self.module.generate(*args, **kwargs)
 
 
-def _tp_group(tp: int) -> tuple[int, Any]:
-    """This process's rank within its TP group and the group (consecutive ranks of the world)."""
+def _tp_group(tp: int) -> tuple[int, Any, int]:
+    """This process's rank within its TP group, the group (consecutive ranks of the world) and the
+    global rank of the group's rank 0."""
     if tp == 1:
-        return 0, None
+        return 0, None, dist.get_rank() if dist.is_initialized() else 0
     if not dist.is_initialized():
         raise AutoTPError(
             f"tensor_parallel tp_size={tp} needs torch.distributed initialised on {tp} processes "
@@ -128,7 +167,14 @@ def _tp_group(tp: int) -> tuple[int, Any]:
         group = dist.new_group(list(range(start, start + tp)))
         if start <= rank < start + tp:
             mine = group
-    return rank % tp, mine
+    return rank % tp, mine, rank - rank % tp
+
+
+def _device(group: Any) -> torch.device:
+    """The current GPU (as DeepSpeed's init_inference), unless the ranks talk over gloo (the CPU)."""
+    if torch.cuda.is_available() and (not dist.is_initialized() or dist.get_backend(group) == "nccl"):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def init_inference(
@@ -139,6 +185,7 @@ def init_inference(
     replace_with_kernel_inject: bool = False,
     max_out_tokens: int = 1024,
     mp_size: int | None = None,
+    checkpoint: str | Path | Sequence[str | Path] | None = None,
     **ignored: Any,
 ) -> Any:
     """Split ``model`` over ``tensor_parallel['tp_size']`` processes; see the module docstring."""
@@ -146,12 +193,7 @@ def init_inference(
     if tp < 1:
         raise AutoTPError(f"tensor_parallel tp_size must be >= 1, got {tp}")
     if ignored:
-        log.info("autotp: ignoring DeepSpeed options %s", sorted(ignored))
-    if replace_with_kernel_inject:
-        raise AutoTPError(
-            "replace_with_kernel_inject=True is not supported yet by conveyor.init_inference; "
-            "pass replace_with_kernel_inject=False (automatic tensor parallelism on the HF modules)"
-        )
+        log.info("autotp: ignoring DeepSpeed options", extra={"options": sorted(ignored)})
     if injection_policy:
         raise AutoTPError(
             "injection_policy is not supported: conveyor.init_inference detects the row-parallel layers "
@@ -161,12 +203,55 @@ def init_inference(
         raise AutoTPError(
             f"init_inference takes a transformers PreTrainedModel (with .config); got {type(model).__name__}"
         )
+    files = checkpoint_files(checkpoint) if checkpoint is not None else None
+    if on_meta(model) and files is None:
+        raise AutoTPError(
+            f"{type(model).__name__} has parameters on the meta device: pass checkpoint= (its HF directory "
+            "or .safetensors files) so each rank reads its slices, or build the model with weights"
+        )
+    if replace_with_kernel_inject:
+        unavailable = kernel_inject_unavailable(model)
+        if unavailable is None:
+            check_kernel_inject(model, tp)  # refused here, before a process group or a weight
+            rank, group, src = _tp_group(tp)
+            module = build_fast_module(
+                model,
+                tp=tp,
+                rank=rank,
+                group=group,
+                tensor_src=src,
+                dtype=dtype,
+                device=_device(group),
+                max_out_tokens=max_out_tokens,
+                files=files,
+            )
+            log.info(
+                "autotp: kernel inject: our fast decode path",
+                extra={
+                    "model_type": getattr(model.config, "model_type", None),
+                    "tp_size": tp,
+                    "tp_rank": rank,
+                },
+            )
+            return InferenceEngine(module, None, rank, max_out_tokens)
+        log.info(
+            "autotp: kernel inject not available for this family; automatic tensor parallelism on the HF modules",
+            extra={"model_type": getattr(model.config, "model_type", None), "reason": unavailable},
+        )
     plan = plan_model(model, tp)  # refused here, before a process group is touched or a weight moves
-    rank, group = _tp_group(tp)
+    rank, group, _ = _tp_group(tp)
     log.info("autotp: %s", plan.describe())
-    shard_model(model, plan, rank, group)
+    ledger = shard_model(model, plan, rank, group)
+    device = _device(group)
+    report = None
+    if files is not None:
+        report = load_sharded_checkpoint(model, ledger, files, dtype=dtype, device=device)
+        log.info(
+            "autotp: loaded this rank's slices of the checkpoint",
+            extra={"param_bytes": report.param_bytes, "peak_bytes": report.peak_bytes, "files": len(files)},
+        )
     if dtype is not None:
         model.to(dtype)
-    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
-        model.to(torch.device("cuda", torch.cuda.current_device()))
-    return InferenceEngine(model, plan, rank, max_out_tokens)
+    if device.type == "cuda":
+        model.to(device)
+    return InferenceEngine(model, plan, rank, max_out_tokens, report)

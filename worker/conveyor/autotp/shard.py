@@ -1,6 +1,10 @@
 """Apply a plan on one rank: keep this rank's slices of every split weight, divide head counts, and add
 the collectives of the forward pass (the only ones: one all-reduce per row-parallel module, one
-all-reduce per vocabulary-parallel embedding, one all-gather of vocabulary-parallel logits)."""
+all-reduce per vocabulary-parallel embedding, one all-gather of vocabulary-parallel logits).
+
+A ``ShardLedger`` passed in records what became of each parameter (which full parameter it is a slice
+of, along which dims and indices; a bias zeroed on ranks past 0), so a model sharded on the meta device
+can read exactly those slices from a checkpoint afterwards (checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,31 @@ from conveyor.autotp.plan import Plan, Split
 from conveyor.autotp.trace import is_conv1d
 
 
-def _replace_param(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
+class ShardLedger:
+    """What sharding did to each parameter: the full parameter it came from and the slices taken."""
+
+    def __init__(self) -> None:
+        # id(current parameter) -> (the parameter as it was before sharding, [(dim, index), ...]); the
+        # parameters are kept as values so no id is reused while the ledger lives
+        self._origin: dict[int, tuple[nn.Parameter, list[tuple[int, torch.Tensor]]]] = {}
+        self._zeroed: set[int] = set()
+
+    def sliced(self, old: nn.Parameter, new: nn.Parameter, dim: int, index: torch.Tensor) -> None:
+        root, ops = self._origin.get(id(old), (old, []))
+        self._origin[id(new)] = (root, [*ops, (dim, index)])
+
+    def zeroed(self, param: nn.Parameter) -> None:
+        self._zeroed.add(id(param))
+
+    def origin(self, param: nn.Parameter) -> tuple[nn.Parameter, list[tuple[int, torch.Tensor]]]:
+        """The unsharded parameter ``param`` comes from (itself if never sliced) and the slices, in order."""
+        return self._origin.get(id(param), (param, []))
+
+    def is_zeroed(self, param: nn.Parameter) -> bool:
+        return id(param) in self._zeroed
+
+
+def replace_param(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
     # a tied weight is one Parameter held by several modules: every holder gets the same slice
     for module in model.modules():
         for name, p in list(module._parameters.items()):
@@ -24,10 +52,13 @@ def _replace_param(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> No
                 module._parameters[name] = new
 
 
-def _slice(model: nn.Module, module: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
+def _slice(
+    model: nn.Module, module: nn.Module, attr: str, dim: int, index: torch.Tensor, ledger: ShardLedger
+) -> None:
     old = getattr(module, attr)
     new = nn.Parameter(old.detach().index_select(dim, index).contiguous(), requires_grad=False)
-    _replace_param(model, old, new)
+    ledger.sliced(old, new, dim, index)
+    replace_param(model, old, new)
 
 
 def _all_reduce_hook(group: Any) -> Any:
@@ -39,7 +70,7 @@ def _all_reduce_hook(group: Any) -> Any:
     return hook
 
 
-def _shard_linears(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
+def _shard_linears(model: nn.Module, plan: Plan, rank: int, group: Any, ledger: ShardLedger) -> None:
     modules = dict(model.named_modules())
     for lp in plan.linears.values():
         if lp.role == "replicated" or lp.split is None:
@@ -48,37 +79,38 @@ def _shard_linears(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
         index = lp.split.index(rank, plan.tp)
         conv = is_conv1d(m)
         if lp.role == "column":
-            _slice(model, m, "weight", 1 if conv else 0, index)
+            _slice(model, m, "weight", 1 if conv else 0, index, ledger)
             if m.bias is not None:
-                _slice(model, m, "bias", 0, index)
+                _slice(model, m, "bias", 0, index, ledger)
             if conv:
                 m.nf = len(index)
             else:
                 m.out_features = len(index)
         else:
-            _slice(model, m, "weight", 0 if conv else 1, index)
+            _slice(model, m, "weight", 0 if conv else 1, index, ledger)
             if m.bias is not None and rank != 0:
                 with torch.no_grad():
                     m.bias.zero_()  # the bias is added once: by rank 0's partial sum
+                ledger.zeroed(m.bias)
             if not conv:
                 m.in_features = len(index)
             m.register_forward_hook(_all_reduce_hook(group))
 
 
-def _shard_experts(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
+def _shard_experts(model: nn.Module, plan: Plan, rank: int, group: Any, ledger: ShardLedger) -> None:
     modules = dict(model.named_modules())
     for ep in plan.experts:
         m = modules[ep.name]
         for attr, split in ep.columns.items():
-            _slice(model, m, attr, 1, split.index(rank, plan.tp))
+            _slice(model, m, attr, 1, split.index(rank, plan.tp), ledger)
         for attr, split in ep.rows.items():
-            _slice(model, m, attr, 2, split.index(rank, plan.tp))
+            _slice(model, m, attr, 2, split.index(rank, plan.tp), ledger)
         if isinstance(getattr(m, "intermediate_dim", None), int):
             m.intermediate_dim //= plan.tp
         m.register_forward_hook(_all_reduce_hook(group))
 
 
-def _shard_heads(model: nn.Module, plan: Plan, rank: int) -> None:
+def _shard_heads(model: nn.Module, plan: Plan, rank: int, ledger: ShardLedger) -> None:
     modules = dict(model.named_modules())
     for hp in plan.heads:
         m = modules[hp.name]
@@ -87,7 +119,7 @@ def _shard_heads(model: nn.Module, plan: Plan, rank: int) -> None:
         for name in hp.head_embeddings:
             emb = modules[name]
             assert isinstance(emb, nn.Embedding)
-            _slice(model, emb, "weight", 1, Split((emb.embedding_dim,)).index(rank, plan.tp))
+            _slice(model, emb, "weight", 1, Split((emb.embedding_dim,)).index(rank, plan.tp), ledger)
             emb.embedding_dim //= plan.tp
         if type(m).__name__ in HEAD_BIAS_ARGS:
             _slice_head_bias(m, *HEAD_BIAS_ARGS[type(m).__name__], rank=rank, tp=plan.tp)
@@ -116,7 +148,7 @@ def _slice_head_bias(module: nn.Module, arg: str, layout: str, rank: int, tp: in
     module.register_forward_pre_hook(pre, with_kwargs=True)
 
 
-def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
+def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any, ledger: ShardLedger) -> None:
     vp = plan.vocab
     if vp is None or not vp.parallel or plan.tp == 1:
         return
@@ -125,7 +157,7 @@ def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
     start = rank * size
     index = torch.arange(start, start + size)
     first = modules[vp.embeddings[0]]
-    _slice(model, first, "weight", 0, index)  # every module sharing it (and a tied LM head) follows
+    _slice(model, first, "weight", 0, index, ledger)  # every module sharing it (and a tied LM head) follows
     for name in vp.embeddings:
         emb = modules[name]
         emb.num_embeddings = size
@@ -150,9 +182,9 @@ def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
         head = modules[vp.lm_head]
         assert isinstance(head, nn.Linear)
         if not vp.tied:
-            _slice(model, head, "weight", 0, index)
+            _slice(model, head, "weight", 0, index, ledger)
         if head.bias is not None:
-            _slice(model, head, "bias", 0, index)
+            _slice(model, head, "bias", 0, index, ledger)
         head.out_features = size
 
         def gather(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -164,11 +196,16 @@ def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
         head.register_forward_hook(gather)
 
 
-def shard_model(model: nn.Module, plan: Plan, rank: int, group: Any) -> None:
-    """Turn the full ``model`` into rank ``rank``'s shard of ``plan``, in place."""
+def shard_model(
+    model: nn.Module, plan: Plan, rank: int, group: Any, ledger: ShardLedger | None = None
+) -> ShardLedger:
+    """Turn the full ``model`` into rank ``rank``'s shard of ``plan``, in place; returns the ledger of
+    what each parameter became."""
+    ledger = ledger or ShardLedger()
     if plan.tp == 1:
-        return
-    _shard_vocab(model, plan, rank, group)
-    _shard_linears(model, plan, rank, group)
-    _shard_experts(model, plan, rank, group)
-    _shard_heads(model, plan, rank)
+        return ledger
+    _shard_vocab(model, plan, rank, group, ledger)
+    _shard_linears(model, plan, rank, group, ledger)
+    _shard_experts(model, plan, rank, group, ledger)
+    _shard_heads(model, plan, rank, ledger)
+    return ledger

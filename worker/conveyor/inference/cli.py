@@ -73,8 +73,8 @@ def rank_main(config: dict[str, Any]) -> int:
     die_with_parent()  # a rank never outlives `conveyor generate`
 
     from conveyor.distributed import destroy_distributed, init_distributed
+    from conveyor.env import compile_cache_dir
     from conveyor.inference.job import load_tokenizer
-    from conveyor.inference.kernels import compile_cache
     from conveyor.inference.kernels.cuda_graphs import CompileOptions
     from conveyor.inference.pipeline.generate import (
         Request,
@@ -95,7 +95,7 @@ def rank_main(config: dict[str, Any]) -> int:
     info = init_distributed(device=config["device"])
     topo = Topology(Layout(1, config["stages"], config["tensor_parallel"]))
     model_dir = config["model"]
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, compile_cache_dir())
     if tokenizer is None:
         raise SystemExit(f"{model_dir} has no tokenizer (tokenizer.json): text prompts need one")
     prompts = [tokenizer(p)["input_ids"] for p in config["prompt"]]
@@ -103,7 +103,7 @@ def rank_main(config: dict[str, Any]) -> int:
     t0 = time.perf_counter()
     from conveyor.inference.model.families import load_arch
 
-    arch = load_arch(model_dir)
+    arch = load_arch(model_dir, compile_cache_dir())
     try:
         max_len = cache_length(max(len(p) for p in prompts), config["max_new_tokens"], arch.max_positions)
     except PromptTooLongError as err:
@@ -120,7 +120,7 @@ def rank_main(config: dict[str, Any]) -> int:
         lanes_per_micro_batch=lanes_per_micro_batch,
         max_len=max_len,
         options=CompileOptions.from_env(info.device, compile_prompts=False),  # one-shot: see job.py
-        cache_dir=compile_cache.DEFAULT_DIR,
+        cache_dir=compile_cache_dir(),
         quantization=config.get("quantize", "none"),
     )
     model, peers = rank.model, rank.peers

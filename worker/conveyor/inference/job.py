@@ -25,8 +25,8 @@ from conveyor import metrics
 from conveyor.commit_protocol import rfc3339, write_termination_message
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
-from conveyor.inference.kernels import compile_cache
 from conveyor.inference.kernels.cuda_graphs import CompileOptions
+from conveyor.inference.model.tokenizer_cache import load_tokenizer
 from conveyor.inference.pipeline.generate import (
     Request,
     Result,
@@ -51,14 +51,6 @@ __all__ = ["InputError", "load_tokenizer", "read_requests", "run_rank", "samplin
 log = get_logger(__name__)
 COMMIT_SECONDS = 10.0  # commit at least this often, even between `checkpoint.every` results
 LOG_SECONDS = 5.0
-
-
-def load_tokenizer(model_dir: str) -> Any:
-    from transformers import AutoTokenizer
-
-    if not any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
 def read_requests(
@@ -204,8 +196,8 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     results = ResultLog(part_path, job_identity(spec) if is_writer else None)
     from conveyor.inference.model.families import load_arch
 
-    arch = load_arch(spec.model.path)
-    tokenizer = load_tokenizer(spec.model.path) if topo.stage == 0 else None
+    arch = load_arch(spec.model.path, pod.compile_cache_dir)
+    tokenizer = load_tokenizer(spec.model.path, pod.compile_cache_dir) if topo.stage == 0 else None
     clock.lap("config")
 
     # Rank 0 decides what is left; everyone learns it (stage-0 ranks need the prompts, all need sizes).
@@ -243,7 +235,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
         # A batch job prefills each prompt once: compiling the prompt passes cost 5.7 s (warm cache) to
         # 25 s (cold) and saved 1.3 s of generation at 1,024 prompts on an H200 (benchmarks/job.py).
         options=CompileOptions.from_env(info.device, compile_prompts=False),
-        cache_dir=Path(pod.compile_cache) if pod.compile_cache else compile_cache.DEFAULT_DIR,
+        cache_dir=pod.compile_cache_dir,
         quantization=inf.quantization,
         on_phase=lambda name, seconds: metrics.WARMUP_SECONDS.labels(job, name).set(seconds),
     )

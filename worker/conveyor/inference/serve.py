@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -27,7 +26,6 @@ import torch.distributed as dist
 from conveyor import metrics
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
-from conveyor.inference.kernels import compile_cache
 from conveyor.inference.kernels.cuda_graphs import CompileOptions
 from conveyor.inference.pipeline.generate import (
     ReplicatedQueue,
@@ -237,7 +235,7 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
     assert spec.serve is not None and spec.model is not None
     info = init_distributed(device=spec.device)
     topo = Topology(Layout(1, pod.stages, pod.tensor_parallel))
-    arch = load_arch(spec.model.path)
+    arch = load_arch(spec.model.path, pod.compile_cache_dir)
     max_len = min(arch.max_positions, MAX_POSITIONS)
     micro_batches, lanes_per_micro_batch = micro_batch_layout(
         spec.serve.max_batch_size, spec.parallelism.effective_micro_batches
@@ -246,7 +244,7 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
     queue = RequestQueue(max_waiting=WAITING_PER_LANE * lanes)
     engine, server, tokenizer = None, None, None
     if topo.stage == 0:  # every stage-0 rank schedules: stop strings need the tokenizer on each
-        tokenizer = load_tokenizer(spec.model.path)
+        tokenizer = load_tokenizer(spec.model.path, pod.compile_cache_dir)
     if topo.stage == 0 and topo.tp_rank == 0:
         if tokenizer is None:
             log.error(
@@ -271,7 +269,7 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
         lanes_per_micro_batch=lanes_per_micro_batch,
         max_len=max_len,
         options=CompileOptions.from_env(info.device),
-        cache_dir=Path(pod.compile_cache) if pod.compile_cache else compile_cache.DEFAULT_DIR,
+        cache_dir=pod.compile_cache_dir,
         on_phase=lambda name, seconds: metrics.WARMUP_SECONDS.labels(pod.job, name).set(seconds),
     )
     dist.barrier()  # why: the endpoint turns ready only once every rank of the group is loaded and warm

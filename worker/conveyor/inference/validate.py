@@ -175,8 +175,11 @@ def _check_safetensors(path: Path) -> None:
         )
 
 
-def check_model(model_dir: str | Path, stages: int, tensor_parallel: int) -> Arch:
-    """config.json, the weight files' names, shapes and sizes, and the layout against the model."""
+def check_model(
+    model_dir: str | Path, stages: int, tensor_parallel: int, cache_dir: Path | None = None
+) -> Arch:
+    """config.json, the weight files' names, shapes and sizes, and the layout against the model
+    (``cache_dir``: the compile cache, which keeps the resolved config)."""
     from conveyor.inference.model.families import load_arch, name_map
     from conveyor.inference.model.loader import Checkpoint, stage_layers, verify_checkpoint
     from conveyor.inference.pipeline.tensor_parallel import check_divisible
@@ -191,7 +194,7 @@ def check_model(model_dir: str | Path, stages: int, tensor_parallel: int) -> Arc
         )
     try:
         json.loads(config.read_bytes().decode("utf-8"))
-        arch = load_arch(root)
+        arch = load_arch(root, cache_dir)
     except (ValueError, OSError, KeyError, AttributeError) as err:  # JSON, unsupported family, HF's own
         raise InputError(
             f"{config}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
@@ -233,11 +236,11 @@ def check_output_path(output: Path) -> None:
             break
 
 
-def load_tokenizer_checked(model_dir: str) -> Any:
-    from conveyor.inference.job import load_tokenizer
+def load_tokenizer_checked(model_dir: str, cache_dir: Path | None = None) -> Any:
+    from conveyor.inference.model.tokenizer_cache import load_tokenizer
 
     try:
-        return load_tokenizer(model_dir)
+        return load_tokenizer(model_dir, cache_dir)
     except Exception as err:  # tokenizers raise many kinds; the file is what matters
         raise InputError(f"{model_dir}: the tokenizer does not load ({err})") from None
 
@@ -247,21 +250,22 @@ def needs_preflight(spec: PipelineJobSpec) -> bool:
     return spec.inference is not None or (spec.train is not None and spec.train.fine_tunes)
 
 
-def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True) -> None:
+def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True, cache_dir: Path | None = None) -> None:
     """Everything a batch inference job can check before a rank starts. ``input_and_output``: also the
-    input and the output (the stage-0 pods, which read and write them). A fine-tuning job: its model
-    and layout (stages within the layers, tensorParallel dividing heads, KV heads and MLP width)."""
+    input and the output (the stage-0 pods, which read and write them); ``cache_dir``: the compile cache.
+    A fine-tuning job: its model and layout (stages within the layers, tensorParallel dividing heads, KV
+    heads and MLP width)."""
     from conveyor.inference.progress import ResultLog, job_identity
 
     inf, model = spec.inference, spec.model
     assert model is not None
     p = spec.parallelism
-    arch = check_model(model.path, p.stages, p.tensor_parallel)
+    arch = check_model(model.path, p.stages, p.tensor_parallel, cache_dir)
     if inf is None or not input_and_output:
         return
     if not Path(inf.input).is_file():
         raise InputError(f"spec.inference.input: {inf.input} does not exist; give a JSONL file of prompts")
-    check_input(inf.input, arch, load_tokenizer_checked(model.path))
+    check_input(inf.input, arch, load_tokenizer_checked(model.path, cache_dir))
     output = Path(inf.output)
     check_output_path(output)
     identity = job_identity(spec)

@@ -22,8 +22,6 @@ import torch
 
 from conveyor.inference.progress import write_json_atomic
 
-DEFAULT_DIR = Path.home() / ".cache" / "conveyor" / "compile"
-
 
 def configure(cache_dir: Path | None) -> None:
     """Process-wide compiler settings, made once at an entry point before anything compiles."""

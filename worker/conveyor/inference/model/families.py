@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from transformers import AutoConfig, PretrainedConfig
+if TYPE_CHECKING:  # a worker's start never imports transformers (config_cache.py)
+    from transformers import PretrainedConfig
 
 # model_type -> HF decoder/encoder layer class name (the key of an explicit tensor-parallel policy).
 LAYER_CLASSES: dict[str, str] = {
@@ -272,8 +273,11 @@ def _arch_from_config(config: PretrainedConfig) -> Arch:
     )
 
 
-def load_arch(model_dir: str | Path) -> Arch:
-    """Read ``config.json`` of a local HF checkpoint (no network) and describe its architecture."""
+def load_arch(model_dir: str | Path, cache_dir: Path | None = None) -> Arch:
+    """Read ``config.json`` of a local HF checkpoint (no network) and describe its architecture.
+    ``cache_dir``: the compile cache, where the resolved config is kept (config_cache.py)."""
+    from conveyor.inference.model.config_cache import resolved_config
+
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: model.path must be a HF checkpoint directory")
@@ -283,7 +287,7 @@ def load_arch(model_dir: str | Path) -> Arch:
             f"model family {model_type!r} in {path} is not supported; supported families: "
             f"{', '.join(SUPPORTED)}"
         )
-    return arch_from_config(AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
+    return arch_from_config(resolved_config(model_dir, cache_dir))
 
 
 @dataclass(frozen=True)

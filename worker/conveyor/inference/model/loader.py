@@ -30,22 +30,25 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """The tensors of a checkpoint directory, read lazily (headers only until a slice is asked for)."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, files: list[Path] | None = None):
+        """``files``: the safetensors files themselves (``model_dir`` then only names the checkpoint in
+        messages); None: those of ``model_dir`` (its index, else every ``*.safetensors``)."""
         self.dir = Path(model_dir)
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(
-                    f"no *.safetensors in {self.dir}: save the model with save_pretrained(safe_serialization=True)"
-                )
+        if files is None:
+            index = self.dir / "model.safetensors.index.json"
+            if index.is_file():
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+                files = [self.dir / f for f in sorted(set(weight_map.values()))]
+            else:
+                files = sorted(self.dir.glob("*.safetensors"))
+                if not files:
+                    raise CheckpointError(
+                        f"no *.safetensors in {self.dir}: save the model with save_pretrained(safe_serialization=True)"
+                    )
         self._stack = ExitStack()
         self._handles: dict[str, Any] = {}
         for fname in files:
-            handle = self._stack.enter_context(safe_open(str(self.dir / fname), framework="pt"))
+            handle = self._stack.enter_context(safe_open(str(fname), framework="pt"))
             for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
                 self._handles[key] = handle
         # BertFor* checkpoints prefix the encoder with "bert."; BertModel ones do not.
@@ -69,6 +72,33 @@ class Checkpoint:
         if dim is None:
             return sl[:]
         return sl[start:stop] if dim == 0 else sl[:, start:stop]
+
+
+class StateDictTensors(Checkpoint):
+    """A model's tensors already in memory (an HF module's ``state_dict()``) behind ``Checkpoint``'s
+    reads: a slice is a view, copied once into the stage model's parameter, so building a tensor-parallel
+    rank from a live HF model writes nothing to disk and never copies a whole weight it does not keep."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], label: str = "state_dict"):
+        self.dir = Path(f"<{label}>")
+        self._tensors = tensors
+        self.prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+
+    def close(self) -> None:
+        pass
+
+    def names(self) -> set[str]:
+        return {k.removeprefix(self.prefix) for k in self._tensors}
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[self.prefix + name].shape)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
+        t = self._tensors[self.prefix + name].detach()
+        return t if dim is None else t.narrow(dim, start, stop - start)
 
 
 def _linear_shapes(arch: Arch, lin: LayerLinear, conv1d: bool) -> tuple[int, int]:
@@ -264,7 +294,7 @@ def stage_layers(num_layers: int, stages: int, stage: int) -> range:
 
 
 def load_stage(
-    model_dir: str | Path,
+    model_dir: str | Path | Checkpoint,
     arch: Arch,
     *,
     stages: int = 1,
@@ -274,14 +304,15 @@ def load_stage(
     device: torch.device | str = "cpu",
     policy: Policy | None = None,
 ) -> StageModel:
-    """Build this rank's ``StageModel`` and fill it with its (sharded) tensors from ``model_dir``."""
+    """Build this rank's ``StageModel`` and fill it with its (sharded) tensors from ``model_dir`` (a
+    checkpoint directory, or an open ``Checkpoint``: files or tensors in memory)."""
     shard = shard or Shard()
     check_divisible(arch, shard.tensor_parallel)
     names = name_map(arch)
     plan_layer(arch, names, policy)  # refuses an inconsistent policy before reading weights
     layers = stage_layers(arch.layers, stages, stage)
     first, last = stage == 0, stage == stages - 1
-    ckpt = Checkpoint(model_dir)
+    ckpt = model_dir if isinstance(model_dir, Checkpoint) else Checkpoint(model_dir)
     try:
         verify_checkpoint(ckpt, arch, names)
         with torch.device("meta"):
@@ -323,14 +354,14 @@ def load_stage(
             if found is None and key == "lm_head" and arch.tie_embeddings:
                 found = _global(ckpt, names, "embed")  # tied: the LM head is the input embedding
             if found is None:
-                raise CheckpointError(f"{model_dir}: no tensor for {ours} ({names.globals_.get(key)})")
+                raise CheckpointError(f"{ckpt.dir}: no tensor for {ours} ({names.globals_.get(key)})")
             put(ours, found)
         if first and last and arch.tie_embeddings and arch.causal:
             model.lm_head.weight = model.embed.weight  # one tensor, as in HF
             loaded.add("lm_head.weight")
         left = set(params) - loaded
         if left:
-            raise CheckpointError(f"parameters not loaded from {model_dir}: {sorted(left)}")
+            raise CheckpointError(f"parameters not loaded from {ckpt.dir}: {sorted(left)}")
     finally:
         ckpt.close()
     return model.eval()

@@ -232,7 +232,9 @@ def rope_inv_freq(arch: Arch) -> tuple[torch.Tensor, float]:
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](arch.hf_config, "cpu")
+    from conveyor.inference.model.config_cache import pretrained
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](pretrained(arch.hf_config), "cpu")
     return inv_freq.float(), float(scaling)
 
 
@@ -296,6 +298,7 @@ class StageModel(nn.Module):
         kv_len: int | None = None,
         lanes: torch.Tensor | None = None,
         run_layer: RunLayer | None = None,
+        all_positions: bool = False,
     ) -> torch.Tensor:
         """inputs: tokens [n, S] (first stage) or hidden [n, S, hidden]; positions: [n, S] per token.
 
@@ -305,7 +308,8 @@ class StageModel(nn.Module):
         A pass of several tokens may be right-padded with tokens at the cache's scratch position: they
         write only the scratch slot, and the logits are each lane's last real token's. ``kv_len``: the
         cache slots attention reads, more than every position (default: all). Returns hidden
-        [n, S, hidden], or on the last stage float32 logits of each lane's last token [n, vocab].
+        [n, S, hidden], or on the last stage float32 logits of each lane's last token [n, vocab]
+        (``all_positions``: of every token [n, S, vocab], as an HF forward returns them).
         """
         assert self.cache is not None, "call setup_cache() first"
         x = self._embed(inputs, positions) if self.first else inputs
@@ -334,6 +338,8 @@ class StageModel(nn.Module):
             x = layer(x, step, cache) if run_layer is None else run_layer(layer, x, step, cache)  # type: ignore[arg-type]
         if not self.last:
             return x
+        if all_positions:
+            return self.head(x)
         if s > 1:  # each lane's last real token (the padding sits at the scratch position)
             last = (positions < self.cache.scratch_position).sum(dim=1) - 1  # [n]
             return self.head(x[torch.arange(n, device=x.device), last])

@@ -1,0 +1,124 @@
+"""``init_inference(model_on_meta, tensor_parallel=2, checkpoint=...)`` on CPU processes with gloo: the
+model is built on the meta device from its config, each rank reads only its slices of the saved
+safetensors (``get_slice``) and gets the single-process model's logits and greedy tokens, with buffers
+(rotary ``inv_freq``) recomputed and tied weights still tied. Memory is asserted in bytes: a rank's
+parameters are the replicated ones plus exactly 1/TP of every split one, it reads exactly that much of
+each split tensor, and at no moment while loading does it hold more than its own shard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import conveyor
+import pytest
+import torch
+
+from tests.worker.autotp.families import build
+from tests.worker.inference.launch import run_ranks
+
+RTOL = 2e-5
+
+
+def _saved(tmp: Path, family: str) -> Path:
+    model, _ = build(family)
+    path = tmp / family
+    model.save_pretrained(path)  # safetensors
+    return path
+
+
+def _ranks(tmp: Path, tp: int, family: str, how: str = "dir", kernel: bool = False) -> list[dict[str, Any]]:
+    ckpt = _saved(tmp, family)
+    out = tmp / f"{family}-{how}-{kernel}.json"
+    argv = ["-m", "tests.worker.autotp.meta_main", str(out), str(tp), str(ckpt), family, how]
+    run_ranks(tp, argv + (["kernel"] if kernel else []), timeout=600)
+    return list(json.loads(out.read_text()))
+
+
+def _check_outputs(row: dict[str, Any]) -> None:
+    assert "error" not in row, row["error"]
+    assert row["max_abs_diff"] <= RTOL * max(row["ref_max_abs"], 1.0), row
+    assert row["tokens_equal"], row
+
+
+def _check_memory(rows: list[dict[str, Any]], tp: int) -> None:
+    for rank, row in enumerate(rows):
+        r = row["report"]
+        full, read, sliced = r["full_bytes"], r["read_bytes"], set(r["sliced"])
+        assert sliced, "nothing was split"
+        replicated = sum(b for k, b in full.items() if k not in sliced)
+        split = sum(full[k] for k in sliced)
+        # exactly 1/TP of every split tensor (heads, channels, vocabulary all divide evenly here)
+        assert r["param_bytes"] == replicated + split // tp, (rank, r["param_bytes"], replicated, split)
+        assert r["held_param_bytes"] == r["param_bytes"]
+        assert r["param_bytes"] < (replicated + split) * (1 / tp + 0.15)
+        for key in sliced:  # only its slice of each split tensor came off the disk
+            assert read[key] == full[key] // tp, (rank, key, read[key], full[key])
+        # never more parameter bytes in hand than the rank's own shard, not even one full linear
+        assert r["peak_bytes"] == r["param_bytes"], (rank, r["peak_bytes"], r["param_bytes"])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_meta_model_tp2_reads_only_its_slices(family: str, tmp_path: Path) -> None:
+    rows = _ranks(tmp_path, 2, family, how="files" if family == "gpt2" else "dir")
+    for row in rows:
+        _check_outputs(row)
+        assert not row["kernel_injected"]
+        assert row["on_meta"] == []
+        assert all(row["buffers_equal"].values()), row["buffers_equal"]
+        if family == "llama":
+            assert "model.rotary_emb.inv_freq" in row["buffers_equal"]
+        else:  # GPT-2's LM head is the (vocabulary-sliced) input embedding, one tensor
+            assert row["tied"]
+    _check_memory(rows, 2)
+
+
+@pytest.mark.integration
+def test_meta_model_kernel_inject_tp2_from_checkpoint(tmp_path: Path) -> None:
+    rows = _ranks(tmp_path, 2, "llama", kernel=True)
+    for row in rows:
+        _check_outputs(row)
+        assert row["kernel_injected"]
+
+
+def test_meta_model_without_checkpoint_refused() -> None:
+    model, _ = build("llama")
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    with pytest.raises(conveyor.autotp.AutoTPError, match="meta device: pass checkpoint="):
+        conveyor.init_inference(meta, tensor_parallel=1)
+
+
+def test_bad_checkpoint_refused(tmp_path: Path) -> None:
+    model, _ = build("gpt2")
+    with pytest.raises(conveyor.autotp.AutoTPError, match="no \\*.safetensors"):
+        conveyor.init_inference(model, tensor_parallel=1, checkpoint=tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(conveyor.autotp.AutoTPError, match="not a .safetensors file"):
+        conveyor.init_inference(model, tensor_parallel=1, checkpoint=[tmp_path / "pytorch_model.bin"])
+    other = _saved(tmp_path, "llama")
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    with pytest.raises(conveyor.autotp.AutoTPError, match="has no tensor for"):
+        conveyor.init_inference(meta, tensor_parallel=1, checkpoint=other)
+
+
+def test_deepspeed_checkpoint_json(tmp_path: Path) -> None:
+    """DeepSpeed's checkpoint json ({"type", "checkpoints", "version"}) names the files."""
+    model, _ = build("gpt2")
+    ids = torch.arange(3, 10).unsqueeze(0)
+    with torch.no_grad():
+        ref = model(ids).logits
+    path = _saved(tmp_path, "gpt2")
+    files = [p.name for p in path.glob("*.safetensors")]
+    spec = tmp_path / "ds.json"
+    spec.write_text(
+        json.dumps({"type": "ds_model", "checkpoints": files, "version": 1.0, "base_dir": str(path)})
+    )
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    engine = conveyor.init_inference(meta, tensor_parallel=1, checkpoint=str(spec))
+    with torch.no_grad():
+        assert torch.equal(engine.module(ids).logits, ref)
