@@ -132,7 +132,9 @@ def run_job(
 ) -> int:
     spec = job.spec
     check_local(spec)
-    checks = _preflight(spec) if spec.mode == Mode.INFERENCE else None
+    from conveyor.inference.validate import needs_preflight  # no torch: validate imports it lazily
+
+    checks = _preflight(spec) if needs_preflight(spec) else None
     p, name, policy = spec.parallelism, job.metadata.name, spec.restart_policy
     log.info(
         f"running PipelineJob {name}: mode {spec.mode}, {p.replicas} replica(s) x "

@@ -407,11 +407,6 @@ class PipelineJobSpec(_Spec):
             raise ValueError(
                 "spec.train.steps is required with spec.train.dataset: add steps (optimizer steps)"
             )
-        if self.parallelism.tensor_parallel != 1:
-            raise ValueError(
-                "spec.parallelism.tensorParallel must be 1 with spec.train.dataset: fine-tuning runs pipeline x "
-                "data parallel (tensor-parallel training is not built yet)"
-            )
         per_step = train.micro_batch_size * self.parallelism.replicas
         if train.global_batch_size is not None and train.global_batch_size % per_step:
             raise ValueError(

@@ -123,12 +123,15 @@ class Refused(Exception):
 
 def needs_preflight(pod: PodEnv) -> bool:
     """``conveyor run`` has made the checks already when it sets CONVEYOR_PREFLIGHT_DONE."""
-    return pod.mode == Mode.INFERENCE and os.environ.get("CONVEYOR_PREFLIGHT_DONE") != "1"
+    from conveyor.inference.validate import needs_preflight as spec_needs_preflight
+
+    return spec_needs_preflight(pod.spec) and os.environ.get("CONVEYOR_PREFLIGHT_DONE") != "1"
 
 
 def check_preflight(pod: PodEnv) -> None:
-    """A batch inference job's checks before any rank reads the model or the input (all pods: the model
-    and layout; stage 0, which reads and writes them: the input and output too)."""
+    """A batch inference or fine-tuning job's checks before any rank reads the model or the input (all
+    pods: the model and layout; an inference job's stage 0, which reads and writes them: the input and
+    output too)."""
     from conveyor.inference.validate import InputError, preflight
 
     try:

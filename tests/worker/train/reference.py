@@ -68,10 +68,16 @@ def lr_ratio(step: int) -> float:
 
 
 def hf_train(
-    model_dir: Path, data: Path, steps: int = STEPS, schedule: bool = True, dropout: bool = True
+    model_dir: Path,
+    data: Path,
+    steps: int = STEPS,
+    schedule: bool = True,
+    dropout: bool = True,
+    grad_norms: list[float] | None = None,
 ) -> tuple[list[float], Any]:
     """Per-step mean losses and the trained HF model (``schedule`` False: a constant learning rate;
-    ``dropout`` False: the model's dropout off, as conveyor fine-tunes)."""
+    ``dropout`` False: the model's dropout off, as conveyor fine-tunes); each step's gradient norm before
+    clipping appended to ``grad_norms`` if given."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).train(dropout)
@@ -86,7 +92,9 @@ def hf_train(
             loss = model(input_ids=inputs, labels=labels).loss
             (loss / len(batches)).backward()
             total += float(loss.detach()) / len(batches)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if grad_norms is not None:
+            grad_norms.append(float(norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,6 @@ def spec(train=None, model=True, **extra):
             ),
             r"globalBatchSize \(6\) is not a multiple of microBatchSize \(2\) x parallelism.replicas \(2\)",
         ),
-        (spec({"dataset": "d", "steps": 2}, parallelism={"tensorParallel": 2}), "tensorParallel must be 1"),
         (spec({"dataset": "d", "steps": 2, "optimizer": {"type": "Lamb"}}), "spec.train.optimizer.type"),
         (spec({"dataset": "d", "steps": 2, "precision": "fp16"}), "spec.train.precision"),
         (spec({"command": []}), "spec.train.command"),
@@ -50,6 +49,12 @@ def spec(train=None, model=True, **extra):
 def test_bad_train_specs_name_the_field(doc, match):
     with pytest.raises(SpecError, match=match):
         parse_spec(doc)
+
+
+def test_tensor_parallel_fine_tuning_is_accepted():
+    # stages x tensorParallel x replicas; whether T divides the heads is checked at the worker's start
+    parsed = parse_spec(spec({"dataset": "d", "steps": 2}, parallelism={"stages": 2, "tensorParallel": 2}))
+    assert parsed.parallelism.tensor_parallel == 2 and parsed.train.fine_tunes
 
 
 def test_engine_config_from_the_spec():

@@ -1,5 +1,6 @@
 """Pre-flight of a batch inference job: the input file, the model directory, the layout and the output,
-checked in one process before any rank starts (``conveyor run`` and ``conveyor worker``).
+checked in one process before any rank starts (``conveyor run`` and ``conveyor worker``); of a
+fine-tuning job, the model directory and the layout.
 
 Every refusal is one ``InputError`` line that names the file and line, or the spec field, and says the
 fix; the entry points print it and exit 2. The input is streamed and a line's size is bounded before it
@@ -244,16 +245,23 @@ def load_tokenizer_checked(model_dir: str, cache_dir: Path | None = None) -> Any
         raise InputError(f"{model_dir}: the tokenizer does not load ({err})") from None
 
 
+def needs_preflight(spec: PipelineJobSpec) -> bool:
+    """A batch inference job, or a fine-tuning one (its model and layout), is checked before ranks start."""
+    return spec.inference is not None or (spec.train is not None and spec.train.fine_tunes)
+
+
 def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True, cache_dir: Path | None = None) -> None:
     """Everything a batch inference job can check before a rank starts. ``input_and_output``: also the
-    input and the output (the stage-0 pods, which read and write them); ``cache_dir``: the compile cache."""
+    input and the output (the stage-0 pods, which read and write them); ``cache_dir``: the compile cache.
+    A fine-tuning job: its model and layout (stages within the layers, tensorParallel dividing heads, KV
+    heads and MLP width)."""
     from conveyor.inference.progress import ResultLog, job_identity
 
     inf, model = spec.inference, spec.model
-    assert inf is not None and model is not None
+    assert model is not None
     p = spec.parallelism
     arch = check_model(model.path, p.stages, p.tensor_parallel, cache_dir)
-    if not input_and_output:
+    if inf is None or not input_and_output:
         return
     if not Path(inf.input).is_file():
         raise InputError(f"spec.inference.input: {inf.input} does not exist; give a JSONL file of prompts")

@@ -4,7 +4,9 @@ Every rank saves its stage's ``layers.{i}.*`` / ``tied.{key}.*`` weights and the
 (flattened per parameter name, so it follows the weights to any stage), plus the scheduler, step and
 its own RNG state. Replicas and tied copies hold identical entries, which DCP writes once. A checkpoint
 saved with P stages loads with any other P: each rank reads the names its stage holds. RNG states are
-restored only when the layout is unchanged (they belong to ranks, not layers).
+restored only when the layout is unchanged (they belong to ranks, not layers). Under tensor parallelism
+a shard's entries are keyed by its tensor rank (``layers.3.block.attn.wqkv.weight@tp1of2``,
+pipe/sharding.py), so such a checkpoint resumes with the same tensorParallel only.
 
 An engine is seen through ``TrainState`` (its parts and its counters), so the pipeline engine and the
 data-parallel engine save and load the same way.
@@ -16,8 +18,8 @@ import contextlib
 import pickle
 import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -77,12 +79,14 @@ def _rng_state() -> bytes:
 @dataclass(frozen=True)
 class TrainParts:
     """What holds tensors: the model (this rank's part), its optimizer and scheduler, and the layout
-    (replicas, stages, tensor_parallel) the RNG states belong to."""
+    (replicas, stages, tensor_parallel) the RNG states belong to. ``shard_keys``: parameter name -> its
+    checkpoint key, for the tensor-parallel shards this rank holds."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
     layout: tuple[int, int, int]
+    shard_keys: Mapping[str, str] = field(default_factory=dict)
 
 
 class TrainState(Protocol):
@@ -98,6 +102,22 @@ class TrainState(Protocol):
     def restore_counters(self, counters: dict[str, Any]) -> None: ...
 
 
+def _rename(state: dict[str, Any], names: Mapping[str, str], optimizer: bool) -> dict[str, Any]:
+    """Model (``name``) or flattened optimizer (``state.{name}.{what}``) entries with each ``name`` of
+    ``names`` replaced by its mapped key; others as they are."""
+    if not names:
+        return state
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if optimizer and key.startswith("state."):
+            name, _, what = key.removeprefix("state.").rpartition(".")
+            key = f"state.{names[name]}.{what}" if name in names else key
+        else:
+            key = names.get(key, key) if not optimizer else key
+        out[key] = value
+    return out
+
+
 def _state_dict(parts: TrainParts, counters: dict[str, Any], client_state: Any) -> dict[str, Any]:
     trainer = {
         **counters,
@@ -106,8 +126,10 @@ def _state_dict(parts: TrainParts, counters: dict[str, Any], client_state: Any) 
         "layout": parts.layout,
     }
     return {
-        "model": parts.model.state_dict(),
-        "optimizer": get_optimizer_state_dict(parts.model, parts.optimizer, options=_OPTIM),
+        "model": _rename(parts.model.state_dict(), parts.shard_keys, optimizer=False),
+        "optimizer": _rename(
+            get_optimizer_state_dict(parts.model, parts.optimizer, options=_OPTIM), parts.shard_keys, True
+        ),
         # non-tensor leaves are pickled by DCP; one blob keeps their structure whole
         "trainer": pickle.dumps(trainer),
         f"rng_rank{_rank()}": _rng_state(),
@@ -157,7 +179,8 @@ def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, 
     if missing:
         raise CheckpointError(
             f"checkpoint {path} has no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
-            "it was saved from a different model (layer list)"
+            "it was saved from a different model (layer list) or a different spec.parallelism.tensorParallel "
+            "(tensor-parallel shards resume with the tensorParallel they were saved with)"
         )
     rng_key = f"rng_rank{_rank()}"
     if rng_key not in saved:
@@ -168,8 +191,10 @@ def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, 
             dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
     except (Exception, CheckpointException) as err:  # a shard damaged at its size (a BaseException: DCP's)
         raise CheckpointError(f"checkpoint {path} does not load: {_first_line(err)}") from None
-    parts.model.load_state_dict(state["model"])
-    set_optimizer_state_dict(parts.model, parts.optimizer, state["optimizer"], options=_OPTIM)
+    back = {key: name for name, key in parts.shard_keys.items()}
+    parts.model.load_state_dict(_rename(state["model"], back, optimizer=False))
+    optimizer_state = _rename(state["optimizer"], back, optimizer=True)
+    set_optimizer_state_dict(parts.model, parts.optimizer, optimizer_state, options=_OPTIM)
     trainer = pickle.loads(state["trainer"])
     if parts.scheduler is not None and trainer["scheduler"] is not None:
         parts.scheduler.load_state_dict(trainer["scheduler"])

@@ -4,8 +4,9 @@ step. DeepSpeed's API: ``engine, optimizer, _, _ = conveyor.initialize(model=net
 
 Per batch: the first and last stage pull ``micro_batches`` (inputs, labels) pairs from the iterator; the
 stage executes its step list from schedule.py (p2p.py moves the tensors); then gradients are summed over
-the stages holding a tied weight, averaged over data-parallel replicas, clipped by the norm of the
-*whole* model's gradient (every stage, tied weights once), and the optimizer steps. The returned loss is
+the stages holding a tied weight, averaged over data-parallel replicas (each tensor rank with its own
+data group), clipped by the norm of the *whole* model's gradient (every stage, tied weights once,
+tensor-parallel shards summed over the tensor group), and the optimizer steps. The returned loss is
 the mean over all micro-batches and replicas, on every rank.
 """
 
@@ -28,10 +29,12 @@ from conveyor import metrics
 from conveyor.log import get_logger
 from conveyor.pipe import checkpoint as pipe_checkpoint
 from conveyor.pipe.config import EngineConfig, load_config
+from conveyor.pipe.grad_norm import global_grad_norm
 from conveyor.pipe.module import PipelineModule
 from conveyor.pipe.optim import build_optimizer, build_scheduler
 from conveyor.pipe.p2p import P2P, BoundaryError, BoundaryMeta, describe, flatten, unflatten
 from conveyor.pipe.schedule import Kind, Schedule, Step, build_schedule, format_grid
+from conveyor.pipe.sharding import shard_key, sharded_parameters
 from conveyor.watchdog import PROGRESS
 
 log = get_logger("conveyor.pipe")
@@ -146,7 +149,7 @@ class PipelineEngine:
             return
         with torch.no_grad():
             if self.dp_world_size > 1:
-                src = self.layout.rank(0, self.stage_id)
+                src = self.layout.rank(0, self.stage_id, self.topology.tp_rank)
                 for tensor in itertools.chain(self.module.parameters(), self.module.buffers()):
                     dist.broadcast(tensor.data, src=src, group=self.topology.data_group)
             for key, (group, ranks) in self.module.tied_groups.items():
@@ -452,25 +455,12 @@ class PipelineEngine:
         return True
 
     def _clip_gradients(self) -> float | None:
-        """Clip by the global norm: squares summed over this stage (a tied weight only on its first stage),
-        then over the pipeline. Replicas hold the same averaged gradients, so one pipeline suffices."""
+        """Clip by the norm of the whole model's gradient (grad_norm.py: every parameter counted once)."""
         max_norm = self.config.gradient_clipping
         if max_norm <= 0:
             return None
-        skip = {
-            id(p)
-            for key in self.module.tied_groups
-            if not self.module.tied_owner(key)
-            for p in self.module.tied_parameters(key)
-        }
+        norm = global_grad_norm(self.module, self.device, self._dist)
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        square = torch.zeros(1, dtype=torch.float32, device=self.device)
-        for p in self.module.parameters():
-            if p.grad is not None and id(p) not in skip:
-                square += p.grad.detach().float().pow(2).sum()
-        if self._dist and self.num_stages > 1:
-            dist.all_reduce(square, group=self.topology.pipe_group)
-        norm = square.sqrt()
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # the formula of torch's clip_grad_norm_
         for grad in grads:
             grad.mul_(coef.to(grad.dtype))
@@ -520,11 +510,13 @@ class PipelineEngine:
     # ---- checkpoints -----------------------------------------------------------------------------------
     def train_parts(self) -> pipe_checkpoint.TrainParts:
         layout = self.layout
+        tp, size = self.topology.tp_rank, layout.tensor_parallel
         return pipe_checkpoint.TrainParts(
             self.module,
             self.optimizer,
             self.lr_scheduler,
             (layout.replicas, layout.stages, layout.tensor_parallel),
+            {name: shard_key(name, tp, size) for name in sharded_parameters(self.module)},
         )
 
     def counters(self) -> dict[str, Any]:

@@ -162,8 +162,8 @@ class PipelineModule(nn.Module):
             return spec.build()
 
     def _make_tied_groups(self) -> dict[str, tuple[Any, list[int]]]:
-        """Process group of the stages holding each tied key, one per replica (created by every rank,
-        in the same order, since new_group is collective)."""
+        """Process group of the stages holding each tied key, one per replica and tensor rank (created by
+        every rank, in the same order, since new_group is collective)."""
         groups: dict[str, tuple[Any, list[int]]] = {}
         if not (dist.is_available() and dist.is_initialized()):
             return groups
@@ -172,10 +172,11 @@ class PipelineModule(nn.Module):
             if len(stages) < 2:
                 continue
             for replica in range(layout.replicas):
-                ranks = [layout.rank(replica, s) for s in stages]
-                group = dist.new_group(ranks)
-                if self.topology.rank in ranks:
-                    groups[key] = (group, ranks)
+                for tp in range(layout.tensor_parallel):
+                    ranks = [layout.rank(replica, s, tp) for s in stages]
+                    group = dist.new_group(ranks)
+                    if self.topology.rank in ranks:
+                        groups[key] = (group, ranks)
         return groups
 
     def stage_of_layer(self, idx: int) -> int:

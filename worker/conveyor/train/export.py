@@ -2,17 +2,19 @@
 
 Each stage of replica 0 writes its own layers under their HF names (our fused qkv and gate|up split
 back, GPT-2's Conv1D layout transposed back: the inverse of the inference loader's reader), as one shard
-``model-0000S-of-0000P.safetensors``; rank 0 writes the index, the config and the tokenizer. Everything
+``model-0000S-of-0000P.safetensors`` (under tensor parallelism tensor rank 0 writes its stage's layers
+whole, gathered from the tensor group); rank 0 writes the index, the config and the tokenizer. Everything
 goes into ``DIR.tmp`` first and is renamed to ``DIR`` after every stage has written: a directory at the
 export path is always whole. ``from_pretrained(DIR)`` loads it as is, and so does an inference job.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
-from collections.abc import Iterator, Set
+from collections.abc import Callable, Iterator, Set
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from conveyor.inference.model.loader import Checkpoint
 from conveyor.pipe.module import PipelineModule
 from conveyor.topology import Topology
 from conveyor.train.hf_layers import TIED_KEY, Role, layer_module
+from conveyor.train.tensor_parallel import gather_block
 
 # What a tokenizer (and generation defaults) may consist of, copied from the model directory as is.
 TOKENIZER_FILES = (
@@ -86,10 +89,16 @@ def _block_tensors(
 
 
 def hf_state(
-    module: PipelineModule, roles: list[Role], arch: Arch, dtype: torch.dtype, source: Set[str] = frozenset()
+    module: PipelineModule,
+    roles: list[Role],
+    arch: Arch,
+    dtype: torch.dtype,
+    source: Set[str] = frozenset(),
+    whole: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """This stage's weights under their HF names, in ``dtype``, on the CPU. Where a family has two names
-    for one tensor (GPT-NeoX's ``embed_out`` or ``lm_head``), the one the ``source`` checkpoint used."""
+    for one tensor (GPT-NeoX's ``embed_out`` or ``lm_head``), the one the ``source`` checkpoint used.
+    ``whole``: a decoder layer's parameters -> the whole layer's (the tensor-parallel shards gathered)."""
     names = name_map(arch)
     globals_ = {ours: next((n for n in hf if n in source), hf[0]) for ours, hf in names.globals_.items()}
     out: dict[str, torch.Tensor] = {}
@@ -115,6 +124,8 @@ def hf_state(
                     out[globals_[key]] = params[ours]
         else:
             block = {n.removeprefix("block."): p for n, p in params.items()}
+            if whole is not None:
+                block = whole(block)
             out.update(_block_tensors(arch, names, role.layer, block))
     return {name: t.to("cpu", dtype).contiguous() for name, t in out.items()}
 
@@ -144,12 +155,18 @@ def export(
     if initialized:
         dist.barrier()
     weight_map: dict[str, str] = {}
-    if topology.replica == 0 and topology.tp_rank == 0:  # replicas hold the same weights
+    state: dict[str, torch.Tensor] = {}
+    if topology.replica == 0:  # replicas hold the same weights
+        whole = None
+        if topology.layout.tensor_parallel > 1:
+            assert topology.tensor_group is not None, "tensor parallelism needs a process group"
+            whole = functools.partial(gather_block, arch=arch, group=topology.tensor_group)
         source = Checkpoint(model_dir)  # its names only (headers)
         try:
-            state = hf_state(module, roles, arch, dtype, source.names())
+            state = hf_state(module, roles, arch, dtype, source.names(), whole)
         finally:
             source.close()
+    if topology.replica == 0 and topology.tp_rank == 0:  # tensor rank 0 writes the gathered layers
         shard = (
             "model.safetensors"
             if stages == 1

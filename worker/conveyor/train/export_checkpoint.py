@@ -4,7 +4,7 @@
 
 The checkpoint's weights are keyed by global layer index, so the whole model is one stage here, built
 on the meta device and filled straight from the checkpoint (the process needs the model's size in
-memory). Without ``--tag``: the checkpoint a resume would use (``latest``, verified).
+memory); a tensor-parallel checkpoint's shards are joined into whole layers. Without ``--tag``: the checkpoint a resume would use (``latest``, verified).
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
 from conveyor.commit_protocol import CheckpointError, resume_point, verify
 from conveyor.inference.model.families import load_arch
 from conveyor.pipe.module import PipelineModule
+from conveyor.pipe.sharding import shard_key, split_shard_key
 from conveyor.topology import Layout, Topology
 from conveyor.train.export import export
 from conveyor.train.hf_layers import pipeline_layers
+from conveyor.train.tensor_parallel import unshard_block
 
 
 def export_checkpoint(
@@ -51,11 +53,38 @@ def export_checkpoint(
     with torch.device("meta"):  # no weights allocated twice: the checkpoint fills them
         module = PipelineModule(layers, topology=Topology(Layout()), seed_layers=False)
     module.to_empty(device="cpu")
-    state = {"model": module.state_dict()}
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    whole = module.state_dict()
+    tensor_parallel = max((s[2] for k in saved if (s := split_shard_key(k))), default=1)
+    sharded = [n for n in whole if f"model.{shard_key(n, 0, tensor_parallel)}" in saved]
+    wanted = {n: t for n, t in whole.items() if n not in sharded}
+    for name in sharded:  # every tensor rank's part, at the size it was saved
+        for rank in range(tensor_parallel):
+            key = shard_key(name, rank, tensor_parallel)
+            wanted[key] = torch.empty(saved[f"model.{key}"].size)  # type: ignore[union-attr]
+    missing = sorted(k for k in wanted if f"model.{k}" not in saved)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no weights for {', '.join(missing[:5])}: not this model's"
+        )
+    state = {"model": wanted}
     with warnings.catch_warnings():  # DCP says it runs in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
-    module.load_state_dict(state["model"])
+    loaded = {n: t for n, t in state["model"].items() if split_shard_key(n) is None}
+    for prefix in sorted({n[: n.index(".block.") + len(".block.")] for n in sharded}):
+        names = [n for n in whole if n.startswith(prefix)]
+        parts = [
+            {
+                n.removeprefix(prefix): state["model"][
+                    shard_key(n, r, tensor_parallel) if n in sharded else n
+                ]
+                for n in names
+            }
+            for r in range(tensor_parallel)
+        ]
+        loaded.update({prefix + n: t for n, t in unshard_block(parts, arch).items()})
+    module.load_state_dict(loaded)
     return export(module, roles, arch, module.topology, model_dir, out, dtype)
 
 

@@ -1,7 +1,8 @@
 """Fine-tune an HF causal LM from the spec (``spec.train.dataset``): one rank's whole run.
 
-In a straight line: build the pipeline's layers from the model's config (hf_layers.py) and fill this
-stage's from the checkpoint; the engine with the spec's optimizer, schedule, clipping and precision;
+In a straight line: build the pipeline's layers from the model's config (hf_layers.py), make their
+linears tensor-parallel when ``tensorParallel`` > 1 (tensor_parallel.py), and fill this stage's (this
+tensor rank's part of them) from the checkpoint; the engine with the spec's optimizer, schedule, clipping and precision;
 resume from the committed checkpoint (weights, optimizer, schedule, step, data position) if any; then
 ``steps`` optimizer steps over the data in its deterministic order (data.py), a checkpoint every
 ``spec.checkpoint.every`` steps and at the end, and the export to a plain HF directory (export.py).
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from conveyor.inference.model.families import Arch, load_arch
+from conveyor.inference.model.loader import Shard
 from conveyor.log import get_logger
 from conveyor.pipe.config import ConfigError, EngineConfig, load_config
 from conveyor.pipe.engine import PipelineEngine
@@ -27,8 +29,9 @@ from conveyor.spec import PipelineJobSpec, TrainSpec
 from conveyor.topology import Topology
 from conveyor.train.data import DataOrder, read_samples
 from conveyor.train.export import export
-from conveyor.train.hf_layers import causal_lm_loss, load_weights, parameter_count, pipeline_layers
+from conveyor.train.hf_layers import Role, causal_lm_loss, load_weights, parameter_count, pipeline_layers
 from conveyor.train.progress import Progress, flops_per_token, peak_flops
+from conveyor.train.tensor_parallel import check_tensor_parallel, parallelize
 
 log = get_logger("conveyor.train")
 EXPORT_DIR = "export"
@@ -47,6 +50,7 @@ DROPOUT_FIELDS = (
 @dataclass
 class Outcome:
     losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss, for the steps this run took
+    grad_norms: dict[int, float | None] = field(default_factory=dict)  # step -> the whole gradient's norm
     resumed_from: int = 0  # the step of the checkpoint it resumed from (0: none)
     export: Path | None = None
 
@@ -110,6 +114,36 @@ def _data(spec: PipelineJobSpec, arch: Arch) -> Any:
     return read_samples(train.dataset, train.seq_length, train.packing, tokenizer, eos, pad, arch.vocab_size)
 
 
+def build_stage(
+    arch: Arch,
+    topology: Topology,
+    model_dir: str | Path,
+    device: torch.device,
+    partition_method: Any = "parameters",
+    activation_checkpointing: bool = False,
+) -> tuple[PipelineModule, list[Role]]:
+    """This rank's part of the model: its stage's layers, tensor-parallel over the topology's tensor
+    group when it has more than one rank, filled from ``model_dir`` (only this rank's shard is read)."""
+    tensor_parallel = topology.layout.tensor_parallel
+    check_tensor_parallel(arch, tensor_parallel)  # before any weight is read
+    layers, roles = pipeline_layers(arch, tensor_parallel)
+    with torch.device("meta"):  # no random init to throw away: the checkpoint fills every parameter
+        module = PipelineModule(
+            layers,
+            topology=topology,
+            loss_fn=causal_lm_loss,
+            seed_layers=False,
+            partition_method=partition_method,
+            activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        )
+        if tensor_parallel > 1:
+            assert topology.tensor_group is not None, "tensor parallelism needs a process group"
+            parallelize(module, topology.tensor_group)
+    module.to_empty(device=device)
+    load_weights(module, roles, model_dir, arch, Shard(topology.tp_rank, tensor_parallel))
+    return module, roles
+
+
 def fine_tune(
     spec: PipelineJobSpec,
     topology: Topology,
@@ -125,18 +159,14 @@ def fine_tune(
     dropout = {k: v for k in DROPOUT_FIELDS if (v := getattr(arch.hf_config, k, 0) or 0) > 0}
     if dropout and topology.rank == 0:
         log.warning("the model's dropout is not applied in fine-tuning (it trains without)", extra=dropout)
-    layers, roles = pipeline_layers(arch)
-    with torch.device("meta"):  # no random init to throw away: the checkpoint fills every parameter
-        module = PipelineModule(
-            layers,
-            topology=topology,
-            loss_fn=causal_lm_loss,
-            seed_layers=False,
-            partition_method=spec.parallelism.partition_method,
-            activation_checkpoint_interval=1 if train.activation_checkpointing else 0,
-        )
-    module.to_empty(device=device)
-    load_weights(module, roles, model_spec.path, arch)
+    module, roles = build_stage(
+        arch,
+        topology,
+        model_spec.path,
+        device,
+        partition_method=spec.parallelism.partition_method,
+        activation_checkpointing=train.activation_checkpointing,
+    )
     bf16 = uses_bf16(train, device)
     replicas = topology.layout.replicas
     engine = PipelineEngine(module, engine_config(train, replicas, bf16), job=job, device=device)
@@ -170,6 +200,7 @@ def fine_tune(
         position += global_batch
         step = engine.global_steps
         outcome.losses[step] = loss
+        outcome.grad_norms[step] = engine.last_grad_norm
         progress.step(
             step, loss, engine.last_stats["step_seconds"], engine.get_lr()[0], engine.last_grad_norm
         )
@@ -188,10 +219,12 @@ def run_rank(pod: Any, local_rank: int, termination_log: str | None = None) -> i
     """``conveyor.rank``'s entry for a fine-tuning job (``pod``: its PodEnv)."""
     from conveyor.commit_protocol import resume_point, write_termination_message
     from conveyor.distributed import init_distributed
+    from conveyor.preflight_gate import wait_at_gate
     from conveyor.topology import Layout
 
     spec = pod.spec
     info = init_distributed(device=spec.device)
+    wait_at_gate()  # the model is not read before the pre-flight checks (model directory, layout) pass
     topology = Topology(
         Layout(replicas=max(pod.replicas, 1), stages=pod.stages, tensor_parallel=pod.tensor_parallel)
     )

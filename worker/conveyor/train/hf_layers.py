@@ -7,7 +7,8 @@ training and generation run the same code: the token embedding first, then the f
 the engine sums its gradient over the stages holding a copy, so the copies stay equal.
 
 ``load_weights`` reads only the layers this rank's stage built, through the inference loader (names and
-shapes of the whole checkpoint checked against the config first). ``roles`` says what each global layer
+shapes of the whole checkpoint checked against the config first), under tensor parallelism only this
+tensor rank's part of each decoder layer's linears (the loader's ``Shard``). ``roles`` says what each global layer
 index is, which export.py uses to write the HF names back.
 """
 
@@ -30,7 +31,7 @@ from conveyor.inference.model.loader import (
     _LayerReader,
     verify_checkpoint,
 )
-from conveyor.inference.model.stage_model import Block, Norm, Step, rope_inv_freq
+from conveyor.inference.model.stage_model import Block, Norm, Step, local_arch, rope_inv_freq
 from conveyor.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 
 TIED_KEY = "embed"
@@ -135,8 +136,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
 
 
-def pipeline_layers(arch: Arch) -> tuple[list[Any], list[Role]]:
-    """The layer list of ``arch`` for ``PipelineModule`` and the role of each index."""
+def pipeline_layers(arch: Arch, tensor_parallel: int = 1) -> tuple[list[Any], list[Role]]:
+    """The layer list of ``arch`` for ``PipelineModule`` and the role of each index; the decoder layers
+    with one tensor rank's widths (``local_arch``) when ``tensor_parallel`` > 1 (then
+    tensor_parallel.parallelize makes their linears parallel)."""
     if not arch.causal:
         raise CheckpointError(f"{arch.family} is not a causal LM: only causal LMs can be fine-tuned")
     layers: list[Any] = []
@@ -151,8 +154,9 @@ def pipeline_layers(arch: Arch) -> tuple[list[Any], list[Role]]:
     if arch.word_dim != arch.hidden or arch.positions == "learned":
         layers.append(LayerSpec(InputExtras, arch))
         roles.append(Role("inputs"))
+    block_arch = local_arch(arch, tensor_parallel) if tensor_parallel > 1 else arch
     for i in range(arch.layers):
-        layers.append(LayerSpec(DecoderLayer, arch))
+        layers.append(LayerSpec(DecoderLayer, block_arch))
         roles.append(Role("block", i))
     if arch.final_norm or arch.word_dim != arch.hidden:
         layers.append(LayerSpec(OutputNorm, arch))
@@ -174,8 +178,9 @@ def layer_module(module: PipelineModule, roles: list[Role], index: int) -> nn.Mo
     return module.layers[str(index)]
 
 
-def _hf_tensors(ckpt: Checkpoint, arch: Arch, role: Role) -> list[tuple[str, torch.Tensor]]:
-    """(our parameter name inside the layer's module, tensor) of one layer, read from the checkpoint."""
+def _hf_tensors(ckpt: Checkpoint, arch: Arch, role: Role, shard: Shard) -> list[tuple[str, torch.Tensor]]:
+    """(our parameter name inside the layer's module, tensor) of one layer, read from the checkpoint (a
+    decoder layer's linears: only ``shard``'s part)."""
     names = name_map(arch)
 
     def one(ours: str) -> torch.Tensor:
@@ -206,13 +211,18 @@ def _hf_tensors(ckpt: Checkpoint, arch: Arch, role: Role) -> list[tuple[str, tor
         if arch.word_dim != arch.hidden:
             out.append(("project_out.weight", one("project_out")))
         return out
-    reader = _LayerReader(ckpt, arch, names, Shard(), names.layer_prefix.format(i=role.layer))
+    prefix = names.layer_prefix.format(i=role.layer)
+    reader = _LayerReader(ckpt, arch, names, shard, prefix, bias_on_rank0=False)
     return [(f"block.{ours}", tensor) for ours, tensor in reader.tensors()]
 
 
-def load_weights(module: PipelineModule, roles: list[Role], model_dir: str | Path, arch: Arch) -> None:
-    """Fill this stage's layers from the HF checkpoint (only their tensors are read); every parameter of
-    the stage must be loaded, with the shape the model expects."""
+def load_weights(
+    module: PipelineModule, roles: list[Role], model_dir: str | Path, arch: Arch, shard: Shard | None = None
+) -> None:
+    """Fill this stage's layers from the HF checkpoint (only their tensors, and of the decoder layers'
+    linears only ``shard``'s part, are read); every parameter of the stage must be loaded, with the
+    shape the model expects."""
+    shard = shard or Shard()
     ckpt = Checkpoint(model_dir)
     loaded: set[int] = set()
     try:
@@ -220,7 +230,7 @@ def load_weights(module: PipelineModule, roles: list[Role], model_dir: str | Pat
         for index in range(module.start, module.stop):
             target = layer_module(module, roles, index)
             params = dict(target.named_parameters())
-            for ours, tensor in _hf_tensors(ckpt, arch, roles[index]):
+            for ours, tensor in _hf_tensors(ckpt, arch, roles[index], shard):
                 param = params[ours]
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise CheckpointError(

@@ -182,10 +182,21 @@ class Shard:
 
 
 class _LayerReader:
-    """Reads one layer's tensors for one tensor-parallel rank, in our (torch, fused) layout."""
+    """Reads one layer's tensors for one tensor-parallel rank, in our (torch, fused) layout.
+    ``bias_on_rank0``: a row-parallel bias whole on tensor rank 0 and zeros elsewhere (inference sums
+    the ranks' outputs, bias included); False: whole on every rank (training adds it after the sum)."""
 
-    def __init__(self, ckpt: Checkpoint, arch: Arch, names: NameMap, shard: Shard, prefix: str):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        arch: Arch,
+        names: NameMap,
+        shard: Shard,
+        prefix: str,
+        bias_on_rank0: bool = True,
+    ):
         self.ckpt, self.arch, self.names, self.shard, self.prefix = ckpt, arch, names, shard, prefix
+        self.bias_on_rank0 = bias_on_rank0
 
     def _rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Output rows [start, stop) of a linear weight (or a bias), torch layout [rows, in]."""
@@ -237,7 +248,7 @@ class _LayerReader:
         if suffix == ".bias":
             bias = self.ckpt.read(self.prefix + lin.name + suffix)
             # Added once: the all-reduce sums the ranks' outputs, so only rank 0 keeps the bias.
-            return bias if s.tp_rank == 0 else torch.zeros_like(bias)
+            return bias if s.tp_rank == 0 or not self.bias_on_rank0 else torch.zeros_like(bias)
         lo, hi = shard_range(total, s.tensor_parallel, s.tp_rank)
         return self._cols(lin.name + suffix, lo, hi)
 

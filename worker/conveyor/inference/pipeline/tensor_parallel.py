@@ -60,10 +60,14 @@ def check_divisible(arch: Arch, tensor_parallel: int) -> None:
         if n % t
     ]
     if problems:
-        divisors = [d for d in range(1, arch.heads + 1) if arch.heads % d == 0 and arch.kv_heads % d == 0]
+        divisors = [
+            d
+            for d in range(1, arch.heads + 1)
+            if arch.heads % d == 0 and arch.kv_heads % d == 0 and arch.intermediate % d == 0
+        ]
         raise TensorParallelError(
             f"{arch.family} model cannot be split {t} ways: {'; '.join(problems)}. "
-            f"Use a tensorParallel that divides the head counts (one of {divisors})"
+            f"Use a tensorParallel that divides the head counts and the intermediate size (one of {divisors})"
         )
 
 
