@@ -138,7 +138,7 @@ def inference_workload(work: Path, restarting_faults: int) -> Workload:
     from conveyor.testing.tiny import save_tiny
 
     model = save_tiny("llama", work / "model")
-    units = 24 + 8 * restarting_faults  # ~3 prompts of progress per fault, with margin
+    units = 24 + 14 * restarting_faults  # ~11 prompts are committed per fault (observed), with margin
     rows = [
         {"id": i, "input_ids": [5 + i % 200, 9, 11]}
         if i % 2
@@ -208,7 +208,7 @@ def train_workload(work: Path, restarting_faults: int, claim_dir: Path) -> Workl
 
     model = save_tiny("llama", work / "model")
     data = write_dataset(work / "data.jsonl")
-    units = 40 + 12 * restarting_faults  # ~5 steps of progress per fault, with margin
+    units = 40 + 16 * restarting_faults  # ~12 steps are committed per fault (observed), with margin
     clean = work / "clean"
     clean.mkdir(parents=True, exist_ok=True)
 
