@@ -17,6 +17,7 @@ from conveyor.failure_policy import FailureAction, FailurePolicySpec, FailureRul
 from conveyor_operator.observe import PodObservation
 
 DISRUPTION_CONDITION = "DisruptionTarget"  # set by the control plane on preemption, eviction, drain
+HUNG_PREFIX = "Hung:"  # the cause a rank's watchdog leaves when its liveness probe fails (watchdog.py)
 
 DEFAULT_RULES: tuple[FailureRule, ...] = (
     FailureRule(
@@ -137,3 +138,17 @@ def group_decision(
     return first_decision(policy, facts) or Decision(
         FailureAction.RESTART_GROUP, "default", failed_pod or "-"
     )
+
+
+def hung_cause(pods: Sequence[PodObservation]) -> tuple[str, str] | None:
+    """(pod, cause) of the first rank whose exit says its watchdog found it hung, else None.
+
+    A hung rank is killed by its liveness probe, and its peers then fail on the lost connection (a gloo
+    error). Which exit the operator sees first is a race: the peer's often wins, and the failure is first
+    recorded with the peer's reason. The hung rank's cause is the real one, whenever it shows up while the
+    failure is still pending, and whichever exit of that pod (not only its newest) carries it."""
+    for pod in sorted(pods, key=lambda p: p.index):
+        for term in pod.terminations:
+            if term.failed and term.cause and term.cause.startswith(HUNG_PREFIX):
+                return pod.name, term.cause
+    return None

@@ -1,6 +1,7 @@
 """kopf handlers: a few lines each. Every trigger (the job changed, one of its pods changed, the resync
 timer) runs the same level-based ``reconcile``: read the job and its pods, plan (pure), carry the plan
-out. Status is written once per reconcile, and only when it changed.
+out. Status is written once per reconcile, and only when it changed. A plan that needs a reconcile at a time
+(a backoff ending) gets one (requeue.py).
 
 No create/update handlers are registered, so kopf keeps no last-handled-configuration annotation on
 the objects (their size stays the user's), and the user's spec is never patched (GitOps).
@@ -32,6 +33,7 @@ from conveyor_operator import checkpoint_age, k8s, metrics, scrape
 from conveyor_operator.observe import PodObservation, merge_witness, observe_pod
 from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
 from conveyor_operator.render import JOB_LABEL
+from conveyor_operator.requeue import Requeues
 
 RESYNC_SECONDS = 10.0
 FINALIZER = "conveyor.dev/operator"
@@ -127,6 +129,7 @@ def reconcile(
     finally:
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     metrics.RECONCILES.labels(result="ok").inc()
+    REQUEUES.request(namespace, name, plan.requeue_after)  # a backoff ends, a deadline passes: come back
     metrics.record_phase(namespace, name, str(plan.status.phase))
     running = plan.status.phase == Phase.RUNNING
     age = checkpoint_age.age_seconds(plan.status.last_checkpoint, now) if running else None
@@ -139,6 +142,13 @@ def reconcile(
             extra={"namespace": namespace, "job": name, "reason": ev.reason, "phase": plan.status.phase},
         )
     return plan
+
+
+def _requeued(namespace: str, name: str) -> None:
+    reconcile(namespace, name)
+
+
+REQUEUES = Requeues(_requeued, horizon=RESYNC_SECONDS)
 
 
 @kopf.on.startup()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from conveyor.spec import CheckpointRef
+from conveyor.spec import CheckpointRef, SkippedCheckpoint
 
 from conveyor_operator.observe import PodObservation, checkpoint_step
 
@@ -22,17 +22,52 @@ def reported(pod: PodObservation) -> CheckpointRef | None:
     step = checkpoint_step(pod.last_checkpoint)
     if step is None:
         return None
-    time = (pod.last_checkpoint or {}).get("time")
-    return CheckpointRef(step=step, time=time if isinstance(time, str) else None)
+    report = pod.last_checkpoint or {}
+    time = report.get("time")
+    count, last = report.get("skipped"), report.get("lastSkipped")
+    skipped = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+    last_skipped = None
+    if skipped is not None and isinstance(last, dict) and isinstance(last.get("name"), str):
+        try:
+            last_skipped = SkippedCheckpoint.model_validate(last)
+        except ValueError:
+            last_skipped = SkippedCheckpoint(name=last["name"])
+    return CheckpointRef(
+        step=step, time=time if isinstance(time, str) else None, skipped=skipped, last_skipped=last_skipped
+    )
 
 
 def newest(refs: Iterable[CheckpointRef | None]) -> CheckpointRef | None:
-    """The highest step (the first of equal steps: an earlier record keeps its commit time)."""
+    """The highest step (the first of equal steps: an earlier record keeps its commit time), carrying the
+    highest count of skipped checkpoints any of them knows (the workers' record only grows)."""
     best: CheckpointRef | None = None
+    most_skipped: CheckpointRef | None = None
     for ref in refs:
-        if ref is not None and (best is None or ref.step > best.step):
+        if ref is None:
+            continue
+        if best is None or ref.step > best.step:
             best = ref
-    return best
+        if ref.skipped and (most_skipped is None or ref.skipped > (most_skipped.skipped or 0)):
+            most_skipped = ref
+    if best is None or most_skipped is None or most_skipped is best:
+        return best
+    return best.model_copy(
+        update={"skipped": most_skipped.skipped, "last_skipped": most_skipped.last_skipped}
+    )
+
+
+def skip_event(before: CheckpointRef | None, after: CheckpointRef | None) -> str | None:
+    """The Warning Event's message when the workers' count of skipped checkpoints has grown, else None."""
+    now = (after.skipped or 0) if after is not None else 0
+    was = (before.skipped or 0) if before is not None else 0
+    if now <= was or after is None:
+        return None
+    last = after.last_skipped
+    what = f"{last.name} ({last.reason or 'no reason given'})" if last is not None else "one"
+    return (
+        f"a partial or corrupt checkpoint was skipped on resume: {what}; the workers resumed from the last "
+        f"complete one before it ({now} skipped over the job's life)"
+    )
 
 
 def job_checkpoint(known: CheckpointRef | None, pods: Iterable[PodObservation]) -> CheckpointRef | None:

@@ -23,6 +23,7 @@ from typing import Any
 from conveyor.failure_policy import FailureAction, FailurePolicySpec
 from conveyor.spec import (
     CheckpointRef,
+    GroupFailure,
     GroupStatus,
     Mode,
     Phase,
@@ -48,7 +49,13 @@ from conveyor_operator.phase import (
     job_phase,
     split_pods,
 )
-from conveyor_operator.progress import describe_resume, group_checkpoint, job_checkpoint, newest
+from conveyor_operator.progress import (
+    describe_resume,
+    group_checkpoint,
+    job_checkpoint,
+    newest,
+    skip_event,
+)
 from conveyor_operator.restarts import account_group
 
 TERMINAL_REASONS = {"BackoffLimitExceeded", "Completed"}
@@ -309,6 +316,9 @@ def _plan_active(
     template_hash = render.template_hash(spec)
     before = {g.name: g for g in old.groups}
     status.last_checkpoint = newest([job_checkpoint(old.last_checkpoint, pods), live])
+    skipped = skip_event(old.last_checkpoint, status.last_checkpoint)
+    if skipped is not None:
+        plan.events.append(Event("Warning", "CheckpointSkipped", skipped))
     status.reason = status.message = None
     exhausted: str | None = None  # the last failure that found the backoffLimit spent
 
@@ -441,8 +451,7 @@ def _handle_failure(
             group_status.failure.rule = f"{decision.rule} on pod {decision.pod}"
             if decision.cause:
                 group_status.failure.message += f"; the worker says: {decision.cause}"
-            if decision.cause and decision.cause.startswith("Hung:"):  # watchdog.py, via the liveness probe
-                group_status.failure.reason = "Hung"
+            _name_hang(group_status.failure, [*members.live, *members.leaving])
             ruled = failure_rules.describe(decision, plan.status.restarts, policy.backoff_limit)
             plan.events.append(
                 Event(
@@ -451,6 +460,9 @@ def _handle_failure(
                     f"group {group.name}: {group_status.failure.message}; {ruled}",
                 )
             )
+    elif _name_hang(group_status.failure, [*members.live, *members.leaving]):
+        # a peer's exit was seen first; the hung rank's own exit arrived while the restart is pending
+        plan.events.append(Event("Warning", "Hung", f"group {group.name}: {group_status.failure.message}"))
     failure = group_status.failure
     if failure is not None and failure.action == FailureAction.IGNORE:
         group_status.failure = failure = None
@@ -471,6 +483,21 @@ def _handle_failure(
     wait = delay - (now - due).total_seconds() if due else delay
     plan.requeue_after = min(plan.requeue_after or wait, wait)
     return False, None
+
+
+def _name_hang(failure: GroupFailure, pods: list[PodObservation]) -> bool:
+    """Record reason Hung when a member's exit says its watchdog found it hung (failure_rules.hung_cause),
+    whichever exit was seen first; True when this changed the reason."""
+    if failure.reason == "Hung":
+        return False
+    found = failure_rules.hung_cause(pods)
+    if found is None:
+        return False
+    pod, cause = found
+    failure.reason = "Hung"
+    if cause not in failure.message:
+        failure.message += f"; pod {pod} hung: {cause}"
+    return True
 
 
 def _observe_members(

@@ -13,29 +13,41 @@ import logging
 import urllib.request
 from datetime import UTC, datetime
 
-from conveyor.spec import CheckpointRef
+from conveyor.spec import CheckpointRef, SkippedCheckpoint
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor_operator.phase import format_time
 
 STEP = "conveyor_last_checkpoint_step"
 TIME = "conveyor_last_checkpoint_timestamp_seconds"
+SKIPPED = "conveyor_checkpoints_skipped"
+LAST_SKIPPED = "conveyor_checkpoint_last_skipped_step"
 TIMEOUT_SECONDS = 1.0
 log = logging.getLogger(__name__)
 
 
 def parse_checkpoint(text: str) -> CheckpointRef | None:
-    """The checkpoint in a worker's /metrics text, or None before its first commit."""
+    """The checkpoint in a worker's /metrics text, or None before its first commit; with the checkpoints
+    the workers skipped as partial or corrupt (worker/conveyor/skipped_checkpoints.py), if any."""
     values: dict[str, float] = {}
+    last_skipped: SkippedCheckpoint | None = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in (STEP, TIME):
+            if sample.name in (STEP, TIME, SKIPPED):
                 values[sample.name] = max(values.get(sample.name, 0.0), sample.value)
-    step, when = values.get(STEP), values.get(TIME)
+            elif sample.name == LAST_SKIPPED and "checkpoint" in sample.labels:
+                last_skipped = SkippedCheckpoint(
+                    name=sample.labels["checkpoint"],
+                    step=int(sample.value) if sample.value >= 0 else None,
+                    reason=sample.labels.get("reason", ""),
+                )
+    step, when, skipped = values.get(STEP), values.get(TIME), int(values.get(SKIPPED, 0))
     if step is None or step < 0:
         return None
     time = format_time(datetime.fromtimestamp(when, UTC)) if when else None
-    return CheckpointRef(step=int(step), time=time)
+    if skipped <= 0:
+        return CheckpointRef(step=int(step), time=time)
+    return CheckpointRef(step=int(step), time=time, skipped=skipped, last_skipped=last_skipped)
 
 
 def read_checkpoint(ip: str, port: int) -> CheckpointRef | None:

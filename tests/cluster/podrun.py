@@ -357,10 +357,14 @@ class PodRunner(threading.Thread):
         if status == self._last_status:
             return
         try:
-            self.agent.api.patch_namespaced_pod_status(self.name, self.ns, {"status": status})
+            # The uid makes the patch apply to this incarnation only: a StatefulSet recreates a deleted pod
+            # under the same name, and a late status of the old one (its hung container's exit, seen as
+            # the new pod's) would be a failure of the new group (a kubelet writes by uid too).
+            body = {"metadata": {"uid": self.uid}, "status": status}
+            self.agent.api.patch_namespaced_pod_status(self.name, self.ns, body)
             self._last_status = status
         except ApiException as err:
-            if err.status == 404:
+            if err.status in (404, 409, 422):  # gone, or the name is another pod's now
                 self._stop.set()  # the pod is gone (force-deleted): stop its processes now
                 self._grace = 0.0
             else:

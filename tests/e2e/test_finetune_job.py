@@ -97,6 +97,13 @@ def test_finetune_job_resumes_after_a_killed_rank_on_the_same_curve(
         assert resumed[0]["step"] == killed_after - 5, resumed  # the one before the truncated one
         skipped = f"skipped step-{killed_after} (named by latest, "
         assert skipped in log and truncated in log, log[-3000:]  # it says what it skipped, and why
+        # ...and the operator shows it in status, counted once, naming the checkpoint and the damage
+        last = status["lastCheckpoint"]
+        assert last.get("skipped") == 1, json.dumps(status, indent=1)
+        assert (
+            last["lastSkipped"]["name"] == f"step-{killed_after}"
+            and truncated in last["lastSkipped"]["reason"]
+        )
     else:
         assert resumed[0]["step"] == killed_after, resumed
     for step, loss in losses:  # the first incarnation, the repeated steps after the resume, the rest

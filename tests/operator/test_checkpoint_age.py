@@ -92,6 +92,18 @@ def test_parse_reads_the_workers_checkpoint_gauges() -> None:
     assert scrape.parse_checkpoint("# nothing committed yet\n") is None
 
 
+def test_parse_reads_the_skipped_checkpoints_too() -> None:
+    text = _worker_metrics_text("llm", 40, T0.timestamp() + 90)
+    text += (
+        'conveyor_checkpoints_skipped{job="llm"} 2.0\n'
+        'conveyor_checkpoint_last_skipped_step{job="llm",checkpoint="step-50",reason="missing"} 50.0\n'
+    )
+    seen = scrape.parse_checkpoint(text)
+    assert seen is not None and seen.step == 40 and seen.skipped == 2
+    assert seen.last_skipped is not None and seen.last_skipped.name == "step-50"
+    assert seen.last_skipped.step == 50 and seen.last_skipped.reason == "missing"
+
+
 @pytest.fixture
 def metrics_server() -> Iterator[tuple[str, int, dict[str, str]]]:
     body = {"text": ""}
@@ -144,7 +156,10 @@ def test_reconcile_reports_a_stale_checkpoint_of_a_running_train_job_and_its_rec
     step(body, pods, 5, ref(10, 5))
     step(body, pods, 110, ref(20, 105))  # 100 s per 10 steps: stale beyond 300 s
     last = body["status"]["lastCheckpoint"]
-    assert last == {"step": 20, "time": stamp(105), "ageSeconds": 0, "intervalSeconds": 100.0}
+    assert last == {"step": 20, "time": stamp(105), "ageSeconds": 0, "intervalSeconds": 100.0} | {
+        "skipped": None,  # nothing skipped (the merge patch sends empty fields as null)
+        "lastSkipped": None,
+    }
     plan = step(body, pods, 400, ref(20, 105))
     assert not [c for c in body["status"]["conditions"] if c["type"] == "CheckpointStale"]
     plan = step(body, pods, 406, None)  # rank 0 did not answer: what was known stays

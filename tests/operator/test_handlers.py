@@ -33,6 +33,25 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiohttp.ClientSession, "_request", refuse)
 
 
+class RecordedRequeues:
+    """handlers.REQUEUES in these tests: records what a reconcile asked for instead of starting timers
+    that would reconcile against the fake cluster at real times (requeue.py is tested below)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, float | None]] = []
+
+    def request(self, namespace: str, name: str, delay: float | None) -> bool:
+        self.requests.append((namespace, name, delay))
+        return delay is not None
+
+
+@pytest.fixture(autouse=True)
+def requeues(monkeypatch: pytest.MonkeyPatch) -> RecordedRequeues:
+    recorded = RecordedRequeues()
+    monkeypatch.setattr(handlers, "REQUEUES", recorded)
+    return recorded
+
+
 @pytest.fixture
 def cluster() -> Iterator[FakeCluster]:
     fake = FakeCluster()
@@ -210,3 +229,67 @@ def test_a_failed_pod_already_replaced_by_the_statefulset_still_restarts_its_gro
     job_status = status(cluster)
     assert job_status["restarts"] == 1 and "PodEvicted" in [e[1] for e in cluster.events]
     assert cluster.pod(NS, "llm-r0-0")["metadata"]["annotations"]["conveyor.dev/restart"] == "1"
+
+
+def test_a_backoff_asks_for_a_reconcile_when_it_ends(
+    cluster: FakeCluster, requeues: RecordedRequeues
+) -> None:
+    cluster.jobs[(NS, "llm")] = job_body(
+        inference_spec(replicas=1, restartPolicy={"backoffSeconds": 3, "maxBackoffSeconds": 3}), namespace=NS
+    )
+    run(cluster, "llm", 0)
+    cluster.set_ready(NS)
+    run(cluster, "llm", 5)
+    fail(cluster.pod(NS, "llm-r0-0"))
+    run(cluster, "llm", 10)
+    assert status(cluster)["phase"] == "Restarting" and status(cluster).get("restarts", 0) == 0  # waiting
+    assert requeues.requests[-1] == (NS, "llm", 3.0)  # the backoff's end, not the next resync
+    run(cluster, "llm", 13)
+    assert status(cluster)["restarts"] == 1
+
+
+def test_requeues_fire_once_at_the_earliest_time_asked() -> None:
+    import threading
+    import time
+
+    from conveyor_operator.requeue import Requeues
+
+    fired: list[tuple[str, str, float]] = []
+    done = threading.Event()
+
+    def reconcile(namespace: str, name: str) -> None:
+        fired.append((namespace, name, time.monotonic()))
+        done.set()
+
+    requeues = Requeues(reconcile, horizon=10.0)
+    assert not requeues.request(NS, "llm", None)  # nothing to wait for
+    assert not requeues.request(NS, "llm", 10.0)  # the resync timer comes by then anyway
+    start = time.monotonic()
+    assert requeues.request(NS, "llm", 1.0)
+    assert requeues.request(NS, "llm", 0.3)  # sooner: replaces the later one
+    assert not requeues.request(NS, "llm", 2.0)  # later than the one pending: nothing new
+    assert 0.0 < (requeues.pending(NS, "llm") or 0.0) <= 0.4
+    assert done.wait(5.0)
+    time.sleep(0.3)
+    assert len(fired) == 1 and fired[0][:2] == (NS, "llm")
+    assert fired[0][2] - start >= 0.3
+    assert requeues.pending(NS, "llm") is None
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - start)) + 0.3)  # the replaced 1 s request never fires
+    assert len(fired) == 1
+
+
+def test_a_failing_requeued_reconcile_is_swallowed() -> None:
+    import threading
+
+    from conveyor_operator.requeue import Requeues
+
+    done = threading.Event()
+
+    def reconcile(namespace: str, name: str) -> None:
+        done.set()
+        raise RuntimeError("the API server is away")
+
+    requeues = Requeues(reconcile, horizon=10.0)
+    requeues.request(NS, "llm", 0.0)
+    assert done.wait(5.0)
+    requeues.request(NS, "llm", 0.0)  # and it can be asked for again

@@ -158,3 +158,62 @@ def test_a_report_of_a_pod_seen_only_in_a_watch_event_counts() -> None:
     plan = plan_reconcile(JobView.from_body(body), [ghost, *(observe_pod(p) for p in pods[1:])], at(2))
     assert plan.status.groups[0].last_checkpoint == CheckpointRef(step=50, time=stamp(0))
     assert "checkpoint step 50 or later" in _restart_messages(plan)[0]
+
+
+# ---- checkpoints the workers skipped as partial or corrupt ----
+
+SKIP = {"name": "step-30", "step": 30, "reason": "model/__0_0.distcp is 5 bytes, 10 at commit", "time": "t"}
+
+
+def test_a_report_carries_the_skipped_count_and_the_last_skip() -> None:
+    ref = progress.reported(_pod("g", {"step": 20, "time": "t20", "skipped": 1, "lastSkipped": SKIP}))
+    assert ref is not None and ref.skipped == 1 and ref.last_skipped is not None
+    assert ref.last_skipped.name == "step-30" and "5 bytes" in ref.last_skipped.reason
+    for bad in ({"skipped": "1"}, {"skipped": True}, {"skipped": 0}, {"skipped": -2}):
+        ref = progress.reported(_pod("g", {"step": 20, **bad}))
+        assert ref is not None and ref.skipped is None and ref.last_skipped is None
+    ref = progress.reported(
+        _pod("g", {"step": 20, "skipped": 2, "lastSkipped": {"name": "step-9", "step": "x"}})
+    )
+    assert ref is not None and ref.skipped == 2 and ref.last_skipped is not None
+    assert ref.last_skipped.name == "step-9"  # a malformed field keeps what can be read
+
+
+def test_newest_keeps_the_highest_skipped_count_whichever_report_has_the_newest_step() -> None:
+    skipped = CheckpointRef(step=20, time="t20", skipped=1, last_skipped=SKIP)  # type: ignore[arg-type]
+    later = CheckpointRef(step=35, time="t35")  # rank 0's scrape after the resume went on
+    got = progress.newest([skipped, later])
+    assert got is not None and got.step == 35 and got.time == "t35" and got.skipped == 1
+    assert got.last_skipped is not None and got.last_skipped.name == "step-30"
+    assert progress.newest([later]) == later
+
+
+def test_the_skip_event_comes_once_per_new_skip() -> None:
+    before = CheckpointRef(step=20)
+    after = CheckpointRef(step=20, skipped=1, last_skipped=SKIP)  # type: ignore[arg-type]
+    message = progress.skip_event(before, after)
+    assert message is not None and "step-30 (model/__0_0.distcp is 5 bytes, 10 at commit)" in message
+    assert "1 skipped" in message
+    assert progress.skip_event(after, after) is None  # the next reconcile: nothing new
+    assert progress.skip_event(None, before) is None and progress.skip_event(None, None) is None
+    assert progress.skip_event(None, after) is not None
+
+
+def test_status_shows_the_skip_and_an_event_says_so_once() -> None:
+    body = job_body(train_spec(replicas=1))
+    step(body, [], 0)
+    pods = group_pods(body, 0)
+    step(body, pods, 5)
+    report = {
+        "completed": False,
+        "lastCheckpoint": {"step": 20, "time": stamp(4), "skipped": 1, "lastSkipped": SKIP},
+    }
+    failed = fail(copy.deepcopy(pods[1]), 1, message=json.dumps(report))
+    plan = step(body, [pods[0], failed], 8)
+    events = [e.message for e in plan.events if e.reason == "CheckpointSkipped"]
+    assert len(events) == 1 and "step-30" in events[0], plan.events
+    last = body["status"]["lastCheckpoint"]
+    assert last["step"] == 20 and last["skipped"] == 1 and last["lastSkipped"]["name"] == "step-30"
+    plan = step(body, [pods[0], failed], 9)
+    assert "CheckpointSkipped" not in [e.reason for e in plan.events]
+    assert body["status"]["lastCheckpoint"]["skipped"] == 1

@@ -3,17 +3,19 @@ refusal fails the job at once with its cause, Ignore leaves the group alone, and
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
+
+from conveyor_operator.reconcile import Plan
 
 from tests.operator.builders import fail, group_pods, inference_spec, job_body
 from tests.operator.test_reconcile import condition, reasons, step
 
 
 def running(**extra: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    body = job_body(
-        inference_spec(replicas=1, restartPolicy={"backoffLimit": 1, "backoffSeconds": 0}, **extra)
-    )
+    extra.setdefault("restartPolicy", {"backoffLimit": 1, "backoffSeconds": 0})
+    body = job_body(inference_spec(replicas=1, **extra))
     step(body, [], 0)
     pods = group_pods(body, 0)
     step(body, pods, 5)
@@ -100,6 +102,66 @@ def test_a_hung_rank_killed_by_its_liveness_probe_restarts_the_group_as_hung() -
     plan = step(body, [pods[0], fail(pods[1], 143, message=hung)], 6)
     assert "Hung" in reasons(plan) and "GroupRestarted" in reasons(plan)
     assert body["status"]["restarts"] == 1
+
+
+HUNG = json.dumps({"completed": False, "cause": "Hung: no progress for 65s (hangTimeoutSeconds 60)"})
+GLOO = json.dumps({"completed": False, "cause": "RuntimeError: [gloo] Connection closed by peer"})
+
+
+def _pending_hang(first: int) -> tuple[dict[str, Any], list[Plan]]:
+    """Rank ``first``'s exit is seen one reconcile before the other's; a 10 s backoff keeps the failure
+    pending in between. Rank 1 hung (its liveness probe killed it), rank 0 failed on the lost peer."""
+    body, pods = running(
+        failurePolicy={"hangTimeoutSeconds": 60},
+        restartPolicy={"backoffLimit": 3, "backoffSeconds": 10, "maxBackoffSeconds": 10},
+    )
+    exits = {0: (1, GLOO), 1: (143, HUNG)}
+    seen = [copy.deepcopy(pods[0]), copy.deepcopy(pods[1])]
+    code, message = exits[first]
+    fail(seen[first], code, message=message)
+    plans = [step(body, seen, 6)]
+    code, message = exits[1 - first]
+    fail(seen[1 - first], code, message=message)
+    plans.append(step(body, seen, 8))
+    plans.append(step(body, seen, 17))  # the backoff is over: the restart
+    return body, plans
+
+
+def test_hung_is_named_when_the_peers_exit_arrives_first() -> None:
+    body, plans = _pending_hang(first=0)
+    assert body["status"]["restarts"] == 1
+    assert "Hung" not in reasons(plans[0])  # so far only the gloo error is known
+    assert "Hung" in reasons(plans[1]), plans[1].events  # the hung rank's exit renames it at once
+    assert plans[1].status.reason == "Hung"
+    restarted = next(e.message for e in plans[2].events if e.reason == "GroupRestarted")
+    assert "after Hung:" in restarted and "pod llm-r0-1 hung: Hung: no progress" in restarted, restarted
+
+
+def test_hung_is_named_when_the_hung_ranks_exit_arrives_first() -> None:
+    body, plans = _pending_hang(first=1)
+    assert "Hung" in reasons(plans[0]) and plans[0].status.reason == "Hung"
+    assert "Hung" not in reasons(plans[1])  # the peer's later exit changes nothing, nor says it twice
+    assert plans[1].status.reason == "Hung"
+    restarted = next(e.message for e in plans[2].events if e.reason == "GroupRestarted")
+    assert "after Hung:" in restarted, restarted
+    assert body["status"]["restarts"] == 1
+
+
+def test_hung_cause_reads_every_failed_exit_of_every_member() -> None:
+    from conveyor_operator.failure_rules import hung_cause
+    from conveyor_operator.observe import observe_pod
+
+    body, pods = running()
+    assert hung_cause([observe_pod(p) for p in pods]) is None
+    gloo = fail(copy.deepcopy(pods[0]), 1, message=GLOO)
+    assert hung_cause([observe_pod(gloo)]) is None
+    hung = fail(copy.deepcopy(pods[1]), 143, message=HUNG)
+    # the hung exit is in lastState and a later exit is in state: still found
+    hung["status"]["containerStatuses"][0]["state"] = {"terminated": {"exitCode": 1, "message": GLOO}}
+    assert hung_cause([observe_pod(gloo), observe_pod(hung)]) == (
+        "llm-r0-1",
+        "Hung: no progress for 65s (hangTimeoutSeconds 60)",
+    )
 
 
 def test_the_hang_timeout_renders_a_liveness_probe_on_live() -> None:

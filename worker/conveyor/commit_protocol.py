@@ -170,13 +170,39 @@ def verify(directory: Path) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A checkpoint a resume passed over: its directory name, step, and what is wrong with it."""
+
+    name: str
+    step: int | None
+    problem: str
+    named_by_latest: bool = False
+
+    def describe(self) -> str:
+        return f"{self.name} ({'named by latest, ' if self.named_by_latest else ''}{self.problem})"
+
+
 def resume_point(root: str | Path, warn: Callable[[str], None] | None = None) -> Committed | None:
     """The checkpoint to resume from: the one ``latest`` names if it is complete, else the newest complete
     ``step-*`` (``warn`` is told what was skipped). None when there is no checkpoint at all; raises
     CheckpointError (one line) when there are some but none is complete."""
+    committed, skipped = resume_point_skipping(root)
+    if committed is not None and skipped and warn is not None:
+        warn(describe_skips(root, committed, skipped))
+    return committed
+
+
+def describe_skips(root: str | Path, committed: Committed, skipped: list[Skipped]) -> str:
+    return f"resuming from {committed.name} in {root}; skipped {'; '.join(s.describe() for s in skipped)}"
+
+
+def resume_point_skipping(root: str | Path) -> tuple[Committed | None, list[Skipped]]:
+    """``resume_point``'s choice and the checkpoints it skipped on the way (newest first), for whoever
+    reports them (skipped_checkpoints.py)."""
     root = Path(root)
     if not root.is_dir():
-        return None
+        return None, []
     named = latest(root)
     pointed = None
     with contextlib.suppress(FileNotFoundError):
@@ -186,23 +212,22 @@ def resume_point(root: str | Path, warn: Callable[[str], None] | None = None) ->
         reverse=True,
     )
     candidates = ([root / pointed] if pointed else []) + [p for _, p in steps if p.name != pointed]
-    skipped: list[str] = []
+    skipped: list[Skipped] = []
     for path in candidates:
         problem = verify(path)
+        match = _STEP_DIR.match(path.name)
+        step = int(match.group(1)) if match else None
         if problem is None:
-            if skipped and warn is not None:
-                warn(f"resuming from {path.name} in {root}; skipped {'; '.join(skipped)}")
             if named is not None and named.path == path:
-                return named
-            match = _STEP_DIR.match(path.name)
-            return Committed(path.name, path, int(match.group(1)) if match else None, path.stat().st_mtime)
-        skipped.append(f"{path.name} ({'named by latest, ' if path.name == pointed else ''}{problem})")
+                return named, skipped
+            return Committed(path.name, path, step, path.stat().st_mtime), skipped
+        skipped.append(Skipped(path.name, step, problem, named_by_latest=path.name == pointed))
     if skipped:
         raise CheckpointError(
-            f"no complete checkpoint in {root}: {'; '.join(skipped)}; restore one, or move them away to "
-            "start from step 0"
+            f"no complete checkpoint in {root}: {'; '.join(s.describe() for s in skipped)}; restore one, "
+            "or move them away to start from step 0"
         )
-    return None
+    return None, []
 
 
 def prune(root: Path, keep: int) -> None:

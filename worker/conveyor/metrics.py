@@ -69,6 +69,16 @@ LAST_CHECKPOINT_STEP = Gauge(
 LAST_CHECKPOINT_TIME = Gauge(
     "conveyor_last_checkpoint_timestamp_seconds", "Unix time of the last committed checkpoint.", ["job"]
 )
+CHECKPOINTS_SKIPPED = Gauge(
+    "conveyor_checkpoints_skipped",
+    "Checkpoints a resume skipped as partial or corrupt, over the job's life (its checkpoint volume's record).",
+    ["job"],
+)
+LAST_SKIPPED_STEP = Gauge(
+    "conveyor_checkpoint_last_skipped_step",
+    "Step of the newest checkpoint a resume skipped as partial or corrupt; the reason label says why.",
+    ["job", "checkpoint", "reason"],
+)
 WARMUP_SECONDS = Gauge(
     "conveyor_warmup_seconds",
     "Start-up time by phase (load, tune, compile, capture), until the rank is ready.",

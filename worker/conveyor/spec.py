@@ -527,6 +527,15 @@ class _Status(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, use_enum_values=True)
 
 
+class SkippedCheckpoint(_Status):
+    """A checkpoint the workers passed over when resuming, because it was partial or corrupt."""
+
+    name: str = Field(description="Its directory, e.g. `step-40`.")
+    step: int | None = None
+    reason: str = Field("", description="What was wrong with it, e.g. a file shorter than at its commit.")
+    time: str | None = Field(None, description="When a worker skipped it (RFC 3339).")
+
+
 class CheckpointRef(_Status):
     step: int = Field(ge=0, description="Step (train) or committed prompt offset (inference).")
     time: str | None = Field(None, description="When it was committed (RFC 3339).")
@@ -536,6 +545,12 @@ class CheckpointRef(_Status):
     interval_seconds: float | None = Field(
         None, description="Observed time per checkpoint.every steps, from the last two checkpoints seen."
     )
+    skipped: int | None = Field(
+        None,
+        description="Checkpoints the workers skipped as partial or corrupt when resuming (they resumed "
+        "from the last good one instead), over the job's life.",
+    )
+    last_skipped: SkippedCheckpoint | None = Field(None, description="The newest of them, and why.")
 
 
 class Condition(_Status):
@@ -551,7 +566,7 @@ class Condition(_Status):
 
 class GroupFailure(_Status):
     reason: str = Field(
-        description="PodFailed, ContainerRestarted, PodEvicted, PodDeleted or StartupTimeout."
+        description="PodFailed, ContainerRestarted, PodEvicted, PodDeleted, StartupTimeout or Hung."
     )
     message: str = ""
     time: str = Field(

@@ -146,8 +146,10 @@ def committed_progress(pod: PodEnv) -> dict[str, Any] | None:
     from conveyor.commit_protocol import resume_point, rfc3339
 
     if pod.mode == Mode.TRAIN and pod.checkpoint_dir:
+        from conveyor.skipped_checkpoints import with_skipped
+
         committed = resume_point(pod.checkpoint_dir)  # where the restart will resume
-        return committed.as_status() if committed else None
+        return with_skipped(committed.as_status() if committed else None, pod.checkpoint_dir)
     inference = pod.spec.inference
     if pod.mode == Mode.INFERENCE and inference is not None:
         from conveyor.inference.progress import ResultLog

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from conveyor import commit_protocol, metrics
+from conveyor import commit_protocol, metrics, skipped_checkpoints
 from conveyor.commit_protocol import CheckpointError
 from conveyor.log import get_logger
 
@@ -159,8 +159,12 @@ def save(engine: TrainState, root: Path, tag: str | None, client_state: Any, kee
 
 def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, Any]:
     if tag is None:
-        warn = log.warning if _rank() == 0 else None  # every rank decides the same; one says so
-        committed = commit_protocol.resume_point(root, warn)
+        committed, skipped = commit_protocol.resume_point_skipping(root)
+        if _rank() == 0:  # every rank decides the same; one says so, records it and reports it
+            if committed is not None and skipped:
+                log.warning(commit_protocol.describe_skips(root, committed, skipped))
+            entries = skipped_checkpoints.record(root, skipped, committed.name if committed else None)
+            skipped_checkpoints.publish(engine.job, entries)
         if committed is None:
             return None, None
         path = committed.path

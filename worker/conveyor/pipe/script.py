@@ -99,6 +99,9 @@ class TrainSettings:
 
     def finish(self, completed: bool = True, message: str | None = None) -> dict[str, Any]:
         """Write ``{"completed": ..., "lastCheckpoint": {...}}`` (once per pod: local rank 0)."""
+        from conveyor.skipped_checkpoints import with_skipped
+
         committed = latest(self.checkpoint_dir) if self.checkpoint_dir else None
         path = self.termination_log if self.local_rank == 0 else None
-        return write_termination_message(path, completed, committed, message)
+        report = with_skipped(committed.as_status() if committed else None, self.checkpoint_dir)
+        return write_termination_message(path, completed, report, message)

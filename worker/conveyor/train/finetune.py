@@ -220,6 +220,7 @@ def run_rank(pod: Any, local_rank: int, termination_log: str | None = None) -> i
     from conveyor.commit_protocol import resume_point, write_termination_message
     from conveyor.distributed import init_distributed
     from conveyor.preflight_gate import wait_at_gate
+    from conveyor.skipped_checkpoints import with_skipped
     from conveyor.topology import Layout
 
     spec = pod.spec
@@ -232,5 +233,7 @@ def run_rank(pod: Any, local_rank: int, termination_log: str | None = None) -> i
     checkpoint_dir = Path(pod.checkpoint_dir or spec.checkpoint.path)
     fine_tune(spec, topology, info.device, checkpoint_dir, job=pod.job)
     if local_rank == 0 and termination_log:  # once per pod, as TrainSettings.finish does for scripts
-        write_termination_message(termination_log, True, resume_point(checkpoint_dir))
+        committed = resume_point(checkpoint_dir)
+        report = with_skipped(committed.as_status() if committed else None, checkpoint_dir)
+        write_termination_message(termination_log, True, report)
     return 0
