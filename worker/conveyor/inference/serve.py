@@ -252,6 +252,9 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
                 extra={"field": "spec.model.path", "fix": "add tokenizer.json (or tokenizer_config.json)"},
             )
             return 2
+        if getattr(tokenizer, "chat_template", None) is not None:
+            # the chat path needs transformers' own tokenizer: loaded now, not on the first request
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
         engine = ServeEngine(pod.job, pod.job, tokenizer, max_len, lanes, queue, timeout)
         from conveyor.inference.openai_api import build_app
 

@@ -56,6 +56,7 @@ def test_a_kept_tokenizer_encodes_and_decodes_as_transformers(request, tmp_path,
     assert json.loads(record.read_text())["backend"]  # and it was kept
     warm = load_tokenizer(str(model), cache)
     assert isinstance(warm, CachedTokenizer)
+    assert warm.chat_template == getattr(first, "chat_template", None)
     assert_same(warm, AutoTokenizer.from_pretrained(model))
 
 
@@ -63,6 +64,8 @@ def test_a_chat_template_is_applied_by_transformers(tmp_path, smollm2_dir):
     cache = tmp_path / "cache"
     load_tokenizer(str(smollm2_dir), cache)
     warm = load_tokenizer(str(smollm2_dir), cache)
+    assert isinstance(warm, CachedTokenizer)
+    assert warm.chat_template == AutoTokenizer.from_pretrained(smollm2_dir).chat_template  # kept
     messages = [{"role": "user", "content": "Hi there"}]
     want = AutoTokenizer.from_pretrained(smollm2_dir).apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False

@@ -11,7 +11,8 @@ So the first load, through transformers, keeps the Rust tokenizer as transformer
 without special tokens) and decodes (with and without them) exactly as transformers' tokenizer does;
 a tokenizer that differs anywhere is marked so, and always loaded through transformers. Later loads
 read it back as ``CachedTokenizer``. A chat template needs transformers' own tokenizer (Jinja and
-the template's conventions): ``apply_chat_template`` loads it on first use.
+the template's conventions): ``apply_chat_template`` loads it on first use (serve mode does that
+before it is ready); whether there is one (``chat_template``) is kept with the rest.
 
 Keyed by the bytes of every tokenizer file in the directory and the transformers and tokenizers
 versions.
@@ -75,8 +76,9 @@ def _cleaned(text: str) -> str:
 class CachedTokenizer:
     """The calls Conveyor makes on a tokenizer, on the Rust tokenizer transformers configured."""
 
-    def __init__(self, backend: Any, clean_up: bool, model_dir: str):
+    def __init__(self, backend: Any, clean_up: bool, model_dir: str, chat_template: Any = None):
         self.backend, self.clean_up, self.model_dir = backend, clean_up, model_dir
+        self.chat_template = chat_template  # transformers' own value: None when the model has none
         self._full: Any = None
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
@@ -98,8 +100,11 @@ def has_tokenizer(model_dir: str | Path) -> bool:
     return any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
+RECORD_FORMAT = 2  # part of the key: a record written by older code is never read as this one
+
+
 def cache_key(model_dir: str | Path) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"record {RECORD_FORMAT}\0".encode())
     for name in TOKENIZER_FILES:
         path = Path(model_dir) / name
         if path.is_file():
@@ -136,7 +141,11 @@ def _keepable(tokenizer: Any, model_dir: str) -> dict[str, Any] | None:
     serialized = backend.to_str()
     for clean_up in (False, True):
         if _same(tokenizer, CachedTokenizer(Tokenizer.from_str(serialized), clean_up, model_dir)):
-            return {"backend": serialized, "clean_up": clean_up}
+            return {
+                "backend": serialized,
+                "clean_up": clean_up,
+                "chat_template": getattr(tokenizer, "chat_template", None),
+            }
     return None
 
 
@@ -155,7 +164,12 @@ def load_tokenizer(model_dir: str, cache_dir: Path | None = None) -> Any:
     if record is not None and record.get("backend"):
         from tokenizers import Tokenizer
 
-        return CachedTokenizer(Tokenizer.from_str(record["backend"]), bool(record["clean_up"]), model_dir)
+        return CachedTokenizer(
+            Tokenizer.from_str(record["backend"]),
+            bool(record["clean_up"]),
+            model_dir,
+            record.get("chat_template"),
+        )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
