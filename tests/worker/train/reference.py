@@ -100,3 +100,28 @@ def hf_train(
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
     return losses, model.eval()
+
+
+def assert_output_is_the_exports_greedy_tokens(
+    output: Path, export: Path, trained: Any, prompts: list
+) -> None:
+    """An inference job's ``output`` on the fine-tuning ``export`` (6 new tokens a prompt, greedy): the
+    export generates as the ``trained`` HF model does, and each row is the export's greedy tokens (up to
+    an end token)."""
+    from transformers import AutoModelForCausalLM
+
+    rows = {r["id"]: r["output_ids"] for r in map(json.loads, output.read_text().splitlines())}
+    loaded = AutoModelForCausalLM.from_pretrained(str(export)).float().eval()
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            want = loaded.generate(
+                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None
+            )
+            mine = trained.generate(
+                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None
+            )
+        assert (
+            want[0, len(prompt) :].tolist() == mine[0, len(prompt) :].tolist()
+        )  # the export is the trained model
+        assert rows[i] == want[0, len(prompt) :].tolist()[: len(rows[i])], i
+        assert len(rows[i]) == 6 or rows[i][-1] == 2

@@ -12,14 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conveyor.env import pod_environ
 from conveyor.spec import parse_spec
 from conveyor.testing.tiny import save_tiny
 from conveyor.utils import free_port
 
 from tests.conftest import conveyor_cmd, subprocess_env
-from tests.worker.train.reference import STEPS, hf_train, spec_dict, write_dataset
+from tests.worker.train.reference import (
+    STEPS,
+    assert_output_is_the_exports_greedy_tokens,
+    hf_train,
+    spec_dict,
+    write_dataset,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +120,6 @@ def test_killed_after_step_10_resumes_the_same_curve_then_inference_on_the_expor
     assert message["completed"] is True and message["lastCheckpoint"]["step"] == STEPS
 
     # A batch inference job on the export: HF's greedy tokens of the trained model.
-    from transformers import AutoModelForCausalLM
 
     export = tmp_path / "ckpt" / "export"
     prompts = [[5, 17, 99, 230], [41, 8, 77], [300, 12, 6, 90, 31]]
@@ -139,20 +143,4 @@ def test_killed_after_step_10_resumes_the_same_curve_then_inference_on_the_expor
     procs = start_pods(job, tmp_path, restart=0)
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    rows = {
-        r["id"]: r["output_ids"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())
-    }
-    loaded = AutoModelForCausalLM.from_pretrained(str(export)).float().eval()
-    for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            want = loaded.generate(
-                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None
-            )
-            mine = trained.generate(
-                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None
-            )
-        assert (
-            want[0, len(prompt) :].tolist() == mine[0, len(prompt) :].tolist()
-        )  # the export is the trained model
-        assert rows[i] == want[0, len(prompt) :].tolist()[: len(rows[i])], i
-        assert len(rows[i]) == 6 or rows[i][-1] == 2
+    assert_output_is_the_exports_greedy_tokens(tmp_path / "out.jsonl", export, trained, prompts)

@@ -28,7 +28,12 @@ from safetensors.torch import load_file
 
 from tests.worker.pipe.harness import run_ranks
 from tests.worker.train.ranks import fine_tune_outcome_rank, tensor_parallel_gradients_rank
-from tests.worker.train.reference import hf_train, spec_dict, write_dataset
+from tests.worker.train.reference import (
+    assert_output_is_the_exports_greedy_tokens,
+    hf_train,
+    spec_dict,
+    write_dataset,
+)
 
 pytestmark = pytest.mark.integration
 STEPS = 12
@@ -184,7 +189,6 @@ def test_pods_killed_resume_then_a_tensor_parallel_inference_job_on_the_export(l
     import time
 
     from conveyor.spec import parse_spec
-    from transformers import AutoModelForCausalLM
 
     from tests.worker.train.test_restart_and_serve import Lines, losses, start_pods
 
@@ -236,20 +240,4 @@ def test_pods_killed_resume_then_a_tensor_parallel_inference_job_on_the_export(l
     procs = start_pods(job, tmp_path, restart=0)
     out = procs[0].communicate(timeout=300)[0]
     assert procs[0].returncode == 0, out[-3000:]
-    rows = {
-        r["id"]: r["output_ids"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())
-    }
-    loaded = AutoModelForCausalLM.from_pretrained(str(export)).float().eval()
-    for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            want = loaded.generate(
-                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None
-            )
-            mine = trained.generate(
-                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None
-            )
-        assert (
-            want[0, len(prompt) :].tolist() == mine[0, len(prompt) :].tolist()
-        )  # the export is the trained model
-        assert rows[i] == want[0, len(prompt) :].tolist()[: len(rows[i])], i
-        assert len(rows[i]) == 6 or rows[i][-1] == 2
+    assert_output_is_the_exports_greedy_tokens(tmp_path / "out.jsonl", export, trained, prompts)
