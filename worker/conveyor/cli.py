@@ -91,6 +91,9 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_T
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("run", "worker", "generate"):
+        from conveyor import bytecode_cache
+
+        bytecode_cache.enable()  # before torch, pydantic or transformers is imported
         for name, value in OFFLINE.items():  # before anything imports huggingface_hub (read at import)
             os.environ.setdefault(name, value)
     return int(_resolve(_COMMANDS[args.command])(args) or 0)

@@ -13,16 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from conveyor.paths import DEFAULT_COMPILE_CACHE, compile_cache_dir  # noqa: F401 (re-exported)
 from conveyor.spec import Mode, PipelineJobSpec, SpecError, parse_spec
-
-# The persistent compile cache when no volume is given (spec.cache): `conveyor run` on one machine.
-DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "conveyor" / "compile"
-
-
-def compile_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """CONVEYOR_COMPILE_CACHE (spec.cache's mount; benchmarks set it), else ``DEFAULT_COMPILE_CACHE``."""
-    value = (os.environ if environ is None else environ).get("CONVEYOR_COMPILE_CACHE")
-    return Path(value) if value else DEFAULT_COMPILE_CACHE
 
 
 class EnvError(RuntimeError):
