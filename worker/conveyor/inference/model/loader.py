@@ -8,7 +8,6 @@ reads only its stage's tensors and, under tensor parallelism, only its slice of 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,13 +17,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from conveyor.inference.model.checkpoint_layout import (  # noqa: F401 (re-exported: they were defined here)
+    CheckpointError,
+    expected_shapes,
+    stage_layers,
+    verify_checkpoint,
+    weight_files,
+)
 from conveyor.inference.model.families import Arch, LayerLinear, NameMap, name_map
 from conveyor.inference.model.stage_model import StageModel, local_arch
+from conveyor.inference.model.staging import PinnedStaging
 from conveyor.inference.pipeline.tensor_parallel import Policy, check_divisible, plan_layer, shard_range
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 class Checkpoint:
@@ -35,16 +38,7 @@ class Checkpoint:
         messages); None: those of ``model_dir`` (its index, else every ``*.safetensors``)."""
         self.dir = Path(model_dir)
         if files is None:
-            index = self.dir / "model.safetensors.index.json"
-            if index.is_file():
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-                files = [self.dir / f for f in sorted(set(weight_map.values()))]
-            else:
-                files = sorted(self.dir.glob("*.safetensors"))
-                if not files:
-                    raise CheckpointError(
-                        f"no *.safetensors in {self.dir}: save the model with save_pretrained(safe_serialization=True)"
-                    )
+            files = weight_files(self.dir)
         self._stack = ExitStack()
         self._handles: dict[str, Any] = {}
         for fname in files:
@@ -99,80 +93,6 @@ class StateDictTensors(Checkpoint):
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         t = self._tensors[self.prefix + name].detach()
         return t if dim is None else t.narrow(dim, start, stop - start)
-
-
-def _linear_shapes(arch: Arch, lin: LayerLinear, conv1d: bool) -> tuple[int, int]:
-    """(out, in) of a HF linear, torch layout."""
-    q, kv, h, i = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim, arch.hidden, arch.intermediate
-    return {
-        "q": (q, h),
-        "k": (kv, h),
-        "v": (kv, h),
-        "qkv_heads": (q + 2 * kv, h),
-        "qkv_blocks": (q + 2 * kv, h),
-        "o": (h, q),
-        "gate": (i, h),
-        "up": (i, h),
-        "down": (h, i),
-    }[lin.kind]
-
-
-def expected_shapes(arch: Arch, names: NameMap) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor name of the whole model -> its stored shape, from the config alone."""
-    h, w = arch.hidden, arch.word_dim
-    global_shapes: dict[str, tuple[int, ...]] = {
-        "embed": (arch.vocab_size, w),
-        "pos_embed": (arch.max_positions + arch.position_offset, h),
-        "lm_head": (arch.vocab_size, w),
-        "final_norm.weight": (h,),
-        "final_norm.bias": (h,),
-        "project_in": (h, w),
-        "project_out": (w, h),
-        "type_embed": (arch.type_vocab_size, h),
-        "embed_norm.weight": (h,),
-        "embed_norm.bias": (h,),
-        "pooler.weight": (h, h),
-        "pooler.bias": (h,),
-    }
-    out: dict[str, tuple[int, ...]] = {}
-    for ours, hf_names in names.globals_.items():
-        for hf in hf_names:
-            out[hf] = global_shapes[ours]
-    for layer in range(arch.layers):
-        prefix = names.layer_prefix.format(i=layer)
-        for lin in names.linears:
-            o, i = _linear_shapes(arch, lin, names.conv1d)
-            out[f"{prefix}{lin.name}.weight"] = (i, o) if names.conv1d else (o, i)
-            if lin.bias:
-                out[f"{prefix}{lin.name}.bias"] = (o,)
-        for norm in names.norms:
-            out[f"{prefix}{norm.name}.weight"] = (h,)
-            if arch.norm == "layer":
-                out[f"{prefix}{norm.name}.bias"] = (h,)
-    return out
-
-
-def verify_checkpoint(ckpt: Checkpoint, arch: Arch, names: NameMap) -> None:
-    expected = expected_shapes(arch, names)
-    present = {n for n in ckpt.names() if not n.endswith(names.ignored_suffixes)}
-    alternatives = {hf: ours for ours, hfs in names.globals_.items() for hf in hfs}
-    problems: list[str] = []
-    for ours, hfs in names.globals_.items():
-        if not any(hf in present for hf in hfs) and ours not in names.optional:
-            problems.append(f"missing {' or '.join(hfs)}")
-    missing_layer = sorted(n for n in expected if n not in present and n not in alternatives)
-    if missing_layer:
-        problems.append(f"missing {len(missing_layer)} layer tensors, e.g. {missing_layer[:4]}")
-    unexpected = sorted(present - set(expected))
-    if unexpected:
-        problems.append(f"unexpected tensors (not in a {arch.family} model of this config): {unexpected[:6]}")
-    for name in sorted(present & set(expected)):
-        if ckpt.shape(name) != expected[name]:
-            problems.append(
-                f"{name} has shape {list(ckpt.shape(name))}, config implies {list(expected[name])}"
-            )
-    if problems:
-        raise CheckpointError(f"checkpoint {ckpt.dir} does not match its config.json: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -282,17 +202,6 @@ def _global(ckpt: Checkpoint, names: NameMap, ours: str) -> torch.Tensor | None:
     return None
 
 
-def stage_layers(num_layers: int, stages: int, stage: int) -> range:
-    """Layers of ``stage``: contiguous, as even as possible (the first stages take one more)."""
-    if stages > num_layers:
-        raise ValueError(
-            f"{stages} pipeline stages but the model has only {num_layers} layers: use fewer stages"
-        )
-    base, extra = divmod(num_layers, stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (1 if stage < extra else 0))
-
-
 def load_stage(
     model_dir: str | Path | Checkpoint,
     arch: Arch,
@@ -313,13 +222,17 @@ def load_stage(
     layers = stage_layers(arch.layers, stages, stage)
     first, last = stage == 0, stage == stages - 1
     ckpt = model_dir if isinstance(model_dir, Checkpoint) else Checkpoint(model_dir)
-    try:
+    staging: PinnedStaging | None = None
+    with ExitStack() as stack:  # on the way out: the staged transfers finish, then the files close
+        stack.callback(ckpt.close)
         verify_checkpoint(ckpt, arch, names)
         with torch.device("meta"):
             model = StageModel(local_arch(arch, shard.tensor_parallel), layers, first, last)
         model = model.to(dtype).to_empty(device=device)
         params = dict(model.named_parameters())
         loaded: set[str] = set()
+        if torch.device(device).type == "cuda":
+            staging = stack.enter_context(PinnedStaging(torch.device(device)))
 
         def put(ours: str, tensor: torch.Tensor) -> None:
             p = params[ours]
@@ -328,7 +241,10 @@ def load_stage(
                     f"{ours}: read shape {list(tensor.shape)}, model expects {list(p.shape)}"
                 )
             with torch.no_grad():
-                p.copy_(tensor.to(dtype))
+                if staging is not None:
+                    staging.copy(p, tensor)
+                else:
+                    p.copy_(tensor.to(dtype))
             loaded.add(ours)
 
         for local, layer in enumerate(layers):
@@ -362,6 +278,4 @@ def load_stage(
         left = set(params) - loaded
         if left:
             raise CheckpointError(f"parameters not loaded from {ckpt.dir}: {sorted(left)}")
-    finally:
-        ckpt.close()
     return model.eval()
