@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,21 @@ def truncate_weights(d: Path) -> None:
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
+def index_naming_a_missing_file(d: Path) -> None:
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    names = ["model.embed_tokens.weight", "lm_head.weight"]
+    weight_map = {n: f"model-0000{i + 1}-of-00002.safetensors" for i, n in enumerate(names)}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def wrong_shape(d: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+
 def set_config(**kw: object) -> Callable[[Path], None]:
     def edit(d: Path) -> None:
         config = json.loads((d / "config.json").read_text())
@@ -143,6 +159,21 @@ CASES: list[tuple[str, Spoil, str]] = [
     ("unknown model_type", model_edit(set_config(model_type="mamba9")), "model family 'mamba9'"),
     ("truncated safetensors", model_edit(truncate_weights), "model.safetensors: truncated"),
     (
+        "no weights",
+        model_edit(lambda d: (d / "model.safetensors").unlink()),
+        "no *.safetensors in",
+    ),
+    (
+        "index names a missing file",
+        model_edit(index_naming_a_missing_file),
+        "model-00002-of-00002.safetensors",
+    ),
+    (
+        "tensor of the wrong shape",
+        model_edit(wrong_shape),
+        "model.norm.weight has shape [31], config implies [32]",
+    ),
+    (
         "text prompt, no tokenizer",
         model_edit(lambda d: (d / "tokenizer.json").unlink() or (d / "tokenizer_config.json").unlink()),
         'a text "prompt" needs a tokenizer',
@@ -177,6 +208,32 @@ def test_bad_input_is_refused_in_one_line(model: Path, tmp_path: Path, spoil: Sp
 def test_good_input_passes(model: Path, tmp_path: Path) -> None:
     write_lines(tmp_path, [*GOOD, "", {"id": 2, "input_ids": [7] * 255}])  # 255 tokens + 1 new fit
     preflight(parse_spec(spec_dict(tmp_path, model)))
+
+
+def test_the_checks_of_a_warm_start_import_neither_torch_nor_transformers(
+    model: Path, tmp_path: Path
+) -> None:
+    """The launcher's pre-flight reads headers and the kept config and tokenizer: on a warm start it
+    imports neither torch nor transformers (seconds each, on the critical path of a cold one)."""
+    write_lines(tmp_path, GOOD)
+    spec = spec_dict(tmp_path, model)
+    cache = tmp_path / "cache"
+    code = f"""
+import json, sys
+from pathlib import Path
+from conveyor.inference.validate import preflight
+from conveyor.spec import parse_spec
+preflight(parse_spec(json.loads({json.dumps(json.dumps(spec))})), cache_dir=Path({str(cache)!r}))
+print(sorted(m for m in ("torch", "transformers", "safetensors") if m in sys.modules))
+"""
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, check=True
+        )
+        for _ in range(2)  # the first keeps the config and the tokenizer in the cache
+    ]
+    assert "transformers" in runs[0].stdout
+    assert runs[1].stdout.strip() == "[]"
 
 
 def _job_file(tmp: Path, spec: dict) -> Path:

@@ -11,7 +11,6 @@ ranks parse rows with the same ``parse_row``, so what passes here is what they r
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,36 +152,21 @@ def check_input(path: str | Path, arch: Arch, tokenizer: Any) -> int:
     return count
 
 
-def _check_safetensors(path: Path) -> None:
-    """A truncated or damaged file named before any rank reads it: the header must parse and the
-    tensors it lists must lie inside the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        try:
-            if not 0 < n <= size - 8:
-                raise ValueError("header length past the end")
-            header = json.loads(f.read(n))
-            end = max(
-                (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0
-            )
-        except (ValueError, KeyError, TypeError, IndexError) as err:
-            raise InputError(f"{path}: not a readable safetensors file ({err}): copy it again") from None
-    if 8 + n + end > size:
-        raise InputError(
-            f"{path}: truncated ({size} bytes; its header lists tensors up to byte {8 + n + end}): copy it again"
-        )
-
-
 def check_model(
     model_dir: str | Path, stages: int, tensor_parallel: int, cache_dir: Path | None = None
 ) -> Arch:
     """config.json, the weight files' names, shapes and sizes, and the layout against the model
     (``cache_dir``: the compile cache, which keeps the resolved config)."""
+    # torch-free (checkpoint_layout.py): the launcher checks before anything imports torch
+    from conveyor.inference.model.checkpoint_layout import (
+        HeaderIndex,
+        check_divisible,
+        read_header,
+        stage_layers,
+        verify_checkpoint,
+        weight_files,
+    )
     from conveyor.inference.model.families import load_arch, name_map
-    from conveyor.inference.model.loader import Checkpoint, stage_layers, verify_checkpoint
-    from conveyor.inference.pipeline.tensor_parallel import check_divisible
 
     root = Path(model_dir)
     config = root / "config.json"
@@ -199,18 +183,18 @@ def check_model(
         raise InputError(
             f"{config}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
-    for weights in sorted(root.glob("*.safetensors")):
-        _check_safetensors(weights)
     try:
-        ckpt = Checkpoint(root)
-    except Exception as err:  # safetensors' own errors have no common base class
+        headers = {weights: read_header(weights) for weights in sorted(root.glob("*.safetensors"))}
+        files = weight_files(root)
+        index = HeaderIndex(root, {f: headers[f] if f in headers else read_header(f) for f in files})
+    except ValueError as err:  # a damaged or truncated file, or none
+        raise InputError(str(err)) from None
+    except OSError as err:  # a file the index names is missing or unreadable
         raise InputError(f"{root}: {err}") from None
     try:
-        verify_checkpoint(ckpt, arch, name_map(arch))
+        verify_checkpoint(index, arch, name_map(arch))
     except ValueError as err:
         raise InputError(str(err)) from None
-    finally:
-        ckpt.close()
     try:
         stage_layers(arch.layers, stages, 0)
     except ValueError as err:

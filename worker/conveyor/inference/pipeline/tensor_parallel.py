@@ -20,6 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from conveyor.inference.model.checkpoint_layout import (  # noqa: F401 (re-exported: they were defined here)
+    TensorParallelError,
+    check_divisible,
+)
 from conveyor.inference.model.families import Arch, LinearKind, NameMap
 
 Role = Literal["column", "row"]
@@ -39,36 +43,6 @@ ROW_PARALLEL_NAMES = (
     "output.dense",
 )
 _ROW_KINDS: frozenset[LinearKind] = frozenset({"o", "down"})
-
-
-class TensorParallelError(ValueError):
-    pass
-
-
-def check_divisible(arch: Arch, tensor_parallel: int) -> None:
-    """Refuse, before any weight is read, a layout whose head or MLP widths do not split evenly."""
-    t = tensor_parallel
-    if t < 1:
-        raise TensorParallelError(f"tensorParallel must be >= 1, got {t}")
-    problems = [
-        f"{what} {n} is not divisible by tensorParallel {t}"
-        for what, n in (
-            ("num_attention_heads", arch.heads),
-            ("num_key_value_heads", arch.kv_heads),
-            ("intermediate size", arch.intermediate),
-        )
-        if n % t
-    ]
-    if problems:
-        divisors = [
-            d
-            for d in range(1, arch.heads + 1)
-            if arch.heads % d == 0 and arch.kv_heads % d == 0 and arch.intermediate % d == 0
-        ]
-        raise TensorParallelError(
-            f"{arch.family} model cannot be split {t} ways: {'; '.join(problems)}. "
-            f"Use a tensorParallel that divides the head counts and the intermediate size (one of {divisors})"
-        )
 
 
 def _policy_rows(arch: Arch, policy: Policy | None) -> set[str] | None:
