@@ -57,6 +57,7 @@ def check(tp: int, ckpt: str, how: str, kernel: bool) -> dict[str, Any]:
         row["on_meta"] = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         out_emb = module.get_output_embeddings()
         row["tied"] = out_emb is not None and out_emb.weight is module.get_input_embeddings().weight
+        row["experts_implementation"] = getattr(module.config, "_experts_implementation", None)
         report = engine.load_report
         row["report"] = {
             "read_bytes": report.read_bytes,

@@ -5,7 +5,8 @@ DeepSpeed's ``init_inference(model_on_meta, checkpoint=...)``: the model is buil
 (plan.py, shard.py: no byte moves), and the ``ShardLedger`` says which full tensor each remaining
 parameter is a slice of. Each parameter is then read with ``safe_open(...).get_slice``, one contiguous run
 of its split dimension at a time, so a rank never holds a full copy of a split weight; tied weights are one
-parameter and read once. Buffers the checkpoint does not hold (rotary ``inv_freq``, ``position_ids``) are
+parameter and read once. MoE experts that transformers fuses on load from per-expert checkpoint tensors
+are read through the same rules, run by run from each expert's tensor (sources.py). Buffers the checkpoint does not hold (rotary ``inv_freq``, ``position_ids``) are
 computed by transformers' own ``initialize_weights``, which skips every tensor marked as loaded.
 
 ``checkpoint`` is an HF model directory, a list of ``.safetensors`` files, a ``.safetensors`` file, an HF
@@ -17,17 +18,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from conveyor.autotp.plan import AutoTPError
 from conveyor.autotp.shard import ShardLedger, replace_param
+from conveyor.autotp.sources import SafetensorsFiles, Source, Stored, converted_sources
 
 
 def checkpoint_files(checkpoint: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -72,47 +71,6 @@ def checkpoint_files(checkpoint: str | Path | Sequence[str | Path]) -> list[Path
     if problems:
         raise AutoTPError("checkpoint= " + "; ".join(problems))
     return files
-
-
-def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, stop) ranges of consecutive values in ``index`` (a Split's pieces), in order."""
-    runs: list[tuple[int, int]] = []
-    for i in index.tolist():
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
-
-
-class SafetensorsFiles:
-    """The tensors of a set of safetensors files, opened lazily: headers only until a slice is read."""
-
-    def __init__(self, files: list[Path]):
-        self._stack = ExitStack()
-        self._handles: dict[str, Any] = {}
-        for f in files:
-            handle = self._stack.enter_context(safe_open(str(f), framework="pt"))
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                self._handles[key] = handle
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def keys(self) -> set[str]:
-        return set(self._handles)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[name].get_slice(name).get_shape())
-
-    def read(self, name: str, dim: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
-        """The whole tensor, or the entries ``index`` of dimension ``dim``, read run by run."""
-        sl = self._handles[name].get_slice(name)
-        if dim is None or index is None:
-            return sl[:]
-        lead = (slice(None),) * dim
-        parts = [sl[(*lead, slice(a, b))] for a, b in _runs(index)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 @dataclass
@@ -160,20 +118,33 @@ def load_sharded_checkpoint(
     ckpt = SafetensorsFiles(files)
     report = LoadReport()
     try:
-        keys = ckpt.keys()
+        catalog: dict[str, Source] = {k: ckpt.stored(k) for k in ckpt.names()}
+        assembled, unreadable = converted_sources(model, ckpt)
+        for name, src in assembled.items():
+            catalog.setdefault(name, src)  # a tensor stored under the parameter's own name wins
+        keys = set(catalog)
         missing = [ns[0] for pid, ns in names.items() if _key(ns, keys, prefix) is None]
         if missing:
+            why = [
+                f"{n}: {unreadable[k]}"
+                for n in missing
+                for k in (n, n.removeprefix(prefix + "."))
+                if k in unreadable
+            ]
             raise AutoTPError(
                 f"checkpoint {[str(f) for f in files][:3]} has no tensor for {len(missing)} parameters of "
                 f"{type(model).__name__}, e.g. {missing[:5]}: is it this model's checkpoint?"
+                + (f" ({'; '.join(why[:3])})" if why else "")
             )
         for pid, p in params.items():
             key = _key(names[pid], keys, prefix)
             assert key is not None
+            src = catalog[key]
             root, ops = ledger.origin(p)
-            if tuple(ckpt.shape(key)) != tuple(root.shape):
+            if tuple(src.shape) != tuple(root.shape):
+                where = key if isinstance(src, Stored) else f"{key} (assembled from {src.describe()})"
                 raise AutoTPError(
-                    f"checkpoint tensor {key} has shape {list(ckpt.shape(key))}, the model's "
+                    f"checkpoint tensor {where} has shape {list(src.shape)}, the model's "
                     f"{names[pid][0]} {list(root.shape)}"
                 )
             target = dtype or p.dtype
@@ -185,35 +156,37 @@ def load_sharded_checkpoint(
                 report.read_bytes[key] = 0
                 held = _nbytes(value)
             else:
-                value = ckpt.read(key, *(ops[0] if ops else (None, None)))
+                before = ckpt.read_bytes
+                value = ckpt.read(src, *(ops[0] if ops else (None, None)))
+                beside = ckpt.beside  # one run in hand while a slice is assembled from several
                 for dim, index in ops[1:]:  # a slice of a slice: narrowed further in memory
                     value = value.index_select(dim, index)
-                report.read_bytes[key] = _nbytes(value)
+                report.read_bytes[key] = ckpt.read_bytes - before
                 converted = value.to(device=device, dtype=target)
-                held = _nbytes(value) + (_nbytes(converted) if converted is not value else 0)
+                held = _nbytes(value) + max(beside, _nbytes(converted) if converted is not value else 0)
                 value = converted
             report.peak_bytes = max(report.peak_bytes, report.param_bytes + held)
             new = nn.Parameter(value.contiguous(), requires_grad=False)
             new._is_hf_initialized = True  # type: ignore[attr-defined]  # transformers' init skips it
             replace_param(model, p, new)
             report.param_bytes += _nbytes(new)
-        _load_buffers(model, ckpt, keys, prefix, device)
+        _load_buffers(model, ckpt, catalog, prefix, device)
     finally:
         ckpt.close()
     return report
 
 
 def _load_buffers(
-    model: nn.Module, ckpt: SafetensorsFiles, keys: set[str], prefix: str, device: torch.device
+    model: nn.Module, ckpt: SafetensorsFiles, catalog: dict[str, Source], prefix: str, device: torch.device
 ) -> None:
     """Persistent buffers from the checkpoint where it has them; the rest computed by transformers'
     ``initialize_weights`` (which recomputes rotary tables and position ids from the config)."""
     for name, buf in list(model.named_buffers()):
         module_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(module_name)
-        key = _key([name], keys, prefix)
-        if key is not None and tuple(ckpt.shape(key)) == tuple(buf.shape):
-            value = ckpt.read(key).to(device=device, dtype=buf.dtype)
+        key = _key([name], set(catalog), prefix)
+        if key is not None and tuple(catalog[key].shape) == tuple(buf.shape):
+            value = ckpt.read(catalog[key]).to(device=device, dtype=buf.dtype)
             value._is_hf_initialized = True  # type: ignore[attr-defined]
         elif buf.is_meta:
             value = torch.empty_like(buf, device=device)

@@ -29,7 +29,7 @@ from conveyor.autotp.fast_module import FastCausalLM
 from conveyor.autotp.kernel_inject import build_fast_module, check_kernel_inject, kernel_inject_unavailable
 from conveyor.autotp.plan import AutoTPError, Plan, hf_plan_mismatches, make_plan
 from conveyor.autotp.shard import shard_model
-from conveyor.autotp.trace import LinearFlow, Tracer
+from conveyor.autotp.trace import LinearFlow, Tracer, is_experts
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def trace_flows(model: Any) -> dict[str, LinearFlow]:
     # (all the tracer reads) is the same.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    experts_impl = _trace_experts_with_batched_mm(model)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             return Tracer(model, skip).run(_trace_inputs(model))
@@ -88,6 +89,24 @@ def trace_flows(model: Any) -> dict[str, LinearFlow]:
             f"tracing {type(model).__name__} on the meta device failed ({type(err).__name__}: "
             f"{str(err)[:200]}); build the model on the CPU instead, or without checkpoint="
         ) from err
+    finally:
+        if experts_impl is not None:
+            model.set_experts_implementation(experts_impl)
+
+
+def _trace_experts_with_batched_mm(model: Any) -> str | None:
+    """Switch a MoE model's experts to transformers' ``batched_mm`` for the fake-tensor trace and return
+    the implementation to restore. Why: the default ``grouped_mm`` checks on the meta device for bf16
+    only, and ``eager`` loops over the experts a token hit (a data-dependent shape); ``batched_mm``
+    gathers each token's expert weights, so the fake trace has static shapes. The experts module is
+    traced as one linear, so the dataflow around it is the same."""
+    current = getattr(model.config, "_experts_implementation", None)
+    if current in (None, "batched_mm") or not callable(getattr(model, "set_experts_implementation", None)):
+        return None
+    if not any(is_experts(m) for m in model.modules()):
+        return None
+    model.set_experts_implementation("batched_mm")
+    return str(current)
 
 
 def plan_model(model: Any, tp: int) -> Plan:

@@ -4,8 +4,9 @@ For a family our StageModel covers (llama, mistral, qwen2, gpt_neox, opt, gpt2: 
 reads its slices of the HF module's own tensors (``state_dict()``: views, nothing written to disk) or,
 for a model built on the meta device, of the ``checkpoint=`` files (``get_slice``), through the same
 loader the inference jobs use (names and shapes checked against the config first). The HF module's
-weights are then released (moved to the meta device), as DeepSpeed's injection consumes the model it is
-given. Other families keep AutoTP's HF-module path (``kernel_inject_unavailable`` says why).
+weights are released (moved to the meta device) layer by layer as the stage model is filled, as DeepSpeed's
+injection consumes the model it is given: a rank holds about one copy of the model while building, the
+HF model shrinking as its shard grows, and only its shard once the call returns. Other families keep AutoTP's HF-module path (``kernel_inject_unavailable`` says why).
 """
 
 from __future__ import annotations
@@ -64,12 +65,17 @@ def build_fast_module(
     """This rank's shard of ``model`` as our StageModel (all layers, one pipeline stage)."""
     config: Any = model.config
     arch = arch_from_config(config)
-    param = next(model.parameters())
+    param_dtype = next(model.parameters()).dtype  # not the parameter: holding it would keep its storage
     if files is not None:
         source: Checkpoint = Checkpoint(files[0].parent, files)
     else:
-        source = StateDictTensors(model.state_dict(), label=f"{type(model).__name__}.state_dict()")
-    stage = load_stage(source, arch, shard=Shard(rank, tp), dtype=dtype or param.dtype, device=device)
+        source = StateDictTensors(
+            model.state_dict(),
+            label=f"{type(model).__name__}.state_dict()",
+            on_release=lambda prefix: _release(model, prefix),
+        )
+    stage = load_stage(source, arch, shard=Shard(rank, tp), dtype=dtype or param_dtype, device=device)
+    del source  # its state_dict views of what is left (embeddings, final norm, LM head)
     if tp > 1:
         add_all_reduce_hooks(stage, group)
     model.to("meta")  # its weights now live in the stage model (this rank's slices of them)
@@ -82,3 +88,14 @@ def build_fast_module(
         tensor_src=tensor_src,
         rank=rank,
     )
+
+
+def _release(model: nn.Module, prefix: str) -> None:
+    """Free the HF module's layer under ``prefix`` once its slices are in the stage model, so a rank holds
+    about one copy of the model while building, not the HF model plus its shard. Its storage is freed
+    only if nothing else shares it: a ``state_dict()`` or ``.detach()`` the caller still holds keeps it."""
+    try:
+        layer = model.get_submodule(prefix.removesuffix("."))
+    except AttributeError:  # state_dict names that are not module paths: freed at the end instead
+        return
+    layer.to("meta")

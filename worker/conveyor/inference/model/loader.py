@@ -8,7 +8,7 @@ reads only its stage's tensors and, under tensor parallelism, only its slice of 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from conveyor.inference.model.checkpoint_layout import (  # noqa: F401 (re-exported: they were defined here)
     CheckpointError,
@@ -67,15 +68,27 @@ class Checkpoint:
             return sl[:]
         return sl[start:stop] if dim == 0 else sl[:, start:stop]
 
+    def release(self, prefix: str) -> None:
+        """The loader is done with every tensor under ``prefix`` (one layer). Files hold nothing in memory."""
+
 
 class StateDictTensors(Checkpoint):
     """A model's tensors already in memory (an HF module's ``state_dict()``) behind ``Checkpoint``'s
     reads: a slice is a view, copied once into the stage model's parameter, so building a tensor-parallel
     rank from a live HF model writes nothing to disk and never copies a whole weight it does not keep."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], label: str = "state_dict"):
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        label: str = "state_dict",
+        on_release: Callable[[str], None] | None = None,
+    ):
+        """``on_release(prefix)``: called once the loader has copied its slices of every tensor under
+        ``prefix`` (with ``self.prefix``), so the owner can free them (kernel_inject.py frees the HF
+        module's layer); the views kept here are dropped first."""
         self.dir = Path(f"<{label}>")
         self._tensors = tensors
+        self._on_release = on_release
         self.prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
 
     def close(self) -> None:
@@ -93,6 +106,13 @@ class StateDictTensors(Checkpoint):
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         t = self._tensors[self.prefix + name].detach()
         return t if dim is None else t.narrow(dim, start, stop - start)
+
+    def release(self, prefix: str) -> None:
+        full = self.prefix + prefix
+        for key in [k for k in self._tensors if k.startswith(full)]:
+            del self._tensors[key]  # a state_dict entry shares the module's storage: drop it too
+        if self._on_release is not None:
+            self._on_release(full)
 
 
 @dataclass(frozen=True)
@@ -226,9 +246,10 @@ def load_stage(
     with ExitStack() as stack:  # on the way out: the staged transfers finish, then the files close
         stack.callback(ckpt.close)
         verify_checkpoint(ckpt, arch, names)
+        # Parameters stay on the meta device until their slice is read: the stage model grows as it is
+        # filled, so a source freed layer by layer (StateDictTensors.release) keeps the peak near one copy.
         with torch.device("meta"):
-            model = StageModel(local_arch(arch, shard.tensor_parallel), layers, first, last)
-        model = model.to(dtype).to_empty(device=device)
+            model = StageModel(local_arch(arch, shard.tensor_parallel), layers, first, last).to(dtype)
         params = dict(model.named_parameters())
         loaded: set[str] = set()
         if torch.device(device).type == "cuda":
@@ -240,17 +261,24 @@ def load_stage(
                 raise CheckpointError(
                     f"{ours}: read shape {list(tensor.shape)}, model expects {list(p.shape)}"
                 )
+            # a new tensor, never a view of the source (which may be freed next)
+            value = torch.empty(p.shape, dtype=dtype, device=device)
             with torch.no_grad():
-                if staging is not None:
-                    staging.copy(p, tensor)
+                if staging is not None:  # asynchronous: the source is copied out before this returns
+                    staging.copy(value, tensor)
                 else:
-                    p.copy_(tensor.to(dtype))
+                    value.copy_(tensor)
+            owner, _, attr = ours.rpartition(".")
+            model.get_submodule(owner)._parameters[attr] = nn.Parameter(value, requires_grad=p.requires_grad)
             loaded.add(ours)
 
         for local, layer in enumerate(layers):
-            reader = _LayerReader(ckpt, arch, names, shard, names.layer_prefix.format(i=layer))
+            prefix = names.layer_prefix.format(i=layer)
+            reader = _LayerReader(ckpt, arch, names, shard, prefix)
             for ours, tensor in reader.tensors():
                 put(f"layers.{local}.{ours}", tensor)
+                del tensor  # a fused copy (q|k|v, gate|up) is not kept while the next one is made
+            ckpt.release(prefix)
         wanted: list[tuple[str, str]] = []
         if first:
             wanted += [
