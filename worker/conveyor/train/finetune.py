@@ -31,7 +31,7 @@ from conveyor.train.data import DataOrder, read_samples
 from conveyor.train.export import export
 from conveyor.train.hf_layers import Role, causal_lm_loss, load_weights, parameter_count, pipeline_layers
 from conveyor.train.progress import Progress, flops_per_token, peak_flops
-from conveyor.train.tensor_parallel import check_tensor_parallel, parallelize
+from conveyor.train.tensor_parallel import check_tensor_parallel, mark_layouts, parallelize
 
 log = get_logger("conveyor.train")
 EXPORT_DIR = "export"
@@ -139,6 +139,7 @@ def build_stage(
         if tensor_parallel > 1:
             assert topology.tensor_group is not None, "tensor parallelism needs a process group"
             parallelize(module, topology.tensor_group)
+        mark_layouts(module, arch)  # at any tensorParallel: a checkpoint may resume with another
     module.to_empty(device=device)
     load_weights(module, roles, model_dir, arch, Shard(topology.tp_rank, tensor_parallel))
     return module, roles
