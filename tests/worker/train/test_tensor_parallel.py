@@ -1,6 +1,7 @@
 """Tensor-parallel fine-tuning (stages x tensorParallel x replicas) against HF's own single-process model.
 
-- Every causal family split over 2 tensor ranks: the loss, every parameter's gradient (gathered whole,
+- Every causal family split over 2 tensor ranks (the embedding and head split over the vocabulary, each
+  rank's logits [n, S, vocab / 2]): the loss, every parameter's gradient (gathered whole,
   under HF's names) and the global gradient norm equal HF's; replicated parameters' gradients are equal
   on both tensor ranks; the shards gathered back are the original checkpoint, bit for bit.
 - A tiny random Llama (GQA: 4 heads, 2 KV heads) fine-tuned for 12 steps with (stages, tensorParallel,
@@ -58,7 +59,10 @@ def test_gradients_over_two_tensor_ranks_equal_hf(tmp_path, family):
     aliases = {hf: names for names in name_map(load_arch(model_dir)).globals_.values() for hf in names}
     per_rank = run_ranks(tensor_parallel_gradients_rank, 2, str(model_dir), ids, timeout=300)
     original = load_file(str(model_dir / "model.safetensors"))
-    for rank, (got, gaps, norm, weights, grads) in enumerate(per_rank):
+    vocab = load_arch(model_dir).vocab_size
+    for rank, (got, gaps, norm, weights, grads, logits) in enumerate(per_rank):
+        # vocabulary-parallel head: each rank holds its half of the logits, never the whole [tokens, vocab]
+        assert logits == (*ids.shape, vocab // 2), rank
         assert got == pytest.approx(expected, rel=1e-5), rank
         assert gaps == {}, f"rank {rank}: replicated gradients differ across the tensor group: {gaps}"
         assert norm == pytest.approx(hf_norm, rel=1e-5), rank

@@ -205,7 +205,7 @@ def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, 
             dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
     except (Exception, CheckpointException) as err:  # a shard damaged at its size (a BaseException: DCP's)
         raise CheckpointError(f"checkpoint {path} does not load: {_first_line(err)}") from None
-    reshard.finish(pending, parts.tp_rank, tensor_parallel)
+    reshard.finish(pending)
     back = {key: name for name, key in parts.shard_keys.items()}
     parts.model.load_state_dict(_rename(state["model"], back, optimizer=False))
     optimizer_state = _rename(state["optimizer"], back, optimizer=True)

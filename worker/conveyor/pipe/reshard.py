@@ -34,6 +34,8 @@ class _Pending:
     saved_size: int
     name: str  # the parameter's name, for an error
     layout: ShardLayout | None  # None: a scalar, the first source's value as it is
+    rank: int  # the part wanted: tensor rank ``rank`` of ``size`` (0 of 1: the whole tensor)
+    size: int
 
 
 def overlapping(rank: int, size: int, saved_size: int) -> range:
@@ -94,7 +96,9 @@ def plan(
     """Replace in ``state`` (``model`` and ``optimizer`` entries, keyed for this run) every splittable
     parameter's entries that ``saved`` (the checkpoint's metadata) holds only under another
     tensorParallel by empty tensors under the saved shards' keys, at their saved sizes, for DCP to fill;
-    ``finish`` cuts them. Entries saved under their own key are left alone."""
+    ``finish`` cuts them. Entries saved under their own key are left alone. A splittable parameter this
+    run keeps whole (not in ``shard_keys``: tensorParallel 1, or a vocabulary it does not divide) is
+    joined from every saved shard."""
     sizes = saved_sizes(saved)
     pending: list[_Pending] = []
     for name, layout in layouts.items():
@@ -102,9 +106,10 @@ def plan(
         if f"model.{key}" in saved or key not in state["model"]:
             continue
         saved_size = 1 if f"model.{name}" in saved else sizes.get(name)
-        if saved_size is None or saved_size == size:
+        want_rank, want_size = (rank, size) if name in shard_keys else (0, 1)
+        if saved_size is None or saved_size == want_size:
             continue  # not in the checkpoint at all: the load's missing-weights check says so
-        ranks = overlapping(rank, size, saved_size)
+        ranks = overlapping(want_rank, want_size, saved_size)
         keys = [name if saved_size == 1 else shard_key(name, s, saved_size) for s in ranks]
         entries: list[tuple[str, str, list[str], ShardLayout | None]] = [("model", key, keys, layout)]
         prefix = f"state.{key}."
@@ -130,15 +135,19 @@ def plan(
                     if is_tensor
                     else template
                 )
-            pending.append(_Pending(target, entry, sources, ranks.start, saved_size, name, shard_layout))
+            pending.append(
+                _Pending(
+                    target, entry, sources, ranks.start, saved_size, name, shard_layout, want_rank, want_size
+                )
+            )
     return pending
 
 
-def finish(pending: list[_Pending], rank: int, size: int) -> None:
+def finish(pending: list[_Pending]) -> None:
     """After DCP filled the saved shards ``plan`` asked for: this rank's parts under their own keys."""
     for p in pending:
         loaded = [p.entries.pop(source) for source in p.sources]
         if p.layout is None:
             p.entries[p.key] = loaded[0]
         else:
-            p.entries[p.key] = cut(loaded, p.first, p.saved_size, p.layout, rank, size, p.name)
+            p.entries[p.key] = cut(loaded, p.first, p.saved_size, p.layout, p.rank, p.size, p.name)
