@@ -7,8 +7,8 @@ shards that overlap its own part (saved over 2 ranks, loaded on 1: both; saved o
 whole tensor on each), at the sizes the metadata gives, and cuts its part out by the parameter's
 ``ShardLayout``. A parameter's optimizer state follows it: Adam's moments are shaped like it and are cut
 the same way; its scalars (Adam's step) are equal on every saved rank and are taken from the first.
-Parameters the layout does not split (norms, embeddings, a row-parallel bias) keep one key and load as
-they are; so do the stages, whose layers are keyed by global index.
+A parameter no module names a layout for (norms, a row-parallel bias) keeps one key and loads as it is;
+so do the stages, whose layers are keyed by global index.
 """
 
 from __future__ import annotations
