@@ -44,10 +44,10 @@ def fine_tune_outcome_rank(
 
 def tensor_parallel_gradients_rank(
     rank: int, world: int, model_dir: str, ids: torch.Tensor
-) -> tuple[float, dict[str, float], float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[float, dict[str, float], float, dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[int, ...]]:
     """One forward and backward of the whole model split over ``world`` tensor ranks (one stage):
     (loss, replicated gradients' gaps across the tensor group, the global gradient norm, the weights and
-    the gradients gathered whole under their HF names)."""
+    the gradients gathered whole under their HF names, the shape of the logits this rank holds)."""
     import functools
 
     from conveyor.inference.model.families import load_arch
@@ -55,14 +55,16 @@ def tensor_parallel_gradients_rank(
     from conveyor.pipe.grad_norm import global_grad_norm
     from conveyor.train.export import hf_state
     from conveyor.train.finetune import build_stage
-    from conveyor.train.hf_layers import causal_lm_loss
     from conveyor.train.tensor_parallel import gather_block, replicated_gradient_gaps
+    from conveyor.train.vocab_parallel import gather_rows, vocab_parallel
 
     arch = load_arch(model_dir)
     topology = Topology(Layout(tensor_parallel=world))
     assert topology.tensor_group is not None
     module, roles = build_stage(arch, topology, model_dir, torch.device("cpu"))
-    loss = causal_lm_loss(module(ids), ids)
+    logits = module(ids)
+    assert module.loss_fn is not None
+    loss = module.loss_fn(logits, ids)  # vocabulary-parallel: on this rank's logits
     loss.backward()
     gaps = replicated_gradient_gaps(module, topology.tensor_group)
     norm = float(global_grad_norm(module, torch.device("cpu"), distributed=True))
@@ -70,10 +72,15 @@ def tensor_parallel_gradients_rank(
     names = source.names()
     source.close()
     whole = functools.partial(gather_block, arch=arch, group=topology.tensor_group)
-    weights = {n: t.clone() for n, t in hf_state(module, roles, arch, torch.float32, names, whole).items()}
+    rows = (
+        functools.partial(gather_rows, group=topology.tensor_group) if vocab_parallel(arch, world) else None
+    )
+    weights = {
+        n: t.clone() for n, t in hf_state(module, roles, arch, torch.float32, names, whole, rows).items()
+    }
     with torch.no_grad():  # the gradients, exported as if they were the weights: under HF's names, whole
         for p in module.parameters():
             assert p.grad is not None
             p.copy_(p.grad)
-    grads = hf_state(module, roles, arch, torch.float32, names, whole)
-    return float(loss.detach()), gaps, norm, weights, grads
+    grads = hf_state(module, roles, arch, torch.float32, names, whole, rows)
+    return float(loss.detach()), gaps, norm, weights, grads, tuple(logits.shape)

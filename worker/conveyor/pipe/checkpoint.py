@@ -6,7 +6,8 @@ its own RNG state. Replicas and tied copies hold identical entries, which DCP wr
 saved with P stages loads with any other P: each rank reads the names its stage holds. RNG states are
 restored only when the layout is unchanged (they belong to ranks, not layers). Under tensor parallelism
 a shard's entries are keyed by its tensor rank (``layers.3.block.attn.wqkv.weight@tp1of2``,
-pipe/sharding.py), so such a checkpoint resumes with the same tensorParallel only.
+pipe/sharding.py); loaded with another tensorParallel, each rank reads the saved shards overlapping its
+part and cuts it out (pipe/reshard.py), weights and optimizer state alike.
 
 An engine is seen through ``TrainState`` (its parts and its counters), so the pipeline engine and the
 data-parallel engine save and load the same way.
@@ -37,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
 from conveyor import commit_protocol, metrics, skipped_checkpoints
 from conveyor.commit_protocol import CheckpointError
 from conveyor.log import get_logger
+from conveyor.pipe import reshard
+from conveyor.pipe.sharding import ShardLayout
 
 log = get_logger("conveyor.pipe.checkpoint")
 _OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -80,13 +83,16 @@ def _rng_state() -> bytes:
 class TrainParts:
     """What holds tensors: the model (this rank's part), its optimizer and scheduler, and the layout
     (replicas, stages, tensor_parallel) the RNG states belong to. ``shard_keys``: parameter name -> its
-    checkpoint key, for the tensor-parallel shards this rank holds."""
+    checkpoint key, for the tensor-parallel shards this rank (tensor rank ``tp_rank``) holds;
+    ``shard_layouts``: how tensor parallelism splits each parameter it splits (or would, at size 1)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
     layout: tuple[int, int, int]
     shard_keys: Mapping[str, str] = field(default_factory=dict)
+    shard_layouts: Mapping[str, ShardLayout] = field(default_factory=dict)
+    tp_rank: int = 0
 
 
 class TrainState(Protocol):
@@ -174,17 +180,21 @@ def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, 
         if problem:
             raise CheckpointError(f"checkpoint {tag!r} in {root} is not complete: {problem}")
     try:
-        saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as err:  # DCP's reader raises many kinds; the checkpoint is what matters
         raise CheckpointError(f"checkpoint {path} does not load: {_first_line(err)}") from None
     parts = engine.train_parts()
     state = _state_dict(parts, engine.counters(), None)
+    tensor_parallel = parts.layout[2]
+    # saved with another tensorParallel: the saved shards this rank's part overlaps, under their keys
+    pending = reshard.plan(
+        state, saved, parts.shard_layouts, parts.shard_keys, parts.tp_rank, tensor_parallel
+    )
     missing = sorted(f"model.{k}" for k in state["model"] if f"model.{k}" not in saved)
     if missing:
         raise CheckpointError(
             f"checkpoint {path} has no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
-            "it was saved from a different model (layer list) or a different spec.parallelism.tensorParallel "
-            "(tensor-parallel shards resume with the tensorParallel they were saved with)"
+            "it was saved from a different model (layer list)"
         )
     rng_key = f"rng_rank{_rank()}"
     if rng_key not in saved:
@@ -195,6 +205,7 @@ def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, 
             dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
     except (Exception, CheckpointException) as err:  # a shard damaged at its size (a BaseException: DCP's)
         raise CheckpointError(f"checkpoint {path} does not load: {_first_line(err)}") from None
+    reshard.finish(pending)
     back = {key: name for name, key in parts.shard_keys.items()}
     parts.model.load_state_dict(_rename(state["model"], back, optimizer=False))
     optimizer_state = _rename(state["optimizer"], back, optimizer=True)
@@ -212,5 +223,8 @@ def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, 
             torch.cuda.set_rng_state(rng["cuda"])
     metrics.LAST_CHECKPOINT_STEP.labels(engine.job).set(trainer["step"])
     if _rank() == 0:
-        log.info("checkpoint loaded", extra={"path": str(path), "step": trainer["step"]})
+        log.info(
+            "checkpoint loaded",
+            extra={"path": str(path), "step": trainer["step"], "saved_layout": list(trainer["layout"])},
+        )
     return path, trainer["client_state"]

@@ -34,7 +34,7 @@ from conveyor.pipe.module import PipelineModule
 from conveyor.pipe.optim import build_optimizer, build_scheduler
 from conveyor.pipe.p2p import P2P, BoundaryError, BoundaryMeta, describe, flatten, unflatten
 from conveyor.pipe.schedule import Kind, Schedule, Step, build_schedule, format_grid
-from conveyor.pipe.sharding import shard_key, sharded_parameters
+from conveyor.pipe.sharding import shard_key, shard_layouts, sharded_parameters
 from conveyor.watchdog import PROGRESS
 
 log = get_logger("conveyor.pipe")
@@ -517,6 +517,8 @@ class PipelineEngine:
             self.lr_scheduler,
             (layout.replicas, layout.stages, layout.tensor_parallel),
             {name: shard_key(name, tp, size) for name in sharded_parameters(self.module)},
+            shard_layouts(self.module),
+            tp,
         )
 
     def counters(self) -> dict[str, Any]:

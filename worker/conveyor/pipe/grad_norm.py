@@ -24,7 +24,7 @@ def global_grad_norm(module: PipelineModule, device: torch.device, distributed: 
     sharded = {id(p) for p in sharded_parameters(module).values()}
     square = torch.zeros(1, dtype=torch.float32, device=device)
     for p in module.parameters():
-        if p.grad is not None and id(p) in sharded:
+        if p.grad is not None and id(p) in sharded and id(p) not in tied_copies:
             square += p.grad.detach().float().pow(2).sum()
     if distributed and topology.layout.tensor_parallel > 1:
         # why: each tensor rank holds a different part of a shard's gradient; the norm needs every part

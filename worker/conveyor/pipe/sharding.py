@@ -5,15 +5,33 @@ names them in a ``tensor_parallel_sharded`` class attribute. The engine needs to
 gradient norm sums a shard's squares over the tensor group (a replicated parameter counts once), and a
 checkpoint keys a shard by its tensor rank (``@tp0of2``): the ranks of a tensor group hold different
 tensors under one parameter name, which DCP would otherwise take for one replicated entry.
+
+How a parameter is split (``ShardLayout``) is named apart, in ``tensor_parallel_layout``, on the modules
+tensor parallelism splits or would split: a plain (unsplit) model names it too, so that a checkpoint saved
+with one tensorParallel can be cut for another (pipe/reshard.py).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from torch import nn
 
 SHARDED_ATTR = "tensor_parallel_sharded"
+LAYOUT_ATTR = "tensor_parallel_layout"
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How tensor parallelism splits a parameter: along ``dim``, the whole tensor is consecutive
+    ``segments`` (relative sizes: a fused q | k | v by heads and KV heads, gate | up), each split evenly
+    over the tensor ranks; a rank's shard is its part of every segment, concatenated in order."""
+
+    dim: int
+    segments: tuple[int, ...] = (1,)
+
+
 _KEY = re.compile(r"(.+)@tp(\d+)of(\d+)")
 
 
@@ -25,6 +43,16 @@ def sharded_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
             param = getattr(child, attr, None)
             if isinstance(param, nn.Parameter):
                 out[f"{prefix}.{attr}" if prefix else attr] = param
+    return out
+
+
+def shard_layouts(module: nn.Module) -> dict[str, ShardLayout]:
+    """Parameter name -> its ``ShardLayout``, for every parameter whose module names one (split now or not)."""
+    out: dict[str, ShardLayout] = {}
+    for prefix, child in module.named_modules():
+        for attr, layout in getattr(child, LAYOUT_ATTR, {}).items():
+            if isinstance(getattr(child, attr, None), nn.Parameter):
+                out[f"{prefix}.{attr}" if prefix else attr] = layout
     return out
 
 

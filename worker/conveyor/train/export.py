@@ -3,7 +3,7 @@
 Each stage of replica 0 writes its own layers under their HF names (our fused qkv and gate|up split
 back, GPT-2's Conv1D layout transposed back: the inverse of the inference loader's reader), as one shard
 ``model-0000S-of-0000P.safetensors`` (under tensor parallelism tensor rank 0 writes its stage's layers
-whole, gathered from the tensor group); rank 0 writes the index, the config and the tokenizer. Everything
+whole, gathered from the tensor group, vocabulary-parallel embedding and head too); rank 0 writes the index, the config and the tokenizer. Everything
 goes into ``DIR.tmp`` first and is renamed to ``DIR`` after every stage has written: a directory at the
 export path is always whole. ``from_pretrained(DIR)`` loads it as is, and so does an inference job.
 """
@@ -28,6 +28,7 @@ from conveyor.pipe.module import PipelineModule
 from conveyor.topology import Topology
 from conveyor.train.hf_layers import TIED_KEY, Role, layer_module
 from conveyor.train.tensor_parallel import gather_block
+from conveyor.train.vocab_parallel import gather_rows, vocab_parallel
 
 # What a tokenizer (and generation defaults) may consist of, copied from the model directory as is.
 TOKENIZER_FILES = (
@@ -95,10 +96,13 @@ def hf_state(
     dtype: torch.dtype,
     source: Set[str] = frozenset(),
     whole: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    whole_vocab: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """This stage's weights under their HF names, in ``dtype``, on the CPU. Where a family has two names
     for one tensor (GPT-NeoX's ``embed_out`` or ``lm_head``), the one the ``source`` checkpoint used.
-    ``whole``: a decoder layer's parameters -> the whole layer's (the tensor-parallel shards gathered)."""
+    ``whole``: a decoder layer's parameters -> the whole layer's (the tensor-parallel shards gathered);
+    ``whole_vocab``: a vocabulary-parallel embedding or head -> the whole one."""
+    rows = whole_vocab or (lambda t: t)
     names = name_map(arch)
     globals_ = {ours: next((n for n in hf if n in source), hf[0]) for ours, hf in names.globals_.items()}
     out: dict[str, torch.Tensor] = {}
@@ -106,10 +110,10 @@ def hf_state(
         role = roles[index]
         params = {n: p.detach() for n, p in layer_module(module, roles, index).named_parameters()}
         if role.kind == "embed":
-            out[globals_["embed"]] = params["weight"]
+            out[globals_["embed"]] = rows(params["weight"])
         elif role.kind == "head":
             if TIED_KEY not in module.tied:  # tied: HF ties lm_head to the embedding itself
-                out[globals_["lm_head"]] = params["weight"]
+                out[globals_["lm_head"]] = rows(params["weight"])
         elif role.kind == "inputs":
             for ours, key in (("project_in.weight", "project_in"), ("pos_embed.weight", "pos_embed")):
                 if ours in params:
@@ -157,13 +161,15 @@ def export(
     weight_map: dict[str, str] = {}
     state: dict[str, torch.Tensor] = {}
     if topology.replica == 0:  # replicas hold the same weights
-        whole = None
+        whole, whole_vocab = None, None
         if topology.layout.tensor_parallel > 1:
             assert topology.tensor_group is not None, "tensor parallelism needs a process group"
             whole = functools.partial(gather_block, arch=arch, group=topology.tensor_group)
+            if vocab_parallel(arch, topology.layout.tensor_parallel):
+                whole_vocab = functools.partial(gather_rows, group=topology.tensor_group)
         source = Checkpoint(model_dir)  # its names only (headers)
         try:
-            state = hf_state(module, roles, arch, dtype, source.names(), whole)
+            state = hf_state(module, roles, arch, dtype, source.names(), whole, whole_vocab)
         finally:
             source.close()
     if topology.replica == 0 and topology.tp_rank == 0:  # tensor rank 0 writes the gathered layers

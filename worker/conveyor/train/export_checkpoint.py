@@ -13,6 +13,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -20,12 +21,13 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
 from conveyor.commit_protocol import CheckpointError, resume_point, verify
 from conveyor.inference.model.families import load_arch
+from conveyor.pipe import reshard
 from conveyor.pipe.module import PipelineModule
-from conveyor.pipe.sharding import shard_key, split_shard_key
+from conveyor.pipe.sharding import shard_layouts
 from conveyor.topology import Layout, Topology
 from conveyor.train.export import export
 from conveyor.train.hf_layers import pipeline_layers
-from conveyor.train.tensor_parallel import unshard_block
+from conveyor.train.tensor_parallel import mark_layouts
 
 
 def export_checkpoint(
@@ -53,38 +55,21 @@ def export_checkpoint(
     with torch.device("meta"):  # no weights allocated twice: the checkpoint fills them
         module = PipelineModule(layers, topology=Topology(Layout()), seed_layers=False)
     module.to_empty(device="cpu")
+    mark_layouts(module, roles, arch)
     saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    whole = module.state_dict()
-    tensor_parallel = max((s[2] for k in saved if (s := split_shard_key(k))), default=1)
-    sharded = [n for n in whole if f"model.{shard_key(n, 0, tensor_parallel)}" in saved]
-    wanted = {n: t for n, t in whole.items() if n not in sharded}
-    for name in sharded:  # every tensor rank's part, at the size it was saved
-        for rank in range(tensor_parallel):
-            key = shard_key(name, rank, tensor_parallel)
-            wanted[key] = torch.empty(saved[f"model.{key}"].size)  # type: ignore[union-attr]
-    missing = sorted(k for k in wanted if f"model.{k}" not in saved)
+    state: dict[str, Any] = {"model": module.state_dict(), "optimizer": {}}
+    # a tensor-parallel checkpoint's shards, all of them, joined: a cut for one tensor rank
+    pending = reshard.plan(state, saved, shard_layouts(module), {}, 0, 1)
+    missing = sorted(k for k in state["model"] if f"model.{k}" not in saved)
     if missing:
         raise CheckpointError(
             f"checkpoint {path} has no weights for {', '.join(missing[:5])}: not this model's"
         )
-    state = {"model": wanted}
     with warnings.catch_warnings():  # DCP says it runs in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
-    loaded = {n: t for n, t in state["model"].items() if split_shard_key(n) is None}
-    for prefix in sorted({n[: n.index(".block.") + len(".block.")] for n in sharded}):
-        names = [n for n in whole if n.startswith(prefix)]
-        parts = [
-            {
-                n.removeprefix(prefix): state["model"][
-                    shard_key(n, r, tensor_parallel) if n in sharded else n
-                ]
-                for n in names
-            }
-            for r in range(tensor_parallel)
-        ]
-        loaded.update({prefix + n: t for n, t in unshard_block(parts, arch).items()})
-    module.load_state_dict(loaded)
+    reshard.finish(pending)
+    module.load_state_dict(state["model"])
     return export(module, roles, arch, module.topology, model_dir, out, dtype)
 
 

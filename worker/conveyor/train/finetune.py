@@ -11,6 +11,7 @@ A run that finds its checkpoint at the last step and its export written only rep
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,8 @@ from conveyor.train.data import DataOrder, read_samples
 from conveyor.train.export import export
 from conveyor.train.hf_layers import Role, causal_lm_loss, load_weights, parameter_count, pipeline_layers
 from conveyor.train.progress import Progress, flops_per_token, peak_flops
-from conveyor.train.tensor_parallel import check_tensor_parallel, parallelize
+from conveyor.train.tensor_parallel import check_tensor_parallel, mark_layouts, parallelize
+from conveyor.train.vocab_parallel import vocab_parallel, vocab_parallel_causal_lm_loss
 
 log = get_logger("conveyor.train")
 EXPORT_DIR = "export"
@@ -126,12 +128,23 @@ def build_stage(
     group when it has more than one rank, filled from ``model_dir`` (only this rank's shard is read)."""
     tensor_parallel = topology.layout.tensor_parallel
     check_tensor_parallel(arch, tensor_parallel)  # before any weight is read
-    layers, roles = pipeline_layers(arch, tensor_parallel)
+    group = topology.tensor_group if tensor_parallel > 1 else None
+    layers, roles = pipeline_layers(arch, tensor_parallel, topology.tp_rank, group)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = causal_lm_loss
+    if group is not None and vocab_parallel(arch, tensor_parallel):
+        start = topology.tp_rank * (arch.vocab_size // tensor_parallel)
+        loss_fn = functools.partial(vocab_parallel_causal_lm_loss, start=start, group=group)
+    elif tensor_parallel > 1 and topology.rank == 0:
+        log.warning(
+            "the vocabulary is not split over the tensor ranks: tensorParallel does not divide it "
+            "(the embedding and LM head are replicated)",
+            extra={"vocab_size": arch.vocab_size, "tensor_parallel": tensor_parallel},
+        )
     with torch.device("meta"):  # no random init to throw away: the checkpoint fills every parameter
         module = PipelineModule(
             layers,
             topology=topology,
-            loss_fn=causal_lm_loss,
+            loss_fn=loss_fn,
             seed_layers=False,
             partition_method=partition_method,
             activation_checkpoint_interval=1 if activation_checkpointing else 0,
@@ -139,6 +152,7 @@ def build_stage(
         if tensor_parallel > 1:
             assert topology.tensor_group is not None, "tensor parallelism needs a process group"
             parallelize(module, topology.tensor_group)
+        mark_layouts(module, roles, arch)  # at any tensorParallel: a checkpoint may resume with another
     module.to_empty(device=device)
     load_weights(module, roles, model_dir, arch, Shard(topology.tp_rank, tensor_parallel))
     return module, roles

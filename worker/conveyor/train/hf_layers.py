@@ -33,6 +33,8 @@ from conveyor.inference.model.loader import (
 )
 from conveyor.inference.model.stage_model import Block, Norm, Step, local_arch, rope_inv_freq
 from conveyor.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
+from conveyor.train.tensor_parallel import ColumnParallelLinear
+from conveyor.train.vocab_parallel import VocabParallelEmbedding, vocab_parallel
 
 TIED_KEY = "embed"
 
@@ -126,6 +128,8 @@ def _embed_tokens(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def _tied_logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     assert isinstance(module, nn.Embedding)
+    if isinstance(module, VocabParallelEmbedding):
+        return module.logits(x)  # [n, S, word_dim] -> this tensor rank's [n, S, vocab / T]
     return F.linear(x, module.weight)  # [n, S, word_dim] -> [n, S, vocab]: the embedding as the head
 
 
@@ -136,20 +140,27 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
 
 
-def pipeline_layers(arch: Arch, tensor_parallel: int = 1) -> tuple[list[Any], list[Role]]:
+def pipeline_layers(
+    arch: Arch, tensor_parallel: int = 1, tp_rank: int = 0, group: Any = None
+) -> tuple[list[Any], list[Role]]:
     """The layer list of ``arch`` for ``PipelineModule`` and the role of each index; the decoder layers
     with one tensor rank's widths (``local_arch``) when ``tensor_parallel`` > 1 (then
-    tensor_parallel.parallelize makes their linears parallel)."""
+    tensor_parallel.parallelize makes their linears parallel), and with the tensor ``group`` the
+    embedding and head split over the vocabulary (vocab_parallel.py) where ``tensor_parallel`` divides it."""
     if not arch.causal:
         raise CheckpointError(f"{arch.family} is not a causal LM: only causal LMs can be fine-tuned")
     layers: list[Any] = []
     roles: list[Role] = []
+    embedding: tuple[Any, ...] = (nn.Embedding, arch.vocab_size, arch.word_dim)
+    head: tuple[Any, ...] = (nn.Linear, arch.word_dim, arch.vocab_size)
+    if group is not None and vocab_parallel(arch, tensor_parallel):
+        rows = arch.vocab_size // tensor_parallel
+        embedding = (VocabParallelEmbedding, rows, arch.word_dim, tp_rank * rows, group)
+        head = (ColumnParallelLinear, arch.word_dim, rows)
     if arch.tie_embeddings:
-        layers.append(
-            TiedLayerSpec(TIED_KEY, nn.Embedding, arch.vocab_size, arch.word_dim, forward_fn=_embed_tokens)
-        )
+        layers.append(TiedLayerSpec(TIED_KEY, *embedding, forward_fn=_embed_tokens))
     else:
-        layers.append(LayerSpec(nn.Embedding, arch.vocab_size, arch.word_dim))
+        layers.append(LayerSpec(*embedding))
     roles.append(Role("embed"))
     if arch.word_dim != arch.hidden or arch.positions == "learned":
         layers.append(LayerSpec(InputExtras, arch))
@@ -162,11 +173,11 @@ def pipeline_layers(arch: Arch, tensor_parallel: int = 1) -> tuple[list[Any], li
         layers.append(LayerSpec(OutputNorm, arch))
         roles.append(Role("outputs"))
     if arch.tie_embeddings:
-        layers.append(
-            TiedLayerSpec(TIED_KEY, nn.Embedding, arch.vocab_size, arch.word_dim, forward_fn=_tied_logits)
-        )
+        layers.append(TiedLayerSpec(TIED_KEY, *embedding, forward_fn=_tied_logits))
+    elif head[0] is ColumnParallelLinear:
+        layers.append(LayerSpec(*head, bias=False, group=group))
     else:
-        layers.append(LayerSpec(nn.Linear, arch.word_dim, arch.vocab_size, bias=False))
+        layers.append(LayerSpec(*head, bias=False))
     roles.append(Role("head"))
     return layers, roles
 
@@ -191,10 +202,20 @@ def _hf_tensors(ckpt: Checkpoint, arch: Arch, role: Role, shard: Shard) -> list[
             raise CheckpointError(f"{ckpt.dir}: no tensor for {ours} ({names.globals_.get(ours)})")
         return found
 
+    def vocab_rows(ours: str) -> torch.Tensor:  # this tensor rank's rows only, when split
+        if not vocab_parallel(arch, shard.tensor_parallel):
+            return one(ours)
+        rows = arch.vocab_size // shard.tensor_parallel
+        start = shard.tp_rank * rows
+        for hf in names.globals_.get(ours, ()):
+            if ckpt.has(hf):
+                return ckpt.read(hf, 0, start, start + rows)
+        return one(ours)  # says which names it looked for
+
     if role.kind == "embed":
-        return [("weight", one("embed"))]
+        return [("weight", vocab_rows("embed"))]
     if role.kind == "head":
-        return [("weight", one("embed" if arch.tie_embeddings else "lm_head"))]
+        return [("weight", vocab_rows("embed" if arch.tie_embeddings else "lm_head"))]
     if role.kind == "inputs":
         out = []
         if arch.word_dim != arch.hidden:

@@ -11,16 +11,18 @@ columns, as the inference loader's ``Shard`` reads them), ``attn.wo`` and ``mlp.
 - row-parallel output: all-reduce forward (each rank holds a partial product), identity backward (the
   summed output is replicated, so its gradient already is the same full tensor on every rank).
 
-A row-parallel bias is whole on every rank and added once, after the all-reduce. Norms, embeddings and
-the head are replicated; their gradients come out equal on every tensor rank (``replicated_gradient_gaps``
-checks that). Modules name their sharded parameters in ``tensor_parallel_sharded``: the engine reads it to
+A row-parallel bias is whole on every rank and added once, after the all-reduce. Norms are replicated;
+their gradients come out equal on every tensor rank (``replicated_gradient_gaps`` checks that). The
+embedding and head are split over the vocabulary (vocab_parallel.py). Modules name their sharded parameters in ``tensor_parallel_sharded``: the engine reads it to
 count their squares across the tensor group in the gradient norm and to key their checkpoint entries by
-tensor rank (pipe/sharding.py).
+tensor rank (pipe/sharding.py). ``mark_layouts`` names how each of the four linears splits, whether it is
+split or not (at tensorParallel 1 too), so that a checkpoint resumes with another tensorParallel
+(pipe/reshard.py cuts the saved shards).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -29,7 +31,11 @@ from torch import nn
 
 from conveyor.inference.model.families import Arch, name_map
 from conveyor.inference.pipeline.tensor_parallel import TensorParallelError, check_divisible, plan_layer
-from conveyor.pipe.sharding import sharded_parameters
+from conveyor.pipe.module import PipelineModule
+from conveyor.pipe.sharding import LAYOUT_ATTR, ShardLayout, sharded_parameters
+
+if TYPE_CHECKING:
+    from conveyor.train.hf_layers import Role
 
 COLUMN_PARALLEL = ("attn.wqkv", "mlp.w_in")
 ROW_PARALLEL = ("attn.wo", "mlp.w_out")
@@ -121,6 +127,34 @@ def parallelize(module: nn.Module, group: dist.ProcessGroup) -> int:
             new = kind(old.in_features, old.out_features, old.bias is not None, group)
         setattr(parent, attr, new.to(old.weight.dtype))
     return len(swaps)
+
+
+def mark_layouts(module: PipelineModule, roles: list[Role], arch: Arch) -> int:
+    """Name on each decoder layer's four linears in ``module`` (parallel or plain) how tensor parallelism
+    splits their parameters, with the whole model's ``arch``: the fused ``wqkv`` as q | k | v rows by
+    heads and KV heads, a gated ``w_in`` as gate | up rows, the row-parallel weights by input columns (their
+    bias is whole); and on the token embedding and LM head, vocabulary rows (vocab_parallel.py). The
+    inverse of ``unshard_block``'s joining, for any two sizes. Returns how many modules."""
+    from conveyor.train.hf_layers import layer_module  # hf_layers imports this module
+
+    marked = 0
+    for index in range(module.start, module.stop):
+        if roles[index].kind in ("embed", "head"):
+            setattr(layer_module(module, roles, index), LAYOUT_ATTR, {"weight": ShardLayout(0)})
+            marked += 1
+    qkv = ShardLayout(0, (arch.heads, arch.kv_heads, arch.kv_heads))
+    layouts = {
+        "attn.wqkv": {"weight": qkv, "bias": qkv},
+        "mlp.w_in": dict.fromkeys(("weight", "bias"), ShardLayout(0, (1, 1) if arch.gated_mlp else (1,))),
+        "attn.wo": {"weight": ShardLayout(1)},
+        "mlp.w_out": {"weight": ShardLayout(1)},
+    }
+    for name, child in module.named_modules():
+        layout = next((v for suffix, v in layouts.items() if name.endswith("." + suffix)), None)
+        if layout is not None and isinstance(child, nn.Linear):
+            setattr(child, LAYOUT_ATTR, layout)
+            marked += 1
+    return marked
 
 
 def replicated_gradient_gaps(module: nn.Module, group: dist.ProcessGroup) -> dict[str, float]:
