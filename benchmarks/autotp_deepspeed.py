@@ -92,6 +92,10 @@ def _split(engine: str, model: Any, tp: int, dtype: torch.dtype, device: torch.d
         )
     import deepspeed
 
+    if os.environ.get("BENCH_DS_TORCH_ALLREDUCE") == "1":
+        # DeepSpeed's CPU accelerator all-reduces through its shared-memory kernel, which segfaults on some
+        # CPUs; without it DeepSpeed takes torch.distributed's all_reduce. No effect on a GPU (no such op).
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
     return deepspeed.init_inference(
         model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False
     )
@@ -182,7 +186,10 @@ def run_family(
             "--rank-out", str(work), "--families", family, "--tp", str(tp), "--engines", ",".join(left),
             "--dtype", args.dtype, "--backend", lay.backend, "--device", lay.device,
         ]  # fmt: skip
-        group = run_group(argv, lay, work, f"attempt{attempt}", args.timeout)
+        env = {"BENCH_DS_TORCH_ALLREDUCE": "1"} if args.deepspeed_torch_allreduce else {}
+        group = run_group(
+            argv, lay, work, f"attempt{attempt}", args.timeout, env={**env, "PYTHONFAULTHANDLER": "1"}
+        )
         attempt += 1
         failure = group.failure(args.timeout)
         done = [e for e in left if (work / f"{e}.pt").exists()]
@@ -230,22 +237,22 @@ def compare(family: str, tp: int, results: dict[str, dict[str, Any]], dtype: str
     return row
 
 
-def _cell(c: dict[str, Any] | None, tol: float) -> tuple[str, str, str]:
+def _cell(c: dict[str, Any] | None, tol: float) -> tuple[str, str, str, str]:
     if c is None:
-        return "-", "", ""
+        return "-", "", "", ""
     if c["status"] != "ok":
-        return c["status"].split("\n")[0][:70].replace("|", "/"), "", ""
+        return c["status"].split("\n")[0][:70].replace("|", "/"), "", "", ""
     err = c["logits_rel_err_vs_hf"]
     mark = "ok" if err <= tol else "MISMATCH"
     greedy = "" if c["greedy_equal_hf"] is None else ("yes" if c["greedy_equal_hf"] else "NO")
-    return mark, f"{err:.1e}", greedy
+    return mark, f"{err:.1e}", greedy, f"{c['param_fraction']:.0%}"
 
 
 def markdown(rows: list[dict[str, Any]], tol: float) -> str:
     lines = [
-        "| family | TP | conveyor | err vs HF | greedy = HF | DeepSpeed | err vs HF | greedy = HF "
-        "| conveyor vs DS | same greedy |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| family | TP | conveyor | err vs HF | greedy = HF | params per rank | DeepSpeed | err vs HF | greedy = HF "
+        "| params per rank | conveyor vs DS | same greedy |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         c = _cell(r.get("conveyor"), tol)
@@ -268,7 +275,12 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--timeout", type=float, default=300, help="seconds for one family's group of ranks")
-    p.add_argument("--jobs", type=int, default=0, help="groups run at once (default: cores / 4, at least 1)")
+    p.add_argument("--jobs", type=int, default=0, help="groups run at once (default: cores / TP, at least 1)")
+    p.add_argument(
+        "--deepspeed-torch-allreduce",
+        action="store_true",
+        help="CPU only: DeepSpeed all-reduces with torch.distributed, not its shared-memory kernel (segfaults here)",
+    )
     p.add_argument("--work", default="", help="scratch folder for the ranks' results and logs")
     p.add_argument("--out", default="benchmarks/results/autotp_deepspeed.json")
     p.add_argument("--rank-out", default="", help=argparse.SUPPRESS)  # set for a rank process
@@ -292,7 +304,6 @@ def main() -> None:
     if skipped:
         engines.remove("deepspeed")
     args.work = args.work or tempfile.mkdtemp(prefix="autotp_ds_")
-    jobs = args.jobs or max(1, (os.cpu_count() or 4) // 4)
     tol = 2e-5 if args.dtype == "float32" else 2e-2
     rows: list[dict[str, Any]] = []
     layouts: dict[int, str] = {}
@@ -300,6 +311,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for tp in args.tp:
         lay = layout(tp, args.device)
+        jobs = args.jobs or max(1, (os.cpu_count() or 4) // tp)  # the ranks mostly wait on each other
         layouts[tp] = lay.note
         on_gpu |= lay.device == "cuda"
         print(f"TP {tp}: {lay.note}; {len(families)} families, {jobs} at a time", file=sys.stderr, flush=True)
@@ -314,6 +326,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
         "layout": layouts,
         "dtype": args.dtype,
+        "deepspeed_torch_allreduce": args.deepspeed_torch_allreduce,
         "tolerance": f"ok: max |logits - HF| <= {tol} x max |HF logits|",
         "deepspeed_version": _version("deepspeed"),
         "transformers_version": _version("transformers"),

@@ -52,35 +52,35 @@ def largest_batch(
 ) -> dict[str, Any]:
     """The largest batch ``b <= max_batch`` with ``fits(b)``, assuming fitting is monotone: doubling from 1
     until a batch fails (or ``max_batch`` fits), then bisection until ``hi - lo <= max(1, precision *
-    lo)``. Stops early at ``deadline`` (``time.perf_counter()``), leaving the bracket [lo, hi)."""
-    tries: list[tuple[int, bool]] = []
+    lo)``. A try that would end past ``deadline`` (``time.perf_counter()``; its time predicted from the
+    last try's, in proportion to the batch) is not started: the search stops with the bracket [lo, hi)."""
+    tries: list[dict[str, Any]] = []
+    stopped = False
 
-    def attempt(b: int) -> bool:
+    def attempt(b: int) -> bool | None:
+        nonlocal stopped
+        now = time.perf_counter()
+        predicted = tries[-1]["seconds"] * b / tries[-1]["batch"] if tries else 0.0
+        if now + predicted > deadline:
+            stopped = True
+            return None
         ok = fits(b)
-        tries.append((b, ok))
+        tries.append({"batch": b, "fits": ok, "seconds": round(time.perf_counter() - now, 2)})
         return ok
 
     lo, hi = 0, None  # lo fits (0: nothing yet), hi does not (None: not found)
     b = 1
-    while hi is None and time.perf_counter() < deadline:
-        if attempt(b):
-            lo = b
-            if b == max_batch:
-                break
-            b = min(2 * b, max_batch)
+    while hi is None and lo < max_batch and (ok := attempt(b)) is not None:
+        if ok:
+            lo, b = b, min(2 * b, max_batch)
         else:
             hi = b
-    while hi is not None and hi - lo > max(1, precision * lo) and time.perf_counter() < deadline:
-        mid = (lo + hi) // 2
-        if attempt(mid):
-            lo = mid
-        else:
-            hi = mid
-    stopped = time.perf_counter() >= deadline and (hi is None or hi - lo > max(1, precision * lo))
+    while hi is not None and hi - lo > max(1, precision * lo) and (ok := attempt((lo + hi) // 2)) is not None:
+        lo, hi = ((lo + hi) // 2, hi) if ok else (lo, (lo + hi) // 2)
     return {
         "largest": lo,  # fits
         "first_failing": hi,  # the smallest batch seen failing (None: none failed)
-        "stopped_by_deadline": stopped and lo != max_batch,
+        "stopped_by_deadline": stopped,
         "capped": lo == max_batch,
         "tries": tries,
     }
@@ -148,7 +148,6 @@ def rank_main(args: argparse.Namespace) -> None:
             return _agree(ok, info.device)
 
         search = largest_batch(fits, args.max_batch, args.precision, deadline=t2 + args.search_seconds)
-        search["tries"] = [{"batch": b, "fits": ok} for b, ok in search["tries"]]
         timings["search"] = time.perf_counter() - t2
     row["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     rows: list[Any] = [None] * tp
@@ -249,8 +248,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=1024)
-    p.add_argument("--precision", type=float, default=0.05, help="bisect until hi - lo <= max(1, this x lo)")
-    p.add_argument("--search-seconds", type=float, default=40, help="per TP size; the bracket is reported")
+    p.add_argument("--precision", type=float, default=0.1, help="bisect until hi - lo <= max(1, this x lo)")
+    p.add_argument("--search-seconds", type=float, default=45, help="per TP size; the bracket is reported")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--timeout", type=float, default=400, help="seconds for one TP size's group of ranks")
@@ -276,7 +275,7 @@ def main() -> None:
     ckpt = ensure_checkpoint(llama_config(args.shape), args.ckpt_dir, dtype, gpu)
     if on_gpu:
         torch.cuda.empty_cache()  # the driver keeps only its context while the ranks run
-    print(f"checkpoint: {ckpt}", file=sys.stderr, flush=True)
+    print(f"checkpoint: {ckpt}", flush=True)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="autotp_mem_"))
     for tp, lay in lays.items():
@@ -295,7 +294,11 @@ def main() -> None:
         else:
             row["error"] = group.failure(args.timeout) or f"no result: {tail(group.logs[0])}"
         rows.append(row)
-        print(json.dumps(row)[:600], file=sys.stderr, flush=True)
+        t = row["ranks"][0]["timings_s"] if "ranks" in row else {}
+        tries = row.get("search", {}).get("tries", [])
+        print(f"TP {tp}: group {row['group_seconds']} s (start {t.get('start')} s, init_inference "
+              f"{t.get('init_inference')} s, search {t.get('search')} s over {len(tries)} tries: "
+              f"{[(x['batch'], x['fits'], x['seconds']) for x in tries]}) {row.get('error', '')}", flush=True)  # fmt: skip
     table = markdown(rows, args.cap_gib, on_gpu)
     report = {
         "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",

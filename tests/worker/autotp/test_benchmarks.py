@@ -53,6 +53,14 @@ def test_largest_batch_stops_at_the_deadline() -> None:
     found = largest_batch(slow, max_batch=4096, deadline=time.perf_counter() + 0.12)
     assert found["stopped_by_deadline"] and found["largest"] < 1000 and len(found["tries"]) <= 3
 
+    # a try predicted to end past the deadline is not started: batch 2 would take 2 x 0.3 s
+    def slower(b: int) -> bool:
+        time.sleep(0.3 * b)
+        return True
+
+    found = largest_batch(slower, max_batch=4096, deadline=time.perf_counter() + 0.8)
+    assert [t["batch"] for t in found["tries"]] == [1] and found["stopped_by_deadline"], found
+
 
 def test_kv_bytes_per_token_llama2_13b() -> None:
     from benchmarks.common import llama_config
@@ -113,8 +121,12 @@ def test_compare_and_table() -> None:
                                    "deepspeed": {"status": "crashed: signal 11 (SIGSEGV, rank 0)"}}, "float32")  # fmt: skip
     assert "engines" not in crashed
     table = markdown([both, crashed], 2e-5).splitlines()
-    assert table[2].startswith("| llama | 2 | ok | 2.4e-07 | yes | MISMATCH | 1.0e-01 | NO | 1.0e-01 | NO |")
-    assert table[3].startswith("| bloom | 4 | ok | 0.0e+00 | yes | crashed: signal 11 (SIGSEGV, rank 0) |")
+    assert table[2].startswith(
+        "| llama | 2 | ok | 2.4e-07 | yes | 50% | MISMATCH | 1.0e-01 | NO | 50% | 1.0e-01 | NO |"
+    )
+    assert table[3].startswith(
+        "| bloom | 4 | ok | 0.0e+00 | yes | 50% | crashed: signal 11 (SIGSEGV, rank 0) |"
+    )
 
 
 def _run(script: str, *args: str, timeout: float = 600) -> None:
