@@ -14,6 +14,7 @@ from conveyor.testing.tiny import Shape, hf_config
 
 SHAPES: dict[str, Shape] = {
     "llama2-7b": Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000, positions=4096),
+    "llama2-13b": Shape(hidden=5120, intermediate=13824, layers=40, heads=40, vocab=32000, positions=4096),
     "tiny": Shape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256, positions=512),
 }
 

@@ -189,8 +189,11 @@ def _tp_group(tp: int) -> tuple[int, Any, int]:
     return rank % tp, mine, rank - rank % tp
 
 
-def _device(group: Any) -> torch.device:
-    """The current GPU (as DeepSpeed's init_inference), unless the ranks talk over gloo (the CPU)."""
+def _device(group: Any, requested: str | torch.device | None = None) -> torch.device:
+    """``requested``, else the current GPU (as DeepSpeed's init_inference), unless the ranks talk over gloo
+    (the CPU). Ranks sharing one GPU over gloo (NCCL refuses two ranks on one device) pass ``device``."""
+    if requested is not None:
+        return torch.device(requested)
     if torch.cuda.is_available() and (not dist.is_initialized() or dist.get_backend(group) == "nccl"):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -205,9 +208,12 @@ def init_inference(
     max_out_tokens: int = 1024,
     mp_size: int | None = None,
     checkpoint: str | Path | Sequence[str | Path] | None = None,
+    device: str | torch.device | None = None,
     **ignored: Any,
 ) -> Any:
-    """Split ``model`` over ``tensor_parallel['tp_size']`` processes; see the module docstring."""
+    """Split ``model`` over ``tensor_parallel['tp_size']`` processes; see the module docstring.
+    ``device`` (not a DeepSpeed option) overrides where the shards go: by default the current GPU under
+    NCCL, the CPU under gloo."""
     tp = _tp_size(tensor_parallel, mp_size)
     if tp < 1:
         raise AutoTPError(f"tensor_parallel tp_size must be >= 1, got {tp}")
@@ -240,7 +246,7 @@ def init_inference(
                 group=group,
                 tensor_src=src,
                 dtype=dtype,
-                device=_device(group),
+                device=_device(group, device),
                 max_out_tokens=max_out_tokens,
                 files=files,
             )
@@ -261,16 +267,16 @@ def init_inference(
     rank, group, _ = _tp_group(tp)
     log.info("autotp: %s", plan.describe())
     ledger = shard_model(model, plan, rank, group)
-    device = _device(group)
+    target = _device(group, device)
     report = None
     if files is not None:
-        report = load_sharded_checkpoint(model, ledger, files, dtype=dtype, device=device)
+        report = load_sharded_checkpoint(model, ledger, files, dtype=dtype, device=target)
         log.info(
             "autotp: loaded this rank's slices of the checkpoint",
             extra={"param_bytes": report.param_bytes, "peak_bytes": report.peak_bytes, "files": len(files)},
         )
     if dtype is not None:
         model.to(dtype)
-    if device.type == "cuda":
-        model.to(device)
+    if target.type == "cuda":
+        model.to(target)
     return InferenceEngine(model, plan, rank, max_out_tokens, report)
