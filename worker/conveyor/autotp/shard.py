@@ -56,7 +56,8 @@ def _slice(
     model: nn.Module, module: nn.Module, attr: str, dim: int, index: torch.Tensor, ledger: ShardLedger
 ) -> None:
     old = getattr(module, attr)
-    new = nn.Parameter(old.detach().index_select(dim, index).contiguous(), requires_grad=False)
+    # the user's model may already be on its GPU (DeepSpeed's examples move it first)
+    new = nn.Parameter(old.detach().index_select(dim, index.to(old.device)).contiguous(), requires_grad=False)
     ledger.sliced(old, new, dim, index)
     replace_param(model, old, new)
 
