@@ -44,8 +44,8 @@ spec:
     path: {model}
     dtype: {dtype}
   parallelism:
-    stages: 1
-    tensorParallel: 1
+    stages: {stages}
+    tensorParallel: {tensor_parallel}
     microBatches: {micro_batches}
   inference:
     input: {input}
@@ -173,6 +173,8 @@ def main() -> None:
     p.add_argument("--prompt-lens", default="32,255", help="low,high: lengths drawn uniformly")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--stages", type=int, default=1, help="pipeline stages, one GPU each")
+    p.add_argument("--tensor-parallel", type=int, default=1)
     p.add_argument(
         "--micro-batches",
         type=int,
@@ -214,6 +216,8 @@ def main() -> None:
             new=args.new_tokens,
             batch=args.batch_size,
             micro_batches=args.micro_batches,
+            stages=args.stages,
+            tensor_parallel=args.tensor_parallel,
         )
     )
     cache = workdir / "compile-cache"  # shared by the jobs of one workdir, as a fleet's volume is
@@ -228,6 +232,8 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "batch_size": args.batch_size,
         "micro_batches": args.micro_batches,
+        "stages": args.stages,
+        "tensor_parallel": args.tensor_parallel,
         "runs": [run_job(job, output, cache, label, Path(args.out).stem) for label in runs],
     }
     if args.hf_passes:

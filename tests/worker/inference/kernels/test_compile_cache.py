@@ -3,6 +3,8 @@ phases, on the CPU."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from conveyor.inference.rank_builder import PromptTooLongError, build_generation
 from conveyor.inference.run_progress import RunProgress
 from conveyor.testing.tiny import save_tiny
 from conveyor.topology import Layout, Topology
+
+from tests.conftest import subprocess_env
 
 BF16 = torch.bfloat16
 
@@ -113,3 +117,36 @@ def test_progress_lines_report_rate_and_time_left_of_this_run() -> None:
         now[0] += 0.1
         progress.result(1)
     assert progress.result(1) is not None  # the last result always reports
+
+
+PREPARE = """
+import os, sys
+from pathlib import Path
+from conveyor.inference.kernels.cuda_graphs import EAGER, CompileOptions
+from conveyor.inference.rank_builder import prepare_compiler
+
+prepare_compiler(EAGER, Path(sys.argv[1]))
+eager = "torch._inductor.compile_fx" in sys.modules, "TORCHINDUCTOR_CACHE_DIR" in os.environ
+prepare_compiler(CompileOptions(triton_kernels=False), Path(sys.argv[1]))
+import torch._inductor.config as inductor
+print(eager, "torch._inductor.compile_fx" in sys.modules, os.environ["TORCHINDUCTOR_CACHE_DIR"],
+      inductor.fx_graph_cache)
+"""
+
+
+def test_the_compiler_is_readied_before_the_model_and_eager_readies_nothing(tmp_path: Path) -> None:
+    # a batch job's rank does this at the pre-flight gate (job.py): it must need nothing of the job
+    env = subprocess_env()
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        env.pop(name, None)
+    out = subprocess.run(
+        [sys.executable, "-c", PREPARE, str(tmp_path / "cache")], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    # (torch._dynamo's import writes inductor's default into the environment: not a setting of the user's)
+    assert out.stdout.split() == ["(False,", "False)", "True", str(tmp_path / "cache" / "inductor"), "True"]
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "users")  # the user's own setting wins
+    out = subprocess.run(
+        [sys.executable, "-c", PREPARE, str(tmp_path / "cache")], env=env, capture_output=True, text=True
+    )
+    assert out.stdout.split()[3] == str(tmp_path / "users"), out.stderr[-3000:]

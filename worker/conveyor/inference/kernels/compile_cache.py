@@ -27,11 +27,15 @@ def configure(cache_dir: Path | None) -> None:
     """Process-wide compiler settings, made once at an entry point before anything compiles."""
     import torch._dynamo
     import torch._inductor.config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        # an explicit setting by the user wins
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+        # An explicit setting by the user wins. Importing torch._dynamo writes inductor's default
+        # (/tmp/torchinductor_$USER) into the environment, so that value counts as unset: taken for the
+        # user's, it kept every compiled graph out of the job's cache, and a second replica found none.
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
         os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir / "triton"))
         try:
             import triton
