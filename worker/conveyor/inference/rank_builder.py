@@ -61,7 +61,7 @@ def cache_length(longest_prompt: int, max_new_tokens: int, max_positions: int) -
 def prepare_compiler(options: CompileOptions, cache_dir: Path | None) -> None:
     """What warm-up needs of the compiler and nothing of the model: its settings (compile_cache.py) and
     its heavy imports (inductor's ``compile_fx``, Triton and the decode kernels; 2.2-2.5 s of a cold
-    rank's start on an H200). A batch job's rank does this while it waits at the pre-flight gate, so
+    rank's start on an H200), and inductor's compile workers. A batch job's rank does this while it waits at the pre-flight gate, so
     it overlaps the checks; ``build_generation_rank`` calls it again, at no cost."""
     if not (options.compile or options.cuda_graphs):
         return
@@ -70,6 +70,12 @@ def prepare_compiler(options: CompileOptions, cache_dir: Path | None) -> None:
     compile_cache.configure(cache_dir)
     if options.compile:
         import torch._inductor.compile_fx  # noqa: F401
+        from torch._inductor.async_compile import maybe_warm_pool
+
+        # Inductor compiles in its worker processes only once they are up, and serially in this one
+        # until then; torch starts them when backend="inductor" is chosen, never for our own backend.
+        # Started here, they import torch while the rank waits and loads (TORCH_WARM_POOL=0: not).
+        maybe_warm_pool()
     if options.triton_kernels:
         from conveyor.inference.kernels import decode_attention, skinny_matmul  # noqa: F401
 

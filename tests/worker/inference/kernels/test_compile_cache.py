@@ -136,7 +136,7 @@ print(eager, "torch._inductor.compile_fx" in sys.modules, os.environ["TORCHINDUC
 
 def test_the_compiler_is_readied_before_the_model_and_eager_readies_nothing(tmp_path: Path) -> None:
     # a batch job's rank does this at the pre-flight gate (job.py): it must need nothing of the job
-    env = subprocess_env()
+    env = subprocess_env(TORCH_WARM_POOL="0")  # inductor's compile workers: not for this check
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         env.pop(name, None)
     out = subprocess.run(
