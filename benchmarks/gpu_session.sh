@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh job      # a batch job through conveyor run, cold and warm, HF beside (~6 min)
 #   bash benchmarks/gpu_session.sh decode   # 1 GPU, batch 1/16/64 + TTFT 2048, HF beside (~5 min;
 #                                           # GPT_FAST=<gpt-fast checkout>: it too, ~3 min more)
+#   bash benchmarks/gpu_session.sh tpdiag   # 2 GPUs: a tiny TP 2 generate, stacks of both ranks after 70 s,
+#                                           # then with graphs off and with compile off (~3 min)
 #   bash benchmarks/gpu_session.sh multi    # 2 GPUs: TP 2 at batch 1 and 16 (~5 min)
 #   bash benchmarks/gpu_session.sh pipeline # 2 GPUs: 1 GPU and 2 stages at batch 16 and 64 per stage (~6 min)
 #   bash benchmarks/gpu_session.sh int8     # int8 vs bf16 accuracy and decode speed (~4 min)
@@ -15,7 +17,7 @@
 # (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh check|job|decode|multi|pipeline|int8|kernels}"
+part="${1:?usage: gpu_session.sh check|job|decode|tpdiag|multi|pipeline|int8|kernels}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 
@@ -43,6 +45,24 @@ case "$part" in
     python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16,64 --layouts 1x1 \
       --ttft-prompt-len 2048 ${GPT_FAST:+--gpt-fast "$GPT_FAST"} --out "$out/generate_1gpu.json"
     ;;
+  tpdiag)
+    if [ "$gpus" -lt 2 ]; then echo "tpdiag needs 2 GPUs, this machine has $gpus" >&2; exit 2; fi
+    python3 -c "from conveyor.testing.tiny import save_tiny; save_tiny('llama', '/tmp/tiny')"
+    gen() {
+      CONVEYOR_LOG_FORMAT=json NCCL_DEBUG=WARN timeout "$1" python3 -m conveyor generate --model /tmp/tiny \
+        --tensor-parallel 2 --device cuda --dtype bfloat16 --max-new-tokens 10 --prompt hello --prompt "the fox"
+    }
+    gen 85 >"$out/tp2_default.log" 2>&1 &
+    sleep 70
+    spy=$(command -v py-spy || echo /tmp/site/bin/py-spy)
+    for p in $(pgrep -f "conveyor"); do
+      echo "== $p $(tr '\0' ' ' </proc/$p/cmdline | cut -c1-200)"
+      "$spy" dump --pid "$p" 2>&1 | head -80
+    done >"$out/tp2_stacks.txt" 2>&1 || true
+    wait || echo "default: exit $?"
+    CONVEYOR_CUDA_GRAPHS=0 gen 60 >"$out/tp2_eager.log" 2>&1; echo "graphs off: exit $?"
+    CONVEYOR_TORCH_COMPILE=0 gen 60 >"$out/tp2_no_compile.log" 2>&1; echo "compile off: exit $?"
+    ;;
   multi)
     if [ "$gpus" -lt 2 ]; then echo "multi needs 2 GPUs, this machine has $gpus" >&2; exit 2; fi
     python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16 --layouts 1x2 \
@@ -64,7 +84,7 @@ case "$part" in
     python3 -u benchmarks/skinny_matmul.py --batch-sizes 1,16,64 --budget-s 240 --out "$out/skinny_matmul.json"
     ;;
   *)
-    echo "unknown part $part: check|decode|multi|int8|kernels" >&2
+    echo "unknown part $part: check|job|decode|tpdiag|multi|pipeline|int8|kernels" >&2
     exit 2
     ;;
 esac
