@@ -74,6 +74,18 @@ def read_requests(
     return requests
 
 
+# Compiled prompt passes fuse the eager prefill's elementwise work. On an H200 (7B shape, batch 256,
+# benchmarks/job.py, 2026-12-04) they saved 0.9-1.3 s of generation per 147k prompt tokens and cost
+# 4.0 s of warm-up with a warm cache, 11.5 s without: they pay from about a million prompt tokens.
+COMPILE_PROMPTS_FROM_TOKENS = 1_000_000
+
+
+def compiling_prompts_pays(prompt_tokens: int) -> bool:
+    """Whether a batch job of ``prompt_tokens`` still to prefill compiles its prompt passes (a job
+    prefills each prompt once; ``CONVEYOR_COMPILE_PROMPTS`` decides instead where set)."""
+    return prompt_tokens >= COMPILE_PROMPTS_FROM_TOKENS
+
+
 def sampling_params(spec: Any, eos: tuple[int, ...]) -> SamplingParams:
     s = spec.inference.sampling
     return SamplingParams(
@@ -191,9 +203,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     clock = StartupClock(started)
     info = init_distributed(device=spec.device)
     clock.lap("rendezvous")
-    # A batch job prefills each prompt once: compiling the prompt passes cost 5.7 s (warm cache) to
-    # 25 s (cold) and saved 1.3 s of generation at 1,024 prompts on an H200 (benchmarks/job.py).
-    options = CompileOptions.from_env(info.device, compile_prompts=False)
+    options = CompileOptions.from_env(info.device, compile_prompts=False)  # (decided below, by the input)
     prepare_compiler(options, pod.compile_cache_dir)  # reads nothing of the job: overlaps the checks
     clock.lap("compiler")
     wait_at_gate()  # nothing of the model or the input is read before the pre-flight checks pass
@@ -230,6 +240,8 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     micro_batches, lanes_per_micro_batch = micro_batch_layout(
         inf.batch_size, spec.parallelism.effective_micro_batches
     )
+    prompt_tokens = sum(len(r.prompt_ids) for r in todo)
+    options = CompileOptions.from_env(info.device, compile_prompts=compiling_prompts_pays(prompt_tokens))
     longest = max((len(r.prompt_ids) for r in todo), default=1)
     try:
         max_len = cache_length(longest, inf.max_new_tokens, arch.max_positions)

@@ -150,3 +150,21 @@ def test_the_compiler_is_readied_before_the_model_and_eager_readies_nothing(tmp_
         [sys.executable, "-c", PREPARE, str(tmp_path / "cache")], env=env, capture_output=True, text=True
     )
     assert out.stdout.split()[3] == str(tmp_path / "users"), out.stderr[-3000:]
+
+
+def test_a_batch_job_compiles_its_prompt_passes_only_where_that_pays_unless_told() -> None:
+    from conveyor.inference.job import COMPILE_PROMPTS_FROM_TOKENS, compiling_prompts_pays
+    from conveyor.inference.kernels.cuda_graphs import CompileOptions
+
+    cuda = torch.device("cuda")  # (the options only; nothing runs on it)
+    small, large = COMPILE_PROMPTS_FROM_TOKENS - 1, COMPILE_PROMPTS_FROM_TOKENS
+    assert [compiling_prompts_pays(n) for n in (0, small, large)] == [False, False, True]
+    for tokens, told, want in [
+        (large, {}, True),
+        (small, {}, False),
+        (large, {"CONVEYOR_COMPILE_PROMPTS": "0"}, False),
+        (small, {"CONVEYOR_COMPILE_PROMPTS": "1"}, True),
+    ]:
+        options = CompileOptions.from_env(cuda, told, compile_prompts=compiling_prompts_pays(tokens))
+        assert options.compile_prompts is want, (tokens, told)
+    assert not CompileOptions.from_env(torch.device("cpu"), {}, compile_prompts=True).compile_prompts
