@@ -20,11 +20,12 @@ from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import torch
-from safetensors import safe_open
 from torch import nn
+
+from conveyor.inference.model.loader import open_tensors
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,7 @@ class SafetensorsFiles:
 
     def __init__(self, files: list[Path]):
         self._stack = ExitStack()
-        self._handles: dict[str, Any] = {}
-        for f in files:
-            handle = self._stack.enter_context(safe_open(str(f), framework="pt"))
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                self._handles[key] = handle
+        self._handles = open_tensors(files, self._stack)
         self.read_bytes = 0
         self.beside = 0  # bytes held beside the last read's result at its worst moment (one run)
 

@@ -31,6 +31,17 @@ from conveyor.inference.model.staging import PinnedStaging
 from conveyor.inference.pipeline.tensor_parallel import Policy, check_divisible, plan_layer, shard_range
 
 
+def open_tensors(files: list[Path], stack: ExitStack) -> dict[str, Any]:
+    """Each tensor name of ``files`` -> the open safetensors handle of its file (headers read, no data),
+    closed with ``stack``."""
+    handles: dict[str, Any] = {}
+    for fname in files:
+        handle = stack.enter_context(safe_open(str(fname), framework="pt"))
+        for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+            handles[key] = handle
+    return handles
+
+
 class Checkpoint:
     """The tensors of a checkpoint directory, read lazily (headers only until a slice is asked for)."""
 
@@ -41,11 +52,7 @@ class Checkpoint:
         if files is None:
             files = weight_files(self.dir)
         self._stack = ExitStack()
-        self._handles: dict[str, Any] = {}
-        for fname in files:
-            handle = self._stack.enter_context(safe_open(str(fname), framework="pt"))
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                self._handles[key] = handle
+        self._handles = open_tensors(files, self._stack)
         # BertFor* checkpoints prefix the encoder with "bert."; BertModel ones do not.
         self.prefix = "bert." if any(k.startswith("bert.") for k in self._handles) else ""
 
