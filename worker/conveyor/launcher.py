@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +79,10 @@ def check_local(spec: PipelineJobSpec) -> None:
         raise SpecError("\n".join(problems))
 
 
-def local_gpus(environ: dict[str, str] | None = None) -> list[str]:
+def local_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
     """This machine's GPUs as CUDA_VISIBLE_DEVICES names them: the caller's list if set, else the
     driver's device files (not torch.cuda: importing torch here cost every run 3 s)."""
-    environ = os.environ if environ is None else environ
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [g for g in visible.split(",") if g.strip()]
     found = (p.name.removeprefix("nvidia") for p in Path("/dev").glob("nvidia[0-9]*"))
