@@ -235,6 +235,7 @@ def deepspeed_rank(cfg: dict[str, Any]) -> None:
     """One rank of DeepSpeed's side; writes its step times and peak memory to cfg['out'].rank{R}."""
     import deepspeed
     import transformers as T
+    from conveyor.train.data import DataOrder, read_samples
     from conveyor.train.hf_layers import causal_lm_loss
     from deepspeed.pipe import LayerSpec, PipelineModule
     from torch import nn
@@ -292,7 +293,10 @@ def deepspeed_rank(cfg: dict[str, Any]) -> None:
             loss_fn=causal_lm_loss,
             partition_method="parameters",
             activation_checkpoint_interval=1 if cfg["activation_checkpointing"] else 0,
+            # the decoder layers only: a checkpointed embedding's output (from token ids) has no grad_fn
+            checkpointable_layers=["Decoder"],
         )
+    load_hf_weights(module, cfg["model"], config.num_hidden_layers, device)
     replicas = cfg["ds_replicas"]
     ds_config = {
         "train_batch_size": cfg["global_batch"],
@@ -305,18 +309,13 @@ def deepspeed_rank(cfg: dict[str, Any]) -> None:
     }
     optimizer = torch.optim.AdamW(module.parameters(), lr=LR)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    generator = torch.Generator().manual_seed(0)
-    samples = torch.randint(3, config.vocab_size, (cfg["global_batch"], cfg["seq"]), generator=generator)
-
-    def batches() -> Any:
-        while True:  # each replica's micro-batches, in order, every step
-            for row in range(0, samples.shape[0], cfg["micro"]):
-                ids = samples[row : row + cfg["micro"]]
-                yield ids, ids.clone()
-
-    data = batches()
+    # our job's samples in our job's order (data.py): this replica's share of each step's global batch
+    samples = read_samples(cfg["dataset"], cfg["seq"], True, None, cfg["eos"], 0, config.vocab_size)
+    order = DataOrder(samples, 0, cfg["global_batch"], replicas, cfg["micro"])
+    replica = engine.grid.data_parallel_id
     seconds, losses = [], []
-    for _ in range(cfg["warmup"] + cfg["steps"]):
+    for step in range(cfg["warmup"] + cfg["steps"]):
+        data = iter(order.micro_batches(step * cfg["global_batch"], replica))
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -335,6 +334,34 @@ def deepspeed_rank(cfg: dict[str, Any]) -> None:
         "deepspeed_optimizer": type(engine.optimizer).__name__,
     }
     Path(f"{cfg['out']}.rank{rank}").write_text(json.dumps(result))
+
+
+def load_hf_weights(module: Any, model_dir: str, layers: int, device: torch.device) -> None:
+    """Fill this stage's layers from the HF checkpoint (global index 0: embedding, 1..L: decoder layer
+    i - 1, L + 1: norm and head): both sides start from the same weights; strict: names and shapes checked."""
+    from safetensors import safe_open
+
+    prefixes = {}
+    for name in module._modules:
+        if not name.isdigit():
+            continue
+        index = int(name)
+        prefixes[name] = (
+            {"embed_tokens.": "model.embed_tokens."} if index == 0
+            else {"norm.": "model.norm.", "lm_head.": "lm_head."} if index == layers + 1
+            else {"layer.": f"model.layers.{index - 1}."}
+        )  # fmt: skip
+    wanted = {hf: (name, ours) for name, p in prefixes.items() for ours, hf in p.items()}
+    states: dict[str, dict[str, torch.Tensor]] = {name: {} for name in prefixes}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), "pt", device=str(device)) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                hit = next((hf for hf in wanted if key.startswith(hf)), None)
+                if hit is not None:
+                    name, ours = wanted[hit]
+                    states[name][ours + key.removeprefix(hit)] = f.get_tensor(key)
+    for name, state in states.items():
+        module._modules[name].load_state_dict(state, strict=True)
 
 
 def run_deepspeed(cfg: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
@@ -444,6 +471,7 @@ def main() -> None:
         "warmup": args.warmup_steps, "steps": args.steps, "precision": "bf16" if cuda else "fp32",
         "activation_checkpointing": args.activation_checkpointing, "zero_stage": args.deepspeed_zero_stage,
         "stop_after_steps": cuda or args.stop_after_steps,
+        "eos": arch.eos_token_ids[0] if arch.eos_token_ids else None,
     }  # fmt: skip
     tokens_per_step = args.global_batch_size * seq
     report: dict[str, Any] = {
@@ -484,6 +512,14 @@ def main() -> None:
         report["tokens_per_s_ratio_conveyor_over_deepspeed"] = round(
             ours["tokens_per_s"] / theirs["tokens_per_s"], 3
         )
+        # the same weights and samples in the same order: the first losses agree (to bf16's rounding),
+        # evidence that both sides train the same model on the same batch
+        first = (ours["losses"][0], theirs["losses"][0])
+        report["loss_step1"] = {
+            "conveyor": first[0],
+            "deepspeed": first[1],
+            "rel_diff": abs(first[0] - first[1]) / abs(first[1]),
+        }
     lines = [
         f"{shape}, seq {seq}, {report['micro_batches']} micro-batches of {args.micro_batch_size} a step, "
         f"{report['precision']}, {world} x {name}",
@@ -508,6 +544,8 @@ def main() -> None:
         lines.append(
             f"\nConveyor / DeepSpeed tokens/s: {report['tokens_per_s_ratio_conveyor_over_deepspeed']:.2f}"
         )
+    if "loss_step1" in report:
+        lines.append(f"step 1 loss: Conveyor {first[0]:.5f}, DeepSpeed {first[1]:.5f}")
     report["table"] = "\n".join(lines)
     print(report["table"])
     save_report(report, args.out)

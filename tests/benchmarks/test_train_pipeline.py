@@ -1,6 +1,7 @@
 """benchmarks/train_pipeline.py on the CPU: our side is a real ``mode: train`` job through ``conveyor run``
 (tiny Llama, 2 stages over gloo), stopped after its timed steps as on the GPU; DeepSpeed's side runs where
-``deepspeed`` is importable and is reported as skipped where not. Without enough GPUs the GPU run says
+``deepspeed`` is importable (then its first loss is ours: the same weights and samples) and is reported
+as skipped where not. Without enough GPUs the GPU run says
 so and exits 0."""
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def test_smoke_run_reports_tokens_per_second_of_our_job(tmp_path: Path) -> None:
     else:
         assert theirs["status"] == "ok" and theirs["tokens_per_s"] > 0, theirs["status"]
         assert report["tokens_per_s_ratio_conveyor_over_deepspeed"] > 0
+        # the same weights and samples in the same order, fp32: the same first loss
+        assert report["loss_step1"]["rel_diff"] < 1e-5, report["loss_step1"]
 
 
 def test_without_enough_gpus_it_says_so_and_exits_cleanly(tmp_path: Path) -> None:
