@@ -134,7 +134,7 @@ class MemorySampler:
         return [round(self.peak.get(i, 0) / 2**30, 2) for i in range(gpus)]
 
 
-def summary(step_seconds: list[float], tokens_per_step: int, flops_per_token: float, peak: float | None, gpus: int) -> dict[str, Any]:  # fmt: skip
+def summary(step_seconds: list[float], tokens_per_step: int, flops_per_token: float, params: int, peak: float | None, gpus: int) -> dict[str, Any]:  # fmt: skip
     mean = sum(step_seconds) / len(step_seconds)
     tokens_per_s = tokens_per_step / mean
     return {
@@ -142,6 +142,8 @@ def summary(step_seconds: list[float], tokens_per_step: int, flops_per_token: fl
         "mean_step_s": round(mean, 4),
         "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(tokens_per_s * flops_per_token / (peak * gpus), 4) if peak else None,
+        # without the attention term: the 6N figure most reports quote
+        "mfu_6n": round(tokens_per_s * 6 * params / (peak * gpus), 4) if peak else None,
     }
 
 
@@ -502,7 +504,7 @@ def main() -> None:
         with MemorySampler(args.device) as memory:
             result = run(cfg, workdir, args.timeout)
         if result.get("status") == "ok":
-            result.update(summary(result["step_seconds"], tokens_per_step, per_token, peak, world))
+            result.update(summary(result["step_seconds"], tokens_per_step, per_token, params, peak, world))
         if cuda:
             result["peak_gpu_memory_gib"] = memory.gib(world)
         report[engine] = result

@@ -46,7 +46,9 @@ def test_smoke_run_reports_tokens_per_second_of_our_job(tmp_path: Path) -> None:
     assert ours["stopped_after_steps"]  # as on the GPU: no end-of-run checkpoint
     assert not (tmp_path / "work" / "conveyor" / "ckpt").exists()
     assert len(ours["step_seconds"]) == 2 and ours["tokens_per_s"] > 0
-    assert ours["tokens_per_s"] == pytest.approx(4 * 32 / ours["mean_step_s"], rel=1e-3)
+    assert ours["tokens_per_s"] == pytest.approx(
+        4 * 32 / ours["mean_step_s"], rel=1e-2
+    )  # mean_step_s is rounded
     assert ours["mfu"] is None  # no peak FLOP/s on the CPU: not guessed
     # a random model's first loss is about ln(vocabulary)
     assert len(ours["losses"]) >= 3 and abs(ours["losses"][0] - math.log(256)) < 1.5, ours["losses"]
@@ -73,3 +75,14 @@ def test_without_enough_gpus_it_says_so_and_exits_cleanly(tmp_path: Path) -> Non
     assert json.loads(out.read_text())["status"].startswith(
         "skipped: 8 stages x 8 tensor-parallel need 64 GPUs"
     )
+
+
+def test_summary_counts_tokens_per_second_and_mfu_from_the_mean_step() -> None:
+    from benchmarks.train_pipeline import summary
+
+    # 4096 tokens a step at a mean 2 s: 2048 tokens/s; on 2 GPUs of 1e13 FLOP/s peak (MFU to 4 places)
+    row = summary([1.0, 3.0], 4096, flops_per_token=1e9, params=10**8, peak=1e13, gpus=2)
+    assert row["mean_step_s"] == 2.0 and row["tokens_per_s"] == 2048.0
+    assert row["mfu"] == pytest.approx(2048 * 1e9 / 2e13, abs=1e-4)
+    assert row["mfu_6n"] == pytest.approx(2048 * 6e8 / 2e13, abs=1e-4)
+    assert summary([1.0], 10, 1.0, 1, None, 1)["mfu"] is None
