@@ -186,6 +186,9 @@ def run_ours(cfg: dict[str, Any], workdir: Path, timeout: float) -> dict[str, An
         **CHILD_ENV,
         "CONVEYOR_LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
+        # as DeepSpeed's ranks get (ranks.py): on a shared CPU, ranks of several threads each stalled
+        # each other (tiny model, 2 stages, 8 micro-batches: steps of 0.17-1.8 s, 0.05-0.06 s with one thread)
+        "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "worker"), os.environ.get("PYTHONPATH", "")]),
     }
     log_path = run_dir / "conveyor-run.log"
