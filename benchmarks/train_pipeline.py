@@ -49,7 +49,6 @@ sys.path[:0] = [str(ROOT / "worker"), str(ROOT)]
 import torch  # noqa: E402 (after the path setup)
 
 from benchmarks.common import SHAPES, save_report  # noqa: E402
-from benchmarks.generate import build_checkpoint  # noqa: E402
 from benchmarks.ranks import layout, run_group, tail  # noqa: E402
 
 # every child: NVLink multicast off (the GPU machines' rule: NCCL's NVLS and symmetric memory use it)
@@ -145,6 +144,26 @@ def summary(step_seconds: list[float], tokens_per_step: int, flops_per_token: fl
         # without the attention term: the 6N figure most reports quote
         "mfu_6n": round(tokens_per_s * 6 * params / (peak * gpus), 4) if peak else None,
     }
+
+
+def checkpoint_in_child(shape: str, dtype: torch.dtype, device: str, workdir: Path) -> Path:
+    """benchmarks/generate.py's random checkpoint, built in a child process: built here, the 7B model's
+    memory stayed in this process's CUDA cache on GPU 0 through both sides' runs."""
+    code = (
+        "import sys, torch; sys.path[:0] = sys.argv[1:3]; from benchmarks.generate import build_checkpoint; "
+        "print(build_checkpoint(sys.argv[3], getattr(torch, sys.argv[4]), sys.argv[5], __import__('pathlib').Path(sys.argv[6])))"
+    )
+    argv = [str(ROOT / "worker"), str(ROOT), shape, str(dtype).removeprefix("torch."), device, str(workdir)]
+    out = subprocess.run([sys.executable, "-c", code, *argv], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def gpu_name() -> str:
+    """GPU 0's name from nvidia-smi: torch.cuda would hold a CUDA context on GPU 0 in this process."""
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"]
+        return subprocess.run(query, check=True, capture_output=True, text=True).stdout.strip()
+    return torch.cuda.get_device_name()
 
 
 def last_error(log_path: Path) -> str:
@@ -452,7 +471,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if cuda else torch.float32
     t0 = time.perf_counter()
-    model = build_checkpoint(shape, dtype, args.device, workdir)
+    model = checkpoint_in_child(shape, dtype, args.device, workdir)
     print(f"checkpoint {model} ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
     from conveyor.inference.model.families import load_arch
@@ -462,7 +481,7 @@ def main() -> None:
     arch = load_arch(str(model))
     params = parameter_count(arch)
     per_token = flops_per_token(arch, params, seq)
-    name = torch.cuda.get_device_name() if cuda else "cpu"
+    name = gpu_name() if cuda else "cpu"
     peak = (
         next((bf16 for fragment, (bf16, _) in PEAK_FLOPS.items() if fragment in name), None) if cuda else None
     )
