@@ -82,7 +82,7 @@ case "$part" in
     else need=4; layout=(--stages 2 --tensor-parallel 2); name=train_pp2_tp2; fi
     if [ "$gpus" -lt "$need" ]; then echo "$part needs $need GPUs, this machine has $gpus" >&2; exit 2; fi
     python3 -u benchmarks/train_pipeline.py --model-shape llama2-7b "${layout[@]}" --seq-length 2048 \
-      --micro-batch-size 1 --global-batch-size 8 --warmup-steps 2 --steps 6 --timeout 240 \
+      --micro-batch-size 1 --global-batch-size 8 --warmup-steps 2 --steps 6 --timeout 200 \
       --workdir /tmp/conveyor-bench --out "$out/$name.json" 2>&1 | tee "$out/$name.log" || status=$?
     # each side's rank logs, for a side that failed
     cp /tmp/conveyor-bench/conveyor/conveyor-run.log "$out/$name.conveyor.log" 2>/dev/null || true
