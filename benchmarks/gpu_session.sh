@@ -10,6 +10,8 @@
 #                                           # then with graphs off and with compile off (~3 min)
 #   bash benchmarks/gpu_session.sh multi    # 2 GPUs: TP 2 at batch 1 and 16 (~5 min)
 #   bash benchmarks/gpu_session.sh pipeline # 2 GPUs: 1 GPU and 2 stages at batch 16 and 64 per stage (~6 min)
+#   bash benchmarks/gpu_session.sh train    # 2 GPUs: fine-tuning, 2 stages, 7B shape, against DeepSpeed's pipeline (~6 min)
+#   bash benchmarks/gpu_session.sh train4   # 4 GPUs: the same at 2 stages x 2 tensor-parallel (~6 min)
 #   bash benchmarks/gpu_session.sh int8     # int8 vs bf16 accuracy and decode speed (~4 min)
 #   bash benchmarks/gpu_session.sh kernels  # the step's kernels, and cuBLAS vs the skinny matmul (~6 min)
 #
@@ -17,7 +19,7 @@
 # (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh check|job|decode|tpdiag|multi|pipeline|int8|kernels}"
+part="${1:?usage: gpu_session.sh check|job|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 
@@ -74,6 +76,19 @@ case "$part" in
     python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 16,64 --layouts 1x1,2x1 \
       --fill-stages --skip-hf --out "$out/generate_pp2.json"
     ;;
+  train | train4)
+    # seq 2048, 8 micro-batches of 1 a step (bubble 1/9 on 2 stages), 2 warm-up + 6 timed steps a side
+    if [ "$part" = train ]; then need=2; layout=(--stages 2 --tensor-parallel 1); name=train_pp2
+    else need=4; layout=(--stages 2 --tensor-parallel 2); name=train_pp2_tp2; fi
+    if [ "$gpus" -lt "$need" ]; then echo "$part needs $need GPUs, this machine has $gpus" >&2; exit 2; fi
+    python3 -u benchmarks/train_pipeline.py --model-shape llama2-7b "${layout[@]}" --seq-length 2048 \
+      --micro-batch-size 1 --global-batch-size 8 --warmup-steps 2 --steps 6 --timeout 200 \
+      --workdir /tmp/conveyor-bench --out "$out/$name.json" 2>&1 | tee "$out/$name.log" || status=$?
+    # each side's rank logs, for a side that failed
+    cp /tmp/conveyor-bench/conveyor/conveyor-run.log "$out/$name.conveyor.log" 2>/dev/null || true
+    for f in /tmp/conveyor-bench/deepspeed/ds.rank*.log; do [ -f "$f" ] && cp "$f" "$out/$name.$(basename "$f")"; done
+    exit "${status:-0}"
+    ;;
   int8)
     python3 -u benchmarks/quantization.py --model-shape llama2-7b --batch-sizes 1,16 \
       --out "$out/quantization.json"
@@ -84,7 +99,7 @@ case "$part" in
     python3 -u benchmarks/skinny_matmul.py --batch-sizes 1,16,64 --budget-s 240 --out "$out/skinny_matmul.json"
     ;;
   *)
-    echo "unknown part $part: check|job|decode|tpdiag|multi|pipeline|int8|kernels" >&2
+    echo "unknown part $part: check|job|decode|tpdiag|multi|pipeline|train|train4|int8|kernels" >&2
     exit 2
     ;;
 esac

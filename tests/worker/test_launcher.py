@@ -197,3 +197,28 @@ def test_worker_refuses_a_missing_environment():
         timeout=60,
     )
     assert result.returncode == 2 and "CONVEYOR_SPEC is not set" in result.stderr
+
+
+def _spec(device: str = "cuda", **parallelism):
+    from conveyor.spec import PipelineJobSpec
+
+    return PipelineJobSpec.model_validate(
+        {"mode": "inference", "device": device, "model": {"path": "m"}, "parallelism": parallelism,
+         "inference": {"input": "in.jsonl", "output": "out.jsonl"}}
+    )  # fmt: skip
+
+
+def test_each_local_pod_sees_its_own_gpus_when_there_is_one_per_rank():
+    """Locally every stage's local rank 0 took cuda:0 (2 stages on a 2-GPU machine shared GPU 0): each
+    pod now sees only its own GPUs, in the order of the caller's CUDA_VISIBLE_DEVICES."""
+    from conveyor.launcher import local_gpus, pod_gpus
+
+    gpus = local_gpus({"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    assert gpus == ["4", "5", "6", "7"]
+    two_by_two = _spec(stages=2, tensorParallel=2)
+    assert [pod_gpus(two_by_two, pod, gpus) for pod in range(2)] == ["4,5", "6,7"]
+    assert [pod_gpus(_spec(stages=4), pod, gpus) for pod in range(4)] == ["4", "5", "6", "7"]
+    # fewer GPUs than ranks, or the CPU: the pods share what there is, as before
+    assert pod_gpus(_spec(stages=2, tensorParallel=4), 0, gpus) is None
+    assert pod_gpus(_spec("cpu", stages=2), 0, gpus) is None
+    assert local_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []

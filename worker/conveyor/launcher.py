@@ -9,7 +9,9 @@ it (``spec.restartPolicy``: the same backoff, CONVEYOR_RESTART raised) until ``b
 a refusal (exit 2) is not restarted, since it would only be refused again. Locally every pod restarts,
 where the operator restarts only the failed replica's group; a replica that is done exits 0 at once.
 Ctrl-C (or SIGTERM) stops the pods, keeps what they committed and exits 130 (143); a serve job whose
-ranks all drained their requests and exited 0 exits 0.
+ranks all drained their requests and exited 0 exits 0. On a machine with a GPU for every rank, each pod
+sees only its own GPUs (CUDA_VISIBLE_DEVICES), as the device plugin gives each pod its own in a cluster;
+with fewer, the pods share them as before.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,27 @@ def check_local(spec: PipelineJobSpec) -> None:
         raise SpecError("\n".join(problems))
 
 
+def local_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES names them: the caller's list if set, else the
+    driver's device files (not torch.cuda: importing torch here cost every run 3 s)."""
+    visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    found = (p.name.removeprefix("nvidia") for p in Path("/dev").glob("nvidia[0-9]*"))
+    return [str(i) for i in sorted(int(n) for n in found if n.isdigit())]
+
+
+def pod_gpus(spec: PipelineJobSpec, pod_number: int, gpus: list[str]) -> str | None:
+    """The CUDA_VISIBLE_DEVICES of one local pod: its own ``gpus_per_pod`` GPUs when the machine has one
+    for every pod's ranks, else None (the pods share them: without this, every stage's local rank 0
+    was cuda:0)."""
+    per_pod = spec.gpus_per_pod
+    pods = spec.parallelism.replicas * spec.parallelism.stages
+    if spec.device == "cpu" or per_pod == 0 or len(gpus) < per_pod * pods:
+        return None
+    return ",".join(gpus[pod_number * per_pod : (pod_number + 1) * per_pod])
+
+
 def plan_pods(job: PipelineJob, spec: PipelineJobSpec, restart: int, workdir: Path) -> list[Child]:
     """One Child per pod: (replica, stage), with the pod environment the operator would set."""
     p = spec.parallelism
@@ -85,6 +108,7 @@ def plan_pods(job: PipelineJob, spec: PipelineJobSpec, restart: int, workdir: Pa
     ports = [free_port()] * p.replicas if train else [free_port() for _ in range(p.replicas)]
     checkpoint_dir = spec.checkpoint.path if spec.checkpoint else None
     metrics_base = int(os.environ.get("CONVEYOR_METRICS_PORT", "0"))
+    gpus = local_gpus()
     children = []
     for replica in range(p.replicas):
         for stage in range(p.stages):
@@ -107,6 +131,9 @@ def plan_pods(job: PipelineJob, spec: PipelineJobSpec, restart: int, workdir: Pa
                     metrics_base + pod_number * p.tensor_parallel if metrics_base else 0
                 ),
             )
+            visible = pod_gpus(spec, pod_number, gpus)
+            if visible is not None:
+                env["CUDA_VISIBLE_DEVICES"] = visible
             if spec.serve is not None:  # local replicas share one host: one endpoint port each
                 env["CONVEYOR_SERVE_PORT"] = str(spec.serve.port + replica)
             children.append(
