@@ -302,3 +302,19 @@ def test_conveyor_run_refuses_a_bad_job_before_starting_anything(tmp_path: Any) 
     )
     assert proc.returncode != 0
     assert "spec.parallelism.stages" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_job_file_reads_exponent_numbers_as_kubectl_does(tmp_path: Any) -> None:
+    # PyYAML alone reads `lr: 1e-5` (no dot) as the string "1e-5"; the API server's YAML reads a float,
+    # and a string reached the optimizer, which failed comparing it
+    from conveyor.spec import load_job
+
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "apiVersion: conveyor.dev/v1alpha1\nkind: PipelineJob\nmetadata: {name: t}\n"
+        "spec:\n  mode: train\n  model: {path: /m}\n  checkpoint: {path: /c}\n  train:\n    dataset: /d.jsonl\n    steps: 4\n"
+        "    optimizer: {type: AdamW, params: {lr: 1e-5, eps: 1E-8, betas: [0.9, 0.95], tag: '3e-4'}}\n"
+    )
+    params = load_job(path).spec.train.optimizer.params  # type: ignore[union-attr]
+    assert params == {"lr": 1e-5, "eps": 1e-8, "betas": [0.9, 0.95], "tag": "3e-4"}
+    assert isinstance(params["lr"], float)

@@ -12,6 +12,7 @@ checks those at admission, before any pod exists); both name the field and the f
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -737,13 +738,26 @@ def parse_spec(spec: dict[str, Any]) -> PipelineJobSpec:
         raise SpecError(format_validation_error(err, prefix="spec")) from None
 
 
+class _JobLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as kubectl does (YAML 1.2's floats): PyYAML's YAML 1.1
+    needs a dot, so ``lr: 1e-5`` came back the string "1e-5" locally and a float from the cluster, and
+    the optimizer then failed comparing it."""
+
+
+_JobLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)$"),
+    list("-+.0123456789"),
+)
+
+
 def load_job(path: str | Path) -> PipelineJob:
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise SpecError(f"{path}: byte {err.start + 1} is not UTF-8: save the file as UTF-8") from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_JobLoader) if d is not None]
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {err}") from None
     jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
