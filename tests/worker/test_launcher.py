@@ -208,7 +208,7 @@ def _spec(device: str = "cuda", **parallelism):
     )  # fmt: skip
 
 
-def test_each_local_pod_sees_its_own_gpus_when_there_is_one_per_rank():
+def test_each_local_pod_sees_its_own_gpus_when_there_is_one_per_rank(tmp_path: Path) -> None:
     """Locally every stage's local rank 0 took cuda:0 (2 stages on a 2-GPU machine shared GPU 0): each
     pod now sees only its own GPUs, in the order of the caller's CUDA_VISIBLE_DEVICES."""
     from conveyor.launcher import local_gpus, pod_gpus
@@ -222,3 +222,9 @@ def test_each_local_pod_sees_its_own_gpus_when_there_is_one_per_rank():
     assert pod_gpus(_spec(stages=2, tensorParallel=4), 0, gpus) is None
     assert pod_gpus(_spec("cpu", stages=2), 0, gpus) is None
     assert local_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    # a container given the host's third and fourth GPUs: CUDA calls them 0 and 1
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name in ("nvidia2", "nvidia3", "nvidiactl", "nvidia-uvm", "nvidia-caps"):
+        (dev / name).touch()
+    assert local_gpus({}, dev) == ["0", "1"]

@@ -79,14 +79,16 @@ def check_local(spec: PipelineJobSpec) -> None:
         raise SpecError("\n".join(problems))
 
 
-def local_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
+def local_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> list[str]:
     """This machine's GPUs as CUDA_VISIBLE_DEVICES names them: the caller's list if set, else the
     driver's device files (not torch.cuda: importing torch here cost every run 3 s)."""
     visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [g for g in visible.split(",") if g.strip()]
-    found = (p.name.removeprefix("nvidia") for p in Path("/dev").glob("nvidia[0-9]*"))
-    return [str(i) for i in sorted(int(n) for n in found if n.isdigit())]
+    # CUDA numbers the GPUs it sees from 0; a container's device files keep the host's numbers
+    # (/dev/nvidia3 alone for the host's fourth GPU), so only their count says anything here.
+    found = [p for p in dev.glob("nvidia[0-9]*") if p.name.removeprefix("nvidia").isdigit()]
+    return [str(i) for i in range(len(found))]
 
 
 def pod_gpus(spec: PipelineJobSpec, pod_number: int, gpus: list[str]) -> str | None:
