@@ -15,6 +15,8 @@ from conveyor.testing.tiny import Shape, hf_config
 SHAPES: dict[str, Shape] = {
     "llama2-7b": Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000, positions=4096),
     "llama2-13b": Shape(hidden=5120, intermediate=13824, layers=40, heads=40, vocab=32000, positions=4096),
+    # about 1.1B parameters: a training run of both engines fits one GPU (a quick check before a 7B call)
+    "llama-1b": Shape(hidden=2048, intermediate=5504, layers=16, heads=16, vocab=32000, positions=4096),
     "tiny": Shape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256, positions=512),
 }
 
