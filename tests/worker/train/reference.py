@@ -125,3 +125,16 @@ def assert_output_is_the_exports_greedy_tokens(
         )  # the export is the trained model
         assert rows[i] == want[0, len(prompt) :].tolist()[: len(rows[i])], i
         assert len(rows[i]) == 6 or rows[i][-1] == 2
+
+
+def assert_export_is_tied_and_trained(export: Path, trained: Any) -> None:
+    """The ``export`` of a tied-embeddings model: its config says tied, HF loads one tensor for the
+    embedding and the head, and it holds the ``trained`` HF model's embedding."""
+    from transformers import AutoModelForCausalLM
+
+    assert json.loads((export / "config.json").read_text())["tie_word_embeddings"] is True
+    loaded = AutoModelForCausalLM.from_pretrained(str(export)).float().eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(
+        loaded.model.embed_tokens.weight, trained.model.embed_tokens.weight, rtol=1e-3, atol=1e-4
+    )

@@ -5,15 +5,19 @@ trained reference's logits."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conveyor.testing.tiny import save_tiny
 
 from tests.worker.pipe.harness import run_ranks
 from tests.worker.train.ranks import fine_tune_rank
-from tests.worker.train.reference import STEPS, hf_train, spec_dict, write_dataset
+from tests.worker.train.reference import (
+    STEPS,
+    assert_export_is_tied_and_trained,
+    hf_train,
+    spec_dict,
+    write_dataset,
+)
 
 pytestmark = pytest.mark.integration
 TOL = 2e-4
@@ -66,16 +70,7 @@ def test_tied_embeddings_over_two_stages_equal_hf(tmp_path):
     per_rank = run_ranks(fine_tune_rank, 2, spec, str(tmp_path / "ckpt"), timeout=500)
     for losses in per_rank:
         assert [losses[s] for s in range(1, 9)] == pytest.approx(ref_losses, rel=TOL, abs=TOL)
-    from transformers import AutoModelForCausalLM
-
-    export = tmp_path / "ckpt" / "export"
-    config = json.loads((export / "config.json").read_text())
-    assert config["tie_word_embeddings"] is True
-    loaded = AutoModelForCausalLM.from_pretrained(str(export)).float().eval()
-    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
-    torch.testing.assert_close(
-        loaded.model.embed_tokens.weight, trained.model.embed_tokens.weight, rtol=1e-3, atol=1e-4
-    )
+    assert_export_is_tied_and_trained(tmp_path / "ckpt" / "export", trained)
 
 
 @pytest.mark.timeout(600)

@@ -11,15 +11,13 @@ reach: tied embeddings split over the vocabulary and over 2 stages, and a vocabu
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conveyor.testing.tiny import save_tiny
 
 from tests.worker.pipe.harness import run_ranks
 from tests.worker.train.ranks import fine_tune_outcome_rank, tensor_parallel_gradients_rank
-from tests.worker.train.reference import hf_train, write_dataset
+from tests.worker.train.reference import assert_export_is_tied_and_trained, hf_train, write_dataset
 from tests.worker.train.test_tensor_parallel import STEPS, TOL, tp_spec
 
 pytestmark = pytest.mark.integration
@@ -27,7 +25,6 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.timeout(900)
 def test_tied_embeddings_split_over_the_vocabulary_and_two_stages_equal_hf(tmp_path):
-    from transformers import AutoModelForCausalLM
 
     model = save_tiny("llama", tmp_path / "model", tie_word_embeddings=True)
     data = write_dataset(tmp_path / "data.jsonl")
@@ -39,13 +36,7 @@ def test_tied_embeddings_split_over_the_vocabulary_and_two_stages_equal_hf(tmp_p
         assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx(ref_losses, rel=TOL, abs=TOL), rank
         assert [norms[s] for s in range(1, STEPS + 1)] == pytest.approx(ref_norms, rel=TOL), rank
 
-    export = tmp_path / "ckpt" / "export"
-    assert json.loads((export / "config.json").read_text())["tie_word_embeddings"] is True
-    loaded = AutoModelForCausalLM.from_pretrained(str(export)).float().eval()
-    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
-    torch.testing.assert_close(
-        loaded.model.embed_tokens.weight, trained.model.embed_tokens.weight, rtol=1e-3, atol=1e-4
-    )
+    assert_export_is_tied_and_trained(tmp_path / "ckpt" / "export", trained)
 
 
 @pytest.mark.timeout(600)
