@@ -84,7 +84,7 @@ def local_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev"
     driver's device files (not torch.cuda: importing torch here cost every run 3 s)."""
     visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return [g for g in visible.split(",") if g.strip()]
+        return [g.strip() for g in visible.split(",") if g.strip()]
     # CUDA numbers the GPUs it sees from 0; a container's device files keep the host's numbers
     # (/dev/nvidia3 alone for the host's fourth GPU), so only their count says anything here.
     found = [p for p in dev.glob("nvidia[0-9]*") if p.name.removeprefix("nvidia").isdigit()]

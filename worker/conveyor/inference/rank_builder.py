@@ -59,10 +59,11 @@ def cache_length(longest_prompt: int, max_new_tokens: int, max_positions: int) -
 
 
 def prepare_compiler(options: CompileOptions, cache_dir: Path | None) -> None:
-    """What warm-up needs of the compiler and nothing of the model: its settings (compile_cache.py) and
+    """What warm-up needs of the compiler and nothing of the model: its settings (compile_cache.py),
     its heavy imports (inductor's ``compile_fx``, Triton and the decode kernels; 2.2-2.5 s of a cold
-    rank's start on an H200), and inductor's compile workers. A batch job's rank does this while it waits at the pre-flight gate, so
-    it overlaps the checks; ``build_generation_rank`` calls it again, at no cost."""
+    rank's start on an H200) and inductor's compile workers. A batch job's rank does this while it
+    waits at the pre-flight gate, so it overlaps the checks; ``build_generation_rank`` calls it again,
+    at no cost."""
     if not (options.compile or options.cuda_graphs):
         return
     from conveyor.inference.kernels import compile_cache
