@@ -118,6 +118,23 @@ def test_unknown_optimizer_is_named():
         conveyor.initialize(model=net, config={"train_batch_size": 2, "optimizer": {"type": "Lion"}})
 
 
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"lr": -1.0}, r"config.optimizer.params: Invalid learning rate: -1.0"),  # torch's ValueError
+        ({"lr": "fast"}, r"config.optimizer.params: .*not supported between"),  # a string, as PyYAML gave
+        ({"lr": 1e-3, "momentum_x": 1}, r"config.optimizer.params: .*momentum_x"),
+    ],
+)
+def test_a_bad_optimizer_argument_is_a_config_error_not_a_crash(params, message):
+    # a ConfigError is a refusal (exit 2, no restart: failure.py); anything else a crash, restarted
+    net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+    with pytest.raises(ConfigError, match=message):
+        conveyor.initialize(
+            model=net, config={"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": params}}
+        )
+
+
 def test_iterator_running_dry_mid_batch_is_a_clear_error():
     net = PipelineModule(tied_layers(), loss_fn=lm_loss)
     engine, _, _, _ = conveyor.initialize(model=net, config=config(4, 1))

@@ -36,7 +36,7 @@ def build_optimizer(config: OptimizerConfig, params: Iterable[torch.nn.Parameter
         kwargs["betas"] = tuple(kwargs["betas"])
     try:
         return _OPTIMIZERS[kind](params, **kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # an unknown or mistyped argument; a value out of range
         raise ConfigError(
             f"config.optimizer.params: {err} (parameters of torch.optim.{_OPTIMIZERS[kind].__name__})"
         ) from None
