@@ -263,6 +263,11 @@ class PodRunner(threading.Thread):
         with contextlib.suppress(OSError):
             message = path.read_bytes()[-MESSAGE_LIMIT:].decode(errors="replace")
         exit_code = code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as the runtime reports
+        # The runtime ends a container with all of its processes (its cgroup): a child left running (a rank
+        # whose supervisor died) would hold its sockets into the next run of the container.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(c.proc.pid, signal.SIGKILL)
+        wait_group_gone(c.proc.pid)
         self._terminated(c, exit_code, "Completed" if exit_code == 0 else "Error", message, c.started_at)
         c.proc = None
 
@@ -309,6 +314,9 @@ class PodRunner(threading.Thread):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # also any children left in the group
             proc.wait()
+            # Only then may the network go: a process that is still exiting closes its sockets after it
+            # frees its memory, and its peers never get that FIN once the pod's interface is deleted.
+            wait_group_gone(proc.pid)
 
     # -- status -----------------------------------------------------------------------------------------
     def _phase(self) -> str:
@@ -371,3 +379,20 @@ class PodRunner(threading.Thread):
                 log.warning(
                     "pod %s/%s: status update failed (%s); will retry", self.ns, self.name, err.reason
                 )
+
+
+def wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Wait until no process of group ``pgid`` is left but zombies (which have closed their files)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+        _live_in_group(stat, pgid) for stat in Path("/proc").glob("[0-9]*/stat")
+    ):
+        time.sleep(0.02)
+
+
+def _live_in_group(stat: Path, pgid: int) -> bool:
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+    except (OSError, IndexError):
+        return False
+    return fields[2] == str(pgid) and fields[0] not in ("Z", "X")

@@ -95,3 +95,44 @@ def test_a_rank_of_an_earlier_generation_never_joins_the_new_one():
     assert stale.returncode == 3 and "(rendezvous restart-0-abc)" in stale_out, stale_out
     assert [new_master.returncode, new_peer.returncode] == [0, 0], outs
     assert "SUM 3 STAGE 0" in outs[0] and "SUM 3 STAGE 1" in outs[1]
+
+
+@pytest.mark.integration
+def test_a_rank_that_reaches_an_earlier_generations_rank_0_waits_for_its_own():
+    """The other way round: the new rank 1 starts while the old rank 0 (its pod still terminating, at the
+    address the new rank 0 will have) holds the port. It must not wait under the old store, which then goes
+    away (an error the operator would count as another restart), but reconnect until its own rank 0 is up."""
+    port = free_port()
+
+    def start(rank: int, generation: str) -> subprocess.Popen:
+        env = subprocess_env(
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            CONVEYOR_RENDEZVOUS=generation,
+        )
+        return subprocess.Popen(
+            [sys.executable, "-c", _CHILD.format(timeout=90)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    old_master = start(0, "restart-0-abc")
+    try:
+        new_peer = start(1, "restart-1-abc")
+        assert new_peer.stderr is not None
+        seen = ""
+        while "is rendezvous restart-0-abc" not in seen:  # it reached the old store and said so
+            line = new_peer.stderr.readline()
+            assert line, f"the new rank ended without reaching the old store: {seen[-3000:]}"
+            seen += line
+    finally:
+        old_master.kill()
+        old_master.wait()
+    new_master = start(0, "restart-1-abc")
+    outs = [p.communicate(timeout=120)[0] for p in (new_master, new_peer)]
+    assert [new_master.returncode, new_peer.returncode] == [0, 0], outs
+    assert "SUM 3 STAGE 0" in outs[0] and "SUM 3 STAGE 1" in outs[1]

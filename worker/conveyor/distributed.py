@@ -7,12 +7,21 @@ and, deleted a moment later, fail the generation it was never part of. So when t
 rendezvous (CONVEYOR_RENDEZVOUS: the restart count and the pod template's hash, set by
 ``PodEnv.rank_environ``), every key of the rendezvous is prefixed with it: ranks of another generation
 wait apart, never with this one.
+
+The other way round matters as much: a rank of the new generation can reach the old rank 0 while that
+pod is still terminating (its name, and so its address, is the new rank 0's). Left alone it would wait
+there under its prefix and fail when that server goes away (or hang out the whole timeout if its network
+went first), a failure the operator would count as a second restart. So rank 0 writes its generation into
+its store, and any other rank joins a store only once it reads its own generation there; until then it
+reconnects, within the rendezvous timeout.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,6 +30,11 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
+GENERATION_KEY = "conveyor/generation"  # unprefixed: what rank 0 of the store's generation wrote
+# How long a rank waits for a reached store to name its generation. Rank 0 writes it as it opens the
+# store, so only a store that is not ours (an older release's, or one whose network went away) is silent.
+GENERATION_PROBE_SECONDS = 10.0
+log = logging.getLogger(__name__)
 _REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -128,12 +142,48 @@ def _generation_store(env: Mapping[str, str], rank: int, timeout: timedelta) -> 
     generation = env.get("CONVEYOR_RENDEZVOUS")
     if not generation:
         return None
-    # wait_for_workers=False: rank 0 does not count connections, which a stale rank would inflate; the
-    # prefixed barrier inside init_process_group is what waits for this generation's ranks.
-    server = dist.TCPStore(
-        env["MASTER_ADDR"], int(env["MASTER_PORT"]), None, rank == 0, timeout, wait_for_workers=False
-    )
-    return dist.PrefixStore(f"conveyor/{generation}/", server)
+    host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    prefix = f"conveyor/{generation}/"
+    if rank == 0:
+        # wait_for_workers=False: rank 0 does not count connections, which a stale rank would inflate; the
+        # prefixed barrier inside init_process_group is what waits for this generation's ranks.
+        server = dist.TCPStore(host, port, None, True, timeout, wait_for_workers=False)
+        server.set(GENERATION_KEY, generation)
+        return dist.PrefixStore(prefix, server)
+    deadline = time.monotonic() + timeout.total_seconds()
+    seen: set[str] = set()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise dist.DistStoreError(
+                f"rank 0 of rendezvous {generation} never opened its store (reached: {', '.join(sorted(seen))})"
+            )
+        found, client = _probe_generation(host, port, left)
+        if client is not None and found == f"rendezvous {generation}":
+            client.set_timeout(timeout)
+            return dist.PrefixStore(prefix, client)
+        del client  # closes the connection to a store that is not this generation's
+        if found not in seen:
+            seen.add(found)
+            log.warning(
+                f"rendezvous {generation}: {host}:{port} is {found}; waiting for this generation's rank 0",
+                extra={"rendezvous": generation, "reached": found},
+            )
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def _probe_generation(host: str, port: int, left: float) -> tuple[str, dist.Store | None]:
+    """Connect to the store at host:port and read the generation its rank 0 wrote: (what was found, the
+    connected client or None)."""
+    try:
+        client = dist.TCPStore(host, port, None, False, timedelta(seconds=left), wait_for_workers=False)
+    except (RuntimeError, dist.DistError) as err:  # nobody listening until the deadline
+        return f"not reachable ({type(err).__name__})", None
+    try:
+        client.wait([GENERATION_KEY], timedelta(seconds=min(left, GENERATION_PROBE_SECONDS)))
+        return f"rendezvous {client.get(GENERATION_KEY).decode()}", client
+    except (RuntimeError, dist.DistError) as err:  # gone while we asked, or silent: another's store
+        return f"a store without a generation ({type(err).__name__})", None
 
 
 def destroy_distributed() -> None:
