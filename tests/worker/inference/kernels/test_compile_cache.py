@@ -130,26 +130,50 @@ eager = "torch._inductor.compile_fx" in sys.modules, "TORCHINDUCTOR_CACHE_DIR" i
 prepare_compiler(CompileOptions(triton_kernels=False), Path(sys.argv[1]))
 import torch._inductor.config as inductor
 print(eager, "torch._inductor.compile_fx" in sys.modules, os.environ["TORCHINDUCTOR_CACHE_DIR"],
-      inductor.fx_graph_cache)
+      inductor.fx_graph_cache, inductor.compile_threads)
 """
 
 
 def test_the_compiler_is_readied_before_the_model_and_eager_readies_nothing(tmp_path: Path) -> None:
     # a batch job's rank does this at the pre-flight gate (job.py): it must need nothing of the job
-    env = subprocess_env(TORCH_WARM_POOL="0")  # inductor's compile workers: not for this check
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+    # inductor's compile workers: not started for this check, but sized for a pod of more ranks than CPUs
+    env = subprocess_env(TORCH_WARM_POOL="0", LOCAL_WORLD_SIZE="100000")
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_COMPILE_THREADS"):
         env.pop(name, None)
     out = subprocess.run(
         [sys.executable, "-c", PREPARE, str(tmp_path / "cache")], env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-3000:]
     # (torch._dynamo's import writes inductor's default into the environment: not a setting of the user's)
-    assert out.stdout.split() == ["(False,", "False)", "True", str(tmp_path / "cache" / "inductor"), "True"]
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "users")  # the user's own setting wins
+    cache = str(tmp_path / "cache" / "inductor")
+    assert out.stdout.split() == ["(False,", "False)", "True", cache, "True", "1"], out.stdout
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "users")  # the user's own settings win
+    env["TORCHINDUCTOR_COMPILE_THREADS"] = "3"
     out = subprocess.run(
         [sys.executable, "-c", PREPARE, str(tmp_path / "cache")], env=env, capture_output=True, text=True
     )
-    assert out.stdout.split()[3] == str(tmp_path / "users"), out.stderr[-3000:]
+    assert out.stdout.split()[3:] == [str(tmp_path / "users"), "True", "3"], out.stderr[-3000:]
+
+
+def test_a_ranks_compile_workers_fit_its_share_of_the_pods_cpu_limit(tmp_path: Path) -> None:
+    import os
+
+    host = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")  # no limit: the CPUs it may run on
+    assert compile_cache.cpu_share({}, v2) == host
+    (v2 / "cpu.max").write_text("250000 100000\n")  # 2.5 CPUs: 3 busy threads use them
+    assert compile_cache.cpu_share({}, v2) == min(host, 3)
+    assert compile_cache.cpu_share({"LOCAL_WORLD_SIZE": "8"}, v2) == 1  # 8 ranks share them: at least 1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert compile_cache.cpu_share({"LOCAL_WORLD_SIZE": "1"}, v1) == host
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert compile_cache.cpu_share({}, v1) == 1
+    assert compile_cache.cpu_share({}, tmp_path / "none") == host  # no cgroup files: the affinity
 
 
 def test_a_batch_job_compiles_its_prompt_passes_only_where_that_pays_unless_told() -> None:

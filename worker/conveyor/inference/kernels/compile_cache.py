@@ -13,8 +13,10 @@ files atomically, so replicas can share the directory while they write it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,40 @@ def configure(cache_dir: Path | None) -> None:
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # the user's setting wins
+        # Inductor sizes its compile workers by the host's cores (up to 32), per process: 8 ranks of a
+        # TP-8 pod would start 256, each a Python with torch, against the pod's CPU and memory limits.
+        torch._inductor.config.compile_threads = min(32, cpu_share())
+
+
+def cpu_share(environ: Mapping[str, str] | None = None, cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs one rank may keep busy compiling: the pod's CPU limit (its cgroup's quota) or the CPUs it may
+    run on, whichever is fewer, shared by the pod's ranks (LOCAL_WORLD_SIZE); at least 1."""
+    environ = os.environ if environ is None else environ
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup)
+    if limit is not None:
+        cpus = min(cpus, limit)
+    try:
+        ranks = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return max(1, cpus // ranks)
+
+
+def _cgroup_cpu_limit(root: Path) -> int | None:
+    """The CPU quota of this process's cgroup in whole CPUs (rounded up), None when it has none."""
+    try:  # cgroup v2: "max 100000" or "QUOTA PERIOD"
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: a quota of -1 is no limit
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else max(1, math.ceil(quota_us / period_us))
 
 
 def _slug(text: str) -> str:

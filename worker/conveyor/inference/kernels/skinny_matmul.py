@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from conveyor.inference.kernels import compile_cache
 from conveyor.inference.kernels.side_stream import warm_up
 
 try:
@@ -315,7 +316,7 @@ def precompile(jobs: Iterable[tuple[torch.Tensor, torch.Tensor, Tiles, torch.Ten
     mode = getattr(triton, "AsyncCompileMode", None)
     if not jobs or mode is None:  # older Triton: each compiles when first timed
         return
-    pool = ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1, 32))
+    pool = ThreadPoolExecutor(max_workers=min(len(jobs), compile_cache.cpu_share(), 32))
     with pool, mode(pool, ignore_errors=True):  # (the mode's exit waits for the compiles: pool's after)
         for job in jobs:
             try:
