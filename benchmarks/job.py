@@ -5,8 +5,14 @@ The job is written as a user writes it (mixed prompt lengths as ``input_ids``, m
 greedy) and run twice: cold (an empty compile cache) and warm (the cache the cold run left). Each run
 is timed end to end (the ``conveyor run`` process) and by phase from the ranks' JSON logs: load, tune,
 compile, capture (warm-up), worker start to the first decode, and generation; compiles and captures
-after warm-up are counted from the warnings CompiledStage logs (must be 0). HF: the model loaded, then
-left-padded batches of ``--batch-size`` in input order, timed once after load (cold) and again (warm).
+after warm-up are counted from the warnings CompiledStage logs (must be 0).
+
+HF, two ways. As a job: ``benchmarks/hf_job.py``, the same job written with transformers alone, run as a
+fresh process and timed end to end like ``conveyor run`` (imports, load, generation, output), first
+(cold) and again (warm: the files in the page cache); the ``speedup_vs_hf_job_*`` ratios compare whole
+jobs. In this process: the model loaded, then left-padded batches of ``--batch-size`` in input order,
+timed once after load (cold) and again (warm); ``speedup_vs_hf_cold`` takes its load and first pass,
+``speedup_vs_hf_warm`` its second pass alone, against our whole job.
 
     python3 benchmarks/job.py --model-shape llama2-7b --prompts 256 --prompt-lens 32,255 \
         --new-tokens 128 --batch-size 64 --out benchmarks/results/job.json
@@ -165,6 +171,26 @@ def run_hf(
     return {"load_s": load, "pass_s": times, "output_tokens": tokens}
 
 
+def run_hf_job(
+    model_dir: Path, data: Path, output: Path, dtype: str, new: int, batch: int, device: str
+) -> dict[str, Any]:
+    """``benchmarks/hf_job.py`` in a fresh process: its wall time and the phases it reports."""
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "hf_job.py"), str(model_dir), str(data), str(output)]
+        + ["--new-tokens", str(new), "--batch-size", str(batch), "--dtype", dtype, "--device", device],
+        capture_output=True,
+        text=True,
+    )
+    wall = time.time() - t0
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-6000:])
+        raise SystemExit(f"hf_job.py exited {proc.returncode}")
+    row = {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    print(json.dumps({"hf_job": row}), file=sys.stderr, flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-shape", default="llama2-7b", choices=list(SHAPES))
@@ -182,6 +208,9 @@ def main() -> None:
         help="micro-batches of the batch: 2 lets the host's work on one overlap the GPU's on the other",
     )
     p.add_argument("--hf-passes", type=int, default=2, help="0: no HF; 1: cold only; 2: cold and warm")
+    p.add_argument(
+        "--hf-job-runs", type=int, default=2, help="runs of hf_job.py, the HF job as a process: 0, 1 or 2"
+    )
     p.add_argument(
         "--runs",
         default="cold,warm",
@@ -236,6 +265,16 @@ def main() -> None:
         "tensor_parallel": args.tensor_parallel,
         "runs": [run_job(job, output, cache, label, Path(args.out).stem) for label in runs],
     }
+    if args.hf_job_runs:
+        hf_out = run_dir / "out" / "hf-results.jsonl"
+        hf_jobs = [
+            run_hf_job(model_dir, data, hf_out, args.dtype, args.new_tokens, args.batch_size, "cuda")
+            for _ in range(args.hf_job_runs)
+        ]
+        report["hf_job"] = hf_jobs
+        for row in report["runs"]:
+            row["speedup_vs_hf_job_cold"] = hf_jobs[0]["wall_s"] / row["wall_s"]
+            row["speedup_vs_hf_job_warm"] = hf_jobs[-1]["wall_s"] / row["wall_s"]
     if args.hf_passes:
         hf = run_hf(model_dir, dtype, prompts, args.new_tokens, args.batch_size, args.hf_passes)
         report["hf"] = hf
