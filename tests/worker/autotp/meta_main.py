@@ -88,3 +88,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # as conveyor.rank does: the interpreter's teardown of a gloo group can abort a finished rank
+    # ("terminate called without an active exception", seen 1 run in 10)
+    from conveyor.rank import exit_now
+
+    exit_now(0)

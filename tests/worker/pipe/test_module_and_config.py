@@ -135,6 +135,40 @@ def test_a_bad_optimizer_argument_is_a_config_error_not_a_crash(params, message)
         )
 
 
+@pytest.mark.parametrize(
+    "scheduler,message",
+    [
+        ({"type": "WarmupLR", "params": {"warmup_num_steps": -5}}, r"params.warmup_num_steps -5: use a step"),
+        (
+            {"type": "WarmupLR", "params": {"warmup_max_lr": -0.1}},
+            r"params.warmup_max_lr -0.1: use a learning",
+        ),
+        (
+            {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_min_ratio": 1.5}},
+            r"params.warmup_min_ratio 1.5: use a ratio in \[0, 1\]",
+        ),
+        (
+            {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "cos_min_ratio": -0.1}},
+            r"params.cos_min_ratio -0.1: use a ratio",
+        ),
+        ({"type": "WarmupDecayLR", "params": {"total_num_steps": "ten"}}, r"config.scheduler.params: "),
+    ],
+)
+def test_a_schedule_argument_out_of_range_is_refused_not_clamped(scheduler, message):
+    # a negative warm-up was taken as 2 steps, a ratio above 1 raised the rate: both trained on a
+    # schedule nobody wrote
+    net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+    with pytest.raises(ConfigError, match=message):
+        conveyor.initialize(
+            model=net,
+            config={
+                "train_batch_size": 2,
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+                "scheduler": scheduler,
+            },
+        )
+
+
 def test_iterator_running_dry_mid_batch_is_a_clear_error():
     net = PipelineModule(tied_layers(), loss_fn=lm_loss)
     engine, _, _, _ = conveyor.initialize(model=net, config=config(4, 1))

@@ -42,6 +42,20 @@ def build_optimizer(config: OptimizerConfig, params: Iterable[torch.nn.Parameter
         ) from None
 
 
+def _check_schedule(**values: Any) -> None:
+    """Refuse schedule arguments out of range, naming the field: silently clamped (a negative warm-up)
+    or passed through (a ratio above 1), they would train on a learning rate nobody asked for."""
+    for name, value in values.items():
+        if name.endswith("_ratio"):
+            ok, fix = 0.0 <= value <= 1.0, "a ratio in [0, 1]"
+        elif name.endswith("_lr"):
+            ok, fix = value >= 0, "a learning rate >= 0"
+        else:
+            ok, fix = value is None or value >= 0, "a step count >= 0"
+        if not ok:
+            raise ConfigError(f"config.scheduler.params.{name} {value!r}: use {fix}")
+
+
 class WarmupLR(torch.optim.lr_scheduler.LRScheduler):
     """DeepSpeed's WarmupLR (and WarmupDecayLR with ``total_num_steps``): the learning rate rises from
     ``warmup_min_lr`` to ``warmup_max_lr`` over ``warmup_num_steps`` (log or linear), then stays, or
@@ -59,6 +73,12 @@ class WarmupLR(torch.optim.lr_scheduler.LRScheduler):
     ):
         if warmup_type not in ("log", "linear"):
             raise ConfigError(f"config.scheduler.params.warmup_type {warmup_type!r}: use 'log' or 'linear'")
+        _check_schedule(
+            warmup_min_lr=warmup_min_lr,
+            warmup_max_lr=warmup_max_lr,
+            warmup_num_steps=warmup_num_steps,
+            total_num_steps=total_num_steps,
+        )
         if total_num_steps is not None and total_num_steps < warmup_num_steps:
             raise ConfigError(
                 f"config.scheduler.params.total_num_steps {total_num_steps} < warmup_num_steps {warmup_num_steps}"
@@ -100,6 +120,12 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
     ):
         if warmup_type not in ("log", "linear"):
             raise ConfigError(f"config.scheduler.params.warmup_type {warmup_type!r}: use 'log' or 'linear'")
+        _check_schedule(
+            warmup_min_ratio=warmup_min_ratio,
+            cos_min_ratio=cos_min_ratio,
+            warmup_num_steps=warmup_num_steps,
+            total_num_steps=total_num_steps,
+        )
         if total_num_steps <= warmup_num_steps:
             raise ConfigError(
                 f"config.scheduler.params.total_num_steps {total_num_steps} must exceed warmup_num_steps "

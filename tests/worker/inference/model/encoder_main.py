@@ -40,3 +40,8 @@ def main(model_dir: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # as conveyor.rank does: the interpreter's teardown of a gloo group can abort a finished rank
+    # ("terminate called without an active exception", seen 1 run in 10)
+    from conveyor.rank import exit_now
+
+    exit_now(0)
