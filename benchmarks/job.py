@@ -136,25 +136,31 @@ def run_job(job: Path, output: Path, cache: Path, label: str, log_name: str = "j
 
 
 def run_hf(
-    model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], new: int, batch: int, passes: int
+    model_dir: Path,
+    dtype: torch.dtype,
+    prompts: list[list[int]],
+    new: int,
+    batch: int,
+    passes: int,
+    device: str = "cuda",
 ) -> dict[str, Any]:
     import transformers as T
 
     t0 = time.perf_counter()
-    model = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda").eval()
-    sync("cuda")
+    model = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    sync(device)
     load = time.perf_counter() - t0
     eos = model.config.eos_token_id
     times, tokens = [], 0
     for _ in range(passes):
-        sync("cuda")
+        sync(device)
         t1 = time.perf_counter()
         tokens = 0
         for i in range(0, len(prompts), batch):
             part = prompts[i : i + batch]
             width = max(len(p) for p in part)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in part], device="cuda")
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device="cuda")
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in part], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=device)
             out = model.generate(
                 ids,
                 attention_mask=mask,
@@ -164,10 +170,11 @@ def run_hf(
                 eos_token_id=eos,
             )
             tokens += out[:, width:].numel()  # rows that stopped early are padded: an upper bound
-        sync("cuda")
+        sync(device)
         times.append(time.perf_counter() - t1)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return {"load_s": load, "pass_s": times, "output_tokens": tokens}
 
 
@@ -199,6 +206,7 @@ def main() -> None:
     p.add_argument("--prompt-lens", default="32,255", help="low,high: lengths drawn uniformly")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run (tests)")
     p.add_argument("--stages", type=int, default=1, help="pipeline stages, one GPU each")
     p.add_argument("--tensor-parallel", type=int, default=1)
     p.add_argument(
@@ -224,7 +232,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model_dir = build_checkpoint(args.model_shape, dtype, "cuda", workdir)
+    model_dir = build_checkpoint(args.model_shape, dtype, args.device, workdir)
     print(f"checkpoint {model_dir} ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     low, high = (int(v) for v in args.prompt_lens.split(","))
     prompts = make_prompts(args.prompts, low, high, SHAPES[args.model_shape].vocab)
@@ -237,7 +245,7 @@ def main() -> None:
     job = run_dir / "job.yaml"
     job.write_text(
         JOB.format(
-            device="cuda",
+            device=args.device,
             model=model_dir,
             dtype=args.dtype,
             input=data,
@@ -255,7 +263,7 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
     report: dict[str, Any] = {
         "shape": args.model_shape,
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "prompts": args.prompts,
         "prompt_lens": [low, high],
         "new_tokens": args.new_tokens,
@@ -268,7 +276,7 @@ def main() -> None:
     if args.hf_job_runs:
         hf_out = run_dir / "out" / "hf-results.jsonl"
         hf_jobs = [
-            run_hf_job(model_dir, data, hf_out, args.dtype, args.new_tokens, args.batch_size, "cuda")
+            run_hf_job(model_dir, data, hf_out, args.dtype, args.new_tokens, args.batch_size, args.device)
             for _ in range(args.hf_job_runs)
         ]
         report["hf_job"] = hf_jobs
@@ -276,7 +284,7 @@ def main() -> None:
             row["speedup_vs_hf_job_cold"] = hf_jobs[0]["wall_s"] / row["wall_s"]
             row["speedup_vs_hf_job_warm"] = hf_jobs[-1]["wall_s"] / row["wall_s"]
     if args.hf_passes:
-        hf = run_hf(model_dir, dtype, prompts, args.new_tokens, args.batch_size, args.hf_passes)
+        hf = run_hf(model_dir, dtype, prompts, args.new_tokens, args.batch_size, args.hf_passes, args.device)
         report["hf"] = hf
         cold_hf = hf["load_s"] + hf["pass_s"][0]
         warm_hf = hf["pass_s"][-1]
