@@ -176,4 +176,7 @@ def rank_main(config: dict[str, Any]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(rank_main(json.loads(sys.argv[1])))
+    from conveyor.rank import exit_now
+
+    # as a job's rank exits: the interpreter's teardown can abort a rank whose results are all out
+    exit_now(rank_main(json.loads(sys.argv[1])))
