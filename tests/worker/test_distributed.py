@@ -70,27 +70,32 @@ def test_missing_peer_times_out_instead_of_hanging():
     assert f"127.0.0.1:{port}" in proc.stdout and "within 3s" in proc.stdout
 
 
+def _start_rank(
+    port: int, rank: int, generation: str, timeout: int, stderr: int | None = None
+) -> subprocess.Popen:
+    """One rank of _CHILD in rendezvous ``generation`` (CONVEYOR_RENDEZVOUS) on 127.0.0.1:``port``."""
+    env = subprocess_env(
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        CONVEYOR_RENDEZVOUS=generation,
+    )
+    code = _CHILD.format(timeout=timeout)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
+    )
+
+
 @pytest.mark.integration
 def test_a_rank_of_an_earlier_generation_never_joins_the_new_one():
     """A pod recreated from the old template (restart 0) reaches the new rank 0 (restart 1) first: the
     new generation forms without it, and it only times out apart."""
     port = free_port()
-
-    def start(rank: int, generation: str, timeout: int) -> subprocess.Popen:
-        env = subprocess_env(
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            CONVEYOR_RENDEZVOUS=generation,
-        )
-        code = _CHILD.format(timeout=timeout)
-        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-
-    new_master = start(0, "restart-1-abc", 60)
-    stale = start(1, "restart-0-abc", 8)
+    new_master = _start_rank(port, 0, "restart-1-abc", 60)
+    stale = _start_rank(port, 1, "restart-0-abc", 8)
     stale_out = stale.communicate(timeout=120)[0]
-    new_peer = start(1, "restart-1-abc", 60)
+    new_peer = _start_rank(port, 1, "restart-1-abc", 60)
     outs = [p.communicate(timeout=120)[0] for p in (new_master, new_peer)]
     assert stale.returncode == 3 and "(rendezvous restart-0-abc)" in stale_out, stale_out
     assert [new_master.returncode, new_peer.returncode] == [0, 0], outs
@@ -103,26 +108,9 @@ def test_a_rank_that_reaches_an_earlier_generations_rank_0_waits_for_its_own():
     address the new rank 0 will have) holds the port. It must not wait under the old store, which then goes
     away (an error the operator would count as another restart), but reconnect until its own rank 0 is up."""
     port = free_port()
-
-    def start(rank: int, generation: str) -> subprocess.Popen:
-        env = subprocess_env(
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            CONVEYOR_RENDEZVOUS=generation,
-        )
-        return subprocess.Popen(
-            [sys.executable, "-c", _CHILD.format(timeout=90)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    old_master = start(0, "restart-0-abc")
+    old_master = _start_rank(port, 0, "restart-0-abc", 90)
     try:
-        new_peer = start(1, "restart-1-abc")
+        new_peer = _start_rank(port, 1, "restart-1-abc", 90, stderr=subprocess.PIPE)
         assert new_peer.stderr is not None
         seen = ""
         while "is rendezvous restart-0-abc" not in seen:  # it reached the old store and said so
@@ -132,7 +120,7 @@ def test_a_rank_that_reaches_an_earlier_generations_rank_0_waits_for_its_own():
     finally:
         old_master.kill()
         old_master.wait()
-    new_master = start(0, "restart-1-abc")
+    new_master = _start_rank(port, 0, "restart-1-abc", 90)
     outs = [p.communicate(timeout=120)[0] for p in (new_master, new_peer)]
     assert [new_master.returncode, new_peer.returncode] == [0, 0], outs
     assert "SUM 3 STAGE 0" in outs[0] and "SUM 3 STAGE 1" in outs[1]
