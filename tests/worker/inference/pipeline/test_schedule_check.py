@@ -85,6 +85,15 @@ def test_prefill_token_budget_splits_joining_prompts(monkeypatch):
     assert [str(e) for e in trace.events[1] if e.op == "run"][:2] == ["P[2,4]", "P[1,4]"]
 
 
+def test_joining_prompts_are_grouped_shortest_first_so_items_pad_little(monkeypatch):
+    # 8 prompts join in one turn, in this order; a budget of 32 padded tokens an item. In arrival order
+    # they made P[3,9] P[3,9] P[2,8]: 70 padded tokens for 44. Shortest first: P[4,3] P[3,9] P[1,9], 48.
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 32)
+    requests = _requests([2, 9, 3, 8, 2, 9, 3, 8], [3] * 8)
+    trace = check_generation(2, 1, 8, requests)  # (the outputs are still every request's own)
+    assert [str(e) for e in trace.events[1] if e.op == "run"][:3] == ["P[4,3]", "P[3,9]", "P[1,9]"]
+
+
 def test_expected_output_follows_the_fake_model():
     req = Request("a", [5, 6, 7], 4)
     tokens = [fake_token(req.key, k) for k in range(4)]

@@ -553,8 +553,8 @@ class Scheduler:
                     lane = self.lanes[i]
                     if lane.request is not None and 0 < lane.prefilled < len(lane.request.prompt_ids):
                         in_flight[mb].append(self._chunk(i))
-                # Admit waiting sequences into free lanes of this micro-batch (they join now), their
-                # prompts prefilled together up to PREFILL_TOKENS padded tokens an item.
+                # Admit waiting sequences into free lanes of this micro-batch (they join now), in the
+                # order they came; their prompts are prefilled together (_prefill_groups).
                 joining: list[tuple[int, Request]] = []
                 for i in range(mb * self.b, (mb + 1) * self.b):
                     if self.lanes[i].request is None:
@@ -564,14 +564,9 @@ class Scheduler:
                         self._admit(i, req)
                         if len(req.prompt_ids) > self.chunk:
                             in_flight[mb].append(self._chunk(i))
-                            continue
-                        longest = max([len(req.prompt_ids), *(len(r.prompt_ids) for _, r in joining)])
-                        if joining and longest * (len(joining) + 1) > PREFILL_TOKENS:
-                            in_flight[mb].append(self._prefill(joining))
-                            joining = []
-                        joining.append((i, req))
-                if joining:
-                    in_flight[mb].append(self._prefill(joining))
+                        else:
+                            joining.append((i, req))
+                in_flight[mb].extend(self._prefill(group) for group in prefill_groups(joining))
                 busy = busy or bool(in_flight[mb])
             self._occupancy()
             if not busy:
@@ -587,6 +582,21 @@ class Scheduler:
             stop = torch.zeros(HEADER, dtype=torch.int64)  # kind STOP
             self.worker.channel.send_meta(stop, p.next_rank)
         self.worker.channel.flush()
+
+
+def prefill_groups(joining: list[tuple[int, Request]]) -> list[list[tuple[int, Request]]]:
+    """The prompts joining in one turn, as prefill items of at most PREFILL_TOKENS padded tokens each.
+    Shortest first, so that each item is padded to a length near its prompts' own: in arrival order a
+    wave of prompts of 32-255 tokens padded about 40% of the tokens of its passes, work the GPU did for
+    nothing. An item of one prompt may be longer (up to the prefill chunk)."""
+    groups: list[list[tuple[int, Request]]] = []
+    group: list[tuple[int, Request]] = []
+    for lane, req in sorted(joining, key=lambda j: len(j[1].prompt_ids)):
+        if group and len(req.prompt_ids) * (len(group) + 1) > PREFILL_TOKENS:  # (it is the longest)
+            groups.append(group)
+            group = []
+        group.append((lane, req))
+    return [*groups, group] if group else groups
 
 
 def micro_batch_layout(batch_size: int, micro_batches: int) -> tuple[int, int]:
