@@ -126,6 +126,8 @@ def run_job(job: Path, output: Path, cache: Path, label: str, log_name: str = "j
         "output_tokens": tokens,
         "prompts": len(results),
         "tokens_per_s": tokens / generation,
+        # the median decode step's output tokens a second: compare with generate.py's at this batch
+        "decode_tokens_per_s": done.get("decode_tokens_per_second"),
         "job_tokens_per_s": tokens / wall,
         "compiles": warm.get("compiles"),
         "captures": warm.get("captures"),

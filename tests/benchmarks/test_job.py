@@ -34,6 +34,7 @@ def test_smoke_run_compares_whole_jobs_that_generate_the_same_tokens(tmp_path: P
         assert row["prompts"] == 6 and row["output_tokens"] == 6 * 4, row
         assert row["late_compiles_or_captures"] == 0, row
         assert 0 < row["start_to_first_decode_s"] < row["wall_s"], row
+        assert row["decode_tokens_per_s"] > 0, row
         for hf in ("hf_job_cold", "hf_job_warm", "hf_cold", "hf_warm"):
             assert row[f"speedup_vs_{hf}"] > 0, row
     assert len(report["hf_job"]) == 2 and all(r["output_tokens"] == 6 * 4 for r in report["hf_job"])

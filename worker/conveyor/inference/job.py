@@ -152,6 +152,7 @@ class ResultSink:
         self.job, self.results, self.is_writer, self.stage, self.every = job, results, is_writer, stage, every
         self.last_commit = time.monotonic()
         self.progress: RunProgress | None = None
+        self.step_rates: list[float] = []  # output tokens a second of each decode step (the writer's)
 
     def start(self, total: int, done_before: int) -> None:
         self.progress = RunProgress(total, done_before, every=LOG_SECONDS)
@@ -185,6 +186,7 @@ class ResultSink:
 
     def on_decode_step(self, dt: float, tokens: int) -> None:
         if self.is_writer:
+            self.step_rates.append(tokens / max(dt, 1e-9))
             metrics.TOKEN_LATENCY.labels(self.job).observe(dt)
             PROGRESS.beat()  # the liveness probe's evidence of progress (watchdog.py)
             metrics.TOKENS_GENERATED.labels(self.job).inc(tokens)
@@ -326,4 +328,12 @@ def finish_output(sink: ResultSink, output: Path, replicas: int, total: int) -> 
         parts = [ResultLog(output.with_name(f"{output.name}.r{r}")) for r in range(replicas)]
         if merge_parts(parts, output):
             log.info("all replicas done; merged their outputs", extra={"output": str(output)})
-    log.info("inference complete", extra={"completed": sink.results.completed, "total": total})
+    # The median step: decode alone, as generate.py's benchmark times it (a step whose turn also
+    # prefilled joining prompts is slower, and rare: one a wave); the job's rate with prefills is the
+    # progress lines' tokens_per_second.
+    rates = sorted(sink.step_rates)
+    decode = round(rates[len(rates) // 2], 1) if rates else None
+    log.info(
+        "inference complete",
+        extra={"completed": sink.results.completed, "total": total, "decode_tokens_per_second": decode},
+    )
