@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh check    # GPU tests: bf16/fp32 vs HF, int8 compiled vs eager, 2 GPUs (~3 min)
 #   bash benchmarks/gpu_session.sh job      # a batch job through conveyor run, cold and warm, HF beside (~6 min)
+#   bash benchmarks/gpu_session.sh job256   # the same at batchSize 256, 1,024 prompts (~5 min)
 #   bash benchmarks/gpu_session.sh decode   # 1 GPU, batch 1/16/64 + TTFT 2048, HF beside (~5 min;
 #                                           # GPT_FAST=<gpt-fast checkout>: it too, ~3 min more)
 #   bash benchmarks/gpu_session.sh tpdiag   # 2 GPUs: a tiny TP 2 generate, stacks of both ranks after 70 s,
@@ -19,7 +20,7 @@
 # (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh check|job|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
+part="${1:?usage: gpu_session.sh check|job|job256|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 
@@ -42,6 +43,11 @@ case "$part" in
       --out "$out/job_b64.json"
     python3 -u benchmarks/job.py --prompts 64 --prompt-lens 1000,2000 --new-tokens 256 --batch-size 64 \
       --runs warm --out "$out/job_long.json"
+    ;;
+  job256)
+    # issue 21's throughput target: 12,000 output tokens/s at batchSize 256 (and the decode rate in the job)
+    python3 -u benchmarks/job.py --prompts 1024 --prompt-lens 32,255 --new-tokens 128 --batch-size 256 \
+      --runs cold,warm --hf-passes 1 --hf-job-runs 1 --out "$out/job_b256.json"
     ;;
   decode)
     python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16,64 --layouts 1x1 \
