@@ -24,7 +24,7 @@ crds: bootstrap
 	$(VENV)/bin/conveyor crd --write
 
 test: lint typecheck
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 # A local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager and a pod agent) built from
 # pinned Go modules, once per machine (tests/cluster/build.sh). Use: eval "$$(make -s cluster)".
