@@ -554,7 +554,7 @@ class Scheduler:
                     if lane.request is not None and 0 < lane.prefilled < len(lane.request.prompt_ids):
                         in_flight[mb].append(self._chunk(i))
                 # Admit waiting sequences into free lanes of this micro-batch (they join now), in the
-                # order they came; their prompts are prefilled together (_prefill_groups).
+                # order they came; their prompts are prefilled together (prefill_groups).
                 joining: list[tuple[int, Request]] = []
                 for i in range(mb * self.b, (mb + 1) * self.b):
                     if self.lanes[i].request is None:
