@@ -18,9 +18,27 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+
+
+def generate_padded(model: Any, prompts: list[list[int]], new: int, device: str) -> torch.Tensor:
+    """HF ``generate``, greedy, over ``prompts`` left-padded to the longest: the new tokens [k, new]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=model.config.eos_token_id,
+        )
+    return out[:, width:]
 
 
 def main() -> None:
@@ -41,20 +59,9 @@ def main() -> None:
     tokens = 0
     with open(args.output + ".tmp", "w") as out:
         for i in range(0, len(rows), args.batch_size):
-            part = [r["input_ids"] for r in rows[i : i + args.batch_size]]
-            width = max(len(ids) for ids in part)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in part], device=args.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=args.device)
-            with torch.inference_mode():
-                generated = model.generate(
-                    ids,
-                    attention_mask=mask,
-                    max_new_tokens=args.new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                    eos_token_id=model.config.eos_token_id,
-                )
-            for row, new in zip(rows[i : i + args.batch_size], generated[:, width:].tolist(), strict=True):
+            part = rows[i : i + args.batch_size]
+            generated = generate_padded(model, [r["input_ids"] for r in part], args.new_tokens, args.device)
+            for row, new in zip(part, generated.tolist(), strict=True):
                 tokens += len(new)  # rows that stopped early are padded: an upper bound
                 out.write(json.dumps({"id": row.get("id"), "output_ids": new}) + "\n")
     os.replace(args.output + ".tmp", args.output)

@@ -148,30 +148,20 @@ def run_hf(
 ) -> dict[str, Any]:
     import transformers as T
 
+    from benchmarks.hf_job import generate_padded
+
     t0 = time.perf_counter()
     model = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     sync(device)
     load = time.perf_counter() - t0
-    eos = model.config.eos_token_id
     times, tokens = [], 0
     for _ in range(passes):
         sync(device)
         t1 = time.perf_counter()
         tokens = 0
         for i in range(0, len(prompts), batch):
-            part = prompts[i : i + batch]
-            width = max(len(p) for p in part)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in part], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=device)
-            out = model.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=eos,
-            )
-            tokens += out[:, width:].numel()  # rows that stopped early are padded: an upper bound
+            # rows that stopped early are padded: an upper bound
+            tokens += generate_padded(model, prompts[i : i + batch], new, device).numel()
         sync(device)
         times.append(time.perf_counter() - t1)
     del model
