@@ -158,11 +158,10 @@ def _generation_store(env: Mapping[str, str], rank: int, timeout: timedelta) -> 
             raise dist.DistStoreError(
                 f"rank 0 of rendezvous {generation} never opened its store (reached: {', '.join(sorted(seen))})"
             )
-        found, client = _probe_generation(host, port, left)
-        if client is not None and found == f"rendezvous {generation}":
+        client, found = _join_if_ours(host, port, left, generation)
+        if client is not None:
             client.set_timeout(timeout)
             return dist.PrefixStore(prefix, client)
-        del client  # closes the connection to a store that is not this generation's
         if found not in seen:
             seen.add(found)
             log.warning(
@@ -172,18 +171,19 @@ def _generation_store(env: Mapping[str, str], rank: int, timeout: timedelta) -> 
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
-def _probe_generation(host: str, port: int, left: float) -> tuple[str, dist.Store | None]:
-    """Connect to the store at host:port and read the generation its rank 0 wrote: (what was found, the
-    connected client or None)."""
+def _join_if_ours(host: str, port: int, left: float, generation: str) -> tuple[dist.Store | None, str]:
+    """Connect to the store at host:port and read the generation its rank 0 wrote: (the connected client,
+    "") when it is ``generation``, else (None, what was found there); a store not ours is let go."""
     try:
         client = dist.TCPStore(host, port, None, False, timedelta(seconds=left), wait_for_workers=False)
     except (RuntimeError, dist.DistError) as err:  # nobody listening until the deadline
-        return f"not reachable ({type(err).__name__})", None
+        return None, f"not reachable ({type(err).__name__})"
     try:
         client.wait([GENERATION_KEY], timedelta(seconds=min(left, GENERATION_PROBE_SECONDS)))
-        return f"rendezvous {client.get(GENERATION_KEY).decode()}", client
+        theirs = client.get(GENERATION_KEY).decode()
     except (RuntimeError, dist.DistError) as err:  # gone while we asked, or silent: another's store
-        return f"a store without a generation ({type(err).__name__})", None
+        return None, f"a store without a generation ({type(err).__name__})"
+    return (client, "") if theirs == generation else (None, f"rendezvous {theirs}")
 
 
 def destroy_distributed() -> None:
