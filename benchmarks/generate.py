@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "worker"))
 sys.path.insert(0, str(ROOT))
+
+from conveyor.utils import free_port  # noqa: E402
 
 from benchmarks.common import SHAPES, llama_config, save_report  # noqa: E402 (after the path setup)
 
@@ -236,9 +237,7 @@ def rank_worker(cfg: dict[str, Any]) -> None:
 
 def launch(cfg: dict[str, Any]) -> dict:
     world = cfg["stages"] * cfg["tp"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(world):
         env = dict(

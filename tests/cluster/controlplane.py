@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from conveyor.utils import free_port
 
 from tests.cluster import binaries
 from tests.cluster.pki import make_pki, write_kubeconfig
@@ -74,12 +75,6 @@ def default_dir(checkout: Path = ROOT) -> Path:
     """One `make cluster` per checkout: worktrees of one machine do not share a cluster."""
     digest = hashlib.sha256(str(checkout).encode()).hexdigest()[:10]
     return binaries.cache_dir() / "k8s" / "clusters" / digest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _alive(pid: int) -> bool:

@@ -5,19 +5,50 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now, for a local rendezvous (MASTER_PORT) or server. Another process
-    may take it before it is bound again: use it at once, for local runs and tests."""
-    with socket.socket() as s:
+    may take it before it is bound again: use it at once, for local runs and tests.
+
+    The port is drawn outside the kernel's ephemeral range. A port from ``bind(0)`` comes from that
+    range, which every outgoing connection and ``bind(0)`` on the machine draws from too: a gloo
+    peer's socket took one between the pick and the serve endpoint's bind, and the job failed with
+    "address already in use". Outside the range only another explicit pick can collide."""
+    ephemeral = _ephemeral_ports()
+    chooser = random.SystemRandom()
+    for _ in range(64):
+        port = chooser.randrange(_FIRST_PICKED_PORT, 65536)
+        if port in ephemeral:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a machine whose whole range is ephemeral
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+_FIRST_PICKED_PORT = 10000  # below are the registered services users most often run
+
+
+def _ephemeral_ports() -> range:
+    """The kernel's range for ports it hands out itself (Linux's sysctl; its default elsewhere)."""
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
 
 
 PARENT_PID_ENV = "CONVEYOR_PARENT_PID"

@@ -71,12 +71,13 @@ def running_serve_job(job: dict, workdir: Path) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        os.kill(proc.pid, signal.SIGTERM)  # our own child (`conveyor run`), which stops its pods
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # else it failed on its own, and the assertion below says why
+            os.kill(proc.pid, signal.SIGTERM)  # our own child (`conveyor run`), which stops its pods
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         log.close()
         # a clean SIGTERM drain of a serve job is a clean stop: exit 0, not 143
         assert proc.returncode == 0, (workdir / "run.log").read_text()[-4000:]
