@@ -9,7 +9,7 @@ def test_a_picked_port_is_bindable_and_outside_the_kernels_ephemeral_range() -> 
     ephemeral = utils._ephemeral_ports()
     ports = {utils.free_port() for _ in range(50)}
     assert not ports & set(ephemeral)
-    assert len(ports) > 40  # drawn at random, so concurrent pickers rarely agree
+    assert len(ports) == 50  # never twice from one process, though the first is not bound yet
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))

@@ -26,13 +26,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     chooser = random.SystemRandom()
     for _ in range(64):
         port = chooser.randrange(_FIRST_PICKED_PORT, 65536)
-        if port in ephemeral:
+        if port in ephemeral or port in _picked:
             continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+            _picked.add(port)  # not again from this process: the first may not be bound yet
             return port
     with socket.socket() as s:  # a machine whose whole range is ephemeral
         s.bind((host, 0))
@@ -40,6 +41,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 _FIRST_PICKED_PORT = 10000  # below are the registered services users most often run
+_picked: set[int] = set()
 
 
 def _ephemeral_ports() -> range:
