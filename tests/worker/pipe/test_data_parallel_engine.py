@@ -1,7 +1,7 @@
 """DeepSpeed's non-pipeline engine API on a plain model (conveyor.initialize with an nn.Module): the
 tutorial loop (engine(x), engine.backward(loss), engine.step()) on 2 gloo ranks equals one process
 training a deep copy on all ranks' micro-batches (losses and weights); the config comes as a file path
-or config_params; load_checkpoint(dir) without a tag resumes from latest and continues the same curve."""
+or config_params; load_checkpoint(dir) without a tag resumes from latest and continues the same curve; every optimizer step beats the liveness watchdog."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def test_tutorial_loop_on_two_ranks_equals_one_process(tmp_path):
 
 def test_one_process_without_a_process_group(tmp_path):
     import conveyor
+    from conveyor.watchdog import PROGRESS
 
     from tests.worker.pipe.data_parallel_ranks import CONFIG, dataset, make_model, tutorial_loop
 
@@ -37,8 +38,10 @@ def test_one_process_without_a_process_group(tmp_path):
     )
     assert type(engine).__name__ == "DataParallelEngine" and optimizer is engine.optimizer
     assert engine.train_batch_size() == 4 and engine.gradient_accumulation_steps() == 2
+    beats = PROGRESS.beats
     losses = tutorial_loop(engine, loader, STEPS)
     assert losses == pytest.approx(reference(world=1)[0], rel=1e-5, abs=1e-6)
+    assert PROGRESS.beats - beats == STEPS  # each optimizer step is progress to the liveness probe
     assert engine.load_checkpoint(tmp_path / "none") == (None, None)
 
 

@@ -34,6 +34,7 @@ from conveyor.log import get_logger
 from conveyor.pipe import checkpoint as pipe_checkpoint
 from conveyor.pipe.config import ConfigError, EngineConfig, load_config
 from conveyor.pipe.optim import build_optimizer, build_scheduler
+from conveyor.watchdog import PROGRESS
 
 log = get_logger("conveyor.engine")
 
@@ -189,6 +190,7 @@ class DataParallelEngine:
         loss = sum(self._losses) / max(1, len(self._losses))  # this rank's micro-batches
         self._losses = []
         metrics.STEP_SECONDS.labels(self.job).observe(seconds)
+        PROGRESS.beat()  # the liveness probe's evidence of progress: without it a hang is never seen
         metrics.LOSS.labels(self.job).set(loss)
         metrics.TRAIN_STEP.labels(self.job).set(self.global_steps)
         if self.global_steps % self.config.steps_per_print == 0 and self.global_rank == 0:
