@@ -71,3 +71,47 @@ def test_every_rank_gets_the_rendezvous_environment(tmp_path):
 def test_the_programs_exit_code_fails_the_pod(tmp_path):
     codes, _ = run_pods(tmp_path, 3)
     assert all(code == 3 for code in codes), codes
+
+
+@pytest.mark.timeout(120)
+def test_a_program_that_stops_making_progress_turns_its_rank_not_live(tmp_path):
+    """hangTimeoutSeconds covers a training command too: the program's engine beats in its own process,
+    and the rank's /live (the liveness probe) sees those beats, then their silence."""
+    import time
+
+    from tests.worker.test_readiness import get
+
+    started = tmp_path / "beating"
+    program = (
+        "import sys, time; from conveyor.watchdog import PROGRESS; "
+        "PROGRESS.beat(); open(sys.argv[1], 'w').close(); time.sleep(120)"  # one step, then it hangs
+    )
+    spec = parse_spec(
+        {
+            "mode": "train",
+            "device": "cpu",
+            "checkpoint": {"path": str(tmp_path / "ckpt")},
+            "train": {"command": [sys.executable, "-c", program], "args": [str(started)], "steps": 1},
+        }
+    )
+    env = pod_environ(
+        job="cmd", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=free_port()
+    )
+    port = free_port()
+    # CONVEYOR_HANG_TIMEOUT is what the operator sets from hangTimeoutSeconds (at least 10 s there)
+    pod = subprocess.Popen(
+        conveyor_cmd("worker"),
+        env=subprocess_env(**env, CONVEYOR_METRICS_PORT=str(port), CONVEYOR_HANG_TIMEOUT="2"),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert pod.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        while (answer := get(port, "/live"))[0] == 200:  # live until 2 s pass without a beat
+            assert time.monotonic() < deadline, "the program's silence never reached the probe"
+            time.sleep(0.5)
+        assert answer[0] == 503 and answer[1].startswith("hung: no progress for")
+    finally:
+        pod.terminate()
+        pod.wait(timeout=30)

@@ -83,3 +83,41 @@ def test_a_hung_live_probe_leaves_the_hung_cause(tmp_path, monkeypatch) -> None:
     clock.now += 40
     assert get(port, "/live")[0] == 503
     assert read_cause(tmp_path / "cause") == "Hung: no progress for 40s (hangTimeoutSeconds 30)"
+
+
+def test_a_child_programs_beats_reach_its_rank_through_the_beat_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A spec.train.command program beats in its own process; its rank watches the file it writes."""
+    import os
+    import subprocess
+    import sys
+
+    from conveyor.watchdog import PROGRESS_FILE_ENV
+
+    from tests.conftest import subprocess_env
+
+    beat_file = tmp_path / "beats"
+    rank = Progress(hang_timeout=30)
+    rank.watch(beat_file)
+    assert rank.silent_for() is None and rank.is_live()  # the program is starting
+    program = "from conveyor.watchdog import PROGRESS; PROGRESS.beat(); PROGRESS.beat()"
+    subprocess.run(
+        [sys.executable, "-c", program], env=subprocess_env(**{PROGRESS_FILE_ENV: str(beat_file)}), check=True
+    )
+    assert 0 <= rank.silent_for() < 10 and rank.is_live()  # type: ignore[operator]
+    an_hour_ago = beat_file.stat().st_mtime - 3600
+    os.utime(beat_file, (an_hour_ago, an_hour_ago))  # then it stopped making progress
+    assert rank.silent_for() > 3590 and not rank.is_live()  # type: ignore[operator]
+
+
+def test_beats_reach_the_file_at_most_once_a_second(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    beat_file = tmp_path / "beats"
+    progress = Progress(clock=clock, beat_file=beat_file)
+    progress.beat()
+    beat_file.unlink()
+    clock.now += 0.5
+    progress.beat()  # within the second: a step of milliseconds does not write the file each time
+    assert not beat_file.exists()
+    clock.now += 0.5
+    progress.beat()
+    assert beat_file.exists()

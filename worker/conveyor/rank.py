@@ -12,6 +12,7 @@ import os
 import runpy
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from conveyor.failure import CAUSE_ENV, EXIT_REFUSED, is_refusal, one_line, writ
 from conveyor.log import configure, get_logger
 from conveyor.spec import Mode
 from conveyor.utils import die_with_parent, parent_death_signal
-from conveyor.watchdog import PROGRESS
+from conveyor.watchdog import PROGRESS, PROGRESS_FILE_ENV
 
 STARTED = time.monotonic()  # torch and the engine are imported later, in main: start-up counts them
 log = get_logger("conveyor.rank")
@@ -69,11 +70,18 @@ def run_train_command(pod: PodEnv) -> int:
     assert train is not None and train.command is not None
     argv = [*train.command, *train.args]
     metrics.READINESS.joined()
-    try:
-        child = subprocess.run(argv, env={**os.environ, **train_environ(pod)}, preexec_fn=parent_death_signal)
-    except OSError as err:  # not found, not executable: a restart would not help
-        log.error("training command cannot be run", extra={"field": "spec.train.command", "error": str(err)})
-        return EXIT_REFUSED
+    with tempfile.TemporaryDirectory(prefix="conveyor-progress-") as beats:
+        # The program's engine beats into this file; this rank's liveness probe reads it (watchdog.py).
+        beat_file = Path(beats) / "beats"
+        PROGRESS.watch(beat_file)
+        env = {**os.environ, **train_environ(pod), PROGRESS_FILE_ENV: str(beat_file)}
+        try:
+            child = subprocess.run(argv, env=env, preexec_fn=parent_death_signal)
+        except OSError as err:  # not found, not executable: a restart would not help
+            log.error(
+                "training command cannot be run", extra={"field": "spec.train.command", "error": str(err)}
+            )
+            return EXIT_REFUSED
     return child.returncode if child.returncode >= 0 else 128 - child.returncode
 
 
