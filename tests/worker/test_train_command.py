@@ -76,15 +76,17 @@ def test_the_programs_exit_code_fails_the_pod(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_program_that_stops_making_progress_turns_its_rank_not_live(tmp_path):
     """hangTimeoutSeconds covers a training command too: the program's engine beats in its own process,
-    and the rank's /live (the liveness probe) sees those beats, then their silence."""
+    and the rank's /live (the liveness probe) sees those beats, then their silence. The rank's /metrics
+    serves the program's metrics."""
     import time
 
     from tests.worker.test_readiness import get
 
     started = tmp_path / "beating"
     program = (
-        "import sys, time; from conveyor.watchdog import PROGRESS; "
-        "PROGRESS.beat(); open(sys.argv[1], 'w').close(); time.sleep(120)"  # one step, then it hangs
+        "import sys, time; from conveyor import metrics; from conveyor.watchdog import PROGRESS; "
+        "metrics.LOSS.labels('cmd').set(0.5); metrics.export_to_rank(); PROGRESS.beat(); "  # as a step ends
+        "open(sys.argv[1], 'w').close(); time.sleep(120)"  # one step, then it hangs
     )
     spec = parse_spec(
         {
@@ -112,6 +114,7 @@ def test_a_program_that_stops_making_progress_turns_its_rank_not_live(tmp_path):
             assert time.monotonic() < deadline, "the program's silence never reached the probe"
             time.sleep(0.5)
         assert answer[0] == 503 and answer[1].startswith("hung: no progress for")
+        assert 'conveyor_loss{job="cmd"} 0.5' in get(port, "/metrics")[1]  # the program's, served by its rank
     finally:
         pod.terminate()
         pod.wait(timeout=30)

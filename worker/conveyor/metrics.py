@@ -5,16 +5,39 @@ pod never collide); ``conveyor run`` offsets ports per pod the same way. The sam
 ``/ready``: 503 until the rank can do its work (it joined its process group and, in a mode that loads a
 model, loaded its shard), 200 after; the pod's readiness probe asks local rank 0's. The port is open long
 before that (a model takes minutes to load), which is why a TCP probe cannot tell.
+
+A ``spec.train.command`` program is a child of its rank with a registry of its own: its engine writes
+its ``conveyor_`` families to the file named by ``CONVEYOR_METRICS_FILE`` (``export_to_rank``, at most
+once a second and at exit), and the rank serves them merged into its own, one family per name
+(``ChildMetrics``): node_exporter's textfile collector, for one child.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+)
+from prometheus_client.metrics_core import Metric
+
+# OpenMetrics round-trips a registry's families (a counter's _created stays in its family; the
+# Prometheus text format splits it into a family of its own)
+from prometheus_client.openmetrics.exposition import generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from conveyor.watchdog import PROGRESS, Progress
 
@@ -147,6 +170,106 @@ class Readiness:
 READINESS = Readiness()
 
 
+CHILD_METRICS_FILE_ENV = "CONVEYOR_METRICS_FILE"
+_EXPORT_SECONDS = 1.0
+
+
+class _Exporter:
+    """A train.command program's side: its ``conveyor_`` metrics, written atomically for its rank."""
+
+    def __init__(self, path: str | None, registry: CollectorRegistry = REGISTRY):
+        self.path = Path(path) if path else None
+        self.registry = registry
+        self._written = float("-inf")
+        self._lock = threading.Lock()
+        if self.path is not None:
+            atexit.register(self.write)  # the last step's values, which the rate limit may have held back
+
+    def maybe_write(self) -> None:
+        now = time.monotonic()
+        if self.path is not None and now - self._written >= _EXPORT_SECONDS:
+            self._written = now
+            self.write()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        ours = CollectorRegistry(auto_describe=False)
+        ours.register(_Only(self.registry, "conveyor_"))  # process_* and python_* are the rank's own
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        with self._lock:
+            try:
+                tmp.write_bytes(generate_latest(ours))
+                os.replace(tmp, self.path)  # the rank never reads half a file
+            except OSError:
+                pass  # metrics must not stop training
+
+
+class _Only:
+    def __init__(self, registry: CollectorRegistry, prefix: str):
+        self.registry, self.prefix = registry, prefix
+
+    def collect(self) -> Iterator[Metric]:
+        return (f for f in self.registry.collect() if f.name.startswith(self.prefix))
+
+
+_EXPORTER = _Exporter(os.environ.get(CHILD_METRICS_FILE_ENV))
+
+
+def export_to_rank() -> None:
+    """In a train.command program, hand this process's metrics to its rank (no-op elsewhere)."""
+    _EXPORTER.maybe_write()
+
+
+class ChildMetrics:
+    """The rank's side: the families a child program last wrote (``watch``), for ``_Merged``."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def watch(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def families(self) -> dict[str, Metric]:
+        if self.path is None:
+            return {}
+        try:
+            text = self.path.read_text()
+        except OSError:  # not written yet
+            return {}
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+CHILD_METRICS = ChildMetrics()
+
+
+class _Merged(CollectorRegistry):
+    """``registry``'s families with a child program's merged in by name: one family per name, as the
+    exposition format requires (the rank defines the same metrics, without values)."""
+
+    def __init__(self, registry: CollectorRegistry, child: ChildMetrics):
+        super().__init__(auto_describe=False)
+        self.registry, self.child = registry, child
+
+    def collect(self) -> Iterator[Metric]:
+        theirs = self.child.families()
+        for family in self.registry.collect():
+            if (same := theirs.pop(family.name, None)) is not None:
+                family.samples.extend(same.samples)
+            yield family
+        yield from theirs.values()
+
+    def restricted_registry(self, names: Any) -> Any:  # a scrape's name[] parameters
+        wanted = set(names)
+        merged = self
+
+        class Restricted:
+            def collect(self) -> Iterator[Metric]:
+                return (f for f in merged.collect() if any(s.name in wanted for s in f.samples))
+
+        return Restricted()
+
+
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
@@ -156,8 +279,13 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # probes every few seconds would flood the JSON log
 
 
-def _app(registry: CollectorRegistry, readiness: Readiness, progress: Progress = PROGRESS) -> Any:
-    metrics_app = make_wsgi_app(registry)
+def _app(
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    progress: Progress = PROGRESS,
+    child: ChildMetrics = CHILD_METRICS,
+) -> Any:
+    metrics_app = make_wsgi_app(_Merged(registry, child))
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("PATH_INFO") == "/live":  # the liveness probe: has this rank made progress lately?
@@ -182,6 +310,7 @@ def serve(
     registry: CollectorRegistry = REGISTRY,
     readiness: Readiness = READINESS,
     progress: Progress = PROGRESS,
+    child: ChildMetrics = CHILD_METRICS,
 ) -> bool:
     """Start the /metrics and /ready endpoints in a daemon thread; a taken port is logged, never fatal
     (metrics must not kill a job)."""
@@ -189,7 +318,11 @@ def serve(
         return False
     try:
         server = make_server(
-            "", port, _app(registry, readiness, progress), _ThreadingServer, handler_class=_QuietHandler
+            "",
+            port,
+            _app(registry, readiness, progress, child),
+            _ThreadingServer,
+            handler_class=_QuietHandler,
         )
     except OSError as err:
         from conveyor.log import get_logger

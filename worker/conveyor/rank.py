@@ -70,11 +70,18 @@ def run_train_command(pod: PodEnv) -> int:
     assert train is not None and train.command is not None
     argv = [*train.command, *train.args]
     metrics.READINESS.joined()
-    with tempfile.TemporaryDirectory(prefix="conveyor-progress-") as beats:
-        # The program's engine beats into this file; this rank's liveness probe reads it (watchdog.py).
-        beat_file = Path(beats) / "beats"
+    with tempfile.TemporaryDirectory(prefix="conveyor-child-") as beats:
+        # The program's engine beats and writes its metrics here; this rank's liveness probe and
+        # /metrics read them (watchdog.py, metrics.py).
+        beat_file, metrics_file = Path(beats) / "beats", Path(beats) / "metrics"
         PROGRESS.watch(beat_file)
-        env = {**os.environ, **train_environ(pod), PROGRESS_FILE_ENV: str(beat_file)}
+        metrics.CHILD_METRICS.watch(metrics_file)
+        env = {
+            **os.environ,
+            **train_environ(pod),
+            PROGRESS_FILE_ENV: str(beat_file),
+            metrics.CHILD_METRICS_FILE_ENV: str(metrics_file),
+        }
         try:
             child = subprocess.run(argv, env=env, preexec_fn=parent_death_signal)
         except OSError as err:  # not found, not executable: a restart would not help

@@ -26,8 +26,9 @@ def test_tutorial_loop_on_two_ranks_equals_one_process(tmp_path):
         assert result["resumed"] == pytest.approx(result["losses"][STEPS // 2 :], rel=1e-6, abs=1e-7)
 
 
-def test_one_process_without_a_process_group(tmp_path):
+def test_one_process_without_a_process_group(tmp_path, monkeypatch):
     import conveyor
+    from conveyor import metrics
     from conveyor.watchdog import PROGRESS
 
     from tests.worker.pipe.data_parallel_ranks import CONFIG, dataset, make_model, tutorial_loop
@@ -38,10 +39,13 @@ def test_one_process_without_a_process_group(tmp_path):
     )
     assert type(engine).__name__ == "DataParallelEngine" and optimizer is engine.optimizer
     assert engine.train_batch_size() == 4 and engine.gradient_accumulation_steps() == 2
+    exported = tmp_path / "metrics"  # as in a train.command program (metrics.CHILD_METRICS_FILE_ENV)
+    monkeypatch.setattr(metrics, "_EXPORTER", metrics._Exporter(str(exported)))
     beats = PROGRESS.beats
     losses = tutorial_loop(engine, loader, STEPS)
     assert losses == pytest.approx(reference(world=1)[0], rel=1e-5, abs=1e-6)
     assert PROGRESS.beats - beats == STEPS  # each optimizer step is progress to the liveness probe
+    assert "conveyor_train_step" in exported.read_text()  # for the rank's /metrics
     assert engine.load_checkpoint(tmp_path / "none") == (None, None)
 
 

@@ -205,6 +205,7 @@ class DataParallelEngine:
                     "samples_per_second": round(self._train_batch_size / seconds, 2),
                 },
             )
+        metrics.export_to_rank()  # a train.command program's metrics, for its rank's /metrics
 
     # ---- checkpoints (pipe/checkpoint.py's TrainState) ------------------------------------------------
     def train_parts(self) -> pipe_checkpoint.TrainParts:

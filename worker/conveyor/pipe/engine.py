@@ -506,6 +506,7 @@ class PipelineEngine:
                     "bubble_seconds": round(waited, 4),
                 },
             )
+        metrics.export_to_rank()  # a train.command program's metrics, for its rank's /metrics
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def train_parts(self) -> pipe_checkpoint.TrainParts:
