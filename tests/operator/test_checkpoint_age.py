@@ -15,7 +15,8 @@ from conveyor.spec import CheckpointRef, GroupStatus, Phase, parse_spec
 from conveyor_operator import checkpoint_age, k8s, metrics, scrape
 from conveyor_operator.observe import observe_pod
 from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from tests.operator.builders import T0, at, group_pods, inference_spec, job_body, stamp, train_spec
 
@@ -80,7 +81,17 @@ def _worker_metrics_text(job: str, step: int, when: float) -> str:
     """What a worker's /metrics shows after a commit (the worker's own gauges, not a copy of their names)."""
     worker_metrics.LAST_CHECKPOINT_STEP.labels(job).set(step)
     worker_metrics.LAST_CHECKPOINT_TIME.labels(job).set(when)
-    text = generate_latest().decode()
+
+    class ThisJobsGauges:  # the process's registry holds what earlier tests left (other jobs, skips)
+        def collect(self) -> Iterator[Metric]:
+            for gauge in (worker_metrics.LAST_CHECKPOINT_STEP, worker_metrics.LAST_CHECKPOINT_TIME):
+                for family in gauge.collect():
+                    family.samples = [s for s in family.samples if s.labels.get("job") == job]
+                    yield family
+
+    registry = CollectorRegistry()
+    registry.register(ThisJobsGauges())
+    text = generate_latest(registry).decode()
     worker_metrics.LAST_CHECKPOINT_STEP.remove(job)
     worker_metrics.LAST_CHECKPOINT_TIME.remove(job)
     return text
