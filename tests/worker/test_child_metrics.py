@@ -59,9 +59,12 @@ def test_before_the_child_writes_the_rank_serves_its_own(tmp_path) -> None:  # t
     rank, loss, _ = registry_like_a_rank()
     loss.labels("job").set(3)
     child = metrics.ChildMetrics()
-    child.watch(tmp_path / "not-yet")
+    child.watch(tmp_path / "metrics")
     port = free_port()
     assert metrics.serve(port, registry=rank, readiness=metrics.Readiness(), child=child)
+    status, text = get(port, "/metrics")
+    assert status == 200 and 'conveyor_loss{job="job"} 3.0' in text
+    (tmp_path / "metrics").write_text("not metrics {\n")  # a file some other program wrote
     status, text = get(port, "/metrics")
     assert status == 200 and 'conveyor_loss{job="job"} 3.0' in text
 

@@ -234,10 +234,9 @@ class ChildMetrics:
         if self.path is None:
             return {}
         try:
-            text = self.path.read_text()
-        except OSError:  # not written yet
+            return {f.name: f for f in text_string_to_metric_families(self.path.read_text())}
+        except (OSError, ValueError):  # not written yet, or not by our exporter: the rank's own stand
             return {}
-        return {f.name: f for f in text_string_to_metric_families(text)}
 
 
 CHILD_METRICS = ChildMetrics()
