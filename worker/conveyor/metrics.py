@@ -179,7 +179,8 @@ class _Exporter:
 
     def __init__(self, path: str | None, registry: CollectorRegistry = REGISTRY):
         self.path = Path(path) if path else None
-        self.registry = registry
+        self._ours = CollectorRegistry(auto_describe=False)
+        self._ours.register(_Only(registry, "conveyor_"))  # process_* and python_* are the rank's own
         self._written = float("-inf")
         self._lock = threading.Lock()
         if self.path is not None:
@@ -194,12 +195,10 @@ class _Exporter:
     def write(self) -> None:
         if self.path is None:
             return
-        ours = CollectorRegistry(auto_describe=False)
-        ours.register(_Only(self.registry, "conveyor_"))  # process_* and python_* are the rank's own
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         with self._lock:
             try:
-                tmp.write_bytes(generate_latest(ours))
+                tmp.write_bytes(generate_latest(self._ours))
                 os.replace(tmp, self.path)  # the rank never reads half a file
             except OSError:
                 pass  # metrics must not stop training

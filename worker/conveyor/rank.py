@@ -70,10 +70,10 @@ def run_train_command(pod: PodEnv) -> int:
     assert train is not None and train.command is not None
     argv = [*train.command, *train.args]
     metrics.READINESS.joined()
-    with tempfile.TemporaryDirectory(prefix="conveyor-child-") as beats:
+    with tempfile.TemporaryDirectory(prefix="conveyor-child-") as handoff:
         # The program's engine beats and writes its metrics here; this rank's liveness probe and
         # /metrics read them (watchdog.py, metrics.py).
-        beat_file, metrics_file = Path(beats) / "beats", Path(beats) / "metrics"
+        beat_file, metrics_file = Path(handoff) / "beats", Path(handoff) / "metrics"
         PROGRESS.watch(beat_file)
         metrics.CHILD_METRICS.watch(metrics_file)
         env = {
