@@ -25,3 +25,22 @@ def test_staged_copies_equal_plain_ones_across_chunks_buffers_and_dtypes() -> No
             source.zero_()  # the host tensor may be reused as soon as copy returns
     for target, want in zip(targets, expected):
         assert torch.equal(target.cpu(), want)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_rank_loaded_onto_the_gpu_equals_one_loaded_on_the_host(tmp_path, family: str) -> None:
+    """load_stage to a GPU reads the files straight into its memory (FileToDevice: threads, pinned
+    buffers); the same rank loaded on the host through the memory map has the same values."""
+    from conveyor.inference.model.families import load_arch
+    from conveyor.inference.model.loader import Shard, load_stage
+    from conveyor.testing.tiny import tiny_model
+
+    tiny_model(family, 0).to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+    arch = load_arch(tmp_path)
+    for dtype in (torch.bfloat16, torch.float32):
+        layout = {"stages": 2, "stage": 1, "shard": Shard(1, 2), "dtype": dtype}
+        host = dict(load_stage(tmp_path, arch, **layout).named_parameters())
+        gpu = dict(load_stage(tmp_path, arch, device="cuda", **layout).named_parameters())
+        assert set(gpu) == set(host)
+        for name, p in host.items():
+            assert gpu[name].is_cuda and gpu[name].dtype == dtype and torch.equal(gpu[name].cpu(), p), name

@@ -8,6 +8,9 @@ reads only its stage's tensors and, under tensor parallelism, only its slice of 
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from conveyor.inference.kernels.compile_cache import cpu_share
 from conveyor.inference.model.checkpoint_layout import (  # noqa: F401 (re-exported: they were defined here)
     CheckpointError,
     expected_shapes,
@@ -27,7 +31,7 @@ from conveyor.inference.model.checkpoint_layout import (  # noqa: F401 (re-expor
 )
 from conveyor.inference.model.families import Arch, LayerLinear, NameMap, name_map
 from conveyor.inference.model.stage_model import StageModel, local_arch
-from conveyor.inference.model.staging import PinnedStaging
+from conveyor.inference.model.staging import FileToDevice, PinnedStaging
 from conveyor.inference.pipeline.tensor_parallel import Policy, check_divisible, plan_layer, shard_range
 
 
@@ -42,12 +46,53 @@ def open_tensors(files: list[Path], stack: ExitStack) -> dict[str, Any]:
     return handles
 
 
+# safetensors' dtype names (its format's spec)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorSpan:
+    """Where a tensor's bytes lie in its safetensors file (row-major, contiguous)."""
+
+    path: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def tensor_spans(path: Path) -> dict[str, TensorSpan]:
+    """Each tensor of a safetensors file and where it lies, from the file's header: an 8-byte little-endian
+    length, then JSON giving each tensor's dtype, shape and byte range after the header. safetensors'
+    API reads tensors but does not say where they are. Called on files safe_open has checked (a header
+    that lies about the file's length is refused there)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    spans: dict[str, TensorSpan] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin = info["data_offsets"][0]
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{path}: {name} has dtype {info['dtype']}, which a model cannot load")
+        spans[name] = TensorSpan(path, 8 + length + begin, _DTYPES[info["dtype"]], tuple(info["shape"]))
+    return spans
+
+
 class Checkpoint:
     """The tensors of a checkpoint directory, read lazily (headers only until a slice is asked for)."""
 
-    def __init__(self, model_dir: str | Path, files: list[Path] | None = None):
+    def __init__(
+        self, model_dir: str | Path, files: list[Path] | None = None, device: torch.device | str | None = None
+    ):
         """``files``: the safetensors files themselves (``model_dir`` then only names the checkpoint in
-        messages); None: those of ``model_dir`` (its index, else every ``*.safetensors``)."""
+        messages); None: those of ``model_dir`` (its index, else every ``*.safetensors``). ``device`` a
+        device: reads return tensors on it, read from the files by several threads (staging.FileToDevice),
+        on a GPU through pinned buffers and never a host tensor; None: memory-mapped host tensors."""
         self.dir = Path(model_dir)
         if files is None:
             files = weight_files(self.dir)
@@ -55,6 +100,12 @@ class Checkpoint:
         self._handles = open_tensors(files, self._stack)
         # BertFor* checkpoints prefix the encoder with "bert."; BertModel ones do not.
         self.prefix = "bert." if any(k.startswith("bert.") for k in self._handles) else ""
+        self._direct: FileToDevice | None = None
+        if device is not None:
+            self._spans = {k: v for f in files for k, v in tensor_spans(f).items()}
+            self._direct = self._stack.enter_context(
+                FileToDevice(torch.device(device), threads=min(8, cpu_share()))
+            )
 
     def close(self) -> None:
         self._stack.close()
@@ -70,10 +121,28 @@ class Checkpoint:
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         """The whole tensor, or rows (dim 0) / columns (dim 1) [start, stop) of it, read as a slice."""
+        if self._direct is not None:
+            return self._read_to_device(self.prefix + name, dim, start, stop)
         sl = self._handles[self.prefix + name].get_slice(self.prefix + name)
         if dim is None:
             return sl[:]
         return sl[start:stop] if dim == 0 else sl[:, start:stop]
+
+    def _read_to_device(self, key: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        """Rows are contiguous in the file: only their bytes are read. Columns are not: the whole tensor is
+        read (every page holds some of them, so a memory-mapped slice reads as much) and cut on the GPU."""
+        assert self._direct is not None
+        span = self._spans[key]
+        shape = list(span.shape)
+        offset = span.offset
+        if dim == 0:
+            row = span.dtype.itemsize * math.prod(shape[1:])
+            offset += start * row
+            shape[0] = stop - start
+        out = torch.empty(shape, dtype=span.dtype, device=self._direct.device)
+        if out.numel():
+            self._direct.read(span.path, offset, out.view(-1).view(torch.uint8))
+        return out[:, start:stop] if dim == 1 else out
 
     def release(self, prefix: str) -> None:
         """The loader is done with every tensor under ``prefix`` (one layer). Files hold nothing in memory."""
@@ -248,7 +317,11 @@ def load_stage(
     plan_layer(arch, names, policy)  # refuses an inconsistent policy before reading weights
     layers = stage_layers(arch.layers, stages, stage)
     first, last = stage == 0, stage == stages - 1
-    ckpt = model_dir if isinstance(model_dir, Checkpoint) else Checkpoint(model_dir)
+    if not isinstance(model_dir, Checkpoint):
+        # To a GPU the files are read straight into its memory; on the host, memory-mapped slices keep a
+        # rank's reads to its shard (a column slice read directly would read the whole tensor).
+        model_dir = Checkpoint(model_dir, device=device if torch.device(device).type == "cuda" else None)
+    ckpt = model_dir
     staging: PinnedStaging | None = None
     with ExitStack() as stack:  # on the way out: the staged transfers finish, then the files close
         stack.callback(ckpt.close)
@@ -271,8 +344,8 @@ def load_stage(
             # a new tensor, never a view of the source (which may be freed next)
             value = torch.empty(p.shape, dtype=dtype, device=device)
             with torch.no_grad():
-                if staging is not None:  # asynchronous: the source is copied out before this returns
-                    staging.copy(value, tensor)
+                if staging is not None and tensor.device.type == "cpu":
+                    staging.copy(value, tensor)  # asynchronous: the source is copied out before this returns
                 else:
                     value.copy_(tensor)
             owner, _, attr = ours.rpartition(".")
