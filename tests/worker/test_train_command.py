@@ -6,8 +6,10 @@ worker` per pod)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conveyor.env import pod_environ
@@ -118,3 +120,29 @@ def test_a_program_that_stops_making_progress_turns_its_rank_not_live(tmp_path):
     finally:
         pod.terminate()
         pod.wait(timeout=30)
+
+
+def test_the_hand_off_folders_of_ranks_no_longer_running_are_swept(tmp_path, monkeypatch):
+    """A rank stopped by a signal leaves its folder behind; the next rank on the machine removes the
+    folders of pids that no longer run, and leaves those of running ranks alone."""
+    from conveyor import rank
+
+    monkeypatch.setattr(rank.tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        left = tmp_path / f"{rank.HANDOFF_PREFIX}{ended.pid}-abc"
+        live = tmp_path / f"{rank.HANDOFF_PREFIX}{running.pid}-def"
+        other = tmp_path / f"{rank.HANDOFF_PREFIX}notapid-ghi"  # not one of ours: kept
+        for folder in (left, live, other):
+            folder.mkdir()
+            (folder / "beats").touch()
+        with rank.child_handoff_dir() as handoff:
+            assert Path(handoff).name.startswith(f"{rank.HANDOFF_PREFIX}{os.getpid()}-")
+            assert not left.exists()
+            assert live.exists() and other.exists()
+        assert not Path(handoff).exists()
+    finally:
+        running.kill()
+        running.wait()

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from conveyor.env import EnvError, PodEnv
 from conveyor.failure import CAUSE_ENV, EXIT_REFUSED, is_refusal, one_line, write_cause
 from conveyor.log import configure, get_logger
 from conveyor.spec import Mode
-from conveyor.utils import die_with_parent, parent_death_signal
+from conveyor.utils import die_with_parent, parent_death_signal, pid_alive
 from conveyor.watchdog import PROGRESS, PROGRESS_FILE_ENV
 
 STARTED = time.monotonic()  # torch and the engine are imported later, in main: start-up counts them
@@ -63,6 +64,20 @@ def run_train_script(pod: PodEnv) -> int:
     return 0
 
 
+HANDOFF_PREFIX = "conveyor-child-"
+
+
+def child_handoff_dir() -> tempfile.TemporaryDirectory[str]:
+    """A new folder for a training command's hand-off files, named for this rank's pid. A rank stopped by
+    a signal (its supervisor's SIGTERM) skips the folder's clean-up, so the folders of ranks no longer
+    running are removed first: a machine that runs many jobs does not collect them."""
+    for old in Path(tempfile.gettempdir()).glob(f"{HANDOFF_PREFIX}*-*"):
+        pid = old.name.removeprefix(HANDOFF_PREFIX).partition("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{HANDOFF_PREFIX}{os.getpid()}-")
+
+
 def run_train_command(pod: PodEnv) -> int:
     """Run spec.train.command (+ args) as this rank's program and return its exit code. It joins the
     process group itself (its own rendezvous): this rank counts as ready once the program runs."""
@@ -70,7 +85,7 @@ def run_train_command(pod: PodEnv) -> int:
     assert train is not None and train.command is not None
     argv = [*train.command, *train.args]
     metrics.READINESS.joined()
-    with tempfile.TemporaryDirectory(prefix="conveyor-child-") as handoff:
+    with child_handoff_dir() as handoff:
         # The program's engine beats and writes its metrics here; this rank's liveness probe and
         # /metrics read them (watchdog.py, metrics.py).
         beat_file, metrics_file = Path(handoff) / "beats", Path(handoff) / "metrics"

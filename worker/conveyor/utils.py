@@ -71,6 +71,17 @@ def die_with_parent() -> None:
         os._exit(128 + signal.SIGKILL)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (as any user) in this process's PID namespace."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
 def parent_death_signal() -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux; a no-op elsewhere). Also a
     ``preexec_fn`` for a program a rank starts (spec.train.command)."""
