@@ -40,7 +40,10 @@ def test_a_rank_loaded_onto_the_gpu_equals_one_loaded_on_the_host(tmp_path, fami
     for dtype in (torch.bfloat16, torch.float32):
         layout = {"stages": 2, "stage": 1, "shard": Shard(1, 2), "dtype": dtype}
         host = dict(load_stage(tmp_path, arch, **layout).named_parameters())
+        pinned = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
         gpu = dict(load_stage(tmp_path, arch, device="cuda", **layout).named_parameters())
+        # the loader's pinned buffers went back to the system, not to torch's cache of pinned blocks
+        assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) <= pinned
         assert set(gpu) == set(host)
         for name, p in host.items():
             assert gpu[name].is_cuda and gpu[name].dtype == dtype and torch.equal(gpu[name].cpu(), p), name

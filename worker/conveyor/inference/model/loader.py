@@ -322,7 +322,7 @@ def load_stage(
         # rank's reads to its shard (a column slice read directly would read the whole tensor).
         model_dir = Checkpoint(model_dir, device=device if torch.device(device).type == "cuda" else None)
     ckpt = model_dir
-    staging: PinnedStaging | None = None
+    staging: list[PinnedStaging] = []  # made at the first host tensor bound for a GPU (none from files)
     with ExitStack() as stack:  # on the way out: the staged transfers finish, then the files close
         stack.callback(ckpt.close)
         verify_checkpoint(ckpt, arch, names)
@@ -332,8 +332,7 @@ def load_stage(
             model = StageModel(local_arch(arch, shard.tensor_parallel), layers, first, last).to(dtype)
         params = dict(model.named_parameters())
         loaded: set[str] = set()
-        if torch.device(device).type == "cuda":
-            staging = stack.enter_context(PinnedStaging(torch.device(device)))
+        to_gpu = torch.device(device).type == "cuda"
 
         def put(ours: str, tensor: torch.Tensor) -> None:
             p = params[ours]
@@ -344,8 +343,12 @@ def load_stage(
             # a new tensor, never a view of the source (which may be freed next)
             value = torch.empty(p.shape, dtype=dtype, device=device)
             with torch.no_grad():
-                if staging is not None and tensor.device.type == "cpu":
-                    staging.copy(value, tensor)  # asynchronous: the source is copied out before this returns
+                if to_gpu and tensor.device.type == "cpu":
+                    if not staging:
+                        staging.append(stack.enter_context(PinnedStaging(torch.device(device))))
+                    staging[0].copy(
+                        value, tensor
+                    )  # asynchronous: the source is copied out before this returns
                 else:
                     value.copy_(tensor)
             owner, _, attr = ours.rpartition(".")
