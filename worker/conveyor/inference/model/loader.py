@@ -322,7 +322,7 @@ def load_stage(
         # rank's reads to its shard (a column slice read directly would read the whole tensor).
         model_dir = Checkpoint(model_dir, device=device if torch.device(device).type == "cuda" else None)
     ckpt = model_dir
-    staging: list[PinnedStaging] = []  # made at the first host tensor bound for a GPU (none from files)
+    staging: PinnedStaging | None = None  # made at the first host tensor bound for a GPU (none from files)
     with ExitStack() as stack:  # on the way out: the staged transfers finish, then the files close
         stack.callback(ckpt.close)
         verify_checkpoint(ckpt, arch, names)
@@ -335,6 +335,7 @@ def load_stage(
         to_gpu = torch.device(device).type == "cuda"
 
         def put(ours: str, tensor: torch.Tensor) -> None:
+            nonlocal staging
             p = params[ours]
             if tuple(tensor.shape) != tuple(p.shape):
                 raise CheckpointError(
@@ -344,11 +345,10 @@ def load_stage(
             value = torch.empty(p.shape, dtype=dtype, device=device)
             with torch.no_grad():
                 if to_gpu and tensor.device.type == "cpu":
-                    if not staging:
-                        staging.append(stack.enter_context(PinnedStaging(torch.device(device))))
-                    staging[0].copy(
-                        value, tensor
-                    )  # asynchronous: the source is copied out before this returns
+                    if staging is None:
+                        staging = stack.enter_context(PinnedStaging(torch.device(device)))
+                    # asynchronous: the source is copied out before this returns
+                    staging.copy(value, tensor)
                 else:
                     value.copy_(tensor)
             owner, _, attr = ours.rpartition(".")
