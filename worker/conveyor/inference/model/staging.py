@@ -54,12 +54,7 @@ class PinnedStaging:
             self._done[i] = event
 
     def close(self) -> None:
-        for done in self._done:
-            if done is not None:
-                done.synchronize()
-        self._done = [None] * len(self._done)
-        self._buffers.clear()
-        release_pinned()
+        _let_go(self._done, self._buffers)
 
     def __enter__(self) -> PinnedStaging:
         return self
@@ -129,12 +124,7 @@ class FileToDevice:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for done in self._done:
-            if done is not None:
-                done.synchronize()
-        self._done = [None] * len(self._done)
-        self._buffers.clear()
-        release_pinned()
+        _let_go(self._done, self._buffers)
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
@@ -144,6 +134,17 @@ class FileToDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _let_go(done: list[torch.cuda.Event | None], buffers: list[torch.Tensor]) -> None:
+    """Wait for every transfer out of ``buffers`` (``done``: the last one's event, per buffer), then give
+    the buffers back to the system."""
+    for event in done:
+        if event is not None:
+            event.synchronize()
+    done[:] = [None] * len(done)
+    buffers.clear()
+    release_pinned()
 
 
 def release_pinned() -> None:
