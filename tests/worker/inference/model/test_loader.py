@@ -105,3 +105,38 @@ def test_a_whole_model_rank_reads_every_tensor_once(tmp_path: Path, reads) -> No
     stored = set(_checkpoint_numel(model_dir))
     assert sorted(seen) == sorted(set(seen)), "a tensor was read twice"
     assert set(seen) == stored - {"lm_head.weight"} or set(seen) == stored
+
+
+def test_a_long_load_logs_its_progress_to_the_whole_shard(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Every due "loading weights" line counts more bytes than the last, and the last is the whole shard
+    (a tied head, which is the embedding, is not counted twice)."""
+    import logging
+
+    monkeypatch.setattr(loader, "LOAD_LOG_SECONDS", 0.0)  # a line at every tensor
+    for family, overrides in [("llama", {}), ("llama", {"tie_word_embeddings": True})]:
+        model_dir = save_tiny(family, tmp_path / str(len(overrides)), tokenizer=False, **overrides)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="conveyor.loader"):
+            model = load_stage(model_dir, load_arch(model_dir), dtype=torch.float32)
+        lines = [r for r in caplog.records if r.getMessage() == "loading weights"]
+        assert len(lines) > 3
+        percents = [r.percent for r in lines]  # type: ignore[attr-defined]
+        assert percents == sorted(percents) and percents[-1] == 100.0, (overrides, percents)
+        assert all(r.eta_seconds >= 0 for r in lines)  # type: ignore[attr-defined]
+        assert model is not None
+
+
+def test_no_progress_line_before_its_interval() -> None:
+    now = [0.0]
+    progress = loader.LoadProgress(1000, every=10.0, clock=lambda: now[0])
+    logged: list[dict] = []
+    loader.log.info = lambda msg, extra: logged.append(extra)  # type: ignore[method-assign]
+    try:
+        now[0] = 4.0
+        progress.add(300)
+        assert logged == []
+        now[0] = 10.0
+        progress.add(200)  # 500 of 1000 bytes in 10 s: 10 s left
+        assert logged[-1]["percent"] == 50.0 and logged[-1]["eta_seconds"] == 10.0
+    finally:
+        del loader.log.info

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -33,6 +34,38 @@ from conveyor.inference.model.families import Arch, LayerLinear, NameMap, name_m
 from conveyor.inference.model.stage_model import StageModel, local_arch
 from conveyor.inference.model.staging import FileToDevice, PinnedStaging
 from conveyor.inference.pipeline.tensor_parallel import Policy, check_divisible, plan_layer, shard_range
+from conveyor.log import get_logger
+
+log = get_logger("conveyor.loader")
+LOAD_LOG_SECONDS = 10.0  # a load that ends sooner logs no progress line
+
+
+class LoadProgress:
+    """A "loading weights" line every ``every`` seconds of a long load (a large shard from slow storage
+    can take minutes): bytes loaded of the rank's total, the rate and the time left."""
+
+    def __init__(self, total_bytes: int, every: float, clock: Callable[[], float] = time.monotonic):
+        self.total, self.every, self.clock = total_bytes, every, clock
+        self.done = 0
+        self.start = self.last = clock()
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        log.info(
+            "loading weights",
+            extra={
+                "loaded_gb": round(self.done / 1e9, 2),
+                "total_gb": round(self.total / 1e9, 2),
+                "percent": round(100 * self.done / max(self.total, 1), 1),
+                "gb_per_second": round(rate / 1e9, 2),
+                "eta_seconds": round((self.total - self.done) / max(rate, 1e-9), 1),
+            },
+        )
 
 
 def open_tensors(files: list[Path], stack: ExitStack) -> dict[str, Any]:
@@ -333,6 +366,9 @@ def load_stage(
         params = dict(model.named_parameters())
         loaded: set[str] = set()
         to_gpu = torch.device(device).type == "cuda"
+        tied = first and last and arch.tie_embeddings and arch.causal  # the head is the embedding, not read
+        to_read = [p for name, p in params.items() if not (tied and name == "lm_head.weight")]
+        progress = LoadProgress(sum(p.numel() * dtype.itemsize for p in to_read), LOAD_LOG_SECONDS)
 
         def put(ours: str, tensor: torch.Tensor) -> None:
             nonlocal staging
@@ -354,6 +390,7 @@ def load_stage(
             owner, _, attr = ours.rpartition(".")
             model.get_submodule(owner)._parameters[attr] = nn.Parameter(value, requires_grad=p.requires_grad)
             loaded.add(ours)
+            progress.add(value.numel() * value.element_size())
 
         for local, layer in enumerate(layers):
             prefix = names.layer_prefix.format(i=layer)
@@ -375,7 +412,7 @@ def load_stage(
             wanted += [("final_norm.weight", "final_norm.weight"), ("final_norm.bias", "final_norm.bias")]
             wanted += [("project_out.weight", "project_out"), ("lm_head.weight", "lm_head")]
         for ours, key in wanted:
-            if ours not in params:
+            if ours not in params or (tied and ours == "lm_head.weight"):  # tied below, not read twice
                 continue
             found = _global(ckpt, names, key)
             if found is None and key == "lm_head" and arch.tie_embeddings:
@@ -383,7 +420,7 @@ def load_stage(
             if found is None:
                 raise CheckpointError(f"{ckpt.dir}: no tensor for {ours} ({names.globals_.get(key)})")
             put(ours, found)
-        if first and last and arch.tie_embeddings and arch.causal:
+        if tied:
             model.lm_head.weight = model.embed.weight  # one tensor, as in HF
             loaded.add("lm_head.weight")
         left = set(params) - loaded
