@@ -126,17 +126,14 @@ def test_a_long_load_logs_its_progress_to_the_whole_shard(tmp_path: Path, monkey
         assert model is not None
 
 
-def test_no_progress_line_before_its_interval() -> None:
+def test_no_progress_line_before_its_interval(monkeypatch) -> None:
     now = [0.0]
     progress = loader.LoadProgress(1000, every=10.0, clock=lambda: now[0])
     logged: list[dict] = []
-    loader.log.info = lambda msg, extra: logged.append(extra)  # type: ignore[method-assign]
-    try:
-        now[0] = 4.0
-        progress.add(300)
-        assert logged == []
-        now[0] = 10.0
-        progress.add(200)  # 500 of 1000 bytes in 10 s: 10 s left
-        assert logged[-1]["percent"] == 50.0 and logged[-1]["eta_seconds"] == 10.0
-    finally:
-        del loader.log.info
+    monkeypatch.setattr(loader.log, "info", lambda msg, extra: logged.append(extra))
+    now[0] = 4.0
+    progress.add(300)
+    assert logged == []
+    now[0] = 10.0
+    progress.add(200)  # 500 of 1000 bytes in 10 s: 10 s left
+    assert logged[-1]["percent"] == 50.0 and logged[-1]["eta_seconds"] == 10.0
