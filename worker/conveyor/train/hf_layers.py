@@ -244,7 +244,9 @@ def load_weights(
     linears only ``shard``'s part, are read); every parameter of the stage must be loaded, with the
     shape the model expects."""
     shard = shard or Shard()
-    ckpt = Checkpoint(model_dir)
+    first = next(module.parameters(), None)
+    # onto a GPU, the files are read straight into its memory (loader.Checkpoint), not copied from the host
+    ckpt = Checkpoint(model_dir, device=first.device if first is not None and first.is_cuda else None)
     loaded: set[int] = set()
     try:
         verify_checkpoint(ckpt, arch, name_map(arch))
