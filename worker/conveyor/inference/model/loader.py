@@ -8,7 +8,6 @@ reads only its stage's tensors and, under tensor parallelism, only its slice of 
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 import time
@@ -16,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -26,6 +25,7 @@ from conveyor.inference.kernels.compile_cache import cpu_share
 from conveyor.inference.model.checkpoint_layout import (  # noqa: F401 (re-exported: they were defined here)
     CheckpointError,
     expected_shapes,
+    read_header,
     stage_layers,
     verify_checkpoint,
     weight_files,
@@ -98,21 +98,19 @@ class TensorSpan:
 
 
 def tensor_spans(path: Path) -> dict[str, TensorSpan]:
-    """Each tensor of a safetensors file and where it lies, from the file's header: an 8-byte little-endian
-    length, then JSON giving each tensor's dtype, shape and byte range after the header. safetensors'
-    API reads tensors but does not say where they are. Called on files safe_open has checked (a header
-    that lies about the file's length is refused there)."""
+    """Each tensor of a safetensors file and where it lies: its header (read_header, checked) gives each
+    tensor's byte range after the header, whose length is the file's first 8 bytes (little-endian).
+    safetensors' API reads tensors but does not say where they are."""
+    header = read_header(path)
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
     spans: dict[str, TensorSpan] = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin = info["data_offsets"][0]
         if info["dtype"] not in _DTYPES:
             raise CheckpointError(f"{path}: {name} has dtype {info['dtype']}, which a model cannot load")
-        spans[name] = TensorSpan(path, 8 + length + begin, _DTYPES[info["dtype"]], tuple(info["shape"]))
+        begin = cast(list[int], info["data_offsets"])[0]  # read_header checked both are ints
+        shape = tuple(cast(list[int], info["shape"]))
+        spans[name] = TensorSpan(path, 8 + length + begin, _DTYPES[str(info["dtype"])], shape)
     return spans
 
 
