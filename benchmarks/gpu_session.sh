@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh check    # GPU tests: bf16/fp32 vs HF, int8 compiled vs eager, 2 GPUs (~3 min)
 #   bash benchmarks/gpu_session.sh job      # a batch job through conveyor run, cold and warm, HF beside (~6 min)
 #   bash benchmarks/gpu_session.sh job256   # the same at batchSize 256, 1,024 prompts (~5 min)
+#   bash benchmarks/gpu_session.sh fp8      # float8 KV cache: its GPU tests, then job256 warm with it (~5 min)
 #   bash benchmarks/gpu_session.sh decode   # 1 GPU, batch 1/16/64 + TTFT 2048, HF beside (~5 min;
 #                                           # GPT_FAST=<gpt-fast checkout>: it too, ~3 min more)
 #   bash benchmarks/gpu_session.sh tpdiag   # 2 GPUs: a tiny TP 2 generate, stacks of both ranks after 70 s,
@@ -20,7 +21,7 @@
 # (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh check|job|job256|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
+part="${1:?usage: gpu_session.sh check|job|job256|fp8|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 
@@ -48,6 +49,16 @@ case "$part" in
     # issue 21's throughput target: 12,000 output tokens/s at batchSize 256 (and the decode rate in the job)
     python3 -u benchmarks/job.py --prompts 1024 --prompt-lens 32,255 --new-tokens 128 --batch-size 256 \
       --runs cold,warm --hf-passes 1 --hf-job-runs 1 --out "$out/job_b256.json"
+    ;;
+  fp8)
+    # the float8 cache's kernel and accuracy on the GPU, then the batch-256 job with it, bf16 beside it
+    python3 -m pytest -q -p no:cacheprovider -rs tests/worker/inference/test_gpu_fp8.py \
+      tests/worker/inference/model/test_kv_cache.py tests/worker/inference/kernels/test_kernels.py \
+      2>&1 | tee "$out/fp8_tests.txt"
+    python3 -u benchmarks/job.py --prompts 1024 --prompt-lens 32,255 --new-tokens 128 --batch-size 256 \
+      --runs cold,warm --hf-passes 0 --hf-job-runs 0 --kv-cache-dtype fp8 --out "$out/job_b256_fp8.json"
+    python3 -u benchmarks/job.py --prompts 1024 --prompt-lens 32,255 --new-tokens 128 --batch-size 256 \
+      --runs warm --hf-passes 0 --hf-job-runs 0 --out "$out/job_b256_bf16.json"
     ;;
   decode)
     python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16,64 --layouts 1x1 \
@@ -105,7 +116,7 @@ case "$part" in
     python3 -u benchmarks/skinny_matmul.py --batch-sizes 1,16,64 --budget-s 240 --out "$out/skinny_matmul.json"
     ;;
   *)
-    echo "unknown part $part: check|job|decode|tpdiag|multi|pipeline|train|train4|int8|kernels" >&2
+    echo "unknown part $part: check|job|job256|fp8|decode|tpdiag|multi|pipeline|train|train4|int8|kernels" >&2
     exit 2
     ;;
 esac

@@ -49,6 +49,7 @@ spec:
   model:
     path: {model}
     dtype: {dtype}
+    kvCacheDtype: {kv_cache_dtype}
   parallelism:
     stages: {stages}
     tensorParallel: {tensor_parallel}
@@ -207,6 +208,9 @@ def main() -> None:
         default=1,
         help="micro-batches of the batch: 2 lets the host's work on one overlap the GPU's on the other",
     )
+    p.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="spec.model.kvCacheDtype of the job"
+    )
     p.add_argument("--hf-passes", type=int, default=2, help="0: no HF; 1: cold only; 2: cold and warm")
     p.add_argument(
         "--hf-job-runs", type=int, default=2, help="runs of hf_job.py, the HF job as a process: 0, 1 or 2"
@@ -240,6 +244,7 @@ def main() -> None:
             device=args.device,
             model=model_dir,
             dtype=args.dtype,
+            kv_cache_dtype=args.kv_cache_dtype,
             input=data,
             output=output,
             new=args.new_tokens,
@@ -258,6 +263,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "prompts": args.prompts,
         "prompt_lens": [low, high],
+        "kv_cache_dtype": args.kv_cache_dtype,
         "new_tokens": args.new_tokens,
         "batch_size": args.batch_size,
         "micro_batches": args.micro_batches,

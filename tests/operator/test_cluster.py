@@ -77,6 +77,10 @@ REJECTED = [
     ),
     ({"mode": "serve", "serve": {}}, "spec.model is required when spec.mode is 'inference' or 'serve'"),
     (inference_spec(stages=0), "spec.parallelism.stages"),
+    (
+        {**train_spec(), "model": {"path": "/m", "kvCacheDtype": "fp8"}},
+        "spec.model.kvCacheDtype only applies to inference and serve",
+    ),
 ]
 
 

@@ -129,6 +129,20 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
     ("model format", lambda: edit(BASE, "spec.model.format", "gguf"), ["spec.model.format:", "'hf'"]),
     ("model dtype", lambda: edit(BASE, "spec.model.dtype", "int8"), ["spec.model.dtype:", "'bfloat16'"]),
     (
+        "kv cache dtype",
+        lambda: edit(BASE, "spec.model.kvCacheDtype", "int4"),
+        ["spec.model.kvCacheDtype:", "'auto' or 'fp8'"],
+    ),
+    (
+        "kv cache dtype in train mode",
+        lambda: edit(
+            edit(doc(train_spec()), "spec.model", {"path": "/m", "kvCacheDtype": "fp8"}),
+            "spec.train",
+            {"dataset": "/d.jsonl", "steps": 3},
+        ),
+        ["spec.model.kvCacheDtype only applies to inference and serve", "remove it"],
+    ),
+    (
         "input missing",
         lambda: edit(BASE, "spec.inference.input", DELETE),
         ["spec.inference.input: required field"],

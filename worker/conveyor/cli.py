@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--quantize", default="none", choices=["none", "int8"], help="int8: weight-only int8 block linears"
     )
+    gen.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="fp8: a float8 KV cache (half the memory and attention reads; GPUs of compute capability 8.9+)",
+    )
     gen.add_argument("--grace-seconds", type=float, default=10.0, help="SIGTERM -> SIGKILL delay on failure")
 
     crd = sub.add_parser("crd", help="print (or --write) the PipelineJob CRD generated from conveyor.spec")

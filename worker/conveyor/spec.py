@@ -66,6 +66,12 @@ class ModelSpec(_Spec):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="Compute dtype of weights and activations."
     )
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto",
+        description="KV cache storage of inference and serve: `auto` is `dtype`; `fp8` (float8 e4m3, on "
+        "GPUs of compute capability 8.9+: Ada, Hopper and newer) halves the cache's memory and the decode "
+        "step's attention reads, and rounds keys and values to 3 mantissa bits: tokens may differ.",
+    )
     volume: str | None = Field(
         None,
         description="PersistentVolumeClaim holding the model, mounted read-only at `mountPath` (optional: "
@@ -360,6 +366,11 @@ class PipelineJobSpec(_Spec):
         if self.mode == Mode.TRAIN:
             assert self.train is not None
             self._check_train(self.train)
+            if self.model is not None and self.model.kv_cache_dtype != "auto":
+                raise ValueError(
+                    "spec.model.kvCacheDtype only applies to inference and serve (training keeps no KV "
+                    "cache): remove it"
+                )
             if self.checkpoint is None:
                 raise ValueError("spec.checkpoint is required when spec.mode is 'train': add checkpoint.path")
         gpus = self.resources.gpus
@@ -446,6 +457,11 @@ CEL_RULES: list[dict[str, str]] = [
         "rule": "self.mode != 'train' || !has(self.train) || (has(self.train.script) ? 1 : 0)"
         " + (has(self.train.command) ? 1 : 0) + (has(self.train.dataset) ? 1 : 0) == 1",
         "message": "spec.train needs exactly one of script, command or dataset",
+    },
+    {
+        "rule": "self.mode != 'train' || !has(self.model) || !has(self.model.kvCacheDtype)"
+        " || self.model.kvCacheDtype == 'auto'",
+        "message": "spec.model.kvCacheDtype only applies to inference and serve: remove it",
     },
     {
         "rule": "self.mode != 'train' || !has(self.train) || !has(self.train.dataset) || has(self.model)",

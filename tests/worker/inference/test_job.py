@@ -22,7 +22,14 @@ pytestmark = pytest.mark.integration
 
 
 def make_spec(
-    tmp: Path, model: Path, stages: int, tp: int, replicas: int = 1, prompts: int = 12, new: int = 6
+    tmp: Path,
+    model: Path,
+    stages: int,
+    tp: int,
+    replicas: int = 1,
+    prompts: int = 12,
+    new: int = 6,
+    kv_cache_dtype: str = "auto",
 ):
     lines = []
     for i in range(prompts):
@@ -37,7 +44,7 @@ def make_spec(
         {
             "mode": "inference",
             "device": "cpu",
-            "model": {"path": str(model), "dtype": "float32"},
+            "model": {"path": str(model), "dtype": "float32", "kvCacheDtype": kv_cache_dtype},
             "parallelism": {"stages": stages, "tensorParallel": tp, "replicas": replicas},
             "checkpoint": {"path": str(tmp / "ckpt"), "every": 1},
             "inference": {
@@ -141,3 +148,30 @@ def test_two_replicas_merge_into_one_output_equal_to_one_process(model: Path, tm
         m, peers, sampling_params(spec, (2,)), requests, lanes_per_micro_batch=3, key=json.dumps
     )
     assert got == want
+
+
+def test_a_float8_kv_cache_job_gives_the_tokens_of_one_float8_process(model: Path, tmp_path: Path) -> None:
+    """``spec.model.kvCacheDtype: fp8`` reaches every rank: 2 stages x 2 tensor ranks give the tokens of
+    one process with a float8 cache, which are not the float32 cache's."""
+    from conveyor.inference.job import load_tokenizer, read_requests, sampling_params
+    from conveyor.inference.model.families import load_arch
+    from conveyor.testing.reference import one_process_rank
+
+    from tests.worker.inference.generation import output_ids
+
+    spec = make_spec(tmp_path, model, stages=2, tp=2, new=12, kv_cache_dtype="fp8")
+    wait_ranks(start_replica(spec, 0, tmp_path))
+    got = {json.dumps(r["id"]): r["output_ids"] for r in output_rows(tmp_path / "out.jsonl")}
+    assert len(got) == 12
+
+    requests = read_requests(
+        spec.inference.input, 0, 1, load_tokenizer(str(model)), spec.inference.max_new_tokens, load_arch(model)
+    )
+    want = {}
+    for kv in ("fp8", "auto"):
+        m, peers = one_process_rank(model, lanes=3, max_len=40, kv_cache_dtype=kv)
+        want[kv] = output_ids(
+            m, peers, sampling_params(spec, (2,)), requests, lanes_per_micro_batch=3, key=json.dumps
+        )
+    assert got == want["fp8"]
+    assert want["fp8"] != want["auto"]

@@ -90,6 +90,7 @@ def rank_main(config: dict[str, Any]) -> int:
         build_generation_rank,
         cache_length,
     )
+    from conveyor.inference.validate import InputError
     from conveyor.topology import Layout, Topology
 
     info = init_distributed(device=config["device"])
@@ -111,22 +112,29 @@ def rank_main(config: dict[str, Any]) -> int:
     # a micro-batch per stage (so no stage waits), the prompts spread over them: their lanes may be more
     # than the prompts (3 prompts on 2 stages: 2 micro-batches of 2 lanes)
     micro_batches, lanes_per_micro_batch = micro_batch_layout(len(requests), topo.num_stages)
-    rank = build_generation_rank(
-        model_dir,
-        topo,
-        dtype=DTYPES[config["dtype"]],
-        device=info.device,
-        micro_batches=micro_batches,
-        lanes_per_micro_batch=lanes_per_micro_batch,
-        max_len=max_len,
-        options=CompileOptions.from_env(info.device, compile_prompts=False),  # one-shot: see job.py
-        cache_dir=compile_cache_dir(),
-        quantization=config.get("quantize", "none"),
-    )
+    try:
+        rank = build_generation_rank(
+            model_dir,
+            topo,
+            dtype=DTYPES[config["dtype"]],
+            device=info.device,
+            micro_batches=micro_batches,
+            lanes_per_micro_batch=lanes_per_micro_batch,
+            max_len=max_len,
+            options=CompileOptions.from_env(info.device, compile_prompts=False),  # one-shot: see job.py
+            cache_dir=compile_cache_dir(),
+            quantization=config.get("quantize", "none"),
+            kv_cache_dtype=config.get("kv_cache_dtype", "auto"),
+        )
+    except InputError as err:  # (the field's name is the spec's; the flag is --kv-cache-dtype)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     model, peers = rank.model, rank.peers
     say = info.rank == 0
     if say:
         quantized = f", {config['quantize']} weights" if config.get("quantize", "none") != "none" else ""
+        if config.get("kv_cache_dtype", "auto") != "auto":
+            quantized += f", {config['kv_cache_dtype']} KV cache"
         print(
             f"loaded and warmed up in {time.perf_counter() - t0:.1f}s on {info.device}{quantized} "
             f"({', '.join(f'{k} {v:.1f}s' for k, v in rank.seconds.items())})",

@@ -260,6 +260,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
         options=options,
         cache_dir=pod.compile_cache_dir,
         quantization=inf.quantization,
+        kv_cache_dtype=spec.model.kv_cache_dtype,
         on_phase=lambda name, seconds: metrics.WARMUP_SECONDS.labels(job, name).set(seconds),
     )
     for what in ("compiles", "captures"):
@@ -286,6 +287,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
             "lanes": micro_batches * lanes_per_micro_batch,
             "startup_seconds": {k: round(v, 2) for k, v in clock.seconds.items()},
             "quantization": inf.quantization,
+            "kv_cache_dtype": spec.model.kv_cache_dtype,
         },
     )
     if is_writer:

@@ -83,6 +83,8 @@ def job_identity(spec: PipelineJobSpec) -> dict[str, Any]:
             "replicas": spec.parallelism.replicas,
         },
     }
+    if model.kv_cache_dtype != "auto":  # (only where set: results written before the field stay this job's)
+        identity["settings"]["kvCacheDtype"] = model.kv_cache_dtype
     identity["digest"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return identity
 

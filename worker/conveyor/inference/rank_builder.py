@@ -58,6 +58,25 @@ def cache_length(longest_prompt: int, max_new_tokens: int, max_positions: int) -
     return min(longest_prompt + max_new_tokens, max_positions)
 
 
+def kv_cache_storage(name: str, device: torch.device) -> torch.dtype | None:
+    """``spec.model.kvCacheDtype`` as the cache's storage dtype (None: the compute dtype), refused with
+    the field and the fix on a GPU that cannot compute with it (before any weight is read)."""
+    from conveyor.inference.model.kv_cache import KV_CACHE_DTYPES
+    from conveyor.inference.validate import InputError
+
+    if name not in KV_CACHE_DTYPES:
+        raise InputError(f"spec.model.kvCacheDtype: {name!r} is not one of {list(KV_CACHE_DTYPES)}")
+    dtype = KV_CACHE_DTYPES[name]
+    if dtype is not None and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):  # float8 conversions in Triton (the kernels, inductor's code) need sm_89
+            raise InputError(
+                f"spec.model.kvCacheDtype: {name} needs a GPU of compute capability 8.9 or newer (Ada, "
+                f"Hopper); {torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: use auto"
+            )
+    return dtype
+
+
 def prepare_compiler(options: CompileOptions, cache_dir: Path | None) -> None:
     """What warm-up needs of the compiler and nothing of the model: its settings (compile_cache.py),
     its heavy imports (inductor's ``compile_fx``, Triton and the decode kernels; 2.2-2.5 s of a cold
@@ -91,10 +110,11 @@ def prepare_rank(
     max_len: int,
     policy: Any = None,
     quantization: str = "none",
+    kv_cache_dtype: str = "auto",
 ) -> tuple[StageModel, PipelinePeers]:
     """Load this rank's stage and shard of ``model_dir`` (``quantization`` "int8": weight-only, see
-    quantize.py), add the tensor-parallel all-reduces and allocate the KV cache (``lanes`` x ``max_len``).
-    No warm-up: ``build_generation_rank`` does both."""
+    quantize.py), add the tensor-parallel all-reduces and allocate the KV cache (``lanes`` x ``max_len``,
+    stored as ``kv_cache_dtype`` says: kv_cache.py). No warm-up: ``build_generation_rank`` does both."""
     from conveyor.inference.model.families import load_arch
     from conveyor.inference.model.loader import Shard, load_stage
     from conveyor.inference.pipeline.quantize import QUANTIZATIONS, quantize_int8
@@ -102,6 +122,7 @@ def prepare_rank(
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not one of {list(QUANTIZATIONS)}")
+    kv_dtype = kv_cache_storage(kv_cache_dtype, device)
     arch = load_arch(model_dir)
     t = topo.layout.tensor_parallel
     group = topo.tensor_group if t > 1 else None
@@ -122,7 +143,7 @@ def prepare_rank(
         model.to(device)  # embeddings, norms, head (in place: a tied head stays tied)
     if t > 1:  # after quantizing: the hooks belong on the modules that run
         add_all_reduce_hooks(model, group)
-    model.setup_cache(lanes, max_len, dtype, device)
+    model.setup_cache(lanes, max_len, dtype, device, kv_dtype)
     return model, PipelinePeers.from_topology(topo)
 
 
@@ -138,6 +159,7 @@ def build_generation_rank(
     options: CompileOptions,
     cache_dir: Path | None = None,
     quantization: str = "none",
+    kv_cache_dtype: str = "auto",
     policy: Any = None,
     on_phase: Callable[[str, float], None] | None = None,
 ) -> GenerationRank:
@@ -167,6 +189,7 @@ def build_generation_rank(
         max_len=max_len,
         policy=policy,
         quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)

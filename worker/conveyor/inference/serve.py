@@ -273,6 +273,7 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
         max_len=max_len,
         options=CompileOptions.from_env(info.device),
         cache_dir=pod.compile_cache_dir,
+        kv_cache_dtype=spec.model.kv_cache_dtype,
         on_phase=lambda name, seconds: metrics.WARMUP_SECONDS.labels(pod.job, name).set(seconds),
     )
     dist.barrier()  # why: the endpoint turns ready only once every rank of the group is loaded and warm
@@ -295,6 +296,7 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
                 "model": pod.job,
                 "lanes": lanes,
                 "max_len": max_len,
+                "kv_cache_dtype": spec.model.kv_cache_dtype,
             },
         )
     waiting: RequestQueue | ReplicatedQueue = queue

@@ -20,6 +20,7 @@ def one_process_rank(
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     quantization: str = "none",
+    kv_cache_dtype: str = "auto",
 ) -> tuple[StageModel, PipelinePeers]:
     """``prepare_rank`` of the whole model in this process (one stage, no tensor parallelism); ``device``
     None: the CPU."""
@@ -31,4 +32,5 @@ def one_process_rank(
         lanes=lanes,
         max_len=max_len,
         quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
     )

@@ -95,14 +95,19 @@ def op_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]
     return out
 
 
-def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
-    """(case, max error, tolerance) of decode_attention against SDPA on the same cache slice."""
+def attention_errors(
+    dtype: torch.dtype, device: str, kv_dtype: torch.dtype | None = None
+) -> list[tuple[str, float, float]]:
+    """(case, max error, tolerance) of decode_attention against SDPA on the same cache slice; with
+    ``kv_dtype`` (float8) the cache is stored in it with its scales (kv_cache.quantize) and the
+    reference reads the values they stand for."""
     from conveyor.inference.kernels import decode_attention as da
+    from conveyor.inference.model.kv_cache import quantize
 
     torch.manual_seed(0)
     out = []
     d = 64
-    for n, heads, kv_heads, kv_len, start, window, programs, idle, short, scratch in [
+    cases = [
         (2, 4, 2, 100, 1, None, 40, False, False, False),  # GQA, two splits
         (1, 8, 8, 300, 0, None, 40, False, False, False),  # five splits, the last one short
         (3, 6, 2, 70, 2, 16, 40, False, False, False),  # sliding window: whole blocks masked out
@@ -116,11 +121,18 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         (3, 4, 2, 320, 0, None, 40, False, True, True),
         (2, 8, 8, 129, 0, None, 1, False, False, True),
         (3, 6, 2, 140, 2, 16, 40, False, False, True),
-    ]:
+    ]
+    if kv_dtype is not None:  # splits and combine, one split, a window, an idle lane: enough for a cast
+        cases = [cases[0], cases[2], cases[3], cases[6]]
+    for n, heads, kv_heads, kv_len, start, window, programs, idle, short, scratch in cases:
         q = torch.randn(n, heads, 1, d, dtype=dtype, device=device)
         length = kv_len if scratch else kv_len + 20  # a captured step's kv_len is the whole cache
         k_cache = torch.randn(start + n + 1, kv_heads, length, d, dtype=dtype, device=device)
         v_cache = torch.randn_like(k_cache)
+        scales: tuple[torch.Tensor, ...] = ()
+        if kv_dtype is not None:  # scales far from 1: a kernel that ignores them is far off
+            (k_cache, k_scale), (v_cache, v_scale) = quantize(k_cache * 40), quantize(v_cache / 50)
+            scales = (k_scale, v_scale)
         top = kv_len - 1 if scratch else kv_len  # the last slot is the scratch slot's
         positions = torch.randint(kv_len // 2, top, (n,), device=device)
         positions[0] = top - 1
@@ -142,6 +154,8 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         scale = 1 / math.sqrt(d)
         k = k_cache[lanes, :, :kv_len].double()
         v = v_cache[lanes, :, :kv_len].double()
+        if scales:
+            k, v = k * scales[0][lanes, :, :kv_len, None], v * scales[1][lanes, :, :kv_len, None]
         ref = F.scaled_dot_product_attention(
             q.double(), k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
         )
@@ -151,19 +165,26 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
         # kernel that reads them (and multiplies by a zero probability) returns NaN.
         hidden = ~mask[:, 0, 0, :, None]  # [n, kv_len, 1]
         for cache in (k_cache, v_cache):
-            seen = cache[lanes, :, :kv_len]  # [n, kv_heads, kv_len, d]
-            cache[lanes, :, :kv_len] = seen.masked_fill(hidden[:, None], float("nan"))
+            seen = cache[lanes, :, :kv_len].float()  # [n, kv_heads, kv_len, d]
+            cache[lanes, :, :kv_len] = seen.masked_fill(hidden[:, None], float("nan")).to(cache.dtype)
+        for cache in scales:
+            cache[lanes, :, :kv_len] = cache[lanes, :, :kv_len].masked_fill(
+                hidden[:, None, :, 0], float("nan")
+            )
         saved, da.TARGET_PROGRAMS = da.TARGET_PROGRAMS, programs
         try:
             got = da.decode_attention(
-                q, k_cache, v_cache, positions[:, None], lanes, kv_len, window or 0, scale
+                q, k_cache, v_cache, positions[:, None], lanes, kv_len, window or 0, scale, *scales
             ).double()
             splits, blocks_per_split = da.split_keys(n, kv_heads, kv_len)
         finally:
             da.TARGET_PROGRAMS = saved
         tol = 1e-5 if dtype == torch.float32 else 2e-2
+        if scales:  # (the values are 40x and 1/50 of randn's)
+            tol *= ref.abs().max().item()
         out.append(
             (
+                f"{'float8 cache ' if kv_dtype else ''}"
                 f"n={n} heads={heads}/{kv_heads} kv_len={kv_len} window={window} splits={splits} "
                 f"stages={da.stages(blocks_per_split)}{' idle lane at the scratch slot' if scratch else ''}",
                 (got - ref).abs().max().item(),
@@ -176,7 +197,10 @@ def attention_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, 
 if __name__ == "__main__":
     failed = 0
     cases = skinny_errors(torch.float32, "cpu") + op_errors(torch.float32, "cpu")
-    for case, err, tol in cases + attention_errors(torch.float32, "cpu"):
+    cases += attention_errors(torch.float32, "cpu") + attention_errors(
+        torch.float32, "cpu", torch.float8_e4m3fn
+    )
+    for case, err, tol in cases:
         ok = err <= tol
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {case}: error {err:.2e} (tolerance {tol:.2e})")

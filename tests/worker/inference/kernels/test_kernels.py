@@ -29,7 +29,7 @@ def test_kernels_match_torch_in_the_interpreter() -> None:
         timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok  ") == 37, run.stdout
+    assert run.stdout.count("ok  ") == 41, run.stdout
 
 
 def test_decode_linear_without_a_choice_is_torch_linear() -> None:
@@ -45,6 +45,16 @@ def test_decode_linear_without_a_choice_is_torch_linear() -> None:
 )
 def test_kernels_match_torch_on_the_gpu(cases) -> None:  # type: ignore[no-untyped-def]
     bad = [(c, e, t) for c, e, t in cases(torch.bfloat16, "cuda") if e > t]
+    assert not bad, bad
+
+
+@pytest.mark.gpu
+def test_decode_attention_reads_a_float8_cache_on_the_gpu() -> None:
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs compute capability 8.9 (Ada, Hopper) or newer")
+    cases = kernel_cases.attention_errors(torch.bfloat16, "cuda", torch.float8_e4m3fn)
+    assert len(cases) == 4
+    bad = [(c, e, t) for c, e, t in cases if e > t]
     assert not bad, bad
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from conveyor.inference.kernels.side_stream import warm_up
-from conveyor.inference.model.kv_cache import KVCache
+from conveyor.inference.model.kv_cache import KVCache, LayerCache
 from conveyor.inference.model.stage_model import Block, StageModel, Step
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class CompiledStage:
             return
         # a new cache: the graphs write the old one; its shape is fixed, so kept out of dynamic shapes
         self._graphs, self._pool, self._cache = {}, None, cache
-        for t in (*cache.k, *cache.v):
+        for t in cache.tensors():
             torch._dynamo.mark_static(t)
 
     def _capture(self, inputs: torch.Tensor, positions: torch.Tensor, lanes: torch.Tensor) -> _Captured:
@@ -293,7 +293,7 @@ class CompiledStage:
         def inputs(n: int, s: int) -> torch.Tensor:
             if model.first:
                 return torch.zeros(n, s, dtype=torch.int64, device=device)
-            return torch.zeros(n, s, model.arch.hidden, dtype=cache.k[0].dtype, device=device)
+            return torch.zeros(n, s, model.arch.hidden, dtype=model.compute_dtype, device=device)
 
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -342,15 +342,11 @@ def _weight_storage(model: StageModel) -> list[tuple[int, torch.dtype]]:
     return [(t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers())]
 
 
-def _decode_layer_pass(
-    layer: Block, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None
-) -> torch.Tensor:
+def _decode_layer_pass(layer: Block, x: torch.Tensor, step: Step, cache: LayerCache | None) -> torch.Tensor:
     # its own code object, the same as _layer_pass: dynamo keeps shape history per code object, so the
     # prompt layer's dynamic shapes never reach the decode step's static ones
     return layer(x, step, cache)
 
 
-def _layer_pass(
-    layer: Block, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None
-) -> torch.Tensor:
+def _layer_pass(layer: Block, x: torch.Tensor, step: Step, cache: LayerCache | None) -> torch.Tensor:
     return layer(x, step, cache)

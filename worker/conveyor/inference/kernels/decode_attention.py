@@ -8,7 +8,10 @@ a 4.9 ms step where reading the cache once takes 0.28. This is flash decoding: a
 of one tensor-core dot), streams its keys in blocks with an online softmax, and writes a partial
 output with its running max and sum; a second kernel combines the splits. The splits are as many as
 keep every SM busy at small batches. Rounding follows flash attention's: scores and softmax in
-float32, probabilities rounded to the value dtype before p.v, p.v accumulated in float32.
+float32, probabilities rounded to the query's dtype before p.v, p.v accumulated in float32. A float8
+cache (kv_cache.py) is read as float8, half the bytes, and widened to the query's dtype in registers;
+its per-vector scales multiply the scores' columns (q.(s k) = s (q.k)) and the probabilities before
+p.v (p.(s v) = (p s).v), so no dequantized tile is ever made.
 
 Which keys a query sees follows from its position (cache slot i holds position i): slots up to the
 position, within the sliding window if the model has one. A query at the cache's last slot (kv_cache's
@@ -70,6 +73,8 @@ if triton is not None:
         q_ptr,  # [n, heads, D]
         k_ptr,  # [lanes, kv_heads, Lmax, D]: a layer's whole cache
         v_ptr,
+        ks_ptr,  # [lanes, kv_heads, Lmax] float32: a float8 cache's key scales (SCALED)
+        vs_ptr,
         pos_ptr,  # [n] the query's position: it sees cache slots [0, pos] (and > pos - WINDOW)
         lanes_ptr,  # [n] the cache lane of each query
         acc_ptr,  # [n, heads, SPLITS, D] float32, normalised within the split
@@ -86,6 +91,8 @@ if triton is not None:
         stride_vl,
         stride_vh,
         stride_vp,
+        stride_sl,  # the scales' lane and head strides (both scale tensors are laid out alike)
+        stride_sh,
         stride_pn,
         stride_ln,
         KV_HEADS: tl.constexpr,
@@ -96,6 +103,7 @@ if triton is not None:
         SPLITS: tl.constexpr,
         BLOCKS_PER_SPLIT: tl.constexpr,
         WINDOW: tl.constexpr,  # 0: no sliding window
+        SCALED: tl.constexpr,  # a float8 cache with a scale per key and value vector
         STATIC_LOOP: tl.constexpr,
     ):
         seq = tl.program_id(0) // KV_HEADS
@@ -114,6 +122,7 @@ if triton is not None:
         pos = tl.load(pos_ptr + seq * stride_pn)
         k_base = k_ptr + lane * stride_kl + kv_head * stride_kh
         v_base = v_ptr + lane * stride_vl + kv_head * stride_vh
+        scales = lane * stride_sl + kv_head * stride_sh
         m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
@@ -131,7 +140,10 @@ if triton is not None:
             if WINDOW > 0:
                 visible &= keys > pos - WINDOW
             k = tl.load(k_base + keys[:, None] * stride_kp + dims[None, :], mask=visible[:, None], other=0.0)
+            k = k.to(q.dtype)  # a float8 cache widened in registers (no-op for a cache in q's dtype)
             scores = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_L] in float32
+            if SCALED:
+                scores *= tl.load(ks_ptr + scales + keys, mask=visible, other=0.0)[None, :]
             scores = tl.where(visible[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep zeros
@@ -139,7 +151,11 @@ if triton is not None:
             p = tl.exp(scores - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_base + keys[:, None] * stride_vp + dims[None, :], mask=visible[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if SCALED:
+                p_v = p * tl.load(vs_ptr + scales + keys, mask=visible, other=0.0)[None, :]
+            else:
+                p_v = p
+            acc = acc * alpha[:, None] + tl.dot(p_v.to(q.dtype), v.to(q.dtype))
             m_i = m_new
         if SPLITS == 1:  # the combine of one split is a division: done here, one kernel fewer per layer
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -181,13 +197,17 @@ def decode_attention(
     kv_len: int,
     window: int,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [n, heads, 1, D] at ``positions`` [n, 1] against cache lanes ``lanes`` [n] of k_cache/v_cache
     [lanes, kv_heads, L, D] -> [n, heads, 1, D]. A query sees the slots of [0, kv_len) at or before its
     position, and after ``position - window`` where ``window`` is not 0; a query at the cache's last
     (scratch) slot sees none and gets zeros. Which lanes, and how far each
     query reads, are device data: a captured step serves every micro-batch and every context length
-    up to ``kv_len`` (the cache's whole length, in a captured step)."""
+    up to ``kv_len`` (the cache's whole length, in a captured step). A float8 cache comes with its
+    scales ``k_scale``/``v_scale`` [lanes, kv_heads, L] (kv_cache.py): slot i holds ``k_cache[..., i, :]
+    * k_scale[..., i]``."""
     n, heads, _, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -201,10 +221,15 @@ def decode_attention(
     else:
         acc = torch.empty((n, heads, splits, d), device=q.device, dtype=torch.float32)
         stats = torch.empty((n, heads, splits, 2), device=q.device, dtype=torch.float32)
+    scaled = k_scale is not None and v_scale is not None
+    if scaled:
+        assert k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1  # type: ignore[union-attr]
     _split_kernel[(n * kv_heads, splits)](
         q3,
         k_cache,
         v_cache,
+        k_scale if scaled else k_cache,  # (unread unless SCALED)
+        v_scale if scaled else v_cache,
         positions,
         lanes,
         acc,
@@ -221,6 +246,8 @@ def decode_attention(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        k_scale.stride(0) if scaled else 0,  # type: ignore[union-attr]
+        k_scale.stride(1) if scaled else 0,  # type: ignore[union-attr]
         positions.stride(0),
         lanes.stride(0),
         KV_HEADS=kv_heads,
@@ -231,6 +258,7 @@ def decode_attention(
         SPLITS=splits,
         BLOCKS_PER_SPLIT=blocks_per_split,
         WINDOW=window,
+        SCALED=scaled,
         STATIC_LOOP=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=WARPS,
         num_stages=stages(blocks_per_split),
@@ -252,22 +280,24 @@ def _(
     kv_len: int,
     window: int,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return torch.empty_like(q)
 
 
 def attend(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    cache: tuple[torch.Tensor, ...],
     positions: torch.Tensor,
     lanes: torch.Tensor,
     kv_len: int,
     window: int,
     scale: float,
 ) -> torch.Tensor | None:
-    """``decode_attention`` where the kernel serves ``q`` (``available``), else None: the model's
-    decode kernel (``StageModel.decode_kernel``), which falls back to its own attention on None."""
+    """``decode_attention`` on a layer's cache (kv_cache.LayerCache) where the kernel serves ``q``
+    (``available``), else None: the model's decode kernel (``StageModel.decode_kernel``), which falls
+    back to its own attention on None."""
     if not available(q):
         return None
-    return decode_attention(q, k_cache, v_cache, positions, lanes, kv_len, window, scale)
+    return decode_attention(q, *cache[:2], positions, lanes, kv_len, window, scale, *cache[2:])

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conveyor.inference.model import kv_cache
 from conveyor.inference.model.families import Arch
-from conveyor.inference.model.kv_cache import KVCache
+from conveyor.inference.model.kv_cache import KVCache, LayerCache
 
 # HF activation names -> functions (the tanh form is HF's gelu_new / gelu_pytorch_tanh / gelu_fast).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -78,14 +79,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
-# A fused decode attention kernel (decode_attention.attend's signature): q, the layer's K and V cache,
-# positions [n, 1], lanes [n], kv_len, sliding window (0: none), scale -> [n, heads, 1, D], or None
+# A fused decode attention kernel (decode_attention.attend's signature): q, the layer's cache (K, V and a
+# float8 cache's scales), positions [n, 1], lanes [n], kv_len, sliding window (0: none), scale ->
+# [n, heads, 1, D], or None
 # where it does not serve these inputs. Set on a model from outside (StageModel.decode_kernel), so the
 # model imports no kernel.
 DecodeKernel = Callable[..., "torch.Tensor | None"]
 # How a forward pass runs one layer: layer(x, step, cache) by default; a compiled function in prompt
 # passes (cuda_graphs.py compiles one layer and reuses it for all).
-RunLayer = Callable[["Block", torch.Tensor, "Step", "tuple[torch.Tensor, torch.Tensor] | None"], torch.Tensor]
+RunLayer = Callable[["Block", torch.Tensor, "Step", "LayerCache | None"], torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -109,7 +111,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     keys once. So under torch.compile the products are written as broadcast-multiply-sum, which
     inductor turns into reductions that read K and V once; eager runs (CPU, graphs off) use SDPA,
     where the broadcast would be materialised. Rounding follows flash attention's: q.k and the softmax
-    in fp32, p rounded to the value dtype, p.v accumulated in fp32. The heads sharing a KV head (GQA)
+    in fp32, p rounded to the compute dtype, p.v accumulated in fp32. The heads sharing a KV head (GQA)
     are folded into the query rows, so K and V are never repeated."""
     if not torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(
@@ -122,9 +124,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     # [n, kv, group*S, 1, D] * [n, kv, 1, L, D] summed over D -> scores [n, kv, group*S, L]
     scores = (qg[:, :, :, None, :].float() * k[:, :, None, :, :].float()).sum(-1) * scale
     scores = scores.view(n, kv_heads, group, s, length).masked_fill(~mask[:, :, None], float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype).view(n, kv_heads, group * s, length)
+    probs = scores.softmax(dim=-1).to(q.dtype).view(n, kv_heads, group * s, length)
     # [n, kv, group*S, L, 1] * [n, kv, 1, L, D] summed over L
-    y = (probs[..., None].float() * v[:, :, None, :, :].float()).sum(-2).to(v.dtype)
+    y = (probs[..., None].float() * v[:, :, None, :, :].float()).sum(-2).to(q.dtype)
     return y.view(n, heads, s, d)
 
 
@@ -137,9 +139,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(arch.hidden, qkv_out, bias=arch.qkv_bias)
         self.wo = nn.Linear(arch.heads * arch.head_dim, arch.hidden, bias=arch.out_bias)
 
-    def forward(
-        self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache: LayerCache | None) -> torch.Tensor:
         n, s, _ = x.shape
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -151,14 +151,12 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(self.head_dim)
         gqa = self.kv_heads != self.heads
         if cache is not None:
-            k_layer, v_layer = cache  # [lanes, kv_heads, L, head_dim]: the whole layer, written in place
-            k_layer[step.lanes, :, step.positions] = k.transpose(1, 2)  # indexed: [n, S, kv_heads, head_dim]
-            v_layer[step.lanes, :, step.positions] = v.transpose(1, 2)
+            # the whole layer [lanes, kv_heads, L, head_dim] (and a float8 cache's scales), written in place
+            kv_cache.write(cache, step.lanes, step.positions, k, v)
             if s == 1 and step.mask is not None and step.decode_kernel is not None:
                 y = step.decode_kernel(
                     q,
-                    k_layer,
-                    v_layer,
+                    cache,
                     step.positions,
                     step.lanes[:, 0],
                     step.kv_len,
@@ -167,9 +165,8 @@ class Attention(nn.Module):
                 )
                 if y is not None:
                     return self.wo(y.transpose(1, 2).reshape(n, s, q_size))
-            if step.mask is not None:
-                k = k_layer[step.lanes[:, 0], :, : step.kv_len]  # [n, kv_heads, kv_len, head_dim]
-                v = v_layer[step.lanes[:, 0], :, : step.kv_len]
+            if step.mask is not None:  # [n, kv_heads, kv_len, head_dim]
+                k, v = kv_cache.read(cache, step.lanes[:, 0], step.kv_len, q.dtype)
         if step.mask is None:  # prefill from position 0: only this pass's keys, causal (flash attention)
             # causal even for a prompt of one token (one key: the same); ``s > 1`` is a symbol when compiled
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -211,9 +208,7 @@ class Block(nn.Module):
         self.attn_norm, self.mlp_norm = Norm(arch, arch.hidden), Norm(arch, arch.hidden)
         self.attn, self.mlp = Attention(arch), MLP(arch)
 
-    def forward(
-        self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache: LayerCache | None) -> torch.Tensor:
         if self.parallel_residual:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             return x + self.attn(self.attn_norm(x), step, cache) + self.mlp(self.mlp_norm(x))
         if self.pre_norm:
@@ -261,14 +256,26 @@ class StageModel(nn.Module):
                 self.project_out = nn.Linear(arch.hidden, arch.word_dim, bias=False)
             self.lm_head = nn.Linear(arch.word_dim, arch.vocab_size, bias=False)
         self.cache: KVCache | None = None
+        self.compute_dtype = torch.float32  # of the activations, set by setup_cache (the cache may be float8)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         self.decode_kernel: DecodeKernel | None = None
 
-    def setup_cache(self, lanes: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Preallocate the KV cache (``lanes`` x ``max_len`` + a scratch slot) and the rotary tables."""
+    def setup_cache(
+        self,
+        lanes: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Preallocate the KV cache (``lanes`` x ``max_len`` + a scratch slot, stored in ``kv_dtype``,
+        default ``dtype``) and the rotary tables."""
         a = self.arch
-        self.cache = KVCache(len(self.layers), lanes, a.kv_heads, max_len, a.head_dim, dtype, device)
+        self.compute_dtype = dtype
+        self.cache = KVCache(
+            len(self.layers), lanes, a.kv_heads, max_len, a.head_dim, kv_dtype or dtype, device
+        )
         self.key_positions = torch.arange(self.cache.length, device=device)
         if a.positions == "rotary":
             inv_freq, scaling = rope_inv_freq(a)

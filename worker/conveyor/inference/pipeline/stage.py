@@ -67,7 +67,7 @@ class StageWorker:
     def __init__(self, model: StageModel, peers: PipelinePeers, params: SamplingParams, device: torch.device):
         self.model, self.peers, self.params, self.device = model, peers, params, device
         assert model.cache is not None, "setup_cache() before generating"
-        self.channel = Channel(device, model.cache.k[0].dtype, peers.meta_group)
+        self.channel = Channel(device, model.compute_dtype, peers.meta_group)
         self.compiled = CompiledStage.of(model)  # as the rank builder warmed it up (eager if it did not)
         self.scratch = model.cache.scratch_position
         self.seen: torch.Tensor | None = None
