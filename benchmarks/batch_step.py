@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--prefill", default="1x160,50x160", help="NxS items: N prompts of S tokens")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--profile-top", type=int, default=10)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: a float8 KV cache")
     p.add_argument("--out", default="benchmarks/results/batch_step.json")
     args = p.parse_args()
 
@@ -43,7 +44,10 @@ def main() -> None:
 
     dtype, device, b = torch.bfloat16, torch.device("cuda"), args.lanes
     bw = measure_bandwidth("cuda")
-    model = build(args.model_shape, dtype, b, args.max_len)
+    from conveyor.inference.model.kv_cache import KV_CACHE_DTYPES
+
+    kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype]
+    model = build(args.model_shape, dtype, b, args.max_len, kv_dtype)
     a = model.arch
     t0 = time.perf_counter()
     stage = CompiledStage.attach(model, CompileOptions.from_env(device, compile_prompts=False))
@@ -51,7 +55,14 @@ def main() -> None:
     print(f"warm-up {time.perf_counter() - t0:.1f}s: {warm.seconds}", file=sys.stderr)
     elt = torch.tensor([], dtype=dtype).element_size()
     weight_bytes = sum(m.numel() * elt for m in model.parameters() if m.dim() == 2)
-    report: dict = {"device": torch.cuda.get_device_name(), "bandwidth": bw, "lanes": b, "rows": []}
+    report: dict = {
+        "device": torch.cuda.get_device_name(),
+        "bandwidth": bw,
+        "lanes": b,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "rows": [],
+    }
+    kv_elt = elt if kv_dtype is None else 1 + 4 / a.head_dim  # float8 and a float32 scale per vector
     lanes = torch.arange(b, device=device)
     tokens = torch.randint(3, a.vocab_size, (b, 1), device=device)
     for context in (int(c) for c in args.contexts.split(",")):
@@ -65,7 +76,7 @@ def main() -> None:
                 return stage.decode(tokens, positions, lanes, context + args.steps + 1)
 
         step()
-        kv_bytes = 2 * a.layers * b * a.kv_heads * a.head_dim * (context + args.steps / 2) * elt
+        kv_bytes = 2 * a.layers * b * a.kv_heads * a.head_dim * (context + args.steps / 2) * kv_elt
         ms = time_steps(step, set_positions, args.steps)
         row = {
             "what": "decode",

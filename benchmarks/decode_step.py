@@ -38,7 +38,7 @@ from benchmarks.common import SHAPES, llama_config, save_report  # noqa: E402
 from benchmarks.generate import measure_bandwidth  # noqa: E402
 
 
-def build(shape: str, dtype: torch.dtype, lanes: int, max_len: int):  # type: ignore[no-untyped-def]
+def build(shape: str, dtype: torch.dtype, lanes: int, max_len: int, kv_dtype: torch.dtype | None = None):  # type: ignore[no-untyped-def]
     from conveyor.inference.model.families import arch_from_config
     from conveyor.inference.model.stage_model import StageModel
 
@@ -46,7 +46,7 @@ def build(shape: str, dtype: torch.dtype, lanes: int, max_len: int):  # type: ig
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = StageModel(arch, range(arch.layers), first=True, last=True).to(dtype).eval()
-    model.setup_cache(lanes, max_len, dtype, torch.device("cuda"))
+    model.setup_cache(lanes, max_len, dtype, torch.device("cuda"), kv_dtype)
     return model
 
 
