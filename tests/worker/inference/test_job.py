@@ -165,7 +165,12 @@ def test_a_float8_kv_cache_job_gives_the_tokens_of_one_float8_process(model: Pat
     assert len(got) == 12
 
     requests = read_requests(
-        spec.inference.input, 0, 1, load_tokenizer(str(model)), spec.inference.max_new_tokens, load_arch(model)
+        spec.inference.input,
+        0,
+        1,
+        load_tokenizer(str(model)),
+        spec.inference.max_new_tokens,
+        load_arch(model),
     )
     want = {}
     for kv in ("fp8", "auto"):

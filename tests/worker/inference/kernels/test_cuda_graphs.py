@@ -30,12 +30,15 @@ def test_one_compiled_stage_per_model_whose_graphs_go_when_the_weights_move(tmp_
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 8 positions
-def test_after_warm_up_nothing_compiles_whatever_the_prompt_lengths(tmp_path: Path, family: str) -> None:
+@pytest.mark.parametrize("variant", ["llama", "mistral", "llama-fp8"])  # mistral: a window of 8 positions
+def test_after_warm_up_nothing_compiles_whatever_the_prompt_lengths(tmp_path: Path, variant: str) -> None:
     """Warm-up compiles the decode step and the prompt layer; then a run whose prompts are 1 to 40
     tokens long (some in chunks, one and several joining at once) and whose context sweeps the whole
-    cache compiles nothing more (the stance makes a recompile an error), and gives eager's tokens."""
+    cache compiles nothing more (the stance makes a recompile an error), and gives eager's tokens
+    (fp8: both on a float8 KV cache, whose writes and reads are compiled too)."""
     compile_cache.configure(tmp_path / "cache")
+    family, _, kv = variant.partition("-")
+    kv_cache_dtype = kv or "auto"
     model_dir = save_tiny(family, tmp_path / "model", tokenizer=False)
     lanes, max_len = 4, 48
     rng = random.Random(0)
@@ -43,7 +46,9 @@ def test_after_warm_up_nothing_compiles_whatever_the_prompt_lengths(tmp_path: Pa
     requests = [
         Request(i, [rng.randrange(1, 100) for _ in range(n)], max_len - n) for i, n in enumerate(lengths)
     ]
-    eager_model, peers = one_process_rank(model_dir, lanes=lanes, max_len=max_len)
+    eager_model, peers = one_process_rank(
+        model_dir, lanes=lanes, max_len=max_len, kv_cache_dtype=kv_cache_dtype
+    )
     want = output_ids(
         eager_model,
         peers,
@@ -54,7 +59,7 @@ def test_after_warm_up_nothing_compiles_whatever_the_prompt_lengths(tmp_path: Pa
         prefill_chunk=16,
     )
 
-    model, peers = one_process_rank(model_dir, lanes=lanes, max_len=max_len)
+    model, peers = one_process_rank(model_dir, lanes=lanes, max_len=max_len, kv_cache_dtype=kv_cache_dtype)
     options = CompileOptions(
         cuda_graphs=False, compile=True, triton_kernels=False, after_warm_up="fail_on_recompile"
     )
