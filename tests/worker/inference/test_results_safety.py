@@ -70,8 +70,9 @@ def test_output_without_a_record_is_refused_and_kept(model: Path, tmp_path: Path
         (lambda s, tmp: s["inference"].update(maxNewTokens=9), "maxNewTokens 4"),
         (lambda s, tmp: s["inference"].update(sampling={"temperature": 0.5, "seed": 1}), "sampling"),
         (lambda s, tmp: s["model"].update(dtype="bfloat16"), "dtype 'float32'"),
+        (lambda s, tmp: s["model"].update(kvCacheDtype="fp8"), "kvCacheDtype None"),
     ],
-    ids=["input", "max-new-tokens", "sampling", "dtype"],
+    ids=["input", "max-new-tokens", "sampling", "dtype", "kv-cache-dtype"],
 )
 def test_a_record_of_another_job_is_refused(model: Path, tmp_path: Path, change, why: str) -> None:
     first = spec_dict(tmp_path, model)
@@ -85,6 +86,17 @@ def test_a_record_of_another_job_is_refused(model: Path, tmp_path: Path, change,
     assert why in str(err.value)
     assert (tmp_path / "out.jsonl").read_bytes() == before
     ResultLog(tmp_path / "out.jsonl", identity).check()  # its own job resumes
+
+
+def test_the_default_kv_cache_dtype_keeps_the_identity_outputs_were_written_with(
+    model: Path, tmp_path: Path
+) -> None:
+    """kvCacheDtype came later: ``auto`` (the default, written in by the API server) must not make an
+    output committed before it another job's."""
+    spec = spec_dict(tmp_path, model)
+    before = job_identity(parse_spec(spec))
+    spec["model"]["kvCacheDtype"] = "auto"
+    assert job_identity(parse_spec(spec)) == before
 
 
 def test_another_model_is_another_job(model: Path, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Commit protocol (docs/inference.md): append result lines, flush and fsync the fi
 replace a small progress record (write a temporary file, fsync, ``os.replace``, fsync the directory)
 holding the committed byte length of the output. A line past that length was never committed: a
 restarted job truncates it and computes that prompt again, so the output holds every prompt exactly
-once whatever moment a rank died.
+once whatever moment a rank died. ``append`` and ``commit`` may run on two threads (the batch job
+commits on a thread of its own): a commit covers the lines appended before it began.
 
 Whose results these are: the record carries the job's identity (``job_identity``: digests of the
 input file and the model, and the settings that decide the tokens), and a run refuses an output whose
@@ -22,6 +23,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +132,8 @@ class ResultLog:
         self._file: Any = None
         self._lock: Any = None
         self._uncommitted = 0
+        self._appending = threading.Lock()  # the file's end and the count of lines not committed agree
+        self._committing = threading.Lock()  # one commit at a time
 
     def _read_record(self) -> dict[str, Any]:
         if self.record_path.is_file():
@@ -228,30 +232,40 @@ class ResultLog:
         self._file = open(self.path, "ab")  # noqa: SIM115 (held open across appends; close())
 
     def append(self, result: dict[str, Any]) -> None:
-        self._file.write((json.dumps(result) + "\n").encode())
-        self._file.flush()  # visible as results complete; committed only by commit()
-        self._uncommitted += 1
+        line = (json.dumps(result) + "\n").encode()
+        with self._appending:
+            self._file.write(line)
+            self._file.flush()  # visible as results complete; committed only by commit()
+            self._uncommitted += 1
 
     @property
     def uncommitted(self) -> int:
         return self._uncommitted
 
-    def commit(self, done: bool = False) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            size = self._file.tell()
-        else:
-            size = int(self.record["committedBytes"])
-        self.record = {
-            "committedBytes": size,
-            "completed": self.completed + self._uncommitted,
-            "done": done,
-            "time": rfc3339(),
-            "job": self.identity if self.identity is not None else self.record.get("job"),
-        }
-        write_json_atomic(self.record_path, self.record)
-        self._uncommitted = 0
+    def commit(self, done: bool = False) -> int:
+        """Make the lines appended so far durable and record them; returns how many it committed."""
+        with self._committing:
+            with self._appending:
+                if self._file is not None:
+                    self._file.flush()
+                    size = self._file.tell()
+                else:
+                    size = int(self.record["committedBytes"])
+                count = self._uncommitted
+            if self._file is not None:
+                os.fsync(self._file.fileno())  # (lines appended since are synced too; recorded later)
+            record = {
+                "committedBytes": size,
+                "completed": self.completed + count,
+                "done": done,
+                "time": rfc3339(),
+                "job": self.identity if self.identity is not None else self.record.get("job"),
+            }
+            write_json_atomic(self.record_path, record)
+            with self._appending:
+                self.record = record
+                self._uncommitted -= count
+            return count
 
     def close(self) -> None:
         if self._file is not None:
