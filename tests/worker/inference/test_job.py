@@ -33,11 +33,13 @@ def make_spec(
 ):
     lines = []
     for i in range(prompts):
-        row = (
+        row: dict = (
             {"id": f"p{i}", "prompt": f"the quick brown fox {i}"}
             if i % 2
             else {"id": i, "input_ids": [5 + i, 9, 11]}
         )
+        if i % 4 == 3:  # a prompt's own limit, below the spec's: sequences end at different steps
+            row["max_new_tokens"] = 1 + i % 3
         lines.append(json.dumps(row))
     (tmp / "in.jsonl").write_text("\n".join(lines) + "\n")
     return parse_spec(
@@ -138,6 +140,8 @@ def test_two_replicas_merge_into_one_output_equal_to_one_process(model: Path, tm
     wait_ranks([p for r in range(2) for p in start_replica(spec, r, tmp_path)])
     got = {json.dumps(r["id"]): r["output_ids"] for r in output_rows(tmp_path / "out.jsonl")}
     assert len(got) == 12
+    for i in range(3, 12, 4):  # the rows' own max_new_tokens
+        assert 1 <= len(got[json.dumps(f"p{i}")]) <= 1 + i % 3
 
     tokenizer = load_tokenizer(str(model))
     requests = read_requests(

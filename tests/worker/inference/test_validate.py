@@ -145,6 +145,21 @@ CASES: list[tuple[str, Spoil, str]] = [
     ("prompt not a string", lines({"id": 1, "prompt": ["a"]}), '"prompt" is a JSON list'),
     ("empty prompt", lines({"id": 1, "prompt": ""}), '"prompt" is empty'),
     (
+        "max_new_tokens 0",
+        lines({"id": 1, "prompt": "a", "max_new_tokens": 0}),
+        '"max_new_tokens" is 0; give a',
+    ),
+    (
+        "max_new_tokens text",
+        lines({"id": 1, "input_ids": [3], "max_new_tokens": "8"}),
+        '"max_new_tokens" is "8"',
+    ),
+    (
+        "max_new_tokens bool",
+        lines({"id": 1, "input_ids": [3], "max_new_tokens": True}),
+        '"max_new_tokens" is true',
+    ),
+    (
         "not UTF-8",
         bytes_input(b'{"id": 1, "prompt": "caf\xe9"}\n'),
         "in.jsonl:1: byte 25 of the line is not UTF-8",
@@ -206,7 +221,7 @@ def test_bad_input_is_refused_in_one_line(model: Path, tmp_path: Path, spoil: Sp
 
 
 def test_good_input_passes(model: Path, tmp_path: Path) -> None:
-    write_lines(tmp_path, [*GOOD, "", {"id": 2, "input_ids": [7] * 255}])  # 255 tokens + 1 new fit
+    write_lines(tmp_path, [*GOOD, "", {"id": 2, "input_ids": [7] * 255, "max_new_tokens": 1}])  # 255 + 1 fit
     preflight(parse_spec(spec_dict(tmp_path, model)))
 
 

@@ -30,6 +30,7 @@ from conveyor.env import PodEnv
 from conveyor.inference.kernels.cuda_graphs import CompileOptions
 from conveyor.inference.model.tokenizer_cache import load_tokenizer
 from conveyor.inference.pipeline.generate import (
+    BATCH,
     Request,
     Result,
     SchedulerHooks,
@@ -72,7 +73,7 @@ def read_requests(
             continue
         ids = tokens(path, number, row, tokenizer)
         check_fits(path, number, row, len(ids), arch.max_positions)
-        requests.append(Request(row.id, ids, max_new_tokens))
+        requests.append(Request(row.id, ids, row.max_new_tokens or max_new_tokens))
     return requests
 
 
@@ -308,9 +309,11 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     )
     prompt_tokens = sum(len(r.prompt_ids) for r in todo)
     options = CompileOptions.from_env(info.device, compile_prompts=compiling_prompts_pays(prompt_tokens))
-    longest = max((len(r.prompt_ids) for r in todo), default=1)
-    try:
-        max_len = cache_length(longest, inf.max_new_tokens, arch.max_positions)
+    try:  # the cache holds the longest sequence (prompt and its own max_new_tokens)
+        max_len = max(
+            (cache_length(len(r.prompt_ids), r.max_new_tokens, arch.max_positions) for r in todo),
+            default=cache_length(1, inf.max_new_tokens, arch.max_positions),
+        )
     except PromptTooLongError as err:
         raise InputError(f"{inf.input}: {err}") from None
     rank = build_generation_rank(
@@ -366,6 +369,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
         device=info.device,
         tokenizer=tokenizer,
         hooks=sink.hooks(),
+        admission=BATCH,  # free lanes gather before prompts join: fewer, fuller prompt passes
     )
     for what in ("compiles", "captures"):
         if late := rank.compiled.counts[f"late_{what}"]:

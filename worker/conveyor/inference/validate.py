@@ -20,7 +20,10 @@ if TYPE_CHECKING:
     from conveyor.inference.model.families import Arch
     from conveyor.spec import PipelineJobSpec
 
-ROW_FORM = 'each line is one JSON object: {"id": ..., "prompt": "text"} or {"id": ..., "input_ids": [ints]}'
+ROW_FORM = (
+    'each line is one JSON object: {"id": ..., "prompt": "text"} or {"id": ..., "input_ids": [ints]}, '
+    'optionally with "max_new_tokens": n'
+)
 # Bytes per position a line may take: token ids as JSON ("12345, ") or text (a byte-level token is at
 # least one byte; a long one rarely more than a few dozen). Past that the prompt cannot fit the model.
 BYTES_PER_POSITION = 64
@@ -40,6 +43,7 @@ class Row:
     key: str  # json.dumps(id): how ids are compared (1 and "1" differ)
     prompt: str | None
     input_ids: list[int] | None
+    max_new_tokens: int | None = None  # this prompt's own limit (else spec.inference.maxNewTokens)
 
 
 def line_limit(max_positions: int) -> int:
@@ -79,6 +83,12 @@ def parse_row(path: str | Path, number: int, text: str, vocab_size: int) -> Row:
     rid = row["id"]
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise InputError(f'{where}: "id" is {json.dumps(rid)}; use a string or an integer')
+    new = row.get("max_new_tokens")
+    if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 1):
+        raise InputError(
+            f'{where}: "max_new_tokens" is {json.dumps(new)}; give a positive integer, or leave it out for '
+            "spec.inference.maxNewTokens"
+        )
     has_prompt, has_ids = "prompt" in row, "input_ids" in row
     if has_prompt == has_ids:
         raise InputError(f'{where}: give exactly one of "prompt" (text) or "input_ids" (token ids)')
@@ -88,7 +98,7 @@ def parse_row(path: str | Path, number: int, text: str, vocab_size: int) -> Row:
             raise InputError(f'{where}: "prompt" is a JSON {type(prompt).__name__}; give text in a string')
         if not prompt:
             raise InputError(f'{where}: "prompt" is empty; give text or remove the line')
-        return Row(rid, json.dumps(rid), prompt, None)
+        return Row(rid, json.dumps(rid), prompt, None, new)
     ids = row["input_ids"]
     if not isinstance(ids, list) or not ids:
         raise InputError(f'{where}: "input_ids" must be a non-empty list of token ids')
@@ -101,7 +111,7 @@ def parse_row(path: str | Path, number: int, text: str, vocab_size: int) -> Row:
             raise InputError(
                 f'{where}: "input_ids"[{i}] is {t}, outside the model\'s vocabulary [0, {vocab_size})'
             )
-    return Row(rid, json.dumps(rid), None, ids)
+    return Row(rid, json.dumps(rid), None, ids, new)
 
 
 def read_rows(path: str | Path, arch: Arch) -> Iterator[tuple[int, Row]]:

@@ -48,6 +48,9 @@ from conveyor.inference.pipeline.stage import (
 )
 
 __all__ = [
+    "BATCH",
+    "IMMEDIATE",
+    "Admission",
     "PipelinePeers",
     "Request",
     "RequestQueue",
@@ -118,9 +121,34 @@ class TokenReadback:
         return list(self.host.tolist())
 
 
+@dataclass(frozen=True)
+class Admission:
+    """When waiting prompts take free lanes. A prompt pass launches every layer's kernels whatever its
+    size: eagerly on an H200 (7B shape) one prompt of 160 tokens took 33 ms, 50 of them 233 ms, and a
+    decode step of 256 lanes 13 ms (docs/performance.md). Admitted as lanes free up, one or two a step
+    (sequences ending at their own EOS), prompts would cost more than the decoding around them. So a
+    batch job lets free lanes gather (``BATCH``): prompts join a micro-batch once ``min_free`` of its
+    lanes are free, or once a lane has been free ``max_wait`` turns, or when none of its lanes is busy
+    (TGI's router waits alike: waiting_served_ratio, max_waiting_tokens). Serve mode admits at once
+    (``IMMEDIATE``): a request's first token waits for nothing. Which lanes a sequence shares, and when
+    it joins, never changes its tokens."""
+
+    min_free: float = 0.0  # fraction of a micro-batch's lanes
+    max_wait: int = 0  # turns (one decode step of each micro-batch)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_free <= 1.0 or self.max_wait < 0:
+            raise ValueError(f"admission: min_free in [0, 1] and max_wait >= 0, got {self}")
+
+
+IMMEDIATE = Admission()
+BATCH = Admission(min_free=0.125, max_wait=16)
+
+
 @dataclass
 class _Lane:
     request: Request | None = None
+    free_since: int = 0  # the turn it was freed (a free lane)
     output: list[int] = field(default_factory=list)  # tokens read back so far
     prefilled: int = 0  # prompt tokens sent into the cache
     scheduled: int = 0  # tokens whose sampling is queued (the step of the next one)
@@ -293,11 +321,14 @@ class Scheduler:
         tokenizer: Any = None,
         hooks: SchedulerHooks | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        admission: Admission = IMMEDIATE,
     ):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.worker, self.m, self.b, self.chunk = worker, micro_batches, lanes_per_micro_batch, prefill_chunk
         self.tokenizer, self.hooks = tokenizer, hooks or SchedulerHooks()
+        self.admission = admission
+        self.turn = 0  # passes over the micro-batches
         self.lanes = [_Lane() for _ in range(micro_batches * lanes_per_micro_batch)]
         self.next_token = torch.zeros(len(self.lanes), dtype=torch.int64, device=worker.device)
         self.stop_ids = set(worker.params.stop_token_ids)
@@ -365,7 +396,7 @@ class Scheduler:
             for s in (*self.worker.params.stop, *req.stop):
                 if s in text:
                     text = text[: text.index(s)]
-        self.lanes[index] = _Lane()
+        self.lanes[index] = _Lane(free_since=self.turn)
         self.hooks.on_result(
             Result(req.id, req.prompt_ids, lane.output, reason, text, lane.first_token - lane.started)
         )
@@ -501,7 +532,7 @@ class Scheduler:
         for i, lane in enumerate(self.lanes):
             req = lane.request
             if req is not None and req.id in request_ids:
-                self.lanes[i] = _Lane()
+                self.lanes[i] = _Lane(free_since=self.turn)
                 self.hooks.on_result(
                     Result(
                         req.id,
@@ -512,6 +543,19 @@ class Scheduler:
                         lane.first_token - lane.started,
                     )
                 )
+
+    def _admitting(self, mb: int) -> bool:
+        """Whether waiting prompts may join micro-batch ``mb`` this turn (``Admission``)."""
+        lanes = self.lanes[mb * self.b : (mb + 1) * self.b]
+        free = [lane for lane in lanes if lane.request is None]
+        if not free:
+            return False
+        a = self.admission
+        return (
+            len(free) >= max(1, math.ceil(a.min_free * self.b))
+            or len(free) == len(lanes)
+            or self.turn - min(lane.free_since for lane in free) >= a.max_wait
+        )
 
     def _occupancy(self) -> None:
         running, positions = 0, 0
@@ -554,9 +598,10 @@ class Scheduler:
                     if lane.request is not None and 0 < lane.prefilled < len(lane.request.prompt_ids):
                         in_flight[mb].append(self._chunk(i))
                 # Admit waiting sequences into free lanes of this micro-batch (they join now), in the
-                # order they came; their prompts are prefilled together (prefill_groups).
+                # order they came, when the admission policy says so; their prompts are prefilled
+                # together (prefill_groups).
                 joining: list[tuple[int, Request]] = []
-                for i in range(mb * self.b, (mb + 1) * self.b):
+                for i in range(mb * self.b, (mb + 1) * self.b) if self._admitting(mb) else ():
                     if self.lanes[i].request is None:
                         req = waiting.poll()
                         if req is None:
@@ -569,6 +614,7 @@ class Scheduler:
                 in_flight[mb].extend(self._prefill(group) for group in prefill_groups(joining))
                 busy = busy or bool(in_flight[mb])
             self._occupancy()
+            self.turn += 1
             if not busy:
                 if waiting.finished:
                     break
@@ -617,9 +663,11 @@ def run_generation(
     tokenizer: Any = None,
     hooks: SchedulerHooks | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    admission: Admission = IMMEDIATE,
 ) -> None:
     """Every rank of a replica group calls this; stage 0 consumes ``requests`` and reports results
-    through ``hooks.on_result`` (other stages ignore ``requests``)."""
+    through ``hooks.on_result`` (other stages ignore ``requests``); ``admission``: when waiting
+    prompts take free lanes."""
     lanes = micro_batches * lanes_per_micro_batch
     if model.cache is not None and model.cache.lanes_total < lanes:
         raise ValueError(
@@ -628,6 +676,8 @@ def run_generation(
         )
     worker = StageWorker(model, peers, params, device)
     if peers.is_first:
-        Scheduler(worker, micro_batches, lanes_per_micro_batch, tokenizer, hooks, prefill_chunk).run(requests)
+        Scheduler(
+            worker, micro_batches, lanes_per_micro_batch, tokenizer, hooks, prefill_chunk, admission
+        ).run(requests)
     else:
         worker.follow()
