@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh job      # a batch job through conveyor run, cold and warm, HF beside (~6 min)
 #   bash benchmarks/gpu_session.sh job256   # the same at batchSize 256, 1,024 prompts (~5 min)
 #   bash benchmarks/gpu_session.sh fp8      # float8 KV cache: its GPU tests, then job256 warm with it (~5 min)
+#   bash benchmarks/gpu_session.sh stagger  # batch 256, sequences ending at different steps: lanes gathered
+#                                           # before prompts join, against at once (~5 min)
 #   bash benchmarks/gpu_session.sh decode   # 1 GPU, batch 1/16/64 + TTFT 2048, HF beside (~5 min;
 #                                           # GPT_FAST=<gpt-fast checkout>: it too, ~3 min more)
 #   bash benchmarks/gpu_session.sh tpdiag   # 2 GPUs: a tiny TP 2 generate, stacks of both ranks after 70 s,
@@ -21,7 +23,7 @@
 # (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh check|job|job256|fp8|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
+part="${1:?usage: gpu_session.sh check|job|job256|fp8|stagger|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 
@@ -59,6 +61,12 @@ case "$part" in
       --runs cold,warm --hf-passes 0 --hf-job-runs 0 --kv-cache-dtype fp8 --out "$out/job_b256_fp8.json"
     python3 -u benchmarks/job.py --prompts 1024 --prompt-lens 32,255 --new-tokens 128 --batch-size 256 \
       --runs warm --hf-passes 0 --hf-job-runs 0 --out "$out/job_b256_bf16.json"
+    ;;
+  stagger)
+    # each prompt's own max_new_tokens (16-240): lanes free a few at a time, as at EOS in real text
+    python3 -u benchmarks/job.py --prompts 1024 --prompt-lens 32,255 --new-tokens 128 --new-tokens-spread 16,240 \
+      --batch-size 256 --runs cold,warm,warm:CONVEYOR_ADMISSION=immediate --hf-passes 0 --hf-job-runs 1 \
+      --out "$out/job_b256_stagger.json"
     ;;
   decode)
     python3 -u benchmarks/generate.py --model-shape llama2-7b --batch-sizes 1,16,64 --layouts 1x1 \
@@ -116,7 +124,7 @@ case "$part" in
     python3 -u benchmarks/skinny_matmul.py --batch-sizes 1,16,64 --budget-s 240 --out "$out/skinny_matmul.json"
     ;;
   *)
-    echo "unknown part $part: check|job|job256|fp8|decode|tpdiag|multi|pipeline|train|train4|int8|kernels" >&2
+    echo "unknown part $part: check|job|job256|fp8|stagger|decode|tpdiag|multi|pipeline|train|train4|int8|kernels" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,9 @@
 """The same batch job as a user writes it with HF transformers alone: a fresh process that reads the
 prompts (``input_ids`` JSON lines), loads the model, runs ``generate`` greedily over left-padded batches
 in input order and writes one JSON line per prompt. ``benchmarks/job.py`` times it end to end, as it
-times ``conveyor run``, so that both sides pay their process start, imports and load.
+times ``conveyor run``, so that both sides pay their process start, imports and load. A row's own
+``max_new_tokens`` is kept as a HF user would keep it: ``generate`` has one limit per call, so a batch
+generates to its rows' largest and each row's output is cut to its own.
 
     python3 benchmarks/hf_job.py MODEL INPUT OUTPUT --new-tokens 128 --batch-size 64
 
@@ -60,8 +62,10 @@ def main() -> None:
     with open(args.output + ".tmp", "w") as out:
         for i in range(0, len(rows), args.batch_size):
             part = rows[i : i + args.batch_size]
-            generated = generate_padded(model, [r["input_ids"] for r in part], args.new_tokens, args.device)
-            for row, new in zip(part, generated.tolist(), strict=True):
+            limits = [r.get("max_new_tokens", args.new_tokens) for r in part]
+            generated = generate_padded(model, [r["input_ids"] for r in part], max(limits), args.device)
+            for row, limit, new in zip(part, limits, generated.tolist(), strict=True):
+                new = new[:limit]
                 tokens += len(new)  # rows that stopped early are padded: an upper bound
                 out.write(json.dumps({"id": row.get("id"), "output_ids": new}) + "\n")
     os.replace(args.output + ".tmp", args.output)

@@ -142,11 +142,12 @@ def run_hf(
     model_dir: Path,
     dtype: torch.dtype,
     prompts: list[list[int]],
-    new: int,
+    new: list[int],
     batch: int,
     passes: int,
     device: str = "cuda",
 ) -> dict[str, Any]:
+    """HF ``generate`` in this process; ``new``: each prompt's limit (a batch generates to its largest)."""
     import transformers as T
 
     from benchmarks.hf_job import generate_padded
@@ -162,7 +163,8 @@ def run_hf(
         tokens = 0
         for i in range(0, len(prompts), batch):
             # rows that stopped early are padded: an upper bound
-            tokens += generate_padded(model, prompts[i : i + batch], new, device).numel()
+            out = generate_padded(model, prompts[i : i + batch], max(new[i : i + batch]), device)
+            tokens += sum(min(n, out.shape[1]) for n in new[i : i + batch])
         sync(device)
         times.append(time.perf_counter() - t1)
     del model
@@ -198,6 +200,12 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--prompt-lens", default="32,255", help="low,high: lengths drawn uniformly")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument(
+        "--new-tokens-spread",
+        default=None,
+        help="low,high: each prompt's own max_new_tokens drawn uniformly (sequences ending at different "
+        "steps, as at their EOS); default: --new-tokens for all",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run (tests)")
     p.add_argument("--stages", type=int, default=1, help="pipeline stages, one GPU each")
@@ -235,7 +243,15 @@ def main() -> None:
     run_dir = workdir / "job"
     run_dir.mkdir(exist_ok=True)
     data = run_dir / "input.jsonl"
-    data.write_text("".join(json.dumps({"id": i, "input_ids": ids}) + "\n" for i, ids in enumerate(prompts)))
+    limits = [args.new_tokens] * len(prompts)
+    rows = [{"id": i, "input_ids": ids} for i, ids in enumerate(prompts)]
+    if args.new_tokens_spread:
+        lo, hi = (int(v) for v in args.new_tokens_spread.split(","))
+        rng = random.Random(1)
+        limits = [rng.randint(lo, hi) for _ in prompts]
+        for row, limit in zip(rows, limits, strict=True):
+            row["max_new_tokens"] = limit
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     output = run_dir / "out" / "results.jsonl"
     output.parent.mkdir(exist_ok=True)
     job = run_dir / "job.yaml"
@@ -265,6 +281,7 @@ def main() -> None:
         "prompt_lens": [low, high],
         "kv_cache_dtype": args.kv_cache_dtype,
         "new_tokens": args.new_tokens,
+        "new_tokens_spread": args.new_tokens_spread,
         "batch_size": args.batch_size,
         "micro_batches": args.micro_batches,
         "stages": args.stages,
@@ -282,7 +299,7 @@ def main() -> None:
             row["speedup_vs_hf_job_cold"] = hf_jobs[0]["wall_s"] / row["wall_s"]
             row["speedup_vs_hf_job_warm"] = hf_jobs[-1]["wall_s"] / row["wall_s"]
     if args.hf_passes:
-        hf = run_hf(model_dir, dtype, prompts, args.new_tokens, args.batch_size, args.hf_passes, args.device)
+        hf = run_hf(model_dir, dtype, prompts, limits, args.batch_size, args.hf_passes, args.device)
         report["hf"] = hf
         cold_hf = hf["load_s"] + hf["pass_s"][0]
         warm_hf = hf["pass_s"][-1]

@@ -196,9 +196,15 @@ class SamplingSpec(_Spec):
 
 
 class InferenceSpec(_Spec):
-    input: str = Field(min_length=1, description="JSONL of prompts: {id, prompt} or {id, input_ids}.")
+    input: str = Field(
+        min_length=1,
+        description="JSONL of prompts: {id, prompt} or {id, input_ids}, each optionally with its own "
+        "max_new_tokens.",
+    )
     output: str = Field(min_length=1, description="JSONL of results: {id, output_ids, text, finish_reason}.")
-    max_new_tokens: int = Field(128, ge=1, le=1_000_000)
+    max_new_tokens: int = Field(
+        128, ge=1, le=1_000_000, description="New tokens per prompt, where its row gives none."
+    )
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences decoded together per replica.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     quantization: Literal["none", "int8"] = Field(

@@ -31,6 +31,8 @@ from conveyor.inference.kernels.cuda_graphs import CompileOptions
 from conveyor.inference.model.tokenizer_cache import load_tokenizer
 from conveyor.inference.pipeline.generate import (
     BATCH,
+    IMMEDIATE,
+    Admission,
     Request,
     Result,
     SchedulerHooks,
@@ -87,6 +89,15 @@ def compiling_prompts_pays(prompt_tokens: int) -> bool:
     """Whether a batch job of ``prompt_tokens`` still to prefill compiles its prompt passes (a job
     prefills each prompt once; ``CONVEYOR_COMPILE_PROMPTS`` decides instead where set)."""
     return prompt_tokens >= COMPILE_PROMPTS_FROM_TOKENS
+
+
+def admission_from_env(environ: Any = os.environ) -> Admission:
+    """When waiting prompts join (generate.Admission): ``BATCH`` unless ``CONVEYOR_ADMISSION=immediate``
+    (to compare the two, benchmarks/job.py)."""
+    value = environ.get("CONVEYOR_ADMISSION", "batch").strip().lower()
+    if value not in ("batch", "immediate"):
+        raise InputError(f"CONVEYOR_ADMISSION={value!r}: use batch (the default) or immediate")
+    return BATCH if value == "batch" else IMMEDIATE
 
 
 def sampling_params(spec: Any, eos: tuple[int, ...]) -> SamplingParams:
@@ -369,7 +380,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
         device=info.device,
         tokenizer=tokenizer,
         hooks=sink.hooks(),
-        admission=BATCH,  # free lanes gather before prompts join: fewer, fuller prompt passes
+        admission=admission_from_env(),  # free lanes gather before prompts join: fewer, fuller passes
     )
     for what in ("compiles", "captures"):
         if late := rank.compiled.counts[f"late_{what}"]:
