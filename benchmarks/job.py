@@ -263,7 +263,7 @@ def main() -> None:
             kv_cache_dtype=args.kv_cache_dtype,
             input=data,
             output=output,
-            new=args.new_tokens,
+            new=max(limits),  # spec.inference.maxNewTokens: the most any row asks
             batch=args.batch_size,
             micro_batches=args.micro_batches,
             stages=args.stages,

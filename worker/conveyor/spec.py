@@ -203,7 +203,10 @@ class InferenceSpec(_Spec):
     )
     output: str = Field(min_length=1, description="JSONL of results: {id, output_ids, text, finish_reason}.")
     max_new_tokens: int = Field(
-        128, ge=1, le=1_000_000, description="New tokens per prompt, where its row gives none."
+        128,
+        ge=1,
+        le=1_000_000,
+        description="New tokens per prompt where its row gives none; the most a row's own may ask.",
     )
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences decoded together per replica.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)

@@ -155,6 +155,11 @@ CASES: list[tuple[str, Spoil, str]] = [
         '"max_new_tokens" is "8"',
     ),
     (
+        "max_new_tokens above the spec's",
+        lines({"id": 1, "input_ids": [3], "max_new_tokens": 200}),
+        '"max_new_tokens" is 200, more than spec.inference.maxNewTokens (128)',
+    ),
+    (
         "max_new_tokens bool",
         lines({"id": 1, "input_ids": [3], "max_new_tokens": True}),
         '"max_new_tokens" is true',

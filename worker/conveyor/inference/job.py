@@ -70,7 +70,7 @@ def read_requests(
     """This replica's share of the input JSONL (every R-th prompt), in order, checked as the pre-flight
     checks it (validate.py: ids unique, token ids integers inside the vocabulary, prompts that fit)."""
     requests = []
-    for index, (number, row) in enumerate(read_rows(path, arch)):
+    for index, (number, row) in enumerate(read_rows(path, arch, max_new_tokens)):
         if index % replicas != replica:
             continue
         ids = tokens(path, number, row, tokenizer)

@@ -70,7 +70,10 @@ def input_lines(path: str | Path, limit: int) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
-def parse_row(path: str | Path, number: int, text: str, vocab_size: int) -> Row:
+def parse_row(
+    path: str | Path, number: int, text: str, vocab_size: int, max_new_tokens: int | None = None
+) -> Row:
+    """One line as a ``Row``; ``max_new_tokens``: the most a row may ask for (spec.inference.maxNewTokens)."""
     where = f"{path}:{number}"
     try:
         row = json.loads(text)
@@ -88,6 +91,11 @@ def parse_row(path: str | Path, number: int, text: str, vocab_size: int) -> Row:
         raise InputError(
             f'{where}: "max_new_tokens" is {json.dumps(new)}; give a positive integer, or leave it out for '
             "spec.inference.maxNewTokens"
+        )
+    if new is not None and max_new_tokens is not None and new > max_new_tokens:
+        raise InputError(
+            f'{where}: "max_new_tokens" is {new}, more than spec.inference.maxNewTokens ({max_new_tokens}), '
+            "the most any prompt may ask (the KV cache is sized for it): lower it, or raise maxNewTokens"
         )
     has_prompt, has_ids = "prompt" in row, "input_ids" in row
     if has_prompt == has_ids:
@@ -114,11 +122,12 @@ def parse_row(path: str | Path, number: int, text: str, vocab_size: int) -> Row:
     return Row(rid, json.dumps(rid), None, ids, new)
 
 
-def read_rows(path: str | Path, arch: Arch) -> Iterator[tuple[int, Row]]:
-    """Every row of the input in order, checked (ids unique); refuses an input with no prompt."""
+def read_rows(path: str | Path, arch: Arch, max_new_tokens: int | None = None) -> Iterator[tuple[int, Row]]:
+    """Every row of the input in order, checked (ids unique, a row's own max_new_tokens at most
+    ``max_new_tokens``); refuses an input with no prompt."""
     seen: set[str] = set()
     for number, text in input_lines(path, line_limit(arch.max_positions)):
-        row = parse_row(path, number, text, arch.vocab_size)
+        row = parse_row(path, number, text, arch.vocab_size, max_new_tokens)
         if row.key in seen:
             raise InputError(f"{path}:{number}: duplicate id {row.key}; ids must be unique")
         seen.add(row.key)
@@ -149,10 +158,10 @@ def check_fits(path: str | Path, number: int, row: Row, length: int, max_positio
         )
 
 
-def check_input(path: str | Path, arch: Arch, tokenizer: Any) -> int:
+def check_input(path: str | Path, arch: Arch, tokenizer: Any, max_new_tokens: int | None = None) -> int:
     """Every line of the input, as the ranks will read it; returns the number of prompts."""
     count = 0
-    for number, row in read_rows(path, arch):
+    for number, row in read_rows(path, arch, max_new_tokens):
         count += 1
         if row.prompt is not None and len(row.prompt.encode()) + SPECIAL_TOKENS_MARGIN < arch.max_positions:
             if tokenizer is None:
@@ -259,7 +268,7 @@ def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True, cache_dir
         return
     if not Path(inf.input).is_file():
         raise InputError(f"spec.inference.input: {inf.input} does not exist; give a JSONL file of prompts")
-    check_input(inf.input, arch, load_tokenizer_checked(model.path, cache_dir))
+    check_input(inf.input, arch, load_tokenizer_checked(model.path, cache_dir), inf.max_new_tokens)
     output = Path(inf.output)
     check_output_path(output)
     identity = job_identity(spec)
