@@ -279,6 +279,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     spec = pod.spec
     assert spec.inference is not None and spec.model is not None
     clock = StartupClock(started)
+    admission = admission_from_env()  # (a bad value is refused before anything starts)
     info = init_distributed(device=spec.device)
     clock.lap("rendezvous")
     options = CompileOptions.from_env(info.device, compile_prompts=False)  # (decided below, by the input)
@@ -380,7 +381,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
         device=info.device,
         tokenizer=tokenizer,
         hooks=sink.hooks(),
-        admission=admission_from_env(),  # free lanes gather before prompts join: fewer, fuller passes
+        admission=admission,  # free lanes gather before prompts join: fewer, fuller passes
     )
     for what in ("compiles", "captures"):
         if late := rank.compiled.counts[f"late_{what}"]:

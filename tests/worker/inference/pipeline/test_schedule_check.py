@@ -5,7 +5,7 @@ pattern; and deliberate mistakes, which must be reported at the rank and step wh
 import pytest
 import torch
 from conveyor.inference.pipeline import generate
-from conveyor.inference.pipeline.generate import Request, Scheduler
+from conveyor.inference.pipeline.generate import Admission, Request, Scheduler
 from conveyor.inference.pipeline.schedule_check import (
     STOP_TOKEN,
     check_generation,
@@ -76,6 +76,19 @@ def test_schedule_is_valid(stages, micro_batches, lanes, pattern):
     assert all(r == runs[0] for r in runs)
     replies = [e for e in trace.events[0] if e.op == "recv" and e.what == "payload"]
     assert len(replies) == (len(runs[0]) if stages > 1 else 0)
+
+
+@pytest.mark.parametrize("pattern", [joining, stops, chunked], ids=lambda p: p.__name__)
+@pytest.mark.parametrize("lanes", [2, 3])
+@pytest.mark.parametrize("micro_batches", [1, 2, 3])
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_schedule_is_valid_when_free_lanes_gather(stages, micro_batches, lanes, pattern):
+    """The batch job's admission (free lanes gather before prompts join) holds the same contract:
+    no deadlock, every send met, every sequence once with its own tokens."""
+    requests, kwargs = pattern(micro_batches * lanes)
+    check_generation(
+        stages, micro_batches, lanes, requests, admission=Admission(min_free=0.6, max_wait=3), **kwargs
+    )
 
 
 def test_prefill_token_budget_splits_joining_prompts(monkeypatch):

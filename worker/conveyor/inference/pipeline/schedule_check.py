@@ -38,7 +38,15 @@ from typing import Any, cast
 
 import torch
 
-from conveyor.inference.pipeline.generate import PREFILL_CHUNK, Request, Result, Scheduler, SchedulerHooks
+from conveyor.inference.pipeline.generate import (
+    IMMEDIATE,
+    PREFILL_CHUNK,
+    Admission,
+    Request,
+    Result,
+    Scheduler,
+    SchedulerHooks,
+)
 from conveyor.inference.pipeline.sampling import SamplingParams, sequence_key
 from conveyor.inference.pipeline.stage import DECODE, EXTEND, PREFILL, STOP, PipelinePeers, StageWorker
 from conveyor.pipe.schedule import ScheduleError
@@ -363,6 +371,7 @@ def run_pipeline(
     max_len: int = 64,
     hidden: int | list[int] = 8,
     scheduler: type[Scheduler] = Scheduler,
+    admission: Admission = IMMEDIATE,
 ) -> Trace:
     """Run the generation loop over ``stages`` simulated ranks; returns the trace (no validation).
     ``stop_at[request id] = k``: the fake model samples the stop token at that sequence's step k.
@@ -390,9 +399,9 @@ def run_pipeline(
     def body(rank: int) -> None:
         if rank == 0:
             hooks = SchedulerHooks(on_result=results.append)
-            scheduler(workers[0], micro_batches, lanes_per_micro_batch, None, hooks, prefill_chunk).run(
-                requests
-            )
+            scheduler(
+                workers[0], micro_batches, lanes_per_micro_batch, None, hooks, prefill_chunk, admission
+            ).run(requests)
         else:
             workers[rank].follow()
 
@@ -530,6 +539,7 @@ def check_generation(
     max_len: int = 64,
     hidden: int | list[int] = 8,
     scheduler: type[Scheduler] = Scheduler,
+    admission: Admission = IMMEDIATE,
 ) -> Trace:
     """Run (``run_pipeline``) and ``validate``; returns the trace of a valid run."""
     requests = list(requests)
@@ -543,6 +553,7 @@ def check_generation(
         max_len=max_len,
         hidden=hidden,
         scheduler=scheduler,
+        admission=admission,
     )
     validate(trace, requests, max_len, stop_at)
     return trace
