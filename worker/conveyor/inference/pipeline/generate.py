@@ -370,10 +370,8 @@ class Scheduler:
         if lane.output[-1] in self.stop_ids:
             return "stop"
         stops = (*self.worker.params.stop, *req.stop)
-        if stops and self.tokenizer is not None:
-            text = self.tokenizer.decode(lane.output, skip_special_tokens=True)
-            if any(s in text for s in stops):
-                return "stop"
+        if stops and self.tokenizer is not None and stop_string_ends(self.tokenizer, lane.output, stops):
+            return "stop"
         if len(lane.output) >= req.max_new_tokens or len(req.prompt_ids) + len(lane.output) >= self.max_len:
             return "length"
         return None
@@ -628,6 +626,17 @@ class Scheduler:
             stop = torch.zeros(HEADER, dtype=torch.int64)  # kind STOP
             self.worker.channel.send_meta(stop, p.next_rank)
         self.worker.channel.flush()
+
+
+def stop_string_ends(tokenizer: Any, output: list[int], stops: tuple[str, ...]) -> bool:
+    """Whether the text of ``output`` holds one of ``stops``, asked as each token arrives. A stop string
+    first appears with the token that ends it, so only the last tokens are decoded: 4 per character of
+    the longest stop string (a character is at most 4 UTF-8 bytes, a token at least one), and 8 more
+    for a character cut at the window's start. Decoding the whole output at every token took 117 us a
+    sequence at 512 tokens with SmolLM2's tokenizer: 30 ms a step at 256 lanes, more than the step."""
+    window = 4 * max(len(s) for s in stops) + 8
+    text = tokenizer.decode(output[-window:], skip_special_tokens=True)
+    return any(s in text for s in stops)
 
 
 def prefill_groups(joining: list[tuple[int, Request]]) -> list[list[tuple[int, Request]]]:

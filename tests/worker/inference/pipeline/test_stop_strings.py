@@ -1,0 +1,61 @@
+"""Stop strings are found from the last tokens' text (generate.stop_string_ends) at exactly the token
+where decoding the whole output first holds one, for real tokenizers (byte-level BPE, with multi-byte
+characters cut across tokens) and stop strings of spaces, newlines, accents and emoji."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conveyor.inference.pipeline.generate import stop_string_ends
+
+STOPS = [("\n\n",), (" fox",), ("é",), ("Human:", "###"), ("🦊",), ("the lazy dog. The quick",)]
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. The quick brown café, naïve fiancée.\n\n"
+    "Human: what is 🦊? ### Answer: a fox 🦊🦊 é é\n"
+)
+
+
+def first_stop(tokenizer, ids: list[int], stops: tuple[str, ...], windowed: bool) -> int | None:  # type: ignore[no-untyped-def]
+    for k in range(1, len(ids) + 1):
+        if windowed:
+            hit = stop_string_ends(tokenizer, ids[:k], stops)
+        else:
+            hit = any(s in tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stops)
+        if hit:
+            return k
+    return None
+
+
+@pytest.fixture(scope="module", params=["smollm2", "tiny"])
+def tokenizer(request):  # type: ignore[no-untyped-def]
+    if request.param == "tiny":
+        from conveyor.testing.tiny import build_tokenizer
+
+        return build_tokenizer()
+    import transformers as T
+    from conveyor import smollm2
+
+    return T.AutoTokenizer.from_pretrained(smollm2.checkpoint())
+
+
+@pytest.mark.parametrize("stops", STOPS, ids=repr)
+def test_the_last_tokens_find_a_stop_string_where_the_whole_text_does(tokenizer, stops) -> None:  # type: ignore[no-untyped-def]
+    ids = tokenizer(TEXT)["input_ids"] * 3  # long: most of the text lies before the window
+    want = first_stop(tokenizer, ids, stops, windowed=False)
+    assert want is not None
+    assert first_stop(tokenizer, ids, stops, windowed=True) == want
+
+
+def test_random_token_streams_agree(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Tokens drawn at random, cut characters and all: the same first hit, or none on both."""
+    rng = random.Random(0)
+    vocab = len(tokenizer)
+    for _ in range(30):
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(5, 120))]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if len(text) < 6:
+            continue
+        start = rng.randrange(len(text) - 3)
+        stops = (text[start : start + rng.randint(1, 3)],)  # a string that does occur
+        assert first_stop(tokenizer, ids, stops, True) == first_stop(tokenizer, ids, stops, False)
