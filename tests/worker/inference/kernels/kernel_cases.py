@@ -152,8 +152,8 @@ def attention_errors(
             mask[-1] = False
         mask = mask[:, None, None, :]
         scale = 1 / math.sqrt(d)
-        k = k_cache[lanes, :, :kv_len].double()
-        v = v_cache[lanes, :, :kv_len].double()
+        k = k_cache.double()[lanes, :, :kv_len]  # (widened first: CUDA's gather has no float8 case)
+        v = v_cache.double()[lanes, :, :kv_len]
         if scales:
             k, v = k * scales[0][lanes, :, :kv_len, None], v * scales[1][lanes, :, :kv_len, None]
         ref = F.scaled_dot_product_attention(
@@ -165,8 +165,9 @@ def attention_errors(
         # kernel that reads them (and multiplies by a zero probability) returns NaN.
         hidden = ~mask[:, 0, 0, :, None]  # [n, kv_len, 1]
         for cache in (k_cache, v_cache):
-            seen = cache[lanes, :, :kv_len].float()  # [n, kv_heads, kv_len, d]
-            cache[lanes, :, :kv_len] = seen.masked_fill(hidden[:, None], float("nan")).to(cache.dtype)
+            seen = cache.float()[lanes, :, :kv_len]  # [n, kv_heads, kv_len, d]
+            poisoned = seen.masked_fill(hidden[:, None], float("nan")).to(cache.dtype)
+            cache.view(torch.uint8)[lanes, :, :kv_len] = poisoned.view(torch.uint8)  # (bytes: any dtype)
         for cache in scales:
             cache[lanes, :, :kv_len] = cache[lanes, :, :kv_len].masked_fill(
                 hidden[:, None, :, 0], float("nan")

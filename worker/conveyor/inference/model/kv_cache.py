@@ -49,9 +49,13 @@ def write(
         v_layer[lanes, :, positions] = v.transpose(1, 2)
         return
     k_scale, v_scale = cache[2], cache[3]
+    compiling = torch.compiler.is_compiling()
     for values, scales, t in ((k_layer, k_scale, k), (v_layer, v_scale, v)):
         q, s = quantize(t)
-        values[lanes, :, positions] = q.transpose(1, 2)
+        if compiling:  # inductor writes float8 itself; a byte view would be copied back whole
+            values[lanes, :, positions] = q.transpose(1, 2)
+        else:  # eager, as bytes: not every torch build's CUDA kernels take float8
+            values.view(torch.uint8)[lanes, :, positions] = q.transpose(1, 2).view(torch.uint8)
         scales[lanes, :, positions] = s.transpose(1, 2)  # [n, S, kv_heads]
 
 
@@ -59,10 +63,11 @@ def read(
     cache: LayerCache, lanes: torch.Tensor, kv_len: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of ``lanes`` [n] over slots [0, kv_len) in ``dtype``: [n, kv_heads, kv_len, head_dim]."""
-    k = cache[0][lanes, :, :kv_len]
-    v = cache[1][lanes, :, :kv_len]
     if len(cache) == 2:
-        return k, v
+        return cache[0][lanes, :, :kv_len], cache[1][lanes, :, :kv_len]
+    # gathered as bytes: CUDA's indexing kernel has no float8 case
+    k = cache[0].view(torch.uint8)[lanes, :, :kv_len].view(FP8)
+    v = cache[1].view(torch.uint8)[lanes, :, :kv_len].view(FP8)
     k_scale = cache[2][lanes, :, :kv_len, None]
     v_scale = cache[3][lanes, :, :kv_len, None]
     return (k.float() * k_scale).to(dtype), (v.float() * v_scale).to(dtype)
@@ -89,9 +94,15 @@ class KVCache:
         self.length = max_len + 1
         self.dtype = dtype  # the storage dtype (float8, or the model's)
         shape = (lanes, kv_heads, self.length, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         scaled = dtype == FP8
+
+        def zeros() -> torch.Tensor:  # float8 zeros as zero bytes (CUDA's fill has no float8 case)
+            if scaled:
+                return torch.zeros(shape, dtype=torch.uint8, device=device).view(FP8)
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.k = [zeros() for _ in range(layers)]
+        self.v = [zeros() for _ in range(layers)]
         self.k_scale = [torch.zeros(shape[:3], device=device) for _ in range(layers if scaled else 0)]
         self.v_scale = [torch.zeros(shape[:3], device=device) for _ in range(layers if scaled else 0)]
 
