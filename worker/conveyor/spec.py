@@ -69,8 +69,9 @@ class ModelSpec(_Spec):
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto",
         description="KV cache storage of inference and serve: `auto` is `dtype`; `fp8` (float8 e4m3, on "
-        "GPUs of compute capability 8.9+: Ada, Hopper and newer) halves the cache's memory and the decode "
-        "step's attention reads, and rounds keys and values to 3 mantissa bits: tokens may differ.",
+        "GPUs of compute capability 8.9+: Ada, Hopper and newer) halves the cache's memory (twice the "
+        "lanes or context), at a slower decode step today, and rounds keys and values to 3 mantissa "
+        "bits: tokens may differ.",
     )
     volume: str | None = Field(
         None,

@@ -1,7 +1,11 @@
 """On a GPU (compute capability 8.9+): a float8 KV cache through the path a job runs (the decode step
 compiled and replayed from a CUDA graph, the Triton attention kernel reading float8 and its scales)
 gives the logits of the eager path on the same kind of cache (SDPA on the widened values), step by
-step along the same tokens; both are bf16, so they agree to bf16's rounding, not bit for bit."""
+step along the same tokens; both are bf16, so they agree to bf16's rounding, not bit for bit
+(they round at different points: the kernel scales the scores and probabilities in float32, eager
+rounds each widened value to bf16). Measured on an H200: 1.1% of the largest logit at most, 0.3% for
+a bf16 cache, with HF's initializer range; the test models' own (0.3) make attention so peaked that
+any rounding moves the logits by 15%, a bf16 cache's against a float8 one's by 69%."""
 
 from __future__ import annotations
 
@@ -52,7 +56,9 @@ def test_float8_cache_compiled_and_graphed_gives_the_eager_logits(tmp_path: Path
     if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs compute capability 8.9 (Ada, Hopper) or newer")
     # GQA (4 heads on 2 KV heads), head_dim 32: the Triton kernel serves it (a power of two, >= 16)
-    model_dir = save_tiny("llama", tmp_path, tokenizer=False, hidden_size=128, head_dim=32)
+    model_dir = save_tiny(
+        "llama", tmp_path, tokenizer=False, hidden_size=128, head_dim=32, initializer_range=0.02
+    )
     fast = forced_logits(model_dir, CompileOptions.from_env(torch.device(DEVICE)), "fp8")
     eager = forced_logits(model_dir, EAGER, "fp8")
     bf16_cache = forced_logits(model_dir, EAGER, "auto")
