@@ -31,7 +31,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-shape", default="llama2-7b", choices=list(SHAPES))
     p.add_argument("--lanes", type=int, default=256)
-    p.add_argument("--max-len", type=int, default=400)
+    p.add_argument("--max-len", type=int, default=512, help="cache positions: above the last context + steps")
     p.add_argument("--contexts", default="64,200,380")
     p.add_argument("--prefill", default="1x160,50x160", help="NxS items: N prompts of S tokens")
     p.add_argument("--steps", type=int, default=30)
