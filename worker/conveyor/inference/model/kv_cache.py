@@ -7,9 +7,9 @@ the same shapes. A query never attends to the scratch slot (its position is belo
 left beyond a sequence's position is masked until the sequence overwrites it.
 
 The cache may be stored in float8 (``spec.model.kvCacheDtype: fp8``, vLLM's ``kv_cache_dtype``): about
-half the bytes of bf16, so twice the lanes or context in the same memory, and half the reads of a
-decode step's attention, which at large batches is most of the step (a 7B model at 256 lanes and
-position 380 on an H200: 12.5 of 17.9 ms). Each key and value vector (one token, one KV head) is stored
+half the bytes of bf16, so twice the lanes or context in the same memory. A decode step's attention
+reads half the bytes too, yet on an H200 it was slower (18.4 against 12.8 ms at 256 lanes and
+position 380: decode_attention.py widens each tile before its dots; docs/performance.md). Each key and value vector (one token, one KV head) is stored
 with its own float32 scale, its largest magnitude over float8 e4m3's largest (448): unscaled, a
 small model's values fall below e4m3's normal range (SmolLM2-135M: 42% of its first layer's values)
 and its greedy text parted from HF's within 4-13 tokens on half of a few prompts. The scales add 4
@@ -92,7 +92,6 @@ class KVCache:
             raise ValueError(f"a KV cache of {dtype} is not supported (float8: {FP8})")
         self.lanes_total, self.max_len = lanes, max_len
         self.length = max_len + 1
-        self.dtype = dtype  # the storage dtype (float8, or the model's)
         shape = (lanes, kv_heads, self.length, head_dim)
         scaled = dtype == FP8
 
