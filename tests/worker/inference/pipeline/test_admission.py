@@ -86,3 +86,14 @@ def test_an_admission_policy_out_of_range_is_refused() -> None:
         Admission(min_free=1.5)
     with pytest.raises(ValueError, match="max_wait"):
         Admission(max_wait=-1)
+
+
+def test_the_policy_switch_takes_batch_or_immediate_and_refuses_anything_else() -> None:
+    from conveyor.inference.job import admission_from_env
+    from conveyor.inference.validate import InputError
+
+    assert admission_from_env({}) is BATCH
+    assert admission_from_env({"CONVEYOR_ADMISSION": " Immediate "}) is IMMEDIATE
+    assert admission_from_env({"CONVEYOR_ADMISSION": "batch"}) is BATCH
+    with pytest.raises(InputError, match="CONVEYOR_ADMISSION='later': use batch .* or immediate"):
+        admission_from_env({"CONVEYOR_ADMISSION": "later"})
