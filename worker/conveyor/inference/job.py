@@ -383,6 +383,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
         hooks=sink.hooks(),
         admission=admission,  # free lanes gather before prompts join: fewer, fuller passes
     )
+    rank.compiled.count_late_kernels()
     for what in ("compiles", "captures"):
         if late := rank.compiled.counts[f"late_{what}"]:
             metrics.COMPILES.labels(job, what, "late").inc(late)

@@ -195,12 +195,111 @@ def attention_errors(
     return out
 
 
+def elementwise_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
+    """(case, max error, tolerance) of elementwise.py's kernels against the model's own torch forms
+    (Norm without its kernel, ``F.silu(gate) * up``, apply_rotary), on widths that are not a power of
+    two, several column programs, grouped-query heads and a partial rotary dim."""
+    from types import SimpleNamespace
+
+    from conveyor.inference.kernels import elementwise as ew
+    from conveyor.inference.model.stage_model import Norm, apply_rotary
+
+    torch.manual_seed(0)
+    out = []
+    rel = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the output at most
+    for shape in [(5, 96), (2, 3, 64), (1, 1, 4096)]:
+        norm = Norm(SimpleNamespace(norm="rms", norm_eps=1e-6), shape[-1]).to(device, dtype)  # type: ignore[arg-type]
+        with torch.no_grad():
+            norm.weight.normal_()
+        x = torch.randn(shape, dtype=dtype, device=device) * 3
+        with torch.inference_mode():
+            ref, got = norm(x), ew.rms_norm(x, norm.weight, norm.eps)
+        error = (got.double() - ref.double()).abs().max().item() if got.shape == ref.shape else float("inf")
+        out.append((f"rms_norm {shape}", error, rel * ref.abs().max().item()))
+    for shape in [(4, 2 * 80), (2, 3, 2 * 1500)]:  # the second: two column programs, the last short
+        h = torch.randn(shape, dtype=dtype, device=device) * 4
+        gate, up = h.chunk(2, dim=-1)
+        ref, got = F.silu(gate) * up, ew.silu_mul(h)
+        error = (got.double() - ref.double()).abs().max().item() if got.shape == ref.shape else float("inf")
+        out.append((f"silu_mul {shape}", error, rel * ref.abs().max().item()))
+    for n, s, heads, kv_heads, d, rot in [(2, 5, 4, 2, 16, 16), (1, 3, 2, 2, 32, 8), (3, 1, 4, 4, 64, 64)]:
+        qkv = torch.randn(n, s, (heads + 2 * kv_heads) * d, dtype=dtype, device=device)
+        inv = 1.0 / 10000 ** (torch.arange(0, rot, 2, device=device).float() / rot)
+        angles = torch.randint(0, 500, (n, s), device=device).float()[..., None] * inv
+        emb = torch.cat((angles, angles), dim=-1)[:, None]  # [n, 1, S, rot] as StageModel makes them
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        want_q = apply_rotary(q.view(n, s, heads, d).transpose(1, 2), cos, sin)
+        want_k = apply_rotary(k.view(n, s, kv_heads, d).transpose(1, 2), cos, sin)
+        want_v = v.clone()
+        ew.rotary_(qkv, cos, sin, heads + kv_heads, d)
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        got_q, got_k = q.view(n, s, heads, d).transpose(1, 2), k.view(n, s, kv_heads, d).transpose(1, 2)
+        error = max((got_q - want_q).abs().max().item(), (got_k - want_k).abs().max().item())
+        error = error if torch.equal(v, want_v) else float("inf")  # v untouched
+        case = f"rotary_ n={n} S={s} heads={heads}/{kv_heads} D={d} rotary={rot}"
+        out.append((case, error, rel * max(want_q.abs().max().item(), 1.0)))
+    return out
+
+
+def eager_model_errors() -> list[tuple[str, float, float]]:
+    """A whole eager stage model (prefill then decode steps, float32 on the CPU) with elementwise.py's
+    kernels installed and taken, against the same model without them: the wiring of Norm, MLP and
+    Attention (the rotary of q's and k's heads in the qkv rows, in place)."""
+    import tempfile
+
+    from conveyor.inference.kernels import elementwise as ew
+    from conveyor.testing.reference import one_process_rank
+    from conveyor.testing.tiny import save_tiny
+
+    out = []
+    taken: list[str] = []
+    serves = ew.serves
+    for family in ["llama", "gpt_neox", "qwen2"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = save_tiny(family, tmp, tokenizer=False)
+            ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+            results = []
+            for fused in (False, True):
+                model, _ = one_process_rank(model_dir, lanes=2, max_len=16)
+                if fused:
+                    installed = ew.install(model)
+
+                    def on_cpu(*tensors: torch.Tensor, family: str = family) -> bool:
+                        taken.append(family)
+                        return True
+
+                    ew.serves = on_cpu  # the interpreter runs the kernels on CPU float32 tensors
+                try:
+                    lanes = torch.arange(2)
+                    with torch.inference_mode():
+                        steps = [model(ids[:, :5], torch.arange(5).expand(2, 5), prefill=True, lanes=lanes)]
+                        for t in range(5, 9):
+                            steps.append(
+                                model(ids[:, t : t + 1], torch.full((2, 1), t), lanes=lanes, kv_len=9)
+                            )
+                    results.append(torch.cat([x.reshape(2, -1) for x in steps], 1))
+                finally:
+                    ew.serves = serves
+            error = (results[1] - results[0]).abs().max().item()
+            out.append(
+                (
+                    f"eager {family} model, {installed} modules fused",
+                    error,
+                    1e-4 * results[0].abs().max().item(),
+                )
+            )
+    assert set(taken) == {"llama", "gpt_neox", "qwen2"}
+    return out
+
+
 if __name__ == "__main__":
     failed = 0
     cases = skinny_errors(torch.float32, "cpu") + op_errors(torch.float32, "cpu")
     cases += attention_errors(torch.float32, "cpu") + attention_errors(
         torch.float32, "cpu", torch.float8_e4m3fn
     )
+    cases += elementwise_errors(torch.float32, "cpu") + eager_model_errors()
     for case, err, tol in cases:
         ok = err <= tol
         failed += not ok

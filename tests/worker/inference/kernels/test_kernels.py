@@ -1,4 +1,4 @@
-"""The Triton decode kernels (skinny_matmul.py, decode_attention.py) against torch: on the CPU through
+"""The Triton kernels (skinny_matmul.py, decode_attention.py, elementwise.py) against torch: on the CPU through
 Triton's interpreter (float32), on a GPU in bfloat16 (skipped without one), and the routing of a
 model's linear layers through the measured choice."""
 
@@ -29,7 +29,7 @@ def test_kernels_match_torch_in_the_interpreter() -> None:
         timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok  ") == 41, run.stdout
+    assert run.stdout.count("ok  ") == 52, run.stdout
 
 
 def test_decode_linear_without_a_choice_is_torch_linear() -> None:
@@ -41,7 +41,13 @@ def test_decode_linear_without_a_choice_is_torch_linear() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "cases", [kernel_cases.skinny_errors, kernel_cases.op_errors, kernel_cases.attention_errors]
+    "cases",
+    [
+        kernel_cases.skinny_errors,
+        kernel_cases.op_errors,
+        kernel_cases.attention_errors,
+        kernel_cases.elementwise_errors,
+    ],
 )
 def test_kernels_match_torch_on_the_gpu(cases) -> None:  # type: ignore[no-untyped-def]
     bad = [(c, e, t) for c, e, t in cases(torch.bfloat16, "cuda") if e > t]

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from conveyor.inference.kernels import elementwise
 from conveyor.inference.kernels.side_stream import warm_up
 from conveyor.inference.model.kv_cache import KVCache, LayerCache
 from conveyor.inference.model.stage_model import Block, StageModel, Step
@@ -125,10 +126,13 @@ class CompiledStage:
         self._pool: Any = None  # one memory pool shared by every graph of this stage
         self._decode_layer: Callable[..., torch.Tensor] | None = None
         self._layer: Callable[..., torch.Tensor] | None = None
+        self._fused_modules = 0  # modules that run elementwise.py's kernels in eager passes
+        self._kernel_variants = 0  # of those kernels, compiled by the end of warm-up
         if options.triton_kernels and cuda:
             from conveyor.inference.kernels import decode_attention
 
             model.decode_kernel = decode_attention.attend
+            self._fused_modules = elementwise.install(model)
         if self.compiling:
             # static: a decode step's shapes never change (kv_len is not an argument: see the docstring)
             self._decode_layer = torch.compile(
@@ -162,6 +166,15 @@ class CompiledStage:
 
         self._count("compiles")
         return compile_fx(graph, example_inputs)
+
+    def count_late_kernels(self) -> int:
+        """Counts (as late compiles) the variants of elementwise.py's kernels compiled since warm-up:
+        none, unless a pass met a width or dtype warm-up did not."""
+        late = elementwise.compiled_variants() - self._kernel_variants
+        for _ in range(late if self.warm else 0):
+            self._count("compiles")
+        self._kernel_variants += late
+        return late
 
     def _count(self, what: str) -> None:
         self.counts[what] += 1
@@ -307,6 +320,9 @@ class CompiledStage:
                     self.prompt(inputs(n, 2), positions, lanes, prefill=True)
                     if n == 1 or model.arch.sliding_window:
                         self.prompt(inputs(n, 2), positions, lanes, kv_len=min(64, cache.length))
+            elif self._fused_modules:  # eager prompt passes: their kernels (elementwise.py) compile now
+                positions = torch.full((1, 2), scratch, dtype=torch.int64, device=device)
+                self.prompt(inputs(1, 2), positions, torch.arange(1, device=device), prefill=True)
             phase("compile", t0)
             t0 = time.perf_counter()
             positions = torch.full((micro_batch, 1), scratch, dtype=torch.int64, device=device)
@@ -316,6 +332,7 @@ class CompiledStage:
         # the decode compile happens inside its first capture (or first call): counted as capture time
         phase("capture" if self.graphs else "compile", t0)
         self.warm = True
+        self._kernel_variants = elementwise.compiled_variants()
         made = self.counts - counts_before
         report = WarmUpReport(seconds, made["compiles"], made["captures"], tuned)
         log.info(

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from conveyor.inference.kernels import compile_cache
+from conveyor.inference.kernels import compile_cache, elementwise
 from conveyor.inference.kernels.side_stream import warm_up
 
 try:
@@ -545,7 +545,10 @@ def _gate_up_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if is_decode_product(x) and _fused(n, k, x.numel() // k, *name, weight.device.index or 0):
         return decode_gate_up(x, weight, _int8(module))
     plain = _linear_forward if type(module) is nn.Linear else type(module).forward
-    gate, up = plain(module, x).chunk(2, dim=-1)  # type: ignore[arg-type]
+    h = plain(module, x)  # type: ignore[arg-type]
+    if not torch.compiler.is_compiling() and (y := elementwise.fused_silu_mul(h)) is not None:
+        return y  # an eager pass (a batch job's prefill): the gate in one kernel
+    gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 

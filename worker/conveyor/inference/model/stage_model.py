@@ -55,8 +55,15 @@ class Norm(nn.Module):
         self.eps = arch.norm_eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = None if self.rms else nn.Parameter(torch.zeros(dim))
+        # One kernel for the eager passes (kernels/elementwise.py, set from outside); None where it
+        # does not serve the input. Compiled passes leave it to inductor.
+        self.fused: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.fused is not None:
+            y = self.fused(x, self.weight, self.eps)
+            if y is not None:
+                return y
         if not self.rms:
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         # RMSNorm in float32, cast back before the weight (as HF Llama does: bitwise the same in fp32).
@@ -138,15 +145,25 @@ class Attention(nn.Module):
         qkv_out = (arch.heads + 2 * arch.kv_heads) * arch.head_dim
         self.wqkv = nn.Linear(arch.hidden, qkv_out, bias=arch.qkv_bias)
         self.wo = nn.Linear(arch.heads * arch.head_dim, arch.hidden, bias=arch.out_bias)
+        # Rotates q's and k's heads of the qkv rows in place, in one kernel, for the eager passes
+        # (kernels/elementwise.py, set from outside): whether it did.
+        self.fused_rotary: Callable[..., bool] | None = None
 
     def forward(self, x: torch.Tensor, step: Step, cache: LayerCache | None) -> torch.Tensor:
         n, s, _ = x.shape
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.wqkv(x)
+        rotated = (
+            step.rope is not None
+            and not torch.compiler.is_compiling()
+            and self.fused_rotary is not None
+            and self.fused_rotary(qkv, *step.rope, self.heads + self.kv_heads, self.head_dim)
+        )
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(n, s, self.heads, self.head_dim).transpose(1, 2)  # [n, heads, S, head_dim]
         k = k.view(n, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [n, kv_heads, S, head_dim]
         v = v.view(n, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        if step.rope is not None:
+        if step.rope is not None and not rotated:
             q, k = apply_rotary(q, *step.rope), apply_rotary(k, *step.rope)
         scale = 1.0 / math.sqrt(self.head_dim)
         gqa = self.kv_heads != self.heads
@@ -189,11 +206,17 @@ class MLP(nn.Module):
         # Set by skinny_matmul.route_linears: w_in returns act(gate) * up itself (at decode, from the
         # kernel that reads its weight: no kernel writes or reads gate and up).
         self.up_applies_gate = False
+        # silu(gate) * up in one kernel for the eager passes (kernels/elementwise.py, set from outside)
+        self.fused_gate: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.up_applies_gate:
             return self.w_out(self.w_in(x))
         h = self.w_in(x)
+        if not torch.compiler.is_compiling() and self.fused_gate is not None:
+            y = self.fused_gate(h)
+            if y is not None:
+                return self.w_out(y)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             return self.w_out(self.act(gate) * up)

@@ -1,0 +1,61 @@
+"""On a GPU: an eager stage model (a batch job's prompt passes) with elementwise.py's kernels gives the
+logits of torch's ops within bf16 rounding, the kernels compile at warm-up and never after it whatever
+the prompt lengths, and a captured decode step keeps torch's ops (skipped without a GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conveyor.inference.kernels import elementwise
+from conveyor.inference.kernels.cuda_graphs import CompiledStage, CompileOptions
+from conveyor.testing.reference import one_process_rank
+from conveyor.testing.tiny import save_tiny
+
+pytestmark = pytest.mark.gpu
+
+
+def test_eager_passes_take_the_kernels_compiled_at_warm_up_and_give_torchs_logits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = save_tiny("llama", tmp_path, tokenizer=False, initializer_range=0.02)
+    dev = torch.device("cuda")
+    model, _ = one_process_rank(d, dtype=torch.bfloat16, device=dev, lanes=4, max_len=512)
+    stage = CompiledStage.attach(model, CompileOptions(compile_prompts=False))
+    stage.warm_up(4)
+    assert elementwise.compiled_variants() >= 3  # norm, gate, rotary: made by warm-up's eager pass
+    taken: list[int] = []
+    serves = elementwise.serves
+
+    def counting(*tensors: torch.Tensor) -> bool:
+        taken.append(1)
+        return serves(*tensors)
+
+    gen = torch.Generator().manual_seed(0)
+    for n, s in [(1, 1), (3, 37), (2, 300), (4, 129)]:
+        ids = torch.randint(3, 100, (n, s), generator=gen).to(dev)
+        positions, lanes = torch.arange(s, device=dev).expand(n, s), torch.arange(n, device=dev)
+        with torch.inference_mode():
+            monkeypatch.setattr(elementwise, "serves", counting)
+            fused = stage.prompt(ids, positions, lanes, prefill=True).float()
+            monkeypatch.setattr(elementwise, "serves", lambda *t: False)
+            plain = stage.prompt(ids, positions, lanes, prefill=True).float()
+        scale = plain.abs().max().item()
+        assert (fused - plain).abs().max().item() <= 0.02 * scale, (n, s)
+    assert taken, "the kernels were never asked"
+    assert stage.count_late_kernels() == 0
+    assert stage.counts["late_compiles"] == 0 and stage.counts["late_captures"] == 0
+
+
+def test_nothing_is_served_while_a_graph_is_captured() -> None:
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    assert elementwise.serves(x)
+    assert not elementwise.serves(x.float())  # float32 stays on torch's exact ops
+    assert not elementwise.serves(x.view(-1)[1:193].view(3, 64))  # unaligned: another variant: torch
+    graph = torch.cuda.CUDAGraph()
+    answers = []
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        answers.append(elementwise.serves(x))
+    assert answers == [False]

@@ -1,0 +1,186 @@
+"""RMSNorm, a gated MLP's ``silu(gate) * up`` and rotary embedding as one Triton kernel each, for the
+passes that run eagerly: a batch job's prompt passes (compiling them costs more start-up than it saves,
+job.compiling_prompts_pays) and decode without graphs.
+
+Eagerly, torch runs these as chains of kernels that each read and write the whole activation: RMSNorm
+in float32 is seven (widen, square, mean, add, rsqrt, multiply, narrow, then the weight), rotary five a
+tensor (two products, a negation, a concatenation, a sum), the gate three. On an H200 those chains were
+85 ms of an eager prompt pass's 233 ms for 8,000 tokens of Llama-2-7B, about 1.7 s of a batch-256 job
+(docs/performance.md). Each kernel here reads its inputs once and writes its output once.
+
+Each rounds where torch's eager ops round, so a token's logits move by float32 noise, not by a bf16
+ulp: RMSNorm narrows before the weight multiplies (HF Llama's order); rotary rounds each product and
+the sum (``x * cos + rotate_half(x) * sin`` in the compute dtype); the gate rounds after the silu and
+after the product. Only the sums' order differs (a tree in a program, not torch's).
+
+Compiled passes (inductor) fuse these themselves, so the model calls them only outside torch.compile,
+and never while a CUDA graph is being captured (a captured decode step runs torch's ops, which
+inductor or the graph already made cheap). The kernels specialise on the model's widths only (as
+``constexpr``); the number of rows is the grid, so a pass of any size runs the kernels compiled at
+warm-up (cuda_graphs.CompiledStage.warm_up runs one eager prompt pass for that).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+def serves(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: CUDA, 16-bit, 16-byte aligned, and no graph capturing.
+    (An unaligned tensor would compile another variant of a kernel mid-job: it takes torch's ops.)"""
+    return (
+        triton is not None
+        and all(t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
+        and all(t.data_ptr() % 16 == 0 for t in tensors)
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def _warps(block: int) -> int:
+    return max(1, min(16, block // 256))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+        normed = x * (1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / N + eps))
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+        y = w.to(tl.float32) * normed.to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _silu_mul_kernel(h_ptr, y_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < N
+        gate = tl.load(h_ptr + row * (2 * N) + cols, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + row * (2 * N) + N + cols, mask=ok, other=0.0).to(tl.float32)
+        dtype = y_ptr.dtype.element_ty
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        tl.store(y_ptr + row * N + cols, (silu * up).to(dtype), mask=ok)
+
+    @triton.jit
+    def _rotary_kernel(
+        x_ptr,  # [tokens, ROW]: a pass's q | k | v, rotated in place (q's and k's heads)
+        cos_ptr,  # [tokens, ROT]
+        sin_ptr,
+        ROW: tl.constexpr,
+        HEAD: tl.constexpr,
+        ROT: tl.constexpr,
+        BLOCK: tl.constexpr,  # >= ROT // 2
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        half = tl.arange(0, BLOCK)
+        ok = half < ROT // 2
+        x = x_ptr + token * ROW + head * HEAD
+        dtype = x_ptr.dtype.element_ty
+        x1 = tl.load(x + half, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(x + ROT // 2 + half, mask=ok, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + token * ROT + half, mask=ok, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + token * ROT + ROT // 2 + half, mask=ok, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + token * ROT + half, mask=ok, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + token * ROT + ROT // 2 + half, mask=ok, other=0.0).to(tl.float32)
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), each term rounded as torch does
+        first = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
+        second = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+        tl.store(x + half, first.to(dtype), mask=ok)
+        tl.store(x + ROT // 2 + half, second.to(dtype), mask=ok)
+
+
+def compiled_variants() -> int:
+    """Variants of these kernels Triton has compiled in this process: warm-up makes one of each per
+    model width and dtype, and a pass of any size needs no other."""
+    if triton is None:
+        return 0
+    kernels = (_rms_norm_kernel, _silu_mul_kernel, _rotary_kernel)
+    return sum(len(c[0]) for k in kernels for c in getattr(k, "device_caches", {}).values())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, in float32 within, over the last dim."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)  # (a copy where x is not contiguous: the kernel assumes rows of n)
+    y = torch.empty_like(rows)
+    if rows.shape[0]:
+        block = triton.next_power_of_2(n)
+        _rms_norm_kernel[(rows.shape[0],)](rows, weight, y, eps, N=n, BLOCK=block, num_warps=_warps(block))
+    return y.view(x.shape)
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` of ``h = gate | up`` along its last dim."""
+    n = h.shape[-1] // 2
+    rows = h.reshape(-1, 2 * n)
+    y = torch.empty(rows.shape[0], n, dtype=h.dtype, device=h.device)
+    if rows.shape[0]:
+        block = min(1024, triton.next_power_of_2(n))
+        grid = (rows.shape[0], triton.cdiv(n, block))
+        _silu_mul_kernel[grid](rows, y, N=n, BLOCK=block, num_warps=_warps(block))
+    return y.view(*h.shape[:-1], n)
+
+
+def rotary_(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated_heads: int, head_dim: int
+) -> None:
+    """Rotates, in place, the first ``rotated_heads`` heads (q's, then k's) of each token's row of
+    ``qkv`` ([..., S, row], contiguous); ``cos``/``sin`` hold [..., S, rotary_dim] (a rotary dim below
+    ``head_dim`` rotates a prefix of each head, as GPT-NeoX does)."""
+    row, rot = qkv.shape[-1], cos.shape[-1]
+    tokens = qkv.numel() // row
+    if tokens:
+        block = triton.next_power_of_2(rot // 2)
+        _rotary_kernel[(tokens, rotated_heads)](
+            qkv, cos, sin, ROW=row, HEAD=head_dim, ROT=rot, BLOCK=block, num_warps=1 if block <= 64 else 2
+        )
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    return rms_norm(x, weight, eps) if weight.dtype == x.dtype and serves(x, weight) else None
+
+
+def fused_silu_mul(h: torch.Tensor) -> torch.Tensor | None:
+    return silu_mul(h) if serves(h) else None
+
+
+def fused_rotary_(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated_heads: int, head_dim: int
+) -> bool:
+    """``rotary_`` where it serves (in place needs qkv itself contiguous, not a copy); whether it ran."""
+    if not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and serves(qkv, cos, sin)):
+        return False
+    rotary_(qkv, cos, sin, rotated_heads, head_dim)
+    return True
+
+
+def install(model: Any) -> int:
+    """Points a stage model's norms, gated MLPs and attention layers at these kernels (each takes them
+    only where ``serves``, else runs torch's ops); returns how many modules. Call before anything is
+    compiled: dynamo guards on what it reads."""
+    from conveyor.inference.model.stage_model import MLP, Attention, Norm
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Norm) and module.rms:
+            module.fused = fused_rms_norm
+        elif isinstance(module, MLP) and module.gated_activation == "silu":
+            module.fused_gate = fused_silu_mul
+        elif isinstance(module, Attention):
+            module.fused_rotary = fused_rotary_
+        else:
+            continue
+        count += 1
+    return count
