@@ -222,7 +222,12 @@ def elementwise_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float
         ref, got = F.silu(gate) * up, ew.silu_mul(h)
         error = (got.double() - ref.double()).abs().max().item() if got.shape == ref.shape else float("inf")
         out.append((f"silu_mul {shape}", error, rel * ref.abs().max().item()))
-    for n, s, heads, kv_heads, d, rot in [(2, 5, 4, 2, 16, 16), (1, 3, 2, 2, 32, 8), (3, 1, 4, 4, 64, 64)]:
+    for n, s, heads, kv_heads, d, rot in [
+        (2, 5, 4, 2, 16, 16),  # grouped-query: 6 heads rotated, in a tile of 8
+        (1, 3, 2, 2, 32, 8),  # a prefix of each head rotated (GPT-NeoX)
+        (3, 1, 4, 4, 64, 64),
+        (1, 2, 3, 1, 80, 20),  # half a rotary dim of 10, in a tile of 16
+    ]:
         qkv = torch.randn(n, s, (heads + 2 * kv_heads) * d, dtype=dtype, device=device)
         inv = 1.0 / 10000 ** (torch.arange(0, rot, 2, device=device).float() / rot)
         angles = torch.randint(0, 500, (n, s), device=device).float()[..., None] * inv

@@ -78,27 +78,33 @@ if triton is not None:
         cos_ptr,  # [tokens, ROT]
         sin_ptr,
         ROW: tl.constexpr,
-        HEAD: tl.constexpr,
-        ROT: tl.constexpr,
+        HEADS: tl.constexpr,  # rotated: q's and k's
+        HEAD: tl.constexpr,  # head_dim
+        ROT: tl.constexpr,  # rotary dim: a prefix of each head
+        BLOCK_H: tl.constexpr,  # >= HEADS
         BLOCK: tl.constexpr,  # >= ROT // 2
     ):
+        # A program per token, all its heads: the token's cos and sin are loaded once, and each program
+        # moves enough bytes to keep loads in flight (a program per head moved 512 bytes: 9.9 ms of a
+        # Llama-2-7B prefill of 8,000 tokens, about 5x the bytes' time at the H200's bandwidth).
         token = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
-        half = tl.arange(0, BLOCK)
-        ok = half < ROT // 2
-        x = x_ptr + token * ROW + head * HEAD
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        half = tl.arange(0, BLOCK)[None, :]
+        ok = (heads < HEADS) & (half < ROT // 2)
+        x = x_ptr + token * ROW + heads * HEAD + half
         dtype = x_ptr.dtype.element_ty
-        x1 = tl.load(x + half, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(x + ROT // 2 + half, mask=ok, other=0.0).to(tl.float32)
-        c1 = tl.load(cos_ptr + token * ROT + half, mask=ok, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + token * ROT + ROT // 2 + half, mask=ok, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + token * ROT + half, mask=ok, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + token * ROT + ROT // 2 + half, mask=ok, other=0.0).to(tl.float32)
+        x1 = tl.load(x, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(x + ROT // 2, mask=ok, other=0.0).to(tl.float32)
+        table = token * ROT + half
+        c1 = tl.load(cos_ptr + table, mask=half < ROT // 2, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + table + ROT // 2, mask=half < ROT // 2, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + table, mask=half < ROT // 2, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + table + ROT // 2, mask=half < ROT // 2, other=0.0).to(tl.float32)
         # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), each term rounded as torch does
         first = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
         second = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
-        tl.store(x + half, first.to(dtype), mask=ok)
-        tl.store(x + ROT // 2 + half, second.to(dtype), mask=ok)
+        tl.store(x, first.to(dtype), mask=ok)
+        tl.store(x + ROT // 2, second.to(dtype), mask=ok)
 
 
 def compiled_variants() -> int:
@@ -142,9 +148,18 @@ def rotary_(
     row, rot = qkv.shape[-1], cos.shape[-1]
     tokens = qkv.numel() // row
     if tokens:
-        block = triton.next_power_of_2(rot // 2)
-        _rotary_kernel[(tokens, rotated_heads)](
-            qkv, cos, sin, ROW=row, HEAD=head_dim, ROT=rot, BLOCK=block, num_warps=1 if block <= 64 else 2
+        block_h, block = triton.next_power_of_2(rotated_heads), triton.next_power_of_2(rot // 2)
+        _rotary_kernel[(tokens,)](
+            qkv,
+            cos,
+            sin,
+            ROW=row,
+            HEADS=rotated_heads,
+            HEAD=head_dim,
+            ROT=rot,
+            BLOCK_H=block_h,
+            BLOCK=block,
+            num_warps=_warps(block_h * block // 2),
         )
 
 
