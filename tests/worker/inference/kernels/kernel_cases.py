@@ -244,6 +244,21 @@ def elementwise_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float
         error = error if torch.equal(v, want_v) else float("inf")  # v untouched
         case = f"rotary_ n={n} S={s} heads={heads}/{kv_heads} D={d} rotary={rot}"
         out.append((case, error, rel * max(want_q.abs().max().item(), 1.0)))
+    from conveyor.inference.model import kv_cache
+
+    for n, s, heads, kv_heads, d in [(2, 5, 4, 2, 16), (3, 1, 6, 3, 64)]:
+        qkv = torch.randn(n, s, (heads + 2 * kv_heads) * d, dtype=dtype, device=device)
+        lanes = torch.tensor([4, 0, 2][:n], device=device)[:, None]
+        positions = torch.arange(s, device=device).repeat(n, 1) + torch.arange(n, device=device)[:, None]
+        positions[0, -1] = 11  # a padding token at the scratch slot
+        want = [torch.zeros(5, kv_heads, 12, d, dtype=dtype, device=device) for _ in range(2)]
+        got = [t.clone() for t in want]
+        _, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        k, v = (t.view(n, s, kv_heads, d).transpose(1, 2) for t in (k, v))
+        kv_cache.write((want[0], want[1]), lanes, positions, k, v)
+        ew.write_kv_(qkv, got[0], got[1], lanes, positions, heads, kv_heads)
+        same = all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        out.append((f"write_kv_ n={n} S={s} heads={heads}/{kv_heads} D={d}", 0.0 if same else 1.0, 0.0))
     return out
 
 

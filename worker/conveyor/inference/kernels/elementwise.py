@@ -106,13 +106,42 @@ if triton is not None:
         tl.store(x, first.to(dtype), mask=ok)
         tl.store(x + ROT // 2, second.to(dtype), mask=ok)
 
+    @triton.jit
+    def _write_kv_kernel(
+        x_ptr,  # [tokens, ROW]: a pass's q | k | v (k rotated)
+        k_ptr,  # [lanes, KV, length, HEAD]: a layer's cache
+        v_ptr,
+        lanes_ptr,  # [tokens] each token's cache lane
+        positions_ptr,  # [tokens] and slot
+        length,  # cache slots a lane holds
+        ROW: tl.constexpr,
+        Q: tl.constexpr,  # q's heads, before k's in a row
+        KV: tl.constexpr,
+        HEAD: tl.constexpr,
+        BLOCK_H: tl.constexpr,  # >= KV
+        BLOCK: tl.constexpr,  # >= HEAD
+    ):
+        # A token's keys and values into its lane's slot, from the rows the qkv product wrote: one
+        # kernel for both, where torch's indexed writes of the transposed views took 14.6 ms of an
+        # 8,000-token 7B prefill on the H200, for 8.4 GB moved (2.1 ms at its bandwidth).
+        token = tl.program_id(0).to(tl.int64)
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        dims = tl.arange(0, BLOCK)[None, :]
+        ok = (heads < KV) & (dims < HEAD)
+        lane = tl.load(lanes_ptr + token)
+        position = tl.load(positions_ptr + token)
+        row = x_ptr + token * ROW + heads * HEAD + dims
+        slot = ((lane * KV + heads) * length + position) * HEAD + dims
+        tl.store(k_ptr + slot, tl.load(row + Q * HEAD, mask=ok), mask=ok)
+        tl.store(v_ptr + slot, tl.load(row + (Q + KV) * HEAD, mask=ok), mask=ok)
+
 
 def compiled_variants() -> int:
     """Variants of these kernels Triton has compiled in this process: warm-up makes one of each per
     model width and dtype, and a pass of any size needs no other."""
     if triton is None:
         return 0
-    kernels = (_rms_norm_kernel, _silu_mul_kernel, _rotary_kernel)
+    kernels = (_rms_norm_kernel, _silu_mul_kernel, _rotary_kernel, _write_kv_kernel)
     return sum(len(c[0]) for k in kernels for c in getattr(k, "device_caches", {}).values())
 
 
@@ -163,6 +192,41 @@ def rotary_(
         )
 
 
+def write_kv_(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lanes: torch.Tensor,
+    positions: torch.Tensor,
+    q_heads: int,
+    kv_heads: int,
+) -> None:
+    """Writes each token's keys and values from ``qkv`` ([n, S, row], contiguous: q's heads, then k's,
+    then v's) into ``k_cache`` / ``v_cache`` ([lanes, kv_heads, length, head_dim]) at its lane (``lanes``
+    [n] or [n, 1]) and slot (``positions`` [n, S])."""
+    n, s = positions.shape
+    if not n * s:
+        return
+    head_dim = k_cache.shape[-1]
+    # fresh, so aligned as warm-up's were (a view at an odd offset would compile another variant)
+    token_lanes = lanes.reshape(n, 1).expand(n, s).clone().reshape(-1)
+    _write_kv_kernel[(n * s,)](
+        qkv,
+        k_cache,
+        v_cache,
+        token_lanes,
+        positions.clone().reshape(-1),
+        k_cache.shape[2],
+        ROW=qkv.shape[-1],
+        Q=q_heads,
+        KV=kv_heads,
+        HEAD=head_dim,
+        BLOCK_H=triton.next_power_of_2(kv_heads),
+        BLOCK=triton.next_power_of_2(head_dim),
+        num_warps=_warps(triton.next_power_of_2(kv_heads) * triton.next_power_of_2(head_dim) // 2),
+    )
+
+
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     return rms_norm(x, weight, eps) if weight.dtype == x.dtype and serves(x, weight) else None
 
@@ -181,6 +245,24 @@ def fused_rotary_(
     return True
 
 
+def fused_write_kv_(
+    qkv: torch.Tensor,
+    cache: tuple[torch.Tensor, ...],
+    lanes: torch.Tensor,
+    positions: torch.Tensor,
+    q_heads: int,
+    kv_heads: int,
+) -> bool:
+    """``write_kv_`` where it serves (a cache of the activations' dtype: a float8 one quantizes first,
+    kv_cache.write); whether it ran."""
+    if len(cache) != 2 or not qkv.is_contiguous() or any(c.dtype != qkv.dtype for c in cache):
+        return False
+    if not (cache[0].is_contiguous() and cache[1].is_contiguous() and serves(qkv, *cache)):
+        return False
+    write_kv_(qkv, cache[0], cache[1], lanes, positions, q_heads, kv_heads)
+    return True
+
+
 def install(model: Any) -> int:
     """Points a stage model's norms, gated MLPs and attention layers at these kernels (each takes them
     only where ``serves``, else runs torch's ops); returns how many modules. Call before anything is
@@ -194,7 +276,7 @@ def install(model: Any) -> int:
         elif isinstance(module, MLP) and module.gated_activation == "silu":
             module.fused_gate = fused_silu_mul
         elif isinstance(module, Attention):
-            module.fused_rotary = fused_rotary_
+            module.fused_rotary, module.fused_write_kv = fused_rotary_, fused_write_kv_
         else:
             continue
         count += 1

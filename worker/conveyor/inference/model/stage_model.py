@@ -148,6 +148,8 @@ class Attention(nn.Module):
         # Rotates q's and k's heads of the qkv rows in place, in one kernel, for the eager passes
         # (kernels/elementwise.py, set from outside): whether it did.
         self.fused_rotary: Callable[..., bool] | None = None
+        # And writes k and v from those rows into the cache in one kernel: whether it did.
+        self.fused_write_kv: Callable[..., bool] | None = None
 
     def forward(self, x: torch.Tensor, step: Step, cache: LayerCache | None) -> torch.Tensor:
         n, s, _ = x.shape
@@ -169,7 +171,14 @@ class Attention(nn.Module):
         gqa = self.kv_heads != self.heads
         if cache is not None:
             # the whole layer [lanes, kv_heads, L, head_dim] (and a float8 cache's scales), written in place
-            kv_cache.write(cache, step.lanes, step.positions, k, v)
+            written = (
+                (rotated or step.rope is None)  # k in the qkv rows is final
+                and not torch.compiler.is_compiling()
+                and self.fused_write_kv is not None
+                and self.fused_write_kv(qkv, cache, step.lanes, step.positions, self.heads, self.kv_heads)
+            )
+            if not written:
+                kv_cache.write(cache, step.lanes, step.positions, k, v)
             if s == 1 and step.mask is not None and step.decode_kernel is not None:
                 y = step.decode_kernel(
                     q,
