@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_session.sh check    # GPU tests: bf16/fp32 vs HF, int8 compiled vs eager, 2 GPUs (~3 min)
 #   bash benchmarks/gpu_session.sh job      # a batch job through conveyor run, cold and warm, HF beside (~6 min)
 #   bash benchmarks/gpu_session.sh job256   # the same at batchSize 256, 1,024 prompts (~5 min)
+#   bash benchmarks/gpu_session.sh prefill  # eager prompt passes: elementwise.py's kernels vs torch's ops (~3 min)
+#   bash benchmarks/gpu_session.sh profile  # job256 with a profile of its warm generation: GPU busy, gaps (~5 min)
 #   bash benchmarks/gpu_session.sh fp8      # float8 KV cache: its GPU tests, then job256 warm with it (~5 min)
 #   bash benchmarks/gpu_session.sh stagger  # batch 256, sequences ending at different steps: lanes gathered
 #                                           # before prompts join, against at once (~5 min)
@@ -23,7 +25,7 @@
 # (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh check|job|job256|fp8|stagger|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
+part="${1:?usage: gpu_session.sh check|job|job256|prefill|profile|fp8|stagger|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 
@@ -51,6 +53,22 @@ case "$part" in
     # issue 21's throughput target: 12,000 output tokens/s at batchSize 256 (and the decode rate in the job)
     python3 -u benchmarks/job.py --prompts 1024 --prompt-lens 32,255 --new-tokens 128 --batch-size 256 \
       --runs cold,warm --hf-passes 1 --hf-job-runs 1 --out "$out/job_b256.json"
+    ;;
+  prefill)
+    # the eager prompt passes with elementwise.py's kernels, against torch's ops (CONVEYOR_TRITON_KERNELS=0
+    # keeps every kernel of ours off; for a prefill those are the only ones), then the kernels' GPU tests
+    for v in 1 0; do
+      CONVEYOR_TRITON_KERNELS=$v python3 -u benchmarks/batch_step.py --contexts 200 --steps 10 \
+        --prefill 50x160,16x500 --out "$out/batch_step_triton$v.json"
+    done
+    python3 -m pytest -q -p no:cacheprovider -rs tests/worker/inference/kernels/test_gpu_elementwise.py \
+      tests/worker/inference/kernels/test_kernels.py 2>&1 | tee "$out/elementwise_tests.txt"
+    ;;
+  profile)
+    # where the batch-256 job's generation time goes: the GPU's busy time, its idle gaps, its kernels
+    python3 -u benchmarks/job.py --prompts 1024 --prompt-lens 32,255 --new-tokens 128 --batch-size 256 \
+      --runs "cold,warm,warm:CONVEYOR_PROFILE_DIR=$out/profile" --hf-passes 0 --hf-job-runs 0 \
+      --out "$out/job_b256_profiled.json"
     ;;
   fp8)
     # the float8 cache's kernel and accuracy on the GPU, then the batch-256 job with it, bf16 beside it

@@ -60,7 +60,7 @@ def make_spec(
     )
 
 
-def start_replica(spec, replica: int, tmp: Path) -> list[subprocess.Popen]:
+def start_replica(spec, replica: int, tmp: Path, **extra_env: str) -> list[subprocess.Popen]:
     port, procs = free_port(), []
     p = spec.parallelism
     for stage in range(p.stages):
@@ -73,6 +73,7 @@ def start_replica(spec, replica: int, tmp: Path) -> list[subprocess.Popen]:
                 **{**env, **pod.rank_environ(local)},
                 OMP_NUM_THREADS="1",
                 CONVEYOR_TERMINATION_LOG=str(tmp / f"term-r{replica}-s{stage}-t{local}"),
+                **extra_env,
             )
             procs.append(
                 subprocess.Popen(
@@ -184,3 +185,15 @@ def test_a_float8_kv_cache_job_gives_the_tokens_of_one_float8_process(model: Pat
         )
     assert got == want["fp8"]
     assert want["fp8"] != want["auto"]
+
+
+def test_a_profiled_job_writes_each_ranks_summary(model: Path, tmp_path: Path) -> None:
+    """CONVEYOR_PROFILE_DIR: each rank of a 2-stage job writes where its generation's time went."""
+    spec = make_spec(tmp_path, model, stages=2, tp=1, prompts=6, new=4)
+    wait_ranks(start_replica(spec, 0, tmp_path, CONVEYOR_PROFILE_DIR=str(tmp_path / "profile")))
+    assert len(output_rows(tmp_path / "out.jsonl")) == 6
+    for stage in (0, 1):
+        summary = json.loads((tmp_path / "profile" / f"t-r0-s{stage}-rank{stage}.json").read_text())
+        assert summary["wall_seconds"] > 0 and summary["device_busy_seconds"] is None  # (no GPU here)
+        names = [row["name"] for row in summary["by_total_time"]]
+        assert "aten::linear" in names or "aten::addmm" in names, names

@@ -27,6 +27,7 @@ from conveyor import metrics
 from conveyor.commit_protocol import rfc3339, write_termination_message
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
+from conveyor.inference import profiling
 from conveyor.inference.kernels.cuda_graphs import CompileOptions
 from conveyor.inference.model.tokenizer_cache import load_tokenizer
 from conveyor.inference.pipeline.generate import (
@@ -280,6 +281,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     assert spec.inference is not None and spec.model is not None
     clock = StartupClock(started)
     admission = admission_from_env()  # (a bad value is refused before anything starts)
+    profile = profiling.profile_dir()  # CONVEYOR_PROFILE_DIR: a profile of the generation
     info = init_distributed(device=spec.device)
     clock.lap("rendezvous")
     options = CompileOptions.from_env(info.device, compile_prompts=False)  # (decided below, by the input)
@@ -371,18 +373,20 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     )
     if is_writer:
         results.open()
-    run_generation(
-        rank.model,
-        rank.peers,
-        sampling_params(spec, arch.eos_token_ids),
-        todo,
-        micro_batches=micro_batches,
-        lanes_per_micro_batch=lanes_per_micro_batch,
-        device=info.device,
-        tokenizer=tokenizer,
-        hooks=sink.hooks(),
-        admission=admission,  # free lanes gather before prompts join: fewer, fuller passes
-    )
+    name = f"{job}-r{pod.replica}-s{topo.stage}-rank{info.rank}"
+    with profiling.profiled(profile, name, trace=os.environ.get("CONVEYOR_PROFILE_TRACE") == "1"):
+        run_generation(
+            rank.model,
+            rank.peers,
+            sampling_params(spec, arch.eos_token_ids),
+            todo,
+            micro_batches=micro_batches,
+            lanes_per_micro_batch=lanes_per_micro_batch,
+            device=info.device,
+            tokenizer=tokenizer,
+            hooks=sink.hooks(),
+            admission=admission,  # free lanes gather before prompts join: fewer, fuller passes
+        )
     rank.compiled.count_late_kernels()
     for what in ("compiles", "captures"):
         if late := rank.compiled.counts[f"late_{what}"]:
