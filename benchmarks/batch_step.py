@@ -33,7 +33,11 @@ def main() -> None:
     p.add_argument("--lanes", type=int, default=256)
     p.add_argument("--max-len", type=int, default=512, help="cache positions: above the last context + steps")
     p.add_argument("--contexts", default="64,200,380")
-    p.add_argument("--prefill", default="1x160,50x160", help="NxS items: N prompts of S tokens")
+    p.add_argument(
+        "--prefill",
+        default="1x160,50x160,50x32-255",
+        help="items NxS (N prompts of S tokens) or NxA-B (A to B)",
+    )
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--profile-top", type=int, default=10)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: a float8 KV cache")
@@ -90,9 +94,15 @@ def main() -> None:
         report["rows"].append(row)
         print(f"decode b{b} ctx {context}: {ms:.2f} ms (roofline {row['roofline_ms']:.2f})", file=sys.stderr)
     for item in args.prefill.split(","):
-        n, s = (int(v) for v in item.split("x"))
+        # NxS: N prompts of S tokens; NxA-B: N prompts of A to B tokens (evenly spread), right-padded to
+        # B at the cache's scratch slot as the scheduler pads them
+        count, _, span = item.partition("x")
+        n, shortest, s = int(count), int(span.partition("-")[0]), int(span.rpartition("-")[2])
+        lengths = torch.linspace(shortest, s, n).round().long().tolist()
         ids = torch.randint(3, a.vocab_size, (n, s), device=device)
-        pos = torch.arange(s, device=device).expand(n, -1).contiguous()
+        pos = torch.full((n, s), model.cache.scratch_position, device=device)
+        for i, length in enumerate(lengths):
+            pos[i, :length] = torch.arange(length, device=device)
         item_lanes = torch.arange(n, device=device)
 
         def prefill(ids: torch.Tensor = ids, pos: torch.Tensor = pos, item_lanes: torch.Tensor = item_lanes):  # type: ignore[no-untyped-def]
@@ -101,11 +111,12 @@ def main() -> None:
 
         prefill()
         ms = time_steps(prefill, lambda i: None, 5)
-        flops = 2 * weight_bytes / elt * n * s
-        row = {"what": "prefill", "prompts": n, "tokens": s, "ms": ms, "tflops": flops / ms / 1e9}
+        flops = 2 * weight_bytes / elt * sum(lengths)  # of the prompts' own tokens, padding aside
+        row = {"what": "prefill", "prompts": n, "tokens": s, "real_tokens": sum(lengths), "ms": ms}
+        row["tflops"] = flops / ms / 1e9
         row["profile"] = kernel_summary(prefill, args.profile_top)
         report["rows"].append(row)
-        print(f"prefill {n}x{s}: {ms:.2f} ms ({row['tflops']:.0f} TFLOP/s)", file=sys.stderr)
+        print(f"prefill {item}: {ms:.2f} ms ({row['tflops']:.0f} TFLOP/s of real tokens)", file=sys.stderr)
     save_report(report, args.out)
 
 

@@ -55,13 +55,14 @@ case "$part" in
       --runs cold,warm --hf-passes 1 --hf-job-runs 1 --out "$out/job_b256.json"
     ;;
   prefill)
-    # the eager prompt passes with elementwise.py's kernels, against torch's ops (CONVEYOR_TRITON_KERNELS=0
-    # keeps every kernel of ours off; for a prefill those are the only ones), then the kernels' GPU tests
-    for v in 1 0; do
-      CONVEYOR_TRITON_KERNELS=$v python3 -u benchmarks/batch_step.py --contexts 200 --steps 10 \
-        --prefill 50x160,16x500 --out "$out/batch_step_triton$v.json"
+    # the eager prompt passes as they run, without packing (CONVEYOR_PACK_PROMPTS=0), and with torch's
+    # ops (CONVEYOR_TRITON_KERNELS=0 keeps every kernel of ours off, packing aside), then the GPU tests
+    for run in "default:" "unpacked:CONVEYOR_PACK_PROMPTS=0" "torch:CONVEYOR_TRITON_KERNELS=0 CONVEYOR_PACK_PROMPTS=0"; do
+      # shellcheck disable=SC2086  # the flags split into env's arguments
+      env ${run#*:} python3 -u benchmarks/batch_step.py --contexts 200 --steps 10 \
+        --prefill 50x160,16x500,50x32-255 --out "$out/batch_step_${run%%:*}.json"
     done
-    python3 -m pytest -q -p no:cacheprovider -rs tests/worker/inference/kernels/test_gpu_elementwise.py \
+    python3 -m pytest -q -p no:cacheprovider -rs tests/worker/inference/kernels/test_gpu_eager_prefill.py \
       tests/worker/inference/kernels/test_kernels.py 2>&1 | tee "$out/elementwise_tests.txt"
     ;;
   profile)

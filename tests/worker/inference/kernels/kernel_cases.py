@@ -246,9 +246,11 @@ def elementwise_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float
         out.append((case, error, rel * max(want_q.abs().max().item(), 1.0)))
     from conveyor.inference.model import kv_cache
 
-    for n, s, heads, kv_heads, d in [(2, 5, 4, 2, 16), (3, 1, 6, 3, 64)]:
+    for n, s, heads, kv_heads, d in [(2, 5, 4, 2, 16), (3, 1, 6, 3, 64), (1, 6, 2, 1, 16)]:
         qkv = torch.randn(n, s, (heads + 2 * kv_heads) * d, dtype=dtype, device=device)
         lanes = torch.tensor([4, 0, 2][:n], device=device)[:, None]
+        if n == 1:  # prompts packed in one row: a lane per token
+            lanes = torch.tensor([[3, 3, 1, 1, 1, 4]], device=device)
         positions = torch.arange(s, device=device).repeat(n, 1) + torch.arange(n, device=device)[:, None]
         positions[0, -1] = 11  # a padding token at the scratch slot
         want = [torch.zeros(5, kv_heads, 12, d, dtype=dtype, device=device) for _ in range(2)]
@@ -263,12 +265,14 @@ def elementwise_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float
 
 
 def eager_model_errors() -> list[tuple[str, float, float]]:
-    """A whole eager stage model (prefill then decode steps, float32 on the CPU) with elementwise.py's
-    kernels installed and taken, against the same model without them: the wiring of Norm, MLP and
-    Attention (the rotary of q's and k's heads in the qkv rows, in place)."""
+    """A whole eager stage model (a prefill of two prompts, one padded, then decode steps, float32 on
+    the CPU) with elementwise.py's kernels installed and taken and its prompts packed in one row,
+    against the same model without either: the wiring of Norm, MLP and Attention (the rotary of q's and
+    k's heads in the qkv rows in place, the cache written from them per token)."""
     import tempfile
 
     from conveyor.inference.kernels import elementwise as ew
+    from conveyor.inference.kernels import packed_attention
     from conveyor.testing.reference import one_process_rank
     from conveyor.testing.tiny import save_tiny
 
@@ -284,6 +288,7 @@ def eager_model_errors() -> list[tuple[str, float, float]]:
                 model, _ = one_process_rank(model_dir, lanes=2, max_len=16)
                 if fused:
                     installed = ew.install(model)
+                    model.packed_attention = packed_attention.attend
 
                     def on_cpu(*tensors: torch.Tensor, family: str = family) -> bool:
                         taken.append(family)
@@ -291,13 +296,15 @@ def eager_model_errors() -> list[tuple[str, float, float]]:
 
                     ew.serves = on_cpu  # the interpreter runs the kernels on CPU float32 tensors
                 try:
-                    lanes = torch.arange(2)
+                    lanes = torch.tensor([1, 0])
+                    positions = torch.arange(5).repeat(2, 1)
+                    positions[1, 3:] = 16  # the second prompt is 3 tokens, padded at the scratch slot
+                    lengths = torch.tensor([[5], [3]])
                     with torch.inference_mode():
-                        steps = [model(ids[:, :5], torch.arange(5).expand(2, 5), prefill=True, lanes=lanes)]
+                        steps = [model(ids[:, :5], positions, prefill=True, lanes=lanes)]
                         for t in range(5, 9):
-                            steps.append(
-                                model(ids[:, t : t + 1], torch.full((2, 1), t), lanes=lanes, kv_len=9)
-                            )
+                            at = lengths + t - 5
+                            steps.append(model(ids[:, t : t + 1], at, lanes=lanes, kv_len=9))
                     results.append(torch.cat([x.reshape(2, -1) for x in steps], 1))
                 finally:
                     ew.serves = serves

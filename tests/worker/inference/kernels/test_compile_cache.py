@@ -192,3 +192,7 @@ def test_a_batch_job_compiles_its_prompt_passes_only_where_that_pays_unless_told
         options = CompileOptions.from_env(cuda, told, compile_prompts=compiling_prompts_pays(tokens))
         assert options.compile_prompts is want, (tokens, told)
     assert not CompileOptions.from_env(torch.device("cpu"), {}, compile_prompts=True).compile_prompts
+    # eager prefills are packed on a GPU unless told not to; never on the CPU
+    assert CompileOptions.from_env(cuda, {}).pack_prompts
+    assert not CompileOptions.from_env(cuda, {"CONVEYOR_PACK_PROMPTS": "0"}).pack_prompts
+    assert not CompileOptions.from_env(torch.device("cpu"), {}).pack_prompts

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from conveyor.inference.kernels import elementwise
+from conveyor.inference.kernels import elementwise, packed_attention
 from conveyor.inference.kernels.side_stream import warm_up
 from conveyor.inference.model.kv_cache import KVCache, LayerCache
 from conveyor.inference.model.stage_model import Block, StageModel, Step
@@ -64,6 +64,7 @@ class CompileOptions:
     compile: bool = True  # torch.compile the decode step's layer
     compile_prompts: bool = True  # and the prompt passes' (compute-bound: cuBLAS's either way)
     triton_kernels: bool = True  # skinny_matmul's products and the decode attention kernel (CUDA only)
+    pack_prompts: bool = True  # eager prefills of several prompts without their padding (CUDA only)
     after_warm_up: str = "eager_on_recompile"  # torch.compiler stance for prompt passes after warm-up
 
     @classmethod
@@ -71,8 +72,8 @@ class CompileOptions:
         cls, device: torch.device, environ: Mapping[str, str] = os.environ, *, compile_prompts: bool = True
     ) -> CompileOptions:
         """``CONVEYOR_CUDA_GRAPHS=0`` (graphs and compiling off), ``CONVEYOR_TORCH_COMPILE=0``,
-        ``CONVEYOR_COMPILE_PROMPTS=0|1`` (default ``compile_prompts``), ``CONVEYOR_TRITON_KERNELS=0``;
-        on the CPU everything runs eagerly."""
+        ``CONVEYOR_COMPILE_PROMPTS=0|1`` (default ``compile_prompts``), ``CONVEYOR_TRITON_KERNELS=0``,
+        ``CONVEYOR_PACK_PROMPTS=0``; on the CPU everything runs eagerly."""
         if device.type != "cuda":
             return EAGER
         graphs = _flag(environ, "CONVEYOR_CUDA_GRAPHS")
@@ -81,10 +82,13 @@ class CompileOptions:
             compile=graphs and _flag(environ, "CONVEYOR_TORCH_COMPILE"),
             compile_prompts=_flag(environ, "CONVEYOR_COMPILE_PROMPTS", compile_prompts),
             triton_kernels=_flag(environ, "CONVEYOR_TRITON_KERNELS"),
+            pack_prompts=_flag(environ, "CONVEYOR_PACK_PROMPTS"),
         )
 
 
-EAGER = CompileOptions(cuda_graphs=False, compile=False, compile_prompts=False, triton_kernels=False)
+EAGER = CompileOptions(
+    cuda_graphs=False, compile=False, compile_prompts=False, triton_kernels=False, pack_prompts=False
+)
 
 
 @dataclasses.dataclass
@@ -133,6 +137,8 @@ class CompiledStage:
 
             model.decode_kernel = decode_attention.attend
             self._fused_modules = elementwise.install(model)
+        if options.pack_prompts and cuda:
+            model.packed_attention = packed_attention.attend  # eager prefills skip their padding
         if self.compiling:
             # static: a decode step's shapes never change (kv_len is not an argument: see the docstring)
             self._decode_layer = torch.compile(

@@ -203,13 +203,15 @@ def write_kv_(
 ) -> None:
     """Writes each token's keys and values from ``qkv`` ([n, S, row], contiguous: q's heads, then k's,
     then v's) into ``k_cache`` / ``v_cache`` ([lanes, kv_heads, length, head_dim]) at its lane (``lanes``
-    [n] or [n, 1]) and slot (``positions`` [n, S])."""
+    [n] or [n, 1], or one per token) and slot (``positions`` [n, S])."""
     n, s = positions.shape
     if not n * s:
         return
     head_dim = k_cache.shape[-1]
-    # fresh, so aligned as warm-up's were (a view at an odd offset would compile another variant)
-    token_lanes = lanes.reshape(n, 1).expand(n, s).clone().reshape(-1)
+    # per sequence ([n] or [n, 1]) or, packed, per token; fresh, so aligned as warm-up's were (a view
+    # at an odd offset would compile another variant)
+    per_token = lanes.reshape(n, s) if lanes.numel() == n * s else lanes.reshape(n, 1).expand(n, s)
+    token_lanes = per_token.clone().reshape(-1)
     _write_kv_kernel[(n * s,)](
         qkv,
         k_cache,

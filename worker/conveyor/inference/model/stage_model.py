@@ -92,6 +92,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # where it does not serve these inputs. Set on a model from outside (StageModel.decode_kernel), so the
 # model imports no kernel.
 DecodeKernel = Callable[..., "torch.Tensor | None"]
+# Causal attention over packed prompts: q [T, heads, D], k, v [T, kv_heads, D], cu_seqlens, the longest
+# prompt's length, scale -> [T, heads, D]. Set on a model from outside (StageModel.packed_attention).
+PackedAttention = Callable[..., torch.Tensor]
 # How a forward pass runs one layer: layer(x, step, cache) by default; a compiled function in prompt
 # passes (cuda_graphs.py compiles one layer and reuses it for all).
 RunLayer = Callable[["Block", torch.Tensor, "Step", "LayerCache | None"], torch.Tensor]
@@ -107,6 +110,12 @@ class Step:
     mask: torch.Tensor | None  # [n, 1, S, kv_len] key visible to query; None for a causal prefill from 0
     rope: tuple[torch.Tensor, torch.Tensor] | None
     decode_kernel: DecodeKernel | None = None
+    # A packed prefill (StageModel.forward): the prompts' tokens in one row, prompt i holding tokens
+    # cu_seqlens[i]:cu_seqlens[i + 1]; attended by ``packed_attention`` (packed_attention.attend's
+    # signature) within each prompt. ``lanes`` and ``positions`` are then per token, [1, T].
+    cu_seqlens: torch.Tensor | None = None
+    longest: int = 0
+    packed_attention: PackedAttention | None = None
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):  # type: ignore[no-untyped-def]
@@ -193,7 +202,10 @@ class Attention(nn.Module):
                     return self.wo(y.transpose(1, 2).reshape(n, s, q_size))
             if step.mask is not None:  # [n, kv_heads, kv_len, head_dim]
                 k, v = kv_cache.read(cache, step.lanes[:, 0], step.kv_len, q.dtype)
-        if step.mask is None:  # prefill from position 0: only this pass's keys, causal (flash attention)
+        if step.cu_seqlens is not None and step.packed_attention is not None:  # prompts packed in a row
+            q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, heads, D]
+            y = step.packed_attention(q, k, v, step.cu_seqlens, step.longest, scale).transpose(0, 1)[None]
+        elif step.mask is None:  # prefill from position 0: only this pass's keys, causal (flash attention)
             # causal even for a prompt of one token (one key: the same); ``s > 1`` is a symbol when compiled
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         elif s == 1:
@@ -265,6 +277,16 @@ def rope_inv_freq(arch: Arch) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scaling)
 
 
+@dataclasses.dataclass
+class Packed:
+    """A prefill's prompts packed in one row (StageModel._pack)."""
+
+    index: torch.Tensor  # [T] the real tokens' places in the pass's [n * S]
+    positions: torch.Tensor  # [1, T]
+    lanes: torch.Tensor  # [T]
+    cu_seqlens: torch.Tensor  # [n + 1] int32
+
+
 class StageModel(nn.Module):
     """The layers ``layer_ids`` of a model (global indices), plus embeddings if first, head if last."""
 
@@ -292,6 +314,9 @@ class StageModel(nn.Module):
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         self.decode_kernel: DecodeKernel | None = None
+        # Set from outside (kernels/packed_attention.py): eager prefills of several prompts then run
+        # only the prompts' tokens, packed in one row, not their padding.
+        self.packed_attention: PackedAttention | None = None
 
     def setup_cache(
         self,
@@ -358,6 +383,19 @@ class StageModel(nn.Module):
             lanes = torch.arange(n, device=positions.device) + lane_start
         kv_len = self.cache.length if kv_len is None else kv_len
         window = self.arch.sliding_window
+        packed = None
+        if (
+            prefill
+            and n > 1
+            and run_layer is None
+            and not all_positions
+            and self.packed_attention is not None
+            and not torch.compiler.is_compiling()
+            and (window is None or s <= window)
+        ):
+            packed = self._pack(positions, lanes)
+            x = x.reshape(n * s, -1)[packed.index][None]  # [1, T, hidden]
+            positions, lanes = packed.positions, packed.lanes
         mask = None
         if not prefill or (window is not None and s > window):
             # mask [n, 1, S, kv_len]: a token sees cache slots at or before its position (and in the window)
@@ -372,9 +410,18 @@ class StageModel(nn.Module):
             sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
             rope = (cos, sin)
         step = Step(positions, lanes[:, None], kv_len, mask, rope, self.decode_kernel)  # lanes [n, 1]
+        if packed is not None:
+            step.lanes, step.cu_seqlens, step.longest = lanes[None], packed.cu_seqlens, s  # lanes [1, T]
+            step.packed_attention = self.packed_attention
         for i, layer in enumerate(self.layers):
             cache = self.cache.layer(i)
             x = layer(x, step, cache) if run_layer is None else run_layer(layer, x, step, cache)  # type: ignore[arg-type]
+        if packed is not None:
+            if self.last:  # each prompt's last token
+                return self.head(x[0, packed.cu_seqlens[1:].long() - 1])
+            padded = x.new_zeros(n * s, x.shape[-1])  # the next stage's input: the pass's own shape
+            padded[packed.index] = x[0]
+            return padded.view(n, s, -1)
         if not self.last:
             return x
         if all_positions:
@@ -383,6 +430,17 @@ class StageModel(nn.Module):
             last = (positions < self.cache.scratch_position).sum(dim=1) - 1  # [n]
             return self.head(x[torch.arange(n, device=x.device), last])
         return self.head(x[:, -1])
+
+    def _pack(self, positions: torch.Tensor, lanes: torch.Tensor) -> Packed:
+        """Where a prefill's real tokens lie (prompts are right-padded with tokens at the scratch
+        position), and their positions and lanes, one per token. Finding them costs a sync."""
+        assert self.cache is not None
+        n, s = positions.shape
+        real = positions < self.cache.scratch_position
+        index = real.reshape(-1).nonzero().squeeze(1)
+        cu_seqlens = F.pad(real.sum(dim=1).cumsum(0), (1, 0)).to(torch.int32)
+        token_lanes = lanes.reshape(n, 1).expand(n, s).reshape(-1)[index]
+        return Packed(index, positions.reshape(-1)[index][None], token_lanes, cu_seqlens)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.arch.final_norm:

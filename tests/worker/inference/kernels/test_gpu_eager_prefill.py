@@ -1,6 +1,7 @@
 """On a GPU: an eager stage model (a batch job's prompt passes) with elementwise.py's kernels gives the
 logits of torch's ops within bf16 rounding, the kernels compile at warm-up and never after it whatever
-the prompt lengths, and a captured decode step keeps torch's ops (skipped without a GPU)."""
+the prompt lengths, a captured decode step keeps torch's ops, and prompts packed in one row (flash
+attention's variable-length kernel) give the padded pass's logits (skipped without a GPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conveyor.inference.kernels import elementwise
+from conveyor.inference.kernels import elementwise, packed_attention
 from conveyor.inference.kernels.cuda_graphs import CompiledStage, CompileOptions
 from conveyor.testing.reference import one_process_rank
 from conveyor.testing.tiny import save_tiny
@@ -59,3 +60,28 @@ def test_nothing_is_served_while_a_graph_is_captured() -> None:
     with torch.cuda.stream(stream), torch.cuda.graph(graph):
         answers.append(elementwise.serves(x))
     assert answers == [False]
+
+
+def test_packed_prompts_give_the_padded_passs_logits(tmp_path: Path) -> None:
+    d = save_tiny("llama", tmp_path, tokenizer=False, initializer_range=0.02)
+    dev = torch.device("cuda")
+    model, _ = one_process_rank(d, dtype=torch.bfloat16, device=dev, lanes=4, max_len=512)
+    assert model.cache is not None
+    lengths, scratch = [300, 17, 1, 129], model.cache.scratch_position
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (4, 300), generator=gen).to(dev)
+    positions = torch.full((4, 300), scratch, device=dev)
+    for i, n in enumerate(lengths):
+        positions[i, :n] = torch.arange(n, device=dev)
+    lanes = torch.arange(4, device=dev)
+    out = []
+    for attend in (None, packed_attention.attend):
+        model.packed_attention = attend
+        with torch.inference_mode():
+            first = model(ids, positions, prefill=True, lanes=lanes).float()
+            at = torch.tensor(lengths, device=dev)[:, None]
+            step = model(torch.full((4, 1), 7, device=dev), at, lanes=lanes, kv_len=512).float()
+        out.append((first, step))
+    for want, got in zip(out[0], out[1], strict=True):
+        assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+    assert not packed_attention._warned, packed_attention._warned  # flash's kernel served
