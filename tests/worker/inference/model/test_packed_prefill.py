@@ -100,3 +100,16 @@ def test_generation_with_packed_prefills_gives_the_same_tokens(tmp_path: Path) -
         requests = [Request(i, p, 6) for i, p in enumerate(prompts)]
         got.append(output_ids(model, peers, SamplingParams(), requests, lanes_per_micro_batch=8))
     assert got[1] == got[0] and len(got[0]) == 20
+
+
+def test_a_pass_with_a_row_of_padding_only_stays_padded(tmp_path: Path) -> None:
+    """Warm-up's passes sit wholly at the scratch slot: nothing to pack, and the padded pass runs."""
+    model_dir = save_tiny("llama", tmp_path, tokenizer=False)
+    model, _ = one_process_rank(model_dir, lanes=6, max_len=MAX_LEN)
+    calls: list[int] = []
+    model.packed_attention = lambda *a, **k: calls.append(1) or packed_attention.attend(*a, **k)
+    tokens, positions, lanes = padded_prefill(MAX_LEN, [0, 1, 2, 3])
+    positions[2] = MAX_LEN  # the third row: padding only
+    with torch.inference_mode():
+        logits = model(tokens, positions, prefill=True, lanes=lanes)
+    assert logits.shape == (4, model.arch.vocab_size) and not calls

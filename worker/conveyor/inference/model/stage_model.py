@@ -394,6 +394,7 @@ class StageModel(nn.Module):
             and (window is None or s <= window)
         ):
             packed = self._pack(positions, lanes)
+        if packed is not None:
             x = x.reshape(n * s, -1)[packed.index][None]  # [1, T, hidden]
             positions, lanes = packed.positions, packed.lanes
         mask = None
@@ -431,14 +432,18 @@ class StageModel(nn.Module):
             return self.head(x[torch.arange(n, device=x.device), last])
         return self.head(x[:, -1])
 
-    def _pack(self, positions: torch.Tensor, lanes: torch.Tensor) -> Packed:
+    def _pack(self, positions: torch.Tensor, lanes: torch.Tensor) -> Packed | None:
         """Where a prefill's real tokens lie (prompts are right-padded with tokens at the scratch
-        position), and their positions and lanes, one per token. Finding them costs a sync."""
+        position), and their positions and lanes, one per token; None where a row is all padding (a
+        warm-up's pass). Finding them costs two syncs."""
         assert self.cache is not None
         n, s = positions.shape
         real = positions < self.cache.scratch_position
+        lengths = real.sum(dim=1)
+        if not bool(lengths.min() > 0):
+            return None
         index = real.reshape(-1).nonzero().squeeze(1)
-        cu_seqlens = F.pad(real.sum(dim=1).cumsum(0), (1, 0)).to(torch.int32)
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         token_lanes = lanes.reshape(n, 1).expand(n, s).reshape(-1)[index]
         return Packed(index, positions.reshape(-1)[index][None], token_lanes, cu_seqlens)
 
