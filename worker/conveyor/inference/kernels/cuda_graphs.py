@@ -137,8 +137,10 @@ class CompiledStage:
 
             model.decode_kernel = decode_attention.attend
             self._fused_modules = elementwise.install(model)
-        if options.pack_prompts and cuda:
-            model.packed_attention = packed_attention.attend  # eager prefills skip their padding
+        if options.pack_prompts and cuda and model.compute_dtype in (torch.bfloat16, torch.float16):
+            # eager prefills skip their padding (flash attention's kernel: 16-bit; float32 would run
+            # attention once per prompt)
+            model.packed_attention = packed_attention.attend
         if self.compiling:
             # static: a decode step's shapes never change (kv_len is not an argument: see the docstring)
             self._decode_layer = torch.compile(
