@@ -51,7 +51,9 @@ def test_busy_time_counts_overlaps_once_and_gaps_name_what_followed() -> None:
 
 
 def test_a_profiled_block_on_the_cpu_writes_its_operators(tmp_path: Path) -> None:
-    with profiling.profiled(tmp_path / "p", "rank0"):
+    request = profiling.requested({"CONVEYOR_PROFILE_DIR": f" {tmp_path / 'p'} "})
+    assert request == profiling.ProfileRequest(tmp_path / "p") and request.directory.is_dir()
+    with profiling.profiled(request, "rank0"):
         x = torch.randn(64, 64)
         for _ in range(3):
             x = torch.nn.functional.linear(x, x).relu()
@@ -60,5 +62,21 @@ def test_a_profiled_block_on_the_cpu_writes_its_operators(tmp_path: Path) -> Non
     assert {"aten::linear", "aten::relu"} <= {r["name"] for r in summary["by_total_time"]}
     with profiling.profiled(None, "unused"):  # no directory: nothing profiled or written
         pass
-    assert profiling.profile_dir({}) is None
-    assert profiling.profile_dir({"CONVEYOR_PROFILE_DIR": " /tmp/x "}) == Path("/tmp/x")
+    assert profiling.requested({}) is None
+    traced = profiling.requested({"CONVEYOR_PROFILE_DIR": str(tmp_path / "t"), "CONVEYOR_PROFILE_TRACE": "1"})
+    assert traced is not None and traced.trace
+
+
+def test_a_profile_that_cannot_be_written_never_fails_the_job(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A careless directory (a file's path) leaves the generation unprofiled, with a warning naming
+    the variable; a directory gone by the end costs the summary, with a warning, not the job."""
+    (tmp_path / "file").write_text("x")
+    assert profiling.requested({"CONVEYOR_PROFILE_DIR": str(tmp_path / "file" / "p")}) is None
+    assert "CONVEYOR_PROFILE_DIR=" in caplog.text
+    request = profiling.requested({"CONVEYOR_PROFILE_DIR": str(tmp_path / "gone")})
+    assert request is not None
+    request.directory.rmdir()
+    (tmp_path / "gone").write_text("now a file")
+    with profiling.profiled(request, "rank0"):
+        torch.ones(3).sum()
+    assert "profile not written" in caplog.text

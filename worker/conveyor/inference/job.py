@@ -281,7 +281,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     assert spec.inference is not None and spec.model is not None
     clock = StartupClock(started)
     admission = admission_from_env()  # (a bad value is refused before anything starts)
-    profile = profiling.profile_dir()  # CONVEYOR_PROFILE_DIR: a profile of the generation
+    profile = profiling.requested()  # CONVEYOR_PROFILE_DIR: a profile of the generation
     info = init_distributed(device=spec.device)
     clock.lap("rendezvous")
     options = CompileOptions.from_env(info.device, compile_prompts=False)  # (decided below, by the input)
@@ -374,7 +374,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     if is_writer:
         results.open()
     name = f"{job}-r{pod.replica}-s{topo.stage}-rank{info.rank}"
-    with profiling.profiled(profile, name, trace=os.environ.get("CONVEYOR_PROFILE_TRACE") == "1"):
+    with profiling.profiled(profile, name):
         run_generation(
             rank.model,
             rank.peers,

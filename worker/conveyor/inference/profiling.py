@@ -12,6 +12,7 @@ On a CPU there is no device timeline: the summary lists the host's operators ins
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -29,16 +30,32 @@ GAP_SECONDS = 0.0005  # idle stretches shorter than this are launch latency, not
 TOP = 25
 
 
-def profile_dir(environ: Any = os.environ) -> Path | None:
+@dataclasses.dataclass(frozen=True)
+class ProfileRequest:
+    directory: Path
+    trace: bool = False  # the Chrome trace too
+
+
+def requested(environ: Any = os.environ) -> ProfileRequest | None:
+    """The profile ``CONVEYOR_PROFILE_DIR`` (and ``CONVEYOR_PROFILE_TRACE=1``) ask for, read at a rank's
+    start. A profile is a diagnosis, not the job's output: a directory that cannot be made is a
+    warning, and the job runs unprofiled rather than failing."""
     value = environ.get("CONVEYOR_PROFILE_DIR", "").strip()
-    return Path(value) if value else None
+    if not value:
+        return None
+    try:
+        Path(value).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        log.warning(f"CONVEYOR_PROFILE_DIR={value}: {err}; the generation runs unprofiled")
+        return None
+    return ProfileRequest(Path(value), environ.get("CONVEYOR_PROFILE_TRACE", "").strip() == "1")
 
 
 @contextlib.contextmanager
-def profiled(directory: Path | None, name: str, trace: bool = False) -> Iterator[None]:
-    """Profiles the block into ``directory/name.json`` (and ``name.trace.json`` with ``trace``); without a
-    directory, runs it as it is."""
-    if directory is None:
+def profiled(request: ProfileRequest | None, name: str) -> Iterator[None]:
+    """Profiles the block into ``<directory>/<name>.json`` (and ``<name>.trace.json``); without a
+    request, runs it as it is. A summary that cannot be written is a warning."""
+    if request is None:
         yield
         return
     from torch.profiler import ProfilerActivity, profile
@@ -51,15 +68,19 @@ def profiled(directory: Path | None, name: str, trace: bool = False) -> Iterator
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    directory.mkdir(parents=True, exist_ok=True)
+    path = request.directory / f"{name}.json"
     summary = summarize(prof.profiler.kineto_results.events(), wall)
-    write_json_atomic(directory / f"{name}.json", summary)
-    if trace:
-        prof.export_chrome_trace(str(directory / f"{name}.trace.json"))
+    try:
+        write_json_atomic(path, summary)
+        if request.trace:
+            prof.export_chrome_trace(str(request.directory / f"{name}.trace.json"))
+    except OSError as err:
+        log.warning(f"profile not written to {request.directory}: {err}")
+        return
     log.info(
         "profile written",
         extra={
-            "path": str(directory / f"{name}.json"),
+            "path": str(path),
             "wall_seconds": round(wall, 3),
             "device_busy_seconds": summary["device_busy_seconds"],
         },
