@@ -5,8 +5,10 @@
 #   bash benchmarks/gpu_session.sh check    # GPU tests: bf16/fp32 vs HF, int8 compiled vs eager, 2 GPUs (~3 min)
 #   bash benchmarks/gpu_session.sh job      # a batch job through conveyor run, cold and warm, HF beside (~6 min)
 #   bash benchmarks/gpu_session.sh job256   # the same at batchSize 256, 1,024 prompts (~5 min)
-#   bash benchmarks/gpu_session.sh prefill  # eager prompt passes: elementwise.py's kernels vs torch's ops (~3 min)
-#   bash benchmarks/gpu_session.sh profile  # job256 with a profile of its warm generation: GPU busy, gaps (~5 min)
+#   bash benchmarks/gpu_session.sh prefill  # attention's cost per new shape; eager prompt passes: packed,
+#                                           # unpacked, torch's ops (PREFILL_RUNS picks some) (~3 min)
+#   bash benchmarks/gpu_session.sh profile  # job256 with a profile of its warm generation: GPU busy, gaps,
+#                                           # and warm with SDPA's cuDNN backend allowed (~5 min)
 #   bash benchmarks/gpu_session.sh fp8      # float8 KV cache: its GPU tests, then job256 warm with it (~5 min)
 #   bash benchmarks/gpu_session.sh stagger  # batch 256, sequences ending at different steps: lanes gathered
 #                                           # before prompts join, against at once (~5 min)
@@ -55,9 +57,12 @@ case "$part" in
       --runs cold,warm --hf-passes 1 --hf-job-runs 1 --out "$out/job_b256.json"
     ;;
   prefill)
-    # the eager prompt passes as they run, without packing (CONVEYOR_PACK_PROMPTS=0), and with torch's
-    # ops (CONVEYOR_TRITON_KERNELS=0 keeps every kernel of ours off, packing aside), then the GPU tests
+    # what a new attention shape costs by backend (cuDNN builds a plan per shape), then the eager
+    # prompt passes as they run, without packing (CONVEYOR_PACK_PROMPTS=0), and with torch's ops
+    # (CONVEYOR_TRITON_KERNELS=0 keeps every kernel of ours off, packing aside), then the GPU tests
+    python3 -u benchmarks/attention_shapes.py --out "$out/attention_shapes.json"
     for run in "default:" "unpacked:CONVEYOR_PACK_PROMPTS=0" "torch:CONVEYOR_TRITON_KERNELS=0 CONVEYOR_PACK_PROMPTS=0"; do
+      case " ${PREFILL_RUNS:-default unpacked torch} " in *" ${run%%:*} "*) ;; *) continue ;; esac
       # shellcheck disable=SC2086  # the flags split into env's arguments
       env ${run#*:} python3 -u benchmarks/batch_step.py --contexts 200 --steps 10 \
         --prefill 50x160,16x500,50x32-255 --out "$out/batch_step_${run%%:*}.json"
@@ -68,7 +73,8 @@ case "$part" in
   profile)
     # where the batch-256 job's generation time goes: the GPU's busy time, its idle gaps, its kernels
     python3 -u benchmarks/job.py --prompts 1024 --prompt-lens 32,255 --new-tokens 128 --batch-size 256 \
-      --runs "cold,warm,warm:CONVEYOR_PROFILE_DIR=$out/profile" --hf-passes 0 --hf-job-runs 0 \
+      --runs "cold,warm,warm:CONVEYOR_PROFILE_DIR=$out/profile,warm:CONVEYOR_CUDNN_ATTENTION=1" \
+      --hf-passes 0 --hf-job-runs 0 \
       --out "$out/job_b256_profiled.json"
     ;;
   fp8)

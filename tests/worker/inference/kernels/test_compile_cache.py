@@ -196,3 +196,6 @@ def test_a_batch_job_compiles_its_prompt_passes_only_where_that_pays_unless_told
     assert CompileOptions.from_env(cuda, {}).pack_prompts
     assert not CompileOptions.from_env(cuda, {"CONVEYOR_PACK_PROMPTS": "0"}).pack_prompts
     assert not CompileOptions.from_env(torch.device("cpu"), {}).pack_prompts
+    # SDPA's cuDNN backend stays out of prompt passes unless asked for
+    assert not CompileOptions.from_env(cuda, {}).cudnn_attention
+    assert CompileOptions.from_env(cuda, {"CONVEYOR_CUDNN_ATTENTION": "1"}).cudnn_attention

@@ -1,7 +1,8 @@
 """On a GPU: an eager stage model (a batch job's prompt passes) with elementwise.py's kernels gives the
 logits of torch's ops within bf16 rounding, the kernels compile at warm-up and never after it whatever
-the prompt lengths, a captured decode step keeps torch's ops, and prompts packed in one row (flash
-attention's variable-length kernel) give the padded pass's logits (skipped without a GPU)."""
+the prompt lengths, a captured decode step keeps torch's ops, prompts packed in one row (flash
+attention's variable-length kernel) give the padded pass's logits, and no prompt pass runs SDPA's
+cuDNN backend, which builds a plan for every new shape (skipped without a GPU)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,24 @@ def test_packed_prompts_give_the_padded_passs_logits(tmp_path: Path) -> None:
     for want, got in zip(out[0], out[1], strict=True):
         assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
     assert not packed_attention._warned, packed_attention._warned  # flash's kernel served
+
+
+def test_prompt_passes_keep_sdpa_off_cudnn_unless_asked(tmp_path: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    d = save_tiny("llama", tmp_path, tokenizer=False, initializer_range=0.02)
+    dev = torch.device("cuda")
+    model, _ = one_process_rank(d, dtype=torch.bfloat16, device=dev, lanes=4, max_len=512)
+
+    def kernels(options: CompileOptions) -> list[str]:
+        stage = CompiledStage.attach(model, options)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+            for n, s in [(1, 37), (1, 301), (3, 64)]:  # one prompt (SDPA) and several (packed)
+                ids = torch.randint(3, 100, (n, s), device=dev)
+                positions, lanes = torch.arange(s, device=dev).expand(n, s), torch.arange(n, device=dev)
+                stage.prompt(ids, positions, lanes, prefill=True)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    plain = CompileOptions(cuda_graphs=False, compile=False, compile_prompts=False)
+    assert not [k for k in kernels(plain) if "cudnn" in k.lower()]

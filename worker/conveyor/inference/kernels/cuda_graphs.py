@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conveyor.inference.kernels import elementwise, packed_attention
 from conveyor.inference.kernels.side_stream import warm_up
@@ -65,6 +66,8 @@ class CompileOptions:
     compile_prompts: bool = True  # and the prompt passes' (compute-bound: cuBLAS's either way)
     triton_kernels: bool = True  # skinny_matmul's products and the decode attention kernel (CUDA only)
     pack_prompts: bool = True  # eager prefills of several prompts without their padding (CUDA only)
+    # SDPA's cuDNN backend in prompt passes: off, as it builds a plan for every new shape (PROMPT_SDPA)
+    cudnn_attention: bool = False
     after_warm_up: str = "eager_on_recompile"  # torch.compiler stance for prompt passes after warm-up
 
     @classmethod
@@ -73,7 +76,7 @@ class CompileOptions:
     ) -> CompileOptions:
         """``CONVEYOR_CUDA_GRAPHS=0`` (graphs and compiling off), ``CONVEYOR_TORCH_COMPILE=0``,
         ``CONVEYOR_COMPILE_PROMPTS=0|1`` (default ``compile_prompts``), ``CONVEYOR_TRITON_KERNELS=0``,
-        ``CONVEYOR_PACK_PROMPTS=0``; on the CPU everything runs eagerly."""
+        ``CONVEYOR_PACK_PROMPTS=0``, ``CONVEYOR_CUDNN_ATTENTION=1``; on the CPU everything runs eagerly."""
         if device.type != "cuda":
             return EAGER
         graphs = _flag(environ, "CONVEYOR_CUDA_GRAPHS")
@@ -83,8 +86,15 @@ class CompileOptions:
             compile_prompts=_flag(environ, "CONVEYOR_COMPILE_PROMPTS", compile_prompts),
             triton_kernels=_flag(environ, "CONVEYOR_TRITON_KERNELS"),
             pack_prompts=_flag(environ, "CONVEYOR_PACK_PROMPTS"),
+            cudnn_attention=_flag(environ, "CONVEYOR_CUDNN_ATTENTION", False),
         )
 
+
+# The SDPA backends a prompt pass may use. cuDNN's builds an execution plan for each new shape (prompts
+# per pass, longest prompt): tens of milliseconds each (flashinfer measured 55-70 ms on a B200), and a
+# job's or a serve replica's prompt passes rarely repeat a shape. Flash attention only launches; the
+# memory-efficient kernel takes what flash does not (an explicit mask: a later chunk of a long prompt).
+PROMPT_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 EAGER = CompileOptions(
     cuda_graphs=False, compile=False, compile_prompts=False, triton_kernels=False, pack_prompts=False
@@ -132,6 +142,7 @@ class CompiledStage:
         self._layer: Callable[..., torch.Tensor] | None = None
         self._fused_modules = 0  # modules that run elementwise.py's kernels in eager passes
         self._kernel_variants = 0  # of those kernels, compiled by the end of warm-up
+        self._prompt_sdpa = PROMPT_SDPA if cuda and not options.cudnn_attention else None
         if options.triton_kernels and cuda:
             from conveyor.inference.kernels import decode_attention
 
@@ -198,6 +209,19 @@ class CompiledStage:
         lanes: torch.Tensor,
         prefill: bool = False,
         kv_len: int | None = None,
+    ) -> torch.Tensor:
+        if self._prompt_sdpa is None:
+            return self._prompt(inputs, positions, lanes, prefill, kv_len)
+        with sdpa_kernel(self._prompt_sdpa):
+            return self._prompt(inputs, positions, lanes, prefill, kv_len)
+
+    def _prompt(
+        self,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        lanes: torch.Tensor,
+        prefill: bool,
+        kv_len: int | None,
     ) -> torch.Tensor:
         if self._layer is None:
             return self.model(inputs, positions, prefill=prefill, kv_len=kv_len, lanes=lanes)
