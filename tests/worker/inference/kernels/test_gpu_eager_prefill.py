@@ -88,7 +88,7 @@ def test_packed_prompts_give_the_padded_passs_logits(tmp_path: Path) -> None:
     assert not packed_attention._warned, packed_attention._warned  # flash's kernel served
 
 
-def test_prompt_passes_keep_sdpa_off_cudnn_unless_asked(tmp_path: Path) -> None:
+def test_prompt_passes_keep_sdpa_off_cudnn(tmp_path: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     d = save_tiny("llama", tmp_path, tokenizer=False, initializer_range=0.02)

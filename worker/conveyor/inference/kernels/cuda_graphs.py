@@ -32,6 +32,7 @@ it (compiles and captures after warm-up; a test asserts zero).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -210,9 +211,7 @@ class CompiledStage:
         prefill: bool = False,
         kv_len: int | None = None,
     ) -> torch.Tensor:
-        if self._prompt_sdpa is None:
-            return self._prompt(inputs, positions, lanes, prefill, kv_len)
-        with sdpa_kernel(self._prompt_sdpa):
+        with sdpa_kernel(self._prompt_sdpa) if self._prompt_sdpa else contextlib.nullcontext():
             return self._prompt(inputs, positions, lanes, prefill, kv_len)
 
     def _prompt(
