@@ -59,12 +59,13 @@ case "$part" in
   prefill)
     # what a new attention shape costs by backend (cuDNN builds a plan per shape), then the eager
     # prompt passes as they run, without packing (CONVEYOR_PACK_PROMPTS=0), and with torch's ops
-    # (CONVEYOR_TRITON_KERNELS=0 keeps every kernel of ours off, packing aside), then the GPU tests
+    # (CONVEYOR_TRITON_KERNELS=0 keeps every kernel of ours off, packing aside), then the GPU tests.
+    # LANES=128 on an 80 GB card: 256 lanes of 513 positions are 69 GB of cache
     python3 -u benchmarks/attention_shapes.py --out "$out/attention_shapes.json"
     for run in "default:" "unpacked:CONVEYOR_PACK_PROMPTS=0" "torch:CONVEYOR_TRITON_KERNELS=0 CONVEYOR_PACK_PROMPTS=0"; do
       case " ${PREFILL_RUNS:-default unpacked torch} " in *" ${run%%:*} "*) ;; *) continue ;; esac
       # shellcheck disable=SC2086  # the flags split into env's arguments
-      env ${run#*:} python3 -u benchmarks/batch_step.py --contexts 200 --steps 10 \
+      env ${run#*:} python3 -u benchmarks/batch_step.py --lanes "${LANES:-256}" --contexts 200 --steps 10 \
         --prefill 50x160,16x500,50x32-255 --out "$out/batch_step_${run%%:*}.json"
     done
     python3 -m pytest -q -p no:cacheprovider -rs tests/worker/inference/kernels/test_gpu_eager_prefill.py \

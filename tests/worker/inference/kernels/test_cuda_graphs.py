@@ -74,3 +74,28 @@ def test_after_warm_up_nothing_compiles_whatever_the_prompt_lengths(tmp_path: Pa
     assert stage.counts["late_compiles"] == 0, stage.counts
     assert not stage.uncompiled
     assert got == want
+
+
+def test_eager_warm_up_loads_the_packed_attention_kernel_without_writing_the_cache(tmp_path: Path) -> None:
+    """Flash attention's variable-length kernel loads on its first call (seconds on a GPU): warm-up
+    calls the packed attention once, as a pass of two prompts would, and the cache stays untouched."""
+    from conveyor.inference.kernels import packed_attention
+
+    model, _ = one_process_rank(save_tiny("llama", tmp_path, tokenizer=False), lanes=2, max_len=16)
+    calls: list[tuple[int, ...]] = []
+
+    def attend(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(tuple(q.shape))
+        return packed_attention.attend(q, *args, **kwargs)  # type: ignore[arg-type]
+
+    model.packed_attention = attend
+    assert model.cache is not None
+    for k in model.cache.k:
+        k.fill_(7.0)
+    stage = CompiledStage.attach(
+        model, CompileOptions(cuda_graphs=False, compile=False, triton_kernels=False)
+    )
+    stage.warm_up(2)
+    arch = model.arch
+    assert calls == [(2, arch.heads, arch.head_dim)]
+    assert all(bool((k[:, :, :-1] == 7.0).all()) for k in model.cache.k), "a real cache slot was written"

@@ -354,6 +354,15 @@ class CompiledStage:
             elif self._fused_modules:  # eager prompt passes: their kernels (elementwise.py) compile now
                 positions = torch.full((1, 2), scratch, dtype=torch.int64, device=device)
                 self.prompt(inputs(1, 2), positions, torch.arange(1, device=device), prefill=True)
+            if self._layer is None and model.packed_attention is not None:
+                # flash attention's variable-length kernel loads on its first call: 6.4 s on an H100
+                # (benchmarks/attention_shapes.py), which would land on a job's first packed prefill.
+                # Called on its own: a packed pass's real tokens would write real cache slots.
+                heads, kv_heads, d = model.arch.heads, model.arch.kv_heads, model.arch.head_dim
+                q = torch.zeros(2, heads, d, dtype=model.compute_dtype, device=device)
+                kv = torch.zeros(2, kv_heads, d, dtype=model.compute_dtype, device=device)
+                cu_seqlens = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+                model.packed_attention(q, kv, kv, cu_seqlens, 1, d**-0.5)
             phase("compile", t0)
             t0 = time.perf_counter()
             positions = torch.full((micro_batch, 1), scratch, dtype=torch.int64, device=device)
