@@ -9,6 +9,8 @@
 #                                           # unpacked, torch's ops (PREFILL_RUNS picks some) (~3 min)
 #   bash benchmarks/gpu_session.sh profile  # job256 with a profile of its warm generation: GPU busy, gaps,
 #                                           # and warm with SDPA's cuDNN backend allowed (~5 min)
+#   bash benchmarks/gpu_session.sh sweep    # the decode attention kernel's tiles, 16-bit and float8 cache,
+#                                           # at the batch job's and long prompts' shapes (~2 min)
 #   bash benchmarks/gpu_session.sh fp8      # float8 KV cache: its GPU tests, then job256 warm with it (~5 min)
 #   bash benchmarks/gpu_session.sh stagger  # batch 256, sequences ending at different steps: lanes gathered
 #                                           # before prompts join, against at once (~5 min)
@@ -27,7 +29,7 @@
 # (docs/performance.md); results land in $OUT (the device tool's folder that comes back) or results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: gpu_session.sh check|job|job256|prefill|profile|fp8|stagger|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
+part="${1:?usage: gpu_session.sh check|job|job256|prefill|profile|sweep|fp8|stagger|decode|tpdiag|multi|pipeline|train|train4|int8|kernels}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 
@@ -77,6 +79,12 @@ case "$part" in
       --runs "cold,warm,warm:CONVEYOR_PROFILE_DIR=$out/profile,warm:CONVEYOR_CUDNN_ATTENTION=1" \
       --hf-passes 0 --hf-job-runs 0 \
       --out "$out/job_b256_profiled.json"
+    ;;
+  sweep)
+    # a layer's decode attention by (keys per block, warps, stages), against the copy bandwidth
+    python3 -u benchmarks/decode_attention_sweep.py --caches bf16,fp8 --out "$out/decode_attention_sweep.json"
+    python3 -u benchmarks/decode_attention_sweep.py --caches bf16,fp8 --lanes 64 --positions 1000,2000 \
+      --out "$out/decode_attention_sweep_long.json"
     ;;
   fp8)
     # the float8 cache's kernel and accuracy on the GPU, then the batch-256 job with it, bf16 beside it

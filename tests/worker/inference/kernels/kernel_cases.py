@@ -177,7 +177,7 @@ def attention_errors(
             got = da.decode_attention(
                 q, k_cache, v_cache, positions[:, None], lanes, kv_len, window or 0, scale, *scales
             ).double()
-            splits, blocks_per_split = da.split_keys(n, kv_heads, kv_len)
+            splits, blocks_per_split = da.split_keys(n, kv_heads, kv_len, da.TILES[bool(scales)][0])
         finally:
             da.TARGET_PROGRAMS = saved
         tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -187,7 +187,7 @@ def attention_errors(
             (
                 f"{'float8 cache ' if kv_dtype else ''}"
                 f"n={n} heads={heads}/{kv_heads} kv_len={kv_len} window={window} splits={splits} "
-                f"stages={da.stages(blocks_per_split)}{' idle lane at the scratch slot' if scratch else ''}",
+                f"stages={da.stages(blocks_per_split, bool(scales))}{' idle lane at the scratch slot' if scratch else ''}",
                 (got - ref).abs().max().item(),
                 tol,
             )

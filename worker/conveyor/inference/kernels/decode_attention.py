@@ -34,17 +34,24 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-BLOCK_L = 64  # keys per block: one K tile [64, head_dim] per step of the loop
 TARGET_PROGRAMS = 264  # two per SM of an H100/H200: enough loads in flight to reach HBM bandwidth
-WARPS = 4
+# (keys per block, warps) of a 16-bit cache and of a float8 one (scaled). Swept on an H100 at a batch
+# job's shapes (benchmarks/decode_attention_sweep.py: 256 lanes at positions 32-383, 64 lanes at
+# 1,000-2,000): every 16-bit tile of 16-128 keys and 1-8 warps reads at 94-99% of the copy bandwidth,
+# so it keeps its first choice. The float8 one took 0.337 ms a layer at 64 keys and 4 warps (slower than
+# the 16-bit cache's 0.291) and 0.230 at 32 keys and one warp (0.485 -> 0.385 ms at 1,000-2,000): likely
+# because a dot of one warp takes its operands from registers, where one of four warps on Hopper
+# (wgmma) reads them from shared memory, so the widened tile went back through it.
+TILES = {False: (64, 4), True: (32, 1)}
 # Loads in flight per program: a third stage pays once a split has more blocks than the pipeline fills
 # (context 1,000 at batch 64: 1.99 -> 1.92 ms a step), and costs where it has few (batch 16, context
-# 161: 0.48 -> 0.56 ms: the shared memory of a third stage leaves fewer programs on each SM).
+# 161: 0.48 -> 0.56 ms: the shared memory of a third stage leaves fewer programs on each SM). A float8
+# tile of one warp is small enough that three always pay (two or four: 7% and 12% slower at 32-383).
 DEEP_BLOCKS = 4
 
 
-def stages(blocks_per_split: int) -> int:
-    return 3 if blocks_per_split > DEEP_BLOCKS else 2
+def stages(blocks_per_split: int, scaled: bool = False) -> int:
+    return 3 if scaled or blocks_per_split > DEEP_BLOCKS else 2
 
 
 def available(q: torch.Tensor) -> bool:
@@ -59,9 +66,9 @@ def available(q: torch.Tensor) -> bool:
     )
 
 
-def split_keys(n: int, kv_heads: int, kv_len: int) -> tuple[int, int]:
+def split_keys(n: int, kv_heads: int, kv_len: int, block_l: int) -> tuple[int, int]:
     """(splits, key blocks per split): enough programs for the GPU, and no split without a key block."""
-    blocks = triton.cdiv(kv_len, BLOCK_L)
+    blocks = triton.cdiv(kv_len, block_l)
     per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, n * kv_heads))))
     return triton.cdiv(blocks, per_split), per_split
 
@@ -211,7 +218,9 @@ def decode_attention(
     n, heads, _, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    splits, blocks_per_split = split_keys(n, kv_heads, kv_len)
+    scaled = k_scale is not None and v_scale is not None
+    block_l, warps = TILES[scaled]
+    splits, blocks_per_split = split_keys(n, kv_heads, kv_len, block_l)
     q3 = q.reshape(n, heads, d)
     if q3.stride(2) != 1:
         q3 = q3.contiguous()
@@ -221,7 +230,6 @@ def decode_attention(
     else:
         acc = torch.empty((n, heads, splits, d), device=q.device, dtype=torch.float32)
         stats = torch.empty((n, heads, splits, 2), device=q.device, dtype=torch.float32)
-    scaled = k_scale is not None and v_scale is not None
     if scaled:
         assert k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1  # type: ignore[union-attr]
     _split_kernel[(n * kv_heads, splits)](
@@ -254,14 +262,14 @@ def decode_attention(
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         D=d,
-        BLOCK_L=BLOCK_L,
+        BLOCK_L=block_l,
         SPLITS=splits,
         BLOCKS_PER_SPLIT=blocks_per_split,
         WINDOW=window,
         SCALED=scaled,
         STATIC_LOOP=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=WARPS,
-        num_stages=stages(blocks_per_split),
+        num_warps=warps,
+        num_stages=stages(blocks_per_split, scaled),
     )
     if splits > 1:
         _combine_kernel[(n * heads,)](
