@@ -5,10 +5,17 @@ heads, a sliding window, several key splits). Run as a script under ``TRITON_INT
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
 
 
 def skinny_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float, float]]:
@@ -261,7 +268,63 @@ def elementwise_errors(dtype: torch.dtype, device: str) -> list[tuple[str, float
         ew.write_kv_(qkv, got[0], got[1], lanes, positions, heads, kv_heads)
         same = all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
         out.append((f"write_kv_ n={n} S={s} heads={heads}/{kv_heads} D={d}", 0.0 if same else 1.0, 0.0))
+        if device == "cpu" or torch.cuda.get_device_capability() >= (8, 9):
+            out.append(float8_write_error(qkv, lanes, positions, heads, kv_heads))
     return out
+
+
+def float8_write_error(
+    qkv: torch.Tensor, lanes: torch.Tensor, positions: torch.Tensor, heads: int, kv_heads: int
+) -> tuple[str, float, float]:
+    """``write_kv_`` into a float8 cache: its scales and bytes as kv_cache.write makes them, exactly.
+    The values spread over 1e-3..1e3 (one scale a vector, so each vector needs its own)."""
+    from conveyor.inference.kernels import elementwise as ew
+    from conveyor.inference.model import kv_cache
+
+    n, s, _ = qkv.shape
+    d = qkv.shape[-1] // (heads + 2 * kv_heads)
+    gen = torch.Generator().manual_seed(2)
+    spread = torch.logspace(-3, 3, qkv.shape[-1])[torch.randperm(qkv.shape[-1], generator=gen)]
+    qkv = (qkv * spread.to(qkv.device, qkv.dtype)).contiguous()
+    _, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    k, v = (t.view(n, s, kv_heads, d).transpose(1, 2) for t in (k, v))
+    want = [torch.zeros(5, kv_heads, 12, d, device=qkv.device).to(kv_cache.FP8) for _ in range(2)]
+    want += [torch.zeros(5, kv_heads, 12, device=qkv.device) for _ in range(2)]
+    got = [t.clone() for t in want]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter's float8 conversion does not carry a rounding into the exponent (1.96 -> 1.0,
+        # not 2.0), so here the reference converts with it too; on a GPU the conversion is the
+        # hardware's, compared with torch's.
+        quantize = kv_cache.quantize
+
+        def interpreter_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            scale = quantize(t)[1]
+            x = (t.float() / scale[..., None]).contiguous()
+            values = torch.zeros(x.shape, device=x.device).to(kv_cache.FP8)
+            _to_float8[(1,)](x, values, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+            return values, scale
+
+        kv_cache.quantize = interpreter_quantize
+        try:
+            kv_cache.write(tuple(want), lanes, positions, k, v)
+        finally:
+            kv_cache.quantize = quantize
+    else:
+        kv_cache.write(tuple(want), lanes, positions, k, v)
+    ew.write_kv_(qkv, *got[:2], lanes, positions, heads, kv_heads, *got[2:])
+    same = all(
+        torch.equal(g.view(torch.uint8), w.view(torch.uint8)) for g, w in zip(got[:2], want[:2], strict=True)
+    )
+    same &= all(torch.equal(g, w) for g, w in zip(got[2:], want[2:], strict=True))
+    return (f"write_kv_ float8 n={n} S={s} heads={heads}/{kv_heads} D={d}", 0.0 if same else 1.0, 0.0)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_float8(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n).to(y_ptr.dtype.element_ty), mask=i < n)
 
 
 def eager_model_errors() -> list[tuple[str, float, float]]:

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from conveyor.inference.model import kv_cache
+
 try:
     import triton
     import triton.language as tl
@@ -111,6 +113,8 @@ if triton is not None:
         x_ptr,  # [tokens, ROW]: a pass's q | k | v (k rotated)
         k_ptr,  # [lanes, KV, length, HEAD]: a layer's cache
         v_ptr,
+        ks_ptr,  # [lanes, KV, length] float32: a float8 cache's key and value scales (SCALED)
+        vs_ptr,
         lanes_ptr,  # [tokens] each token's cache lane
         positions_ptr,  # [tokens] and slot
         length,  # cache slots a lane holds
@@ -120,6 +124,9 @@ if triton is not None:
         HEAD: tl.constexpr,
         BLOCK_H: tl.constexpr,  # >= KV
         BLOCK: tl.constexpr,  # >= HEAD
+        SCALED: tl.constexpr,  # quantized to the cache's float8 as kv_cache.quantize does
+        FP8_MAX: tl.constexpr,
+        TINY: tl.constexpr,
     ):
         # A token's keys and values into its lane's slot, from the rows the qkv product wrote: one
         # kernel for both, where torch's indexed writes of the transposed views took 14.6 ms of an
@@ -131,9 +138,20 @@ if triton is not None:
         lane = tl.load(lanes_ptr + token)
         position = tl.load(positions_ptr + token)
         row = x_ptr + token * ROW + heads * HEAD + dims
-        slot = ((lane * KV + heads) * length + position) * HEAD + dims
-        tl.store(k_ptr + slot, tl.load(row + Q * HEAD, mask=ok), mask=ok)
-        tl.store(v_ptr + slot, tl.load(row + (Q + KV) * HEAD, mask=ok), mask=ok)
+        vectors = (lane * KV + heads) * length + position  # [BLOCK_H, 1]
+        slot = vectors * HEAD + dims
+        k = tl.load(row + Q * HEAD, mask=ok, other=0.0)
+        v = tl.load(row + (Q + KV) * HEAD, mask=ok, other=0.0)
+        if SCALED:  # a scale per vector, its largest magnitude over float8's largest; IEEE divisions
+            k, v = k.to(tl.float32), v.to(tl.float32)
+            k_scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(k), axis=1), FP8_MAX), TINY)[:, None]
+            v_scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=1), FP8_MAX), TINY)[:, None]
+            k = tl.math.div_rn(k, k_scale)
+            v = tl.math.div_rn(v, v_scale)
+            tl.store(ks_ptr + vectors, k_scale, mask=heads < KV)
+            tl.store(vs_ptr + vectors, v_scale, mask=heads < KV)
+        tl.store(k_ptr + slot, k.to(k_ptr.dtype.element_ty), mask=ok)
+        tl.store(v_ptr + slot, v.to(v_ptr.dtype.element_ty), mask=ok)
 
 
 def compiled_variants() -> int:
@@ -200,10 +218,13 @@ def write_kv_(
     positions: torch.Tensor,
     q_heads: int,
     kv_heads: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Writes each token's keys and values from ``qkv`` ([n, S, row], contiguous: q's heads, then k's,
     then v's) into ``k_cache`` / ``v_cache`` ([lanes, kv_heads, length, head_dim]) at its lane (``lanes``
-    [n] or [n, 1], or one per token) and slot (``positions`` [n, S])."""
+    [n] or [n, 1], or one per token) and slot (``positions`` [n, S]). A float8 cache comes with its
+    scales ([lanes, kv_heads, length] float32): the vectors are quantized as ``kv_cache.quantize`` does."""
     n, s = positions.shape
     if not n * s:
         return
@@ -212,10 +233,13 @@ def write_kv_(
     # at an odd offset would compile another variant)
     per_token = lanes.reshape(n, s) if lanes.numel() == n * s else lanes.reshape(n, 1).expand(n, s)
     token_lanes = per_token.clone().reshape(-1)
+    scaled = k_scale is not None and v_scale is not None
     _write_kv_kernel[(n * s,)](
         qkv,
         k_cache,
         v_cache,
+        k_scale if scaled else k_cache,  # (unread unless SCALED)
+        v_scale if scaled else v_cache,
         token_lanes,
         positions.clone().reshape(-1),
         k_cache.shape[2],
@@ -225,6 +249,9 @@ def write_kv_(
         HEAD=head_dim,
         BLOCK_H=triton.next_power_of_2(kv_heads),
         BLOCK=triton.next_power_of_2(head_dim),
+        SCALED=scaled,
+        FP8_MAX=kv_cache.FP8_MAX,
+        TINY=torch.finfo(torch.float32).tiny,
         num_warps=_warps(triton.next_power_of_2(kv_heads) * triton.next_power_of_2(head_dim) // 2),
     )
 
@@ -255,13 +282,14 @@ def fused_write_kv_(
     q_heads: int,
     kv_heads: int,
 ) -> bool:
-    """``write_kv_`` where it serves (a cache of the activations' dtype: a float8 one quantizes first,
-    kv_cache.write); whether it ran."""
-    if len(cache) != 2 or not qkv.is_contiguous() or any(c.dtype != qkv.dtype for c in cache):
+    """``write_kv_`` where it serves (a cache of the activations' dtype, or a float8 one with its
+    scales); whether it ran."""
+    value = kv_cache.FP8 if len(cache) == 4 else qkv.dtype
+    if not (qkv.is_contiguous() and cache[0].dtype == cache[1].dtype == value and serves(qkv)):
         return False
-    if not (cache[0].is_contiguous() and cache[1].is_contiguous() and serves(qkv, *cache)):
+    if not all(c.is_contiguous() and c.data_ptr() % 16 == 0 for c in cache):  # (as serves asks of qkv)
         return False
-    write_kv_(qkv, cache[0], cache[1], lanes, positions, q_heads, kv_heads)
+    write_kv_(qkv, cache[0], cache[1], lanes, positions, q_heads, kv_heads, *cache[2:])
     return True
 
 
