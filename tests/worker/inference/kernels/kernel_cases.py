@@ -4,9 +4,12 @@ heads, a sliding window, several key splits). Run as a script under ``TRITON_INT
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -291,25 +294,7 @@ def float8_write_error(
     want = [torch.zeros(5, kv_heads, 12, d, device=qkv.device).to(kv_cache.FP8) for _ in range(2)]
     want += [torch.zeros(5, kv_heads, 12, device=qkv.device) for _ in range(2)]
     got = [t.clone() for t in want]
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        # The interpreter's float8 conversion does not carry a rounding into the exponent (1.96 -> 1.0,
-        # not 2.0), so here the reference converts with it too; on a GPU the conversion is the
-        # hardware's, compared with torch's.
-        quantize = kv_cache.quantize
-
-        def interpreter_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            scale = quantize(t)[1]
-            x = (t.float() / scale[..., None]).contiguous()
-            values = torch.zeros(x.shape, device=x.device).to(kv_cache.FP8)
-            _to_float8[(1,)](x, values, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
-            return values, scale
-
-        kv_cache.quantize = interpreter_quantize
-        try:
-            kv_cache.write(tuple(want), lanes, positions, k, v)
-        finally:
-            kv_cache.quantize = quantize
-    else:
+    with interpreter_float8():
         kv_cache.write(tuple(want), lanes, positions, k, v)
     ew.write_kv_(qkv, *got[:2], lanes, positions, heads, kv_heads, *got[2:])
     same = all(
@@ -317,6 +302,33 @@ def float8_write_error(
     )
     same &= all(torch.equal(g, w) for g, w in zip(got[2:], want[2:], strict=True))
     return (f"write_kv_ float8 n={n} S={s} heads={heads}/{kv_heads} D={d}", 0.0 if same else 1.0, 0.0)
+
+
+@contextlib.contextmanager
+def interpreter_float8() -> Iterator[None]:
+    """Under ``TRITON_INTERPRET=1``, ``kv_cache.quantize`` converts to float8 with the interpreter, as
+    the kernels there do: its conversion does not carry a rounding into the exponent (1.96 -> 1.0, not
+    2.0), so torch's would differ from a kernel's. On a GPU the conversion is the hardware's, compared
+    with torch's as it is."""
+    from conveyor.inference.model import kv_cache
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    quantize = kv_cache.quantize
+
+    def interpreter_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = quantize(t)[1]
+        x = (t.float() / scale[..., None]).contiguous()
+        values = torch.zeros(x.shape, device=x.device).to(kv_cache.FP8)
+        _to_float8[(1,)](x, values, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+        return values, scale
+
+    kv_cache.quantize = interpreter_quantize
+    try:
+        yield
+    finally:
+        kv_cache.quantize = quantize
 
 
 if triton is not None:
@@ -331,7 +343,8 @@ def eager_model_errors() -> list[tuple[str, float, float]]:
     """A whole eager stage model (a prefill of two prompts, one padded, then decode steps, float32 on
     the CPU) with elementwise.py's kernels installed and taken and its prompts packed in one row,
     against the same model without either: the wiring of Norm, MLP and Attention (the rotary of q's and
-    k's heads in the qkv rows in place, the cache written from them per token)."""
+    k's heads in the qkv rows in place, the cache written from them per token), and a float8 cache,
+    which the write kernel quantizes."""
     import tempfile
 
     from conveyor.inference.kernels import elementwise as ew
@@ -341,14 +354,21 @@ def eager_model_errors() -> list[tuple[str, float, float]]:
 
     out = []
     taken: list[str] = []
-    serves = ew.serves
-    for family in ["llama", "gpt_neox", "qwen2"]:
-        with tempfile.TemporaryDirectory() as tmp:
+    quantized: list[bool] = []
+    serves, write_kv_ = ew.serves, ew.write_kv_
+
+    def write_kv_seen(*args: Any, **kwargs: Any) -> None:
+        quantized.append(len(args) > 7)  # a float8 cache's scales after the heads
+        write_kv_(*args, **kwargs)
+
+    cases = [("llama", "auto"), ("gpt_neox", "auto"), ("qwen2", "auto"), ("llama", "fp8")]
+    for family, kv_dtype in cases:
+        with tempfile.TemporaryDirectory() as tmp, interpreter_float8():
             model_dir = save_tiny(family, tmp, tokenizer=False)
             ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
             results = []
             for fused in (False, True):
-                model, _ = one_process_rank(model_dir, lanes=2, max_len=16)
+                model, _ = one_process_rank(model_dir, lanes=2, max_len=16, kv_cache_dtype=kv_dtype)
                 if fused:
                     installed = ew.install(model)
                     model.packed_attention = packed_attention.attend
@@ -358,6 +378,7 @@ def eager_model_errors() -> list[tuple[str, float, float]]:
                         return True
 
                     ew.serves = on_cpu  # the interpreter runs the kernels on CPU float32 tensors
+                    ew.write_kv_ = write_kv_seen
                 try:
                     lanes = torch.tensor([1, 0])
                     positions = torch.arange(5).repeat(2, 1)
@@ -370,11 +391,14 @@ def eager_model_errors() -> list[tuple[str, float, float]]:
                             steps.append(model(ids[:, t : t + 1], at, lanes=lanes, kv_len=9))
                     results.append(torch.cat([x.reshape(2, -1) for x in steps], 1))
                 finally:
-                    ew.serves = serves
+                    ew.serves, ew.write_kv_ = serves, write_kv_
             error = (results[1] - results[0]).abs().max().item()
+            if kv_dtype == "fp8" and not all(quantized[-5:]):  # the prefill and 4 steps
+                error = float("inf")
             out.append(
                 (
-                    f"eager {family} model, {installed} modules fused",
+                    f"eager {family} model{' with a float8 cache' if kv_dtype == 'fp8' else ''},"
+                    f" {installed} modules fused",
                     error,
                     1e-4 * results[0].abs().max().item(),
                 )

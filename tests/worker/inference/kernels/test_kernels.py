@@ -29,7 +29,7 @@ def test_kernels_match_torch_in_the_interpreter() -> None:
         timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok  ") == 59, run.stdout
+    assert run.stdout.count("ok  ") == 60, run.stdout
 
 
 def test_decode_linear_without_a_choice_is_torch_linear() -> None:

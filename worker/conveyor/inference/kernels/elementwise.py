@@ -125,7 +125,7 @@ if triton is not None:
         BLOCK_H: tl.constexpr,  # >= KV
         BLOCK: tl.constexpr,  # >= HEAD
         SCALED: tl.constexpr,  # quantized to the cache's float8 as kv_cache.quantize does
-        FP8_MAX: tl.constexpr,
+        FP8_RECIPROCAL: tl.constexpr,
         TINY: tl.constexpr,
     ):
         # A token's keys and values into its lane's slot, from the rows the qkv product wrote: one
@@ -142,10 +142,10 @@ if triton is not None:
         slot = vectors * HEAD + dims
         k = tl.load(row + Q * HEAD, mask=ok, other=0.0)
         v = tl.load(row + (Q + KV) * HEAD, mask=ok, other=0.0)
-        if SCALED:  # a scale per vector, its largest magnitude over float8's largest; IEEE divisions
+        if SCALED:  # kv_cache.quantize: a scale per vector, its largest magnitude over float8's largest
             k, v = k.to(tl.float32), v.to(tl.float32)
-            k_scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(k), axis=1), FP8_MAX), TINY)[:, None]
-            v_scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=1), FP8_MAX), TINY)[:, None]
+            k_scale = tl.maximum(tl.max(tl.abs(k), axis=1) * FP8_RECIPROCAL, TINY)[:, None]
+            v_scale = tl.maximum(tl.max(tl.abs(v), axis=1) * FP8_RECIPROCAL, TINY)[:, None]
             k = tl.math.div_rn(k, k_scale)
             v = tl.math.div_rn(v, v_scale)
             tl.store(ks_ptr + vectors, k_scale, mask=heads < KV)
@@ -250,7 +250,7 @@ def write_kv_(
         BLOCK_H=triton.next_power_of_2(kv_heads),
         BLOCK=triton.next_power_of_2(head_dim),
         SCALED=scaled,
-        FP8_MAX=kv_cache.FP8_MAX,
+        FP8_RECIPROCAL=kv_cache.FP8_RECIPROCAL,
         TINY=torch.finfo(torch.float32).tiny,
         num_warps=_warps(triton.next_power_of_2(kv_heads) * triton.next_power_of_2(head_dim) // 2),
     )

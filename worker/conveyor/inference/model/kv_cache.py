@@ -23,6 +23,7 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+FP8_RECIPROCAL = 1 / FP8_MAX  # (1/448 is no float32: rounded once, where it is used)
 # spec.model.kvCacheDtype -> the storage dtype (None: the model's compute dtype)
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8": FP8}
 
@@ -35,7 +36,9 @@ def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``t`` [..., head_dim] as float8 and a float32 scale per vector [...]: ``q * scale`` is ``t``
     rounded to float8 (an all-zero vector keeps zeros)."""
     amax = t.abs().amax(-1).float()
-    scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    # times the float32 reciprocal, not over 448: CUDA's division by a scalar multiplies by it (a
+    # rounding from the CPU's), and the prompt passes' write kernel (elementwise.py) must match both
+    scale = (amax * FP8_RECIPROCAL).clamp_min(torch.finfo(torch.float32).tiny)
     return (t.float() / scale[..., None]).to(FP8), scale
 
 
