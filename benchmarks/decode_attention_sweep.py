@@ -80,7 +80,9 @@ def main() -> None:
     defaults = (dict(da.TILES), da.stages)
     try:
         for name, cache in caches.items():
-            bytes_read = visible * kvh * (d * 2 * cache[0].element_size() + 4 * (len(cache) - 2))
+            # K and V of every visible key and KV head, and a float8 cache's two scales
+            per_key = 2 * d * cache[0].element_size() + sum(t.element_size() for t in cache[2:])
+            bytes_read = visible * kvh * per_key
             roofline_ms = bytes_read / bw * 1e3
             reference = None
             for config in args.configs.split(","):

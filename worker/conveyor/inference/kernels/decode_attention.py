@@ -38,10 +38,11 @@ TARGET_PROGRAMS = 264  # two per SM of an H100/H200: enough loads in flight to r
 # (keys per block, warps) of a 16-bit cache and of a float8 one (scaled). Swept on an H100 at a batch
 # job's shapes (benchmarks/decode_attention_sweep.py: 256 lanes at positions 32-383, 64 lanes at
 # 1,000-2,000): the 16-bit tiles of 16-128 keys and 1-8 warps tried read at 94-99% of the copy
-# bandwidth but one (128 keys, 4 warps, 3 stages: 82%), so it keeps its first choice. The float8 one took 0.337 ms a layer at 64 keys and 4 warps (slower than
-# the 16-bit cache's 0.291) and 0.230 at 32 keys and one warp (0.485 -> 0.385 ms at 1,000-2,000): likely
-# because a dot of one warp takes its operands from registers, where one of four warps on Hopper
-# (wgmma) reads them from shared memory, so the widened tile went back through it.
+# bandwidth but one (128 keys, 4 warps, 3 stages: 82%), so it keeps its first choice. The float8 one
+# took 0.337 ms a layer at 64 keys and 4 warps (slower than the 16-bit cache's 0.291) and 0.230 at 32
+# keys and one warp (0.485 -> 0.385 ms at 1,000-2,000): likely because a dot of one warp takes its
+# operands from registers, where one of four warps on Hopper (wgmma) reads them from shared memory, so
+# the widened tile went back through it.
 TILES = {False: (64, 4), True: (32, 1)}
 # Loads in flight per program: a third stage pays once a split has more blocks than the pipeline fills
 # (context 1,000 at batch 64: 1.99 -> 1.92 ms a step), and costs where it has few (batch 16, context
