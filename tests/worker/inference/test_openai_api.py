@@ -26,7 +26,14 @@ def tokenizer():
 def client(tokenizer, max_waiting: int = 1, timeout: float = 5.0, ready: bool = True):
     """An app whose queue nobody consumes."""
     engine = ServeEngine(
-        "job", "m", tokenizer, max_len=64, lanes=1, queue=RequestQueue(max_waiting), timeout=timeout
+        "job",
+        "m",
+        tokenizer,
+        max_len=64,
+        vocab_size=320,
+        lanes=1,
+        queue=RequestQueue(max_waiting),
+        timeout=timeout,
     )
     engine.set_ready(ready)
     return engine, TestClient(build_app(engine))
@@ -72,7 +79,9 @@ from conveyor.inference.openai_api import build_app
 from conveyor.inference.serve import ServeEngine, start_http
 from conveyor.testing.tiny import build_tokenizer
 
-engine = ServeEngine("job", "m", build_tokenizer(), max_len=64, lanes=1, queue=RequestQueue(4), timeout=60)
+engine = ServeEngine(
+    "job", "m", build_tokenizer(), max_len=64, vocab_size=320, lanes=1, queue=RequestQueue(4), timeout=60
+)
 engine.set_ready()
 server = start_http(build_app(engine), 0, host="127.0.0.1")
 print(server.server.servers[0].sockets[0].getsockname()[1], flush=True)
@@ -194,7 +203,9 @@ def sse_chunks(response) -> list[dict]:
 
 
 def test_n_choices_are_n_sequences_merged_in_one_response(tokenizer) -> None:
-    engine = ServeEngine("job", "m", tokenizer, max_len=64, lanes=4, queue=RequestQueue(8), timeout=10)
+    engine = ServeEngine(
+        "job", "m", tokenizer, max_len=64, vocab_size=320, lanes=4, queue=RequestQueue(8), timeout=10
+    )
     engine.set_ready()
     http = TestClient(build_app(engine))
     seeded = {**BODY, "temperature": 1.0, "seed": 11, "max_tokens": 6}
@@ -222,4 +233,41 @@ def test_n_choices_are_n_sequences_merged_in_one_response(tokenizer) -> None:
     ] * 3
     assert [ch.get("usage") for ch in chunks if ch.get("usage")] == [three["usage"]]  # once, at the end
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"  # 4 lanes
+    assert len(engine.queue) == 0
+
+
+def answer_one(engine: ServeEngine) -> threading.Thread:
+    """A generation loop without a model that answers the first request with one token of text "x"."""
+
+    def run() -> None:
+        while (request := engine.queue.poll()) is None:
+            engine.queue.wait(1.0)
+        engine.on_result(Result(request.id, request.prompt_ids, [5], "length", "x"))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_prompt_of_token_ids_is_checked_against_the_models_vocabulary(tokenizer) -> None:
+    """Against the model's vocabulary, as the batch job checks them: an id past the embedding would stop
+    the loop. Not len() of the tokenizer, which the one a warm start loads (CachedTokenizer) has not:
+    every prompt of ids was a 500."""
+    from conveyor.inference.model.tokenizer_cache import CachedTokenizer
+    from tokenizers import Tokenizer
+
+    cached = CachedTokenizer(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), False, "unused")
+    engine = ServeEngine(
+        "job", "m", cached, max_len=64, vocab_size=300, lanes=1, queue=RequestQueue(2), timeout=10
+    )
+    engine.set_ready()
+    http = TestClient(build_app(engine))
+    answered = answer_one(engine)
+    r = http.post("/v1/completions", json={**BODY, "prompt": [1, 299]})
+    answered.join()
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 2
+    outside = http.post("/v1/completions", json={**BODY, "prompt": [1, 300]})
+    assert outside.status_code == 400 and outside.json()["error"]["param"] == "prompt"
+    assert "[0, 300)" in outside.json()["error"]["message"]
     assert len(engine.queue) == 0

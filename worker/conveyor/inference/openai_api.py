@@ -123,6 +123,7 @@ class Stream(Protocol):
 class Engine(Protocol):
     model_name: str
     max_len: int  # KV positions of a sequence: prompt + new tokens
+    vocab_size: int  # the model's vocabulary (rows of its embedding): a prompt's token ids are below it
     lanes: int  # sequences generated at once: a request's n choices at most
     tokenizer: Any
     timeout: float  # seconds a request may take
@@ -282,9 +283,10 @@ def build_app(engine: Engine) -> Starlette:
             ids = engine.tokenizer(body.prompt)["input_ids"]
         else:
             ids = list(body.prompt)
-            vocab = len(engine.tokenizer)
-            if any(not 0 <= t < vocab for t in ids):
-                raise ApiError(400, f"token ids must be in [0, {vocab})", "prompt")
+            # the model's vocabulary, as the batch job checks (validate.py): an id past the embedding
+            # would stop the generation loop, and the tokenizer may have fewer or more ids than it
+            if any(not 0 <= t < engine.vocab_size for t in ids):
+                raise ApiError(400, f"token ids must be in [0, {engine.vocab_size})", "prompt")
         if not ids:
             raise ApiError(400, "the prompt is empty once tokenized", where)
         if len(ids) >= engine.max_len:

@@ -74,11 +74,13 @@ class ServeEngine:
         model_name: str,
         tokenizer: Any,
         max_len: int,
+        vocab_size: int,
         lanes: int,
         queue: RequestQueue,
         timeout: float = REQUEST_TIMEOUT_SECONDS,
     ):
         self.job, self.model_name, self.tokenizer, self.max_len = job, model_name, tokenizer, max_len
+        self.vocab_size = vocab_size
         self.lanes, self.queue, self.timeout = lanes, queue, timeout
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -255,7 +257,7 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
         if getattr(tokenizer, "chat_template", None) is not None:
             # the chat path needs transformers' own tokenizer: loaded now, not on the first request
             tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
-        engine = ServeEngine(pod.job, pod.job, tokenizer, max_len, lanes, queue, timeout)
+        engine = ServeEngine(pod.job, pod.job, tokenizer, max_len, arch.vocab_size, lanes, queue, timeout)
         from conveyor.inference.openai_api import build_app
 
         try:
