@@ -128,6 +128,7 @@ def test_stopping_sends_the_responses_under_way_before_the_process_exits() -> No
         ({**BODY, "max_tokens": 1000}, 400, "max_tokens"),
         ({**BODY, "temperature": 3}, 400, "temperature"),
         ({**BODY, "top_p": 0}, 400, "top_p"),
+        ({**BODY, "top_k": 2**63}, 400, "top_k"),  # past int64: it went on, and its packing stopped the loop
         ({**BODY, "n": 2}, 400, "n"),
     ],
 )

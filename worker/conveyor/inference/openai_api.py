@@ -55,7 +55,9 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM's and HF's, which clients send too
+    # top_k: not OpenAI's; vLLM's and HF's, which clients send too. It and the seed go to the last stage
+    # as int64 (stage.py's _pack_sampling): a larger one raised in the generation loop, ending the replica
+    top_k: int | None = Field(None, ge=0, lt=2**63)
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1)  # at most the replica's lanes (checked against the engine)
 
