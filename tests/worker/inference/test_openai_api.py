@@ -272,3 +272,22 @@ def test_a_prompt_of_token_ids_is_checked_against_the_models_vocabulary(tokenize
     assert outside.status_code == 400 and outside.json()["error"]["param"] == "prompt"
     assert "[0, 300)" in outside.json()["error"]["message"]
     assert len(engine.queue) == 0
+
+
+def templated(chat_template: str):
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def test_text_that_cannot_be_tokenized_names_its_field(tokenizer) -> None:
+    """A lone surrogate (JSON's "\\ud800") is valid JSON but no UTF-8: the tokenizer refused it with a 500."""
+    _, http = client(tokenizer)
+    raw = b'{"model": "m", "prompt": "hi \\ud800", "max_tokens": 4}'
+    r = http.post("/v1/completions", content=raw)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    _, http = client(templated("{% for m in messages %}{{ m['content'] }}{% endfor %}"))
+    messages = b'[{"role": "user", "content": "ok"}, {"role": "user", "content": "\\ud800"}]'
+    r = http.post("/v1/chat/completions", content=b'{"model": "m", "messages": ' + messages + b"}")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.1.content", r.text
+    assert "\\ud800" in r.json()["error"]["message"]

@@ -114,6 +114,17 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
 _TYPE_NAMES = {"str", "list[int]", "list[str]", "int", "float", "bool"}
 
 
+def utf8_text(text: str, field: str) -> str:
+    """``text``, if it is text a tokenizer takes: a JSON string may hold a lone surrogate (``"\\ud800"``),
+    which is no character, and which the tokenizer refuses with an exception (a 500)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as err:
+        where = f"character {err.start} is a lone surrogate (\\u{ord(text[err.start]):04x})"
+        raise ApiError(400, f"{field}: {where}, not a character of any text", field) from None
+    return text
+
+
 # -- the engine the app talks to -----------------------------------------------------------------
 class Stream(Protocol):
     request_id: str
@@ -278,11 +289,13 @@ def build_app(engine: Engine) -> Starlette:
                 raise ApiError(
                     400, "this model's tokenizer has no chat template; use /v1/completions", "messages"
                 )
+            for i, message in enumerate(body.messages):
+                utf8_text(message.content, f"messages.{i}.content")
             messages = [m.model_dump() for m in body.messages]
             text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
         elif isinstance(body.prompt, str):
-            ids = engine.tokenizer(body.prompt)["input_ids"]
+            ids = engine.tokenizer(utf8_text(body.prompt, "prompt"))["input_ids"]
         else:
             ids = list(body.prompt)
             # the model's vocabulary, as the batch job checks (validate.py): an id past the embedding
