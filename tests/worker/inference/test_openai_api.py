@@ -291,3 +291,19 @@ def test_text_that_cannot_be_tokenized_names_its_field(tokenizer) -> None:
     r = http.post("/v1/chat/completions", content=b'{"model": "m", "messages": ' + messages + b"}")
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.1.content", r.text
     assert "\\ud800" in r.json()["error"]["message"]
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_bad_request() -> None:
+    """Templates raise on what their model was not trained on (Mistral's: roles that do not alternate; many:
+    a system message): the client sent it, so 400 with the template's words, not a 500."""
+    refusing = templated(
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    _, http = client(refusing)
+    r = http.post(
+        "/v1/chat/completions", json={"model": "m", "messages": [{"role": "system", "content": "x"}]}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages"
+    assert "System role not supported" in r.json()["error"]["message"]

@@ -291,8 +291,17 @@ def build_app(engine: Engine) -> Starlette:
                 )
             for i, message in enumerate(body.messages):
                 utf8_text(message.content, f"messages.{i}.content")
+            from jinja2 import TemplateError  # transformers renders chat templates with it
+
             messages = [m.model_dump() for m in body.messages]
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            try:
+                text = engine.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+            except TemplateError as err:  # its raise_exception, or a field it reads that a message lacks
+                raise ApiError(
+                    400, f"messages: the model's chat template refused them: {err}", "messages"
+                ) from None
             ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
         elif isinstance(body.prompt, str):
             ids = engine.tokenizer(utf8_text(body.prompt, "prompt"))["input_ids"]
