@@ -134,3 +134,23 @@ def test_which_tokenizers_decode_by_concatenation(tokenizer) -> None:  # type: i
     pieces, last, _ = stream(tokenizer, ids, ())
     assert "".join(pieces) + last == tokenizer.decode(ids, skip_special_tokens=True)
     assert len(last) == REVISED_CHARACTERS if cleanup else last == ""  # held back until the end
+
+
+def test_a_long_stop_string_costs_what_the_text_held_does() -> None:
+    """The start of a stop string is looked for among its prefixes no longer than the text itself. A
+    client may send a stop string of a megabyte; each token compared all of its prefixes (a stop of
+    30,000 characters cost 38 ms a token, quadratic in its length, on the server's event loop)."""
+    from conveyor.testing.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    prefixes: list[object] = []
+
+    class Counting(str):
+        def __getitem__(self, key):  # type: ignore[no-untyped-def]
+            prefixes.append(key)
+            return str.__getitem__(self, key)
+
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    pieces, last, _ = stream(tokenizer, ids, (Counting("x" * 2000),))
+    assert "".join(pieces) + last == tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(prefixes) <= 2 * len(TEXT), len(prefixes)

@@ -178,8 +178,13 @@ class IncrementalText:
         self.stopped = False
 
     def _held(self, text: str) -> int:
-        """Characters at the end of ``text`` that may be the start of a stop string."""
-        return max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        """Characters at the end of ``text`` that may be the start of a stop string: its prefixes no
+        longer than ``text`` (a client's stop string may be a megabyte long; all its prefixes, at every
+        token, held the event loop for seconds)."""
+        return max(
+            (k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+            default=0,
+        )
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
