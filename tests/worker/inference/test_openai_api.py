@@ -130,6 +130,8 @@ def test_stopping_sends_the_responses_under_way_before_the_process_exits() -> No
         ({**BODY, "top_p": 0}, 400, "top_p"),
         ({**BODY, "top_k": 2**63}, 400, "top_k"),  # past int64: it went on, and its packing stopped the loop
         ({**BODY, "n": 2}, 400, "n"),
+        ({**BODY, "stop": ""}, 400, "stop"),  # it is in every text: each sequence stopped at its first token
+        ({**BODY, "stop": ["\n", ""]}, 400, "stop"),
     ],
 )
 def test_bad_requests_name_the_field(tokenizer, body, status, param) -> None:

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -60,6 +60,15 @@ class _Body(BaseModel):
     top_k: int | None = Field(None, ge=0, lt=2**63)
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1)  # at most the replica's lanes (checked against the engine)
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        # the empty string is in every text: a sequence would stop at its first token, with no text (vLLM
+        # refuses it alike)
+        if stop == "" or (isinstance(stop, list) and "" in stop):
+            raise ValueError("an empty stop string would end every sequence at its first token")
+        return stop
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
