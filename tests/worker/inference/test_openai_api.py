@@ -267,8 +267,8 @@ def test_a_prompt_of_token_ids_is_checked_against_the_models_vocabulary(tokenize
     http = TestClient(build_app(engine))
     answered = answer_one(engine)
     r = http.post("/v1/completions", json={**BODY, "prompt": [1, 299]})
-    answered.join()
     assert r.status_code == 200, r.text
+    answered.join()
     assert r.json()["usage"]["prompt_tokens"] == 2
     outside = http.post("/v1/completions", json={**BODY, "prompt": [1, 300]})
     assert outside.status_code == 400 and outside.json()["error"]["param"] == "prompt"
@@ -309,3 +309,14 @@ def test_a_chat_template_that_refuses_the_messages_is_a_bad_request() -> None:
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "messages"
     assert "System role not supported" in r.json()["error"]["message"]
+
+
+def test_null_is_the_default_of_a_nullable_field(tokenizer) -> None:
+    """OpenAI's schema makes n and stream nullable (null: the default); a client that writes every field
+    sends them so, and got a 400."""
+    engine, http = client(tokenizer)
+    answered = answer_one(engine)
+    r = http.post("/v1/completions", json={**BODY, "n": None, "stream": None, "stop": None, "seed": None})
+    assert r.status_code == 200, r.text
+    answered.join()
+    assert [c["text"] for c in r.json()["choices"]] == ["x"]  # one choice, not streamed

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -60,6 +60,12 @@ class _Body(BaseModel):
     top_k: int | None = Field(None, ge=0, lt=2**63)
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1)  # at most the replica's lanes (checked against the engine)
+
+    @field_validator("stream", "n", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # OpenAI's schema makes them nullable (null: the default), and clients that write every field send it
+        return cls.model_fields[str(info.field_name)].default if value is None else value
 
     @field_validator("stop")
     @classmethod
