@@ -178,3 +178,13 @@ def test_sampling_follows_the_distribution_and_filters() -> None:
     seen = torch.tensor([[True, False]])
     greedy = SamplingParams(repetition_penalty=10.0)
     assert sample(torch.tensor([[2.0, 1.0]]), greedy, keys[:1], keys[:1], seen).item() == 1
+
+
+def test_a_temperature_too_small_for_float32_samples_as_greedy() -> None:
+    """logits / T overflows float32 long before T reaches 0: at 1e-40 every positive logit was +inf and
+    the draw the first of them (a client's temperature may be any number in [0, 2])."""
+    logits = torch.tensor([[1.0, 2.0, 3.0, -1.0]])
+    keys = torch.zeros(1, dtype=torch.long)
+    for temperature in (1e-40, 1e-300, 1e-6):
+        params = SamplingParams(temperature=temperature, seed=7)
+        assert sample(logits, params, keys, keys).item() == 2, temperature

@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 import torch
 
 _M32 = 0xFFFFFFFF
+# A temperature below this samples as greedy (vLLM's threshold): logits / T overflows float32 long before T
+# reaches 0 (at 1e-40 every positive logit was +inf, and the draw the first of them), and below it the
+# draw is the argmax but for logits within a few 1e-4 of each other.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # 0 (below GREEDY_BELOW): greedy
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -28,7 +32,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def sequence_key(request_id: object) -> int:
