@@ -320,3 +320,41 @@ def test_null_is_the_default_of_a_nullable_field(tokenizer) -> None:
     assert r.status_code == 200, r.text
     answered.join()
     assert [c["text"] for c in r.json()["choices"]] == ["x"]  # one choice, not streamed
+
+
+def test_a_client_gone_while_its_body_is_read_is_counted_not_raised(tokenizer) -> None:
+    """A client that hangs up mid-upload: 499 (counted, nobody reads it), not an exception out of the app
+    (a traceback in the log for every such client)."""
+    import asyncio
+
+    engine, _ = client(tokenizer)
+    app = build_app(engine)
+    events = [
+        {"type": "http.request", "body": b'{"model": "m", "pro', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return events.pop(0) if events else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert b'conveyor_serve_requests_total{code="499",job="job"}' in engine.metrics()[0]

@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -291,7 +292,13 @@ def build_app(engine: Engine) -> Starlette:
             raise ApiError(
                 503, "the model is still loading; retry when /ready answers 200", kind="unavailable"
             )
-        body: Any = parse(ChatBody if chat else CompletionBody, await http.body())
+        try:
+            raw = await http.body()
+        except ClientDisconnect:  # gone mid-upload: nobody reads the answer, but it is counted
+            raise ApiError(
+                499, "the client went away while its request was read", kind="client_closed"
+            ) from None
+        body: Any = parse(ChatBody if chat else CompletionBody, raw)
         if body.model != engine.model_name:
             raise ApiError(
                 404,
