@@ -67,6 +67,9 @@ def test_a_request_arriving_as_the_replica_stops_answers_503(tokenizer) -> None:
     r = http.post("/v1/completions", json=BODY)
     assert r.status_code == 503 and "stopping" in r.json()["error"]["message"]
     assert http.get("/health").status_code == 200
+    engine.set_ready(False)  # what SIGTERM does first: a request arriving later is told the same
+    r = http.post("/v1/completions", json=BODY)
+    assert r.status_code == 503 and "stopping" in r.json()["error"]["message"], r.text
 
 
 # A serve rank's last moments, in a process of its own: a request is admitted, its result comes in, the

@@ -289,9 +289,9 @@ async def _disconnected(http: HttpRequest) -> None:
 def build_app(engine: Engine) -> Starlette:
     async def prepare(http: HttpRequest, chat: bool) -> tuple[_Body, list[int], int]:
         if not engine.ready():
-            raise ApiError(
-                503, "the model is still loading; retry when /ready answers 200", kind="unavailable"
-            )
+            # still loading, or stopping (SIGTERM turns /ready off first): the app cannot tell which
+            message = "this replica is loading or stopping; retry when /ready answers 200, or on another"
+            raise ApiError(503, message, kind="unavailable")
         try:
             raw = await http.body()
         except ClientDisconnect:  # gone mid-upload: nobody reads the answer, but it is counted
