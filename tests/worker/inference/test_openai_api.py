@@ -361,3 +361,12 @@ def test_a_client_gone_while_its_body_is_read_is_counted_not_raised(tokenizer) -
     asyncio.run(app(scope, receive, send))
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
     assert b'conveyor_serve_requests_total{code="499",job="job"}' in engine.metrics()[0]
+
+
+def test_a_body_nested_too_deep_is_a_bad_request(tokenizer) -> None:
+    """Python's JSON parser recurses: 5,000 nested arrays, even in a field nobody reads, raised a
+    RecursionError out of the app (a 500 and a traceback) rather than its JSONDecodeError."""
+    _, http = client(tokenizer)
+    deep = b"[" * 5000 + b"]" * 5000
+    r = http.post("/v1/completions", content=b'{"model": "m", "prompt": "hi", "user": ' + deep + b"}")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"], r.text

@@ -116,6 +116,8 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the body is not JSON: {err}") from None
+    except RecursionError:  # the parser recurses: arrays or objects nested a few thousand deep
+        raise ApiError(400, "the body's JSON is nested too deep to read") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     try:
