@@ -363,10 +363,14 @@ def test_a_client_gone_while_its_body_is_read_is_counted_not_raised(tokenizer) -
     assert b'conveyor_serve_requests_total{code="499",job="job"}' in engine.metrics()[0]
 
 
-def test_a_body_nested_too_deep_is_a_bad_request(tokenizer) -> None:
-    """Python's JSON parser recurses: 5,000 nested arrays, even in a field nobody reads, raised a
-    RecursionError out of the app (a 500 and a traceback) rather than its JSONDecodeError."""
+@pytest.mark.parametrize(
+    "user",
+    [b"[" * 5000 + b"]" * 5000, b"1" + b"0" * 5000],
+    ids=["nested 5,000 deep", "an integer of 5,001 digits"],
+)
+def test_valid_json_that_python_does_not_read_is_a_bad_request(tokenizer, user: bytes) -> None:
+    """Python's JSON parser recurses, and reads no integer of over 4,300 digits: in any field, even one
+    nobody reads, its RecursionError or ValueError left the app (a 500 and a traceback)."""
     _, http = client(tokenizer)
-    deep = b"[" * 5000 + b"]" * 5000
-    r = http.post("/v1/completions", content=b'{"model": "m", "prompt": "hi", "user": ' + deep + b"}")
+    r = http.post("/v1/completions", content=b'{"model": "m", "prompt": "hi", "user": ' + user + b"}")
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"], r.text

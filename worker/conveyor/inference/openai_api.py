@@ -118,6 +118,8 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         raise ApiError(400, f"the body is not JSON: {err}") from None
     except RecursionError:  # the parser recurses: arrays or objects nested a few thousand deep
         raise ApiError(400, "the body's JSON is nested too deep to read") from None
+    except ValueError as err:  # valid JSON Python does not read: an integer of over 4,300 digits
+        raise ApiError(400, f"the body's JSON cannot be read: {err}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     try:
