@@ -110,6 +110,9 @@ def plan_pods(job: PipelineJob, spec: PipelineJobSpec, restart: int, workdir: Pa
     ports = [free_port()] * p.replicas if train else [free_port() for _ in range(p.replicas)]
     checkpoint_dir = spec.checkpoint.path if spec.checkpoint else None
     metrics_base = int(os.environ.get("CONVEYOR_METRICS_PORT", "0"))
+    # A local run's endpoints are for this machine: the API has no authentication. A container that
+    # publishes its port (docker run -p) needs CONVEYOR_LISTEN_HOST=0.0.0.0.
+    listen_host = os.environ.get("CONVEYOR_LISTEN_HOST", "127.0.0.1")
     gpus = local_gpus()
     children = []
     for replica in range(p.replicas):
@@ -127,6 +130,7 @@ def plan_pods(job: PipelineJob, spec: PipelineJobSpec, restart: int, workdir: Pa
             pod_number = replica * p.stages + stage
             env.update(
                 CONVEYOR_LOG_PREFIX="1",
+                CONVEYOR_LISTEN_HOST=listen_host,
                 CONVEYOR_TERMINATION_LOG=str(workdir / f"termination-r{replica}-s{stage}.json"),
                 # Local pods share one host: give each its own metrics ports (0 turns metrics off).
                 CONVEYOR_METRICS_PORT=str(

@@ -309,14 +309,15 @@ def serve(
     readiness: Readiness = READINESS,
     progress: Progress = PROGRESS,
     child: ChildMetrics = CHILD_METRICS,
+    host: str = "",
 ) -> bool:
     """Start the /metrics and /ready endpoints in a daemon thread; a taken port is logged, never fatal
-    (metrics must not kill a job)."""
+    (metrics must not kill a job). ``host``: the address to listen on; "" is every interface."""
     if port <= 0:
         return False
     try:
         server = make_server(
-            "",
+            host,
             port,
             _app(registry, readiness, progress, child),
             _ThreadingServer,

@@ -144,7 +144,9 @@ def _main(argv: list[str]) -> int:
         PROGRESS.configure(
             float(hang) if hang else None, int(stall) if stall else None, int(wedge) if wedge else None
         )
-    metrics.serve(port + local_rank if port else 0)
+    # every interface in a pod (probes and Prometheus come from outside); `conveyor run` sets loopback
+    listen_host = os.environ.get("CONVEYOR_LISTEN_HOST", "")
+    metrics.serve(port + local_rank if port else 0, host=listen_host)
     log.info("rank starting", extra={"local_rank": local_rank, "world_size": pod.world_size})
     if pod.mode == Mode.INFERENCE:
         from conveyor.inference.job import run_rank
@@ -157,7 +159,7 @@ def _main(argv: list[str]) -> int:
         # `conveyor run` gives each local replica its own port; a pod serves on the spec's
         http_port = int(os.environ.get("CONVEYOR_SERVE_PORT", pod.spec.serve.port))
         timeout = float(os.environ.get("CONVEYOR_SERVE_TIMEOUT", serve.REQUEST_TIMEOUT_SECONDS))
-        return serve.run_rank(pod, local_rank, port=http_port, timeout=timeout)
+        return serve.run_rank(pod, local_rank, port=http_port, host=listen_host or "0.0.0.0", timeout=timeout)
     assert pod.spec.train is not None
     if pod.spec.train.fine_tunes:
         from conveyor.train.finetune import run_rank as fine_tune_rank

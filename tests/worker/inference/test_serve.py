@@ -152,6 +152,24 @@ def test_models_health_and_metrics(server: str, client: Any) -> None:
         assert name in body
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses a socket of this machine listens on at ``port`` (Linux's /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_a_local_run_listens_on_this_machine_only(server: str) -> None:
+    """The API has no authentication: `conveyor run` serves it on loopback, not on every interface (a
+    container that publishes the port sets CONVEYOR_LISTEN_HOST=0.0.0.0)."""
+    assert listening_addresses(int(server.rsplit(":", 1)[1])) == {"127.0.0.1"}
+
+
 def test_completions_and_chat_equal_hf_greedy_and_streams_equal_them(
     client: Any, hf: tuple[Any, Any]
 ) -> None:

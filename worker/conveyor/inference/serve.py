@@ -227,8 +227,16 @@ def start_http(app: Any, port: int, host: str = "0.0.0.0") -> HttpServer:
     return HttpServer(server, thread)
 
 
-def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUEST_TIMEOUT_SECONDS) -> int:
-    """``port``: the HTTP port of the entry rank; ``timeout``: seconds a request may take."""
+def run_rank(
+    pod: PodEnv,
+    local_rank: int,
+    *,
+    port: int,
+    host: str = "0.0.0.0",
+    timeout: float = REQUEST_TIMEOUT_SECONDS,
+) -> int:
+    """``port``, ``host``: where the entry rank's HTTP endpoint listens; ``timeout``: seconds a request
+    may take."""
     from conveyor.inference.job import load_tokenizer
     from conveyor.inference.model.families import load_arch
     from conveyor.inference.pipeline.generate import run_generation
@@ -261,7 +269,7 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
         from conveyor.inference.openai_api import build_app
 
         try:
-            server = start_http(build_app(engine), port)
+            server = start_http(build_app(engine), port, host)
         except OSError as err:
             log.error("serve endpoint not started", extra={"field": "spec.serve.port", "error": str(err)})
             return 2
@@ -294,7 +302,7 @@ def run_rank(pod: PodEnv, local_rank: int, *, port: int, timeout: float = REQUES
         log.info(
             "serving",
             extra={
-                "url": f"http://127.0.0.1:{port}/v1",
+                "url": f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/v1",
                 "model": pod.job,
                 "lanes": lanes,
                 "max_len": max_len,
