@@ -9,7 +9,7 @@ import json
 import threading
 
 import pytest
-from conveyor.inference.openai_api import IncrementalText, build_app
+from conveyor.inference.openai_api import MAX_BODY_BYTES, IncrementalText, build_app
 from conveyor.inference.pipeline.generate import Request, RequestQueue, Result
 from conveyor.inference.serve import ServeEngine, start_http
 from conveyor.testing.tiny import build_tokenizer
@@ -50,6 +50,29 @@ def test_a_full_queue_answers_429_and_a_timeout_504(tokenizer) -> None:
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
     assert http.get("/health").status_code == 200
     assert b"conveyor_serve_requests_total" in http.get("/metrics").content
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(tokenizer) -> None:
+    """A body is parsed and tokenized on the event loop: one of hundreds of MiB stalled every stream.
+    Past MAX_BODY_BYTES it is a 413, whether it declares its length or comes in chunks without one."""
+    engine, http = client(tokenizer)
+    padding = " " * MAX_BODY_BYTES  # JSON whitespace: a body that would parse
+    r = http.post("/v1/completions", content=json.dumps(BODY)[:-1] + padding + "}")
+    assert r.status_code == 413 and r.json()["error"]["type"] == "too_large", r.text
+
+    def chunks():
+        yield json.dumps(BODY)[:-1].encode()
+        for _ in range(MAX_BODY_BYTES >> 20):
+            yield b" " * (1 << 20)
+        yield b" }"
+
+    r = http.post("/v1/completions", content=chunks())  # no Content-Length
+    assert r.status_code == 413 and "over" in r.json()["error"]["message"], r.text
+    assert len(engine.queue) == 0 and http.get("/health").status_code == 200
+    short = json.dumps(BODY)[:-1] + " " * (MAX_BODY_BYTES - len(json.dumps(BODY)) - 64) + "}"
+    answered = answer_one(engine)
+    assert http.post("/v1/completions", content=short).status_code == 200  # just under it: served
+    answered.join()
 
 
 def test_not_ready_answers_503(tokenizer) -> None:

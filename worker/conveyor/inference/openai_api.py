@@ -48,6 +48,31 @@ class ApiError(Exception):
 
 
 # -- requests ------------------------------------------------------------------------------------
+# The largest body read: a prompt of the longest context (serve.MAX_POSITIONS tokens) is well under 1 MiB
+# as text or ids. The body is parsed and tokenized on the event loop, so a larger one stalls every stream.
+MAX_BODY_BYTES = 8 << 20
+
+
+async def read_body(http: HttpRequest, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request's body, refused with 413 once it passes ``limit`` (read no further: Content-Length
+    may be absent or wrong)."""
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body is {int(declared)} bytes; at most {limit} are read", kind="too_large")
+    chunks, size = [], 0
+    try:
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(
+                    413, f"the body is over {limit} bytes, the most that is read", kind="too_large"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone mid-upload: nobody reads the answer, but it is counted
+        raise ApiError(499, "the client went away while its request was read", kind="client_closed") from None
+    return b"".join(chunks)
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logit_bias, ...)
 
@@ -296,13 +321,7 @@ def build_app(engine: Engine) -> Starlette:
             # still loading, or stopping (SIGTERM turns /ready off first): the app cannot tell which
             message = "this replica is loading or stopping; retry when /ready answers 200, or on another"
             raise ApiError(503, message, kind="unavailable")
-        try:
-            raw = await http.body()
-        except ClientDisconnect:  # gone mid-upload: nobody reads the answer, but it is counted
-            raise ApiError(
-                499, "the client went away while its request was read", kind="client_closed"
-            ) from None
-        body: Any = parse(ChatBody if chat else CompletionBody, raw)
+        body: Any = parse(ChatBody if chat else CompletionBody, await read_body(http))
         if body.model != engine.model_name:
             raise ApiError(
                 404,
