@@ -169,6 +169,16 @@ CASES: list[tuple[str, Spoil, str]] = [
         bytes_input(b'{"id": 1, "prompt": "caf\xe9"}\n'),
         "in.jsonl:1: byte 25 of the line is not UTF-8",
     ),
+    (  # valid UTF-8 bytes, but a JSON escape of half a UTF-16 pair: no text can be encoded from it
+        "unpaired surrogate in a prompt",
+        bytes_input(b'{"id": 1, "prompt": "caf\\ud83d"}\n'),
+        'in.jsonl:1: "prompt" holds an unpaired surrogate \\ud83d at character 4',
+    ),
+    (  # (it passed, and every restart of the job failed at its first result)
+        "unpaired surrogate in an id",
+        bytes_input(b'{"id": "a\\udc00", "input_ids": [3]}\n'),
+        'in.jsonl:1: "id" holds an unpaired surrogate \\udc00 at character 2',
+    ),
     (
         "huge line",
         bytes_input(b'{"id": 1, "prompt": "' + b"x" * (3 << 20) + b'"}\n'),

@@ -70,6 +70,18 @@ def input_lines(path: str | Path, limit: int) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
+def _check_unicode(where: str, field: str, value: str) -> None:
+    """A JSON escape may name half of a UTF-16 pair (``"\\ud83d"``) in a file of valid UTF-8: such a string
+    cannot be encoded, so a tokenizer or the sampler's hash of the id would fail inside a rank."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(
+            f'{where}: "{field}" holds an unpaired surrogate \\u{ord(value[err.start]):04x} at character '
+            f"{err.start + 1} (half of an escaped UTF-16 pair): give both halves or the character itself"
+        ) from None
+
+
 def parse_row(
     path: str | Path, number: int, text: str, vocab_size: int, max_new_tokens: int | None = None
 ) -> Row:
@@ -86,6 +98,8 @@ def parse_row(
     rid = row["id"]
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise InputError(f'{where}: "id" is {json.dumps(rid)}; use a string or an integer')
+    if isinstance(rid, str):
+        _check_unicode(where, "id", rid)
     new = row.get("max_new_tokens")
     if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 1):
         raise InputError(
@@ -106,6 +120,7 @@ def parse_row(
             raise InputError(f'{where}: "prompt" is a JSON {type(prompt).__name__}; give text in a string')
         if not prompt:
             raise InputError(f'{where}: "prompt" is empty; give text or remove the line')
+        _check_unicode(where, "prompt", prompt)
         return Row(rid, json.dumps(rid), prompt, None, new)
     ids = row["input_ids"]
     if not isinstance(ids, list) or not ids:
