@@ -5,6 +5,7 @@ output (its lock); the record carries the job's identity."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conveyor.inference.progress import ResultLog, ResultsError, job_identity
+from conveyor.inference.progress import ResultLog, ResultsError, job_identity, merge_parts
 from conveyor.spec import parse_spec
 from conveyor.testing.tiny import save_tiny
 
@@ -208,3 +209,99 @@ def test_conveyor_run_refuses_an_output_another_run_writes(model: Path, tmp_path
     assert result.returncode == 2, result.stdout + result.stderr
     assert "being written by another run" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+# With R > 1 replicas, replica r writes <output>.r<r> and the last to finish merges the parts into
+# <output>: that file is written by the replicas together, and by no one else.
+
+
+def replica_parts(tmp: Path, model: Path, done: bool = True) -> tuple[dict, list[ResultLog]]:
+    """A 2-replica job whose parts hold committed results (``done``: both finished)."""
+    spec = spec_dict(tmp, model)
+    spec["parallelism"]["replicas"] = 2
+    identity = job_identity(parse_spec(spec))
+    parts = []
+    for r in range(2):
+        part = ResultLog(tmp / f"out.jsonl.r{r}", identity)
+        part.open()
+        part.append({"id": r, "output_ids": [1], "text": "", "finish_reason": "length"})
+        part.commit(done=done)
+        part.close()
+        parts.append(part)
+    return spec, parts
+
+
+def test_replicas_share_the_merged_outputs_lock_and_a_single_writer_is_refused(tmp_path: Path) -> None:
+    """A one-replica job and a two-replica job on the same output ran at once, each holding only its
+    own file's lock: the replicas' merge replaced the other job's results while it wrote them, and
+    both jobs succeeded."""
+    out = tmp_path / "out.jsonl"
+    replicas = [ResultLog(tmp_path / f"out.jsonl.r{r}") for r in range(2)]
+    for part in replicas:
+        part.lock(merged=out)  # replicas of one job hold the merged output together
+    with pytest.raises(ResultsError, match="out.jsonl is being written by another run"):
+        ResultLog(out).lock()
+    for part in replicas:
+        part.unlock()
+    single = ResultLog(out)
+    single.lock()
+    with pytest.raises(ResultsError, match="out.jsonl is being written by another run"):
+        ResultLog(tmp_path / "out.jsonl.r0").lock(merged=out)
+    assert not (tmp_path / "out.jsonl.r0.lock").read_text()  # refused whole: it holds no part's lock
+    single.unlock()
+    ResultLog(tmp_path / "out.jsonl.r0").lock(merged=out)
+
+
+def test_replicas_refuse_a_merged_output_that_a_single_writer_records(model: Path, tmp_path: Path) -> None:
+    """Two replicas stopped with their parts half done; a one-replica job then wrote the output. The
+    replicas' restart checked only their own parts' records, and their merge replaced its results."""
+    spec, parts = replica_parts(tmp_path, model, done=False)
+    single = ResultLog(tmp_path / "out.jsonl", {"digest": "another job"})
+    single.open()
+    single.append({"id": "x", "output_ids": [1], "text": "", "finish_reason": "length"})
+    single.commit(done=True)
+    single.close()
+    with pytest.raises(ResultsError, match="out.jsonl holds results of another job"):
+        ResultLog(tmp_path / "out.jsonl.r0", job_identity(parse_spec(spec))).check(
+            merged=tmp_path / "out.jsonl"
+        )
+
+
+def test_a_merge_never_replaces_bytes_that_are_not_the_parts(model: Path, tmp_path: Path) -> None:
+    _, parts = replica_parts(tmp_path, model)
+    out = tmp_path / "out.jsonl"
+    merged = b"".join((tmp_path / f"out.jsonl.r{r}").read_bytes() for r in range(2))
+    out.write_bytes(b'{"id": "theirs"}\n')
+    with pytest.raises(ResultsError, match="out.jsonl holds bytes that are not this job's merged results"):
+        merge_parts(parts, out)
+    assert out.read_bytes() == b'{"id": "theirs"}\n'
+    out.unlink()
+    # another writer's temporary file of the same name pattern (a pod of another replica may have this
+    # one's pid) is never written or moved
+    theirs = tmp_path / f".out.jsonl.{os.getpid()}.tmp"
+    theirs.write_bytes(b"another replica's merge under way\n")
+    assert merge_parts(parts, out) and out.read_bytes() == merged
+    assert merge_parts(parts, out) and out.read_bytes() == merged  # a tie or a restart: the same bytes
+    assert theirs.read_bytes() == b"another replica's merge under way\n"
+    assert sorted(p.name for p in tmp_path.glob(".out.jsonl*")) == [theirs.name]  # no temporary left
+
+
+def test_a_replica_restarted_after_its_last_commit_still_merges(model: Path, tmp_path: Path) -> None:
+    """The last replica to finish died between its last commit (``done``) and the merge (or the merge
+    failed: a full volume): every restart then found its part done and exited 0 at once, and the job
+    succeeded with no output."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.inference.job import pending_work
+
+    spec, parts = replica_parts(tmp_path, model)
+    out = tmp_path / "out.jsonl"
+    pod = PodEnv.from_environ(
+        pod_environ(
+            job="s", spec=parse_spec(spec), replica=1, stage=0, master_addr="127.0.0.1", master_port=1
+        )
+    )
+    results = ResultLog(tmp_path / "out.jsonl.r1", job_identity(pod.spec))
+    state = pending_work(pod, results, out, None, None)
+    results.unlock()
+    assert state["done"] and state["requests"] == []
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [0, 1]

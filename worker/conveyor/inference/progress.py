@@ -12,17 +12,22 @@ input file and the model, and the settings that decide the tokens), and a run re
 record names another job, or an output that holds bytes but has no record at all: neither is ever
 appended to, truncated or overwritten. One run at a time writes an output: the writer holds an
 exclusive ``flock`` on ``<output>.lock`` (released by the kernel when the process dies, so a killed
-run leaves no stale lock).
+run leaves no stale lock). With R > 1 replicas, each writes its part ``<output>.r<r>`` under that
+part's lock and holds the merged output's lock shared, since the replicas merge into it together: a
+one-replica job on the same output is refused while any of them runs, and the other way round. A
+merge writes only where the output is missing or already holds the same bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import filecmp
 import hashlib
 import json
 import os
 import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,7 +135,7 @@ class ResultLog:
         self.identity = identity  # None: read only (status, merging), no identity check
         self.record = self._read_record()
         self._file: Any = None
-        self._lock: Any = None
+        self._locks: list[tuple[Any, bool]] = []  # (open lock file, exclusive), held until unlock()
         self._uncommitted = 0
         self._appending = threading.Lock()  # the file's end and the count of lines not committed agree
         self._committing = threading.Lock()  # one commit at a time
@@ -151,6 +156,13 @@ class ResultLog:
         output of R > 1 replicas, which must not predate this job's parts either."""
         assert self.identity is not None, "check() needs the job's identity"
         fix = "move it away or set spec.inference.output to a new file"
+        if merged is not None:
+            single = merged.with_name(merged.name + ".progress.json")
+            if single.is_file():  # the replicas' merged output keeps no record: a one-replica job wrote it
+                raise ResultsError(
+                    f"{merged} holds results of another job (its progress record {single.name} is a "
+                    f"one-replica job's, and this job's replicas merge their parts into it): {fix}"
+                )
         if not self.record_path.is_file():
             for path in (self.path, merged):
                 if path is not None and path.is_file() and path.stat().st_size:
@@ -167,36 +179,26 @@ class ResultLog:
                 f"differs: {why}): {fix}, or restore that job's input, model and settings"
             )
 
-    def lock(self) -> None:
-        """Take the output's exclusive lock for this process's lifetime, or refuse: another run writes it."""
+    def lock(self, merged: Path | None = None) -> None:
+        """Take the output's exclusive lock for this process's lifetime, or refuse: another run writes it.
+        ``merged``: the merged output of R > 1 replicas, whose lock is taken shared (see the module's
+        docstring), before this part's."""
+        if merged is not None:
+            merged_lock = merged.with_name(merged.name + ".lock")
+            self._locks.append((_take_lock(merged, merged_lock, exclusive=False), False))
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.lock_path, "a+")  # noqa: SIM115 (held until the process ends or unlock())
-        except OSError as err:
-            raise ResultsError(
-                f"spec.inference.output: cannot create {self.lock_path} ({err.strerror}): choose a writable path"
-            ) from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise ResultsError(
-                f"{self.path} is being written by another run ({holder} holds {self.lock_path.name}): "
-                "wait for it to finish or set spec.inference.output to another file"
-            ) from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        self._lock = f
+            self._locks.append((_take_lock(self.path, self.lock_path, exclusive=True), True))
+        except ResultsError:
+            self.unlock()
+            raise
 
     def unlock(self) -> None:
-        if self._lock is not None:
-            with contextlib.suppress(OSError):
-                self._lock.truncate(0)
-            self._lock.close()  # closing releases the flock
-            self._lock = None
+        for f, exclusive in reversed(self._locks):
+            if exclusive:  # (its holder's name)
+                with contextlib.suppress(OSError):
+                    f.truncate(0)
+            f.close()  # closing releases the flock
+        self._locks = []
 
     @property
     def done(self) -> bool:
@@ -273,19 +275,64 @@ class ResultLog:
             self._file = None
 
 
+def _take_lock(path: Path, lock_path: Path, exclusive: bool) -> Any:
+    """``lock_path`` open and ``flock``ed (held until closed), or a refusal naming who holds it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a+")  # noqa: SIM115 (held until the process ends or unlock())
+    except OSError as err:
+        raise ResultsError(
+            f"spec.inference.output: cannot create {lock_path} ({err.strerror}): choose a writable path"
+        ) from None
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"  # (the replicas of a job, holding it shared)
+        f.close()
+        raise ResultsError(
+            f"{path} is being written by another run ({holder} holds {lock_path.name}): "
+            "wait for it to finish or set spec.inference.output to another file"
+        ) from None
+    if exclusive:  # the one holder names itself; shared holders would overwrite each other's names
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+    return f
+
+
 def merge_parts(parts: list[ResultLog], output: Path) -> bool:
     """When every replica's part is done, write their committed lines to ``output`` atomically.
-    Called by each replica as it finishes; whoever finishes last merges (a tie merges twice, equally)."""
-    if not all(p._read_record().get("done") for p in parts):
+    Called by each replica as it finishes, and by a finished replica's restart while ``output`` is
+    missing (its writer died between its last commit and the merge); a tie merges twice, equally, and
+    finds the same bytes there. An ``output`` holding other bytes is refused, never replaced."""
+    records = [p._read_record() for p in parts]
+    if not all(r.get("done") for r in records):
         return False
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as out:
-        for part in parts:
-            size = int(part._read_record()["committedBytes"])
-            with open(part.path, "rb") as f:
-                out.write(f.read(size))
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, output)
-    fsync_dir(output.parent)
+    # a name of its own: the replicas are pods, and two of them may merge at once with the same pid
+    fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with open(fd, "wb") as out:
+            for part, record in zip(parts, records, strict=True):
+                with open(part.path, "rb") as f:
+                    left = int(record["committedBytes"])
+                    while left > 0 and (block := f.read(min(left, 1 << 20))):
+                        out.write(block)
+                        left -= len(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if output.exists():
+            if not filecmp.cmp(tmp, output, shallow=False):
+                raise ResultsError(
+                    f"{output} holds bytes that are not this job's merged results (the committed lines of "
+                    f"{', '.join(p.path.name for p in parts)}): move it away and run the job again; its "
+                    "finished replicas merge them at their next start"
+                )
+            return True
+        os.replace(tmp, output)
+        fsync_dir(output.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
     return True

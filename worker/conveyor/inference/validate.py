@@ -290,6 +290,7 @@ def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True, cache_dir
     for replica in range(max(p.replicas, 1)):
         part = output if p.replicas <= 1 else output.with_name(f"{output.name}.r{replica}")
         results = ResultLog(part, identity)
-        results.check(merged=output if p.replicas > 1 else None)
-        results.lock()  # a probe: another run writing it now is refused before we start
+        merged = output if p.replicas > 1 else None
+        results.check(merged)
+        results.lock(merged)  # a probe: another run writing it now is refused before we start
         results.unlock()
