@@ -305,3 +305,34 @@ def test_a_replica_restarted_after_its_last_commit_still_merges(model: Path, tmp
     results.unlock()
     assert state["done"] and state["requests"] == []
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [0, 1]
+
+
+def test_a_replicas_pod_passes_its_pre_flight_while_another_replica_runs(model: Path, tmp_path: Path) -> None:
+    """In a cluster each pod checks before its ranks start (``conveyor worker``), and the operator
+    restarts one replica's pods while the others run, or starts a replica's pods later than another's.
+    The checks probed every replica's part lock, so a replica started while another wrote its part was
+    refused (exit 2: the operator fails the whole job). Each pod probes its own part only."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.worker import Refused, check_preflight
+
+    spec = spec_dict(tmp_path, model)
+    spec["parallelism"]["replicas"] = 2
+
+    def pod(replica: int) -> PodEnv:
+        return PodEnv.from_environ(
+            pod_environ(
+                job="s",
+                spec=parse_spec(spec),
+                replica=replica,
+                stage=0,
+                master_addr="127.0.0.1",
+                master_port=1,
+            )
+        )
+
+    running = ResultLog(tmp_path / "out.jsonl.r0")
+    running.lock(merged=tmp_path / "out.jsonl")  # as replica 0's writing rank holds it
+    check_preflight(pod(1))
+    with pytest.raises(Refused, match="out.jsonl.r0 is being written by another run"):
+        check_preflight(pod(0))  # a second run of replica 0 is still refused
+    running.unlock()

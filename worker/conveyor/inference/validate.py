@@ -268,9 +268,17 @@ def needs_preflight(spec: PipelineJobSpec) -> bool:
     return spec.inference is not None or (spec.train is not None and spec.train.fine_tunes)
 
 
-def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True, cache_dir: Path | None = None) -> None:
+def preflight(
+    spec: PipelineJobSpec,
+    *,
+    input_and_output: bool = True,
+    cache_dir: Path | None = None,
+    replica: int | None = None,
+) -> None:
     """Everything a batch inference job can check before a rank starts. ``input_and_output``: also the
-    input and the output (the stage-0 pods, which read and write them); ``cache_dir``: the compile cache.
+    input and the output (the stage-0 pods, which read and write them); ``cache_dir``: the compile cache;
+    ``replica``: the pod's (``conveyor worker``), whose part alone is probed for a writer, since the
+    other replicas' ranks hold their parts' locks while they run (None, ``conveyor run``: every part).
     A fine-tuning job: its model and layout (stages within the layers, tensorParallel dividing heads, KV
     heads and MLP width)."""
     from conveyor.inference.progress import ResultLog, job_identity
@@ -287,10 +295,11 @@ def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True, cache_dir
     output = Path(inf.output)
     check_output_path(output)
     identity = job_identity(spec)
-    for replica in range(max(p.replicas, 1)):
-        part = output if p.replicas <= 1 else output.with_name(f"{output.name}.r{replica}")
+    for part_replica in range(max(p.replicas, 1)):
+        part = output if p.replicas <= 1 else output.with_name(f"{output.name}.r{part_replica}")
         results = ResultLog(part, identity)
         merged = output if p.replicas > 1 else None
         results.check(merged)
-        results.lock(merged)  # a probe: another run writing it now is refused before we start
-        results.unlock()
+        if replica is None or replica == part_replica:
+            results.lock(merged)  # a probe: another run writing it now is refused before we start
+            results.unlock()
