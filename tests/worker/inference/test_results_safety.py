@@ -336,3 +336,41 @@ def test_a_replicas_pod_passes_its_pre_flight_while_another_replica_runs(model: 
     with pytest.raises(Refused, match="out.jsonl.r0 is being written by another run"):
         check_preflight(pod(0))  # a second run of replica 0 is still refused
     running.unlock()
+
+
+@pytest.mark.parametrize("lose", ["deleted", "cut"])
+def test_a_finished_job_whose_results_were_lost_is_refused_not_reported_complete(
+    model: Path, tmp_path: Path, lose: str
+) -> None:
+    """A run of a finished job found ``done`` in the record and exited 0, "already complete", even when
+    the output it records had been deleted or cut: the job succeeded again with its results gone (an
+    unfinished job's restart refuses the same output). So does a merge of parts that lost theirs."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.inference.job import pending_work
+
+    spec = spec_dict(tmp_path, model)
+    identity = job_identity(parse_spec(spec))
+    done = ResultLog(tmp_path / "out.jsonl", identity)
+    done.open()
+    done.append({"id": 0, "output_ids": [1], "text": "", "finish_reason": "length"})
+    done.commit(done=True)
+    done.close()
+    out = tmp_path / "out.jsonl"
+    out.unlink() if lose == "deleted" else out.write_bytes(out.read_bytes()[:5])
+    pod = PodEnv.from_environ(
+        pod_environ(
+            job="s", spec=parse_spec(spec), replica=0, stage=0, master_addr="127.0.0.1", master_port=1
+        )
+    )
+    results = ResultLog(out, identity)
+    state = pending_work(pod, results, out, None, None)
+    results.unlock()
+    assert (
+        "done" not in state and ("is gone" if lose == "deleted" else "was cut or replaced") in state["error"]
+    )
+
+    _, parts = replica_parts(tmp_path, model)
+    (tmp_path / "out.jsonl.r1").unlink()
+    with pytest.raises(ResultsError, match="out.jsonl.r1 is gone"):
+        merge_parts(parts, tmp_path / "merged.jsonl")
+    assert not (tmp_path / "merged.jsonl").exists()

@@ -145,7 +145,9 @@ def pending_work(pod: PodEnv, results: ResultLog, output: Path, tokenizer: Any, 
         results.lock(merged)  # held until this process ends: a second run of the output is refused
         results.check(merged)
         if results.done:
-            if merged is not None and not merged.exists():  # the writer died before it could merge
+            if merged is None:
+                results.check_committed()  # (with replicas, the parts may be removed once merged)
+            elif not merged.exists():  # the writer died before it could merge
                 merge_parts(replica_parts(merged, replicas), merged)
             return {"done": True, "completed": results.completed, "requests": []}
         committed = results.committed_ids()

@@ -208,8 +208,9 @@ class ResultLog:
     def completed(self) -> int:
         return int(self.record.get("completed", 0))
 
-    def committed_ids(self) -> set[str]:
-        """Ids of the committed results; drops (truncates) any uncommitted tail first."""
+    def check_committed(self) -> None:
+        """Refuse an output that lost committed results (gone, or shorter than its record says), done
+        or not: a finished job must not report them complete, nor a merge copy less than they were."""
         size = int(self.record["committedBytes"])
         if not self.path.exists():
             if size:
@@ -217,12 +218,19 @@ class ResultLog:
                     f"{self.path} is gone but {self.record_path} records {size} committed bytes: restore "
                     f"it, or remove {self.record_path.name} to compute every prompt again"
                 )
-            return set()
+            return
         if self.path.stat().st_size < size:
             raise ResultsError(
                 f"{self.path} has {self.path.stat().st_size} bytes but {self.record_path.name} records {size} "
                 f"committed: it was cut or replaced; restore it, or move both away to start again"
             )
+
+    def committed_ids(self) -> set[str]:
+        """Ids of the committed results; drops (truncates) any uncommitted tail first."""
+        self.check_committed()
+        if not self.path.exists():
+            return set()
+        size = int(self.record["committedBytes"])
         with open(self.path, "r+b") as f:
             f.truncate(size)
             f.seek(0)
@@ -310,6 +318,9 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
     records = [p._read_record() for p in parts]
     if not all(r.get("done") for r in records):
         return False
+    for part, record in zip(parts, records, strict=True):
+        part.record = record
+        part.check_committed()
     # a name of its own: the replicas are pods, and two of them may merge at once with the same pid
     fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     tmp = Path(name)
