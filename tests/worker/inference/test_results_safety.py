@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conveyor.inference.progress import ResultLog, ResultsError, job_identity, merge_parts
+from conveyor.inference.validate import preflight
 from conveyor.spec import parse_spec
 from conveyor.testing.tiny import save_tiny
 
@@ -365,9 +366,10 @@ def test_a_finished_job_whose_results_were_lost_is_refused_not_reported_complete
     results = ResultLog(out, identity)
     state = pending_work(pod, results, out, None, None)
     results.unlock()
-    assert (
-        "done" not in state and ("is gone" if lose == "deleted" else "was cut or replaced") in state["error"]
-    )
+    why = "is gone" if lose == "deleted" else "was cut or replaced"
+    assert "done" not in state and why in state["error"]
+    with pytest.raises(ResultsError, match=why):
+        preflight(parse_spec(spec))  # before any rank starts
 
     _, parts = replica_parts(tmp_path, model)
     (tmp_path / "out.jsonl.r1").unlink()

@@ -300,6 +300,8 @@ def preflight(
         results = ResultLog(part, identity)
         merged = output if p.replicas > 1 else None
         results.check(merged)
+        if merged is None or not results.done:  # (a finished replica's part may be gone once merged)
+            results.check_committed()
         if replica is None or replica == part_replica:
             results.lock(merged)  # a probe: another run writing it now is refused before we start
             results.unlock()
