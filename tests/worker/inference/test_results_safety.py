@@ -376,3 +376,24 @@ def test_a_finished_job_whose_results_were_lost_is_refused_not_reported_complete
     with pytest.raises(ResultsError, match="out.jsonl.r1 is gone"):
         merge_parts(parts, tmp_path / "merged.jsonl")
     assert not (tmp_path / "merged.jsonl").exists()
+
+
+def test_parts_of_different_jobs_are_never_merged(model: Path, tmp_path: Path) -> None:
+    """Each replica checks only its own part's record against the job. A replica that first started
+    after the input was changed (a typo fixed while the job started) wrote its part for the new input,
+    the others theirs for the old one, and the merge mixed them: each replica takes every R-th line,
+    so prompts were dropped or computed twice."""
+    spec, parts = replica_parts(tmp_path, model)
+    (tmp_path / "in.jsonl").write_text('{"id": 0, "input_ids": [4, 9, 11]}\n{"id": 1, "input_ids": [5]}\n')
+    spec["parallelism"]["replicas"] = 2
+    later = ResultLog(tmp_path / "out.jsonl.r1", job_identity(parse_spec(spec)))
+    (tmp_path / "out.jsonl.r1").unlink()
+    (tmp_path / "out.jsonl.r1.progress.json").unlink()
+    later.record = {"committedBytes": 0, "completed": 0, "done": False}
+    later.open()
+    later.append({"id": 1, "output_ids": [2], "text": "", "finish_reason": "length"})
+    later.commit(done=True)
+    later.close()
+    with pytest.raises(ResultsError, match="hold results of different jobs .*another input file"):
+        merge_parts(parts, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()

@@ -321,6 +321,16 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
     for part, record in zip(parts, records, strict=True):
         part.record = record
         part.check_committed()
+    # Each replica checks its own part against the job: one that first started after the input was
+    # edited wrote its share of another input (shares are every R-th line: prompts lost or repeated).
+    jobs = [r.get("job") or {} for r in records]
+    if any(job.get("digest") != jobs[0].get("digest") for job in jobs):
+        other = next(job for job in jobs if job.get("digest") != jobs[0].get("digest"))
+        raise ResultsError(
+            f"{output}: the parts {', '.join(p.path.name for p in parts)} hold results of different jobs "
+            f"({_difference(jobs[0], other)}: changed while the replicas ran), never merged: move the parts "
+            "and their progress records away to compute them again"
+        )
     # a name of its own: the replicas are pods, and two of them may merge at once with the same pid
     fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     tmp = Path(name)
