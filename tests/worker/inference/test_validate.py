@@ -179,6 +179,11 @@ CASES: list[tuple[str, Spoil, str]] = [
         bytes_input(b'{"id": "a\\udc00", "input_ids": [3]}\n'),
         'in.jsonl:1: "id" holds an unpaired surrogate \\udc00 at character 2',
     ),
+    (  # (Notepad's "UTF-8"; json's own message said to "decode using utf-8-sig")
+        "byte-order mark",
+        bytes_input(b'\xef\xbb\xbf{"id": 1, "input_ids": [3]}\n'),
+        "in.jsonl:1: the file starts with a UTF-8 byte-order mark: save it as UTF-8 without one",
+    ),
     (
         "huge line",
         bytes_input(b'{"id": 1, "prompt": "' + b"x" * (3 << 20) + b'"}\n'),

@@ -60,6 +60,11 @@ def input_lines(path: str | Path, limit: int) -> Iterator[tuple[int, str]]:
                     f"{path}:{number}: line longer than {limit} bytes, more than any prompt that fits the "
                     "model's positions: shorten or split it"
                 )
+            # (json's own refusal says to "decode using utf-8-sig": no fix for the file)
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raise InputError(
+                    f"{path}:1: the file starts with a UTF-8 byte-order mark: save it as UTF-8 without one"
+                )
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
