@@ -397,3 +397,49 @@ def test_parts_of_different_jobs_are_never_merged(model: Path, tmp_path: Path) -
     with pytest.raises(ResultsError, match="hold results of different jobs .*another input file"):
         merge_parts(parts, tmp_path / "out.jsonl")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_another_tokenizer_is_another_job(model: Path, tmp_path: Path) -> None:
+    """The tokenizer decides a text prompt's tokens and every result's text, but was no part of the
+    identity: a job resumed after its tokenizer files were replaced mixed results of both tokenizers.
+    A record written before it was part of the identity still resumes."""
+    import hashlib
+    import shutil
+
+    copy = Path(shutil.copytree(model, tmp_path / "model"))
+    spec = spec_dict(tmp_path, copy)
+    identity = job_identity(parse_spec(spec))
+    committed_log(tmp_path, identity)
+    tokenizer = copy / "tokenizer.json"
+    original = tokenizer.read_bytes()
+    tokenizer.write_bytes(original.replace(b'"unk_token"', b'"unk_token" ', 1) + b"\n")
+    with pytest.raises(ResultsError, match="holds results of another job .*another tokenizer"):
+        ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(spec))).check()
+
+    tokenizer.write_bytes(original)
+    record_path = tmp_path / "out.jsonl.progress.json"
+    record = json.loads(record_path.read_text())
+
+    def write_record_from_before(**settings: object) -> None:
+        job = {k: v for k, v in identity.items() if k not in ("tokenizer", "digest")}
+        job["settings"] = {**job["settings"], **settings}
+        job["digest"] = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+        record_path.write_text(json.dumps({**record, "job": job}))
+
+    write_record_from_before()
+    ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(spec))).check()
+    write_record_from_before(maxNewTokens=9)  # (still another job where it is one)
+    with pytest.raises(ResultsError, match="maxNewTokens 9"):
+        ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(spec))).check()
+
+
+def test_a_tokenizer_file_added_to_the_model_is_another_job(model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(model, tmp_path / "model"))
+    (copy / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    spec = spec_dict(tmp_path, copy)
+    committed_log(tmp_path, job_identity(parse_spec(spec)))
+    (tmp_path / "tokenizer.json").rename(copy / "tokenizer.json")
+    with pytest.raises(ResultsError, match="another tokenizer"):
+        ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(spec))).check()

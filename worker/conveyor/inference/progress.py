@@ -8,7 +8,7 @@ once whatever moment a rank died. ``append`` and ``commit`` may run on two threa
 commits on a thread of its own): a commit covers the lines appended before it began.
 
 Whose results these are: the record carries the job's identity (``job_identity``: digests of the
-input file and the model, and the settings that decide the tokens), and a run refuses an output whose
+input file, the model and its tokenizer, and the settings that decide the tokens), and a run refuses an output whose
 record names another job, or an output that holds bytes but has no record at all: neither is ever
 appended to, truncated or overwritten. One run at a time writes an output: the writer holds an
 exclusive ``flock`` on ``<output>.lock`` (released by the kernel when the process dies, so a killed
@@ -74,6 +74,36 @@ def model_digest(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def tokenizer_digest(model_dir: str | Path) -> str | None:
+    """The tokenizer's files, whole (they decide a text prompt's tokens and every result's text); None
+    for a model directory without any."""
+    from conveyor.inference.model.tokenizer_cache import TOKENIZER_FILES  # (which imports this module)
+
+    root, h, found = Path(model_dir), hashlib.sha256(), False
+    for name in TOKENIZER_FILES:
+        if (root / name).is_file():
+            found = True
+            h.update(f"{name}:{_file_digest(root / name)}\n".encode())
+    return h.hexdigest() if found else None
+
+
+def _digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(
+        json.dumps({k: v for k, v in identity.items() if k != "digest"}, sort_keys=True).encode()
+    ).hexdigest()
+
+
+def same_job(theirs: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """Whether two job identities are one job's. One written before the tokenizer was part of the
+    identity has no such key: it is compared with the other's identity less its tokenizer."""
+    if theirs.get("digest") == ours.get("digest"):
+        return True
+    for old, new in ((theirs, ours), (ours, theirs)):
+        if "tokenizer" not in old and "tokenizer" in new:
+            return old.get("digest") == _digest({k: v for k, v in new.items() if k != "tokenizer"})
+    return False
+
+
 def job_identity(spec: PipelineJobSpec) -> dict[str, Any]:
     """What makes results this job's: the input's bytes, the model, and every setting that decides the
     tokens or which prompts a replica's part holds. ``digest`` sums them up."""
@@ -92,14 +122,15 @@ def job_identity(spec: PipelineJobSpec) -> dict[str, Any]:
     }
     if model.kv_cache_dtype != "auto":  # (only where set: results written before the field stay this job's)
         identity["settings"]["kvCacheDtype"] = model.kv_cache_dtype
-    identity["digest"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    identity["tokenizer"] = tokenizer_digest(model.path)  # (None, not absent, where there is none)
+    identity["digest"] = _digest(identity)
     return identity
 
 
 def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
     """Which part of two job identities differs, in words."""
-    what = {"input": "another input file", "model": "another model"}
-    parts = [words for key, words in what.items() if theirs.get(key) != ours.get(key)]
+    what = {"input": "another input file", "model": "another model", "tokenizer": "another tokenizer"}
+    parts = [words for key, words in what.items() if key in theirs and theirs.get(key) != ours.get(key)]
     mine, other = ours.get("settings", {}), theirs.get("settings") or {}
     parts += [f"{key} {other.get(key)!r}" for key in mine if other.get(key) != mine[key]]
     return ", ".join(parts) or "another job"
@@ -172,7 +203,7 @@ class ResultLog:
                     )
             return
         theirs = self.record.get("job")
-        if not isinstance(theirs, dict) or theirs.get("digest") != self.identity["digest"]:
+        if not isinstance(theirs, dict) or not same_job(theirs, self.identity):
             why = _difference(theirs, self.identity) if isinstance(theirs, dict) else "no job identity"
             raise ResultsError(
                 f"{self.path} holds results of another job (its progress record {self.record_path.name} "
@@ -324,8 +355,8 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
     # Each replica checks its own part against the job: one that first started after the input was
     # edited wrote its share of another input (shares are every R-th line: prompts lost or repeated).
     jobs = [r.get("job") or {} for r in records]
-    if any(job.get("digest") != jobs[0].get("digest") for job in jobs):
-        other = next(job for job in jobs if job.get("digest") != jobs[0].get("digest"))
+    if any(not same_job(jobs[0], job) for job in jobs):
+        other = next(job for job in jobs if not same_job(jobs[0], job))
         raise ResultsError(
             f"{output}: the parts {', '.join(p.path.name for p in parts)} hold results of different jobs "
             f"({_difference(jobs[0], other)}: changed while the replicas ran), never merged: move the parts "
