@@ -443,3 +443,21 @@ def test_a_tokenizer_file_added_to_the_model_is_another_job(model: Path, tmp_pat
     (tmp_path / "tokenizer.json").rename(copy / "tokenizer.json")
     with pytest.raises(ResultsError, match="another tokenizer"):
         ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(spec))).check()
+
+
+def test_a_committed_line_that_is_no_longer_a_result_is_refused_in_one_line(
+    model: Path, tmp_path: Path
+) -> None:
+    """An output edited by hand (a line reformatted, an id removed) failed the writing rank with a
+    JSONDecodeError or KeyError traceback, restarted until the backoff limit."""
+    identity = job_identity(parse_spec(spec_dict(tmp_path, model)))
+    committed_log(tmp_path, identity)
+    out = tmp_path / "out.jsonl"
+    lines = out.read_bytes().splitlines(keepends=True)
+    for edited, why in (
+        (b"{'id': 1" + b" " * (len(lines[1]) - 9) + b"\n", "not JSON"),
+        (b"{}" + b" " * (len(lines[1]) - 3) + b"\n", 'no "id"'),
+    ):
+        out.write_bytes(lines[0] + edited + lines[2])
+        with pytest.raises(ResultsError, match=f"out.jsonl:2: committed line is not a result \\({why}"):
+            ResultLog(out, identity).committed_ids()

@@ -266,7 +266,25 @@ class ResultLog:
             f.truncate(size)
             f.seek(0)
             data = f.read()
-        return {json.dumps(json.loads(line)["id"]) for line in data.splitlines() if line.strip()}
+        ids = set()
+        for number, line in enumerate(data.splitlines(), start=1):
+            if line.strip():
+                ids.add(self._committed_id(number, line))
+        return ids
+
+    def _committed_id(self, number: int, line: bytes) -> str:
+        """A committed line's id as compared (json.dumps), or a refusal: the output was edited."""
+        try:
+            row = json.loads(line)
+            why = 'no "id"' if not isinstance(row, dict) or "id" not in row else None
+        except ValueError as err:
+            why = f"not JSON: {err}"
+        if why is not None:
+            raise ResultsError(
+                f"{self.path}:{number}: committed line is not a result ({why}): the output was edited; restore "
+                "it, or move it and its progress record away to start again"
+            )
+        return json.dumps(row["id"])
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
