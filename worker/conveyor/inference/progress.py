@@ -8,9 +8,9 @@ once whatever moment a rank died. ``append`` and ``commit`` may run on two threa
 commits on a thread of its own): a commit covers the lines appended before it began.
 
 Whose results these are: the record carries the job's identity (``job_identity``: digests of the
-input file, the model and its tokenizer, and the settings that decide the tokens), and a run refuses an output whose
-record names another job, or an output that holds bytes but has no record at all: neither is ever
-appended to, truncated or overwritten. One run at a time writes an output: the writer holds an
+input file, the model and its tokenizer, and the settings that decide the tokens), and a run refuses
+an output whose record names another job, or an output that holds bytes but has no record at all:
+neither is ever appended to, truncated or overwritten. One run at a time writes an output: the writer holds an
 exclusive ``flock`` on ``<output>.lock`` (released by the kernel when the process dies, so a killed
 run leaves no stale lock). With R > 1 replicas, each writes its part ``<output>.r<r>`` under that
 part's lock and holds the merged output's lock shared, since the replicas merge into it together: a
@@ -281,8 +281,8 @@ class ResultLog:
             why = f"not JSON: {err}"
         if why is not None:
             raise ResultsError(
-                f"{self.path}:{number}: committed line is not a result ({why}): the output was edited; restore "
-                "it, or move it and its progress record away to start again"
+                f"{self.path}:{number}: committed line is not a result ({why}): the output was edited; "
+                "restore it, or move it and its progress record away to start again"
             )
         return json.dumps(row["id"])
 
