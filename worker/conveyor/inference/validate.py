@@ -11,7 +11,7 @@ ranks parse rows with the same ``parse_row``, so what passes here is what they r
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +28,9 @@ ROW_FORM = (
 # least one byte; a long one rarely more than a few dozen). Past that the prompt cannot fit the model.
 BYTES_PER_POSITION = 64
 MIN_LINE_BYTES = 1 << 20
-# A byte-level or byte-fallback tokenizer makes at most one token per byte, plus a few special tokens:
-# a text of fewer bytes than this margin below the positions need not be tokenized to know it fits.
+# A byte-level or byte-fallback tokenizer makes at most one token per byte of the text its normalizer
+# gives (NFKC makes one character of 3 bytes up to 18), plus a few special tokens: a text whose
+# normalized bytes are fewer than this margin below the positions need not be tokenized to know it fits.
 SPECIAL_TOKENS_MARGIN = 8
 
 
@@ -178,14 +179,30 @@ def check_fits(path: str | Path, number: int, row: Row, length: int, max_positio
         )
 
 
+def _normalizer(tokenizer: Any) -> Callable[[str], str] | None:
+    """The text a fast tokenizer's model sees (its normalizer's), or None for a tokenizer whose
+    normalization is unknown here (a slow one): its prompts are tokenized to know they fit."""
+    # transformers' fast tokenizer: backend_tokenizer (its `backend` is a name); CachedTokenizer: backend
+    candidates = (getattr(tokenizer, "backend_tokenizer", None), getattr(tokenizer, "backend", None))
+    backend: Any = next((b for b in candidates if hasattr(b, "normalizer")), None)
+    if backend is None:
+        return None
+    normalizer = backend.normalizer
+    return (lambda text: text) if normalizer is None else normalizer.normalize_str
+
+
 def check_input(path: str | Path, arch: Arch, tokenizer: Any, max_new_tokens: int | None = None) -> int:
     """Every line of the input, as the ranks will read it; returns the number of prompts."""
-    count = 0
+    count, normalized = 0, _normalizer(tokenizer)
     for number, row in read_rows(path, arch, max_new_tokens):
         count += 1
-        if row.prompt is not None and len(row.prompt.encode()) + SPECIAL_TOKENS_MARGIN < arch.max_positions:
-            if tokenizer is None:
-                tokens(path, number, row, tokenizer)  # refuses
+        if row.prompt is not None and tokenizer is None:
+            tokens(path, number, row, tokenizer)  # refuses
+        if (
+            row.prompt is not None
+            and normalized is not None
+            and len(normalized(row.prompt).encode()) + SPECIAL_TOKENS_MARGIN < arch.max_positions
+        ):
             continue  # fits whatever it tokenizes to (see SPECIAL_TOKENS_MARGIN)
         check_fits(path, number, row, len(tokens(path, number, row, tokenizer)), arch.max_positions)
     return count
