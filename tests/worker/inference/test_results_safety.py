@@ -282,6 +282,8 @@ def test_a_merge_never_replaces_bytes_that_are_not_the_parts(model: Path, tmp_pa
     theirs = tmp_path / f".out.jsonl.{os.getpid()}.tmp"
     theirs.write_bytes(b"another replica's merge under way\n")
     assert merge_parts(parts, out) and out.read_bytes() == merged
+    (tmp_path / "plain").write_text("")  # readable as any file made here (others read it on the volume)
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
     assert merge_parts(parts, out) and out.read_bytes() == merged  # a tie or a restart: the same bytes
     assert theirs.read_bytes() == b"another replica's merge under way\n"
     assert sorted(p.name for p in tmp_path.glob(".out.jsonl*")) == [theirs.name]  # no temporary left

@@ -27,8 +27,8 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import threading
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -381,10 +381,10 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
             "and their progress records away to compute them again"
         )
     # a name of its own: the replicas are pods, and two of them may merge at once with the same pid
-    fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    tmp = Path(name)
+    # (not mkstemp's: its file is the owner's alone, and the output is read by others on the volume)
+    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(fd, "wb") as out:
+        with open(tmp, "xb") as out:
             for part, record in zip(parts, records, strict=True):
                 with open(part.path, "rb") as f:
                     left = int(record["committedBytes"])
