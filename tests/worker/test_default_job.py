@@ -40,3 +40,23 @@ def test_builtin_job_answers_like_single_process_hf(tmp_path):
         with torch.no_grad():
             want = hf.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()
         assert rows[f"p{i}"]["output_ids"] == want, i
+
+
+def test_a_second_bare_run_leaves_the_running_ones_output_alone(tmp_path):
+    """The built-in job starts afresh, removing the last run's output and record; it removed them
+    under a run still writing them too (which then failed to show its answers, its record claiming
+    results that were gone), and only then was refused by that run's lock."""
+    from conveyor.examples import default_job
+    from conveyor.inference.progress import ResultLog, ResultsError
+
+    out, record = tmp_path / "outputs.jsonl", tmp_path / "outputs.jsonl.progress.json"
+    out.write_text('{"id": "p0"}\n')
+    record.write_text('{"committedBytes": 13}')
+    running = ResultLog(out)
+    running.lock()  # as the running job's writing rank holds it
+    with pytest.raises(ResultsError, match="outputs.jsonl is being written by another run"):
+        default_job(tmp_path)
+    assert out.read_text() == '{"id": "p0"}\n' and record.is_file()
+    running.unlock()
+    default_job(tmp_path)  # nobody writes it: a fresh run
+    assert not out.exists() and not record.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conveyor.inference.progress import ResultLog
 from conveyor.log import get_logger
 from conveyor.spec import PipelineJob, parse_job
 
@@ -59,13 +60,21 @@ def _model(root: Path) -> tuple[Path, list[str], int]:
 def default_job(workdir: Path | None = None) -> PipelineJob:
     root = (workdir or Path.cwd() / "conveyor-run").resolve()
     root.mkdir(parents=True, exist_ok=True)
-    model, prompts, new_tokens = _model(root)
-    inputs = root / "prompts.jsonl"
-    inputs.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
     output = root / "outputs.jsonl"
-    # A fresh run each time: the built-in job is a demonstration, not a resumable batch.
-    for stale in (output, output.with_name(output.name + ".progress.json")):
-        stale.unlink(missing_ok=True)
+    # A fresh run each time: the built-in job is a demonstration, not a resumable batch. But not under
+    # a run of it that is still writing there (it holds the output's lock): refused, one line.
+    running = ResultLog(output)
+    running.lock()
+    try:
+        model, prompts, new_tokens = _model(root)
+        inputs = root / "prompts.jsonl"
+        inputs.write_text(
+            "".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts))
+        )
+        for stale in (output, output.with_name(output.name + ".progress.json")):
+            stale.unlink(missing_ok=True)
+    finally:
+        running.unlock()
     return parse_job(
         {
             "apiVersion": "conveyor.dev/v1alpha1",

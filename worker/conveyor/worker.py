@@ -135,7 +135,9 @@ def check_preflight(pod: PodEnv) -> None:
     from conveyor.inference.validate import InputError, preflight
 
     try:
-        preflight(pod.spec, input_and_output=pod.stage == 0, cache_dir=pod.compile_cache_dir)
+        preflight(
+            pod.spec, input_and_output=pod.stage == 0, cache_dir=pod.compile_cache_dir, replica=pod.replica
+        )
     except InputError as err:
         raise Refused(str(err)) from None
 

@@ -5,6 +5,7 @@ output (its lock); the record carries the job's identity."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conveyor.inference.progress import ResultLog, ResultsError, job_identity
+from conveyor.inference.progress import ResultLog, ResultsError, job_identity, merge_parts
+from conveyor.inference.validate import preflight
 from conveyor.spec import parse_spec
 from conveyor.testing.tiny import save_tiny
 
@@ -208,3 +210,256 @@ def test_conveyor_run_refuses_an_output_another_run_writes(model: Path, tmp_path
     assert result.returncode == 2, result.stdout + result.stderr
     assert "being written by another run" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+# With R > 1 replicas, replica r writes <output>.r<r> and the last to finish merges the parts into
+# <output>: that file is written by the replicas together, and by no one else.
+
+
+def replica_parts(tmp: Path, model: Path, done: bool = True) -> tuple[dict, list[ResultLog]]:
+    """A 2-replica job whose parts hold committed results (``done``: both finished)."""
+    spec = spec_dict(tmp, model)
+    spec["parallelism"]["replicas"] = 2
+    identity = job_identity(parse_spec(spec))
+    parts = []
+    for r in range(2):
+        part = ResultLog(tmp / f"out.jsonl.r{r}", identity)
+        part.open()
+        part.append({"id": r, "output_ids": [1], "text": "", "finish_reason": "length"})
+        part.commit(done=done)
+        part.close()
+        parts.append(part)
+    return spec, parts
+
+
+def test_replicas_share_the_merged_outputs_lock_and_a_single_writer_is_refused(tmp_path: Path) -> None:
+    """A one-replica job and a two-replica job on the same output ran at once, each holding only its
+    own file's lock: the replicas' merge replaced the other job's results while it wrote them, and
+    both jobs succeeded."""
+    out = tmp_path / "out.jsonl"
+    replicas = [ResultLog(tmp_path / f"out.jsonl.r{r}") for r in range(2)]
+    for part in replicas:
+        part.lock(merged=out)  # replicas of one job hold the merged output together
+    with pytest.raises(ResultsError, match="out.jsonl is being written by another run"):
+        ResultLog(out).lock()
+    for part in replicas:
+        part.unlock()
+    single = ResultLog(out)
+    single.lock()
+    with pytest.raises(ResultsError, match="out.jsonl is being written by another run"):
+        ResultLog(tmp_path / "out.jsonl.r0").lock(merged=out)
+    assert not (tmp_path / "out.jsonl.r0.lock").read_text()  # refused whole: it holds no part's lock
+    single.unlock()
+    ResultLog(tmp_path / "out.jsonl.r0").lock(merged=out)
+
+
+def test_replicas_refuse_a_merged_output_that_a_single_writer_records(model: Path, tmp_path: Path) -> None:
+    """Two replicas stopped with their parts half done; a one-replica job then wrote the output. The
+    replicas' restart checked only their own parts' records, and their merge replaced its results."""
+    spec, parts = replica_parts(tmp_path, model, done=False)
+    single = ResultLog(tmp_path / "out.jsonl", {"digest": "another job"})
+    single.open()
+    single.append({"id": "x", "output_ids": [1], "text": "", "finish_reason": "length"})
+    single.commit(done=True)
+    single.close()
+    with pytest.raises(ResultsError, match="out.jsonl holds results of another job"):
+        ResultLog(tmp_path / "out.jsonl.r0", job_identity(parse_spec(spec))).check(
+            merged=tmp_path / "out.jsonl"
+        )
+
+
+def test_a_merge_never_replaces_bytes_that_are_not_the_parts(model: Path, tmp_path: Path) -> None:
+    _, parts = replica_parts(tmp_path, model)
+    out = tmp_path / "out.jsonl"
+    merged = b"".join((tmp_path / f"out.jsonl.r{r}").read_bytes() for r in range(2))
+    out.write_bytes(b'{"id": "theirs"}\n')
+    with pytest.raises(ResultsError, match="out.jsonl holds bytes that are not this job's merged results"):
+        merge_parts(parts, out)
+    assert out.read_bytes() == b'{"id": "theirs"}\n'
+    out.unlink()
+    # another writer's temporary file of the same name pattern (a pod of another replica may have this
+    # one's pid) is never written or moved
+    theirs = tmp_path / f".out.jsonl.{os.getpid()}.tmp"
+    theirs.write_bytes(b"another replica's merge under way\n")
+    assert merge_parts(parts, out) and out.read_bytes() == merged
+    (tmp_path / "plain").write_text("")  # readable as any file made here (others read it on the volume)
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    assert merge_parts(parts, out) and out.read_bytes() == merged  # a tie or a restart: the same bytes
+    assert theirs.read_bytes() == b"another replica's merge under way\n"
+    assert sorted(p.name for p in tmp_path.glob(".out.jsonl*")) == [theirs.name]  # no temporary left
+
+
+def test_a_replica_restarted_after_its_last_commit_still_merges(model: Path, tmp_path: Path) -> None:
+    """The last replica to finish died between its last commit (``done``) and the merge (or the merge
+    failed: a full volume): every restart then found its part done and exited 0 at once, and the job
+    succeeded with no output."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.inference.job import pending_work
+
+    spec, parts = replica_parts(tmp_path, model)
+    out = tmp_path / "out.jsonl"
+    pod = PodEnv.from_environ(
+        pod_environ(
+            job="s", spec=parse_spec(spec), replica=1, stage=0, master_addr="127.0.0.1", master_port=1
+        )
+    )
+    results = ResultLog(tmp_path / "out.jsonl.r1", job_identity(pod.spec))
+    state = pending_work(pod, results, out, None, None)
+    results.unlock()
+    assert state["done"] and state["requests"] == []
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [0, 1]
+
+
+def test_a_replicas_pod_passes_its_pre_flight_while_another_replica_runs(model: Path, tmp_path: Path) -> None:
+    """In a cluster each pod checks before its ranks start (``conveyor worker``), and the operator
+    restarts one replica's pods while the others run, or starts a replica's pods later than another's.
+    The checks probed every replica's part lock, so a replica started while another wrote its part was
+    refused (exit 2: the operator fails the whole job). Each pod probes its own part only."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.worker import Refused, check_preflight
+
+    spec = spec_dict(tmp_path, model)
+    spec["parallelism"]["replicas"] = 2
+
+    def pod(replica: int) -> PodEnv:
+        return PodEnv.from_environ(
+            pod_environ(
+                job="s",
+                spec=parse_spec(spec),
+                replica=replica,
+                stage=0,
+                master_addr="127.0.0.1",
+                master_port=1,
+            )
+        )
+
+    running = ResultLog(tmp_path / "out.jsonl.r0")
+    running.lock(merged=tmp_path / "out.jsonl")  # as replica 0's writing rank holds it
+    check_preflight(pod(1))
+    with pytest.raises(Refused, match="out.jsonl.r0 is being written by another run"):
+        check_preflight(pod(0))  # a second run of replica 0 is still refused
+    running.unlock()
+
+
+@pytest.mark.parametrize("lose", ["deleted", "cut"])
+def test_a_finished_job_whose_results_were_lost_is_refused_not_reported_complete(
+    model: Path, tmp_path: Path, lose: str
+) -> None:
+    """A run of a finished job found ``done`` in the record and exited 0, "already complete", even when
+    the output it records had been deleted or cut: the job succeeded again with its results gone (an
+    unfinished job's restart refuses the same output). So does a merge of parts that lost theirs."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.inference.job import pending_work
+
+    spec = spec_dict(tmp_path, model)
+    identity = job_identity(parse_spec(spec))
+    done = ResultLog(tmp_path / "out.jsonl", identity)
+    done.open()
+    done.append({"id": 0, "output_ids": [1], "text": "", "finish_reason": "length"})
+    done.commit(done=True)
+    done.close()
+    out = tmp_path / "out.jsonl"
+    out.unlink() if lose == "deleted" else out.write_bytes(out.read_bytes()[:5])
+    pod = PodEnv.from_environ(
+        pod_environ(
+            job="s", spec=parse_spec(spec), replica=0, stage=0, master_addr="127.0.0.1", master_port=1
+        )
+    )
+    results = ResultLog(out, identity)
+    state = pending_work(pod, results, out, None, None)
+    results.unlock()
+    why = "is gone" if lose == "deleted" else "was cut or replaced"
+    assert "done" not in state and why in state["error"]
+    with pytest.raises(ResultsError, match=why):
+        preflight(parse_spec(spec))  # before any rank starts
+
+    _, parts = replica_parts(tmp_path, model)
+    (tmp_path / "out.jsonl.r1").unlink()
+    with pytest.raises(ResultsError, match="out.jsonl.r1 is gone"):
+        merge_parts(parts, tmp_path / "merged.jsonl")
+    assert not (tmp_path / "merged.jsonl").exists()
+
+
+def test_parts_of_different_jobs_are_never_merged(model: Path, tmp_path: Path) -> None:
+    """Each replica checks only its own part's record against the job. A replica that first started
+    after the input was changed (a typo fixed while the job started) wrote its part for the new input,
+    the others theirs for the old one, and the merge mixed them: each replica takes every R-th line,
+    so prompts were dropped or computed twice."""
+    spec, parts = replica_parts(tmp_path, model)
+    (tmp_path / "in.jsonl").write_text('{"id": 0, "input_ids": [4, 9, 11]}\n{"id": 1, "input_ids": [5]}\n')
+    spec["parallelism"]["replicas"] = 2
+    later = ResultLog(tmp_path / "out.jsonl.r1", job_identity(parse_spec(spec)))
+    (tmp_path / "out.jsonl.r1").unlink()
+    (tmp_path / "out.jsonl.r1.progress.json").unlink()
+    later.record = {"committedBytes": 0, "completed": 0, "done": False}
+    later.open()
+    later.append({"id": 1, "output_ids": [2], "text": "", "finish_reason": "length"})
+    later.commit(done=True)
+    later.close()
+    with pytest.raises(ResultsError, match="hold results of different jobs .*another input file"):
+        merge_parts(parts, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_another_tokenizer_is_another_job(model: Path, tmp_path: Path) -> None:
+    """The tokenizer decides a text prompt's tokens and every result's text, but was no part of the
+    identity: a job resumed after its tokenizer files were replaced mixed results of both tokenizers.
+    A record written before it was part of the identity still resumes."""
+    import hashlib
+    import shutil
+
+    copy = Path(shutil.copytree(model, tmp_path / "model"))
+    spec = spec_dict(tmp_path, copy)
+    identity = job_identity(parse_spec(spec))
+    committed_log(tmp_path, identity)
+    tokenizer = copy / "tokenizer.json"
+    original = tokenizer.read_bytes()
+    tokenizer.write_bytes(original.replace(b'"unk_token"', b'"unk_token" ', 1) + b"\n")
+    with pytest.raises(ResultsError, match="holds results of another job .*another tokenizer"):
+        ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(spec))).check()
+
+    tokenizer.write_bytes(original)
+    record_path = tmp_path / "out.jsonl.progress.json"
+    record = json.loads(record_path.read_text())
+
+    def write_record_from_before(**settings: object) -> None:
+        job = {k: v for k, v in identity.items() if k not in ("tokenizer", "digest")}
+        job["settings"] = {**job["settings"], **settings}
+        job["digest"] = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+        record_path.write_text(json.dumps({**record, "job": job}))
+
+    write_record_from_before()
+    ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(spec))).check()
+    write_record_from_before(maxNewTokens=9)  # (still another job where it is one)
+    with pytest.raises(ResultsError, match="maxNewTokens 9"):
+        ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(spec))).check()
+
+
+def test_a_tokenizer_file_added_to_the_model_is_another_job(model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(model, tmp_path / "model"))
+    (copy / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    spec = spec_dict(tmp_path, copy)
+    committed_log(tmp_path, job_identity(parse_spec(spec)))
+    (tmp_path / "tokenizer.json").rename(copy / "tokenizer.json")
+    with pytest.raises(ResultsError, match="another tokenizer"):
+        ResultLog(tmp_path / "out.jsonl", job_identity(parse_spec(spec))).check()
+
+
+def test_a_committed_line_that_is_no_longer_a_result_is_refused_in_one_line(
+    model: Path, tmp_path: Path
+) -> None:
+    """An output edited by hand (a line reformatted, an id removed) failed the writing rank with a
+    JSONDecodeError or KeyError traceback, restarted until the backoff limit."""
+    identity = job_identity(parse_spec(spec_dict(tmp_path, model)))
+    committed_log(tmp_path, identity)
+    out = tmp_path / "out.jsonl"
+    lines = out.read_bytes().splitlines(keepends=True)
+    for edited, why in (
+        (b"{'id': 1" + b" " * (len(lines[1]) - 9) + b"\n", "not JSON"),
+        (b"{}" + b" " * (len(lines[1]) - 3) + b"\n", 'no "id"'),
+    ):
+        out.write_bytes(lines[0] + edited + lines[2])
+        with pytest.raises(ResultsError, match=f"out.jsonl:2: committed line is not a result \\({why}"):
+            ResultLog(out, identity).committed_ids()

@@ -114,6 +114,14 @@ def wrong_shape(d: Path) -> None:
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
 
 
+def add_normalizer(normalizer: dict) -> Callable[[Path], None]:
+    def edit(d: Path) -> None:
+        tokenizer = json.loads((d / "tokenizer.json").read_text())
+        (d / "tokenizer.json").write_text(json.dumps({**tokenizer, "normalizer": normalizer}))
+
+    return edit
+
+
 def set_config(**kw: object) -> Callable[[Path], None]:
     def edit(d: Path) -> None:
         config = json.loads((d / "config.json").read_text())
@@ -137,6 +145,13 @@ CASES: list[tuple[str, Spoil, str]] = [
         'prompt "long" has 256 tokens',
     ),
     ("prompt too long (text)", lines({"id": "t", "prompt": "fox " * 300}), 'in.jsonl:1: prompt "t" has'),
+    (  # 120 bytes of text, 1,320 tokens: NFKC makes each U+FDFA 18 characters (it passed, refused by the ranks)
+        "prompt too long once normalized",
+        lambda tmp, spec, model: lines(GOOD[1], {"id": "n", "prompt": "\ufdfa" * 40})(
+            tmp, model_edit(add_normalizer({"type": "NFKC"}))(tmp, spec, model), model
+        ),
+        'in.jsonl:2: prompt "n" has 1320 tokens',
+    ),
     ("negative token id", lines({"id": 1, "input_ids": [3, -1]}), '"input_ids"[1] is -1, outside'),
     ("token id past vocab", lines({"id": 1, "input_ids": [320]}), '"input_ids"[0] is 320, outside'),
     ("float token id", lines({"id": 1, "input_ids": [2.7]}), '"input_ids"[0] is 2.7; token ids are integers'),
@@ -168,6 +183,21 @@ CASES: list[tuple[str, Spoil, str]] = [
         "not UTF-8",
         bytes_input(b'{"id": 1, "prompt": "caf\xe9"}\n'),
         "in.jsonl:1: byte 25 of the line is not UTF-8",
+    ),
+    (  # valid UTF-8 bytes, but a JSON escape of half a UTF-16 pair: no text can be encoded from it
+        "unpaired surrogate in a prompt",
+        bytes_input(b'{"id": 1, "prompt": "caf\\ud83d"}\n'),
+        'in.jsonl:1: "prompt" holds an unpaired surrogate \\ud83d at character 4',
+    ),
+    (  # (it passed, and every restart of the job failed at its first result)
+        "unpaired surrogate in an id",
+        bytes_input(b'{"id": "a\\udc00", "input_ids": [3]}\n'),
+        'in.jsonl:1: "id" holds an unpaired surrogate \\udc00 at character 2',
+    ),
+    (  # (Notepad's "UTF-8"; json's own message said to "decode using utf-8-sig")
+        "byte-order mark",
+        bytes_input(b'\xef\xbb\xbf{"id": 1, "input_ids": [3]}\n'),
+        "in.jsonl:1: the file starts with a UTF-8 byte-order mark: save it as UTF-8 without one",
     ),
     (
         "huge line",

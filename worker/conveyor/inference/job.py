@@ -140,10 +140,15 @@ def pending_work(pod: PodEnv, results: ResultLog, output: Path, tokenizer: Any, 
     prompts not yet committed, longest first) or ``{"error"}`` (bad input, one line)."""
     spec, replicas = pod.spec, max(pod.replicas, 1)
     assert spec.inference is not None
+    merged = output if replicas > 1 else None
     try:
-        results.lock()  # held until this process ends: a second run of the output is refused
-        results.check(merged=output if replicas > 1 else None)
+        results.lock(merged)  # held until this process ends: a second run of the output is refused
+        results.check(merged)
         if results.done:
+            if merged is None:
+                results.check_committed()  # (with replicas, the parts may be removed once merged)
+            elif not merged.exists():  # the writer died before it could merge
+                merge_parts(replica_parts(merged, replicas), merged)
             return {"done": True, "completed": results.completed, "requests": []}
         committed = results.committed_ids()
         inf = spec.inference
@@ -407,14 +412,17 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     return 0
 
 
+def replica_parts(output: Path, replicas: int) -> list[ResultLog]:
+    """The parts the replicas write, to read and merge (``<output>.r<r>``)."""
+    return [ResultLog(output.with_name(f"{output.name}.r{r}")) for r in range(replicas)]
+
+
 def finish_output(sink: ResultSink, output: Path, replicas: int, total: int) -> None:
     """The writer's last commit; with replicas, whoever finishes last merges the parts atomically."""
     sink.finish()
     sink.results.close()
-    if replicas > 1:
-        parts = [ResultLog(output.with_name(f"{output.name}.r{r}")) for r in range(replicas)]
-        if merge_parts(parts, output):
-            log.info("all replicas done; merged their outputs", extra={"output": str(output)})
+    if replicas > 1 and merge_parts(replica_parts(output, replicas), output):
+        log.info("all replicas done; merged their outputs", extra={"output": str(output)})
     # The median step: decode alone, as generate.py's benchmark times it (a step whose turn also
     # prefilled joining prompts is slower, and rare: one a wave); the job's rate with prefills is the
     # progress lines' tokens_per_second.

@@ -8,22 +8,27 @@ once whatever moment a rank died. ``append`` and ``commit`` may run on two threa
 commits on a thread of its own): a commit covers the lines appended before it began.
 
 Whose results these are: the record carries the job's identity (``job_identity``: digests of the
-input file and the model, and the settings that decide the tokens), and a run refuses an output whose
-record names another job, or an output that holds bytes but has no record at all: neither is ever
-appended to, truncated or overwritten. One run at a time writes an output: the writer holds an
+input file, the model and its tokenizer, and the settings that decide the tokens), and a run refuses
+an output whose record names another job, or an output that holds bytes but has no record at all:
+neither is ever appended to, truncated or overwritten. One run at a time writes an output: the writer holds an
 exclusive ``flock`` on ``<output>.lock`` (released by the kernel when the process dies, so a killed
-run leaves no stale lock).
+run leaves no stale lock). With R > 1 replicas, each writes its part ``<output>.r<r>`` under that
+part's lock and holds the merged output's lock shared, since the replicas merge into it together: a
+one-replica job on the same output is refused while any of them runs, and the other way round. A
+merge writes only where the output is missing or already holds the same bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import filecmp
 import hashlib
 import json
 import os
 import socket
 import threading
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +74,36 @@ def model_digest(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def tokenizer_digest(model_dir: str | Path) -> str | None:
+    """The tokenizer's files, whole (they decide a text prompt's tokens and every result's text); None
+    for a model directory without any."""
+    from conveyor.inference.model.tokenizer_cache import TOKENIZER_FILES  # (which imports this module)
+
+    root, h, found = Path(model_dir), hashlib.sha256(), False
+    for name in TOKENIZER_FILES:
+        if (root / name).is_file():
+            found = True
+            h.update(f"{name}:{_file_digest(root / name)}\n".encode())
+    return h.hexdigest() if found else None
+
+
+def _digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(
+        json.dumps({k: v for k, v in identity.items() if k != "digest"}, sort_keys=True).encode()
+    ).hexdigest()
+
+
+def same_job(theirs: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """Whether two job identities are one job's. One written before the tokenizer was part of the
+    identity has no such key: it is compared with the other's identity less its tokenizer."""
+    if theirs.get("digest") == ours.get("digest"):
+        return True
+    for old, new in ((theirs, ours), (ours, theirs)):
+        if "tokenizer" not in old and "tokenizer" in new:
+            return old.get("digest") == _digest({k: v for k, v in new.items() if k != "tokenizer"})
+    return False
+
+
 def job_identity(spec: PipelineJobSpec) -> dict[str, Any]:
     """What makes results this job's: the input's bytes, the model, and every setting that decides the
     tokens or which prompts a replica's part holds. ``digest`` sums them up."""
@@ -87,14 +122,15 @@ def job_identity(spec: PipelineJobSpec) -> dict[str, Any]:
     }
     if model.kv_cache_dtype != "auto":  # (only where set: results written before the field stay this job's)
         identity["settings"]["kvCacheDtype"] = model.kv_cache_dtype
-    identity["digest"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    identity["tokenizer"] = tokenizer_digest(model.path)  # (None, not absent, where there is none)
+    identity["digest"] = _digest(identity)
     return identity
 
 
 def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
     """Which part of two job identities differs, in words."""
-    what = {"input": "another input file", "model": "another model"}
-    parts = [words for key, words in what.items() if theirs.get(key) != ours.get(key)]
+    what = {"input": "another input file", "model": "another model", "tokenizer": "another tokenizer"}
+    parts = [words for key, words in what.items() if key in theirs and theirs.get(key) != ours.get(key)]
     mine, other = ours.get("settings", {}), theirs.get("settings") or {}
     parts += [f"{key} {other.get(key)!r}" for key in mine if other.get(key) != mine[key]]
     return ", ".join(parts) or "another job"
@@ -130,7 +166,7 @@ class ResultLog:
         self.identity = identity  # None: read only (status, merging), no identity check
         self.record = self._read_record()
         self._file: Any = None
-        self._lock: Any = None
+        self._locks: list[tuple[Any, bool]] = []  # (open lock file, exclusive), held until unlock()
         self._uncommitted = 0
         self._appending = threading.Lock()  # the file's end and the count of lines not committed agree
         self._committing = threading.Lock()  # one commit at a time
@@ -151,6 +187,13 @@ class ResultLog:
         output of R > 1 replicas, which must not predate this job's parts either."""
         assert self.identity is not None, "check() needs the job's identity"
         fix = "move it away or set spec.inference.output to a new file"
+        if merged is not None:
+            single = merged.with_name(merged.name + ".progress.json")
+            if single.is_file():  # the replicas' merged output keeps no record: a one-replica job wrote it
+                raise ResultsError(
+                    f"{merged} holds results of another job (its progress record {single.name} is a "
+                    f"one-replica job's, and this job's replicas merge their parts into it): {fix}"
+                )
         if not self.record_path.is_file():
             for path in (self.path, merged):
                 if path is not None and path.is_file() and path.stat().st_size:
@@ -160,43 +203,33 @@ class ResultLog:
                     )
             return
         theirs = self.record.get("job")
-        if not isinstance(theirs, dict) or theirs.get("digest") != self.identity["digest"]:
+        if not isinstance(theirs, dict) or not same_job(theirs, self.identity):
             why = _difference(theirs, self.identity) if isinstance(theirs, dict) else "no job identity"
             raise ResultsError(
                 f"{self.path} holds results of another job (its progress record {self.record_path.name} "
                 f"differs: {why}): {fix}, or restore that job's input, model and settings"
             )
 
-    def lock(self) -> None:
-        """Take the output's exclusive lock for this process's lifetime, or refuse: another run writes it."""
+    def lock(self, merged: Path | None = None) -> None:
+        """Take the output's exclusive lock for this process's lifetime, or refuse: another run writes it.
+        ``merged``: the merged output of R > 1 replicas, whose lock is taken shared (see the module's
+        docstring), before this part's."""
+        if merged is not None:
+            merged_lock = merged.with_name(merged.name + ".lock")
+            self._locks.append((_take_lock(merged, merged_lock, exclusive=False), False))
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.lock_path, "a+")  # noqa: SIM115 (held until the process ends or unlock())
-        except OSError as err:
-            raise ResultsError(
-                f"spec.inference.output: cannot create {self.lock_path} ({err.strerror}): choose a writable path"
-            ) from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise ResultsError(
-                f"{self.path} is being written by another run ({holder} holds {self.lock_path.name}): "
-                "wait for it to finish or set spec.inference.output to another file"
-            ) from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        self._lock = f
+            self._locks.append((_take_lock(self.path, self.lock_path, exclusive=True), True))
+        except ResultsError:
+            self.unlock()
+            raise
 
     def unlock(self) -> None:
-        if self._lock is not None:
-            with contextlib.suppress(OSError):
-                self._lock.truncate(0)
-            self._lock.close()  # closing releases the flock
-            self._lock = None
+        for f, exclusive in reversed(self._locks):
+            if exclusive:  # (its holder's name)
+                with contextlib.suppress(OSError):
+                    f.truncate(0)
+            f.close()  # closing releases the flock
+        self._locks = []
 
     @property
     def done(self) -> bool:
@@ -206,8 +239,9 @@ class ResultLog:
     def completed(self) -> int:
         return int(self.record.get("completed", 0))
 
-    def committed_ids(self) -> set[str]:
-        """Ids of the committed results; drops (truncates) any uncommitted tail first."""
+    def check_committed(self) -> None:
+        """Refuse an output that lost committed results (gone, or shorter than its record says), done
+        or not: a finished job must not report them complete, nor a merge copy less than they were."""
         size = int(self.record["committedBytes"])
         if not self.path.exists():
             if size:
@@ -215,17 +249,42 @@ class ResultLog:
                     f"{self.path} is gone but {self.record_path} records {size} committed bytes: restore "
                     f"it, or remove {self.record_path.name} to compute every prompt again"
                 )
-            return set()
+            return
         if self.path.stat().st_size < size:
             raise ResultsError(
                 f"{self.path} has {self.path.stat().st_size} bytes but {self.record_path.name} records {size} "
                 f"committed: it was cut or replaced; restore it, or move both away to start again"
             )
+
+    def committed_ids(self) -> set[str]:
+        """Ids of the committed results; drops (truncates) any uncommitted tail first."""
+        self.check_committed()
+        if not self.path.exists():
+            return set()
+        size = int(self.record["committedBytes"])
         with open(self.path, "r+b") as f:
             f.truncate(size)
             f.seek(0)
             data = f.read()
-        return {json.dumps(json.loads(line)["id"]) for line in data.splitlines() if line.strip()}
+        ids = set()
+        for number, line in enumerate(data.splitlines(), start=1):
+            if line.strip():
+                ids.add(self._committed_id(number, line))
+        return ids
+
+    def _committed_id(self, number: int, line: bytes) -> str:
+        """A committed line's id as compared (json.dumps), or a refusal: the output was edited."""
+        try:
+            row = json.loads(line)
+            why = 'no "id"' if not isinstance(row, dict) or "id" not in row else None
+        except ValueError as err:
+            why = f"not JSON: {err}"
+        if why is not None:
+            raise ResultsError(
+                f"{self.path}:{number}: committed line is not a result ({why}): the output was edited; "
+                "restore it, or move it and its progress record away to start again"
+            )
+        return json.dumps(row["id"])
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,19 +332,77 @@ class ResultLog:
             self._file = None
 
 
+def _take_lock(path: Path, lock_path: Path, exclusive: bool) -> Any:
+    """``lock_path`` open and ``flock``ed (held until closed), or a refusal naming who holds it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a+")  # noqa: SIM115 (held until the process ends or unlock())
+    except OSError as err:
+        raise ResultsError(
+            f"spec.inference.output: cannot create {lock_path} ({err.strerror}): choose a writable path"
+        ) from None
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"  # (the replicas of a job, holding it shared)
+        f.close()
+        raise ResultsError(
+            f"{path} is being written by another run ({holder} holds {lock_path.name}): "
+            "wait for it to finish or set spec.inference.output to another file"
+        ) from None
+    if exclusive:  # the one holder names itself; shared holders would overwrite each other's names
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+    return f
+
+
 def merge_parts(parts: list[ResultLog], output: Path) -> bool:
     """When every replica's part is done, write their committed lines to ``output`` atomically.
-    Called by each replica as it finishes; whoever finishes last merges (a tie merges twice, equally)."""
-    if not all(p._read_record().get("done") for p in parts):
+    Called by each replica as it finishes, and by a finished replica's restart while ``output`` is
+    missing (its writer died between its last commit and the merge); a tie merges twice, equally, and
+    finds the same bytes there. An ``output`` holding other bytes is refused, never replaced."""
+    records = [p._read_record() for p in parts]
+    if not all(r.get("done") for r in records):
         return False
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as out:
-        for part in parts:
-            size = int(part._read_record()["committedBytes"])
-            with open(part.path, "rb") as f:
-                out.write(f.read(size))
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, output)
-    fsync_dir(output.parent)
+    for part, record in zip(parts, records, strict=True):
+        part.record = record
+        part.check_committed()
+    # Each replica checks its own part against the job: one that first started after the input was
+    # edited wrote its share of another input (shares are every R-th line: prompts lost or repeated).
+    jobs = [r.get("job") or {} for r in records]
+    if any(not same_job(jobs[0], job) for job in jobs):
+        other = next(job for job in jobs if not same_job(jobs[0], job))
+        raise ResultsError(
+            f"{output}: the parts {', '.join(p.path.name for p in parts)} hold results of different jobs "
+            f"({_difference(jobs[0], other)}: changed while the replicas ran), never merged: move the parts "
+            "and their progress records away to compute them again"
+        )
+    # a name of its own: the replicas are pods, and two of them may merge at once with the same pid
+    # (not mkstemp's: its file is the owner's alone, and the output is read by others on the volume)
+    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as out:
+            for part, record in zip(parts, records, strict=True):
+                with open(part.path, "rb") as f:
+                    left = int(record["committedBytes"])
+                    while left > 0 and (block := f.read(min(left, 1 << 20))):
+                        out.write(block)
+                        left -= len(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if output.exists():
+            if not filecmp.cmp(tmp, output, shallow=False):
+                raise ResultsError(
+                    f"{output} holds bytes that are not this job's merged results (the committed lines of "
+                    f"{', '.join(p.path.name for p in parts)}): move it away and run the job again; its "
+                    "finished replicas merge them at their next start"
+                )
+            return True
+        os.replace(tmp, output)
+        fsync_dir(output.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
     return True

@@ -11,7 +11,7 @@ ranks parse rows with the same ``parse_row``, so what passes here is what they r
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +28,9 @@ ROW_FORM = (
 # least one byte; a long one rarely more than a few dozen). Past that the prompt cannot fit the model.
 BYTES_PER_POSITION = 64
 MIN_LINE_BYTES = 1 << 20
-# A byte-level or byte-fallback tokenizer makes at most one token per byte, plus a few special tokens:
-# a text of fewer bytes than this margin below the positions need not be tokenized to know it fits.
+# A byte-level or byte-fallback tokenizer makes at most one token per byte of the text its normalizer
+# gives (NFKC makes one character of 3 bytes up to 18), plus a few special tokens: a text whose
+# normalized bytes are fewer than this margin below the positions need not be tokenized to know it fits.
 SPECIAL_TOKENS_MARGIN = 8
 
 
@@ -60,6 +61,11 @@ def input_lines(path: str | Path, limit: int) -> Iterator[tuple[int, str]]:
                     f"{path}:{number}: line longer than {limit} bytes, more than any prompt that fits the "
                     "model's positions: shorten or split it"
                 )
+            # (json's own refusal says to "decode using utf-8-sig": no fix for the file)
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raise InputError(
+                    f"{path}:1: the file starts with a UTF-8 byte-order mark: save it as UTF-8 without one"
+                )
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -68,6 +74,18 @@ def input_lines(path: str | Path, limit: int) -> Iterator[tuple[int, str]]:
                 ) from None
             if text.strip():
                 yield number, text
+
+
+def _check_unicode(where: str, field: str, value: str) -> None:
+    """A JSON escape may name half of a UTF-16 pair (``"\\ud83d"``) in a file of valid UTF-8: such a string
+    cannot be encoded, so a tokenizer or the sampler's hash of the id would fail inside a rank."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(
+            f'{where}: "{field}" holds an unpaired surrogate \\u{ord(value[err.start]):04x} at character '
+            f"{err.start + 1} (half of an escaped UTF-16 pair): give both halves or the character itself"
+        ) from None
 
 
 def parse_row(
@@ -86,6 +104,8 @@ def parse_row(
     rid = row["id"]
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise InputError(f'{where}: "id" is {json.dumps(rid)}; use a string or an integer')
+    if isinstance(rid, str):
+        _check_unicode(where, "id", rid)
     new = row.get("max_new_tokens")
     if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 1):
         raise InputError(
@@ -106,6 +126,7 @@ def parse_row(
             raise InputError(f'{where}: "prompt" is a JSON {type(prompt).__name__}; give text in a string')
         if not prompt:
             raise InputError(f'{where}: "prompt" is empty; give text or remove the line')
+        _check_unicode(where, "prompt", prompt)
         return Row(rid, json.dumps(rid), prompt, None, new)
     ids = row["input_ids"]
     if not isinstance(ids, list) or not ids:
@@ -158,14 +179,30 @@ def check_fits(path: str | Path, number: int, row: Row, length: int, max_positio
         )
 
 
+def _normalizer(tokenizer: Any) -> Callable[[str], str] | None:
+    """The text a fast tokenizer's model sees (its normalizer's), or None for a tokenizer whose
+    normalization is unknown here (a slow one): its prompts are tokenized to know they fit."""
+    # transformers' fast tokenizer: backend_tokenizer (its `backend` is a name); CachedTokenizer: backend
+    candidates = (getattr(tokenizer, "backend_tokenizer", None), getattr(tokenizer, "backend", None))
+    backend: Any = next((b for b in candidates if hasattr(b, "normalizer")), None)
+    if backend is None:
+        return None
+    normalizer = backend.normalizer
+    return (lambda text: text) if normalizer is None else normalizer.normalize_str
+
+
 def check_input(path: str | Path, arch: Arch, tokenizer: Any, max_new_tokens: int | None = None) -> int:
     """Every line of the input, as the ranks will read it; returns the number of prompts."""
-    count = 0
+    count, normalized = 0, _normalizer(tokenizer)
     for number, row in read_rows(path, arch, max_new_tokens):
         count += 1
-        if row.prompt is not None and len(row.prompt.encode()) + SPECIAL_TOKENS_MARGIN < arch.max_positions:
-            if tokenizer is None:
-                tokens(path, number, row, tokenizer)  # refuses
+        if row.prompt is not None and tokenizer is None:
+            tokens(path, number, row, tokenizer)  # refuses
+        if (
+            row.prompt is not None
+            and normalized is not None
+            and len(normalized(row.prompt).encode()) + SPECIAL_TOKENS_MARGIN < arch.max_positions
+        ):
             continue  # fits whatever it tokenizes to (see SPECIAL_TOKENS_MARGIN)
         check_fits(path, number, row, len(tokens(path, number, row, tokenizer)), arch.max_positions)
     return count
@@ -253,9 +290,17 @@ def needs_preflight(spec: PipelineJobSpec) -> bool:
     return spec.inference is not None or (spec.train is not None and spec.train.fine_tunes)
 
 
-def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True, cache_dir: Path | None = None) -> None:
+def preflight(
+    spec: PipelineJobSpec,
+    *,
+    input_and_output: bool = True,
+    cache_dir: Path | None = None,
+    replica: int | None = None,
+) -> None:
     """Everything a batch inference job can check before a rank starts. ``input_and_output``: also the
-    input and the output (the stage-0 pods, which read and write them); ``cache_dir``: the compile cache.
+    input and the output (the stage-0 pods, which read and write them); ``cache_dir``: the compile cache;
+    ``replica``: the pod's (``conveyor worker``), whose part alone is probed for a writer, since the
+    other replicas' ranks hold their parts' locks while they run (None, ``conveyor run``: every part).
     A fine-tuning job: its model and layout (stages within the layers, tensorParallel dividing heads, KV
     heads and MLP width)."""
     from conveyor.inference.progress import ResultLog, job_identity
@@ -272,9 +317,13 @@ def preflight(spec: PipelineJobSpec, *, input_and_output: bool = True, cache_dir
     output = Path(inf.output)
     check_output_path(output)
     identity = job_identity(spec)
-    for replica in range(max(p.replicas, 1)):
-        part = output if p.replicas <= 1 else output.with_name(f"{output.name}.r{replica}")
+    for part_replica in range(max(p.replicas, 1)):
+        part = output if p.replicas <= 1 else output.with_name(f"{output.name}.r{part_replica}")
         results = ResultLog(part, identity)
-        results.check(merged=output if p.replicas > 1 else None)
-        results.lock()  # a probe: another run writing it now is refused before we start
-        results.unlock()
+        merged = output if p.replicas > 1 else None
+        results.check(merged)
+        if merged is None or not results.done:  # (a finished replica's part may be gone once merged)
+            results.check_committed()
+        if replica is None or replica == part_replica:
+            results.lock(merged)  # a probe: another run writing it now is refused before we start
+            results.unlock()
