@@ -264,6 +264,16 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
     ),
     ("name pattern", lambda: edit(BASE, "metadata.name", "LLM_Job"), ["metadata.name:", "[a-z0-9]"]),
     (
+        "name starts with a digit",
+        lambda: edit(BASE, "metadata.name", "1llm"),
+        ["metadata.name:", "not a DNS-1035 label", "starting with a letter"],
+    ),
+    (
+        "name with a dot",
+        lambda: edit(BASE, "metadata.name", "team.llm"),
+        ["metadata.name:", "not a DNS-1035 label", "the job's Service takes its name"],
+    ),
+    (
         "name too long",
         lambda: edit(BASE, "metadata.name", "a" * 47),
         ["metadata.name:", "at most 46 characters"],

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from conveyor.failure_policy import FailurePolicySpec
@@ -515,6 +515,9 @@ CEL_RULES: list[dict[str, str]] = [
 # The longest StatefulSet name is NAME-r1023 and its pods' controller-revision-hash label adds 11
 # characters; label values stop at 63, so NAME stops at 46.
 MAX_NAME_LENGTH = 46
+# NAME is also the headless Service's name, a DNS-1035 label: a letter first and no dots. The API server
+# takes any DNS-1123 subdomain as a PipelineJob's name (`1llm`, `my.llm`), whose Service it then refuses.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 # Layout fields may not change while pods run: the stages' weights and ranks would not match. They are
 # rules on `spec` (transition rules: `oldSelf` is the stored spec) so that a suspended job may change its
@@ -701,10 +704,20 @@ class PipelineJobStatus(_Status):
 
 class ObjectMeta(_Spec):
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
-    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
     namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _service_name(cls, name: str) -> str:
+        if not re.match(NAME_PATTERN, name):
+            raise ValueError(
+                f"{name!r} is not a DNS-1035 label ([a-z]([-a-z0-9]*[a-z0-9])?): the job's Service takes its "
+                "name, so use lower-case letters, digits and '-', starting with a letter"
+            )
+        return name
 
 
 class PipelineJob(_Spec):

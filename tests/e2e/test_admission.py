@@ -1,0 +1,109 @@
+"""Bad PipelineJobs are refused at admission, by the CRD's schema and CEL rules (`kubectl apply` fails and
+names the field), not later by the operator; and the children the operator renders for edge layouts pass
+the API server's own validation (server-side dry run under the operator's field manager), so an admitted
+job never stalls with an apply error only the operator's log shows.
+
+Dry runs only: nothing is stored, so the test needs no namespace of its own and no controllers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+from conveyor.spec import parse_spec
+from conveyor_operator import render
+from conveyor_operator.k8s import FIELD_MANAGER
+from kubernetes import dynamic
+
+from tests.cluster.fixtures import apply_crds
+from tests.operator.builders import inference_spec, serve_spec, train_spec
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+NAMESPACE = "default"  # dry runs store nothing; `default` exists in every cluster
+
+
+def job(spec: dict[str, Any], name: str = "llm") -> dict[str, Any]:
+    return {
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "PipelineJob",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": copy.deepcopy(spec),
+    }
+
+
+def dry_run_apply(api: dynamic.DynamicClient, obj: dict[str, Any]) -> dict[str, Any]:
+    resource = api.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    applied = api.server_side_apply(
+        resource,
+        body=obj,
+        namespace=NAMESPACE,
+        field_manager=FIELD_MANAGER,
+        force_conflicts=True,
+        dry_run="All",
+    )
+    return applied.to_dict()  # type: ignore[no-any-return]
+
+
+def refusal(api: dynamic.DynamicClient, obj: dict[str, Any]) -> str | None:
+    """The API server's message when it refuses ``obj``; None when it takes it."""
+    try:
+        dry_run_apply(api, obj)
+    except Exception as err:
+        body = getattr(err, "body", None)
+        return str(json.loads(body).get("message", body)) if body else str(err)
+    return None
+
+
+@pytest.fixture(scope="module")
+def api(k8s_cluster: Any) -> dynamic.DynamicClient:
+    apply_crds(k8s_cluster)
+    return dynamic.DynamicClient(k8s_cluster.api_client)
+
+
+# (case, the job, a part of the API server's message)
+REFUSED: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "name starts with a digit",
+        job(inference_spec(), name="1llm"),
+        "metadata.name must be a DNS-1035 label",
+    ),
+    ("name with a dot", job(inference_spec(), name="team.llm"), "metadata.name must be a DNS-1035 label"),
+]
+
+
+@pytest.mark.parametrize(("case", "doc", "message"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_a_job_the_operator_cannot_run_is_refused_at_admission(
+    api: dynamic.DynamicClient, case: str, doc: dict[str, Any], message: str
+) -> None:
+    refused = refusal(api, doc)
+    assert refused is not None, f"{case}: admitted"
+    assert message in refused, f"{case}: {refused}"
+
+
+ADMITTED: list[tuple[str, dict[str, Any]]] = [
+    ("inference", inference_spec()),
+    ("inference, many stages and replicas", inference_spec(stages=64, tp=16, replicas=64)),
+    ("serve", serve_spec()),
+    ("serve, one pod a replica", serve_spec(stages=1, tp=8, replicas=3)),
+    ("train", train_spec(stages=4, tp=2, replicas=2)),
+    ("cpu", inference_spec(device="cpu", cache={"path": "/var/cache/conveyor"})),
+    ("cache on a claim", inference_spec(cache={"volume": "compile-cache"})),
+]
+
+
+@pytest.mark.parametrize(("case", "spec"), ADMITTED, ids=[c[0] for c in ADMITTED])
+def test_an_admitted_job_renders_children_the_api_server_takes(
+    api: dynamic.DynamicClient, case: str, spec: dict[str, Any]
+) -> None:
+    doc = job(spec, name="a" * 46)  # the longest name: every child's name and label value at its limit
+    stored = dry_run_apply(api, doc)  # with the CRD's defaults, as the operator reads it
+    ref = render.JobRef(name=doc["metadata"]["name"], namespace=NAMESPACE, uid="0000-1111")
+    children = render.build_all(ref, parse_spec(stored["spec"]), {}, running=True)
+    refused = {
+        f"{o['kind']} {o['metadata']['name']}": refusal(api, o) for o in children if o["kind"] != "PodGroup"
+    }
+    assert {k: v for k, v in refused.items() if v is not None} == {}, case
