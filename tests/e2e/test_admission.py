@@ -72,6 +72,15 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
         "metadata.name must be a DNS-1035 label",
     ),
     ("name with a dot", job(inference_spec(), name="team.llm"), "metadata.name must be a DNS-1035 label"),
+    ("master port is the metrics port", job(inference_spec(masterPort=9400)), "spec.masterPort is one of"),
+    (
+        "master port is rank 1's metrics port",
+        job(serve_spec(tp=2, masterPort=9401)),
+        "spec.masterPort is one",
+    ),
+    ("metrics ports past 65535", job(serve_spec(tp=2, metricsPort=65535)), "is above 65535"),
+    ("serve port is the master port", job(serve_spec(serve={"port": 29500})), "spec.serve.port is"),
+    ("serve port is a metrics port", job(serve_spec(serve={"port": 9400})), "spec.serve.port is"),
 ]
 
 

@@ -242,6 +242,31 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ["spec.metricsPort:", "less than or equal to 65535"],
     ),
     (
+        "master port is the metrics port",
+        lambda: edit(BASE, "spec.masterPort", 9400),
+        ["spec.masterPort (9400) is one of the metrics ports 9400-9400", "change masterPort or metricsPort"],
+    ),
+    (
+        "master port is a tensor-parallel rank's metrics port",
+        lambda: edit(edit(BASE, "spec.parallelism.tensorParallel", 4), "spec.masterPort", 9403),
+        ["spec.masterPort (9403) is one of the metrics ports 9400-9403", "one per tensor-parallel rank"],
+    ),
+    (
+        "metrics ports past 65535",
+        lambda: edit(edit(BASE, "spec.parallelism.tensorParallel", 2), "spec.metricsPort", 65535),
+        ["spec.metricsPort (65535) + tensorParallel (2) - 1 is above 65535", "set metricsPort <= 65534"],
+    ),
+    (
+        "serve port is the master port",
+        lambda: edit(doc(serve_spec()), "spec.serve.port", 29500),
+        ["spec.serve.port (29500) is spec.masterPort", "choose another serve.port"],
+    ),
+    (
+        "serve port is a metrics port",
+        lambda: edit(doc(serve_spec(tp=2)), "spec.serve.port", 9401),
+        ["spec.serve.port (9401) is the metrics ports 9400-9401", "choose another serve.port"],
+    ),
+    (
         "ttl negative",
         lambda: edit(BASE, "spec.ttlSecondsAfterFinished", -5),
         ["spec.ttlSecondsAfterFinished:", "greater than or equal to 0"],

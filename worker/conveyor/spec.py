@@ -396,6 +396,31 @@ class PipelineJobSpec(_Spec):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ports_apart(self) -> PipelineJobSpec:
+        # Each of a pod's T rank processes serves its metrics on metricsPort + its local rank; rank 0's
+        # TCPStore listens on masterPort and a serve replica's entry rank on serve.port, all in one pod.
+        # Overlapping ports fail at bind, and equal container ports make the server-side apply of the
+        # StatefulSet (and of the Service) fail, so the job would never start.
+        tp = self.parallelism.tensor_parallel
+        first, last = self.metrics_port, self.metrics_port + tp - 1
+        metrics = f"the metrics ports {first}-{last} (metricsPort + local rank, one per tensor-parallel rank)"
+        if last > 65535:
+            raise ValueError(
+                f"spec.metricsPort ({first}) + tensorParallel ({tp}) - 1 is above 65535: each tensor-parallel "
+                f"rank serves its metrics on metricsPort + its local rank; set metricsPort <= {65536 - tp}"
+            )
+        if first <= self.master_port <= last:
+            raise ValueError(
+                f"spec.masterPort ({self.master_port}) is one of {metrics}: change masterPort or metricsPort"
+            )
+        if self.serve is not None:
+            port = self.serve.port
+            if port == self.master_port or first <= port <= last:
+                taken = "spec.masterPort" if port == self.master_port else metrics
+                raise ValueError(f"spec.serve.port ({port}) is {taken}: choose another serve.port")
+        return self
+
     def _check_train(self, train: TrainSpec) -> None:
         ways = [name for name in ("script", "command", "dataset") if getattr(train, name) is not None]
         if len(ways) != 1:
@@ -508,6 +533,24 @@ CEL_RULES: list[dict[str, str]] = [
         "rule": "!has(self.placement) || !has(self.placement.exclusive) || !self.placement.exclusive"
         " || has(self.placement.topologyKey)",
         "message": "spec.placement.exclusive needs spec.placement.topologyKey (the node label of the domain)",
+    },
+    # The ports of one pod apart (see _ports_apart); the API server has filled their defaults in by now.
+    {
+        "rule": "self.metricsPort + self.parallelism.tensorParallel <= 65536",
+        "message": "spec.metricsPort + spec.parallelism.tensorParallel - 1 is above 65535: each tensor-parallel "
+        "rank serves its metrics on metricsPort + its local rank; lower metricsPort",
+    },
+    {
+        "rule": "self.masterPort < self.metricsPort"
+        " || self.masterPort >= self.metricsPort + self.parallelism.tensorParallel",
+        "message": "spec.masterPort is one of the metrics ports (metricsPort to metricsPort + tensorParallel - 1, "
+        "one per tensor-parallel rank): change masterPort or metricsPort",
+    },
+    {
+        "rule": "!has(self.serve) || (self.serve.port != self.masterPort && (self.serve.port < self.metricsPort"
+        " || self.serve.port >= self.metricsPort + self.parallelism.tensorParallel))",
+        "message": "spec.serve.port is spec.masterPort or one of the metrics ports (metricsPort to metricsPort "
+        "+ tensorParallel - 1): choose another serve.port",
     },
     {"rule": "self.mode == oldSelf.mode", "message": "spec.mode is immutable: create a new PipelineJob"},
 ]
