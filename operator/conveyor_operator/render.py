@@ -25,6 +25,7 @@ from conveyor.placement import PlacementSpec
 from conveyor.spec import (
     API_VERSION,
     KIND,
+    SHM_PATH,
     Mode,
     ParallelismSpec,
     PipelineJobSpec,
@@ -181,7 +182,7 @@ def _ports(spec: PipelineJobSpec) -> list[dict[str, Any]]:
 def _volumes(spec: PipelineJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     # NCCL and torch's shared-memory transport need a /dev/shm larger than a container's default 64 MiB.
     volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": SHM_PATH}]
     if spec.checkpoint is not None and spec.checkpoint.volume:
         volumes.append({"name": "checkpoint", "persistentVolumeClaim": {"claimName": spec.checkpoint.volume}})
         mounts.append({"name": "checkpoint", "mountPath": spec.checkpoint.path})

@@ -81,6 +81,18 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("metrics ports past 65535", job(serve_spec(tp=2, metricsPort=65535)), "is above 65535"),
     ("serve port is the master port", job(serve_spec(serve={"port": 29500})), "spec.serve.port is"),
     ("serve port is a metrics port", job(serve_spec(serve={"port": 9400})), "spec.serve.port is"),
+    ("cache at the checkpoint's path", job(inference_spec(cache={"path": "/ckpt"})), "must differ"),
+    (
+        "model at the checkpoint's path",
+        job(inference_spec(model={"path": "/m", "volume": "m", "mountPath": "/ckpt"})),
+        "must differ",
+    ),
+    ("cache on shared memory", job(serve_spec(cache={"path": "/dev/shm"})), "must differ"),
+    (
+        "train checkpoint claim empty",
+        job(train_spec(checkpoint={"volume": "", "path": "/ckpt"})),
+        "a train job needs spec.checkpoint.volume",
+    ),
 ]
 
 
@@ -101,6 +113,11 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
     ("train", train_spec(stages=4, tp=2, replicas=2)),
     ("cpu", inference_spec(device="cpu", cache={"path": "/var/cache/conveyor"})),
     ("cache on a claim", inference_spec(cache={"volume": "compile-cache"})),
+    ("cache under the checkpoints", train_spec(cache={"path": "/ckpt/cache"})),
+    (
+        "model claim empty: no model mount",
+        inference_spec(model={"path": "/ckpt/m", "volume": "", "mountPath": "/ckpt"}),
+    ),
 ]
 
 

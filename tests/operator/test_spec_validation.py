@@ -267,6 +267,24 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ["spec.serve.port (9401) is the metrics ports 9400-9401", "choose another serve.port"],
     ),
     (
+        "cache at the checkpoint's path",
+        lambda: edit(BASE, "spec.cache", {"path": "/ckpt"}),
+        ["spec.cache.path (/ckpt) is also spec.checkpoint.path's mount path", "change spec.cache.path"],
+    ),
+    (
+        "model mounted at the checkpoint's path",
+        lambda: edit(BASE, "spec.model.mountPath", "/ckpt"),
+        [
+            "spec.model.mountPath (/ckpt) is also spec.checkpoint.path's mount path",
+            "change spec.model.mountPath",
+        ],
+    ),
+    (
+        "cache on shared memory",
+        lambda: edit(BASE, "spec.cache", {"volume": "cache", "path": "/dev/shm"}),
+        ["spec.cache.path (/dev/shm) is also the shared memory volume's mount path"],
+    ),
+    (
         "ttl negative",
         lambda: edit(BASE, "spec.ttlSecondsAfterFinished", -5),
         ["spec.ttlSecondsAfterFinished:", "greater than or equal to 0"],

@@ -39,6 +39,10 @@ KubeObject = Annotated[
 ]
 
 
+# Where the operator mounts the pod's shared memory (NCCL's and torch's transports need more than 64 MiB).
+SHM_PATH = "/dev/shm"
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -421,6 +425,26 @@ class PipelineJobSpec(_Spec):
                 raise ValueError(f"spec.serve.port ({port}) is {taken}: choose another serve.port")
         return self
 
+    @model_validator(mode="after")
+    def _mounts_apart(self) -> PipelineJobSpec:
+        # The operator mounts each of these in the worker container (render._volumes); two at one path
+        # make the server-side apply of the StatefulSet fail, so the job would never start.
+        mounts = [(SHM_PATH, "the shared memory volume")]
+        if self.checkpoint is not None and self.checkpoint.volume:
+            mounts.append((self.checkpoint.path, "spec.checkpoint.path"))
+        if self.model is not None and self.model.volume:
+            mounts.append((self.model.mount_path, "spec.model.mountPath"))
+        if self.cache is not None:
+            mounts.append((self.cache.path, "spec.cache.path"))
+        for i, (path, field) in enumerate(mounts):
+            for earlier_path, earlier in mounts[:i]:
+                if path == earlier_path:
+                    raise ValueError(
+                        f"{field} ({path}) is also {earlier}'s mount path: each volume needs its own, so "
+                        f"change {field}"
+                    )
+        return self
+
     def _check_train(self, train: TrainSpec) -> None:
         ways = [name for name in ("script", "command", "dataset") if getattr(train, name) is not None]
         if len(ways) != 1:
@@ -469,6 +493,15 @@ class PipelineJobSpec(_Spec):
         return 0 if self.device == "cpu" else self.parallelism.tensor_parallel
 
 
+# The paths the operator mounts volumes at in the worker container (see _mounts_apart), as a CEL list.
+_MOUNT_PATHS = (
+    f"(['{SHM_PATH}']"
+    " + (has(self.checkpoint) && has(self.checkpoint.volume) && self.checkpoint.volume != ''"
+    " ? [self.checkpoint.path] : [])"
+    " + (has(self.model) && has(self.model.volume) && self.model.volume != '' ? [self.model.mountPath] : [])"
+    " + (has(self.cache) ? [self.cache.path] : []))"
+)
+
 # CEL rules checked by the API server at admission (x-kubernetes-validations on the spec). They mirror
 # the model validators above so that `kubectl apply` fails before any object is created.
 CEL_RULES: list[dict[str, str]] = [
@@ -503,7 +536,8 @@ CEL_RULES: list[dict[str, str]] = [
         "message": "spec.model is required with spec.train.dataset (the HF model to fine-tune)",
     },
     {
-        "rule": "self.mode != 'train' || (has(self.checkpoint) && has(self.checkpoint.volume))",
+        "rule": "self.mode != 'train' || (has(self.checkpoint) && has(self.checkpoint.volume)"
+        " && self.checkpoint.volume != '')",
         "message": "a train job needs spec.checkpoint.volume (a PersistentVolumeClaim) to resume after restarts",
     },
     {
@@ -551,6 +585,12 @@ CEL_RULES: list[dict[str, str]] = [
         " || self.serve.port >= self.metricsPort + self.parallelism.tensorParallel))",
         "message": "spec.serve.port is spec.masterPort or one of the metrics ports (metricsPort to metricsPort "
         "+ tensorParallel - 1): choose another serve.port",
+    },
+    {
+        "rule": f"{_MOUNT_PATHS}.all(p, {_MOUNT_PATHS}.filter(q, q == p).size() == 1)",
+        "message": "spec.checkpoint.path, spec.model.mountPath, spec.cache.path and /dev/shm (the mount paths "
+        "of the checkpoint claim, the model claim, the compile cache and shared memory) must differ: change "
+        "one of them",
     },
     {"rule": "self.mode == oldSelf.mode", "message": "spec.mode is immutable: create a new PipelineJob"},
 ]
