@@ -89,6 +89,33 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("cache on shared memory", job(serve_spec(cache={"path": "/dev/shm"})), "must differ"),
     (
+        "exit code not a code",
+        job(inference_spec(failurePolicy={"rules": [{"action": "FailJob", "onExitCodes": ["1", "oom"]}]})),
+        "spec.failurePolicy.rules[0].onExitCodes[1]",
+    ),
+    (
+        "failure rule without a matcher",
+        job(inference_spec(failurePolicy={"rules": [{"action": "FailJob", "onReasons": []}]})),
+        "a failurePolicy rule needs onExitCodes, onPodConditions or onReasons",
+    ),
+    (
+        "topology key not a label key",
+        job(inference_spec(placement={"topologyKey": "rack name"})),
+        "topologyKey",
+    ),
+    (
+        "fine-tuning without steps",
+        job(train_spec(model={"path": "/m"}, train={"dataset": "/d.jsonl"})),
+        "spec.train.steps is required with spec.train.dataset",
+    ),
+    (
+        "global batch not a multiple",
+        job(
+            train_spec(model={"path": "/m"}, train={"dataset": "/d.jsonl", "steps": 3, "globalBatchSize": 3})
+        ),
+        "spec.train.globalBatchSize must be a multiple",
+    ),
+    (
         "train checkpoint claim empty",
         job(train_spec(checkpoint={"volume": "", "path": "/ckpt"})),
         "a train job needs spec.checkpoint.volume",
@@ -114,6 +141,15 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
     ("cpu", inference_spec(device="cpu", cache={"path": "/var/cache/conveyor"})),
     ("cache on a claim", inference_spec(cache={"volume": "compile-cache"})),
     ("cache under the checkpoints", train_spec(cache={"path": "/ckpt/cache"})),
+    (
+        "fine-tuning, failure rules and placement",
+        train_spec(
+            model={"path": "/m"},
+            train={"dataset": "/d.jsonl", "steps": 3, "microBatchSize": 2, "globalBatchSize": 8},
+            failurePolicy={"rules": [{"action": "FailJob", "onExitCodes": ["3", "128 - 255"]}]},
+            placement={"topologyKey": "topology.kubernetes.io/zone", "exclusive": True},
+        ),
+    ),
     (
         "model claim empty: no model mount",
         inference_spec(model={"path": "/ckpt/m", "volume": "", "mountPath": "/ckpt"}),

@@ -77,6 +77,19 @@ def test_cel_rules_and_messages_are_carried() -> None:
     assert f"self.metadata.name.matches('{spec.NAME_PATTERN}')" in root_rules
 
 
+def test_checks_of_the_model_that_the_schema_can_express_are_in_it() -> None:
+    # A job the model refuses should not pass `kubectl apply` where the API server could tell.
+    spec_schema = crd.pipelinejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+        "spec"
+    ]
+    rule = spec_schema["properties"]["failurePolicy"]["properties"]["rules"]["items"]
+    assert rule["properties"]["onExitCodes"]["items"]["pattern"]
+    assert "has(self.onExitCodes)" in rule["x-kubernetes-validations"][0]["rule"]
+    assert spec_schema["properties"]["placement"]["properties"]["topologyKey"]["pattern"]
+    messages = " ".join(r["message"] for r in spec_schema["x-kubernetes-validations"])
+    assert "spec.train.steps is required" in messages and "spec.train.globalBatchSize" in messages
+
+
 def test_names_columns_and_subresources() -> None:
     doc = yaml.safe_load((ROOT / "crds" / crd.CRD_FILE).read_text())
     assert doc["metadata"]["name"] == "pipelinejobs.conveyor.dev"

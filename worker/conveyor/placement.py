@@ -42,6 +42,8 @@ class PlacementSpec(_Spec):
     topology_key: str | None = Field(
         None,
         max_length=317,
+        # The CRD checks it at admission with the same pattern; the validator below gives the model's message.
+        json_schema_extra={"pattern": _LABEL_KEY.pattern},
         description="Node label of the topology domain a group's pods share (e.g. `topology.kubernetes.io/zone`, "
         "a rack or NVLink domain label).",
     )

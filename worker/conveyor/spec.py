@@ -536,6 +536,17 @@ CEL_RULES: list[dict[str, str]] = [
         "message": "spec.model is required with spec.train.dataset (the HF model to fine-tune)",
     },
     {
+        "rule": "self.mode != 'train' || !has(self.train) || !has(self.train.dataset) || has(self.train.steps)",
+        "message": "spec.train.steps is required with spec.train.dataset: add steps (optimizer steps)",
+    },
+    {
+        "rule": "self.mode != 'train' || !has(self.train) || !has(self.train.dataset)"
+        " || !has(self.train.globalBatchSize) || self.parallelism.replicas == 0"
+        " || self.train.globalBatchSize % (self.train.microBatchSize * self.parallelism.replicas) == 0",
+        "message": "spec.train.globalBatchSize must be a multiple of spec.train.microBatchSize x "
+        "spec.parallelism.replicas: use such a multiple",
+    },
+    {
         "rule": "self.mode != 'train' || (has(self.checkpoint) && has(self.checkpoint.volume)"
         " && self.checkpoint.volume != '')",
         "message": "a train job needs spec.checkpoint.volume (a PersistentVolumeClaim) to resume after restarts",
