@@ -115,6 +115,14 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
         ),
         "spec.train.globalBatchSize must be a multiple",
     ),
+    ("resource quantity", job(inference_spec(resources={"requests": {"cpu": "lots"}})), "requests.cpu"),
+    ("label value", job(inference_spec(template={"labels": {"team": "ml research"}})), "labels.team"),
+    (
+        "node selector value",
+        job(inference_spec(template={"nodeSelector": {"gpu": "a" * 64}})),
+        "nodeSelector.gpu",
+    ),
+    ("queue name", job(inference_spec(placement={"queueName": "team queue"})), "queueName"),
     (
         "train checkpoint claim empty",
         job(train_spec(checkpoint={"volume": "", "path": "/ckpt"})),
@@ -141,6 +149,18 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
     ("cpu", inference_spec(device="cpu", cache={"path": "/var/cache/conveyor"})),
     ("cache on a claim", inference_spec(cache={"volume": "compile-cache"})),
     ("cache under the checkpoints", train_spec(cache={"path": "/ckpt/cache"})),
+    (
+        "labels, node selector, quantities and a queue",
+        serve_spec(
+            resources={"requests": {"cpu": "500m", "memory": "16Gi"}, "limits": {"memory": "1e11"}},
+            template={
+                "labels": {"team": "ml.research_1", "app.example.com/tier": ""},
+                "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                "annotations": {"example.com/owner": "ml research"},
+            },
+            placement={"queueName": "team-a"},
+        ),
+    ),
     (
         "fine-tuning, failure rules and placement",
         train_spec(

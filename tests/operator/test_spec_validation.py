@@ -305,6 +305,46 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         lambda: edit(BASE, "spec.template.nodeSelector", {"gpu": 1}),
         ["spec.template.nodeSelector.gpu:", "string"],
     ),
+    (
+        "resource quantity",
+        lambda: edit(BASE, "spec.resources", {"requests": {"cpu": "4 cores"}}),
+        ["spec.resources.requests.cpu:", "'4 cores' is not a Kubernetes quantity", "`500m`"],
+    ),
+    (
+        "resource name",
+        lambda: edit(BASE, "spec.resources", {"limits": {"gpu memory": "8Gi"}}),
+        ["spec.resources.limits:", "'gpu memory' is not a resource name", "`nvidia.com/gpu`"],
+    ),
+    (
+        "label value",
+        lambda: edit(BASE, "spec.template.labels", {"team": "ml research"}),
+        ["spec.template.labels.team:", "'ml research' is not a label value", "starting and ending"],
+    ),
+    (
+        "label value too long",
+        lambda: edit(BASE, "spec.template.labels", {"team": "a" * 64}),
+        ["spec.template.labels.team:", "at most 63 characters"],
+    ),
+    (
+        "label key",
+        lambda: edit(BASE, "spec.template.labels", {"-team": "ml"}),
+        ["spec.template.labels:", "'-team' is not a label key", "`prefix/name`"],
+    ),
+    (
+        "node selector value",
+        lambda: edit(BASE, "spec.template.nodeSelector", {"gpu": "h100 sxm"}),
+        ["spec.template.nodeSelector.gpu:", "is not a label value"],
+    ),
+    (
+        "annotation key",
+        lambda: edit(BASE, "spec.template.annotations", {"owner team": "ml"}),
+        ["spec.template.annotations:", "'owner team' is not an annotation key"],
+    ),
+    (
+        "queue name",
+        lambda: edit(BASE, "spec.placement", {"queueName": "team queue"}),
+        ["spec.placement.queueName:", "is not a label value"],
+    ),
     ("name pattern", lambda: edit(BASE, "metadata.name", "LLM_Job"), ["metadata.name:", "[a-z0-9]"]),
     (
         "name starts with a digit",

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from conveyor.failure_policy import FailurePolicySpec
+from conveyor.kube_formats import LabelValue, Quantity, check_keys
 from conveyor.placement import PlacementSpec
 
 GROUP = "conveyor.dev"
@@ -123,14 +124,22 @@ class ResourcesSpec(_Spec):
     gpus: int | None = Field(
         None, ge=0, le=16, description="GPUs per pod; default: tensorParallel. 0 runs on the CPU."
     )
-    requests: dict[str, str] = Field(default_factory=dict, description="Extra container resource requests.")
-    limits: dict[str, str] = Field(default_factory=dict, description="Extra container resource limits.")
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, description="Extra container resource requests."
+    )
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Extra container resource limits.")
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _resource_names(cls, quantities: dict[str, str]) -> dict[str, str]:
+        check_keys(quantities, "a resource name (e.g. `cpu`, `memory`, `nvidia.com/gpu`)")
+        return quantities
 
 
 class TemplateSpec(_Spec):
     """Pod-level overrides, passed through to every worker pod."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict)
     tolerations: list[KubeObject] = Field(default_factory=list)
     affinity: KubeObject | None = None
     priority_class_name: str | None = None
@@ -140,8 +149,20 @@ class TemplateSpec(_Spec):
     volumes: list[KubeObject] = Field(default_factory=list)
     volume_mounts: list[KubeObject] = Field(default_factory=list)
     image_pull_secrets: list[KubeObject] = Field(default_factory=list)
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on worker pods.")
+    labels: dict[str, LabelValue] = Field(default_factory=dict, description="Extra labels on worker pods.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on worker pods.")
+
+    @field_validator("node_selector", "labels")
+    @classmethod
+    def _label_keys(cls, labels: dict[str, str]) -> dict[str, str]:
+        check_keys(labels, "a label key")
+        return labels
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotation_keys(cls, annotations: dict[str, str]) -> dict[str, str]:
+        check_keys(annotations, "an annotation key")
+        return annotations
 
 
 class CheckpointSpec(_Spec):
