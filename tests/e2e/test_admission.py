@@ -20,6 +20,7 @@ from kubernetes import dynamic
 
 from tests.cluster.fixtures import apply_crds
 from tests.operator.builders import inference_spec, serve_spec, train_spec
+from tests.operator.test_spec_bounds import LONGEST
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -124,6 +125,11 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("queue name", job(inference_spec(placement={"queueName": "team queue"})), "queueName"),
     (
+        "startup budget past int32",
+        job(inference_spec(restartPolicy={"startupTimeoutSeconds": 99_999_999_999})),
+        "startupTimeoutSeconds",
+    ),
+    (
         "train checkpoint claim empty",
         job(train_spec(checkpoint={"volume": "", "path": "/ckpt"})),
         "a train job needs spec.checkpoint.volume",
@@ -149,6 +155,7 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
     ("cpu", inference_spec(device="cpu", cache={"path": "/var/cache/conveyor"})),
     ("cache on a claim", inference_spec(cache={"volume": "compile-cache"})),
     ("cache under the checkpoints", train_spec(cache={"path": "/ckpt/cache"})),
+    ("the longest durations", LONGEST),
     (
         "labels, node selector, quantities and a queue",
         serve_spec(

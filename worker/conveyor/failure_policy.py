@@ -15,6 +15,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from conveyor.kube_formats import MAX_SECONDS
+
 # One element of onExitCodes: a code (`137`) or an inclusive range (`128-255`).
 _CODES = re.compile(r"^\s*(\d{1,3})\s*(?:-\s*(\d{1,3})\s*)?$")
 
@@ -109,6 +111,7 @@ class FailurePolicySpec(_Spec):
     hang_timeout_seconds: int | None = Field(
         None,
         ge=10,
+        le=MAX_SECONDS,
         description="A rank of an inference or train job without progress this long is hung: its liveness "
         "probe fails and the group restarts (reason Hung). Start-up (loading, compiling) never counts.",
     )

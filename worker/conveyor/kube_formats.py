@@ -28,6 +28,12 @@ QUANTITY = re.compile(
 )
 
 
+# The most seconds a duration field takes: Kubernetes' own seconds fields are int32. The operator turns
+# these into probe thresholds (int32 in the pod) and Python timedeltas (at most ~2.7 million years), and
+# either overflowed on larger values: the StatefulSet refused, or every reconcile of the job raising.
+MAX_SECONDS = 2**31 - 1
+
+
 def _label_value(value: str) -> str:
     if not LABEL_VALUE.match(value):
         raise ValueError(

@@ -20,7 +20,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from conveyor.kube_formats import LABEL_KEY, LabelValue
+from conveyor.kube_formats import LABEL_KEY, MAX_SECONDS, LabelValue
 
 
 class _Spec(BaseModel):
@@ -58,6 +58,7 @@ class PlacementSpec(_Spec):
     unschedulable_timeout_seconds: int = Field(
         300,
         ge=10,
+        le=MAX_SECONDS,
         description="A group with a pod unschedulable this long is reported in the Unschedulable condition.",
     )
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from conveyor.failure_policy import FailurePolicySpec
-from conveyor.kube_formats import LabelValue, Quantity, check_keys
+from conveyor.kube_formats import MAX_SECONDS, LabelValue, Quantity, check_keys
 from conveyor.placement import PlacementSpec
 
 GROUP = "conveyor.dev"
@@ -177,6 +177,7 @@ class CheckpointSpec(_Spec):
     stale_after_seconds: int | None = Field(
         None,
         ge=60,
+        le=MAX_SECONDS,
         description="A running train job whose last committed checkpoint is older is CheckpointStale; none: 3 x "
         "the observed time between checkpoints.",
     )
@@ -195,10 +196,17 @@ class CacheSpec(_Spec):
 
 class RestartPolicySpec(_Spec):
     backoff_limit: int = Field(3, ge=0, le=1000, description="Group restarts before the job is Failed.")
-    backoff_seconds: int = Field(10, ge=0, description="Delay before the first restart; doubles each time.")
-    max_backoff_seconds: int = Field(300, ge=0, description="Upper bound of the restart delay.")
+    backoff_seconds: int = Field(
+        10, ge=0, le=MAX_SECONDS, description="Delay before the first restart; doubles each time."
+    )
+    max_backoff_seconds: int = Field(
+        300, ge=0, le=MAX_SECONDS, description="Upper bound of the restart delay."
+    )
     startup_timeout_seconds: int = Field(
-        1800, ge=10, description="A group not ready within this long after (re)start is restarted."
+        1800,
+        ge=10,
+        le=MAX_SECONDS,
+        description="A group not ready within this long after (re)start is restarted.",
     )
 
     @model_validator(mode="after")
@@ -330,12 +338,15 @@ class RolloutSpec(_Spec):
     max_surge: int = Field(
         1,
         ge=0,
+        # Surge replicas are named NAME-r{replicas..}: past r2047 the names outgrow MAX_NAME_LENGTH's sum.
+        le=1024,
         description="Extra replicas started with the new spec during a rollout, when the cluster has room "
         "(else the rollout goes in place).",
     )
     max_unavailable: int = Field(
         0,
         ge=0,
+        le=1024,
         description="Replicas that may be out of service at once during a rollout (in place: at least 1).",
     )
     drain_seconds: int = Field(
@@ -376,7 +387,10 @@ class PipelineJobSpec(_Spec):
     )
     suspend: bool = Field(False, description="Stop the pods and keep state; resuming continues (Kueue).")
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete the job's pods and Service this long after it finished."
+        None,
+        ge=0,
+        le=MAX_SECONDS,
+        description="Delete the job's pods and Service this long after it finished.",
     )
     master_port: int = Field(29500, ge=1024, le=65535, description="Rendezvous port (torch.distributed).")
     metrics_port: int = Field(9400, ge=1024, le=65535, description="Worker Prometheus port.")
