@@ -338,7 +338,8 @@ class RolloutSpec(_Spec):
     max_surge: int = Field(
         1,
         ge=0,
-        # Surge replicas are named NAME-r{replicas..}: past r2047 the names outgrow MAX_NAME_LENGTH's sum.
+        # Surge replicas are NAME-r{replicas..}: with replicas <= 1024 they stay within r2047, well inside the
+        # four digits MAX_NAME_LENGTH allows for (past r9999 the pods' revision label outgrows 63 characters).
         le=1024,
         description="Extra replicas started with the new spec during a rollout, when the cluster has room "
         "(else the rollout goes in place).",
