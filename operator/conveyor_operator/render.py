@@ -174,6 +174,13 @@ def _ports(spec: PipelineJobSpec) -> list[dict[str, Any]]:
         {"name": "rendezvous", "containerPort": spec.master_port, "protocol": "TCP"},
         {"name": "metrics", "containerPort": spec.metrics_port, "protocol": "TCP"},
     ]
+    # Local rank r serves its own metrics on metricsPort + r. Prometheus discovers a pod's declared ports
+    # only, and the chart's PodMonitor keeps those named metrics / metrics-N: undeclared, ranks 1..T-1
+    # were never scraped. (The probes use `metrics`, local rank 0.)
+    for rank in range(1, spec.parallelism.tensor_parallel):
+        ports.append(
+            {"name": f"metrics-{rank}", "containerPort": spec.metrics_port + rank, "protocol": "TCP"}
+        )
     if spec.serve is not None:
         ports.append({"name": "http", "containerPort": spec.serve.port, "protocol": "TCP"})
     return ports
