@@ -111,6 +111,14 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ["spec.parallelism.partitionMethod:", "parameters|uniform|type:"],
     ),
     (
+        "partition type not a regex",
+        lambda: edit(BASE, "spec.parallelism.partitionMethod", "type:Block["),
+        [
+            "spec.parallelism.partitionMethod:",
+            "'type:Block[': REGEX after `type:` is not a regular expression",
+        ],
+    ),
+    (
         "inference section missing",
         lambda: edit(BASE, "spec.inference", DELETE),
         ["spec.inference is required when spec.mode is 'inference'", "add a `inference:` section"],

@@ -111,6 +111,20 @@ class ParallelismSpec(_Spec):
         description="How layers are split over stages: `parameters`, `uniform` or `type:REGEX`.",
     )
 
+    @field_validator("partition_method")
+    @classmethod
+    def _type_regex_compiles(cls, method: str) -> str:
+        # A bad REGEX otherwise surfaced as re.error from deep inside every rank's model build.
+        if method.startswith("type:"):
+            try:
+                re.compile(method[5:], re.IGNORECASE)
+            except re.error as err:
+                raise ValueError(
+                    f"{method!r}: REGEX after `type:` is not a regular expression ({err}): fix it, e.g. "
+                    "`type:DecoderLayer`"
+                ) from None
+        return method
+
     @property
     def group_size(self) -> int:
         return self.stages * self.tensor_parallel
