@@ -24,6 +24,7 @@ from conveyor.env import pod_environ
 from conveyor.placement import PlacementSpec
 from conveyor.spec import (
     API_VERSION,
+    GPU_RESOURCE,
     KIND,
     SHM_PATH,
     Mode,
@@ -213,7 +214,7 @@ def _resources(spec: PipelineJobSpec) -> dict[str, Any]:
     limits = dict(spec.resources.limits)
     requests = dict(spec.resources.requests)
     if spec.gpus_per_pod > 0:
-        limits["nvidia.com/gpu"] = str(spec.gpus_per_pod)
+        limits[GPU_RESOURCE] = str(spec.gpus_per_pod)
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests

@@ -125,6 +125,16 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("queue name", job(inference_spec(placement={"queueName": "team queue"})), "queueName"),
     (
+        "a GPU limit the operator would replace",
+        job(inference_spec(tp=2, resources={"limits": {"nvidia.com/gpu": "4"}})),
+        "spec.resources.limits['nvidia.com/gpu'] is not the GPUs per pod",
+    ),
+    (
+        "a GPU request unlike the limit",
+        job(serve_spec(tp=2, resources={"gpus": 4, "requests": {"nvidia.com/gpu": "2"}})),
+        "spec.resources.requests['nvidia.com/gpu'] is not the GPUs per pod",
+    ),
+    (
         "startup budget past int32",
         job(inference_spec(restartPolicy={"startupTimeoutSeconds": 99_999_999_999})),
         "startupTimeoutSeconds",
@@ -156,6 +166,13 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
     ("cache on a claim", inference_spec(cache={"volume": "compile-cache"})),
     ("cache under the checkpoints", train_spec(cache={"path": "/ckpt/cache"})),
     ("the longest durations", LONGEST),
+    (
+        "GPU requests and limits equal to the operator's",
+        serve_spec(
+            tp=2,
+            resources={"gpus": 4, "requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "4"}},
+        ),
+    ),
     (
         "labels, node selector, quantities and a queue",
         serve_spec(

@@ -228,6 +228,25 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ],
     ),
     (
+        "a GPU limit the operator would replace",
+        lambda: edit(
+            edit(BASE, "spec.parallelism.tensorParallel", 2),
+            "spec.resources",
+            {"limits": {"nvidia.com/gpu": "4"}},
+        ),
+        [
+            "spec.resources.limits['nvidia.com/gpu'] (4) is not the 2 GPUs per pod the operator asks for",
+            "set spec.resources.gpus and remove nvidia.com/gpu from spec.resources.limits",
+        ],
+    ),
+    (
+        "a GPU request on the CPU",
+        lambda: edit(
+            edit(BASE, "spec.device", "cpu"), "spec.resources", {"requests": {"nvidia.com/gpu": "1"}}
+        ),
+        ["spec.resources.requests['nvidia.com/gpu'] (1) is not the 0 GPUs per pod"],
+    ),
+    (
         "gpus 17",
         lambda: edit(BASE, "spec.resources", {"gpus": 17}),
         ["spec.resources.gpus:", "less than or equal to 16"],

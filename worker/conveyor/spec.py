@@ -40,6 +40,8 @@ KubeObject = Annotated[
 ]
 
 
+# The extended resource the operator asks for spec.resources.gpus with (gpus_per_pod).
+GPU_RESOURCE = "nvidia.com/gpu"
 # Where the operator mounts the pod's shared memory (NCCL's and torch's transports need more than 64 MiB).
 SHM_PATH = "/dev/shm"
 
@@ -476,6 +478,21 @@ class PipelineJobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
+    def _gpu_resources_agree(self) -> PipelineJobSpec:
+        # The operator sets the container's GPU limit from gpus_per_pod, over the user's own: a request or
+        # limit of another count was replaced silently (the limit), or made the StatefulSet refused (a
+        # request that differs from the limit).
+        for kind, quantities in (("requests", self.resources.requests), ("limits", self.resources.limits)):
+            value = quantities.get(GPU_RESOURCE)
+            if value is not None and value != str(self.gpus_per_pod):
+                raise ValueError(
+                    f"spec.resources.{kind}['{GPU_RESOURCE}'] ({value}) is not the {self.gpus_per_pod} GPUs per pod "
+                    "the operator asks for (spec.resources.gpus, default tensorParallel, 0 on the CPU): set "
+                    f"spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.{kind}"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _mounts_apart(self) -> PipelineJobSpec:
         # The operator mounts each of these in the worker container (render._volumes); two at one path
         # make the server-side apply of the StatefulSet fail, so the job would never start.
@@ -550,6 +567,12 @@ _MOUNT_PATHS = (
     " ? [self.checkpoint.path] : [])"
     " + (has(self.model) && has(self.model.volume) && self.model.volume != '' ? [self.model.mountPath] : [])"
     " + (has(self.cache) ? [self.cache.path] : []))"
+)
+
+# PipelineJobSpec.gpus_per_pod, as CEL (the API server has filled device's and tensorParallel's defaults in).
+_GPUS_PER_POD = (
+    "string(has(self.resources.gpus) ? self.resources.gpus"
+    " : (self.device == 'cpu' ? 0 : self.parallelism.tensorParallel))"
 )
 
 # CEL rules checked by the API server at admission (x-kubernetes-validations on the spec). They mirror
@@ -652,6 +675,18 @@ CEL_RULES: list[dict[str, str]] = [
         "message": "spec.checkpoint.path, spec.model.mountPath, spec.cache.path and /dev/shm (the mount paths "
         "of the checkpoint claim, the model claim, the compile cache and shared memory) must differ: change "
         "one of them",
+    },
+    {
+        "rule": f"!has(self.resources.requests) || !('{GPU_RESOURCE}' in self.resources.requests)"
+        f" || self.resources.requests['{GPU_RESOURCE}'] == {_GPUS_PER_POD}",
+        "message": f"spec.resources.requests['{GPU_RESOURCE}'] is not the GPUs per pod the operator asks for: set "
+        f"spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.requests",
+    },
+    {
+        "rule": f"!has(self.resources.limits) || !('{GPU_RESOURCE}' in self.resources.limits)"
+        f" || self.resources.limits['{GPU_RESOURCE}'] == {_GPUS_PER_POD}",
+        "message": f"spec.resources.limits['{GPU_RESOURCE}'] is not the GPUs per pod the operator asks for: set "
+        f"spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.limits",
     },
     {"rule": "self.mode == oldSelf.mode", "message": "spec.mode is immutable: create a new PipelineJob"},
 ]
