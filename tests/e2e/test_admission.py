@@ -135,6 +135,16 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
         "spec.resources.requests['nvidia.com/gpu'] is not the GPUs per pod",
     ),
     (
+        "priority class name",
+        job(inference_spec(template={"priorityClassName": "High_Priority"})),
+        "priorityClassName",
+    ),
+    (
+        "model mount path empty",
+        job(inference_spec(model={"path": "/m", "volume": "m", "mountPath": ""})),
+        "mountPath",
+    ),
+    (
         "startup budget past int32",
         job(inference_spec(restartPolicy={"startupTimeoutSeconds": 99_999_999_999})),
         "startupTimeoutSeconds",

@@ -363,6 +363,26 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ["spec.template.nodeSelector.gpu:", "is not a label value"],
     ),
     (
+        "label key prefix too long",
+        lambda: edit(BASE, "spec.template.labels", {"a" * 254 + "/team": "ml"}),
+        ["spec.template.labels:", "is not a label key", "at most 253 characters"],
+    ),
+    (
+        "priority class name",
+        lambda: edit(BASE, "spec.template.priorityClassName", "High_Priority"),
+        ["spec.template.priorityClassName:", "'High_Priority' is not an object name"],
+    ),
+    (
+        "service account name",
+        lambda: edit(BASE, "spec.template.serviceAccountName", "Trainer"),
+        ["spec.template.serviceAccountName:", "'Trainer' is not an object name"],
+    ),
+    (
+        "model mount path empty",
+        lambda: edit(BASE, "spec.model.mountPath", ""),
+        ["spec.model.mountPath:", "at least 1 character"],
+    ),
+    (
         "annotation key",
         lambda: edit(BASE, "spec.template.annotations", {"owner team": "ml"}),
         ["spec.template.annotations:", "'owner team' is not an annotation key"],

@@ -21,6 +21,8 @@ from pydantic import AfterValidator, Field
 LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
+# A DNS-1123 subdomain: the names of PriorityClasses, ServiceAccounts, ... (at most 253 characters).
+SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # resource.Quantity's canonical form (as the API server's own OpenAPI publishes it).
 QUANTITY = re.compile(
@@ -43,6 +45,15 @@ def _label_value(value: str) -> str:
     return value
 
 
+def _subdomain(value: str) -> str:
+    if not SUBDOMAIN.match(value):
+        raise ValueError(
+            f"{value!r} is not an object name: lower-case letters, digits, '-' and '.', starting and ending "
+            "with a letter or digit"
+        )
+    return value
+
+
 def _quantity(value: str) -> str:
     if not QUANTITY.match(value):
         raise ValueError(f"{value!r} is not a Kubernetes quantity: write e.g. `2`, `500m`, `16Gi` or `1e3`")
@@ -54,14 +65,18 @@ LabelValue = Annotated[
     Field(max_length=63, json_schema_extra={"pattern": LABEL_VALUE.pattern}),
     AfterValidator(_label_value),
 ]
+ObjectName = Annotated[
+    str, Field(max_length=253, json_schema_extra={"pattern": SUBDOMAIN.pattern}), AfterValidator(_subdomain)
+]
 Quantity = Annotated[str, Field(json_schema_extra={"pattern": QUANTITY.pattern}), AfterValidator(_quantity)]
 
 
 def check_keys(keys: Iterable[str], what: str) -> None:
     """Raise naming the first key of ``keys`` that is not a qualified name (``what``: e.g. a label key)."""
     for key in keys:
-        if not LABEL_KEY.match(key):
+        if not LABEL_KEY.match(key) or len(key.rpartition("/")[0]) > 253:
             raise ValueError(
-                f"{key!r} is not {what}: `prefix/name` or `name`, the name at most 63 letters, digits, '-', "
-                "'_' and '.', starting and ending with a letter or digit"
+                f"{key!r} is not {what}: `prefix/name` or `name`, the prefix a DNS subdomain of at most 253 "
+                "characters, the name at most 63 letters, digits, '-', '_' and '.', starting and ending with a "
+                "letter or digit"
             )

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from conveyor.failure_policy import FailurePolicySpec
-from conveyor.kube_formats import MAX_SECONDS, LabelValue, Quantity, check_keys
+from conveyor.kube_formats import MAX_SECONDS, LabelValue, ObjectName, Quantity, check_keys
 from conveyor.placement import PlacementSpec
 
 GROUP = "conveyor.dev"
@@ -85,7 +85,7 @@ class ModelSpec(_Spec):
         description="PersistentVolumeClaim holding the model, mounted read-only at `mountPath` (optional: "
         "the model may also come through template.volumes).",
     )
-    mount_path: str = Field("/models", description="Where `volume` is mounted in the worker.")
+    mount_path: str = Field("/models", min_length=1, description="Where `volume` is mounted in the worker.")
 
 
 class ParallelismSpec(_Spec):
@@ -158,9 +158,9 @@ class TemplateSpec(_Spec):
     node_selector: dict[str, LabelValue] = Field(default_factory=dict)
     tolerations: list[KubeObject] = Field(default_factory=list)
     affinity: KubeObject | None = None
-    priority_class_name: str | None = None
+    priority_class_name: ObjectName | None = None
     scheduler_name: str | None = None
-    service_account_name: str | None = None
+    service_account_name: ObjectName | None = None
     env: list[KubeObject] = Field(default_factory=list)
     volumes: list[KubeObject] = Field(default_factory=list)
     volume_mounts: list[KubeObject] = Field(default_factory=list)
