@@ -1,8 +1,9 @@
 """``spec.template`` items that collide with the operator's own rendering, as pure functions.
 
-The template's ``env``, ``volumes`` and ``volumeMounts`` are free-form Kubernetes objects, appended to
-the worker's pod as they are. Server-side apply merges those lists by key (an env var's ``name``, a
-volume's ``name``, a mount's ``mountPath``), and an applied object with one key twice is refused whole.
+The template's ``env``, ``volumes``, ``volumeMounts`` and ``imagePullSecrets`` are free-form Kubernetes
+objects, appended to the worker's pod as they are. Server-side apply merges those lists by key (an env
+var's ``name``, a volume's ``name``, a mount's ``mountPath``, a secret's ``name``), and an applied object
+with one key twice is refused whole.
 So a template item that reuses a key of the operator's own (``CONVEYOR_JOB``, the ``model`` volume, the
 checkpoint's path) or of another template item would make every StatefulSet apply of the job fail: it
 would never start, and only the operator's log would say why. The reconcile reports these as
@@ -61,4 +62,5 @@ def template_clashes(spec: PipelineJobSpec) -> list[str]:
         _clashes("env", t.env, "name", env, 'remove it (docs/design.md, "Worker environment")')
         + _clashes("volumes", t.volumes, "name", names, "rename it, and its volumeMounts")
         + _clashes("volumeMounts", t.volume_mounts, "mountPath", paths, "choose another mountPath")
+        + _clashes("imagePullSecrets", t.image_pull_secrets, "name", {}, "")
     )

@@ -50,6 +50,13 @@ def test_volume_names_and_mount_paths_of_the_operator_and_twice_in_the_template(
     ]
 
 
+def test_an_image_pull_secret_twice() -> None:
+    found = clashes(imagePullSecrets=[{"name": "regcred"}, {"name": "mirror"}, {"name": "regcred"}])
+    assert found == [
+        "spec.template.imagePullSecrets[2].name: 'regcred' is set twice in spec.template.imagePullSecrets: keep one"
+    ]
+
+
 def test_a_template_beside_the_operator_s_items_is_fine() -> None:
     spec = serve_spec(
         cache={"volume": "cache"},
