@@ -125,14 +125,14 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("queue name", job(inference_spec(placement={"queueName": "team queue"})), "queueName"),
     (
-        "a GPU limit the operator would replace",
-        job(inference_spec(tp=2, resources={"limits": {"nvidia.com/gpu": "4"}})),
-        "spec.resources.limits['nvidia.com/gpu'] is not the GPUs per pod",
-    ),
-    (
         "a GPU request unlike the limit",
         job(serve_spec(tp=2, resources={"gpus": 4, "requests": {"nvidia.com/gpu": "2"}})),
-        "spec.resources.requests['nvidia.com/gpu'] is not the GPUs per pod",
+        "spec.resources.requests['nvidia.com/gpu'] is not the pod's GPU limit",
+    ),
+    (
+        "a GPU request without a limit on the CPU",
+        job(inference_spec(device="cpu", resources={"requests": {"nvidia.com/gpu": "1"}})),
+        "spec.resources.requests['nvidia.com/gpu'] is not the pod's GPU limit",
     ),
     (
         "priority class name",
@@ -176,6 +176,16 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
     ("cache on a claim", inference_spec(cache={"volume": "compile-cache"})),
     ("cache under the checkpoints", train_spec(cache={"path": "/ckpt/cache"})),
     ("the longest durations", LONGEST),
+    (
+        "a GPU limit the operator replaces",
+        inference_spec(tp=2, resources={"limits": {"nvidia.com/gpu": "4"}}),
+    ),
+    (
+        "a GPU request and limit of the user's own on the CPU",
+        inference_spec(
+            device="cpu", resources={"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+        ),
+    ),
     (
         "GPU requests and limits equal to the operator's",
         serve_spec(

@@ -228,23 +228,23 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ],
     ),
     (
-        "a GPU limit the operator would replace",
+        "a GPU request unlike the limit",
         lambda: edit(
             edit(BASE, "spec.parallelism.tensorParallel", 2),
             "spec.resources",
-            {"limits": {"nvidia.com/gpu": "4"}},
+            {"requests": {"nvidia.com/gpu": "4"}},
         ),
         [
-            "spec.resources.limits['nvidia.com/gpu'] (4) is not the 2 GPUs per pod the operator asks for",
-            "set spec.resources.gpus and remove nvidia.com/gpu from spec.resources.limits",
+            "spec.resources.requests['nvidia.com/gpu'] (4) is not the pod's GPU limit (2:",
+            "set spec.resources.gpus and remove nvidia.com/gpu from spec.resources.requests",
         ],
     ),
     (
-        "a GPU request on the CPU",
+        "a GPU request without a limit on the CPU",
         lambda: edit(
             edit(BASE, "spec.device", "cpu"), "spec.resources", {"requests": {"nvidia.com/gpu": "1"}}
         ),
-        ["spec.resources.requests['nvidia.com/gpu'] (1) is not the 0 GPUs per pod"],
+        ["spec.resources.requests['nvidia.com/gpu'] (1) is not the pod's GPU limit (none:"],
     ),
     (
         "gpus 17",

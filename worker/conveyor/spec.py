@@ -478,18 +478,19 @@ class PipelineJobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
-    def _gpu_resources_agree(self) -> PipelineJobSpec:
-        # The operator sets the container's GPU limit from gpus_per_pod, over the user's own: a request or
-        # limit of another count was replaced silently (the limit), or made the StatefulSet refused (a
-        # request that differs from the limit).
-        for kind, quantities in (("requests", self.resources.requests), ("limits", self.resources.limits)):
-            value = quantities.get(GPU_RESOURCE)
-            if value is not None and value != str(self.gpus_per_pod):
-                raise ValueError(
-                    f"spec.resources.{kind}['{GPU_RESOURCE}'] ({value}) is not the {self.gpus_per_pod} GPUs per pod "
-                    "the operator asks for (spec.resources.gpus, default tensorParallel, 0 on the CPU): set "
-                    f"spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.{kind}"
-                )
+    def _gpu_request_is_the_limit(self) -> PipelineJobSpec:
+        # An extended resource's request must equal its limit, and the operator writes the nvidia.com/gpu
+        # limit from gpus_per_pod (the user's own limit stays only when that is 0). Any other request made
+        # every apply of the StatefulSets fail. (A user's limit of another count is replaced, not refused:
+        # such a job runs, with gpus_per_pod GPUs.)
+        request = self.resources.requests.get(GPU_RESOURCE)
+        limit = str(self.gpus_per_pod) if self.gpus_per_pod > 0 else self.resources.limits.get(GPU_RESOURCE)
+        if request is not None and request != limit:
+            raise ValueError(
+                f"spec.resources.requests['{GPU_RESOURCE}'] ({request}) is not the pod's GPU limit "
+                f"({limit or 'none'}: spec.resources.gpus, default tensorParallel, 0 on the CPU), and Kubernetes "
+                f"wants them equal: set spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.requests"
+            )
         return self
 
     @model_validator(mode="after")
@@ -570,10 +571,7 @@ _MOUNT_PATHS = (
 )
 
 # PipelineJobSpec.gpus_per_pod, as CEL (the API server has filled device's and tensorParallel's defaults in).
-_GPUS_PER_POD = (
-    "string(has(self.resources.gpus) ? self.resources.gpus"
-    " : (self.device == 'cpu' ? 0 : self.parallelism.tensorParallel))"
-)
+_GPUS_PER_POD = "(has(self.resources.gpus) ? self.resources.gpus : (self.device == 'cpu' ? 0 : self.parallelism.tensorParallel))"
 
 # CEL rules checked by the API server at admission (x-kubernetes-validations on the spec). They mirror
 # the model validators above so that `kubectl apply` fails before any object is created.
@@ -678,15 +676,11 @@ CEL_RULES: list[dict[str, str]] = [
     },
     {
         "rule": f"!has(self.resources.requests) || !('{GPU_RESOURCE}' in self.resources.requests)"
-        f" || self.resources.requests['{GPU_RESOURCE}'] == {_GPUS_PER_POD}",
-        "message": f"spec.resources.requests['{GPU_RESOURCE}'] is not the GPUs per pod the operator asks for: set "
-        f"spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.requests",
-    },
-    {
-        "rule": f"!has(self.resources.limits) || !('{GPU_RESOURCE}' in self.resources.limits)"
-        f" || self.resources.limits['{GPU_RESOURCE}'] == {_GPUS_PER_POD}",
-        "message": f"spec.resources.limits['{GPU_RESOURCE}'] is not the GPUs per pod the operator asks for: set "
-        f"spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.limits",
+        f" || self.resources.requests['{GPU_RESOURCE}'] == ({_GPUS_PER_POD} > 0 ? string({_GPUS_PER_POD})"
+        f" : (has(self.resources.limits) && '{GPU_RESOURCE}' in self.resources.limits"
+        f" ? self.resources.limits['{GPU_RESOURCE}'] : ''))",
+        "message": f"spec.resources.requests['{GPU_RESOURCE}'] is not the pod's GPU limit, and Kubernetes wants them "
+        f"equal: set spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.requests",
     },
     {"rule": "self.mode == oldSelf.mode", "message": "spec.mode is immutable: create a new PipelineJob"},
 ]
