@@ -145,7 +145,7 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
         "mountPath",
     ),
     (
-        "startup budget past int32",
+        "startup budget past the probe's int32",
         job(inference_spec(restartPolicy={"startupTimeoutSeconds": 99_999_999_999})),
         "startupTimeoutSeconds",
     ),

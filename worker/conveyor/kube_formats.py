@@ -30,10 +30,12 @@ QUANTITY = re.compile(
 )
 
 
-# The most seconds a duration field takes: Kubernetes' own seconds fields are int32. The operator turns
-# these into probe thresholds (int32 in the pod) and Python timedeltas (at most ~2.7 million years), and
-# either overflowed on larger values: the StatefulSet refused, or every reconcile of the job raising.
-MAX_SECONDS = 2**31 - 1
+# The most seconds a duration field takes. The operator turns these into a probe's failureThreshold
+# (seconds / 10, an int32 in the pod) and into times (Python's datetime stops at the year 9999), and
+# larger values overflowed either: the StatefulSet refused, or every reconcile of the job raising. Ten
+# nines, so that the "never" people write (9999999999 s, 317 years) still fits, and a job that ran with it
+# stays valid.
+MAX_SECONDS = 9_999_999_999
 
 
 def _label_value(value: str) -> str:
