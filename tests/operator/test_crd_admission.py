@@ -22,7 +22,7 @@ from tests.cluster.fixtures import apply_crds
 from tests.operator.builders import inference_spec, serve_spec, train_spec
 from tests.operator.test_spec_bounds import LONGEST
 
-pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 NAMESPACE = "default"  # dry runs store nothing; `default` exists in every cluster
 
