@@ -150,6 +150,21 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
         "startupTimeoutSeconds",
     ),
     (
+        "a fine-tuning field in a script job",
+        job(train_spec(train={"script": "/t.py", "seqLength": 1024})),
+        "only apply to spec.train.dataset",
+    ),
+    (
+        "a fine-tuning optimizer in a command job",
+        job(train_spec(train={"command": ["x"], "optimizer": {"type": "SGD"}})),
+        "only apply to spec.train.dataset",
+    ),
+    (
+        "arguments in a fine-tuning job",
+        job(train_spec(model={"path": "/m"}, train={"dataset": "/d.jsonl", "steps": 3, "args": ["--x"]})),
+        "spec.train.args only applies to a script or command",
+    ),
+    (
         "train checkpoint claim empty",
         job(train_spec(checkpoint={"volume": "", "path": "/ckpt"})),
         "a train job needs spec.checkpoint.volume",
@@ -176,6 +191,12 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
     ("cache on a claim", inference_spec(cache={"volume": "compile-cache"})),
     ("cache under the checkpoints", train_spec(cache={"path": "/ckpt/cache"})),
     ("the longest durations", LONGEST),
+    (
+        "a script job with the fine-tuning fields at their defaults, written out",
+        train_spec(
+            train={"script": "/t.py", "seqLength": 512, "packing": True, "gradientClipping": 1, "seed": 0},
+        ),
+    ),
     (
         "a GPU limit the operator replaces",
         inference_spec(tp=2, resources={"limits": {"nvidia.com/gpu": "4"}}),

@@ -348,6 +348,13 @@ class TrainSpec(_Spec):
         )
 
 
+# TrainSpec's fields that only fine-tuning (spec.train.dataset) reads.
+FINE_TUNING_FIELDS = (
+    "seq_length", "packing", "micro_batch_size", "global_batch_size", "optimizer", "scheduler",
+    "gradient_clipping", "precision", "activation_checkpointing", "seed", "export",
+)  # fmt: skip
+
+
 class RolloutSpec(_Spec):
     """How a serve job's replicas roll to a new spec, group by group (LeaderWorkerSet's rolling update)."""
 
@@ -522,11 +529,7 @@ class PipelineJobSpec(_Spec):
             )
         # Fields of the other way of training are refused, not ignored: they would do nothing. Compared
         # with their defaults, not by whether they were given: the API server writes defaults in.
-        fine_tuning = {
-            "seq_length", "packing", "micro_batch_size", "global_batch_size", "optimizer", "scheduler",
-            "gradient_clipping", "precision", "activation_checkpointing", "seed", "export",
-        }  # fmt: skip
-        other = {"config", "args"} if train.fine_tunes else fine_tuning
+        other = {"config", "args"} if train.fine_tunes else set(FINE_TUNING_FIELDS)
         misplaced = sorted(
             name
             for name in other
@@ -573,6 +576,19 @@ _MOUNT_PATHS = (
 # PipelineJobSpec.gpus_per_pod, as CEL (the API server has filled device's and tensorParallel's defaults in).
 _GPUS_PER_POD = "(has(self.resources.gpus) ? self.resources.gpus : (self.device == 'cpu' ? 0 : self.parallelism.tensorParallel))"
 
+
+def _train_field_at_default(name: str) -> str:
+    """CEL: spec.train.<name> is absent or its default (as PipelineJobSpec._check_train compares it)."""
+    field = f"self.train.{to_camel(name)}"
+    default = TrainSpec.model_fields[name].get_default(call_default_factory=True)
+    if default is None:
+        return f"!has({field})"
+    if isinstance(default, OptimizerSpec):  # its params are free-form, out of CEL's reach: the type only
+        return f"(!has({field}) || {field}.type == '{default.type}')"
+    value = str(default).lower() if isinstance(default, bool) else repr(default)
+    return f"(!has({field}) || {field} == {value})"
+
+
 # CEL rules checked by the API server at admission (x-kubernetes-validations on the spec). They mirror
 # the model validators above so that `kubectl apply` fails before any object is created.
 CEL_RULES: list[dict[str, str]] = [
@@ -616,6 +632,19 @@ CEL_RULES: list[dict[str, str]] = [
         " || self.train.globalBatchSize % (self.train.microBatchSize * self.parallelism.replicas) == 0",
         "message": "spec.train.globalBatchSize must be a multiple of spec.train.microBatchSize x "
         "spec.parallelism.replicas: use such a multiple",
+    },
+    {
+        "rule": "self.mode != 'train' || !has(self.train) || has(self.train.dataset) || ("
+        + " && ".join(_train_field_at_default(name) for name in FINE_TUNING_FIELDS)
+        + ")",
+        "message": "spec.train: "
+        + ", ".join(to_camel(name) for name in FINE_TUNING_FIELDS)
+        + " only apply to spec.train.dataset (fine-tuning): remove them from a script or command job",
+    },
+    {
+        "rule": "self.mode != 'train' || !has(self.train) || !has(self.train.dataset) || !has(self.train.args)"
+        " || size(self.train.args) == 0",
+        "message": "spec.train.args only applies to a script or command: remove it",
     },
     {
         "rule": "self.mode != 'train' || (has(self.checkpoint) && has(self.checkpoint.volume)"
