@@ -574,7 +574,10 @@ _MOUNT_PATHS = (
 )
 
 # PipelineJobSpec.gpus_per_pod, as CEL (the API server has filled device's and tensorParallel's defaults in).
-_GPUS_PER_POD = "(has(self.resources.gpus) ? self.resources.gpus : (self.device == 'cpu' ? 0 : self.parallelism.tensorParallel))"
+_GPUS_PER_POD = (
+    "(has(self.resources.gpus) ? self.resources.gpus"
+    " : (self.device == 'cpu' ? 0 : self.parallelism.tensorParallel))"
+)
 
 
 def _train_field_at_default(name: str) -> str:
