@@ -3,7 +3,9 @@ to delete, the new status and the Events. ``handlers.py`` gathers the inputs and
 plan out, so every decision here is unit-tested without an API server.
 
 The cases, in the order they are handled:
-1. the spec does not validate -> Failed/InvalidSpec (not terminal: fixing the spec resumes);
+1. the spec does not validate, or its template reuses a key of the operator's own rendering (an env
+   var, a volume name, a mount path: template_clashes.py) -> Failed/InvalidSpec (not terminal: fixing the
+   spec resumes);
 2. finished (Succeeded, or Failed with its backoff spent) -> StatefulSets at 0 replicas, and after
    ``ttlSecondsAfterFinished`` the children are deleted (the PipelineJob and its status stay);
 3. stages or tensorParallel changed while running -> refused, nothing touched (the CRD's CEL rules
@@ -57,6 +59,7 @@ from conveyor_operator.progress import (
     skip_event,
 )
 from conveyor_operator.restarts import account_group
+from conveyor_operator.template_clashes import template_clashes
 
 TERMINAL_REASONS = {"BackoffLimitExceeded", "Completed"}
 # A pod still terminating this long after its deletion deadline (deletionTimestamp: the request plus its
@@ -206,6 +209,10 @@ def _plan(
         spec = parse_spec(job.spec)
     except SpecError as err:
         status.phase, status.reason, status.message = Phase.FAILED, "InvalidSpec", str(err)
+        return _finish(plan, job, now)
+    clashes = template_clashes(spec)  # valid, but every apply of its StatefulSets would be refused
+    if clashes:
+        status.phase, status.reason, status.message = Phase.FAILED, "InvalidSpec", "\n".join(clashes)
         return _finish(plan, job, now)
 
     ref = render.JobRef(job.name, job.namespace, job.uid)

@@ -24,7 +24,9 @@ from conveyor.env import pod_environ
 from conveyor.placement import PlacementSpec
 from conveyor.spec import (
     API_VERSION,
+    GPU_RESOURCE,
     KIND,
+    SHM_PATH,
     Mode,
     ParallelismSpec,
     PipelineJobSpec,
@@ -173,6 +175,13 @@ def _ports(spec: PipelineJobSpec) -> list[dict[str, Any]]:
         {"name": "rendezvous", "containerPort": spec.master_port, "protocol": "TCP"},
         {"name": "metrics", "containerPort": spec.metrics_port, "protocol": "TCP"},
     ]
+    # Local rank r serves its own metrics on metricsPort + r. Prometheus discovers a pod's declared ports
+    # only, and the chart's PodMonitor keeps those named metrics / metrics-N: undeclared, ranks 1..T-1
+    # were never scraped. (The probes use `metrics`, local rank 0.)
+    for rank in range(1, spec.parallelism.tensor_parallel):
+        ports.append(
+            {"name": f"metrics-{rank}", "containerPort": spec.metrics_port + rank, "protocol": "TCP"}
+        )
     if spec.serve is not None:
         ports.append({"name": "http", "containerPort": spec.serve.port, "protocol": "TCP"})
     return ports
@@ -181,7 +190,7 @@ def _ports(spec: PipelineJobSpec) -> list[dict[str, Any]]:
 def _volumes(spec: PipelineJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     # NCCL and torch's shared-memory transport need a /dev/shm larger than a container's default 64 MiB.
     volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": SHM_PATH}]
     if spec.checkpoint is not None and spec.checkpoint.volume:
         volumes.append({"name": "checkpoint", "persistentVolumeClaim": {"claimName": spec.checkpoint.volume}})
         mounts.append({"name": "checkpoint", "mountPath": spec.checkpoint.path})
@@ -205,7 +214,7 @@ def _resources(spec: PipelineJobSpec) -> dict[str, Any]:
     limits = dict(spec.resources.limits)
     requests = dict(spec.resources.requests)
     if spec.gpus_per_pod > 0:
-        limits["nvidia.com/gpu"] = str(spec.gpus_per_pod)
+        limits[GPU_RESOURCE] = str(spec.gpus_per_pod)
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests

@@ -3,7 +3,6 @@ subresources the API needs."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from typing import Any
 
@@ -72,7 +71,23 @@ def test_cel_rules_and_messages_are_carried() -> None:
     assert rules == spec.CEL_RULES + spec.IMMUTABLE_PARALLELISM_RULES
     assert all(r["message"].startswith("spec.") or "spec." in r["message"] for r in rules)
     assert any("oldSelf.parallelism.stages" in r["rule"] for r in rules)
-    assert "self.metadata.name.size() <= 46" in json.dumps(schema["x-kubernetes-validations"])
+    root_rules = [r["rule"] for r in schema["x-kubernetes-validations"]]
+    assert "self.metadata.name.size() <= 46" in root_rules
+    # The Service takes the job's name (a DNS-1035 label); the API server alone allows `1llm` or `a.b`.
+    assert f"self.metadata.name.matches('{spec.NAME_PATTERN}')" in root_rules
+
+
+def test_checks_of_the_model_that_the_schema_can_express_are_in_it() -> None:
+    # A job the model refuses should not pass `kubectl apply` where the API server could tell.
+    spec_schema = crd.pipelinejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+        "spec"
+    ]
+    rule = spec_schema["properties"]["failurePolicy"]["properties"]["rules"]["items"]
+    assert rule["properties"]["onExitCodes"]["items"]["pattern"]
+    assert "has(self.onExitCodes)" in rule["x-kubernetes-validations"][0]["rule"]
+    assert spec_schema["properties"]["placement"]["properties"]["topologyKey"]["pattern"]
+    messages = " ".join(r["message"] for r in spec_schema["x-kubernetes-validations"])
+    assert "spec.train.steps is required" in messages and "spec.train.globalBatchSize" in messages
 
 
 def test_names_columns_and_subresources() -> None:

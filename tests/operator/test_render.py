@@ -3,17 +3,21 @@ end to end (operator's env -> conveyor.env.PodEnv -> ranks)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
+import yaml
 from conveyor.env import PodEnv
 from conveyor.spec import parse_spec
 from conveyor_operator import render
 
+from tests.conftest import ROOT
 from tests.operator import golden_cases
 from tests.operator.builders import inference_spec, serve_spec, train_spec
 
 JOB = golden_cases.JOB
+CHART_VALUES = ROOT / "charts" / "conveyor" / "values.yaml"
 
 
 @pytest.mark.parametrize("case", sorted(golden_cases.CASES))
@@ -204,3 +208,23 @@ def test_without_a_cache_spec_no_cache_volume_and_the_worker_uses_its_own_disk()
     sts = render.build_statefulsets(JOB, spec, {}, running=True)[0]
     assert all(v["name"] != "compile-cache" for v in sts["spec"]["template"]["spec"]["volumes"])
     assert PodEnv.from_environ(_environ(sts, 0)).compile_cache is None
+
+
+def test_each_tensor_parallel_rank_s_metrics_port_is_declared_for_the_pod_monitor() -> None:
+    # Rank r of a pod serves its metrics on metricsPort + r; the chart's PodMonitor scrapes the declared
+    # container ports named metrics / metrics-N (Prometheus discovers pods' ports, not open sockets).
+    spec = parse_spec(serve_spec(tp=4, metricsPort=9500))
+    sts = render.build_statefulsets(JOB, spec, {}, running=True)[0]
+    ports = {p["name"]: p["containerPort"] for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports == {
+        "rendezvous": 29500,
+        "metrics": 9500,
+        "metrics-1": 9501,
+        "metrics-2": 9502,
+        "metrics-3": 9503,
+        "http": 8000,
+    }
+    pod_monitor_ports = re.compile(
+        yaml.safe_load(CHART_VALUES.read_text())["workerMetrics"]["podMonitor"]["portNameRegex"]
+    )
+    assert all(pod_monitor_ports.fullmatch(name) for name in ports if name.startswith("metrics"))

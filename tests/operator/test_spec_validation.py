@@ -111,6 +111,14 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ["spec.parallelism.partitionMethod:", "parameters|uniform|type:"],
     ),
     (
+        "partition type not a regex",
+        lambda: edit(BASE, "spec.parallelism.partitionMethod", "type:Block["),
+        [
+            "spec.parallelism.partitionMethod:",
+            "'type:Block[': REGEX after `type:` is not a regular expression",
+        ],
+    ),
+    (
         "inference section missing",
         lambda: edit(BASE, "spec.inference", DELETE),
         ["spec.inference is required when spec.mode is 'inference'", "add a `inference:` section"],
@@ -220,6 +228,25 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ],
     ),
     (
+        "a GPU request unlike the limit",
+        lambda: edit(
+            edit(BASE, "spec.parallelism.tensorParallel", 2),
+            "spec.resources",
+            {"requests": {"nvidia.com/gpu": "4"}},
+        ),
+        [
+            "spec.resources.requests['nvidia.com/gpu'] (4) is not the pod's GPU limit (2:",
+            "set spec.resources.gpus and remove nvidia.com/gpu from spec.resources.requests",
+        ],
+    ),
+    (
+        "a GPU request without a limit on the CPU",
+        lambda: edit(
+            edit(BASE, "spec.device", "cpu"), "spec.resources", {"requests": {"nvidia.com/gpu": "1"}}
+        ),
+        ["spec.resources.requests['nvidia.com/gpu'] (1) is not the pod's GPU limit (none:"],
+    ),
+    (
         "gpus 17",
         lambda: edit(BASE, "spec.resources", {"gpus": 17}),
         ["spec.resources.gpus:", "less than or equal to 16"],
@@ -242,6 +269,49 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ["spec.metricsPort:", "less than or equal to 65535"],
     ),
     (
+        "master port is the metrics port",
+        lambda: edit(BASE, "spec.masterPort", 9400),
+        ["spec.masterPort (9400) is one of the metrics ports 9400-9400", "change masterPort or metricsPort"],
+    ),
+    (
+        "master port is a tensor-parallel rank's metrics port",
+        lambda: edit(edit(BASE, "spec.parallelism.tensorParallel", 4), "spec.masterPort", 9403),
+        ["spec.masterPort (9403) is one of the metrics ports 9400-9403", "one per tensor-parallel rank"],
+    ),
+    (
+        "metrics ports past 65535",
+        lambda: edit(edit(BASE, "spec.parallelism.tensorParallel", 2), "spec.metricsPort", 65535),
+        ["spec.metricsPort (65535) + tensorParallel (2) - 1 is above 65535", "set metricsPort <= 65534"],
+    ),
+    (
+        "serve port is the master port",
+        lambda: edit(doc(serve_spec()), "spec.serve.port", 29500),
+        ["spec.serve.port (29500) is spec.masterPort", "choose another serve.port"],
+    ),
+    (
+        "serve port is a metrics port",
+        lambda: edit(doc(serve_spec(tp=2)), "spec.serve.port", 9401),
+        ["spec.serve.port (9401) is the metrics ports 9400-9401", "choose another serve.port"],
+    ),
+    (
+        "cache at the checkpoint's path",
+        lambda: edit(BASE, "spec.cache", {"path": "/ckpt"}),
+        ["spec.cache.path (/ckpt) is also spec.checkpoint.path's mount path", "change spec.cache.path"],
+    ),
+    (
+        "model mounted at the checkpoint's path",
+        lambda: edit(BASE, "spec.model.mountPath", "/ckpt"),
+        [
+            "spec.model.mountPath (/ckpt) is also spec.checkpoint.path's mount path",
+            "change spec.model.mountPath",
+        ],
+    ),
+    (
+        "cache on shared memory",
+        lambda: edit(BASE, "spec.cache", {"volume": "cache", "path": "/dev/shm"}),
+        ["spec.cache.path (/dev/shm) is also the shared memory volume's mount path"],
+    ),
+    (
         "ttl negative",
         lambda: edit(BASE, "spec.ttlSecondsAfterFinished", -5),
         ["spec.ttlSecondsAfterFinished:", "greater than or equal to 0"],
@@ -262,7 +332,77 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         lambda: edit(BASE, "spec.template.nodeSelector", {"gpu": 1}),
         ["spec.template.nodeSelector.gpu:", "string"],
     ),
+    (
+        "resource quantity",
+        lambda: edit(BASE, "spec.resources", {"requests": {"cpu": "4 cores"}}),
+        ["spec.resources.requests.cpu:", "'4 cores' is not a Kubernetes quantity", "`500m`"],
+    ),
+    (
+        "resource name",
+        lambda: edit(BASE, "spec.resources", {"limits": {"gpu memory": "8Gi"}}),
+        ["spec.resources.limits:", "'gpu memory' is not a resource name", "`nvidia.com/gpu`"],
+    ),
+    (
+        "label value",
+        lambda: edit(BASE, "spec.template.labels", {"team": "ml research"}),
+        ["spec.template.labels.team:", "'ml research' is not a label value", "starting and ending"],
+    ),
+    (
+        "label value too long",
+        lambda: edit(BASE, "spec.template.labels", {"team": "a" * 64}),
+        ["spec.template.labels.team:", "at most 63 characters"],
+    ),
+    (
+        "label key",
+        lambda: edit(BASE, "spec.template.labels", {"-team": "ml"}),
+        ["spec.template.labels:", "'-team' is not a label key", "`prefix/name`"],
+    ),
+    (
+        "node selector value",
+        lambda: edit(BASE, "spec.template.nodeSelector", {"gpu": "h100 sxm"}),
+        ["spec.template.nodeSelector.gpu:", "is not a label value"],
+    ),
+    (
+        "label key prefix too long",
+        lambda: edit(BASE, "spec.template.labels", {"a" * 254 + "/team": "ml"}),
+        ["spec.template.labels:", "is not a label key", "at most 253 characters"],
+    ),
+    (
+        "priority class name",
+        lambda: edit(BASE, "spec.template.priorityClassName", "High_Priority"),
+        ["spec.template.priorityClassName:", "'High_Priority' is not an object name"],
+    ),
+    (
+        "service account name",
+        lambda: edit(BASE, "spec.template.serviceAccountName", "Trainer"),
+        ["spec.template.serviceAccountName:", "'Trainer' is not an object name"],
+    ),
+    (
+        "model mount path empty",
+        lambda: edit(BASE, "spec.model.mountPath", ""),
+        ["spec.model.mountPath:", "at least 1 character"],
+    ),
+    (
+        "annotation key",
+        lambda: edit(BASE, "spec.template.annotations", {"owner team": "ml"}),
+        ["spec.template.annotations:", "'owner team' is not an annotation key"],
+    ),
+    (
+        "queue name",
+        lambda: edit(BASE, "spec.placement", {"queueName": "team queue"}),
+        ["spec.placement.queueName:", "is not a label value"],
+    ),
     ("name pattern", lambda: edit(BASE, "metadata.name", "LLM_Job"), ["metadata.name:", "[a-z0-9]"]),
+    (
+        "name starts with a digit",
+        lambda: edit(BASE, "metadata.name", "1llm"),
+        ["metadata.name:", "not a DNS-1035 label", "starting with a letter"],
+    ),
+    (
+        "name with a dot",
+        lambda: edit(BASE, "metadata.name", "team.llm"),
+        ["metadata.name:", "not a DNS-1035 label", "the job's Service takes its name"],
+    ),
     (
         "name too long",
         lambda: edit(BASE, "metadata.name", "a" * 47),

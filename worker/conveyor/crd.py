@@ -37,6 +37,11 @@ _NAME_RULE = {
     "message": f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters: StatefulSet, pod and "
     "revision names add suffixes to it and Kubernetes label values stop at 63",
 }
+_NAME_PATTERN_RULE = {
+    "rule": f"self.metadata.name.matches('{api.NAME_PATTERN}')",
+    "message": "metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting with a "
+    "letter, no dots): the job's Service takes its name",
+}
 
 
 def _column(name: str, type_: str, json_path: str, description: str = "") -> dict[str, Any]:
@@ -131,7 +136,7 @@ def pipelinejob_crd() -> dict[str, Any]:
             "spec": spec_schema,
             "status": status_schema,
         },
-        "x-kubernetes-validations": [_NAME_RULE],
+        "x-kubernetes-validations": [_NAME_RULE, _NAME_PATTERN_RULE],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from conveyor.kube_formats import MAX_SECONDS
 
 # One element of onExitCodes: a code (`137`) or an inclusive range (`128-255`).
 _CODES = re.compile(r"^\s*(\d{1,3})\s*(?:-\s*(\d{1,3})\s*)?$")
@@ -43,10 +46,30 @@ def parse_codes(text: str) -> tuple[int, int]:
     return low, high
 
 
+# The CRD checks an exit code's form with the same pattern (its bounds and order only the model checks);
+# json_schema_extra, so that the model's own message (parse_codes) is the one `conveyor run` shows.
+ExitCodes = Annotated[str, Field(json_schema_extra={"pattern": _CODES.pattern})]
+
+
 class FailureRule(_Spec):
+    # The API server refuses a rule without a matcher at admission too (the model's message is below).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.onExitCodes) && size(self.onExitCodes) > 0)"
+                    " || (has(self.onPodConditions) && size(self.onPodConditions) > 0)"
+                    " || (has(self.onReasons) && size(self.onReasons) > 0)",
+                    "message": "a failurePolicy rule needs onExitCodes, onPodConditions or onReasons: a rule "
+                    "that matches every failure is the default (RestartGroup) already",
+                }
+            ]
+        }
+    )
+
     name: str | None = Field(None, max_length=63, description="Shown in status and Events when it matches.")
     action: FailureAction = Field(description="What a failure this rule matches does.")
-    on_exit_codes: list[str] | None = Field(
+    on_exit_codes: list[ExitCodes] | None = Field(
         None,
         max_length=64,
         description="Worker exit codes, each a code (`137`) or an inclusive range (`128-255`).",
@@ -88,6 +111,7 @@ class FailurePolicySpec(_Spec):
     hang_timeout_seconds: int | None = Field(
         None,
         ge=10,
+        le=MAX_SECONDS,
         description="A rank of an inference or train job without progress this long is hung: its liveness "
         "probe fails and the group restarts (reason Hung). Start-up (loading, compiling) never counts.",
     )

@@ -15,16 +15,12 @@ scheduling). Without a gang scheduler a group that cannot be placed whole is rep
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-# A label key: an optional DNS subdomain prefix and a name of at most 63 characters.
-_LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
+from conveyor.kube_formats import LABEL_KEY, MAX_SECONDS, LabelValue
 
 
 class _Spec(BaseModel):
@@ -42,6 +38,8 @@ class PlacementSpec(_Spec):
     topology_key: str | None = Field(
         None,
         max_length=317,
+        # The CRD checks it at admission with the same pattern; the validator below gives the model's message.
+        json_schema_extra={"pattern": LABEL_KEY.pattern},
         description="Node label of the topology domain a group's pods share (e.g. `topology.kubernetes.io/zone`, "
         "a rack or NVLink domain label).",
     )
@@ -52,22 +50,22 @@ class PlacementSpec(_Spec):
     exclusive: bool = Field(
         False, description="One group per domain: no pod of another Conveyor group in the same domain."
     )
-    queue_name: str | None = Field(
+    queue_name: LabelValue | None = Field(
         None,
-        max_length=63,
         description="Kueue LocalQueue: set as the `kueue.x-k8s.io/queue-name` label on the groups' StatefulSets "
         "and pods, with topologyKey as Kueue's podset topology request.",
     )
     unschedulable_timeout_seconds: int = Field(
         300,
         ge=10,
+        le=MAX_SECONDS,
         description="A group with a pod unschedulable this long is reported in the Unschedulable condition.",
     )
 
     @field_validator("topology_key")
     @classmethod
     def _label_key(cls, key: str | None) -> str | None:
-        if key is not None and not _LABEL_KEY.match(key):
+        if key is not None and not LABEL_KEY.match(key):
             raise ValueError(
                 f"topologyKey {key!r} is not a node label key: write `prefix/name` or `name` "
                 "(e.g. `topology.kubernetes.io/zone`)"

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from conveyor.failure_policy import FailurePolicySpec
+from conveyor.kube_formats import MAX_SECONDS, LabelValue, ObjectName, Quantity, check_keys
 from conveyor.placement import PlacementSpec
 
 GROUP = "conveyor.dev"
@@ -37,6 +38,12 @@ DEFAULT_IMAGE = "ghcr.io/conveyor-dev/conveyor-worker:0.1.0"
 KubeObject = Annotated[
     dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 ]
+
+
+# The extended resource the operator asks for spec.resources.gpus with (gpus_per_pod).
+GPU_RESOURCE = "nvidia.com/gpu"
+# Where the operator mounts the pod's shared memory (NCCL's and torch's transports need more than 64 MiB).
+SHM_PATH = "/dev/shm"
 
 
 class _Spec(BaseModel):
@@ -78,7 +85,7 @@ class ModelSpec(_Spec):
         description="PersistentVolumeClaim holding the model, mounted read-only at `mountPath` (optional: "
         "the model may also come through template.volumes).",
     )
-    mount_path: str = Field("/models", description="Where `volume` is mounted in the worker.")
+    mount_path: str = Field("/models", min_length=1, description="Where `volume` is mounted in the worker.")
 
 
 class ParallelismSpec(_Spec):
@@ -106,6 +113,20 @@ class ParallelismSpec(_Spec):
         description="How layers are split over stages: `parameters`, `uniform` or `type:REGEX`.",
     )
 
+    @field_validator("partition_method")
+    @classmethod
+    def _type_regex_compiles(cls, method: str) -> str:
+        # A bad REGEX otherwise surfaced as re.error from deep inside every rank's model build.
+        if method.startswith("type:"):
+            try:
+                re.compile(method[5:], re.IGNORECASE)
+            except re.error as err:
+                raise ValueError(
+                    f"{method!r}: REGEX after `type:` is not a regular expression ({err}): fix it, e.g. "
+                    "`type:DecoderLayer`"
+                ) from None
+        return method
+
     @property
     def group_size(self) -> int:
         return self.stages * self.tensor_parallel
@@ -119,25 +140,45 @@ class ResourcesSpec(_Spec):
     gpus: int | None = Field(
         None, ge=0, le=16, description="GPUs per pod; default: tensorParallel. 0 runs on the CPU."
     )
-    requests: dict[str, str] = Field(default_factory=dict, description="Extra container resource requests.")
-    limits: dict[str, str] = Field(default_factory=dict, description="Extra container resource limits.")
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, description="Extra container resource requests."
+    )
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Extra container resource limits.")
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _resource_names(cls, quantities: dict[str, str]) -> dict[str, str]:
+        check_keys(quantities, "a resource name (e.g. `cpu`, `memory`, `nvidia.com/gpu`)")
+        return quantities
 
 
 class TemplateSpec(_Spec):
     """Pod-level overrides, passed through to every worker pod."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict)
     tolerations: list[KubeObject] = Field(default_factory=list)
     affinity: KubeObject | None = None
-    priority_class_name: str | None = None
+    priority_class_name: ObjectName | None = None
     scheduler_name: str | None = None
-    service_account_name: str | None = None
+    service_account_name: ObjectName | None = None
     env: list[KubeObject] = Field(default_factory=list)
     volumes: list[KubeObject] = Field(default_factory=list)
     volume_mounts: list[KubeObject] = Field(default_factory=list)
     image_pull_secrets: list[KubeObject] = Field(default_factory=list)
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on worker pods.")
+    labels: dict[str, LabelValue] = Field(default_factory=dict, description="Extra labels on worker pods.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on worker pods.")
+
+    @field_validator("node_selector", "labels")
+    @classmethod
+    def _label_keys(cls, labels: dict[str, str]) -> dict[str, str]:
+        check_keys(labels, "a label key")
+        return labels
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotation_keys(cls, annotations: dict[str, str]) -> dict[str, str]:
+        check_keys(annotations, "an annotation key")
+        return annotations
 
 
 class CheckpointSpec(_Spec):
@@ -152,6 +193,7 @@ class CheckpointSpec(_Spec):
     stale_after_seconds: int | None = Field(
         None,
         ge=60,
+        le=MAX_SECONDS,
         description="A running train job whose last committed checkpoint is older is CheckpointStale; none: 3 x "
         "the observed time between checkpoints.",
     )
@@ -170,10 +212,17 @@ class CacheSpec(_Spec):
 
 class RestartPolicySpec(_Spec):
     backoff_limit: int = Field(3, ge=0, le=1000, description="Group restarts before the job is Failed.")
-    backoff_seconds: int = Field(10, ge=0, description="Delay before the first restart; doubles each time.")
-    max_backoff_seconds: int = Field(300, ge=0, description="Upper bound of the restart delay.")
+    backoff_seconds: int = Field(
+        10, ge=0, le=MAX_SECONDS, description="Delay before the first restart; doubles each time."
+    )
+    max_backoff_seconds: int = Field(
+        300, ge=0, le=MAX_SECONDS, description="Upper bound of the restart delay."
+    )
     startup_timeout_seconds: int = Field(
-        1800, ge=10, description="A group not ready within this long after (re)start is restarted."
+        1800,
+        ge=10,
+        le=MAX_SECONDS,
+        description="A group not ready within this long after (re)start is restarted.",
     )
 
     @model_validator(mode="after")
@@ -299,18 +348,29 @@ class TrainSpec(_Spec):
         )
 
 
+# TrainSpec's fields that only fine-tuning (spec.train.dataset) reads.
+FINE_TUNING_FIELDS = (
+    "seq_length", "packing", "micro_batch_size", "global_batch_size", "optimizer", "scheduler",
+    "gradient_clipping", "precision", "activation_checkpointing", "seed", "export",
+)  # fmt: skip
+
+
 class RolloutSpec(_Spec):
     """How a serve job's replicas roll to a new spec, group by group (LeaderWorkerSet's rolling update)."""
 
     max_surge: int = Field(
         1,
         ge=0,
+        # Surge replicas are NAME-r{replicas..}: with replicas <= 1024 they stay within r2047, well inside the
+        # four digits MAX_NAME_LENGTH allows for (past r9999 the pods' revision label outgrows 63 characters).
+        le=1024,
         description="Extra replicas started with the new spec during a rollout, when the cluster has room "
         "(else the rollout goes in place).",
     )
     max_unavailable: int = Field(
         0,
         ge=0,
+        le=1024,
         description="Replicas that may be out of service at once during a rollout (in place: at least 1).",
     )
     drain_seconds: int = Field(
@@ -351,7 +411,10 @@ class PipelineJobSpec(_Spec):
     )
     suspend: bool = Field(False, description="Stop the pods and keep state; resuming continues (Kueue).")
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete the job's pods and Service this long after it finished."
+        None,
+        ge=0,
+        le=MAX_SECONDS,
+        description="Delete the job's pods and Service this long after it finished.",
     )
     master_port: int = Field(29500, ge=1024, le=65535, description="Rendezvous port (torch.distributed).")
     metrics_port: int = Field(9400, ge=1024, le=65535, description="Worker Prometheus port.")
@@ -396,6 +459,67 @@ class PipelineJobSpec(_Spec):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ports_apart(self) -> PipelineJobSpec:
+        # Each of a pod's T rank processes serves its metrics on metricsPort + its local rank; rank 0's
+        # TCPStore listens on masterPort and a serve replica's entry rank on serve.port, all in one pod.
+        # Overlapping ports fail at bind, and equal container ports make the server-side apply of the
+        # StatefulSet (and of the Service) fail, so the job would never start.
+        tp = self.parallelism.tensor_parallel
+        first, last = self.metrics_port, self.metrics_port + tp - 1
+        metrics = f"the metrics ports {first}-{last} (metricsPort + local rank, one per tensor-parallel rank)"
+        if last > 65535:
+            raise ValueError(
+                f"spec.metricsPort ({first}) + tensorParallel ({tp}) - 1 is above 65535: each tensor-parallel "
+                f"rank serves its metrics on metricsPort + its local rank; set metricsPort <= {65536 - tp}"
+            )
+        if first <= self.master_port <= last:
+            raise ValueError(
+                f"spec.masterPort ({self.master_port}) is one of {metrics}: change masterPort or metricsPort"
+            )
+        if self.serve is not None:
+            port = self.serve.port
+            if port == self.master_port or first <= port <= last:
+                taken = "spec.masterPort" if port == self.master_port else metrics
+                raise ValueError(f"spec.serve.port ({port}) is {taken}: choose another serve.port")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_request_is_the_limit(self) -> PipelineJobSpec:
+        # An extended resource's request must equal its limit, and the operator writes the nvidia.com/gpu
+        # limit from gpus_per_pod (the user's own limit stays only when that is 0). Any other request made
+        # every apply of the StatefulSets fail. (A user's limit of another count is replaced, not refused:
+        # such a job runs, with gpus_per_pod GPUs.)
+        request = self.resources.requests.get(GPU_RESOURCE)
+        limit = str(self.gpus_per_pod) if self.gpus_per_pod > 0 else self.resources.limits.get(GPU_RESOURCE)
+        if request is not None and request != limit:
+            raise ValueError(
+                f"spec.resources.requests['{GPU_RESOURCE}'] ({request}) is not the pod's GPU limit "
+                f"({limit or 'none'}: spec.resources.gpus, default tensorParallel, 0 on the CPU), and Kubernetes "
+                f"wants them equal: set spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.requests"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mounts_apart(self) -> PipelineJobSpec:
+        # The operator mounts each of these in the worker container (render._volumes); two at one path
+        # make the server-side apply of the StatefulSet fail, so the job would never start.
+        mounts = [(SHM_PATH, "the shared memory volume")]
+        if self.checkpoint is not None and self.checkpoint.volume:
+            mounts.append((self.checkpoint.path, "spec.checkpoint.path"))
+        if self.model is not None and self.model.volume:
+            mounts.append((self.model.mount_path, "spec.model.mountPath"))
+        if self.cache is not None:
+            mounts.append((self.cache.path, "spec.cache.path"))
+        for i, (path, field) in enumerate(mounts):
+            for earlier_path, earlier in mounts[:i]:
+                if path == earlier_path:
+                    raise ValueError(
+                        f"{field} ({path}) is also {earlier}'s mount path: each volume needs its own, so "
+                        f"change {field}"
+                    )
+        return self
+
     def _check_train(self, train: TrainSpec) -> None:
         ways = [name for name in ("script", "command", "dataset") if getattr(train, name) is not None]
         if len(ways) != 1:
@@ -405,11 +529,7 @@ class PipelineJobSpec(_Spec):
             )
         # Fields of the other way of training are refused, not ignored: they would do nothing. Compared
         # with their defaults, not by whether they were given: the API server writes defaults in.
-        fine_tuning = {
-            "seq_length", "packing", "micro_batch_size", "global_batch_size", "optimizer", "scheduler",
-            "gradient_clipping", "precision", "activation_checkpointing", "seed", "export",
-        }  # fmt: skip
-        other = {"config", "args"} if train.fine_tunes else fine_tuning
+        other = {"config", "args"} if train.fine_tunes else set(FINE_TUNING_FIELDS)
         misplaced = sorted(
             name
             for name in other
@@ -442,6 +562,34 @@ class PipelineJobSpec(_Spec):
         if self.resources.gpus is not None:
             return self.resources.gpus
         return 0 if self.device == "cpu" else self.parallelism.tensor_parallel
+
+
+# The paths the operator mounts volumes at in the worker container (see _mounts_apart), as a CEL list.
+_MOUNT_PATHS = (
+    f"(['{SHM_PATH}']"
+    " + (has(self.checkpoint) && has(self.checkpoint.volume) && self.checkpoint.volume != ''"
+    " ? [self.checkpoint.path] : [])"
+    " + (has(self.model) && has(self.model.volume) && self.model.volume != '' ? [self.model.mountPath] : [])"
+    " + (has(self.cache) ? [self.cache.path] : []))"
+)
+
+# PipelineJobSpec.gpus_per_pod, as CEL (the API server has filled device's and tensorParallel's defaults in).
+_GPUS_PER_POD = (
+    "(has(self.resources.gpus) ? self.resources.gpus"
+    " : (self.device == 'cpu' ? 0 : self.parallelism.tensorParallel))"
+)
+
+
+def _train_field_at_default(name: str) -> str:
+    """CEL: spec.train.<name> is absent or its default (as PipelineJobSpec._check_train compares it)."""
+    field = f"self.train.{to_camel(name)}"
+    default = TrainSpec.model_fields[name].get_default(call_default_factory=True)
+    if default is None:
+        return f"!has({field})"
+    if isinstance(default, OptimizerSpec):  # its params are free-form, out of CEL's reach: the type only
+        return f"(!has({field}) || {field}.type == '{default.type}')"
+    value = str(default).lower() if isinstance(default, bool) else repr(default)
+    return f"(!has({field}) || {field} == {value})"
 
 
 # CEL rules checked by the API server at admission (x-kubernetes-validations on the spec). They mirror
@@ -478,7 +626,32 @@ CEL_RULES: list[dict[str, str]] = [
         "message": "spec.model is required with spec.train.dataset (the HF model to fine-tune)",
     },
     {
-        "rule": "self.mode != 'train' || (has(self.checkpoint) && has(self.checkpoint.volume))",
+        "rule": "self.mode != 'train' || !has(self.train) || !has(self.train.dataset) || has(self.train.steps)",
+        "message": "spec.train.steps is required with spec.train.dataset: add steps (optimizer steps)",
+    },
+    {
+        "rule": "self.mode != 'train' || !has(self.train) || !has(self.train.dataset)"
+        " || !has(self.train.globalBatchSize) || self.parallelism.replicas == 0"
+        " || self.train.globalBatchSize % (self.train.microBatchSize * self.parallelism.replicas) == 0",
+        "message": "spec.train.globalBatchSize must be a multiple of spec.train.microBatchSize x "
+        "spec.parallelism.replicas: use such a multiple",
+    },
+    {
+        "rule": "self.mode != 'train' || !has(self.train) || has(self.train.dataset) || ("
+        + " && ".join(_train_field_at_default(name) for name in FINE_TUNING_FIELDS)
+        + ")",
+        "message": "spec.train: "
+        + ", ".join(to_camel(name) for name in FINE_TUNING_FIELDS)
+        + " only apply to spec.train.dataset (fine-tuning): remove them from a script or command job",
+    },
+    {
+        "rule": "self.mode != 'train' || !has(self.train) || !has(self.train.dataset) || !has(self.train.args)"
+        " || size(self.train.args) == 0",
+        "message": "spec.train.args only applies to a script or command: remove it",
+    },
+    {
+        "rule": "self.mode != 'train' || (has(self.checkpoint) && has(self.checkpoint.volume)"
+        " && self.checkpoint.volume != '')",
         "message": "a train job needs spec.checkpoint.volume (a PersistentVolumeClaim) to resume after restarts",
     },
     {
@@ -509,12 +682,47 @@ CEL_RULES: list[dict[str, str]] = [
         " || has(self.placement.topologyKey)",
         "message": "spec.placement.exclusive needs spec.placement.topologyKey (the node label of the domain)",
     },
+    # The ports of one pod apart (see _ports_apart); the API server has filled their defaults in by now.
+    {
+        "rule": "self.metricsPort + self.parallelism.tensorParallel <= 65536",
+        "message": "spec.metricsPort + spec.parallelism.tensorParallel - 1 is above 65535: each tensor-parallel "
+        "rank serves its metrics on metricsPort + its local rank; lower metricsPort",
+    },
+    {
+        "rule": "self.masterPort < self.metricsPort"
+        " || self.masterPort >= self.metricsPort + self.parallelism.tensorParallel",
+        "message": "spec.masterPort is one of the metrics ports (metricsPort to metricsPort + tensorParallel - 1, "
+        "one per tensor-parallel rank): change masterPort or metricsPort",
+    },
+    {
+        "rule": "!has(self.serve) || (self.serve.port != self.masterPort && (self.serve.port < self.metricsPort"
+        " || self.serve.port >= self.metricsPort + self.parallelism.tensorParallel))",
+        "message": "spec.serve.port is spec.masterPort or one of the metrics ports (metricsPort to metricsPort "
+        "+ tensorParallel - 1): choose another serve.port",
+    },
+    {
+        "rule": f"{_MOUNT_PATHS}.all(p, {_MOUNT_PATHS}.filter(q, q == p).size() == 1)",
+        "message": "spec.checkpoint.path, spec.model.mountPath, spec.cache.path and /dev/shm (the mount paths "
+        "of the checkpoint claim, the model claim, the compile cache and shared memory) must differ: change "
+        "one of them",
+    },
+    {
+        "rule": f"!has(self.resources.requests) || !('{GPU_RESOURCE}' in self.resources.requests)"
+        f" || self.resources.requests['{GPU_RESOURCE}'] == ({_GPUS_PER_POD} > 0 ? string({_GPUS_PER_POD})"
+        f" : (has(self.resources.limits) && '{GPU_RESOURCE}' in self.resources.limits"
+        f" ? self.resources.limits['{GPU_RESOURCE}'] : ''))",
+        "message": f"spec.resources.requests['{GPU_RESOURCE}'] is not the pod's GPU limit, and Kubernetes wants them "
+        f"equal: set spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.requests",
+    },
     {"rule": "self.mode == oldSelf.mode", "message": "spec.mode is immutable: create a new PipelineJob"},
 ]
 
 # The longest StatefulSet name is NAME-r1023 and its pods' controller-revision-hash label adds 11
 # characters; label values stop at 63, so NAME stops at 46.
 MAX_NAME_LENGTH = 46
+# NAME is also the headless Service's name, a DNS-1035 label: a letter first and no dots. The API server
+# takes any DNS-1123 subdomain as a PipelineJob's name (`1llm`, `my.llm`), whose Service it then refuses.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 # Layout fields may not change while pods run: the stages' weights and ranks would not match. They are
 # rules on `spec` (transition rules: `oldSelf` is the stored spec) so that a suspended job may change its
@@ -701,10 +909,20 @@ class PipelineJobStatus(_Status):
 
 class ObjectMeta(_Spec):
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
-    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
     namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _service_name(cls, name: str) -> str:
+        if not re.match(NAME_PATTERN, name):
+            raise ValueError(
+                f"{name!r} is not a DNS-1035 label ([a-z]([-a-z0-9]*[a-z0-9])?): the job's Service takes its "
+                "name, so use lower-case letters, digits and '-', starting with a letter"
+            )
+        return name
 
 
 class PipelineJob(_Spec):
