@@ -4,8 +4,8 @@ plan out, so every decision here is unit-tested without an API server.
 
 The cases, in the order they are handled:
 1. the spec does not validate, or its template reuses a key of the operator's own rendering (an env
-   var, a volume name, a mount path: template_clashes.py) -> Failed/InvalidSpec (not terminal: fixing the
-   spec resumes);
+   var, a volume name, a mount path: template_clashes.py), or an inference job's output would die with
+   its pods (results_storage.py) -> Failed/InvalidSpec (not terminal: fixing the spec resumes);
 2. finished (Succeeded, or Failed with its backoff spent) -> StatefulSets at 0 replicas, and after
    ``ttlSecondsAfterFinished`` the children are deleted (the PipelineJob and its status stay);
 3. stages or tensorParallel changed while running -> refused, nothing touched (the CRD's CEL rules
@@ -59,6 +59,7 @@ from conveyor_operator.progress import (
     skip_event,
 )
 from conveyor_operator.restarts import account_group
+from conveyor_operator.results_storage import results_lost_with_the_pod
 from conveyor_operator.template_clashes import template_clashes
 
 TERMINAL_REASONS = {"BackoffLimitExceeded", "Completed"}
@@ -210,9 +211,10 @@ def _plan(
     except SpecError as err:
         status.phase, status.reason, status.message = Phase.FAILED, "InvalidSpec", str(err)
         return _finish(plan, job, now)
-    clashes = template_clashes(spec)  # valid, but every apply of its StatefulSets would be refused
-    if clashes:
-        status.phase, status.reason, status.message = Phase.FAILED, "InvalidSpec", "\n".join(clashes)
+    # valid, but every apply of its StatefulSets would be refused, or its results lost with its pods
+    problems = template_clashes(spec) + results_lost_with_the_pod(spec)
+    if problems:
+        status.phase, status.reason, status.message = Phase.FAILED, "InvalidSpec", "\n".join(problems)
         return _finish(plan, job, now)
 
     ref = render.JobRef(job.name, job.namespace, job.uid)

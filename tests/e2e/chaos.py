@@ -60,6 +60,7 @@ import yaml
 
 from tests.cluster.waiting import wait_for
 from tests.conftest import conveyor_cmd, subprocess_env
+from tests.e2e.host_volume import keep_on_the_host
 
 GROUP, VERSION, PLURAL = "conveyor.dev", "v1alpha1", "pipelinejobs"
 JOB_LABEL = "conveyor.dev/job"
@@ -149,7 +150,7 @@ def inference_workload(work: Path, restarting_faults: int) -> Workload:
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def spec(out: Path) -> dict[str, Any]:
-        return _template(
+        spec = _template(
             {
                 "mode": "inference",
                 "device": "cpu",
@@ -166,6 +167,7 @@ def inference_workload(work: Path, restarting_faults: int) -> Workload:
                 "restartPolicy": {"backoffLimit": 1000, "backoffSeconds": 1, "maxBackoffSeconds": 2},
             }
         )
+        return keep_on_the_host(spec, out)
 
     clean, faulted = work / "clean", work / "cluster"
     for d in (clean, faulted):

@@ -14,6 +14,7 @@ import yaml
 from kubernetes import client
 
 from tests.cluster.waiting import wait_for
+from tests.e2e.host_volume import keep_on_the_host
 from tests.e2e.test_inference_job import EXAMPLES, inference_job, results, single_process_reference
 from tests.e2e.test_train_job import (
     STAGES,
@@ -91,6 +92,7 @@ def test_a_model_that_is_not_there_fails_the_job_at_once_with_the_workers_messag
             "restartPolicy": {"backoffLimit": 5, "backoffSeconds": 1},
         },
     }
+    keep_on_the_host(job["spec"], tmp_path / "out")
     manifest = tmp_path / "job.yaml"
     manifest.write_text(yaml.safe_dump(job))
     k8s_cluster.kubectl("apply", "-n", k8s_namespace, "-f", str(manifest))
@@ -118,7 +120,7 @@ def test_a_rank_that_hangs_is_restarted_and_the_job_completes_its_outputs_once(
     name, out = "hangs", tmp_path / "cluster"
     job = inference_job(name, model, out, 2, 1)
     job["spec"]["failurePolicy"] = {"hangTimeoutSeconds": 10}
-    job["spec"]["template"] = {"env": [{"name": "CONVEYOR_TEST_WEDGE_AFTER_BEATS", "value": "20"}]}
+    job["spec"]["template"]["env"] = [{"name": "CONVEYOR_TEST_WEDGE_AFTER_BEATS", "value": "20"}]
     manifest = tmp_path / "job.yaml"
     manifest.write_text(yaml.safe_dump(job))
     k8s_cluster.kubectl("apply", "-n", k8s_namespace, "-f", str(manifest))

@@ -13,6 +13,7 @@ import yaml
 
 from tests.cluster.fixtures import ROOT
 from tests.conftest import conveyor_cmd, subprocess_env
+from tests.e2e.host_volume import keep_on_the_host
 from tests.e2e.test_train_job import wait_succeeded
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -21,7 +22,7 @@ EXAMPLES = ROOT / "deploy" / "examples"
 
 
 def inference_job(name: str, model: Path, out: Path, stages: int, tp: int) -> dict:
-    return {
+    job = {
         "apiVersion": "conveyor.dev/v1alpha1",
         "kind": "PipelineJob",
         "metadata": {"name": name},
@@ -42,6 +43,8 @@ def inference_job(name: str, model: Path, out: Path, stages: int, tp: int) -> di
             "restartPolicy": {"backoffLimit": 2, "backoffSeconds": 1},
         },
     }
+    keep_on_the_host(job["spec"], out)
+    return job
 
 
 def results(path: Path) -> list[dict]:
