@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from conveyor.spec import CheckpointRef, GroupStatus, Mode, Phase, PipelineJobSpec
+from conveyor.job_status import CheckpointRef, GroupStatus, Phase
+from conveyor.spec import Mode, PipelineJobSpec
 
 from conveyor_operator.observe import parse_time
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
 
-from conveyor.spec import Condition, FleetStatus
+from conveyor.job_status import Condition, FleetStatus
 
 from conveyor_operator.phase import format_time
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from conveyor.spec import DrainingGroup, FleetStatus, GroupStatus, Phase, PipelineJobSpec, PipelineJobStatus
+from conveyor.job_status import DrainingGroup, FleetStatus, GroupStatus, Phase, PipelineJobStatus
+from conveyor.spec import PipelineJobSpec
 
 from conveyor_operator import render
 from conveyor_operator.observe import parse_time

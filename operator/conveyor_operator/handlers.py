@@ -18,16 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from conveyor.spec import (
-    GROUP,
-    PLURAL,
-    VERSION,
-    CheckpointRef,
-    Mode,
-    Phase,
-    PipelineJobSpec,
-    PipelineJobStatus,
-)
+from conveyor.job_status import CheckpointRef, Phase, PipelineJobStatus
+from conveyor.spec import GROUP, PLURAL, VERSION, Mode, PipelineJobSpec
 
 from conveyor_operator import checkpoint_age, k8s, metrics, scrape
 from conveyor_operator.observe import PodObservation, merge_witness, observe_pod

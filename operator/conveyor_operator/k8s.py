@@ -12,7 +12,8 @@ import datetime
 import logging
 from typing import Any, Protocol
 
-from conveyor.spec import GROUP, PLURAL, VERSION, PipelineJobStatus
+from conveyor.job_status import PipelineJobStatus
+from conveyor.spec import GROUP, PLURAL, VERSION
 from pydantic import BaseModel
 
 from conveyor_operator.render import JOB_LABEL

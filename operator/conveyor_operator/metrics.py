@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
-from conveyor.spec import Phase
+from conveyor.job_status import Phase
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()

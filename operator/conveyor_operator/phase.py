@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from conveyor.spec import Condition, GroupFailure, Phase, RestartPolicySpec
+from conveyor.job_status import Condition, GroupFailure, Phase
+from conveyor.spec import RestartPolicySpec
 
 from conveyor_operator.failure_rules import DISRUPTION_CONDITION
 from conveyor_operator.observe import PodFailure, PodObservation, parse_time

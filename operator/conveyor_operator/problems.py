@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from conveyor.spec import Phase, PipelineJobSpec, PipelineJobStatus
+from conveyor.job_status import Phase, PipelineJobStatus
+from conveyor.spec import PipelineJobSpec
 
 from conveyor_operator import checkpoint_age, unschedulable
 from conveyor_operator.phase import GroupPods

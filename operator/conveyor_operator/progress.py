@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from conveyor.spec import CheckpointRef, SkippedCheckpoint
+from conveyor.job_status import CheckpointRef, SkippedCheckpoint
 
 from conveyor_operator.observe import PodObservation, checkpoint_step
 

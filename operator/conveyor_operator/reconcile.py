@@ -23,19 +23,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from conveyor.failure_policy import FailureAction, FailurePolicySpec
-from conveyor.spec import (
+from conveyor.job_status import (
     CheckpointRef,
     GroupFailure,
     GroupStatus,
-    Mode,
     Phase,
-    PipelineJobSpec,
     PipelineJobStatus,
     ResolvedSpec,
-    RestartPolicySpec,
-    SpecError,
-    parse_spec,
 )
+from conveyor.spec import Mode, PipelineJobSpec, RestartPolicySpec, SpecError, parse_spec
 
 from conveyor_operator import failure_rules, fleet, problems, render
 from conveyor_operator.backoff import budget_left, restart_delay

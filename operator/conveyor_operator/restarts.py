@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from conveyor.spec import ContainerRestarts
+from conveyor.job_status import ContainerRestarts
 
 from conveyor_operator.observe import PodFailure, PodObservation
 from conveyor_operator.render import WORKER_CONTAINER

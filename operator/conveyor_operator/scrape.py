@@ -13,7 +13,7 @@ import logging
 import urllib.request
 from datetime import UTC, datetime
 
-from conveyor.spec import CheckpointRef, SkippedCheckpoint
+from conveyor.job_status import CheckpointRef, SkippedCheckpoint
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor_operator.phase import format_time

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 from conveyor import metrics as worker_metrics
-from conveyor.spec import CheckpointRef, GroupStatus, Phase, parse_spec
+from conveyor.job_status import CheckpointRef, GroupStatus, Phase
+from conveyor.spec import parse_spec
 from conveyor_operator import checkpoint_age, k8s, metrics, scrape
 from conveyor_operator.observe import observe_pod
 from conveyor_operator.reconcile import JobView, Plan, plan_reconcile

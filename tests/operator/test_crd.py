@@ -7,7 +7,7 @@ import subprocess
 from typing import Any
 
 import yaml
-from conveyor import crd, spec
+from conveyor import admission_rules, crd, spec
 
 from tests.conftest import ROOT, conveyor_cmd, subprocess_env
 
@@ -68,7 +68,7 @@ def test_schema_is_structural() -> None:
 def test_cel_rules_and_messages_are_carried() -> None:
     schema = crd.pipelinejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     rules = schema["properties"]["spec"]["x-kubernetes-validations"]
-    assert rules == spec.CEL_RULES + spec.IMMUTABLE_PARALLELISM_RULES
+    assert rules == admission_rules.CEL_RULES + admission_rules.IMMUTABLE_PARALLELISM_RULES
     assert all(r["message"].startswith("spec.") or "spec." in r["message"] for r in rules)
     assert any("oldSelf.parallelism.stages" in r["rule"] for r in rules)
     root_rules = [r["rule"] for r in schema["x-kubernetes-validations"]]

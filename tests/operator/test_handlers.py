@@ -166,7 +166,7 @@ def test_errors_are_counted_and_raised(cluster: FakeCluster, monkeypatch: pytest
 
 
 def test_status_patch_clears_fields_that_became_empty(cluster: FakeCluster) -> None:
-    from conveyor.spec import PipelineJobStatus
+    from conveyor.job_status import PipelineJobStatus
 
     patch = k8s.status_patch(PipelineJobStatus())
     assert patch["lastCheckpoint"] is None and patch["completionTime"] is None and patch["phase"] == "Pending"

@@ -4,7 +4,8 @@ conditions, and the backoff arithmetic."""
 from __future__ import annotations
 
 import pytest
-from conveyor.spec import Condition, Phase, RestartPolicySpec
+from conveyor.job_status import Condition, Phase
+from conveyor.spec import RestartPolicySpec
 from conveyor_operator.backoff import budget_left, restart_delay
 from conveyor_operator.observe import observe_pod
 from conveyor_operator.phase import conditions, detect_failure, group_phase, job_phase, split_pods

@@ -9,7 +9,7 @@ import dataclasses
 import json
 from typing import Any
 
-from conveyor.spec import CheckpointRef
+from conveyor.job_status import CheckpointRef
 from conveyor_operator import progress
 from conveyor_operator.observe import merge_witness, observe_pod
 from conveyor_operator.reconcile import JobView, Plan, plan_reconcile

@@ -8,7 +8,7 @@ import dataclasses
 import json
 from typing import Any
 
-from conveyor.spec import ContainerRestarts
+from conveyor.job_status import ContainerRestarts
 from conveyor_operator.handlers import with_witnesses
 from conveyor_operator.observe import observe_pod
 from conveyor_operator.reconcile import JobView, plan_reconcile

@@ -10,7 +10,7 @@ with kubectl's strict field validation, refuses unknown fields), free-form Kuber
 ``x-kubernetes-validations``.
 
 Also generates the CRDs of kopf's peering objects (leader election between operator replicas).
-Stays torch-free: it imports only ``conveyor.spec``.
+Stays torch-free: it imports only ``conveyor.spec`` and the models and rules beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from conveyor import admission_rules, job_status
 from conveyor import spec as api
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,8 +124,10 @@ def openapi_schema(model: type[Any]) -> dict[str, Any]:
 
 def pipelinejob_crd() -> dict[str, Any]:
     spec_schema = openapi_schema(api.PipelineJobSpec)
-    spec_schema["x-kubernetes-validations"] = api.CEL_RULES + api.IMMUTABLE_PARALLELISM_RULES
-    status_schema = openapi_schema(api.PipelineJobStatus)
+    spec_schema["x-kubernetes-validations"] = (
+        admission_rules.CEL_RULES + admission_rules.IMMUTABLE_PARALLELISM_RULES
+    )
+    status_schema = openapi_schema(job_status.PipelineJobStatus)
     schema = {
         "type": "object",
         "description": "A model run split over pipeline stages, tensor-parallel ranks and replicas.",
