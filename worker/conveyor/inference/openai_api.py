@@ -31,7 +31,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from conveyor.inference.pipeline.generate import RequestQueue, Result
+from conveyor.inference.pipeline.requests import RequestQueue, Result
 from conveyor.inference.pipeline.sampling import SamplingParams
 
 

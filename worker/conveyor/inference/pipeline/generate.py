@@ -18,25 +18,31 @@ collects the tokens of the micro-batch's previous items, retires finished sequen
 ones into free lanes (prefill) and sends the next decode item. With M >= P the reply for a micro-batch
 is back by the time its turn comes again, so while stage s decodes micro-batch i, stage s+1 decodes
 i-1, and no stage waits between tokens. Sequences join and leave at any token step (continuous
-batching), which is what serve mode needs too: there the requests come from a ``RequestQueue`` that
-the HTTP server feeds while the loop runs (the loop blocks on it when it has nothing to do), and a
-cancelled request's lane is freed at its micro-batch's next turn.
+batching), which is what serve mode needs too: there the requests come from a ``RequestQueue``
+(requests.py) that the HTTP server feeds while the loop runs (the loop blocks on it when it has nothing
+to do), and a cancelled request's lane is freed at its micro-batch's next turn.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from conveyor.inference.model.stage_model import StageModel
-from conveyor.inference.pipeline.sampling import SamplingParams, sequence_key
+from conveyor.inference.pipeline.requests import (
+    IteratedRequests,
+    ReplicatedQueue,
+    Request,
+    RequestQueue,
+    Result,
+)
+from conveyor.inference.pipeline.sampling import SamplingParams
 from conveyor.inference.pipeline.stage import (
     DECODE,
     EXTEND,
@@ -52,6 +58,7 @@ __all__ = [
     "IMMEDIATE",
     "Admission",
     "PipelinePeers",
+    "ReplicatedQueue",
     "Request",
     "RequestQueue",
     "Result",
@@ -73,32 +80,6 @@ PREFILL_CHUNK = 2048
 # An idle scheduler (serve mode, no requests) wakes this often and tells the other stages it is alive:
 # their blocking receive would otherwise hit the process group's timeout.
 KEEPALIVE_SECONDS = 30.0
-
-
-@dataclass
-class Request:
-    id: Any
-    prompt_ids: list[int]
-    max_new_tokens: int
-    stop: tuple[str, ...] = ()  # stop strings of this request, besides the sampling parameters' own
-    sampling: SamplingParams | None = None  # this request's own temperature, top_k, top_p, seed
-    # what its random draws are keyed by (default: its id): a client's seed, so that the same seed and
-    # prompt give the same text whatever else is in flight
-    sampling_key: Any = None
-
-    @property
-    def key(self) -> int:
-        return sequence_key(self.id if self.sampling_key is None else self.sampling_key)
-
-
-@dataclass
-class Result:
-    id: Any
-    prompt_ids: list[int]
-    output_ids: list[int]
-    finish_reason: str  # "stop", "length", or "cancelled" (RequestQueue.cancel)
-    text: str | None = None
-    time_to_first_token: float = 0.0
 
 
 class TokenReadback:
@@ -179,127 +160,6 @@ class SchedulerHooks:
     on_token: Callable[[Request, int], None] = lambda request, token: None  # each token accepted, in order
     # once a pass over the micro-batches: sequences in lanes, KV cache positions they hold
     on_occupancy: Callable[[int, int], None] = lambda running, positions: None
-
-
-class RequestQueue:
-    """Requests that arrive while the scheduler runs (serve mode); thread-safe. ``put`` from any thread
-    (``QueueFull`` past ``max_waiting``, ``Closed`` once closed), ``cancel`` a request by id (dropped if
-    still waiting, else its lane is freed at its next turn, reported with finish_reason "cancelled"),
-    ``close`` to end the run once what is in flight has finished."""
-
-    class QueueFull(Exception):
-        pass
-
-    class Closed(Exception):
-        """``put`` after ``close``: the replica is stopping and takes no more requests."""
-
-    def __init__(self, max_waiting: int):
-        self.max_waiting = max_waiting
-        self._cond = threading.Condition()
-        self._waiting: deque[Request] = deque()
-        self._cancelled: set[Any] = set()
-        self._closed = False
-
-    def put(self, request: Request) -> None:
-        with self._cond:
-            if self._closed:
-                raise RequestQueue.Closed("the request queue is closed")
-            if len(self._waiting) >= self.max_waiting:
-                raise RequestQueue.QueueFull(f"{len(self._waiting)} requests already waiting")
-            self._waiting.append(request)
-            self._cond.notify()
-
-    def cancel(self, request_id: Any) -> None:
-        with self._cond:
-            kept = deque(r for r in self._waiting if r.id != request_id)
-            if len(kept) == len(self._waiting):
-                self._cancelled.add(request_id)  # admitted already (or finished: then ignored)
-            self._waiting = kept
-            self._cond.notify()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._waiting)
-
-    # -- the scheduler's side ---------------------------------------------------------------------
-    def poll(self) -> Request | None:
-        with self._cond:
-            return self._waiting.popleft() if self._waiting else None
-
-    def take_cancelled(self) -> set[Any]:
-        with self._cond:
-            taken, self._cancelled = self._cancelled, set()
-            return taken
-
-    @property
-    def finished(self) -> bool:
-        """Closed, and nothing left waiting."""
-        with self._cond:
-            return self._closed and not self._waiting
-
-    def wait(self, timeout: float) -> bool:
-        """Block until a request or a cancellation arrives or the queue closes (True), or ``timeout``
-        passes (False)."""
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: bool(self._waiting or self._cancelled or self._closed), timeout
-            )
-
-
-class ReplicatedQueue:
-    """The entry rank's ``RequestQueue`` as stage 0's other tensor-parallel ranks see it. Each of those
-    ranks runs the same scheduler over the same lanes, so they must get the same answer to every question
-    the scheduler asks the queue (a request or none, the cancellations, a wait's outcome, whether it is
-    finished): the entry rank (``queue`` given) answers, and the answer is broadcast over the stage's
-    tensor-parallel group (``queue`` None on the others). The calls come in the same order on every rank
-    because the scheduler's state is the same on every rank: it follows from the answers and the tokens."""
-
-    def __init__(self, queue: RequestQueue | None, group: Any, src: int):
-        self.queue, self.group, self.src = queue, group, src
-
-    def _agree(self, answer: Callable[[], Any]) -> Any:
-        import torch.distributed as dist
-
-        box = [answer() if self.queue is not None else None]
-        dist.broadcast_object_list(box, src=self.src, group=self.group)
-        return box[0]
-
-    def poll(self) -> Request | None:
-        return self._agree(lambda: self.queue.poll())  # type: ignore[union-attr]
-
-    def take_cancelled(self) -> set[Any]:
-        return self._agree(lambda: self.queue.take_cancelled())  # type: ignore[union-attr]
-
-    @property
-    def finished(self) -> bool:
-        return self._agree(lambda: self.queue.finished)  # type: ignore[union-attr]
-
-    def wait(self, timeout: float) -> bool:
-        return self._agree(lambda: self.queue.wait(timeout))  # type: ignore[union-attr]
-
-
-class _Iterated:
-    """A plain iterable of requests as a ``RequestQueue``'s scheduler side (the batch job's case)."""
-
-    def __init__(self, requests: Iterable[Request]):
-        self._it: Iterator[Request] = iter(requests)
-        self.finished = False
-
-    def poll(self) -> Request | None:
-        req = None if self.finished else next(self._it, None)
-        self.finished = req is None
-        return req
-
-    def take_cancelled(self) -> set[Any]:
-        return set()
-
-    def wait(self, timeout: float) -> bool:
-        return True
 
 
 class Scheduler:
@@ -566,8 +426,8 @@ class Scheduler:
     def run(self, requests: Iterable[Request] | RequestQueue | ReplicatedQueue) -> None:
         """Generate for ``requests`` until they are exhausted (an iterable) or the queue is closed and
         everything admitted has finished (a ``RequestQueue``: an empty queue is waited on, not the end)."""
-        waiting: RequestQueue | ReplicatedQueue | _Iterated = (
-            requests if isinstance(requests, (RequestQueue, ReplicatedQueue)) else _Iterated(requests)
+        waiting: RequestQueue | ReplicatedQueue | IteratedRequests = (
+            requests if isinstance(requests, (RequestQueue, ReplicatedQueue)) else IteratedRequests(requests)
         )
         in_flight: list[list[_Item]] = [[] for _ in range(self.m)]  # per micro-batch, in the order sent
         last_turn = [time.perf_counter()] * self.m
