@@ -23,7 +23,7 @@ from conveyor.spec import GROUP, PLURAL, VERSION, Mode, PipelineJobSpec
 
 from conveyor_operator import checkpoint_age, k8s, metrics, scrape
 from conveyor_operator.observe import PodObservation, merge_witness, observe_pod
-from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
+from conveyor_operator.reconcile import JobView, Plan, plan_reconcile, refused_by_the_api_server
 from conveyor_operator.render import JOB_LABEL
 from conveyor_operator.requeue import Requeues
 
@@ -41,7 +41,7 @@ def _lock(namespace: str, name: str) -> threading.Lock:
         return _locks.setdefault((namespace, name), threading.Lock())
 
 
-def execute(client: k8s.Client, body: dict[str, Any], plan: Plan) -> None:
+def execute(client: k8s.Client, body: dict[str, Any], plan: Plan, now: datetime | None = None) -> None:
     """Carry a plan out. Status first: a restart's new count is recorded before any pod goes, so a crash
     half way leaves pods of an 'earlier restart' that the next reconcile replaces."""
     meta = body["metadata"]
@@ -51,7 +51,19 @@ def execute(client: k8s.Client, body: dict[str, Any], plan: Plan) -> None:
     if new_status != old_status or not body.get("status"):
         client.patch_status(ns, name, new_status)
     for obj in plan.apply:
-        client.apply(obj)
+        try:
+            client.apply(obj)
+        except Exception as err:
+            message = k8s.refusal(err)
+            if message is None:
+                raise
+            job, when = JobView.from_body(body), now or datetime.now(UTC)
+            refused = refused_by_the_api_server(job, plan.status, obj, message, when)
+            client.patch_status(ns, name, k8s.status_patch(refused.status))
+            for ev in refused.events:
+                client.event(body, ev.type, ev.reason, ev.message)
+            plan.status, plan.events = refused.status, plan.events + refused.events
+            return
     for pod, labels in sorted(plan.label_pods.items()):
         client.label_pod(ns, pod, labels)
     for pod in sorted(set(plan.delete_pods)):
@@ -113,7 +125,7 @@ def reconcile(
             plan = plan_reconcile(JobView.from_body(body), pods, now, live_checkpoint=live)
             if plan.delete_children and not client.children_exist(namespace, name):
                 plan.delete_children, plan.events = False, [e for e in plan.events if e.reason != "Cleaned"]
-            execute(client, body, plan)
+            execute(client, body, plan, now)
     except Exception:
         metrics.RECONCILES.labels(result="error").inc()
         log.exception("reconcile failed", extra={"namespace": namespace, "job": name})

@@ -9,6 +9,7 @@ Unit tests replace the client with ``set_client(fake)``; nothing else in the pac
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from typing import Any, Protocol
 
@@ -38,6 +39,18 @@ class Client(Protocol):
     def children_exist(self, namespace: str, job: str) -> bool: ...
     def delete_children(self, namespace: str, job: str) -> None: ...
     def delete_statefulset(self, namespace: str, name: str) -> None: ...
+
+
+def refusal(err: Exception) -> str | None:
+    """The API server's words when it refused an object as invalid (422 Unprocessable Entity): a valid
+    spec that renders into objects the server does not take (a bad toleration, affinity or volume source
+    in spec.template). None for any other error, which the reconcile raises and kopf retries."""
+    if getattr(err, "status", None) != 422:
+        return None
+    try:
+        return str(json.loads(getattr(err, "body", None) or "")["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(err)
 
 
 def status_patch(status: PipelineJobStatus) -> dict[str, Any]:

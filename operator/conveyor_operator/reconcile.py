@@ -5,7 +5,9 @@ plan out, so every decision here is unit-tested without an API server.
 The cases, in the order they are handled:
 1. the spec does not validate, or its template reuses a key of the operator's own rendering (an env
    var, a volume name, a mount path: template_clashes.py), or an inference job's output would die with
-   its pods (results_storage.py) -> Failed/InvalidSpec (not terminal: fixing the spec resumes);
+   its pods (results_storage.py) -> Failed/InvalidSpec (not terminal: fixing the spec resumes); the API
+   server refused one of its objects (``refused_by_the_api_server``) -> Failed/ApplyRefused, kept with
+   nothing applied until the spec or its rendering changes;
 2. finished (Succeeded, or Failed with its backoff spent) -> StatefulSets at 0 replicas, and after
    ``ttlSecondsAfterFinished`` the children are deleted (the PipelineJob and its status stay);
 3. stages or tensorParallel changed while running -> refused, nothing touched (the CRD's CEL rules
@@ -59,6 +61,7 @@ from conveyor_operator.results_storage import results_lost_with_the_pod
 from conveyor_operator.template_clashes import template_clashes
 
 TERMINAL_REASONS = {"BackoffLimitExceeded", "Completed"}
+APPLY_REFUSED = "ApplyRefused"
 # A pod still terminating this long after its deletion deadline (deletionTimestamp: the request plus its
 # grace period) is on a node that does not answer; the StatefulSet would wait for it forever. Forcing it
 # lets the group restart on another node; should the node come back with its containers still running,
@@ -218,6 +221,8 @@ def _plan(
     restarts = {g.name: g.restarts for g in old.groups}
     checkpoints = {g.name: g.last_checkpoint for g in old.groups}
     _describe(status, spec, job.name, render.template_hash(spec))
+    if _still_refused(old, status, job):
+        return _finish(plan, job, now)  # the same objects would be refused again: wait for a new spec
 
     if status.phase in (Phase.SUCCEEDED, Phase.FAILED) and status.reason in TERMINAL_REASONS:
         return _finish(_plan_finished(plan, ref, spec, restarts, now, children_exist), job, now)
@@ -252,6 +257,33 @@ def _plan(
     if spec.mode == Mode.SERVE:
         group_refs += fleet.extra_groups(job.name, spec, old, now)  # surge replicas, groups draining
     return _finish(_plan_active(plan, old, ref, spec, group_refs, pods, now, live), job, now)
+
+
+def refused_by_the_api_server(
+    job: JobView, status: PipelineJobStatus, obj: dict[str, Any], message: str, now: datetime
+) -> Plan:
+    """The plan after the API server refused one of the job's objects as invalid (``k8s.refusal``): the
+    job is Failed with reason ApplyRefused and the server's words, and nothing more is applied. Until the
+    spec (its generation) or the operator's rendering of it (the template hash) changes, the next
+    reconciles keep it so (``_still_refused``) instead of failing the same apply every resync."""
+    plan = Plan(status=status.model_copy(deep=True))
+    what = f"{obj['kind']} {obj['metadata']['name']}"
+    plan.status.phase, plan.status.reason = Phase.FAILED, APPLY_REFUSED
+    plan.status.message = (
+        f"the API server refused {what}: {message}; fix the spec (usually spec.template or spec.resources) "
+        "and apply it again"
+    )
+    return _finish(plan, job, now)  # (its Warning Event: the transition to Failed, with the message)
+
+
+def _still_refused(old: PipelineJobStatus, new: PipelineJobStatus, job: JobView) -> bool:
+    if old.reason != APPLY_REFUSED or old.observed_generation != job.generation:
+        return False
+    rendered = (
+        old.resolved.template_hash if old.resolved else None,
+        new.resolved.template_hash if new.resolved else None,
+    )
+    return rendered[0] == rendered[1]
 
 
 def _layout_change_refused(old: PipelineJobStatus, spec: PipelineJobSpec) -> str | None:

@@ -223,6 +223,27 @@ def test_operator_creates_objects_and_restarts_a_failed_group(
     print(json.dumps(job()["status"], indent=1))
 
 
+def test_a_statefulset_the_api_server_refuses_fails_the_job_with_its_words(
+    k8s_cluster: Any, k8s_namespace: str, operator: subprocess.Popen[str]
+) -> None:
+    """A toleration's effect the API server does not know passes the CRD (template items are free-form)
+    and the model, then every apply of the StatefulSet is refused: the job says so in its status."""
+    ns, custom = k8s_namespace, k8s_cluster.custom
+    spec = inference_spec(template={"tolerations": [{"key": "gpu", "effect": "Sometimes"}]})
+    k8s_cluster.kubectl("apply", "-f", "-", input=manifest("bad", ns, spec))
+
+    def status() -> dict[str, Any]:
+        return dict(
+            custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "bad").get("status") or {}
+        )
+
+    got = eventually(
+        lambda: status() if status().get("reason") == "ApplyRefused" else None, what="ApplyRefused"
+    )
+    assert got["phase"] == "Failed" and "tolerations[0].effect" in got["message"], got
+    assert got["message"].startswith("the API server refused StatefulSet bad-r0")
+
+
 def test_two_operator_replicas_never_act_at_once(
     k8s_cluster: Any, k8s_namespace: str, tmp_path: Path
 ) -> None:

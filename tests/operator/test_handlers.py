@@ -293,3 +293,66 @@ def test_a_failing_requeued_reconcile_is_swallowed() -> None:
     requeues.request(NS, "llm", 0.0)
     assert done.wait(5.0)
     requeues.request(NS, "llm", 0.0)  # and it can be asked for again
+
+
+class Refused(Exception):
+    """What the kubernetes client raises when the API server refuses an object as invalid."""
+
+    status = 422
+    body = '{"kind": "Status", "message": "StatefulSet.apps \\"llm-r0\\" is invalid: spec.template.spec.tolerations[0].effect: Unsupported value: \\"Sometimes\\""}'
+
+
+def test_an_object_the_api_server_refuses_fails_the_job_with_its_words_until_the_spec_changes(
+    cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A valid spec whose pass-through parts (a toleration, an affinity, a volume source) make the API
+    server refuse the StatefulSet: the job said Pending and only the operator's log said why. It is
+    Failed/ApplyRefused with the server's words, and stays so (nothing applied, no status written again)
+    until the spec changes."""
+    spec = inference_spec(template={"tolerations": [{"key": "gpu", "effect": "Sometimes"}]})
+    cluster.jobs[(NS, "llm")] = job_body(spec, namespace=NS)
+    applies: list[str] = []
+    real_apply = cluster.apply
+
+    def apply(obj: dict[str, Any]) -> None:
+        applies.append(obj["metadata"]["name"])
+        if obj["kind"] == "StatefulSet" and any(
+            t.get("effect") == "Sometimes" for t in obj["spec"]["template"]["spec"].get("tolerations", [])
+        ):
+            raise Refused()
+        real_apply(obj)
+
+    monkeypatch.setattr(cluster, "apply", apply)
+    run(cluster, "llm", 0)
+    got = status(cluster)
+    assert (got["phase"], got["reason"]) == ("Failed", "ApplyRefused"), got
+    assert got["message"].startswith('the API server refused StatefulSet llm-r0: StatefulSet.apps "llm-r0"')
+    assert "tolerations[0].effect" in got["message"] and "fix the spec" in got["message"]
+    assert ("Warning", "Failed", got["message"]) in cluster.events
+
+    tried, writes = len(applies), cluster.status_writes
+    for t in (10, 20):
+        run(cluster, "llm", t)  # the resync: the same spec would be refused again
+    assert len(applies) == tried and cluster.status_writes == writes
+    assert status(cluster)["reason"] == "ApplyRefused"
+
+    fixed = job_body(inference_spec(), namespace=NS, status=status(cluster), generation=2)
+    cluster.jobs[(NS, "llm")] = fixed
+    run(cluster, "llm", 30)
+    assert status(cluster)["phase"] != "Failed" and ("StatefulSet", NS, "llm-r0") in cluster.objects
+
+
+def test_other_api_errors_are_raised_for_kopf_to_retry(
+    cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Unavailable(Exception):
+        status = 503
+
+    def apply(obj: dict[str, Any]) -> None:
+        raise Unavailable()
+
+    cluster.jobs[(NS, "llm")] = job_body(inference_spec(), namespace=NS)
+    monkeypatch.setattr(cluster, "apply", apply)
+    with pytest.raises(Unavailable):
+        run(cluster, "llm", 0)
+    assert status(cluster).get("reason") != "ApplyRefused"
