@@ -388,6 +388,16 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ["spec.template.annotations:", "'owner team' is not an annotation key"],
     ),
     (
+        "a label of the operator's",
+        lambda: edit(BASE, "spec.template.labels", {"conveyor.dev/serving": "true"}),
+        ["spec.template.labels:", "'conveyor.dev/serving': keys under conveyor.dev/ are the operator's own"],
+    ),
+    (
+        "an annotation of the operator's",
+        lambda: edit(BASE, "spec.template.annotations", {"conveyor.dev/restart": "0"}),
+        ["spec.template.annotations:", "'conveyor.dev/restart': keys under conveyor.dev/", "remove it"],
+    ),
+    (
         "queue name",
         lambda: edit(BASE, "spec.placement", {"queueName": "team queue"}),
         ["spec.placement.queueName:", "is not a label value"],

@@ -181,6 +181,19 @@ class TemplateSpec(_Spec):
         check_keys(annotations, "an annotation key")
         return annotations
 
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _not_the_operators(cls, keys: dict[str, str]) -> dict[str, str]:
+        # The operator's own keys steer it: conveyor.dev/serving puts a pod behind the serve Service,
+        # conveyor.dev/restart and template-hash decide which pods are current. A template's value would
+        # reach every new pod before the operator's own (a pod serving before it is ready).
+        for key in keys:
+            if key.startswith(f"{GROUP}/"):
+                raise ValueError(
+                    f"{key!r}: keys under {GROUP}/ are the operator's own: remove it, or rename it"
+                )
+        return keys
+
 
 class CheckpointSpec(_Spec):
     volume: str | None = Field(
