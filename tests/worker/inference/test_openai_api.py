@@ -75,6 +75,14 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(tokenizer) -> 
     answered.join()
 
 
+def test_an_unknown_path_or_method_is_an_openai_error(tokenizer) -> None:
+    _, http = client(tokenizer)
+    r = http.post("/v1/embeddings", json=BODY)
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no such endpoint: POST /v1/embeddings"
+    r = http.get("/v1/completions")
+    assert r.status_code == 405 and "GET is not allowed here" in r.json()["error"]["message"], r.text
+
+
 def test_not_ready_answers_503(tokenizer) -> None:
     _, http = client(tokenizer, ready=False)
     assert http.get("/ready").status_code == 503

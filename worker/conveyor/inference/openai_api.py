@@ -436,6 +436,15 @@ def build_app(engine: Engine) -> Starlette:
         body, content_type = engine.metrics()
         return Response(body, media_type=content_type)
 
+    async def not_here(http: HttpRequest, err: Exception) -> Response:
+        # An unknown path or method gets an OpenAI-style error, as every other refusal: clients read
+        # error.message from a JSON body (Starlette's own answer is plain text)
+        status = getattr(err, "status_code", 404)
+        what = "no such endpoint" if status == 404 else f"{http.method} is not allowed here"
+        return ApiError(
+            status, f"{what}: {http.method} {http.url.path}", kind="invalid_request_error"
+        ).response()
+
     return Starlette(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
@@ -444,7 +453,8 @@ def build_app(engine: Engine) -> Starlette:
             Route("/health", health),
             Route("/ready", ready),
             Route("/metrics", metrics),
-        ]
+        ],
+        exception_handlers={404: not_here, 405: not_here},
     )
 
 
