@@ -32,6 +32,9 @@ from conveyor.train.data import DataOrder, read_samples
 from conveyor.train.export import export
 from conveyor.train.hf_layers import Role, causal_lm_loss, load_weights, parameter_count, pipeline_layers
 from conveyor.train.progress import Progress, flops_per_token, peak_flops
+from conveyor.train.run_identity import KEY as RUN_KEY
+from conveyor.train.run_identity import check as check_run
+from conveyor.train.run_identity import run_identity
 from conveyor.train.tensor_parallel import check_tensor_parallel, mark_layouts, parallelize
 from conveyor.train.vocab_parallel import vocab_parallel, vocab_parallel_causal_lm_loss
 
@@ -187,7 +190,16 @@ def fine_tune(
     outcome = Outcome()
     every = spec.checkpoint.every if spec.checkpoint else train.steps
     keep = spec.checkpoint.keep if spec.checkpoint else None
-    _, client = engine.load_checkpoint(checkpoint_dir)
+    global_batch = train.micro_batch_size * engine.micro_batches * replicas
+    identity = run_identity(spec, global_batch)
+    resumed, client = engine.load_checkpoint(checkpoint_dir)
+    # before any step, and before a run that finds the last checkpoint reports another run's export
+    if resumed is not None and not check_run(client, identity, resumed) and topology.rank == 0:
+        log.warning(
+            "the checkpoint does not say which run saved it (saved before runs were recorded): resumed "
+            "as this run's",
+            extra={"path": str(resumed)},
+        )
     position = int(client["data_position"]) if client else 0
     outcome.resumed_from = engine.global_steps
     target = export_path(spec, checkpoint_dir)
@@ -196,7 +208,6 @@ def fine_tune(
         outcome.export = target
         return outcome
 
-    global_batch = train.micro_batch_size * engine.micro_batches * replicas
     order = None
     if engine.is_first_stage() or engine.is_last_stage():  # only they read data
         order = DataOrder(_data(spec, arch), train.seed, global_batch, replicas, train.micro_batch_size)
@@ -221,7 +232,9 @@ def fine_tune(
         if on_step is not None:
             on_step(step, loss)
         if step % every == 0 or step == train.steps:
-            engine.save_checkpoint(checkpoint_dir, client_state={"data_position": position}, keep=keep)
+            engine.save_checkpoint(
+                checkpoint_dir, client_state={"data_position": position, RUN_KEY: identity}, keep=keep
+            )
     dtype = getattr(torch, model_spec.dtype)
     outcome.export = export(module, roles, arch, topology, model_spec.path, target, dtype)
     if topology.rank == 0:
