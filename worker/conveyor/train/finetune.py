@@ -21,6 +21,7 @@ import torch
 
 from conveyor.inference.model.families import Arch, load_arch
 from conveyor.inference.model.loader import Shard
+from conveyor.inference.validate import check_seq_length
 from conveyor.log import get_logger
 from conveyor.pipe.config import ConfigError, EngineConfig, load_config
 from conveyor.pipe.engine import PipelineEngine
@@ -173,6 +174,7 @@ def fine_tune(
     train, model_spec = spec.train, spec.model
     assert train is not None and model_spec is not None and train.steps is not None
     arch = load_arch(model_spec.path)
+    check_seq_length(train.seq_length, arch.max_positions)  # (as the pre-flight did) before a weight is read
     dropout = {k: v for k in DROPOUT_FIELDS if (v := getattr(arch.hf_config, k, 0) or 0) > 0}
     if dropout and topology.rank == 0:
         log.warning("the model's dropout is not applied in fine-tuning (it trains without)", extra=dropout)
