@@ -76,3 +76,28 @@ def test_a_checkpoint_without_an_identity_still_resumes(files, tmp_path, monkeyp
     run(tmp_path, model, data, steps=2)
     monkeypatch.undo()
     assert run(tmp_path, model, data, steps=3).resumed_from == 2
+
+
+def test_an_extended_run_killed_before_its_export_exports_again(files, tmp_path, monkeypatch):
+    # steps 2 -> export; extended to 3 and killed between its last checkpoint and the new export: the
+    # restart found step 3 and an export directory (step 2's) and reported that export as the result
+    from safetensors.torch import load_file
+
+    model, data, _ = files
+    run(tmp_path / "ck", model, data, steps=2)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # (as SIGKILL: nothing after the checkpoint runs)
+
+    monkeypatch.setattr("conveyor.train.finetune.export", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "ck", model, data, steps=3)
+    monkeypatch.undo()
+    restarted = run(tmp_path / "ck", model, data, steps=3)
+    assert restarted.resumed_from == 3 and restarted.losses == {}
+    straight = run(tmp_path / "straight", model, data, steps=3)
+    got, want = (
+        load_file(restarted.export / "model.safetensors"),
+        load_file(straight.export / "model.safetensors"),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

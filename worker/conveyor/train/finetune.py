@@ -30,7 +30,7 @@ from conveyor.pipe.optim import build_optimizer, build_scheduler
 from conveyor.spec import PipelineJobSpec, TrainSpec
 from conveyor.topology import Topology
 from conveyor.train.data import DataOrder, read_samples
-from conveyor.train.export import export
+from conveyor.train.export import export, read_record
 from conveyor.train.hf_layers import Role, causal_lm_loss, load_weights, parameter_count, pipeline_layers
 from conveyor.train.progress import Progress, flops_per_token, peak_flops
 from conveyor.train.run_identity import KEY as RUN_KEY
@@ -205,7 +205,10 @@ def fine_tune(
     position = int(client["data_position"]) if client else 0
     outcome.resumed_from = engine.global_steps
     target = export_path(spec, checkpoint_dir)
-    if engine.global_steps >= train.steps and target.is_dir():
+    # the export of this very checkpoint: one made earlier at the same path (before the run was extended,
+    # and the process killed between its last checkpoint and the new export) is not this run's result
+    exported = {"step": engine.global_steps, "run": identity["digest"]}
+    if engine.global_steps >= train.steps and read_record(target) == exported:
         log.info("fine-tuning already complete", extra={"step": engine.global_steps, "export": str(target)})
         outcome.export = target
         return outcome
@@ -238,7 +241,8 @@ def fine_tune(
                 checkpoint_dir, client_state={"data_position": position, RUN_KEY: identity}, keep=keep
             )
     dtype = getattr(torch, model_spec.dtype)
-    outcome.export = export(module, roles, arch, topology, model_spec.path, target, dtype)
+    record = {"step": engine.global_steps, "run": identity["digest"]}
+    outcome.export = export(module, roles, arch, topology, model_spec.path, target, dtype, record)
     if topology.rank == 0:
         log.info("model exported", extra={"path": str(target), "dtype": model_spec.dtype})
     return outcome
