@@ -85,3 +85,20 @@ def test_a_sequence_longer_than_the_models_positions_is_refused_before_a_step(tm
     assert (
         len(fine_tune(parse_spec(doc), Topology(Layout()), torch.device("cpu"), tmp_path / "ok").losses) == 1
     )
+
+
+@pytest.mark.parametrize("where", ["ck", ".", "model", "data.jsonl"])
+def test_an_export_path_that_would_replace_the_checkpoints_model_or_data_is_refused(tmp_path, where):
+    # the export replaces its directory whole: `export: <checkpoint.path>` deleted every checkpoint at
+    # the end of the run (reported completed; extended, it trained again from step 1)
+    from conveyor.failure import is_refusal
+    from conveyor.inference.validate import InputError
+
+    from tests.worker.train.reference import spec_dict, write_dataset
+
+    model = save_tiny("llama", tmp_path / "model", tokenizer=False)
+    doc = spec_dict(model, write_dataset(tmp_path / "data.jsonl"), tmp_path / "ck", 1, 1, steps=1)
+    doc["train"].update(scheduler=None, export=str(tmp_path / where))
+    with pytest.raises(InputError, match=r"spec\.train\.export .* would replace the") as err:
+        fine_tune(parse_spec(doc), Topology(Layout()), torch.device("cpu"), tmp_path / "ck")
+    assert is_refusal(err.value) and not (tmp_path / "ck").exists() and (tmp_path / "model").is_dir()
