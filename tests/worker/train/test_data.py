@@ -81,6 +81,12 @@ def test_missing_file_and_bad_json_name_the_field(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"input_ids": [1]}\nnot json\n')
     with pytest.raises(DatasetError, match="line 2 is not JSON"):
         read_samples(tmp_path / "bad.jsonl", 4, packing=True)
+    # Latin-1 bytes: a UnicodeDecodeError out of the file iterator was a crash, restarted three times
+    (tmp_path / "latin.jsonl").write_bytes(b'{"input_ids": [1, 2]}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(
+        DatasetError, match="spec.train.dataset: .* line 2 is not UTF-8 .*save the file as UTF-8"
+    ):
+        read_samples(tmp_path / "latin.jsonl", 4, packing=True)
 
 
 @pytest.mark.parametrize("ids", [[], [7]])

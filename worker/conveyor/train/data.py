@@ -41,8 +41,15 @@ def _documents(path: Path, tokenizer: Any) -> list[tuple[int, list[int]]]:
     if not path.is_file():
         raise DatasetError(f"{FIELD}: {path} does not exist")
     docs: list[tuple[int, list[int]]] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded a line at a time: a bad byte's error names its line
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DatasetError(
+                    f"{FIELD}: {path} line {number} is not UTF-8 ({err.reason} at byte {err.start}): "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
