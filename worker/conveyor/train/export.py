@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from conveyor.commit_protocol import fsync_dir
 from conveyor.inference.model.families import Arch, NameMap, name_map
 from conveyor.inference.model.loader import Checkpoint
+from conveyor.inference.validate import InputError
 from conveyor.pipe.module import PipelineModule
 from conveyor.topology import Topology
 from conveyor.train.hf_layers import TIED_KEY, Role, layer_module
@@ -151,6 +152,31 @@ def hf_state(
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def check_export_path(
+    target: Path,
+    checkpoint_dir: Path,
+    model_dir: str | Path,
+    dataset: str | None = None,
+    field: str = "the export path",
+) -> None:
+    """The export replaces the directory at its path whole (below): one that is, or holds, the
+    checkpoints, the model or the dataset would be deleted with it (the checkpoints: a restart then
+    trains again from step 0). InputError (a refusal) naming ``field``."""
+    export = Path(target).resolve()
+    protected = [
+        ("the checkpoints", "spec.checkpoint.path", Path(checkpoint_dir)),
+        ("the model", "spec.model.path", Path(model_dir)),
+    ]
+    if dataset is not None:
+        protected.append(("the dataset", "spec.train.dataset", Path(dataset)))
+    for what, field_name, path in protected:
+        if export == path.resolve() or export in path.resolve().parents:
+            raise InputError(
+                f"{field} {target} would replace {what} ({field_name} {path}): the export overwrites its "
+                "directory whole; use a directory of its own (default: <checkpoint.path>/export)"
+            )
 
 
 def export(

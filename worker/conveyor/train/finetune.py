@@ -21,7 +21,7 @@ import torch
 
 from conveyor.inference.model.families import Arch, load_arch
 from conveyor.inference.model.loader import Shard
-from conveyor.inference.validate import InputError, check_seq_length
+from conveyor.inference.validate import check_seq_length
 from conveyor.log import get_logger
 from conveyor.pipe.config import ConfigError, EngineConfig, load_config
 from conveyor.pipe.engine import PipelineEngine
@@ -30,7 +30,7 @@ from conveyor.pipe.optim import build_optimizer, build_scheduler
 from conveyor.spec import PipelineJobSpec, TrainSpec
 from conveyor.topology import Topology
 from conveyor.train.data import DataOrder, read_samples
-from conveyor.train.export import export, read_record
+from conveyor.train.export import check_export_path, export, read_record
 from conveyor.train.hf_layers import Role, causal_lm_loss, load_weights, parameter_count, pipeline_layers
 from conveyor.train.progress import Progress, flops_per_token, peak_flops
 from conveyor.train.run_identity import KEY as RUN_KEY
@@ -97,23 +97,6 @@ def engine_config(train: TrainSpec, replicas: int, bf16: bool) -> EngineConfig:
 def export_path(spec: PipelineJobSpec, checkpoint_dir: Path) -> Path:
     assert spec.train is not None
     return Path(spec.train.export) if spec.train.export else checkpoint_dir / EXPORT_DIR
-
-
-def check_export_path(target: Path, checkpoint_dir: Path, model_dir: str, dataset: str) -> None:
-    """The export replaces the directory at its path whole (export.py): one that is, or holds, the
-    checkpoints, the model or the dataset would be deleted with it (the checkpoints: a restart then
-    trains again from step 0)."""
-    export = target.resolve()
-    for what, field_name, path in (
-        ("the checkpoints", "spec.checkpoint.path", checkpoint_dir),
-        ("the model", "spec.model.path", Path(model_dir)),
-        ("the dataset", "spec.train.dataset", Path(dataset)),
-    ):
-        if export == path.resolve() or export in path.resolve().parents:
-            raise InputError(
-                f"spec.train.export {target} would replace {what} ({field_name} {path}): the export "
-                "overwrites its directory whole; use a directory of its own (default: <checkpoint.path>/export)"
-            )
 
 
 def _tokenizer(model_dir: str) -> Any:
@@ -191,7 +174,13 @@ def fine_tune(
     train, model_spec = spec.train, spec.model
     assert train is not None and model_spec is not None and train.steps is not None
     assert train.dataset is not None
-    check_export_path(export_path(spec, checkpoint_dir), checkpoint_dir, model_spec.path, train.dataset)
+    check_export_path(
+        export_path(spec, checkpoint_dir),
+        checkpoint_dir,
+        model_spec.path,
+        dataset=train.dataset,
+        field="spec.train.export",
+    )
     arch = load_arch(model_spec.path)
     check_seq_length(train.seq_length, arch.max_positions)  # (as the pre-flight did) before a weight is read
     dropout = {k: v for k in DROPOUT_FIELDS if (v := getattr(arch.hf_config, k, 0) or 0) > 0}
