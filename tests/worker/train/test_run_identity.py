@@ -101,3 +101,17 @@ def test_an_extended_run_killed_before_its_export_exports_again(files, tmp_path,
         load_file(straight.export / "model.safetensors"),
     )
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_an_extension_past_the_resumed_schedule_says_so(files, tmp_path, caplog):
+    # the schedule's state holds total_num_steps (defaulted to the first run's steps): the extension's
+    # steps ran at the final learning rate, near 0, and nothing said so
+    import logging
+
+    model, data, _ = files
+    cosine = {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 1, "warmup_type": "linear"}}
+    run(tmp_path, model, data, steps=3, scheduler=cosine)
+    with caplog.at_level(logging.WARNING):
+        more = run(tmp_path, model, data, steps=5, scheduler=cosine)
+    assert list(more.losses) == [4, 5]
+    assert "schedule resumed from the checkpoint ends before spec.train.steps" in caplog.text
