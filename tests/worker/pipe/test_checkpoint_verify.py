@@ -120,3 +120,22 @@ def test_a_shard_damaged_at_the_same_size_fails_in_one_line_naming_the_checkpoin
     with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'step-1'} does not load") as err:
         _engine().load_checkpoint(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_a_size_mismatch_is_named_in_the_one_line(tmp_path: Path) -> None:
+    # DCP's report is a traceback; its first line with "Error" was the source line `raise ValueError(`,
+    # so a checkpoint of another model's shapes failed with "does not load: raise ValueError("
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from conveyor.pipe.checkpoint import _first_line, _quiet
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    with _quiet():
+        dcp.save({"model": {"w": torch.zeros(3, 4)}}, checkpoint_id=tmp_path)
+        with pytest.raises(BaseException) as err:
+            dcp.load(
+                {"model": {"w": torch.zeros(3, 5)}}, checkpoint_id=tmp_path, planner=DefaultLoadPlanner()
+            )
+    assert _first_line(err.value) == (
+        "ValueError: Size mismatch between saved torch.Size([3, 4]) and current: torch.Size([3, 5]) for model.w"
+    )

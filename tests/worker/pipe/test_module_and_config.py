@@ -124,6 +124,11 @@ def test_unknown_optimizer_is_named():
         ({"lr": -1.0}, r"config.optimizer.params: Invalid learning rate: -1.0"),  # torch's ValueError
         ({"lr": "fast"}, r"config.optimizer.params: .*not supported between"),  # a string, as PyYAML gave
         ({"lr": 1e-3, "momentum_x": 1}, r"config.optimizer.params: .*momentum_x"),
+        ({"lr": 1e-3, "betas": 0.9}, r"config.optimizer.params.betas 0.9: use a pair"),  # not a list
+        (
+            {"lr": 1e-3, "betas": [0.9, 0.99, 0.5]},
+            r"config.optimizer.params.betas \[0.9, 0.99, 0.5\]: use a pair",
+        ),
     ],
 )
 def test_a_bad_optimizer_argument_is_a_config_error_not_a_crash(params, message):

@@ -60,7 +60,11 @@ def test_order_is_a_seeded_permutation_per_epoch_read_from_any_position(tmp_path
         ([{"prompt": "x"}], "line 1: expected an object with text or input_ids"),
         ([{"input_ids": [1, -2]}], "line 1: input_ids must be token ids"),
         ([{"text": "hello"}], "has no tokenizer"),
-        ([{"input_ids": [1, 400]}], "outside the model's vocabulary"),
+        (
+            [{"input_ids": [1, 2]}, {"input_ids": [1, 400]}],
+            "line 2: token id 400 is outside the model's vocabulary",
+        ),
+        ([{"input_ids": [1, True, 3]}], "line 1: input_ids must be token ids"),  # JSON true is no token
         ([{"input_ids": [1]}], "fewer than one sequence of seqLength"),
     ],
 )
@@ -77,3 +81,21 @@ def test_missing_file_and_bad_json_name_the_field(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"input_ids": [1]}\nnot json\n')
     with pytest.raises(DatasetError, match="line 2 is not JSON"):
         read_samples(tmp_path / "bad.jsonl", 4, packing=True)
+    # Latin-1 bytes: a UnicodeDecodeError out of the file iterator was a crash, restarted three times
+    (tmp_path / "latin.jsonl").write_bytes(b'{"input_ids": [1, 2]}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(
+        DatasetError, match="spec.train.dataset: .* line 2 is not UTF-8 .*save the file as UTF-8"
+    ):
+        read_samples(tmp_path / "latin.jsonl", 4, packing=True)
+
+
+@pytest.mark.parametrize("ids", [[], [7]])
+def test_unpacked_document_without_a_label_is_refused_naming_the_line(tmp_path, ids):
+    # one sample a document: with fewer than 2 tokens it has no label, and a micro-batch of such samples
+    # had a NaN loss that the run trained on to the end and reported as success
+    data = write(tmp_path / "d.jsonl", [{"input_ids": [5, 6, 7]}, {"input_ids": ids}])
+    with pytest.raises(DatasetError, match="line 2 has .* token.*packing false .* at least 2"):
+        read_samples(data, 4, packing=False, vocab_size=320)
+    assert (
+        len(read_samples(data, 4, packing=True, eos_id=2, vocab_size=320)) == 1
+    )  # packed, it joins the rest

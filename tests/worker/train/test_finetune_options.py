@@ -61,3 +61,44 @@ def test_progress_is_in_the_metrics_and_mfu_needs_a_known_peak(files, tmp_path):
 
     assert n == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(files[0])).parameters())
     assert flops_per_token(arch, n, 16) == 6 * n + 12 * arch.layers * arch.heads * arch.head_dim * 16
+
+
+def test_a_sequence_longer_than_the_models_positions_is_refused_before_a_step(tmp_path):
+    # GPT-2's learned position table has n_positions rows: a longer seqLength was an IndexError in the
+    # first step, a crash that the job restarted three times
+    from conveyor.failure import is_refusal
+    from conveyor.inference.validate import InputError, preflight
+
+    from tests.worker.train.reference import spec_dict, write_dataset
+
+    model = save_tiny("gpt2", tmp_path / "gpt2", tokenizer=False)  # 256 positions
+    doc = spec_dict(model, write_dataset(tmp_path / "d.jsonl", docs=400), tmp_path / "ck", 1, 1, steps=1)
+    doc["train"].update(seqLength=300, scheduler=None)
+    spec = parse_spec(doc)
+    match = r"spec\.train\.seqLength 300 is longer than the model's 256 positions .* use seqLength <= 256"
+    with pytest.raises(InputError, match=match):
+        preflight(spec)  # the pods', before any rank starts
+    with pytest.raises(InputError, match=match) as err:
+        fine_tune(spec, Topology(Layout()), torch.device("cpu"), tmp_path / "ck")  # each rank's
+    assert is_refusal(err.value) and not (tmp_path / "ck").exists()
+    doc["train"]["seqLength"] = 256
+    assert (
+        len(fine_tune(parse_spec(doc), Topology(Layout()), torch.device("cpu"), tmp_path / "ok").losses) == 1
+    )
+
+
+@pytest.mark.parametrize("where", ["ck", ".", "model", "data.jsonl"])
+def test_an_export_path_that_would_replace_the_checkpoints_model_or_data_is_refused(tmp_path, where):
+    # the export replaces its directory whole: `export: <checkpoint.path>` deleted every checkpoint at
+    # the end of the run (reported completed; extended, it trained again from step 1)
+    from conveyor.failure import is_refusal
+    from conveyor.inference.validate import InputError
+
+    from tests.worker.train.reference import spec_dict, write_dataset
+
+    model = save_tiny("llama", tmp_path / "model", tokenizer=False)
+    doc = spec_dict(model, write_dataset(tmp_path / "data.jsonl"), tmp_path / "ck", 1, 1, steps=1)
+    doc["train"].update(scheduler=None, export=str(tmp_path / where))
+    with pytest.raises(InputError, match=r"spec\.train\.export .* would replace the") as err:
+        fine_tune(parse_spec(doc), Topology(Layout()), torch.device("cpu"), tmp_path / "ck")
+    assert is_refusal(err.value) and not (tmp_path / "ck").exists() and (tmp_path / "model").is_dir()

@@ -73,5 +73,9 @@ def test_a_checkpoint_exports_on_demand_equal_to_the_runs_export(tmp_path):
         load_file(str(model_dir / "model.safetensors"))["model.embed_tokens.weight"],
     )
     assert main([str(model_dir), str(tmp_path / "ckpt"), str(tmp_path / "x"), "--tag", "step-9"]) == 2
+    # OUT over the checkpoints or the model: the export replaces OUT whole, so it deleted them
+    for out in (tmp_path / "ckpt", tmp_path, model_dir):
+        assert main([str(model_dir), str(tmp_path / "ckpt"), str(out)]) == 2
+    assert (tmp_path / "ckpt" / "latest").is_file() and (model_dir / "model.safetensors").is_file()
     export_checkpoint(model_dir, tmp_path / "ckpt", tmp_path / "bf16", dtype=torch.bfloat16)
     assert load_file(str(tmp_path / "bf16/model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16

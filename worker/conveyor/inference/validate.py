@@ -285,6 +285,17 @@ def load_tokenizer_checked(model_dir: str, cache_dir: Path | None = None) -> Any
         raise InputError(f"{model_dir}: the tokenizer does not load ({err})") from None
 
 
+def check_seq_length(seq_length: int, max_positions: int) -> None:
+    """A fine-tuning sequence must fit the model's positions: a learned position table (GPT-2, OPT)
+    has no row past them (an IndexError in the first step, restarted as a crash) and rotary positions
+    past them were never trained."""
+    if seq_length > max_positions:
+        raise InputError(
+            f"spec.train.seqLength {seq_length} is longer than the model's {max_positions} positions "
+            f"(max_position_embeddings in config.json): use seqLength <= {max_positions}"
+        )
+
+
 def needs_preflight(spec: PipelineJobSpec) -> bool:
     """A batch inference job, or a fine-tuning one (its model and layout), is checked before ranks start."""
     return spec.inference is not None or (spec.train is not None and spec.train.fine_tunes)
@@ -309,6 +320,8 @@ def preflight(
     assert model is not None
     p = spec.parallelism
     arch = check_model(model.path, p.stages, p.tensor_parallel, cache_dir)
+    if spec.train is not None:
+        check_seq_length(spec.train.seq_length, arch.max_positions)
     if inf is None or not input_and_output:
         return
     if not Path(inf.input).is_file():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -66,10 +67,19 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception): ")
+
+
 def _first_line(err: BaseException) -> str:
-    """DCP wraps a rank's failure in a multi-line report; its first meaningful line is the cause."""
+    """DCP wraps a rank's failure in a multi-line report holding the rank's traceback; the cause is its
+    ``SomeError: message`` line (not a source line such as ``raise ValueError(`` above it)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return next((line for line in lines if "Error" in line), lines[0] if lines else type(err).__name__)
+    causes = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (
+        causes[0]
+        if causes
+        else next((line for line in lines if "Error" in line), lines[0] if lines else type(err).__name__)
+    )
 
 
 def _rng_state() -> bytes:

@@ -33,7 +33,14 @@ def build_optimizer(config: OptimizerConfig, params: Iterable[torch.nn.Parameter
             kind = "adamw"
         kwargs.pop("torch_adam", None)
     if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
+        betas = kwargs["betas"]
+        # YAML gives a list; a lone number or a string here would reach torch as a TypeError outside
+        # the try below: a crash, restarted, instead of a refusal naming the field
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ConfigError(
+                f"config.optimizer.params.betas {betas!r}: use a pair of coefficients, e.g. [0.9, 0.999]"
+            )
+        kwargs["betas"] = tuple(betas)
     try:
         return _OPTIMIZERS[kind](params, **kwargs)
     except (TypeError, ValueError) as err:  # an unknown or mistyped argument; a value out of range

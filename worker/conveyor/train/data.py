@@ -36,12 +36,20 @@ class Samples:
         return int(self.inputs.shape[0])
 
 
-def _documents(path: Path, tokenizer: Any) -> list[list[int]]:
+def _documents(path: Path, tokenizer: Any) -> list[tuple[int, list[int]]]:
+    """(line number, token ids) of each document."""
     if not path.is_file():
         raise DatasetError(f"{FIELD}: {path} does not exist")
-    docs: list[list[int]] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    docs: list[tuple[int, list[int]]] = []
+    with open(path, "rb") as f:  # decoded a line at a time: a bad byte's error names its line
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DatasetError(
+                    f"{FIELD}: {path} line {number} is not UTF-8 ({err.reason} at byte {err.start}): "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -50,18 +58,19 @@ def _documents(path: Path, tokenizer: Any) -> list[list[int]]:
                 raise DatasetError(f"{FIELD}: {path} line {number} is not JSON ({err})") from None
             if isinstance(row, dict) and isinstance(row.get("input_ids"), list):
                 ids = row["input_ids"]
-                if not all(isinstance(t, int) and t >= 0 for t in ids):
+                # (JSON's true is a Python int: not a token id)
+                if not all(type(t) is int and t >= 0 for t in ids):
                     raise DatasetError(
                         f"{FIELD}: {path} line {number}: input_ids must be token ids (ints >= 0)"
                     )
-                docs.append(ids)
+                docs.append((number, ids))
             elif isinstance(row, dict) and isinstance(row.get("text"), str):
                 if tokenizer is None:
                     raise DatasetError(
                         f"{FIELD}: {path} line {number} has text but the model directory has no tokenizer: "
                         "add the tokenizer's files to spec.model.path or give input_ids"
                     )
-                docs.append(list(tokenizer(row["text"], add_special_tokens=True)["input_ids"]))
+                docs.append((number, list(tokenizer(row["text"], add_special_tokens=True)["input_ids"])))
             else:
                 raise DatasetError(
                     f"{FIELD}: {path} line {number}: expected an object with text or input_ids"
@@ -80,11 +89,21 @@ def read_samples(
     pad_id: int = 0,
     vocab_size: int | None = None,
 ) -> Samples:
-    docs = _documents(Path(path), tokenizer)
-    if vocab_size is not None:
-        top = max((max(d) for d in docs if d), default=0)
-        if top >= vocab_size:
-            raise DatasetError(f"{FIELD}: token id {top} is outside the model's vocabulary of {vocab_size}")
+    numbered = _documents(Path(path), tokenizer)
+    for number, doc in numbered:
+        if vocab_size is not None and doc and max(doc) >= vocab_size:
+            raise DatasetError(
+                f"{FIELD}: {path} line {number}: token id {max(doc)} is outside the model's vocabulary "
+                f"of {vocab_size}"
+            )
+        if not packing and len(doc) < 2:
+            # its sample would hold no label (a token predicts the next): a micro-batch of such samples
+            # has a loss of 0/0, NaN, and the run trains on nothing without failing
+            raise DatasetError(
+                f"{FIELD}: {path} line {number} has {len(doc)} token(s); with spec.train.packing false each "
+                "document is one sample and needs at least 2: remove the line or set packing: true"
+            )
+    docs = [doc for _, doc in numbered]
     if packing:
         stream: list[int] = []
         for doc in docs:

@@ -6,6 +6,8 @@ back, GPT-2's Conv1D layout transposed back: the inverse of the inference loader
 whole, gathered from the tensor group, vocabulary-parallel embedding and head too); rank 0 writes the index, the config and the tokenizer. Everything
 goes into ``DIR.tmp`` first and is renamed to ``DIR`` after every stage has written: a directory at the
 export path is always whole. ``from_pretrained(DIR)`` loads it as is, and so does an inference job.
+A ``record`` (fine-tuning's: the step and the run it was exported from) goes in as ``conveyor-export.json``
+with the rest, so a restart can tell this export from an earlier one at the same path.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import functools
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Callable, Iterator, Mapping, Set
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +27,7 @@ from safetensors.torch import save_file
 from conveyor.commit_protocol import fsync_dir
 from conveyor.inference.model.families import Arch, NameMap, name_map
 from conveyor.inference.model.loader import Checkpoint
+from conveyor.inference.validate import InputError
 from conveyor.pipe.module import PipelineModule
 from conveyor.topology import Topology
 from conveyor.train.hf_layers import TIED_KEY, Role, layer_module
@@ -31,6 +35,18 @@ from conveyor.train.tensor_parallel import gather_block
 from conveyor.train.vocab_parallel import gather_rows, vocab_parallel
 
 # What a tokenizer (and generation defaults) may consist of, copied from the model directory as is.
+EXPORT_RECORD = "conveyor-export.json"  # what the export was made from (fine-tuning: step and run)
+
+
+def read_record(target: Path) -> dict[str, Any] | None:
+    """An export's record, or None (no export, or one written without a record)."""
+    try:
+        record = json.loads((target / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -138,6 +154,31 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_export_path(
+    target: Path,
+    checkpoint_dir: Path,
+    model_dir: str | Path,
+    dataset: str | None = None,
+    field: str = "the export path",
+) -> None:
+    """The export replaces the directory at its path whole (below): one that is, or holds, the
+    checkpoints, the model or the dataset would be deleted with it (the checkpoints: a restart then
+    trains again from step 0). InputError (a refusal) naming ``field``."""
+    export = Path(target).resolve()
+    protected = [
+        ("the checkpoints", "spec.checkpoint.path", Path(checkpoint_dir)),
+        ("the model", "spec.model.path", Path(model_dir)),
+    ]
+    if dataset is not None:
+        protected.append(("the dataset", "spec.train.dataset", Path(dataset)))
+    for what, field_name, path in protected:
+        if export == path.resolve() or export in path.resolve().parents:
+            raise InputError(
+                f"{field} {target} would replace {what} ({field_name} {path}): the export overwrites its "
+                "directory whole; use a directory of its own (default: <checkpoint.path>/export)"
+            )
+
+
 def export(
     module: PipelineModule,
     roles: list[Role],
@@ -146,6 +187,7 @@ def export(
     model_dir: str | Path,
     target: str | Path,
     dtype: torch.dtype = torch.float32,
+    record: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the model to ``target`` (collective: every rank calls it); returns ``target``."""
     target = Path(target)
@@ -194,6 +236,8 @@ def export(
         for name in TOKENIZER_FILES:
             if (Path(model_dir) / name).is_file():
                 shutil.copy2(Path(model_dir) / name, tmp / name)
+        if record is not None:
+            (tmp / EXPORT_RECORD).write_text(json.dumps(dict(record)) + "\n")
         for path in tmp.iterdir():  # durable before the rename publishes it
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

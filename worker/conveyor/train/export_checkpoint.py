@@ -21,11 +21,12 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
 from conveyor.commit_protocol import CheckpointError, resume_point, verify
 from conveyor.inference.model.families import load_arch
+from conveyor.inference.validate import InputError
 from conveyor.pipe import reshard
 from conveyor.pipe.module import PipelineModule
 from conveyor.pipe.sharding import shard_layouts
 from conveyor.topology import Layout, Topology
-from conveyor.train.export import export
+from conveyor.train.export import check_export_path, export
 from conveyor.train.hf_layers import pipeline_layers
 from conveyor.train.tensor_parallel import mark_layouts
 
@@ -40,6 +41,7 @@ def export_checkpoint(
     """Write the weights of ``checkpoint_dir``'s checkpoint (``tag``, default the resume point) as an HF
     directory at ``out``, with ``model_dir``'s config and tokenizer."""
     checkpoint_dir = Path(checkpoint_dir)
+    check_export_path(Path(out), checkpoint_dir, model_dir, field="OUT")
     if tag is None:
         committed = resume_point(checkpoint_dir)
         if committed is None:
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         written = export_checkpoint(
             args.model_dir, args.checkpoint_dir, args.out, args.tag, getattr(torch, args.dtype)
         )
-    except CheckpointError as err:
+    except (CheckpointError, InputError) as err:
         print(f"export: {err}", file=sys.stderr)
         return 2
     print(written)

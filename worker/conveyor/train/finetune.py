@@ -21,6 +21,7 @@ import torch
 
 from conveyor.inference.model.families import Arch, load_arch
 from conveyor.inference.model.loader import Shard
+from conveyor.inference.validate import check_seq_length
 from conveyor.log import get_logger
 from conveyor.pipe.config import ConfigError, EngineConfig, load_config
 from conveyor.pipe.engine import PipelineEngine
@@ -29,9 +30,12 @@ from conveyor.pipe.optim import build_optimizer, build_scheduler
 from conveyor.spec import PipelineJobSpec, TrainSpec
 from conveyor.topology import Topology
 from conveyor.train.data import DataOrder, read_samples
-from conveyor.train.export import export
+from conveyor.train.export import check_export_path, export, read_record
 from conveyor.train.hf_layers import Role, causal_lm_loss, load_weights, parameter_count, pipeline_layers
 from conveyor.train.progress import Progress, flops_per_token, peak_flops
+from conveyor.train.run_identity import KEY as RUN_KEY
+from conveyor.train.run_identity import check as check_run
+from conveyor.train.run_identity import run_identity
 from conveyor.train.tensor_parallel import check_tensor_parallel, mark_layouts, parallelize
 from conveyor.train.vocab_parallel import vocab_parallel, vocab_parallel_causal_lm_loss
 
@@ -158,6 +162,20 @@ def build_stage(
     return module, roles
 
 
+def _warn_if_the_schedule_ended(engine: PipelineEngine, steps: int, is_logger: bool) -> None:
+    """A resumed schedule keeps the total it was saved with (its state), so a run extended past it
+    (steps raised, total_num_steps defaulted to the old steps) trains the new steps at the schedule's
+    final learning rate: said, not silently done."""
+    total = getattr(engine.lr_scheduler, "total_num_steps", None)
+    if is_logger and total is not None and engine.global_steps > 0 and total < steps:
+        log.warning(
+            "the learning-rate schedule resumed from the checkpoint ends before spec.train.steps: the "
+            "steps past it train at its final learning rate; set spec.train.scheduler.params.total_num_steps "
+            "to change that (a new run)",
+            extra={"total_num_steps": total, "steps": steps, "lr": engine.get_lr()[0]},
+        )
+
+
 def fine_tune(
     spec: PipelineJobSpec,
     topology: Topology,
@@ -169,7 +187,16 @@ def fine_tune(
     """Run (or resume) the fine-tuning on this rank; collective: every rank of the job calls it."""
     train, model_spec = spec.train, spec.model
     assert train is not None and model_spec is not None and train.steps is not None
+    assert train.dataset is not None
+    check_export_path(
+        export_path(spec, checkpoint_dir),
+        checkpoint_dir,
+        model_spec.path,
+        dataset=train.dataset,
+        field="spec.train.export",
+    )
     arch = load_arch(model_spec.path)
+    check_seq_length(train.seq_length, arch.max_positions)  # (as the pre-flight did) before a weight is read
     dropout = {k: v for k in DROPOUT_FIELDS if (v := getattr(arch.hf_config, k, 0) or 0) > 0}
     if dropout and topology.rank == 0:
         log.warning("the model's dropout is not applied in fine-tuning (it trains without)", extra=dropout)
@@ -187,16 +214,28 @@ def fine_tune(
     outcome = Outcome()
     every = spec.checkpoint.every if spec.checkpoint else train.steps
     keep = spec.checkpoint.keep if spec.checkpoint else None
-    _, client = engine.load_checkpoint(checkpoint_dir)
+    global_batch = train.micro_batch_size * engine.micro_batches * replicas
+    identity = run_identity(spec, global_batch)
+    resumed, client = engine.load_checkpoint(checkpoint_dir)
+    # before any step, and before a run that finds the last checkpoint reports another run's export
+    if resumed is not None and not check_run(client, identity, resumed) and topology.rank == 0:
+        log.warning(
+            "the checkpoint does not say which run saved it (saved before runs were recorded): resumed "
+            "as this run's",
+            extra={"path": str(resumed)},
+        )
     position = int(client["data_position"]) if client else 0
     outcome.resumed_from = engine.global_steps
+    _warn_if_the_schedule_ended(engine, train.steps, topology.rank == 0)
     target = export_path(spec, checkpoint_dir)
-    if engine.global_steps >= train.steps and target.is_dir():
+    # the export of this very checkpoint: one made earlier at the same path (before the run was extended,
+    # and the process killed between its last checkpoint and the new export) is not this run's result
+    exported = {"step": engine.global_steps, "run": identity["digest"]}
+    if engine.global_steps >= train.steps and read_record(target) == exported:
         log.info("fine-tuning already complete", extra={"step": engine.global_steps, "export": str(target)})
         outcome.export = target
         return outcome
 
-    global_batch = train.micro_batch_size * engine.micro_batches * replicas
     order = None
     if engine.is_first_stage() or engine.is_last_stage():  # only they read data
         order = DataOrder(_data(spec, arch), train.seed, global_batch, replicas, train.micro_batch_size)
@@ -221,9 +260,12 @@ def fine_tune(
         if on_step is not None:
             on_step(step, loss)
         if step % every == 0 or step == train.steps:
-            engine.save_checkpoint(checkpoint_dir, client_state={"data_position": position}, keep=keep)
+            engine.save_checkpoint(
+                checkpoint_dir, client_state={"data_position": position, RUN_KEY: identity}, keep=keep
+            )
     dtype = getattr(torch, model_spec.dtype)
-    outcome.export = export(module, roles, arch, topology, model_spec.path, target, dtype)
+    record = {"step": engine.global_steps, "run": identity["digest"]}
+    outcome.export = export(module, roles, arch, topology, model_spec.path, target, dtype, record)
     if topology.rank == 0:
         log.info("model exported", extra={"path": str(target), "dtype": model_spec.dtype})
     return outcome

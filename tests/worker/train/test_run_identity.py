@@ -1,0 +1,117 @@
+"""A checkpoint directory is one run's: a spec with another model, dataset or data order is refused on
+resume (one line naming what differs), before it trains or reports the other run's export as its own;
+the same spec resumes, extended too; a checkpoint saved before runs were recorded still resumes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conveyor.commit_protocol import CheckpointError
+from conveyor.failure import is_refusal
+from conveyor.spec import parse_spec
+from conveyor.testing.tiny import save_tiny
+from conveyor.topology import Layout, Topology
+from conveyor.train.finetune import fine_tune
+
+from tests.worker.train.reference import spec_dict, write_dataset
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("identity")
+    model = save_tiny("llama", root / "model", tokenizer=False)
+    return model, write_dataset(root / "data.jsonl"), write_dataset(root / "other.jsonl", docs=30)
+
+
+def run(ckpt, model, data, steps=2, **train):
+    doc = spec_dict(model, data, ckpt, 1, 1, steps=steps)
+    doc["checkpoint"]["every"] = 1
+    doc["train"]["scheduler"] = None  # (its warm-up is longer than these runs)
+    doc["train"].update(train)
+    return fine_tune(parse_spec(doc), Topology(Layout()), torch.device("cpu"), ckpt, job="identity")
+
+
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ({"data": "other"}, "another dataset"),
+        ({"seed": 8}, "seed 7"),
+        ({"seqLength": 8}, "seqLength 16"),
+        ({"globalBatchSize": 2}, "globalBatchSize 4"),
+    ],
+)
+def test_another_runs_checkpoint_is_refused(files, tmp_path, change, named):
+    model, data, other = files
+    done = run(tmp_path, model, data)
+    export = sorted(p.name for p in done.export.iterdir())
+    change = dict(change)
+    dataset = other if change.pop("data", None) else data
+    with pytest.raises(CheckpointError, match=f"another run's \\(it was saved with {named}\\)") as err:
+        run(tmp_path, model, dataset, **change)  # same steps: it used to report done with that export
+    assert is_refusal(err.value)  # exit 2, no restart
+    with pytest.raises(CheckpointError, match="another run's"):
+        run(tmp_path, model, dataset, steps=4, **change)  # more steps: it used to train on from there
+    assert sorted(p.name for p in done.export.iterdir()) == export
+    assert (tmp_path / "latest").read_text().strip() == "step-2"
+
+
+def test_another_model_of_the_same_shape_is_refused(files, tmp_path):
+    model, data, _ = files
+    run(tmp_path / "ck", model, data)
+    other = save_tiny("llama", tmp_path / "other-model", tokenizer=False, seed=1)
+    with pytest.raises(CheckpointError, match="another model"):
+        run(tmp_path / "ck", other, data, steps=3)
+
+
+def test_the_same_run_resumes_and_extends(files, tmp_path):
+    model, data, _ = files
+    run(tmp_path, model, data, steps=2)
+    more = run(tmp_path, model, data, steps=3)
+    assert more.resumed_from == 2 and list(more.losses) == [3]
+
+
+def test_a_checkpoint_without_an_identity_still_resumes(files, tmp_path, monkeypatch):
+    model, data, _ = files
+    monkeypatch.setattr("conveyor.train.finetune.RUN_KEY", "not-recorded")  # as saved before
+    run(tmp_path, model, data, steps=2)
+    monkeypatch.undo()
+    assert run(tmp_path, model, data, steps=3).resumed_from == 2
+
+
+def test_an_extended_run_killed_before_its_export_exports_again(files, tmp_path, monkeypatch):
+    # steps 2 -> export; extended to 3 and killed between its last checkpoint and the new export: the
+    # restart found step 3 and an export directory (step 2's) and reported that export as the result
+    from safetensors.torch import load_file
+
+    model, data, _ = files
+    run(tmp_path / "ck", model, data, steps=2)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # (as SIGKILL: nothing after the checkpoint runs)
+
+    monkeypatch.setattr("conveyor.train.finetune.export", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "ck", model, data, steps=3)
+    monkeypatch.undo()
+    restarted = run(tmp_path / "ck", model, data, steps=3)
+    assert restarted.resumed_from == 3 and restarted.losses == {}
+    straight = run(tmp_path / "straight", model, data, steps=3)
+    got, want = (
+        load_file(restarted.export / "model.safetensors"),
+        load_file(straight.export / "model.safetensors"),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_an_extension_past_the_resumed_schedule_says_so(files, tmp_path, caplog):
+    # the schedule's state holds total_num_steps (defaulted to the first run's steps): the extension's
+    # steps ran at the final learning rate, near 0, and nothing said so
+    import logging
+
+    model, data, _ = files
+    cosine = {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 1, "warmup_type": "linear"}}
+    run(tmp_path, model, data, steps=3, scheduler=cosine)
+    with caplog.at_level(logging.WARNING):
+        more = run(tmp_path, model, data, steps=5, scheduler=cosine)
+    assert list(more.losses) == [4, 5]
+    assert "schedule resumed from the checkpoint ends before spec.train.steps" in caplog.text

@@ -1,0 +1,77 @@
+"""Whose checkpoint this is: a fine-tuning run's identity, saved in every checkpoint and checked on resume.
+
+A checkpoint holds weights trained from one model on one dataset and a *position* in that dataset's
+order. Resumed by a spec with another model, another dataset, or settings that change the data order
+or the optimizer, training would go on silently from another run's weights at a position that means
+nothing in this run's data, and a run that found another run's last checkpoint reported success with
+that run's export. The identity (digests of the model and the dataset, and those settings) is saved in
+the checkpoint's client state; a resume refuses a checkpoint whose identity differs. What may change
+across a restart is left out: ``steps`` (a run may be extended), the layout (checkpoints reshard), the
+checkpoint and export settings, the precision and activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from conveyor.commit_protocol import CheckpointError
+from conveyor.inference.progress import model_digest
+from conveyor.spec import PipelineJobSpec
+
+KEY = "run"  # the identity's key in a checkpoint's client state
+
+
+def _dataset_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_identity(spec: PipelineJobSpec, global_batch: int) -> dict[str, Any]:
+    """The model, the dataset, and the settings that decide the data order and the updates;
+    ``digest`` sums them up."""
+    train, model = spec.train, spec.model
+    assert train is not None and model is not None and train.dataset is not None
+    identity: dict[str, Any] = {
+        "model": model_digest(model.path),
+        "dataset": _dataset_digest(Path(train.dataset)),
+        "settings": {
+            "seqLength": train.seq_length,
+            "packing": train.packing,
+            "seed": train.seed,
+            "globalBatchSize": global_batch,
+            "optimizer": train.optimizer.model_dump(mode="json"),
+            "scheduler": train.scheduler.model_dump(mode="json") if train.scheduler else None,
+            "gradientClipping": train.gradient_clipping,
+        },
+    }
+    identity["digest"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return identity
+
+
+def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    what = {"model": "another model", "dataset": "another dataset"}
+    parts = [words for key, words in what.items() if theirs.get(key) != ours.get(key)]
+    mine, other = ours["settings"], theirs.get("settings") or {}
+    parts += [f"{key} {other.get(key)!r}" for key in mine if other.get(key) != mine[key]]
+    return ", ".join(parts) or "another run"
+
+
+def check(client_state: Any, ours: dict[str, Any], path: Path | None) -> bool:
+    """Refuse a checkpoint of another run (CheckpointError: one line, exit 2, no restart). False: the
+    checkpoint carries no identity (saved before it was recorded), resumed as it always was."""
+    theirs = client_state.get(KEY) if isinstance(client_state, dict) else None
+    if theirs is None:
+        return False
+    if not isinstance(theirs, dict) or theirs.get("digest") != ours["digest"]:
+        why = _difference(theirs, ours) if isinstance(theirs, dict) else "an unreadable identity"
+        raise CheckpointError(
+            f"checkpoint {path} is another run's (it was saved with {why}): set spec.checkpoint.path to a "
+            "new directory or move the old one away, or restore that run's model, dataset and settings"
+        )
+    return True
