@@ -28,6 +28,7 @@ from typing import Any
 LATEST = "latest"
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STAGING_DIR = re.compile(r"^step-(\d+)\.tmp$")
 
 
 class CheckpointError(RuntimeError):
@@ -241,6 +242,13 @@ def prune(root: Path, keep: int) -> None:
     for _, path in steps:
         if path not in survivors:
             shutil.rmtree(path, ignore_errors=True)
+    # A staging directory left by a kill is only replaced when its step is saved again, which a changed
+    # `every` or a resume past it never does. One at or below the committed step can never be published.
+    if current is not None and current.step is not None:
+        for path in root.iterdir():
+            m = _STAGING_DIR.match(path.name)
+            if m and int(m.group(1)) <= current.step and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def write_termination_message(

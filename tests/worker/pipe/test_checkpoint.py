@@ -38,6 +38,16 @@ def test_uncommitted_directory_never_counts(tmp_path):
     assert _save(tmp_path, 2).name == "step-2"  # the leftover is replaced, not merged
 
 
+def test_a_staging_directory_left_by_a_kill_goes_once_a_later_step_commits(tmp_path):
+    """A kill while step 3 was written leaves step-3.tmp; the run resumes at step 2 and (with another
+    `every`) saves 4: step-3.tmp could never be published, and was left on the volume for good."""
+    _save(tmp_path, 2)
+    (ckpt.prepare(tmp_path, "step-3", True, _noop) / "data").write_text("partial")
+    (tmp_path / "step-9.tmp").mkdir()  # a later step's, being written: kept
+    _save(tmp_path, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-2", "step-4", "step-9.tmp"]
+
+
 def test_termination_message(tmp_path):
     committed = _save(tmp_path, 4)
     body = ckpt.write_termination_message(tmp_path / "term", True, committed)
