@@ -13,7 +13,7 @@ from conveyor.topology import Layout, Topology
 from conveyor.utils import RepeatingLoader
 from torch import nn
 
-from tests.worker.pipe.models import config, lm_loss, make_data, tied_layers
+from tests.worker.pipe.models import HIDDEN, VOCAB, config, lm_loss, make_data, tied_layers
 
 
 def test_parameters_method_balances_weights():
@@ -194,3 +194,28 @@ def test_training_data_builds_a_repeating_loader():
     for _ in range(3):  # crosses epoch boundaries
         assert torch.isfinite(engine.train_batch())
     assert engine.global_steps == 3 and engine.global_samples == 12
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_tied_specs_that_build_different_modules_are_refused(stages):
+    # One process silently used the first spec's module for both; over 2 stages each stage built its own
+    # and the tied broadcast of differently sized weights aborted the process in gloo.
+    layers = tied_layers()
+    layers[-1] = TiedLayerSpec("embed", nn.Embedding, VOCAB + 1, HIDDEN)
+    topology = Topology(Layout(stages=stages), rank=0, world_size=stages)
+    with pytest.raises(
+        ValueError,
+        match=r"TiedLayerSpec 'embed' at layer 5 builds Embedding \[weight \(17, 8\)\].* layer 0, builds .*\(16, 8\)",
+    ):
+        PipelineModule(layers, topology=topology)
+
+
+def test_a_tied_weight_attr_the_module_lacks_is_refused():
+    # unnoticed on one stage (nothing is tied there); an AttributeError only on the stages holding a copy
+    layers = tied_layers()
+    layers[0] = TiedLayerSpec("embed", nn.Embedding, VOCAB, HIDDEN, tied_weight_attr="wieght")
+    with pytest.raises(
+        ValueError,
+        match=r"tied_weight_attr 'wieght' is not a parameter .*Embedding has parameters \['weight'\]",
+    ):
+        PipelineModule(layers)

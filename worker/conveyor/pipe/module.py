@@ -73,17 +73,52 @@ class TiedLayerSpec(LayerSpec):
         return f"TiedLayerSpec({self.key!r}, {self.name})"
 
 
-def _describe(layer: Any) -> tuple[str, int]:
-    """(class name, parameter count) without allocating weights: LayerSpecs are built on the meta device."""
+def _describe(layer: Any) -> tuple[str, int, nn.Module | None]:
+    """(class name, parameter count, the module) without allocating weights: LayerSpecs are built on the
+    meta device (the module is None for a plain callable)."""
     if isinstance(layer, LayerSpec):
         with torch.device("meta"):
             module = layer.build()
-        return layer.name, sum(p.numel() for p in module.parameters())
+        return layer.name, sum(p.numel() for p in module.parameters()), module
     if isinstance(layer, nn.Module):
-        return type(layer).__name__, sum(p.numel() for p in layer.parameters())
+        return type(layer).__name__, sum(p.numel() for p in layer.parameters()), layer
     if callable(layer):
-        return getattr(layer, "__name__", type(layer).__name__), 0
+        return getattr(layer, "__name__", type(layer).__name__), 0, None
     raise TypeError(f"pipeline layer {layer!r} is not an nn.Module, LayerSpec or callable")
+
+
+def _tied_signature(spec: TiedLayerSpec, module: nn.Module) -> str:
+    """What must agree between the occurrences of a tied key: the module's class, its parameters' shapes
+    and the tied attributes (each a parameter of the module)."""
+    params = dict(module.named_parameters())
+    for attr in spec.tied_weight_attr:
+        if not isinstance(getattr(module, attr, None), nn.Parameter):
+            raise ValueError(
+                f"TiedLayerSpec {spec.key!r}: tied_weight_attr {attr!r} is not a parameter of its module "
+                f"({type(module).__name__} has parameters {sorted(params)}): name one of them"
+            )
+    shapes = ", ".join(f"{name} {tuple(p.shape)}" for name, p in params.items())
+    return f"{type(module).__name__} [{shapes}] tying {spec.tied_weight_attr}"
+
+
+def _check_tied_specs(layers: Sequence[Any], modules: Sequence[nn.Module | None]) -> None:
+    """Every occurrence of a key must build the same module: a stage builds the shared module from the
+    first occurrence it holds, so a later one that differs would be ignored on one stage and used on
+    another (and the tied broadcast of differently sized weights breaks the process group)."""
+    first: dict[str, tuple[int, str]] = {}
+    for idx, layer in enumerate(layers):
+        if not isinstance(layer, TiedLayerSpec):
+            continue
+        module = modules[idx]
+        assert module is not None  # a TiedLayerSpec is a LayerSpec: described by building it
+        signature = _tied_signature(layer, module)
+        first_idx, first_signature = first.setdefault(layer.key, (idx, signature))
+        if signature != first_signature:
+            raise ValueError(
+                f"TiedLayerSpec {layer.key!r} at layer {idx} builds {signature}, but its first occurrence, "
+                f"layer {first_idx}, builds {first_signature}: the occurrences of a key share one module, so "
+                "give them the same class and arguments (use forward_fn for a different use of it)"
+            )
 
 
 class PipelineModule(nn.Module):
@@ -117,8 +152,11 @@ class PipelineModule(nn.Module):
         self.activation_checkpoint_interval = activation_checkpoint_interval
 
         described = [_describe(layer) for layer in layers]
-        self.layer_names = [name for name, _ in described]
-        self.parts = partition(partition_method, self.num_stages, [c for _, c in described], self.layer_names)
+        _check_tied_specs(layers, [module for _, _, module in described])
+        self.layer_names = [name for name, _, _ in described]
+        self.parts = partition(
+            partition_method, self.num_stages, [count for _, count, _ in described], self.layer_names
+        )
         self.start, self.stop = self.parts[self.stage_id], self.parts[self.stage_id + 1]
 
         first_index: dict[str, int] = {}
