@@ -219,3 +219,24 @@ def test_a_tied_weight_attr_the_module_lacks_is_refused():
         match=r"tied_weight_attr 'wieght' is not a parameter .*Embedding has parameters \['weight'\]",
     ):
         PipelineModule(layers)
+
+
+@pytest.mark.parametrize(
+    "optimizer,kind,decay",
+    [
+        ({"type": "AdamW", "params": {"lr": 1e-3}}, torch.optim.AdamW, 0.0),  # torch's default is 0.01
+        ({"type": "AdamW", "params": {"lr": 1e-3, "adam_w_mode": True}}, torch.optim.AdamW, 0.0),
+        ({"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}, torch.optim.AdamW, 0.1),
+        ({"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.1}}, torch.optim.AdamW, 0.1),
+        (
+            {"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.1, "adam_w_mode": False}},
+            torch.optim.Adam,
+            0.1,
+        ),
+    ],
+)
+def test_adam_optimizers_take_deepspeeds_defaults(optimizer, kind, decay):
+    # DeepSpeed's Adam and AdamW are its FusedAdam (weight_decay 0 unless given; AdamW always decoupled)
+    net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+    _, built, _, _ = conveyor.initialize(model=net, config={"train_batch_size": 2, "optimizer": optimizer})
+    assert type(built) is kind and built.param_groups[0]["weight_decay"] == decay

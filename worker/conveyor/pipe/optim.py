@@ -27,11 +27,13 @@ def build_optimizer(config: OptimizerConfig, params: Iterable[torch.nn.Parameter
             f"{', '.join(sorted(_OPTIMIZERS))}, or pass optimizer= to conveyor.initialize"
         )
     kwargs = dict(config.params)
-    if kind == "adam":
-        # DeepSpeed's "Adam" decouples weight decay (AdamW) unless adam_w_mode is false.
+    if kind in ("adam", "adamw"):
+        # DeepSpeed's "Adam" decouples weight decay (AdamW) unless adam_w_mode is false; its "AdamW"
+        # always does. Both are its FusedAdam, whose weight_decay defaults to 0 (torch's AdamW: 0.01).
         if kwargs.pop("adam_w_mode", True) and kwargs.get("weight_decay", 0):
             kind = "adamw"
         kwargs.pop("torch_adam", None)
+        kwargs.setdefault("weight_decay", 0.0)
     if "betas" in kwargs:
         betas = kwargs["betas"]
         # YAML gives a list; a lone number or a string here would reach torch as a TypeError outside
