@@ -38,6 +38,8 @@ def test_empty_stage_is_a_clear_error():
         partition("type:Head", 2, [1] * 3, ["Block", "Block", "Head"])
     with pytest.raises(PartitionError, match="unknown partition_method 'size'"):
         partition("size", 2, [1] * 3, ["L"] * 3)
+    with pytest.raises(PartitionError, match=r"partition_method='type:Block\(': .*regular expression"):
+        partition("type:Block(", 2, [1] * 3, ["Block"] * 3)  # was re.error, naming neither key nor fix
 
 
 class Counted(nn.Linear):

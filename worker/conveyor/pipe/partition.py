@@ -91,7 +91,13 @@ def partition(
             else partition_uniform(n, num_stages)
         )
     elif key.startswith("type:"):
-        pattern = re.compile(method[5:], re.IGNORECASE)
+        try:
+            pattern = re.compile(method[5:], re.IGNORECASE)
+        except re.error as err:
+            raise PartitionError(
+                f"partition_method={method!r}: {method[5:]!r} is not a regular expression ({err}): write "
+                "'type:' followed by a pattern of layer class names, e.g. 'type:Block'"
+            ) from None
         matched = [i for i, name in enumerate(class_names) if pattern.search(name)]
         if len(matched) < num_stages:
             raise PartitionError(
