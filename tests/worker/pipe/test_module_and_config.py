@@ -242,3 +242,29 @@ def test_adam_optimizers_take_deepspeeds_defaults(optimizer, kind, decay):
     net = PipelineModule(tied_layers(), loss_fn=lm_loss)
     _, built, _, _ = conveyor.initialize(model=net, config={"train_batch_size": 2, "optimizer": optimizer})
     assert type(built) is kind and built.param_groups[0]["weight_decay"] == decay
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_model_parameters_may_be_param_groups_as_in_deepspeed(plain):
+    # DeepSpeed's model_parameters takes torch's param groups (weight decay off for biases and norms is the
+    # usual use); they were read as parameters (AttributeError: 'dict' object has no attribute 'requires_grad')
+    net = (
+        nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+        if plain
+        else PipelineModule(tied_layers(), loss_fn=lm_loss)
+    )
+    net.requires_grad_(True)
+    frozen = next(p for name, p in net.named_parameters() if name.endswith("bias"))
+    frozen.requires_grad_(False)
+    decayed = [p for name, p in net.named_parameters() if name.endswith("weight")]
+    groups = [
+        {"params": decayed, "weight_decay": 0.1},
+        {"params": [p for name, p in net.named_parameters() if name.endswith("bias")], "weight_decay": 0.0},
+    ]
+    config = {"train_batch_size": 2, "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
+    _, optimizer, _, _ = conveyor.initialize(model=net, model_parameters=groups, config=config)
+    # DeepSpeed's Adam decouples a group's weight decay as well as the config's
+    assert type(optimizer) is torch.optim.AdamW
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert optimizer.param_groups[0]["params"] == decayed
+    assert all(p is not frozen for g in optimizer.param_groups for p in g["params"])  # frozen left out

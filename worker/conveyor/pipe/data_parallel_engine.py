@@ -33,7 +33,7 @@ from conveyor import metrics
 from conveyor.log import get_logger
 from conveyor.pipe import checkpoint as pipe_checkpoint
 from conveyor.pipe.config import ConfigError, EngineConfig, load_config
-from conveyor.pipe.optim import build_optimizer, build_scheduler
+from conveyor.pipe.optim import build_optimizer, build_scheduler, trainable
 from conveyor.watchdog import PROGRESS
 
 log = get_logger("conveyor.engine")
@@ -45,7 +45,7 @@ class DataParallelEngine:
         model: nn.Module,
         config: EngineConfig | dict[str, Any] | str | Path,
         optimizer: torch.optim.Optimizer | None = None,
-        model_parameters: Iterable[nn.Parameter] | None = None,
+        model_parameters: Iterable[Any] | None = None,
         lr_scheduler: Any = None,
         training_data: Any = None,
         collate_fn: Any = None,
@@ -71,7 +71,7 @@ class DataParallelEngine:
         self.device = torch.device(device)
         self.module = model.to(self.device)
         self._broadcast_weights()
-        params = [p for p in (model_parameters or model.parameters()) if p.requires_grad]
+        params = trainable(model_parameters, model)
         if optimizer is None:
             if self.config.optimizer is None:
                 raise ValueError("no optimizer: add an `optimizer` section to the config or pass optimizer=")

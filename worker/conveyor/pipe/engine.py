@@ -31,7 +31,7 @@ from conveyor.pipe import checkpoint as pipe_checkpoint
 from conveyor.pipe.config import EngineConfig, load_config
 from conveyor.pipe.grad_norm import global_grad_norm
 from conveyor.pipe.module import PipelineModule
-from conveyor.pipe.optim import build_optimizer, build_scheduler
+from conveyor.pipe.optim import build_optimizer, build_scheduler, trainable
 from conveyor.pipe.p2p import P2P, BoundaryError, BoundaryMeta, describe, flatten, unflatten
 from conveyor.pipe.schedule import Kind, Schedule, Step, build_schedule, format_grid
 from conveyor.pipe.sharding import shard_key, shard_layouts, sharded_parameters
@@ -78,7 +78,7 @@ class PipelineEngine:
         model: PipelineModule,
         config: EngineConfig | dict[str, Any] | str | Path,
         optimizer: torch.optim.Optimizer | None = None,
-        model_parameters: Iterable[torch.nn.Parameter] | None = None,
+        model_parameters: Iterable[Any] | None = None,
         lr_scheduler: Any = None,
         training_data: Any = None,
         collate_fn: Any = None,
@@ -109,7 +109,7 @@ class PipelineEngine:
         model.to(self.device)
         self._sync_initial_weights()
 
-        params = [p for p in (model_parameters or model.parameters()) if p.requires_grad]
+        params = trainable(model_parameters, model)
         if optimizer is None:
             if self.config.optimizer is None:
                 raise ValueError("no optimizer: add an `optimizer` section to the config or pass optimizer=")
@@ -545,7 +545,7 @@ def initialize(
     args: Any = None,
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    model_parameters: Iterable[torch.nn.Parameter] | None = None,
+    model_parameters: Iterable[Any] | None = None,
     training_data: Any = None,
     lr_scheduler: Any = None,
     config: EngineConfig | dict[str, Any] | str | Path | None = None,

@@ -19,7 +19,28 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-def build_optimizer(config: OptimizerConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def trainable(model_parameters: Iterable[Any] | None, model: torch.nn.Module) -> list[Any]:
+    """What the optimizer gets: ``model_parameters`` (parameters, or torch's param-group dicts as DeepSpeed
+    takes them), else the model's parameters, without the frozen ones; groups left empty are dropped."""
+    given = list(model_parameters) if model_parameters is not None else []
+    if not given:
+        given = list(model.parameters())
+    if not any(isinstance(item, dict) for item in given):
+        return [p for p in given if p.requires_grad]
+    if not all(isinstance(item, dict) for item in given):
+        raise TypeError("model_parameters mixes parameters and param-group dicts: give one kind")
+    groups = []
+    for group in given:
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if any(p.requires_grad for p in params):
+            groups.append({**group, "params": [p for p in params if p.requires_grad]})
+    return groups
+
+
+def build_optimizer(config: OptimizerConfig, params: Iterable[Any]) -> torch.optim.Optimizer:
+    """The config's optimizer over ``params`` (parameters or param-group dicts, see ``trainable``)."""
+    params = list(params)
     kind = config.type.lower()
     if kind not in _OPTIMIZERS:
         raise ConfigError(
@@ -30,7 +51,8 @@ def build_optimizer(config: OptimizerConfig, params: Iterable[torch.nn.Parameter
     if kind in ("adam", "adamw"):
         # DeepSpeed's "Adam" decouples weight decay (AdamW) unless adam_w_mode is false; its "AdamW"
         # always does. Both are its FusedAdam, whose weight_decay defaults to 0 (torch's AdamW: 0.01).
-        if kwargs.pop("adam_w_mode", True) and kwargs.get("weight_decay", 0):
+        group_decays = [group.get("weight_decay", 0) for group in params if isinstance(group, dict)]
+        if kwargs.pop("adam_w_mode", True) and any([kwargs.get("weight_decay", 0), *group_decays]):
             kind = "adamw"
         kwargs.pop("torch_adam", None)
         kwargs.setdefault("weight_decay", 0.0)
