@@ -60,6 +60,18 @@ def step_name(step: int) -> str:
     return f"step-{step}"
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a checkpoint's directory beside ``latest`` and the staging directories, or
+    None: it must be a plain name that none of the protocol's own files use."""
+    if name in (LATEST, ".", "..") or name.startswith(LATEST + "."):
+        return f"{name!r} is a name the commit protocol uses itself"
+    if name.endswith(".tmp"):
+        return "a name ending in .tmp is a staging directory's"
+    if "/" in name or os.sep in name:
+        return "a path separator would put it outside the checkpoint directory's listing"
+    return None
+
+
 def staging_dir(root: Path, name: str) -> Path:
     return root / f"{name}.tmp"
 

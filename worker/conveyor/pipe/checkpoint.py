@@ -152,11 +152,30 @@ def _state_dict(parts: TrainParts, counters: dict[str, Any], client_state: Any) 
     }
 
 
+def _agreed_name(name: str) -> str:
+    """``name`` once every rank has passed the same one and the commit protocol can publish it; checked
+    after gathering every rank's, so all of them raise the same error instead of some waiting."""
+    names = [name]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        names = [""] * dist.get_world_size()
+        # why: ranks with different tags would each write their own directory and rank 0 commit its own
+        dist.all_gather_object(names, name)
+    if len(set(names)) > 1:
+        raise ValueError(
+            f"save_checkpoint tag differs between ranks ({', '.join(sorted(map(repr, set(names))))}): pass "
+            "the same tag on every rank (derive it from the step, not from a clock or the rank)"
+        )
+    problem = commit_protocol.name_problem(name)
+    if problem:
+        raise ValueError(f"save_checkpoint tag {name!r}: {problem}; use a plain name such as 'step-100'")
+    return name
+
+
 def save(engine: TrainState, root: Path, tag: str | None, client_state: Any, keep: int | None) -> Path:
     started = time.perf_counter()
     counters = engine.counters()
     step = counters["step"]
-    name = tag or commit_protocol.step_name(step)
+    name = _agreed_name(tag or commit_protocol.step_name(step))
     tmp = commit_protocol.prepare(root, name, _is_writer(), _barrier)
     with _quiet():
         dcp.save(_state_dict(engine.train_parts(), counters, client_state), checkpoint_id=tmp)
