@@ -245,6 +245,7 @@ class PipelineEngine:
         rank's iterator failed, so all of them stop with an error instead of waiting on a dead peer."""
         items: list[Any] = []
         error = ""
+        raised: Exception | None = None  # the iterator's own error, re-raised here after the others learn
         if self.is_first_stage() or self.is_last_stage():
             source = data_iter if data_iter is not None else self._data_iterator
             if source is None:
@@ -261,6 +262,9 @@ class PipelineEngine:
                             f"{self.global_steps}: wrap the loader in conveyor.utils.RepeatingLoader or stop earlier"
                         )
                         break
+                    except Exception as err:  # a bad record, a dead worker: still tell the peers first
+                        raised, error = err, f"the data iterator raised {type(err).__name__}: {err}"
+                        break
                     if not (isinstance(item, (tuple, list)) and len(item) == 2):
                         error = "the data iterator must yield (inputs, labels) pairs, as DeepSpeed's pipeline does"
                         break
@@ -268,6 +272,8 @@ class PipelineEngine:
         failed = torch.tensor([1.0 if error else 0.0], device=self.device)
         if self._dist:
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # one scalar per batch: all ranks stop together
+        if raised is not None:
+            raise raised
         if failed.item():
             raise DataExhaustedError(error or "a peer stage's data iterator failed (see that rank's error)")
         return items
