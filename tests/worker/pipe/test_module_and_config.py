@@ -268,3 +268,19 @@ def test_model_parameters_may_be_param_groups_as_in_deepspeed(plain):
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     assert optimizer.param_groups[0]["params"] == decayed
     assert all(p is not frozen for g in optimizer.param_groups for p in g["params"])  # frozen left out
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_optimizer_and_scheduler_may_be_callables_as_in_deepspeed(plain):
+    # DeepSpeed builds them from callables (params -> optimizer, optimizer -> scheduler); they were kept as
+    # the functions and the first step failed: 'function' object has no attribute 'step'
+    net = nn.Sequential(nn.Linear(4, 1)) if plain else PipelineModule(tied_layers(), loss_fn=lm_loss)
+    engine, optimizer, _, scheduler = conveyor.initialize(
+        model=net,
+        config={"train_batch_size": 2},
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1),
+    )
+    assert isinstance(optimizer, torch.optim.SGD) and engine.optimizer is optimizer
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and scheduler.optimizer is optimizer
+    assert optimizer.param_groups[0]["params"] == list(net.parameters())

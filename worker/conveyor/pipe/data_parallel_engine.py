@@ -33,7 +33,13 @@ from conveyor import metrics
 from conveyor.log import get_logger
 from conveyor.pipe import checkpoint as pipe_checkpoint
 from conveyor.pipe.config import ConfigError, EngineConfig, load_config
-from conveyor.pipe.optim import build_optimizer, build_scheduler, trainable
+from conveyor.pipe.optim import (
+    build_optimizer,
+    build_scheduler,
+    client_optimizer,
+    client_scheduler,
+    trainable,
+)
 from conveyor.watchdog import PROGRESS
 
 log = get_logger("conveyor.engine")
@@ -76,10 +82,10 @@ class DataParallelEngine:
             if self.config.optimizer is None:
                 raise ValueError("no optimizer: add an `optimizer` section to the config or pass optimizer=")
             optimizer = build_optimizer(self.config.optimizer, params)
-        self.optimizer = optimizer
+        self.optimizer = client_optimizer(optimizer, params)
         if lr_scheduler is None and self.config.scheduler is not None:
-            lr_scheduler = build_scheduler(self.config.scheduler, optimizer)
-        self.lr_scheduler = lr_scheduler
+            lr_scheduler = build_scheduler(self.config.scheduler, self.optimizer)
+        self.lr_scheduler = client_scheduler(lr_scheduler, self.optimizer)
         self.global_steps = 0
         self.global_samples = 0
         self.micro_steps = 0

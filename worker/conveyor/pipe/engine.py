@@ -31,7 +31,13 @@ from conveyor.pipe import checkpoint as pipe_checkpoint
 from conveyor.pipe.config import EngineConfig, load_config
 from conveyor.pipe.grad_norm import global_grad_norm
 from conveyor.pipe.module import PipelineModule
-from conveyor.pipe.optim import build_optimizer, build_scheduler, trainable
+from conveyor.pipe.optim import (
+    build_optimizer,
+    build_scheduler,
+    client_optimizer,
+    client_scheduler,
+    trainable,
+)
 from conveyor.pipe.p2p import P2P, BoundaryError, BoundaryMeta, describe, flatten, unflatten
 from conveyor.pipe.schedule import Kind, Schedule, Step, build_schedule, format_grid
 from conveyor.pipe.sharding import shard_key, shard_layouts, sharded_parameters
@@ -119,10 +125,10 @@ class PipelineEngine:
                     "choose a partition_method that gives every stage a layer with weights"
                 )
             optimizer = build_optimizer(self.config.optimizer, params)
-        self.optimizer = optimizer
+        self.optimizer = client_optimizer(optimizer, params)
         if lr_scheduler is None and self.config.scheduler is not None:
-            lr_scheduler = build_scheduler(self.config.scheduler, optimizer)
-        self.lr_scheduler = lr_scheduler
+            lr_scheduler = build_scheduler(self.config.scheduler, self.optimizer)
+        self.lr_scheduler = client_scheduler(lr_scheduler, self.optimizer)
 
         self.p2p = P2P({s: self.topology.stage_rank(s) for s in range(self.num_stages)}, self.device)
         self._meta: dict[tuple[str, str], BoundaryMeta] = {}  # (train|eval, in|out) -> boundary metadata

@@ -38,6 +38,20 @@ def trainable(model_parameters: Iterable[Any] | None, model: torch.nn.Module) ->
     return groups
 
 
+def client_optimizer(optimizer: Any, params: list[Any]) -> Any:
+    """The optimizer passed to ``initialize``: as DeepSpeed takes it, an optimizer or a callable that
+    builds one from the parameters."""
+    if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer(params)
+    return optimizer
+
+
+def client_scheduler(lr_scheduler: Any, optimizer: Any) -> Any:
+    """The scheduler passed to ``initialize``: a scheduler, or (DeepSpeed's) a callable that builds one
+    from the optimizer. Schedulers themselves are not callable."""
+    return lr_scheduler(optimizer) if callable(lr_scheduler) else lr_scheduler
+
+
 def build_optimizer(config: OptimizerConfig, params: Iterable[Any]) -> torch.optim.Optimizer:
     """The config's optimizer over ``params`` (parameters or param-group dicts, see ``trainable``)."""
     params = list(params)
