@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import conveyor
 import pytest
 import torch
@@ -284,3 +286,17 @@ def test_optimizer_and_scheduler_may_be_callables_as_in_deepspeed(plain):
     assert isinstance(optimizer, torch.optim.SGD) and engine.optimizer is optimizer
     assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and scheduler.optimizer is optimizer
     assert optimizer.param_groups[0]["params"] == list(net.parameters())
+
+
+def test_a_config_given_twice_is_refused_and_deepscale_config_is_read(tmp_path):
+    # DeepSpeed refuses a config in both args and initialize(config=); config= silently won here
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_batch_size": 4, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}')
+    net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+    args = argparse.Namespace(deepspeed_config=str(path), deepscale_config=None)
+    with pytest.raises(ConfigError, match=r"--deepspeed_config .*ds.json and config=: give one"):
+        conveyor.initialize(args=args, model=net, config=config(2, 1))
+    # the deprecated --deepscale_config, which add_config_arguments accepts, is read as DeepSpeed does
+    args = argparse.Namespace(deepspeed_config=None, deepscale_config=str(path))
+    engine, _, _, _ = conveyor.initialize(args=args, model=net)
+    assert engine.train_batch_size() == 4

@@ -28,7 +28,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from conveyor import metrics
 from conveyor.log import get_logger
 from conveyor.pipe import checkpoint as pipe_checkpoint
-from conveyor.pipe.config import EngineConfig, load_config
+from conveyor.pipe.config import ConfigError, EngineConfig, load_config
 from conveyor.pipe.grad_norm import global_grad_norm
 from conveyor.pipe.module import PipelineModule
 from conveyor.pipe.optim import (
@@ -583,8 +583,14 @@ def initialize(
     if model is None:
         raise ValueError("conveyor.initialize needs model= (an nn.Module, or a conveyor.pipe.PipelineModule)")
     config = config if config is not None else config_params
-    if config is None and args is not None:
-        config = getattr(args, "deepspeed_config", None)
+    # --deepscale_config is DeepSpeed's deprecated name, still accepted by add_config_arguments
+    from_args = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
+    if from_args is not None and config is not None:
+        # as DeepSpeed does: which of two configs was meant is not ours to guess
+        raise ConfigError(
+            f"a config came both as --deepspeed_config {from_args} and config=: give one of them"
+        )
+    config = config if config is not None else from_args
     engine_type: Any = PipelineEngine if isinstance(model, PipelineModule) else DataParallelEngine
     engine = engine_type(
         model,
