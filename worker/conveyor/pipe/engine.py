@@ -535,12 +535,21 @@ class PipelineEngine:
         )
 
     def counters(self) -> dict[str, Any]:
-        return {"step": self.global_steps, "samples": self.global_samples, "loss_scale": self.loss_scale}
+        return {
+            "step": self.global_steps,
+            "samples": self.global_samples,
+            # fp16's dynamic scaler: the scale, and the good steps toward its next doubling
+            "loss_scale": self.loss_scale,
+            "good_steps": self._good_steps,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
         self.global_steps = counters["step"]
         self.global_samples = counters["samples"]
         self.loss_scale = counters["loss_scale"]
+        self._good_steps = counters.get("good_steps", 0)  # absent from checkpoints of older releases
+        self.skipped_steps = counters.get("skipped_steps", 0)
 
     def save_checkpoint(
         self, save_dir: str | Path, tag: str | None = None, client_state: Any = None, keep: int | None = None
