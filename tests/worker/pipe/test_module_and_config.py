@@ -300,3 +300,10 @@ def test_a_config_given_twice_is_refused_and_deepscale_config_is_read(tmp_path):
     args = argparse.Namespace(deepspeed_config=None, deepscale_config=str(path))
     engine, _, _, _ = conveyor.initialize(args=args, model=net)
     assert engine.train_batch_size() == 4
+
+
+def test_training_data_without_a_whole_micro_batch_is_refused():
+    net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+    data = [(ids[0], labels[0]) for ids, labels in make_data(1, 1)[0]]  # 1 sample, micro-batch 2
+    with pytest.raises(ValueError, match=r"training_data has 1 samples, fewer than one micro-batch"):
+        conveyor.initialize(model=net, config=config(2, 1), training_data=data)

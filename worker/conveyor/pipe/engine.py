@@ -189,7 +189,21 @@ class PipelineEngine:
         sampler: Any = None
         if self.dp_world_size > 1:
             sampler = DistributedSampler(dataset, self.dp_world_size, self.topology.replica, shuffle=False)
-        loader = DataLoader(dataset, batch_size=self.micro_batch_size, sampler=sampler, collate_fn=collate_fn)
+        # why drop_last: a stage boundary carries one shape (its metadata is exchanged once), so an epoch's
+        # smaller last micro-batch would stop a pipeline mid-schedule; dropped on every layout alike
+        loader = DataLoader(
+            dataset, batch_size=self.micro_batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=True
+        )
+        try:
+            empty = len(loader) == 0
+        except TypeError:  # an iterable dataset has no length
+            empty = False
+        if empty:
+            raise ValueError(
+                f"training_data has {len(dataset)} samples, fewer than one micro-batch per replica "
+                f"(train_micro_batch_size_per_gpu {self.micro_batch_size} x {self.dp_world_size} replicas): "
+                "give more samples or a smaller micro-batch"
+            )
         if self.is_first_stage() or self.is_last_stage():
             self._data_iterator = iter(RepeatingLoader(loader))
         return loader
