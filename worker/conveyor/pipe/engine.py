@@ -41,6 +41,7 @@ from conveyor.pipe.optim import (
 from conveyor.pipe.p2p import P2P, BoundaryError, BoundaryMeta, describe, flatten, unflatten
 from conveyor.pipe.schedule import Kind, Schedule, Step, build_schedule, format_grid
 from conveyor.pipe.sharding import shard_key, shard_layouts, sharded_parameters
+from conveyor.topology import LayoutError
 from conveyor.watchdog import PROGRESS
 
 log = get_logger("conveyor.pipe")
@@ -97,6 +98,15 @@ class PipelineEngine:
                 "model's layers in PipelineModule(layers=[...], num_stages=...)"
             )
         self.config = load_config(config)
+        self._dist = dist.is_available() and dist.is_initialized()
+        if self._dist and model.topology.layout.world_size != dist.get_world_size():
+            # built before the process group existed (initialize joined it): a layout of one rank here
+            # would train each process as its own model, no gradient averaged
+            raise LayoutError(
+                f"PipelineModule was built for {model.topology.layout.world_size} rank(s) but the process group "
+                f"has {dist.get_world_size()} ranks: call conveyor.init_distributed() before building the "
+                "PipelineModule"
+            )
         self.module = model
         self.topology = model.topology
         self.layout = self.topology.layout
@@ -104,7 +114,6 @@ class PipelineEngine:
         self.dp_world_size = self.layout.replicas
         self.job = job or "conveyor"
         self.local_rank = 0  # set by initialize from LOCAL_RANK, as DeepSpeed's engine has it
-        self._dist = dist.is_available() and dist.is_initialized()
         self._serial = next(_serial)
         self._train_batch_size, self.micro_batch_size, self.micro_batches = self.config.resolve_batch(
             self.dp_world_size
