@@ -307,3 +307,25 @@ def test_training_data_without_a_whole_micro_batch_is_refused():
     data = [(ids[0], labels[0]) for ids, labels in make_data(1, 1)[0]]  # 1 sample, micro-batch 2
     with pytest.raises(ValueError, match=r"training_data has 1 samples, fewer than one micro-batch"):
         conveyor.initialize(model=net, config=config(2, 1), training_data=data)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_step_clears_the_gradients_of_parameters_outside_the_optimizer(plain):
+    # DeepSpeed's engine zeroes every module gradient after a step; only the optimizer's were, so a
+    # parameter left out of model_parameters (frozen by exclusion) summed its gradient over all steps
+    # and its growing norm entered the next steps' clipping
+    if plain:
+        net: nn.Module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+        subset = list(net[1].parameters())
+    else:
+        net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+        subset = [p for name, p in net.named_parameters() if name.startswith("layers.")]
+    engine, _, _, _ = conveyor.initialize(model=net, model_parameters=subset, config=config(2, 1, clip=0.3))
+    if plain:
+        for _ in range(2):  # one accumulation boundary
+            engine.backward(engine(torch.ones(2, 4)).pow(2).mean())
+            engine.step()
+    else:
+        engine.train_batch(iter(make_data(1, 2)[0]))
+    assert engine.global_steps == 1
+    assert [name for name, p in net.named_parameters() if p.grad is not None] == []

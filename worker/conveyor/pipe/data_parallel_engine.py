@@ -168,6 +168,8 @@ class DataParallelEngine:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # as DeepSpeed's engine: every module gradient, also of parameters left out of the optimizer
+        self.module.zero_grad(set_to_none=True)
         self.global_steps += 1
         self.global_samples += self._train_batch_size
         self._publish()
