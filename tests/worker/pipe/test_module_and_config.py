@@ -329,3 +329,13 @@ def test_a_step_clears_the_gradients_of_parameters_outside_the_optimizer(plain):
         engine.train_batch(iter(make_data(1, 2)[0]))
     assert engine.global_steps == 1
     assert [name for name, p in net.named_parameters() if p.grad is not None] == []
+
+
+def test_train_batch_under_no_grad_is_refused_before_the_schedule():
+    # as DeepSpeed's: the last stage's backward failed mid-schedule, its neighbours left waiting on it
+    net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+    engine, _, _, _ = conveyor.initialize(model=net, config=config(2, 1))
+    data = iter(make_data(1, 2)[0])
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"train_batch needs gradients.*eval_batch"):
+        engine.train_batch(data)
+    assert next(data) is not None and engine.global_steps == 0  # nothing was read or stepped

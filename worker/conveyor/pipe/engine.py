@@ -221,6 +221,11 @@ class PipelineEngine:
     def train_batch(self, data_iter: Iterator[Any] | None = None) -> torch.Tensor:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean loss of
         all micro-batches and data-parallel replicas, on every rank."""
+        if not torch.is_grad_enabled():
+            # as DeepSpeed's: else the last stage's backward fails mid-schedule, its neighbours waiting
+            raise RuntimeError(
+                "train_batch needs gradients but runs under torch.no_grad(): use eval_batch for forward only"
+            )
         started = time.perf_counter()
         self.module.train()
         waited = self.p2p.wait_seconds
