@@ -28,6 +28,34 @@ def test_llama_gqa_roles() -> None:
     assert "lm_head" not in roles  # planned with the embeddings (vocabulary-parallel)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_a_norm_of_each_head_does_not_hide_its_projection(family: str) -> None:
+    """Qwen3's and Gemma 3's q_norm / k_norm (over head_dim, one weight for every head) sit between q/k_proj
+    and the attention. Before: read as the residual stream's norms, they left q and k whole while v was
+    split, and the split model's forward failed ("mat1 and mat2 shapes cannot be multiplied")."""
+    roles = _roles(family)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert roles[f"model.layers.0.self_attn.{name}"] == "column", name
+    assert roles["model.layers.0.self_attn.o_proj"] == "row"
+
+
+def test_a_norm_over_a_whole_projection_is_refused() -> None:
+    """OLMo 2 normalizes the whole q and k projections (every head at once): no split by heads keeps that
+    norm's result, so the attention is refused by name before any weight moves (before: the same crash)."""
+    import transformers as T
+
+    config = T.Olmo2Config(
+        hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=128,
+        num_hidden_layers=1, vocab_size=96, pad_token_id=0,
+    )  # fmt: skip
+    model = T.Olmo2ForCausalLM(config).eval()
+    with pytest.raises(
+        AutoTPError, match=r"self_attn.q_proj \(replicated\) is inside model.layers.0.self_attn"
+    ):
+        plan_model(model, 2)
+    plan_model(model, 1)  # whole, it is fine
+
+
 def test_gpt2_conv1d_fused_qkv() -> None:
     model, _ = build("gpt2")
     plan = plan_model(model, 2)

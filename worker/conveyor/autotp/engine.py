@@ -64,6 +64,12 @@ def _trace_inputs(model: Any) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def _stream_width(model: Any) -> int | None:
+    """The residual stream's width (``hidden_size``; GPT-2's ``n_embd`` and T5's ``d_model`` map to it)."""
+    width = getattr(model.config, "hidden_size", None)
+    return width if isinstance(width, int) else None
+
+
 def on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
@@ -74,7 +80,7 @@ def trace_flows(model: Any) -> dict[str, LinearFlow]:
     skip = {n for n, m in model.named_modules() if m is out and out is not None}
     model.eval()
     if not on_meta(model):
-        return Tracer(model, skip).run(_trace_inputs(model))
+        return Tracer(model, skip, _stream_width(model)).run(_trace_inputs(model))
     # A model built on the meta device has no values to branch on (HF's mask helpers ask whether any
     # token is padded); under fake tensors transformers takes its tracing path, and the autograd graph
     # (all the tracer reads) is the same.
@@ -83,7 +89,7 @@ def trace_flows(model: Any) -> dict[str, LinearFlow]:
     experts_impl = _trace_experts_with_batched_mm(model)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return Tracer(model, skip).run(_trace_inputs(model))
+            return Tracer(model, skip, _stream_width(model)).run(_trace_inputs(model))
     except Exception as err:
         raise AutoTPError(
             f"tracing {type(model).__name__} on the meta device failed ({type(err).__name__}: "

@@ -280,6 +280,16 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
                     problems.append(f"{m} ({lp.role}-parallel): {what} cannot be split {tp} ways")
     for h in heads:
         problems += [f"{h.name}.{a} = {v} is not divisible by {tp}" for a, v in h.attrs.items() if v % tp]
+        # A projection left whole inside an attention whose heads are split would give the attention all
+        # heads of one input and a rank's share of another (OLMo 2's q_norm / k_norm normalize the whole
+        # q and k projections, which the walk cannot see through): refused, not crashed or miscomputed.
+        problems += [
+            f"{n} (replicated) is inside {h.name}, whose heads are split, but its output does not reach "
+            "the attention's output projection through per-head operations alone (e.g. a norm over the "
+            "whole projection)"
+            for n, lp in linears.items()
+            if tp > 1 and lp.role == "replicated" and n.startswith(h.name + ".") and flows[n].calls
+        ]
     experts = []
     for n in sorted(experts_names):
         ep = _experts_plan(n, modules[n], hidden)

@@ -2,7 +2,8 @@
 
 One forward on a short input runs with autograd recording; hooks note the autograd node each linear
 (``nn.Linear``, GPT-2's ``Conv1D``, a MoE experts module with 3D weights) takes in and gives out, and the
-nodes that bound the residual stream (norm inputs and outputs, embedding outputs, the model's outputs).
+nodes that bound the residual stream (norm inputs and outputs, embedding outputs, the model's outputs;
+a norm of each head alone, such as Qwen3's ``q_norm``, is inside the attention and bounds nothing).
 Walking the graph backwards from each linear's input to the nearest linear outputs gives its producers;
 walking back from each norm input and model output gives the linears that write into the residual
 stream. A split of a linear's output on its last dimension (GPT-2's ``c_attn(...).split``) is noted as a
@@ -81,8 +82,11 @@ def _split_sizes(node: Any, width: int, ndim: int) -> tuple[int, ...] | None:
 
 
 class Tracer:
-    def __init__(self, model: nn.Module, skip: set[str]):
+    def __init__(self, model: nn.Module, skip: set[str], stream_width: int | None = None):
+        """``stream_width``: the residual stream's width (``config.hidden_size``), which a norm of each
+        head alone is narrower than (``_per_head``)."""
         self.model = model
+        self.stream_width = stream_width
         self.flows: dict[str, LinearFlow] = {}
         self._out_node: dict[Any, str] = {}  # autograd node of a linear's output -> linear name
         self._out_shape: dict[str, tuple[int, int]] = {}  # name -> (width, ndim) of its output
@@ -114,12 +118,28 @@ class Tracer:
 
         self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
+    def _per_head(self, module: nn.Module, args: tuple) -> bool:
+        """A norm of each head alone (Qwen3's and Gemma 3's ``q_norm`` / ``k_norm``: the input viewed as
+        [batch, seq, heads, head_dim], one weight of ``head_dim`` shared by every head) sits between a
+        projection and the attention that reads it, not at the residual stream: the walk passes through
+        it, so that projection is found feeding the attention's output projection (column-parallel) and
+        a rank's heads are normalized as in the whole model. A norm over a whole projection (OLMo 2's,
+        over every head at once) still bounds the walk: splitting it by heads would change its result."""
+        first = next(iter(_tensors(args[:1])), None)
+        if self.stream_width is None or first is None or first.dim() < 4:
+            return False
+        width = first.shape[-1]
+        shared = all(p.numel() == width for p in module.parameters(recurse=False))
+        return width < self.stream_width and shared
+
     def _hook_norm(self, module: nn.Module) -> None:
         def pre(_m: nn.Module, args: tuple) -> None:
-            self._sinks += [t.grad_fn for t in _tensors(args[:1]) if t.grad_fn is not None]
+            if not self._per_head(module, args):
+                self._sinks += [t.grad_fn for t in _tensors(args[:1]) if t.grad_fn is not None]
 
-        def post(_m: nn.Module, _args: tuple, out: Any) -> None:
-            self._stops.update(t.grad_fn for t in _tensors(out) if t.grad_fn is not None)
+        def post(_m: nn.Module, args: tuple, out: Any) -> None:
+            if not self._per_head(module, args):
+                self._stops.update(t.grad_fn for t in _tensors(out) if t.grad_fn is not None)
 
         self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
