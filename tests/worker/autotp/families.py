@@ -58,6 +58,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         {**_D, "num_key_value_heads": 4, "head_dim": 8, "sliding_window": 16},
         "causal",
     ),
+    # a fused q|k|v read at offsets its forward computes (attention stays whole), a fused gate|up chunked
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_D, "num_key_value_heads": 4, "pad_token_id": 0}, "causal"),
     "phi": ("PhiConfig", "PhiForCausalLM", {**_D, "partial_rotary_factor": 0.5}, "causal"),
     "falcon": (
         "FalconConfig",

@@ -56,6 +56,22 @@ def test_a_norm_over_a_whole_projection_is_refused() -> None:
     plan_model(model, 1)  # whole, it is fine
 
 
+def test_phi3_fused_gate_up_split_per_half_and_sliced_qkv_kept_whole() -> None:
+    """Phi-3's MLP chunks its fused gate|up with ``chunk(2, dim=-1)``, whose dim autograd reads back as
+    2**64 - 1: before, that went unseen and each rank kept a contiguous half (rank 0 all of gate, rank 1
+    all of up), giving logits 18% off with no error. Its attention reads the fused q|k|v at offsets
+    computed from the config (``qkv[..., :query_pos]``): split, ranks got no key/value heads and died of
+    SIGFPE in attention; now q|k|v and o_proj stay whole."""
+    model, _ = build("phi3")
+    plan = plan_model(model, 2)
+    gate_up = plan.linears["model.layers.0.mlp.gate_up_proj"]
+    assert gate_up.role == "column" and gate_up.split is not None and gate_up.split.blocks == (128, 128)
+    assert plan.linears["model.layers.0.mlp.down_proj"].role == "row"
+    assert plan.linears["model.layers.0.self_attn.qkv_proj"].role == "replicated"
+    assert plan.linears["model.layers.0.self_attn.o_proj"].role == "replicated"
+    assert plan.heads == []  # the attention keeps all its heads
+
+
 def test_gpt2_conv1d_fused_qkv() -> None:
     model, _ = build("gpt2")
     plan = plan_model(model, 2)

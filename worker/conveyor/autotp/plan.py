@@ -114,6 +114,8 @@ def _solve_roles(flows: dict[str, LinearFlow], experts: set[str]) -> dict[str, R
     for name, f in flows.items():
         if name in experts or f.calls == 0:
             roles[name] = "replicated"  # experts split inside themselves; an unused linear stays whole
+        elif f.sliced:
+            roles[name] = "replicated"  # cut at offsets its module computes for the whole width (trace.py)
         elif f.consumers and not f.writes_residual:
             roles[name] = "column"
         elif f.producers and not f.consumers:

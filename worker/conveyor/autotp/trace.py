@@ -53,6 +53,9 @@ class LinearFlow:
     consumers: set[str] = field(default_factory=set)  # linears its output reaches directly
     writes_residual: bool = False  # its output reaches a norm or a model output directly
     split_sizes: tuple[int, ...] | None = None  # its output is split on the last dim into these blocks
+    # its output is cut on the last dim at offsets written in the forward (Phi-3's fused q|k|v read as
+    # qkv[..., :query_pos] with query_pos from the config): a rank's share of its columns would not match
+    sliced: bool = False
     calls: int = 0
 
 
@@ -67,18 +70,35 @@ def _tensors(value: Any) -> Iterable[torch.Tensor]:
             yield from _tensors(v)
 
 
+def _on_last_dim(node: Any, ndim: int) -> bool:
+    """Whether ``node`` (a split or slice) acts on the last dim. Autograd keeps a negative dim as given
+    but reads it back unsigned (``chunk(2, dim=-1)``, Phi-3's gate|up, saves 2**64 - 1)."""
+    dim = getattr(node, "_saved_dim", None)
+    if dim is None:
+        return False
+    dim = int(dim)
+    if dim >= 2**63:
+        dim -= 2**64
+    return dim in (-1, ndim - 1)
+
+
 def _split_sizes(node: Any, width: int, ndim: int) -> tuple[int, ...] | None:
     """The block widths if ``node`` splits a [.., width] tensor on its last dim, else None."""
     name = type(node).__name__
-    if name not in _SPLITS:
-        return None
-    dim = getattr(node, "_saved_dim", None)
-    if dim is None or dim not in (-1, ndim - 1):
+    if name not in _SPLITS or not _on_last_dim(node, ndim):
         return None
     if name == "SplitWithSizesBackward0":
         return tuple(int(s) for s in node._saved_split_sizes)
     size = int(node._saved_split_size)
     return tuple([size] * (width // size)) if width % size == 0 else None
+
+
+def _slices_last_dim(node: Any, width: int, ndim: int) -> bool:
+    """Whether ``node`` takes part of a [.., width] tensor's last dim (``x[..., a:b]``, not all of it)."""
+    if type(node).__name__ != "SliceBackward0" or not _on_last_dim(node, ndim):
+        return False
+    start, end = int(node._saved_start), int(node._saved_end)
+    return start > 0 or end < width
 
 
 class Tracer:
@@ -201,6 +221,8 @@ class Tracer:
                 sizes = _split_sizes(consumer, width, ndim)
                 if sizes is not None and sum(sizes) == width:
                     self.flows[name].split_sizes = sizes
+                if _slices_last_dim(consumer, width, ndim):
+                    self.flows[name].sliced = True
 
     def _consumer_map(self) -> dict[Any, list[Any]]:
         # autograd edges point backwards (node -> its inputs); invert them once for the whole graph
