@@ -165,7 +165,7 @@ class InferenceEngine:
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        new = kwargs.get("max_new_tokens", 0)
+        new = kwargs.get("max_new_tokens") or 0  # None, as HF takes it: the generation config's
         if isinstance(ids, torch.Tensor) and ids.shape[-1] + new > self.max_out_tokens:
             raise ValueError(
                 f"prompt ({ids.shape[-1]} tokens) + max_new_tokens ({new}) exceeds max_out_tokens "
