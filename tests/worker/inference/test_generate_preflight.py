@@ -57,6 +57,13 @@ def test_an_empty_prompt_and_one_longer_than_the_model_are_refused(model: Path) 
         _preflight(model, prompt="hello world " * 300)
 
 
+def test_an_encoder_is_refused(tmp_path: Path) -> None:
+    """Before: BERT passed the family check, and every rank loaded it, then died on ``lm_head``."""
+    bert = save_tiny("bert", tmp_path / "bert")
+    with pytest.raises(InputError, match=r"^--model: .* is a bert model, an encoder.*causal family \(llama"):
+        _preflight(bert)
+
+
 def test_a_damaged_model_directory_is_refused(model: Path, tmp_path: Path) -> None:
     truncated = Path(shutil.copytree(model, tmp_path / "truncated"))
     weights = truncated / "model.safetensors"
@@ -80,6 +87,8 @@ def test_the_command_prints_the_refusal_once_and_starts_no_rank(model: Path, tmp
     weights.write_bytes(weights.read_bytes()[:5000])
     proc = conveyor_generate(truncated, ["hi"], "--tensor-parallel", "2", timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.count("model.safetensors: truncated") == 1 and "starting" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("model.safetensors: truncated") == 1 and "starting" not in proc.stderr, (
+        proc.stderr[-3000:]
+    )
     proc = conveyor_generate(model, ["hi"], "--stages", "0", timeout=120)
     assert proc.returncode == 2 and "--stages must be >= 1" in proc.stderr, proc.stderr[-3000:]

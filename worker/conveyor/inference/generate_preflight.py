@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from conveyor.inference.model.families import Arch
+from conveyor.inference.model.families import CAUSAL_FAMILIES, Arch
 from conveyor.inference.validate import InputError, ModelFields, check_model, load_tokenizer_checked
 
 FLAGS = ModelFields(path="--model", stages="--stages", tensor_parallel="--tensor-parallel")
@@ -65,6 +65,11 @@ def preflight_generate(args: argparse.Namespace, cache_dir: Path | None = None) 
     """Everything ``conveyor generate`` can refuse before a rank starts; returns the model's ``Arch``."""
     check_flags(args)
     arch = check_model(args.model, args.stages, args.tensor_parallel, cache_dir, FLAGS)
+    if not arch.causal:  # an encoder has no LM head: its ranks would load and then fail on the first token
+        raise InputError(
+            f"--model: {args.model} is a {arch.family} model, an encoder, which does not generate text; "
+            f"conveyor generate takes a causal family ({', '.join(CAUSAL_FAMILIES)})"
+        )
     check_device(args.device)
     check_prompts(args.prompt, args.model, arch, cache_dir)
     return arch
