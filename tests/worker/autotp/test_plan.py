@@ -175,3 +175,25 @@ def test_vocabulary_no_tp_divides_stays_replicated() -> None:
     model, _ = build("gpt2_odd_vocab")  # 97 tokens
     plan = plan_model(model, 2)
     assert plan.vocab is not None and plan.vocab.tied and not plan.vocab.parallel
+
+
+@pytest.mark.parametrize("kernel_inject", [False, True])
+def test_dtype_checked_before_any_weight_moves(kernel_inject: bool) -> None:
+    """``dtype=torch.int8`` (DeepSpeed's quantized kernels) is refused by name with the model untouched;
+    before, it failed inside ``model.to`` ("nn.Module.to only accepts floating point ..."), on the AutoTP
+    path after the model was sharded in place. DeepSpeed's dtype names ("fp16", ...) are accepted too
+    (before: "Invalid device string: 'fp16'")."""
+    model, _ = build("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(
+        AutoTPError, match=r"dtype=torch.int8 is not supported: init_inference takes torch.float32"
+    ):
+        conveyor.init_inference(
+            model, tensor_parallel=1, dtype=torch.int8, replace_with_kernel_inject=kernel_inject
+        )
+    after = dict(model.named_parameters())
+    assert all(not after[n].is_meta and torch.equal(after[n], p) for n, p in before.items())
+    engine = conveyor.init_inference(
+        model, tensor_parallel=1, dtype="fp16", replace_with_kernel_inject=kernel_inject
+    )
+    assert next(engine.module.parameters()).dtype == torch.float16

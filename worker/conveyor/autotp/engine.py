@@ -49,6 +49,38 @@ def _tp_size(tensor_parallel: Any, mp_size: int | None) -> int:
     return int(tensor_parallel.tp_size)
 
 
+# DeepSpeed's inference config takes a dtype or these names (its DtypeEnum); int8 (its quantized kernels)
+# has no counterpart here
+DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype`` as a torch dtype, refused by name unless a float one: checked before any weight moves (a
+    wrong one used to fail in ``model.to``, on the AutoTP path after the model was sharded in place)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        resolved = DTYPE_NAMES.get(dtype.removeprefix("torch."))
+        if resolved is not None:
+            return resolved
+    elif dtype in DTYPES:
+        return dtype  # type: ignore[no-any-return]
+    raise AutoTPError(
+        f"dtype={dtype!r} is not supported: init_inference takes torch.float32, torch.float16 or "
+        f"torch.bfloat16 (or one of {sorted(DTYPE_NAMES)}); int8 quantization is not available"
+    )
+
+
 def _trace_inputs(model: Any) -> dict[str, torch.Tensor]:
     config = model.config
     device = next(model.parameters()).device
@@ -221,6 +253,7 @@ def init_inference(
     ``device`` (not a DeepSpeed option) overrides where the shards go: by default the current GPU under
     NCCL, the CPU under gloo."""
     tp = _tp_size(tensor_parallel, mp_size)
+    dtype = _dtype(dtype)
     if tp < 1:
         raise AutoTPError(f"tensor_parallel tp_size must be >= 1, got {tp}")
     if ignored:
