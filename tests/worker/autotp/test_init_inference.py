@@ -55,6 +55,7 @@ def _check(row: dict[str, Any], tp: int) -> None:
     # each rank keeps about 1/tp of the weights; what stays whole (norms, position and relative-position
     # embeddings, routers, ALBERT's embedding projection) weighs up to 0.12 more in these tiny models
     whole = 0.3 if row["family"] in WHOLE_ATTENTION else 0.0
+    assert "was already passed to init_inference (tp_size" in row["split_again"], row
     assert row["param_fraction"] <= 1 / tp + 0.15 + whole, row
     if row["kind"] in ("causal", "seq2seq"):
         assert row["tokens_equal"], f"greedy tokens differ from the single-process model: {row}"

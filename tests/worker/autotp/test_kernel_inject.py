@@ -125,3 +125,12 @@ def test_generate_lengths_are_hfs(max_positions: int) -> None:
     for bad in (0, -1):
         with pytest.raises(ValueError, match=f"`max_new_tokens` must be greater than 0, but is {bad}"):
             engine.module.generate(ids, max_new_tokens=bad)
+
+
+def test_a_model_already_passed_is_refused() -> None:
+    """Kernel inject releases the HF weights as it builds: a second call on that model named the meta
+    device and asked for checkpoint=; now it says what happened."""
+    model, _ = build("llama")
+    conveyor.init_inference(model, tensor_parallel=1, replace_with_kernel_inject=True)
+    with pytest.raises(conveyor.autotp.AutoTPError, match="already passed to init_inference"):
+        conveyor.init_inference(model, tensor_parallel=1, replace_with_kernel_inject=True)

@@ -206,6 +206,14 @@ class InferenceEngine:
         return self.module.generate(*args, **kwargs)
 
 
+# set on a model init_inference has split (its TP size): a second call on it is refused
+SPLIT_MARK = "_conveyor_tp_size"
+
+
+def _mark_split(model: nn.Module, tp: int) -> None:
+    object.__setattr__(model, SPLIT_MARK, tp)  # a plain attribute, not a buffer or submodule
+
+
 def _tp_group(tp: int) -> tuple[int, Any, int]:
     """This process's rank within its TP group, the group (consecutive ranks of the world) and the
     global rank of the group's rank 0."""
@@ -267,6 +275,12 @@ def init_inference(
         raise AutoTPError(
             f"init_inference takes a transformers PreTrainedModel (with .config); got {type(model).__name__}"
         )
+    done = getattr(model, SPLIT_MARK, None)
+    if done is not None:  # its weights are this rank's slices: splitting them again would be silently wrong
+        raise AutoTPError(
+            f"{type(model).__name__} was already passed to init_inference (tp_size {done}) and is split or "
+            "released in place: use the engine that call returned, or pass a freshly built model"
+        )
     files = checkpoint_files(checkpoint) if checkpoint is not None else None
     if on_meta(model) and files is None:
         raise AutoTPError(
@@ -297,6 +311,8 @@ def init_inference(
                     "tp_rank": rank,
                 },
             )
+            _mark_split(model, tp)
+            _mark_split(module, tp)
             return InferenceEngine(module, None, rank, max_out_tokens)
         log.info(
             "autotp: kernel inject not available for this family; automatic tensor parallelism on the HF modules",
@@ -306,6 +322,8 @@ def init_inference(
     rank, group, _ = _tp_group(tp)
     log.info("autotp: %s", plan.describe())
     ledger = shard_model(model, plan, rank, group)
+    if tp > 1:  # (at TP 1 the model stays whole)
+        _mark_split(model, tp)
     target = _device(group, device)
     report = None
     if files is not None:
