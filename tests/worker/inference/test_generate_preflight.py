@@ -57,6 +57,13 @@ def test_an_empty_prompt_and_one_longer_than_the_model_are_refused(model: Path) 
         _preflight(model, prompt="hello world " * 300)
 
 
+def test_a_prompt_that_is_not_utf8_is_refused(model: Path) -> None:
+    """A Latin-1 terminal's ``café``: Python hands the byte 0xe9 over as a lone surrogate, which the
+    tokenizer rejects with "TextInputSequence must be str" (before: a traceback in every rank)."""
+    with pytest.raises(InputError, match=r"--prompt 1: character 4 is not UTF-8 \(byte 0xe9\)"):
+        _preflight(model, prompt=b"caf\xe9".decode("utf-8", "surrogateescape"))
+
+
 def test_an_encoder_is_refused(tmp_path: Path) -> None:
     """Before: BERT passed the family check, and every rank loaded it, then died on ``lm_head``."""
     bert = save_tiny("bert", tmp_path / "bert")

@@ -51,6 +51,13 @@ def check_prompts(prompts: list[str], model_dir: str, arch: Arch, cache_dir: Pat
     if tokenizer is None:
         raise InputError(f"--model: {model_dir} has no tokenizer (tokenizer.json): text prompts need one")
     for number, prompt in enumerate(prompts, start=1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:  # argv bytes that are not UTF-8 arrive as lone surrogates
+            raise InputError(
+                f"--prompt {number}: character {err.start + 1} is not UTF-8 (byte "
+                f"0x{ord(prompt[err.start]) & 0xFF:02x}); pass the prompt as UTF-8 text"
+            ) from None
         length = len(tokenizer(prompt)["input_ids"])
         if length == 0:
             raise InputError(f"--prompt {number} ({prompt!r}) tokenizes to nothing: give some text")
