@@ -64,6 +64,28 @@ def test_a_prompt_that_is_not_utf8_is_refused(model: Path) -> None:
         _preflight(model, prompt=b"caf\xe9".decode("utf-8", "surrogateescape"))
 
 
+def test_more_ranks_than_gpus_is_refused(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with one GPU, ``--tensor-parallel 2`` (device auto or cuda) would put both ranks on
+    it, which NCCL refuses inside each rank; --device cpu runs them on the CPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device in ("auto", "cuda"):
+        with pytest.raises(InputError, match=r"= 2 ranks, one GPU each, but this machine has 1"):
+            _preflight(model, "--tensor-parallel", "2", "--device", device)
+    _preflight(model, "--tensor-parallel", "2", "--device", "cpu")
+    _preflight(model, "--device", "cuda")
+
+
+def test_cuda_without_a_gpu_is_refused(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match=r"^--device cuda: CUDA is not available"):
+        _preflight(model, "--device", "cuda")
+
+
 def test_an_encoder_is_refused(tmp_path: Path) -> None:
     """Before: BERT passed the family check, and every rank loaded it, then died on ``lm_head``."""
     bert = save_tiny("bert", tmp_path / "bert")

@@ -35,14 +35,22 @@ def check_flags(args: argparse.Namespace) -> None:
         raise InputError(f"--top-p must be in (0, 1] (1: no limit), got {args.top_p}")
 
 
-def check_device(requested: str) -> None:
-    """``--device cuda`` on a machine without CUDA (torch is imported only then)."""
-    if requested != "cuda":
+def check_device(requested: str, ranks: int) -> None:
+    """``--device cuda`` on a machine without CUDA, and more ranks than GPUs where the ranks would use
+    them: each rank takes GPU ``LOCAL_RANK % count`` and NCCL refuses two ranks on one GPU, in every
+    rank after it started."""
+    if requested == "cpu":
         return
     import torch
 
-    if not torch.cuda.is_available():
+    available = torch.cuda.is_available()
+    if requested == "cuda" and not available:
         raise InputError("--device cuda: CUDA is not available on this machine; use --device cpu (or auto)")
+    if available and ranks > torch.cuda.device_count():
+        raise InputError(
+            f"--stages x --tensor-parallel = {ranks} ranks, one GPU each, but this machine has "
+            f"{torch.cuda.device_count()}: use fewer stages or a smaller tensor-parallel size, or --device cpu"
+        )
 
 
 def check_prompts(prompts: list[str], model_dir: str, arch: Arch, cache_dir: Path | None) -> None:
@@ -77,6 +85,6 @@ def preflight_generate(args: argparse.Namespace, cache_dir: Path | None = None) 
             f"--model: {args.model} is a {arch.family} model, an encoder, which does not generate text; "
             f"conveyor generate takes a causal family ({', '.join(CAUSAL_FAMILIES)})"
         )
-    check_device(args.device)
+    check_device(args.device, args.stages * args.tensor_parallel)
     check_prompts(args.prompt, args.model, arch, cache_dir)
     return arch
