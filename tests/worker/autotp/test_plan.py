@@ -72,6 +72,21 @@ def test_phi3_fused_gate_up_split_per_half_and_sliced_qkv_kept_whole() -> None:
     assert plan.heads == []  # the attention keeps all its heads
 
 
+def test_glm_fused_gate_up_split_per_half() -> None:
+    """GLM chunks its gate|up as Phi-3 does (``chunk(2, dim=-1)``): before, split contiguously, its TP-2
+    logits were 20% off the single-process model's, with no error."""
+    import transformers as T
+
+    config = T.GlmConfig(
+        hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8, intermediate_size=128,
+        num_hidden_layers=1, vocab_size=96, pad_token_id=0,
+    )  # fmt: skip
+    plan = plan_model(T.GlmForCausalLM(config).eval(), 2)
+    gate_up = plan.linears["model.layers.0.mlp.gate_up_proj"]
+    assert gate_up.role == "column" and gate_up.split is not None and gate_up.split.blocks == (128, 128)
+    assert plan.linears["model.layers.0.self_attn.q_proj"].role == "column"
+
+
 def test_gpt2_conv1d_fused_qkv() -> None:
     model, _ = build("gpt2")
     plan = plan_model(model, 2)
