@@ -50,6 +50,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         },
         "causal",
     ),
+    # q_norm / k_norm over each head's head_dim, between q/k_proj and the attention
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**_D, "num_key_value_heads": 4, "head_dim": 8}, "causal"),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {**_D, "num_key_value_heads": 4, "head_dim": 8, "sliding_window": 16},
+        "causal",
+    ),
+    # a fused q|k|v read at offsets its forward computes (attention stays whole), a fused gate|up chunked
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_D, "num_key_value_heads": 4, "pad_token_id": 0}, "causal"),
     "phi": ("PhiConfig", "PhiForCausalLM", {**_D, "partial_rotary_factor": 0.5}, "causal"),
     "falcon": (
         "FalconConfig",

@@ -43,13 +43,20 @@ def tp2_of_4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
     return _results(tmp_path_factory.mktemp("autotp"), 2, GROUPED, world=4)
 
 
+# Phi-3's attention stays whole on every rank (its fused q|k|v is cut at offsets its forward computes from
+# the config: trace.py), a third of each layer here: only its MLP and embeddings are split.
+WHOLE_ATTENTION = {"phi3"}
+
+
 def _check(row: dict[str, Any], tp: int) -> None:
     assert "error" not in row, row["error"]
     assert "refused" not in row, row["refused"]
     assert row["max_abs_diff"] <= RTOL * max(row["ref_max_abs"], 1.0), row
     # each rank keeps about 1/tp of the weights; what stays whole (norms, position and relative-position
     # embeddings, routers, ALBERT's embedding projection) weighs up to 0.12 more in these tiny models
-    assert row["param_fraction"] <= 1 / tp + 0.15, row
+    whole = 0.3 if row["family"] in WHOLE_ATTENTION else 0.0
+    assert "was already passed to init_inference (tp_size" in row["split_again"], row
+    assert row["param_fraction"] <= 1 / tp + 0.15 + whole, row
     if row["kind"] in ("causal", "seq2seq"):
         assert row["tokens_equal"], f"greedy tokens differ from the single-process model: {row}"
     else:

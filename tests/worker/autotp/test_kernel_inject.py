@@ -105,3 +105,32 @@ def test_family_without_fast_path_is_logged(caplog: pytest.LogCaptureFixture) ->
     assert records and records[0].model_type == "bloom" and "bloom" in records[0].reason  # type: ignore[attr-defined]
     with torch.no_grad():
         assert torch.equal(engine.module(ids).logits, ref)
+
+
+@pytest.mark.parametrize("max_positions", [2048, 24])
+def test_generate_lengths_are_hfs(max_positions: int) -> None:
+    """Without max_new_tokens or max_length, HF's generate (transformers 5) adds 20 tokens, the whole at
+    most max_position_embeddings; before, the fast path read max_length=20 as the whole (13 new for a
+    prompt of 7). max_new_tokens=None is HF's default too (before: a TypeError in engine.generate), and
+    max_new_tokens below 1 is refused as HF refuses it (before: the prompt came back unchanged)."""
+    model, _ = build("llama", max_position_embeddings=max_positions, eos_token_id=None)
+    ids = prompt()
+    calls: list[dict[str, Any]] = [{}, {"max_new_tokens": None}, {"max_length": 12}, {"max_new_tokens": 3}]
+    with torch.no_grad():
+        want = [model.generate(ids, do_sample=False, pad_token_id=0, **kw) for kw in calls]
+    engine = conveyor.init_inference(model, tensor_parallel=1, replace_with_kernel_inject=True)
+    for kw, ref in zip(calls, want, strict=True):
+        got = engine.generate(ids, do_sample=False, pad_token_id=0, **kw)
+        assert got.shape == ref.shape and torch.equal(got, ref), kw
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"`max_new_tokens` must be greater than 0, but is {bad}"):
+            engine.module.generate(ids, max_new_tokens=bad)
+
+
+def test_a_model_already_passed_is_refused() -> None:
+    """Kernel inject releases the HF weights as it builds: a second call on that model named the meta
+    device and asked for checkpoint=; now it says what happened."""
+    model, _ = build("llama")
+    conveyor.init_inference(model, tensor_parallel=1, replace_with_kernel_inject=True)
+    with pytest.raises(conveyor.autotp.AutoTPError, match="already passed to init_inference"):
+        conveyor.init_inference(model, tensor_parallel=1, replace_with_kernel_inject=True)

@@ -28,6 +28,65 @@ def test_llama_gqa_roles() -> None:
     assert "lm_head" not in roles  # planned with the embeddings (vocabulary-parallel)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_a_norm_of_each_head_does_not_hide_its_projection(family: str) -> None:
+    """Qwen3's and Gemma 3's q_norm / k_norm (over head_dim, one weight for every head) sit between q/k_proj
+    and the attention. Before: read as the residual stream's norms, they left q and k whole while v was
+    split, and the split model's forward failed ("mat1 and mat2 shapes cannot be multiplied")."""
+    roles = _roles(family)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert roles[f"model.layers.0.self_attn.{name}"] == "column", name
+    assert roles["model.layers.0.self_attn.o_proj"] == "row"
+
+
+def test_a_norm_over_a_whole_projection_is_refused() -> None:
+    """OLMo 2 normalizes the whole q and k projections (every head at once): no split by heads keeps that
+    norm's result, so the attention is refused by name before any weight moves (before: the same crash)."""
+    import transformers as T
+
+    config = T.Olmo2Config(
+        hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=128,
+        num_hidden_layers=1, vocab_size=96, pad_token_id=0,
+    )  # fmt: skip
+    model = T.Olmo2ForCausalLM(config).eval()
+    with pytest.raises(
+        AutoTPError, match=r"self_attn.q_proj \(replicated\) is inside model.layers.0.self_attn"
+    ):
+        plan_model(model, 2)
+    plan_model(model, 1)  # whole, it is fine
+
+
+def test_phi3_fused_gate_up_split_per_half_and_sliced_qkv_kept_whole() -> None:
+    """Phi-3's MLP chunks its fused gate|up with ``chunk(2, dim=-1)``, whose dim autograd reads back as
+    2**64 - 1: before, that went unseen and each rank kept a contiguous half (rank 0 all of gate, rank 1
+    all of up), giving logits 18% off with no error. Its attention reads the fused q|k|v at offsets
+    computed from the config (``qkv[..., :query_pos]``): split, ranks got no key/value heads and died of
+    SIGFPE in attention; now q|k|v and o_proj stay whole."""
+    model, _ = build("phi3")
+    plan = plan_model(model, 2)
+    gate_up = plan.linears["model.layers.0.mlp.gate_up_proj"]
+    assert gate_up.role == "column" and gate_up.split is not None and gate_up.split.blocks == (128, 128)
+    assert plan.linears["model.layers.0.mlp.down_proj"].role == "row"
+    assert plan.linears["model.layers.0.self_attn.qkv_proj"].role == "replicated"
+    assert plan.linears["model.layers.0.self_attn.o_proj"].role == "replicated"
+    assert plan.heads == []  # the attention keeps all its heads
+
+
+def test_glm_fused_gate_up_split_per_half() -> None:
+    """GLM chunks its gate|up as Phi-3 does (``chunk(2, dim=-1)``): before, split contiguously, its TP-2
+    logits were 20% off the single-process model's, with no error."""
+    import transformers as T
+
+    config = T.GlmConfig(
+        hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8, intermediate_size=128,
+        num_hidden_layers=1, vocab_size=96, pad_token_id=0,
+    )  # fmt: skip
+    plan = plan_model(T.GlmForCausalLM(config).eval(), 2)
+    gate_up = plan.linears["model.layers.0.mlp.gate_up_proj"]
+    assert gate_up.role == "column" and gate_up.split is not None and gate_up.split.blocks == (128, 128)
+    assert plan.linears["model.layers.0.self_attn.q_proj"].role == "column"
+
+
 def test_gpt2_conv1d_fused_qkv() -> None:
     model, _ = build("gpt2")
     plan = plan_model(model, 2)
@@ -131,3 +190,25 @@ def test_vocabulary_no_tp_divides_stays_replicated() -> None:
     model, _ = build("gpt2_odd_vocab")  # 97 tokens
     plan = plan_model(model, 2)
     assert plan.vocab is not None and plan.vocab.tied and not plan.vocab.parallel
+
+
+@pytest.mark.parametrize("kernel_inject", [False, True])
+def test_dtype_checked_before_any_weight_moves(kernel_inject: bool) -> None:
+    """``dtype=torch.int8`` (DeepSpeed's quantized kernels) is refused by name with the model untouched;
+    before, it failed inside ``model.to`` ("nn.Module.to only accepts floating point ..."), on the AutoTP
+    path after the model was sharded in place. DeepSpeed's dtype names ("fp16", ...) are accepted too
+    (before: "Invalid device string: 'fp16'")."""
+    model, _ = build("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(
+        AutoTPError, match=r"dtype=torch.int8 is not supported: init_inference takes torch.float32"
+    ):
+        conveyor.init_inference(
+            model, tensor_parallel=1, dtype=torch.int8, replace_with_kernel_inject=kernel_inject
+        )
+    after = dict(model.named_parameters())
+    assert all(not after[n].is_meta and torch.equal(after[n], p) for n, p in before.items())
+    engine = conveyor.init_inference(
+        model, tensor_parallel=1, dtype="fp16", replace_with_kernel_inject=kernel_inject
+    )
+    assert next(engine.module.parameters()).dtype == torch.float16

@@ -59,10 +59,19 @@ def _ranks_of(pid: int) -> list[int]:
 @pytest.mark.integration
 def test_a_failing_rank_is_named_and_its_code_returned(tmp_path: Path) -> None:
     """The supervisor of ``conveyor run``: the first rank that fails stops the others, and the command
-    exits with its code, naming it (here every rank fails to read the deleted weights)."""
+    exits with its code, naming it (here every rank fails to read its process group's timeout: a
+    failure the command's pre-flight cannot see, as a damaged model directory it refuses itself)."""
     d = save_tiny("llama", tmp_path / "m")
-    (d / "model.safetensors").unlink()
-    proc = conveyor_generate(d, ["hi"], "--stages", "2", "--grace-seconds", "2", OMP_NUM_THREADS="1")
+    proc = conveyor_generate(
+        d,
+        ["hi"],
+        "--stages",
+        "2",
+        "--grace-seconds",
+        "2",
+        OMP_NUM_THREADS="1",
+        CONVEYOR_DIST_TIMEOUT="not-a-number",
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert re.search(r"conveyor generate: rank [01] exited with code 1", proc.stderr), proc.stderr[-3000:]
     assert proc.stdout == ""

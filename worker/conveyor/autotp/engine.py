@@ -49,6 +49,38 @@ def _tp_size(tensor_parallel: Any, mp_size: int | None) -> int:
     return int(tensor_parallel.tp_size)
 
 
+# DeepSpeed's inference config takes a dtype or these names (its DtypeEnum); int8 (its quantized kernels)
+# has no counterpart here
+DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype`` as a torch dtype, refused by name unless a float one: checked before any weight moves (a
+    wrong one used to fail in ``model.to``, on the AutoTP path after the model was sharded in place)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        resolved = DTYPE_NAMES.get(dtype.removeprefix("torch."))
+        if resolved is not None:
+            return resolved
+    elif dtype in DTYPES:
+        return dtype  # type: ignore[no-any-return]
+    raise AutoTPError(
+        f"dtype={dtype!r} is not supported: init_inference takes torch.float32, torch.float16 or "
+        f"torch.bfloat16 (or one of {sorted(DTYPE_NAMES)}); int8 quantization is not available"
+    )
+
+
 def _trace_inputs(model: Any) -> dict[str, torch.Tensor]:
     config = model.config
     device = next(model.parameters()).device
@@ -64,6 +96,12 @@ def _trace_inputs(model: Any) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def _stream_width(model: Any) -> int | None:
+    """The residual stream's width (``hidden_size``; GPT-2's ``n_embd`` and T5's ``d_model`` map to it)."""
+    width = getattr(model.config, "hidden_size", None)
+    return width if isinstance(width, int) else None
+
+
 def on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
@@ -74,7 +112,7 @@ def trace_flows(model: Any) -> dict[str, LinearFlow]:
     skip = {n for n, m in model.named_modules() if m is out and out is not None}
     model.eval()
     if not on_meta(model):
-        return Tracer(model, skip).run(_trace_inputs(model))
+        return Tracer(model, skip, _stream_width(model)).run(_trace_inputs(model))
     # A model built on the meta device has no values to branch on (HF's mask helpers ask whether any
     # token is padded); under fake tensors transformers takes its tracing path, and the autograd graph
     # (all the tracer reads) is the same.
@@ -83,7 +121,7 @@ def trace_flows(model: Any) -> dict[str, LinearFlow]:
     experts_impl = _trace_experts_with_batched_mm(model)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return Tracer(model, skip).run(_trace_inputs(model))
+            return Tracer(model, skip, _stream_width(model)).run(_trace_inputs(model))
     except Exception as err:
         raise AutoTPError(
             f"tracing {type(model).__name__} on the meta device failed ({type(err).__name__}: "
@@ -159,13 +197,21 @@ class InferenceEngine:
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        new = kwargs.get("max_new_tokens", 0)
+        new = kwargs.get("max_new_tokens") or 0  # None, as HF takes it: the generation config's
         if isinstance(ids, torch.Tensor) and ids.shape[-1] + new > self.max_out_tokens:
             raise ValueError(
                 f"prompt ({ids.shape[-1]} tokens) + max_new_tokens ({new}) exceeds max_out_tokens "
                 f"({self.max_out_tokens}); raise max_out_tokens in init_inference"
             )
         return self.module.generate(*args, **kwargs)
+
+
+# set on a model init_inference has split (its TP size): a second call on it is refused
+SPLIT_MARK = "_conveyor_tp_size"
+
+
+def _mark_split(model: nn.Module, tp: int) -> None:
+    object.__setattr__(model, SPLIT_MARK, tp)  # a plain attribute, not a buffer or submodule
 
 
 def _tp_group(tp: int) -> tuple[int, Any, int]:
@@ -215,6 +261,7 @@ def init_inference(
     ``device`` (not a DeepSpeed option) overrides where the shards go: by default the current GPU under
     NCCL, the CPU under gloo."""
     tp = _tp_size(tensor_parallel, mp_size)
+    dtype = _dtype(dtype)
     if tp < 1:
         raise AutoTPError(f"tensor_parallel tp_size must be >= 1, got {tp}")
     if ignored:
@@ -227,6 +274,12 @@ def init_inference(
     if not isinstance(getattr(model, "config", None), PretrainedConfig):
         raise AutoTPError(
             f"init_inference takes a transformers PreTrainedModel (with .config); got {type(model).__name__}"
+        )
+    done = getattr(model, SPLIT_MARK, None)
+    if done is not None:  # its weights are this rank's slices: splitting them again would be silently wrong
+        raise AutoTPError(
+            f"{type(model).__name__} was already passed to init_inference (tp_size {done}) and is split or "
+            "released in place: use the engine that call returned, or pass a freshly built model"
         )
     files = checkpoint_files(checkpoint) if checkpoint is not None else None
     if on_meta(model) and files is None:
@@ -258,6 +311,8 @@ def init_inference(
                     "tp_rank": rank,
                 },
             )
+            _mark_split(model, tp)
+            _mark_split(module, tp)
             return InferenceEngine(module, None, rank, max_out_tokens)
         log.info(
             "autotp: kernel inject not available for this family; automatic tensor parallelism on the HF modules",
@@ -267,6 +322,8 @@ def init_inference(
     rank, group, _ = _tp_group(tp)
     log.info("autotp: %s", plan.describe())
     ledger = shard_model(model, plan, rank, group)
+    if tp > 1:  # (at TP 1 the model stays whole)
+        _mark_split(model, tp)
     target = _device(group, device)
     report = None
     if files is not None:

@@ -69,6 +69,25 @@ def _unsupported(options: dict[str, Any]) -> list[str]:
     )
 
 
+# transformers 5's generate, given neither max_new_tokens nor max_length (by the call or the model's
+# generation_config), adds 20 tokens, the whole at most config.max_position_embeddings
+HF_DEFAULT_NEW_TOKENS = 20
+
+
+def new_tokens(options: dict[str, Any], prompt_length: int, max_positions: int | None) -> int:
+    """How many tokens HF's ``generate`` would add for these options: ``max_new_tokens`` (refused below 1,
+    as HF refuses it), else up to ``max_length`` in all, else ``HF_DEFAULT_NEW_TOKENS``."""
+    new = options.get("max_new_tokens")
+    if new is not None:
+        if int(new) < 1:
+            raise ValueError(f"`max_new_tokens` must be greater than 0, but is {new}")
+        return int(new)
+    if options.get("max_length") is not None:
+        return int(options["max_length"]) - prompt_length
+    total = prompt_length + HF_DEFAULT_NEW_TOKENS
+    return (total if max_positions is None else min(total, max_positions)) - prompt_length
+
+
 class FastCausalLM(nn.Module):
     """This rank's StageModel (the whole depth, its tensor-parallel shard) with HF's call shapes."""
 
@@ -191,9 +210,7 @@ class FastCausalLM(nn.Module):
             raise AutoTPError("generate needs input_ids under replace_with_kernel_inject=True")
         o = self._options(dict(kwargs))
         n, s = input_ids.shape
-        new = o.get("max_new_tokens")
-        if new is None:
-            new = int(o.get("max_length", 20)) - s  # HF's default max_length is 20 tokens in all
+        new = new_tokens(o, s, getattr(self.config, "max_position_embeddings", None))
         self._check_length(s + new, f"the input plus max_new_tokens ({s} + {new})")
         eos = o.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))

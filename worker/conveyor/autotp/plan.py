@@ -114,6 +114,8 @@ def _solve_roles(flows: dict[str, LinearFlow], experts: set[str]) -> dict[str, R
     for name, f in flows.items():
         if name in experts or f.calls == 0:
             roles[name] = "replicated"  # experts split inside themselves; an unused linear stays whole
+        elif f.sliced:
+            roles[name] = "replicated"  # cut at offsets its module computes for the whole width (trace.py)
         elif f.consumers and not f.writes_residual:
             roles[name] = "column"
         elif f.producers and not f.consumers:
@@ -280,6 +282,16 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
                     problems.append(f"{m} ({lp.role}-parallel): {what} cannot be split {tp} ways")
     for h in heads:
         problems += [f"{h.name}.{a} = {v} is not divisible by {tp}" for a, v in h.attrs.items() if v % tp]
+        # A projection left whole inside an attention whose heads are split would give the attention all
+        # heads of one input and a rank's share of another (OLMo 2's q_norm / k_norm normalize the whole
+        # q and k projections, which the walk cannot see through): refused, not crashed or miscomputed.
+        problems += [
+            f"{n} (replicated) is inside {h.name}, whose heads are split, but its output does not reach "
+            "the attention's output projection through per-head operations alone (e.g. a norm over the "
+            "whole projection)"
+            for n, lp in linears.items()
+            if tp > 1 and lp.role == "replicated" and n.startswith(h.name + ".") and flows[n].calls
+        ]
     experts = []
     for n in sorted(experts_names):
         ep = _experts_plan(n, modules[n], hidden)

@@ -2,7 +2,8 @@
 
 One forward on a short input runs with autograd recording; hooks note the autograd node each linear
 (``nn.Linear``, GPT-2's ``Conv1D``, a MoE experts module with 3D weights) takes in and gives out, and the
-nodes that bound the residual stream (norm inputs and outputs, embedding outputs, the model's outputs).
+nodes that bound the residual stream (norm inputs and outputs, embedding outputs, the model's outputs;
+a norm of each head alone, such as Qwen3's ``q_norm``, is inside the attention and bounds nothing).
 Walking the graph backwards from each linear's input to the nearest linear outputs gives its producers;
 walking back from each norm input and model output gives the linears that write into the residual
 stream. A split of a linear's output on its last dimension (GPT-2's ``c_attn(...).split``) is noted as a
@@ -52,6 +53,9 @@ class LinearFlow:
     consumers: set[str] = field(default_factory=set)  # linears its output reaches directly
     writes_residual: bool = False  # its output reaches a norm or a model output directly
     split_sizes: tuple[int, ...] | None = None  # its output is split on the last dim into these blocks
+    # its output is cut on the last dim at offsets written in the forward (Phi-3's fused q|k|v read as
+    # qkv[..., :query_pos] with query_pos from the config): a rank's share of its columns would not match
+    sliced: bool = False
     calls: int = 0
 
 
@@ -66,13 +70,22 @@ def _tensors(value: Any) -> Iterable[torch.Tensor]:
             yield from _tensors(v)
 
 
+def _on_last_dim(node: Any, ndim: int) -> bool:
+    """Whether ``node`` (a split or slice) acts on the last dim. Autograd keeps a negative dim as given
+    but reads it back unsigned (``chunk(2, dim=-1)``, Phi-3's gate|up, saves 2**64 - 1)."""
+    dim = getattr(node, "_saved_dim", None)
+    if dim is None:
+        return False
+    dim = int(dim)
+    if dim >= 2**63:
+        dim -= 2**64
+    return dim in (-1, ndim - 1)
+
+
 def _split_sizes(node: Any, width: int, ndim: int) -> tuple[int, ...] | None:
     """The block widths if ``node`` splits a [.., width] tensor on its last dim, else None."""
     name = type(node).__name__
-    if name not in _SPLITS:
-        return None
-    dim = getattr(node, "_saved_dim", None)
-    if dim is None or dim not in (-1, ndim - 1):
+    if name not in _SPLITS or not _on_last_dim(node, ndim):
         return None
     if name == "SplitWithSizesBackward0":
         return tuple(int(s) for s in node._saved_split_sizes)
@@ -80,9 +93,20 @@ def _split_sizes(node: Any, width: int, ndim: int) -> tuple[int, ...] | None:
     return tuple([size] * (width // size)) if width % size == 0 else None
 
 
+def _slices_last_dim(node: Any, width: int, ndim: int) -> bool:
+    """Whether ``node`` takes part of a [.., width] tensor's last dim (``x[..., a:b]``, not all of it)."""
+    if type(node).__name__ != "SliceBackward0" or not _on_last_dim(node, ndim):
+        return False
+    start, end = int(node._saved_start), int(node._saved_end)
+    return start > 0 or end < width
+
+
 class Tracer:
-    def __init__(self, model: nn.Module, skip: set[str]):
+    def __init__(self, model: nn.Module, skip: set[str], stream_width: int | None = None):
+        """``stream_width``: the residual stream's width (``config.hidden_size``), which a norm of each
+        head alone is narrower than (``_per_head``)."""
         self.model = model
+        self.stream_width = stream_width
         self.flows: dict[str, LinearFlow] = {}
         self._out_node: dict[Any, str] = {}  # autograd node of a linear's output -> linear name
         self._out_shape: dict[str, tuple[int, int]] = {}  # name -> (width, ndim) of its output
@@ -114,12 +138,28 @@ class Tracer:
 
         self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
+    def _per_head(self, module: nn.Module, args: tuple) -> bool:
+        """A norm of each head alone (Qwen3's and Gemma 3's ``q_norm`` / ``k_norm``: the input viewed as
+        [batch, seq, heads, head_dim], one weight of ``head_dim`` shared by every head) sits between a
+        projection and the attention that reads it, not at the residual stream: the walk passes through
+        it, so that projection is found feeding the attention's output projection (column-parallel) and
+        a rank's heads are normalized as in the whole model. A norm over a whole projection (OLMo 2's,
+        over every head at once) still bounds the walk: splitting it by heads would change its result."""
+        first = next(iter(_tensors(args[:1])), None)
+        if self.stream_width is None or first is None or first.dim() < 4:
+            return False
+        width = first.shape[-1]
+        shared = all(p.numel() == width for p in module.parameters(recurse=False))
+        return width < self.stream_width and shared
+
     def _hook_norm(self, module: nn.Module) -> None:
         def pre(_m: nn.Module, args: tuple) -> None:
-            self._sinks += [t.grad_fn for t in _tensors(args[:1]) if t.grad_fn is not None]
+            if not self._per_head(module, args):
+                self._sinks += [t.grad_fn for t in _tensors(args[:1]) if t.grad_fn is not None]
 
-        def post(_m: nn.Module, _args: tuple, out: Any) -> None:
-            self._stops.update(t.grad_fn for t in _tensors(out) if t.grad_fn is not None)
+        def post(_m: nn.Module, args: tuple, out: Any) -> None:
+            if not self._per_head(module, args):
+                self._stops.update(t.grad_fn for t in _tensors(out) if t.grad_fn is not None)
 
         self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
@@ -181,6 +221,8 @@ class Tracer:
                 sizes = _split_sizes(consumer, width, ndim)
                 if sizes is not None and sum(sizes) == width:
                     self.flows[name].split_sizes = sizes
+                if _slices_last_dim(consumer, width, ndim):
+                    self.flows[name].sliced = True
 
     def _consumer_map(self) -> dict[Any, list[Any]]:
         # autograd edges point backwards (node -> its inputs); invert them once for the whole graph

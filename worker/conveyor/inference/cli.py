@@ -20,18 +20,15 @@ from conveyor.utils import free_port
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    from conveyor.inference.model.families import UnsupportedModelError, load_arch
-    from conveyor.inference.pipeline.tensor_parallel import TensorParallelError, check_divisible
+    from conveyor.inference.generate_preflight import preflight_generate
+    from conveyor.inference.validate import InputError
+    from conveyor.paths import compile_cache_dir
 
-    # Refuse a bad model or layout here, before any process starts.
+    # Refuse bad flags, a bad model, layout or prompt here, once, before any process starts.
     try:
-        arch = load_arch(args.model)
-        check_divisible(arch, args.tensor_parallel)
-    except (UnsupportedModelError, TensorParallelError, FileNotFoundError) as err:
+        preflight_generate(args, compile_cache_dir())
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.stages > arch.layers:
-        print(f"error: --stages {args.stages} exceeds the model's {arch.layers} layers", file=sys.stderr)
         return 2
     world = args.stages * args.tensor_parallel
     config = {k: getattr(args, k) for k in vars(args) if k not in ("func",)}

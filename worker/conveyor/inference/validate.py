@@ -208,8 +208,21 @@ def check_input(path: str | Path, arch: Arch, tokenizer: Any, max_new_tokens: in
     return count
 
 
+@dataclass(frozen=True)
+class ModelFields:
+    """How a refusal names the model directory and the layout: the spec's fields, or a command's flags."""
+
+    path: str = "spec.model.path"
+    stages: str = "spec.parallelism.stages"
+    tensor_parallel: str = "spec.parallelism.tensorParallel"
+
+
 def check_model(
-    model_dir: str | Path, stages: int, tensor_parallel: int, cache_dir: Path | None = None
+    model_dir: str | Path,
+    stages: int,
+    tensor_parallel: int,
+    cache_dir: Path | None = None,
+    fields: ModelFields = ModelFields(),
 ) -> Arch:
     """config.json, the weight files' names, shapes and sizes, and the layout against the model
     (``cache_dir``: the compile cache, which keeps the resolved config)."""
@@ -227,10 +240,10 @@ def check_model(
     root = Path(model_dir)
     config = root / "config.json"
     if not root.is_dir():
-        raise InputError(f"spec.model.path: {root} is not a directory; point it at a HF checkpoint")
+        raise InputError(f"{fields.path}: {root} is not a directory; point it at a HF checkpoint")
     if not config.is_file():
         raise InputError(
-            f"spec.model.path: {config} not found; point model.path at a HF checkpoint directory"
+            f"{fields.path}: {config} not found; point {fields.path} at a HF checkpoint directory"
         )
     try:
         json.loads(config.read_bytes().decode("utf-8"))
@@ -254,11 +267,11 @@ def check_model(
     try:
         stage_layers(arch.layers, stages, 0)
     except ValueError as err:
-        raise InputError(f"spec.parallelism.stages: {err}") from None
+        raise InputError(f"{fields.stages}: {err}") from None
     try:
         check_divisible(arch, tensor_parallel)
     except ValueError as err:
-        raise InputError(f"spec.parallelism.tensorParallel: {' '.join(str(err).split())}") from None
+        raise InputError(f"{fields.tensor_parallel}: {' '.join(str(err).split())}") from None
     return arch
 
 
