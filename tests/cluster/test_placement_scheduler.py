@@ -114,7 +114,13 @@ def test_groups_are_kept_in_one_rack_each_and_the_one_that_fits_nowhere_is_unsch
         device="cpu",
         model={"path": "/models/tiny"},  # no PersistentVolumeClaims: nothing but placement decides
         checkpoint=None,
-        template={"schedulerName": SCHEDULER, "nodeSelector": {"conveyor.dev/test-node": k8s_namespace}},
+        template={
+            "schedulerName": SCHEDULER,
+            "nodeSelector": {"conveyor.dev/test-node": k8s_namespace},
+            # the output on a volume that outlives the pods (else InvalidSpec), one the scheduler ignores
+            "volumes": [{"name": "results", "hostPath": {"path": "/srv/results"}}],
+            "volumeMounts": [{"name": "results", "mountPath": "/ckpt"}],
+        },
         placement={"topologyKey": RACK, "exclusive": True, "unschedulableTimeoutSeconds": 10},
     )
     job = render.JobRef(name="llm", namespace=k8s_namespace, uid="not-a-real-owner")
