@@ -260,6 +260,15 @@ def test_good_input_passes(model: Path, tmp_path: Path) -> None:
     preflight(parse_spec(spec_dict(tmp_path, model)))
 
 
+def test_an_encoder_is_refused_before_any_rank_loads_it(tmp_path: Path) -> None:
+    """A batch job on a BERT passed the pre-flight, then every rank loaded it and failed at its first
+    token ('StageModel' object has no attribute 'lm_head'), restarted backoffLimit times."""
+    write_lines(tmp_path, GOOD)
+    bert = save_tiny("bert", tmp_path / "bert")
+    with pytest.raises(InputError, match=r"^spec.model.path: .* is a bert model, an encoder, .* \(llama"):
+        preflight(parse_spec(spec_dict(tmp_path, bert)))
+
+
 def test_the_checks_of_a_warm_start_import_neither_torch_nor_transformers(
     model: Path, tmp_path: Path
 ) -> None:

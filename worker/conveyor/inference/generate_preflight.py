@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from conveyor.inference.model.families import CAUSAL_FAMILIES, Arch
+from conveyor.inference.model.families import Arch
 from conveyor.inference.validate import InputError, ModelFields, check_model, load_tokenizer_checked
 
 FLAGS = ModelFields(path="--model", stages="--stages", tensor_parallel="--tensor-parallel")
@@ -79,12 +79,7 @@ def check_prompts(prompts: list[str], model_dir: str, arch: Arch, cache_dir: Pat
 def preflight_generate(args: argparse.Namespace, cache_dir: Path | None = None) -> Arch:
     """Everything ``conveyor generate`` can refuse before a rank starts; returns the model's ``Arch``."""
     check_flags(args)
-    arch = check_model(args.model, args.stages, args.tensor_parallel, cache_dir, FLAGS)
-    if not arch.causal:  # an encoder has no LM head: its ranks would load and then fail on the first token
-        raise InputError(
-            f"--model: {args.model} is a {arch.family} model, an encoder, which does not generate text; "
-            f"conveyor generate takes a causal family ({', '.join(CAUSAL_FAMILIES)})"
-        )
+    arch = check_model(args.model, args.stages, args.tensor_parallel, cache_dir, FLAGS)  # (causal too)
     check_device(args.device, args.stages * args.tensor_parallel)
     check_prompts(args.prompt, args.model, arch, cache_dir)
     return arch

@@ -252,6 +252,13 @@ def check_model(
         raise InputError(
             f"{config}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
+    if not arch.causal:  # an encoder has no LM head: every rank would load, then fail at its first token
+        from conveyor.inference.model.families import CAUSAL_FAMILIES
+
+        raise InputError(
+            f"{fields.path}: {root} is a {arch.family} model, an encoder, which does not generate text; "
+            f"use a causal family ({', '.join(CAUSAL_FAMILIES)})"
+        )
     try:
         headers = {weights: read_header(weights) for weights in sorted(root.glob("*.safetensors"))}
         files = weight_files(root)
