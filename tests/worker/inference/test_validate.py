@@ -269,6 +269,36 @@ def test_an_encoder_is_refused_before_any_rank_loads_it(tmp_path: Path) -> None:
         preflight(parse_spec(spec_dict(tmp_path, bert)))
 
 
+def serve_spec(model: Path) -> dict:
+    return {
+        "mode": "serve",
+        "device": "cpu",
+        "model": {"path": str(model), "dtype": "float32"},
+        "parallelism": {"stages": 2},
+        "serve": {"port": 8000},
+    }
+
+
+def test_a_serve_job_is_checked_before_its_ranks_start(model: Path, tmp_path: Path) -> None:
+    """A serve job had no pre-flight: an encoder, a damaged model or a missing tokenizer were found by
+    every rank after it started (the entry rank's log; a restart each time)."""
+    from conveyor.inference.validate import needs_preflight
+
+    assert needs_preflight(parse_spec(serve_spec(model)))
+    preflight(parse_spec(serve_spec(model)))
+    bert = save_tiny("bert", tmp_path / "bert")
+    with pytest.raises(InputError, match=r"^spec.model.path: .* is a bert model, an encoder"):
+        preflight(parse_spec(serve_spec(bert)))
+    bare = save_tiny("llama", tmp_path / "bare", tokenizer=False)
+    with pytest.raises(InputError, match=r"^spec.model.path: .* has no tokenizer, which serve mode needs"):
+        preflight(parse_spec(serve_spec(bare)))
+    damaged = copy_model(tmp_path, model)
+    weights = next(damaged.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(InputError):
+        preflight(parse_spec(serve_spec(damaged)))
+
+
 def test_the_checks_of_a_warm_start_import_neither_torch_nor_transformers(
     model: Path, tmp_path: Path
 ) -> None:

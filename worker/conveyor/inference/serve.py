@@ -240,10 +240,12 @@ def run_rank(
     from conveyor.inference.job import load_tokenizer
     from conveyor.inference.model.families import load_arch
     from conveyor.inference.pipeline.generate import run_generation
+    from conveyor.preflight_gate import wait_at_gate
 
     spec = pod.spec
     assert spec.serve is not None and spec.model is not None
     info = init_distributed(device=spec.device)
+    wait_at_gate()  # nothing of the model is read before the pre-flight checks pass (preflight_gate.py)
     topo = Topology(Layout(1, pod.stages, pod.tensor_parallel))
     arch = load_arch(spec.model.path, pod.compile_cache_dir)
     max_len = min(arch.max_positions, MAX_POSITIONS)

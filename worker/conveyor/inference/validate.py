@@ -317,8 +317,9 @@ def check_seq_length(seq_length: int, max_positions: int) -> None:
 
 
 def needs_preflight(spec: PipelineJobSpec) -> bool:
-    """A batch inference job, or a fine-tuning one (its model and layout), is checked before ranks start."""
-    return spec.inference is not None or (spec.train is not None and spec.train.fine_tunes)
+    """A batch inference job, a serve job or a fine-tuning one (its model and layout, and a serve job's
+    tokenizer) is checked before ranks start."""
+    return spec.mode in ("inference", "serve") or (spec.train is not None and spec.train.fine_tunes)
 
 
 def preflight(
@@ -342,6 +343,12 @@ def preflight(
     arch = check_model(model.path, p.stages, p.tensor_parallel, cache_dir)
     if spec.train is not None:
         check_seq_length(spec.train.seq_length, arch.max_positions)
+    # serve mode tokenizes every request's text
+    if spec.serve is not None and load_tokenizer_checked(model.path, cache_dir) is None:
+        raise InputError(
+            f"spec.model.path: {model.path} has no tokenizer, which serve mode needs for the requests' "
+            "text: add tokenizer.json (or tokenizer_config.json and its files)"
+        )
     if inf is None or not input_and_output:
         return
     if not Path(inf.input).is_file():
