@@ -129,7 +129,7 @@ def needs_preflight(pod: PodEnv) -> bool:
 
 
 def check_preflight(pod: PodEnv) -> None:
-    """A batch inference or fine-tuning job's checks before any rank reads the model or the input (all
+    """A batch inference, serve or fine-tuning job's checks before any rank reads the model or the input (all
     pods: the model and layout; an inference job's stage 0, which reads and writes them: the input and
     output too)."""
     from conveyor.inference.validate import InputError, preflight
