@@ -369,6 +369,17 @@ def build_statefulset(
     }
 
 
+def placeholder_pod(spec: PipelineJobSpec) -> dict[str, Any]:
+    """The pod spec the operator renders for ``spec``'s first group, under placeholder job and group
+    names: for checks of what the pods mount and set, which do not depend on the job's name or restart."""
+    group = GroupRef(name="job-r0", replica=None if spec.mode == Mode.TRAIN else 0, pods=1)
+    job = JobRef(name="job", namespace="namespace", uid="uid")
+    pod: dict[str, Any] = build_statefulset(job, spec, group, restart=0, running=True)["spec"]["template"][
+        "spec"
+    ]
+    return pod
+
+
 def build_statefulsets(
     job: JobRef, spec: PipelineJobSpec, restarts: dict[str, int], *, running: bool
 ) -> list[dict[str, Any]]:

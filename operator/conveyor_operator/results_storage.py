@@ -20,12 +20,6 @@ from conveyor_operator import render
 POD_SCOPED_SOURCES = ("emptyDir", "ephemeral", "configMap", "secret", "downwardAPI", "projected")
 
 
-def _rendered_pod(spec: PipelineJobSpec) -> dict[str, Any]:
-    group = render.GroupRef(name="job-r0", replica=0, pods=1)
-    job = render.JobRef(name="job", namespace="namespace", uid="uid")
-    return render.build_statefulset(job, spec, group, restart=0, running=True)["spec"]["template"]["spec"]
-
-
 def _mount_holding(path: PurePosixPath, mounts: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The mount whose path is the deepest one above ``path`` (mounts nest: the deepest one holds it)."""
     above = [m for m in mounts if path.is_relative_to(PurePosixPath(str(m.get("mountPath", ""))))]
@@ -45,7 +39,7 @@ def results_lost_with_the_pod(spec: PipelineJobSpec) -> list[str]:
     )
     if not output.is_absolute():
         return [f"{field} is relative, and a pod's working directory is no volume: {fix}"]
-    pod = _rendered_pod(spec)
+    pod = render.placeholder_pod(spec)
     mount = _mount_holding(output, pod["containers"][0].get("volumeMounts", []))
     if mount is None:
         return [

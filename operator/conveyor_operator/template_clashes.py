@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor.spec import Mode, PipelineJobSpec
+from conveyor.spec import PipelineJobSpec
 
 from conveyor_operator import render
 
@@ -23,10 +23,7 @@ def _own_container(spec: PipelineJobSpec) -> tuple[dict[str, Any], list[dict[str
     """The worker container and pod volumes the operator renders for ``spec`` without the template's
     items (their keys do not depend on the job's name, group or restart)."""
     template = spec.template.model_copy(update={"env": [], "volumes": [], "volume_mounts": []})
-    own = spec.model_copy(update={"template": template})
-    group = render.GroupRef(name="job-r0", replica=None if spec.mode == Mode.TRAIN else 0, pods=1)
-    job = render.JobRef(name="job", namespace="namespace", uid="uid")
-    pod = render.build_statefulset(job, own, group, restart=0, running=True)["spec"]["template"]["spec"]
+    pod = render.placeholder_pod(spec.model_copy(update={"template": template}))
     return pod["containers"][0], pod["volumes"]
 
 

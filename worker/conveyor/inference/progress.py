@@ -48,7 +48,7 @@ class ResultsError(InputError):
     """An output that is not this job's, or that another run is writing: refused, never touched."""
 
 
-def _file_digest(path: Path, whole: bool = True) -> str:
+def file_digest(path: Path, whole: bool = True) -> str:
     """sha256 of a file, streamed; ``whole=False``: of its size and first and last MiB only."""
     h = hashlib.sha256()
     size = path.stat().st_size
@@ -70,7 +70,7 @@ def model_digest(model_dir: str | Path) -> str:
     for path in sorted(root.iterdir()):
         if path.name == "config.json" or path.suffix in (".safetensors", ".bin"):
             whole = path.suffix == ".json"
-            h.update(f"{path.name}:{_file_digest(path, whole)}\n".encode())
+            h.update(f"{path.name}:{file_digest(path, whole)}\n".encode())
     return h.hexdigest()
 
 
@@ -83,7 +83,7 @@ def tokenizer_digest(model_dir: str | Path) -> str | None:
     for name in TOKENIZER_FILES:
         if (root / name).is_file():
             found = True
-            h.update(f"{name}:{_file_digest(root / name)}\n".encode())
+            h.update(f"{name}:{file_digest(root / name)}\n".encode())
     return h.hexdigest() if found else None
 
 
@@ -110,7 +110,7 @@ def job_identity(spec: PipelineJobSpec) -> dict[str, Any]:
     inf, model = spec.inference, spec.model
     assert inf is not None and model is not None
     identity: dict[str, Any] = {
-        "input": _file_digest(Path(inf.input)),
+        "input": file_digest(Path(inf.input)),
         "model": model_digest(model.path),
         "settings": {
             "dtype": model.dtype,

@@ -18,18 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.commit_protocol import CheckpointError
-from conveyor.inference.progress import model_digest
+from conveyor.inference.progress import file_digest, model_digest
 from conveyor.spec import PipelineJobSpec
 
 KEY = "run"  # the identity's key in a checkpoint's client state
-
-
-def _dataset_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run_identity(spec: PipelineJobSpec, global_batch: int) -> dict[str, Any]:
@@ -39,7 +31,7 @@ def run_identity(spec: PipelineJobSpec, global_batch: int) -> dict[str, Any]:
     assert train is not None and model is not None and train.dataset is not None
     identity: dict[str, Any] = {
         "model": model_digest(model.path),
-        "dataset": _dataset_digest(Path(train.dataset)),
+        "dataset": file_digest(Path(train.dataset)),
         "settings": {
             "seqLength": train.seq_length,
             "packing": train.packing,
