@@ -127,13 +127,21 @@ def job_identity(spec: PipelineJobSpec) -> dict[str, Any]:
     return identity
 
 
-def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
-    """Which part of two job identities differs, in words."""
-    what = {"input": "another input file", "model": "another model", "tokenizer": "another tokenizer"}
-    parts = [words for key, words in what.items() if key in theirs and theirs.get(key) != ours.get(key)]
+def identity_difference(
+    theirs: dict[str, Any], ours: dict[str, Any], named: dict[str, str], fallback: str
+) -> str:
+    """Which part of two run identities differs, in words: ``named`` keys by what a change means ("another
+    model"), then each setting that differs, by its value in ``theirs``; ``fallback`` where none does. A key
+    absent from ``theirs`` was recorded before it was (the batch job's tokenizer), so it is not a change."""
+    parts = [words for key, words in named.items() if key in theirs and theirs.get(key) != ours.get(key)]
     mine, other = ours.get("settings", {}), theirs.get("settings") or {}
     parts += [f"{key} {other.get(key)!r}" for key in mine if other.get(key) != mine[key]]
-    return ", ".join(parts) or "another job"
+    return ", ".join(parts) or fallback
+
+
+def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    what = {"input": "another input file", "model": "another model", "tokenizer": "another tokenizer"}
+    return identity_difference(theirs, ours, what, "another job")
 
 
 def keep_json(path: Path, record: dict[str, Any], what: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.commit_protocol import CheckpointError
-from conveyor.inference.progress import file_digest, model_digest
+from conveyor.inference.progress import file_digest, identity_difference, model_digest
 from conveyor.spec import PipelineJobSpec
 
 KEY = "run"  # the identity's key in a checkpoint's client state
@@ -48,10 +48,7 @@ def run_identity(spec: PipelineJobSpec, global_batch: int) -> dict[str, Any]:
 
 def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
     what = {"model": "another model", "dataset": "another dataset"}
-    parts = [words for key, words in what.items() if theirs.get(key) != ours.get(key)]
-    mine, other = ours["settings"], theirs.get("settings") or {}
-    parts += [f"{key} {other.get(key)!r}" for key in mine if other.get(key) != mine[key]]
-    return ", ".join(parts) or "another run"
+    return identity_difference(theirs, ours, what, "another run")
 
 
 def check(client_state: Any, ours: dict[str, Any], path: Path | None) -> bool:
