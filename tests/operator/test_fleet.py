@@ -11,7 +11,8 @@ from typing import Any
 from conveyor.spec import parse_spec
 from conveyor_operator import k8s, render
 from conveyor_operator.observe import observe_pod
-from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
+from conveyor_operator.plan import JobView, Plan
+from conveyor_operator.reconcile import plan_reconcile
 
 from tests.operator.builders import at, job_body, serve_spec
 
