@@ -379,7 +379,7 @@ class RolloutSpec(_Spec):
         # four digits MAX_NAME_LENGTH allows for (past r9999 the pods' revision label outgrows 63 characters).
         le=1024,
         description="Extra replicas started with the new spec during a rollout, when the cluster has room "
-        "(else the rollout goes in place).",
+        "(else the rollout goes in place); at most spec.parallelism.replicas of them.",
     )
     max_unavailable: int = Field(
         0,
