@@ -5,7 +5,7 @@ plan out, so every decision here is unit-tested without an API server. The Plan 
 
 The cases, in the order they are handled:
 1. the spec does not validate, or its template reuses a key of the operator's own rendering (an env
-   var, a volume name, a mount path: template_clashes.py), or an inference job's output would die with
+   var, a volume name, a mount path: template_clashes.py, the backstop of the spec model's check), or an inference job's output would die with
    its pods (results_storage.py) -> Failed/InvalidSpec (not terminal: fixing the spec resumes); the API
    server refused one of its objects (``refused_by_the_api_server``) -> Failed/ApplyRefused, kept with
    nothing applied until the spec or its rendering changes;

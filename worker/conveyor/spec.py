@@ -25,6 +25,7 @@ from pydantic.alias_generators import to_camel
 from conveyor.failure_policy import FailurePolicySpec
 from conveyor.kube_formats import MAX_SECONDS, LabelValue, ObjectName, Quantity, check_keys
 from conveyor.placement import PlacementSpec
+from conveyor.template_keys import SHM_PATH, clashes
 
 GROUP = "conveyor.dev"
 VERSION = "v1alpha1"
@@ -41,10 +42,34 @@ KubeObject = Annotated[
 ]
 
 
+def _keyed_by(key: str) -> Any:
+    """A free-form Kubernetes object with a string ``key`` (declared, so CEL rules can read it)."""
+    return Field(
+        json_schema_extra={
+            "x-kubernetes-preserve-unknown-fields": True,
+            "properties": {key: {"type": "string"}},
+            "required": [key],
+        }
+    )
+
+
+def _list_map(key: str, max_items: int) -> Any:
+    """A list that server-side apply merges by ``key`` (a list-map): the API server refuses an item without
+    it or a key twice. ``max_items`` keeps its cost estimate of the CEL rules that go through the list
+    within its budget."""
+    return Field(
+        default_factory=list,
+        max_length=max_items,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]},
+    )
+
+
+NamedObject = Annotated[dict[str, Any], _keyed_by("name")]
+MountObject = Annotated[dict[str, Any], _keyed_by("mountPath")]
+
+
 # The extended resource the operator asks for spec.resources.gpus with (gpus_per_pod).
 GPU_RESOURCE = "nvidia.com/gpu"
-# Where the operator mounts the pod's shared memory (NCCL's and torch's transports need more than 64 MiB).
-SHM_PATH = "/dev/shm"
 
 
 class _Spec(BaseModel):
@@ -162,10 +187,11 @@ class TemplateSpec(_Spec):
     priority_class_name: ObjectName | None = None
     scheduler_name: str | None = None
     service_account_name: ObjectName | None = None
-    env: list[KubeObject] = Field(default_factory=list)
-    volumes: list[KubeObject] = Field(default_factory=list)
-    volume_mounts: list[KubeObject] = Field(default_factory=list)
-    image_pull_secrets: list[KubeObject] = Field(default_factory=list)
+    # Keyed as in a pod (see template_keys.py): the operator appends these to its own items.
+    env: list[NamedObject] = _list_map("name", 1024)
+    volumes: list[NamedObject] = _list_map("name", 256)
+    volume_mounts: list[MountObject] = _list_map("mountPath", 256)
+    image_pull_secrets: list[NamedObject] = _list_map("name", 256)
     labels: dict[str, LabelValue] = Field(default_factory=dict, description="Extra labels on worker pods.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on worker pods.")
 
@@ -534,6 +560,15 @@ class PipelineJobSpec(_Spec):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _template_apart_from_the_operator(self) -> PipelineJobSpec:
+        # The template's env, volumes and mounts join the operator's own in one list each; a key twice
+        # makes every server-side apply of the StatefulSets fail (template_keys.py).
+        found = clashes(self)
+        if found:
+            raise ValueError("\n".join(found))
+        return self
+
     def _check_train(self, train: TrainSpec) -> None:
         ways = [name for name in ("script", "command", "dataset") if getattr(train, name) is not None]
         if len(ways) != 1:
@@ -642,7 +677,9 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             msg = "required field is missing; add it"
         elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
             msg = f"{msg} (got {json.dumps(e['input'], default=str)})"
-        lines.append(f"{where}: {msg}" if where else msg)
+        # A model validator's message that names its own fields (`spec.masterPort ...`) needs no `spec: `.
+        named = msg.startswith((f"{where}.", f"{where}["))
+        lines.append(f"{where}: {msg}" if where and not named else msg)
     return "\n".join(lines)
 
 
