@@ -117,6 +117,11 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
         "spec.train.globalBatchSize must be a multiple",
     ),
     ("resource quantity", job(inference_spec(resources={"requests": {"cpu": "lots"}})), "requests.cpu"),
+    (
+        "a request above its limit",
+        job(inference_spec(resources={"requests": {"memory": "64Gi"}, "limits": {"memory": "32Gi"}})),
+        "spec.resources.requests has a value above its spec.resources.limits",
+    ),
     ("label value", job(inference_spec(template={"labels": {"team": "ml research"}})), "labels.team"),
     (
         "node selector value",
@@ -263,6 +268,17 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
         "a GPU request and limit of the user's own on the CPU",
         inference_spec(
             device="cpu", resources={"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+        ),
+    ),
+    (
+        "requests at their limits in other notations, and a GPU limit the operator replaces",
+        inference_spec(
+            tp=2,
+            resources={
+                "gpus": 2,
+                "requests": {"cpu": "500m", "memory": "1Gi", "nvidia.com/gpu": "2"},
+                "limits": {"cpu": "0.5", "memory": "1073741824", "nvidia.com/gpu": "1"},
+            },
         ),
     ),
     (

@@ -157,6 +157,13 @@ CEL_RULES: list[dict[str, str]] = [
         "message": f"spec.resources.requests['{GPU_RESOURCE}'] is not the pod's GPU limit, and Kubernetes wants them "
         f"equal: set spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.requests",
     },
+    {
+        "rule": "!has(self.resources.requests) || !has(self.resources.limits) || self.resources.requests.all(k,"
+        f" k == '{GPU_RESOURCE}' || !(k in self.resources.limits)"
+        " || !quantity(self.resources.requests[k]).isGreaterThan(quantity(self.resources.limits[k])))",
+        "message": "spec.resources.requests has a value above its spec.resources.limits, and Kubernetes wants a "
+        "request at most its limit: lower the request or raise the limit",
+    },
     # spec.template's items beside the operator's own (template_keys.py; a key twice in the template is
     # refused by the lists' list-map keys). A messageExpression naming the items costs more than the API
     # server's budget allows.

@@ -70,7 +70,11 @@ LabelValue = Annotated[
 ObjectName = Annotated[
     str, Field(max_length=253, json_schema_extra={"pattern": SUBDOMAIN.pattern}), AfterValidator(_subdomain)
 ]
-Quantity = Annotated[str, Field(json_schema_extra={"pattern": QUANTITY.pattern}), AfterValidator(_quantity)]
+# At most 64 characters (any real quantity is far shorter): the API server's cost estimate of the CEL rule
+# that compares requests with limits needs a bound.
+Quantity = Annotated[
+    str, Field(max_length=64, json_schema_extra={"pattern": QUANTITY.pattern}), AfterValidator(_quantity)
+]
 
 
 def check_keys(keys: Iterable[str], what: str) -> None:

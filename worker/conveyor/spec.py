@@ -166,16 +166,37 @@ class ResourcesSpec(_Spec):
     gpus: int | None = Field(
         None, ge=0, le=16, description="GPUs per pod; default: tensorParallel. 0 runs on the CPU."
     )
+    # At most 64 of each: a bound for the API server's cost estimate of the requests-within-limits rule.
     requests: dict[str, Quantity] = Field(
-        default_factory=dict, description="Extra container resource requests."
+        default_factory=dict, max_length=64, description="Extra container resource requests."
     )
-    limits: dict[str, Quantity] = Field(default_factory=dict, description="Extra container resource limits.")
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict, max_length=64, description="Extra container resource limits."
+    )
 
     @field_validator("requests", "limits")
     @classmethod
     def _resource_names(cls, quantities: dict[str, str]) -> dict[str, str]:
         check_keys(quantities, "a resource name (e.g. `cpu`, `memory`, `nvidia.com/gpu`)")
         return quantities
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> ResourcesSpec:
+        # Kubernetes refuses a container whose request is above its limit: every apply of the job's
+        # StatefulSets would fail. (The GPU limit is the operator's: _gpu_request_is_the_limit checks it.)
+        for name, request in self.requests.items():
+            limit = self.limits.get(name)
+            if name == GPU_RESOURCE or limit is None:
+                continue
+            from kubernetes.utils.quantity import parse_quantity  # the API client's parser (a slow import)
+
+            if parse_quantity(request) > parse_quantity(limit):
+                raise ValueError(
+                    f"spec.resources.requests['{name}'] ({request}) is above spec.resources.limits['{name}'] "
+                    f"({limit}), and Kubernetes wants a request at most its limit: lower the request or raise "
+                    "the limit"
+                )
+        return self
 
 
 class TemplateSpec(_Spec):
