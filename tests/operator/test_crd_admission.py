@@ -117,6 +117,7 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
         "spec.train.globalBatchSize must be a multiple",
     ),
     ("resource quantity", job(inference_spec(resources={"requests": {"cpu": "lots"}})), "requests.cpu"),
+    ("image with a trailing space", job(inference_spec(image="ghcr.io/org/worker:1 ")), "spec.image"),
     (
         "a request above its limit",
         job(inference_spec(resources={"requests": {"memory": "64Gi"}, "limits": {"memory": "32Gi"}})),

@@ -350,6 +350,11 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ],
     ),
     (
+        "image with a trailing space",
+        lambda: edit(BASE, "spec.image", "ghcr.io/org/worker:1 "),
+        ["spec.image:", "leading or trailing whitespace, which Kubernetes refuses: remove it"],
+    ),
+    (
         "resource name",
         lambda: edit(BASE, "spec.resources", {"limits": {"gpu memory": "8Gi"}}),
         ["spec.resources.limits:", "'gpu memory' is not a resource name", "`nvidia.com/gpu`"],

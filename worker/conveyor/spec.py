@@ -453,7 +453,12 @@ class PipelineJobSpec(_Spec):
     mode: Mode = Field(description="What the job does: batch `inference`, `serve` an endpoint, or `train`.")
     model: ModelSpec | None = Field(None, description="Required for inference and serve.")
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
-    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Worker image (runs `conveyor worker`).")
+    image: str = Field(
+        DEFAULT_IMAGE,
+        min_length=1,
+        json_schema_extra={"pattern": r"^\S(.*\S)?$"},
+        description="Worker image (runs `conveyor worker`).",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="`auto`: CUDA when GPUs are given.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -482,6 +487,16 @@ class PipelineJobSpec(_Spec):
     inference: InferenceSpec | None = None
     train: TrainSpec | None = None
     serve: ServeSpec | None = None
+
+    @field_validator("image")
+    @classmethod
+    def _image_trimmed(cls, image: str) -> str:
+        # The API server refuses such a container image, and with it every apply of the StatefulSets.
+        if image != image.strip():
+            raise ValueError(
+                f"{image!r} has leading or trailing whitespace, which Kubernetes refuses: remove it"
+            )
+        return image
 
     @model_validator(mode="after")
     def _mode_sections(self) -> PipelineJobSpec:
