@@ -23,7 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from conveyor.failure_policy import FailurePolicySpec
-from conveyor.kube_formats import MAX_SECONDS, LabelValue, ObjectName, Quantity, check_keys
+from conveyor.kube_formats import (
+    MAX_SECONDS,
+    LabelValue,
+    MountObject,
+    NamedObject,
+    ObjectName,
+    Quantity,
+    check_keys,
+    list_map,
+)
 from conveyor.placement import PlacementSpec
 from conveyor.template_keys import SHM_PATH, clashes
 
@@ -40,32 +49,6 @@ DEFAULT_IMAGE = "ghcr.io/conveyor-dev/conveyor-worker:0.1.0"
 KubeObject = Annotated[
     dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 ]
-
-
-def _keyed_by(key: str) -> Any:
-    """A free-form Kubernetes object with a string ``key`` (declared, so CEL rules can read it)."""
-    return Field(
-        json_schema_extra={
-            "x-kubernetes-preserve-unknown-fields": True,
-            "properties": {key: {"type": "string"}},
-            "required": [key],
-        }
-    )
-
-
-def _list_map(key: str, max_items: int) -> Any:
-    """A list that server-side apply merges by ``key`` (a list-map): the API server refuses an item without
-    it or a key twice. ``max_items`` keeps its cost estimate of the CEL rules that go through the list
-    within its budget."""
-    return Field(
-        default_factory=list,
-        max_length=max_items,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]},
-    )
-
-
-NamedObject = Annotated[dict[str, Any], _keyed_by("name")]
-MountObject = Annotated[dict[str, Any], _keyed_by("mountPath")]
 
 
 # The extended resource the operator asks for spec.resources.gpus with (gpus_per_pod).
@@ -209,10 +192,10 @@ class TemplateSpec(_Spec):
     scheduler_name: str | None = None
     service_account_name: ObjectName | None = None
     # Keyed as in a pod (see template_keys.py): the operator appends these to its own items.
-    env: list[NamedObject] = _list_map("name", 1024)
-    volumes: list[NamedObject] = _list_map("name", 256)
-    volume_mounts: list[MountObject] = _list_map("mountPath", 256)
-    image_pull_secrets: list[NamedObject] = _list_map("name", 256)
+    env: list[NamedObject] = list_map("name", 1024)
+    volumes: list[NamedObject] = list_map("name", 256)
+    volume_mounts: list[MountObject] = list_map("mountPath", 256)
+    image_pull_secrets: list[NamedObject] = list_map("name", 256)
     labels: dict[str, LabelValue] = Field(default_factory=dict, description="Extra labels on worker pods.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on worker pods.")
 
