@@ -11,7 +11,8 @@ change on its entry pod (SERVING_LABEL); the group's pods are stopped ``drainSec
 endpoints no longer send to it, and the worker finishes its in-flight requests on SIGTERM.
 
 A rollout (some regular group runs an older template), as in LeaderWorkerSet:
-1. it starts: with ``maxSurge`` > 0 the surge replicas are asked for (Surge), else it goes InPlace;
+1. it starts: with ``maxSurge`` > 0 the surge replicas are asked for (Surge; at most ``replicas`` of them),
+   else it goes InPlace;
 2. surge replicas not all scheduled SURGE_SCHEDULE_SECONDS after they were asked for: the cluster has no
    room, they are dropped and the rollout goes InPlace;
 3. outdated regular groups are taken out, highest index first, while the serving groups that remain are
@@ -112,9 +113,11 @@ def plan_fleet(
     """One reconcile's fleet decisions, from the groups as this reconcile observed them (their phase after
     failures and restarts were handled)."""
     rollout = spec.serve.rollout if spec.serve is not None else None
-    max_surge = rollout.max_surge if rollout else 0
-    max_unavailable = rollout.max_unavailable if rollout else 0
     replicas = spec.parallelism.replicas
+    # Never more surge replicas than replicas, as a Deployment and LeaderWorkerSet: one new template for
+    # each of them is all a rollout can use, and a larger maxSurge stays valid after a scale-down.
+    max_surge = min(rollout.max_surge, replicas) if rollout else 0
+    max_unavailable = rollout.max_unavailable if rollout else 0
     fleet = (old or FleetStatus()).model_copy(deep=True)
     events: list[FleetEvent] = []
     present = {g.name for g in groups}

@@ -23,7 +23,8 @@ from conveyor.spec import GROUP, PLURAL, VERSION, Mode, PipelineJobSpec
 
 from conveyor_operator import checkpoint_age, k8s, metrics, scrape
 from conveyor_operator.observe import PodObservation, merge_witness, observe_pod
-from conveyor_operator.reconcile import JobView, Plan, plan_reconcile, refused_by_the_api_server
+from conveyor_operator.plan import JobView, Plan
+from conveyor_operator.reconcile import plan_reconcile, refused_by_the_api_server
 from conveyor_operator.render import JOB_LABEL
 from conveyor_operator.requeue import Requeues
 

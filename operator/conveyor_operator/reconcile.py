@@ -1,10 +1,11 @@
 """One reconcile of a PipelineJob, as a pure plan: (job, observed pods, now) -> what to apply, which pods
 to delete, the new status and the Events. ``handlers.py`` gathers the inputs and ``k8s.py`` carries the
-plan out, so every decision here is unit-tested without an API server.
+plan out, so every decision here is unit-tested without an API server. The Plan and its shared tail are
+``plan.py``.
 
 The cases, in the order they are handled:
 1. the spec does not validate, or its template reuses a key of the operator's own rendering (an env
-   var, a volume name, a mount path: template_clashes.py), or an inference job's output would die with
+   var, a volume name, a mount path: template_clashes.py, the backstop of the spec model's check), or an inference job's output would die with
    its pods (results_storage.py) -> Failed/InvalidSpec (not terminal: fixing the spec resumes); the API
    server refused one of its objects (``refused_by_the_api_server``) -> Failed/ApplyRefused, kept with
    nothing applied until the spec or its rendering changes;
@@ -14,49 +15,23 @@ The cases, in the order they are handled:
    refuse it at admission too; this covers a CRD installed without them);
 4. suspended -> StatefulSets at 0 replicas, restart counts kept; resuming continues from the checkpoint;
 5. otherwise per group: failure -> backoff -> restart (all its pods replaced, CONVEYOR_RESTART + 1), or
-   the backoffLimit is spent -> Failed; pods of an earlier restart -> deleted; pods of an older
+   the backoffLimit is spent -> Failed (group_failure.py); pods of an earlier restart -> deleted; pods of an older
    template -> rolled, one group at a time while every other group runs; then the job's phase.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from conveyor.failure_policy import FailureAction, FailurePolicySpec
-from conveyor.job_status import (
-    CheckpointRef,
-    GroupFailure,
-    GroupStatus,
-    Phase,
-    PipelineJobStatus,
-    ResolvedSpec,
-)
-from conveyor.spec import Mode, PipelineJobSpec, RestartPolicySpec, SpecError, parse_spec
+from conveyor.job_status import CheckpointRef, GroupStatus, Phase, PipelineJobStatus, ResolvedSpec
+from conveyor.spec import Mode, PipelineJobSpec, SpecError, parse_spec
 
-from conveyor_operator import failure_rules, fleet, problems, render
-from conveyor_operator.backoff import budget_left, restart_delay
-from conveyor_operator.conditions import fleet_reconciling, mark_reconciling, problem_conditions
+from conveyor_operator import fleet, group_failure, problems, render
 from conveyor_operator.observe import PodObservation, parse_time
-from conveyor_operator.phase import (
-    GroupPods,
-    backoff_due,
-    conditions,
-    detect_failure,
-    format_time,
-    group_phase,
-    job_phase,
-    split_pods,
-)
-from conveyor_operator.progress import (
-    describe_resume,
-    group_checkpoint,
-    job_checkpoint,
-    newest,
-    skip_event,
-)
-from conveyor_operator.restarts import account_group
+from conveyor_operator.phase import GroupPods, format_time, group_phase, job_phase, split_pods
+from conveyor_operator.plan import Event, JobView, Plan, finish, old_status
+from conveyor_operator.progress import group_checkpoint, job_checkpoint, newest, skip_event
 from conveyor_operator.results_storage import results_lost_with_the_pod
 from conveyor_operator.template_clashes import template_clashes
 
@@ -67,97 +42,6 @@ APPLY_REFUSED = "ApplyRefused"
 # lets the group restart on another node; should the node come back with its containers still running,
 # they belong to an earlier generation and cannot join the new one's rendezvous (CONVEYOR_RENDEZVOUS).
 STUCK_TERMINATING = timedelta(seconds=30)
-# Reasons that need a person to act, whatever the phase: Stalled=True.
-STALLED_REASONS = {"BackoffLimitExceeded", "InvalidSpec", "LayoutChangeRefused"}
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal or Warning
-    reason: str
-    message: str
-
-
-@dataclass
-class Plan:
-    apply: list[dict[str, Any]] = field(default_factory=list)
-    # Pod deletions: graceful (the kubelet stops the containers within the pod's grace period, and only
-    # then does the StatefulSet create the pod's successor, so two generations of a rank never run at
-    # once), and forced for pods stuck terminating (a lost node never confirms; see STUCK_TERMINATING).
-    delete_pods: list[str] = field(default_factory=list)
-    force_delete_pods: list[str] = field(default_factory=list)
-    # Preconditions for delete_pods: a pod is deleted only if it still has the uid that was observed, so a
-    # stale observation never deletes the pod the StatefulSet has since recreated under the same name.
-    pod_uids: dict[str, str] = field(default_factory=dict)
-    delete_children: bool = False  # TTL after finishing: StatefulSets, Services, PDB
-    delete_statefulsets: list[str] = field(default_factory=list)  # groups scaled away
-    label_pods: dict[str, dict[str, str]] = field(default_factory=dict)
-    status: PipelineJobStatus = field(default_factory=PipelineJobStatus)
-    events: list[Event] = field(default_factory=list)
-    restarts: list[str] = field(default_factory=list)  # groups restarted by this plan (metrics)
-    fatal: str | None = None  # a failure a failurePolicy rule fails the job for (FailJob)
-    problems: dict[str, tuple[str, str] | None] = field(default_factory=dict)  # conditions.PROBLEMS found
-    requeue_after: float | None = None
-
-
-@dataclass(frozen=True)
-class JobView:
-    """The parts of the PipelineJob object a reconcile reads."""
-
-    name: str
-    namespace: str
-    uid: str
-    generation: int | None
-    spec: dict[str, Any]
-    status: dict[str, Any]
-
-    @classmethod
-    def from_body(cls, body: dict[str, Any]) -> JobView:
-        meta = body.get("metadata", {})
-        return cls(
-            name=meta["name"],
-            namespace=meta.get("namespace", "default"),
-            uid=meta.get("uid", ""),
-            generation=meta.get("generation"),
-            spec=dict(body.get("spec") or {}),
-            status=dict(body.get("status") or {}),
-        )
-
-
-def _old_status(raw: dict[str, Any]) -> PipelineJobStatus:
-    try:
-        return PipelineJobStatus.model_validate(raw)
-    except ValueError:
-        return PipelineJobStatus()  # an unreadable status is rebuilt, not fatal
-
-
-def _finish(plan: Plan, job: JobView, now: datetime) -> Plan:
-    """Shared tail: conditions, a transition Event, observedGeneration."""
-    status = plan.status
-    status.observed_generation = job.generation
-    old = _old_status(job.status)
-    reason = status.reason or status.phase
-    status.conditions = conditions(
-        Phase(status.phase),
-        reason=reason,
-        message=status.message or "",
-        generation=job.generation,
-        previous=old.conditions,
-        now=now,
-        stalled=status.reason in STALLED_REASONS,
-    )
-    moving = fleet_reconciling(status.fleet) if status.phase == Phase.RUNNING else None
-    if moving is not None:
-        status.conditions = mark_reconciling(status.conditions, *moving, previous=old.conditions, now=now)
-    found, started = problem_conditions(
-        plan.problems, previous=old.conditions, generation=job.generation, now=now
-    )
-    status.conditions += found
-    plan.events += [Event("Warning", c.reason, c.message) for c in started]
-    if old.phase != status.phase or not job.status:
-        kind = "Warning" if status.phase == Phase.FAILED else "Normal"
-        plan.events.append(Event(kind, str(status.phase), status.message or f"phase {status.phase}"))
-    return plan
 
 
 def plan_reconcile(
@@ -200,7 +84,7 @@ def _release_stuck(plan: Plan, pods: list[PodObservation], now: datetime) -> Non
 def _plan(
     job: JobView, pods: list[PodObservation], now: datetime, children_exist: bool, live: CheckpointRef | None
 ) -> Plan:
-    old = _old_status(job.status)
+    old = old_status(job.status)
     plan = Plan(status=old.model_copy(deep=True))
     status = plan.status
     status.start_time = status.start_time or format_time(now)
@@ -209,12 +93,12 @@ def _plan(
         spec = parse_spec(job.spec)
     except SpecError as err:
         status.phase, status.reason, status.message = Phase.FAILED, "InvalidSpec", str(err)
-        return _finish(plan, job, now)
+        return finish(plan, job, now)
     # valid, but every apply of its StatefulSets would be refused, or its results lost with its pods
     problems = template_clashes(spec) + results_lost_with_the_pod(spec)
     if problems:
         status.phase, status.reason, status.message = Phase.FAILED, "InvalidSpec", "\n".join(problems)
-        return _finish(plan, job, now)
+        return finish(plan, job, now)
 
     ref = render.JobRef(job.name, job.namespace, job.uid)
     group_refs = render.groups(job.name, spec)
@@ -222,16 +106,16 @@ def _plan(
     checkpoints = {g.name: g.last_checkpoint for g in old.groups}
     _describe(status, spec, job.name, render.template_hash(spec))
     if _still_refused(old, status, job):
-        return _finish(plan, job, now)  # the same objects would be refused again: wait for a new spec
+        return finish(plan, job, now)  # the same objects would be refused again: wait for a new spec
 
     if status.phase in (Phase.SUCCEEDED, Phase.FAILED) and status.reason in TERMINAL_REASONS:
-        return _finish(_plan_finished(plan, ref, spec, restarts, now, children_exist), job, now)
+        return finish(_plan_finished(plan, ref, spec, restarts, now, children_exist), job, now)
 
     refused = _layout_change_refused(old, spec)
     if refused is not None:
         status.layout, status.reason, status.message = old.layout, "LayoutChangeRefused", refused
         plan.events.append(Event("Warning", "LayoutChangeRefused", refused))
-        return _finish(plan, job, now)
+        return finish(plan, job, now)
 
     if spec.suspend:
         status.phase, status.reason = Phase.SUSPENDED, "Suspended"
@@ -252,11 +136,11 @@ def _plan(
             regular = {g.name for g in group_refs}
             plan.delete_statefulsets = [g.name for g in old.groups if g.name not in regular]
             status.fleet = None
-        return _finish(plan, job, now)
+        return finish(plan, job, now)
 
     if spec.mode == Mode.SERVE:
         group_refs += fleet.extra_groups(job.name, spec, old, now)  # surge replicas, groups draining
-    return _finish(_plan_active(plan, old, ref, spec, group_refs, pods, now, live), job, now)
+    return finish(_plan_active(plan, old, ref, spec, group_refs, pods, now, live), job, now)
 
 
 def refused_by_the_api_server(
@@ -273,7 +157,7 @@ def refused_by_the_api_server(
         f"the API server refused {what}: {message}; fix the spec (usually spec.template or spec.resources) "
         "and apply it again"
     )
-    return _finish(plan, job, now)  # (its Warning Event: the transition to Failed, with the message)
+    return finish(plan, job, now)  # (its Warning Event: the transition to Failed, with the message)
 
 
 def _still_refused(old: PipelineJobStatus, new: PipelineJobStatus, job: JobView) -> bool:
@@ -374,7 +258,7 @@ def _plan_active(
         groups.append(group_status)
         if previous is not None and previous.phase == Phase.SUCCEEDED:
             continue  # its work is committed: later noise from its pods changes nothing
-        restarted, spent = _handle_failure(
+        restarted, spent = group_failure.handle_failure(
             plan, group_status, members, group, spec.restart_policy, now, spec.failure_policy
         )
         exhausted = spent or exhausted
@@ -415,7 +299,7 @@ def _serve_fleet(
     for group in status.groups:
         outdated = members_of[group.name].outdated
         if group.name in decided.roll and outdated:
-            _delete(plan, outdated)
+            plan.delete(outdated)
             group.start_time, group.running_since, group.members_since = format_time(now), None, None
             group.phase = Phase.STARTING
             plan.events.append(
@@ -453,88 +337,6 @@ def _carried_over(previous: GroupStatus | None, group: render.GroupRef, now: dat
         group_status.restarts, group_status.last_checkpoint = previous.restarts, previous.last_checkpoint
     group_status.start_time = group_status.start_time or format_time(now)
     return group_status
-
-
-def _handle_failure(
-    plan: Plan,
-    group_status: GroupStatus,
-    members: GroupPods,
-    group: render.GroupRef,
-    policy: RestartPolicySpec,
-    now: datetime,
-    failure_policy: FailurePolicySpec | None = None,
-) -> tuple[bool, str | None]:
-    """Account the group's container exits, detect a failure, and restart the group once its backoff is
-    due. Returns (restarted by this plan, the failure if the backoffLimit is spent)."""
-    # The watermarks move on every reconcile, failure pending or not: an exit is accounted once.
-    container_failure, group_status.container_restarts = account_group(
-        members.live, group_status.container_restarts
-    )
-    if group_status.failure is None:
-        group_status.failure = detect_failure(
-            members,
-            group.pods,
-            start_time=parse_time(group_status.start_time),
-            running_since=parse_time(group_status.running_since),
-            members_since=parse_time(group_status.members_since),
-            policy=policy,
-            now=now,
-            container_failure=container_failure,
-        )
-        if group_status.failure is not None:
-            # the leaving pods too: an evicted rank's DisruptionTarget explains its peers' exits
-            decision = failure_rules.group_decision(failure_policy, [*members.live, *members.leaving])
-            group_status.failure.action = decision.action
-            group_status.failure.rule = f"{decision.rule} on pod {decision.pod}"
-            if decision.cause:
-                group_status.failure.message += f"; the worker says: {decision.cause}"
-            _name_hang(group_status.failure, [*members.live, *members.leaving])
-            ruled = failure_rules.describe(decision, plan.status.restarts, policy.backoff_limit)
-            plan.events.append(
-                Event(
-                    "Warning",
-                    group_status.failure.reason,
-                    f"group {group.name}: {group_status.failure.message}; {ruled}",
-                )
-            )
-    elif _name_hang(group_status.failure, [*members.live, *members.leaving]):
-        # a peer's exit was seen first; the hung rank's own exit arrived while the restart is pending
-        plan.events.append(Event("Warning", "Hung", f"group {group.name}: {group_status.failure.message}"))
-    failure = group_status.failure
-    if failure is not None and failure.action == FailureAction.IGNORE:
-        group_status.failure = failure = None
-    if failure is None:
-        _delete(plan, members.previous)
-        return False, None
-    if failure.action == FailureAction.FAIL_JOB:
-        plan.fatal = f"group {group.name}: {failure.reason}: {failure.message} ({failure.rule})"
-        return False, None
-    counts = failure.action != FailureAction.RESTART_GROUP_NO_COUNT
-    if counts and not budget_left(policy, plan.status.restarts):
-        return False, f"group {group.name}: {failure.reason}: {failure.message}"
-    delay = restart_delay(policy, group_status.restarts)
-    if backoff_due(failure, delay, now):
-        _restart_group(plan, group_status, members, policy.backoff_limit, now)
-        return True, None
-    due = parse_time(failure.time)
-    wait = delay - (now - due).total_seconds() if due else delay
-    plan.requeue_after = min(plan.requeue_after or wait, wait)
-    return False, None
-
-
-def _name_hang(failure: GroupFailure, pods: list[PodObservation]) -> bool:
-    """Record reason Hung when a member's exit says its watchdog found it hung (failure_rules.hung_cause),
-    whichever exit was seen first; True when this changed the reason."""
-    if failure.reason == "Hung":
-        return False
-    found = failure_rules.hung_cause(pods)
-    if found is None:
-        return False
-    pod, cause = found
-    failure.reason = "Hung"
-    if cause not in failure.message:
-        failure.message += f"; pod {pod} hung: {cause}"
-    return True
 
 
 def _observe_members(
@@ -600,45 +402,6 @@ def _job_outcome(plan: Plan, spec: PipelineJobSpec, exhausted: str | None, now: 
             plan.requeue_after = float(max(1, spec.ttl_seconds_after_finished))
 
 
-def _delete(plan: Plan, pods: list[PodObservation]) -> None:
-    for pod in pods:
-        plan.delete_pods.append(pod.name)
-        if pod.uid:
-            plan.pod_uids[pod.name] = pod.uid
-
-
-def _restart_group(
-    plan: Plan, group_status: GroupStatus, members: GroupPods, limit: int, now: datetime
-) -> None:
-    """Replace every pod of the group at once with CONVEYOR_RESTART + 1: all ranks rendezvous again and
-    resume from the latest committed checkpoint."""
-    failure = group_status.failure
-    assert failure is not None
-    job_status = plan.status
-    group_status.restarts += 1
-    if failure.action != FailureAction.RESTART_GROUP_NO_COUNT:  # a disruption uses no budget
-        job_status.restarts += 1
-    group_status.failure = None
-    group_status.start_time, group_status.running_since, group_status.members_since = (
-        format_time(now),
-        None,
-        None,
-    )
-    group_status.resumed_from = group_status.last_checkpoint
-    group_status.container_restarts = []  # the new generation's pods start counting from 0
-    _delete(plan, members.current + members.previous + members.outdated)
-    plan.restarts.append(group_status.name)
-    plan.events.append(
-        Event(
-            "Warning",
-            "GroupRestarted",
-            f"group {group_status.name} restart {group_status.restarts} (job restarts "
-            f"{job_status.restarts}/{limit}) after {failure.reason}: {failure.message}; "
-            f"resuming from {describe_resume(group_status.last_checkpoint)}",
-        )
-    )
-
-
 def _roll_one_group(
     plan: Plan, groups: list[GroupStatus], members_of: dict[str, GroupPods], now: datetime
 ) -> None:
@@ -655,7 +418,7 @@ def _roll_one_group(
     if not others_ready:
         return
     target = candidates[0]
-    _delete(plan, members_of[target.name].outdated)
+    plan.delete(members_of[target.name].outdated)
     target.start_time, target.running_since, target.members_since = format_time(now), None, None
     target.phase = Phase.STARTING
     plan.events.append(

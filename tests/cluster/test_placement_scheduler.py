@@ -18,7 +18,8 @@ import pytest
 from conveyor.spec import parse_spec
 from conveyor_operator import render
 from conveyor_operator.observe import observe_pod
-from conveyor_operator.reconcile import JobView, plan_reconcile
+from conveyor_operator.plan import JobView
+from conveyor_operator.reconcile import plan_reconcile
 from kubernetes import client
 
 from tests.cluster import binaries

@@ -15,7 +15,8 @@ from conveyor.job_status import CheckpointRef, GroupStatus, Phase
 from conveyor.spec import parse_spec
 from conveyor_operator import checkpoint_age, k8s, metrics, scrape
 from conveyor_operator.observe import observe_pod
-from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
+from conveyor_operator.plan import JobView, Plan
+from conveyor_operator.reconcile import plan_reconcile
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 

@@ -117,6 +117,12 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
         "spec.train.globalBatchSize must be a multiple",
     ),
     ("resource quantity", job(inference_spec(resources={"requests": {"cpu": "lots"}})), "requests.cpu"),
+    ("image with a trailing space", job(inference_spec(image="ghcr.io/org/worker:1 ")), "spec.image"),
+    (
+        "a request above its limit",
+        job(inference_spec(resources={"requests": {"memory": "64Gi"}, "limits": {"memory": "32Gi"}})),
+        "spec.resources.requests has a value above its spec.resources.limits",
+    ),
     ("label value", job(inference_spec(template={"labels": {"team": "ml research"}})), "labels.team"),
     (
         "node selector value",
@@ -169,6 +175,64 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
         job(train_spec(checkpoint={"volume": "", "path": "/ckpt"})),
         "a train job needs spec.checkpoint.volume",
     ),
+    (
+        "an env var the operator sets",
+        job(train_spec(template={"env": [{"name": "HF_HOME", "value": "/hf"}, {"name": "WORLD_SIZE"}]})),
+        "spec.template.env sets a variable the operator sets itself",
+    ),
+    (
+        "the hang timeout's variable with a hang timeout",
+        job(
+            inference_spec(
+                failurePolicy={"hangTimeoutSeconds": 60},
+                template={"env": [{"name": "CONVEYOR_HANG_TIMEOUT"}]},
+            )
+        ),
+        "spec.template.env sets a variable the operator sets itself",
+    ),
+    (
+        "a volume named as the checkpoint's",
+        job(inference_spec(template={"volumes": [{"name": "checkpoint", "emptyDir": {}}]})),
+        "spec.template.volumes names a volume the operator adds itself",
+    ),
+    (
+        "a mount at the compile cache's path",
+        job(
+            serve_spec(
+                cache={"path": "/cache"},
+                template={
+                    "volumes": [{"name": "data", "emptyDir": {}}],
+                    "volumeMounts": [{"name": "data", "mountPath": "/cache"}],
+                },
+            )
+        ),
+        "spec.template.volumeMounts mounts at a path where the operator mounts a volume of its own",
+    ),
+    (
+        "an env var twice",
+        job(serve_spec(template={"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]})),
+        '.spec.template.env: duplicate entries for key [name="A"]',
+    ),
+    (
+        "a mount path twice",
+        job(
+            serve_spec(
+                template={
+                    "volumes": [{"name": "data", "emptyDir": {}}],
+                    "volumeMounts": [
+                        {"name": "data", "mountPath": "/d"},
+                        {"name": "data", "mountPath": "/d"},
+                    ],
+                }
+            )
+        ),
+        '.spec.template.volumeMounts: duplicate entries for key [mountPath="/d"]',
+    ),
+    (
+        "a pull secret without a name",
+        job(serve_spec(template={"imagePullSecrets": [{}]})),
+        '.spec.template.imagePullSecrets: element 0: associative list with keys has an element that omits all key fields ["name"]',
+    ),
 ]
 
 
@@ -208,6 +272,17 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "requests at their limits in other notations, and a GPU limit the operator replaces",
+        inference_spec(
+            tp=2,
+            resources={
+                "gpus": 2,
+                "requests": {"cpu": "500m", "memory": "1Gi", "nvidia.com/gpu": "2"},
+                "limits": {"cpu": "0.5", "memory": "1073741824", "nvidia.com/gpu": "1"},
+            },
+        ),
+    ),
+    (
         "GPU requests and limits equal to the operator's",
         serve_spec(
             tp=2,
@@ -238,6 +313,25 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
     (
         "model claim empty: no model mount",
         inference_spec(model={"path": "/ckpt/m", "volume": "", "mountPath": "/ckpt"}),
+    ),
+    (
+        "template items beside the operator's, and those it sets only in other jobs",
+        inference_spec(
+            model={"path": "/models/m"},
+            template={
+                "env": [
+                    {"name": "WORLD_SIZE", "value": "1"},
+                    {"name": "CONVEYOR_HANG_TIMEOUT", "value": "60"},
+                    {"name": "CONVEYOR_LOG_FORMAT", "value": "text"},
+                ],
+                "volumes": [{"name": "models", "emptyDir": {}}, {"name": "compile-cache", "emptyDir": {}}],
+                "volumeMounts": [
+                    {"name": "models", "mountPath": "/models"},
+                    {"name": "compile-cache", "mountPath": "/var/cache/conveyor"},
+                ],
+                "imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}],
+            },
+        ),
     ),
 ]
 

@@ -11,7 +11,8 @@ from typing import Any
 from conveyor.spec import parse_spec
 from conveyor_operator import k8s, render
 from conveyor_operator.observe import observe_pod
-from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
+from conveyor_operator.plan import JobView, Plan
+from conveyor_operator.reconcile import plan_reconcile
 
 from tests.operator.builders import at, job_body, serve_spec
 
@@ -263,6 +264,23 @@ def test_without_room_for_the_surge_the_rollout_goes_in_place_one_group_at_a_tim
     assert "llm-r2" in cluster.deleted_sets
     seen = roll_to_end(cluster, render.template_hash(parse_spec(new_spec)), at_least=1)
     assert set(seen) - {None} == {"InPlace"}
+
+
+def test_max_surge_above_replicas_surges_only_as_many_replicas_as_there_are() -> None:
+    # As a Deployment and LeaderWorkerSet: the surge stops at spec replicas, a new template for each of
+    # them; more would hold GPUs that never serve (and maxSurge stays valid when replicas are scaled down).
+    cluster = running(2, surge=5)
+    new_spec = fleet_spec(2, image="conveyor:2", surge=5)
+    cluster.body["spec"] = copy.deepcopy(new_spec)
+    cluster.step()
+    assert fleet(cluster)["strategy"] == "Surge" and fleet(cluster)["surgeReplicas"] == 2
+    assert sorted(cluster.sets) == ["llm-r0", "llm-r1", "llm-r2", "llm-r3"]
+    assert "2 surge" in cluster.body["status"]["message"]
+    roll_to_end(cluster, render.template_hash(parse_spec(new_spec)), at_least=2)
+    assert sorted(cluster.deleted_sets) == ["llm-r2", "llm-r3"] and sorted(cluster.hashes()) == [
+        "llm-r0",
+        "llm-r1",
+    ]
 
 
 def test_max_surge_zero_rolls_in_place_within_max_unavailable() -> None:

@@ -12,7 +12,8 @@ from typing import Any
 from conveyor.job_status import CheckpointRef
 from conveyor_operator import progress
 from conveyor_operator.observe import merge_witness, observe_pod
-from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
+from conveyor_operator.plan import JobView, Plan
+from conveyor_operator.reconcile import plan_reconcile
 
 from tests.operator.builders import at, fail, group_pods, inference_spec, job_body, stamp, train_spec
 from tests.operator.test_reconcile import step

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from conveyor_operator import k8s
 from conveyor_operator.observe import observe_pod
-from conveyor_operator.reconcile import JobView, Plan, plan_reconcile
+from conveyor_operator.plan import JobView, Plan
+from conveyor_operator.reconcile import plan_reconcile
 
 from tests.operator.builders import (
     at,

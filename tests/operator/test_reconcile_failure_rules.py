@@ -7,7 +7,7 @@ import copy
 import json
 from typing import Any
 
-from conveyor_operator.reconcile import Plan
+from conveyor_operator.plan import Plan
 
 from tests.operator.builders import fail, group_pods, inference_spec, job_body
 from tests.operator.test_reconcile import condition, reasons, step

@@ -11,7 +11,8 @@ from typing import Any
 from conveyor.job_status import ContainerRestarts
 from conveyor_operator.handlers import with_witnesses
 from conveyor_operator.observe import observe_pod
-from conveyor_operator.reconcile import JobView, plan_reconcile
+from conveyor_operator.plan import JobView
+from conveyor_operator.reconcile import plan_reconcile
 from conveyor_operator.restarts import account_group, account_pod
 
 from tests.operator.builders import at, group_pods, inference_spec, job_body, stamp

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from conveyor.spec import parse_spec
 from conveyor_operator import k8s
-from conveyor_operator.reconcile import JobView, plan_reconcile
+from conveyor_operator.plan import JobView
+from conveyor_operator.reconcile import plan_reconcile
 from conveyor_operator.results_storage import results_lost_with_the_pod
 
 from tests.operator.builders import at, inference_spec, job_body, serve_spec, train_spec

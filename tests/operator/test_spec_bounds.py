@@ -10,7 +10,8 @@ from conveyor.kube_formats import MAX_SECONDS
 from conveyor.spec import SpecError, parse_spec
 from conveyor_operator import k8s, render
 from conveyor_operator.observe import observe_pod
-from conveyor_operator.reconcile import JobView, plan_reconcile
+from conveyor_operator.plan import JobView
+from conveyor_operator.reconcile import plan_reconcile
 
 from tests.operator.builders import at, complete, fail, group_pods, inference_spec, job_body
 

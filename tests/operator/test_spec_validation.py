@@ -338,6 +338,23 @@ CASES: list[tuple[str, Callable[[], Doc], list[str]]] = [
         ["spec.resources.requests.cpu:", "'4 cores' is not a Kubernetes quantity", "`500m`"],
     ),
     (
+        "a request above its limit",
+        lambda: edit(
+            BASE,
+            "spec.resources",
+            {"requests": {"cpu": "2", "memory": "64Gi"}, "limits": {"cpu": "2000m", "memory": "32Gi"}},
+        ),
+        [
+            "spec.resources.requests['memory'] (64Gi) is above spec.resources.limits['memory'] (32Gi)",
+            "lower the request or raise the limit",
+        ],
+    ),
+    (
+        "image with a trailing space",
+        lambda: edit(BASE, "spec.image", "ghcr.io/org/worker:1 "),
+        ["spec.image:", "leading or trailing whitespace, which Kubernetes refuses: remove it"],
+    ),
+    (
         "resource name",
         lambda: edit(BASE, "spec.resources", {"limits": {"gpu memory": "8Gi"}}),
         ["spec.resources.limits:", "'gpu memory' is not a resource name", "`nvidia.com/gpu`"],
@@ -451,6 +468,17 @@ def test_every_problem_is_reported_at_once() -> None:
         and lines[0].startswith("spec.parallelism.stages")
         and lines[1].startswith("spec.masterPort")
     )
+
+
+def test_requests_at_or_below_their_limits_in_any_notation_pass() -> None:
+    resources = {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"cpu": "0.5", "memory": "1073741824"},
+    }
+    parse_job(doc(inference_spec(resources=resources)))
+    # A GPU limit of the user's own is replaced by the operator's (spec.resources.gpus): not compared.
+    gpus = {"gpus": 2, "requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "1"}}
+    parse_job(doc(inference_spec(tp=2, resources=gpus)))
 
 
 def test_valid_examples_pass() -> None:

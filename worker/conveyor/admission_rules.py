@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from pydantic.alias_generators import to_camel
 
-from conveyor.spec import FINE_TUNING_FIELDS, GPU_RESOURCE, SHM_PATH, OptimizerSpec, TrainSpec
+from conveyor import template_keys
+from conveyor.spec import FINE_TUNING_FIELDS, GPU_RESOURCE, OptimizerSpec, TrainSpec
 
 # The paths the operator mounts volumes at in the worker container (see _mounts_apart), as a CEL list.
-_MOUNT_PATHS = (
-    f"(['{SHM_PATH}']"
-    " + (has(self.checkpoint) && has(self.checkpoint.volume) && self.checkpoint.volume != ''"
-    " ? [self.checkpoint.path] : [])"
-    " + (has(self.model) && has(self.model.volume) && self.model.volume != '' ? [self.model.mountPath] : [])"
-    " + (has(self.cache) ? [self.cache.path] : []))"
-)
+_MOUNT_PATHS = template_keys.OPERATOR_MOUNT_PATHS_CEL
+_ENV = template_keys.cel_keys(template_keys.OPERATOR_ENV)
+_VOLUMES = template_keys.cel_keys(template_keys.OPERATOR_VOLUMES)
 
 # PipelineJobSpec.gpus_per_pod, as CEL (the API server has filled device's and tensorParallel's defaults in).
 _GPUS_PER_POD = (
@@ -159,6 +156,33 @@ CEL_RULES: list[dict[str, str]] = [
         f" ? self.resources.limits['{GPU_RESOURCE}'] : ''))",
         "message": f"spec.resources.requests['{GPU_RESOURCE}'] is not the pod's GPU limit, and Kubernetes wants them "
         f"equal: set spec.resources.gpus and remove {GPU_RESOURCE} from spec.resources.requests",
+    },
+    {
+        "rule": "!has(self.resources.requests) || !has(self.resources.limits) || self.resources.requests.all(k,"
+        f" k == '{GPU_RESOURCE}' || !(k in self.resources.limits)"
+        " || !quantity(self.resources.requests[k]).isGreaterThan(quantity(self.resources.limits[k])))",
+        "message": "spec.resources.requests has a value above its spec.resources.limits, and Kubernetes wants a "
+        "request at most its limit: lower the request or raise the limit",
+    },
+    # spec.template's items beside the operator's own (template_keys.py; a key twice in the template is
+    # refused by the lists' list-map keys). A messageExpression naming the items costs more than the API
+    # server's budget allows.
+    {
+        "rule": f"!has(self.template.env) || self.template.env.all(e, !(e.name in {_ENV}))",
+        "message": "spec.template.env sets a variable the operator sets itself (CONVEYOR_JOB and the other "
+        "CONVEYOR_* it renders, MASTER_ADDR, MASTER_PORT; WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK in a train "
+        'job): remove it (docs/design.md, "Worker environment")',
+    },
+    {
+        "rule": f"!has(self.template.volumes) || self.template.volumes.all(v, !(v.name in {_VOLUMES}))",
+        "message": "spec.template.volumes names a volume the operator adds itself (dshm, checkpoint, model or "
+        "compile-cache): rename it, and its volumeMounts",
+    },
+    {
+        "rule": "!has(self.template.volumeMounts)"
+        f" || self.template.volumeMounts.all(m, !(m.mountPath in {_MOUNT_PATHS}))",
+        "message": "spec.template.volumeMounts mounts at a path where the operator mounts a volume of its own "
+        "(spec.checkpoint.path, spec.model.mountPath, spec.cache.path or /dev/shm): choose another mountPath",
     },
     {"rule": "self.mode == oldSelf.mode", "message": "spec.mode is immutable: create a new PipelineJob"},
 ]

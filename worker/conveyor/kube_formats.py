@@ -1,5 +1,5 @@
 """Kubernetes' own string formats, for spec fields the operator passes on to the pods: label keys and
-values, resource quantities.
+values, resource quantities; and the list-maps of free-form objects (env, volumes) keyed as in a pod.
 
 A value in a bad format made every server-side apply of the job's StatefulSets fail, so the job stayed
 Pending and only the operator's log said why. As annotated types, the CRD's schema carries the value
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
@@ -70,7 +70,37 @@ LabelValue = Annotated[
 ObjectName = Annotated[
     str, Field(max_length=253, json_schema_extra={"pattern": SUBDOMAIN.pattern}), AfterValidator(_subdomain)
 ]
-Quantity = Annotated[str, Field(json_schema_extra={"pattern": QUANTITY.pattern}), AfterValidator(_quantity)]
+# At most 64 characters (any real quantity is far shorter): the API server's cost estimate of the CEL rule
+# that compares requests with limits needs a bound.
+Quantity = Annotated[
+    str, Field(max_length=64, json_schema_extra={"pattern": QUANTITY.pattern}), AfterValidator(_quantity)
+]
+
+
+def _keyed_by(key: str) -> Any:
+    """A free-form Kubernetes object with a string ``key`` (declared, so CEL rules can read it)."""
+    return Field(
+        json_schema_extra={
+            "x-kubernetes-preserve-unknown-fields": True,
+            "properties": {key: {"type": "string"}},
+            "required": [key],
+        }
+    )
+
+
+def list_map(key: str, max_items: int) -> Any:
+    """A list that server-side apply merges by ``key`` (a list-map): the API server refuses an item without
+    it or a key twice. ``max_items`` keeps its cost estimate of the CEL rules that go through the list
+    within its budget."""
+    return Field(
+        default_factory=list,
+        max_length=max_items,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]},
+    )
+
+
+NamedObject = Annotated[dict[str, Any], _keyed_by("name")]
+MountObject = Annotated[dict[str, Any], _keyed_by("mountPath")]
 
 
 def check_keys(keys: Iterable[str], what: str) -> None:

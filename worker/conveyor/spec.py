@@ -23,8 +23,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from conveyor.failure_policy import FailurePolicySpec
-from conveyor.kube_formats import MAX_SECONDS, LabelValue, ObjectName, Quantity, check_keys
+from conveyor.kube_formats import (
+    MAX_SECONDS,
+    LabelValue,
+    MountObject,
+    NamedObject,
+    ObjectName,
+    Quantity,
+    check_keys,
+    list_map,
+)
 from conveyor.placement import PlacementSpec
+from conveyor.template_keys import SHM_PATH, clashes
 
 GROUP = "conveyor.dev"
 VERSION = "v1alpha1"
@@ -43,8 +53,6 @@ KubeObject = Annotated[
 
 # The extended resource the operator asks for spec.resources.gpus with (gpus_per_pod).
 GPU_RESOURCE = "nvidia.com/gpu"
-# Where the operator mounts the pod's shared memory (NCCL's and torch's transports need more than 64 MiB).
-SHM_PATH = "/dev/shm"
 
 
 class _Spec(BaseModel):
@@ -141,16 +149,37 @@ class ResourcesSpec(_Spec):
     gpus: int | None = Field(
         None, ge=0, le=16, description="GPUs per pod; default: tensorParallel. 0 runs on the CPU."
     )
+    # At most 64 of each: a bound for the API server's cost estimate of the requests-within-limits rule.
     requests: dict[str, Quantity] = Field(
-        default_factory=dict, description="Extra container resource requests."
+        default_factory=dict, max_length=64, description="Extra container resource requests."
     )
-    limits: dict[str, Quantity] = Field(default_factory=dict, description="Extra container resource limits.")
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict, max_length=64, description="Extra container resource limits."
+    )
 
     @field_validator("requests", "limits")
     @classmethod
     def _resource_names(cls, quantities: dict[str, str]) -> dict[str, str]:
         check_keys(quantities, "a resource name (e.g. `cpu`, `memory`, `nvidia.com/gpu`)")
         return quantities
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> ResourcesSpec:
+        # Kubernetes refuses a container whose request is above its limit: every apply of the job's
+        # StatefulSets would fail. (The GPU limit is the operator's: _gpu_request_is_the_limit checks it.)
+        for name, request in self.requests.items():
+            limit = self.limits.get(name)
+            if name == GPU_RESOURCE or limit is None:
+                continue
+            from kubernetes.utils.quantity import parse_quantity  # the API client's parser (a slow import)
+
+            if parse_quantity(request) > parse_quantity(limit):
+                raise ValueError(
+                    f"spec.resources.requests['{name}'] ({request}) is above spec.resources.limits['{name}'] "
+                    f"({limit}), and Kubernetes wants a request at most its limit: lower the request or raise "
+                    "the limit"
+                )
+        return self
 
 
 class TemplateSpec(_Spec):
@@ -162,10 +191,11 @@ class TemplateSpec(_Spec):
     priority_class_name: ObjectName | None = None
     scheduler_name: str | None = None
     service_account_name: ObjectName | None = None
-    env: list[KubeObject] = Field(default_factory=list)
-    volumes: list[KubeObject] = Field(default_factory=list)
-    volume_mounts: list[KubeObject] = Field(default_factory=list)
-    image_pull_secrets: list[KubeObject] = Field(default_factory=list)
+    # Keyed as in a pod (see template_keys.py): the operator appends these to its own items.
+    env: list[NamedObject] = list_map("name", 1024)
+    volumes: list[NamedObject] = list_map("name", 256)
+    volume_mounts: list[MountObject] = list_map("mountPath", 256)
+    image_pull_secrets: list[NamedObject] = list_map("name", 256)
     labels: dict[str, LabelValue] = Field(default_factory=dict, description="Extra labels on worker pods.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on worker pods.")
 
@@ -379,7 +409,7 @@ class RolloutSpec(_Spec):
         # four digits MAX_NAME_LENGTH allows for (past r9999 the pods' revision label outgrows 63 characters).
         le=1024,
         description="Extra replicas started with the new spec during a rollout, when the cluster has room "
-        "(else the rollout goes in place).",
+        "(else the rollout goes in place); at most spec.parallelism.replicas of them.",
     )
     max_unavailable: int = Field(
         0,
@@ -406,7 +436,12 @@ class PipelineJobSpec(_Spec):
     mode: Mode = Field(description="What the job does: batch `inference`, `serve` an endpoint, or `train`.")
     model: ModelSpec | None = Field(None, description="Required for inference and serve.")
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
-    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Worker image (runs `conveyor worker`).")
+    image: str = Field(
+        DEFAULT_IMAGE,
+        min_length=1,
+        json_schema_extra={"pattern": r"^\S(.*\S)?$"},
+        description="Worker image (runs `conveyor worker`).",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="`auto`: CUDA when GPUs are given.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -435,6 +470,16 @@ class PipelineJobSpec(_Spec):
     inference: InferenceSpec | None = None
     train: TrainSpec | None = None
     serve: ServeSpec | None = None
+
+    @field_validator("image")
+    @classmethod
+    def _image_trimmed(cls, image: str) -> str:
+        # The API server refuses such a container image, and with it every apply of the StatefulSets.
+        if image != image.strip():
+            raise ValueError(
+                f"{image!r} has leading or trailing whitespace, which Kubernetes refuses: remove it"
+            )
+        return image
 
     @model_validator(mode="after")
     def _mode_sections(self) -> PipelineJobSpec:
@@ -532,6 +577,15 @@ class PipelineJobSpec(_Spec):
                         f"{field} ({path}) is also {earlier}'s mount path: each volume needs its own, so "
                         f"change {field}"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _template_apart_from_the_operator(self) -> PipelineJobSpec:
+        # The template's env, volumes and mounts join the operator's own in one list each; a key twice
+        # makes every server-side apply of the StatefulSets fail (template_keys.py).
+        found = clashes(self)
+        if found:
+            raise ValueError("\n".join(found))
         return self
 
     def _check_train(self, train: TrainSpec) -> None:
@@ -642,7 +696,9 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             msg = "required field is missing; add it"
         elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
             msg = f"{msg} (got {json.dumps(e['input'], default=str)})"
-        lines.append(f"{where}: {msg}" if where else msg)
+        # A model validator's message that names its own fields (`spec.masterPort ...`) needs no `spec: `.
+        named = msg.startswith((f"{where}.", f"{where}["))
+        lines.append(f"{where}: {msg}" if where and not named else msg)
     return "\n".join(lines)
 
 
