@@ -79,3 +79,14 @@ def test_compiled_prompt_passes_give_eager_tokens(tmp_path: Path, monkeypatch: p
     model.setup_cache(4, 320, torch.float32, dev)
     assert tokens(model, peers) == eager
     assert not CompiledStage.of(model).uncompiled, "a pass fell back to eager: see the warning logged"
+
+
+def test_a_cache_larger_than_the_gpu_is_refused_before_it_is_allocated(tmp_path: Path) -> None:
+    from conveyor.inference.validate import InputError
+
+    d = save_tiny("llama", tmp_path, tokenizer=False)
+    free = torch.cuda.mem_get_info()[0]
+    lanes = 1 << 20  # a million lanes of 4,096 positions: far past any card
+    with pytest.raises(InputError, match="lower the lanes to"):
+        one_process_rank(d, dtype=torch.bfloat16, device=torch.device("cuda"), lanes=lanes, max_len=4096)
+    assert torch.cuda.mem_get_info()[0] >= free - (256 << 20)  # refused, not half-allocated

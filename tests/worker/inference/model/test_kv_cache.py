@@ -125,3 +125,44 @@ def test_a_gpu_that_cannot_compute_in_float8_is_refused_before_loading(
     assert kv_cache_storage("auto", torch.device("cuda", 0)) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert kv_cache_storage("fp8", torch.device("cuda", 0)) is FP8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
+def test_cache_bytes_is_what_the_cache_allocates(dtype: torch.dtype) -> None:
+    shape = (3, 5, 2, 17, 8)  # layers, lanes, kv_heads, max_len, head_dim
+    assert (
+        kv_cache.cache_bytes(*shape, dtype) == kv_cache.KVCache(*shape, dtype, torch.device("cpu")).nbytes()
+    )
+
+
+def test_a_cache_too_large_for_the_gpu_is_refused_with_the_lanes_that_fit() -> None:
+    from conveyor.inference.validate import InputError
+
+    # the batch-64 long-prompt job on an 80 GB card: 32 layers of 64 lanes x 2,256 positions, bf16
+    shape = (32, 64, 32, 2256, 128)
+    need = kv_cache.cache_bytes(*shape, torch.bfloat16)
+    assert round(need / kv_cache.GIB, 1) == 70.5
+    free = 64 * kv_cache.GIB  # what 80 GB leaves after 13.5 GB of weights
+    with pytest.raises(InputError) as err:
+        kv_cache.refuse_if_too_large(*shape, torch.bfloat16, free_bytes=free)
+    text = str(err.value)
+    assert "64 lanes x 2256 positions" in text and "70.5 GiB" in text and "64.0 GiB free" in text
+    fit = int(text.split("lower the lanes to ")[1].split()[0])
+    assert "spec.inference.batchSize" in text and "spec.model.kvCacheDtype: fp8" in text
+    # the count it names fits, one more does not
+    kv_cache.refuse_if_too_large(32, fit, 32, 2256, 128, torch.bfloat16, free_bytes=free)
+    with pytest.raises(InputError):
+        kv_cache.refuse_if_too_large(32, fit + 1, 32, 2256, 128, torch.bfloat16, free_bytes=free)
+    # float8 halves it (and fits), so it is offered only where the cache is not float8 already
+    kv_cache.refuse_if_too_large(*shape, FP8, free_bytes=free)
+    with pytest.raises(InputError) as err:
+        kv_cache.refuse_if_too_large(32, 4 * 64, 32, 2256, 128, FP8, free_bytes=free)
+    assert "kvCacheDtype" not in str(err.value)
+
+
+def test_no_lane_fits_names_no_lane_count() -> None:
+    from conveyor.inference.validate import InputError
+
+    with pytest.raises(InputError) as err:
+        kv_cache.refuse_if_too_large(32, 8, 32, 4096, 128, torch.bfloat16, free_bytes=kv_cache.GIB)
+    assert "lower the lanes" not in str(err.value) and "more GPUs" in str(err.value)

@@ -76,6 +76,60 @@ def read(
     return (k.float() * k_scale).to(dtype), (v.float() * v_scale).to(dtype)
 
 
+GIB = 1 << 30
+# Left free beside the cache for what warm-up and the prompt passes allocate (a packed prefill's
+# activations, CUDA graphs' pools, cuBLAS's workspace); a cache that fits only without it fails later
+HEADROOM_BYTES = 2 * GIB
+
+
+def cache_bytes(
+    layers: int, lanes: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """What ``KVCache(...)`` allocates, without allocating it: keys and values, and a float8 cache's scales."""
+    slots = lanes * kv_heads * (max_len + 1)
+    scales = 2 * slots * 4 if dtype == FP8 else 0
+    return 2 * slots * head_dim * dtype.itemsize * layers + scales * layers
+
+
+def refuse_if_too_large(
+    layers: int,
+    lanes: int,
+    kv_heads: int,
+    max_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    free_bytes: int,
+) -> None:
+    """Refuse (InputError: exit 2, no restart) a cache that cannot fit the ``free_bytes`` left on the
+    device after the weights, naming its size, how many lanes would fit and the fixes. Without this
+    check a rank fails with CUDA's out-of-memory error allocating a layer, and is restarted to fail
+    the same way after every warm-up."""
+    need = cache_bytes(layers, lanes, kv_heads, max_len, head_dim, dtype)
+    room = free_bytes - HEADROOM_BYTES
+    if need <= room:
+        return
+    from conveyor.inference.validate import InputError
+
+    per_lane = need // lanes
+    fit = max(room, 0) // per_lane
+    name = "float8" if dtype == FP8 else str(dtype).removeprefix("torch.")
+    fixes = [
+        f"lower the lanes to {fit} or fewer (spec.inference.batchSize, spec.serve.maxBatchSize)"
+        if fit
+        else None
+    ]
+    fixes += ["shorten the longest prompt or the new tokens (every lane holds both)"]
+    if dtype != FP8:
+        fixes += ["store the cache in float8 (spec.model.kvCacheDtype: fp8, half the bytes)"]
+    fixes += ["spread the model over more GPUs (spec.parallelism.stages or tensorParallel)"]
+    raise InputError(
+        f"the KV cache of {lanes} lanes x {max_len} positions ({name}, {layers} layers here) needs "
+        f"{need / GIB:.1f} GiB and the GPU has {free_bytes / GIB:.1f} GiB free after the weights "
+        f"({HEADROOM_BYTES / GIB:.0f} GiB of it kept for warm-up and prompt passes): "
+        + "; ".join(f for f in fixes if f)
+    )
+
+
 class KVCache:
     """One tensor per layer (not one stacked tensor): under torch.compile each layer's cache is then a graph
     input that the decode step writes in place; a write into a view of a larger input is functionalised

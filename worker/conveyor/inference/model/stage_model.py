@@ -25,7 +25,7 @@ from torch import nn
 
 from conveyor.inference.model import kv_cache
 from conveyor.inference.model.families import Arch
-from conveyor.inference.model.kv_cache import KVCache, LayerCache
+from conveyor.inference.model.kv_cache import KVCache, LayerCache, refuse_if_too_large
 
 # HF activation names -> functions (the tanh form is HF's gelu_new / gelu_pytorch_tanh / gelu_fast).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -330,9 +330,12 @@ class StageModel(nn.Module):
         default ``dtype``) and the rotary tables."""
         a = self.arch
         self.compute_dtype = dtype
-        self.cache = KVCache(
-            len(self.layers), lanes, a.kv_heads, max_len, a.head_dim, kv_dtype or dtype, device
-        )
+        shape = (len(self.layers), lanes, a.kv_heads, max_len, a.head_dim, kv_dtype or dtype)
+        if device.type == "cuda":
+            self.cache = None  # (a cache set up before is freed before the new one is measured)
+            torch.cuda.empty_cache()
+            refuse_if_too_large(*shape, free_bytes=torch.cuda.mem_get_info(device)[0])
+        self.cache = KVCache(*shape, device)
         self.key_positions = torch.arange(self.cache.length, device=device)
         if a.positions == "rotary":
             inv_freq, scaling = rope_inv_freq(a)
