@@ -9,7 +9,8 @@ import json
 import threading
 
 import pytest
-from conveyor.inference.openai_api import MAX_BODY_BYTES, IncrementalText, build_app
+from conveyor.inference.openai_api import IncrementalText, build_app
+from conveyor.inference.openai_requests import MAX_BODY_BYTES
 from conveyor.inference.pipeline.generate import Request, RequestQueue, Result
 from conveyor.inference.serve import ServeEngine, start_http
 from conveyor.testing.tiny import build_tokenizer
