@@ -54,9 +54,16 @@ async def read_body(http: HttpRequest, limit: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(chunks)
 
 
-class GenerationBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logit_bias, ...)
+class ClientJson(BaseModel):
+    """A JSON object a client sent. Fields we do not use are ignored (clients send user, logit_bias, ...);
+    the others are read strictly, as OpenAI's API reads them: pydantic's lax mode took "yes" for true,
+    "12" or 12.0 for 12 and true for a temperature of 1.0, serving what the client did not ask for. An
+    integer is still a number (temperature 1), as in JSON Schema."""
 
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class GenerationBody(ClientJson):
     model: str
     stream: bool = False
     stop: str | list[str] | None = None
@@ -104,9 +111,7 @@ class CompletionBody(GenerationBody):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(ClientJson):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str
 
@@ -131,9 +136,13 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
         # a union's member name sits in loc (prompt.str); keep the field's own path
-        field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in _TYPE_NAMES))
+        paths = [[p for p in e["loc"] if not (isinstance(p, str) and p in _TYPE_NAMES)] for e in err.errors()]
+        # the first field's deepest error: that of the union member the value's shape matched (prompt
+        # [1.0]: "prompt.0: a valid integer", not "prompt: a valid string")
+        errors = [(path, e) for path, e in zip(paths, err.errors(), strict=True) if path[:1] == paths[0][:1]]
+        path, first = max(errors, key=lambda item: len(item[0]))
+        field = ".".join(str(p) for p in path)
         raise ApiError(400, f"{field}: {first['msg']}", field) from None
 
 

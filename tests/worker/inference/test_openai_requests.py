@@ -1,0 +1,82 @@
+"""Request bodies as the API reads them (openai_requests.parse): JSON types are taken as sent, not
+coerced (a string is no number, a boolean no temperature), as OpenAI's API refuses them; each refusal is
+a 400 naming the field. The app's answers to bad requests are in test_openai_api.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from conveyor.inference.openai_requests import ApiError, ChatBody, CompletionBody, parse
+
+COMPLETION = {"model": "m", "prompt": "hello", "max_tokens": 4}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def refusal(model: type, body: dict[str, Any]) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        parse(model, json.dumps(body).encode())
+    assert caught.value.status == 400
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"max_tokens": "12"}, "max_tokens"),
+        ({"max_tokens": 12.0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": True}, "temperature"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"top_p": "1"}, "top_p"),
+        ({"top_k": "3"}, "top_k"),
+        ({"seed": True}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"n": 1.0}, "n"),
+        ({"n": "2"}, "n"),
+        ({"model": 5}, "model"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": [1.0, 2.0]}, "prompt.0"),  # token ids: integers, not numbers
+        ({"prompt": [1, True]}, "prompt.1"),
+        ({"stop": 5}, "stop"),
+        ({"stop": ["\n", 5]}, "stop.1"),
+    ],
+)
+def test_a_field_of_the_wrong_json_type_is_refused_not_coerced(fields: dict[str, Any], param: str) -> None:
+    """Pydantic's lax mode took "yes" for true, "12" for 12 and true for temperature 1.0: a client's
+    mistake (a form field, a string from an env var) was served as something else it did not ask for."""
+    err = refusal(CompletionBody, {**COMPLETION, **fields})
+    assert err.param == param, err.message
+    assert err.message.startswith(f"{param}: "), err.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": 1, "content": "x"}]}, "messages.1.role"),
+        ({"max_completion_tokens": "8"}, "max_completion_tokens"),
+        ({"stream": "true"}, "stream"),
+    ],
+)
+def test_a_chat_field_of_the_wrong_json_type_is_refused(fields: dict[str, Any], param: str) -> None:
+    assert refusal(ChatBody, {**CHAT, **fields}).param == param
+
+
+def test_what_openai_accepts_is_still_read() -> None:
+    """An integer where a number is asked (temperature 1), stop as one string or a list, null for the
+    nullable fields: what OpenAI's API takes."""
+    body = parse(
+        CompletionBody,
+        json.dumps(
+            {**COMPLETION, "temperature": 1, "top_p": 1, "stop": "\n", "stream": None, "n": None}
+        ).encode(),
+    )
+    assert (body.temperature, body.top_p, body.stops(), body.stream, body.n) == (1.0, 1.0, ("\n",), False, 1)
+    body = parse(CompletionBody, json.dumps({**COMPLETION, "prompt": [1, 2], "stop": ["a", "b"]}).encode())
+    assert (body.prompt, body.stops()) == ([1, 2], ("a", "b"))
+    chat = parse(ChatBody, json.dumps({**CHAT, "stream": True, "max_completion_tokens": 8}).encode())
+    assert (chat.stream, chat.max_completion_tokens) == (True, 8)
