@@ -80,3 +80,23 @@ def test_what_openai_accepts_is_still_read() -> None:
     assert (body.prompt, body.stops()) == ([1, 2], ("a", "b"))
     chat = parse(ChatBody, json.dumps({**CHAT, "stream": True, "max_completion_tokens": 8}).encode())
     assert (chat.stream, chat.max_completion_tokens) == (True, 8)
+
+
+def test_stop_strings_are_capped_in_number_and_length() -> None:
+    """Every lane looks for each of its stop strings at every token (the generation loop's decode window
+    and the stream's held-back text): 100,000 of them were accepted and cost 73 ms a token on the event
+    loop, stalling every stream. At most MAX_STOP_STRINGS of at most MAX_STOP_CHARACTERS each, as TGI
+    caps their number (vLLM caps neither)."""
+    from conveyor.inference.openai_requests import MAX_STOP_CHARACTERS, MAX_STOP_STRINGS
+
+    most = [f"{i:03d}" + "x" * (MAX_STOP_CHARACTERS - 3) for i in range(MAX_STOP_STRINGS)]
+    assert parse(CompletionBody, json.dumps({**COMPLETION, "stop": most}).encode()).stops() == tuple(most)
+    err = refusal(CompletionBody, {**COMPLETION, "stop": [*most, "one more"]})
+    assert err.param == "stop" and f"at most {MAX_STOP_STRINGS}" in err.message, err.message
+    err = refusal(CompletionBody, {**COMPLETION, "stop": ["\n"] * 100_000})
+    assert err.param == "stop" and "100000" in err.message, err.message
+    long = "y" * (MAX_STOP_CHARACTERS + 1)
+    err = refusal(ChatBody, {**CHAT, "stop": ["\n", long]})
+    assert err.param == "stop" and f"at most {MAX_STOP_CHARACTERS} characters" in err.message, err.message
+    assert "stop string 1" in err.message, err.message
+    assert refusal(CompletionBody, {**COMPLETION, "stop": long}).param == "stop"

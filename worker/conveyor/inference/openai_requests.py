@@ -54,6 +54,14 @@ async def read_body(http: HttpRequest, limit: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(chunks)
 
 
+# Stop strings of a request: every lane looks for each at every token, in the generation loop (a decode
+# window of 4 tokens per character of the longest) and in its stream's held-back text, so their number and
+# length bound the work of a token. OpenAI allows 4, TGI 4 by default (--max-stop-sequences); vLLM caps
+# neither. A stop string is a marker ("\n\n", "</answer>", "Human:"), not a text.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARACTERS = 256
+
+
 class ClientJson(BaseModel):
     """A JSON object a client sent. Fields we do not use are ignored (clients send user, logit_bias, ...);
     the others are read strictly, as OpenAI's API reads them: pydantic's lax mode took "yes" for true,
@@ -83,11 +91,20 @@ class GenerationBody(ClientJson):
 
     @field_validator("stop")
     @classmethod
-    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        # the empty string is in every text: a sequence would stop at its first token, with no text (vLLM
-        # refuses it alike)
-        if stop == "" or (isinstance(stop, list) and "" in stop):
-            raise ValueError("an empty stop string would end every sequence at its first token")
+    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings; this request has {len(strings)}")
+        for i, s in enumerate(strings):
+            # the empty string is in every text: a sequence would stop at its first token, with no text
+            # (vLLM refuses it alike)
+            if s == "":
+                raise ValueError("an empty stop string would end every sequence at its first token")
+            if len(s) > MAX_STOP_CHARACTERS:
+                which = "the stop string" if isinstance(stop, str) else f"stop string {i}"
+                raise ValueError(
+                    f"{which} is {len(s)} characters; a stop string has at most {MAX_STOP_CHARACTERS} characters"
+                )
         return stop
 
     def stops(self) -> tuple[str, ...]:
@@ -143,7 +160,9 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         errors = [(path, e) for path, e in zip(paths, err.errors(), strict=True) if path[:1] == paths[0][:1]]
         path, first = max(errors, key=lambda item: len(item[0]))
         field = ".".join(str(p) for p in path)
-        raise ApiError(400, f"{field}: {first['msg']}", field) from None
+        # our validators' own words, without pydantic's "Value error, " before them
+        message = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+        raise ApiError(400, f"{field}: {message}", field) from None
 
 
 _TYPE_NAMES = {"str", "list[int]", "list[str]", "int", "float", "bool"}
