@@ -406,3 +406,38 @@ def test_valid_json_that_python_does_not_read_is_a_bad_request(tokenizer, user: 
     _, http = client(tokenizer)
     r = http.post("/v1/completions", content=b'{"model": "m", "prompt": "hi", "user": ' + user + b"}")
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"], r.text
+
+
+def test_a_huge_prompt_is_tokenized_off_the_event_loop(tokenizer) -> None:
+    """A prompt of megabytes (under the body limit) takes seconds to tokenize: on the event loop, every
+    stream and /health (the liveness probe) waited for it. Off the loop, /health answers meanwhile."""
+    import time
+
+    import httpx
+
+    engine, _ = client(tokenizer)
+    server = start_http(build_app(engine), 0, host="127.0.0.1")
+    url = f"http://127.0.0.1:{server.server.servers[0].sockets[0].getsockname()[1]}"
+    huge = {**BODY, "prompt": "the quick brown fox jumps over the lazy dog " * (3 << 20 >> 6)}
+    answer: dict[str, object] = {}
+
+    def post() -> None:
+        began = time.perf_counter()
+        answer["response"] = httpx.post(f"{url}/v1/completions", json=huge, timeout=120)
+        answer["seconds"] = time.perf_counter() - began
+
+    try:
+        thread = threading.Thread(target=post)
+        thread.start()
+        time.sleep(0.5)  # the body is sent and being tokenized
+        began = time.perf_counter()
+        assert httpx.get(f"{url}/health", timeout=120).status_code == 200
+        health = time.perf_counter() - began
+        thread.join()
+    finally:
+        server.stop()
+    response = answer["response"]
+    assert isinstance(response, httpx.Response) and response.status_code == 400, response
+    assert response.json()["error"]["param"] == "prompt"  # longer than the context, once tokenized
+    assert answer["seconds"] > 1.5, "the prompt tokenized too fast to tell"  # type: ignore[operator]
+    assert health < 0.5, f"/health took {health:.2f}s while a prompt was tokenized"

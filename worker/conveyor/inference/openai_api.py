@@ -187,6 +187,37 @@ async def _disconnected(http: HttpRequest) -> None:
         pass
 
 
+def prompt_ids(engine: Engine, body: Any, chat: bool) -> list[int]:
+    """The token ids of a request's prompt (its text tokenized, its messages through the chat template,
+    or its ids, checked against the model's vocabulary)."""
+    if chat:
+        if getattr(engine.tokenizer, "chat_template", None) is None:
+            raise ApiError(
+                400, "this model's tokenizer has no chat template; use /v1/completions", "messages"
+            )
+        for i, message in enumerate(body.messages):
+            utf8_text(message.content, f"messages.{i}.content")
+        from jinja2 import TemplateError  # transformers renders chat templates with it
+
+        messages = [m.model_dump() for m in body.messages]
+        try:
+            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:  # its raise_exception, or a field it reads that a message lacks
+            raise ApiError(
+                400, f"messages: the model's chat template refused them: {err}", "messages"
+            ) from None
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif isinstance(body.prompt, str):
+        ids = engine.tokenizer(utf8_text(body.prompt, "prompt"))["input_ids"]
+    else:
+        ids = body.prompt
+        # the model's vocabulary, as the batch job checks (validate.py): an id past the embedding
+        # would stop the generation loop, and the tokenizer may have fewer or more ids than it
+        if any(not 0 <= t < engine.vocab_size for t in ids):
+            raise ApiError(400, f"token ids must be in [0, {engine.vocab_size})", "prompt")
+    return list(ids)
+
+
 def build_app(engine: Engine) -> Starlette:
     async def prepare(http: HttpRequest, chat: bool) -> tuple[GenerationBody, list[int], int]:
         if not engine.ready():
@@ -206,33 +237,9 @@ def build_app(engine: Engine) -> Starlette:
                 400, f"n: at most {engine.lanes} choices (the sequences this replica generates at once)", "n"
             )
         where = "messages" if chat else "prompt"
-        if chat:
-            if getattr(engine.tokenizer, "chat_template", None) is None:
-                raise ApiError(
-                    400, "this model's tokenizer has no chat template; use /v1/completions", "messages"
-                )
-            for i, message in enumerate(body.messages):
-                utf8_text(message.content, f"messages.{i}.content")
-            from jinja2 import TemplateError  # transformers renders chat templates with it
-
-            messages = [m.model_dump() for m in body.messages]
-            try:
-                text = engine.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
-            except TemplateError as err:  # its raise_exception, or a field it reads that a message lacks
-                raise ApiError(
-                    400, f"messages: the model's chat template refused them: {err}", "messages"
-                ) from None
-            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(body.prompt, str):
-            ids = engine.tokenizer(utf8_text(body.prompt, "prompt"))["input_ids"]
-        else:
-            ids = list(body.prompt)
-            # the model's vocabulary, as the batch job checks (validate.py): an id past the embedding
-            # would stop the generation loop, and the tokenizer may have fewer or more ids than it
-            if any(not 0 <= t < engine.vocab_size for t in ids):
-                raise ApiError(400, f"token ids must be in [0, {engine.vocab_size})", "prompt")
+        # in a thread: a prompt of megabytes takes seconds to tokenize, which on the event loop held every
+        # stream and /health (the liveness probe); the tokenizer lets other threads run meanwhile
+        ids = await asyncio.to_thread(prompt_ids, engine, body, chat)
         if not ids:
             raise ApiError(400, "the prompt is empty once tokenized", where)
         if len(ids) >= engine.max_len:
