@@ -452,3 +452,17 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop(tokenizer, cached: bool) 
     assert response.json()["error"]["param"] == "prompt"  # longer than the context, once tokenized
     assert answer["seconds"] > 1.5, "the prompt tokenized too fast to tell"  # type: ignore[operator]
     assert slowest < 0.5, f"/health answered nothing for {slowest:.2f}s while a prompt was tokenized"
+
+
+def test_chat_content_parts_render_as_the_same_text() -> None:
+    """Content as a list of text parts reaches the chat template as the one string they join to."""
+    from conveyor.inference.openai_api import prompt_ids
+    from conveyor.inference.openai_requests import ChatBody, parse
+
+    engine, _ = client(templated("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"))
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]
+    as_parts = parse(
+        ChatBody, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}).encode()
+    )
+    as_text = parse(ChatBody, b'{"model": "m", "messages": [{"role": "user", "content": "hello\\nworld"}]}')
+    assert prompt_ids(engine, as_parts, chat=True) == prompt_ids(engine, as_text, chat=True)

@@ -100,3 +100,18 @@ def test_stop_strings_are_capped_in_number_and_length() -> None:
     assert err.param == "stop" and f"at most {MAX_STOP_CHARACTERS} characters" in err.message, err.message
     assert "stop string 1" in err.message, err.message
     assert refusal(CompletionBody, {**COMPLETION, "stop": long}).param == "stop"
+
+
+def test_chat_content_may_be_a_list_of_text_parts() -> None:
+    """OpenAI's chat API takes a message's content as a string or a list of content parts
+    ([{"type": "text", "text": ...}], what SDKs and frameworks send); a list was a 400. Text parts are
+    joined with newlines, as vLLM joins them; any other part (an image) is refused, naming it."""
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    chat = parse(ChatBody, json.dumps({**CHAT, "messages": [{"role": "user", "content": parts}]}).encode())
+    assert [m.text() for m in chat.messages] == ["first\nsecond"]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    err = refusal(ChatBody, {**CHAT, "messages": [{"role": "user", "content": [parts[0], image]}]})
+    assert err.param == "messages.0.content.1.type", err.message
+    assert refusal(
+        ChatBody, {**CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]}
+    ).param == ("messages.0.content.0.text")

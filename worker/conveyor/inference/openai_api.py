@@ -195,11 +195,12 @@ def prompt_ids(engine: Engine, body: Any, chat: bool) -> list[int]:
             raise ApiError(
                 400, "this model's tokenizer has no chat template; use /v1/completions", "messages"
             )
-        for i, message in enumerate(body.messages):
-            utf8_text(message.content, f"messages.{i}.content")
+        messages = [
+            {"role": m.role, "content": utf8_text(m.text(), f"messages.{i}.content")}
+            for i, m in enumerate(body.messages)
+        ]
         from jinja2 import TemplateError  # transformers renders chat templates with it
 
-        messages = [m.model_dump() for m in body.messages]
         try:
             text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except TemplateError as err:  # its raise_exception, or a field it reads that a message lacks

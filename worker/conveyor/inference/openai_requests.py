@@ -128,9 +128,19 @@ class CompletionBody(GenerationBody):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
 
+class TextPart(ClientJson):
+    type: Literal["text"]  # an image or audio part is refused: the models served read text
+    text: str
+
+
 class ChatMessage(ClientJson):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: str | list[TextPart]  # OpenAI's two forms: a string, or content parts
+
+    def text(self) -> str:
+        """The content as one string, what chat templates read: text parts joined with newlines, as vLLM
+        joins them."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatBody(GenerationBody):
@@ -154,7 +164,7 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         return model.model_validate(data)
     except ValidationError as err:
         # a union's member name sits in loc (prompt.str); keep the field's own path
-        paths = [[p for p in e["loc"] if not (isinstance(p, str) and p in _TYPE_NAMES)] for e in err.errors()]
+        paths = [[p for p in e["loc"] if not _member_name(p)] for e in err.errors()]
         # the first field's deepest error: that of the union member the value's shape matched (prompt
         # [1.0]: "prompt.0: a valid integer", not "prompt: a valid string")
         errors = [(path, e) for path, e in zip(paths, err.errors(), strict=True) if path[:1] == paths[0][:1]]
@@ -165,7 +175,10 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         raise ApiError(400, f"{field}: {message}", field) from None
 
 
-_TYPE_NAMES = {"str", "list[int]", "list[str]", "int", "float", "bool"}
+def _member_name(part: Any) -> bool:
+    """Whether a part of an error's loc names a union's member (str, list[int], list[TextPart]), not a
+    field or an index."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part)
 
 
 def utf8_text(text: str, field: str) -> str:
