@@ -115,3 +115,56 @@ def test_chat_content_may_be_a_list_of_text_parts() -> None:
     assert refusal(
         ChatBody, {**CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]}
     ).param == ("messages.0.content.0.text")
+
+
+@pytest.mark.parametrize(
+    ("model", "fields", "param"),
+    [
+        (CompletionBody, {"logprobs": 5}, "logprobs"),
+        (CompletionBody, {"logprobs": 0}, "logprobs"),  # the sampled tokens' own logprobs
+        (CompletionBody, {"echo": True}, "echo"),
+        (CompletionBody, {"suffix": "}"}, "suffix"),
+        (CompletionBody, {"best_of": 3}, "best_of"),
+        (CompletionBody, {"logit_bias": {"50256": -100}}, "logit_bias"),
+        (CompletionBody, {"presence_penalty": 0.5}, "presence_penalty"),
+        (CompletionBody, {"frequency_penalty": -1}, "frequency_penalty"),
+        (ChatBody, {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        (ChatBody, {"top_logprobs": 2}, "top_logprobs"),
+        (ChatBody, {"response_format": {"type": "json_object"}}, "response_format"),
+        (ChatBody, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (ChatBody, {"functions": [{"name": "f"}]}, "functions"),
+    ],
+)
+def test_a_feature_this_endpoint_does_not_serve_is_refused_not_ignored(
+    model: type, fields: dict[str, Any], param: str
+) -> None:
+    """Fields the engine does not implement were ignored: a client that banned a token (logit_bias),
+    asked for JSON (response_format), logprobs or its prompt echoed got an answer without them and no
+    word why. Their defaults (what clients that write every field send) are still taken."""
+    err = refusal(model, {**(COMPLETION if model is CompletionBody else CHAT), **fields})
+    assert err.param == param, err.message
+    assert "not served" in err.message, err.message
+
+
+def test_the_defaults_of_unserved_features_are_taken() -> None:
+    defaults = {
+        "logprobs": None,
+        "echo": False,
+        "suffix": None,
+        "best_of": 1,
+        "logit_bias": {},
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "user": "someone",
+        "stream_options": {"include_usage": True},
+    }
+    parse(CompletionBody, json.dumps({**COMPLETION, **defaults}).encode())
+    parse(CompletionBody, json.dumps({**COMPLETION, "n": 2, "best_of": 2}).encode())  # best_of n: n choices
+    chat_defaults = {
+        "logprobs": False,
+        "top_logprobs": None,
+        "response_format": {"type": "text"},
+        "tools": [],
+    }
+    parse(ChatBody, json.dumps({**CHAT, **chat_defaults, "tool_choice": "none"}).encode())
+    parse(ChatBody, json.dumps({**CHAT, "top_logprobs": 0}).encode())  # none of the alternatives

@@ -7,9 +7,19 @@ the body (at most ``MAX_BODY_BYTES``), its JSON, and the request models of ``/v1
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
@@ -63,12 +73,35 @@ MAX_STOP_CHARACTERS = 256
 
 
 class ClientJson(BaseModel):
-    """A JSON object a client sent. Fields we do not use are ignored (clients send user, logit_bias, ...);
-    the others are read strictly, as OpenAI's API reads them: pydantic's lax mode took "yes" for true,
-    "12" or 12.0 for 12 and true for a temperature of 1.0, serving what the client did not ask for. An
-    integer is still a number (temperature 1), as in JSON Schema."""
+    """A JSON object a client sent. Fields we do not use are ignored (clients send user, metadata, ...),
+    unless they would change the answer (``_UNSERVED``). The others are read strictly, as OpenAI's API
+    reads them: pydantic's lax mode took "yes" for true, "12" or 12.0 for 12 and true for a temperature
+    of 1.0, serving what the client did not ask for. An integer is still a number (temperature 1), as in
+    JSON Schema."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def _off(value: Any) -> bool:
+    return value is None or value is False or value == "" or value == [] or value == {}
+
+
+# OpenAI's fields that change the answer and that the engine does not implement, each with what leaves it
+# off (the default, which clients that write every field send). Ignored, a client that banned a token
+# (logit_bias) or asked for JSON got an answer without it and no word why.
+_UNSERVED: dict[str, Callable[[Any, dict[str, Any]], bool]] = {
+    "logprobs": lambda v, _: _off(v),
+    "top_logprobs": lambda v, _: _off(v) or v == 0,
+    "echo": lambda v, _: _off(v),
+    "suffix": lambda v, _: _off(v),
+    "best_of": lambda v, body: v is None or v == 1 or v == body.get("n"),  # best_of n: the n choices
+    "logit_bias": lambda v, _: _off(v),
+    "presence_penalty": lambda v, _: _off(v) or v == 0,
+    "frequency_penalty": lambda v, _: _off(v) or v == 0,
+    "response_format": lambda v, _: _off(v) or v == {"type": "text"},
+    "tools": lambda v, _: _off(v),
+    "functions": lambda v, _: _off(v),
+}
 
 
 class GenerationBody(ClientJson):
@@ -82,6 +115,16 @@ class GenerationBody(ClientJson):
     top_k: int | None = Field(None, ge=0, lt=2**63)
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1)  # at most the replica's lanes (checked against the engine)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _served(cls, body: Any) -> Any:
+        for field, off in _UNSERVED.items():
+            if isinstance(body, dict) and field in body and not off(body[field], body):
+                # the field, in ctx: the error of a model's validator has no loc
+                message = "not served by this endpoint (the engine does not implement it); leave it out"
+                raise PydanticCustomError("not_served", message, {"field": field})
+        return body
 
     @field_validator("stream", "n", mode="before")
     @classmethod
@@ -163,8 +206,12 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        # a union's member name sits in loc (prompt.str); keep the field's own path
-        paths = [[p for p in e["loc"] if not _member_name(p)] for e in err.errors()]
+        # a union's member name sits in loc (prompt.str): keep the field's own path; a model validator's
+        # error has no loc, its field is in ctx
+        paths = [
+            [p for p in e["loc"] if not _member_name(p)] or [e.get("ctx", {}).get("field", "")]
+            for e in err.errors()
+        ]
         # the first field's deepest error: that of the union member the value's shape matched (prompt
         # [1.0]: "prompt.0: a valid integer", not "prompt: a valid string")
         errors = [(path, e) for path, e in zip(paths, err.errors(), strict=True) if path[:1] == paths[0][:1]]
