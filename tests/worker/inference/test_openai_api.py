@@ -466,3 +466,28 @@ def test_chat_content_parts_render_as_the_same_text() -> None:
     )
     as_text = parse(ChatBody, b'{"model": "m", "messages": [{"role": "user", "content": "hello\\nworld"}]}')
     assert prompt_ids(engine, as_parts, chat=True) == prompt_ids(engine, as_text, chat=True)
+
+
+def test_a_body_that_never_finishes_arriving_is_a_408(tokenizer) -> None:
+    """A client that sends its headers and part of its body, then nothing (slowloris), held a connection
+    and a handler for ever: the body was awaited without a limit. Past ``body_seconds`` it is a 408."""
+    import socket
+    import time
+
+    engine, _ = client(tokenizer)
+    server = start_http(build_app(engine, body_seconds=0.5), 0, host="127.0.0.1")
+    port = server.server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            slow.sendall(head + b"Content-Length: 1000\r\n\r\n" + b'{"model": "m", ')
+            began = time.perf_counter()
+            answer = slow.recv(4096)
+            waited = time.perf_counter() - began
+            while not answer.endswith(b"}") and (more := slow.recv(4096)):  # the JSON body, if apart
+                answer += more
+    finally:
+        server.stop()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"body" in answer and waited < 5, (answer, waited)
+    assert b'conveyor_serve_requests_total{code="408",job="job"}' in engine.metrics()[0]

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from conveyor.inference.openai_requests import (
+    BODY_SECONDS,
     ApiError,
     ChatBody,
     CompletionBody,
@@ -219,13 +220,15 @@ def prompt_ids(engine: Engine, body: Any, chat: bool) -> list[int]:
     return list(ids)
 
 
-def build_app(engine: Engine) -> Starlette:
+def build_app(engine: Engine, body_seconds: float = BODY_SECONDS) -> Starlette:
+    """``body_seconds``: how long a request's body may take to arrive."""
+
     async def prepare(http: HttpRequest, chat: bool) -> tuple[GenerationBody, list[int], int]:
         if not engine.ready():
             # still loading, or stopping (SIGTERM turns /ready off first): the app cannot tell which
             message = "this replica is loading or stopping; retry when /ready answers 200, or on another"
             raise ApiError(503, message, kind="unavailable")
-        body: Any = parse(ChatBody if chat else CompletionBody, await read_body(http))
+        body: Any = parse(ChatBody if chat else CompletionBody, await read_body(http, seconds=body_seconds))
         if body.model != engine.model_name:
             raise ApiError(
                 404,

@@ -6,6 +6,7 @@ the body (at most ``MAX_BODY_BYTES``), its JSON, and the request models of ``/v1
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any, Literal
@@ -42,25 +43,33 @@ class ApiError(Exception):
 # The largest body read: a prompt of the longest context (serve.MAX_POSITIONS tokens) is well under 1 MiB
 # as text or ids. The body is parsed and tokenized on the event loop, so a larger one stalls every stream.
 MAX_BODY_BYTES = 8 << 20
+# The longest a body may take to arrive: 8 MiB at 300 kB/s. Without a limit, a client that sent part of
+# its body and then nothing (slowloris) held a connection and a handler for ever.
+BODY_SECONDS = 30.0
 
 
-async def read_body(http: HttpRequest, limit: int = MAX_BODY_BYTES) -> bytes:
+async def read_body(http: HttpRequest, limit: int = MAX_BODY_BYTES, seconds: float = BODY_SECONDS) -> bytes:
     """The request's body, refused with 413 once it passes ``limit`` (read no further: Content-Length
-    may be absent or wrong)."""
+    may be absent or wrong), and with 408 if it has not all arrived within ``seconds``."""
     declared = http.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the body is {int(declared)} bytes; at most {limit} are read", kind="too_large")
     chunks, size = [], 0
     try:
-        async for chunk in http.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(
-                    413, f"the body is over {limit} bytes, the most that is read", kind="too_large"
-                )
-            chunks.append(chunk)
+        async with asyncio.timeout(seconds):
+            async for chunk in http.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(
+                        413, f"the body is over {limit} bytes, the most that is read", kind="too_large"
+                    )
+                chunks.append(chunk)
     except ClientDisconnect:  # gone mid-upload: nobody reads the answer, but it is counted
         raise ApiError(499, "the client went away while its request was read", kind="client_closed") from None
+    except TimeoutError:
+        raise ApiError(
+            408, f"the body did not arrive within {seconds:g}s ({size} bytes came)", kind="timeout"
+        ) from None
     return b"".join(chunks)
 
 
