@@ -3,8 +3,9 @@
 ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template), both streamed as
 server-sent events when asked; ``/v1/models``; ``/health`` (the process is alive), ``/ready`` (every
 rank of the group loaded and warmed up), ``/metrics`` (Prometheus). A bad request gets 400 naming the
-field (404 for an unknown model); a full queue 429; before ready, or once the replica is stopping, 503;
-a request past its timeout 504. The app only talks to an ``Engine`` (serve.py): submit token ids, read a
+field (openai_requests.py reads the body; 404 for an unknown model, 413 for a body too large, 408 for
+one too slow); a full queue 429; before ready, or once the replica is stopping, 503; a request past its
+timeout 504. The app only talks to an ``Engine`` (serve.py): submit token ids, read a
 stream of tokens and one result, cancel. ``n`` choices are n sequences of the same prompt, each in its own
 lane (their draws keyed by the seed and the choice's index: choice 0 is what the same request with n = 1
 gets), merged into one response.
