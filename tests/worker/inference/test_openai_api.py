@@ -491,3 +491,22 @@ def test_a_body_that_never_finishes_arriving_is_a_408(tokenizer) -> None:
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"body" in answer and waited < 5, (answer, waited)
     assert b'conveyor_serve_requests_total{code="408",job="job"}' in engine.metrics()[0]
+
+
+def test_the_model_is_retrieved_by_its_name(tokenizer) -> None:
+    """OpenAI's GET /v1/models/{model} (the SDK's models.retrieve): the served model's card, a 404 naming
+    the model for any other; it was a 404 "no such endpoint" for every name."""
+    _, http = client(tokenizer)
+    listed = http.get("/v1/models").json()["data"]
+    assert (
+        http.get("/v1/models/m").json()
+        == listed[0]
+        == {
+            "id": "m",
+            "object": "model",
+            "created": 0,
+            "owned_by": "conveyor",
+        }
+    )
+    other = http.get("/v1/models/other")
+    assert other.status_code == 404 and other.json()["error"]["param"] == "model", other.text

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API of a serve replica (Starlette, run by uvicorn on the entry rank).
 
 ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template), both streamed as
-server-sent events when asked; ``/v1/models``; ``/health`` (the process is alive), ``/ready`` (every
-rank of the group loaded and warmed up), ``/metrics`` (Prometheus). A bad request gets 400 naming the
+server-sent events when asked; ``/v1/models`` and ``/v1/models/{model}``; ``/health`` (the process is
+alive), ``/ready`` (every rank of the group loaded and warmed up), ``/metrics`` (Prometheus). A bad request gets 400 naming the
 field (openai_requests.py reads the body; 404 for an unknown model, 413 for a body too large, 408 for
 one too slow); a full queue 429; before ready, or once the replica is stopping, 503; a request past its
 timeout 504. The app only talks to an ``Engine`` (serve.py): submit token ids, read a
@@ -305,9 +305,17 @@ def build_app(engine: Engine, body_seconds: float = BODY_SECONDS) -> Starlette:
     async def chat_completions(http: HttpRequest) -> Response:
         return await generate(http, chat=True)
 
+    card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "conveyor"}
+
     async def models(_: HttpRequest) -> Response:
-        card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "conveyor"}
         return JSONResponse({"object": "list", "data": [card]})
+
+    async def model(http: HttpRequest) -> Response:  # OpenAI's retrieve, the SDK's models.retrieve
+        name = http.path_params["name"]
+        if name != engine.model_name:
+            message = f"model {name!r} is not served here; this endpoint serves {engine.model_name!r}"
+            return ApiError(404, message, "model").response()
+        return JSONResponse(card)
 
     async def health(_: HttpRequest) -> Response:
         return PlainTextResponse("ok\n")
@@ -334,6 +342,7 @@ def build_app(engine: Engine, body_seconds: float = BODY_SECONDS) -> Starlette:
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models),
+            Route("/v1/models/{name:path}", model),  # path: a model name may hold a slash (org/name)
             Route("/health", health),
             Route("/ready", ready),
             Route("/metrics", metrics),
