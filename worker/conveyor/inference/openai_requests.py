@@ -74,7 +74,7 @@ async def read_body(http: HttpRequest, limit: int = MAX_BODY_BYTES, seconds: flo
 
 
 # Stop strings of a request: every lane looks for each at every token, in the generation loop (a decode
-# window of 4 tokens per character of the longest) and in its stream's held-back text, so their number and
+# window of a token per UTF-8 byte of the longest) and in its stream's held-back text, so their number and
 # length bound the work of a token. OpenAI allows 4, TGI 4 by default (--max-stop-sequences); vLLM caps
 # neither. A stop string is a marker ("\n\n", "</answer>", "Human:"), not a text.
 MAX_STOP_STRINGS = 16
