@@ -9,7 +9,8 @@ import json
 import threading
 
 import pytest
-from conveyor.inference.openai_api import MAX_BODY_BYTES, IncrementalText, build_app
+from conveyor.inference.openai_api import IncrementalText, build_app
+from conveyor.inference.openai_requests import MAX_BODY_BYTES
 from conveyor.inference.pipeline.generate import Request, RequestQueue, Result
 from conveyor.inference.serve import ServeEngine, start_http
 from conveyor.testing.tiny import build_tokenizer
@@ -405,3 +406,107 @@ def test_valid_json_that_python_does_not_read_is_a_bad_request(tokenizer, user: 
     _, http = client(tokenizer)
     r = http.post("/v1/completions", content=b'{"model": "m", "prompt": "hi", "user": ' + user + b"}")
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["transformers", "cached"])
+def test_a_huge_prompt_is_tokenized_off_the_event_loop(tokenizer, cached: bool) -> None:
+    """A prompt of megabytes (under the body limit) takes seconds to tokenize: on the event loop, every
+    stream and /health (the liveness probe) waited for it. Off the loop, /health answers meanwhile; also
+    with the tokenizer a warm start loads (CachedTokenizer), whose encode held the GIL throughout."""
+    import time
+
+    import httpx
+    from conveyor.inference.model.tokenizer_cache import CachedTokenizer
+    from tokenizers import Tokenizer
+
+    if cached:
+        tokenizer = CachedTokenizer(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), False, "unused")
+    engine, _ = client(tokenizer)
+    server = start_http(build_app(engine), 0, host="127.0.0.1")
+    url = f"http://127.0.0.1:{server.server.servers[0].sockets[0].getsockname()[1]}"
+    huge = {**BODY, "prompt": "the quick brown fox jumps over the lazy dog " * (3 << 20 >> 6)}
+    answer: dict[str, object] = {}
+
+    def post() -> None:
+        began = time.perf_counter()
+        answer["response"] = httpx.post(f"{url}/v1/completions", json=huge, timeout=120)
+        answer["seconds"] = time.perf_counter() - began
+
+    # the longest time between two answers of /health while the prompt was read and tokenized: from one
+    # answer to the next, not from each request's start, as a tokenizer that holds the GIL stalls this
+    # thread too
+    slowest = 0.0
+    try:
+        thread = threading.Thread(target=post)
+        thread.start()
+        last = time.perf_counter()
+        while thread.is_alive():
+            assert httpx.get(f"{url}/health", timeout=120).status_code == 200
+            slowest, last = max(slowest, time.perf_counter() - last), time.perf_counter()
+            time.sleep(0.05)
+        thread.join()
+    finally:
+        server.stop()
+    response = answer["response"]
+    assert isinstance(response, httpx.Response) and response.status_code == 400, response
+    assert response.json()["error"]["param"] == "prompt"  # longer than the context, once tokenized
+    assert answer["seconds"] > 1.5, "the prompt tokenized too fast to tell"  # type: ignore[operator]
+    assert slowest < 0.5, f"/health answered nothing for {slowest:.2f}s while a prompt was tokenized"
+
+
+def test_chat_content_parts_render_as_the_same_text() -> None:
+    """Content as a list of text parts reaches the chat template as the one string they join to."""
+    from conveyor.inference.openai_api import prompt_ids
+    from conveyor.inference.openai_requests import ChatBody, parse
+
+    engine, _ = client(templated("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"))
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]
+    as_parts = parse(
+        ChatBody, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}).encode()
+    )
+    as_text = parse(ChatBody, b'{"model": "m", "messages": [{"role": "user", "content": "hello\\nworld"}]}')
+    assert prompt_ids(engine, as_parts, chat=True) == prompt_ids(engine, as_text, chat=True)
+
+
+def test_a_body_that_never_finishes_arriving_is_a_408(tokenizer) -> None:
+    """A client that sends its headers and part of its body, then nothing (slowloris), held a connection
+    and a handler for ever: the body was awaited without a limit. Past ``body_seconds`` it is a 408."""
+    import socket
+    import time
+
+    engine, _ = client(tokenizer)
+    server = start_http(build_app(engine, body_seconds=0.5), 0, host="127.0.0.1")
+    port = server.server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            slow.sendall(head + b"Content-Length: 1000\r\n\r\n" + b'{"model": "m", ')
+            began = time.perf_counter()
+            answer = slow.recv(4096)
+            waited = time.perf_counter() - began
+            while not answer.endswith(b"}") and (more := slow.recv(4096)):  # the JSON body, if apart
+                answer += more
+    finally:
+        server.stop()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"body" in answer and waited < 5, (answer, waited)
+    assert b'conveyor_serve_requests_total{code="408",job="job"}' in engine.metrics()[0]
+
+
+def test_the_model_is_retrieved_by_its_name(tokenizer) -> None:
+    """OpenAI's GET /v1/models/{model} (the SDK's models.retrieve): the served model's card, a 404 naming
+    the model for any other; it was a 404 "no such endpoint" for every name."""
+    _, http = client(tokenizer)
+    listed = http.get("/v1/models").json()["data"]
+    assert (
+        http.get("/v1/models/m").json()
+        == listed[0]
+        == {
+            "id": "m",
+            "object": "model",
+            "created": 0,
+            "owned_by": "conveyor",
+        }
+    )
+    other = http.get("/v1/models/other")
+    assert other.status_code == 404 and other.json()["error"]["param"] == "model", other.text

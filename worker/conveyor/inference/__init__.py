@@ -6,6 +6,6 @@
 3. ``pipeline/``: the generation loop across stages (requests and their queues, scheduler, stage
    worker, p2p, sampling, tensor parallel, quantization, the offline schedule check).
 4. The entry points, here: ``rank_builder`` (the one way a generation rank is built and warmed up),
-   ``job`` (a batch job), ``serve`` and ``openai_api`` (serve mode), ``cli`` (``conveyor generate``),
-   ``validate`` (pre-flight checks), ``progress`` and ``run_progress``.
+   ``job`` (a batch job), ``serve``, ``openai_api`` and ``openai_requests`` (serve mode), ``cli``
+   (``conveyor generate``), ``validate`` (pre-flight checks), ``progress`` and ``run_progress``.
 """

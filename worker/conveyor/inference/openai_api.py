@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP API of a serve replica (Starlette, run by uvicorn on the entry rank).
 
 ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template), both streamed as
-server-sent events when asked; ``/v1/models``; ``/health`` (the process is alive), ``/ready`` (every
-rank of the group loaded and warmed up), ``/metrics`` (Prometheus). A bad request gets 400 naming the
-field (404 for an unknown model); a full queue 429; before ready, or once the replica is stopping, 503;
-a request past its timeout 504. The app only talks to an ``Engine`` (serve.py): submit token ids, read a
+server-sent events when asked; ``/v1/models`` and ``/v1/models/{model}``; ``/health`` (the process is
+alive), ``/ready`` (every rank of the group loaded and warmed up), ``/metrics`` (Prometheus). A bad request gets 400 naming the
+field (openai_requests.py reads the body; 404 for an unknown model, 413 for a body too large, 408 for
+one too slow); a full queue 429; before ready, or once the replica is stopping, 503; a request past its
+timeout 504. The app only talks to an ``Engine`` (serve.py): submit token ids, read a
 stream of tokens and one result, cancel. ``n`` choices are n sequences of the same prompt, each in its own
 lane (their draws keyed by the seed and the choice's index: choice 0 is what the same request with n = 1
 gets), merged into one response.
@@ -22,152 +23,25 @@ import json
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from conveyor.inference.openai_requests import (
+    BODY_SECONDS,
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    GenerationBody,
+    parse,
+    read_body,
+    utf8_text,
+)
 from conveyor.inference.pipeline.requests import RequestQueue, Result
 from conveyor.inference.pipeline.sampling import SamplingParams
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status)
-
-
-# -- requests ------------------------------------------------------------------------------------
-# The largest body read: a prompt of the longest context (serve.MAX_POSITIONS tokens) is well under 1 MiB
-# as text or ids. The body is parsed and tokenized on the event loop, so a larger one stalls every stream.
-MAX_BODY_BYTES = 8 << 20
-
-
-async def read_body(http: HttpRequest, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request's body, refused with 413 once it passes ``limit`` (read no further: Content-Length
-    may be absent or wrong)."""
-    declared = http.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the body is {int(declared)} bytes; at most {limit} are read", kind="too_large")
-    chunks, size = [], 0
-    try:
-        async for chunk in http.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(
-                    413, f"the body is over {limit} bytes, the most that is read", kind="too_large"
-                )
-            chunks.append(chunk)
-    except ClientDisconnect:  # gone mid-upload: nobody reads the answer, but it is counted
-        raise ApiError(499, "the client went away while its request was read", kind="client_closed") from None
-    return b"".join(chunks)
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logit_bias, ...)
-
-    model: str
-    stream: bool = False
-    stop: str | list[str] | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    # top_k: not OpenAI's; vLLM's and HF's, which clients send too. It and the seed go to the last stage
-    # as int64 (stage.py's _pack_sampling): a larger one raised in the generation loop, ending the replica
-    top_k: int | None = Field(None, ge=0, lt=2**63)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    n: int = Field(1, ge=1)  # at most the replica's lanes (checked against the engine)
-
-    @field_validator("stream", "n", mode="before")
-    @classmethod
-    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
-        # OpenAI's schema makes them nullable (null: the default), and clients that write every field send it
-        return cls.model_fields[str(info.field_name)].default if value is None else value
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        # the empty string is in every text: a sequence would stop at its first token, with no text (vLLM
-        # refuses it alike)
-        if stop == "" or (isinstance(stop, list) and "" in stop):
-            raise ValueError("an empty stop string would end every sequence at its first token")
-        return stop
-
-    def stops(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-    def sampling(self) -> SamplingParams | None:
-        """This request's own parameters, or None (none given: the job's). A field given alone takes
-        OpenAI's defaults for the others (temperature 1, top_p 1); temperature 0 is greedy."""
-        if (self.temperature, self.top_p, self.top_k, self.seed) == (None, None, None, None):
-            return None
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_k=self.top_k or 0,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            seed=self.seed or 0,
-        )
-
-
-class CompletionBody(_Body):
-    prompt: str | list[int] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
-
-
-class ChatBody(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-def parse(model: type[BaseModel], raw: bytes) -> Any:
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the body is not JSON: {err}") from None
-    except RecursionError:  # the parser recurses: arrays or objects nested a few thousand deep
-        raise ApiError(400, "the body's JSON is nested too deep to read") from None
-    except ValueError as err:  # valid JSON Python does not read: an integer of over 4,300 digits
-        raise ApiError(400, f"the body's JSON cannot be read: {err}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        # a union's member name sits in loc (prompt.str); keep the field's own path
-        field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in _TYPE_NAMES))
-        raise ApiError(400, f"{field}: {first['msg']}", field) from None
-
-
-_TYPE_NAMES = {"str", "list[int]", "list[str]", "int", "float", "bool"}
-
-
-def utf8_text(text: str, field: str) -> str:
-    """``text``, if it is text a tokenizer takes: a JSON string may hold a lone surrogate (``"\\ud800"``),
-    which is no character, and which the tokenizer refuses with an exception (a 500)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError as err:
-        where = f"character {err.start} is a lone surrogate (\\u{ord(text[err.start]):04x})"
-        raise ApiError(400, f"{field}: {where}, not a character of any text", field) from None
-    return text
 
 
 # -- the engine the app talks to -----------------------------------------------------------------
@@ -315,13 +189,47 @@ async def _disconnected(http: HttpRequest) -> None:
         pass
 
 
-def build_app(engine: Engine) -> Starlette:
-    async def prepare(http: HttpRequest, chat: bool) -> tuple[_Body, list[int], int]:
+def prompt_ids(engine: Engine, body: Any, chat: bool) -> list[int]:
+    """The token ids of a request's prompt (its text tokenized, its messages through the chat template,
+    or its ids, checked against the model's vocabulary)."""
+    if chat:
+        if getattr(engine.tokenizer, "chat_template", None) is None:
+            raise ApiError(
+                400, "this model's tokenizer has no chat template; use /v1/completions", "messages"
+            )
+        messages = [
+            {"role": m.role, "content": utf8_text(m.text(), f"messages.{i}.content")}
+            for i, m in enumerate(body.messages)
+        ]
+        from jinja2 import TemplateError  # transformers renders chat templates with it
+
+        try:
+            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:  # its raise_exception, or a field it reads that a message lacks
+            raise ApiError(
+                400, f"messages: the model's chat template refused them: {err}", "messages"
+            ) from None
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif isinstance(body.prompt, str):
+        ids = engine.tokenizer(utf8_text(body.prompt, "prompt"))["input_ids"]
+    else:
+        ids = body.prompt
+        # the model's vocabulary, as the batch job checks (validate.py): an id past the embedding
+        # would stop the generation loop, and the tokenizer may have fewer or more ids than it
+        if any(not 0 <= t < engine.vocab_size for t in ids):
+            raise ApiError(400, f"token ids must be in [0, {engine.vocab_size})", "prompt")
+    return list(ids)
+
+
+def build_app(engine: Engine, body_seconds: float = BODY_SECONDS) -> Starlette:
+    """``body_seconds``: how long a request's body may take to arrive."""
+
+    async def prepare(http: HttpRequest, chat: bool) -> tuple[GenerationBody, list[int], int]:
         if not engine.ready():
             # still loading, or stopping (SIGTERM turns /ready off first): the app cannot tell which
             message = "this replica is loading or stopping; retry when /ready answers 200, or on another"
             raise ApiError(503, message, kind="unavailable")
-        body: Any = parse(ChatBody if chat else CompletionBody, await read_body(http))
+        body: Any = parse(ChatBody if chat else CompletionBody, await read_body(http, seconds=body_seconds))
         if body.model != engine.model_name:
             raise ApiError(
                 404,
@@ -334,33 +242,9 @@ def build_app(engine: Engine) -> Starlette:
                 400, f"n: at most {engine.lanes} choices (the sequences this replica generates at once)", "n"
             )
         where = "messages" if chat else "prompt"
-        if chat:
-            if getattr(engine.tokenizer, "chat_template", None) is None:
-                raise ApiError(
-                    400, "this model's tokenizer has no chat template; use /v1/completions", "messages"
-                )
-            for i, message in enumerate(body.messages):
-                utf8_text(message.content, f"messages.{i}.content")
-            from jinja2 import TemplateError  # transformers renders chat templates with it
-
-            messages = [m.model_dump() for m in body.messages]
-            try:
-                text = engine.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
-            except TemplateError as err:  # its raise_exception, or a field it reads that a message lacks
-                raise ApiError(
-                    400, f"messages: the model's chat template refused them: {err}", "messages"
-                ) from None
-            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(body.prompt, str):
-            ids = engine.tokenizer(utf8_text(body.prompt, "prompt"))["input_ids"]
-        else:
-            ids = list(body.prompt)
-            # the model's vocabulary, as the batch job checks (validate.py): an id past the embedding
-            # would stop the generation loop, and the tokenizer may have fewer or more ids than it
-            if any(not 0 <= t < engine.vocab_size for t in ids):
-                raise ApiError(400, f"token ids must be in [0, {engine.vocab_size})", "prompt")
+        # in a thread: a prompt of megabytes takes seconds to tokenize, which on the event loop held every
+        # stream and /health (the liveness probe); the tokenizer lets other threads run meanwhile
+        ids = await asyncio.to_thread(prompt_ids, engine, body, chat)
         if not ids:
             raise ApiError(400, "the prompt is empty once tokenized", where)
         if len(ids) >= engine.max_len:
@@ -421,9 +305,17 @@ def build_app(engine: Engine) -> Starlette:
     async def chat_completions(http: HttpRequest) -> Response:
         return await generate(http, chat=True)
 
+    card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "conveyor"}
+
     async def models(_: HttpRequest) -> Response:
-        card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "conveyor"}
         return JSONResponse({"object": "list", "data": [card]})
+
+    async def model(http: HttpRequest) -> Response:  # OpenAI's retrieve, the SDK's models.retrieve
+        name = http.path_params["name"]
+        if name != engine.model_name:
+            message = f"model {name!r} is not served here; this endpoint serves {engine.model_name!r}"
+            return ApiError(404, message, "model").response()
+        return JSONResponse(card)
 
     async def health(_: HttpRequest) -> Response:
         return PlainTextResponse("ok\n")
@@ -450,6 +342,7 @@ def build_app(engine: Engine) -> Starlette:
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models),
+            Route("/v1/models/{name:path}", model),  # path: a model name may hold a slash (org/name)
             Route("/health", health),
             Route("/ready", ready),
             Route("/metrics", metrics),

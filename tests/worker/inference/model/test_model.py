@@ -180,6 +180,18 @@ def test_sampling_follows_the_distribution_and_filters() -> None:
     assert sample(torch.tensor([[2.0, 1.0]]), greedy, keys[:1], keys[:1], seen).item() == 1
 
 
+def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token() -> None:
+    """top_p below float32's least positive number (1.4e-45) rounds to 0 in the comparison, which then
+    dropped every token, the most likely too: every logit -inf, and the draw was token 0 whatever the
+    model said (a client's top_p may be any number in (0, 1])."""
+    logits = torch.tensor([[1.0, 2.0, 3.0, -1.0], [0.5, -2.0, 0.0, 4.0]])
+    keys = torch.zeros(2, dtype=torch.long)
+    for top_p in (1e-300, 1e-46, 1e-44, 0.01):
+        assert torch.isfinite(filter_top_k_top_p(logits, 0, top_p)).sum(dim=-1).tolist() == [1, 1], top_p
+        params = SamplingParams(temperature=1.0, top_p=top_p, seed=7)
+        assert sample(logits, params, keys, keys).tolist() == [2, 3], top_p
+
+
 def test_a_temperature_too_small_for_float32_samples_as_greedy() -> None:
     """logits / T overflows float32 long before T reaches 0: at 1e-40 every positive logit was +inf and
     the draw the first of them (a client's temperature may be any number in [0, 2])."""

@@ -59,3 +59,25 @@ def test_random_token_streams_agree(tokenizer) -> None:  # type: ignore[no-untyp
         start = rng.randrange(len(text) - 3)
         stops = (text[start : start + rng.randint(1, 3)],)  # a string that does occur
         assert first_stop(tokenizer, ids, stops, True) == first_stop(tokenizer, ids, stops, False)
+
+
+def test_the_window_is_the_stop_strings_bytes(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A token is at least one byte of text, so a stop string of b UTF-8 bytes ends within the last b
+    tokens (and 8 more for a character cut at the window's start). The window was 4 tokens a character,
+    4 times too many for ASCII: a request's 256-character stop string cost 343 us a token with SmolLM2's
+    tokenizer, every token, in the generation loop."""
+
+    class Decodes:  # the tokenizer, recording how many tokens each decode is given
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        def decode(self, ids: list[int], **kw) -> str:  # type: ignore[no-untyped-def]
+            self.sizes.append(len(ids))
+            return str(tokenizer.decode(ids, **kw))
+
+    ids = tokenizer(TEXT)["input_ids"] * 40  # longer than any window
+    for stops in [("x" * 256,), ("é" * 10, "\n"), ("🦊",)]:
+        seen = Decodes()
+        stop_string_ends(seen, ids, stops)
+        assert seen.sizes == [max(len(s.encode()) for s in stops) + 8], stops
+    assert not stop_string_ends(tokenizer, ids, ("\ud800",))  # a lone surrogate (a client's): no match

@@ -82,7 +82,10 @@ class CachedTokenizer:
         self._full: Any = None
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        return {"input_ids": list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)}
+        # encode_batch, as transformers calls it: it lets other threads run while it works, where encode
+        # holds the GIL (seconds for a prompt of megabytes, during which serve mode's HTTP thread stalled)
+        (encoding,) = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)
+        return {"input_ids": list(encoding.ids)}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

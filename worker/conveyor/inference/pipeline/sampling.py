@@ -74,6 +74,9 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token once the mass before it already reaches top_p (the most likely one always stays).
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        # the comparison is in float32, where a top_p under 1.4e-45 is 0: the mass before the most likely
+        # token (0) reached it, and every token was dropped
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
