@@ -587,9 +587,26 @@ class PipelineEngine:
         """Write and commit a checkpoint of model, optimizer, scheduler, step and RNG (see checkpoint.py)."""
         return pipe_checkpoint.save(self, Path(save_dir), tag, client_state, keep)
 
-    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> tuple[Path | None, Any]:
-        """Resume from ``tag`` or the committed ``latest``; returns (path, client_state), (None, None) if none."""
-        return pipe_checkpoint.load(self, Path(load_dir), tag)
+    def load_checkpoint(
+        self,
+        load_dir: str | Path,
+        tag: str | None = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+        custom_load_fn: Any = None,
+    ) -> tuple[Path | None, Any]:
+        """Resume from ``tag`` or the committed ``latest``; returns (path, client_state), (None, None) if none.
+        DeepSpeed's keywords, as it means them (pipe/checkpoint.py ``LoadOptions.deepspeed``)."""
+        options = pipe_checkpoint.LoadOptions.deepspeed(
+            load_module_strict,
+            load_optimizer_states,
+            load_lr_scheduler_states,
+            load_module_only,
+            custom_load_fn,
+        )
+        return pipe_checkpoint.load(self, Path(load_dir), tag, options)
 
 
 def initialize(
