@@ -218,7 +218,7 @@ def fine_tune(
     identity = run_identity(spec, global_batch)
     resumed, client = engine.load_checkpoint(checkpoint_dir)
     # before any step, and before a run that finds the last checkpoint reports another run's export
-    if resumed is not None and not check_run(client, identity, resumed) and topology.rank == 0:
+    if resumed is not None and not check_run(client, identity, resumed, spec) and topology.rank == 0:
         log.warning(
             "the checkpoint does not say which run saved it (saved before runs were recorded): resumed "
             "as this run's",
