@@ -1,5 +1,6 @@
 """``engine.load_checkpoint``'s DeepSpeed keywords: each restores what DeepSpeed's does, checked against the
-state of the engine that saved and of a fresh one (one process; 2 stages on 2 gloo ranks)."""
+state of the engine that saved and of a fresh one (one process; 2 stages on 2 gloo ranks); and
+``save_checkpoint``'s DeepSpeed arguments."""
 
 from __future__ import annotations
 
@@ -132,3 +133,25 @@ def test_keywords_it_cannot_honour_are_refused_by_name(tmp_path, kwargs, message
         engine.load_checkpoint(tmp_path, **kwargs)
     with pytest.raises(TypeError, match="load_universal"):
         engine.load_checkpoint(tmp_path, load_universal=True)
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["pipeline", "data-parallel"])
+def test_save_checkpoint_takes_deepspeeds_positional_arguments(tmp_path, plain):
+    """DeepSpeed's save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
+    its save_latest=True, passed by position, was taken as keep=True and pruned all but the newest."""
+    engine = _engine(plain)
+    for tag in ("step-1", "step-2", "step-3"):
+        engine.save_checkpoint(tmp_path, tag, {"tag": tag}, True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-1", "step-2", "step-3"]
+    engine.save_checkpoint(tmp_path, "e", {"tag": "e"}, True, False)
+    assert engine.load_checkpoint(tmp_path)[1] == {"tag": "e"}
+    with pytest.raises(ValueError, match=r"save_checkpoint\(save_latest=False\) is not supported"):
+        engine.save_checkpoint(tmp_path, "d", save_latest=False)
+    with pytest.raises(
+        ValueError, match=r"save_checkpoint\(exclude_frozen_parameters=True\) is not supported"
+    ):
+        engine.save_checkpoint(tmp_path, "d", exclude_frozen_parameters=True)
+    for keep in (0, -1, True):  # 0 kept every checkpoint, -1 deleted the oldest only
+        with pytest.raises(ValueError, match=rf"save_checkpoint keep={keep!r}: use a count >= 1"):
+            engine.save_checkpoint(tmp_path, "d", keep=keep)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.tmp").exists()

@@ -171,6 +171,26 @@ class LoadOptions:
         return cls(optimizer=bool(load_optimizer_states), scheduler=bool(load_lr_scheduler_states))
 
 
+def check_save_arguments(save_latest: bool, exclude_frozen_parameters: bool, keep: int | None) -> None:
+    """DeepSpeed's ``save_checkpoint`` arguments past ``client_state``, where this engine cannot honour
+    them, and ``keep``, which is a count: 0 kept every checkpoint and -1 deleted the oldest one only."""
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(
+            f"save_checkpoint keep={keep!r}: use a count >= 1 (the newest step-N checkpoints kept), or None "
+            "to keep every one"
+        )
+    if not save_latest:
+        raise ValueError(
+            "save_checkpoint(save_latest=False) is not supported: every checkpoint is committed by pointing "
+            "`latest` at it (a directory `latest` does not name never counts); save with save_latest=True"
+        )
+    if exclude_frozen_parameters:
+        raise ValueError(
+            "save_checkpoint(exclude_frozen_parameters=True) is not supported: a load refuses a checkpoint "
+            "without every weight of the model; save with exclude_frozen_parameters=False"
+        )
+
+
 def _state_dict(
     parts: TrainParts, counters: dict[str, Any], client_state: Any, optimizer: bool = True
 ) -> dict[str, Any]:

@@ -582,9 +582,19 @@ class PipelineEngine:
         self.skipped_steps = counters.get("skipped_steps", 0)
 
     def save_checkpoint(
-        self, save_dir: str | Path, tag: str | None = None, client_state: Any = None, keep: int | None = None
+        self,
+        save_dir: str | Path,
+        tag: str | None = None,
+        client_state: Any = None,
+        save_latest: bool = True,
+        exclude_frozen_parameters: bool = False,
+        *,
+        keep: int | None = None,
     ) -> Path:
-        """Write and commit a checkpoint of model, optimizer, scheduler, step and RNG (see checkpoint.py)."""
+        """Write and commit a checkpoint of model, optimizer, scheduler, step and RNG (see checkpoint.py);
+        DeepSpeed's arguments in DeepSpeed's order, then ``keep``: the newest ``keep`` step-N directories
+        stay (None: all)."""
+        pipe_checkpoint.check_save_arguments(save_latest, exclude_frozen_parameters, keep)
         return pipe_checkpoint.save(self, Path(save_dir), tag, client_state, keep)
 
     def load_checkpoint(
