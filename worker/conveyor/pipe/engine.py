@@ -171,6 +171,16 @@ class PipelineEngine:
                 for param in self.module.tied_parameters(key):
                     dist.broadcast(param.data, src=ranks[0], group=group)
 
+    def _train_batch_only(self, *_: Any, **__: Any) -> Any:
+        # as DeepSpeed's PipelineEngine: the schedule runs forward, backward and step together
+        raise RuntimeError(
+            "a PipelineModule's engine trains with engine.train_batch(data_iter) (forward, backward and step "
+            "in one call) and evaluates with engine.eval_batch(data_iter); engine(x), engine.backward(loss) "
+            "and engine.step() are the engine of a plain nn.Module's"
+        )
+
+    __call__ = forward = backward = step = _train_batch_only
+
     # ---- DeepSpeed-compatible accessors -------------------------------------------------------------
     def train_batch_size(self) -> int:
         return self._train_batch_size
