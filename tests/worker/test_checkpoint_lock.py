@@ -37,6 +37,24 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 60) -> None:
         time.sleep(0.1)
 
 
+def test_a_holder_on_its_way_out_is_waited_for(tmp_path):
+    """A rank killed with its worker (the parent-death signal) dies just after it; `conveyor run` may
+    restart the group at once (backoffSeconds 0): its new rank 0 was refused by the old one, for good."""
+    ckpt = tmp_path / "ckpt"
+    leaving = HOLDER.replace("time.sleep(600)", "time.sleep(1.5)")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", leaving, str(ckpt)], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        hold(ckpt, job="restart")
+        assert holder.poll() == 0  # taken once the holder had gone, not from under it
+    finally:
+        release(ckpt)
+        holder.kill()
+        holder.wait()
+
+
 def test_a_second_process_is_refused_until_the_holder_dies(tmp_path):
     ckpt = tmp_path / "ckpt"
     holder = subprocess.Popen(
@@ -45,7 +63,7 @@ def test_a_second_process_is_refused_until_the_holder_dies(tmp_path):
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(CheckpointError) as err:
-            hold(ckpt, job="second")
+            hold(ckpt, job="second", wait_seconds=0.5)
         message = str(err.value)
         assert f"spec.checkpoint.path {ckpt} is in use by another run (pid {holder.pid} on " in message
         assert "(job first) holds conveyor.lock" in message

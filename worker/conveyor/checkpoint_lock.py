@@ -10,12 +10,15 @@ of that run are stopped with it. Under ``conveyor worker`` the rank process hold
 runs: fine-tuning and a ``train.script`` run in that process, a ``train.command`` in its child, which it
 outlives. A restart is not refused by the run it replaces: the lock is a ``flock`` (file_lock.py, which
 also says where network filesystems fall short), released by the kernel when its process dies however it
-dies, so no crash leaves it stale. The engine's ``save_checkpoint`` called by a program outside
+dies, so no crash leaves it stale; and a holder on its way out is waited for a few seconds (a rank stopped
+with its worker by the parent-death signal dies just after the worker, and `conveyor run` may restart the
+group at once with backoffSeconds 0). The engine's ``save_checkpoint`` called by a program outside
 ``conveyor worker`` takes no lock.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import IO
 
@@ -23,16 +26,26 @@ from conveyor import file_lock
 from conveyor.commit_protocol import LOCK_FILE, CheckpointError
 
 _held: dict[Path, IO[str]] = {}  # by directory: this process's locks, held until it ends (or release)
+WAIT_SECONDS = 5.0  # for a holder on its way out
 
 
-def hold(directory: str | Path, job: str = "") -> None:
-    """Hold ``directory``'s lock for this process's life (a no-op when it already does), or refuse."""
+def hold(directory: str | Path, job: str = "", wait_seconds: float = WAIT_SECONDS) -> None:
+    """Hold ``directory``'s lock for this process's life (a no-op when it already does), or refuse once
+    another process has held it for ``wait_seconds``."""
     path = Path(directory).absolute()
     if path in _held:
         return
     lock = path / LOCK_FILE
+    deadline = time.monotonic() + wait_seconds
     try:
-        _held[path] = file_lock.take(lock, holder=f"job {job}" if job else "")
+        while True:
+            try:
+                _held[path] = file_lock.take(lock, holder=f"job {job}" if job else "")
+                return
+            except file_lock.Busy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
     except file_lock.Busy as busy:
         raise CheckpointError(
             f"spec.checkpoint.path {directory} is in use by another run ({busy.holder} holds {lock.name}): two "
