@@ -104,7 +104,7 @@ def test_an_export_path_that_would_replace_the_checkpoints_model_or_data_is_refu
     assert is_refusal(err.value) and not (tmp_path / "ck").exists() and (tmp_path / "model").is_dir()
 
 
-def test_each_step_logs_the_learning_rate_it_ran_at(files, tmp_path, caplog):
+def test_each_step_logs_the_learning_rate_it_ran_at(files, tmp_path, caplog, monkeypatch):
     """The log's lr was read after the step, where the schedule had moved on to the next step's."""
     import logging
 
@@ -121,10 +121,9 @@ def test_each_step_logs_the_learning_rate_it_ran_at(files, tmp_path, caplog):
         "type": "WarmupLR",
         "params": {"warmup_max_lr": 0.01, "warmup_num_steps": 3, "warmup_type": "linear"},
     }
+    monkeypatch.setattr(finetune.PipelineEngine, "__init__", watch)
     with caplog.at_level(logging.INFO, logger="conveyor.train"):
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(finetune.PipelineEngine, "__init__", watch)
-            run(files, tmp_path, "lr", scheduler=warmup)
+        run(files, tmp_path, "lr", scheduler=warmup)
     logged = [r.lr for r in caplog.records if r.getMessage() == "fine-tune step"]
     assert used == pytest.approx([0.0, 0.0, 0.01 / 3, 0.02 / 3])  # DeepSpeed's: iteration k - 1 at step k
     assert logged == pytest.approx(used)
