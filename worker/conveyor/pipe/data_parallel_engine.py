@@ -222,12 +222,15 @@ class DataParallelEngine:
         )
 
     def counters(self) -> dict[str, Any]:
-        return {"step": self.global_steps, "samples": self.global_samples, "micro_steps": self.micro_steps}
+        return {"step": self.global_steps, "samples": self.global_samples}
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
         self.global_steps = counters["step"]
         self.global_samples = counters["samples"]
-        self.micro_steps = counters.get("micro_steps", self.global_steps * self.accumulation)
+        # micro-steps counted afresh at a boundary, as DeepSpeed does: the saved count (of another
+        # accumulation, or part-way through a batch whose gradients are not saved) put the first boundary
+        # part-way into a batch, a step on part of its gradient
+        self.micro_steps = self.global_steps * self.accumulation
 
     def save_checkpoint(
         self,
