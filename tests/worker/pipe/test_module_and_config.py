@@ -350,3 +350,18 @@ def test_the_plain_engine_loop_on_a_pipeline_names_train_batch():
     for call in (lambda: engine(ids), lambda: engine.backward(torch.zeros(())), engine.step, engine.forward):
         with pytest.raises(RuntimeError, match=r"trains with engine.train_batch\(data_iter\)"):
             call()
+
+
+def test_eval_batch_without_data_iter_leaves_the_training_data_alone():
+    # eval_batch() read its batch from the training_data loader: the next train_batch skipped it, and the
+    # run's data order depended on how often it evaluated. DeepSpeed's eval_batch takes data_iter.
+    data = [(ids[0], labels[0]) for ids, labels in make_data(1, 4)[0]]
+    losses = []
+    for evaluate in (False, True):
+        net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+        engine, _, _, _ = conveyor.initialize(model=net, config=config(2, 1), training_data=data)
+        if evaluate:
+            with pytest.raises(DataExhaustedError, match=r"eval_batch needs data_iter .*train_batch's"):
+                engine.eval_batch()
+        losses.append([float(engine.train_batch()) for _ in range(2)])
+    assert losses[1] == losses[0]

@@ -272,7 +272,7 @@ class PipelineEngine:
     def _run(self, name: str, data_iter: Iterator[Any] | None, training: bool) -> _Batch:
         self._calls += 1
         steps = self._schedule(name)
-        batch = _Batch(self._load(data_iter))
+        batch = _Batch(self._load(data_iter, training))
         for position, step in enumerate(steps):
             act = step[0]
             if act.kind == Kind.FORWARD:
@@ -286,18 +286,22 @@ class PipelineEngine:
                     raise self._comm_failure(name, position, err) from err
         return batch
 
-    def _load(self, data_iter: Iterator[Any] | None) -> list[Any]:
+    def _load(self, data_iter: Iterator[Any] | None, training: bool) -> list[Any]:
         """The batch's (inputs, labels) pairs on the first and last stage; every rank learns if any
-        rank's iterator failed, so all of them stop with an error instead of waiting on a dead peer."""
+        rank's iterator failed, so all of them stop with an error instead of waiting on a dead peer.
+        Only training falls back to the training_data loader (an evaluation would take its batches)."""
         items: list[Any] = []
         error = ""
         raised: Exception | None = None  # the iterator's own error, re-raised here after the others learn
         if self.is_first_stage() or self.is_last_stage():
-            source = data_iter if data_iter is not None else self._data_iterator
-            if source is None:
+            source = data_iter if data_iter is not None else (self._data_iterator if training else None)
+            if source is None and not training:
                 error = (
-                    "train_batch/eval_batch need data_iter on the first and last stage (or training_data=)"
+                    "eval_batch needs data_iter on the first and last stage, as DeepSpeed's does: the "
+                    "training_data loader's batches are train_batch's"
                 )
+            elif source is None:
+                error = "train_batch needs data_iter on the first and last stage (or training_data=)"
             else:
                 for i in range(self.micro_batches):
                     try:
