@@ -308,7 +308,8 @@ def load(
     trainer = pickle.loads(state["trainer"])
     if options.scheduler and parts.scheduler is not None and trainer["scheduler"] is not None:
         parts.scheduler.load_state_dict(trainer["scheduler"])
-    if parts.scheduler is not None and hasattr(parts.scheduler, "get_last_lr"):
+    one_of_them = options.optimizer != options.scheduler
+    if one_of_them and isinstance(parts.scheduler, torch.optim.lr_scheduler.LRScheduler):
         # the rate lives in the optimizer's groups, which a scheduler's state does not write (nor a fresh
         # scheduler the saved optimizer's): the next step runs at the schedule's rate, loaded or fresh
         for group, lr in zip(parts.optimizer.param_groups, parts.scheduler.get_last_lr(), strict=True):
