@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # name -> module that defines it; resolved on first access (PEP 562).
 _LAZY = {
     "init_distributed": "conveyor.distributed",
-    "initialize": "conveyor.pipe.engine",
+    "initialize": "conveyor.pipe.initialization",
     "add_config_arguments": "conveyor.pipe.config",
     "PipelineEngine": "conveyor.pipe.engine",
     "DataParallelEngine": "conveyor.pipe.data_parallel_engine",

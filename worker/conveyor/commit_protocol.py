@@ -27,6 +27,7 @@ from typing import Any
 
 LATEST = "latest"
 MANIFEST = "MANIFEST.json"
+LOCK_FILE = "conveyor.lock"  # the running job's lock on the directory (checkpoint_lock.py)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STAGING_DIR = re.compile(r"^step-(\d+)\.tmp$")
 
@@ -63,7 +64,7 @@ def step_name(step: int) -> str:
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a checkpoint's directory beside ``latest`` and the staging directories, or
     None: it must be a plain name that none of the protocol's own files use."""
-    if name in (LATEST, ".", "..") or name.startswith(LATEST + "."):
+    if name in (LATEST, LOCK_FILE, ".", "..") or name.startswith(LATEST + "."):
         return f"{name!r} is a name the commit protocol uses itself"
     if name.endswith(".tmp"):
         return "a name ending in .tmp is a staging directory's"

@@ -161,6 +161,11 @@ def _main(argv: list[str]) -> int:
         timeout = float(os.environ.get("CONVEYOR_SERVE_TIMEOUT", serve.REQUEST_TIMEOUT_SECONDS))
         return serve.run_rank(pod, local_rank, port=http_port, host=listen_host or "0.0.0.0", timeout=timeout)
     assert pod.spec.train is not None
+    checkpoint_dir = pod.checkpoint_dir or (pod.spec.checkpoint.path if pod.spec.checkpoint else None)
+    if rank == 0 and checkpoint_dir:  # the committing rank: one run at a time in its directory
+        from conveyor.checkpoint_lock import hold
+
+        hold(checkpoint_dir, job=pod.job)
     if pod.spec.train.fine_tunes:
         from conveyor.train.finetune import run_rank as fine_tune_rank
 

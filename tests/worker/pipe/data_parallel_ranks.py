@@ -113,6 +113,7 @@ def reference(world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for group in optimizer.param_groups:
-            group["lr"] = 0.01 * warm(step + 1)
+            # DeepSpeed's schedule: step k runs at iteration k - 1 (the first two at 0)
+            group["lr"] = 0.01 * warm(step)
         losses.append(total)
     return losses, {k: v.detach() for k, v in model.state_dict().items()}

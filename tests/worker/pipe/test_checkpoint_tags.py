@@ -18,7 +18,9 @@ def _engine(stages: int = 1):
     return engine
 
 
-@pytest.mark.parametrize("tag", ["latest", "latest.tmp", "step-2.tmp", "run/step-2", "..", "."])
+@pytest.mark.parametrize(
+    "tag", ["latest", "latest.tmp", "step-2.tmp", "run/step-2", "..", ".", "conveyor.lock"]
+)
 def test_a_tag_the_commit_protocol_cannot_publish_is_refused(tmp_path, tag):
     # "latest" became a directory where the pointer file belongs: that save and every later save and
     # load of the directory failed (IsADirectoryError)

@@ -100,3 +100,34 @@ def test_a_deepspeed_tutorial_script_runs_as_a_train_command(tmp_path):
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["world"] == 2 and result["local_rank"] == 0
     assert result["losses"] == pytest.approx(reference(world=2)[0], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("saved_mid_batch", [False, True])
+def test_a_resume_steps_after_a_whole_batch_of_the_new_accumulation(tmp_path, saved_mid_batch):
+    """Saved at accumulation 4 (after 3 steps, or 1 micro-batch into the 4th), resumed at 8 (fewer ranks,
+    the same train_batch_size; here a larger one): the saved micro-step count put the first boundary 4
+    (or 3) micro-batches in, a step on part of a batch. DeepSpeed counts micro-steps afresh on resume."""
+    import conveyor
+    from torch import nn
+
+    def engine(batch: int):
+        torch.manual_seed(0)
+        config = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": 2}
+        config["optimizer"] = {"type": "SGD", "params": {"lr": 0.1}}
+        return conveyor.initialize(model=nn.Linear(4, 1), config=config)[0]
+
+    def micro_step(e) -> None:
+        e.backward(e(torch.ones(2, 4)).pow(2).mean())
+        e.step()
+
+    saver = engine(8)
+    for _ in range(3 * 4 + saved_mid_batch):
+        micro_step(saver)
+    saver.save_checkpoint(tmp_path)
+    resumed = engine(16)
+    resumed.load_checkpoint(tmp_path)
+    steps = []
+    for _ in range(16):
+        micro_step(resumed)
+        steps.append(resumed.global_steps)
+    assert steps == [3] * 7 + [4] * 8 + [5]

@@ -339,3 +339,29 @@ def test_train_batch_under_no_grad_is_refused_before_the_schedule():
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"train_batch needs gradients.*eval_batch"):
         engine.train_batch(data)
     assert next(data) is not None and engine.global_steps == 0  # nothing was read or stepped
+
+
+def test_the_plain_engine_loop_on_a_pipeline_names_train_batch():
+    # a DeepSpeed tutorial loop ported onto a PipelineModule: 'object is not callable', 'has no attribute
+    # backward'; DeepSpeed's PipelineEngine says to use train_batch
+    net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+    engine, _, _, _ = conveyor.initialize(model=net, config=config(2, 1))
+    ids = make_data(1, 1)[0][0][0]
+    for call in (lambda: engine(ids), lambda: engine.backward(torch.zeros(())), engine.step, engine.forward):
+        with pytest.raises(RuntimeError, match=r"trains with engine.train_batch\(data_iter\)"):
+            call()
+
+
+def test_eval_batch_without_data_iter_leaves_the_training_data_alone():
+    # eval_batch() read its batch from the training_data loader: the next train_batch skipped it, and the
+    # run's data order depended on how often it evaluated. DeepSpeed's eval_batch takes data_iter.
+    data = [(ids[0], labels[0]) for ids, labels in make_data(1, 4)[0]]
+    losses = []
+    for evaluate in (False, True):
+        net = PipelineModule(tied_layers(), loss_fn=lm_loss)
+        engine, _, _, _ = conveyor.initialize(model=net, config=config(2, 1), training_data=data)
+        if evaluate:
+            with pytest.raises(DataExhaustedError, match=r"eval_batch needs data_iter .*train_batch's"):
+                engine.eval_batch()
+        losses.append([float(engine.train_batch()) for _ in range(2)])
+    assert losses[1] == losses[0]

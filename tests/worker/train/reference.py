@@ -82,7 +82,9 @@ def hf_train(
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).train(dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_ratio if schedule else lambda _: 1.0)
+    # DeepSpeed's schedule: step k runs at iteration k - 1 (the first two at 0)
+    ratio = (lambda step: lr_ratio(max(0, step - 1))) if schedule else (lambda _: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ratio)
     order = DataOrder(read_samples(data, SEQ, True, eos_id=2), SEED, GLOBAL, 1, MICRO)
     losses = []
     for step in range(steps):

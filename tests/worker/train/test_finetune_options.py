@@ -102,3 +102,28 @@ def test_an_export_path_that_would_replace_the_checkpoints_model_or_data_is_refu
     with pytest.raises(InputError, match=r"spec\.train\.export .* would replace the") as err:
         fine_tune(parse_spec(doc), Topology(Layout()), torch.device("cpu"), tmp_path / "ck")
     assert is_refusal(err.value) and not (tmp_path / "ck").exists() and (tmp_path / "model").is_dir()
+
+
+def test_each_step_logs_the_learning_rate_it_ran_at(files, tmp_path, caplog, monkeypatch):
+    """The log's lr was read after the step, where the schedule had moved on to the next step's."""
+    import logging
+
+    from conveyor.train import finetune
+
+    used: list[float] = []
+    engine_init = finetune.PipelineEngine.__init__
+
+    def watch(self, *args, **kwargs):  # the rate each optimizer step really runs at
+        engine_init(self, *args, **kwargs)
+        self.optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+
+    warmup = {
+        "type": "WarmupLR",
+        "params": {"warmup_max_lr": 0.01, "warmup_num_steps": 3, "warmup_type": "linear"},
+    }
+    monkeypatch.setattr(finetune.PipelineEngine, "__init__", watch)
+    with caplog.at_level(logging.INFO, logger="conveyor.train"):
+        run(files, tmp_path, "lr", scheduler=warmup)
+    logged = [r.lr for r in caplog.records if r.getMessage() == "fine-tune step"]
+    assert used == pytest.approx([0.0, 0.0, 0.01 / 3, 0.02 / 3])  # DeepSpeed's: iteration k - 1 at step k
+    assert logged == pytest.approx(used)

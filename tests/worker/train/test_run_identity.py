@@ -115,3 +115,44 @@ def test_an_extension_past_the_resumed_schedule_says_so(files, tmp_path, caplog)
         more = run(tmp_path, model, data, steps=5, scheduler=cosine)
     assert list(more.losses) == [4, 5]
     assert "schedule resumed from the checkpoint ends before spec.train.steps" in caplog.text
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_other_replicas_without_a_global_batch_name_it_and_the_fix(files, tmp_path):
+    """Without spec.train.globalBatchSize the global batch is microBatchSize x replicas: a restart with
+    other replicas is another run's data order. The refusal said only 'saved with globalBatchSize 2 ...
+    restore that run's settings', which the spec never set."""
+    from tests.worker.pipe.harness import run_ranks
+    from tests.worker.train.ranks import fine_tune_rank
+
+    model, data, _ = files
+    doc = spec_dict(model, data, tmp_path, 1, 2, steps=2)
+    doc["checkpoint"]["every"] = 1
+    doc["train"].update(scheduler=None, globalBatchSize=None)
+    run_ranks(fine_tune_rank, 2, doc, str(tmp_path), timeout=500)
+    with pytest.raises(CheckpointError) as err:
+        run(tmp_path, model, data, steps=3, globalBatchSize=None)
+    message = str(err.value)
+    assert "spec.train.globalBatchSize is not set" in message
+    assert "microBatchSize x replicas (1 x 1 = 1)" in message
+    assert "set spec.train.globalBatchSize: 2 to resume that run with 1 replica" in message
+    # the fix it names resumes that run
+    assert run(tmp_path, model, data, steps=3, globalBatchSize=2).resumed_from == 2
+
+
+def test_a_global_batch_the_new_replicas_cannot_divide_is_named(files, tmp_path):
+    from conveyor.train.run_identity import check
+
+    model, data, _ = files
+    doc = spec_dict(model, data, tmp_path, 1, 2, steps=2)
+    doc["train"]["globalBatchSize"] = None
+    spec = parse_spec(doc)
+    settings = {"seqLength": 16, "globalBatchSize": 2}
+    ours = {"model": "m", "dataset": "d", "settings": settings, "digest": "ours"}
+    theirs = {**ours, "settings": {**settings, "globalBatchSize": 3}, "digest": "theirs"}
+    with pytest.raises(CheckpointError) as err:
+        check({"run": theirs}, ours, tmp_path / "step-2", spec)
+    assert "that run's globalBatchSize 3 is not a multiple of microBatchSize x replicas (1 x 2 = 2)" in str(
+        err.value
+    )

@@ -21,17 +21,16 @@ merge writes only where the output is missing or already holds the same bytes.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import filecmp
 import hashlib
 import json
 import os
-import socket
 import threading
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from conveyor import file_lock
 from conveyor.commit_protocol import fsync_dir, rfc3339
 from conveyor.inference.validate import InputError
 from conveyor.log import get_logger
@@ -343,28 +342,16 @@ class ResultLog:
 def _take_lock(path: Path, lock_path: Path, exclusive: bool) -> Any:
     """``lock_path`` open and ``flock``ed (held until closed), or a refusal naming who holds it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a+")  # noqa: SIM115 (held until the process ends or unlock())
+        return file_lock.take(lock_path, exclusive)
+    except file_lock.Busy as busy:  # (the replicas of a job hold it shared: "another process")
+        raise ResultsError(
+            f"{path} is being written by another run ({busy.holder} holds {lock_path.name}): "
+            "wait for it to finish or set spec.inference.output to another file"
+        ) from None
     except OSError as err:
         raise ResultsError(
             f"spec.inference.output: cannot create {lock_path} ({err.strerror}): choose a writable path"
         ) from None
-    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    try:
-        fcntl.flock(f, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"  # (the replicas of a job, holding it shared)
-        f.close()
-        raise ResultsError(
-            f"{path} is being written by another run ({holder} holds {lock_path.name}): "
-            "wait for it to finish or set spec.inference.output to another file"
-        ) from None
-    if exclusive:  # the one holder names itself; shared holders would overwrite each other's names
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-    return f
 
 
 def merge_parts(parts: list[ResultLog], output: Path) -> bool:

@@ -134,7 +134,68 @@ def _rename(state: dict[str, Any], names: Mapping[str, str], optimizer: bool) ->
     return out
 
 
-def _state_dict(parts: TrainParts, counters: dict[str, Any], client_state: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a load restores besides the weights: the optimizer's state, the scheduler's, and the rest of
+    the training state (step and samples counters, fp16 loss scale, RNG); ``deepspeed`` reads DeepSpeed's
+    ``load_checkpoint`` keywords."""
+
+    optimizer: bool = True
+    scheduler: bool = True
+    training_state: bool = True
+
+    @classmethod
+    def deepspeed(
+        cls,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+        custom_load_fn: Any = None,
+    ) -> LoadOptions:
+        """DeepSpeed's meaning: ``load_module_only`` the weights alone (a warm start: step 0, a fresh
+        optimizer and schedule); ``load_optimizer_states=False`` / ``load_lr_scheduler_states=False`` leave
+        that one fresh and restore the rest. Refused by name: what this engine cannot do."""
+        if not load_module_strict:
+            raise ValueError(
+                "load_checkpoint(load_module_strict=False) is not supported: a checkpoint must hold every "
+                "weight of this model (a missing one is refused, naming it); load it with the default True"
+            )
+        if custom_load_fn is not None:
+            raise ValueError(
+                "load_checkpoint(custom_load_fn=...) is not supported: the weights load by their names into "
+                "this rank's layers; load with custom_load_fn=None, then change the module as you need"
+            )
+        if load_module_only:
+            return cls(optimizer=False, scheduler=False, training_state=False)
+        return cls(optimizer=bool(load_optimizer_states), scheduler=bool(load_lr_scheduler_states))
+
+
+def check_save_arguments(save_latest: bool, exclude_frozen_parameters: bool, keep: int | None) -> None:
+    """DeepSpeed's ``save_checkpoint`` arguments past ``client_state``, where this engine cannot honour
+    them, and ``keep``, which is a count: 0 kept every checkpoint and -1 deleted the oldest one only."""
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(
+            f"save_checkpoint keep={keep!r}: use a count >= 1 (the newest step-N checkpoints kept), or None "
+            "to keep every one"
+        )
+    if not save_latest:
+        raise ValueError(
+            "save_checkpoint(save_latest=False) is not supported: every checkpoint is committed by pointing "
+            "`latest` at it (a directory `latest` does not name never counts); save with save_latest=True"
+        )
+    if exclude_frozen_parameters:
+        raise ValueError(
+            "save_checkpoint(exclude_frozen_parameters=True) is not supported: a load refuses a checkpoint "
+            "without every weight of the model; save with exclude_frozen_parameters=False"
+        )
+
+
+def _state_dict(
+    parts: TrainParts, counters: dict[str, Any], client_state: Any, optimizer: bool = True
+) -> dict[str, Any]:
+    """``optimizer`` False: no optimizer entries (building them gives a fresh optimizer a first step's
+    state, which a load that leaves the optimizer alone must not)."""
     trainer = {
         **counters,
         "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
@@ -145,7 +206,9 @@ def _state_dict(parts: TrainParts, counters: dict[str, Any], client_state: Any) 
         "model": _rename(parts.model.state_dict(), parts.shard_keys, optimizer=False),
         "optimizer": _rename(
             get_optimizer_state_dict(parts.model, parts.optimizer, options=_OPTIM), parts.shard_keys, True
-        ),
+        )
+        if optimizer
+        else {},
         # non-tensor leaves are pickled by DCP; one blob keeps their structure whole
         "trainer": pickle.dumps(trainer),
         f"rng_rank{_rank()}": _rng_state(),
@@ -192,7 +255,9 @@ def save(engine: TrainState, root: Path, tag: str | None, client_state: Any, kee
     return committed.path
 
 
-def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, Any]:
+def load(
+    engine: TrainState, root: Path, tag: str | None, options: LoadOptions = LoadOptions()
+) -> tuple[Path | None, Any]:
     if tag is None:
         committed, skipped = commit_protocol.resume_point_skipping(root)
         if _rank() == 0:  # every rank decides the same; one says so, records it and reports it
@@ -213,7 +278,7 @@ def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, 
     except Exception as err:  # DCP's reader raises many kinds; the checkpoint is what matters
         raise CheckpointError(f"checkpoint {path} does not load: {_first_line(err)}") from None
     parts = engine.train_parts()
-    state = _state_dict(parts, engine.counters(), None)
+    state = _state_dict(parts, engine.counters(), None, optimizer=options.optimizer)
     tensor_parallel = parts.layout[2]
     # saved with another tensorParallel: the saved shards this rank's part overlaps, under their keys
     pending = reshard.plan(
@@ -226,7 +291,7 @@ def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, 
             "it was saved from a different model (layer list)"
         )
     rng_key = f"rng_rank{_rank()}"
-    if rng_key not in saved:
+    if rng_key not in saved or not options.training_state:
         state.pop(rng_key)
     # partial: other ranks' RNG entries and (with fewer stages now) other stages' layers stay unread
     try:
@@ -237,23 +302,38 @@ def load(engine: TrainState, root: Path, tag: str | None) -> tuple[Path | None, 
     reshard.finish(pending)
     back = {key: name for name, key in parts.shard_keys.items()}
     parts.model.load_state_dict(_rename(state["model"], back, optimizer=False))
-    optimizer_state = _rename(state["optimizer"], back, optimizer=True)
-    set_optimizer_state_dict(parts.model, parts.optimizer, optimizer_state, options=_OPTIM)
+    if options.optimizer:
+        optimizer_state = _rename(state["optimizer"], back, optimizer=True)
+        set_optimizer_state_dict(parts.model, parts.optimizer, optimizer_state, options=_OPTIM)
     trainer = pickle.loads(state["trainer"])
-    if parts.scheduler is not None and trainer["scheduler"] is not None:
+    if options.scheduler and parts.scheduler is not None and trainer["scheduler"] is not None:
         parts.scheduler.load_state_dict(trainer["scheduler"])
-    engine.restore_counters(
-        {k: v for k, v in trainer.items() if k not in ("scheduler", "client_state", "layout")}
-    )
+    one_of_them = options.optimizer != options.scheduler
+    if one_of_them and isinstance(parts.scheduler, torch.optim.lr_scheduler.LRScheduler):
+        # the rate lives in the optimizer's groups, which a scheduler's state does not write (nor a fresh
+        # scheduler the saved optimizer's): the next step runs at the schedule's rate, loaded or fresh
+        for group, lr in zip(parts.optimizer.param_groups, parts.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+    if options.training_state:
+        engine.restore_counters(
+            {k: v for k, v in trainer.items() if k not in ("scheduler", "client_state", "layout")}
+        )
     if tuple(trainer["layout"]) == parts.layout and rng_key in state:
         rng = pickle.loads(state[rng_key])
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    metrics.LAST_CHECKPOINT_STEP.labels(engine.job).set(trainer["step"])
+    if options.training_state:  # (a warm start's weights are another run's checkpoint, not this run's)
+        metrics.LAST_CHECKPOINT_STEP.labels(engine.job).set(trainer["step"])
     if _rank() == 0:
         log.info(
             "checkpoint loaded",
-            extra={"path": str(path), "step": trainer["step"], "saved_layout": list(trainer["layout"])},
+            extra={
+                "path": str(path),
+                "step": trainer["step"],
+                "saved_layout": list(trainer["layout"]),
+                "loaded": ["weights"]
+                + [part for part in ("optimizer", "scheduler", "training_state") if getattr(options, part)],
+            },
         )
     return path, trainer["client_state"]

@@ -1,6 +1,6 @@
 """``PipelineEngine``: runs a batch of micro-batches through the stages on a schedule, then one optimizer
 step. DeepSpeed's API: ``engine, optimizer, _, _ = conveyor.initialize(model=net, config=cfg)`` then
-``loss = engine.train_batch(data_iter)``.
+``loss = engine.train_batch(data_iter)`` (``initialize``: pipe/initialization.py).
 
 Per batch: the first and last stage pull ``micro_batches`` (inputs, labels) pairs from the iterator; the
 stage executes its step list from schedule.py (p2p.py moves the tensors); then gradients are summed over
@@ -28,7 +28,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from conveyor import metrics
 from conveyor.log import get_logger
 from conveyor.pipe import checkpoint as pipe_checkpoint
-from conveyor.pipe.config import ConfigError, EngineConfig, load_config
+from conveyor.pipe.config import EngineConfig, load_config
 from conveyor.pipe.grad_norm import global_grad_norm
 from conveyor.pipe.module import PipelineModule
 from conveyor.pipe.optim import (
@@ -171,6 +171,16 @@ class PipelineEngine:
                 for param in self.module.tied_parameters(key):
                     dist.broadcast(param.data, src=ranks[0], group=group)
 
+    def _train_batch_only(self, *_: Any, **__: Any) -> Any:
+        # as DeepSpeed's PipelineEngine: the schedule runs forward, backward and step together
+        raise RuntimeError(
+            "a PipelineModule's engine trains with engine.train_batch(data_iter) (forward, backward and step "
+            "in one call) and evaluates with engine.eval_batch(data_iter); engine(x), engine.backward(loss) "
+            "and engine.step() are the engine of a plain nn.Module's"
+        )
+
+    __call__ = forward = backward = step = _train_batch_only
+
     # ---- DeepSpeed-compatible accessors -------------------------------------------------------------
     def train_batch_size(self) -> int:
         return self._train_batch_size
@@ -262,7 +272,7 @@ class PipelineEngine:
     def _run(self, name: str, data_iter: Iterator[Any] | None, training: bool) -> _Batch:
         self._calls += 1
         steps = self._schedule(name)
-        batch = _Batch(self._load(data_iter))
+        batch = _Batch(self._load(data_iter, training))
         for position, step in enumerate(steps):
             act = step[0]
             if act.kind == Kind.FORWARD:
@@ -276,18 +286,22 @@ class PipelineEngine:
                     raise self._comm_failure(name, position, err) from err
         return batch
 
-    def _load(self, data_iter: Iterator[Any] | None) -> list[Any]:
+    def _load(self, data_iter: Iterator[Any] | None, training: bool) -> list[Any]:
         """The batch's (inputs, labels) pairs on the first and last stage; every rank learns if any
-        rank's iterator failed, so all of them stop with an error instead of waiting on a dead peer."""
+        rank's iterator failed, so all of them stop with an error instead of waiting on a dead peer.
+        Only training falls back to the training_data loader (an evaluation would take its batches)."""
         items: list[Any] = []
         error = ""
         raised: Exception | None = None  # the iterator's own error, re-raised here after the others learn
         if self.is_first_stage() or self.is_last_stage():
-            source = data_iter if data_iter is not None else self._data_iterator
-            if source is None:
+            source = data_iter if data_iter is not None else (self._data_iterator if training else None)
+            if source is None and not training:
                 error = (
-                    "train_batch/eval_batch need data_iter on the first and last stage (or training_data=)"
+                    "eval_batch needs data_iter on the first and last stage, as DeepSpeed's does: the "
+                    "training_data loader's batches are train_batch's"
                 )
+            elif source is None:
+                error = "train_batch needs data_iter on the first and last stage (or training_data=)"
             else:
                 for i in range(self.micro_batches):
                     try:
@@ -582,64 +596,38 @@ class PipelineEngine:
         self.skipped_steps = counters.get("skipped_steps", 0)
 
     def save_checkpoint(
-        self, save_dir: str | Path, tag: str | None = None, client_state: Any = None, keep: int | None = None
+        self,
+        save_dir: str | Path,
+        tag: str | None = None,
+        client_state: Any = None,
+        save_latest: bool = True,
+        exclude_frozen_parameters: bool = False,
+        *,
+        keep: int | None = None,
     ) -> Path:
-        """Write and commit a checkpoint of model, optimizer, scheduler, step and RNG (see checkpoint.py)."""
+        """Write and commit a checkpoint of model, optimizer, scheduler, step and RNG (see checkpoint.py);
+        DeepSpeed's arguments in DeepSpeed's order, then ``keep``: the newest ``keep`` step-N directories
+        stay (None: all)."""
+        pipe_checkpoint.check_save_arguments(save_latest, exclude_frozen_parameters, keep)
         return pipe_checkpoint.save(self, Path(save_dir), tag, client_state, keep)
 
-    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> tuple[Path | None, Any]:
-        """Resume from ``tag`` or the committed ``latest``; returns (path, client_state), (None, None) if none."""
-        return pipe_checkpoint.load(self, Path(load_dir), tag)
-
-
-def initialize(
-    args: Any = None,
-    model: torch.nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    model_parameters: Iterable[Any] | None = None,
-    training_data: Any = None,
-    lr_scheduler: Any = None,
-    config: EngineConfig | dict[str, Any] | str | Path | None = None,
-    config_params: dict[str, Any] | None = None,
-    collate_fn: Any = None,
-    job: str | None = None,
-    dist_init_required: bool | None = None,
-) -> tuple[Any, torch.optim.Optimizer, Any, Any]:
-    """DeepSpeed's ``initialize``: (engine, optimizer, training_dataloader, lr_scheduler). A
-    ``PipelineModule`` gets the pipeline engine (``train_batch``); any other module the data-parallel
-    engine (``engine(x)``, ``engine.backward(loss)``, ``engine.step()``). As DeepSpeed does, it joins
-    the process group itself when the launcher's RANK/WORLD_SIZE are set and none exists yet (or when
-    ``dist_init_required``)."""
-    import os
-
-    from conveyor.pipe.data_parallel_engine import DataParallelEngine
-
-    joined = dist.is_available() and dist.is_initialized()
-    if not joined and (dist_init_required or (dist_init_required is None and "WORLD_SIZE" in os.environ)):
-        from conveyor.distributed import init_distributed
-
-        init_distributed()
-    if model is None:
-        raise ValueError("conveyor.initialize needs model= (an nn.Module, or a conveyor.pipe.PipelineModule)")
-    config = config if config is not None else config_params
-    # --deepscale_config is DeepSpeed's deprecated name, still accepted by add_config_arguments
-    from_args = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
-    if from_args is not None and config is not None:
-        # as DeepSpeed does: which of two configs was meant is not ours to guess
-        raise ConfigError(
-            f"a config came both as --deepspeed_config {from_args} and config=: give one of them"
+    def load_checkpoint(
+        self,
+        load_dir: str | Path,
+        tag: str | None = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+        custom_load_fn: Any = None,
+    ) -> tuple[Path | None, Any]:
+        """Resume from ``tag`` or the committed ``latest``; returns (path, client_state), (None, None) if none.
+        DeepSpeed's keywords, as it means them (pipe/checkpoint.py ``LoadOptions.deepspeed``)."""
+        options = pipe_checkpoint.LoadOptions.deepspeed(
+            load_module_strict,
+            load_optimizer_states,
+            load_lr_scheduler_states,
+            load_module_only,
+            custom_load_fn,
         )
-    config = config if config is not None else from_args
-    engine_type: Any = PipelineEngine if isinstance(model, PipelineModule) else DataParallelEngine
-    engine = engine_type(
-        model,
-        load_config(config),
-        optimizer=optimizer,
-        model_parameters=model_parameters,
-        lr_scheduler=lr_scheduler,
-        training_data=training_data,
-        collate_fn=collate_fn,
-        job=job,
-    )
-    engine.local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # as DeepSpeed's engine reads it
-    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+        return pipe_checkpoint.load(self, Path(load_dir), tag, options)

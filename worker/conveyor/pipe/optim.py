@@ -101,10 +101,18 @@ def _check_schedule(**values: Any) -> None:
             raise ConfigError(f"config.scheduler.params.{name} {value!r}: use {fix}")
 
 
+def deepspeed_iteration(last_epoch: int) -> int:
+    """The schedule's iteration that DeepSpeed's engine runs the optimizer step ``last_epoch`` at.
+    DeepSpeed's schedules start at iteration -1 (writing the iteration-0 rate) and step after each
+    optimizer step, so step k runs at iteration k - 1 and the first two steps at iteration 0. torch's
+    LRScheduler counts from 0 at construction: read as is, every step ran one iteration ahead."""
+    return max(0, last_epoch - 1)
+
+
 class WarmupLR(torch.optim.lr_scheduler.LRScheduler):
     """DeepSpeed's WarmupLR (and WarmupDecayLR with ``total_num_steps``): the learning rate rises from
     ``warmup_min_lr`` to ``warmup_max_lr`` over ``warmup_num_steps`` (log or linear), then stays, or
-    decays linearly to 0 at ``total_num_steps``."""
+    decays linearly to 0 at ``total_num_steps``; step by step as DeepSpeed's (``deepspeed_iteration``)."""
 
     def __init__(
         self,
@@ -144,14 +152,17 @@ class WarmupLR(torch.optim.lr_scheduler.LRScheduler):
         return max(0.0, (self.total_num_steps - step) / span)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
-        lr = self.min_lr + (self.max_lr - self.min_lr) * self._gamma(max(0, self.last_epoch))
+        lr = self.min_lr + (self.max_lr - self.min_lr) * self._gamma(deepspeed_iteration(self.last_epoch))
         return [lr for _ in self.optimizer.param_groups]
 
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
     """DeepSpeed's WarmupCosineLR: each group's lr is its own (the optimizer's) lr x a ratio that rises
     from ``warmup_min_ratio`` to 1 over ``warmup_num_steps`` (log or linear), then follows a cosine down
-    to ``cos_min_ratio`` at ``total_num_steps``."""
+    to ``cos_min_ratio`` at ``total_num_steps``; step by step as DeepSpeed's (``deepspeed_iteration``), but
+    for the first step, which runs at ``warmup_min_ratio`` (DeepSpeed's gives its first group lr 0 there:
+    its rate "before it has started"), and past ``total_num_steps``, where the ratio stays at
+    ``cos_min_ratio`` (DeepSpeed's cosine climbs back up)."""
 
     def __init__(
         self,
@@ -196,7 +207,7 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
         return max(0.0, self.cos_min_ratio + (1.0 - self.cos_min_ratio) * cosine)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
-        ratio = self.ratio(max(0, self.last_epoch))
+        ratio = self.ratio(deepspeed_iteration(self.last_epoch))
         return [float(base) * ratio for base in self.base_lrs]
 
 

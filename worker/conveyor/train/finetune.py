@@ -218,7 +218,7 @@ def fine_tune(
     identity = run_identity(spec, global_batch)
     resumed, client = engine.load_checkpoint(checkpoint_dir)
     # before any step, and before a run that finds the last checkpoint reports another run's export
-    if resumed is not None and not check_run(client, identity, resumed) and topology.rank == 0:
+    if resumed is not None and not check_run(client, identity, resumed, spec) and topology.rank == 0:
         log.warning(
             "the checkpoint does not say which run saved it (saved before runs were recorded): resumed "
             "as this run's",
@@ -249,14 +249,13 @@ def fine_tune(
     )
     while engine.global_steps < train.steps:
         batches = order.micro_batches(position, topology.replica) if order is not None else None
+        lr = engine.get_lr()[0]  # the rate this step runs at (after it, the schedule has moved on)
         loss = float(engine.train_batch(iter(batches) if batches is not None else None))
         position += global_batch
         step = engine.global_steps
         outcome.losses[step] = loss
         outcome.grad_norms[step] = engine.last_grad_norm
-        progress.step(
-            step, loss, engine.last_stats["step_seconds"], engine.get_lr()[0], engine.last_grad_norm
-        )
+        progress.step(step, loss, engine.last_stats["step_seconds"], lr, engine.last_grad_norm)
         if on_step is not None:
             on_step(step, loss)
         if step % every == 0 or step == train.steps:

@@ -51,16 +51,45 @@ def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
     return identity_difference(theirs, ours, what, "another run")
 
 
-def check(client_state: Any, ours: dict[str, Any], path: Path | None) -> bool:
+def _derived_batch_fix(theirs: dict[str, Any], ours: dict[str, Any], spec: PipelineJobSpec | None) -> str:
+    """The fix when the global batch differs only because the spec leaves it to microBatchSize x
+    replicas and the replicas changed: the spec never named the setting the refusal names."""
+    train = spec.train if spec is not None else None
+    saved = (theirs.get("settings") or {}).get("globalBatchSize")
+    if spec is None or train is None or train.global_batch_size is not None or not isinstance(saved, int):
+        return ""
+    if saved == ours["settings"]["globalBatchSize"]:
+        return ""
+    micro, replicas = train.micro_batch_size, spec.parallelism.replicas
+    derived = (
+        f"spec.train.globalBatchSize is not set, so it is microBatchSize x replicas ({micro} x {replicas} = "
+        f"{micro * replicas}), and it changes with spec.parallelism.replicas"
+    )
+    if saved % (micro * replicas):
+        return (
+            f"{derived}; that run's globalBatchSize {saved} is not a multiple of microBatchSize x replicas "
+            f"({micro} x {replicas} = {micro * replicas}): to resume it, set spec.train.globalBatchSize: {saved} "
+            "with a microBatchSize and replicas whose product divides it; "
+        )
+    return (
+        f"{derived}: set spec.train.globalBatchSize: {saved} to resume that run with {replicas} replica(s); "
+    )
+
+
+def check(
+    client_state: Any, ours: dict[str, Any], path: Path | None, spec: PipelineJobSpec | None = None
+) -> bool:
     """Refuse a checkpoint of another run (CheckpointError: one line, exit 2, no restart). False: the
-    checkpoint carries no identity (saved before it was recorded), resumed as it always was."""
+    checkpoint carries no identity (saved before it was recorded), resumed as it always was. ``spec``:
+    this run's, for the fix when its global batch is derived from the replicas."""
     theirs = client_state.get(KEY) if isinstance(client_state, dict) else None
     if theirs is None:
         return False
     if not isinstance(theirs, dict) or theirs.get("digest") != ours["digest"]:
         why = _difference(theirs, ours) if isinstance(theirs, dict) else "an unreadable identity"
+        batch_fix = _derived_batch_fix(theirs, ours, spec) if isinstance(theirs, dict) else ""
         raise CheckpointError(
-            f"checkpoint {path} is another run's (it was saved with {why}): set spec.checkpoint.path to a "
-            "new directory or move the old one away, or restore that run's model, dataset and settings"
+            f"checkpoint {path} is another run's (it was saved with {why}): {batch_fix}set spec.checkpoint.path "
+            "to a new directory or move the old one away, or restore that run's model, dataset and settings"
         )
     return True
