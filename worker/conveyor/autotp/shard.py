@@ -18,6 +18,7 @@ from torch import nn
 from conveyor.autotp.layouts import HEAD_BIAS_ARGS
 from conveyor.autotp.plan import Plan, Split
 from conveyor.autotp.trace import is_conv1d
+from conveyor.distributed import held_weakly
 
 
 class ShardLedger:
@@ -63,9 +64,11 @@ def _slice(
 
 
 def _all_reduce_hook(group: Any) -> Any:
+    tp_group = held_weakly(group)
+
     def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
         # why: a row-parallel module yields a partial sum on each rank; the residual stream needs the sum
-        dist.all_reduce(out, group=group)
+        dist.all_reduce(out, group=tp_group())
         return out
 
     return hook
@@ -154,6 +157,7 @@ def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any, ledger: Sh
     if vp is None or not vp.parallel or plan.tp == 1:
         return
     modules = dict(model.named_modules())
+    tp_group = held_weakly(group)
     size = vp.vocab // plan.tp
     start = rank * size
     index = torch.arange(start, start + size)
@@ -174,7 +178,7 @@ def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any, ledger: Sh
         def post(_m: nn.Module, _args: tuple, out: torch.Tensor, masks: list = masks) -> torch.Tensor:
             out = out.masked_fill(masks.pop().unsqueeze(-1), 0)
             # why: each rank looked up only the tokens of its vocabulary slice; the sum holds every token
-            dist.all_reduce(out, group=group)
+            dist.all_reduce(out, group=tp_group())
             return out
 
         emb.register_forward_pre_hook(pre)
@@ -191,7 +195,7 @@ def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any, ledger: Sh
         def gather(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
             # why: each rank scored only its vocabulary slice; generate and sampling need every logit
             parts = [torch.empty_like(out) for _ in range(plan.tp)]
-            dist.all_gather(parts, out.contiguous(), group=group)
+            dist.all_gather(parts, out.contiguous(), group=tp_group())
             return torch.cat(parts, dim=-1)
 
         head.register_forward_hook(gather)
