@@ -8,6 +8,7 @@ import conveyor
 import pytest
 import torch
 from conveyor.autotp import AutoTPError, plan_model
+from conveyor.autotp.shard import shard_model
 from torch import nn
 
 from tests.worker.autotp.families import build, prompt
@@ -56,20 +57,43 @@ def test_a_norm_over_a_whole_projection_is_refused() -> None:
     plan_model(model, 1)  # whole, it is fine
 
 
-def test_phi3_fused_gate_up_split_per_half_and_sliced_qkv_kept_whole() -> None:
-    """Phi-3's MLP chunks its fused gate|up with ``chunk(2, dim=-1)``, whose dim autograd reads back as
-    2**64 - 1: before, that went unseen and each rank kept a contiguous half (rank 0 all of gate, rank 1
-    all of up), giving logits 18% off with no error. Its attention reads the fused q|k|v at offsets
-    computed from the config (``qkv[..., :query_pos]``): split, ranks got no key/value heads and died of
-    SIGFPE in attention; now q|k|v and o_proj stay whole."""
+def test_phi3_fused_qkv_split_per_head_group_and_gate_up_per_half() -> None:
+    """Phi-3's attention reads its fused q|k|v at offsets computed from the config
+    (``qkv[..., :query_pos]``, ``query_pos = config.num_attention_heads * head_dim``): before, q|k|v and
+    o_proj stayed whole on every rank (a third of each layer here). Now q, k and v are each split by heads
+    and the attention gets its own config counting the rank's heads; the model's config is untouched.
+    Its MLP chunks the fused gate|up with ``chunk(2, dim=-1)`` (autograd reads the dim back as 2**64 - 1):
+    each half is split, not the whole (rank 0 all of gate, rank 1 all of up: logits 18% off)."""
     model, _ = build("phi3")
     plan = plan_model(model, 2)
+    qkv = plan.linears["model.layers.0.self_attn.qkv_proj"]
+    assert qkv.role == "column" and qkv.split is not None and qkv.split.blocks == (64, 32, 32)  # q | k | v
+    # rank 1: q heads 4-7, then k heads 2-3 and v heads 2-3 (8 wide each)
+    assert qkv.split.index(1, 2).tolist() == [*range(32, 64), *range(80, 96), *range(112, 128)]
+    assert plan.linears["model.layers.0.self_attn.o_proj"].role == "row"
     gate_up = plan.linears["model.layers.0.mlp.gate_up_proj"]
     assert gate_up.role == "column" and gate_up.split is not None and gate_up.split.blocks == (128, 128)
     assert plan.linears["model.layers.0.mlp.down_proj"].role == "row"
-    assert plan.linears["model.layers.0.self_attn.qkv_proj"].role == "replicated"
-    assert plan.linears["model.layers.0.self_attn.o_proj"].role == "replicated"
-    assert plan.heads == []  # the attention keeps all its heads
+    attention = next(h for h in plan.heads if h.name == "model.layers.0.self_attn")
+    assert attention.config_attrs == {"num_attention_heads": 8, "num_key_value_heads": 4}
+    shard_model(model, plan, rank=1, group=None)
+    attn = model.model.layers[0].self_attn
+    assert (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.num_key_value_heads) == (
+        4,
+        2,
+        2,
+    )
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (8, 4)
+    assert attn.config is not model.model.layers[1].self_attn.config
+
+
+def test_phi3_heads_the_split_does_not_divide_are_refused() -> None:
+    """q, k and v are each split by whole heads: 4 KV heads over TP 8 is refused by name, not miscomputed."""
+    model, _ = build("phi3")
+    with pytest.raises(
+        AutoTPError, match=r"qkv_proj \(column-parallel\): 4 heads of width 8 cannot be split 8 ways"
+    ):
+        plan_model(model, 8)
 
 
 def test_glm_fused_gate_up_split_per_half() -> None:

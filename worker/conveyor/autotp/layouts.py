@@ -27,6 +27,12 @@ HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_pro
 # its forward, so each rank takes its share of every group (and the same heads of out_proj's input).
 FUSED_GROUPS = {"CodeGenAttention": 4}
 
+# Attention that cuts its fused q|k|v at offsets computed from the model's config and its own head counts
+# (Phi-3: ``qkv[..., :query_pos]`` with ``query_pos = self.config.num_attention_heads * self.head_dim``):
+# class -> the config attributes it reads. With q, k and v each split by heads, the module gets its own
+# copy of the config with these divided, so its offsets are those of the rank's blocks.
+CONFIG_HEAD_COUNTS = {"Phi3Attention": ("num_attention_heads", "num_key_value_heads")}
+
 # Head-wise attention biases built outside the attention module for all heads, so each rank slices its
 # heads out of the argument: class -> (argument name, how the heads sit in it).
 #   "batch_heads": [batch x heads, ...] (BLOOM's alibi)    "heads": [heads, ...] (MPT's alibi)

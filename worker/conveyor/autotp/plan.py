@@ -18,7 +18,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from conveyor.autotp.layouts import FUSED_GROUPS, HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS
+from conveyor.autotp.layouts import (
+    CONFIG_HEAD_COUNTS,
+    FUSED_GROUPS,
+    HEAD_COUNT_ATTRS,
+    HEAD_DIM_ATTRS,
+    HEAD_WIDTH_ATTRS,
+)
 from conveyor.autotp.trace import LinearFlow, is_conv1d, is_experts
 
 Role = Literal["column", "row", "replicated"]
@@ -74,6 +80,7 @@ class HeadsPlan:
     name: str
     attrs: dict[str, int]  # attribute -> full value
     head_embeddings: list[str] = field(default_factory=list)
+    config_attrs: dict[str, int] = field(default_factory=dict)  # of its own copy of the config (layouts.py)
 
 
 @dataclass
@@ -109,12 +116,13 @@ class Plan:
         )
 
 
-def _solve_roles(flows: dict[str, LinearFlow], experts: set[str]) -> dict[str, Role]:
+def _solve_roles(flows: dict[str, LinearFlow], experts: set[str], recut: set[str]) -> dict[str, Role]:
+    """``recut``: linears cut at offsets that follow the split (``_recut``)."""
     roles: dict[str, Role] = {}
     for name, f in flows.items():
         if name in experts or f.calls == 0:
             roles[name] = "replicated"  # experts split inside themselves; an unused linear stays whole
-        elif f.sliced:
+        elif f.sliced and name not in recut:
             roles[name] = "replicated"  # cut at offsets its module computes for the whole width (trace.py)
         elif f.consumers and not f.writes_residual:
             roles[name] = "column"
@@ -233,12 +241,23 @@ def _vocab_plan(model: Any, tp: int) -> VocabPlan | None:
     return VocabPlan(sharing, lm_head, tied, parallel, vocab)
 
 
+def _recut(flows: dict[str, LinearFlow], modules: dict[str, nn.Module]) -> set[str]:
+    """Linears whose output is read only through cuts at offsets that a rank's copy of the config moves to
+    its own blocks: their module is one of ``CONFIG_HEAD_COUNTS`` and the cuts tile the output."""
+    return {
+        n
+        for n, f in flows.items()
+        if f.slice_blocks and type(modules[n.rpartition(".")[0]]).__name__ in CONFIG_HEAD_COUNTS
+    }
+
+
 def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
     """The plan for ``tp`` ranks, or ``AutoTPError`` listing every layer that ``tp`` does not divide."""
     modules = dict(model.named_modules())
     hidden = int(model.config.hidden_size)
     experts_names = {n for n in flows if is_experts(modules[n])}
-    roles = _solve_roles(flows, experts_names)
+    recut = _recut(flows, modules)
+    roles = _solve_roles(flows, experts_names, recut)
     problems: list[str] = []
     linears = {n: LinearPlan(n, roles[n]) for n in flows if n not in experts_names}
     heads: list[HeadsPlan] = []
@@ -263,7 +282,10 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
                         for n, m in modules[o].named_children()
                         if isinstance(m, nn.Embedding) and m.embedding_dim in _head_attrs(modules[o]).values()
                     ]
-                    heads.append(HeadsPlan(o, _head_attrs(modules[o]), emb))
+                    config = getattr(modules[o], "config", None)
+                    reads = CONFIG_HEAD_COUNTS.get(type(modules[o]).__name__, ())
+                    in_config = {a: int(getattr(config, a)) for a in reads}
+                    heads.append(HeadsPlan(o, _head_attrs(modules[o]), emb, in_config))
         row_width = next(_in_width(modules[m]) for m in members if roles[m] == "row") // groups
         for m in members:
             lp = linears[m]
@@ -272,7 +294,8 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
             if groups > 1:
                 blocks: tuple[int, ...] = (row_width,) * (width // groups // row_width)
             else:
-                blocks = (flows[m].split_sizes or (width,)) if lp.role == "column" else (width,)
+                cut = flows[m].slice_blocks if m in recut else None
+                blocks = (flows[m].split_sizes or cut or (width,)) if lp.role == "column" else (width,)
             lp.split = Split(blocks, groups)
             if groups * sum(blocks) != width:
                 problems.append(f"{m} ({lp.role}-parallel): width {width} is not {groups} groups of {blocks}")
@@ -282,6 +305,9 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
                     problems.append(f"{m} ({lp.role}-parallel): {what} cannot be split {tp} ways")
     for h in heads:
         problems += [f"{h.name}.{a} = {v} is not divisible by {tp}" for a, v in h.attrs.items() if v % tp]
+        problems += [
+            f"{h.name}.config.{a} = {v} is not divisible by {tp}" for a, v in h.config_attrs.items() if v % tp
+        ]
         # A projection left whole inside an attention whose heads are split would give the attention all
         # heads of one input and a rank's share of another (OLMo 2's q_norm / k_norm normalize the whole
         # q and k projections, which the walk cannot see through): refused, not crashed or miscomputed.

@@ -8,6 +8,7 @@ can read exactly those slices from a checkpoint afterwards (checkpoint.py)."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -120,6 +121,12 @@ def _shard_heads(model: nn.Module, plan: Plan, rank: int, ledger: ShardLedger) -
         m = modules[hp.name]
         for attr, value in hp.attrs.items():
             setattr(m, attr, value // plan.tp)
+        if hp.config_attrs:
+            # why: its forward cuts q|k|v at offsets it reads from the config, which every layer (and
+            # generate) shares: this module alone gets a copy counting the rank's heads (layouts.py)
+            m.config = copy.copy(m.config)
+            for attr, value in hp.config_attrs.items():
+                setattr(m.config, attr, value // plan.tp)
         for name in hp.head_embeddings:
             emb = modules[name]
             assert isinstance(emb, nn.Embedding)
