@@ -61,6 +61,20 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     # a fused q|k|v read at offsets its forward computes (attention stays whole), a fused gate|up chunked
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_D, "num_key_value_heads": 4, "pad_token_id": 0}, "causal"),
     "phi": ("PhiConfig", "PhiForCausalLM", {**_D, "partial_rotary_factor": 0.5}, "causal"),
+    # a fused q|k|v clamped (clip_qkv) before it is split; its experts stay whole
+    "dbrx": (
+        "DbrxConfig",
+        "DbrxForCausalLM",
+        {
+            "d_model": 64,
+            "n_heads": 8,
+            "n_layers": 2,
+            "max_seq_len": 64,
+            "attn_config": {"kv_n_heads": 4, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
+        },
+        "causal",
+    ),
     "falcon": (
         "FalconConfig",
         "FalconForCausalLM",

@@ -111,6 +111,16 @@ def test_glm_fused_gate_up_split_per_half() -> None:
     assert plan.linears["model.layers.0.self_attn.q_proj"].role == "column"
 
 
+def test_dbrx_fused_qkv_clamped_before_its_split() -> None:
+    """DBRX clamps its fused q|k|v (``clip_qkv``) and then splits it: before, the split behind the clamp
+    went unseen, Wqkv was cut as one block (rank 0 all of q) and TP-2 logits were 140% off, no error."""
+    model, _ = build("dbrx")
+    plan = plan_model(model, 2)
+    wqkv = plan.linears["transformer.blocks.0.norm_attn_norm.attn.Wqkv"]
+    assert wqkv.role == "column" and wqkv.split is not None and wqkv.split.blocks == (64, 32, 32)
+    assert plan.linears["transformer.blocks.0.norm_attn_norm.attn.out_proj"].role == "row"
+
+
 def test_gpt2_conv1d_fused_qkv() -> None:
     model, _ = build("gpt2")
     plan = plan_model(model, 2)

@@ -20,6 +20,15 @@ import torch
 from torch import nn
 
 _SPLITS = ("SplitBackward0", "SplitWithSizesBackward0")
+# Elementwise ops that keep every column where it was: a split or cut behind them is the linear's own
+# (DBRX clamps its fused q|k|v, ``clip_qkv``, before splitting it)
+_LAYOUT_KEEPING = (
+    "ClampBackward0",
+    "ClampBackward1",
+    "ClampMinBackward0",
+    "ClampMaxBackward0",
+    "ToCopyBackward0",
+)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -232,7 +241,7 @@ class Tracer:
         for node, name in self._out_node.items():
             width, ndim = self._out_shape[name]
             cuts = []
-            for consumer in consumers.get(node, ()):
+            for consumer in _through_layout_keeping(node, consumers):
                 sizes = _split_sizes(consumer, width, ndim)
                 if sizes is not None and sum(sizes) == width:
                     self.flows[name].split_sizes = sizes
@@ -258,3 +267,11 @@ class Tracer:
                     found.setdefault(nxt, []).append(node)
                     stack.append(nxt)
         return found
+
+
+def _through_layout_keeping(node: Any, consumers: dict[Any, list[Any]]) -> list[Any]:
+    """The nodes that read ``node``'s output, looking through ``_LAYOUT_KEEPING`` ops."""
+    found = []
+    for c in consumers.get(node, ()):
+        found += _through_layout_keeping(c, consumers) if type(c).__name__ in _LAYOUT_KEEPING else [c]
+    return found
