@@ -75,6 +75,21 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         },
         "causal",
     ),
+    # attention sinks: one learned logit per head; its experts (with biases) stay whole
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {
+            **_D,
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 16,
+            "pad_token_id": 0,
+        },
+        "causal",
+    ),
     "falcon": (
         "FalconConfig",
         "FalconForCausalLM",

@@ -44,8 +44,8 @@ def tp2_of_4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
 
 
 # Families whose MoE experts stay whole on every rank (not 3D [experts, out, in] weights alone: DBRX's
-# per-expert GLU matrices): correct, without the memory saving.
-WHOLE_EXPERTS = {"dbrx"}
+# per-expert GLU matrices, GPT-OSS's biased experts): correct, without the memory saving.
+WHOLE_EXPERTS = {"dbrx", "gpt_oss"}
 
 
 def _check(row: dict[str, Any], tp: int) -> None:

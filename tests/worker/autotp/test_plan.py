@@ -121,6 +121,19 @@ def test_dbrx_fused_qkv_clamped_before_its_split() -> None:
     assert plan.linears["transformer.blocks.0.norm_attn_norm.attn.out_proj"].role == "row"
 
 
+def test_gpt_oss_attention_sinks_split_by_heads() -> None:
+    """GPT-OSS's attention holds one sink logit per query head: before, kept whole while the heads were
+    split, its attention died concatenating 8 sinks to 4 heads' scores."""
+    model, _ = build("gpt_oss")
+    plan = plan_model(model, 2)
+    attention = next(h for h in plan.heads if h.name == "model.layers.0.self_attn")
+    assert set(attention.head_params) == {"sinks"}
+    assert attention.head_params["sinks"].index(1, 2).tolist() == [4, 5, 6, 7]
+    full = model.model.layers[0].self_attn.sinks.detach().clone()
+    shard_model(model, plan, rank=1, group=None)
+    assert torch.equal(model.model.layers[0].self_attn.sinks, full[4:])
+
+
 def test_gpt2_conv1d_fused_qkv() -> None:
     model, _ = build("gpt2")
     plan = plan_model(model, 2)

@@ -75,12 +75,13 @@ class ExpertsPlan:
 @dataclass
 class HeadsPlan:
     """A module that counts heads (attention): its head counts and widths divided, head-wise embeddings
-    (T5's relative position bias) split by heads."""
+    (T5's relative position bias) and parameters (GPT-OSS's sinks) split by heads."""
 
     name: str
     attrs: dict[str, int]  # attribute -> full value
     head_embeddings: list[str] = field(default_factory=list)
     config_attrs: dict[str, int] = field(default_factory=dict)  # of its own copy of the config (layouts.py)
+    head_params: dict[str, Split] = field(default_factory=dict)  # its parameters of one value per head
 
 
 @dataclass
@@ -251,6 +252,26 @@ def _recut(flows: dict[str, LinearFlow], modules: dict[str, nn.Module]) -> set[s
     }
 
 
+def _heads_plan(name: str, module: nn.Module, query_heads: int, groups: int) -> HeadsPlan:
+    """What to divide in an attention module whose heads are split. ``query_heads``: how many heads the
+    output projection reads (0 if unknown); ``groups``: its fused groups (layouts.FUSED_GROUPS)."""
+    counts = _head_attrs(module)
+    emb = [
+        f"{name}.{n}"
+        for n, m in module.named_children()
+        if isinstance(m, nn.Embedding) and m.embedding_dim in counts.values()
+    ]
+    config = getattr(module, "config", None)
+    in_config = {a: int(getattr(config, a)) for a in CONFIG_HEAD_COUNTS.get(type(module).__name__, ())}
+    # one value per head, held by the attention itself (GPT-OSS's attention ``sinks``)
+    params = {
+        n: Split((query_heads // groups,), groups)
+        for n, p in module.named_parameters(recurse=False)
+        if query_heads and p.dim() == 1 and p.shape[0] == query_heads
+    }
+    return HeadsPlan(name, counts, emb, in_config, params)
+
+
 def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
     """The plan for ``tp`` ranks, or ``AutoTPError`` listing every layer that ``tp`` does not divide."""
     modules = dict(model.named_modules())
@@ -270,6 +291,7 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
             if n.startswith(top) and _is_heads_module(m) and any(x.startswith(n + ".") for x in members)
         ]
         unit, groups = 1, 1
+        row_input = next(_in_width(modules[m]) for m in members if roles[m] == "row")
         if owners:
             owner = modules[owners[-1]]
             unit = _head_dim(owner)
@@ -277,16 +299,8 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
             for o in owners:
                 if o not in claimed:
                     claimed.add(o)
-                    emb = [
-                        f"{o}.{n}"
-                        for n, m in modules[o].named_children()
-                        if isinstance(m, nn.Embedding) and m.embedding_dim in _head_attrs(modules[o]).values()
-                    ]
-                    config = getattr(modules[o], "config", None)
-                    reads = CONFIG_HEAD_COUNTS.get(type(modules[o]).__name__, ())
-                    in_config = {a: int(getattr(config, a)) for a in reads}
-                    heads.append(HeadsPlan(o, _head_attrs(modules[o]), emb, in_config))
-        row_width = next(_in_width(modules[m]) for m in members if roles[m] == "row") // groups
+                    heads.append(_heads_plan(o, modules[o], row_input // unit if unit > 1 else 0, groups))
+        row_width = row_input // groups
         for m in members:
             lp = linears[m]
             lp.group = gid
