@@ -199,6 +199,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         {**_D, "embedding_size": 32, "max_position_embeddings": 64},
         "encoder",
     ),
+    # a relative position bias for all heads, built by the encoder and passed to each attention
+    "mpnet": ("MPNetConfig", "MPNetForMaskedLM", {**_D, "max_position_embeddings": 64}, "encoder"),
     "deberta_v2": (
         "DebertaV2Config",
         "DebertaV2ForMaskedLM",

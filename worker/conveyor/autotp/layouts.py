@@ -36,4 +36,9 @@ CONFIG_HEAD_COUNTS = {"Phi3Attention": ("num_attention_heads", "num_key_value_he
 # Head-wise attention biases built outside the attention module for all heads, so each rank slices its
 # heads out of the argument: class -> (argument name, how the heads sit in it).
 #   "batch_heads": [batch x heads, ...] (BLOOM's alibi)    "heads": [heads, ...] (MPT's alibi)
-HEAD_BIAS_ARGS = {"BloomAttention": ("alibi", "batch_heads"), "MptAttention": ("position_bias", "heads")}
+#   "batch_then_heads": [batch, heads, ...] (MPNet's relative position bias)
+HEAD_BIAS_ARGS = {
+    "BloomAttention": ("alibi", "batch_heads"),
+    "MptAttention": ("position_bias", "heads"),
+    "MPNetSelfAttention": ("position_bias", "batch_then_heads"),
+}

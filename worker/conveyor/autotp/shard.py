@@ -145,6 +145,9 @@ def _slice_head_bias(module: nn.Module, arg: str, layout: str, rank: int, tp: in
         if layout == "heads":  # [heads, ...]
             size = bias.shape[0] // tp
             return bias[rank * size : (rank + 1) * size]
+        if layout == "batch_then_heads":  # [batch, heads, ...]
+            size = bias.shape[1] // tp
+            return bias[:, rank * size : (rank + 1) * size]
         per = bias.view(batch, -1, *bias.shape[1:])  # [batch, heads, ...]
         size = per.shape[1] // tp
         return per[:, rank * size : (rank + 1) * size].reshape(-1, *bias.shape[1:])
