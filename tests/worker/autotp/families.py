@@ -201,6 +201,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     ),
     # a relative position bias for all heads, built by the encoder and passed to each attention
     "mpnet": ("MPNetConfig", "MPNetForMaskedLM", {**_D, "max_position_embeddings": 64}, "encoder"),
+    # a fused q|k|v read as qkv.view(..., 3, heads, head_dim): three blocks the trace cannot see
+    "modernbert": (
+        "ModernBertConfig",
+        "ModernBertForMaskedLM",
+        {**_D, "max_position_embeddings": 64, "pad_token_id": 0, "local_attention": 16},
+        "encoder",
+    ),
     "deberta_v2": (
         "DebertaV2Config",
         "DebertaV2ForMaskedLM",

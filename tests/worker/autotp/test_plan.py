@@ -134,6 +134,16 @@ def test_gpt_oss_attention_sinks_split_by_heads() -> None:
     assert torch.equal(model.model.layers[0].self_attn.sinks, full[4:])
 
 
+def test_modernbert_fused_qkv_split_per_block() -> None:
+    """ModernBERT reads its fused Wqkv as ``view(..., 3, heads, head_dim)``: before, cut as one block
+    (rank 0 all of q) its TP-2 outputs were 117% off the single-process model's, with no error."""
+    model, _ = build("modernbert")
+    plan = plan_model(model, 2)
+    wqkv = plan.linears["model.layers.0.attn.Wqkv"]
+    assert wqkv.role == "column" and wqkv.split is not None and wqkv.split.blocks == (64, 64, 64)
+    assert plan.linears["model.layers.0.attn.Wo"].role == "row"
+
+
 def test_gpt2_conv1d_fused_qkv() -> None:
     model, _ = build("gpt2")
     plan = plan_model(model, 2)

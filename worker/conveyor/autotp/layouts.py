@@ -27,6 +27,10 @@ HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_pro
 # its forward, so each rank takes its share of every group (and the same heads of out_proj's input).
 FUSED_GROUPS = {"CodeGenAttention": 4}
 
+# Attention that reads its fused q|k|v through a view the trace does not see into: class -> how many
+# equal blocks of all heads it holds (ModernBERT: ``qkv.view(..., 3, -1, head_dim).unbind(dim=-3)``).
+FUSED_BLOCKS = {"ModernBertAttention": 3}
+
 # Attention that cuts its fused q|k|v at offsets computed from the model's config and its own head counts
 # (Phi-3: ``qkv[..., :query_pos]`` with ``query_pos = self.config.num_attention_heads * self.head_dim``):
 # class -> the config attributes it reads. With q, k and v each split by heads, the module gets its own

@@ -20,6 +20,7 @@ from torch import nn
 
 from conveyor.autotp.layouts import (
     CONFIG_HEAD_COUNTS,
+    FUSED_BLOCKS,
     FUSED_GROUPS,
     HEAD_COUNT_ATTRS,
     HEAD_DIM_ATTRS,
@@ -290,12 +291,13 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
             for n, m in modules.items()
             if n.startswith(top) and _is_heads_module(m) and any(x.startswith(n + ".") for x in members)
         ]
-        unit, groups = 1, 1
+        unit, groups, fused = 1, 1, 1
         row_input = next(_in_width(modules[m]) for m in members if roles[m] == "row")
         if owners:
             owner = modules[owners[-1]]
             unit = _head_dim(owner)
             groups = FUSED_GROUPS.get(type(owner).__name__, 1)
+            fused = FUSED_BLOCKS.get(type(owner).__name__, 1)
             for o in owners:
                 if o not in claimed:
                     claimed.add(o)
@@ -309,6 +311,8 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
                 blocks: tuple[int, ...] = (row_width,) * (width // groups // row_width)
             else:
                 cut = flows[m].slice_blocks if m in recut else None
+                if fused > 1 and width == fused * row_input:
+                    cut = (row_input,) * fused
                 blocks = (flows[m].split_sizes or cut or (width,)) if lp.role == "column" else (width,)
             lp.split = Split(blocks, groups)
             if groups * sum(blocks) != width:
