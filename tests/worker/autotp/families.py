@@ -61,6 +61,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     # a fused q|k|v read at offsets its forward computes (attention stays whole), a fused gate|up chunked
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_D, "num_key_value_heads": 4, "pad_token_id": 0}, "causal"),
     "phi": ("PhiConfig", "PhiForCausalLM", {**_D, "partial_rotary_factor": 0.5}, "causal"),
+    # differential attention: head i paired with head i + heads/2, value heads by halves; its lambdas
+    # are head_dim (8) wide, as many as the heads
+    "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", {**_D, "num_key_value_heads": 8}, "causal"),
     # a fused q|k|v clamped (clip_qkv) before it is split; its experts stay whole
     "dbrx": (
         "DbrxConfig",

@@ -144,6 +144,24 @@ def test_modernbert_fused_qkv_split_per_block() -> None:
     assert plan.linears["model.layers.0.attn.Wo"].role == "row"
 
 
+def test_diffllama_heads_split_per_half() -> None:
+    """DiffLlama pairs head i with head i + heads/2 (and value head j with j + kv_heads/2): before, q, k
+    and v were split contiguously, rank 0 paired its heads among themselves and TP-2 logits were 165%
+    off, with no error. Each half is split now, so a rank keeps both heads of its pairs; its
+    head_dim-wide lambdas (as many values as heads here) stay whole."""
+    model, _ = build("diffllama")
+    plan = plan_model(model, 2)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        split = plan.linears[f"model.layers.0.self_attn.{proj}"].split
+        assert split is not None and (split.blocks, split.groups) == ((32,), 2)
+        # rank 1: heads 2-3 of the first half and 6-7 of the second (8 wide each)
+        assert split.index(1, 2).tolist() == [*range(16, 32), *range(48, 64)]
+    o_proj = plan.linears["model.layers.0.self_attn.o_proj"]
+    assert o_proj.role == "row" and o_proj.split is not None and o_proj.split.groups == 1
+    attention = next(h for h in plan.heads if h.name == "model.layers.0.self_attn")
+    assert attention.head_params == {}
+
+
 def test_gpt2_conv1d_fused_qkv() -> None:
     model, _ = build("gpt2")
     plan = plan_model(model, 2)

@@ -37,6 +37,16 @@ FUSED_BLOCKS = {"ModernBertAttention": 3}
 # copy of the config with these divided, so its offsets are those of the rank's blocks.
 CONFIG_HEAD_COUNTS = {"Phi3Attention": ("num_attention_heads", "num_key_value_heads")}
 
+# Parameters of an attention module with one value per query head, split with the heads: by name, as a
+# head_dim-sized parameter (DiffLlama's lambdas) has the same shape wherever head_dim equals the head
+# count (GPT-OSS 120B: 64 and 64).
+HEAD_PARAMS = {"GptOssAttention": ("sinks",)}
+
+# Differential attention pairs head i with head i + heads/2 (the value heads likewise, by halves): q, k
+# and v are each split per half, so a rank keeps both heads of its pairs; the combined output holds one
+# block per pair, in order, so o_proj's input is split as usual.
+HEAD_HALVES = {"DiffLlamaAttention"}
+
 # Head-wise attention biases built outside the attention module for all heads, so each rank slices its
 # heads out of the argument: class -> (argument name, how the heads sit in it).
 #   "batch_heads": [batch x heads, ...] (BLOOM's alibi)    "heads": [heads, ...] (MPT's alibi)

@@ -24,6 +24,8 @@ from conveyor.autotp.layouts import (
     FUSED_GROUPS,
     HEAD_COUNT_ATTRS,
     HEAD_DIM_ATTRS,
+    HEAD_HALVES,
+    HEAD_PARAMS,
     HEAD_WIDTH_ATTRS,
 )
 from conveyor.autotp.trace import LinearFlow, is_conv1d, is_experts
@@ -264,12 +266,7 @@ def _heads_plan(name: str, module: nn.Module, query_heads: int, groups: int) -> 
     ]
     config = getattr(module, "config", None)
     in_config = {a: int(getattr(config, a)) for a in CONFIG_HEAD_COUNTS.get(type(module).__name__, ())}
-    # one value per head, held by the attention itself (GPT-OSS's attention ``sinks``)
-    params = {
-        n: Split((query_heads // groups,), groups)
-        for n, p in module.named_parameters(recurse=False)
-        if query_heads and p.dim() == 1 and p.shape[0] == query_heads
-    }
+    params = {n: Split((query_heads // groups,), groups) for n in HEAD_PARAMS.get(type(module).__name__, ())}
     return HeadsPlan(name, counts, emb, in_config, params)
 
 
@@ -291,13 +288,14 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
             for n, m in modules.items()
             if n.startswith(top) and _is_heads_module(m) and any(x.startswith(n + ".") for x in members)
         ]
-        unit, groups, fused = 1, 1, 1
+        unit, groups, fused, halves = 1, 1, 1, False
         row_input = next(_in_width(modules[m]) for m in members if roles[m] == "row")
         if owners:
             owner = modules[owners[-1]]
             unit = _head_dim(owner)
             groups = FUSED_GROUPS.get(type(owner).__name__, 1)
             fused = FUSED_BLOCKS.get(type(owner).__name__, 1)
+            halves = type(owner).__name__ in HEAD_HALVES
             for o in owners:
                 if o not in claimed:
                     claimed.add(o)
@@ -314,9 +312,14 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
                 if fused > 1 and width == fused * row_input:
                     cut = (row_input,) * fused
                 blocks = (flows[m].split_sizes or cut or (width,)) if lp.role == "column" else (width,)
-            lp.split = Split(blocks, groups)
-            if groups * sum(blocks) != width:
-                problems.append(f"{m} ({lp.role}-parallel): width {width} is not {groups} groups of {blocks}")
+            repeats = groups
+            if halves and lp.role == "column":
+                blocks, repeats = (width // 2,), 2
+            lp.split = Split(blocks, repeats)
+            if repeats * sum(blocks) != width:
+                problems.append(
+                    f"{m} ({lp.role}-parallel): width {width} is not {repeats} groups of {blocks}"
+                )
             for b in blocks:
                 if b % (tp * unit):
                     what = f"{b // unit} heads of width {unit}" if unit > 1 else f"{b} channels"
