@@ -22,7 +22,8 @@ import atexit
 import logging
 import os
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -111,6 +112,11 @@ def init_distributed(
     if environ is not None:
         os.environ.update({k: environ[k] for k in (*_REQUIRED, "LOCAL_RANK") if k in environ})
     timeout = timedelta(seconds=timeout_seconds)
+    # why: its collectives take ``group=group.WORLD`` as a default argument, read when it is imported;
+    # imported after this point (transformers' model imports do, through torch.distributed.fsdp) it would
+    # own the default group for good and keep it running into the interpreter's teardown (see atexit below)
+    import torch.distributed.nn.functional  # noqa: F401
+
     try:
         store = _generation_store(env, rank, timeout)
         dist.init_process_group(
@@ -127,10 +133,13 @@ def init_distributed(
             f"rank {rank}/{world} could not join the process group at {where} within {timeout_seconds:.0f}s "
             f"({type(err).__name__}: {err}); check that every rank started and MASTER_ADDR resolves"
         ) from err
-    # A process that exits with its gloo group alive can abort in the group's teardown ("terminate called
-    # without an active exception", exit 134) when a peer closed first: tear it down before the
-    # interpreter does, for scripts that return without destroy_distributed() too. Not NCCL: destroying
-    # a communicator with work left on a dead peer can block, and a failing rank must exit, not hang.
+    # A gloo group still alive when the interpreter finalizes can abort the process ("terminate called
+    # without an active exception", exit 134): a worker thread that releases a finished collective's
+    # tensors then needs the GIL, and a finalizing interpreter ends such a thread with an unwind that
+    # std::terminate stops. Destroying the groups at exit joins their workers first, for scripts that
+    # end without destroy_distributed() too, provided nothing else holds them (hooks: ``held_weakly``).
+    # Not NCCL: destroying a communicator with work left on a dead peer can block, and a failing rank
+    # must exit, not hang.
     if backend == "gloo":
         atexit.register(destroy_distributed)
     metrics.READINESS.joined()
@@ -189,3 +198,24 @@ def _join_if_ours(host: str, port: int, left: float, generation: str) -> tuple[d
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def held_weakly(group: dist.ProcessGroup | None) -> Callable[[], dist.ProcessGroup | None]:
+    """``group`` for a hook to call collectives on, without owning it: a model's hooks live as long as the
+    user's model, often to the interpreter's teardown, and a group they owned would outlive
+    ``destroy_process_group`` with its worker threads (the abort at exit above). The callable raises once
+    the group is destroyed. None (the default group) stays None."""
+    if group is None:
+        return lambda: None
+    ref = weakref.ref(group)
+
+    def resolve() -> dist.ProcessGroup:
+        live = ref()
+        if live is None:
+            raise RuntimeError(
+                "this model's tensor-parallel process group was destroyed (destroy_process_group): its "
+                "shards cannot run any more; keep the group until the last forward"
+            )
+        return live
+
+    return resolve

@@ -61,6 +61,38 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     # a fused q|k|v read at offsets its forward computes (attention stays whole), a fused gate|up chunked
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_D, "num_key_value_heads": 4, "pad_token_id": 0}, "causal"),
     "phi": ("PhiConfig", "PhiForCausalLM", {**_D, "partial_rotary_factor": 0.5}, "causal"),
+    # differential attention: head i paired with head i + heads/2, value heads by halves; its lambdas
+    # are head_dim (8) wide, as many as the heads
+    "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", {**_D, "num_key_value_heads": 8}, "causal"),
+    # a fused q|k|v clamped (clip_qkv) before it is split; its experts stay whole
+    "dbrx": (
+        "DbrxConfig",
+        "DbrxForCausalLM",
+        {
+            "d_model": 64,
+            "n_heads": 8,
+            "n_layers": 2,
+            "max_seq_len": 64,
+            "attn_config": {"kv_n_heads": 4, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
+        },
+        "causal",
+    ),
+    # attention sinks: one learned logit per head; its experts (with biases) stay whole
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {
+            **_D,
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 16,
+            "pad_token_id": 0,
+        },
+        "causal",
+    ),
     "falcon": (
         "FalconConfig",
         "FalconForCausalLM",
@@ -168,6 +200,15 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         "AlbertConfig",
         "AlbertForMaskedLM",
         {**_D, "embedding_size": 32, "max_position_embeddings": 64},
+        "encoder",
+    ),
+    # a relative position bias for all heads, built by the encoder and passed to each attention
+    "mpnet": ("MPNetConfig", "MPNetForMaskedLM", {**_D, "max_position_embeddings": 64}, "encoder"),
+    # a fused q|k|v read as qkv.view(..., 3, heads, head_dim): three blocks the trace cannot see
+    "modernbert": (
+        "ModernBertConfig",
+        "ModernBertForMaskedLM",
+        {**_D, "max_position_embeddings": 64, "pad_token_id": 0, "local_attention": 16},
         "encoder",
     ),
     "deberta_v2": (

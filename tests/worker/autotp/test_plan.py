@@ -8,6 +8,7 @@ import conveyor
 import pytest
 import torch
 from conveyor.autotp import AutoTPError, plan_model
+from conveyor.autotp.shard import shard_model
 from torch import nn
 
 from tests.worker.autotp.families import build, prompt
@@ -56,20 +57,43 @@ def test_a_norm_over_a_whole_projection_is_refused() -> None:
     plan_model(model, 1)  # whole, it is fine
 
 
-def test_phi3_fused_gate_up_split_per_half_and_sliced_qkv_kept_whole() -> None:
-    """Phi-3's MLP chunks its fused gate|up with ``chunk(2, dim=-1)``, whose dim autograd reads back as
-    2**64 - 1: before, that went unseen and each rank kept a contiguous half (rank 0 all of gate, rank 1
-    all of up), giving logits 18% off with no error. Its attention reads the fused q|k|v at offsets
-    computed from the config (``qkv[..., :query_pos]``): split, ranks got no key/value heads and died of
-    SIGFPE in attention; now q|k|v and o_proj stay whole."""
+def test_phi3_fused_qkv_split_per_head_group_and_gate_up_per_half() -> None:
+    """Phi-3's attention reads its fused q|k|v at offsets computed from the config
+    (``qkv[..., :query_pos]``, ``query_pos = config.num_attention_heads * head_dim``): before, q|k|v and
+    o_proj stayed whole on every rank (a third of each layer here). Now q, k and v are each split by heads
+    and the attention gets its own config counting the rank's heads; the model's config is untouched.
+    Its MLP chunks the fused gate|up with ``chunk(2, dim=-1)`` (autograd reads the dim back as 2**64 - 1):
+    each half is split, not the whole (rank 0 all of gate, rank 1 all of up: logits 18% off)."""
     model, _ = build("phi3")
     plan = plan_model(model, 2)
+    qkv = plan.linears["model.layers.0.self_attn.qkv_proj"]
+    assert qkv.role == "column" and qkv.split is not None and qkv.split.blocks == (64, 32, 32)  # q | k | v
+    # rank 1: q heads 4-7, then k heads 2-3 and v heads 2-3 (8 wide each)
+    assert qkv.split.index(1, 2).tolist() == [*range(32, 64), *range(80, 96), *range(112, 128)]
+    assert plan.linears["model.layers.0.self_attn.o_proj"].role == "row"
     gate_up = plan.linears["model.layers.0.mlp.gate_up_proj"]
     assert gate_up.role == "column" and gate_up.split is not None and gate_up.split.blocks == (128, 128)
     assert plan.linears["model.layers.0.mlp.down_proj"].role == "row"
-    assert plan.linears["model.layers.0.self_attn.qkv_proj"].role == "replicated"
-    assert plan.linears["model.layers.0.self_attn.o_proj"].role == "replicated"
-    assert plan.heads == []  # the attention keeps all its heads
+    attention = next(h for h in plan.heads if h.name == "model.layers.0.self_attn")
+    assert attention.config_attrs == {"num_attention_heads": 8, "num_key_value_heads": 4}
+    shard_model(model, plan, rank=1, group=None)
+    attn = model.model.layers[0].self_attn
+    assert (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.num_key_value_heads) == (
+        4,
+        2,
+        2,
+    )
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (8, 4)
+    assert attn.config is not model.model.layers[1].self_attn.config
+
+
+def test_phi3_heads_the_split_does_not_divide_are_refused() -> None:
+    """q, k and v are each split by whole heads: 4 KV heads over TP 8 is refused by name, not miscomputed."""
+    model, _ = build("phi3")
+    with pytest.raises(
+        AutoTPError, match=r"qkv_proj \(column-parallel\): 4 heads of width 8 cannot be split 8 ways"
+    ):
+        plan_model(model, 8)
 
 
 def test_glm_fused_gate_up_split_per_half() -> None:
@@ -85,6 +109,57 @@ def test_glm_fused_gate_up_split_per_half() -> None:
     gate_up = plan.linears["model.layers.0.mlp.gate_up_proj"]
     assert gate_up.role == "column" and gate_up.split is not None and gate_up.split.blocks == (128, 128)
     assert plan.linears["model.layers.0.self_attn.q_proj"].role == "column"
+
+
+def test_dbrx_fused_qkv_clamped_before_its_split() -> None:
+    """DBRX clamps its fused q|k|v (``clip_qkv``) and then splits it: before, the split behind the clamp
+    went unseen, Wqkv was cut as one block (rank 0 all of q) and TP-2 logits were 140% off, no error."""
+    model, _ = build("dbrx")
+    plan = plan_model(model, 2)
+    wqkv = plan.linears["transformer.blocks.0.norm_attn_norm.attn.Wqkv"]
+    assert wqkv.role == "column" and wqkv.split is not None and wqkv.split.blocks == (64, 32, 32)
+    assert plan.linears["transformer.blocks.0.norm_attn_norm.attn.out_proj"].role == "row"
+
+
+def test_gpt_oss_attention_sinks_split_by_heads() -> None:
+    """GPT-OSS's attention holds one sink logit per query head: before, kept whole while the heads were
+    split, its attention died concatenating 8 sinks to 4 heads' scores."""
+    model, _ = build("gpt_oss")
+    plan = plan_model(model, 2)
+    attention = next(h for h in plan.heads if h.name == "model.layers.0.self_attn")
+    assert set(attention.head_params) == {"sinks"}
+    assert attention.head_params["sinks"].index(1, 2).tolist() == [4, 5, 6, 7]
+    full = model.model.layers[0].self_attn.sinks.detach().clone()
+    shard_model(model, plan, rank=1, group=None)
+    assert torch.equal(model.model.layers[0].self_attn.sinks, full[4:])
+
+
+def test_modernbert_fused_qkv_split_per_block() -> None:
+    """ModernBERT reads its fused Wqkv as ``view(..., 3, heads, head_dim)``: before, cut as one block
+    (rank 0 all of q) its TP-2 outputs were 117% off the single-process model's, with no error."""
+    model, _ = build("modernbert")
+    plan = plan_model(model, 2)
+    wqkv = plan.linears["model.layers.0.attn.Wqkv"]
+    assert wqkv.role == "column" and wqkv.split is not None and wqkv.split.blocks == (64, 64, 64)
+    assert plan.linears["model.layers.0.attn.Wo"].role == "row"
+
+
+def test_diffllama_heads_split_per_half() -> None:
+    """DiffLlama pairs head i with head i + heads/2 (and value head j with j + kv_heads/2): before, q, k
+    and v were split contiguously, rank 0 paired its heads among themselves and TP-2 logits were 165%
+    off, with no error. Each half is split now, so a rank keeps both heads of its pairs; its
+    head_dim-wide lambdas (as many values as heads here) stay whole."""
+    model, _ = build("diffllama")
+    plan = plan_model(model, 2)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        split = plan.linears[f"model.layers.0.self_attn.{proj}"].split
+        assert split is not None and (split.blocks, split.groups) == ((32,), 2)
+        # rank 1: heads 2-3 of the first half and 6-7 of the second (8 wide each)
+        assert split.index(1, 2).tolist() == [*range(16, 32), *range(48, 64)]
+    o_proj = plan.linears["model.layers.0.self_attn.o_proj"]
+    assert o_proj.role == "row" and o_proj.split is not None and o_proj.split.groups == 1
+    attention = next(h for h in plan.heads if h.name == "model.layers.0.self_attn")
+    assert attention.head_params == {}
 
 
 def test_gpt2_conv1d_fused_qkv() -> None:

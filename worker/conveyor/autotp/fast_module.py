@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from conveyor.autotp.plan import AutoTPError
+from conveyor.distributed import held_weakly
 from conveyor.inference.model.stage_model import StageModel
 from conveyor.inference.pipeline.generate import Request, Result, SchedulerHooks, run_generation
 from conveyor.inference.pipeline.sampling import SamplingParams
@@ -107,9 +108,17 @@ class FastCausalLM(nn.Module):
         self.config = config
         self.generation_config = generation_config
         self.max_len = min(max_out_tokens, stage.arch.max_positions)
-        self.peers = PipelinePeers(0, 1, None, None, rank, rank, tensor_group, tensor_src, None)
+        self._tensor_group = held_weakly(tensor_group)  # not owned: see conveyor.distributed.held_weakly
+        self._tensor_src = tensor_src
+        self._rank = rank
         self.warmed: set[int] = set()  # batch sizes whose decode step is compiled and captured
         self.tiles: Any = None  # the tile choices of the Triton products (compile_cache.TileChoices)
+
+    @property
+    def peers(self) -> PipelinePeers:
+        return PipelinePeers(
+            0, 1, None, None, self._rank, self._rank, self._tensor_group(), self._tensor_src, None
+        )
 
     @property
     def device(self) -> torch.device:

@@ -27,7 +27,32 @@ HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_pro
 # its forward, so each rank takes its share of every group (and the same heads of out_proj's input).
 FUSED_GROUPS = {"CodeGenAttention": 4}
 
+# Attention that reads its fused q|k|v through a view the trace does not see into: class -> how many
+# equal blocks of all heads it holds (ModernBERT: ``qkv.view(..., 3, -1, head_dim).unbind(dim=-3)``).
+FUSED_BLOCKS = {"ModernBertAttention": 3}
+
+# Attention that cuts its fused q|k|v at offsets computed from the model's config and its own head counts
+# (Phi-3: ``qkv[..., :query_pos]`` with ``query_pos = self.config.num_attention_heads * self.head_dim``):
+# class -> the config attributes it reads. With q, k and v each split by heads, the module gets its own
+# copy of the config with these divided, so its offsets are those of the rank's blocks.
+CONFIG_HEAD_COUNTS = {"Phi3Attention": ("num_attention_heads", "num_key_value_heads")}
+
+# Parameters of an attention module with one value per query head, split with the heads: by name, as a
+# head_dim-sized parameter (DiffLlama's lambdas) has the same shape wherever head_dim equals the head
+# count (GPT-OSS 120B: 64 and 64).
+HEAD_PARAMS = {"GptOssAttention": ("sinks",)}
+
+# Differential attention pairs head i with head i + heads/2 (the value heads likewise, by halves): q, k
+# and v are each split per half, so a rank keeps both heads of its pairs; the combined output holds one
+# block per pair, in order, so o_proj's input is split as usual.
+HEAD_HALVES = {"DiffLlamaAttention"}
+
 # Head-wise attention biases built outside the attention module for all heads, so each rank slices its
 # heads out of the argument: class -> (argument name, how the heads sit in it).
 #   "batch_heads": [batch x heads, ...] (BLOOM's alibi)    "heads": [heads, ...] (MPT's alibi)
-HEAD_BIAS_ARGS = {"BloomAttention": ("alibi", "batch_heads"), "MptAttention": ("position_bias", "heads")}
+#   "batch_then_heads": [batch, heads, ...] (MPNet's relative position bias)
+HEAD_BIAS_ARGS = {
+    "BloomAttention": ("alibi", "batch_heads"),
+    "MptAttention": ("position_bias", "heads"),
+    "MPNetSelfAttention": ("position_bias", "batch_then_heads"),
+}

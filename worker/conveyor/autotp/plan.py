@@ -18,7 +18,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from conveyor.autotp.layouts import FUSED_GROUPS, HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS
+from conveyor.autotp.layouts import (
+    CONFIG_HEAD_COUNTS,
+    FUSED_BLOCKS,
+    FUSED_GROUPS,
+    HEAD_COUNT_ATTRS,
+    HEAD_DIM_ATTRS,
+    HEAD_HALVES,
+    HEAD_PARAMS,
+    HEAD_WIDTH_ATTRS,
+)
 from conveyor.autotp.trace import LinearFlow, is_conv1d, is_experts
 
 Role = Literal["column", "row", "replicated"]
@@ -69,11 +78,13 @@ class ExpertsPlan:
 @dataclass
 class HeadsPlan:
     """A module that counts heads (attention): its head counts and widths divided, head-wise embeddings
-    (T5's relative position bias) split by heads."""
+    (T5's relative position bias) and parameters (GPT-OSS's sinks) split by heads."""
 
     name: str
     attrs: dict[str, int]  # attribute -> full value
     head_embeddings: list[str] = field(default_factory=list)
+    config_attrs: dict[str, int] = field(default_factory=dict)  # of its own copy of the config (layouts.py)
+    head_params: dict[str, Split] = field(default_factory=dict)  # its parameters of one value per head
 
 
 @dataclass
@@ -109,12 +120,13 @@ class Plan:
         )
 
 
-def _solve_roles(flows: dict[str, LinearFlow], experts: set[str]) -> dict[str, Role]:
+def _solve_roles(flows: dict[str, LinearFlow], experts: set[str], recut: set[str]) -> dict[str, Role]:
+    """``recut``: linears cut at offsets that follow the split (``_recut``)."""
     roles: dict[str, Role] = {}
     for name, f in flows.items():
         if name in experts or f.calls == 0:
             roles[name] = "replicated"  # experts split inside themselves; an unused linear stays whole
-        elif f.sliced:
+        elif f.sliced and name not in recut:
             roles[name] = "replicated"  # cut at offsets its module computes for the whole width (trace.py)
         elif f.consumers and not f.writes_residual:
             roles[name] = "column"
@@ -233,12 +245,38 @@ def _vocab_plan(model: Any, tp: int) -> VocabPlan | None:
     return VocabPlan(sharing, lm_head, tied, parallel, vocab)
 
 
+def _recut(flows: dict[str, LinearFlow], modules: dict[str, nn.Module]) -> set[str]:
+    """Linears whose output is read only through cuts at offsets that a rank's copy of the config moves to
+    its own blocks: their module is one of ``CONFIG_HEAD_COUNTS`` and the cuts tile the output."""
+    return {
+        n
+        for n, f in flows.items()
+        if f.slice_blocks and type(modules[n.rpartition(".")[0]]).__name__ in CONFIG_HEAD_COUNTS
+    }
+
+
+def _heads_plan(name: str, module: nn.Module, query_heads: int, groups: int) -> HeadsPlan:
+    """What to divide in an attention module whose heads are split. ``query_heads``: how many heads the
+    output projection reads (0 if unknown); ``groups``: its fused groups (layouts.FUSED_GROUPS)."""
+    counts = _head_attrs(module)
+    emb = [
+        f"{name}.{n}"
+        for n, m in module.named_children()
+        if isinstance(m, nn.Embedding) and m.embedding_dim in counts.values()
+    ]
+    config = getattr(module, "config", None)
+    in_config = {a: int(getattr(config, a)) for a in CONFIG_HEAD_COUNTS.get(type(module).__name__, ())}
+    params = {n: Split((query_heads // groups,), groups) for n in HEAD_PARAMS.get(type(module).__name__, ())}
+    return HeadsPlan(name, counts, emb, in_config, params)
+
+
 def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
     """The plan for ``tp`` ranks, or ``AutoTPError`` listing every layer that ``tp`` does not divide."""
     modules = dict(model.named_modules())
     hidden = int(model.config.hidden_size)
     experts_names = {n for n in flows if is_experts(modules[n])}
-    roles = _solve_roles(flows, experts_names)
+    recut = _recut(flows, modules)
+    roles = _solve_roles(flows, experts_names, recut)
     problems: list[str] = []
     linears = {n: LinearPlan(n, roles[n]) for n in flows if n not in experts_names}
     heads: list[HeadsPlan] = []
@@ -250,21 +288,19 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
             for n, m in modules.items()
             if n.startswith(top) and _is_heads_module(m) and any(x.startswith(n + ".") for x in members)
         ]
-        unit, groups = 1, 1
+        unit, groups, fused, halves = 1, 1, 1, False
+        row_input = next(_in_width(modules[m]) for m in members if roles[m] == "row")
         if owners:
             owner = modules[owners[-1]]
             unit = _head_dim(owner)
             groups = FUSED_GROUPS.get(type(owner).__name__, 1)
+            fused = FUSED_BLOCKS.get(type(owner).__name__, 1)
+            halves = type(owner).__name__ in HEAD_HALVES
             for o in owners:
                 if o not in claimed:
                     claimed.add(o)
-                    emb = [
-                        f"{o}.{n}"
-                        for n, m in modules[o].named_children()
-                        if isinstance(m, nn.Embedding) and m.embedding_dim in _head_attrs(modules[o]).values()
-                    ]
-                    heads.append(HeadsPlan(o, _head_attrs(modules[o]), emb))
-        row_width = next(_in_width(modules[m]) for m in members if roles[m] == "row") // groups
+                    heads.append(_heads_plan(o, modules[o], row_input // unit if unit > 1 else 0, groups))
+        row_width = row_input // groups
         for m in members:
             lp = linears[m]
             lp.group = gid
@@ -272,16 +308,27 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
             if groups > 1:
                 blocks: tuple[int, ...] = (row_width,) * (width // groups // row_width)
             else:
-                blocks = (flows[m].split_sizes or (width,)) if lp.role == "column" else (width,)
-            lp.split = Split(blocks, groups)
-            if groups * sum(blocks) != width:
-                problems.append(f"{m} ({lp.role}-parallel): width {width} is not {groups} groups of {blocks}")
+                cut = flows[m].slice_blocks if m in recut else None
+                if fused > 1 and width == fused * row_input:
+                    cut = (row_input,) * fused
+                blocks = (flows[m].split_sizes or cut or (width,)) if lp.role == "column" else (width,)
+            repeats = groups
+            if halves and lp.role == "column":
+                blocks, repeats = (width // 2,), 2
+            lp.split = Split(blocks, repeats)
+            if repeats * sum(blocks) != width:
+                problems.append(
+                    f"{m} ({lp.role}-parallel): width {width} is not {repeats} groups of {blocks}"
+                )
             for b in blocks:
                 if b % (tp * unit):
                     what = f"{b // unit} heads of width {unit}" if unit > 1 else f"{b} channels"
                     problems.append(f"{m} ({lp.role}-parallel): {what} cannot be split {tp} ways")
     for h in heads:
         problems += [f"{h.name}.{a} = {v} is not divisible by {tp}" for a, v in h.attrs.items() if v % tp]
+        problems += [
+            f"{h.name}.config.{a} = {v} is not divisible by {tp}" for a, v in h.config_attrs.items() if v % tp
+        ]
         # A projection left whole inside an attention whose heads are split would give the attention all
         # heads of one input and a rank's share of another (OLMo 2's q_norm / k_norm normalize the whole
         # q and k projections, which the walk cannot see through): refused, not crashed or miscomputed.

@@ -8,6 +8,7 @@ can read exactly those slices from a checkpoint afterwards (checkpoint.py)."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 from conveyor.autotp.layouts import HEAD_BIAS_ARGS
 from conveyor.autotp.plan import Plan, Split
 from conveyor.autotp.trace import is_conv1d
+from conveyor.distributed import held_weakly
 
 
 class ShardLedger:
@@ -63,9 +65,11 @@ def _slice(
 
 
 def _all_reduce_hook(group: Any) -> Any:
+    tp_group = held_weakly(group)
+
     def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
         # why: a row-parallel module yields a partial sum on each rank; the residual stream needs the sum
-        dist.all_reduce(out, group=group)
+        dist.all_reduce(out, group=tp_group())
         return out
 
     return hook
@@ -117,6 +121,14 @@ def _shard_heads(model: nn.Module, plan: Plan, rank: int, ledger: ShardLedger) -
         m = modules[hp.name]
         for attr, value in hp.attrs.items():
             setattr(m, attr, value // plan.tp)
+        if hp.config_attrs:
+            # why: its forward cuts q|k|v at offsets it reads from the config, which every layer (and
+            # generate) shares: this module alone gets a copy counting the rank's heads (layouts.py)
+            m.config = copy.copy(m.config)
+            for attr, value in hp.config_attrs.items():
+                setattr(m.config, attr, value // plan.tp)
+        for attr, split in hp.head_params.items():
+            _slice(model, m, attr, 0, split.index(rank, plan.tp), ledger)
         for name in hp.head_embeddings:
             emb = modules[name]
             assert isinstance(emb, nn.Embedding)
@@ -133,6 +145,9 @@ def _slice_head_bias(module: nn.Module, arg: str, layout: str, rank: int, tp: in
         if layout == "heads":  # [heads, ...]
             size = bias.shape[0] // tp
             return bias[rank * size : (rank + 1) * size]
+        if layout == "batch_then_heads":  # [batch, heads, ...]
+            size = bias.shape[1] // tp
+            return bias[:, rank * size : (rank + 1) * size]
         per = bias.view(batch, -1, *bias.shape[1:])  # [batch, heads, ...]
         size = per.shape[1] // tp
         return per[:, rank * size : (rank + 1) * size].reshape(-1, *bias.shape[1:])
@@ -154,6 +169,7 @@ def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any, ledger: Sh
     if vp is None or not vp.parallel or plan.tp == 1:
         return
     modules = dict(model.named_modules())
+    tp_group = held_weakly(group)
     size = vp.vocab // plan.tp
     start = rank * size
     index = torch.arange(start, start + size)
@@ -174,7 +190,7 @@ def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any, ledger: Sh
         def post(_m: nn.Module, _args: tuple, out: torch.Tensor, masks: list = masks) -> torch.Tensor:
             out = out.masked_fill(masks.pop().unsqueeze(-1), 0)
             # why: each rank looked up only the tokens of its vocabulary slice; the sum holds every token
-            dist.all_reduce(out, group=group)
+            dist.all_reduce(out, group=tp_group())
             return out
 
         emb.register_forward_pre_hook(pre)
@@ -191,7 +207,7 @@ def _shard_vocab(model: nn.Module, plan: Plan, rank: int, group: Any, ledger: Sh
         def gather(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
             # why: each rank scored only its vocabulary slice; generate and sampling need every logit
             parts = [torch.empty_like(out) for _ in range(plan.tp)]
-            dist.all_gather(parts, out.contiguous(), group=group)
+            dist.all_gather(parts, out.contiguous(), group=tp_group())
             return torch.cat(parts, dim=-1)
 
         head.register_forward_hook(gather)

@@ -20,6 +20,15 @@ import torch
 from torch import nn
 
 _SPLITS = ("SplitBackward0", "SplitWithSizesBackward0")
+# Elementwise ops that keep every column where it was: a split or cut behind them is the linear's own
+# (DBRX clamps its fused q|k|v, ``clip_qkv``, before splitting it)
+_LAYOUT_KEEPING = (
+    "ClampBackward0",
+    "ClampBackward1",
+    "ClampMinBackward0",
+    "ClampMaxBackward0",
+    "ToCopyBackward0",
+)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -54,8 +63,11 @@ class LinearFlow:
     writes_residual: bool = False  # its output reaches a norm or a model output directly
     split_sizes: tuple[int, ...] | None = None  # its output is split on the last dim into these blocks
     # its output is cut on the last dim at offsets written in the forward (Phi-3's fused q|k|v read as
-    # qkv[..., :query_pos] with query_pos from the config): a rank's share of its columns would not match
+    # qkv[..., :query_pos] with query_pos from the config): a rank's share of its columns matches those
+    # offsets only where layouts.py says how they are computed
     sliced: bool = False
+    # the widths of those cuts when they tile the whole output in order and nothing else reads it
+    slice_blocks: tuple[int, ...] | None = None
     calls: int = 0
 
 
@@ -93,12 +105,23 @@ def _split_sizes(node: Any, width: int, ndim: int) -> tuple[int, ...] | None:
     return tuple([size] * (width // size)) if width % size == 0 else None
 
 
-def _slices_last_dim(node: Any, width: int, ndim: int) -> bool:
-    """Whether ``node`` takes part of a [.., width] tensor's last dim (``x[..., a:b]``, not all of it)."""
+def _last_dim_cut(node: Any, width: int, ndim: int) -> tuple[int, int] | None:
+    """[start, stop) if ``node`` takes part of a [.., width] tensor's last dim (``x[..., a:b]``, not all
+    of it), else None. An open end (``x[..., a:]``) is saved as 2**63 - 1."""
     if type(node).__name__ != "SliceBackward0" or not _on_last_dim(node, ndim):
-        return False
-    start, end = int(node._saved_start), int(node._saved_end)
-    return start > 0 or end < width
+        return None
+    start, stop = int(node._saved_start), min(int(node._saved_end), width)
+    return (start, stop) if start > 0 or stop < width else None
+
+
+def _tiling(cuts: list[tuple[int, int]], width: int) -> tuple[int, ...] | None:
+    """The widths of ``cuts`` if, in order, they cover [0, width) exactly once."""
+    ordered = sorted(set(cuts))
+    if len(ordered) != len(cuts) or ordered[0][0] != 0 or ordered[-1][1] != width:
+        return None
+    if any(a[1] != b[0] for a, b in zip(ordered, ordered[1:], strict=False)):
+        return None
+    return tuple(b - a for a, b in ordered)
 
 
 class Tracer:
@@ -217,12 +240,17 @@ class Tracer:
         consumers = self._consumer_map()
         for node, name in self._out_node.items():
             width, ndim = self._out_shape[name]
-            for consumer in consumers.get(node, ()):
+            cuts = []
+            for consumer in _through_layout_keeping(node, consumers):
                 sizes = _split_sizes(consumer, width, ndim)
                 if sizes is not None and sum(sizes) == width:
                     self.flows[name].split_sizes = sizes
-                if _slices_last_dim(consumer, width, ndim):
-                    self.flows[name].sliced = True
+                cuts.append(_last_dim_cut(consumer, width, ndim))
+            found = [c for c in cuts if c is not None]
+            if found:
+                self.flows[name].sliced = True
+                if len(found) == len(cuts):  # read through the cuts alone
+                    self.flows[name].slice_blocks = _tiling(found, width)
 
     def _consumer_map(self) -> dict[Any, list[Any]]:
         # autograd edges point backwards (node -> its inputs); invert them once for the whole graph
@@ -239,3 +267,11 @@ class Tracer:
                     found.setdefault(nxt, []).append(node)
                     stack.append(nxt)
         return found
+
+
+def _through_layout_keeping(node: Any, consumers: dict[Any, list[Any]]) -> list[Any]:
+    """The nodes that read ``node``'s output, looking through ``_LAYOUT_KEEPING`` ops."""
+    found = []
+    for c in consumers.get(node, ()):
+        found += _through_layout_keeping(c, consumers) if type(c).__name__ in _LAYOUT_KEEPING else [c]
+    return found

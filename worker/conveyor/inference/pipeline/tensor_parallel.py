@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from conveyor.distributed import held_weakly
 from conveyor.inference.model.checkpoint_layout import (  # noqa: F401 (re-exported: they were defined here)
     TensorParallelError,
     check_divisible,
@@ -93,10 +94,11 @@ def shard_range(total: int, tensor_parallel: int, rank: int) -> tuple[int, int]:
 def add_all_reduce_hooks(model: nn.Module, group: dist.ProcessGroup | None) -> int:
     """Sum the partial outputs of every row-parallel module (attention ``wo``, MLP ``w_out``) over the
     tensor-parallel group. Returns how many hooks were added."""
+    tensor_group = held_weakly(group)  # a user's model can outlive the group (conveyor.init_inference)
 
     def all_reduce(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
         # why: a row-parallel linear yields a partial sum on each rank; the block's output is their sum.
-        dist.all_reduce(output, group=group)
+        dist.all_reduce(output, group=tensor_group())
         return output
 
     count = 0
