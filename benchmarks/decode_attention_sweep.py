@@ -26,23 +26,6 @@ from benchmarks.generate import measure_bandwidth  # noqa: E402
 CONFIGS = "64x4x3,32x1x3,64x4x2,64x2x3,32x4x3,32x1x2,32x1x4,16x1x3,128x4x2,128x8x2"
 
 
-def time_call(fn, iters: int, calls: int = 20) -> float:
-    """Median ms a call, over ``iters`` runs of ``calls`` calls back to back (a layer's call is shorter
-    than launching it from Python, so one call between events would time the launch)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lanes", type=int, default=256)
@@ -51,12 +34,13 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--positions", default="32,383", help="lo,hi: each lane's position, uniform in [lo, hi]")
     p.add_argument("--configs", default=CONFIGS, help="BLOCK_LxWARPSxSTAGES,...; the first is the reference")
-    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--iters", type=int, default=50, help="calls per CUDA graph timed")
     p.add_argument("--caches", default="bf16", help="bf16, fp8 (the float8 cache's variant) or both")
     p.add_argument("--out", default="benchmarks/results/decode_attention_sweep.json")
     args = p.parse_args()
 
     from conveyor.inference.kernels import decode_attention as da
+    from conveyor.inference.kernels.skinny_matmul import time_in_graph
 
     torch.manual_seed(0)
     n, h, kvh, d = args.lanes, args.heads, args.kv_heads, args.head_dim
@@ -97,7 +81,9 @@ def main() -> None:
 
                 try:
                     out = call()
-                    ms = time_call(call, args.iters)
+                    # back to back in one CUDA graph, as the decode step runs it: launched from Python, a
+                    # layer's call (about 0.3 ms) would time the launches between the events as well
+                    ms = time_in_graph(lambda _i, call=call: call(), args.iters) / 1000
                 except Exception as err:  # a tile that does not fit shared memory
                     print(f"{name} {config}: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)
                     continue
