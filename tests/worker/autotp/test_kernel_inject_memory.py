@@ -28,7 +28,10 @@ def live_bytes() -> int:
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":  # type(): no proxy's __class__
             storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            try:
+                storages[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # a fake tensor an earlier test's tracing left for the collector: no memory
+                continue
     return sum(storages.values())
 
 
