@@ -21,11 +21,11 @@ from conveyor.spec import (
     InferenceSpec,
     PipelineJobSpec,
     SamplingSpec,
-    TrainSpec,
-    _Spec,
     parse_spec,
     spec_to_json,
 )
+from conveyor.spec_model import SpecModel
+from conveyor.train_spec import TrainSpec
 from conveyor_operator import reconcile, render
 from pydantic import Field
 
@@ -127,7 +127,7 @@ class _FutureTrain(TrainSpec):
     gradient_checkpointing: bool = False
 
 
-class _Preemption(_Spec):
+class _Preemption(SpecModel):
     policy: str = "never"
 
 

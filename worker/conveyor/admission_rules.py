@@ -9,7 +9,8 @@ from __future__ import annotations
 from pydantic.alias_generators import to_camel
 
 from conveyor import template_keys
-from conveyor.spec import FINE_TUNING_FIELDS, GPU_RESOURCE, OptimizerSpec, TrainSpec
+from conveyor.spec import GPU_RESOURCE
+from conveyor.train_spec import FINE_TUNING_FIELDS, OptimizerSpec, TrainSpec
 
 # The paths the operator mounts volumes at in the worker container (see _mounts_apart), as a CEL list.
 _MOUNT_PATHS = template_keys.OPERATOR_MOUNT_PATHS_CEL
@@ -24,7 +25,7 @@ _GPUS_PER_POD = (
 
 
 def _train_field_at_default(name: str) -> str:
-    """CEL: spec.train.<name> is absent or its default (as PipelineJobSpec._check_train compares it)."""
+    """CEL: spec.train.<name> is absent or its default (as TrainSpec.check_in_job compares it)."""
     field = f"self.train.{to_camel(name)}"
     default = TrainSpec.model_fields[name].get_default(call_default_factory=True)
     if default is None:

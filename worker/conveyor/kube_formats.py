@@ -99,6 +99,11 @@ def list_map(key: str, max_items: int) -> Any:
     )
 
 
+# Free-form Kubernetes objects (tolerations, affinity, volumes, ...) are validated by the API server
+# against core/v1 when the pod is created; we pass them through untouched.
+KubeObject = Annotated[
+    dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+]
 NamedObject = Annotated[dict[str, Any], _keyed_by("name")]
 MountObject = Annotated[dict[str, Any], _keyed_by("mountPath")]
 

@@ -7,24 +7,26 @@ style) and snake_case in Python. Unknown fields are refused everywhere, never si
 
 Cross-field rules live in ``model_validator``s below and, as CEL, in ``admission_rules.py`` (the API
 server checks those at admission, before any pod exists); both name the field and the fix. The status
-the operator writes is ``job_status.py``.
+the operator writes is ``job_status.py``. Sections with rules of their own have their own modules:
+``train_spec.py`` (spec.train), ``placement.py``, ``failure_policy.py``; ``spec_errors.py`` words a
+validation error for the user.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from conveyor.failure_policy import FailurePolicySpec
 from conveyor.kube_formats import (
     MAX_SECONDS,
+    KubeObject,
     LabelValue,
     MountObject,
     NamedObject,
@@ -34,7 +36,10 @@ from conveyor.kube_formats import (
     list_map,
 )
 from conveyor.placement import PlacementSpec
+from conveyor.spec_errors import SpecError, format_validation_error
+from conveyor.spec_model import SpecModel
 from conveyor.template_keys import SHM_PATH, clashes
+from conveyor.train_spec import TrainSpec
 
 GROUP = "conveyor.dev"
 VERSION = "v1alpha1"
@@ -44,25 +49,8 @@ PLURAL = "pipelinejobs"
 SHORT_NAMES = ["plj"]
 DEFAULT_IMAGE = "ghcr.io/conveyor-dev/conveyor-worker:0.1.0"
 
-# Free-form Kubernetes objects (tolerations, affinity, volumes, ...) are validated by the API server
-# against core/v1 when the pod is created; we pass them through untouched.
-KubeObject = Annotated[
-    dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-]
-
-
 # The extended resource the operator asks for spec.resources.gpus with (gpus_per_pod).
 GPU_RESOURCE = "nvidia.com/gpu"
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_enum_values=True,
-        validate_default=True,
-    )
 
 
 class Mode(StrEnum):
@@ -71,7 +59,7 @@ class Mode(StrEnum):
     TRAIN = "train"
 
 
-class ModelSpec(_Spec):
+class ModelSpec(SpecModel):
     """Where the model's weights are and how to load them."""
 
     path: str = Field(
@@ -97,7 +85,7 @@ class ModelSpec(_Spec):
     mount_path: str = Field("/models", min_length=1, description="Where `volume` is mounted in the worker.")
 
 
-class ParallelismSpec(_Spec):
+class ParallelismSpec(SpecModel):
     """The layout: replicas x stages x tensorParallel ranks (see docs/design.md)."""
 
     stages: int = Field(1, ge=1, le=64, description="Pipeline stages (P): one pod per stage.")
@@ -145,7 +133,7 @@ class ParallelismSpec(_Spec):
         return self.micro_batches or self.stages
 
 
-class ResourcesSpec(_Spec):
+class ResourcesSpec(SpecModel):
     gpus: int | None = Field(
         None, ge=0, le=16, description="GPUs per pod; default: tensorParallel. 0 runs on the CPU."
     )
@@ -182,7 +170,7 @@ class ResourcesSpec(_Spec):
         return self
 
 
-class TemplateSpec(_Spec):
+class TemplateSpec(SpecModel):
     """Pod-level overrides, passed through to every worker pod."""
 
     node_selector: dict[str, LabelValue] = Field(default_factory=dict)
@@ -225,7 +213,7 @@ class TemplateSpec(_Spec):
         return keys
 
 
-class CheckpointSpec(_Spec):
+class CheckpointSpec(SpecModel):
     volume: str | None = Field(
         None, description="PersistentVolumeClaim shared by all ranks for checkpoints and inference progress."
     )
@@ -243,7 +231,7 @@ class CheckpointSpec(_Spec):
     )
 
 
-class CacheSpec(_Spec):
+class CacheSpec(SpecModel):
     """The compile cache (inductor's and Triton's kernels, the matmul tile choices): what warm-up makes,
     kept so that a restarted group, another replica or the next job starts warm."""
 
@@ -254,7 +242,7 @@ class CacheSpec(_Spec):
     path: str = Field("/var/cache/conveyor", min_length=1, description="Cache directory inside the worker.")
 
 
-class RestartPolicySpec(_Spec):
+class RestartPolicySpec(SpecModel):
     backoff_limit: int = Field(3, ge=0, le=1000, description="Group restarts before the job is Failed.")
     backoff_seconds: int = Field(
         10, ge=0, le=MAX_SECONDS, description="Delay before the first restart; doubles each time."
@@ -279,7 +267,7 @@ class RestartPolicySpec(_Spec):
         return self
 
 
-class SamplingSpec(_Spec):
+class SamplingSpec(SpecModel):
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 means greedy.")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 turns it off.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 turns it off.")
@@ -289,7 +277,7 @@ class SamplingSpec(_Spec):
     stop: list[str] = Field(default_factory=list, description="Strings that end a sequence.")
 
 
-class InferenceSpec(_Spec):
+class InferenceSpec(SpecModel):
     input: str = Field(
         min_length=1,
         description="JSONL of prompts: {id, prompt} or {id, input_ids}, each optionally with its own "
@@ -309,97 +297,7 @@ class InferenceSpec(_Spec):
     )
 
 
-class OptimizerSpec(_Spec):
-    """An optimizer by DeepSpeed's name; ``params`` are the torch optimizer's arguments (lr, betas, ...)."""
-
-    type: Literal["Adam", "AdamW", "SGD", "Adagrad", "RMSprop"] = Field(
-        "AdamW", description="DeepSpeed's optimizer names (`Adam` with weight_decay decouples it, as AdamW)."
-    )
-    params: KubeObject = Field(
-        default_factory=lambda: {"lr": 1e-5}, description="Arguments of the optimizer, e.g. lr, betas."
-    )
-
-
-class SchedulerSpec(_Spec):
-    """A learning-rate schedule by DeepSpeed's name; ``params`` with DeepSpeed's names."""
-
-    type: Literal["WarmupCosineLR", "WarmupLR", "WarmupDecayLR"] = Field(
-        "WarmupCosineLR",
-        description="`WarmupCosineLR` (warm-up, then cosine to cos_min_ratio); total_num_steps defaults "
-        "to train.steps.",
-    )
-    params: KubeObject = Field(
-        default_factory=dict,
-        description="e.g. warmup_num_steps, warmup_type, warmup_min_ratio, cos_min_ratio.",
-    )
-
-
-class TrainSpec(_Spec):
-    """Training, one of three ways: fine-tune ``spec.model`` on ``dataset`` (built in), run the user's
-    DeepSpeed-style ``script`` in every rank's process, or run the user's ``command`` in every rank."""
-
-    script: str | None = Field(None, description="Python script run by every rank, DeepSpeed style.")
-    command: list[str] | None = Field(
-        None,
-        min_length=1,
-        description="A command from the image run by every rank with torchrun's environment (RANK, "
-        "WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and Conveyor's own.",
-    )
-    args: list[str] = Field(default_factory=list, description="Arguments passed to the script or command.")
-    steps: int | None = Field(None, ge=1, description="Optimizer steps (exported as CONVEYOR_TRAIN_STEPS).")
-    config: KubeObject = Field(
-        default_factory=dict, description="DeepSpeed-style engine config, passed as CONVEYOR_TRAIN_CONFIG."
-    )
-    # ---- fine-tuning spec.model (HF causal LM) on a dataset ----
-    dataset: str | None = Field(
-        None, description="Fine-tune spec.model on this JSONL: one {text} or {input_ids} object a line."
-    )
-    seq_length: int = Field(512, ge=2, le=1_048_576, description="Tokens per training sequence.")
-    packing: bool = Field(
-        True, description="Concatenate documents (EOS between) into full sequences; false: pad each."
-    )
-    micro_batch_size: int = Field(1, ge=1, le=4096, description="Sequences per micro-batch per replica.")
-    global_batch_size: int | None = Field(
-        None,
-        ge=1,
-        description="Sequences per optimizer step over all replicas; default microBatchSize x replicas. "
-        "Micro-batches per step = globalBatchSize / (microBatchSize x replicas).",
-    )
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    scheduler: SchedulerSpec | None = Field(None, description="None: a constant learning rate.")
-    gradient_clipping: float = Field(1.0, ge=0.0, description="Max global gradient norm; 0 turns it off.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto",
-        description="`bf16`: bf16 compute with fp32 master weights; `auto`: bf16 on GPUs, fp32 on the CPU.",
-    )
-    activation_checkpointing: bool = Field(
-        False, description="Recompute each layer's activations in backward."
-    )
-    seed: int = Field(0, ge=0, description="Seed of the data order (shuffled per epoch).")
-    export: str | None = Field(
-        None,
-        description="HF directory the trained model is written to at the end (loadable as is); "
-        "default: <checkpoint.path>/export.",
-    )
-
-    @property
-    def fine_tunes(self) -> bool:
-        return self.dataset is not None
-
-    def micro_batches(self, replicas: int) -> int:
-        return (self.global_batch_size or self.micro_batch_size * replicas) // (
-            self.micro_batch_size * replicas
-        )
-
-
-# TrainSpec's fields that only fine-tuning (spec.train.dataset) reads.
-FINE_TUNING_FIELDS = (
-    "seq_length", "packing", "micro_batch_size", "global_batch_size", "optimizer", "scheduler",
-    "gradient_clipping", "precision", "activation_checkpointing", "seed", "export",
-)  # fmt: skip
-
-
-class RolloutSpec(_Spec):
+class RolloutSpec(SpecModel):
     """How a serve job's replicas roll to a new spec, group by group (LeaderWorkerSet's rolling update)."""
 
     max_surge: int = Field(
@@ -426,13 +324,13 @@ class RolloutSpec(_Spec):
     )
 
 
-class ServeSpec(_Spec):
+class ServeSpec(SpecModel):
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
     max_batch_size: int = Field(64, ge=1, le=4096, description="Sequences decoded together.")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
 
 
-class PipelineJobSpec(_Spec):
+class PipelineJobSpec(SpecModel):
     mode: Mode = Field(description="What the job does: batch `inference`, `serve` an endpoint, or `train`.")
     model: ModelSpec | None = Field(None, description="Required for inference and serve.")
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
@@ -497,7 +395,7 @@ class PipelineJobSpec(_Spec):
             raise ValueError(f"spec.model is required when spec.mode is {self.mode!r}: add model.path")
         if self.mode == Mode.TRAIN:
             assert self.train is not None
-            self._check_train(self.train)
+            self.train.check_in_job(has_model=self.model is not None, replicas=self.parallelism.replicas)
             if self.model is not None and self.model.kv_cache_dtype != "auto":
                 raise ValueError(
                     "spec.model.kvCacheDtype only applies to inference and serve (training keeps no KV "
@@ -588,43 +486,6 @@ class PipelineJobSpec(_Spec):
             raise ValueError("\n".join(found))
         return self
 
-    def _check_train(self, train: TrainSpec) -> None:
-        ways = [name for name in ("script", "command", "dataset") if getattr(train, name) is not None]
-        if len(ways) != 1:
-            raise ValueError(
-                f"spec.train: set exactly one of script (a DeepSpeed-style script), command (a program every "
-                f"rank runs) or dataset (fine-tune spec.model); got {', '.join(ways) or 'none'}"
-            )
-        # Fields of the other way of training are refused, not ignored: they would do nothing. Compared
-        # with their defaults, not by whether they were given: the API server writes defaults in.
-        other = {"config", "args"} if train.fine_tunes else set(FINE_TUNING_FIELDS)
-        misplaced = sorted(
-            name
-            for name in other
-            if getattr(train, name) != TrainSpec.model_fields[name].get_default(call_default_factory=True)
-        )
-        if misplaced:
-            names = ", ".join(f"spec.train.{to_camel(name)}" for name in misplaced)
-            use = "a script or command" if train.fine_tunes else "spec.train.dataset (fine-tuning)"
-            raise ValueError(f"{names} only applies to {use}: remove it")
-        if not train.fine_tunes:
-            return
-        if self.model is None:
-            raise ValueError(
-                "spec.model is required with spec.train.dataset: add model.path (an HF directory)"
-            )
-        if train.steps is None:
-            raise ValueError(
-                "spec.train.steps is required with spec.train.dataset: add steps (optimizer steps)"
-            )
-        per_step = train.micro_batch_size * self.parallelism.replicas
-        if train.global_batch_size is not None and train.global_batch_size % per_step:
-            raise ValueError(
-                f"spec.train.globalBatchSize ({train.global_batch_size}) is not a multiple of "
-                f"microBatchSize ({train.micro_batch_size}) x parallelism.replicas ({self.parallelism.replicas}): "
-                f"use a multiple of {per_step}"
-            )
-
     @property
     def gpus_per_pod(self) -> int:
         if self.resources.gpus is not None:
@@ -640,7 +501,7 @@ MAX_NAME_LENGTH = 46
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
-class ObjectMeta(_Spec):
+class ObjectMeta(SpecModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
     namespace: str | None = None
@@ -658,7 +519,7 @@ class ObjectMeta(_Spec):
         return name
 
 
-class PipelineJob(_Spec):
+class PipelineJob(SpecModel):
     """A whole PipelineJob document, as `kubectl apply` or `conveyor run` reads it."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
@@ -666,40 +527,6 @@ class PipelineJob(_Spec):
     kind: Literal["PipelineJob"] = "PipelineJob"
     metadata: ObjectMeta
     spec: PipelineJobSpec
-
-
-class SpecError(ValueError):
-    """A PipelineJob that does not validate; ``str()`` is a user-facing message, one line per problem."""
-
-
-def _format_location(loc: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item in ("function-after", "function-before") or str(item).startswith("function-"):
-            continue
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts)
-
-
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        where = _format_location(tuple(e["loc"]))
-        where = f"{prefix}.{where}" if prefix and where else (prefix or where)
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field; remove it (check its spelling against `kubectl explain pipelinejob.spec`)"
-        elif e["type"] == "missing":
-            msg = "required field is missing; add it"
-        elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
-            msg = f"{msg} (got {json.dumps(e['input'], default=str)})"
-        # A model validator's message that names its own fields (`spec.masterPort ...`) needs no `spec: `.
-        named = msg.startswith((f"{where}.", f"{where}["))
-        lines.append(f"{where}: {msg}" if where and not named else msg)
-    return "\n".join(lines)
 
 
 def parse_job(doc: dict[str, Any]) -> PipelineJob:

@@ -18,7 +18,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from conveyor.commit_protocol import latest, write_termination_message
-from conveyor.spec import CheckpointSpec, format_validation_error
+from conveyor.spec import CheckpointSpec
+from conveyor.spec_errors import format_validation_error
 
 
 class SettingsError(ValueError):

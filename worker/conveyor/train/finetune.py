@@ -27,7 +27,7 @@ from conveyor.pipe.config import ConfigError, EngineConfig, load_config
 from conveyor.pipe.engine import PipelineEngine
 from conveyor.pipe.module import PipelineModule
 from conveyor.pipe.optim import build_optimizer, build_scheduler
-from conveyor.spec import PipelineJobSpec, TrainSpec
+from conveyor.spec import PipelineJobSpec
 from conveyor.topology import Topology
 from conveyor.train.data import DataOrder, read_samples
 from conveyor.train.export import check_export_path, export, read_record
@@ -38,6 +38,7 @@ from conveyor.train.run_identity import check as check_run
 from conveyor.train.run_identity import run_identity
 from conveyor.train.tensor_parallel import check_tensor_parallel, mark_layouts, parallelize
 from conveyor.train.vocab_parallel import vocab_parallel, vocab_parallel_causal_lm_loss
+from conveyor.train_spec import TrainSpec
 
 log = get_logger("conveyor.train")
 EXPORT_DIR = "export"
