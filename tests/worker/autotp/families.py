@@ -225,6 +225,21 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         },
         "encoder",
     ),
+    # its LM head reads the tied decoder weight joined with another matrix (``matmul(cat(...))``), never
+    # calling the head: the vocabulary stays whole
+    "mobilebert": (
+        "MobileBertConfig",
+        "MobileBertForMaskedLM",
+        {
+            **_D,
+            "embedding_size": 32,
+            "intra_bottleneck_size": 32,
+            "num_attention_heads": 4,
+            "num_feedforward_networks": 2,
+            "max_position_embeddings": 64,
+        },
+        "encoder",
+    ),
 }
 
 

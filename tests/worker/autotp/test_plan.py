@@ -267,6 +267,14 @@ def test_vocabulary_no_tp_divides_stays_replicated() -> None:
     assert plan.vocab is not None and plan.vocab.tied and not plan.vocab.parallel
 
 
+def test_lm_head_read_as_a_weight_keeps_the_vocabulary_whole() -> None:
+    """MobileBERT's LM head is never called (its weight is joined with another matrix and multiplied
+    directly): a vocabulary slice there would have no all-gather after it (before: the split crashed on
+    the concatenation's shapes). BERT's, called, stays vocabulary-parallel."""
+    assert plan_model(build("mobilebert")[0], 2).vocab.parallel is False  # type: ignore[union-attr]
+    assert plan_model(build("bert")[0], 2).vocab.parallel is True  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("kernel_inject", [False, True])
 def test_dtype_checked_before_any_weight_moves(kernel_inject: bool) -> None:
     """``dtype=torch.int8`` (DeepSpeed's quantized kernels) is refused by name with the model untouched;

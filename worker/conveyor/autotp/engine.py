@@ -31,7 +31,7 @@ from conveyor.autotp.kernel_inject import build_fast_module, check_kernel_inject
 from conveyor.autotp.plan import AutoTPError, Plan, hf_plan_mismatches, make_plan
 from conveyor.autotp.shard import shard_model
 from conveyor.autotp.split_check import check_split
-from conveyor.autotp.trace import LinearFlow, Tracer, is_experts
+from conveyor.autotp.trace import Tracer, is_experts
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +108,17 @@ def on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def trace_flows(model: Any) -> tuple[dict[str, LinearFlow], torch.Tensor | None]:
-    """Trace which linear feeds which (the LM head left out: it is planned with the embeddings); also the
-    traced forward's logits, the whole model's answer to the probe input (None on the meta device)."""
+def trace_model(model: Any) -> Tracer:
+    """Trace which linear feeds which (the LM head left out: it is planned with the embeddings). The
+    tracer holds the flows, the forward's logits (the whole model's answer to the probe input; None on
+    the meta device) and whether the LM head was called."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = {n for n, m in model.named_modules() if m is out and out is not None}
     model.eval()
+    tracer = Tracer(model, skip, _stream_width(model))
     if not on_meta(model):
-        tracer = Tracer(model, skip, _stream_width(model))
-        return tracer.run(_trace_inputs(model)), tracer.output
+        tracer.run(_trace_inputs(model))
+        return tracer
     # A model built on the meta device has no values to branch on (HF's mask helpers ask whether any
     # token is padded); under fake tensors transformers takes its tracing path, and the autograd graph
     # (all the tracer reads) is the same.
@@ -125,7 +127,8 @@ def trace_flows(model: Any) -> tuple[dict[str, LinearFlow], torch.Tensor | None]
     experts_impl = _trace_experts_with_batched_mm(model)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return Tracer(model, skip, _stream_width(model)).run(_trace_inputs(model)), None
+            tracer.run(_trace_inputs(model))
+        return tracer
     except Exception as err:
         raise AutoTPError(
             f"tracing {type(model).__name__} on the meta device failed ({type(err).__name__}: "
@@ -159,21 +162,22 @@ def plan_model(model: Any, tp: int) -> Plan:
 
 def _plan_and_reference(model: Any, tp: int) -> tuple[Plan, torch.Tensor | None]:
     """``plan_model``'s plan and the traced forward's logits (split_check.py's reference)."""
-    flows, reference = trace_flows(model)
+    tracer = trace_model(model)
+    flows, head_called = tracer.flows, bool(tracer.skipped_called)
     try:
-        plan = make_plan(model, flows, tp)
+        plan = make_plan(model, flows, tp, lm_head_called=head_called)
     except AutoTPError as err:
         works = []
         for t in (1, 2, 4, 8):
             try:
-                make_plan(model, flows, t)
+                make_plan(model, flows, t, lm_head_called=head_called)
                 works.append(t)
             except AutoTPError:
                 pass
         raise AutoTPError(f"{err}. Tensor-parallel sizes that divide this model: {works}") from None
     for mismatch in hf_plan_mismatches(model, plan):
         log.warning("autotp: %s", mismatch)
-    return plan, reference
+    return plan, tracer.output
 
 
 class InferenceEngine:

@@ -231,7 +231,10 @@ def _experts_plan(name: str, module: nn.Module, hidden: int) -> ExpertsPlan | No
     return ExpertsPlan(name, columns, {n: Split((w,)) for n, w in downs.items()})
 
 
-def _vocab_plan(model: Any, tp: int) -> VocabPlan | None:
+def _vocab_plan(model: Any, tp: int, lm_head_called: bool) -> VocabPlan | None:
+    """``lm_head_called``: whether the forward calls the LM head module; one that reads its weight
+    directly instead (MobileBERT: ``matmul(cat([decoder.weight.t(), dense.weight]))``) would get a
+    vocabulary slice with no all-gather after it, so the vocabulary stays whole."""
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(inp, nn.Embedding):
         return None
@@ -242,6 +245,7 @@ def _vocab_plan(model: Any, tp: int) -> VocabPlan | None:
     vocab = inp.num_embeddings
     tied = out is not None and getattr(out, "weight", None) is inp.weight
     parallel = vocab % tp == 0 and (lm_head is None or int(getattr(out, "out_features", 0)) % tp == 0)
+    parallel = parallel and (lm_head is None or lm_head_called)
     return VocabPlan(sharing, lm_head, tied, parallel, vocab)
 
 
@@ -270,8 +274,9 @@ def _heads_plan(name: str, module: nn.Module, query_heads: int, groups: int) -> 
     return HeadsPlan(name, counts, emb, in_config, params)
 
 
-def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
-    """The plan for ``tp`` ranks, or ``AutoTPError`` listing every layer that ``tp`` does not divide."""
+def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called: bool = True) -> Plan:
+    """The plan for ``tp`` ranks, or ``AutoTPError`` listing every layer that ``tp`` does not divide.
+    ``lm_head_called``: whether the traced forward called the LM head (``_vocab_plan``)."""
     modules = dict(model.named_modules())
     hidden = int(model.config.hidden_size)
     experts_names = {n for n in flows if is_experts(modules[n])}
@@ -368,7 +373,7 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
             f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}) cannot be split "
             f"over tensor-parallel size {tp}: " + "; ".join(sorted(set(problems)))
         )
-    return Plan(tp, linears, experts, heads, _vocab_plan(model, tp))
+    return Plan(tp, linears, experts, heads, _vocab_plan(model, tp, lm_head_called))
 
 
 def hf_plan_mismatches(model: Any, plan: Plan) -> list[str]:

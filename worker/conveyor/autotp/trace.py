@@ -153,9 +153,13 @@ class Tracer:
         # the forward's logits (or first tensor), detached: the whole model's answer to the probe input,
         # which split_check.py compares the split model's with (None on the meta device: no values)
         self.output: torch.Tensor | None = None
+        # skipped modules (the LM head) the forward called: one that is not called has its weight read
+        # directly (MobileBERT's ``matmul(cat([decoder.weight.t(), dense.weight]))``)
+        self.skipped_called: set[str] = set()
         for name, module in model.named_modules():
             if name in skip:
                 self._hook_stop(module)
+                self._hook_skipped_call(name, module)
             elif is_linear(module):
                 self.flows[name] = LinearFlow(name)
                 self._hook_linear(name, module)
@@ -201,6 +205,12 @@ class Tracer:
                 self._stops.update(t.grad_fn for t in _tensors(out) if t.grad_fn is not None)
 
         self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def _hook_skipped_call(self, name: str, module: nn.Module) -> None:
+        def post(_m: nn.Module, _args: tuple, _out: Any) -> None:
+            self.skipped_called.add(name)
+
+        self._handles.append(module.register_forward_hook(post))
 
     def _hook_stop(self, module: nn.Module) -> None:
         def post(_m: nn.Module, _args: tuple, out: Any) -> None:
