@@ -225,6 +225,36 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         },
         "encoder",
     ),
+    # its attention reads the head count from the config and keeps per-head parameters (r_w_bias, r_kernel
+    # [d_model, heads, d_head], seg_embed [2, heads, d_head], ...)
+    "funnel": (
+        "FunnelConfig",
+        "FunnelForMaskedLM",
+        {
+            "block_sizes": [1, 1],
+            "d_model": 64,
+            "n_head": 8,
+            "d_head": 8,
+            "d_inner": 128,
+            "num_decoder_layers": 1,
+        },
+        "encoder",
+    ),
+    # its LM head reads the tied decoder weight joined with another matrix (``matmul(cat(...))``), never
+    # calling the head: the vocabulary stays whole
+    "mobilebert": (
+        "MobileBertConfig",
+        "MobileBertForMaskedLM",
+        {
+            **_D,
+            "embedding_size": 32,
+            "intra_bottleneck_size": 32,
+            "num_attention_heads": 4,
+            "num_feedforward_networks": 2,
+            "max_position_embeddings": 64,
+        },
+        "encoder",
+    ),
 }
 
 

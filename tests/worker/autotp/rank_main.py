@@ -64,6 +64,7 @@ def check(family: str, tp: int) -> dict[str, Any]:
         "tokens_equal": None if tokens is None else bool(torch.equal(tokens, ref_tokens)),
         "pipeline_text": None if ref_text is None else [ref_text, _pipeline_text(engine.module)],
         "plan": engine.plan.describe(),
+        "split_error": engine.split_error,
         "split_again": _split_again(model, tp),
     }
 

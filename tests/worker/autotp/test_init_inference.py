@@ -46,16 +46,22 @@ def tp2_of_4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
 # Families whose MoE experts stay whole on every rank (not 3D [experts, out, in] weights alone: DBRX's
 # per-expert GLU matrices, GPT-OSS's biased experts): correct, without the memory saving.
 WHOLE_EXPERTS = {"dbrx", "gpt_oss"}
+# MobileBERT's bottleneck projections read and write the residual stream and its vocabulary stays whole
+# (its LM head is read as a weight, not called): 0.72 of the weights per rank at TP 2, 0.58 at TP 4.
+MOSTLY_WHOLE = {"mobilebert": 0.75}
 
 
 def _check(row: dict[str, Any], tp: int) -> None:
     assert "error" not in row, row["error"]
     assert "refused" not in row, row["refused"]
     assert row["max_abs_diff"] <= RTOL * max(row["ref_max_abs"], 1.0), row
+    # init_inference checked its split against the whole model (split_check.py), far under its bound
+    assert row["split_error"] is not None and row["split_error"] < 1e-4, row
     # each rank keeps about 1/tp of the weights; what stays whole (norms, position and relative-position
     # embeddings, routers, ALBERT's embedding projection) weighs up to 0.12 more in these tiny models
     assert "was already passed to init_inference (tp_size" in row["split_again"], row
-    assert row["param_fraction"] <= (1.0 if row["family"] in WHOLE_EXPERTS else 1 / tp + 0.15), row
+    bound = 1.0 if row["family"] in WHOLE_EXPERTS else MOSTLY_WHOLE.get(row["family"], 1 / tp + 0.15)
+    assert row["param_fraction"] <= bound, row
     if row["kind"] in ("causal", "seq2seq"):
         assert row["tokens_equal"], f"greedy tokens differ from the single-process model: {row}"
     else:

@@ -128,10 +128,33 @@ def test_gpt_oss_attention_sinks_split_by_heads() -> None:
     plan = plan_model(model, 2)
     attention = next(h for h in plan.heads if h.name == "model.layers.0.self_attn")
     assert set(attention.head_params) == {"sinks"}
-    assert attention.head_params["sinks"].index(1, 2).tolist() == [4, 5, 6, 7]
+    dim, split = attention.head_params["sinks"]
+    assert dim == 0 and split.index(1, 2).tolist() == [4, 5, 6, 7]
     full = model.model.layers[0].self_attn.sinks.detach().clone()
     shard_model(model, plan, rank=1, group=None)
     assert torch.equal(model.model.layers[0].self_attn.sinks, full[4:])
+
+
+def test_funnel_head_count_and_per_head_parameters_split() -> None:
+    """Funnel's attention reads its head count from the config and holds per-head parameters on dim 0
+    or 1 (r_kernel [d_model, heads, d_head]): before, its q was split and the view by config.n_head
+    failed. Rank 1 keeps heads 4..7 of each, and its own config counts 4 heads."""
+    model, _ = build("funnel")
+    plan = plan_model(model, 2)
+    attention = next(h for h in plan.heads if h.name.endswith("layers.0.attention"))
+    assert attention.config_attrs == {"n_head": 8}
+    assert {n: d for n, (d, _) in attention.head_params.items()} == {
+        "r_w_bias": 0,
+        "r_r_bias": 0,
+        "r_s_bias": 0,
+        "r_kernel": 1,
+        "seg_embed": 1,
+    }
+    module = model.get_submodule(attention.name)
+    kernel = module.r_kernel.detach().clone()
+    shard_model(model, plan, rank=1, group=None)
+    assert torch.equal(module.r_kernel, kernel[:, 4:]) and module.config.n_head == 4
+    assert model.config.n_head == 8  # the model's config (and the other layers') untouched
 
 
 def test_modernbert_fused_qkv_split_per_block() -> None:
@@ -265,6 +288,14 @@ def test_vocabulary_no_tp_divides_stays_replicated() -> None:
     model, _ = build("gpt2_odd_vocab")  # 97 tokens
     plan = plan_model(model, 2)
     assert plan.vocab is not None and plan.vocab.tied and not plan.vocab.parallel
+
+
+def test_lm_head_read_as_a_weight_keeps_the_vocabulary_whole() -> None:
+    """MobileBERT's LM head is never called (its weight is joined with another matrix and multiplied
+    directly): a vocabulary slice there would have no all-gather after it (before: the split crashed on
+    the concatenation's shapes). BERT's, called, stays vocabulary-parallel."""
+    assert plan_model(build("mobilebert")[0], 2).vocab.parallel is False  # type: ignore[union-attr]
+    assert plan_model(build("bert")[0], 2).vocab.parallel is True  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("kernel_inject", [False, True])

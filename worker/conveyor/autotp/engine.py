@@ -6,7 +6,8 @@
 Each process of the tensor-parallel group calls it on its own copy of the model (as with DeepSpeed):
 a full one, or one built on the meta device plus ``checkpoint=`` (checkpoint.py: each rank reads only
 its slices). The dataflow is traced once, the plan is checked (a TP size that does not divide the heads
-is refused before any weight moves), and each rank keeps its slices. ``.module`` stays the user's HF
+is refused before any weight moves), and each rank keeps its slices. A whole model's split is then run
+once on the trace's input and refused if it computes something else (split_check.py). ``.module`` stays the user's HF
 model class, so HF ``generate`` and ``pipeline`` work unchanged; with ``replace_with_kernel_inject=True``
 a family our compact decoder covers gets that instead (kernel_inject.py), others stay on this path.
 """
@@ -29,7 +30,8 @@ from conveyor.autotp.fast_module import FastCausalLM
 from conveyor.autotp.kernel_inject import build_fast_module, check_kernel_inject, kernel_inject_unavailable
 from conveyor.autotp.plan import AutoTPError, Plan, hf_plan_mismatches, make_plan
 from conveyor.autotp.shard import shard_model
-from conveyor.autotp.trace import LinearFlow, Tracer, is_experts
+from conveyor.autotp.split_check import check_split
+from conveyor.autotp.trace import Tracer, is_experts
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +108,17 @@ def on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def trace_flows(model: Any) -> dict[str, LinearFlow]:
-    """Trace which linear feeds which (the LM head left out: it is planned with the embeddings)."""
+def trace_model(model: Any) -> Tracer:
+    """Trace which linear feeds which (the LM head left out: it is planned with the embeddings). The
+    tracer holds the flows, the forward's logits (the whole model's answer to the probe input; None on
+    the meta device) and whether the LM head was called."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = {n for n, m in model.named_modules() if m is out and out is not None}
     model.eval()
+    tracer = Tracer(model, skip, _stream_width(model))
     if not on_meta(model):
-        return Tracer(model, skip, _stream_width(model)).run(_trace_inputs(model))
+        tracer.run(_trace_inputs(model))
+        return tracer
     # A model built on the meta device has no values to branch on (HF's mask helpers ask whether any
     # token is padded); under fake tensors transformers takes its tracing path, and the autograd graph
     # (all the tracer reads) is the same.
@@ -121,7 +127,8 @@ def trace_flows(model: Any) -> dict[str, LinearFlow]:
     experts_impl = _trace_experts_with_batched_mm(model)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return Tracer(model, skip, _stream_width(model)).run(_trace_inputs(model))
+            tracer.run(_trace_inputs(model))
+        return tracer
     except Exception as err:
         raise AutoTPError(
             f"tracing {type(model).__name__} on the meta device failed ({type(err).__name__}: "
@@ -150,27 +157,34 @@ def _trace_experts_with_batched_mm(model: Any) -> str | None:
 def plan_model(model: Any, tp: int) -> Plan:
     """The tensor-parallel plan of ``model`` for ``tp`` ranks; raises ``AutoTPError`` naming the layers
     ``tp`` does not divide (and the TP sizes that would work)."""
-    flows = trace_flows(model)
+    return _plan_and_reference(model, tp)[0]
+
+
+def _plan_and_reference(model: Any, tp: int) -> tuple[Plan, torch.Tensor | None]:
+    """``plan_model``'s plan and the traced forward's logits (split_check.py's reference)."""
+    tracer = trace_model(model)
+    flows, head_called = tracer.flows, bool(tracer.skipped_called)
     try:
-        plan = make_plan(model, flows, tp)
+        plan = make_plan(model, flows, tp, lm_head_called=head_called)
     except AutoTPError as err:
         works = []
         for t in (1, 2, 4, 8):
             try:
-                make_plan(model, flows, t)
+                make_plan(model, flows, t, lm_head_called=head_called)
                 works.append(t)
             except AutoTPError:
                 pass
         raise AutoTPError(f"{err}. Tensor-parallel sizes that divide this model: {works}") from None
     for mismatch in hf_plan_mismatches(model, plan):
         log.warning("autotp: %s", mismatch)
-    return plan
+    return plan, tracer.output
 
 
 class InferenceEngine:
     """What ``init_inference`` returns: ``.module`` is the (sharded) HF model, or under kernel inject our
     fast decoder with HF's call shapes (fast_module.py). ``plan`` is None on the fast path; ``load_report``
-    what this rank read from ``checkpoint=`` (None without one)."""
+    what this rank read from ``checkpoint=`` (None without one); ``split_error`` how far the split model's
+    logits were from the whole model's on the probe input (split_check.py; None where not checked)."""
 
     def __init__(
         self,
@@ -179,12 +193,14 @@ class InferenceEngine:
         rank: int,
         max_out_tokens: int,
         load_report: LoadReport | None = None,
+        split_error: float | None = None,
     ):
         self.module = module
         self.plan = plan
         self.rank = rank
         self.max_out_tokens = max_out_tokens
         self.load_report = load_report
+        self.split_error = split_error
 
     @property
     def kernel_injected(self) -> bool:
@@ -255,11 +271,14 @@ def init_inference(
     mp_size: int | None = None,
     checkpoint: str | Path | Sequence[str | Path] | None = None,
     device: str | torch.device | None = None,
+    verify_split: bool = True,
     **ignored: Any,
 ) -> Any:
     """Split ``model`` over ``tensor_parallel['tp_size']`` processes; see the module docstring.
     ``device`` (not a DeepSpeed option) overrides where the shards go: by default the current GPU under
-    NCCL, the CPU under gloo."""
+    NCCL, the CPU under gloo. ``verify_split`` (not a DeepSpeed option either): compare the split model's
+    logits on a probe input with the whole model's and refuse a split that computes something else
+    (split_check.py); only where the whole model was given (not on the meta device)."""
     tp = _tp_size(tensor_parallel, mp_size)
     dtype = _dtype(dtype)
     if tp < 1:
@@ -318,7 +337,8 @@ def init_inference(
             "autotp: kernel inject not available for this family; automatic tensor parallelism on the HF modules",
             extra={"model_type": getattr(model.config, "model_type", None), "reason": unavailable},
         )
-    plan = plan_model(model, tp)  # refused here, before a process group is touched or a weight moves
+    plan, reference = _plan_and_reference(model, tp)  # refused here, before a process group or a weight
+    reference_dtype = next(model.parameters()).dtype
     rank, group, _ = _tp_group(tp)
     log.info("autotp: %s", plan.describe())
     ledger = shard_model(model, plan, rank, group)
@@ -336,4 +356,10 @@ def init_inference(
         model.to(dtype)
     if target.type == "cuda":
         model.to(target)
-    return InferenceEngine(model, plan, rank, max_out_tokens, report)
+    error = None
+    if verify_split and tp > 1 and reference is not None:
+        error = check_split(
+            model, _trace_inputs(model), reference, group, reference_dtype=reference_dtype, tp=tp
+        )
+        log.info("autotp: the split model matches the whole model on a probe input", extra={"error": error})
+    return InferenceEngine(model, plan, rank, max_out_tokens, report, error)

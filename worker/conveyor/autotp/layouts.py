@@ -32,15 +32,30 @@ FUSED_GROUPS = {"CodeGenAttention": 4}
 FUSED_BLOCKS = {"ModernBertAttention": 3}
 
 # Attention that cuts its fused q|k|v at offsets computed from the model's config and its own head counts
-# (Phi-3: ``qkv[..., :query_pos]`` with ``query_pos = self.config.num_attention_heads * self.head_dim``):
-# class -> the config attributes it reads. With q, k and v each split by heads, the module gets its own
-# copy of the config with these divided, so its offsets are those of the rank's blocks.
-CONFIG_HEAD_COUNTS = {"Phi3Attention": ("num_attention_heads", "num_key_value_heads")}
+# (Phi-3: ``qkv[..., :query_pos]`` with ``query_pos = self.config.num_attention_heads * self.head_dim``),
+# or its head count (Funnel: ``n_head = self.config.n_head``): class -> the config attributes it reads,
+# the query heads first. With q, k and v each split by heads, the module gets its own copy of the config
+# with these divided, so its offsets and head counts are those of the rank's heads.
+CONFIG_HEAD_COUNTS = {
+    "Phi3Attention": ("num_attention_heads", "num_key_value_heads"),
+    "FunnelRelMultiheadAttention": ("n_head",),
+}
 
-# Parameters of an attention module with one value per query head, split with the heads: by name, as a
+# Parameters of an attention module with values per query head, split with the heads: by name, as a
 # head_dim-sized parameter (DiffLlama's lambdas) has the same shape wherever head_dim equals the head
-# count (GPT-OSS 120B: 64 and 64).
-HEAD_PARAMS = {"GptOssAttention": ("sinks",)}
+# count (GPT-OSS 120B: 64 and 64). class -> {parameter: its heads dimension}.
+HEAD_PARAMS = {
+    "GptOssAttention": {"sinks": 0},
+    # Funnel's relative attention: [heads, d_head] biases, r_kernel [d_model, heads, d_head], seg_embed
+    # [2, heads, d_head]
+    "FunnelRelMultiheadAttention": {
+        "r_w_bias": 0,
+        "r_r_bias": 0,
+        "r_s_bias": 0,
+        "r_kernel": 1,
+        "seg_embed": 1,
+    },
+}
 
 # Differential attention pairs head i with head i + heads/2 (the value heads likewise, by halves): q, k
 # and v are each split per half, so a rank keeps both heads of its pairs; the combined output holds one

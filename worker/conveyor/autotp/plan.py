@@ -84,7 +84,8 @@ class HeadsPlan:
     attrs: dict[str, int]  # attribute -> full value
     head_embeddings: list[str] = field(default_factory=list)
     config_attrs: dict[str, int] = field(default_factory=dict)  # of its own copy of the config (layouts.py)
-    head_params: dict[str, Split] = field(default_factory=dict)  # its parameters of one value per head
+    # its parameters with values per head: name -> (the heads dimension, the split)
+    head_params: dict[str, tuple[int, Split]] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,14 +193,22 @@ def _head_attrs(module: nn.Module) -> dict[str, int]:
 
 
 def _is_heads_module(module: nn.Module) -> bool:
-    # Llama-style attention keeps only head_dim (its reshapes infer the head count with -1)
-    return any(isinstance(getattr(module, a, None), int) for a in HEAD_COUNT_ATTRS + HEAD_DIM_ATTRS)
+    # Llama-style attention keeps only head_dim (its reshapes infer the head count with -1); Funnel's
+    # keeps neither and reads its config (layouts.CONFIG_HEAD_COUNTS)
+    return any(isinstance(getattr(module, a, None), int) for a in HEAD_COUNT_ATTRS + HEAD_DIM_ATTRS) or (
+        type(module).__name__ in CONFIG_HEAD_COUNTS
+    )
 
 
-def _head_dim(module: nn.Module) -> int:
+def _head_dim(module: nn.Module, width: int) -> int:
+    """The width of one of ``module``'s heads; ``width``: all its query heads' (its output projection's
+    input)."""
     for a in HEAD_DIM_ATTRS:
         if isinstance(v := getattr(module, a, None), int) and v > 0:
             return v
+    in_config = CONFIG_HEAD_COUNTS.get(type(module).__name__)
+    if in_config:
+        return width // int(getattr(module.config, in_config[0]))
     heads = next(
         (getattr(module, a) for a in HEAD_COUNT_ATTRS if isinstance(getattr(module, a, None), int)), 0
     )
@@ -231,7 +240,10 @@ def _experts_plan(name: str, module: nn.Module, hidden: int) -> ExpertsPlan | No
     return ExpertsPlan(name, columns, {n: Split((w,)) for n, w in downs.items()})
 
 
-def _vocab_plan(model: Any, tp: int) -> VocabPlan | None:
+def _vocab_plan(model: Any, tp: int, lm_head_called: bool) -> VocabPlan | None:
+    """``lm_head_called``: whether the forward calls the LM head module; one that reads its weight
+    directly instead (MobileBERT: ``matmul(cat([decoder.weight.t(), dense.weight]))``) would get a
+    vocabulary slice with no all-gather after it, so the vocabulary stays whole."""
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(inp, nn.Embedding):
         return None
@@ -242,6 +254,7 @@ def _vocab_plan(model: Any, tp: int) -> VocabPlan | None:
     vocab = inp.num_embeddings
     tied = out is not None and getattr(out, "weight", None) is inp.weight
     parallel = vocab % tp == 0 and (lm_head is None or int(getattr(out, "out_features", 0)) % tp == 0)
+    parallel = parallel and (lm_head is None or lm_head_called)
     return VocabPlan(sharing, lm_head, tied, parallel, vocab)
 
 
@@ -266,12 +279,16 @@ def _heads_plan(name: str, module: nn.Module, query_heads: int, groups: int) -> 
     ]
     config = getattr(module, "config", None)
     in_config = {a: int(getattr(config, a)) for a in CONFIG_HEAD_COUNTS.get(type(module).__name__, ())}
-    params = {n: Split((query_heads // groups,), groups) for n in HEAD_PARAMS.get(type(module).__name__, ())}
+    params = {
+        n: (dim, Split((query_heads // groups,), groups))
+        for n, dim in HEAD_PARAMS.get(type(module).__name__, {}).items()
+    }
     return HeadsPlan(name, counts, emb, in_config, params)
 
 
-def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
-    """The plan for ``tp`` ranks, or ``AutoTPError`` listing every layer that ``tp`` does not divide."""
+def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called: bool = True) -> Plan:
+    """The plan for ``tp`` ranks, or ``AutoTPError`` listing every layer that ``tp`` does not divide.
+    ``lm_head_called``: whether the traced forward called the LM head (``_vocab_plan``)."""
     modules = dict(model.named_modules())
     hidden = int(model.config.hidden_size)
     experts_names = {n for n in flows if is_experts(modules[n])}
@@ -292,7 +309,7 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
         row_input = next(_in_width(modules[m]) for m in members if roles[m] == "row")
         if owners:
             owner = modules[owners[-1]]
-            unit = _head_dim(owner)
+            unit = _head_dim(owner, row_input)
             groups = FUSED_GROUPS.get(type(owner).__name__, 1)
             fused = FUSED_BLOCKS.get(type(owner).__name__, 1)
             halves = type(owner).__name__ in HEAD_HALVES
@@ -368,7 +385,7 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int) -> Plan:
             f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}) cannot be split "
             f"over tensor-parallel size {tp}: " + "; ".join(sorted(set(problems)))
         )
-    return Plan(tp, linears, experts, heads, _vocab_plan(model, tp))
+    return Plan(tp, linears, experts, heads, _vocab_plan(model, tp, lm_head_called))
 
 
 def hf_plan_mismatches(model: Any, plan: Plan) -> list[str]:

@@ -127,8 +127,8 @@ def _shard_heads(model: nn.Module, plan: Plan, rank: int, ledger: ShardLedger) -
             m.config = copy.copy(m.config)
             for attr, value in hp.config_attrs.items():
                 setattr(m.config, attr, value // plan.tp)
-        for attr, split in hp.head_params.items():
-            _slice(model, m, attr, 0, split.index(rank, plan.tp), ledger)
+        for attr, (dim, split) in hp.head_params.items():
+            _slice(model, m, attr, dim, split.index(rank, plan.tp), ledger)
         for name in hp.head_embeddings:
             emb = modules[name]
             assert isinstance(emb, nn.Embedding)

@@ -12,12 +12,13 @@ fused layout of blocks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 _SPLITS = ("SplitBackward0", "SplitWithSizesBackward0")
 # Elementwise ops that keep every column where it was: a split or cut behind them is the linear's own
@@ -82,6 +83,18 @@ def _tensors(value: Any) -> Iterable[torch.Tensor]:
             yield from _tensors(v)
 
 
+def main_output(out: Any) -> torch.Tensor | None:
+    """A model output's logits, else its first floating tensor (an encoder's ``last_hidden_state``),
+    detached; None if it has no values (the meta device) or no floating tensor."""
+    fields = dict(out) if isinstance(out, Mapping) else {"0": out}
+    first = fields.get("logits")
+    if not isinstance(first, torch.Tensor):
+        first = next((t for t in _tensors(fields) if t.is_floating_point()), None)
+    if first is None or first.is_meta or isinstance(first, FakeTensor):
+        return None
+    return first.detach()
+
+
 def _on_last_dim(node: Any, ndim: int) -> bool:
     """Whether ``node`` (a split or slice) acts on the last dim. Autograd keeps a negative dim as given
     but reads it back unsigned (``chunk(2, dim=-1)``, Phi-3's gate|up, saves 2**64 - 1)."""
@@ -137,9 +150,16 @@ class Tracer:
         self._stops: set[Any] = set()  # norm and embedding outputs: the walk ends there
         self._sinks: list[Any] = []  # norm inputs and model outputs
         self._handles: list[Any] = []
+        # the forward's logits (or first tensor), detached: the whole model's answer to the probe input,
+        # which split_check.py compares the split model's with (None on the meta device: no values)
+        self.output: torch.Tensor | None = None
+        # skipped modules (the LM head) the forward called: one that is not called has its weight read
+        # directly (MobileBERT's ``matmul(cat([decoder.weight.t(), dense.weight]))``)
+        self.skipped_called: set[str] = set()
         for name, module in model.named_modules():
             if name in skip:
                 self._hook_stop(module)
+                self._hook_skipped_call(name, module)
             elif is_linear(module):
                 self.flows[name] = LinearFlow(name)
                 self._hook_linear(name, module)
@@ -186,6 +206,12 @@ class Tracer:
 
         self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
+    def _hook_skipped_call(self, name: str, module: nn.Module) -> None:
+        def post(_m: nn.Module, _args: tuple, _out: Any) -> None:
+            self.skipped_called.add(name)
+
+        self._handles.append(module.register_forward_hook(post))
+
     def _hook_stop(self, module: nn.Module) -> None:
         def post(_m: nn.Module, _args: tuple, out: Any) -> None:
             self._stops.update(t.grad_fn for t in _tensors(out) if t.grad_fn is not None)
@@ -218,6 +244,7 @@ class Tracer:
         try:
             with torch.enable_grad():
                 out = self.model(**inputs)
+                self.output = main_output(out)
                 self._sinks += [t.grad_fn for t in _tensors(dict(out)) if t.grad_fn is not None]
                 self._link()
         finally:
