@@ -1,0 +1,91 @@
+"""Serve mode against a hostile client: bodies built to be slow to parse, floods of connections that
+send nothing, streams whose client never reads. Each must cost the replica a bounded amount, and
+/health must keep answering meanwhile."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+from conveyor.inference.openai_api import build_app
+from conveyor.inference.openai_requests import MAX_BODY_BYTES, MAX_MESSAGES
+from conveyor.inference.pipeline.generate import RequestQueue
+from conveyor.inference.serve import ServeEngine, start_http
+from conveyor.testing.tiny import build_tokenizer
+from starlette.testclient import TestClient
+
+
+def engine_of(tokenizer, lanes: int = 1, max_waiting: int = 2, timeout: float = 10.0) -> ServeEngine:
+    """An engine whose queue nobody consumes, unless a test does."""
+    engine = ServeEngine(
+        "job", "m", tokenizer, 64, 320, lanes=lanes, queue=RequestQueue(max_waiting), timeout=timeout
+    )
+    engine.set_ready()
+    return engine
+
+
+def chat(messages: list) -> dict:
+    return {"model": "m", "messages": messages, "max_tokens": 4}
+
+
+def test_too_many_messages_or_content_parts_are_refused_naming_the_field() -> None:
+    """OpenAI's cap of 2,048 messages; content parts count too. Each message was validated before the
+    count was checked: 230,000 of them (8 MiB) took 0.6 s of the event loop."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    http = TestClient(build_app(engine_of(tokenizer)))
+    empty = {"role": "user", "content": ""}
+    r = http.post("/v1/chat/completions", json=chat([empty] * (MAX_MESSAGES + 1)))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert f"at most {MAX_MESSAGES}" in r.json()["error"]["message"]
+    parts = {"role": "user", "content": [{"type": "text", "text": ""}] * MAX_MESSAGES}
+    r = http.post("/v1/chat/completions", json=chat([parts, empty]))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    r = http.post("/v1/chat/completions", json=chat([{"role": "user", "content": 7}] * 2))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text
+
+
+def hostile_bodies() -> list[bytes]:
+    """The slowest bodies to read per byte that were found, each as large as the limit allows (8 MiB
+    of them held the event loop 0.6-1.5 s each), for a model not served: refused once read."""
+    pad = MAX_BODY_BYTES - 64
+    head = b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}], "user": '
+    return [
+        head + b"[" + b"[]," * (pad // 3 - 30) + b"[]]}",  # millions of containers: json.loads and its GC
+        json.dumps({**chat([{"role": "user", "content": ""}] * (pad // 34)), "model": "nope"}).encode(),
+    ]
+
+
+def test_health_answers_while_hostile_bodies_are_read() -> None:
+    """/health answers between the reads of bodies of the largest size built to be slow: the body
+    limit and the message cap bound what one read holds the event loop (generous bound: 0.5 s between
+    two answers; an 8 MiB body held it for 0.6-1.5 s)."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    server = start_http(build_app(engine_of(tokenizer)), 0, host="127.0.0.1")
+    url = f"http://127.0.0.1:{server.server.servers[0].sockets[0].getsockname()[1]}"
+    statuses: list[int] = []
+
+    def post_all() -> None:
+        with httpx.Client(timeout=60) as c:
+            for body in hostile_bodies() * 3:
+                statuses.append(c.post(f"{url}/v1/chat/completions", content=body).status_code)
+
+    slowest = 0.0
+    try:
+        poster = threading.Thread(target=post_all)
+        with httpx.Client(timeout=60) as probe:
+            assert probe.get(f"{url}/health").status_code == 200  # connected before the bodies come
+            poster.start()
+            last = time.perf_counter()
+            while poster.is_alive():
+                assert probe.get(f"{url}/health").status_code == 200
+                slowest, last = max(slowest, time.perf_counter() - last), time.perf_counter()
+                time.sleep(0.01)
+        poster.join()
+    finally:
+        server.stop()
+    assert len(statuses) == 6 and all(s in (400, 404) for s in statuses), statuses
+    assert slowest < 0.5, f"/health answered nothing for {slowest:.2f}s while hostile bodies were read"
