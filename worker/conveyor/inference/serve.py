@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import threading
 import time
@@ -290,6 +291,11 @@ def run_rank(
     )
     dist.barrier()  # why: the endpoint turns ready only once every rank of the group is loaded and warm
     metrics.READINESS.loaded()
+    # The heap of the start (torch, the model, the tokenizer) is for good: out of the collector's sight, a
+    # collection that a request's many objects (a body of 350,000 small arrays) set off scans only theirs,
+    # not the whole heap again (0.41 s on the event loop, not 0.05 s). vLLM freezes its startup heap alike.
+    gc.collect()
+    gc.freeze()
 
     def stop(signum: int, _frame: object) -> None:
         log.info("stopping: finishing the requests in flight", extra={"signal": signum})
