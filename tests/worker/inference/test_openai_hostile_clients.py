@@ -4,6 +4,7 @@ send nothing, streams whose client never reads. Each must cost the replica a bou
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import threading
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from conveyor.inference.http_connections import MIN_CONNECTIONS, max_connections
 from conveyor.inference.openai_api import build_app
 from conveyor.inference.openai_requests import MAX_BODY_BYTES, MAX_MESSAGES, ApiError, ChatBody, parse
 from conveyor.inference.pipeline.generate import RequestQueue
@@ -116,3 +118,48 @@ def test_health_answers_while_hostile_bodies_are_read() -> None:
         server.stop()
     assert len(statuses) == 6 and all(s in (400, 404) for s in statuses), statuses
     assert slowest < 1.0, f"/health answered nothing for {slowest:.2f}s while hostile bodies were read"
+
+
+def test_connections_that_send_no_request_are_closed_and_bounded() -> None:
+    """A connection that sent nothing, or part of a head (slowloris), was held for ever (uvicorn times a
+    connection out only between requests), and a flood of them spent the file descriptors. They are
+    closed after ``head_seconds``; past ``max_open`` the one waiting longest is closed to make room, so
+    /health and /metrics are still answered under the flood."""
+    import socket
+
+    engine = engine_of(build_tokenizer())
+    server = start_http(build_app(engine), 0, host="127.0.0.1", max_open=16, head_seconds=1.0)
+    port = server.server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    flood: list[socket.socket] = []
+    try:
+        silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never the blank line that ends a head
+        began = time.perf_counter()
+        assert silent.recv(1) == b"" and slow.recv(1) == b""  # closed by the server
+        assert time.perf_counter() - began < 5
+        for _ in range(200):
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        for path in ("/health", "/metrics"):
+            assert httpx.get(url + path, timeout=10).status_code == 200
+        time.sleep(0.2)  # the evicted ones' closing is done on the server's loop
+        assert len(server.server.server_state.connections) <= 16
+        closed = 0
+        for sock in flood:
+            sock.settimeout(0.01)
+            with contextlib.suppress(TimeoutError):
+                closed += sock.recv(1) == b""
+        assert closed >= 200 - 16, closed
+        with httpx.Client(timeout=10) as kept:  # a kept-alive connection serves its next requests
+            assert [kept.get(url + "/health").status_code for _ in range(3)] == [200] * 3
+    finally:
+        for sock in flood:
+            sock.close()
+        server.stop()
+
+
+def test_the_connection_bound_follows_the_lanes_and_the_descriptor_limit() -> None:
+    assert max_connections(3, descriptors=-1) == MIN_CONNECTIONS  # no limit on descriptors
+    assert max_connections(1000, descriptors=1 << 20) == 8000  # 8 per admitted request
+    assert max_connections(1000, descriptors=4096) == 2048  # half the process's descriptors

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from conveyor import metrics
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
+from conveyor.inference.http_connections import HEAD_SECONDS, bounded_h11, max_connections
 from conveyor.inference.kernels.cuda_graphs import CompileOptions
 from conveyor.inference.pipeline.generate import (
     ReplicatedQueue,
@@ -197,15 +198,30 @@ class HttpServer:
         self.thread.join(timeout + 1.0)
 
 
-def start_http(app: Any, port: int, host: str = "0.0.0.0") -> HttpServer:
+def start_http(
+    app: Any,
+    port: int,
+    host: str = "0.0.0.0",
+    admitted: int = 1,
+    max_open: int | None = None,
+    head_seconds: float = HEAD_SECONDS,
+) -> HttpServer:
     """uvicorn in a daemon thread (it installs no signal handlers off the main thread), once it listens.
-    A port it cannot bind is an error: a replica whose endpoint is not there must not turn ready."""
+    A port it cannot bind is an error: a replica whose endpoint is not there must not turn ready.
+    ``admitted``: the requests the replica takes at once (lanes and queue), which sizes the connections
+    kept open (``max_open``, if not given; http_connections.py)."""
+    import resource
+
     import uvicorn
 
+    if max_open is None:
+        max_open = max_connections(admitted, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=bounded_h11(max_open, head_seconds),
+        timeout_keep_alive=max(1, round(head_seconds)),
         log_level="warning",
         access_log=False,
         lifespan="off",
@@ -272,7 +288,7 @@ def run_rank(
         from conveyor.inference.openai_api import build_app
 
         try:
-            server = start_http(build_app(engine), port, host)
+            server = start_http(build_app(engine), port, host, admitted=lanes + queue.max_waiting)
         except OSError as err:
             log.error("serve endpoint not started", extra={"field": "spec.serve.port", "error": str(err)})
             return 2
