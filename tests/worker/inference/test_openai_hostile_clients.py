@@ -16,7 +16,7 @@ import pytest
 from conveyor.inference.http_connections import MIN_CONNECTIONS, max_connections
 from conveyor.inference.openai_api import build_app
 from conveyor.inference.openai_requests import MAX_BODY_BYTES, MAX_MESSAGES, ApiError, ChatBody, parse
-from conveyor.inference.pipeline.generate import RequestQueue
+from conveyor.inference.pipeline.generate import RequestQueue, Result
 from conveyor.inference.serve import ServeEngine, start_http
 from conveyor.testing.tiny import build_tokenizer
 from starlette.testclient import TestClient
@@ -163,3 +163,71 @@ def test_the_connection_bound_follows_the_lanes_and_the_descriptor_limit() -> No
     assert max_connections(3, descriptors=-1) == MIN_CONNECTIONS  # no limit on descriptors
     assert max_connections(1000, descriptors=1 << 20) == 8000  # 8 per admitted request
     assert max_connections(1000, descriptors=4096) == 2048  # half the process's descriptors
+
+
+def answer_all(engine: ServeEngine, stop: threading.Event) -> threading.Thread:
+    """A generation loop without a model: each request gets its max_tokens of "a", one at a time."""
+    letter = engine.tokenizer.convert_tokens_to_ids("a")
+
+    def run() -> None:
+        while not stop.is_set():
+            if (request := engine.queue.poll()) is None:
+                engine.queue.wait(0.05)
+                continue
+            for _ in range(request.max_new_tokens):
+                engine.on_token(request, letter)
+            out = [letter] * request.max_new_tokens
+            engine.on_result(Result(request.id, request.prompt_ids, out, "length", "a" * len(out)))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stream_whose_client_never_reads_frees_its_lane_and_its_connection() -> None:
+    """A client that asks for a stream and never reads it: once the socket's buffers are full, sending
+    waited for it for ever, holding the connection and the response (no deadline is checked while a
+    send waits). The generation ends at max_tokens regardless (the lane is free for the next request,
+    and what waits to be sent is at most max_tokens tokens); the connection is closed once the request's
+    timeout (and a grace for the last events) has passed."""
+    import socket
+
+    engine = engine_of(build_tokenizer(), timeout=60)
+    engine.max_len = 4096  # a long output: more than the socket's buffers hold
+    stop = threading.Event()
+    answer_all(engine, stop)
+    server = start_http(build_app(engine), 0, host="127.0.0.1", send_seconds=1.0)
+    listening = server.server.servers[0].sockets[0]
+    # small buffers (a connection takes its listener's), which a far client's also are: the kernel lets
+    # a loopback connection's grow to megabytes, more than the whole output
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    port = listening.getsockname()[1]
+    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 4000, "stream": True}).encode()
+    try:
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", port))
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        stalled.sendall(head.encode() + body)
+        time.sleep(0.5)  # its tokens are generated; it reads none of them
+        other = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": "m", "prompt": "hi", "max_tokens": 3},
+            timeout=10,
+        )
+        assert other.status_code == 200 and other.json()["choices"][0]["text"] == "aaa", other.text
+        assert engine._streams == {}  # both results delivered to their streams: no lane held
+        connections = server.server.server_state.connections
+        deadline = time.monotonic() + 5  # send_seconds, and time to spare
+        while connections and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not connections, "the server still holds the connection of a client that reads nothing"
+        stalled.settimeout(10)
+        received = b""
+        while chunk := stalled.recv(1 << 16):  # what was in the buffers, then the server's close
+            received += chunk
+        stalled.close()
+    finally:
+        stop.set()
+        server.stop()
+    assert received.startswith(b"HTTP/1.1 200") and b"[DONE]" not in received

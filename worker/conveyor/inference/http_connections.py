@@ -1,5 +1,6 @@
 """The connections of a serve replica's HTTP endpoint, bounded: uvicorn's HTTP/1.1 protocol (h11), with
-a limit on how long a connection may wait for a request's head and on how many connections are open.
+a limit on how long a connection may wait for a request's head, on how many connections are open, and
+on how long a client may leave its response unread.
 
 uvicorn times a connection out only between two requests (keep-alive), and then from the first byte of
 the next one on: a client that connected and sent nothing, or part of a head (slowloris), held its
@@ -23,6 +24,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 # How long a connection may wait for a request's head: uvicorn's keep-alive timeout, also before the
 # first request. A client sends its head as soon as it connects.
 HEAD_SECONDS = 5.0
+# How long a connection may have output waiting that its client reads none of (its socket full, the
+# transport's buffer past its high-water mark): a slow client still reads some within it.
+SEND_SECONDS = 30.0
 # The connections open at most, whatever the replica's lanes: clients keep idle pooled connections, and
 # each costs a file descriptor and ~20 KB.
 MIN_CONNECTIONS = 1024
@@ -36,13 +40,16 @@ def max_connections(admitted: int, descriptors: int) -> int:
     return wanted if descriptors < 0 else max(1, min(wanted, descriptors // 2))  # < 0: no limit
 
 
-def bounded_h11(max_open: int, head_seconds: float = HEAD_SECONDS) -> type[asyncio.Protocol]:
+def bounded_h11(
+    max_open: int, head_seconds: float = HEAD_SECONDS, send_seconds: float = SEND_SECONDS
+) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol with these bounds (``uvicorn.Config(http=...)``); one class per server, as
     the connections waiting for a head are the server's."""
 
     class BoundedH11(H11Protocol):
         # the connections waiting for a request's head, longest-waiting first (dicts keep their order)
         waiting: dict[BoundedH11, None] = {}
+        stalled: asyncio.TimerHandle | None = None  # aborts a connection whose client reads nothing
 
         def _wait_for_head(self) -> None:
             self._unset_keepalive_if_required()
@@ -74,8 +81,22 @@ def bounded_h11(max_open: int, head_seconds: float = HEAD_SECONDS) -> type[async
             super()._unset_keepalive_if_required()
             self.waiting.pop(self, None)
 
+        def pause_writing(self) -> None:
+            # the client reads nothing: a stream it asked for and never reads waited for it for ever, as
+            # asyncio's close() waits for the output to be sent. Cut, its response's sending ends (the
+            # client is gone), and so does its request if still generating
+            super().pause_writing()
+            self.stalled = self.loop.call_later(send_seconds, self.transport.abort)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.stalled is not None:
+                self.stalled.cancel()
+
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
             self._unset_keepalive_if_required()
+            if self.stalled is not None:
+                self.stalled.cancel()
 
     return BoundedH11

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from conveyor import metrics
 from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
-from conveyor.inference.http_connections import HEAD_SECONDS, bounded_h11, max_connections
+from conveyor.inference.http_connections import HEAD_SECONDS, SEND_SECONDS, bounded_h11, max_connections
 from conveyor.inference.kernels.cuda_graphs import CompileOptions
 from conveyor.inference.pipeline.generate import (
     ReplicatedQueue,
@@ -205,6 +205,7 @@ def start_http(
     admitted: int = 1,
     max_open: int | None = None,
     head_seconds: float = HEAD_SECONDS,
+    send_seconds: float = SEND_SECONDS,
 ) -> HttpServer:
     """uvicorn in a daemon thread (it installs no signal handlers off the main thread), once it listens.
     A port it cannot bind is an error: a replica whose endpoint is not there must not turn ready.
@@ -220,7 +221,7 @@ def start_http(
         app,
         host=host,
         port=port,
-        http=bounded_h11(max_open, head_seconds),
+        http=bounded_h11(max_open, head_seconds, send_seconds),
         timeout_keep_alive=max(1, round(head_seconds)),
         log_level="warning",
         access_log=False,
