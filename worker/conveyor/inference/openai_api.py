@@ -32,6 +32,7 @@ from starlette.routing import Route
 
 from conveyor.inference.openai_requests import (
     BODY_SECONDS,
+    MAX_BODY_BYTES,
     ApiError,
     ChatBody,
     CompletionBody,
@@ -221,15 +222,19 @@ def prompt_ids(engine: Engine, body: Any, chat: bool) -> list[int]:
     return list(ids)
 
 
-def build_app(engine: Engine, body_seconds: float = BODY_SECONDS) -> Starlette:
-    """``body_seconds``: how long a request's body may take to arrive."""
+def build_app(
+    engine: Engine, body_seconds: float = BODY_SECONDS, body_bytes: int = MAX_BODY_BYTES
+) -> Starlette:
+    """``body_seconds``: how long a request's body may take to arrive; ``body_bytes``: its largest size."""
 
     async def prepare(http: HttpRequest, chat: bool) -> tuple[GenerationBody, list[int], int]:
         if not engine.ready():
             # still loading, or stopping (SIGTERM turns /ready off first): the app cannot tell which
             message = "this replica is loading or stopping; retry when /ready answers 200, or on another"
             raise ApiError(503, message, kind="unavailable")
-        body: Any = parse(ChatBody if chat else CompletionBody, await read_body(http, seconds=body_seconds))
+        body: Any = parse(
+            ChatBody if chat else CompletionBody, await read_body(http, body_bytes, body_seconds)
+        )
         if body.model != engine.model_name:
             raise ApiError(
                 404,

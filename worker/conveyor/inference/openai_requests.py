@@ -40,9 +40,11 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-# The largest body read: a prompt of the longest context (serve.MAX_POSITIONS tokens) is well under 1 MiB
-# as text or ids. The body is parsed and tokenized on the event loop, so a larger one stalls every stream.
-MAX_BODY_BYTES = 8 << 20
+# The largest body read: a prompt of the longest context (serve.MAX_POSITIONS, 4,096 tokens) is well under
+# it as text or ids (256 bytes a token). The JSON is parsed and validated on the event loop, holding the GIL
+# (a thread would not free the loop): 8 MiB of small arrays or of chat messages held every stream and
+# /health 0.6-1.5 s; 1 MiB holds it under 0.1 s. OpenAI's own limit is larger, and vLLM sets none.
+MAX_BODY_BYTES = 1 << 20
 # The longest a body may take to arrive: 8 MiB at 300 kB/s. Without a limit, a client that sent part of
 # its body and then nothing (slowloris) held a connection and a handler for ever.
 BODY_SECONDS = 30.0
@@ -195,10 +197,33 @@ class ChatMessage(ClientJson):
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
+# Messages of a chat, content parts included: OpenAI's cap on messages. Counted before any is validated:
+# pydantic's max_length is checked after each item is, and 230,000 empty messages took 0.6 s to refuse.
+MAX_MESSAGES = 2048
+
+
 class ChatBody(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_messages(cls, body: Any) -> Any:
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if isinstance(messages, list):
+            parts = sum(
+                len(m["content"])
+                for m in messages
+                if isinstance(m, dict) and isinstance(m.get("content"), list)
+            )
+            if len(messages) + parts > MAX_MESSAGES:
+                message = (
+                    f"at most {MAX_MESSAGES} messages and content parts in all; this request has "
+                    f"{len(messages)} messages and {parts} content parts"
+                )
+                raise PydanticCustomError("too_long", message, {"field": "messages"})
+        return body
 
 
 def parse(model: type[BaseModel], raw: bytes) -> Any:

@@ -1,0 +1,102 @@
+"""The connections of a serve replica's HTTP endpoint, bounded: uvicorn's HTTP/1.1 protocol (h11), with
+a limit on how long a connection may wait for a request's head, on how many connections are open, and
+on how long a client may leave its response unread.
+
+uvicorn times a connection out only between two requests (keep-alive), and then from the first byte of
+the next one on: a client that connected and sent nothing, or part of a head (slowloris), held its
+connection for ever, and a flood of them spent the process's file descriptors (the GPU runtime, the
+metrics endpoint, every file open failed). Its ``limit_concurrency`` answers 503 once the open
+connections reach it, idle ones included, so a flood of idle connections turned /health and /metrics
+away too. Here a connection waiting for a request's head, the first or a keep-alive one's next, is
+closed after ``head_seconds``; past ``max_connections``, the one that has waited longest for a head is
+closed to make room (it has no request in flight: nothing is lost), so a probe or a client that sends
+its request at once is still served under the flood. Connections with a request under way are bounded
+elsewhere: admission (429 past the queue), the body's 30 s and 1 MiB, the request's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+# How long a connection may wait for a request's head: uvicorn's keep-alive timeout, also before the
+# first request. A client sends its head as soon as it connects.
+HEAD_SECONDS = 5.0
+# How long a connection may have output waiting that its client reads none of (its socket full, the
+# transport's buffer past its high-water mark): a slow client still reads some within it.
+SEND_SECONDS = 30.0
+# The connections open at most, whatever the replica's lanes: clients keep idle pooled connections, and
+# each costs a file descriptor and ~20 KB.
+MIN_CONNECTIONS = 1024
+
+
+def max_connections(admitted: int, descriptors: int) -> int:
+    """For a replica that admits ``admitted`` requests (its lanes and queue): 8 connections each (requests
+    being read, refused, pooled), at least ``MIN_CONNECTIONS``, at most half the process's file
+    descriptor limit ``descriptors`` (the rest: the model's files, the GPU runtime, NCCL)."""
+    wanted = max(MIN_CONNECTIONS, 8 * admitted)
+    return wanted if descriptors < 0 else max(1, min(wanted, descriptors // 2))  # < 0: no limit
+
+
+def bounded_h11(
+    max_open: int, head_seconds: float = HEAD_SECONDS, send_seconds: float = SEND_SECONDS
+) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with these bounds (``uvicorn.Config(http=...)``); one class per server, as
+    the connections waiting for a head are the server's."""
+
+    class BoundedH11(H11Protocol):
+        # the connections waiting for a request's head, longest-waiting first (dicts keep their order)
+        waiting: dict[BoundedH11, None] = {}
+        stalled: asyncio.TimerHandle | None = None  # aborts a connection whose client reads nothing
+
+        def _wait_for_head(self) -> None:
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(head_seconds, self.timeout_keep_alive_handler)
+            self.waiting[self] = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._wait_for_head()
+            if len(self.connections) > max_open:
+                # one closed for one opened: a closed one leaves ``connections`` only on the loop's next
+                # turn. This one, if every other has a request under way
+                oldest = next(iter(self.waiting))
+                oldest.timeout_keep_alive_handler()
+                oldest._unset_keepalive_if_required()
+
+        def data_received(self, data: bytes) -> None:
+            # uvicorn's, less its stopping the timer at the first byte: it stops once a whole head has
+            # come (handle_events, on h11's Request event)
+            self.conn.receive_data(data)
+            self.handle_events()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.timeout_keep_alive_task is not None:  # kept alive: waits for its next request's head
+                self.waiting[self] = None
+
+        def _unset_keepalive_if_required(self) -> None:
+            super()._unset_keepalive_if_required()
+            self.waiting.pop(self, None)
+
+        def pause_writing(self) -> None:
+            # the client reads nothing: a stream it asked for and never reads waited for it for ever, as
+            # asyncio's close() waits for the output to be sent. Cut, its response's sending ends (the
+            # client is gone), and so does its request if still generating
+            super().pause_writing()
+            self.stalled = self.loop.call_later(send_seconds, self.transport.abort)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.stalled is not None:
+                self.stalled.cancel()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            self._unset_keepalive_if_required()
+            if self.stalled is not None:
+                self.stalled.cancel()
+
+    return BoundedH11
