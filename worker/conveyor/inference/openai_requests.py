@@ -45,7 +45,7 @@ class ApiError(Exception):
 # (a thread would not free the loop): 8 MiB of small arrays or of chat messages held every stream and
 # /health 0.6-1.5 s; 1 MiB holds it under 0.1 s. OpenAI's own limit is larger, and vLLM sets none.
 MAX_BODY_BYTES = 1 << 20
-# The longest a body may take to arrive: 8 MiB at 300 kB/s. Without a limit, a client that sent part of
+# The longest a body may take to arrive: 1 MiB at 35 kB/s. Without a limit, a client that sent part of
 # its body and then nothing (slowloris) held a connection and a handler for ever.
 BODY_SECONDS = 30.0
 
