@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -337,3 +337,45 @@ def load(
             },
         )
     return path, trainer["client_state"]
+
+
+class CheckpointMethods:
+    """``save_checkpoint`` and ``load_checkpoint`` as DeepSpeed's engines offer them, for both of ours
+    (the pipeline engine and the data-parallel one): what they save and restore is ``TrainState``."""
+
+    def save_checkpoint(
+        self,
+        save_dir: str | Path,
+        tag: str | None = None,
+        client_state: Any = None,
+        save_latest: bool = True,
+        exclude_frozen_parameters: bool = False,
+        *,
+        keep: int | None = None,
+    ) -> Path:
+        """Write and commit a checkpoint of model, optimizer, scheduler, step and RNG (see this module);
+        DeepSpeed's arguments in DeepSpeed's order, then ``keep``: the newest ``keep`` step-N directories
+        stay (None: all)."""
+        check_save_arguments(save_latest, exclude_frozen_parameters, keep)
+        return save(cast(TrainState, self), Path(save_dir), tag, client_state, keep)
+
+    def load_checkpoint(
+        self,
+        load_dir: str | Path,
+        tag: str | None = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+        custom_load_fn: Any = None,
+    ) -> tuple[Path | None, Any]:
+        """Resume from ``tag`` or the committed ``latest``; returns (path, client_state), (None, None) if none.
+        DeepSpeed's keywords, as it means them (``LoadOptions.deepspeed``)."""
+        options = LoadOptions.deepspeed(
+            load_module_strict,
+            load_optimizer_states,
+            load_lr_scheduler_states,
+            load_module_only,
+            custom_load_fn,
+        )
+        return load(cast(TrainState, self), Path(load_dir), tag, options)

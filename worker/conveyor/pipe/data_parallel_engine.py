@@ -45,7 +45,7 @@ from conveyor.watchdog import PROGRESS
 log = get_logger("conveyor.engine")
 
 
-class DataParallelEngine:
+class DataParallelEngine(pipe_checkpoint.CheckpointMethods):
     def __init__(
         self,
         model: nn.Module,
@@ -231,40 +231,3 @@ class DataParallelEngine:
         # accumulation, or part-way through a batch whose gradients are not saved) put the first boundary
         # part-way into a batch, a step on part of its gradient
         self.micro_steps = self.global_steps * self.accumulation
-
-    def save_checkpoint(
-        self,
-        save_dir: str | Path,
-        tag: str | None = None,
-        client_state: Any = None,
-        save_latest: bool = True,
-        exclude_frozen_parameters: bool = False,
-        *,
-        keep: int | None = None,
-    ) -> Path:
-        """Write and commit a checkpoint of model, optimizer, scheduler, step and RNG (see checkpoint.py);
-        DeepSpeed's arguments in DeepSpeed's order, then ``keep``: the newest ``keep`` step-N directories
-        stay (None: all)."""
-        pipe_checkpoint.check_save_arguments(save_latest, exclude_frozen_parameters, keep)
-        return pipe_checkpoint.save(self, Path(save_dir), tag, client_state, keep)
-
-    def load_checkpoint(
-        self,
-        load_dir: str | Path,
-        tag: str | None = None,
-        load_module_strict: bool = True,
-        load_optimizer_states: bool = True,
-        load_lr_scheduler_states: bool = True,
-        load_module_only: bool = False,
-        custom_load_fn: Any = None,
-    ) -> tuple[Path | None, Any]:
-        """Resume from ``tag`` or, without one, the committed ``latest``; (None, None) when there is none.
-        DeepSpeed's keywords, as it means them (pipe/checkpoint.py ``LoadOptions.deepspeed``)."""
-        options = pipe_checkpoint.LoadOptions.deepspeed(
-            load_module_strict,
-            load_optimizer_states,
-            load_lr_scheduler_states,
-            load_module_only,
-            custom_load_fn,
-        )
-        return pipe_checkpoint.load(self, Path(load_dir), tag, options)
