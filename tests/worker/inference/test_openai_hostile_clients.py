@@ -231,3 +231,14 @@ def test_a_stream_whose_client_never_reads_frees_its_lane_and_its_connection() -
         stop.set()
         server.stop()
     assert received.startswith(b"HTTP/1.1 200") and b"[DONE]" not in received
+
+
+def test_a_uvicorn_without_what_the_bounds_use_serves_with_its_own_protocol(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conveyor.inference import http_connections
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    assert isinstance(http_connections.bounded_h11(16), type)  # this uvicorn has all of USES
+    monkeypatch.delattr(H11Protocol, "handle_events")
+    assert http_connections.bounded_h11(16) == "h11"

@@ -40,11 +40,24 @@ def max_connections(admitted: int, descriptors: int) -> int:
     return wanted if descriptors < 0 else max(1, min(wanted, descriptors // 2))  # < 0: no limit
 
 
+# What of uvicorn's h11 protocol the bounds build on: not its public API, so a uvicorn that has changed
+# them serves with its own protocol (unbounded, as before these bounds) and says so, rather than failing
+USES = ("_unset_keepalive_if_required", "timeout_keep_alive_handler", "handle_events", "on_response_complete")
+
+
 def bounded_h11(
     max_open: int, head_seconds: float = HEAD_SECONDS, send_seconds: float = SEND_SECONDS
-) -> type[asyncio.Protocol]:
+) -> type[asyncio.Protocol] | str:
     """uvicorn's h11 protocol with these bounds (``uvicorn.Config(http=...)``); one class per server, as
-    the connections waiting for a head are the server's."""
+    the connections waiting for a head are the server's. "h11" (uvicorn's own) where it lacks ``USES``."""
+    missing = [name for name in USES if not hasattr(H11Protocol, name)]
+    if missing:
+        from conveyor.log import get_logger
+
+        get_logger(__name__).warning(
+            "this uvicorn's h11 protocol has no " + ", ".join(missing) + ": connections are not bounded"
+        )
+        return "h11"
 
     class BoundedH11(H11Protocol):
         # the connections waiting for a request's head, longest-waiting first (dicts keep their order)
