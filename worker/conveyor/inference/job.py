@@ -50,7 +50,7 @@ from conveyor.inference.rank_builder import (
     prepare_compiler,
 )
 from conveyor.inference.run_progress import RunProgress
-from conveyor.inference.validate import InputError, check_fits, read_rows, tokens
+from conveyor.inference.validate import InputError, check_fits, read_rows, tokenized
 from conveyor.log import get_logger
 from conveyor.preflight_gate import wait_at_gate
 from conveyor.topology import Layout, Topology
@@ -70,11 +70,10 @@ def read_requests(
 ) -> list[Request]:
     """This replica's share of the input JSONL (every R-th prompt), in order, checked as the pre-flight
     checks it (validate.py: ids unique, token ids integers inside the vocabulary, prompts that fit)."""
+    rows = read_rows(path, arch, max_new_tokens)
+    mine = (item for index, item in enumerate(rows) if index % replicas == replica)
     requests = []
-    for index, (number, row) in enumerate(read_rows(path, arch, max_new_tokens)):
-        if index % replicas != replica:
-            continue
-        ids = tokens(path, number, row, tokenizer)
+    for number, row, ids in tokenized(path, mine, tokenizer):
         check_fits(path, number, row, len(ids), arch.max_positions)
         requests.append(Request(row.id, ids, row.max_new_tokens or max_new_tokens))
     return requests

@@ -81,11 +81,15 @@ class CachedTokenizer:
         self.chat_template = chat_template  # transformers' own value: None when the model has none
         self._full: Any = None
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, Any]:
+        """``{"input_ids": ids}`` for a text, a list of ids each for a list of texts (transformers' form)."""
         # encode_batch, as transformers calls it: it lets other threads run while it works, where encode
         # holds the GIL (seconds for a prompt of megabytes, during which serve mode's HTTP thread stalled)
-        (encoding,) = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)
-        return {"input_ids": list(encoding.ids)}
+        encodings = self.backend.encode_batch(
+            [text] if isinstance(text, str) else list(text), add_special_tokens=add_special_tokens
+        )
+        ids = [list(encoding.ids) for encoding in encodings]
+        return {"input_ids": ids[0] if isinstance(text, str) else ids}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
