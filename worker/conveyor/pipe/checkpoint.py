@@ -40,6 +40,7 @@ from conveyor import checkpoint_lock, commit_protocol, metrics, skipped_checkpoi
 from conveyor.commit_protocol import CheckpointError
 from conveyor.log import get_logger
 from conveyor.pipe import reshard
+from conveyor.pipe.optim import DeepSpeedSchedule
 from conveyor.pipe.sharding import ShardLayout
 
 log = get_logger("conveyor.pipe.checkpoint")
@@ -282,6 +283,20 @@ def save(engine: TrainState, root: Path, tag: str | None, client_state: Any, kee
     return committed.path
 
 
+def _log_schedule_changes(scheduler: Any, saved: dict[str, Any], step: int) -> None:
+    """One line, when this run's config sets the schedule otherwise than the checkpoint's run did: which
+    settings the resumed run uses (the config's, at the saved position, as DeepSpeed's resume does)."""
+    if _rank() != 0 or not isinstance(scheduler, DeepSpeedSchedule):
+        return
+    changed = scheduler.changed_settings(saved)
+    if changed:
+        log.info(
+            f"the learning-rate schedule resumes at step {step} with this run's settings, as DeepSpeed's "
+            "does (a checkpoint holds only its position): "
+            + ", ".join(f"{name} {now!r} (saved: {was!r})" for name, (was, now) in changed.items()),
+        )
+
+
 def load(
     engine: TrainState, root: Path, tag: str | None, options: LoadOptions = LoadOptions()
 ) -> tuple[Path | None, Any]:
@@ -334,6 +349,7 @@ def load(
         set_optimizer_state_dict(parts.model, parts.optimizer, optimizer_state, options=_OPTIM)
     trainer = pickle.loads(state["trainer"])
     if options.scheduler and parts.scheduler is not None and trainer["scheduler"] is not None:
+        _log_schedule_changes(parts.scheduler, trainer["scheduler"], trainer["step"])
         parts.scheduler.load_state_dict(trainer["scheduler"])
     one_of_them = options.optimizer != options.scheduler
     if one_of_them and isinstance(parts.scheduler, torch.optim.lr_scheduler.LRScheduler):
