@@ -106,3 +106,19 @@ def test_a_resume_between_overflows_continues_the_sequence(tmp_path, consecutive
     assert head == whole
     resumed, _ = _overflow_run(pattern, keys, tmp_path, save_at=2, resume=True)
     assert resumed == whole[2:]
+
+
+def test_an_older_releases_checkpoint_resumes_its_scale():
+    """Older checkpoints saved the scale and the good steps since the last overflow, not the scaler."""
+    engine, _, _, _ = conveyor.initialize(
+        model=PipelineModule(tied_layers(), loss_fn=lm_loss), config=config(2, 1, fp16=FP16)
+    )
+    engine.restore_counters(
+        {"step": 5, "samples": 20, "loss_scale": 64.0, "good_steps": 1, "skipped_steps": 2}
+    )
+    assert (engine.loss_scale, engine.skipped_steps) == (64.0, 2)
+    # its last overflow was step 3 (1 good step since): stable_interval 1 at step 5, 2 at step 6 -> 128
+    engine.loss_scaler.update(False)
+    assert engine.loss_scale == 64.0
+    engine.loss_scaler.update(False)
+    assert engine.loss_scale == 128.0
