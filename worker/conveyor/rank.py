@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from conveyor import metrics
+from conveyor import checkpoint_lock, metrics
 from conveyor.env import EnvError, PodEnv
 from conveyor.failure import CAUSE_ENV, EXIT_REFUSED, is_refusal, one_line, write_cause
 from conveyor.log import configure, get_logger
@@ -96,6 +96,8 @@ def run_train_command(pod: PodEnv) -> int:
             **train_environ(pod),
             PROGRESS_FILE_ENV: str(beat_file),
             metrics.CHILD_METRICS_FILE_ENV: str(metrics_file),
+            # the program's save_checkpoint would take the lock this rank holds for it, and be refused
+            **checkpoint_lock.held_environ(),
         }
         try:
             child = subprocess.run(argv, env=env, preexec_fn=parent_death_signal)
@@ -163,9 +165,7 @@ def _main(argv: list[str]) -> int:
     assert pod.spec.train is not None
     checkpoint_dir = pod.checkpoint_dir or (pod.spec.checkpoint.path if pod.spec.checkpoint else None)
     if rank == 0 and checkpoint_dir:  # the committing rank: one run at a time in its directory
-        from conveyor.checkpoint_lock import hold
-
-        hold(checkpoint_dir, job=pod.job)
+        checkpoint_lock.hold(checkpoint_dir, job=pod.job)
     if pod.spec.train.fine_tunes:
         from conveyor.train.finetune import run_rank as fine_tune_rank
 

@@ -160,3 +160,83 @@ def test_a_client_scheduler_steps_as_in_a_plain_torch_loop(plain):
     if plain:
         cfg.pop("pipeline")
     assert engine_lrs(plain, cfg, lr_scheduler=make) == pytest.approx(plain_loop(STEPS, make), rel=1e-12)
+
+
+RESUME_AT = 4
+CHANGED = {  # a schedule's settings before and after a restart, its config changed
+    "WarmupDecayLR": (
+        {"warmup_max_lr": 0.05, "warmup_num_steps": 3, "total_num_steps": 8, "warmup_type": "linear"},
+        {"warmup_max_lr": 0.08, "warmup_num_steps": 3, "total_num_steps": STEPS, "warmup_type": "linear"},
+    ),
+    "WarmupCosineLR": (
+        {"warmup_num_steps": 3, "total_num_steps": 8, "warmup_type": "linear"},
+        {"warmup_num_steps": 3, "total_num_steps": STEPS, "warmup_type": "linear", "cos_min_ratio": 0.2},
+    ),
+}
+
+
+def _resumed_lrs(ckpt, kind: str, saved: dict, now: dict, lr: float = LR) -> list[float]:
+    """The rate of each step of a run resumed at RESUME_AT with the schedule ``now`` from one saved there
+    with ``saved``."""
+
+    def engine(params: dict, optimizer_lr: float) -> Any:
+        cfg = {**config(2, 1), "scheduler": {"type": kind, "params": params}}
+        cfg["optimizer"] = {"type": "SGD", "params": {"lr": optimizer_lr}}
+        return conveyor.initialize(model=PipelineModule(tied_layers(), loss_fn=lm_loss), config=cfg)[0]
+
+    data = make_data(STEPS, 2)
+    first = engine(saved, LR)
+    for step in range(RESUME_AT):
+        first.train_batch(iter(data[step]))
+    first.save_checkpoint(ckpt)
+    resumed = engine(now, lr)
+    assert resumed.load_checkpoint(ckpt)[0] is not None
+    used: list[float] = []
+    resumed.optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+    for step in range(RESUME_AT, STEPS):
+        resumed.train_batch(iter(data[step]))
+    return used
+
+
+@pytest.mark.parametrize("kind", sorted(CHANGED))
+def test_a_resumed_run_follows_its_configs_schedule_from_the_saved_position(tmp_path, kind, caplog):
+    # torch's load_state_dict put back the saved total_num_steps and peak: a run extended (or re-tuned) on
+    # resume kept the old schedule, where DeepSpeed's checkpoint holds only last_batch_iteration
+    import logging
+
+    saved, now = CHANGED[kind]
+    with caplog.at_level(logging.INFO, logger="conveyor.pipe.checkpoint"):
+        used = _resumed_lrs(tmp_path, kind, saved, now)
+    expected = plain_loop(STEPS, lambda opt: DeepSpeedWarmupLR(opt, cosine=kind == "WarmupCosineLR", **now))
+    assert used == pytest.approx(expected[RESUME_AT:], rel=1e-12, abs=1e-15)
+    said = [r.getMessage() for r in caplog.records if "learning-rate schedule resumes" in r.getMessage()]
+    assert len(said) == 1, said
+    assert f"resumes at step {RESUME_AT} with this run's settings" in said[0]
+    assert f"total_num_steps {STEPS} (saved: 8)" in said[0]
+    changed = (
+        "warmup_max_lr 0.08 (saved: 0.05)" if kind == "WarmupDecayLR" else "cos_min_ratio 0.2 (saved: 0.0001)"
+    )
+    assert changed in said[0] and "warmup_num_steps" not in said[0]
+
+
+def test_the_optimizers_rate_under_a_cosine_schedule_is_the_configs(tmp_path, caplog):
+    """WarmupCosineLR scales the optimizer's lr; DeepSpeed's takes it from the optimizer at construction
+    (its org_lrs, the config's), not from the checkpoint."""
+    import logging
+
+    params = CHANGED["WarmupCosineLR"][1]
+    with caplog.at_level(logging.INFO, logger="conveyor.pipe.checkpoint"):
+        used = _resumed_lrs(tmp_path, "WarmupCosineLR", params, params, lr=2 * LR)
+    expected = plain_loop(STEPS, lambda opt: DeepSpeedWarmupLR(opt, cosine=True, **params))
+    assert used == pytest.approx([2 * lr for lr in expected[RESUME_AT:]], rel=1e-12)
+    assert f"optimizer lr [{2 * LR}] (saved: [{LR}])" in caplog.text
+
+
+def test_an_unchanged_schedule_resumes_where_it_was_without_a_word(tmp_path, caplog):
+    import logging
+
+    params = CHANGED["WarmupDecayLR"][1]
+    with caplog.at_level(logging.INFO, logger="conveyor.pipe.checkpoint"):
+        used = _resumed_lrs(tmp_path, "WarmupDecayLR", params, params)
+    assert used == pytest.approx(plain_loop(STEPS, lambda opt: DeepSpeedWarmupLR(opt, **params))[RESUME_AT:])
+    assert "learning-rate schedule resumes" not in caplog.text

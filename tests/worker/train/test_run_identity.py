@@ -103,18 +103,29 @@ def test_an_extended_run_killed_before_its_export_exports_again(files, tmp_path,
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
-def test_an_extension_past_the_resumed_schedule_says_so(files, tmp_path, caplog):
-    # the schedule's state holds total_num_steps (defaulted to the first run's steps): the extension's
-    # steps ran at the final learning rate, near 0, and nothing said so
+def test_an_extension_follows_its_own_schedule_and_says_so(files, tmp_path, caplog):
+    # the schedule's saved state held total_num_steps (defaulted to the first run's steps) and torch's
+    # load_state_dict put it back: the extension's steps ran at the final learning rate, near 0. DeepSpeed's
+    # checkpoint holds only the schedule's position: the resumed run's total is its own steps
     import logging
+    import math
+
+    from tests.worker.train.reference import LR
 
     model, data, _ = files
     cosine = {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 1, "warmup_type": "linear"}}
     run(tmp_path, model, data, steps=3, scheduler=cosine)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         more = run(tmp_path, model, data, steps=5, scheduler=cosine)
     assert list(more.losses) == [4, 5]
-    assert "schedule resumed from the checkpoint ends before spec.train.steps" in caplog.text
+    said = [r.getMessage() for r in caplog.records if "learning-rate schedule resumes" in r.getMessage()]
+    assert len(said) == 1 and "total_num_steps 5 (saved: 3)" in said[0], said
+    # the 4th step runs at DeepSpeed's iteration 2 (the first two at 0): past the warm-up of max(2, 1)
+    # steps, the cosine (2 - 2 + 1) / (5 - 2) of its way down to cos_min_ratio 0.0001 (with the saved
+    # total of 3, all the way: 0.0001)
+    lr = next(r.lr for r in caplog.records if r.getMessage() == "fine-tune step" and r.step == 4)
+    ratio = 0.0001 + 0.9999 * (1 + math.cos(math.pi / 3)) / 2
+    assert lr == pytest.approx(LR * ratio, rel=1e-9)
 
 
 @pytest.mark.integration

@@ -36,10 +36,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from conveyor import commit_protocol, metrics, skipped_checkpoints
+from conveyor import checkpoint_lock, commit_protocol, metrics, skipped_checkpoints
 from conveyor.commit_protocol import CheckpointError
 from conveyor.log import get_logger
 from conveyor.pipe import reshard
+from conveyor.pipe.optim import DeepSpeedSchedule
 from conveyor.pipe.sharding import ShardLayout
 
 log = get_logger("conveyor.pipe.checkpoint")
@@ -215,17 +216,23 @@ def _state_dict(
     }
 
 
+def _gathered(value: Any) -> list[Any]:
+    """Every rank's ``value`` (just this one's without a process group)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def _agreed_name(name: str) -> str:
     """``name`` once every rank has passed the same one and the commit protocol can publish it; checked
     after gathering every rank's, so all of them raise the same error instead of some waiting."""
-    names = [name]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        names = [""] * dist.get_world_size()
-        # why: ranks with different tags would each write their own directory and rank 0 commit its own
-        dist.all_gather_object(names, name)
-    if len(set(names)) > 1:
+    # why: ranks with different tags would each write their own directory and rank 0 commit its own
+    names = set(_gathered(name))
+    if len(names) > 1:
         raise ValueError(
-            f"save_checkpoint tag differs between ranks ({', '.join(sorted(map(repr, set(names))))}): pass "
+            f"save_checkpoint tag differs between ranks ({', '.join(sorted(map(repr, names)))}): pass "
             "the same tag on every rank (derive it from the step, not from a clock or the rank)"
         )
     problem = commit_protocol.name_problem(name)
@@ -234,11 +241,32 @@ def _agreed_name(name: str) -> str:
     return name
 
 
+def _hold_lock(root: Path, job: str) -> None:
+    """The committing rank holds ``root``'s lock from its first save on (checkpoint_lock.py), or every
+    rank raises its refusal: another process saves there."""
+    refusal = ""
+    if _is_writer():
+        try:
+            checkpoint_lock.hold(
+                root,
+                job=job,
+                field="save_checkpoint save_dir",
+                fix="save into a directory of this run's own (another save_dir)",
+            )
+        except CheckpointError as err:
+            refusal = str(err)
+    # why: a committing rank refused alone would leave the others waiting in DCP's collectives
+    refused = next((why for why in _gathered(refusal) if why), "")
+    if refused:
+        raise CheckpointError(refused)
+
+
 def save(engine: TrainState, root: Path, tag: str | None, client_state: Any, keep: int | None) -> Path:
     started = time.perf_counter()
     counters = engine.counters()
     step = counters["step"]
     name = _agreed_name(tag or commit_protocol.step_name(step))
+    _hold_lock(root, engine.job)
     tmp = commit_protocol.prepare(root, name, _is_writer(), _barrier)
     with _quiet():
         dcp.save(_state_dict(engine.train_parts(), counters, client_state), checkpoint_id=tmp)
@@ -253,6 +281,20 @@ def save(engine: TrainState, root: Path, tag: str | None, client_state: Any, kee
             extra={"path": str(committed.path), "step": step, "seconds": round(seconds, 3)},
         )
     return committed.path
+
+
+def _log_schedule_changes(scheduler: Any, saved: dict[str, Any], step: int) -> None:
+    """One line, when this run's config sets the schedule otherwise than the checkpoint's run did: which
+    settings the resumed run uses (the config's, at the saved position, as DeepSpeed's resume does)."""
+    if _rank() != 0 or not isinstance(scheduler, DeepSpeedSchedule):
+        return
+    changed = scheduler.changed_settings(saved)
+    if changed:
+        log.info(
+            f"the learning-rate schedule resumes at step {step} with this run's settings, as DeepSpeed's "
+            "does (a checkpoint holds only its position): "
+            + ", ".join(f"{name} {now!r} (saved: {was!r})" for name, (was, now) in changed.items()),
+        )
 
 
 def load(
@@ -307,6 +349,7 @@ def load(
         set_optimizer_state_dict(parts.model, parts.optimizer, optimizer_state, options=_OPTIM)
     trainer = pickle.loads(state["trainer"])
     if options.scheduler and parts.scheduler is not None and trainer["scheduler"] is not None:
+        _log_schedule_changes(parts.scheduler, trainer["scheduler"], trainer["step"])
         parts.scheduler.load_state_dict(trainer["scheduler"])
     one_of_them = options.optimizer != options.scheduler
     if one_of_them and isinstance(parts.scheduler, torch.optim.lr_scheduler.LRScheduler):

@@ -36,10 +36,12 @@ class SchedulerConfig(_Section):
 
 class PrecisionConfig(_Section):
     enabled: bool = False
-    # fp16 dynamic loss scaling (DeepSpeed's names); ignored for bf16
-    loss_scale: float = Field(0.0, ge=0.0, description="0 = dynamic")
+    # fp16 loss scaling (DeepSpeed's names and defaults; pipe/loss_scaler.py); ignored for bf16
+    loss_scale: float = Field(0.0, ge=0.0, description="0 = dynamic, else this fixed scale")
     initial_scale_power: int = Field(16, ge=0, le=64)
     loss_scale_window: int = Field(1000, ge=1)
+    hysteresis: int = Field(2, ge=1, description="overflows before the scale is lowered")
+    consecutive_hysteresis: bool = False
     min_loss_scale: float = Field(1.0, gt=0.0)
 
 

@@ -27,6 +27,7 @@ from conveyor.log import get_logger
 from conveyor.pipe import checkpoint as pipe_checkpoint
 from conveyor.pipe.config import EngineConfig, load_config
 from conveyor.pipe.grad_norm import global_grad_norm
+from conveyor.pipe.loss_scaler import LossScaler
 from conveyor.pipe.module import PipelineModule
 from conveyor.pipe.optim import (
     build_optimizer,
@@ -117,9 +118,7 @@ class PipelineEngine(ScheduleRunner, pipe_checkpoint.CheckpointMethods):
         self._calls = 0
         self.last_grad_norm: float | None = None
         self.last_stats: dict[str, float] = {}
-        precision = self.config.fp16 if self.config.fp16.enabled else None
-        self.loss_scale = (precision.loss_scale or 2.0**precision.initial_scale_power) if precision else 1.0
-        self._good_steps = 0
+        self.loss_scaler = LossScaler(self.config.fp16) if self.config.fp16.enabled else None
         self.skipped_steps = 0
 
         self.training_dataloader = None
@@ -169,6 +168,11 @@ class PipelineEngine(ScheduleRunner, pipe_checkpoint.CheckpointMethods):
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
+
+    @property
+    def loss_scale(self) -> float:
+        """The scale of the next batch's loss: fp16's (``loss_scaler``), else 1."""
+        return self.loss_scaler.cur_scale if self.loss_scaler is not None else 1.0
 
     def _make_loader(self, dataset: Any, collate_fn: Any) -> Any:
         from torch.utils.data import DataLoader, DistributedSampler
@@ -262,31 +266,26 @@ class PipelineEngine(ScheduleRunner, pipe_checkpoint.CheckpointMethods):
 
     def _finish_precision(self) -> bool:
         """fp16: unscale, and skip the step on any overflow anywhere (all ranks agree). True to step."""
-        if not self.config.fp16.enabled:
+        if self.loss_scaler is None:
             return True
+        scale = self.loss_scaler.cur_scale
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         for grad in grads:
-            grad.mul_(1.0 / self.loss_scale)
+            grad.mul_(1.0 / scale)
         overflow = torch.tensor(
             [0.0 if all(torch.isfinite(g).all() for g in grads) else 1.0], device=self.device
         )
         if self._dist:
             dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
-        cfg = self.config.fp16
-        if overflow.item():
+        skipped = bool(overflow.item())
+        self.loss_scaler.update(skipped)  # every rank alike: the flag is agreed, the state identical
+        if skipped:
             self.skipped_steps += 1
-            self._good_steps = 0
-            if not cfg.loss_scale:
-                self.loss_scale = max(cfg.min_loss_scale, self.loss_scale / 2)
             log.warning(
                 "fp16 overflow: step skipped",
-                extra={"step": self.global_steps, "loss_scale": self.loss_scale},
+                extra={"step": self.global_steps, "loss_scale": scale, "next_loss_scale": self.loss_scale},
             )
-            return False
-        self._good_steps += 1
-        if not cfg.loss_scale and self._good_steps % cfg.loss_scale_window == 0:
-            self.loss_scale *= 2
-        return True
+        return not skipped
 
     def _clip_gradients(self) -> float | None:
         """Clip by the norm of the whole model's gradient (grad_norm.py: every parameter counted once)."""
@@ -360,15 +359,29 @@ class PipelineEngine(ScheduleRunner, pipe_checkpoint.CheckpointMethods):
         return {
             "step": self.global_steps,
             "samples": self.global_samples,
-            # fp16's dynamic scaler: the scale, and the good steps toward its next doubling
-            "loss_scale": self.loss_scale,
-            "good_steps": self._good_steps,
+            # fp16's scaler whole, settings and state (DeepSpeed's ZeRO optimizers save the object)
+            "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
             "skipped_steps": self.skipped_steps,
         }
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
         self.global_steps = counters["step"]
         self.global_samples = counters["samples"]
-        self.loss_scale = counters["loss_scale"]
-        self._good_steps = counters.get("good_steps", 0)  # absent from checkpoints of older releases
         self.skipped_steps = counters.get("skipped_steps", 0)
+        saved = counters.get("loss_scaler")
+        if self.loss_scaler is None:
+            return  # (a checkpoint of an fp16 run resumed in bf16 or fp32: no scale to restore)
+        if saved is not None:
+            kept = self.loss_scaler.restore(saved)
+            if kept and (not self._dist or dist.get_rank() == 0):
+                log.info(
+                    "fp16 loss scaling resumes with the checkpoint's settings (as DeepSpeed's does), not the "
+                    "config's: "
+                    + ", ".join(f"{key} {was!r} (config: {now!r})" for key, (was, now) in kept.items())
+                )
+        elif counters.get("loss_scale", 1.0) != 1.0:
+            # an older release's checkpoint of an fp16 run (it saved 1.0 for bf16 and fp32 runs, which would
+            # not be an fp16 run's scale to resume at)
+            self.loss_scaler.restore_legacy(
+                counters["loss_scale"], counters.get("good_steps", 0), self.global_steps
+            )

@@ -109,10 +109,47 @@ def deepspeed_iteration(last_epoch: int) -> int:
     return max(0, last_epoch - 1)
 
 
-class WarmupLR(torch.optim.lr_scheduler.LRScheduler):
+class DeepSpeedSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """What a checkpoint restores of a schedule, as DeepSpeed's: its position alone. DeepSpeed's schedules'
+    ``state_dict`` is ``{"last_batch_iteration": n}``, so a resumed run follows its config's settings from
+    the saved step. torch's ``load_state_dict`` put back every attribute, the saved settings (a run's
+    total_num_steps, its peak rate) over the config's. The state saved stays torch's (every attribute),
+    which is how ``changed_settings`` can name what the config changed. ``SETTINGS``: DeepSpeed's param
+    name -> the attribute holding it."""
+
+    SETTINGS: dict[str, str] = {}
+
+    def changed_settings(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """{param: (saved, this run's)} for each setting of the saved state this run's config changes."""
+        return {
+            name: (saved[attr], getattr(self, attr))
+            for name, attr in self.SETTINGS.items()
+            if attr in saved and saved[attr] != getattr(self, attr)
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_epoch = state_dict["last_epoch"]
+        self._step_count = state_dict.get("_step_count", self.last_epoch + 1)
+        # why write the groups: the optimizer's saved groups hold the saved settings' rate (DeepSpeed's load
+        # writes none, so its first resumed step runs at that one); here the config's settings apply from
+        # the first resumed step on
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
+
+
+class WarmupLR(DeepSpeedSchedule):
     """DeepSpeed's WarmupLR (and WarmupDecayLR with ``total_num_steps``): the learning rate rises from
     ``warmup_min_lr`` to ``warmup_max_lr`` over ``warmup_num_steps`` (log or linear), then stays, or
     decays linearly to 0 at ``total_num_steps``; step by step as DeepSpeed's (``deepspeed_iteration``)."""
+
+    SETTINGS = {
+        "warmup_min_lr": "min_lr",
+        "warmup_max_lr": "max_lr",
+        "warmup_num_steps": "warmup_num_steps",
+        "warmup_type": "warmup_type",
+        "total_num_steps": "total_num_steps",
+    }
 
     def __init__(
         self,
@@ -156,13 +193,22 @@ class WarmupLR(torch.optim.lr_scheduler.LRScheduler):
         return [lr for _ in self.optimizer.param_groups]
 
 
-class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+class WarmupCosineLR(DeepSpeedSchedule):
     """DeepSpeed's WarmupCosineLR: each group's lr is its own (the optimizer's) lr x a ratio that rises
     from ``warmup_min_ratio`` to 1 over ``warmup_num_steps`` (log or linear), then follows a cosine down
     to ``cos_min_ratio`` at ``total_num_steps``; step by step as DeepSpeed's (``deepspeed_iteration``), but
     for the first step, which runs at ``warmup_min_ratio`` (DeepSpeed's gives its first group lr 0 there:
     its rate "before it has started"), and past ``total_num_steps``, where the ratio stays at
     ``cos_min_ratio`` (DeepSpeed's cosine climbs back up)."""
+
+    SETTINGS = {
+        "total_num_steps": "total_num_steps",
+        "warmup_min_ratio": "warmup_min_ratio",
+        "warmup_num_steps": "warmup_num_steps",
+        "cos_min_ratio": "cos_min_ratio",
+        "warmup_type": "warmup_type",
+        "optimizer lr": "base_lrs",  # the ratio's base: DeepSpeed's org_lrs, the optimizer's at construction
+    }
 
     def __init__(
         self,

@@ -72,7 +72,6 @@ class ScheduleRunner:
     num_stages: int
     micro_batches: int
     global_steps: int
-    loss_scale: float
     _dist: bool
     _data_iterator: Iterator[Any] | None
     _meta: dict[tuple[str, str], BoundaryMeta]  # (train|eval, in|out) -> boundary metadata
@@ -81,6 +80,9 @@ class ScheduleRunner:
     _serial: int
 
     if TYPE_CHECKING:
+
+        @property
+        def loss_scale(self) -> float: ...
 
         def is_first_stage(self) -> bool: ...
 

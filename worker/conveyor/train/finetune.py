@@ -163,20 +163,6 @@ def build_stage(
     return module, roles
 
 
-def _warn_if_the_schedule_ended(engine: PipelineEngine, steps: int, is_logger: bool) -> None:
-    """A resumed schedule keeps the total it was saved with (its state), so a run extended past it
-    (steps raised, total_num_steps defaulted to the old steps) trains the new steps at the schedule's
-    final learning rate: said, not silently done."""
-    total = getattr(engine.lr_scheduler, "total_num_steps", None)
-    if is_logger and total is not None and engine.global_steps > 0 and total < steps:
-        log.warning(
-            "the learning-rate schedule resumed from the checkpoint ends before spec.train.steps: the "
-            "steps past it train at its final learning rate; set spec.train.scheduler.params.total_num_steps "
-            "to change that (a new run)",
-            extra={"total_num_steps": total, "steps": steps, "lr": engine.get_lr()[0]},
-        )
-
-
 def fine_tune(
     spec: PipelineJobSpec,
     topology: Topology,
@@ -227,7 +213,6 @@ def fine_tune(
         )
     position = int(client["data_position"]) if client else 0
     outcome.resumed_from = engine.global_steps
-    _warn_if_the_schedule_ended(engine, train.steps, topology.rank == 0)
     target = export_path(spec, checkpoint_dir)
     # the export of this very checkpoint: one made earlier at the same path (before the run was extended,
     # and the process killed between its last checkpoint and the new export) is not this run's result
