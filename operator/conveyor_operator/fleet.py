@@ -196,7 +196,8 @@ def plan_fleet(
     # Take out outdated regular groups, highest index first, within the availability budget.
     if fleet.strategy is not None:
         unavailable = max_unavailable if fleet.strategy == "Surge" else max(1, max_unavailable)
-        serving = sum(_serving(g, draining) for g in groups)
+        # a group rolled by this reconcile loses its pods now, whatever phase it was observed in
+        serving = sum(_serving(g, draining) and g.name not in roll for g in groups)
         for group in sorted(outdated, key=lambda g: -(g.replica or 0)):
             if group.name in draining or group.name in roll:
                 continue
