@@ -121,9 +121,13 @@ def plan_fleet(
     fleet = (old or FleetStatus()).model_copy(deep=True)
     events: list[FleetEvent] = []
     present = {g.name for g in groups}
-    fleet.draining = [d for d in fleet.draining if d.name in present]
-    draining = {d.name for d in fleet.draining}
     regular = [g for g in groups if g.replica is not None and g.replica < replicas]
+    # A group scaled away and then back before its drain ended is a replica again: it serves on.
+    back = {g.name for g in regular}
+    fleet.draining = [
+        d for d in fleet.draining if d.name in present and not (d.reason == "ScaleDown" and d.name in back)
+    ]
+    draining = {d.name for d in fleet.draining}
     surge_names = {f"{name}-r{i}" for i in range(replicas, replicas + fleet.surge_replicas)}
 
     def drain(group: GroupStatus, reason: str) -> None:

@@ -23,3 +23,31 @@ def test_a_group_rolled_in_this_reconcile_is_not_counted_as_serving() -> None:
     assert sorted(plan.delete_pods) == ["llm-r1-0", "llm-r1-1"]
     assert cluster.serving() == {"llm-r0", "llm-r2"}, fleet(cluster)
     assert [d["name"] for d in fleet(cluster)["draining"]] == []
+
+
+def test_scaled_back_up_before_its_drain_ended_a_group_serves_again() -> None:
+    cluster = running(3)
+    cluster.body["spec"]["parallelism"]["replicas"] = 1
+    cluster.step()
+    assert sorted(d["name"] for d in fleet(cluster)["draining"]) == ["llm-r1", "llm-r2"]
+    cluster.body["spec"]["parallelism"]["replicas"] = 3  # an autoscaler changes its mind within drainSeconds
+    cluster.step()
+    cluster.step(DRAIN)
+    assert cluster.deleted_sets == [] and fleet(cluster)["draining"] == []
+    assert cluster.serving() == {"llm-r0", "llm-r1", "llm-r2"}
+
+
+def test_scale_to_zero_and_back_serves_every_replica_again() -> None:
+    cluster = running(2)
+    cluster.body["spec"]["parallelism"]["replicas"] = 0
+    cluster.step()
+    assert cluster.serving() == set() and cluster.body["status"]["ready"] == "0/0"
+    cluster.step(DRAIN)
+    assert sorted(cluster.deleted_sets) == ["llm-r0", "llm-r1"]
+    cluster.body["spec"]["parallelism"]["replicas"] = 2
+    cluster.step()
+    cluster.all_ready()
+    cluster.step()
+    cluster.step()
+    assert cluster.serving() == {"llm-r0", "llm-r1"} and fleet(cluster)["draining"] == []
+    assert cluster.body["status"]["phase"] == "Running" and cluster.body["status"]["ready"] == "2/2"
