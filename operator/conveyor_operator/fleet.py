@@ -61,6 +61,19 @@ def _drained(entry: DrainingGroup, spec: PipelineJobSpec, now: datetime) -> bool
     return since is None or now >= since + timedelta(seconds=_drain_seconds(spec))
 
 
+def _max_surge(spec: PipelineJobSpec) -> int:
+    """Never more surge replicas than replicas, as a Deployment and LeaderWorkerSet: one new template for
+    each of them is all a rollout can use, and a larger maxSurge stays valid after a scale-down."""
+    rollout = spec.serve.rollout if spec.serve is not None else None
+    return min(rollout.max_surge, spec.parallelism.replicas) if rollout else 0
+
+
+def _surge_replicas(spec: PipelineJobSpec, fleet: FleetStatus) -> int:
+    """The running rollout's surge replicas under the spec's replicas now: replicas scaled down in the
+    middle of a rollout shrink the surge with them (the groups past it drain away)."""
+    return min(fleet.surge_replicas, _max_surge(spec))
+
+
 def extra_groups(
     name: str, spec: PipelineJobSpec, old: PipelineJobStatus, now: datetime
 ) -> list[render.GroupRef]:
@@ -68,7 +81,8 @@ def extra_groups(
     whose time has not passed (a drained group is left out, so the reconcile deletes its StatefulSet)."""
     fleet = old.fleet or FleetStatus()
     replicas, stages = spec.parallelism.replicas, spec.parallelism.stages
-    surge = {f"{name}-r{i}" for i in range(replicas, replicas + fleet.surge_replicas)}
+    surge_replicas = _surge_replicas(spec, fleet)
+    surge = {f"{name}-r{i}" for i in range(replicas, replicas + surge_replicas)}
     draining = {d.name: d for d in fleet.draining}
     out = []
     for group in old.groups:
@@ -78,8 +92,11 @@ def extra_groups(
         if group.name in surge or entry is None or not _drained(entry, spec, now):
             out.append(render.GroupRef(name=group.name, replica=group.replica, pods=stages))
     known = {g.name for g in out}
-    for i in range(replicas, replicas + fleet.surge_replicas):  # asked for, not yet in status.groups
-        if f"{name}-r{i}" not in known:
+    # asked for, not yet in status.groups: the surge now, and the one the last reconcile asked for under
+    # the replicas then (past the surge now, it is tracked so that it drains and goes)
+    before = range(old.replicas, old.replicas + fleet.surge_replicas)
+    for i in sorted({*range(replicas, replicas + surge_replicas), *before}):
+        if i >= replicas and f"{name}-r{i}" not in known:
             out.append(render.GroupRef(name=f"{name}-r{i}", replica=i, pods=stages))
     return sorted(out, key=lambda g: g.replica or 0)
 
@@ -114,11 +131,10 @@ def plan_fleet(
     failures and restarts were handled)."""
     rollout = spec.serve.rollout if spec.serve is not None else None
     replicas = spec.parallelism.replicas
-    # Never more surge replicas than replicas, as a Deployment and LeaderWorkerSet: one new template for
-    # each of them is all a rollout can use, and a larger maxSurge stays valid after a scale-down.
-    max_surge = min(rollout.max_surge, replicas) if rollout else 0
+    max_surge = _max_surge(spec)
     max_unavailable = rollout.max_unavailable if rollout else 0
     fleet = (old or FleetStatus()).model_copy(deep=True)
+    fleet.surge_replicas = _surge_replicas(spec, fleet)
     events: list[FleetEvent] = []
     present = {g.name for g in groups}
     regular = [g for g in groups if g.replica is not None and g.replica < replicas]

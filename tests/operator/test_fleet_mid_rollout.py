@@ -7,7 +7,7 @@ from __future__ import annotations
 from conveyor.spec import parse_spec
 from conveyor_operator import render
 
-from tests.operator.test_fleet import DRAIN, fleet, fleet_spec, running
+from tests.operator.test_fleet import DRAIN, fleet, fleet_spec, roll_to_end, running
 
 
 def test_a_group_rolled_in_this_reconcile_is_not_counted_as_serving() -> None:
@@ -51,3 +51,21 @@ def test_scale_to_zero_and_back_serves_every_replica_again() -> None:
     cluster.step()
     assert cluster.serving() == {"llm-r0", "llm-r1"} and fleet(cluster)["draining"] == []
     assert cluster.body["status"]["phase"] == "Running" and cluster.body["status"]["ready"] == "2/2"
+
+
+def test_scaling_down_mid_rollout_shrinks_the_surge_to_the_new_replicas() -> None:
+    # maxSurge 3 at 3 replicas: 3 surge groups; scaled to 1, a rollout may hold 1 + min(3, 1) groups.
+    cluster = running(3, surge=3)
+    cluster.body["spec"] = fleet_spec(3, image="conveyor:2", surge=3)
+    cluster.step()
+    assert fleet(cluster)["surgeReplicas"] == 3
+    cluster.body["spec"]["parallelism"]["replicas"] = 1
+    cluster.step()
+    assert fleet(cluster)["surgeReplicas"] == 1
+    # llm-r1 is the surge now (the old template still, serving); the rest go, the 2 just asked for too
+    leaving = {d["name"] for d in fleet(cluster)["draining"]}
+    assert {"llm-r2", "llm-r3", "llm-r4", "llm-r5"} <= leaving and "llm-r1" not in leaving, fleet(cluster)
+    cluster.step(DRAIN)
+    assert {"llm-r2", "llm-r3", "llm-r4", "llm-r5"} <= set(cluster.deleted_sets)
+    roll_to_end(cluster, render.template_hash(parse_spec(cluster.body["spec"])), at_least=1)
+    assert sorted(cluster.sets) == ["llm-r0"]
