@@ -136,15 +136,29 @@ def plan_fleet(
     fleet = (old or FleetStatus()).model_copy(deep=True)
     fleet.surge_replicas = _surge_replicas(spec, fleet)
     events: list[FleetEvent] = []
-    present = {g.name for g in groups}
     regular = [g for g in groups if g.replica is not None and g.replica < replicas]
-    # A group scaled away and then back before its drain ended is a replica again: it serves on.
-    back = {g.name for g in regular}
+    outdated = [g for g in regular if members_of[g.name].outdated]
+    if outdated and fleet.strategy is None:
+        fleet.strategy = "Surge" if max_surge > 0 else "InPlace"
+        if fleet.strategy == "Surge":
+            fleet.surge_replicas, fleet.surge_since = max_surge, format_time(now)
+        events.append(
+            FleetEvent(
+                "Normal",
+                "RolloutStarted",
+                f"rolling {len(outdated)} of {replicas} replicas ({fleet.strategy})",
+            )
+        )
+    surge_names = {f"{name}-r{i}" for i in range(replicas, replicas + fleet.surge_replicas)}
+
+    # A group scaled away and then wanted again before its drain ended (replicas scaled back up, or its
+    # place is the surge's now) serves on; one taken out to roll is rolled below.
+    wanted = {g.name for g in regular} | surge_names
+    present = {g.name for g in groups}
     fleet.draining = [
-        d for d in fleet.draining if d.name in present and not (d.reason == "ScaleDown" and d.name in back)
+        d for d in fleet.draining if d.name in present and not (d.reason == "ScaleDown" and d.name in wanted)
     ]
     draining = {d.name for d in fleet.draining}
-    surge_names = {f"{name}-r{i}" for i in range(replicas, replicas + fleet.surge_replicas)}
 
     def drain(group: GroupStatus, reason: str) -> None:
         fleet.draining.append(DrainingGroup(name=group.name, since=format_time(now), reason=reason))  # type: ignore[arg-type]
@@ -156,20 +170,6 @@ def plan_fleet(
         if beyond and group.name not in surge_names and group.name not in draining:
             drain(group, "ScaleDown")
             events.append(FleetEvent("Normal", "ScaleDown", f"group {group.name}: draining, then removed"))
-
-    outdated = [g for g in regular if members_of[g.name].outdated]
-    if outdated and fleet.strategy is None:
-        fleet.strategy = "Surge" if max_surge > 0 else "InPlace"
-        if fleet.strategy == "Surge":
-            fleet.surge_replicas, fleet.surge_since = max_surge, format_time(now)
-            surge_names = {f"{name}-r{i}" for i in range(replicas, replicas + max_surge)}
-        events.append(
-            FleetEvent(
-                "Normal",
-                "RolloutStarted",
-                f"rolling {len(outdated)} of {replicas} replicas ({fleet.strategy})",
-            )
-        )
 
     requeue: float | None = None
     surge = [g for g in groups if g.name in surge_names]
@@ -202,9 +202,9 @@ def plan_fleet(
     roll = []
     for entry in list(fleet.draining):
         group = next(g for g in groups if g.name == entry.name)
-        if entry.reason != "Rollout" or group.name in surge_names or group.replica is None:
+        if entry.reason != "Rollout" or group.replica is None:
             continue
-        if group.replica >= replicas:
+        if group.replica >= replicas and group.name not in surge_names:
             continue  # a finished surge: deleted with its StatefulSet
         if _drained(entry, spec, now):
             roll.append(group.name)

@@ -69,3 +69,34 @@ def test_scaling_down_mid_rollout_shrinks_the_surge_to_the_new_replicas() -> Non
     assert {"llm-r2", "llm-r3", "llm-r4", "llm-r5"} <= set(cluster.deleted_sets)
     roll_to_end(cluster, render.template_hash(parse_spec(cluster.body["spec"])), at_least=1)
     assert sorted(cluster.sets) == ["llm-r0"]
+
+
+def test_a_group_taken_out_for_the_rollout_that_becomes_the_surge_is_rolled_not_stuck() -> None:
+    # 3 replicas: llm-r2 is taken out to roll; scaled to 2, its place is the surge's. Left draining it
+    # would never serve, and with maxUnavailable 0 no other replica could ever be taken out.
+    cluster = running(3)
+    cluster.body["spec"] = fleet_spec(3, image="conveyor:2")
+    cluster.step()
+    cluster.all_ready()
+    cluster.step()
+    cluster.step()
+    assert [d["name"] for d in fleet(cluster)["draining"]] == ["llm-r2"]
+    cluster.body["spec"]["parallelism"]["replicas"] = 2
+    cluster.step()
+    plan = cluster.step(DRAIN)
+    assert sorted(plan.delete_pods) == ["llm-r2-0", "llm-r2-1"]  # rolled to the new template
+    roll_to_end(cluster, render.template_hash(parse_spec(cluster.body["spec"])), at_least=2)
+    assert sorted(cluster.sets) == ["llm-r0", "llm-r1"]
+
+
+def test_a_group_scaled_away_whose_place_becomes_the_surge_serves_as_the_surge() -> None:
+    # Scaled 3 -> 1, then a new image within drainSeconds: llm-r1 is draining away and is the surge's
+    # place now. Left draining it never serves, and with maxUnavailable 0 llm-r0 could never be rolled.
+    cluster = running(3)
+    cluster.body["spec"]["parallelism"]["replicas"] = 1
+    cluster.step()
+    cluster.body["spec"] = fleet_spec(1, image="conveyor:2")
+    cluster.step()
+    assert fleet(cluster)["strategy"] == "Surge" and "llm-r1" not in cluster.deleted_sets
+    roll_to_end(cluster, render.template_hash(parse_spec(cluster.body["spec"])), at_least=1)
+    assert sorted(cluster.sets) == ["llm-r0"]
