@@ -175,9 +175,11 @@ def plan_fleet(
     surge = [g for g in groups if g.name in surge_names]
     if fleet.strategy == "Surge" and fleet.surge_replicas:
         asked = parse_time(fleet.surge_since) or now
+        # every pod there and on a node (GroupStatus.pods counts the pods that exist: not the size)
+        size = spec.parallelism.stages
         scheduled = (
             all(
-                len(members_of[g.name].live) == g.pods and all(p.scheduled for p in members_of[g.name].live)
+                len(members_of[g.name].live) == size and all(p.scheduled for p in members_of[g.name].live)
                 for g in surge
             )
             and len(surge) == fleet.surge_replicas

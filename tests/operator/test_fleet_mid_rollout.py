@@ -7,7 +7,7 @@ from __future__ import annotations
 from conveyor.spec import parse_spec
 from conveyor_operator import render
 
-from tests.operator.test_fleet import DRAIN, fleet, fleet_spec, roll_to_end, running
+from tests.operator.test_fleet import DRAIN, Cluster, fleet, fleet_spec, roll_to_end, running
 
 
 def test_a_group_rolled_in_this_reconcile_is_not_counted_as_serving() -> None:
@@ -100,3 +100,15 @@ def test_a_group_scaled_away_whose_place_becomes_the_surge_serves_as_the_surge()
     assert fleet(cluster)["strategy"] == "Surge" and "llm-r1" not in cluster.deleted_sets
     roll_to_end(cluster, render.template_hash(parse_spec(cluster.body["spec"])), at_least=1)
     assert sorted(cluster.sets) == ["llm-r0"]
+
+
+
+def test_a_surge_group_whose_pods_never_appear_sends_the_rollout_in_place() -> None:
+    # A ResourceQuota or an admission webhook refuses the surge's pods: none ever exists, as unschedulable.
+    cluster = running(2)
+    cluster.body["spec"] = fleet_spec(2, image="conveyor:2")
+    cluster.step()
+    cluster.step(30)
+    assert fleet(cluster)["strategy"] == "Surge"
+    plan = cluster.step(31)
+    assert fleet(cluster)["strategy"] == "InPlace" and "RolloutInPlace" in [e.reason for e in plan.events]
