@@ -13,8 +13,9 @@ endpoints no longer send to it, and the worker finishes its in-flight requests o
 A rollout (some regular group runs an older template), as in LeaderWorkerSet:
 1. it starts: with ``maxSurge`` > 0 the surge replicas are asked for (Surge; at most ``replicas`` of them),
    else it goes InPlace;
-2. surge replicas not all scheduled SURGE_SCHEDULE_SECONDS after they were asked for: the cluster has no
-   room, they are dropped and the rollout goes InPlace;
+2. surge pods not all scheduled SURGE_SCHEDULE_SECONDS after they were asked for (or, once placed, after a
+   surge group restarted or a scale-up asked for another): the cluster has no room, they are dropped and
+   the rollout goes InPlace;
 3. outdated regular groups are taken out, highest index first, while the serving groups that remain are
    at least ``replicas - maxUnavailable`` (InPlace: ``maxUnavailable`` at least 1, or it could never move);
    a group that is not serving anyway is replaced at once;
@@ -174,7 +175,6 @@ def plan_fleet(
     requeue: float | None = None
     surge = [g for g in groups if g.name in surge_names]
     if fleet.strategy == "Surge" and fleet.surge_replicas:
-        asked = parse_time(fleet.surge_since) or now
         # every pod there and on a node (GroupStatus.pods counts the pods that exist: not the size)
         size = spec.parallelism.stages
         scheduled = (
@@ -184,13 +184,17 @@ def plan_fleet(
             )
             and len(surge) == fleet.surge_replicas
         )
+        # The clock runs while a surge group waits for room: once all are placed it stops, so a surge group
+        # asked for after a scale-up, or restarting after a failure, gets its own SURGE_SCHEDULE_SECONDS.
+        asked = now if scheduled else parse_time(fleet.surge_since) or now
+        fleet.surge_since = None if scheduled else format_time(asked)
         if not scheduled and now >= asked + timedelta(seconds=SURGE_SCHEDULE_SECONDS):
             events.append(
                 FleetEvent(
                     "Warning",
                     "RolloutInPlace",
-                    f"{fleet.surge_replicas} surge replicas not scheduled {SURGE_SCHEDULE_SECONDS}s after they "
-                    "were asked for (no room in the cluster): rolling in place",
+                    f"{fleet.surge_replicas} surge replicas not all scheduled within {SURGE_SCHEDULE_SECONDS}s "
+                    "(no room in the cluster): rolling in place",
                 )
             )
             fleet.strategy, fleet.surge_replicas, fleet.surge_since = "InPlace", 0, None

@@ -112,3 +112,35 @@ def test_a_surge_group_whose_pods_never_appear_sends_the_rollout_in_place() -> N
     assert fleet(cluster)["strategy"] == "Surge"
     plan = cluster.step(31)
     assert fleet(cluster)["strategy"] == "InPlace" and "RolloutInPlace" in [e.reason for e in plan.events]
+
+
+def surge_placed_long_ago(replicas: int = 2) -> Cluster:
+    """A surge rollout whose surge group was scheduled and serves, 70 s after it was asked for."""
+    cluster = running(replicas)
+    cluster.body["spec"] = fleet_spec(replicas, image="conveyor:2")
+    cluster.step()
+    cluster.all_ready()
+    cluster.step()
+    cluster.step(70)
+    assert fleet(cluster)["strategy"] == "Surge"
+    return cluster
+
+
+def test_a_surge_group_asked_for_after_a_scale_up_gets_its_own_time_to_be_scheduled() -> None:
+    cluster = surge_placed_long_ago()
+    cluster.body["spec"]["parallelism"]["replicas"] = 3  # llm-r2 a replica now, llm-r3 the new surge
+    cluster.step()
+    assert fleet(cluster)["strategy"] == "Surge" and "llm-r3" in cluster.sets, fleet(cluster)
+    cluster.create_missing(scheduled=False)
+    cluster.step(61)
+    assert fleet(cluster)["strategy"] == "InPlace"  # no room for it after all
+
+
+def test_a_surge_group_restarting_after_it_was_placed_keeps_the_rollout_surging() -> None:
+    cluster = surge_placed_long_ago()
+    del cluster.pods["llm-r2-1"]  # the surge group loses a rank and restarts
+    cluster.step()
+    assert cluster.body["status"]["groups"][2]["restarts"] == 1
+    cluster.step()  # its pods not back yet
+    assert fleet(cluster)["strategy"] == "Surge", fleet(cluster)
+    roll_to_end(cluster, render.template_hash(parse_spec(cluster.body["spec"])), at_least=2)
