@@ -3,7 +3,8 @@ selects, how a new spec rolls group by group, and how a scale-down drains.
 
 Groups are `NAME-r{i}`; `i < replicas` are the regular replicas. Beyond them live, for a while:
 - surge replicas `r{replicas}..r{replicas+surge-1}` of a rollout, started with the new template;
-- groups scaled away or a rollout's surge after it finished, draining until they are deleted.
+- groups scaled away or a rollout's surge after it finished, draining until they are deleted (a scaled-away
+  group that serves is taken out only within the availability budget, as the rollout's groups are).
 
 The Service selects the entry pod (stage 0) of a group only while the group serves: every pod of it is
 ready (``Phase.RUNNING``), it has no failure waiting, and it is not draining. Taking a group out is a label
@@ -165,13 +166,6 @@ def plan_fleet(
         fleet.draining.append(DrainingGroup(name=group.name, since=format_time(now), reason=reason))  # type: ignore[arg-type]
         draining.add(group.name)
 
-    # Scaled away (beyond the regular replicas and the surge): out of the Service, then deleted.
-    for group in groups:
-        beyond = group.replica is not None and group.replica >= replicas
-        if beyond and group.name not in surge_names and group.name not in draining:
-            drain(group, "ScaleDown")
-            events.append(FleetEvent("Normal", "ScaleDown", f"group {group.name}: draining, then removed"))
-
     requeue: float | None = None
     surge = [g for g in groups if g.name in surge_names]
     if fleet.strategy == "Surge" and fleet.surge_replicas:
@@ -219,11 +213,26 @@ def plan_fleet(
         else:
             requeue = min(requeue or 1e9, _drain_seconds(spec))
 
+    # The availability budget: serving groups stay at least replicas - maxUnavailable whatever is taken out.
+    unavailable = max(1, max_unavailable) if fleet.strategy == "InPlace" else max_unavailable
+    # a group rolled by this reconcile loses its pods now, whatever phase it was observed in
+    serving = sum(_serving(g, draining) and g.name not in roll for g in groups)
+
+    # Scaled away (beyond the regular replicas and the surge): out of the Service, then deleted, highest
+    # index first; one that serves stays while the replicas that remain do not serve enough yet.
+    for group in sorted(groups, key=lambda g: -(g.replica or 0)):
+        beyond = group.replica is not None and group.replica >= replicas
+        if not beyond or group.name in surge_names or group.name in draining:
+            continue
+        if _serving(group, draining):
+            if serving - 1 < replicas - unavailable:
+                continue
+            serving -= 1
+        drain(group, "ScaleDown")
+        events.append(FleetEvent("Normal", "ScaleDown", f"group {group.name}: draining, then removed"))
+
     # Take out outdated regular groups, highest index first, within the availability budget.
     if fleet.strategy is not None:
-        unavailable = max_unavailable if fleet.strategy == "Surge" else max(1, max_unavailable)
-        # a group rolled by this reconcile loses its pods now, whatever phase it was observed in
-        serving = sum(_serving(g, draining) and g.name not in roll for g in groups)
         for group in sorted(outdated, key=lambda g: -(g.replica or 0)):
             if group.name in draining or group.name in roll:
                 continue

@@ -144,3 +144,23 @@ def test_a_surge_group_restarting_after_it_was_placed_keeps_the_rollout_surging(
     cluster.step()  # its pods not back yet
     assert fleet(cluster)["strategy"] == "Surge", fleet(cluster)
     roll_to_end(cluster, render.template_hash(parse_spec(cluster.body["spec"])), at_least=2)
+
+
+def test_scaling_down_keeps_a_serving_group_until_the_remaining_replicas_serve() -> None:
+    # maxUnavailable 0: scaled 3 -> 1 while llm-r0 restarts, llm-r1 and llm-r2 are all that serve. One of
+    # them stays in the Service until llm-r0 is back (a ReplicaSet would delete the unready pod instead).
+    cluster = running(3)
+    del cluster.pods["llm-r0-1"]
+    cluster.step()
+    assert cluster.serving() == {"llm-r1", "llm-r2"}
+    cluster.body["spec"]["parallelism"]["replicas"] = 1
+    cluster.step()
+    assert cluster.serving() == {"llm-r1"} and [d["name"] for d in fleet(cluster)["draining"]] == ["llm-r2"]
+    cluster.step(DRAIN)
+    assert cluster.serving() == {"llm-r1"} and cluster.deleted_sets == ["llm-r2"]
+    cluster.all_ready()
+    cluster.step()
+    cluster.step()
+    assert cluster.serving() == {"llm-r0"} and [d["name"] for d in fleet(cluster)["draining"]] == ["llm-r1"]
+    cluster.step(DRAIN)
+    assert cluster.deleted_sets == ["llm-r2", "llm-r1"] and fleet(cluster)["draining"] == []
