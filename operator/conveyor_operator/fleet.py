@@ -22,7 +22,7 @@ A rollout (some regular group runs an older template), as in LeaderWorkerSet:
    a group that is not serving anyway is replaced at once;
 4. a taken-out group's outdated pods are deleted once its drain time passed; the StatefulSet recreates
    them with the new template;
-5. every regular group on the new template and running: the surge replicas drain and go, the rollout ends.
+5. every regular group on the new template and serving: the surge replicas drain and go, the rollout ends.
 """
 
 from __future__ import annotations
@@ -243,12 +243,13 @@ def plan_fleet(
                 serving -= 1
                 requeue = min(requeue or 1e9, _drain_seconds(spec))
 
-    # Done: every regular replica on the new template and running.
+    # Done: every regular replica on the new template and serving (running is not enough: one taken out to
+    # roll may be back on the new template by a restart while its drain has not passed yet).
     updated = [g for g in regular if not members_of[g.name].outdated and g.name not in roll]
     if (
         fleet.strategy is not None
         and len(updated) == replicas
-        and all(g.phase == Phase.RUNNING for g in updated)
+        and all(_serving(g, draining) for g in updated)
     ):
         for g in surge:
             if g.name not in draining:

@@ -164,3 +164,25 @@ def test_scaling_down_keeps_a_serving_group_until_the_remaining_replicas_serve()
     assert cluster.serving() == {"llm-r0"} and [d["name"] for d in fleet(cluster)["draining"]] == ["llm-r1"]
     cluster.step(DRAIN)
     assert cluster.deleted_sets == ["llm-r2", "llm-r1"] and fleet(cluster)["draining"] == []
+
+
+def test_the_surge_stays_until_every_replica_serves_not_only_runs() -> None:
+    # llm-r0, taken out to roll, restarts after a failure and comes back on the new template before its
+    # drain ended: it runs, but is still out of the Service. The surge must not go before it is back.
+    cluster = running(2)
+    cluster.body["spec"] = fleet_spec(2, image="conveyor:2")
+    cluster.step()
+    cluster.all_ready()
+    cluster.step()
+    cluster.step()
+    cluster.step(DRAIN)  # llm-r1 rolled
+    cluster.all_ready()
+    cluster.step()
+    assert [d["name"] for d in fleet(cluster)["draining"]] == ["llm-r0"]
+    del cluster.pods["llm-r0-1"]
+    cluster.step()
+    assert cluster.body["status"]["groups"][0]["restarts"] == 1
+    cluster.all_ready()
+    cluster.step()
+    assert cluster.serving() == {"llm-r1", "llm-r2"}, fleet(cluster)
+    roll_to_end(cluster, render.template_hash(parse_spec(cluster.body["spec"])), at_least=2)
