@@ -19,7 +19,8 @@ A rollout (some regular group runs an older template), as in LeaderWorkerSet:
    the rollout goes InPlace;
 3. outdated regular groups are taken out, highest index first, while the serving groups that remain are
    at least ``replicas - maxUnavailable`` (InPlace: ``maxUnavailable`` at least 1, or it could never move);
-   a group that is not serving anyway is replaced at once;
+   a group that is not serving anyway is replaced at once, unless it is restarting after a failure: its
+   restart replaces every pod with the new template, and a roll too would replace them twice;
 4. a taken-out group's outdated pods are deleted once its drain time passed; the StatefulSet recreates
    them with the new template;
 5. every regular group on the new template and serving: the surge replicas drain and go, the rollout ends.
@@ -207,7 +208,8 @@ def plan_fleet(
         if group.replica >= replicas and group.name not in surge_names:
             continue  # a finished surge: deleted with its StatefulSet
         if _drained(entry, spec, now):
-            roll.append(group.name)
+            if group.phase != Phase.RESTARTING:  # a restart replaces every pod, with the new template
+                roll.append(group.name)
             fleet.draining.remove(entry)
             draining.discard(group.name)
         else:
@@ -236,6 +238,8 @@ def plan_fleet(
         for group in sorted(outdated, key=lambda g: -(g.replica or 0)):
             if group.name in draining or group.name in roll:
                 continue
+            if group.phase == Phase.RESTARTING:
+                continue  # its restart (now, or when its backoff ends) replaces every pod, with the new template
             if not _serving(group, draining):
                 roll.append(group.name)  # not serving anyway: replaced at once
             elif serving - 1 >= replicas - unavailable:

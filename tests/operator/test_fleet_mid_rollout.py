@@ -7,6 +7,7 @@ from __future__ import annotations
 from conveyor.spec import parse_spec
 from conveyor_operator import render
 
+from tests.operator.builders import fail
 from tests.operator.test_fleet import DRAIN, Cluster, fleet, fleet_spec, roll_to_end, running
 
 
@@ -186,3 +187,65 @@ def test_the_surge_stays_until_every_replica_serves_not_only_runs() -> None:
     cluster.step()
     assert cluster.serving() == {"llm-r1", "llm-r2"}, fleet(cluster)
     roll_to_end(cluster, render.template_hash(parse_spec(cluster.body["spec"])), at_least=2)
+
+
+def backing_off(spec: dict) -> dict:
+    spec["restartPolicy"] = {"backoffLimit": 5, "backoffSeconds": 10, "maxBackoffSeconds": 10}
+    return spec
+
+
+def test_a_group_waiting_to_restart_is_replaced_once_by_its_restart_on_the_new_template() -> None:
+    cluster = running(2)
+    cluster.body["spec"] = backing_off(fleet_spec(2))
+    cluster.step()
+    fail(cluster.pods["llm-r0-1"])
+    cluster.step()
+    assert cluster.body["status"]["groups"][0]["failure"]["reason"] == "ContainerRestarted"
+    cluster.body["spec"] = backing_off(fleet_spec(2, image="conveyor:2"))
+    plan = cluster.step()
+    # not rolled on its own: its restart, when the backoff ends, replaces every pod with the new template
+    assert plan.delete_pods == [] and "GroupRolled" not in [e.reason for e in plan.events]
+    assert cluster.body["status"]["groups"][0]["phase"] == "Restarting"
+    plan = cluster.step(10)
+    assert sorted(plan.delete_pods) == ["llm-r0-0", "llm-r0-1"]
+    assert [e.reason for e in plan.events].count("GroupRolled") == 0
+    new_hash = render.template_hash(parse_spec(cluster.body["spec"]))
+    cluster.create_missing()
+    assert cluster.hashes()["llm-r0"] == {new_hash}
+    roll_to_end(cluster, new_hash, at_least=1)
+    status = cluster.body["status"]
+    assert status["restarts"] == 1 and [g["restarts"] for g in status["groups"]] == [1, 0]
+
+
+def test_a_group_restarted_as_the_spec_changes_is_deleted_once_and_counted_once() -> None:
+    cluster = running(2)
+    fail(cluster.pods["llm-r0-1"])
+    cluster.body["spec"] = fleet_spec(2, image="conveyor:2")
+    plan = cluster.step()  # the failure seen, the restart due at once (backoff 0), and a new template
+    assert sorted(plan.delete_pods) == ["llm-r0-0", "llm-r0-1"]
+    assert [e.reason for e in plan.events].count("GroupRestarted") == 1
+    assert "GroupRolled" not in [e.reason for e in plan.events]
+    assert cluster.body["status"]["groups"][0]["phase"] == "Restarting"
+    new_hash = render.template_hash(parse_spec(cluster.body["spec"]))
+    roll_to_end(cluster, new_hash, at_least=1)
+    status = cluster.body["status"]
+    assert status["restarts"] == 1 and [g["restarts"] for g in status["groups"]] == [1, 0]
+
+
+def test_a_group_taken_out_to_roll_that_fails_is_replaced_once_by_its_restart() -> None:
+    cluster = running(2)
+    cluster.body["spec"] = backing_off(fleet_spec(2, image="conveyor:2"))
+    cluster.step()
+    cluster.all_ready()
+    cluster.step()
+    cluster.step()
+    assert [d["name"] for d in fleet(cluster)["draining"]] == ["llm-r1"]
+    fail(cluster.pods["llm-r1-0"])
+    cluster.step()
+    plan = cluster.step(DRAIN)  # drained, but its restart is due in 10 s: that replaces its pods
+    assert plan.delete_pods == [] and fleet(cluster)["draining"] == []
+    plan = cluster.step(10)
+    assert sorted(plan.delete_pods) == ["llm-r1-0", "llm-r1-1"]
+    assert "GroupRolled" not in [e.reason for e in plan.events]
+    roll_to_end(cluster, render.template_hash(parse_spec(cluster.body["spec"])), at_least=1)
+    assert cluster.body["status"]["restarts"] == 1
