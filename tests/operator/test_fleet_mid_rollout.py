@@ -103,7 +103,6 @@ def test_a_group_scaled_away_whose_place_becomes_the_surge_serves_as_the_surge()
     assert sorted(cluster.sets) == ["llm-r0"]
 
 
-
 def test_a_surge_group_whose_pods_never_appear_sends_the_rollout_in_place() -> None:
     # A ResourceQuota or an admission webhook refuses the surge's pods: none ever exists, as unschedulable.
     cluster = running(2)

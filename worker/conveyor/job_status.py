@@ -141,7 +141,8 @@ class FleetStatus(_Status):
     )
     surge_replicas: int = Field(0, description="Extra replicas the rollout started beyond spec replicas.")
     surge_since: str | None = Field(
-        None, description="Since when a surge replica has waited for its pods to be scheduled (none: all are)."
+        None,
+        description="Since when a surge replica has waited for its pods to be scheduled (none: all are).",
     )
     message: str | None = None
     draining: list[DrainingGroup] = Field(
