@@ -3,7 +3,8 @@ selects, how a new spec rolls group by group, and how a scale-down drains.
 
 Groups are `NAME-r{i}`; `i < replicas` are the regular replicas. Beyond them live, for a while:
 - surge replicas `r{replicas}..r{replicas+surge-1}` of a rollout, started with the new template;
-- groups scaled away or a rollout's surge after it finished, draining until they are deleted.
+- groups scaled away or a rollout's surge after it finished, draining until they are deleted (a scaled-away
+  group that serves is taken out only within the availability budget, as the rollout's groups are).
 
 The Service selects the entry pod (stage 0) of a group only while the group serves: every pod of it is
 ready (``Phase.RUNNING``), it has no failure waiting, and it is not draining. Taking a group out is a label
@@ -13,14 +14,16 @@ endpoints no longer send to it, and the worker finishes its in-flight requests o
 A rollout (some regular group runs an older template), as in LeaderWorkerSet:
 1. it starts: with ``maxSurge`` > 0 the surge replicas are asked for (Surge; at most ``replicas`` of them),
    else it goes InPlace;
-2. surge replicas not all scheduled SURGE_SCHEDULE_SECONDS after they were asked for: the cluster has no
-   room, they are dropped and the rollout goes InPlace;
+2. surge pods not all scheduled SURGE_SCHEDULE_SECONDS after they were asked for (or, once placed, after a
+   surge group restarted or a scale-up asked for another): the cluster has no room, they are dropped and
+   the rollout goes InPlace;
 3. outdated regular groups are taken out, highest index first, while the serving groups that remain are
    at least ``replicas - maxUnavailable`` (InPlace: ``maxUnavailable`` at least 1, or it could never move);
-   a group that is not serving anyway is replaced at once;
+   a group that is not serving anyway is replaced at once, unless it is restarting after a failure: its
+   restart replaces every pod with the new template, and a roll too would replace them twice;
 4. a taken-out group's outdated pods are deleted once its drain time passed; the StatefulSet recreates
    them with the new template;
-5. every regular group on the new template and running: the surge replicas drain and go, the rollout ends.
+5. every regular group on the new template and serving: the surge replicas drain and go, the rollout ends.
 """
 
 from __future__ import annotations
@@ -61,6 +64,19 @@ def _drained(entry: DrainingGroup, spec: PipelineJobSpec, now: datetime) -> bool
     return since is None or now >= since + timedelta(seconds=_drain_seconds(spec))
 
 
+def _max_surge(spec: PipelineJobSpec) -> int:
+    """Never more surge replicas than replicas, as a Deployment and LeaderWorkerSet: one new template for
+    each of them is all a rollout can use, and a larger maxSurge stays valid after a scale-down."""
+    rollout = spec.serve.rollout if spec.serve is not None else None
+    return min(rollout.max_surge, spec.parallelism.replicas) if rollout else 0
+
+
+def _surge_replicas(spec: PipelineJobSpec, fleet: FleetStatus) -> int:
+    """The running rollout's surge replicas under the spec's replicas now: replicas scaled down in the
+    middle of a rollout shrink the surge with them (the groups past it drain away)."""
+    return min(fleet.surge_replicas, _max_surge(spec))
+
+
 def extra_groups(
     name: str, spec: PipelineJobSpec, old: PipelineJobStatus, now: datetime
 ) -> list[render.GroupRef]:
@@ -68,7 +84,8 @@ def extra_groups(
     whose time has not passed (a drained group is left out, so the reconcile deletes its StatefulSet)."""
     fleet = old.fleet or FleetStatus()
     replicas, stages = spec.parallelism.replicas, spec.parallelism.stages
-    surge = {f"{name}-r{i}" for i in range(replicas, replicas + fleet.surge_replicas)}
+    surge_replicas = _surge_replicas(spec, fleet)
+    surge = {f"{name}-r{i}" for i in range(replicas, replicas + surge_replicas)}
     draining = {d.name: d for d in fleet.draining}
     out = []
     for group in old.groups:
@@ -78,8 +95,11 @@ def extra_groups(
         if group.name in surge or entry is None or not _drained(entry, spec, now):
             out.append(render.GroupRef(name=group.name, replica=group.replica, pods=stages))
     known = {g.name for g in out}
-    for i in range(replicas, replicas + fleet.surge_replicas):  # asked for, not yet in status.groups
-        if f"{name}-r{i}" not in known:
+    # asked for, not yet in status.groups: the surge now, and the one the last reconcile asked for under
+    # the replicas then (past the surge now, it is tracked so that it drains and goes)
+    before = range(old.replicas, old.replicas + fleet.surge_replicas)
+    for i in sorted({*range(replicas, replicas + surge_replicas), *before}):
+        if i >= replicas and f"{name}-r{i}" not in known:
             out.append(render.GroupRef(name=f"{name}-r{i}", replica=i, pods=stages))
     return sorted(out, key=lambda g: g.replica or 0)
 
@@ -114,35 +134,17 @@ def plan_fleet(
     failures and restarts were handled)."""
     rollout = spec.serve.rollout if spec.serve is not None else None
     replicas = spec.parallelism.replicas
-    # Never more surge replicas than replicas, as a Deployment and LeaderWorkerSet: one new template for
-    # each of them is all a rollout can use, and a larger maxSurge stays valid after a scale-down.
-    max_surge = min(rollout.max_surge, replicas) if rollout else 0
+    max_surge = _max_surge(spec)
     max_unavailable = rollout.max_unavailable if rollout else 0
     fleet = (old or FleetStatus()).model_copy(deep=True)
+    fleet.surge_replicas = _surge_replicas(spec, fleet)
     events: list[FleetEvent] = []
-    present = {g.name for g in groups}
-    fleet.draining = [d for d in fleet.draining if d.name in present]
-    draining = {d.name for d in fleet.draining}
     regular = [g for g in groups if g.replica is not None and g.replica < replicas]
-    surge_names = {f"{name}-r{i}" for i in range(replicas, replicas + fleet.surge_replicas)}
-
-    def drain(group: GroupStatus, reason: str) -> None:
-        fleet.draining.append(DrainingGroup(name=group.name, since=format_time(now), reason=reason))  # type: ignore[arg-type]
-        draining.add(group.name)
-
-    # Scaled away (beyond the regular replicas and the surge): out of the Service, then deleted.
-    for group in groups:
-        beyond = group.replica is not None and group.replica >= replicas
-        if beyond and group.name not in surge_names and group.name not in draining:
-            drain(group, "ScaleDown")
-            events.append(FleetEvent("Normal", "ScaleDown", f"group {group.name}: draining, then removed"))
-
     outdated = [g for g in regular if members_of[g.name].outdated]
     if outdated and fleet.strategy is None:
         fleet.strategy = "Surge" if max_surge > 0 else "InPlace"
         if fleet.strategy == "Surge":
             fleet.surge_replicas, fleet.surge_since = max_surge, format_time(now)
-            surge_names = {f"{name}-r{i}" for i in range(replicas, replicas + max_surge)}
         events.append(
             FleetEvent(
                 "Normal",
@@ -150,25 +152,44 @@ def plan_fleet(
                 f"rolling {len(outdated)} of {replicas} replicas ({fleet.strategy})",
             )
         )
+    surge_names = {f"{name}-r{i}" for i in range(replicas, replicas + fleet.surge_replicas)}
+
+    # A group scaled away and then wanted again before its drain ended (replicas scaled back up, or its
+    # place is the surge's now) serves on; one taken out to roll is rolled below.
+    wanted = {g.name for g in regular} | surge_names
+    present = {g.name for g in groups}
+    fleet.draining = [
+        d for d in fleet.draining if d.name in present and not (d.reason == "ScaleDown" and d.name in wanted)
+    ]
+    draining = {d.name for d in fleet.draining}
+
+    def drain(group: GroupStatus, reason: str) -> None:
+        fleet.draining.append(DrainingGroup(name=group.name, since=format_time(now), reason=reason))  # type: ignore[arg-type]
+        draining.add(group.name)
 
     requeue: float | None = None
     surge = [g for g in groups if g.name in surge_names]
     if fleet.strategy == "Surge" and fleet.surge_replicas:
-        asked = parse_time(fleet.surge_since) or now
+        # every pod there and on a node (GroupStatus.pods counts the pods that exist: not the size)
+        size = spec.parallelism.stages
         scheduled = (
             all(
-                len(members_of[g.name].live) == g.pods and all(p.scheduled for p in members_of[g.name].live)
+                len(members_of[g.name].live) == size and all(p.scheduled for p in members_of[g.name].live)
                 for g in surge
             )
             and len(surge) == fleet.surge_replicas
         )
+        # The clock runs while a surge group waits for room: once all are placed it stops, so a surge group
+        # asked for after a scale-up, or restarting after a failure, gets its own SURGE_SCHEDULE_SECONDS.
+        asked = now if scheduled else parse_time(fleet.surge_since) or now
+        fleet.surge_since = None if scheduled else format_time(asked)
         if not scheduled and now >= asked + timedelta(seconds=SURGE_SCHEDULE_SECONDS):
             events.append(
                 FleetEvent(
                     "Warning",
                     "RolloutInPlace",
-                    f"{fleet.surge_replicas} surge replicas not scheduled {SURGE_SCHEDULE_SECONDS}s after they "
-                    "were asked for (no room in the cluster): rolling in place",
+                    f"{fleet.surge_replicas} surge replicas not all scheduled within {SURGE_SCHEDULE_SECONDS}s "
+                    "(no room in the cluster): rolling in place",
                 )
             )
             fleet.strategy, fleet.surge_replicas, fleet.surge_since = "InPlace", 0, None
@@ -182,24 +203,43 @@ def plan_fleet(
     roll = []
     for entry in list(fleet.draining):
         group = next(g for g in groups if g.name == entry.name)
-        if entry.reason != "Rollout" or group.name in surge_names or group.replica is None:
+        if entry.reason != "Rollout" or group.replica is None:
             continue
-        if group.replica >= replicas:
+        if group.replica >= replicas and group.name not in surge_names:
             continue  # a finished surge: deleted with its StatefulSet
         if _drained(entry, spec, now):
-            roll.append(group.name)
+            if group.phase != Phase.RESTARTING:  # a restart replaces every pod, with the new template
+                roll.append(group.name)
             fleet.draining.remove(entry)
             draining.discard(group.name)
         else:
             requeue = min(requeue or 1e9, _drain_seconds(spec))
 
+    # The availability budget: serving groups stay at least replicas - maxUnavailable whatever is taken out.
+    unavailable = max(1, max_unavailable) if fleet.strategy == "InPlace" else max_unavailable
+    # a group rolled by this reconcile loses its pods now, whatever phase it was observed in
+    serving = sum(_serving(g, draining) and g.name not in roll for g in groups)
+
+    # Scaled away (beyond the regular replicas and the surge): out of the Service, then deleted, highest
+    # index first; one that serves stays while the replicas that remain do not serve enough yet.
+    for group in sorted(groups, key=lambda g: -(g.replica or 0)):
+        beyond = group.replica is not None and group.replica >= replicas
+        if not beyond or group.name in surge_names or group.name in draining:
+            continue
+        if _serving(group, draining):
+            if serving - 1 < replicas - unavailable:
+                continue
+            serving -= 1
+        drain(group, "ScaleDown")
+        events.append(FleetEvent("Normal", "ScaleDown", f"group {group.name}: draining, then removed"))
+
     # Take out outdated regular groups, highest index first, within the availability budget.
     if fleet.strategy is not None:
-        unavailable = max_unavailable if fleet.strategy == "Surge" else max(1, max_unavailable)
-        serving = sum(_serving(g, draining) for g in groups)
         for group in sorted(outdated, key=lambda g: -(g.replica or 0)):
             if group.name in draining or group.name in roll:
                 continue
+            if group.phase == Phase.RESTARTING:
+                continue  # its restart (now, or when its backoff ends) replaces every pod, with the new template
             if not _serving(group, draining):
                 roll.append(group.name)  # not serving anyway: replaced at once
             elif serving - 1 >= replicas - unavailable:
@@ -207,12 +247,13 @@ def plan_fleet(
                 serving -= 1
                 requeue = min(requeue or 1e9, _drain_seconds(spec))
 
-    # Done: every regular replica on the new template and running.
+    # Done: every regular replica on the new template and serving (running is not enough: one taken out to
+    # roll may be back on the new template by a restart while its drain has not passed yet).
     updated = [g for g in regular if not members_of[g.name].outdated and g.name not in roll]
     if (
         fleet.strategy is not None
         and len(updated) == replicas
-        and all(g.phase == Phase.RUNNING for g in updated)
+        and all(_serving(g, draining) for g in updated)
     ):
         for g in surge:
             if g.name not in draining:

@@ -75,25 +75,28 @@ class Cluster:
     def create_missing(self, *, ready: bool = False, scheduled: bool = True) -> None:
         """Pods of every StatefulSet that lack one, from its current template."""
         for name, sts in self.sets.items():
-            template = sts["spec"]["template"]
             for index in range(sts["spec"]["replicas"]):
-                pod_name = f"{name}-{index}"
-                if pod_name in self.pods:
-                    continue
-                labels = {**template["metadata"]["labels"], render.POD_INDEX_LABEL: str(index)}
-                self.pods[pod_name] = {
-                    "metadata": {
-                        "name": pod_name,
-                        "namespace": "ml",
-                        "uid": f"{pod_name}-{self.now}",
-                        "labels": labels,
-                        "annotations": dict(template["metadata"]["annotations"]),
-                        "creationTimestamp": at(self.now).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    },
-                    "spec": {"nodeName": "node-1"} if scheduled else {},
-                    "status": {"phase": "Running" if scheduled else "Pending", "conditions": []},
-                }
-                self.set_ready(pod_name, ready, scheduled=scheduled)
+                if f"{name}-{index}" not in self.pods:
+                    self.create_pod(name, index, ready=ready, scheduled=scheduled)
+
+    def create_pod(self, group: str, index: int, *, ready: bool = False, scheduled: bool = True) -> None:
+        """Pod ``index`` of the group's StatefulSet, from its current template."""
+        template = self.sets[group]["spec"]["template"]
+        pod_name = f"{group}-{index}"
+        labels = {**template["metadata"]["labels"], render.POD_INDEX_LABEL: str(index)}
+        self.pods[pod_name] = {
+            "metadata": {
+                "name": pod_name,
+                "namespace": "ml",
+                "uid": f"{pod_name}-{self.now}",
+                "labels": labels,
+                "annotations": dict(template["metadata"]["annotations"]),
+                "creationTimestamp": at(self.now).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+            "spec": {"nodeName": "node-1"} if scheduled else {},
+            "status": {"phase": "Running" if scheduled else "Pending", "conditions": []},
+        }
+        self.set_ready(pod_name, ready, scheduled=scheduled)
 
     def set_ready(self, pod: str, ready: bool = True, *, scheduled: bool = True) -> None:
         self.pods[pod]["status"]["conditions"] = [

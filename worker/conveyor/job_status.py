@@ -140,7 +140,10 @@ class FleetStatus(_Status):
         None, description="The running rollout: extra replicas first (Surge), or one out at a time (InPlace)."
     )
     surge_replicas: int = Field(0, description="Extra replicas the rollout started beyond spec replicas.")
-    surge_since: str | None = Field(None, description="When the surge replicas were asked for.")
+    surge_since: str | None = Field(
+        None,
+        description="Since when a surge replica has waited for its pods to be scheduled (none: all are).",
+    )
     message: str | None = None
     draining: list[DrainingGroup] = Field(
         default_factory=list, description="Groups out of the Service, stopped once their drain time passed."
