@@ -463,3 +463,31 @@ def test_a_committed_line_that_is_no_longer_a_result_is_refused_in_one_line(
         out.write_bytes(lines[0] + edited + lines[2])
         with pytest.raises(ResultsError, match=f"out.jsonl:2: committed line is not a result \\({why}"):
             ResultLog(out, identity).committed_ids()
+
+
+def test_a_writer_killed_before_its_first_commit_is_resumed_not_refused(model: Path, tmp_path: Path) -> None:
+    """The writer appends a result (flushed: visible at once) and commits it on another thread a moment
+    later. Killed in between on its first result, it left an output that held bytes and no progress record
+    yet: every restart refused it as another job's (exit 2), and the job could not go on."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.inference.job import pending_work
+    from conveyor.inference.model.families import load_arch
+
+    spec, arch = parse_spec(spec_dict(tmp_path, model)), load_arch(model)
+    pod = PodEnv.from_environ(
+        pod_environ(job="s", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=1)
+    )
+    out = tmp_path / "out.jsonl"
+    first = ResultLog(out, job_identity(spec))
+    assert pending_work(pod, first, out, None, arch)["requests"]
+    first.open()
+    first.append({"id": 0, "output_ids": [1], "text": "", "finish_reason": "length"})
+    first.unlock()  # killed here: before the commit thread wrote the record
+    assert out.stat().st_size
+
+    restart = ResultLog(out, job_identity(spec))
+    state = pending_work(pod, restart, out, None, arch)
+    restart.unlock()
+    assert "error" not in state, state["error"]
+    assert sorted(r.id for r in state["requests"]) == [0, 1, 2, 3]  # the uncommitted result computed again
+    assert out.read_bytes() == b""  # its line dropped, as any uncommitted tail

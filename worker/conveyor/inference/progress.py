@@ -295,6 +295,11 @@ class ResultLog:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.record_path.is_file():
+            # A record of nothing committed before the first line: an append is visible at once and
+            # committed a moment later, and a writer killed in between left bytes with no record, which
+            # every restart refused as another job's.
+            self.commit()
         self._file = open(self.path, "ab")  # noqa: SIM115 (held open across appends; close())
 
     def append(self, result: dict[str, Any]) -> None:
