@@ -53,6 +53,7 @@ from conveyor.inference.run_progress import RunProgress
 from conveyor.inference.validate import InputError, check_fits, read_rows, tokens
 from conveyor.log import get_logger
 from conveyor.preflight_gate import wait_at_gate
+from conveyor.stop_points import RESULTS_DONE, STOP_POINTS
 from conveyor.topology import Layout, Topology
 from conveyor.watchdog import PROGRESS
 
@@ -421,6 +422,7 @@ def finish_output(sink: ResultSink, output: Path, replicas: int, total: int) -> 
     """The writer's last commit; with replicas, whoever finishes last merges the parts atomically."""
     sink.finish()
     sink.results.close()
+    STOP_POINTS.reach(RESULTS_DONE)  # (tests only: a kill here)
     if replicas > 1 and merge_parts(replica_parts(output, replicas), output):
         log.info("all replicas done; merged their outputs", extra={"output": str(output)})
     # The median step: decode alone, as generate.py's benchmark times it (a step whose turn also

@@ -34,6 +34,7 @@ from conveyor import file_lock
 from conveyor.commit_protocol import fsync_dir, rfc3339
 from conveyor.inference.validate import InputError
 from conveyor.log import get_logger
+from conveyor.stop_points import MERGE_REPLACED, MERGE_WRITTEN, STOP_POINTS
 
 if TYPE_CHECKING:
     from conveyor.spec import PipelineJobSpec
@@ -393,6 +394,7 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
                         left -= len(block)
             out.flush()
             os.fsync(out.fileno())
+        STOP_POINTS.reach(MERGE_WRITTEN)  # (tests only: a kill here)
         if output.exists():
             if not filecmp.cmp(tmp, output, shallow=False):
                 raise ResultsError(
@@ -403,6 +405,7 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
             return True
         os.replace(tmp, output)
         fsync_dir(output.parent)
+        STOP_POINTS.reach(MERGE_REPLACED)
     finally:
         tmp.unlink(missing_ok=True)
     return True
