@@ -66,11 +66,13 @@ def sorted_results(directory: Path) -> list[bytes]:
 
 
 def assert_finished_cleanly(directory: Path) -> None:
-    """Every progress record (the output's, or each replica's part's) says done."""
+    """Every progress record (the output's, or each replica's part's) says done, and no temporary file
+    (of a record or a merge) is left behind."""
     records = sorted(directory.glob("out.jsonl*.progress.json"))
     assert records
     for record in records:
         assert json.loads(record.read_text())["done"] is True, record.name
+    assert not sorted(p.name for p in directory.glob(".out.jsonl*")), "temporary files left behind"
 
 
 def job_processes(marker: str) -> list[int]:

@@ -5,7 +5,6 @@ output (its lock); the record carries the job's identity."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -274,17 +273,18 @@ def test_a_merge_never_replaces_bytes_that_are_not_the_parts(model: Path, tmp_pa
     merged = b"".join((tmp_path / f"out.jsonl.r{r}").read_bytes() for r in range(2))
     out.write_bytes(b'{"id": "theirs"}\n')
     with pytest.raises(ResultsError, match="out.jsonl holds bytes that are not this job's merged results"):
-        merge_parts(parts, out)
+        merge_parts(parts, out, by=parts[0])
     assert out.read_bytes() == b'{"id": "theirs"}\n'
     out.unlink()
-    # another writer's temporary file of the same name pattern (a pod of another replica may have this
-    # one's pid) is never written or moved
-    theirs = tmp_path / f".out.jsonl.{os.getpid()}.tmp"
+    # another replica's merge under way (its pod may have this one's pid) is never written or moved
+    theirs = parts[1].merge_temporary
     theirs.write_bytes(b"another replica's merge under way\n")
-    assert merge_parts(parts, out) and out.read_bytes() == merged
+    assert merge_parts(parts, out, by=parts[0]) and out.read_bytes() == merged
     (tmp_path / "plain").write_text("")  # readable as any file made here (others read it on the volume)
     assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
-    assert merge_parts(parts, out) and out.read_bytes() == merged  # a tie or a restart: the same bytes
+    assert (
+        merge_parts(parts, out, by=parts[0]) and out.read_bytes() == merged
+    )  # a tie or a restart: the same bytes
     assert theirs.read_bytes() == b"another replica's merge under way\n"
     assert sorted(p.name for p in tmp_path.glob(".out.jsonl*")) == [theirs.name]  # no temporary left
 
@@ -376,7 +376,7 @@ def test_a_finished_job_whose_results_were_lost_is_refused_not_reported_complete
     _, parts = replica_parts(tmp_path, model)
     (tmp_path / "out.jsonl.r1").unlink()
     with pytest.raises(ResultsError, match="out.jsonl.r1 is gone"):
-        merge_parts(parts, tmp_path / "merged.jsonl")
+        merge_parts(parts, tmp_path / "merged.jsonl", by=parts[0])
     assert not (tmp_path / "merged.jsonl").exists()
 
 
@@ -397,7 +397,7 @@ def test_parts_of_different_jobs_are_never_merged(model: Path, tmp_path: Path) -
     later.commit(done=True)
     later.close()
     with pytest.raises(ResultsError, match="hold results of different jobs .*another input file"):
-        merge_parts(parts, tmp_path / "out.jsonl")
+        merge_parts(parts, tmp_path / "out.jsonl", by=parts[0])
     assert not (tmp_path / "out.jsonl").exists()
 
 
@@ -491,3 +491,21 @@ def test_a_writer_killed_before_its_first_commit_is_resumed_not_refused(model: P
     assert "error" not in state, state["error"]
     assert sorted(r.id for r in state["requests"]) == [0, 1, 2, 3]  # the uncommitted result computed again
     assert out.read_bytes() == b""  # its line dropped, as any uncommitted tail
+
+
+def test_a_writers_start_removes_the_temporary_files_its_killed_writer_left(
+    model: Path, tmp_path: Path
+) -> None:
+    """A writer killed while it wrote its progress record, or while it merged the replicas' parts (a copy
+    of every result), left the temporary file beside the output for ever: each had a name of its own
+    (the pid, a uuid), so no later run knew it for a leftover. Only the holder of a part's lock writes
+    that part's temporaries, so its next writer removes them; another replica's are left alone."""
+    _, parts = replica_parts(tmp_path, model)
+    left = [parts[1].merge_temporary, tmp_path / ".out.jsonl.r1.progress.json.4242.tmp"]
+    running = [parts[0].merge_temporary, tmp_path / ".out.jsonl.r0.progress.json.4242.tmp"]  # replica 0's
+    for path in left + running:
+        path.write_bytes(b"partial\n")
+    restarted = ResultLog(tmp_path / "out.jsonl.r1")
+    restarted.lock(merged=tmp_path / "out.jsonl")
+    restarted.unlock()
+    assert [p.exists() for p in left + running] == [False, False, True, True]

@@ -149,7 +149,7 @@ def pending_work(pod: PodEnv, results: ResultLog, output: Path, tokenizer: Any, 
             if merged is None:
                 results.check_committed()  # (with replicas, the parts may be removed once merged)
             elif not merged.exists():  # the writer died before it could merge
-                merge_parts(replica_parts(merged, replicas), merged)
+                merge_parts(replica_parts(merged, replicas), merged, by=results)
             return {"done": True, "completed": results.completed, "requests": []}
         committed = results.committed_ids()
         inf = spec.inference
@@ -423,7 +423,7 @@ def finish_output(sink: ResultSink, output: Path, replicas: int, total: int) -> 
     sink.finish()
     sink.results.close()
     STOP_POINTS.reach(RESULTS_DONE)  # (tests only: a kill here)
-    if replicas > 1 and merge_parts(replica_parts(output, replicas), output):
+    if replicas > 1 and merge_parts(replica_parts(output, replicas), output, by=sink.results):
         log.info("all replicas done; merged their outputs", extra={"output": str(output)})
     # The median step: decode alone, as generate.py's benchmark times it (a step whose turn also
     # prefilled joining prompts is slower, and rare: one a wave); the job's rate with prefills is the

@@ -10,10 +10,11 @@ commits on a thread of its own): a commit covers the lines appended before it be
 Whose results these are: the record carries the job's identity (``job_identity``: digests of the
 input file, the model and its tokenizer, and the settings that decide the tokens), and a run refuses
 an output whose record names another job, or an output that holds bytes but has no record at all:
-neither is ever appended to, truncated or overwritten. One run at a time writes an output: the writer holds an
-exclusive ``flock`` on ``<output>.lock`` (released by the kernel when the process dies, so a killed
-run leaves no stale lock). With R > 1 replicas, each writes its part ``<output>.r<r>`` under that
-part's lock and holds the merged output's lock shared, since the replicas merge into it together: a
+neither is ever appended to, truncated or overwritten. One run at a time writes an output: the writer
+holds an exclusive ``flock`` on ``<output>.lock`` (released by the kernel when the process dies, so a
+killed run leaves no stale lock); taking it, a writer removes the temporary files a killed writer of
+the same output left (a record being replaced, a merge). With R > 1 replicas, each writes its part
+``<output>.r<r>`` under that part's lock and holds the merged output's lock shared, since the replicas merge into it together: a
 one-replica job on the same output is refused while any of them runs, and the other way round. A
 merge writes only where the output is missing or already holds the same bytes.
 """
@@ -26,7 +27,6 @@ import hashlib
 import json
 import os
 import threading
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,6 +230,23 @@ class ResultLog:
         except ResultsError:
             self.unlock()
             raise
+        self._remove_leftovers()
+
+    @property
+    def merge_temporary(self) -> Path:
+        """Where this part's writer merges the replicas' parts before it replaces the output: a name of
+        its own (the replicas are pods, two may merge at once with the same pid), which only the holder
+        of this part's lock writes, so that its next holder knows what a kill left."""
+        return self.path.with_name(f".{self.path.name}.merge.tmp")
+
+    def _remove_leftovers(self) -> None:
+        """The temporary files of a writer killed before it renamed or removed them (a progress record
+        being written, a merge: a copy of every result). Only the holder of this lock writes them."""
+        record_tmp = f".{self.record_path.name}."  # (write_json_atomic's: the pid, then .tmp)
+        for path in self.path.parent.iterdir():
+            if path.name.startswith(record_tmp) and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+        self.merge_temporary.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         for f, exclusive in reversed(self._locks):
@@ -360,9 +377,9 @@ def _take_lock(path: Path, lock_path: Path, exclusive: bool) -> Any:
         ) from None
 
 
-def merge_parts(parts: list[ResultLog], output: Path) -> bool:
-    """When every replica's part is done, write their committed lines to ``output`` atomically.
-    Called by each replica as it finishes, and by a finished replica's restart while ``output`` is
+def merge_parts(parts: list[ResultLog], output: Path, by: ResultLog) -> bool:
+    """When every replica's part is done, write their committed lines to ``output`` atomically, through
+    ``by``'s (the merging replica's part's) temporary file. Called by each replica as it finishes, and by a finished replica's restart while ``output`` is
     missing (its writer died between its last commit and the merge); a tie merges twice, equally, and
     finds the same bytes there. An ``output`` holding other bytes is refused, never replaced."""
     records = [p._read_record() for p in parts]
@@ -381,11 +398,10 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
             f"({_difference(jobs[0], other)}: changed while the replicas ran), never merged: move the parts "
             "and their progress records away to compute them again"
         )
-    # a name of its own: the replicas are pods, and two of them may merge at once with the same pid
     # (not mkstemp's: its file is the owner's alone, and the output is read by others on the volume)
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
+    tmp = by.merge_temporary
     try:
-        with open(tmp, "xb") as out:
+        with open(tmp, "wb") as out:  # (one a kill left, where the lock's holder has not removed it yet)
             for part, record in zip(parts, records, strict=True):
                 with open(part.path, "rb") as f:
                     left = int(record["committedBytes"])
