@@ -188,7 +188,8 @@ def test_conveyor_run_keeps_another_jobs_results(model: Path, tmp_path: Path) ->
     other = _run(tmp_path, spec)
     assert other.returncode == 2, other.stdout + other.stderr
     assert "Traceback" not in other.stdout + other.stderr
-    assert f"{out} holds results of another job" in other.stderr and "another input file" in other.stderr
+    assert f"{out} holds results of another job" in other.stderr
+    assert f"another input file ({tmp_path / 'in.jsonl'} changed" in other.stderr
     assert out.read_bytes() == before
 
     (tmp_path / "out.jsonl.progress.json").unlink()
@@ -509,3 +510,50 @@ def test_a_writers_start_removes_the_temporary_files_its_killed_writer_left(
     restarted.lock(merged=tmp_path / "out.jsonl")
     restarted.unlock()
     assert [p.exists() for p in left + running] == [False, False, True, True]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("change", ["append", "edit"])
+def test_an_input_changed_between_a_kill_and_the_restart_is_refused_naming_it(
+    model: Path, tmp_path: Path, change: str, replicas: int
+) -> None:
+    """A rank killed with results committed, the input then changed (a line appended, one edited),
+    and the group restarted: its writer refuses in one line that names the input file, and leaves the
+    output as it was (the prompts are every R-th line: mixing old and new results would drop or repeat
+    some)."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.inference.job import pending_work
+    from conveyor.inference.model.families import load_arch
+
+    raw = spec_dict(tmp_path, model)
+    raw["parallelism"]["replicas"] = replicas
+    spec, arch = parse_spec(raw), load_arch(model)
+    pod = PodEnv.from_environ(
+        pod_environ(job="s", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=1)
+    )
+    out, part = tmp_path / "out.jsonl", tmp_path / ("out.jsonl" if replicas == 1 else "out.jsonl.r0")
+    first = ResultLog(part, job_identity(spec))
+    assert len(pending_work(pod, first, out, None, arch)["requests"]) == 4 // replicas
+    first.open()
+    first.append({"id": 0, "output_ids": [1], "text": "", "finish_reason": "length"})
+    first.commit()
+    first.unlock()  # killed here
+    before = part.read_bytes()
+
+    prompts = tmp_path / "in.jsonl"
+    lines = prompts.read_text().splitlines(keepends=True)
+    if change == "append":
+        lines.append(json.dumps({"id": 4, "input_ids": [3, 9, 11]}) + "\n")
+    else:
+        lines[2] = lines[2].replace("[7, 9, 11]", "[7, 9, 12]")
+    prompts.write_text("".join(lines))
+
+    restart = ResultLog(part, job_identity(spec))
+    state = pending_work(pod, restart, out, None, arch)
+    restart.unlock()
+    assert "\n" not in state["error"]
+    assert f"{part} holds results of another job" in state["error"]
+    assert f"another input file ({prompts} changed" in state["error"]
+    assert part.read_bytes() == before and not (replicas > 1 and out.exists())
+    with pytest.raises(ResultsError, match=f"another input file \\({prompts} changed"):
+        preflight(spec)  # `conveyor run` started again: refused before any rank starts

@@ -144,7 +144,7 @@ def pending_work(pod: PodEnv, results: ResultLog, output: Path, tokenizer: Any, 
     merged = output if replicas > 1 else None
     try:
         results.lock(merged)  # held until this process ends: a second run of the output is refused
-        results.check(merged)
+        results.check(merged, spec.inference.input)
         if results.done:
             if merged is None:
                 results.check_committed()  # (with replicas, the parts may be removed once merged)

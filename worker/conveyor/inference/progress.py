@@ -139,8 +139,14 @@ def identity_difference(
     return ", ".join(parts) or fallback
 
 
-def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
-    what = {"input": "another input file", "model": "another model", "tokenizer": "another tokenizer"}
+def _difference(theirs: dict[str, Any], ours: dict[str, Any], input_file: str | None = None) -> str:
+    """``input_file``: the job's input, named where it changed (a line appended or edited since)."""
+    changed = f" ({input_file} changed since they were committed)" if input_file else ""
+    what = {
+        "input": f"another input file{changed}",
+        "model": "another model",
+        "tokenizer": "another tokenizer",
+    }
     return identity_difference(theirs, ours, what, "another job")
 
 
@@ -190,9 +196,10 @@ class ResultLog:
                 ) from None
         return {"committedBytes": 0, "completed": 0, "done": False}
 
-    def check(self, merged: Path | None = None) -> None:
+    def check(self, merged: Path | None = None, input_file: str | None = None) -> None:
         """Refuse results that are not this job's (see the module's docstring). ``merged``: the merged
-        output of R > 1 replicas, which must not predate this job's parts either."""
+        output of R > 1 replicas, which must not predate this job's parts either; ``input_file``: the
+        job's input, named where it is what changed."""
         assert self.identity is not None, "check() needs the job's identity"
         fix = "move it away or set spec.inference.output to a new file"
         if merged is not None:
@@ -212,7 +219,11 @@ class ResultLog:
             return
         theirs = self.record.get("job")
         if not isinstance(theirs, dict) or not same_job(theirs, self.identity):
-            why = _difference(theirs, self.identity) if isinstance(theirs, dict) else "no job identity"
+            why = (
+                _difference(theirs, self.identity, input_file)
+                if isinstance(theirs, dict)
+                else "no job identity"
+            )
             raise ResultsError(
                 f"{self.path} holds results of another job (its progress record {self.record_path.name} "
                 f"differs: {why}): {fix}, or restore that job's input, model and settings"
