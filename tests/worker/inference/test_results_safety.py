@@ -557,3 +557,29 @@ def test_an_input_changed_between_a_kill_and_the_restart_is_refused_naming_it(
     assert part.read_bytes() == before and not (replicas > 1 and out.exists())
     with pytest.raises(ResultsError, match=f"another input file \\({prompts} changed"):
         preflight(spec)  # `conveyor run` started again: refused before any rank starts
+
+
+def test_an_input_changed_while_a_replica_starts_is_refused_not_split_anew(
+    model: Path, tmp_path: Path
+) -> None:
+    """The writer takes the job's identity (the input's digest among it) as its rank starts and reads its
+    share of the prompts a moment later, after the model's config and tokenizer. A line inserted at the
+    top in between: its share (every R-th line) was the new input's and its record said the old one, so
+    the merge took it with the other replica's share of the old input: old prompts twice, others never."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.inference.job import pending_work
+    from conveyor.inference.model.families import load_arch
+
+    raw = spec_dict(tmp_path, model)
+    raw["parallelism"]["replicas"] = 2
+    spec, arch = parse_spec(raw), load_arch(model)
+    pod = PodEnv.from_environ(
+        pod_environ(job="s", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=1)
+    )
+    results = ResultLog(tmp_path / "out.jsonl.r0", job_identity(spec))  # as the rank starts
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(json.dumps({"id": "new", "input_ids": [3]}) + "\n" + prompts.read_text())
+    state = pending_work(pod, results, tmp_path / "out.jsonl", None, arch)
+    results.unlock()
+    assert f"{prompts} changed while the job started" in state["error"] and "\n" not in state["error"]
+    assert not (tmp_path / "out.jsonl.r0.progress.json").exists()

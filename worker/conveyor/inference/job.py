@@ -41,7 +41,7 @@ from conveyor.inference.pipeline.generate import (
     run_generation,
 )
 from conveyor.inference.pipeline.sampling import SamplingParams
-from conveyor.inference.progress import ResultLog, job_identity, merge_parts
+from conveyor.inference.progress import ResultLog, ResultsError, file_digest, job_identity, merge_parts
 from conveyor.inference.rank_builder import (
     DTYPES,
     PromptTooLongError,
@@ -154,6 +154,15 @@ def pending_work(pod: PodEnv, results: ResultLog, output: Path, tokenizer: Any, 
         committed = results.committed_ids()
         inf = spec.inference
         todo = read_requests(inf.input, pod.replica, replicas, tokenizer, inf.max_new_tokens, arch)
+        assert results.identity is not None
+        if file_digest(Path(inf.input)) != results.identity["input"]:
+            # the identity was taken as the rank started: prompts read from another file than the one
+            # recorded would be committed as its (a replica's share is every R-th line of it)
+            raise ResultsError(
+                f"{inf.input} changed while the job started (after its digest was taken, before its "
+                "prompts were read): nothing was computed; leave it as it is while the job runs and start "
+                "it again"
+            )
         todo = [r for r in todo if json.dumps(r.id) not in committed]
         # Longest first: prompts admitted together are prefilled as one pass padded to the longest, so
         # neighbours of like length waste no compute on padding (prompts of 32-255 tokens in input
