@@ -152,6 +152,9 @@ def _main(argv: list[str]) -> int:
     log.info("rank starting", extra={"local_rank": local_rank, "world_size": pod.world_size})
     if pod.mode == Mode.INFERENCE:
         from conveyor.inference.job import run_rank
+        from conveyor.stop_points import STOP_POINTS
+
+        STOP_POINTS.configure(os.environ.get("CONVEYOR_TEST_STOP_AT"))  # test hook: a kill at a named point
 
         return run_rank(pod, local_rank, started=STARTED)
     if pod.mode == Mode.SERVE:

@@ -5,7 +5,6 @@ output (its lock); the record carries the job's identity."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -189,7 +188,8 @@ def test_conveyor_run_keeps_another_jobs_results(model: Path, tmp_path: Path) ->
     other = _run(tmp_path, spec)
     assert other.returncode == 2, other.stdout + other.stderr
     assert "Traceback" not in other.stdout + other.stderr
-    assert f"{out} holds results of another job" in other.stderr and "another input file" in other.stderr
+    assert f"{out} holds results of another job" in other.stderr
+    assert f"another input file ({tmp_path / 'in.jsonl'} changed" in other.stderr
     assert out.read_bytes() == before
 
     (tmp_path / "out.jsonl.progress.json").unlink()
@@ -274,17 +274,18 @@ def test_a_merge_never_replaces_bytes_that_are_not_the_parts(model: Path, tmp_pa
     merged = b"".join((tmp_path / f"out.jsonl.r{r}").read_bytes() for r in range(2))
     out.write_bytes(b'{"id": "theirs"}\n')
     with pytest.raises(ResultsError, match="out.jsonl holds bytes that are not this job's merged results"):
-        merge_parts(parts, out)
+        merge_parts(parts, out, by=parts[0])
     assert out.read_bytes() == b'{"id": "theirs"}\n'
     out.unlink()
-    # another writer's temporary file of the same name pattern (a pod of another replica may have this
-    # one's pid) is never written or moved
-    theirs = tmp_path / f".out.jsonl.{os.getpid()}.tmp"
+    # another replica's merge under way (its pod may have this one's pid) is never written or moved
+    theirs = parts[1].merge_temporary
     theirs.write_bytes(b"another replica's merge under way\n")
-    assert merge_parts(parts, out) and out.read_bytes() == merged
+    assert merge_parts(parts, out, by=parts[0]) and out.read_bytes() == merged
     (tmp_path / "plain").write_text("")  # readable as any file made here (others read it on the volume)
     assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
-    assert merge_parts(parts, out) and out.read_bytes() == merged  # a tie or a restart: the same bytes
+    assert (
+        merge_parts(parts, out, by=parts[0]) and out.read_bytes() == merged
+    )  # a tie or a restart: the same bytes
     assert theirs.read_bytes() == b"another replica's merge under way\n"
     assert sorted(p.name for p in tmp_path.glob(".out.jsonl*")) == [theirs.name]  # no temporary left
 
@@ -376,7 +377,7 @@ def test_a_finished_job_whose_results_were_lost_is_refused_not_reported_complete
     _, parts = replica_parts(tmp_path, model)
     (tmp_path / "out.jsonl.r1").unlink()
     with pytest.raises(ResultsError, match="out.jsonl.r1 is gone"):
-        merge_parts(parts, tmp_path / "merged.jsonl")
+        merge_parts(parts, tmp_path / "merged.jsonl", by=parts[0])
     assert not (tmp_path / "merged.jsonl").exists()
 
 
@@ -397,7 +398,7 @@ def test_parts_of_different_jobs_are_never_merged(model: Path, tmp_path: Path) -
     later.commit(done=True)
     later.close()
     with pytest.raises(ResultsError, match="hold results of different jobs .*another input file"):
-        merge_parts(parts, tmp_path / "out.jsonl")
+        merge_parts(parts, tmp_path / "out.jsonl", by=parts[0])
     assert not (tmp_path / "out.jsonl").exists()
 
 
@@ -463,3 +464,122 @@ def test_a_committed_line_that_is_no_longer_a_result_is_refused_in_one_line(
         out.write_bytes(lines[0] + edited + lines[2])
         with pytest.raises(ResultsError, match=f"out.jsonl:2: committed line is not a result \\({why}"):
             ResultLog(out, identity).committed_ids()
+
+
+def test_a_writer_killed_before_its_first_commit_is_resumed_not_refused(model: Path, tmp_path: Path) -> None:
+    """The writer appends a result (flushed: visible at once) and commits it on another thread a moment
+    later. Killed in between on its first result, it left an output that held bytes and no progress record
+    yet: every restart refused it as another job's (exit 2), and the job could not go on."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.inference.job import pending_work
+    from conveyor.inference.model.families import load_arch
+
+    spec, arch = parse_spec(spec_dict(tmp_path, model)), load_arch(model)
+    pod = PodEnv.from_environ(
+        pod_environ(job="s", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=1)
+    )
+    out = tmp_path / "out.jsonl"
+    first = ResultLog(out, job_identity(spec))
+    assert pending_work(pod, first, out, None, arch)["requests"]
+    first.open()
+    first.append({"id": 0, "output_ids": [1], "text": "", "finish_reason": "length"})
+    first.unlock()  # killed here: before the commit thread wrote the record
+    assert out.stat().st_size
+
+    restart = ResultLog(out, job_identity(spec))
+    state = pending_work(pod, restart, out, None, arch)
+    restart.unlock()
+    assert "error" not in state, state["error"]
+    assert sorted(r.id for r in state["requests"]) == [0, 1, 2, 3]  # the uncommitted result computed again
+    assert out.read_bytes() == b""  # its line dropped, as any uncommitted tail
+
+
+def test_a_writers_start_removes_the_temporary_files_its_killed_writer_left(
+    model: Path, tmp_path: Path
+) -> None:
+    """A writer killed while it wrote its progress record, or while it merged the replicas' parts (a copy
+    of every result), left the temporary file beside the output for ever: each had a name of its own
+    (the pid, a uuid), so no later run knew it for a leftover. Only the holder of a part's lock writes
+    that part's temporaries, so its next writer removes them; another replica's are left alone."""
+    _, parts = replica_parts(tmp_path, model)
+    left = [parts[1].merge_temporary, tmp_path / ".out.jsonl.r1.progress.json.4242.tmp"]
+    running = [parts[0].merge_temporary, tmp_path / ".out.jsonl.r0.progress.json.4242.tmp"]  # replica 0's
+    for path in left + running:
+        path.write_bytes(b"partial\n")
+    restarted = ResultLog(tmp_path / "out.jsonl.r1")
+    restarted.lock(merged=tmp_path / "out.jsonl")
+    restarted.unlock()
+    assert [p.exists() for p in left + running] == [False, False, True, True]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("change", ["append", "edit"])
+def test_an_input_changed_between_a_kill_and_the_restart_is_refused_naming_it(
+    model: Path, tmp_path: Path, change: str, replicas: int
+) -> None:
+    """A rank killed with results committed, the input then changed (a line appended, one edited),
+    and the group restarted: its writer refuses in one line that names the input file, and leaves the
+    output as it was (the prompts are every R-th line: mixing old and new results would drop or repeat
+    some)."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.inference.job import pending_work
+    from conveyor.inference.model.families import load_arch
+
+    raw = spec_dict(tmp_path, model)
+    raw["parallelism"]["replicas"] = replicas
+    spec, arch = parse_spec(raw), load_arch(model)
+    pod = PodEnv.from_environ(
+        pod_environ(job="s", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=1)
+    )
+    out, part = tmp_path / "out.jsonl", tmp_path / ("out.jsonl" if replicas == 1 else "out.jsonl.r0")
+    first = ResultLog(part, job_identity(spec))
+    assert len(pending_work(pod, first, out, None, arch)["requests"]) == 4 // replicas
+    first.open()
+    first.append({"id": 0, "output_ids": [1], "text": "", "finish_reason": "length"})
+    first.commit()
+    first.unlock()  # killed here
+    before = part.read_bytes()
+
+    prompts = tmp_path / "in.jsonl"
+    lines = prompts.read_text().splitlines(keepends=True)
+    if change == "append":
+        lines.append(json.dumps({"id": 4, "input_ids": [3, 9, 11]}) + "\n")
+    else:
+        lines[2] = lines[2].replace("[7, 9, 11]", "[7, 9, 12]")
+    prompts.write_text("".join(lines))
+
+    restart = ResultLog(part, job_identity(spec))
+    state = pending_work(pod, restart, out, None, arch)
+    restart.unlock()
+    assert "\n" not in state["error"]
+    assert f"{part} holds results of another job" in state["error"]
+    assert f"another input file ({prompts} changed" in state["error"]
+    assert part.read_bytes() == before and not (replicas > 1 and out.exists())
+    with pytest.raises(ResultsError, match=f"another input file \\({prompts} changed"):
+        preflight(spec)  # `conveyor run` started again: refused before any rank starts
+
+
+def test_an_input_changed_while_a_replica_starts_is_refused_not_split_anew(
+    model: Path, tmp_path: Path
+) -> None:
+    """The writer takes the job's identity (the input's digest among it) as its rank starts and reads its
+    share of the prompts a moment later, after the model's config and tokenizer. A line inserted at the
+    top in between: its share (every R-th line) was the new input's and its record said the old one, so
+    the merge took it with the other replica's share of the old input: old prompts twice, others never."""
+    from conveyor.env import PodEnv, pod_environ
+    from conveyor.inference.job import pending_work
+    from conveyor.inference.model.families import load_arch
+
+    raw = spec_dict(tmp_path, model)
+    raw["parallelism"]["replicas"] = 2
+    spec, arch = parse_spec(raw), load_arch(model)
+    pod = PodEnv.from_environ(
+        pod_environ(job="s", spec=spec, replica=0, stage=0, master_addr="127.0.0.1", master_port=1)
+    )
+    results = ResultLog(tmp_path / "out.jsonl.r0", job_identity(spec))  # as the rank starts
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(json.dumps({"id": "new", "input_ids": [3]}) + "\n" + prompts.read_text())
+    state = pending_work(pod, results, tmp_path / "out.jsonl", None, arch)
+    results.unlock()
+    assert f"{prompts} changed while the job started" in state["error"] and "\n" not in state["error"]
+    assert not (tmp_path / "out.jsonl.r0.progress.json").exists()

@@ -41,7 +41,7 @@ from conveyor.inference.pipeline.generate import (
     run_generation,
 )
 from conveyor.inference.pipeline.sampling import SamplingParams
-from conveyor.inference.progress import ResultLog, job_identity, merge_parts
+from conveyor.inference.progress import ResultLog, ResultsError, file_digest, job_identity, merge_parts
 from conveyor.inference.rank_builder import (
     DTYPES,
     PromptTooLongError,
@@ -53,6 +53,7 @@ from conveyor.inference.run_progress import RunProgress
 from conveyor.inference.validate import InputError, check_fits, read_rows, tokenized
 from conveyor.log import get_logger
 from conveyor.preflight_gate import wait_at_gate
+from conveyor.stop_points import RESULTS_DONE, STOP_POINTS
 from conveyor.topology import Layout, Topology
 from conveyor.watchdog import PROGRESS
 
@@ -142,16 +143,25 @@ def pending_work(pod: PodEnv, results: ResultLog, output: Path, tokenizer: Any, 
     merged = output if replicas > 1 else None
     try:
         results.lock(merged)  # held until this process ends: a second run of the output is refused
-        results.check(merged)
+        results.check(merged, spec.inference.input)
         if results.done:
             if merged is None:
                 results.check_committed()  # (with replicas, the parts may be removed once merged)
             elif not merged.exists():  # the writer died before it could merge
-                merge_parts(replica_parts(merged, replicas), merged)
+                merge_parts(replica_parts(merged, replicas), merged, by=results)
             return {"done": True, "completed": results.completed, "requests": []}
         committed = results.committed_ids()
         inf = spec.inference
         todo = read_requests(inf.input, pod.replica, replicas, tokenizer, inf.max_new_tokens, arch)
+        assert results.identity is not None
+        if file_digest(Path(inf.input)) != results.identity["input"]:
+            # the identity was taken as the rank started: prompts read from another file than the one
+            # recorded would be committed as its (a replica's share is every R-th line of it)
+            raise ResultsError(
+                f"{inf.input} changed while the job started (after its digest was taken, before its "
+                "prompts were read): nothing was computed; leave it as it is while the job runs and start "
+                "it again"
+            )
         todo = [r for r in todo if json.dumps(r.id) not in committed]
         # Longest first: prompts admitted together are prefilled as one pass padded to the longest, so
         # neighbours of like length waste no compute on padding (prompts of 32-255 tokens in input
@@ -420,7 +430,8 @@ def finish_output(sink: ResultSink, output: Path, replicas: int, total: int) -> 
     """The writer's last commit; with replicas, whoever finishes last merges the parts atomically."""
     sink.finish()
     sink.results.close()
-    if replicas > 1 and merge_parts(replica_parts(output, replicas), output):
+    STOP_POINTS.reach(RESULTS_DONE)  # (tests only: a kill here)
+    if replicas > 1 and merge_parts(replica_parts(output, replicas), output, by=sink.results):
         log.info("all replicas done; merged their outputs", extra={"output": str(output)})
     # The median step: decode alone, as generate.py's benchmark times it (a step whose turn also
     # prefilled joining prompts is slower, and rare: one a wave); the job's rate with prefills is the

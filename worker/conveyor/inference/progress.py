@@ -10,10 +10,11 @@ commits on a thread of its own): a commit covers the lines appended before it be
 Whose results these are: the record carries the job's identity (``job_identity``: digests of the
 input file, the model and its tokenizer, and the settings that decide the tokens), and a run refuses
 an output whose record names another job, or an output that holds bytes but has no record at all:
-neither is ever appended to, truncated or overwritten. One run at a time writes an output: the writer holds an
-exclusive ``flock`` on ``<output>.lock`` (released by the kernel when the process dies, so a killed
-run leaves no stale lock). With R > 1 replicas, each writes its part ``<output>.r<r>`` under that
-part's lock and holds the merged output's lock shared, since the replicas merge into it together: a
+neither is ever appended to, truncated or overwritten. One run at a time writes an output: the writer
+holds an exclusive ``flock`` on ``<output>.lock`` (released by the kernel when the process dies, so a
+killed run leaves no stale lock); taking it, a writer removes the temporary files a killed writer of
+the same output left (a record being replaced, a merge). With R > 1 replicas, each writes its part
+``<output>.r<r>`` under that part's lock and holds the merged output's lock shared, since the replicas merge into it together: a
 one-replica job on the same output is refused while any of them runs, and the other way round. A
 merge writes only where the output is missing or already holds the same bytes.
 """
@@ -26,7 +27,6 @@ import hashlib
 import json
 import os
 import threading
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ from conveyor import file_lock
 from conveyor.commit_protocol import fsync_dir, rfc3339
 from conveyor.inference.validate import InputError
 from conveyor.log import get_logger
+from conveyor.stop_points import MERGE_REPLACED, MERGE_WRITTEN, STOP_POINTS
 
 if TYPE_CHECKING:
     from conveyor.spec import PipelineJobSpec
@@ -138,8 +139,14 @@ def identity_difference(
     return ", ".join(parts) or fallback
 
 
-def _difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
-    what = {"input": "another input file", "model": "another model", "tokenizer": "another tokenizer"}
+def _difference(theirs: dict[str, Any], ours: dict[str, Any], input_file: str | None = None) -> str:
+    """``input_file``: the job's input, named where it changed (a line appended or edited since)."""
+    changed = f" ({input_file} changed since they were committed)" if input_file else ""
+    what = {
+        "input": f"another input file{changed}",
+        "model": "another model",
+        "tokenizer": "another tokenizer",
+    }
     return identity_difference(theirs, ours, what, "another job")
 
 
@@ -189,9 +196,10 @@ class ResultLog:
                 ) from None
         return {"committedBytes": 0, "completed": 0, "done": False}
 
-    def check(self, merged: Path | None = None) -> None:
+    def check(self, merged: Path | None = None, input_file: str | None = None) -> None:
         """Refuse results that are not this job's (see the module's docstring). ``merged``: the merged
-        output of R > 1 replicas, which must not predate this job's parts either."""
+        output of R > 1 replicas, which must not predate this job's parts either; ``input_file``: the
+        job's input, named where it is what changed."""
         assert self.identity is not None, "check() needs the job's identity"
         fix = "move it away or set spec.inference.output to a new file"
         if merged is not None:
@@ -211,7 +219,11 @@ class ResultLog:
             return
         theirs = self.record.get("job")
         if not isinstance(theirs, dict) or not same_job(theirs, self.identity):
-            why = _difference(theirs, self.identity) if isinstance(theirs, dict) else "no job identity"
+            why = (
+                _difference(theirs, self.identity, input_file)
+                if isinstance(theirs, dict)
+                else "no job identity"
+            )
             raise ResultsError(
                 f"{self.path} holds results of another job (its progress record {self.record_path.name} "
                 f"differs: {why}): {fix}, or restore that job's input, model and settings"
@@ -229,6 +241,23 @@ class ResultLog:
         except ResultsError:
             self.unlock()
             raise
+        self._remove_leftovers()
+
+    @property
+    def merge_temporary(self) -> Path:
+        """Where this part's writer merges the replicas' parts before it replaces the output: a name of
+        its own (the replicas are pods, two may merge at once with the same pid), which only the holder
+        of this part's lock writes, so that its next holder knows what a kill left."""
+        return self.path.with_name(f".{self.path.name}.merge.tmp")
+
+    def _remove_leftovers(self) -> None:
+        """The temporary files of a writer killed before it renamed or removed them (a progress record
+        being written, a merge: a copy of every result). Only the holder of this lock writes them."""
+        record_tmp = f".{self.record_path.name}."  # (write_json_atomic's: the pid, then .tmp)
+        for path in self.path.parent.iterdir():
+            if path.name.startswith(record_tmp) and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+        self.merge_temporary.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         for f, exclusive in reversed(self._locks):
@@ -295,6 +324,11 @@ class ResultLog:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.record_path.is_file():
+            # A record of nothing committed before the first line: an append is visible at once and
+            # committed a moment later, and a writer killed in between left bytes with no record, which
+            # every restart refused as another job's.
+            self.commit()
         self._file = open(self.path, "ab")  # noqa: SIM115 (held open across appends; close())
 
     def append(self, result: dict[str, Any]) -> None:
@@ -354,9 +388,9 @@ def _take_lock(path: Path, lock_path: Path, exclusive: bool) -> Any:
         ) from None
 
 
-def merge_parts(parts: list[ResultLog], output: Path) -> bool:
-    """When every replica's part is done, write their committed lines to ``output`` atomically.
-    Called by each replica as it finishes, and by a finished replica's restart while ``output`` is
+def merge_parts(parts: list[ResultLog], output: Path, by: ResultLog) -> bool:
+    """When every replica's part is done, write their committed lines to ``output`` atomically, through
+    ``by``'s (the merging replica's part's) temporary file. Called by each replica as it finishes, and by a finished replica's restart while ``output`` is
     missing (its writer died between its last commit and the merge); a tie merges twice, equally, and
     finds the same bytes there. An ``output`` holding other bytes is refused, never replaced."""
     records = [p._read_record() for p in parts]
@@ -375,11 +409,10 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
             f"({_difference(jobs[0], other)}: changed while the replicas ran), never merged: move the parts "
             "and their progress records away to compute them again"
         )
-    # a name of its own: the replicas are pods, and two of them may merge at once with the same pid
     # (not mkstemp's: its file is the owner's alone, and the output is read by others on the volume)
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
+    tmp = by.merge_temporary
     try:
-        with open(tmp, "xb") as out:
+        with open(tmp, "wb") as out:  # (one a kill left, where the lock's holder has not removed it yet)
             for part, record in zip(parts, records, strict=True):
                 with open(part.path, "rb") as f:
                     left = int(record["committedBytes"])
@@ -388,6 +421,7 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
                         left -= len(block)
             out.flush()
             os.fsync(out.fileno())
+        STOP_POINTS.reach(MERGE_WRITTEN)  # (tests only: a kill here)
         if output.exists():
             if not filecmp.cmp(tmp, output, shallow=False):
                 raise ResultsError(
@@ -398,6 +432,7 @@ def merge_parts(parts: list[ResultLog], output: Path) -> bool:
             return True
         os.replace(tmp, output)
         fsync_dir(output.parent)
+        STOP_POINTS.reach(MERGE_REPLACED)
     finally:
         tmp.unlink(missing_ok=True)
     return True

@@ -395,7 +395,7 @@ def preflight(
         part = output if p.replicas <= 1 else output.with_name(f"{output.name}.r{part_replica}")
         results = ResultLog(part, identity)
         merged = output if p.replicas > 1 else None
-        results.check(merged)
+        results.check(merged, inf.input)
         if merged is None or not results.done:  # (a finished replica's part may be gone once merged)
             results.check_committed()
         if replica is None or replica == part_replica:
