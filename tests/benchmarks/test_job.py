@@ -32,6 +32,7 @@ def test_smoke_run_compares_whole_jobs_that_generate_the_same_tokens(tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["run"] for r in report["runs"]] == ["cold", "warm:CONVEYOR_ADMISSION=immediate"]
+    assert report["page_cache"] == "warm" and report["page_cache_imports_s"] > 0  # read before any run
     rows = [json.loads(line) for line in (work / "job" / "input.jsonl").open()]
     limits = [r["max_new_tokens"] for r in rows]
     assert len(set(limits)) > 1 and all(2 <= n <= 5 for n in limits)
