@@ -9,9 +9,10 @@ after warm-up are counted from the warnings CompiledStage logs (must be 0).
 
 Every timed process starts with the files it imports in the OS page cache (``--page-cache warm``, the
 default): one untimed process imports what the ranks and HF import first. Otherwise the first run on a
-fresh machine, ours, read torch's, Triton's and inductor's files from disk (on an H100 host, about 2.6 s
-more import and 5 s more compiler set-up than a second run) and HF's job after it found them read, so a
-"cold" run measured the machine's disk as well as the empty compile cache. ``--page-cache cold``
+fresh machine, ours, read torch's, Triton's and inductor's files from disk and HF's job after it found
+them read (on an H100 host the cold run's import and compiler set-up took 3.96 and 7.0 s, the warm run's
+1.31 and 1.8 s, and neither step reads the compile cache), so a "cold" run measured the machine's disk
+as well as the empty compile cache. ``--page-cache cold``
 leaves that out, for a first-run-on-a-machine figure.
 
 HF, two ways. As a job: ``benchmarks/hf_job.py``, the same job written with transformers alone, run as a
