@@ -423,7 +423,7 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop(tokenizer, cached: bool) 
         tokenizer = CachedTokenizer(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), False, "unused")
     engine, _ = client(tokenizer)
     # a body over the limit, to find a prompt slow enough to tokenize on this machine to tell
-    server = start_http(build_app(engine, body_bytes=8 << 20), 0, host="127.0.0.1")
+    server = start_http(build_app(engine, body_bytes=8 << 20), 0, host="127.0.0.1", max_body_bytes=8 << 20)
     url = f"http://127.0.0.1:{server.server.servers[0].sockets[0].getsockname()[1]}"
     huge = {**BODY, "prompt": "the quick brown fox jumps over the lazy dog " * (3 << 20 >> 6)}
     answer: dict[str, object] = {}
