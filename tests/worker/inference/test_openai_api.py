@@ -511,3 +511,23 @@ def test_the_model_is_retrieved_by_its_name(tokenizer) -> None:
     )
     other = http.get("/v1/models/other")
     assert other.status_code == 404 and other.json()["error"]["param"] == "model", other.text
+
+
+def test_a_refusal_that_a_retry_may_pass_says_when_to_retry(tokenizer) -> None:
+    """429 (the queue is full) and 503 (loading, stopping) carry Retry-After, which the openai SDK and
+    proxies wait for before they retry (without it, the SDK retried a full queue after 0.5 s, then 1 s);
+    a refusal no retry passes (400) has none."""
+    engine, http = client(tokenizer, max_waiting=1)
+    engine.queue.put(Request("a", [1, 2], 4))
+    r = http.post("/v1/completions", json=BODY)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.headers
+    engine.set_ready(False)
+    r = http.post("/v1/completions", json=BODY)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.headers
+    engine.set_ready(True)
+    engine.queue.close()
+    engine.queue.poll()
+    r = http.post("/v1/completions", json=BODY)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.headers
+    r = http.post("/v1/completions", json={**BODY, "max_tokens": -1})
+    assert r.status_code == 400 and "retry-after" not in r.headers

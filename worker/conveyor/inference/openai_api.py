@@ -176,6 +176,13 @@ _CONCATENATES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary(
 
 
 # -- the app ------------------------------------------------------------------------------------
+# Retry-After of a refusal a retry may pass, which the openai SDK and proxies wait for (without it the SDK
+# retried after 0.5 s, then 1 s, 2 s): a full queue frees as its requests finish, within seconds; a replica
+# loading or stopping turns ready, or is left by the load balancer, within seconds to minutes.
+RETRY_FULL_SECONDS = 1
+RETRY_UNAVAILABLE_SECONDS = 5
+
+
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -231,7 +238,7 @@ def build_app(
         if not engine.ready():
             # still loading, or stopping (SIGTERM turns /ready off first): the app cannot tell which
             message = "this replica is loading or stopping; retry when /ready answers 200, or on another"
-            raise ApiError(503, message, kind="unavailable")
+            raise ApiError(503, message, kind="unavailable", retry_after=RETRY_UNAVAILABLE_SECONDS)
         body: Any = parse(
             ChatBody if chat else CompletionBody, await read_body(http, body_bytes, body_seconds)
         )
@@ -283,13 +290,19 @@ def build_app(
                 for stream in streams:  # all n choices or none
                     engine.cancel(stream)
                 raise ApiError(
-                    429, "too many requests waiting; retry later", kind="rate_limit_error"
+                    429,
+                    "too many requests waiting; retry later",
+                    kind="rate_limit_error",
+                    retry_after=RETRY_FULL_SECONDS,
                 ) from None
             except RequestQueue.Closed:  # SIGTERM came while this request was read: not taken, not lost
                 for stream in streams:
                     engine.cancel(stream)
                 raise ApiError(
-                    503, "this replica is stopping; retry (another replica serves it)", kind="unavailable"
+                    503,
+                    "this replica is stopping; retry (another replica serves it)",
+                    kind="unavailable",
+                    retry_after=RETRY_UNAVAILABLE_SECONDS,
                 ) from None
         except ApiError as err:
             engine.count(err.status)
