@@ -345,3 +345,24 @@ def test_bodies_that_arrive_together_are_parsed_in_turns() -> None:
         server.stop()
     assert answers == [b"HTTP/1.1 404"] * len(uploads), answers
     assert max(waits) < 0.5 * took, f"/health waited {max(waits):.2f}s of the {took:.2f}s the bodies took"
+
+
+def test_a_request_with_two_body_lengths_is_refused_and_its_connection_closed() -> None:
+    """Content-Length and Transfer-Encoding both: h11 read the body as chunked and kept the connection,
+    so a proxy in front that read it by its Content-Length saw another request in what followed (request
+    smuggling). RFC 9112 (6.1): the server must close the connection after answering it; it is refused."""
+    server = start_http(build_app(engine_of(build_tokenizer())), 0, host="127.0.0.1")
+    port = server.server.servers[0].sockets[0].getsockname()[1]
+    body = b'{"model": "nope", "prompt": "hi"}'
+    both = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(body)
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+    try:
+        answer = raw_exchange(port, both + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", timeout=10)
+    finally:
+        server.stop()
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"Transfer-Encoding" in answer and answer.count(b"HTTP/1.1") == 1, answer

@@ -19,7 +19,9 @@ of CPU (in 64 KiB chunks, 0.01 s), and a body that the app answered without read
 and dropped for as long as its client sent it. A body comes in at most ``MAX_BODY_PIECES`` pieces and
 twice the largest body the app reads, in bytes on the wire (the rest for chunk framing and extensions:
 a chunk's header may carry 16 KiB of them, which h11 parses and drops); past either, 413 and the
-connection is closed.
+connection is closed. A request that declares both a Content-Length and a Transfer-Encoding is refused
+and its connection closed, as RFC 9112 asks (h11 read it as chunked and kept the connection: request
+smuggling, behind a proxy that reads its Content-Length).
 """
 
 from __future__ import annotations
@@ -69,19 +71,17 @@ USES = (
 )
 
 
-TOO_LARGE = http.HTTPStatus(413).phrase.encode()
-
-
 class BoundedConnection(h11.Connection):
-    """h11's server side, with a request's body bounded in pieces and in bytes on the wire: past them,
-    ``next_event`` raises ``RemoteProtocolError`` (uvicorn's protocol answers it, then closes), and
-    ``refusal`` says why."""
+    """h11's server side, with a request's body bounded in pieces and in bytes on the wire, and a request
+    that declares both a Content-Length and a Transfer-Encoding refused: ``next_event`` raises
+    ``RemoteProtocolError`` (uvicorn's protocol answers it, then closes), and ``refusal`` holds the
+    answer's status and message."""
 
     def __init__(self, max_incomplete_event_size: int | None, max_body_bytes: int):
         super().__init__(h11.SERVER, max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
         self.max_body_bytes = max_body_bytes
         self.pieces = self.wire_bytes = 0  # of the body of the request under way
-        self.refusal: str | None = None
+        self.refusal: tuple[int, str] | None = None
 
     def receive_data(self, data: bytes) -> None:
         self.wire_bytes += len(data)
@@ -91,19 +91,30 @@ class BoundedConnection(h11.Connection):
         event = super().next_event()
         if isinstance(event, h11.Request):
             self.pieces = self.wire_bytes = 0  # less what came with the head: a bound, not a count
+            names = {name for name, _ in event.headers}
+            if {b"content-length", b"transfer-encoding"} <= names:
+                # h11 reads the body as chunked and keeps the connection; a proxy in front that reads it by
+                # its Content-Length sees another request in what follows (request smuggling). RFC 9112
+                # 6.1: the server may refuse it and must close the connection
+                self.refusal = (
+                    400,
+                    "the request has both Content-Length and Transfer-Encoding; send one of them",
+                )
         elif isinstance(event, h11.Data):
             self.pieces += 1
             if self.pieces > MAX_BODY_PIECES:
                 self.refusal = (
-                    f"the body came in over {MAX_BODY_PIECES} pieces (chunks); send it in fewer, larger ones"
+                    413,
+                    f"the body came in over {MAX_BODY_PIECES} pieces (chunks); send it in fewer, larger ones",
                 )
             elif self.wire_bytes > 2 * self.max_body_bytes:
                 self.refusal = (
+                    413,
                     f"the body took over {2 * self.max_body_bytes} bytes on the wire (with its chunks' "
-                    f"framing); at most {self.max_body_bytes} bytes of body are read"
+                    f"framing); at most {self.max_body_bytes} bytes of body are read",
                 )
-            if self.refusal is not None:
-                raise h11.RemoteProtocolError(self.refusal, error_status_hint=413)
+        if self.refusal is not None:
+            raise h11.RemoteProtocolError(self.refusal[1], error_status_hint=self.refusal[0])
         return event
 
 
@@ -185,18 +196,18 @@ def bounded_h11(
             elif self.conn.refusal is None:
                 super().send_400_response(msg)
             else:
-                body = ApiError(413, self.conn.refusal, kind="too_large").response().body
+                status, message = self.conn.refusal
+                kind = "too_large" if status == 413 else "invalid_request_error"
+                body = ApiError(status, message, kind=kind).response().body
                 headers = [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
                 ]
-                for event in (
-                    h11.Response(status_code=413, headers=headers, reason=TOO_LARGE),
-                    h11.Data(data=body),
-                ):
+                reason = http.HTTPStatus(status).phrase.encode()
+                response = h11.Response(status_code=status, headers=headers, reason=reason)
+                for event in (response, h11.Data(data=body), h11.EndOfMessage()):
                     self.transport.write(self.conn.send(event) or b"")
-                self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
                 self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
