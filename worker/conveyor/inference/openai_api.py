@@ -98,13 +98,18 @@ class IncrementalText:
         self.stopped = False
 
     def _held(self, text: str) -> int:
-        """Characters at the end of ``text`` that may be the start of a stop string: its prefixes no
-        longer than ``text`` (a client's stop string may be a megabyte long; all its prefixes, at every
-        token, held the event loop for seconds)."""
-        return max(
-            (k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
-            default=0,
-        )
+        """Characters at the end of ``text`` that may be the start of a stop string: its longest prefix that
+        ends ``text``, no longer than ``text`` (a client's stop string may be a megabyte long; all its
+        prefixes, at every token, held the event loop for seconds). Longest first, and none shorter than
+        one already found: a model that repeats what starts a long stop string holds its text back as it
+        grows, and trying every prefix of 16 such stop strings took 575 us a token on the event loop."""
+        held = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), held, -1):
+                if text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
