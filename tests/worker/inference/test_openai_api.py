@@ -531,3 +531,18 @@ def test_a_refusal_that_a_retry_may_pass_says_when_to_retry(tokenizer) -> None:
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.headers
     r = http.post("/v1/completions", json={**BODY, "max_tokens": -1})
     assert r.status_code == 400 and "retry-after" not in r.headers
+
+
+def test_a_full_queue_refuses_before_the_prompt_is_tokenized(tokenizer) -> None:
+    """Under a flood the queue is full and every request gets 429; each was tokenized first, so a prompt
+    of a megabyte cost 0.3-0.5 s of CPU to be refused. A full queue refuses once the body is read, before
+    tokenizing (in CPU time of the process: the tokenizer runs in a thread)."""
+    import time
+
+    engine, http = client(tokenizer, max_waiting=1)
+    engine.queue.put(Request("a", [1, 2], 4))
+    huge = {**BODY, "prompt": "hello world " * (MAX_BODY_BYTES // 12 - 10)}
+    began = time.process_time()
+    r = http.post("/v1/completions", json=huge)
+    assert r.status_code == 429 and r.headers["retry-after"], r.text
+    assert time.process_time() - began < 0.15

@@ -72,6 +72,7 @@ class Engine(Protocol):
         choice: int = 0,  # which of the request's n choices (its draws differ from the others')
     ) -> Stream: ...
     def cancel(self, stream: Stream) -> None: ...
+    def has_room(self, requests: int) -> bool: ...  # whether the queue takes that many more now
     def metrics(self) -> tuple[bytes, str]: ...  # body, content type
     def count(self, status: int) -> None: ...
 
@@ -188,6 +189,12 @@ RETRY_FULL_SECONDS = 1
 RETRY_UNAVAILABLE_SECONDS = 5
 
 
+def queue_full() -> ApiError:
+    return ApiError(
+        429, "too many requests waiting; retry later", kind="rate_limit_error", retry_after=RETRY_FULL_SECONDS
+    )
+
+
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -264,6 +271,8 @@ def build_app(
             raise ApiError(
                 400, f"n: at most {engine.lanes} choices (the sequences this replica generates at once)", "n"
             )
+        if not engine.has_room(body.n):  # refused now, not after a megabyte of prompt is tokenized (0.5 s)
+            raise queue_full()
         where = "messages" if chat else "prompt"
         # in a thread: a prompt of megabytes takes seconds to tokenize, which on the event loop held every
         # stream and /health (the liveness probe); the tokenizer lets other threads run meanwhile
@@ -300,12 +309,7 @@ def build_app(
             except RequestQueue.QueueFull:
                 for stream in streams:  # all n choices or none
                     engine.cancel(stream)
-                raise ApiError(
-                    429,
-                    "too many requests waiting; retry later",
-                    kind="rate_limit_error",
-                    retry_after=RETRY_FULL_SECONDS,
-                ) from None
+                raise queue_full() from None
             except RequestQueue.Closed:  # SIGTERM came while this request was read: not taken, not lost
                 for stream in streams:
                     engine.cancel(stream)

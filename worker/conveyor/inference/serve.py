@@ -137,6 +137,9 @@ class ServeEngine:
             self._streams.pop(stream.request_id, None)
         self.queue.cancel(stream.request_id)
 
+    def has_room(self, requests: int) -> bool:
+        return len(self.queue) + requests <= self.queue.max_waiting
+
     def metrics(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
