@@ -191,14 +191,16 @@ def bounded_h11(
             # uvicorn's answer to a request h11 cannot read (a malformed chunk), or ours to a body past its
             # bounds. Once a response has begun (/health answers before its body is read) no other can be
             # sent: the connection is closed (uvicorn's raised h11's LocalProtocolError instead)
-            if self.conn.our_state is not h11.SEND_RESPONSE:
+            conn = self.conn
+            assert isinstance(conn, BoundedConnection)
+            if conn.our_state is not h11.SEND_RESPONSE:
                 self.transport.close()
-            elif self.conn.refusal is None:
+            elif conn.refusal is None:
                 super().send_400_response(msg)
             else:
-                status, message = self.conn.refusal
+                status, message = conn.refusal
                 kind = "too_large" if status == 413 else "invalid_request_error"
-                body = ApiError(status, message, kind=kind).response().body
+                body = bytes(ApiError(status, message, kind=kind).response().body)
                 headers = [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
@@ -207,7 +209,7 @@ def bounded_h11(
                 reason = http.HTTPStatus(status).phrase.encode()
                 response = h11.Response(status_code=status, headers=headers, reason=reason)
                 for event in (response, h11.Data(data=body), h11.EndOfMessage()):
-                    self.transport.write(self.conn.send(event) or b"")
+                    self.transport.write(conn.send(event) or b"")
                 self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
