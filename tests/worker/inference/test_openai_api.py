@@ -423,7 +423,7 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop(tokenizer, cached: bool) 
         tokenizer = CachedTokenizer(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), False, "unused")
     engine, _ = client(tokenizer)
     # a body over the limit, to find a prompt slow enough to tokenize on this machine to tell
-    server = start_http(build_app(engine, body_bytes=8 << 20), 0, host="127.0.0.1")
+    server = start_http(build_app(engine, body_bytes=8 << 20), 0, host="127.0.0.1", max_body_bytes=8 << 20)
     url = f"http://127.0.0.1:{server.server.servers[0].sockets[0].getsockname()[1]}"
     huge = {**BODY, "prompt": "the quick brown fox jumps over the lazy dog " * (3 << 20 >> 6)}
     answer: dict[str, object] = {}
@@ -511,3 +511,38 @@ def test_the_model_is_retrieved_by_its_name(tokenizer) -> None:
     )
     other = http.get("/v1/models/other")
     assert other.status_code == 404 and other.json()["error"]["param"] == "model", other.text
+
+
+def test_a_refusal_that_a_retry_may_pass_says_when_to_retry(tokenizer) -> None:
+    """429 (the queue is full) and 503 (loading, stopping) carry Retry-After, which the openai SDK and
+    proxies wait for before they retry (without it, the SDK retried a full queue after 0.5 s, then 1 s);
+    a refusal no retry passes (400) has none."""
+    engine, http = client(tokenizer, max_waiting=1)
+    engine.queue.put(Request("a", [1, 2], 4))
+    r = http.post("/v1/completions", json=BODY)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.headers
+    engine.set_ready(False)
+    r = http.post("/v1/completions", json=BODY)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.headers
+    engine.set_ready(True)
+    engine.queue.close()
+    engine.queue.poll()
+    r = http.post("/v1/completions", json=BODY)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.headers
+    r = http.post("/v1/completions", json={**BODY, "max_tokens": -1})
+    assert r.status_code == 400 and "retry-after" not in r.headers
+
+
+def test_a_full_queue_refuses_before_the_prompt_is_tokenized(tokenizer) -> None:
+    """Under a flood the queue is full and every request gets 429; each was tokenized first, so a prompt
+    of a megabyte cost 0.3-0.5 s of CPU to be refused. A full queue refuses once the body is read, before
+    tokenizing (in CPU time of the process: the tokenizer runs in a thread)."""
+    import time
+
+    engine, http = client(tokenizer, max_waiting=1)
+    engine.queue.put(Request("a", [1, 2], 4))
+    huge = {**BODY, "prompt": "hello world " * (MAX_BODY_BYTES // 12 - 10)}
+    began = time.process_time()
+    r = http.post("/v1/completions", json=huge)
+    assert r.status_code == 429 and r.headers["retry-after"], r.text
+    assert time.process_time() - began < 0.15

@@ -72,6 +72,7 @@ class Engine(Protocol):
         choice: int = 0,  # which of the request's n choices (its draws differ from the others')
     ) -> Stream: ...
     def cancel(self, stream: Stream) -> None: ...
+    def has_room(self, requests: int) -> bool: ...  # whether the queue takes that many more now
     def metrics(self) -> tuple[bytes, str]: ...  # body, content type
     def count(self, status: int) -> None: ...
 
@@ -98,13 +99,18 @@ class IncrementalText:
         self.stopped = False
 
     def _held(self, text: str) -> int:
-        """Characters at the end of ``text`` that may be the start of a stop string: its prefixes no
-        longer than ``text`` (a client's stop string may be a megabyte long; all its prefixes, at every
-        token, held the event loop for seconds)."""
-        return max(
-            (k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
-            default=0,
-        )
+        """Characters at the end of ``text`` that may be the start of a stop string: its longest prefix that
+        ends ``text``, no longer than ``text`` (a client's stop string may be a megabyte long; all its
+        prefixes, at every token, held the event loop for seconds). Longest first, and none shorter than
+        one already found: a model that repeats what starts a long stop string holds its text back as it
+        grows, and trying every prefix of 16 such stop strings took 575 us a token on the event loop."""
+        held = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), held, -1):
+                if text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -176,6 +182,19 @@ _CONCATENATES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary(
 
 
 # -- the app ------------------------------------------------------------------------------------
+# Retry-After of a refusal a retry may pass, which the openai SDK and proxies wait for (without it the SDK
+# retried after 0.5 s, then 1 s, 2 s): a full queue frees as its requests finish, within seconds; a replica
+# loading or stopping turns ready, or is left by the load balancer, within seconds to minutes.
+RETRY_FULL_SECONDS = 1
+RETRY_UNAVAILABLE_SECONDS = 5
+
+
+def queue_full() -> ApiError:
+    return ApiError(
+        429, "too many requests waiting; retry later", kind="rate_limit_error", retry_after=RETRY_FULL_SECONDS
+    )
+
+
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -226,15 +245,21 @@ def build_app(
     engine: Engine, body_seconds: float = BODY_SECONDS, body_bytes: int = MAX_BODY_BYTES
 ) -> Starlette:
     """``body_seconds``: how long a request's body may take to arrive; ``body_bytes``: its largest size."""
+    # A body is parsed on the event loop, holding the GIL (up to 0.05 s for 1 MiB). Bodies that finish
+    # arriving together were parsed back to back in one turn of the loop, with nothing else between: 32
+    # of them kept /health (and every stream) waiting 1.5 s. One a turn, the loop's other work (a probe,
+    # the tokens of the streams) runs between two of them.
+    parsing = asyncio.Lock()
 
     async def prepare(http: HttpRequest, chat: bool) -> tuple[GenerationBody, list[int], int]:
         if not engine.ready():
             # still loading, or stopping (SIGTERM turns /ready off first): the app cannot tell which
             message = "this replica is loading or stopping; retry when /ready answers 200, or on another"
-            raise ApiError(503, message, kind="unavailable")
-        body: Any = parse(
-            ChatBody if chat else CompletionBody, await read_body(http, body_bytes, body_seconds)
-        )
+            raise ApiError(503, message, kind="unavailable", retry_after=RETRY_UNAVAILABLE_SECONDS)
+        raw = await read_body(http, body_bytes, body_seconds)
+        async with parsing:
+            body: Any = parse(ChatBody if chat else CompletionBody, raw)
+            await asyncio.sleep(0)  # held over a turn of the loop: the next body is parsed in the next one
         if body.model != engine.model_name:
             raise ApiError(
                 404,
@@ -246,6 +271,8 @@ def build_app(
             raise ApiError(
                 400, f"n: at most {engine.lanes} choices (the sequences this replica generates at once)", "n"
             )
+        if not engine.has_room(body.n):  # refused now, not after a megabyte of prompt is tokenized (0.5 s)
+            raise queue_full()
         where = "messages" if chat else "prompt"
         # in a thread: a prompt of megabytes takes seconds to tokenize, which on the event loop held every
         # stream and /health (the liveness probe); the tokenizer lets other threads run meanwhile
@@ -282,14 +309,15 @@ def build_app(
             except RequestQueue.QueueFull:
                 for stream in streams:  # all n choices or none
                     engine.cancel(stream)
-                raise ApiError(
-                    429, "too many requests waiting; retry later", kind="rate_limit_error"
-                ) from None
+                raise queue_full() from None
             except RequestQueue.Closed:  # SIGTERM came while this request was read: not taken, not lost
                 for stream in streams:
                     engine.cancel(stream)
                 raise ApiError(
-                    503, "this replica is stopping; retry (another replica serves it)", kind="unavailable"
+                    503,
+                    "this replica is stopping; retry (another replica serves it)",
+                    kind="unavailable",
+                    retry_after=RETRY_UNAVAILABLE_SECONDS,
                 ) from None
         except ApiError as err:
             engine.count(err.status)

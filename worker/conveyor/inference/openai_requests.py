@@ -29,15 +29,24 @@ from conveyor.inference.pipeline.sampling import SamplingParams
 
 
 class ApiError(Exception):
+    """``retry_after``: seconds after which a retry may pass (429, 503), sent as Retry-After."""
+
     def __init__(
-        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        retry_after: int | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.retry_after = retry_after
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status)
+        headers = None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 # The largest body read: a prompt of the longest context (serve.MAX_POSITIONS, 4,096 tokens) is well under

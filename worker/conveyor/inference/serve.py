@@ -29,6 +29,7 @@ from conveyor.distributed import destroy_distributed, init_distributed
 from conveyor.env import PodEnv
 from conveyor.inference.http_connections import HEAD_SECONDS, SEND_SECONDS, bounded_h11, max_connections
 from conveyor.inference.kernels.cuda_graphs import CompileOptions
+from conveyor.inference.openai_requests import MAX_BODY_BYTES
 from conveyor.inference.pipeline.generate import (
     ReplicatedQueue,
     Request,
@@ -136,6 +137,9 @@ class ServeEngine:
             self._streams.pop(stream.request_id, None)
         self.queue.cancel(stream.request_id)
 
+    def has_room(self, requests: int) -> bool:
+        return len(self.queue) + requests <= self.queue.max_waiting
+
     def metrics(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
@@ -206,11 +210,13 @@ def start_http(
     max_open: int | None = None,
     head_seconds: float = HEAD_SECONDS,
     send_seconds: float = SEND_SECONDS,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> HttpServer:
     """uvicorn in a daemon thread (it installs no signal handlers off the main thread), once it listens.
     A port it cannot bind is an error: a replica whose endpoint is not there must not turn ready.
     ``admitted``: the requests the replica takes at once (lanes and queue), which sizes the connections
-    kept open (``max_open``, if not given; http_connections.py)."""
+    kept open (``max_open``, if not given; http_connections.py); ``max_body_bytes``: the largest body the
+    app reads, which bounds a body on the wire."""
     import resource
 
     import uvicorn
@@ -221,7 +227,7 @@ def start_http(
         app,
         host=host,
         port=port,
-        http=bounded_h11(max_open, head_seconds, send_seconds),
+        http=bounded_h11(max_open, head_seconds, send_seconds, max_body_bytes),
         timeout_keep_alive=max(1, round(head_seconds)),
         log_level="warning",
         access_log=False,
