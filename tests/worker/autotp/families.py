@@ -24,6 +24,7 @@ _BART = {
     "eos_token_id": 2,
     "decoder_start_token_id": 2,
 }
+_MOE = {"num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2}
 _GPT2ISH = {"n_embd": 64, "n_head": 8, "n_layer": 2, "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}
 
 # family -> (transformers config class, head class, config kwargs, kind)
@@ -64,7 +65,43 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     # differential attention: head i paired with head i + heads/2, value heads by halves; its lambdas
     # are head_dim (8) wide, as many as the heads
     "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", {**_D, "num_key_value_heads": 8}, "causal"),
-    # a fused q|k|v clamped (clip_qkv) before it is split; its experts stay whole
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {**_D, "num_key_value_heads": 4, "head_dim": 8, **_MOE, "moe_intermediate_size": 48},
+        "causal",
+    ),
+    # experts stored transposed ([experts, hidden, 2 x inner], ``bmm(x, gate_up_proj)``), a shared expert
+    # beside them, an L2 norm of each head's q and k
+    "llama4": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        {
+            **_D,
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "intermediate_size_mlp": 128,
+            "pad_token_id": 0,
+        },
+        "causal",
+    ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        {**_D, "num_key_value_heads": 4, **_MOE},
+        "causal",
+    ),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        "GraniteMoeSharedForCausalLM",
+        {**_D, "num_key_value_heads": 4, **_MOE, "shared_intermediate_size": 64},
+        "causal",
+    ),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", {**_D, "num_key_value_heads": 4, **_MOE}, "causal"),
+    # a fused q|k|v clamped (clip_qkv) before it is split; its experts are 2D matrices of every expert's
+    # rows stacked ([experts x ffn, hidden]), cut per expert by a view in the forward
     "dbrx": (
         "DbrxConfig",
         "DbrxForCausalLM",
@@ -78,7 +115,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         },
         "causal",
     ),
-    # attention sinks: one learned logit per head; its experts (with biases) stay whole
+    # attention sinks: one learned logit per head; its experts stored transposed, with biases, gate and
+    # up interleaved
     "gpt_oss": (
         "GptOssConfig",
         "GptOssForCausalLM",

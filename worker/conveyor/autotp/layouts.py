@@ -71,3 +71,11 @@ HEAD_BIAS_ARGS = {
     "MptAttention": ("position_bias", "heads"),
     "MPNetSelfAttention": ("position_bias", "batch_then_heads"),
 }
+
+# MoE experts stored as 2D matrices of every expert's rows stacked ([experts x inner, hidden]) and cut per
+# expert by a view in the forward, with the inner width read from the module (DBRX:
+# ``mlp.w1.view(-1, self.ffn_hidden_size, hidden)[expert]``): class -> (the child holding the weights, the
+# weights, the attribute holding one expert's inner width, the attribute counting the experts). Every
+# weight is split on dim 0, each expert's rows alike: w1 and v1 are [inner, hidden] per expert (gate and
+# up: column-parallel), w2 is [inner, hidden] too but read as ``x @ w2`` (down: row-parallel).
+STACKED_EXPERTS = {"DbrxExperts": ("mlp", ("w1", "v1", "w2"), "ffn_hidden_size", "num_experts")}

@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
+from conveyor.autotp.experts_plan import ExpertsPlan, experts_plan, is_stacked_experts
 from conveyor.autotp.layouts import (
     CONFIG_HEAD_COUNTS,
     FUSED_BLOCKS,
@@ -28,6 +28,7 @@ from conveyor.autotp.layouts import (
     HEAD_PARAMS,
     HEAD_WIDTH_ATTRS,
 )
+from conveyor.autotp.split import Split
 from conveyor.autotp.trace import LinearFlow, is_conv1d, is_experts
 
 Role = Literal["column", "row", "replicated"]
@@ -37,42 +38,12 @@ class AutoTPError(ValueError):
     """A model this TP size cannot split (or that detection cannot place); raised before weights move."""
 
 
-@dataclass(frozen=True)
-class Split:
-    """Which indices of one dimension each rank keeps: the dimension is ``groups`` repeats of a group made
-    of ``blocks`` (fused q | k | v are three blocks), and every block is cut into TP equal contiguous
-    pieces, so rank r keeps piece r of each."""
-
-    blocks: tuple[int, ...]
-    groups: int = 1
-
-    def index(self, rank: int, tp: int) -> torch.Tensor:
-        pieces = []
-        offset = 0
-        for _ in range(self.groups):
-            for width in self.blocks:
-                size = width // tp
-                pieces.append(torch.arange(offset + rank * size, offset + (rank + 1) * size))
-                offset += width
-        return torch.cat(pieces)
-
-
 @dataclass
 class LinearPlan:
     name: str
     role: Role
     split: Split | None = None  # column: of its outputs; row: of its inputs
     group: int = -1
-
-
-@dataclass
-class ExpertsPlan:
-    """A MoE experts module with 3D weights [experts, out, in]: each expert's up (and fused gate|up)
-    projection column-parallel on dim 1, its down projection row-parallel on dim 2, one all-reduce."""
-
-    name: str
-    columns: dict[str, Split]
-    rows: dict[str, Split]
 
 
 @dataclass
@@ -226,20 +197,6 @@ def _in_width(module: Any) -> int:
     return int(module.weight.shape[0]) if is_conv1d(module) else int(module.in_features)
 
 
-def _experts_plan(name: str, module: nn.Module, hidden: int) -> ExpertsPlan | None:
-    params = dict(module.named_parameters(recurse=False))
-    downs = {n: p.shape[2] for n, p in params.items() if p.shape[1] == hidden and p.shape[2] != hidden}
-    ups = {n: p.shape[1] for n, p in params.items() if p.shape[2] == hidden and p.shape[1] != hidden}
-    if not downs or not ups or len(downs) + len(ups) != len(params):
-        return None
-    inner = next(iter(downs.values()))
-    # a fused gate|up weight is twice the inner width: split each half (``.chunk(2, dim=-1)`` in forward)
-    columns = {n: Split((inner,) * (w // inner)) for n, w in ups.items() if w % inner == 0}
-    if len(columns) != len(ups):
-        return None
-    return ExpertsPlan(name, columns, {n: Split((w,)) for n, w in downs.items()})
-
-
 def _vocab_plan(model: Any, tp: int, lm_head_called: bool) -> VocabPlan | None:
     """``lm_head_called``: whether the forward calls the LM head module; one that reads its weight
     directly instead (MobileBERT: ``matmul(cat([decoder.weight.t(), dense.weight]))``) would get a
@@ -357,20 +314,12 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
             if tp > 1 and lp.role == "replicated" and n.startswith(h.name + ".") and flows[n].calls
         ]
     experts = []
-    for n in sorted(experts_names):
-        ep = _experts_plan(n, modules[n], hidden)
-        if ep is None:
-            problems.append(
-                f"{n}: experts weights whose in/out widths do not show which is up and which down"
-            )
-            continue
-        problems += [
-            f"{n}.{p}: {b} channels per expert cannot be split {tp} ways"
-            for p, s in {**ep.columns, **ep.rows}.items()
-            for b in s.blocks
-            if b % tp
-        ]
-        experts.append(ep)
+    stacked = {n for n, m in modules.items() if is_stacked_experts(m)}
+    for n in sorted(experts_names | stacked):
+        ep, found = experts_plan(n, modules[n], hidden, tp)
+        problems += found
+        if ep is not None:
+            experts.append(ep)
     config = model.config
     for attr in ("num_attention_heads", "num_key_value_heads"):
         value = getattr(config, attr, None)
