@@ -71,6 +71,20 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         {**_D, "num_key_value_heads": 4, "head_dim": 8, **_MOE, "moe_intermediate_size": 48},
         "causal",
     ),
+    # q_norm / k_norm over the whole q and k projections (every head at once): the attention stays whole,
+    # the MLP (OLMo 2) or the experts (OLMoE) beside it are split
+    "olmo2": (
+        "Olmo2Config",
+        "Olmo2ForCausalLM",
+        {**_D, "num_key_value_heads": 4, "pad_token_id": 0},
+        "causal",
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        {**_D, "num_key_value_heads": 4, **_MOE, "pad_token_id": 0},
+        "causal",
+    ),
     # experts stored transposed ([experts, hidden, 2 x inner], ``bmm(x, gate_up_proj)``), a shared expert
     # beside them, an L2 norm of each head's q and k
     "llama4": (

@@ -53,13 +53,16 @@ MOE = {
     "granitemoeshared",
     "llama4",
     "mixtral",
+    "olmoe",
     "phimoe",
     "qwen2_moe",
     "qwen3_moe",
 }
 # MobileBERT's bottleneck projections read and write the residual stream and its vocabulary stays whole
 # (its LM head is read as a weight, not called): 0.72 of the weights per rank at TP 2, 0.58 at TP 4.
-MOSTLY_WHOLE = {"mobilebert": 0.75}
+# OLMo 2's attention stays whole (its q_norm / k_norm normalize all heads at once), a third of each layer
+# here: 0.645 at TP 2, 0.467 at TP 4.
+MOSTLY_WHOLE = {"mobilebert": {2: 0.75, 4: 0.75}, "olmo2": {2: 0.65, 4: 0.47}}
 
 
 def _check(row: dict[str, Any], tp: int) -> None:
@@ -71,7 +74,7 @@ def _check(row: dict[str, Any], tp: int) -> None:
     # each rank keeps about 1/tp of the weights; what stays whole (norms, position and relative-position
     # embeddings, routers, ALBERT's embedding projection) weighs up to 0.12 more in these tiny models
     assert "was already passed to init_inference (tp_size" in row["split_again"], row
-    assert row["param_fraction"] <= MOSTLY_WHOLE.get(row["family"], 1 / tp + 0.15), row
+    assert row["param_fraction"] <= MOSTLY_WHOLE.get(row["family"], {}).get(tp, 1 / tp + 0.15), row
     experts = row["experts_bytes"]
     if row["family"] in MOE:
         # a bias added after the down projection (GPT-OSS's) stays whole, zeroed past rank 0

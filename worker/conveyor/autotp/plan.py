@@ -75,6 +75,7 @@ class Plan:
     experts: list[ExpertsPlan]
     heads: list[HeadsPlan]
     vocab: VocabPlan | None
+    kept_whole: dict[str, str] = field(default_factory=dict)  # attention module -> why it is not split
 
     def rows(self) -> list[str]:
         return [n for n, lp in self.linears.items() if lp.role == "row"]
@@ -85,10 +86,14 @@ class Plan:
         }
         vocab = "none" if self.vocab is None else ("vocab-parallel" if self.vocab.parallel else "replicated")
         tied = " (tied)" if self.vocab and self.vocab.tied else ""
+        whole = ""
+        if self.kept_whole:
+            name, why = next(iter(self.kept_whole.items()))
+            whole = f"; {len(self.kept_whole)} attention modules kept whole (e.g. {name}: {why})"
         return (
             f"TP {self.tp}: {counts['column']} column-parallel, {counts['row']} row-parallel, "
             f"{counts['replicated']} replicated linears, {len(self.experts)} experts modules, "
-            f"{len(self.heads)} attention modules; embeddings {vocab}{tied}"
+            f"{len(self.heads)} attention modules; embeddings {vocab}{tied}{whole}"
         )
 
 
@@ -254,6 +259,7 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
     problems: list[str] = []
     linears = {n: LinearPlan(n, roles[n]) for n in flows if n not in experts_names}
     heads: list[HeadsPlan] = []
+    kept_whole: dict[str, str] = {}  # attention module -> why its heads are not split
     claimed: set[str] = set()
     for gid, members in enumerate(_groups(flows, roles)):
         top = _prefix(members)
@@ -262,6 +268,22 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
             for n, m in modules.items()
             if n.startswith(top) and _is_heads_module(m) and any(x.startswith(n + ".") for x in members)
         ]
+        whole = [
+            n
+            for n, lp in linears.items()
+            if lp.role == "replicated" and flows[n].calls and any(n.startswith(o + ".") for o in owners)
+        ]
+        if whole:
+            # A projection left whole inside the attention (OLMo 2's and OLMoE's q_norm / k_norm normalize
+            # the whole q and k projections, every head at once, which the walk cannot see through): split
+            # by heads, the attention would read all heads of one input and a rank's share of another, so
+            # it stays whole on every rank, and the MLP or experts beside it are still split.
+            for m in members:
+                linears[m].role = "replicated"
+            kept_whole[owners[-1]] = (
+                f"{', '.join(sorted(w.rpartition('.')[2] for w in whole))} read through an op over all heads"
+            )
+            continue
         unit, groups, fused, halves = 1, 1, 1, False
         row_input = next(_in_width(modules[m]) for m in members if roles[m] == "row")
         if owners:
@@ -303,16 +325,6 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
         problems += [
             f"{h.name}.config.{a} = {v} is not divisible by {tp}" for a, v in h.config_attrs.items() if v % tp
         ]
-        # A projection left whole inside an attention whose heads are split would give the attention all
-        # heads of one input and a rank's share of another (OLMo 2's q_norm / k_norm normalize the whole
-        # q and k projections, which the walk cannot see through): refused, not crashed or miscomputed.
-        problems += [
-            f"{n} (replicated) is inside {h.name}, whose heads are split, but its output does not reach "
-            "the attention's output projection through per-head operations alone (e.g. a norm over the "
-            "whole projection)"
-            for n, lp in linears.items()
-            if tp > 1 and lp.role == "replicated" and n.startswith(h.name + ".") and flows[n].calls
-        ]
     experts = []
     stacked = {n for n, m in modules.items() if is_stacked_experts(m)}
     for n in sorted(experts_names | stacked):
@@ -334,7 +346,7 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
             f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}) cannot be split "
             f"over tensor-parallel size {tp}: " + "; ".join(sorted(set(problems)))
         )
-    return Plan(tp, linears, experts, heads, _vocab_plan(model, tp, lm_head_called))
+    return Plan(tp, linears, experts, heads, _vocab_plan(model, tp, lm_head_called), kept_whole)
 
 
 def hf_plan_mismatches(model: Any, plan: Plan) -> list[str]:
