@@ -320,3 +320,21 @@ def test_dtype_checked_before_any_weight_moves(kernel_inject: bool) -> None:
         model, tensor_parallel=1, dtype="fp16", replace_with_kernel_inject=kernel_inject
     )
     assert next(engine.module.parameters()).dtype == torch.float16
+
+
+def test_jetmoe_refused_by_name() -> None:
+    """JetMoE's experts (its MLP's and its mixture of attention heads') are one module per projection called
+    with per-expert token counts: refused naming the family and why, before any weight moves (before: only
+    'detection found no linear that writes into the residual stream')."""
+    import transformers as T
+
+    config = T.JetMoeConfig(
+        hidden_size=64, num_attention_heads=8, num_key_value_heads=8, kv_channels=8, intermediate_size=128,
+        num_hidden_layers=1, vocab_size=96, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = T.JetMoeForCausalLM(config).eval()
+    with pytest.raises(
+        AutoTPError, match=r"JetMoE's experts, in its MLP and in its mixture of attention heads"
+    ):
+        plan_model(model, 2)
+    plan_model(model, 1)  # whole, it is fine

@@ -27,6 +27,7 @@ from conveyor.autotp.layouts import (
     HEAD_HALVES,
     HEAD_PARAMS,
     HEAD_WIDTH_ATTRS,
+    REFUSED_MODULES,
 )
 from conveyor.autotp.split import Split
 from conveyor.autotp.trace import LinearFlow, is_conv1d, is_experts
@@ -230,9 +231,9 @@ def _recut(flows: dict[str, LinearFlow], modules: dict[str, nn.Module]) -> set[s
     }
 
 
-def _heads_plan(name: str, module: nn.Module, query_heads: int, groups: int) -> HeadsPlan:
-    """What to divide in an attention module whose heads are split. ``query_heads``: how many heads the
-    output projection reads (0 if unknown); ``groups``: its fused groups (layouts.FUSED_GROUPS)."""
+def _heads_plan(name: str, module: nn.Module, groups: int) -> HeadsPlan:
+    """What to divide in an attention module whose heads are split. ``groups``: its fused groups
+    (layouts.FUSED_GROUPS)."""
     counts = _head_attrs(module)
     emb = [
         f"{name}.{n}"
@@ -241,9 +242,12 @@ def _heads_plan(name: str, module: nn.Module, query_heads: int, groups: int) -> 
     ]
     config = getattr(module, "config", None)
     in_config = {a: int(getattr(config, a)) for a in CONFIG_HEAD_COUNTS.get(type(module).__name__, ())}
+    # counted by the parameter itself: the output projection's input is heads x the value head width, which
+    # need not be head_dim (MiMo-V2-Flash's); MiMo-V2-Flash's sinks exist in its sliding-window layers only
     params = {
-        n: (dim, Split((query_heads // groups,), groups))
+        n: (dim, Split((p.shape[dim] // groups,), groups))
         for n, dim in HEAD_PARAMS.get(type(module).__name__, {}).items()
+        if (p := getattr(module, n, None)) is not None
     }
     return HeadsPlan(name, counts, emb, in_config, params)
 
@@ -295,7 +299,7 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
             for o in owners:
                 if o not in claimed:
                     claimed.add(o)
-                    heads.append(_heads_plan(o, modules[o], row_input // unit if unit > 1 else 0, groups))
+                    heads.append(_heads_plan(o, modules[o], groups))
         row_width = row_input // groups
         for m in members:
             lp = linears[m]
@@ -332,6 +336,14 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
         problems += found
         if ep is not None:
             experts.append(ep)
+    if tp > 1:
+        problems += list(
+            {
+                REFUSED_MODULES[type(m).__name__]
+                for m in modules.values()
+                if type(m).__name__ in REFUSED_MODULES
+            }
+        )
     config = model.config
     for attr in ("num_attention_heads", "num_key_value_heads"):
         value = getattr(config, attr, None)
