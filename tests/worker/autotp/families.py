@@ -113,6 +113,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         "causal",
     ),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**_D, **_DEEPSEEK}, "causal"),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", {**_D, **_DEEPSEEK, **_MOE}, "causal"),
     # experts stored transposed ([experts, hidden, 2 x inner], ``bmm(x, gate_up_proj)``), a shared expert
     # beside them, an L2 norm of each head's q and k
     "llama4": (

@@ -57,6 +57,7 @@ MOE = {
     "exaone_moe": 2,
     "flex_olmo": 2,
     "glm4_moe": 1,
+    "glm4_moe_lite": 2,
     "gpt_oss": 2,
     "granitemoe": 2,
     "granitemoeshared": 2,
@@ -77,12 +78,14 @@ MOE = {
 # OLMo 2's attention stays whole (its q_norm / k_norm normalize all heads at once), a third of each layer
 # here: 0.645 at TP 2, 0.467 at TP 4. DeepSeek's multi-head latent attention stays whole (its rope key,
 # one for every head, comes from a projection that also feeds a norm): 0.637 / 0.455 (V2), 0.624 / 0.436
-# (V3) here, where the experts are tiny; about 2% of DeepSeek-V3's weights.
+# (V3 and glm4_moe_lite, the same attention) here, where the experts are tiny; in DeepSeek-V3 the
+# attention is about 2% of the weights.
 MOSTLY_WHOLE = {
     "mobilebert": {2: 0.75, 4: 0.75},
     "olmo2": {2: 0.65, 4: 0.47},
     "deepseek_v2": {2: 0.64, 4: 0.46},
     "deepseek_v3": {2: 0.63, 4: 0.44},
+    "glm4_moe_lite": {2: 0.63, 4: 0.44},
 }
 
 
