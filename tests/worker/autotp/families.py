@@ -24,6 +24,26 @@ _BART = {
     "eos_token_id": 2,
     "decoder_start_token_id": 2,
 }
+_MOE = {"num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2}
+_GROUPS = {"n_routed_experts": 4, "n_group": 1, "topk_group": 1, "pad_token_id": 0}
+_DEEPSEEK = {
+    "num_key_value_heads": 8,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 48,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "num_hidden_layers": 3,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "head_dim": 8,
+    "n_group": 1,
+    "topk_group": 1,
+    "pad_token_id": 0,
+}
 _GPT2ISH = {"n_embd": 64, "n_head": 8, "n_layer": 2, "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}
 
 # family -> (transformers config class, head class, config kwargs, kind)
@@ -64,7 +84,163 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     # differential attention: head i paired with head i + heads/2, value heads by halves; its lambdas
     # are head_dim (8) wide, as many as the heads
     "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", {**_D, "num_key_value_heads": 8}, "causal"),
-    # a fused q|k|v clamped (clip_qkv) before it is split; its experts stay whole
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {**_D, "num_key_value_heads": 4, "head_dim": 8, **_MOE, "moe_intermediate_size": 48},
+        "causal",
+    ),
+    # q_norm / k_norm over the whole q and k projections (every head at once): the attention stays whole,
+    # the MLP (OLMo 2) or the experts (OLMoE) beside it are split
+    "olmo2": (
+        "Olmo2Config",
+        "Olmo2ForCausalLM",
+        {**_D, "num_key_value_heads": 4, "pad_token_id": 0},
+        "causal",
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        {**_D, "num_key_value_heads": 4, **_MOE, "pad_token_id": 0},
+        "causal",
+    ),
+    # multi-head latent attention (low-rank q and kv, one rope key shared by every head): kept whole; a
+    # dense first layer, then routed experts beside a shared expert
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        {**_D, **_DEEPSEEK, "q_lora_rank": None},
+        "causal",
+    ),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**_D, **_DEEPSEEK}, "causal"),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", {**_D, **_DEEPSEEK, **_MOE}, "causal"),
+    # experts stored transposed ([experts, hidden, 2 x inner], ``bmm(x, gate_up_proj)``), a shared expert
+    # beside them, an L2 norm of each head's q and k
+    "llama4": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        {
+            **_D,
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "intermediate_size_mlp": 128,
+            "pad_token_id": 0,
+        },
+        "causal",
+    ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        {**_D, "num_key_value_heads": 4, **_MOE},
+        "causal",
+    ),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        "GraniteMoeSharedForCausalLM",
+        {**_D, "num_key_value_heads": 4, **_MOE, "shared_intermediate_size": 64},
+        "causal",
+    ),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", {**_D, "num_key_value_heads": 4, **_MOE}, "causal"),
+    # more MoE families of transformers 5.17 whose experts are its fused 3D ones (beside shared experts,
+    # dense first layers, sigmoid routers with expert groups, linear attention, per-head gates)
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        {
+            **_D,
+            **_MOE,
+            **_GROUPS,
+            "num_key_value_heads": 4,
+            "moe_intermediate_size": 48,
+            "first_k_dense_replace": 1,
+        },
+        "causal",
+    ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        {
+            **_D,
+            **_MOE,
+            "num_key_value_heads": 4,
+            "moe_k": 2,
+            "moe_num_experts": 4,
+            "moe_intermediate_size": 48,
+        },
+        "causal",
+    ),
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",
+        {**_D, **_MOE, "num_key_value_heads": 4, "head_dim": 8, "pad_token_id": 0},
+        "causal",
+    ),
+    "minimax": (
+        "MiniMaxConfig",
+        "MiniMaxForCausalLM",
+        {**_D, **_MOE, "num_key_value_heads": 4, "head_dim": 8, "pad_token_id": 0},
+        "causal",
+    ),
+    "exaone_moe": (
+        "ExaoneMoeConfig",
+        "ExaoneMoeForCausalLM",
+        {
+            **_D,
+            **_MOE,
+            **_GROUPS,
+            "num_key_value_heads": 4,
+            "moe_intermediate_size": 48,
+            "first_k_dense_replace": 0,
+        },
+        "causal",
+    ),
+    "afmoe": (
+        "AfmoeConfig",
+        "AfmoeForCausalLM",
+        {
+            **_D,
+            **_MOE,
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "moe_intermediate_size": 48,
+            "pad_token_id": 0,
+        },
+        "causal",
+    ),
+    "mimo_v2_flash": (
+        "MiMoV2FlashConfig",
+        "MiMoV2FlashForCausalLM",
+        {**_D, **_MOE, **_GROUPS, "num_key_value_heads": 4, "head_dim": 8, "moe_intermediate_size": 48},
+        "causal",
+    ),
+    "cohere2_moe": (
+        "Cohere2MoeConfig",
+        "Cohere2MoeForCausalLM",
+        {**_D, **_MOE, "num_key_value_heads": 4, "head_dim": 8, "pad_token_id": 0},
+        "causal",
+    ),
+    "solar_open": (
+        "SolarOpenConfig",
+        "SolarOpenForCausalLM",
+        {**_D, **_MOE, **_GROUPS, "num_key_value_heads": 4, "head_dim": 8, "moe_intermediate_size": 48},
+        "causal",
+    ),
+    "minimax_m2": (
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        {**_D, **_MOE, "num_key_value_heads": 4, "head_dim": 8, "pad_token_id": 0},
+        "causal",
+    ),
+    "flex_olmo": (
+        "FlexOlmoConfig",
+        "FlexOlmoForCausalLM",
+        {**_D, **_MOE, "num_key_value_heads": 4, "pad_token_id": 0},
+        "causal",
+    ),
+    # a fused q|k|v clamped (clip_qkv) before it is split; its experts are 2D matrices of every expert's
+    # rows stacked ([experts x ffn, hidden]), cut per expert by a view in the forward
     "dbrx": (
         "DbrxConfig",
         "DbrxForCausalLM",
@@ -78,7 +254,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         },
         "causal",
     ),
-    # attention sinks: one learned logit per head; its experts (with biases) stay whole
+    # attention sinks: one learned logit per head; its experts stored transposed, with biases, gate and
+    # up interleaved
     "gpt_oss": (
         "GptOssConfig",
         "GptOssForCausalLM",

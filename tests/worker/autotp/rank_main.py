@@ -50,6 +50,7 @@ def check(family: str, tp: int) -> dict[str, Any]:
     ref_logits, ref_tokens = _outputs(model, kind)
     ref_text = _pipeline_text(model) if kind == "causal" else None
     full = sum(p.numel() for p in model.parameters())
+    full_bytes = {n: p.nbytes for n, p in model.named_parameters()}
     try:
         engine = conveyor.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=torch.float32)
     except conveyor.autotp.AutoTPError as err:
@@ -65,8 +66,22 @@ def check(family: str, tp: int) -> dict[str, Any]:
         "pipeline_text": None if ref_text is None else [ref_text, _pipeline_text(engine.module)],
         "plan": engine.plan.describe(),
         "split_error": engine.split_error,
+        "experts_bytes": _experts_bytes(engine, full_bytes),
         "split_again": _split_again(model, tp),
     }
+
+
+def _experts_bytes(engine: Any, full_bytes: dict[str, int]) -> dict[str, int]:
+    """Bytes of the MoE experts' parameters: this rank's, the whole model's, and the whole model's of
+    those every rank keeps whole (a bias after the down projection, zeroed past rank 0)."""
+    held = whole = once = 0
+    for ep in engine.plan.experts:
+        module = engine.module.get_submodule(ep.name)
+        for name, p in module.named_parameters():
+            held += p.nbytes
+            whole += full_bytes[f"{ep.name}.{name}"]
+            once += full_bytes[f"{ep.name}.{name}"] if name in ep.once else 0
+    return {"held": held, "whole": whole, "once": once, "modules": len(engine.plan.experts)}
 
 
 def _split_again(model: Any, tp: int) -> str:

@@ -105,6 +105,24 @@ def test_meta_moe_model_tp2_reads_only_its_slices(family: str, original_format: 
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_meta_transposed_experts_tp2_read_only_their_slices(family: str, tmp_path: Path) -> None:
+    """Experts stored transposed ([experts, hidden, 2 x inner]; GPT-OSS's with biases and gate|up
+    interleaved): built on the meta device and read from the checkpoint, each rank reads and holds exactly
+    half of every split tensor (GPT-OSS's down-projection bias whole, zeroed past rank 0) and matches the
+    single-process model."""
+    rows = _ranks(tmp_path, 2, family)
+    for row in rows:
+        _check_outputs(row)
+        assert row["on_meta"] == []
+        sliced = row["report"]["sliced"]
+        assert sum(".experts." in k for k in sliced) == (6 if family == "gpt_oss" else 4), sliced
+    full = rows[0]["report"]["full_bytes"]
+    one_run = max(b for k, b in full.items() if k.endswith("experts.down_proj")) // (2 * 4)
+    _check_memory(rows, 2, beside=one_run)
+
+
+@pytest.mark.integration
 def test_meta_model_kernel_inject_tp2_from_checkpoint(tmp_path: Path) -> None:
     rows = _ranks(tmp_path, 2, "llama", kernel=True)
     for row in rows:

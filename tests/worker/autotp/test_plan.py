@@ -40,21 +40,23 @@ def test_a_norm_of_each_head_does_not_hide_its_projection(family: str) -> None:
     assert roles["model.layers.0.self_attn.o_proj"] == "row"
 
 
-def test_a_norm_over_a_whole_projection_is_refused() -> None:
-    """OLMo 2 normalizes the whole q and k projections (every head at once): no split by heads keeps that
-    norm's result, so the attention is refused by name before any weight moves (before: the same crash)."""
-    import transformers as T
-
-    config = T.Olmo2Config(
-        hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=128,
-        num_hidden_layers=1, vocab_size=96, pad_token_id=0,
-    )  # fmt: skip
-    model = T.Olmo2ForCausalLM(config).eval()
-    with pytest.raises(
-        AutoTPError, match=r"self_attn.q_proj \(replicated\) is inside model.layers.0.self_attn"
-    ):
-        plan_model(model, 2)
-    plan_model(model, 1)  # whole, it is fine
+@pytest.mark.parametrize("family", ["olmo2", "olmoe"])
+def test_a_norm_over_a_whole_projection_keeps_the_attention_whole(family: str) -> None:
+    """OLMo 2 and OLMoE normalize the whole q and k projections (every head at once): no split by heads
+    keeps that norm's result, so the attention stays whole on every rank, its head counts undivided, and
+    the MLP or experts beside it are split (before: the whole model was refused, OLMoE's experts included;
+    first of all, the split model's forward crashed)."""
+    model, _ = build(family)
+    plan = plan_model(model, 2)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert plan.linears[f"model.layers.0.self_attn.{name}"].role == "replicated", name
+    assert plan.heads == []
+    assert "model.layers.0.self_attn" in plan.kept_whole
+    assert "2 attention modules kept whole (e.g. model.layers.0.self_attn: k_proj, q_proj" in plan.describe()
+    if family == "olmo2":
+        assert plan.linears["model.layers.0.mlp.down_proj"].role == "row"
+    else:
+        assert [e.name for e in plan.experts] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
 
 
 def test_phi3_fused_qkv_split_per_head_group_and_gate_up_per_half() -> None:
@@ -318,3 +320,21 @@ def test_dtype_checked_before_any_weight_moves(kernel_inject: bool) -> None:
         model, tensor_parallel=1, dtype="fp16", replace_with_kernel_inject=kernel_inject
     )
     assert next(engine.module.parameters()).dtype == torch.float16
+
+
+def test_jetmoe_refused_by_name() -> None:
+    """JetMoE's experts (its MLP's and its mixture of attention heads') are one module per projection called
+    with per-expert token counts: refused naming the family and why, before any weight moves (before: only
+    'detection found no linear that writes into the residual stream')."""
+    import transformers as T
+
+    config = T.JetMoeConfig(
+        hidden_size=64, num_attention_heads=8, num_key_value_heads=8, kv_channels=8, intermediate_size=128,
+        num_hidden_layers=1, vocab_size=96, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = T.JetMoeForCausalLM(config).eval()
+    with pytest.raises(
+        AutoTPError, match=r"JetMoE's experts, in its MLP and in its mixture of attention heads"
+    ):
+        plan_model(model, 2)
+    plan_model(model, 1)  # whole, it is fine

@@ -46,6 +46,7 @@ CONFIG_HEAD_COUNTS = {
 # count (GPT-OSS 120B: 64 and 64). class -> {parameter: its heads dimension}.
 HEAD_PARAMS = {
     "GptOssAttention": {"sinks": 0},
+    "MiMoV2FlashAttention": {"sinks": 0},
     # Funnel's relative attention: [heads, d_head] biases, r_kernel [d_model, heads, d_head], seg_embed
     # [2, heads, d_head]
     "FunnelRelMultiheadAttention": {
@@ -70,4 +71,23 @@ HEAD_BIAS_ARGS = {
     "BloomAttention": ("alibi", "batch_heads"),
     "MptAttention": ("position_bias", "heads"),
     "MPNetSelfAttention": ("position_bias", "batch_then_heads"),
+}
+
+# MoE experts stored as 2D matrices of every expert's rows stacked ([experts x inner, hidden]) and cut per
+# expert by a view in the forward, with the inner width read from the module (DBRX:
+# ``mlp.w1.view(-1, self.ffn_hidden_size, hidden)[expert]``): class -> (the child holding the weights, the
+# weights, the attribute holding one expert's inner width, the attribute counting the experts). Every
+# weight is split on dim 0, each expert's rows alike: w1 and v1 are [inner, hidden] per expert (gate and
+# up: column-parallel), w2 is [inner, hidden] too but read as ``x @ w2`` (down: row-parallel).
+STACKED_EXPERTS = {"DbrxExperts": ("mlp", ("w1", "v1", "w2"), "ffn_hidden_size", "num_experts")}
+
+# Modules whose layout automatic tensor parallelism does not split, refused by class with the reason:
+# class -> why.
+REFUSED_MODULES = {
+    "JetMoeParallelExperts": (
+        "JetMoE's experts, in its MLP and in its mixture of attention heads (MoA: each token's query heads "
+        "come from experts), are one module per projection, called with per-expert token counts "
+        "(expert_size) and a bias added after the combined output; automatic tensor parallelism does not "
+        "split them: run JetMoE with tp_size 1"
+    ),
 }

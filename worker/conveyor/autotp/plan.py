@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
+from conveyor.autotp.experts_plan import ExpertsPlan, experts_plan, is_stacked_experts
 from conveyor.autotp.layouts import (
     CONFIG_HEAD_COUNTS,
     FUSED_BLOCKS,
@@ -27,7 +27,9 @@ from conveyor.autotp.layouts import (
     HEAD_HALVES,
     HEAD_PARAMS,
     HEAD_WIDTH_ATTRS,
+    REFUSED_MODULES,
 )
+from conveyor.autotp.split import Split
 from conveyor.autotp.trace import LinearFlow, is_conv1d, is_experts
 
 Role = Literal["column", "row", "replicated"]
@@ -37,42 +39,12 @@ class AutoTPError(ValueError):
     """A model this TP size cannot split (or that detection cannot place); raised before weights move."""
 
 
-@dataclass(frozen=True)
-class Split:
-    """Which indices of one dimension each rank keeps: the dimension is ``groups`` repeats of a group made
-    of ``blocks`` (fused q | k | v are three blocks), and every block is cut into TP equal contiguous
-    pieces, so rank r keeps piece r of each."""
-
-    blocks: tuple[int, ...]
-    groups: int = 1
-
-    def index(self, rank: int, tp: int) -> torch.Tensor:
-        pieces = []
-        offset = 0
-        for _ in range(self.groups):
-            for width in self.blocks:
-                size = width // tp
-                pieces.append(torch.arange(offset + rank * size, offset + (rank + 1) * size))
-                offset += width
-        return torch.cat(pieces)
-
-
 @dataclass
 class LinearPlan:
     name: str
     role: Role
     split: Split | None = None  # column: of its outputs; row: of its inputs
     group: int = -1
-
-
-@dataclass
-class ExpertsPlan:
-    """A MoE experts module with 3D weights [experts, out, in]: each expert's up (and fused gate|up)
-    projection column-parallel on dim 1, its down projection row-parallel on dim 2, one all-reduce."""
-
-    name: str
-    columns: dict[str, Split]
-    rows: dict[str, Split]
 
 
 @dataclass
@@ -104,6 +76,7 @@ class Plan:
     experts: list[ExpertsPlan]
     heads: list[HeadsPlan]
     vocab: VocabPlan | None
+    kept_whole: dict[str, str] = field(default_factory=dict)  # attention module -> why it is not split
 
     def rows(self) -> list[str]:
         return [n for n, lp in self.linears.items() if lp.role == "row"]
@@ -114,10 +87,14 @@ class Plan:
         }
         vocab = "none" if self.vocab is None else ("vocab-parallel" if self.vocab.parallel else "replicated")
         tied = " (tied)" if self.vocab and self.vocab.tied else ""
+        whole = ""
+        if self.kept_whole:
+            name, why = next(iter(self.kept_whole.items()))
+            whole = f"; {len(self.kept_whole)} attention modules kept whole (e.g. {name}: {why})"
         return (
             f"TP {self.tp}: {counts['column']} column-parallel, {counts['row']} row-parallel, "
             f"{counts['replicated']} replicated linears, {len(self.experts)} experts modules, "
-            f"{len(self.heads)} attention modules; embeddings {vocab}{tied}"
+            f"{len(self.heads)} attention modules; embeddings {vocab}{tied}{whole}"
         )
 
 
@@ -226,20 +203,6 @@ def _in_width(module: Any) -> int:
     return int(module.weight.shape[0]) if is_conv1d(module) else int(module.in_features)
 
 
-def _experts_plan(name: str, module: nn.Module, hidden: int) -> ExpertsPlan | None:
-    params = dict(module.named_parameters(recurse=False))
-    downs = {n: p.shape[2] for n, p in params.items() if p.shape[1] == hidden and p.shape[2] != hidden}
-    ups = {n: p.shape[1] for n, p in params.items() if p.shape[2] == hidden and p.shape[1] != hidden}
-    if not downs or not ups or len(downs) + len(ups) != len(params):
-        return None
-    inner = next(iter(downs.values()))
-    # a fused gate|up weight is twice the inner width: split each half (``.chunk(2, dim=-1)`` in forward)
-    columns = {n: Split((inner,) * (w // inner)) for n, w in ups.items() if w % inner == 0}
-    if len(columns) != len(ups):
-        return None
-    return ExpertsPlan(name, columns, {n: Split((w,)) for n, w in downs.items()})
-
-
 def _vocab_plan(model: Any, tp: int, lm_head_called: bool) -> VocabPlan | None:
     """``lm_head_called``: whether the forward calls the LM head module; one that reads its weight
     directly instead (MobileBERT: ``matmul(cat([decoder.weight.t(), dense.weight]))``) would get a
@@ -268,9 +231,9 @@ def _recut(flows: dict[str, LinearFlow], modules: dict[str, nn.Module]) -> set[s
     }
 
 
-def _heads_plan(name: str, module: nn.Module, query_heads: int, groups: int) -> HeadsPlan:
-    """What to divide in an attention module whose heads are split. ``query_heads``: how many heads the
-    output projection reads (0 if unknown); ``groups``: its fused groups (layouts.FUSED_GROUPS)."""
+def _heads_plan(name: str, module: nn.Module, groups: int) -> HeadsPlan:
+    """What to divide in an attention module whose heads are split. ``groups``: its fused groups
+    (layouts.FUSED_GROUPS)."""
     counts = _head_attrs(module)
     emb = [
         f"{name}.{n}"
@@ -279,9 +242,12 @@ def _heads_plan(name: str, module: nn.Module, query_heads: int, groups: int) -> 
     ]
     config = getattr(module, "config", None)
     in_config = {a: int(getattr(config, a)) for a in CONFIG_HEAD_COUNTS.get(type(module).__name__, ())}
+    # counted by the parameter itself: the output projection's input is heads x the value head width, which
+    # need not be head_dim (MiMo-V2-Flash's); MiMo-V2-Flash's sinks exist in its sliding-window layers only
     params = {
-        n: (dim, Split((query_heads // groups,), groups))
+        n: (dim, Split((p.shape[dim] // groups,), groups))
         for n, dim in HEAD_PARAMS.get(type(module).__name__, {}).items()
+        if (p := getattr(module, n, None)) is not None
     }
     return HeadsPlan(name, counts, emb, in_config, params)
 
@@ -297,6 +263,7 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
     problems: list[str] = []
     linears = {n: LinearPlan(n, roles[n]) for n in flows if n not in experts_names}
     heads: list[HeadsPlan] = []
+    kept_whole: dict[str, str] = {}  # attention module -> why its heads are not split
     claimed: set[str] = set()
     for gid, members in enumerate(_groups(flows, roles)):
         top = _prefix(members)
@@ -305,6 +272,22 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
             for n, m in modules.items()
             if n.startswith(top) and _is_heads_module(m) and any(x.startswith(n + ".") for x in members)
         ]
+        whole = [
+            n
+            for n, lp in linears.items()
+            if lp.role == "replicated" and flows[n].calls and any(n.startswith(o + ".") for o in owners)
+        ]
+        if whole:
+            # A projection left whole inside the attention (OLMo 2's and OLMoE's q_norm / k_norm normalize
+            # the whole q and k projections, every head at once, which the walk cannot see through): split
+            # by heads, the attention would read all heads of one input and a rank's share of another, so
+            # it stays whole on every rank, and the MLP or experts beside it are still split.
+            for m in members:
+                linears[m].role = "replicated"
+            kept_whole[owners[-1]] = (
+                f"{', '.join(sorted(w.rpartition('.')[2] for w in whole))} read through an op over all heads"
+            )
+            continue
         unit, groups, fused, halves = 1, 1, 1, False
         row_input = next(_in_width(modules[m]) for m in members if roles[m] == "row")
         if owners:
@@ -316,7 +299,7 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
             for o in owners:
                 if o not in claimed:
                     claimed.add(o)
-                    heads.append(_heads_plan(o, modules[o], row_input // unit if unit > 1 else 0, groups))
+                    heads.append(_heads_plan(o, modules[o], groups))
         row_width = row_input // groups
         for m in members:
             lp = linears[m]
@@ -346,31 +329,21 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
         problems += [
             f"{h.name}.config.{a} = {v} is not divisible by {tp}" for a, v in h.config_attrs.items() if v % tp
         ]
-        # A projection left whole inside an attention whose heads are split would give the attention all
-        # heads of one input and a rank's share of another (OLMo 2's q_norm / k_norm normalize the whole
-        # q and k projections, which the walk cannot see through): refused, not crashed or miscomputed.
-        problems += [
-            f"{n} (replicated) is inside {h.name}, whose heads are split, but its output does not reach "
-            "the attention's output projection through per-head operations alone (e.g. a norm over the "
-            "whole projection)"
-            for n, lp in linears.items()
-            if tp > 1 and lp.role == "replicated" and n.startswith(h.name + ".") and flows[n].calls
-        ]
     experts = []
-    for n in sorted(experts_names):
-        ep = _experts_plan(n, modules[n], hidden)
-        if ep is None:
-            problems.append(
-                f"{n}: experts weights whose in/out widths do not show which is up and which down"
-            )
-            continue
-        problems += [
-            f"{n}.{p}: {b} channels per expert cannot be split {tp} ways"
-            for p, s in {**ep.columns, **ep.rows}.items()
-            for b in s.blocks
-            if b % tp
-        ]
-        experts.append(ep)
+    stacked = {n for n, m in modules.items() if is_stacked_experts(m)}
+    for n in sorted(experts_names | stacked):
+        ep, found = experts_plan(n, modules[n], hidden, tp)
+        problems += found
+        if ep is not None:
+            experts.append(ep)
+    if tp > 1:
+        problems += list(
+            {
+                REFUSED_MODULES[type(m).__name__]
+                for m in modules.values()
+                if type(m).__name__ in REFUSED_MODULES
+            }
+        )
     config = model.config
     for attr in ("num_attention_heads", "num_key_value_heads"):
         value = getattr(config, attr, None)
@@ -385,7 +358,7 @@ def make_plan(model: Any, flows: dict[str, LinearFlow], tp: int, lm_head_called:
             f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}) cannot be split "
             f"over tensor-parallel size {tp}: " + "; ".join(sorted(set(problems)))
         )
-    return Plan(tp, linears, experts, heads, _vocab_plan(model, tp, lm_head_called))
+    return Plan(tp, linears, experts, heads, _vocab_plan(model, tp, lm_head_called), kept_whole)
 
 
 def hf_plan_mismatches(model: Any, plan: Plan) -> list[str]:

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from conveyor.autotp.layouts import HEAD_BIAS_ARGS
-from conveyor.autotp.plan import Plan, Split
+from conveyor.autotp.plan import Plan
+from conveyor.autotp.split import Split
 from conveyor.autotp.trace import is_conv1d
 from conveyor.distributed import held_weakly
 
@@ -106,12 +107,18 @@ def _shard_experts(model: nn.Module, plan: Plan, rank: int, group: Any, ledger: 
     modules = dict(model.named_modules())
     for ep in plan.experts:
         m = modules[ep.name]
-        for attr, split in ep.columns.items():
-            _slice(model, m, attr, 1, split.index(rank, plan.tp), ledger)
-        for attr, split in ep.rows.items():
-            _slice(model, m, attr, 2, split.index(rank, plan.tp), ledger)
-        if isinstance(getattr(m, "intermediate_dim", None), int):
-            m.intermediate_dim //= plan.tp
+        for path, (dim, split) in ep.slices.items():
+            owner, _, attr = path.rpartition(".")
+            _slice(model, m.get_submodule(owner), attr, dim, split.index(rank, plan.tp), ledger)
+        for path in ep.once:
+            if rank != 0:
+                bias = m.get_parameter(path)
+                with torch.no_grad():
+                    bias.zero_()  # added after the down projection: once, by rank 0's partial sum
+                ledger.zeroed(bias)
+        for path, value in ep.widths.items():
+            owner, _, attr = path.rpartition(".")
+            setattr(m.get_submodule(owner), attr, value // plan.tp)
         m.register_forward_hook(_all_reduce_hook(group))
 
 

@@ -38,9 +38,14 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_experts(module: nn.Module) -> bool:
-    """A MoE experts module holding every expert's weights as 3D tensors [experts, out, in]."""
-    params = list(module.named_parameters(recurse=False))
-    return len(params) >= 2 and all(p.dim() == 3 for _, p in params)
+    """A MoE experts module holding every expert's weights as 3D tensors [experts, out, in] (or [experts,
+    in, out]), and maybe their biases [experts, out] (GPT-OSS's)."""
+    params = list(module.parameters(recurse=False))
+    weights = [p for p in params if p.dim() == 3]
+    if len(weights) < 2:
+        return False
+    experts = weights[0].shape[0]
+    return all(p.dim() in (2, 3) and p.shape[0] == experts for p in params)
 
 
 def is_norm(module: nn.Module) -> bool:
