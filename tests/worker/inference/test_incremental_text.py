@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 import pytest
-from conveyor.inference.openai_api import REVISED_CHARACTERS, IncrementalText, decodes_by_concatenation
+from conveyor.inference.incremental_text import REVISED_CHARACTERS, IncrementalText, decodes_by_concatenation
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. The quick brown café, naïve fiancée. isn't it ?\n\n"

@@ -373,7 +373,7 @@ def test_a_repeated_token_held_back_by_long_stop_strings_costs_little_a_token() 
     request may have): the stream holds the text back as it grows, and every prefix of every stop string
     was tried at every token, 575 us a token on the event loop (2.4 s over a 4,096-token answer). In CPU
     time of this thread; the text is what it was."""
-    from conveyor.inference.openai_api import IncrementalText
+    from conveyor.inference.incremental_text import IncrementalText
     from conveyor.inference.openai_requests import MAX_STOP_CHARACTERS, MAX_STOP_STRINGS
 
     tokenizer = build_tokenizer()

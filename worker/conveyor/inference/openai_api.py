@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
@@ -30,6 +29,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from conveyor.inference.incremental_text import IncrementalText
 from conveyor.inference.openai_requests import (
     BODY_SECONDS,
     MAX_BODY_BYTES,
@@ -75,110 +75,6 @@ class Engine(Protocol):
     def has_room(self, requests: int) -> bool: ...  # whether the queue takes that many more now
     def metrics(self) -> tuple[bytes, str]: ...  # body, content type
     def count(self, status: int) -> None: ...
-
-
-class IncrementalText:
-    """Text of a growing list of tokens, in pieces that concatenate to the final text.
-
-    Each token decodes a short window, TGI's way: the new text is that of the tokens since the last
-    piece's start, less the text those had before, so a token costs the same at 2,000 tokens as at 10
-    (decoding the whole output at every token took 117 us at 512 tokens with SmolLM2's tokenizer, on
-    the HTTP thread, for every stream). The window starts a piece back, so that a SentencePiece word's
-    leading space, dropped at the start of a decode, is decoded the same way on both sides. A tokenizer
-    whose decode is not a concatenation of its tokens' text (the cleanup of spaces before punctuation,
-    or a window that changes earlier text) decodes the whole output instead, to keep the pieces equal
-    to the final text."""
-
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...], whole: bool | None = None):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.ids: list[int] = []
-        self.sent = ""
-        self.pending = ""  # decoded, not sent: the start of a multi-byte character or of a stop string
-        self.start = self.read = 0  # the window: ids[start:read] is the text the last piece completed
-        self.whole = not decodes_by_concatenation(tokenizer) if whole is None else whole
-        self.stopped = False
-
-    def _held(self, text: str) -> int:
-        """Characters at the end of ``text`` that may be the start of a stop string: its longest prefix that
-        ends ``text``, no longer than ``text`` (a client's stop string may be a megabyte long; all its
-        prefixes, at every token, held the event loop for seconds). Longest first, and none shorter than
-        one already found: a model that repeats what starts a long stop string holds its text back as it
-        grows, and trying every prefix of 16 such stop strings took 575 us a token on the event loop."""
-        held = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), held, -1):
-                if text.endswith(s[:k]):
-                    held = k
-                    break
-        return held
-
-    def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        if self.whole:
-            return self._add_whole()
-        before, after = self._decode(self.ids[self.start : self.read]), self._decode(self.ids[self.start :])
-        if after.endswith("\ufffd") or after == before:  # part of a character, or no text: wait
-            return ""
-        if not after.startswith(before):  # the tokenizer revised earlier text
-            self.whole = True
-            return self._add_whole()
-        self.pending += after[len(before) :]
-        self.start, self.read = self.read, len(self.ids)
-        return self._release(self.pending)
-
-    def _add_whole(self) -> str:
-        text = self._decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.sent):  # wait for the rest, or the end
-            return ""
-        return self._release(text[len(self.sent) :], hold=REVISED_CHARACTERS)
-
-    def _release(self, unsent: str, hold: int = 0) -> str:
-        """Sends what of ``unsent`` (the text past what was sent) can no longer change: all but its
-        last ``hold`` characters and any start of a stop string. A stop string never starts in text
-        already sent, as its start was held back; nothing after it is ever sent."""
-        if self.stopped:
-            return ""
-        for s in self.stops:
-            if s in unsent:
-                unsent, self.stopped = unsent[: unsent.index(s)], True
-        if self.stopped:  # the text before a stop string is final: no token follows it
-            hold = 0
-        piece = unsent[: max(0, len(unsent) - max(hold, self._held(unsent)))]
-        self.pending = unsent[len(piece) :]
-        self.sent += piece
-        return piece
-
-    def finish(self, final: str) -> str:
-        piece = final[len(self.sent) :] if final.startswith(self.sent) else ""
-        self.sent += piece
-        return piece
-
-
-def decodes_by_concatenation(tokenizer: Any) -> bool:
-    """Whether decoding in windows gives the tokenizer's whole decode, on a text of the patterns that
-    tokenizers clean up across tokens (spaces before punctuation, " do not" to " don't": WordPiece's
-    decoder, transformers' ``clean_up_tokenization_spaces``). Asked once per tokenizer."""
-    try:
-        return _CONCATENATES[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
-    text = IncrementalText(tokenizer, (), whole=False)
-    windowed = "".join(text.add(t) for t in ids)
-    answer = bool(windowed + text.finish(windowed) == tokenizer.decode(ids, skip_special_tokens=True))
-    with contextlib.suppress(TypeError):  # an object without weak references is asked each time
-        _CONCATENATES[tokenizer] = answer
-    return answer
-
-
-# The characters at the end of a whole decode that a later token's cleanup may still change: the
-# patterns are at most 7 characters (" do not"), their first a space already decoded.
-REVISED_CHARACTERS = 8
-_PROBE = "I do not know , isn ' t it ? he 's here . we 've , they 're ! I 'm a , b . c ; café 🦊 ."
-_CONCATENATES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 # -- the app ------------------------------------------------------------------------------------

