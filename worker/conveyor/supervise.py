@@ -99,8 +99,10 @@ class Group:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
 
-    def wait(self, poll_seconds: float = 0.2) -> Outcome:
-        """Block until every child exited 0, or one failed (then stop the others)."""
+    def wait(self, poll_seconds: float = 0.02) -> Outcome:
+        """Block until every child exited 0, or one failed (then stop the others). Polled: at 0.2 s, the
+        worker's wait for its ranks and conveyor run's for the worker added 0.2-0.4 s to every job's end
+        (a batch job of 14 s on an H200)."""
         pending = {id(c): c for c in self.children}
         while pending:
             for key, child in list(pending.items()):
