@@ -44,10 +44,10 @@ from conveyor.inference.pipeline.sampling import SamplingParams
 from conveyor.inference.progress import ResultLog, ResultsError, file_digest, job_identity, merge_parts
 from conveyor.inference.rank_builder import (
     DTYPES,
-    CompilerInBackground,
     PromptTooLongError,
     build_generation_rank,
     cache_length,
+    prepare_compiler,
 )
 from conveyor.inference.run_progress import RunProgress
 from conveyor.inference.validate import InputError, check_fits, read_rows, tokenized
@@ -299,8 +299,8 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
     info = init_distributed(device=spec.device)
     clock.lap("rendezvous")
     options = CompileOptions.from_env(info.device, compile_prompts=False)  # (decided below, by the input)
-    # reads nothing of the job: overlaps the checks, the input and the load (awaited before warm-up)
-    compiler = CompilerInBackground(options, pod.compile_cache_dir)
+    prepare_compiler(options, pod.compile_cache_dir)  # reads nothing of the job: overlaps the checks
+    clock.lap("compiler")
     wait_at_gate()  # nothing of the model or the input is read before the pre-flight checks pass
     clock.lap("preflight")
     topo = Topology(Layout(1, pod.stages, pod.tensor_parallel))
@@ -357,9 +357,7 @@ def run_rank(pod: PodEnv, local_rank: int, started: float | None = None) -> int:
         quantization=inf.quantization,
         kv_cache_dtype=spec.model.kv_cache_dtype,
         on_phase=lambda name, seconds: metrics.WARMUP_SECONDS.labels(job, name).set(seconds),
-        compiler=compiler,
     )
-    clock.seconds["compiler_overlapped"] = compiler.seconds
     for what in ("compiles", "captures"):
         metrics.COMPILES.labels(job, what, "warm_up").inc(rank.compiled.counts[what])
     clock.seconds.update(rank.seconds)

@@ -10,7 +10,6 @@ as the benchmark measures. Warm-up phases are timed, logged and exported
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,34 +100,6 @@ def prepare_compiler(options: CompileOptions, cache_dir: Path | None) -> None:
         from conveyor.inference.kernels import decode_attention, skinny_matmul  # noqa: F401
 
 
-class CompilerInBackground:
-    """``prepare_compiler`` in a thread of its own, from the rank's rendezvous until its warm-up needs it
-    (``wait``): the imports run while the rank waits at the pre-flight gate, reads its config and input
-    and loads its weights (a copy to the device that holds no lock of Python's). Run in line, they held
-    a warm 7B rank 2.5-3.0 s on an H200 before it read anything of the job."""
-
-    def __init__(self, options: CompileOptions, cache_dir: Path | None):
-        self.seconds = 0.0  # the preparation's own, overlapped with the rank's other work
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(options, cache_dir), name="prepare-compiler", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, options: CompileOptions, cache_dir: Path | None) -> None:
-        t0 = time.perf_counter()
-        try:
-            prepare_compiler(options, cache_dir)
-        except BaseException as err:  # noqa: BLE001 - raised in the rank's thread by wait()
-            self._error = err
-        self.seconds = time.perf_counter() - t0
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
 def prepare_rank(
     model_dir: str,
     topo: Any,
@@ -191,13 +162,11 @@ def build_generation_rank(
     kv_cache_dtype: str = "auto",
     policy: Any = None,
     on_phase: Callable[[str, float], None] | None = None,
-    compiler: CompilerInBackground | None = None,
 ) -> GenerationRank:
     """Load, then warm up: when this returns, nothing compiles, tunes or captures for the rest of the
     run, whatever the prompt lengths and context up to ``max_len``. ``cache_dir``: the persistent
     compile cache (compile_cache.py; None: inductor's default, no tile choices kept). ``on_phase(name,
-    seconds)`` is called as each phase ends. ``compiler``: the compiler being prepared since the rank
-    started, awaited after the load (else it is prepared here, before it)."""
+    seconds)`` is called as each phase ends."""
     from conveyor.inference.kernels import compile_cache
 
     seconds: dict[str, float] = {}
@@ -208,8 +177,7 @@ def build_generation_rank(
             on_phase(name, seconds[name])
 
     t0 = time.perf_counter()
-    if compiler is None:
-        prepare_compiler(options, cache_dir)  # imports inductor: counted as setup (unless done before)
+    prepare_compiler(options, cache_dir)  # imports inductor: counted as setup (unless done before)
     phase("setup", time.perf_counter() - t0)
     t0 = time.perf_counter()
     model, peers = prepare_rank(
@@ -227,8 +195,6 @@ def build_generation_rank(
         torch.cuda.synchronize(device)
     phase("load", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    if compiler is not None:
-        compiler.wait()  # its settings and imports before anything compiles (the wait counts as setup)
     stage = CompiledStage.attach(model, options)
     phase("setup", time.perf_counter() - t0)
     tiles = None

@@ -9,15 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conveyor.inference import rank_builder
 from conveyor.inference.kernels import compile_cache, skinny_matmul
 from conveyor.inference.kernels.cuda_graphs import EAGER, CompiledStage
-from conveyor.inference.rank_builder import (
-    CompilerInBackground,
-    PromptTooLongError,
-    build_generation_rank,
-    cache_length,
-)
+from conveyor.inference.rank_builder import PromptTooLongError, build_generation_rank, cache_length
 from conveyor.inference.run_progress import RunProgress
 from conveyor.testing.tiny import save_tiny
 from conveyor.topology import Layout, Topology
@@ -93,60 +87,6 @@ def test_the_rank_builder_times_each_phase_and_attaches_the_warm_stage(tmp_path:
     assert set(seen) == set(rank.seconds) and all(v >= 0 for v in rank.seconds.values())
     assert rank.model.cache is not None and rank.model.cache.lanes_total == 6
     assert CompiledStage.of(rank.model) is rank.compiled and rank.compiled.warm
-
-
-def test_the_compiler_prepared_in_background_is_awaited_after_the_load_and_before_warm_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The rank loads its weights while the compiler is prepared (CompilerInBackground); the warm-up
-    starts only once the preparation has ended, and a preparation that failed fails the rank."""
-    import threading
-
-    model_dir = save_tiny("llama", tmp_path, tokenizer=False)
-    events: list[str] = []
-    release = threading.Event()
-
-    def slow_prepare(options: object, cache_dir: object) -> None:
-        release.wait(10)  # until the load has happened
-        events.append("compiler prepared")
-
-    real_load = rank_builder.prepare_rank
-
-    def load(*args: object, **kwargs: object) -> object:
-        events.append("loaded")
-        release.set()
-        return real_load(*args, **kwargs)  # type: ignore[arg-type]
-
-    real_attach = CompiledStage.attach
-
-    def attach(model: object, options: object) -> object:
-        events.append("warm-up")
-        return real_attach(model, options)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(rank_builder, "prepare_compiler", slow_prepare)
-    monkeypatch.setattr(rank_builder, "prepare_rank", load)
-    monkeypatch.setattr(rank_builder.CompiledStage, "attach", staticmethod(attach))
-    compiler = CompilerInBackground(EAGER, None)
-    rank = build_generation_rank(
-        str(model_dir),
-        Topology(Layout()),
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        micro_batches=1,
-        lanes_per_micro_batch=2,
-        max_len=20,
-        options=EAGER,
-        compiler=compiler,
-    )
-    assert events == ["loaded", "compiler prepared", "warm-up"]  # the load did not wait for it
-    assert rank.compiled.warm and compiler.seconds > 0
-
-    def broken(options: object, cache_dir: object) -> None:
-        raise ImportError("no triton")
-
-    monkeypatch.setattr(rank_builder, "prepare_compiler", broken)
-    with pytest.raises(ImportError, match="no triton"):
-        CompilerInBackground(EAGER, None).wait()
 
 
 def test_cache_length_refuses_a_prompt_with_no_room_for_a_token() -> None:
