@@ -64,7 +64,8 @@ def test_example_trains_checkpoints_and_completes(tmp_path):
     assert steps[-1]["loss"] < steps[0]["loss"]
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest").read_text().strip() == "step-4"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-2", "step-4"]
+    # conveyor.lock: the committing rank's, taken at its first save (one run per checkpoint directory)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["conveyor.lock", "latest", "step-2", "step-4"]
     message = json.loads((tmp_path / "termination-0").read_text())
     assert message["completed"] is True and message["lastCheckpoint"]["step"] == 4
 
